@@ -1,0 +1,125 @@
+// Shared definitions for the pocketlm C++ core: tensor types, quant blocks, errors.
+// This file is the contract between the Python converter (python/pocketlm/dtypes.py,
+// python/pocketlm/quant.py), the bundle format (docs/format.md) and the kernels.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace plm {
+
+// Typed errors. The bindings translate them into pocketlm.BundleError etc.
+struct BundleError : std::runtime_error { using std::runtime_error::runtime_error; };
+struct ContextOverflowError : std::runtime_error { using std::runtime_error::runtime_error; };
+struct UnsupportedError : std::runtime_error { using std::runtime_error::runtime_error; };
+
+// ---- IEEE half <-> float (portable; SIMD files use F16C/NEON instead) ----
+using fp16_t = uint16_t;
+inline float fp16_to_fp32(fp16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (man == 0) { bits = sign; }
+    else {  // subnormal: renormalise
+      int e = -1;
+      do { man <<= 1; ++e; } while (!(man & 0x400));
+      bits = sign | (uint32_t)(127 - 15 - e) << 23 | (man & 0x3ff) << 13;
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | man << 13;
+  } else {
+    bits = sign | (exp + 127 - 15) << 23 | man << 13;
+  }
+  float f; std::memcpy(&f, &bits, 4); return f;
+}
+inline fp16_t fp32_to_fp16(float f) {  // round to nearest even
+  uint32_t x; std::memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000;
+  int32_t exp = (int32_t)((x >> 23) & 0xff) - 127 + 15;
+  uint32_t man = x & 0x7fffff;
+  if (((x >> 23) & 0xff) == 0xff) return (fp16_t)(sign | 0x7c00 | (man ? 0x200 : 0));
+  if (exp >= 31) return (fp16_t)(sign | 0x7c00);
+  if (exp <= 0) {
+    if (exp < -10) return (fp16_t)sign;
+    man |= 0x800000;
+    uint32_t shift = (uint32_t)(14 - exp);
+    uint32_t half = man >> shift, rem = man & ((1u << shift) - 1), mid = 1u << (shift - 1);
+    if (rem > mid || (rem == mid && (half & 1))) ++half;
+    return (fp16_t)(sign | half);
+  }
+  uint32_t h = sign | (uint32_t)exp << 10 | man >> 13;
+  uint32_t rem = man & 0x1fff;
+  if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) ++h;
+  return (fp16_t)h;
+}
+
+// ---- Tensor types. Ids are stored in .plm files: never renumber. ----
+enum class DType : uint32_t {
+  F32 = 0,
+  F16 = 1,
+  Q8_0 = 2,       // block 32: {f16 d; i8 qs[32]}            x = d*q            (== GGUF Q8_0)
+  Q4_0 = 3,       // block 32: {f16 d; u8 qs[16]}            x = d*(q-8)        (== GGUF Q4_0)
+  Q4_1 = 4,       // block 32: {f16 d; f16 m; u8 qs[16]}     x = d*q + m        (== GGUF Q4_1)
+  Q4_0_G64 = 5,   // block 64: {f16 d; u8 qs[32]}            two Q4_0 nibble halves, one scale
+  Q4_0_G128 = 6,  // block 128: {f16 d; u8 qs[64]}
+  Q4_1_G64 = 7,   // block 64: {f16 d; f16 m; u8 qs[32]}
+  Q4_1_G128 = 8,  // block 128: {f16 d; f16 m; u8 qs[64]}
+  I8 = 9,         // per-output-channel int8: [rows][cols] i8, then [rows] f32 scales; x = s[r]*q
+  COUNT = 10,
+};
+constexpr int kNumDTypes = (int)DType::COUNT;
+
+// 4-bit nibble order (all Q4 types, as in GGUF): within each run of 32 elements
+// stored in 16 bytes qs[0..15], element j is the low nibble of qs[j] and element
+// j+16 the high nibble of qs[j]. A G64/G128 block holds 2/4 such runs back to back.
+
+#pragma pack(push, 1)
+struct BlockQ8_0 { fp16_t d; int8_t qs[32]; };
+struct BlockQ4_0 { fp16_t d; uint8_t qs[16]; };
+struct BlockQ4_1 { fp16_t d; fp16_t m; uint8_t qs[16]; };
+template <int G> struct BlockQ4_0G { fp16_t d; uint8_t qs[G / 2]; };
+template <int G> struct BlockQ4_1G { fp16_t d; fp16_t m; uint8_t qs[G / 2]; };
+#pragma pack(pop)
+static_assert(sizeof(BlockQ8_0) == 34, "BlockQ8_0 size");
+static_assert(sizeof(BlockQ4_0) == 18, "BlockQ4_0 size");
+static_assert(sizeof(BlockQ4_1) == 20, "BlockQ4_1 size");
+static_assert(sizeof(BlockQ4_0G<64>) == 34 && sizeof(BlockQ4_0G<128>) == 66, "BlockQ4_0G size");
+static_assert(sizeof(BlockQ4_1G<64>) == 36 && sizeof(BlockQ4_1G<128>) == 68, "BlockQ4_1G size");
+
+struct DTypeTraits {
+  const char* name;
+  int block_elems;    // elements per block (1 for plain types; I8 handled specially)
+  int block_bytes;    // bytes per block
+  bool quantized;     // matmul takes int8-quantized activations
+};
+// One row per type, indexed by DType.
+inline constexpr DTypeTraits kDTypeTraits[kNumDTypes] = {
+  {"f32", 1, 4, false},
+  {"f16", 1, 2, false},
+  {"q8_0", 32, 34, true},
+  {"q4_0", 32, 18, true},
+  {"q4_1", 32, 20, true},
+  {"q4_0_g64", 64, 34, true},
+  {"q4_0_g128", 128, 66, true},
+  {"q4_1_g64", 64, 36, true},
+  {"q4_1_g128", 128, 68, true},
+  {"i8", 1, 1, true},
+};
+inline const DTypeTraits& traits(DType t) { return kDTypeTraits[(int)t]; }
+inline bool dtype_valid(uint32_t t) { return t < (uint32_t)DType::COUNT; }
+
+// Bytes of one row of `cols` elements (cols must be a multiple of block_elems).
+inline size_t row_bytes(DType t, int64_t cols) {
+  const auto& tr = traits(t);
+  return (size_t)(cols / tr.block_elems) * (size_t)tr.block_bytes;
+}
+// Bytes of a 2-D [rows, cols] tensor (1-D tensors: rows = 1). I8 adds its row scales.
+inline size_t tensor_bytes(DType t, int64_t rows, int64_t cols) {
+  size_t b = (size_t)rows * row_bytes(t, cols);
+  if (t == DType::I8) b += (size_t)rows * sizeof(float);
+  return b;
+}
+
+}  // namespace plm

@@ -1,0 +1,53 @@
+// Kernel table: one instance per CPU variant (scalar reference, AVX2+FMA,
+// AVX-512+VNNI, NEON). The scalar reference is the test oracle for every other
+// variant. The executor calls kernels through best_kernels(); tests may ask for
+// a specific variant by name.
+#pragma once
+#include <string>
+#include <vector>
+#include "common.h"
+
+namespace plm::kernels {
+
+// Activations quantized on the fly for integer matmuls: blocks of 32 values.
+//   d = max|x| / 127 (0 if all zero), q = round-half-away(x / d) clamped to [-127, 127],
+//   s = d * sum(q)  (used by the asymmetric Q4_1 types: sum_k m * x_k ~= m * s).
+struct BlockQ8A { float d; float s; int8_t qs[32]; };
+static_assert(sizeof(BlockQ8A) == 40, "BlockQ8A size");
+
+// A weight matrix [rows=N, cols=K] in any DType, row-major by output channel.
+struct WeightView {
+  DType dtype;
+  int64_t rows, cols;
+  const uint8_t* data;        // start of row 0
+  size_t row_stride;          // bytes between rows (== row_bytes(dtype, cols) for bundle tensors)
+  const float* row_scales;    // I8 only: [rows] per-channel scales; else nullptr
+};
+
+// y[t*ldy + n] = sum_k W[n,k] * x[t,k]  for t in [0,T), n in [n0,n1).
+// F32/F16 weights read x (f32, row stride ldx elements); quantized weights read
+// xq ([T][K/32] BlockQ8A, row stride K/32 blocks) and ignore x.
+// Integer sums inside a 32-block are exact, so every variant agrees with the
+// reference up to float summation order.
+using MatmulFn = void (*)(const WeightView& w, const float* x, size_t ldx,
+                          const BlockQ8A* xq, int T, float* y, size_t ldy, int n0, int n1);
+
+struct KernelTable {
+  const char* name;                          // "ref", "avx2", "avx512", "neon"
+  MatmulFn matmul[kNumDTypes];               // indexed by DType
+  void (*quantize_act)(const float* x, BlockQ8A* out, int K);   // K % 32 == 0
+  void (*dequant_row)(DType t, const void* row, float* out, int64_t cols);  // embeddings
+  float (*dot)(const float* a, const float* b, int n);
+  void (*axpy)(float a, const float* x, float* y, int n);       // y += a*x
+  void (*scale)(float a, float* y, int n);                      // y *= a
+  void (*rms_norm)(const float* x, const float* w, float* y, int n, float eps);
+  void (*silu_mul)(const float* g, const float* u, float* y, int n);   // y = silu(g)*u
+  void (*add)(const float* a, const float* b, float* y, int n);        // y = a+b
+};
+
+const KernelTable& ref_kernels();
+const KernelTable& best_kernels();                 // picked once from CPUID; env PLM_KERNELS=ref|avx2|avx512 overrides
+const KernelTable* kernels_by_name(const std::string& name);  // nullptr if not built or CPU lacks it
+std::vector<std::string> available_kernels();      // variants usable on this CPU, "ref" first
+
+}  // namespace plm::kernels

@@ -1,0 +1,120 @@
+// The executor runs a planned op list (built and memory-planned in Python by
+// pocketlm.planner) with no Python between ops.
+//
+// A Program is immutable after construction and shared by every session of an
+// Engine: weights (views into the mmapped bundle), constants, the op list and the
+// arena layout. A State holds what one session owns: the arena, the KV cache and
+// per-thread scratch. All of it is allocated once in the State constructor; run()
+// never allocates.
+//
+// ---------------------------------------------------------------------------
+// Tensors. Every tensor is 2-D [rows, cols] f32 except weights (any DType).
+//   kind WEIGHT : a bundle tensor by name (shape [rows, cols]; 1-D -> [1, cols]).
+//   kind CONST  : f32 data given at construction, copied into the Program.
+//   kind ARENA  : f32 activations at a byte offset in the State's arena. rows is
+//                 either ROWS_T (-1: the n_tokens of the current run() call) or a
+//                 fixed count (1 after take_last).
+//   kind TOKENS : the int32 token ids of the current call, [T] (exactly one).
+// The planner guarantees arena tensors that are live at the same time do not
+// overlap, except where an op declares in-place use (see below).
+//
+// Ops (name, inputs -> outputs, int params / float params). x rows are ROWS_T or 1.
+//   embed         [E(weight vocab x D), tokens] -> [x (T x D)]
+//   rms_norm      [x, w(1 x D)] -> [y]                          f: [eps]
+//   add           [a, b] -> [y]                                 (y may alias a or b)
+//   matmul        [x (R x K), W (N x K), bias(1 x N) or -1] -> [y (R x N)]
+//   matmul_multi  [x, W1, b1, W2, b2, ...] (bias -1 = none) -> [y1, y2, ...]
+//                 same as several matmuls on one x: activations are quantized once.
+//   matmul_swiglu [x, Wg, Wu] -> [y (R x F)]   y = silu(x Wg^T) * (x Wu^T)
+//   swiglu        [g, u] -> [y]                y = silu(g) * u    (y may alias g or u)
+//   add_rms_norm  [a, b, w] -> [s, y]          s = a + b; y = rms_norm(s) * w  f: [eps]
+//                 (s may alias a or b)
+//   rope          [x (T x H*Dh), table (CONST max_pos x rope_dim)] -> [y]  (y may alias x)
+//                 i: [n_heads, head_dim, rope_dim]
+//                 table row p holds cos(p*f_0..f_{rope_dim/2-1}) then sin(...) for the same.
+//                 NeoX / HF rotate_half pairing: within each head, dims i and
+//                 i + rope_dim/2 rotate together for i < rope_dim/2; dims >= rope_dim pass through.
+//                 position of row t is pos0 + t.
+//   attention     [q (T x Hq*Dh), k (T x Hkv*Dh), v (T x Hkv*Dh)] -> [o (T x Hq*Dh)]
+//                 i: [layer, n_heads, n_kv_heads, head_dim]  f: [scale]
+//                 Stores k, v rows into the layer's KV cache at positions pos0..pos0+T-1,
+//                 then causal softmax(q k^T * scale) v over positions [0, pos0+t] for row t.
+//                 Query head h reads KV head h / (Hq / Hkv) (grouped-query attention).
+//   take_last     [x (T x D)] -> [y (1 x D)]   the last row
+// ---------------------------------------------------------------------------
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+#include "common.h"
+#include "format/bundle_reader.h"
+#include "kernels/kernels.h"
+
+namespace plm {
+
+constexpr int64_t ROWS_T = -1;
+
+enum class TensorKind : int { WEIGHT = 0, CONST = 1, ARENA = 2, TOKENS = 3 };
+
+struct TensorDesc {
+  TensorKind kind;
+  int64_t rows = 0, cols = 0;   // ARENA: rows may be ROWS_T
+  std::string weight_name;      // WEIGHT
+  std::vector<float> const_data;// CONST (rows*cols values)
+  int64_t arena_offset = 0;     // ARENA, bytes, multiple of 64
+};
+
+enum class OpCode : int {
+  EMBED, RMS_NORM, ADD, MATMUL, MATMUL_MULTI, MATMUL_SWIGLU, SWIGLU, ADD_RMS_NORM, ROPE,
+  ATTENTION, TAKE_LAST,
+};
+OpCode opcode_from_name(const std::string& name);  // throws UnsupportedError
+
+struct OpDesc {
+  OpCode code;
+  std::vector<int> inputs;      // tensor ids; -1 = absent optional input
+  std::vector<int> outputs;
+  std::vector<int64_t> iparams;
+  std::vector<float> fparams;
+};
+
+struct KVConfig {
+  int n_layers = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+};
+
+class Program {
+ public:
+  // Validates every op against the tensor table (arity, shapes, dtypes, arena bounds)
+  // and throws UnsupportedError / std::invalid_argument with the op index on failure.
+  Program(std::shared_ptr<Bundle> bundle, std::vector<TensorDesc> tensors,
+          std::vector<OpDesc> ops, int64_t arena_bytes, int max_tokens, KVConfig kv,
+          int output_tensor, int n_threads);
+  ~Program();
+  int max_tokens() const;
+  int n_threads() const;
+  int64_t arena_bytes() const;
+  const char* kernel_name() const;
+  int64_t output_cols() const;
+  struct Impl;
+  Impl* impl() const { return impl_.get(); }
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+class State {
+ public:
+  State(const Program& program, int max_context);
+  ~State();
+  int max_context() const;
+  // Runs T = n_tokens (1..max_tokens) tokens at positions pos..pos+T-1 and writes the
+  // output tensor (rows x output_cols f32) to out. Throws ContextOverflowError if
+  // pos + T > max_context.
+  void run(const int32_t* tokens, int n_tokens, int pos, float* out);
+  struct Impl;
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace plm

@@ -1,0 +1,71 @@
+"""Tensor types of the .plm format. Mirrors csrc/common.h; ids are stored in files."""
+
+from __future__ import annotations
+
+import enum
+
+
+class DType(enum.IntEnum):
+    F32 = 0
+    F16 = 1
+    Q8_0 = 2
+    Q4_0 = 3
+    Q4_1 = 4
+    Q4_0_G64 = 5
+    Q4_0_G128 = 6
+    Q4_1_G64 = 7
+    Q4_1_G128 = 8
+    I8 = 9
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @property
+    def block_elems(self) -> int:
+        return _TRAITS[self][0]
+
+    @property
+    def block_bytes(self) -> int:
+        return _TRAITS[self][1]
+
+    @property
+    def quantized(self) -> bool:
+        return self not in (DType.F32, DType.F16)
+
+    @classmethod
+    def from_label(cls, label: str) -> "DType":
+        try:
+            return cls[label.upper()]
+        except KeyError:
+            raise ValueError(f"unknown tensor type {label!r}") from None
+
+
+# (elements per block, bytes per block); I8 is per row (see tensor_nbytes).
+_TRAITS = {
+    DType.F32: (1, 4),
+    DType.F16: (1, 2),
+    DType.Q8_0: (32, 34),
+    DType.Q4_0: (32, 18),
+    DType.Q4_1: (32, 20),
+    DType.Q4_0_G64: (64, 34),
+    DType.Q4_0_G128: (128, 66),
+    DType.Q4_1_G64: (64, 36),
+    DType.Q4_1_G128: (128, 68),
+    DType.I8: (1, 1),
+}
+
+
+def tensor_nbytes(dtype: DType, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of `shape` stored as `dtype` (rows = prod(shape[:-1]))."""
+    cols = int(shape[-1])
+    rows = 1
+    for d in shape[:-1]:
+        rows *= int(d)
+    be = dtype.block_elems
+    if cols % be:
+        raise ValueError(f"{dtype.label} needs the last dimension to be a multiple of {be}, got {cols}")
+    nbytes = rows * (cols // be) * dtype.block_bytes
+    if dtype == DType.I8:
+        nbytes += rows * 4
+    return nbytes
