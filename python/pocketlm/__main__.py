@@ -1,0 +1,3 @@
+from pocketlm.cli.main import main
+import sys
+sys.exit(main())

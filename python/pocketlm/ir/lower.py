@@ -1,0 +1,58 @@
+"""Lowering: a planned Graph -> the tensor and op tables of the C++ executor."""
+
+from __future__ import annotations
+
+from pocketlm.ir.graph import T, Graph
+from pocketlm.planner import MemoryPlan
+
+ROWS_T = -1
+
+
+def lower(g: Graph, plan: MemoryPlan) -> tuple[list[dict], list[tuple], int]:
+    """Returns (tensors, ops, output tensor id) for pocketlm._core.Program."""
+    ids: dict[str, int] = {}
+    tensors: list[dict] = []
+
+    def tid(name: str) -> int:
+        if not name:
+            return -1
+        if name in ids:
+            return ids[name]
+        if name == "tokens":
+            desc = {"kind": "tokens", "rows": ROWS_T, "cols": 1}
+        elif name in g.weights:
+            shape = g.weights[name].shape
+            rows = 1
+            for d in shape[:-1]:
+                rows *= d
+            desc = {"kind": "weight", "name": name, "rows": rows, "cols": shape[-1]}
+        elif name in g.consts:
+            c = g.consts[name]
+            desc = {"kind": "const", "rows": c.shape[0], "cols": c.shape[-1], "data": c}
+        else:
+            v = g.values[name]
+            desc = {"kind": "arena", "rows": ROWS_T if v.rows == T else int(v.rows), "cols": v.cols,
+                    "offset": plan.offsets[name]}
+        ids[name] = len(tensors)
+        tensors.append(desc)
+        return ids[name]
+
+    ops = []
+    for n in g.nodes:
+        ins = [tid(x) for x in n.inputs]
+        if n.op == "matmul" and len(ins) == 2:
+            ins.append(-1)
+        outs = [tid(o) for o in n.outputs]
+        ip: list[int] = []
+        fp: list[float] = []
+        if n.op in ("rms_norm", "add_rms_norm"):
+            fp = [n.attr("eps")]
+        elif n.op == "rope":
+            ip = [n.attr("n_heads"), n.attr("head_dim"), n.attr("rope_dim")]
+        elif n.op == "attention":
+            ip = [n.attr("layer"), n.attr("n_heads"), n.attr("n_kv_heads"), n.attr("head_dim")]
+            fp = [n.attr("scale")]
+        ops.append((n.op, ins, outs, ip, fp))
+    if len(g.outputs) != 1:
+        raise ValueError("the executor takes exactly one graph output")
+    return tensors, ops, ids[g.outputs[0]]

@@ -1,0 +1,79 @@
+"""Shared layer helpers. Model files build graphs only through these.
+
+Every helper takes and returns value names of a ``Graph``; shapes are checked as
+the graph is built, so a wrong weight map fails at compile time with a name.
+"""
+
+from __future__ import annotations
+
+from pocketlm.ir.graph import T, Graph
+
+
+def embed(g: Graph, table: str, tokens: str = "tokens") -> str:
+    _, dim = g.shape(table)
+    return g.emit("embed", [table, tokens], [(T, dim)], "x")[0]
+
+
+def rms_norm(g: Graph, x: str, weight: str, eps: float) -> str:
+    rows, cols = g.shape(x)
+    _expect(g, weight, cols)
+    return g.emit("rms_norm", [x, weight], [(rows, cols)], "norm", eps=float(eps))[0]
+
+
+def linear(g: Graph, x: str, weight: str, bias: str | None = None, hint: str = "y") -> str:
+    rows, k = g.shape(x)
+    n, wk = g.shape(weight)
+    if wk != k:
+        raise ValueError(f"linear: {weight} has {wk} inputs, activation {x} has {k}")
+    inputs = [x, weight]
+    if bias is not None:
+        _expect(g, bias, n)
+        inputs.append(bias)
+    return g.emit("matmul", inputs, [(rows, n)], hint)[0]
+
+
+def add(g: Graph, a: str, b: str) -> str:
+    if g.shape(a) != g.shape(b):
+        raise ValueError(f"add: shapes {g.shape(a)} and {g.shape(b)} differ")
+    return g.emit("add", [a, b], [g.shape(a)], "res")[0]
+
+
+def swiglu(g: Graph, gate: str, up: str) -> str:
+    """silu(gate) * up."""
+    if g.shape(gate) != g.shape(up):
+        raise ValueError("swiglu: gate and up shapes differ")
+    return g.emit("swiglu", [gate, up], [g.shape(gate)], "act")[0]
+
+
+def rope_table(g: Graph, *, head_dim: int, rope_dim: int, theta: float, max_positions: int,
+               scaling: dict | None = None, freq_factors: str | None = None) -> str:
+    """A (max_positions, rope_dim) table of cos | sin, computed by constant folding."""
+    inputs = [freq_factors] if freq_factors else []
+    return g.emit("rope_table", inputs, [(max_positions, rope_dim)], "rope_table",
+                  head_dim=head_dim, rope_dim=rope_dim, theta=float(theta),
+                  max_positions=max_positions, scaling=tuple(sorted((scaling or {}).items())))[0]
+
+
+def rope(g: Graph, x: str, table: str, n_heads: int, head_dim: int, rope_dim: int) -> str:
+    rows, cols = g.shape(x)
+    if cols != n_heads * head_dim:
+        raise ValueError(f"rope: {x} has {cols} columns, expected {n_heads}x{head_dim}")
+    return g.emit("rope", [x, table], [(rows, cols)], "rope",
+                  n_heads=n_heads, head_dim=head_dim, rope_dim=rope_dim)[0]
+
+
+def attention(g: Graph, q: str, k: str, v: str, *, layer: int, n_heads: int, n_kv_heads: int,
+              head_dim: int, scale: float) -> str:
+    """Causal attention with a KV cache; grouped-query when n_kv_heads < n_heads."""
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
+    rows, _ = g.shape(q)
+    return g.emit("attention", [q, k, v], [(rows, n_heads * head_dim)], "attn",
+                  layer=layer, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                  scale=float(scale))[0]
+
+
+def _expect(g: Graph, vec: str, n: int) -> None:
+    _, cols = g.shape(vec)
+    if cols != n:
+        raise ValueError(f"{vec} has {cols} elements, expected {n}")

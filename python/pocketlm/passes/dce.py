@@ -1,0 +1,69 @@
+"""Dead-code elimination and the rewrite that makes it matter for generation.
+
+`last_position_only` moves the graph outputs onto the last token row: generation
+needs logits for the last position of a prefill chunk only, so the final norm and
+the vocabulary-sized output matmul run on one row instead of T. The full-width
+nodes it replaces become dead and `eliminate_dead_code` removes them.
+"""
+
+from __future__ import annotations
+
+from pocketlm.ir.graph import T, Graph, Node
+
+# Ops that act on each row independently (row r of the output depends on row r of
+# the first input only), with the input index that carries the rows.
+ROW_WISE = {"rms_norm", "matmul", "matmul_swiglu", "swiglu"}
+
+
+def last_position_only(g: Graph) -> Graph:
+    out = g.copy()
+    prod = g.producers()
+    new_outputs = []
+    for o in g.outputs:
+        # Walk up the row-wise chain ending at this output.
+        chain: list[Node] = []
+        cur = o
+        while cur in prod and g.nodes[prod[cur]].op in ROW_WISE and g.values[cur].rows == T:
+            n = g.nodes[prod[cur]]
+            chain.append(n)
+            if n.op == "swiglu":  # two row inputs: stop above it
+                break
+            cur = n.inputs[0]
+        if not chain or g.nodes[prod[o]].op not in ROW_WISE:
+            new_outputs.append(o)
+            continue
+        top = chain[-1]
+        src = top.inputs[0]
+        last = out.emit("take_last", [src], [(1, g.values[src].cols)], "last")[0]
+        out.nodes.pop()  # re-insert below, after `src` is defined
+        take = Node("take_last", (src,), (last,))
+        rename = {src: last}
+        tail: list[Node] = [take]
+        for n in reversed(chain):
+            outs = []
+            for x in n.outputs:
+                nx = out.fresh(x.split(".")[0] + "_last")
+                out.values[nx] = type(g.values[x])(nx, 1, g.values[x].cols)
+                rename[x] = nx
+                outs.append(nx)
+            tail.append(n.with_(inputs=tuple(rename.get(i, i) for i in n.inputs), outputs=tuple(outs)))
+        out.nodes.extend(tail)
+        new_outputs.append(rename[o])
+    out.outputs = tuple(new_outputs)
+    return out
+
+
+def eliminate_dead_code(g: Graph) -> Graph:
+    live = set(g.outputs)
+    keep: list[Node] = []
+    for n in reversed(g.nodes):
+        if any(o in live for o in n.outputs):
+            keep.append(n)
+            live.update(x for x in n.inputs if x)
+    out = g.copy()
+    out.nodes = list(reversed(keep))
+    used = set(out.outputs) | {x for n in out.nodes for x in n.inputs + n.outputs}
+    out.values = {k: v for k, v in g.values.items() if k in used}
+    out.consts = {k: v for k, v in g.consts.items() if k in used}
+    out.weights = {k: v for k, v in g.weights.items() if k in used}
+    return out
