@@ -1,3 +1,215 @@
+// pocketlm._core.kernels: a thin test surface over the kernel tables, so that
+// tests can compare every CPU variant against the scalar reference on the same
+// inputs. Not used by the runtime (the executor calls the tables directly).
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/kernels.h"
+
 namespace nb = nanobind;
-void bind_kernels(nb::module_& m) {}
+using namespace plm;
+using namespace plm::kernels;
+
+namespace {
+
+template <typename T>
+using In1 = nb::ndarray<const T, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+template <typename T>
+using In2 = nb::ndarray<const T, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+const KernelTable& table(const std::string& variant) {
+  const KernelTable* t = kernels_by_name(variant);
+  if (!t) throw nb::value_error(("kernel variant not available on this CPU: " + variant).c_str());
+  return *t;
+}
+
+DType check_dtype(int dtype) {
+  if (dtype < 0 || !dtype_valid((uint32_t)dtype))
+    throw nb::value_error(("unknown tensor type id " + std::to_string(dtype)).c_str());
+  return (DType)dtype;
+}
+
+// A new float32 numpy array of the given shape, owned by Python.
+template <typename T, size_t N>
+nb::ndarray<nb::numpy, T> new_array(const size_t (&shape)[N], T** data) {
+  size_t count = 1;
+  for (size_t s : shape) count *= s;
+  T* buf = new T[count ? count : 1]();
+  nb::capsule owner(buf, [](void* p) noexcept { delete[] static_cast<T*>(p); });
+  *data = buf;
+  return nb::ndarray<nb::numpy, T>(buf, N, shape, owner);
+}
+
+nb::ndarray<nb::numpy, float> matmul(const std::string& variant, int dtype_id, In1<uint8_t> weight,
+                                     int64_t rows, int64_t cols, In2<float> x) {
+  const KernelTable& kt = table(variant);
+  const DType dt = check_dtype(dtype_id);
+  const auto& tr = traits(dt);
+  if (rows <= 0 || cols <= 0 || rows > (1 << 30) || cols > (1 << 30))
+    throw nb::value_error("matmul: rows and cols must be positive");
+  if (cols % tr.block_elems)
+    throw nb::value_error("matmul: cols must be a multiple of the block size");
+  if (tr.quantized && cols % 32)
+    throw nb::value_error("matmul: quantized types need cols % 32 == 0");
+  if (weight.shape(0) != tensor_bytes(dt, rows, cols))
+    throw nb::value_error("matmul: weight has the wrong number of bytes for dtype and shape");
+  if ((int64_t)x.shape(1) != cols) throw nb::value_error("matmul: x must be [T, cols]");
+  const int T = (int)x.shape(0);
+  if (T <= 0) throw nb::value_error("matmul: x must have at least one row");
+
+  WeightView w{dt, rows, cols, weight.data(), row_bytes(dt, cols), nullptr};
+  if (dt == DType::I8) w.row_scales = reinterpret_cast<const float*>(weight.data() + rows * cols);
+  std::unique_ptr<float[]> scales_copy;  // the scales may sit unaligned in the byte array
+  if (dt == DType::I8 && reinterpret_cast<uintptr_t>(w.row_scales) % alignof(float)) {
+    scales_copy.reset(new float[rows]);
+    std::memcpy(scales_copy.get(), w.row_scales, rows * sizeof(float));
+    w.row_scales = scales_copy.get();
+  }
+  float* y;
+  auto out = new_array<float>({(size_t)T, (size_t)rows}, &y);
+  const float* xp = x.data();
+  {
+    nb::gil_scoped_release unlock;
+    std::vector<BlockQ8A> xq;
+    if (tr.quantized) {
+      xq.resize((size_t)T * (cols / 32));
+      for (int t = 0; t < T; ++t) kt.quantize_act(xp + t * cols, xq.data() + t * (cols / 32), (int)cols);
+    }
+    kt.matmul[(int)dt](w, xp, (size_t)cols, xq.data(), T, y, (size_t)rows, 0, (int)rows);
+  }
+  return out;
+}
+
+std::tuple<nb::ndarray<nb::numpy, float>, nb::ndarray<nb::numpy, float>, nb::ndarray<nb::numpy, int8_t>>
+quantize_act(const std::string& variant, In1<float> x) {
+  const KernelTable& kt = table(variant);
+  const size_t K = x.shape(0);
+  if (K % 32 || K == 0) throw nb::value_error("quantize_act: len(x) must be a positive multiple of 32");
+  const size_t nb_ = K / 32;
+  float *d, *s;
+  int8_t* qs;
+  auto da = new_array<float>({nb_}, &d);
+  auto sa = new_array<float>({nb_}, &s);
+  auto qa = new_array<int8_t>({nb_, (size_t)32}, &qs);
+  {
+    nb::gil_scoped_release unlock;
+    std::vector<BlockQ8A> blocks(nb_);
+    kt.quantize_act(x.data(), blocks.data(), (int)K);
+    for (size_t b = 0; b < nb_; ++b) {
+      d[b] = blocks[b].d;
+      s[b] = blocks[b].s;
+      std::memcpy(qs + 32 * b, blocks[b].qs, 32);
+    }
+  }
+  return {da, sa, qa};
+}
+
+nb::ndarray<nb::numpy, float> dequant_row(int dtype_id, In1<uint8_t> raw, int64_t cols,
+                                          const std::string& variant) {
+  const KernelTable& kt = table(variant);
+  const DType dt = check_dtype(dtype_id);
+  if (cols <= 0 || cols % traits(dt).block_elems)
+    throw nb::value_error("dequant_row: cols must be a positive multiple of the block size");
+  if (raw.shape(0) < row_bytes(dt, cols)) throw nb::value_error("dequant_row: raw is too short");
+  float* out;
+  auto arr = new_array<float>({(size_t)cols}, &out);
+  {
+    nb::gil_scoped_release unlock;
+    kt.dequant_row(dt, raw.data(), out, cols);
+  }
+  return arr;
+}
+
+void same_len(size_t a, size_t b, const char* op) {
+  if (a != b) throw nb::value_error((std::string(op) + ": arrays must have the same length").c_str());
+}
+
+nb::ndarray<nb::numpy, float> rms_norm(const std::string& variant, In1<float> x, In1<float> w, float eps) {
+  const KernelTable& kt = table(variant);
+  same_len(x.shape(0), w.shape(0), "rms_norm");
+  if (x.shape(0) == 0) throw nb::value_error("rms_norm: empty input");
+  float* y;
+  auto arr = new_array<float>({x.shape(0)}, &y);
+  {
+    nb::gil_scoped_release unlock;
+    kt.rms_norm(x.data(), w.data(), y, (int)x.shape(0), eps);
+  }
+  return arr;
+}
+
+nb::ndarray<nb::numpy, float> binary(const std::string& variant, In1<float> a, In1<float> b, bool silu) {
+  const KernelTable& kt = table(variant);
+  same_len(a.shape(0), b.shape(0), silu ? "silu_mul" : "add");
+  float* y;
+  auto arr = new_array<float>({a.shape(0)}, &y);
+  {
+    nb::gil_scoped_release unlock;
+    (silu ? kt.silu_mul : kt.add)(a.data(), b.data(), y, (int)a.shape(0));
+  }
+  return arr;
+}
+
+float dot(const std::string& variant, In1<float> a, In1<float> b) {
+  const KernelTable& kt = table(variant);
+  same_len(a.shape(0), b.shape(0), "dot");
+  nb::gil_scoped_release unlock;
+  return kt.dot(a.data(), b.data(), (int)a.shape(0));
+}
+
+nb::ndarray<nb::numpy, float> axpy(const std::string& variant, float a, In1<float> x, In1<float> y) {
+  const KernelTable& kt = table(variant);
+  same_len(x.shape(0), y.shape(0), "axpy");
+  float* out;
+  auto arr = new_array<float>({y.shape(0)}, &out);
+  std::memcpy(out, y.data(), y.shape(0) * sizeof(float));
+  {
+    nb::gil_scoped_release unlock;
+    kt.axpy(a, x.data(), out, (int)x.shape(0));
+  }
+  return arr;
+}
+
+nb::ndarray<nb::numpy, float> scale(const std::string& variant, float a, In1<float> y) {
+  const KernelTable& kt = table(variant);
+  float* out;
+  auto arr = new_array<float>({y.shape(0)}, &out);
+  std::memcpy(out, y.data(), y.shape(0) * sizeof(float));
+  {
+    nb::gil_scoped_release unlock;
+    kt.scale(a, out, (int)y.shape(0));
+  }
+  return arr;
+}
+
+}  // namespace
+
+void bind_kernels(nb::module_& m) {
+  nb::module_ k = m.def_submodule("kernels", "Kernel variants, exposed for tests and benchmarks.");
+  k.def("available", &available_kernels, "Kernel variants usable on this CPU, 'ref' first.");
+  k.def("best", [] { return std::string(best_kernels().name); },
+        "The variant the runtime uses (CPUID, or PLM_KERNELS).");
+  k.def("matmul", &matmul, nb::arg("variant"), nb::arg("dtype"), nb::arg("weight"), nb::arg("rows"),
+        nb::arg("cols"), nb::arg("x"),
+        "y[T, rows] = x[T, cols] @ W.T for raw weight bytes W of the given dtype id. Quantized types\n"
+        "quantize x with the same variant's quantize_act first.");
+  k.def("quantize_act", &quantize_act, nb::arg("variant"), nb::arg("x"),
+        "Quantize x[K] into 32-blocks: returns (d[K/32], s[K/32], qs[K/32, 32]).");
+  k.def("dequant_row", &dequant_row, nb::arg("dtype"), nb::arg("raw"), nb::arg("cols"),
+        nb::arg("variant") = "ref", "Dequantize one row (I8: without its row scale).");
+  k.def("rms_norm", &rms_norm, nb::arg("variant"), nb::arg("x"), nb::arg("w"), nb::arg("eps"));
+  k.def("silu_mul", [](const std::string& v, In1<float> g, In1<float> u) { return binary(v, g, u, true); },
+        nb::arg("variant"), nb::arg("g"), nb::arg("u"));
+  k.def("add", [](const std::string& v, In1<float> a, In1<float> b) { return binary(v, a, b, false); },
+        nb::arg("variant"), nb::arg("a"), nb::arg("b"));
+  k.def("dot", &dot, nb::arg("variant"), nb::arg("a"), nb::arg("b"));
+  k.def("axpy", &axpy, nb::arg("variant"), nb::arg("a"), nb::arg("x"), nb::arg("y"),
+        "Returns y + a*x (y is not modified).");
+  k.def("scale", &scale, nb::arg("variant"), nb::arg("a"), nb::arg("y"), "Returns a*y.");
+}

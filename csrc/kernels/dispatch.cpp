@@ -1,1 +1,77 @@
-// placeholder: being written
+// Run-time choice of the kernel variant. Every SIMD variant lives in its own
+// translation unit compiled with its own ISA flags; nothing from those files is
+// called unless CPUID says the CPU has the features.
+#include <cstdlib>
+
+#include "kernels/kernels.h"
+
+namespace plm::kernels {
+
+// Defined by the variant files; nullptr if the variant is not (yet) implemented.
+#if defined(PLM_X86)
+const KernelTable* avx2_kernel_table();
+const KernelTable* avx512_kernel_table();
+#endif
+#if defined(PLM_ARM)
+const KernelTable* neon_kernel_table();
+#endif
+
+namespace {
+
+#if defined(PLM_X86)
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni");
+}
+#endif
+
+// Usable variants on this CPU, best last.
+std::vector<const KernelTable*> usable_tables() {
+  std::vector<const KernelTable*> v{&ref_kernels()};
+#if defined(PLM_X86)
+  if (cpu_has_avx2() && avx2_kernel_table()) v.push_back(avx2_kernel_table());
+  if (cpu_has_avx512() && avx512_kernel_table()) v.push_back(avx512_kernel_table());
+#endif
+#if defined(PLM_ARM)
+  if (neon_kernel_table()) v.push_back(neon_kernel_table());
+#endif
+  return v;
+}
+
+const std::vector<const KernelTable*>& tables() {
+  static const std::vector<const KernelTable*> v = usable_tables();
+  return v;
+}
+
+}  // namespace
+
+const KernelTable* kernels_by_name(const std::string& name) {
+  for (const KernelTable* t : tables())
+    if (name == t->name) return t;
+  return nullptr;
+}
+
+std::vector<std::string> available_kernels() {
+  std::vector<std::string> names;
+  for (const KernelTable* t : tables()) names.emplace_back(t->name);
+  return names;
+}
+
+const KernelTable& best_kernels() {
+  static const KernelTable* chosen = [] {
+    // PLM_KERNELS=ref|avx2|avx512|neon forces a variant; an unusable one is ignored.
+    if (const char* env = std::getenv("PLM_KERNELS"))
+      if (const KernelTable* t = kernels_by_name(env)) return t;
+    return tables().back();
+  }();
+  return *chosen;
+}
+
+}  // namespace plm::kernels

@@ -1,1 +1,262 @@
-// placeholder: being written
+// Scalar reference kernels: the test oracle for every SIMD variant.
+// Written for clarity, not speed. The integer parts (activation quantization,
+// per-32-block integer dot products) define the exact results every variant must
+// reproduce; only the float summation order may differ.
+#include <cmath>
+
+#include "kernels/kernels.h"
+
+namespace plm::kernels {
+namespace {
+
+// ---- activations ----
+
+// Round half away from zero; every variant must use this exact rule on x * (1/d).
+inline int round_away(float v) { return (int)std::round(v); }
+
+void quantize_act_ref(const float* x, BlockQ8A* out, int K) {
+  for (int b = 0; b < K / 32; ++b) {
+    const float* xb = x + b * 32;
+    float amax = 0.0f;
+    for (int j = 0; j < 32; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    int sum = 0;
+    for (int j = 0; j < 32; ++j) {
+      int q = round_away(xb[j] * id);
+      q = q < -127 ? -127 : (q > 127 ? 127 : q);
+      out[b].qs[j] = (int8_t)q;
+      sum += q;
+    }
+    out[b].d = d;
+    out[b].s = d * (float)sum;
+  }
+}
+
+// ---- per-row dot products, one per weight type ----
+
+float row_dot_f32(const uint8_t* row, const float* x, int64_t K) {
+  const float* w = reinterpret_cast<const float*>(row);
+  float acc = 0.0f;
+  for (int64_t k = 0; k < K; ++k) acc += w[k] * x[k];
+  return acc;
+}
+
+float row_dot_f16(const uint8_t* row, const float* x, int64_t K) {
+  float acc = 0.0f;
+  for (int64_t k = 0; k < K; ++k) {
+    fp16_t h;
+    std::memcpy(&h, row + 2 * k, 2);
+    acc += fp16_to_fp32(h) * x[k];
+  }
+  return acc;
+}
+
+float row_dot_q8_0(const uint8_t* row, const BlockQ8A* xq, int64_t K) {
+  const BlockQ8_0* w = reinterpret_cast<const BlockQ8_0*>(row);
+  float acc = 0.0f;
+  for (int64_t b = 0; b < K / 32; ++b) {
+    int32_t idot = 0;
+    for (int j = 0; j < 32; ++j) idot += (int32_t)w[b].qs[j] * xq[b].qs[j];
+    acc += fp16_to_fp32(w[b].d) * xq[b].d * (float)idot;
+  }
+  return acc;
+}
+
+// One 32-element nibble run: sum_j q_j * a_j with q in [0, 15] (no offset applied).
+inline int32_t nibble_dot(const uint8_t* qs, const int8_t* a, int32_t* asum) {
+  int32_t dot = 0, s = 0;
+  for (int j = 0; j < 16; ++j) {
+    dot += (int32_t)(qs[j] & 0x0f) * a[j] + (int32_t)(qs[j] >> 4) * a[j + 16];
+    s += a[j] + a[j + 16];
+  }
+  *asum = s;
+  return dot;
+}
+
+// Q4_0 family: x = d*(q-8); the -8 is applied exactly in integers.
+template <int G>
+float row_dot_q4_0(const uint8_t* row, const BlockQ8A* xq, int64_t K) {
+  const auto* w = reinterpret_cast<const BlockQ4_0G<G>*>(row);
+  float acc = 0.0f;
+  for (int64_t b = 0; b < K / G; ++b) {
+    const float dw = fp16_to_fp32(w[b].d);
+    for (int r = 0; r < G / 32; ++r) {
+      const BlockQ8A& a = xq[b * (G / 32) + r];
+      int32_t asum;
+      const int32_t idot = nibble_dot(w[b].qs + 16 * r, a.qs, &asum) - 8 * asum;
+      acc += dw * a.d * (float)idot;
+    }
+  }
+  return acc;
+}
+
+// Q4_1 family: x = d*q + m; sum_k m * xa_k = m * s of each activation block.
+template <int G>
+float row_dot_q4_1(const uint8_t* row, const BlockQ8A* xq, int64_t K) {
+  const auto* w = reinterpret_cast<const BlockQ4_1G<G>*>(row);
+  float acc = 0.0f;
+  for (int64_t b = 0; b < K / G; ++b) {
+    const float dw = fp16_to_fp32(w[b].d), mw = fp16_to_fp32(w[b].m);
+    for (int r = 0; r < G / 32; ++r) {
+      const BlockQ8A& a = xq[b * (G / 32) + r];
+      int32_t asum;
+      const int32_t idot = nibble_dot(w[b].qs + 16 * r, a.qs, &asum);
+      acc += dw * a.d * (float)idot + mw * a.s;
+    }
+  }
+  return acc;
+}
+
+float row_dot_i8(const uint8_t* row, const BlockQ8A* xq, int64_t K) {
+  const int8_t* w = reinterpret_cast<const int8_t*>(row);
+  float acc = 0.0f;
+  for (int64_t b = 0; b < K / 32; ++b) {
+    int32_t idot = 0;
+    for (int j = 0; j < 32; ++j) idot += (int32_t)w[b * 32 + j] * xq[b].qs[j];
+    acc += xq[b].d * (float)idot;
+  }
+  return acc;  // the row scale is applied by the caller
+}
+
+// ---- matmul wrappers ----
+
+template <float (*RowDot)(const uint8_t*, const float*, int64_t)>
+void matmul_float(const WeightView& w, const float* x, size_t ldx, const BlockQ8A*, int T,
+                  float* y, size_t ldy, int n0, int n1) {
+  for (int t = 0; t < T; ++t)
+    for (int n = n0; n < n1; ++n)
+      y[t * ldy + n] = RowDot(w.data + (size_t)n * w.row_stride, x + t * ldx, w.cols);
+}
+
+template <float (*RowDot)(const uint8_t*, const BlockQ8A*, int64_t)>
+void matmul_quant(const WeightView& w, const float*, size_t, const BlockQ8A* xq, int T,
+                  float* y, size_t ldy, int n0, int n1) {
+  const int64_t nb = w.cols / 32;
+  for (int t = 0; t < T; ++t)
+    for (int n = n0; n < n1; ++n) {
+      float v = RowDot(w.data + (size_t)n * w.row_stride, xq + t * nb, w.cols);
+      if (w.dtype == DType::I8) v *= w.row_scales[n];
+      y[t * ldy + n] = v;
+    }
+}
+
+// ---- dequantization (embeddings) ----
+
+template <int G>
+void dequant_q4_0(const uint8_t* row, float* out, int64_t cols) {
+  const auto* w = reinterpret_cast<const BlockQ4_0G<G>*>(row);
+  for (int64_t b = 0; b < cols / G; ++b) {
+    const float d = fp16_to_fp32(w[b].d);
+    for (int r = 0; r < G / 32; ++r)
+      for (int j = 0; j < 16; ++j) {
+        const uint8_t v = w[b].qs[16 * r + j];
+        out[b * G + 32 * r + j] = d * (float)((v & 0x0f) - 8);
+        out[b * G + 32 * r + j + 16] = d * (float)((v >> 4) - 8);
+      }
+  }
+}
+
+template <int G>
+void dequant_q4_1(const uint8_t* row, float* out, int64_t cols) {
+  const auto* w = reinterpret_cast<const BlockQ4_1G<G>*>(row);
+  for (int64_t b = 0; b < cols / G; ++b) {
+    const float d = fp16_to_fp32(w[b].d), m = fp16_to_fp32(w[b].m);
+    for (int r = 0; r < G / 32; ++r)
+      for (int j = 0; j < 16; ++j) {
+        const uint8_t v = w[b].qs[16 * r + j];
+        out[b * G + 32 * r + j] = d * (float)(v & 0x0f) + m;
+        out[b * G + 32 * r + j + 16] = d * (float)(v >> 4) + m;
+      }
+  }
+}
+
+// I8 rows carry no scale of their own: the caller multiplies by the row scale.
+void dequant_row_ref(DType t, const void* rowp, float* out, int64_t cols) {
+  const uint8_t* row = static_cast<const uint8_t*>(rowp);
+  switch (t) {
+    case DType::F32: std::memcpy(out, row, (size_t)cols * 4); break;
+    case DType::F16:
+      for (int64_t k = 0; k < cols; ++k) {
+        fp16_t h;
+        std::memcpy(&h, row + 2 * k, 2);
+        out[k] = fp16_to_fp32(h);
+      }
+      break;
+    case DType::Q8_0: {
+      const BlockQ8_0* w = reinterpret_cast<const BlockQ8_0*>(row);
+      for (int64_t b = 0; b < cols / 32; ++b) {
+        const float d = fp16_to_fp32(w[b].d);
+        for (int j = 0; j < 32; ++j) out[b * 32 + j] = d * (float)w[b].qs[j];
+      }
+      break;
+    }
+    case DType::Q4_0: dequant_q4_0<32>(row, out, cols); break;
+    case DType::Q4_0_G64: dequant_q4_0<64>(row, out, cols); break;
+    case DType::Q4_0_G128: dequant_q4_0<128>(row, out, cols); break;
+    case DType::Q4_1: dequant_q4_1<32>(row, out, cols); break;
+    case DType::Q4_1_G64: dequant_q4_1<64>(row, out, cols); break;
+    case DType::Q4_1_G128: dequant_q4_1<128>(row, out, cols); break;
+    case DType::I8:
+      for (int64_t k = 0; k < cols; ++k) out[k] = (float)reinterpret_cast<const int8_t*>(row)[k];
+      break;
+    default: throw UnsupportedError("dequant_row: unknown tensor type");
+  }
+}
+
+// ---- elementwise ----
+
+float dot_ref(const float* a, const float* b, int n) {
+  float acc = 0.0f;
+  for (int i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+void axpy_ref(float a, const float* x, float* y, int n) {
+  for (int i = 0; i < n; ++i) y[i] += a * x[i];
+}
+void scale_ref(float a, float* y, int n) {
+  for (int i = 0; i < n; ++i) y[i] *= a;
+}
+void rms_norm_ref(const float* x, const float* w, float* y, int n, float eps) {
+  double ss = 0.0;
+  for (int i = 0; i < n; ++i) ss += (double)x[i] * x[i];
+  const float r = (float)(1.0 / std::sqrt(ss / n + eps));
+  for (int i = 0; i < n; ++i) y[i] = x[i] * r * w[i];
+}
+void silu_mul_ref(const float* g, const float* u, float* y, int n) {
+  for (int i = 0; i < n; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+void add_ref(const float* a, const float* b, float* y, int n) {
+  for (int i = 0; i < n; ++i) y[i] = a[i] + b[i];
+}
+
+}  // namespace
+
+const KernelTable& ref_kernels() {
+  static const KernelTable table = {
+      "ref",
+      {
+          matmul_float<row_dot_f32>,           // F32
+          matmul_float<row_dot_f16>,           // F16
+          matmul_quant<row_dot_q8_0>,          // Q8_0
+          matmul_quant<row_dot_q4_0<32>>,      // Q4_0
+          matmul_quant<row_dot_q4_1<32>>,      // Q4_1
+          matmul_quant<row_dot_q4_0<64>>,      // Q4_0_G64
+          matmul_quant<row_dot_q4_0<128>>,     // Q4_0_G128
+          matmul_quant<row_dot_q4_1<64>>,      // Q4_1_G64
+          matmul_quant<row_dot_q4_1<128>>,     // Q4_1_G128
+          matmul_quant<row_dot_i8>,            // I8
+      },
+      quantize_act_ref,
+      dequant_row_ref,
+      dot_ref,
+      axpy_ref,
+      scale_ref,
+      rms_norm_ref,
+      silu_mul_ref,
+      add_ref,
+  };
+  return table;
+}
+
+}  // namespace plm::kernels

@@ -1,1 +1,468 @@
-// placeholder: being written
+// AVX-512 (F, BW, VL, DQ) + VNNI kernels. Compiled with AVX-512 flags; only
+// reached through dispatch.cpp after CPUID confirms the features.
+//
+// Quantized matmul layout: K is walked in pairs of 32-element runs, so one zmm
+// holds 64 int8 activations (two BlockQ8A) against 64 unsigned weight bytes.
+// vpdpbusd needs u8 x s8, so signed weights are biased: Q4_0 nibbles are used as
+// stored (0..15) and Q8_0/I8 bytes are xor 0x80 (w + 128); the bias times the
+// activation sum is subtracted exactly by starting the int32 accumulator at
+// -8*sum(a) / -128*sum(a). Q4_1's m*s term is added in float.
+//
+// Activations are first repacked (per tile of tokens) into zmm-ready pairs with
+// their scales broadcast, so the inner loop does only: decode weight, dpbusd,
+// convert, scale, accumulate. Weight rows are processed in chunks that stay in
+// L2 while every token tile passes over them (prefill is then compute-bound).
+// GCC 12 flags its own _mm512_undefined_* / masked-intrinsic headers as uninitialised.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernels/kernels.h"
+
+namespace plm::kernels {
+namespace {
+
+inline __mmask16 tail_mask(int n) { return (__mmask16)((1u << n) - 1u); }  // n in [0, 16]
+
+inline uint16_t load_u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+// ---------------------------------------------------------------- activations
+
+// round-half-away-from-zero(v) as int32, bit-identical to std::round. Written
+// without subtracting from v so that no FMA contraction can change it.
+inline __m512i round_away_epi32(__m512 v) {
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  const __m512 av = _mm512_andnot_ps(sign, v);
+  const __m512 t = _mm512_roundscale_ps(av, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __mmask16 up = _mm512_cmp_ps_mask(_mm512_add_ps(t, _mm512_set1_ps(0.5f)), av, _CMP_LE_OQ);
+  __m512 r = _mm512_mask_add_ps(t, up, t, _mm512_set1_ps(1.0f));
+  r = _mm512_or_ps(r, _mm512_and_ps(v, sign));
+  return _mm512_cvttps_epi32(r);
+}
+
+void quantize_act_avx512(const float* x, BlockQ8A* out, int K) {
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (int b = 0; b < K / 32; ++b) {
+    const __m512 x0 = _mm512_loadu_ps(x + 32 * b), x1 = _mm512_loadu_ps(x + 32 * b + 16);
+    const float amax = _mm512_reduce_max_ps(
+        _mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    const __m512 vid = _mm512_set1_ps(id);
+    __m512i q0 = round_away_epi32(_mm512_mul_ps(x0, vid));
+    __m512i q1 = round_away_epi32(_mm512_mul_ps(x1, vid));
+    q0 = _mm512_min_epi32(_mm512_max_epi32(q0, lo), hi);
+    q1 = _mm512_min_epi32(_mm512_max_epi32(q1, lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out[b].qs), _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out[b].qs + 16), _mm512_cvtepi32_epi8(q1));
+    const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    out[b].d = d;
+    out[b].s = d * (float)sum;
+  }
+}
+
+// How the weight bias is compensated (see the top of the file).
+enum class Aux { Off8, Off128, SumDiv8 };
+
+// Two activation runs ready for the inner loop. Lanes 0-7 belong to run 2p,
+// lanes 8-15 to run 2p+1 (all zero when K/32 is odd and this is the last pair).
+struct alignas(64) PackedPair {
+  __m512i qs;   // 64 int8
+  __m512 d;     // activation scale of each half, broadcast
+  __m512i aux;  // Off*: int32 bias correction; SumDiv8: float s/8 of each half, broadcast
+};
+
+template <Aux A>
+void pack_token(const BlockQ8A* xa, int nruns, PackedPair* out) {
+  const int npairs = (nruns + 1) / 2;
+  for (int p = 0; p < npairs; ++p) {
+    const BlockQ8A& b0 = xa[2 * p];
+    const bool has1 = 2 * p + 1 < nruns;
+    const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0.qs));
+    const __m256i q1 = has1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa[2 * p + 1].qs))
+                            : _mm256_setzero_si256();
+    const __m512i qs = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+    const float d1 = has1 ? xa[2 * p + 1].d : 0.0f, s1 = has1 ? xa[2 * p + 1].s : 0.0f;
+    PackedPair& o = out[p];
+    o.qs = qs;
+    o.d = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(b0.d)), _mm256_set1_ps(d1), 1);
+    if constexpr (A == Aux::SumDiv8) {
+      o.aux = _mm512_castps_si512(_mm512_insertf32x8(
+          _mm512_castps256_ps512(_mm256_set1_ps(b0.s * 0.125f)), _mm256_set1_ps(s1 * 0.125f), 1));
+    } else {
+      const __m512i bias = _mm512_set1_epi8(A == Aux::Off8 ? 8 : (char)0x80);
+      o.aux = _mm512_sub_epi32(_mm512_setzero_si512(),
+                               _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, qs));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- weight formats
+// Each gives, for runs r0 and r1 of a row, 64 unsigned weight bytes laid out like
+// PackedPair::qs, and (if it has them) the per-run scale / min broadcast per half.
+
+inline __m512 f16_pair(const uint8_t* p0, const uint8_t* p1) {
+  const __m256i h = _mm256_set_m128i(_mm_set1_epi16((short)load_u16(p1)), _mm_set1_epi16((short)load_u16(p0)));
+  return _mm512_cvtph_ps(h);
+}
+
+template <int G, bool Asym>
+struct Q4Format {
+  static constexpr int kHdr = Asym ? 4 : 2;
+  static constexpr int kBlockBytes = kHdr + G / 2;
+  static constexpr int kRunsPerBlock = G / 32;
+  static constexpr Aux kAux = Asym ? Aux::SumDiv8 : Aux::Off8;
+  static constexpr bool kHasScale = true, kHasMin = Asym;
+  static const uint8_t* block(const uint8_t* row, int r) { return row + (r / kRunsPerBlock) * kBlockBytes; }
+  static const uint8_t* qs(const uint8_t* row, int r) {
+    return block(row, r) + kHdr + 16 * (r % kRunsPerBlock);
+  }
+  static __m512i weights(const uint8_t* row, int r0, int r1) {
+    // 128-bit lanes: [qs0, qs0, qs1, qs1] -> [qs0 & 15, qs0 >> 4, qs1 & 15, qs1 >> 4]
+    __m512i z = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs(row, r0))));
+    z = _mm512_mask_broadcast_i32x4(z, 0xFF00, _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs(row, r1))));
+    const __m512i shifts = _mm512_set_epi64(0x0004000400040004LL, 0x0004000400040004LL, 0, 0,
+                                            0x0004000400040004LL, 0x0004000400040004LL, 0, 0);
+    return _mm512_and_si512(_mm512_srlv_epi16(z, shifts), _mm512_set1_epi8(0x0F));
+  }
+  static __m512 scale(const uint8_t* row, int r0, int r1) { return f16_pair(block(row, r0), block(row, r1)); }
+  static __m512 min(const uint8_t* row, int r0, int r1) {
+    return f16_pair(block(row, r0) + 2, block(row, r1) + 2);
+  }
+};
+
+struct Q8Format {
+  static constexpr Aux kAux = Aux::Off128;
+  static constexpr bool kHasScale = true, kHasMin = false;
+  static __m512i weights(const uint8_t* row, int r0, int r1) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 34 * r0 + 2));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 34 * r1 + 2));
+    return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1), _mm512_set1_epi8((char)0x80));
+  }
+  static __m512 scale(const uint8_t* row, int r0, int r1) { return f16_pair(row + 34 * r0, row + 34 * r1); }
+  static __m512 min(const uint8_t*, int, int) { return _mm512_setzero_ps(); }
+};
+
+struct I8Format {  // the per-row scale is applied after the reduction
+  static constexpr Aux kAux = Aux::Off128;
+  static constexpr bool kHasScale = false, kHasMin = false;
+  static __m512i weights(const uint8_t* row, int r0, int r1) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * r0));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * r1));
+    return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1), _mm512_set1_epi8((char)0x80));
+  }
+  static __m512 scale(const uint8_t*, int, int) { return _mm512_set1_ps(1.0f); }
+  static __m512 min(const uint8_t*, int, int) { return _mm512_setzero_ps(); }
+};
+
+// ---------------------------------------------------------------- quantized matmul
+
+// RN weight rows x RT tokens; pk holds RT tokens of npairs packed pairs each.
+template <class F, int RN, int RT>
+inline void qtile(const uint8_t* const* rows, const PackedPair* pk, int npairs, int nruns, float* y,
+                  size_t ldy, const float* row_scales) {
+  __m512 acc[RN][RT];
+#pragma GCC unroll 8
+  for (int n = 0; n < RN; ++n)
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) acc[n][t] = _mm512_setzero_ps();
+  for (int p = 0; p < npairs; ++p) {
+    const int r0 = 2 * p, r1 = 2 * p + 1 < nruns ? 2 * p + 1 : 2 * p;  // odd tail: reread r0, times 0
+#pragma GCC unroll 8
+    for (int n = 0; n < RN; ++n) {
+      const __m512i w = F::weights(rows[n], r0, r1);
+      __m512 dw = _mm512_undefined_ps(), mw = _mm512_undefined_ps();
+      if constexpr (F::kHasScale) dw = F::scale(rows[n], r0, r1);
+      if constexpr (F::kHasMin) mw = F::min(rows[n], r0, r1);
+#pragma GCC unroll 8
+      for (int t = 0; t < RT; ++t) {
+        const PackedPair& a = pk[t * npairs + p];
+        const __m512i init = F::kAux == Aux::SumDiv8 ? _mm512_setzero_si512() : a.aux;
+        const __m512 idot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, w, a.qs));
+        const __m512 sc = F::kHasScale ? _mm512_mul_ps(dw, a.d) : a.d;
+        acc[n][t] = _mm512_fmadd_ps(idot, sc, acc[n][t]);
+        if constexpr (F::kHasMin) acc[n][t] = _mm512_fmadd_ps(mw, _mm512_castsi512_ps(a.aux), acc[n][t]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < RN; ++n)
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) {
+      float v = _mm512_reduce_add_ps(acc[n][t]);
+      if (row_scales) v *= row_scales[n];
+      y[t * ldy + n] = v;
+    }
+}
+
+template <class F, int RN>
+inline void qtile_rt(int rt, const uint8_t* const* rows, const PackedPair* pk, int npairs, int nruns, float* y,
+                     size_t ldy, const float* row_scales) {
+  switch (rt) {
+    case 1: qtile<F, RN, 1>(rows, pk, npairs, nruns, y, ldy, row_scales); break;
+    case 2: qtile<F, RN, 2>(rows, pk, npairs, nruns, y, ldy, row_scales); break;
+    case 3: qtile<F, RN, 3>(rows, pk, npairs, nruns, y, ldy, row_scales); break;
+    default: qtile<F, RN, 4>(rows, pk, npairs, nruns, y, ldy, row_scales); break;
+  }
+}
+
+constexpr int kTokTile = 4;
+constexpr size_t kChunkBytes = 256 * 1024;  // weight rows kept hot while all token tiles pass
+
+template <class F>
+void matmul_quant(const WeightView& w, const float*, size_t, const BlockQ8A* xq, int T, float* y, size_t ldy,
+                  int n0, int n1) {
+  const int nruns = (int)(w.cols / 32), npairs = (nruns + 1) / 2;
+  // Grows once to the largest K seen by this thread; later calls do not allocate.
+  thread_local std::vector<PackedPair> scratch;
+  if (scratch.size() < (size_t)kTokTile * npairs) scratch.resize((size_t)kTokTile * npairs);
+  PackedPair* pk = scratch.data();
+  const bool i8 = w.dtype == DType::I8;
+  int chunk = (int)std::min<size_t>((size_t)(n1 - n0), std::max<size_t>(8, kChunkBytes / std::max<size_t>(w.row_stride, 1)));
+  chunk = std::max(4, chunk & ~3);
+  for (int c0 = n0; c0 < n1; c0 += chunk) {
+    const int c1 = std::min(n1, c0 + chunk);
+    for (int t0 = 0; t0 < T; t0 += kTokTile) {
+      const int rt = std::min(kTokTile, T - t0);
+      for (int t = 0; t < rt; ++t) pack_token<F::kAux>(xq + (size_t)(t0 + t) * nruns, nruns, pk + t * npairs);
+      float* yt = y + (size_t)t0 * ldy;
+      int n = c0;
+      if (rt == 1) {  // decode: more rows per tile to amortise the activation loads
+        for (; n + 8 <= c1; n += 8) {
+          const uint8_t* rows[8];
+          for (int i = 0; i < 8; ++i) rows[i] = w.data + (size_t)(n + i) * w.row_stride;
+          qtile<F, 8, 1>(rows, pk, npairs, nruns, yt + n, ldy, i8 ? w.row_scales + n : nullptr);
+        }
+      }
+      for (; n + 4 <= c1; n += 4) {
+        const uint8_t* rows[4];
+        for (int i = 0; i < 4; ++i) rows[i] = w.data + (size_t)(n + i) * w.row_stride;
+        qtile_rt<F, 4>(rt, rows, pk, npairs, nruns, yt + n, ldy, i8 ? w.row_scales + n : nullptr);
+      }
+      for (; n < c1; ++n) {
+        const uint8_t* rows[1] = {w.data + (size_t)n * w.row_stride};
+        qtile_rt<F, 1>(rt, rows, pk, npairs, nruns, yt + n, ldy, i8 ? w.row_scales + n : nullptr);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- f32 / f16 matmul
+
+template <bool Half>
+inline __m512 load_w(const uint8_t* row, int k) {
+  if constexpr (Half) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * k)));
+  else return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + k);
+}
+template <bool Half>
+inline __m512 load_w_masked(const uint8_t* row, int k, __mmask16 m) {
+  if constexpr (Half) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, row + 2 * k));
+  else return _mm512_maskz_loadu_ps(m, reinterpret_cast<const float*>(row) + k);
+}
+
+template <bool Half, int RN, int RT>
+inline void ftile(const uint8_t* const* rows, const float* x, size_t ldx, int K, float* y, size_t ldy) {
+  __m512 acc[RN][RT];
+#pragma GCC unroll 8
+  for (int n = 0; n < RN; ++n)
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) acc[n][t] = _mm512_setzero_ps();
+  int k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 xv[RT];
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) xv[t] = _mm512_loadu_ps(x + t * ldx + k);
+#pragma GCC unroll 8
+    for (int n = 0; n < RN; ++n) {
+      const __m512 wv = load_w<Half>(rows[n], k);
+#pragma GCC unroll 8
+      for (int t = 0; t < RT; ++t) acc[n][t] = _mm512_fmadd_ps(wv, xv[t], acc[n][t]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 m = tail_mask(K - k);
+    __m512 xv[RT];
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) xv[t] = _mm512_maskz_loadu_ps(m, x + t * ldx + k);
+#pragma GCC unroll 8
+    for (int n = 0; n < RN; ++n) {
+      const __m512 wv = load_w_masked<Half>(rows[n], k, m);
+#pragma GCC unroll 8
+      for (int t = 0; t < RT; ++t) acc[n][t] = _mm512_fmadd_ps(wv, xv[t], acc[n][t]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < RN; ++n)
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) y[t * ldy + n] = _mm512_reduce_add_ps(acc[n][t]);
+}
+
+template <bool Half, int RN>
+inline void ftile_rt(int rt, const uint8_t* const* rows, const float* x, size_t ldx, int K, float* y, size_t ldy) {
+  switch (rt) {
+    case 1: ftile<Half, RN, 1>(rows, x, ldx, K, y, ldy); break;
+    case 2: ftile<Half, RN, 2>(rows, x, ldx, K, y, ldy); break;
+    case 3: ftile<Half, RN, 3>(rows, x, ldx, K, y, ldy); break;
+    default: ftile<Half, RN, 4>(rows, x, ldx, K, y, ldy); break;
+  }
+}
+
+template <bool Half>
+void matmul_float(const WeightView& w, const float* x, size_t ldx, const BlockQ8A*, int T, float* y, size_t ldy,
+                  int n0, int n1) {
+  const int K = (int)w.cols;
+  int chunk = (int)std::min<size_t>((size_t)(n1 - n0), std::max<size_t>(8, kChunkBytes / std::max<size_t>(w.row_stride, 1)));
+  chunk = std::max(4, chunk & ~3);
+  for (int c0 = n0; c0 < n1; c0 += chunk) {
+    const int c1 = std::min(n1, c0 + chunk);
+    for (int t0 = 0; t0 < T; t0 += kTokTile) {
+      const int rt = std::min(kTokTile, T - t0);
+      const float* xt = x + (size_t)t0 * ldx;
+      float* yt = y + (size_t)t0 * ldy;
+      int n = c0;
+      for (; n + 4 <= c1; n += 4) {
+        const uint8_t* rows[4];
+        for (int i = 0; i < 4; ++i) rows[i] = w.data + (size_t)(n + i) * w.row_stride;
+        ftile_rt<Half, 4>(rt, rows, xt, ldx, K, yt + n, ldy);
+      }
+      for (; n < c1; ++n) {
+        const uint8_t* rows[1] = {w.data + (size_t)n * w.row_stride};
+        ftile_rt<Half, 1>(rt, rows, xt, ldx, K, yt + n, ldy);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- elementwise
+
+float dot_avx512(const float* a, const float* b, int n) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+  int i = 0;
+  for (; i + 64 <= n; i += 64) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), s2);
+    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), s3);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 m = tail_mask(std::min(16, n - i));
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+
+void axpy_avx512(float a, const float* x, float* y, int n) {
+  const __m512 va = _mm512_set1_ps(a);
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(std::min(16, n - i));
+    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+  }
+}
+
+void scale_avx512(float a, float* y, int n) {
+  const __m512 va = _mm512_set1_ps(a);
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(std::min(16, n - i));
+    _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(va, _mm512_maskz_loadu_ps(m, y + i)));
+  }
+}
+
+void add_avx512(const float* a, const float* b, float* y, int n) {
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(std::min(16, n - i));
+    _mm512_mask_storeu_ps(y + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i)));
+  }
+}
+
+void rms_norm_avx512(const float* x, const float* w, float* y, int n, float eps) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
+    s0 = _mm512_fmadd_ps(a, a, s0);
+    s1 = _mm512_fmadd_ps(b, b, s1);
+  }
+  for (; i < n; i += 16) {
+    const __m512 a = _mm512_maskz_loadu_ps(tail_mask(std::min(16, n - i)), x + i);
+    s0 = _mm512_fmadd_ps(a, a, s0);
+  }
+  const double ss = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  const __m512 r = _mm512_set1_ps((float)(1.0 / std::sqrt(ss / n + eps)));
+  for (i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(std::min(16, n - i));
+    _mm512_mask_storeu_ps(y + i, m,
+                          _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), r), _mm512_maskz_loadu_ps(m, w + i)));
+  }
+}
+
+// exp(x): n = round(x / ln2), r = x - n ln2 (two-constant Cody-Waite), degree-6
+// Taylor polynomial on |r| <= ln2/2 (rel. error ~1.2e-7), then 2^n by vscalefps,
+// which also gives the correct overflow to inf and underflow to 0.
+inline __m512 exp_avx512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+void silu_mul_avx512(const float* g, const float* u, float* y, int n) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(std::min(16, n - i));
+    const __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
+    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+    _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, u + i)));
+  }
+}
+
+}  // namespace
+
+const KernelTable* avx512_kernel_table() {
+  static const KernelTable table = {
+      "avx512",
+      {
+          matmul_float<false>,                   // F32
+          matmul_float<true>,                    // F16
+          matmul_quant<Q8Format>,                // Q8_0
+          matmul_quant<Q4Format<32, false>>,     // Q4_0
+          matmul_quant<Q4Format<32, true>>,      // Q4_1
+          matmul_quant<Q4Format<64, false>>,     // Q4_0_G64
+          matmul_quant<Q4Format<128, false>>,    // Q4_0_G128
+          matmul_quant<Q4Format<64, true>>,      // Q4_1_G64
+          matmul_quant<Q4Format<128, true>>,     // Q4_1_G128
+          matmul_quant<I8Format>,                // I8
+      },
+      quantize_act_avx512,
+      ref_kernels().dequant_row,
+      dot_avx512,
+      axpy_avx512,
+      scale_avx512,
+      rms_norm_avx512,
+      silu_mul_avx512,
+      add_avx512,
+  };
+  return &table;
+}
+
+}  // namespace plm::kernels

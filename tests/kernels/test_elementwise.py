@@ -1,0 +1,71 @@
+"""dot, axpy, scale, add, rms_norm, silu_mul, dequant_row: every variant vs the reference / numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import kernels, variants
+
+from pocketlm.dtypes import DType
+from pocketlm.quant import dequantize, quantize
+
+SIZES = [1, 7, 16, 33, 100, 896, 4865]
+
+
+def vecs(n, seed):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(n) * 4).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+
+
+@pytest.mark.parametrize("variant", variants())
+def test_elementwise(variant):
+    for n in SIZES:
+        a, b = vecs(n, n)
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        scale = np.abs(a64) @ np.abs(b64)
+        assert abs(kernels.dot(variant, a, b) - a64 @ b64) <= 1e-5 * scale
+        np.testing.assert_allclose(kernels.axpy(variant, 0.75, a, b), b + np.float32(0.75) * a, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(kernels.scale(variant, -1.5, a), a * np.float32(-1.5), rtol=1e-7)
+        np.testing.assert_array_equal(kernels.add(variant, a, b), a + b)
+        rms = 1.0 / np.sqrt(np.mean(a64 * a64) + 1e-6)
+        np.testing.assert_allclose(kernels.rms_norm(variant, a, b, 1e-6), a64 * rms * b64, rtol=2e-6, atol=1e-7)
+        silu = a64 / (1 + np.exp(-a64)) * b64
+        np.testing.assert_allclose(kernels.silu_mul(variant, a, b), silu, rtol=2e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("variant", variants())
+def test_silu_extremes(variant):
+    g = np.array([-200, -100, -88.5, -87.5, -20, -1e-8, 0, 1e-8, 20, 87.5, 88.5, 100, 200] * 2, np.float32)
+    u = np.ones_like(g)
+    want = kernels.silu_mul("ref", g, u)
+    got = kernels.silu_mul(variant, g, u)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-30 if variant == "ref" else 1e-35)
+
+
+@pytest.mark.parametrize("variant", variants())
+@pytest.mark.parametrize("dtype", list(DType))
+def test_dequant_row(variant, dtype):
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((2, 256)).astype(np.float32)
+    raw = quantize(w, dtype)
+    row_bytes = (raw.size - (8 if dtype == DType.I8 else 0)) // 2
+    got = kernels.dequant_row(int(dtype), raw[row_bytes:], 256, variant)
+    want = dequantize(raw, dtype, w.shape)[1]
+    if dtype == DType.I8:  # dequant_row leaves the row scale to the caller
+        want = want / raw[-4:].view("<f4")[0]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    else:
+        np.testing.assert_array_equal(got, want)
+
+
+def test_length_mismatch():
+    with pytest.raises(ValueError):
+        kernels.add("ref", np.ones(3, np.float32), np.ones(4, np.float32))
+    with pytest.raises(ValueError):
+        kernels.rms_norm("ref", np.ones(3, np.float32), np.ones(4, np.float32), 1e-6)
+
+
+def test_dispatch():
+    avail = kernels.available()
+    assert avail[0] == "ref"
+    assert kernels.best() in avail

@@ -1,0 +1,115 @@
+"""Matmul: the scalar reference against numpy, then every SIMD variant against the reference.
+
+Tolerances are relative to S = sum_k |W[n,k]| |x[t,k]| (per output), so they bound
+float-summation-order effects independently of cancellation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import kernels, quantize_act_np, simd_variants
+
+from pocketlm.dtypes import DType
+from pocketlm.quant import dequantize, quantize
+
+SHAPES = [  # (T, K, N): covers T in {1,2,3,5,17,64}, K in {32..1536}, odd N
+    (1, 32, 1), (2, 64, 3), (3, 96, 7), (5, 576, 67), (17, 1536, 7), (64, 576, 67),
+    (64, 1536, 3), (3, 1536, 67), (1, 1536, 67), (17, 96, 1), (1, 128, 7), (5, 256, 3),
+    (2, 640, 67), (64, 384, 7), (3, 128, 1),
+]
+FLOAT_SHAPES = [(1, 1, 1), (3, 7, 5), (2, 33, 67), (5, 100, 3), (17, 17, 7), (64, 200, 3), (1, 1000, 67)]
+
+
+def make(dtype, T, K, N, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    w[0, : min(K, 32)] = 0  # a zero block
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    x[-1, : min(K, 32)] *= 100  # a block with a large scale
+    raw = quantize(w, dtype)
+    return raw, dequantize(raw, dtype, (N, K)), x
+
+
+def shapes_for(dtype):
+    if not dtype.quantized:
+        return SHAPES + FLOAT_SHAPES
+    return [s for s in SHAPES if s[1] % dtype.block_elems == 0]
+
+
+@pytest.mark.parametrize("dtype", list(DType))
+def test_ref_matches_numpy(dtype):
+    for i, (T, K, N) in enumerate(shapes_for(dtype)):
+        raw, wd, x = make(dtype, T, K, N, i)
+        y = kernels.matmul("ref", int(dtype), raw, N, K, x)
+        assert y.shape == (T, N) and y.dtype == np.float32
+        if not dtype.quantized:
+            scale = np.abs(x) @ np.abs(wd).T
+            assert np.all(np.abs(y - x @ wd.T) <= 1e-5 * scale + 1e-30), (T, K, N)
+            continue
+        d, s, q = quantize_act_np(x)
+        xd = (q.astype(np.float32) * d[..., None]).reshape(T, K)
+        # 1) exact quantized arithmetic, up to float summation order
+        scale = np.abs(xd).astype(np.float64) @ np.abs(wd).T.astype(np.float64)
+        emul = xd.astype(np.float64) @ wd.T.astype(np.float64)
+        assert np.all(np.abs(y - emul) <= 1e-5 * scale + 1e-30), (T, K, N)
+        # 2) vs full-precision activations: the only extra error is activation rounding,
+        #    at most d/2 per element of each 32-block
+        step = np.repeat(d / 2, 32, axis=-1).reshape(T, K)
+        bound = step @ np.abs(wd).T + 1e-5 * scale
+        assert np.all(np.abs(y - x @ wd.T) <= bound * 1.001 + 1e-6), (T, K, N)
+
+
+@pytest.mark.parametrize("variant", simd_variants())
+@pytest.mark.parametrize("dtype", list(DType))
+def test_variant_matches_ref(variant, dtype):
+    for i, (T, K, N) in enumerate(shapes_for(dtype)):
+        raw, wd, x = make(dtype, T, K, N, 100 + i)
+        want = kernels.matmul("ref", int(dtype), raw, N, K, x)
+        got = kernels.matmul(variant, int(dtype), raw, N, K, x)
+        scale = np.abs(x) @ np.abs(wd).T
+        assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-30), (variant, dtype.label, T, K, N)
+
+
+def test_activation_quantization_matches_emulation():
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(32 * 40) * 3).astype(np.float32)
+    x[:32] = 0
+    x[32:64] = np.arange(32) - 15.5  # many exact .5 ties after scaling
+    x[64] = 127.0
+    d0, s0, q0 = quantize_act_np(x)
+    for v in ["ref", *simd_variants()]:
+        d, s, q = kernels.quantize_act(v, x)
+        np.testing.assert_array_equal(d, d0)
+        np.testing.assert_array_equal(q, q0)
+        np.testing.assert_array_equal(s, s0)
+
+
+def test_i8_extreme_weights():
+    # -128 never comes out of quantize, but a file may hold it: every variant must agree
+    N, K = 5, 96
+    q = np.full((N, K), -128, np.int8)
+    q[1] = 127
+    raw = np.frombuffer(q.tobytes() + np.ones(N, "<f4").tobytes(), np.uint8)
+    x = np.full((2, K), -1.0, np.float32)
+    want = kernels.matmul("ref", int(DType.I8), raw, N, K, x)
+    assert want[0, 0] == 128 * K
+    for v in simd_variants():
+        np.testing.assert_array_equal(kernels.matmul(v, int(DType.I8), raw, N, K, x), want)
+
+
+def test_argument_validation():
+    raw = quantize(np.ones((3, 64), np.float32), DType.Q4_0)
+    x = np.ones((2, 64), np.float32)
+    with pytest.raises(ValueError):
+        kernels.matmul("ref", int(DType.Q4_0), raw[:-1], 3, 64, x)  # too few bytes
+    with pytest.raises(ValueError):
+        kernels.matmul("ref", int(DType.Q4_0), raw, 3, 64, np.ones((2, 32), np.float32))
+    with pytest.raises(ValueError):
+        kernels.matmul("ref", 99, raw, 3, 64, x)
+    with pytest.raises(ValueError):
+        kernels.matmul("nope", int(DType.Q4_0), raw, 3, 64, x)
+    with pytest.raises(ValueError):
+        kernels.quantize_act("ref", np.ones(33, np.float32))
+    with pytest.raises(ValueError):
+        kernels.dequant_row(int(DType.Q8_0), raw[:10], 64)
