@@ -14,4 +14,8 @@ if [ ! -f "$BD/build.ninja" ]; then
   cmake -S . -B "$BD" -G Ninja -DCMAKE_BUILD_TYPE="$BT" -DPython_EXECUTABLE="$PY" >/dev/null
 fi
 cmake --build "$BD" -j2
-cp -f "$BD"/_core*.so python/pocketlm/
+# Swap the module in with a rename: overwriting a loaded .so in place crashes running processes.
+for so in "$BD"/_core*.so; do
+  cp -f "$so" "python/pocketlm/.$(basename "$so").tmp"
+  mv -f "python/pocketlm/.$(basename "$so").tmp" "python/pocketlm/$(basename "$so")"
+done
