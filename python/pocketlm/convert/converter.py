@@ -1,0 +1,144 @@
+"""Source checkpoint -> .plm bundle: pick each tensor's type (recipe.py), encode it lazily, write.
+
+Data flow: read_hf / read_gguf -> SourceModel (canonical names, lazy tensors, tokenizer, special
+tokens) -> one TensorSpec per tensor whose load() decodes/requantizes just that tensor ->
+bundle.write_bundle (atomic, streaming).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from pocketlm import __version__, quant
+from pocketlm.bundle import TensorSpec, write_bundle
+from pocketlm.convert.gguf_source import is_gguf_file, read_gguf
+from pocketlm.convert.hf import is_hf_folder, read_hf
+from pocketlm.convert.progress import ProgressBar
+from pocketlm.convert.recipe import GROUP_SIZES, Recipe
+from pocketlm.convert.source import SourceModel, SourceTensor, expected_shapes
+from pocketlm.dtypes import DType
+from pocketlm.errors import BundleError
+
+# Bump when the converter's output for the same input changes (invalidates the GGUF cache).
+CONVERTER_VERSION = 1
+QUANT_CHOICES = (None, "keep", "f32", "f16", "int8", "int4")
+
+
+def read_source(src: Path) -> SourceModel:
+    """Detects the source kind and reads it (tensors stay on disk until written)."""
+    if not src.exists():
+        raise BundleError(f"{src}: no such file or folder")
+    if src.is_dir():
+        if not is_hf_folder(src):
+            raise BundleError(f"{src.name}: folder has no config.json; expected a Hugging Face checkpoint folder")
+        return read_hf(src)
+    if is_gguf_file(src):
+        return read_gguf(src)
+    if src.suffix == ".safetensors" or src.name == "config.json":
+        raise BundleError(f"{src.name}: pass the Hugging Face checkpoint folder, not a file inside it")
+    raise BundleError(f"{src.name}: not a GGUF file (bad magic) nor a Hugging Face checkpoint folder")
+
+
+def _encode(t: SourceTensor, dtype: DType) -> np.ndarray:
+    """The tensor's bytes as `dtype`: copied when the source already stores it so, else encoded."""
+    if t.native == dtype and t.load_native is not None:
+        return t.load_native()
+    x = t.load_f32()
+    if not np.all(np.isfinite(x)):
+        raise BundleError(f"tensor {t.name!r} contains NaN or infinite values")
+    return quant.quantize(x.reshape(-1, t.shape[-1]), dtype)
+
+
+def plan(model: SourceModel, recipe: Recipe) -> tuple[list[tuple[SourceTensor, DType]], list[str], list[str]]:
+    """[(tensor, type)] in canonical order, names that fell back to F16, names requantized in keep mode."""
+    order = {name: i for i, name in enumerate(expected_shapes(model.config))}
+    planned, fallback, requantized = [], [], []
+    for t in sorted(model.tensors, key=lambda t: order[t.name]):
+        keep = None
+        if recipe.mode == "keep":
+            keep = t.native if t.native is not None else model.keep_fallback[t.name]
+        dtype, fell_back = recipe.choose(t.name, t.shape, keep)
+        if fell_back:
+            fallback.append(t.name)
+        if recipe.mode == "keep" and len(t.shape) > 1 and t.native is None:
+            requantized.append(t.name)
+        planned.append((t, dtype))
+    return planned, fallback, requantized
+
+
+def _metadata(model: SourceModel, recipe: Recipe, planned, fallback: list[str], requantized: list[str]) -> dict:
+    types = Counter(dtype.label for _, dtype in planned)
+    provenance = {
+        "source": model.source_name,
+        "source_format": model.source_format,
+        "source_sha256": model.source_sha256,
+        "converter": f"pocketlm {__version__}",
+        "converter_version": CONVERTER_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+    if model.source_format == "gguf":
+        provenance["requantized"] = requantized
+        provenance["source_types"] = dict(sorted(Counter(t.source_type for t in model.tensors).items()))
+    return {
+        "format_version": 1,
+        "architecture": model.architecture,
+        "config": model.config,
+        "quantization": {**recipe.describe(), "types": dict(sorted(types.items())), "f16_fallback": fallback},
+        "tokenizer": {"type": "hf-json", "json": model.tokenizer_json},
+        "chat_template": model.chat_template,
+        "special_tokens": model.special_tokens,
+        "generation": model.generation,
+        "provenance": provenance,
+    }
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = None, group_size: int = 32,
+            symmetric: bool = True, progress: bool = True) -> Path:
+    """Converts a Hugging Face folder or a .gguf file into a .plm bundle at `out`; returns its path.
+
+    quant: None keeps a GGUF's types (bit-exact where pocketlm has them) and means "f16" for
+    Hugging Face checkpoints; or one of "f32", "f16", "int8", "int4" (see docs/quant.md).
+    group_size (32/64/128) and symmetric apply to int4. If `out` is a folder, the bundle is
+    named after the source. Never leaves a partial file behind.
+    """
+    if quant not in QUANT_CHOICES:
+        raise ValueError(f"quant must be one of f32, f16, int8, int4 or None, got {quant!r}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
+    src = Path(src)
+    if progress:
+        print(f"reading {src.name} ...", file=sys.stderr, flush=True)
+    model = read_source(src)
+    mode = quant if quant not in (None, "keep") else ("keep" if model.source_format == "gguf" else "f16")
+    recipe = Recipe(mode, group_size, symmetric)
+
+    out = Path(out)
+    if out.is_dir():
+        out = out / f"{src.stem if src.is_file() else src.resolve().name}.plm"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    planned, fallback, requantized = plan(model, recipe)
+    metadata = _metadata(model, recipe, planned, fallback, requantized)
+
+    bar = ProgressBar(f"converting {model.source_name}", len(planned)) if progress else None
+
+    def loader(i: int, t: SourceTensor, dtype: DType):
+        def load():
+            if bar is not None:
+                bar.tensor_started(i)
+            return _encode(t, dtype)
+        return load
+
+    specs = [TensorSpec(t.name, dtype, tuple(t.shape), loader(i, t, dtype)) for i, (t, dtype) in enumerate(planned)]
+    try:
+        write_bundle(out, metadata, specs, progress=bar.bytes_written if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.finish()
+    return out

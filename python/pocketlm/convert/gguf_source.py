@@ -1,0 +1,203 @@
+"""Read a GGUF file (llama.cpp's format) into a SourceModel.
+
+Names already are canonical. Two things change on the way in:
+  * shapes: GGUF lists dimensions innermost first, so GGUF [K, N] is our [N, K];
+  * llama Q/K rows: llama.cpp's converter permutes them so that RoPE rotates adjacent pairs
+    (x0,x1),(x2,x3)...; pocketlm, like transformers, rotates (x_i, x_{i+d/2}). We undo the
+    permutation on whole rows, which never splits a quantization block, so quantized weights
+    are moved bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from pocketlm import models
+from pocketlm.convert.source import DEFAULT_GENERATION, SourceModel, SourceTensor, check_tensors
+from pocketlm.dtypes import DType
+from pocketlm.errors import BundleError, ConversionError, UnsupportedModelError
+
+GGUF_MAGIC = b"GGUF"
+
+# GGUF types pocketlm stores unchanged (same block layout).
+_NATIVE = {"F32": DType.F32, "F16": DType.F16, "Q8_0": DType.Q8_0, "Q4_0": DType.Q4_0, "Q4_1": DType.Q4_1}
+
+# With quant=None, GGUF types pocketlm has no kernel for are requantized to the closest type it
+# has (interim, until lossless K-quant support lands): 4-bit K-quants -> Q4_1 (same bits per
+# weight class), BF16 -> F16, everything else (5/6-bit, 2/3-bit, i-quants) -> Q8_0, which adds
+# far less error than the source's own quantization.
+_KEEP_FALLBACK = {"BF16": DType.F16, "Q4_K": DType.Q4_1}
+
+
+def is_gguf_file(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def rope_unpermute_rows(n_rows: int, n_heads: int) -> np.ndarray:
+    """Row order that turns llama.cpp's interleaved-RoPE Q/K rows back into HF order.
+
+    Within each head of d rows llama.cpp stores HF row (j*d/2 + i) at position (2*i + j).
+    """
+    half = n_rows // n_heads // 2
+    return np.arange(n_rows).reshape(n_heads, half, 2).swapaxes(1, 2).reshape(-1)
+
+
+def _kv_metadata(reader) -> dict:
+    """GGUF key -> python value; the big tokenizer arrays are skipped (the tokenizer module reads them)."""
+    from gguf import GGUFValueType
+
+    kv = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and field.types and field.types[0] == GGUFValueType.ARRAY:
+            continue
+        try:
+            kv[key] = field.contents()
+        except Exception:  # a value gguf cannot decode is one we do not use
+            continue
+    return kv
+
+
+def _open(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError/IndexError/... on damaged files
+        raise BundleError(f"{path.name}: cannot read the GGUF file, it is truncated or corrupt ({e})") from None
+
+
+def _special_tokens(kv: dict) -> dict:
+    eos = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        v = kv.get(key)
+        if v is not None and int(v) not in eos:
+            eos.append(int(v))
+    add_bos = kv.get("tokenizer.ggml.add_bos_token")
+    if add_bos is None:  # llama.cpp's defaults: SentencePiece ("llama") vocabularies add BOS, BPE ones do not
+        add_bos = kv.get("tokenizer.ggml.model") == "llama"
+    bos = kv.get("tokenizer.ggml.bos_token_id")
+    pad = kv.get("tokenizer.ggml.padding_token_id")
+    return {
+        "bos_id": None if bos is None else int(bos),
+        "eos_ids": eos,
+        "pad_id": None if pad is None else int(pad),
+        "add_bos": bool(add_bos),
+    }
+
+
+def _generation(kv: dict) -> dict:
+    out = dict(DEFAULT_GENERATION)
+    for ours, key in (("temperature", "general.sampling.temp"), ("top_k", "general.sampling.top_k"),
+                      ("top_p", "general.sampling.top_p"), ("min_p", "general.sampling.min_p"),
+                      ("repetition_penalty", "general.sampling.penalty_repeat")):
+        if kv.get(key) is not None:
+            out[ours] = kv[key]
+    return out
+
+
+def read_gguf(path: Path) -> SourceModel:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from pocketlm.tokenizer import gguf_tokenizer_fields, tokenizer_json_from_gguf
+
+    path = Path(path)
+    origin = path.name
+    reader = _open(path)
+    kv = _kv_metadata(reader)
+    gguf_arch = kv.get("general.architecture")
+    module = next((m for m in models.REGISTRY.values() if gguf_arch in getattr(m, "GGUF_ARCHS", ())), None)
+    if module is None:
+        supported = sorted(a for m in models.REGISTRY.values() for a in getattr(m, "GGUF_ARCHS", ()))
+        raise UnsupportedModelError(
+            f"{origin}: GGUF architecture {gguf_arch!r} is not supported (supported: {', '.join(supported)})")
+    if f"{gguf_arch}.vocab_size" not in kv and "tokenizer.ggml.tokens" in reader.fields:
+        kv["tokenizer.ggml.tokens"] = reader.fields["tokenizer.ggml.tokens"].contents()
+    cfg = module.config_from_gguf(kv)
+
+    file_bytes = path.stat().st_size
+    by_name = {t.name: t for t in reader.tensors}
+    cfg["tie_embeddings"] = "output.weight" not in by_name
+    cfg["attn_bias"] = "blk.0.attn_q.bias" in by_name
+    cfg["rope_freq_factors"] = "rope_freqs.weight" in by_name
+
+    tensors: list[SourceTensor] = []
+    keep_fallback: dict[str, DType] = {}
+    for t in reader.tensors:
+        if int(t.data_offset) + int(t.n_bytes) > file_bytes:
+            raise BundleError(f"{origin}: tensor {t.name!r} lies beyond the end of the file (truncated?)")
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        qtype = GGMLQuantizationType(t.tensor_type)
+        type_name = qtype.name
+
+        order = None
+        if gguf_arch == "llama" and (t.name.endswith(".attn_q.weight") or t.name.endswith(".attn_q.bias")):
+            order = rope_unpermute_rows(shape[0], cfg["n_heads"])
+        elif gguf_arch == "llama" and (t.name.endswith(".attn_k.weight") or t.name.endswith(".attn_k.bias")):
+            order = rope_unpermute_rows(shape[0], cfg["n_kv_heads"])
+        if order is not None and shape[0] % (2 * (cfg["n_heads"] if ".attn_q." in t.name else cfg["n_kv_heads"])):
+            raise ConversionError(f"{origin}: tensor {t.name!r} has {shape[0]} rows, not a whole number of heads")
+
+        def rows(t=t, shape=shape, order=order) -> np.ndarray:
+            """The tensor's raw bytes as [rows, row_bytes], Q/K rows reordered."""
+            n_rows = shape[0] if len(shape) > 1 else 1
+            raw = np.asarray(t.data).reshape(-1).view(np.uint8).reshape(n_rows, -1)
+            if order is not None:
+                if len(shape) == 1:  # a bias: reorder its elements
+                    return raw.reshape(shape[0], -1)[order].reshape(1, -1)
+                return raw[order]
+            return raw
+
+        def load_f32(rows=rows, qtype=qtype, shape=shape) -> np.ndarray:
+            return np.asarray(gguf_dequantize(np.ascontiguousarray(rows()), qtype), dtype=np.float32).reshape(shape)
+
+        native = _NATIVE.get(type_name)
+        tensors.append(SourceTensor(
+            name=t.name,
+            shape=shape,
+            load_f32=load_f32,
+            source_type=type_name,
+            native=native,
+            load_native=(lambda rows=rows: np.ascontiguousarray(rows()).reshape(-1)) if native is not None else None,
+        ))
+        if native is None:
+            keep_fallback[t.name] = _KEEP_FALLBACK.get(type_name, DType.Q8_0)
+    check_tensors(tensors, cfg, origin)
+
+    try:
+        tokenizer_json = tokenizer_json_from_gguf(gguf_tokenizer_fields(reader))
+    except (UnsupportedModelError, BundleError, ConversionError):
+        raise
+    except Exception as e:
+        raise ConversionError(f"{origin}: cannot build the tokenizer from the GGUF metadata ({e})") from e
+
+    special = _special_tokens(kv)
+    if not special["eos_ids"]:
+        raise ConversionError(f"{origin}: the GGUF names no end-of-sequence token")
+    return SourceModel(
+        architecture=module.ARCH,
+        config=cfg,
+        tensors=tensors,
+        tokenizer_json=tokenizer_json,
+        chat_template=kv.get("tokenizer.chat_template") or None,
+        special_tokens=special,
+        generation=_generation(kv),
+        source_format="gguf",
+        source_name=origin,
+        source_sha256=_sha256_file(path),
+        keep_fallback=keep_fallback,
+    )

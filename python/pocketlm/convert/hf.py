@@ -1,0 +1,203 @@
+"""Read a Hugging Face checkpoint folder (config.json, safetensors, tokenizer files) into a SourceModel."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pocketlm import models
+from pocketlm.convert.safetensors_np import SafetensorsFile
+from pocketlm.convert.source import DEFAULT_GENERATION, SourceModel, SourceTensor, check_tensors
+from pocketlm.errors import BundleError, ConversionError
+
+
+def is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{path.parent.name}/{path.name}: cannot read JSON ({e})") from None
+
+
+def _optional_json(path: Path) -> dict:
+    return _read_json(path) if path.is_file() else {}
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map") or {}
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise BundleError(f"{folder.name}: shard(s) listed in model.safetensors.index.json are missing: "
+                              f"{', '.join(missing)}")
+        if not files:
+            raise BundleError(f"{folder.name}: model.safetensors.index.json lists no tensors")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(folder.glob("*.safetensors"))
+    if others:
+        return others
+    hint = " (only PyTorch .bin weights found; re-save with safe_serialization=True)" if any(
+        folder.glob("*.bin")) else ""
+    raise BundleError(f"{folder.name}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def source_files(folder: Path) -> list[Path]:
+    """The files whose content identifies the checkpoint (hashed into provenance and the cache key)."""
+    return [folder / "config.json", *safetensors_files(folder)]
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _token_ids(tokenizer: dict) -> dict[str, int]:
+    """Token string -> id from tokenizer.json's vocabulary and added tokens."""
+    ids: dict[str, int] = {}
+    vocab = (tokenizer.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict):  # BPE, WordPiece, WordLevel
+        ids.update(vocab)
+    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+        ids.update({piece[0]: i for i, piece in enumerate(vocab)})
+    for tok in tokenizer.get("added_tokens") or []:
+        ids[tok["content"]] = int(tok["id"])
+    return ids
+
+
+def _token_str(value) -> str | None:
+    if isinstance(value, dict):  # serialized AddedToken
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)]
+
+
+def _chat_template(folder: Path, tok_cfg: dict) -> str | None:
+    # transformers >= 4.43 may save the template beside tokenizer_config.json instead of inside it.
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    tmpl = _optional_json(folder / "chat_template.json").get("chat_template") or tok_cfg.get("chat_template")
+    if isinstance(tmpl, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in tmpl}
+        tmpl = named.get("default") or next(iter(named.values()), None)
+    return tmpl or None
+
+
+def _special_tokens(config: dict, gen_cfg: dict, tok_cfg: dict, tokenizer: dict, origin: str) -> dict:
+    ids = _token_ids(tokenizer)
+
+    def lookup(key: str) -> int | None:
+        s = _token_str(tok_cfg.get(key))
+        if s is None:
+            return None
+        if s not in ids:
+            raise ConversionError(f"{origin}: tokenizer_config.json's {key} {s!r} is not in tokenizer.json")
+        return ids[s]
+
+    bos = lookup("bos_token")
+    if bos is None:
+        bos = next((v for v in (gen_cfg.get("bos_token_id"), config.get("bos_token_id")) if v is not None), None)
+    eos: list[int] = []
+    for v in (*_as_id_list(gen_cfg.get("eos_token_id")), *_as_id_list(config.get("eos_token_id")), lookup("eos_token")):
+        if v is not None and v not in eos:
+            eos.append(int(v))
+    pad = lookup("pad_token")
+    if pad is None:
+        pad = next((v for v in (gen_cfg.get("pad_token_id"), config.get("pad_token_id")) if v is not None), None)
+    if not eos:
+        raise ConversionError(f"{origin}: no end-of-sequence token found (generation_config.json, config.json "
+                              "and tokenizer_config.json name none)")
+    return {
+        "bos_id": None if bos is None else int(bos),
+        "eos_ids": eos,
+        "pad_id": None if pad is None else int(_as_id_list(pad)[0]),
+        # tokenizer.json's post-processor already adds BOS when the model wants it.
+        "add_bos": False,
+    }
+
+
+def _generation(gen_cfg: dict) -> dict:
+    out = dict(DEFAULT_GENERATION)
+    for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+        if gen_cfg.get(key) is not None:
+            out[key] = gen_cfg[key]
+    if gen_cfg.get("max_new_tokens") is not None:
+        out["max_tokens"] = int(gen_cfg["max_new_tokens"])
+    return out
+
+
+def read_hf(folder: Path) -> SourceModel:
+    folder = Path(folder)
+    origin = folder.resolve().name
+    if not (folder / "config.json").is_file():
+        raise BundleError(f"{origin}: no config.json; not a Hugging Face checkpoint folder")
+    config = _read_json(folder / "config.json")
+    arch = models.arch_from_hf(config)
+    module = models.get(arch)
+    cfg = module.config_from_hf(config)
+
+    files = safetensors_files(folder)
+    tok_path = folder / "tokenizer.json"
+    if not tok_path.is_file():
+        raise BundleError(f"{origin}: no tokenizer.json (pocketlm needs the fast-tokenizer file; "
+                          "save the tokenizer with transformers' AutoTokenizer to create it)")
+    tokenizer_text = tok_path.read_text(encoding="utf-8")
+    try:
+        tokenizer = json.loads(tokenizer_text)
+    except ValueError as e:
+        raise BundleError(f"{origin}/tokenizer.json: not valid JSON ({e})") from None
+    tok_cfg = _optional_json(folder / "tokenizer_config.json")
+    gen_cfg = _optional_json(folder / "generation_config.json")
+
+    tensors: list[SourceTensor] = []
+    for st in (SafetensorsFile(f) for f in files):
+        for hf_name in st.keys():
+            name = module.hf_weight_name(hf_name)
+            if name is None:
+                continue
+            tensors.append(SourceTensor(
+                name=name,
+                shape=st.shape(hf_name),
+                load_f32=lambda st=st, n=hf_name: st.load_f32(n),
+                source_type=st.dtype(hf_name).lower(),
+            ))
+    names = {t.name for t in tensors}
+    cfg["tie_embeddings"] = bool(cfg.get("tie_embeddings")) or "output.weight" not in names
+    if cfg["tie_embeddings"]:
+        tensors = [t for t in tensors if t.name != "output.weight"]
+    cfg["attn_bias"] = bool(cfg.get("attn_bias")) or "blk.0.attn_q.bias" in names
+    cfg["rope_freq_factors"] = False
+    check_tensors(tensors, cfg, origin)
+
+    return SourceModel(
+        architecture=arch,
+        config=cfg,
+        tensors=tensors,
+        tokenizer_json=tokenizer_text,
+        chat_template=_chat_template(folder, tok_cfg),
+        special_tokens=_special_tokens(config, gen_cfg, tok_cfg, tokenizer, origin),
+        generation=_generation(gen_cfg),
+        source_format="hf",
+        source_name=origin,
+        source_sha256=_sha256_files([folder / "config.json", *files]),
+    )

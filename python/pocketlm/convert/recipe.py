@@ -1,0 +1,74 @@
+"""The quantization recipe: which .plm type each tensor gets (docs/quant.md).
+
+  1-D tensors (norms, biases, rope_freqs)   F32 in every mode
+  f32                                       F32
+  f16                                       F16
+  int8                                      I8 (one f32 scale per output row; per token for embeddings)
+  int4                                      linear weights Q4_0/Q4_1 at the chosen group size;
+                                            token_embd and output Q8_0 (most error-sensitive)
+  keep (quant=None, GGUF)                   the source type when pocketlm stores it bit-exactly,
+                                            else the source's fallback (see gguf_source.py)
+
+A 2-D tensor whose last dimension is not a multiple of 32 (the quantized matmul kernels work on
+32-wide blocks of K, i8 included) or of the chosen type's block falls back to F16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pocketlm.dtypes import DType
+
+# Quantized matmul kernels walk K in blocks of 32, for every quantized type (i8 too).
+QUANT_K_MULTIPLE = 32
+MODES = ("f32", "f16", "int8", "int4", "keep")
+GROUP_SIZES = (32, 64, 128)
+
+_Q4 = {
+    (True, 32): DType.Q4_0, (True, 64): DType.Q4_0_G64, (True, 128): DType.Q4_0_G128,
+    (False, 32): DType.Q4_1, (False, 64): DType.Q4_1_G64, (False, 128): DType.Q4_1_G128,
+}
+# Kept at 8 bits in int4 mode: the embeddings and the output head.
+HIGH_PRECISION = ("token_embd.weight", "output.weight")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    mode: str
+    group_size: int = 32
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown quantization mode {self.mode!r} (choose from {', '.join(MODES)})")
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
+
+    def wanted(self, name: str, shape: tuple[int, ...], keep: DType | None = None) -> DType:
+        """The type the recipe asks for, before the block-size check. `keep`: the type for keep mode."""
+        if len(shape) == 1 or name == "rope_freqs.weight" or self.mode == "f32":
+            return DType.F32
+        if self.mode == "keep":
+            assert keep is not None
+            return keep
+        if self.mode == "f16":
+            return DType.F16
+        if self.mode == "int8":
+            return DType.I8
+        if name in HIGH_PRECISION:
+            return DType.Q8_0
+        return _Q4[(self.symmetric, self.group_size)]
+
+    def choose(self, name: str, shape: tuple[int, ...], keep: DType | None = None) -> tuple[DType, bool]:
+        """(type, fell_back): the wanted type, or F16 when the last dimension does not fit its blocks."""
+        dtype = self.wanted(name, shape, keep)
+        if dtype.quantized and shape[-1] % max(QUANT_K_MULTIPLE, dtype.block_elems):
+            return DType.F16, True
+        return dtype, False
+
+    def describe(self) -> dict:
+        if self.mode == "int4":
+            return {"mode": "int4", "group_size": self.group_size, "symmetric": self.symmetric}
+        if self.mode == "int8":  # one scale per row: no groups, no zero point
+            return {"mode": "int8", "group_size": None, "symmetric": True}
+        return {"mode": self.mode, "group_size": None, "symmetric": None}

@@ -1,0 +1,209 @@
+"""Hugging Face checkpoint -> .plm: tensors against transformers' state dict, the recipe's types
+and error bounds (docs/quant.md), and the metadata."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from convert_fixtures import HF_CASES, bundle_f32, hf_bundles, hf_models, hf_state  # noqa: F401
+from pocketlm import models, quant
+from pocketlm.bundle import read_bundle
+from pocketlm.convert import convert
+from pocketlm.dtypes import DType
+
+CASES = sorted(HF_CASES)
+
+
+def _weights_2d(state):
+    return {n: x for n, x in state.items() if x.ndim == 2}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_f32_is_exact(hf_models, hf_bundles, case):
+    folder, model = hf_models[case]
+    b = hf_bundles(case, "f32")
+    state = hf_state(model)
+    if model.config.tie_word_embeddings:
+        state.pop("output.weight", None)
+    assert sorted(t.name for t in b.tensors) == sorted(state)
+    for name, want in state.items():
+        info = b.info(name)
+        assert info.dtype == DType.F32 and info.shape == want.shape, name
+        np.testing.assert_array_equal(bundle_f32(b, name), want, err_msg=name)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_f16_rounds_once(hf_models, hf_bundles, case):
+    b = hf_bundles(case, "f16")
+    for name, want in hf_state(hf_models[case][1]).items():
+        if name not in b:
+            continue
+        info = b.info(name)
+        if want.ndim == 1:
+            assert info.dtype == DType.F32, name
+            np.testing.assert_array_equal(bundle_f32(b, name), want)
+        else:
+            assert info.dtype == DType.F16, name
+            np.testing.assert_array_equal(bundle_f32(b, name), want.astype(np.float16).astype(np.float32))
+
+
+def test_default_for_hf_is_f16(hf_bundles):
+    b = hf_bundles("llama", None)
+    assert b.metadata["quantization"]["mode"] == "f16"
+    assert {t.dtype for t in b.tensors} == {DType.F16, DType.F32}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_int8_per_row_error_bound(hf_models, hf_bundles, case):
+    b = hf_bundles(case, "int8")
+    for name, want in _weights_2d(hf_state(hf_models[case][1])).items():
+        if name not in b:
+            continue
+        got = bundle_f32(b, name)
+        if want.shape[1] % 32:  # quantized matmuls need K % 32 == 0, i8 included
+            assert b.info(name).dtype == DType.F16, name
+            continue
+        assert b.info(name).dtype == DType.I8, name
+        bound = np.abs(want).max(axis=1, keepdims=True) / 254 * (1 + 1e-5) + 1e-12
+        assert np.all(np.abs(got - want) <= bound), name
+        np.testing.assert_array_equal(np.asarray(b.tensor(name)), quant.quantize(want, DType.I8))
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.01, name
+
+
+def _q4_bound(want: np.ndarray, group: int, symmetric: bool) -> np.ndarray:
+    """Per-element error bound of Q4 (docs/quant.md): amax/8 for symmetric (the clamped end of the
+    range), (max-min)/30 plus the f16 rounding of the minimum for asymmetric; the 0.4% slack is
+    the f16 rounding of the scale."""
+    g = want.reshape(want.shape[0], -1, group)
+    if symmetric:
+        bound = np.abs(g).max(axis=2, keepdims=True) / 8
+    else:
+        lo, hi = g.min(axis=2, keepdims=True), g.max(axis=2, keepdims=True)
+        bound = (hi - lo) / 30 + np.abs(lo) * 2.0 ** -10
+    return np.broadcast_to(bound * 1.004 + 1e-9, g.shape).reshape(want.shape)
+
+
+@pytest.mark.parametrize("group,symmetric", [(32, True), (64, True), (128, True), (32, False), (64, False)])
+def test_int4_recipe_and_error_bounds(hf_models, hf_bundles, group, symmetric):
+    b = hf_bundles("llama", "int4", group_size=group, symmetric=symmetric)
+    q4 = {(True, 32): DType.Q4_0, (True, 64): DType.Q4_0_G64, (True, 128): DType.Q4_0_G128,
+          (False, 32): DType.Q4_1, (False, 64): DType.Q4_1_G64}[(symmetric, group)]
+    fallback = []
+    for name, want in hf_state(hf_models["llama"][1]).items():
+        info, got = b.info(name), bundle_f32(b, name)
+        if want.ndim == 1:
+            assert info.dtype == DType.F32
+            np.testing.assert_array_equal(got, want)
+        elif name in ("token_embd.weight", "output.weight"):
+            assert info.dtype == DType.Q8_0, name
+            bound = np.abs(want.reshape(-1, 32)).max(axis=1, keepdims=True) / 254 * 1.002 + 1e-9
+            assert np.all(np.abs(got - want).reshape(-1, 32) <= bound), name
+        elif want.shape[1] % group:  # 96-wide ffn_down at group 64, all linear weights at 128: F16
+            assert info.dtype == DType.F16, name
+            fallback.append(name)
+        else:
+            assert info.dtype == q4, name
+            assert np.all(np.abs(got - want) <= _q4_bound(want, group, symmetric)), name
+            assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.12, name
+            np.testing.assert_array_equal(np.asarray(b.tensor(name)), quant.quantize(want, q4))
+    q = b.metadata["quantization"]
+    assert q["mode"] == "int4" and q["group_size"] == group and q["symmetric"] is symmetric
+    assert sorted(q["f16_fallback"]) == sorted(fallback)
+    assert q["types"] == {k: v for k, v in _count_types(b).items()}
+    n_fallback = {32: 0, 64: 2, 128: 2 * 7}[group]  # 2 layers x (ffn_down | all 7 linear weights)
+    assert len(fallback) == n_fallback
+
+
+def _count_types(b) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in b.tensors:
+        counts[t.dtype.label] = counts.get(t.dtype.label, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_widths_not_multiple_of_32_fall_back_to_f16(hf_bundles, mode):
+    """48- and 80-wide rows: no quantized type fits (i8 neither: the kernels need K % 32 == 0)."""
+    b = hf_bundles("llama-odd-tied", mode)
+    two_d = [t for t in b.tensors if len(t.shape) == 2]
+    assert two_d and all(t.dtype == DType.F16 for t in two_d)
+    assert sorted(b.metadata["quantization"]["f16_fallback"]) == sorted(t.name for t in two_d)
+    assert hf_bundles("llama", mode).metadata["quantization"]["f16_fallback"] == []  # 64/96 wide: all fit
+
+
+def test_tied_embeddings_store_no_head(hf_bundles):
+    b = hf_bundles("llama-odd-tied", "f32")
+    assert "output.weight" not in b and "token_embd.weight" in b
+    assert b.metadata["config"]["tie_embeddings"] is True
+    assert hf_bundles("llama", "f32").metadata["config"]["tie_embeddings"] is False
+
+
+def test_bf16_sharded_qwen2(hf_models, hf_bundles):
+    folder, model = hf_models["qwen2-bf16-sharded"]
+    assert len(list(folder.glob("model-*.safetensors"))) >= 2 and (folder / "model.safetensors.index.json").exists()
+    b = hf_bundles("qwen2-bf16-sharded", "f32")
+    cfg = b.metadata["config"]
+    assert b.metadata["architecture"] == "qwen2" and cfg["attn_bias"] is True
+    for i in range(model.config.num_hidden_layers):
+        for w in ("q", "k", "v"):
+            assert f"blk.{i}.attn_{w}.bias" in b
+    assert b.metadata["chat_template"].startswith("JINJA:")  # read from chat_template.jinja
+
+
+def test_metadata(hf_models, hf_bundles):
+    folder, model = hf_models["llama"]
+    b = hf_bundles("llama", "f32")
+    m = b.metadata
+    assert m["format_version"] == 1 and m["architecture"] == "llama"
+    config = json.loads((folder / "config.json").read_text())
+    want_cfg = models.get("llama").config_from_hf(config)
+    want_cfg.update(tie_embeddings=False, attn_bias=False, rope_freq_factors=False)
+    assert m["config"] == want_cfg
+    assert m["quantization"] == {"mode": "f32", "group_size": None, "symmetric": None,
+                                 "types": {"f32": len(b.tensors)}, "f16_fallback": []}
+    assert m["tokenizer"] == {"type": "hf-json", "json": (folder / "tokenizer.json").read_text()}
+    assert "<|im_start|>" in m["chat_template"]
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    st = m["special_tokens"]
+    assert st["bos_id"] == ids["<|im_start|>"] and ids["<|im_end|>"] in st["eos_ids"]
+    assert st["add_bos"] is False
+    assert m["generation"] == {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
+                               "repetition_penalty": 1.0, "max_tokens": 512}
+    p = m["provenance"]
+    h = hashlib.sha256()
+    for f in [folder / "config.json", folder / "model.safetensors"]:
+        h.update(f.read_bytes())
+    assert p["source"] == folder.name and p["source_format"] == "hf" and p["source_sha256"] == h.hexdigest()
+    assert p["converter"].startswith("pocketlm ")
+    created = datetime.datetime.fromisoformat(p["created"])
+    assert created.tzinfo is not None
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - created).total_seconds()) < 3600
+
+
+def test_generation_config_and_eos_union(hf_models, tmp_path):
+    src = tmp_path / "ckpt"
+    shutil.copytree(hf_models["llama"][0], src)
+    (src / "generation_config.json").write_text(json.dumps({
+        "eos_token_id": [2, 7], "bos_token_id": 1, "temperature": 0.3, "top_k": 20, "top_p": 0.8,
+        "repetition_penalty": 1.1}))
+    b = read_bundle(convert(src, tmp_path / "out.plm", quant="f16", progress=False))
+    g, st = b.metadata["generation"], b.metadata["special_tokens"]
+    assert (g["temperature"], g["top_k"], g["top_p"], g["repetition_penalty"], g["min_p"]) == (0.3, 20, 0.8, 1.1, 0.05)
+    assert 2 in st["eos_ids"] and 7 in st["eos_ids"] and len(set(st["eos_ids"])) == len(st["eos_ids"])
+
+
+def test_output_folder_and_progress_bar(hf_models, tmp_path, capsys):
+    out = convert(hf_models["llama"][0], tmp_path, quant="int8", progress=True)
+    assert out == tmp_path / "llama.plm" and out.exists()
+    err = capsys.readouterr().err
+    assert "tensors" in err and "MB" in err and "100.0%" in err
+    convert(hf_models["llama"][0], tmp_path / "quiet.plm", quant="int8", progress=False)
+    assert capsys.readouterr().err == ""
+    assert list(tmp_path.glob(".*tmp*")) == []
