@@ -1,0 +1,119 @@
+"""Chat messages -> prompt text, with the model's Jinja chat template.
+
+Templates come with the model (tokenizer_config.json or GGUF metadata) and are untrusted, so they run in
+jinja2's immutable sandbox. The environment mirrors transformers' `apply_chat_template`, so a template
+renders here exactly as it does there: trim_blocks and lstrip_blocks, the loopcontrols extension,
+`raise_exception(msg)`, a `tojson` filter that keeps non-ASCII as is and takes indent/separators/sort_keys,
+`strftime_now(fmt)`, and the `{% generation %}` block tag (rendered as its plain content).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from pocketlm.errors import PocketLMError
+
+# ChatML, for bundles whose model has no template of its own.
+default_chat_template = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ChatTemplateError(PocketLMError):
+    """The chat template is invalid, or failed (possibly on purpose, via raise_exception) while rendering."""
+
+
+def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, bos_token: str = "",
+                eos_token: str = "", tools: list[dict] | None = None, **extra: Any) -> str:
+    """The prompt text for `messages` (dicts with string "role" and "content").
+
+    add_generation_prompt appends the header of an assistant turn, so that the model answers next.
+    bos_token/eos_token are the strings templates may write themselves; tools are JSON schemas for
+    templates that support tool calling; `extra` is passed to the template as further variables.
+    """
+    _check_messages(messages)
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ValueError("tools must be a list of dicts (JSON schemas)")
+    compiled = _compile(template)
+    try:
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               bos_token=bos_token, eos_token=eos_token, tools=tools, **extra)
+    except ChatTemplateError:
+        raise
+    except Exception as e:  # jinja2 errors, and Python errors raised inside the sandbox
+        raise ChatTemplateError(f"chat template failed: {_describe(e)}") from e
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list):
+        raise ValueError(f"messages must be a list of dicts, not {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be a dict, not {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"messages[{i}] needs a non-empty string 'role', got {role!r}")
+        # An assistant turn that only calls tools may carry no text.
+        if content is None and role == "assistant" and m.get("tool_calls"):
+            continue
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}] ({role}) needs a string 'content', got {type(content).__name__}")
+
+
+def _describe(e: BaseException) -> str:
+    line = getattr(e, "lineno", None)
+    where = f" (template line {line})" if line else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str):
+    if not isinstance(template, str):
+        raise ChatTemplateError(f"chat template must be a string, not {type(template).__name__}")
+    try:
+        return _environment().from_string(template)
+    except Exception as e:
+        raise ChatTemplateError(f"chat template does not compile: {_describe(e)}") from e
+
+
+@lru_cache(maxsize=1)
+def _environment():
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):
+        """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; here it is a no-op."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise ChatTemplateError(f"chat template raised: {message}")
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Unlike jinja2's own tojson: no HTML escaping, non-ASCII kept (what templates were written against).
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env

@@ -1,0 +1,148 @@
+"""Sampler vs transformers' logits processors (the reference for which tokens may be drawn), and the
+statistics of the draw itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pocketlm.sampling import Sampler, SamplingParams
+
+
+def hf_survivors(logits: np.ndarray, top_k: int, top_p: float, min_p: float) -> set[int]:
+    """Ids left finite by TopK -> TopP -> MinP warpers (our order)."""
+    torch = pytest.importorskip("torch")
+    from transformers import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = torch.from_numpy(logits.copy())[None]
+    ids = torch.zeros((1, 1), dtype=torch.long)
+    if top_k > 0:
+        scores = TopKLogitsWarper(top_k)(ids, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(ids, scores)
+    if min_p > 0:
+        scores = MinPLogitsWarper(min_p)(ids, scores)
+    return set(torch.nonzero(torch.isfinite(scores[0])).flatten().tolist())
+
+
+def random_logits(seed: int, n: int, scale: float) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(n) * scale).astype(np.float32)
+
+
+FILTERS = [  # (top_k, top_p, min_p)
+    (40, 0.95, 0.05), (40, 1.0, 0.0), (1000, 0.9, 0.0), (5, 0.5, 0.0), (40, 1.0, 0.2), (3000, 0.999, 0.0),
+    (0, 0.95, 0.05), (0, 0.9, 0.0), (0, 0.5, 0.0), (0, 0.999, 0.0), (0, 0.99999, 0.0), (0, 1.0, 0.1),
+    (0, 0.1, 0.0),
+]
+
+
+@pytest.mark.parametrize("top_k, top_p, min_p", FILTERS)
+@pytest.mark.parametrize("vocab, scale", [(5000, 1.0), (5000, 4.0), (151936, 2.0)])
+def test_candidates_match_transformers_warpers(top_k, top_p, min_p, vocab, scale):
+    logits = random_logits(vocab + int(scale), vocab, scale)
+    sampler = Sampler(SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p, min_p=min_p, seed=0), vocab)
+    ids, probs = sampler.distribution(logits)
+    assert set(ids.tolist()) == hf_survivors(logits, top_k, top_p, min_p)
+    assert probs.sum() == pytest.approx(1.0)
+
+
+def test_llm_like_logits_match_transformers():
+    rng = np.random.default_rng(7)
+    logits = (rng.standard_normal(151936) * 2).astype(np.float32)
+    logits[rng.choice(151936, 30, replace=False)] += rng.uniform(5, 15, 30).astype(np.float32)
+    for top_k, top_p, min_p in FILTERS:
+        sampler = Sampler(SamplingParams(top_k=top_k, top_p=top_p, min_p=min_p), len(logits))
+        assert set(sampler.distribution(logits)[0].tolist()) == hf_survivors(logits, top_k, top_p, min_p)
+
+
+def test_greedy_is_argmax_and_top_k_1_is_greedy():
+    for seed in range(10):
+        logits = random_logits(seed, 1000, 3.0)
+        best = int(np.argmax(logits))
+        assert Sampler(SamplingParams(temperature=0), 1000).sample(logits) == best
+        top1 = Sampler(SamplingParams(temperature=1.5, top_k=1, top_p=1.0, min_p=0.0, seed=seed), 1000)
+        assert all(top1.sample(logits) == best for _ in range(5))
+
+
+def test_same_seed_same_tokens():
+    logits = random_logits(1, 151936, 2.0)
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=0.95, min_p=0.0, seed=1234)
+    a, b = Sampler(params, len(logits)), Sampler(params, len(logits))
+    seq_a = [a.sample(logits) for _ in range(50)]
+    seq_b = [b.sample(logits) for _ in range(50)]
+    assert seq_a == seq_b
+    assert len(set(seq_a)) > 1  # it does sample
+    a.reseed(1234)
+    assert [a.sample(logits) for _ in range(50)] == seq_a
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.8])
+def test_repetition_penalty_matches_transformers(penalty):
+    torch = pytest.importorskip("torch")
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    logits = random_logits(3, 500, 2.0)
+    before = logits.copy()
+    recent = [5, 7, 5, 499, 0, 123, 7, 42, 42, 300]
+    for last_n in (len(recent), 4):
+        sampler = Sampler(SamplingParams(repetition_penalty=penalty, repeat_last_n=last_n), 500)
+        got = sampler.apply_repetition_penalty(logits, recent)
+        ids = torch.tensor([recent[-last_n:]])
+        expected = RepetitionPenaltyLogitsProcessor(penalty)(ids, torch.from_numpy(logits.copy())[None])[0]
+        np.testing.assert_array_equal(got, expected.numpy())
+    sampler.sample(logits, recent)
+    np.testing.assert_array_equal(logits, before)  # the caller's logits are never touched
+
+
+def test_repetition_penalty_then_greedy():
+    logits = np.array([1.0, 3.0, 2.9, -1.0], dtype=np.float32)
+    sampler = Sampler(SamplingParams(temperature=0, repetition_penalty=1.2, repeat_last_n=2), 4)
+    assert sampler.sample(logits, [0, 1]) == 2  # 3.0 / 1.2 < 2.9
+    assert sampler.sample(logits, [1, 0, 3]) == 1  # token 1 is outside the last 2
+
+
+def chi_square(counts: np.ndarray, expected: np.ndarray) -> float:
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_draws_follow_softmax_small_vocab():
+    logits = np.array([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2], dtype=np.float32)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    sampler = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=42), len(logits))
+    n = 20000
+    counts = np.bincount([sampler.sample(logits) for _ in range(n)], minlength=len(logits))
+    assert chi_square(counts, probs * n) < 24.3  # chi-square, 7 degrees of freedom, p = 0.001
+
+
+def test_draws_follow_softmax_large_vocab():
+    """The two-level draw used for whole-vocabulary sampling, checked over 10 groups of ids."""
+    logits = random_logits(5, 20000, 1.5)
+    probs = np.exp(logits.astype(np.float64) - logits.max())
+    probs /= probs.sum()
+    sampler = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=43), len(logits))
+    n = 8000
+    groups = np.arange(len(logits)) * 10 // len(logits)
+    counts = np.bincount(groups[[sampler.sample(logits) for _ in range(n)]], minlength=10)
+    expected = np.bincount(groups, weights=probs, minlength=10) * n
+    assert chi_square(counts, expected) < 27.9  # 9 degrees of freedom, p = 0.001
+
+
+def test_temperature_sharpens():
+    logits = np.array([1.0, 0.0], dtype=np.float32)
+    ids, probs = Sampler(SamplingParams(temperature=0.5, top_k=0, top_p=1.0, min_p=0.0), 2).distribution(logits)
+    assert probs[list(ids).index(0)] == pytest.approx(1 / (1 + np.exp(-2.0)))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=-1)
+    sampler = Sampler(SamplingParams(), 10)
+    with pytest.raises(ValueError, match="shape"):
+        sampler.sample(np.zeros(11, np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        sampler.sample(np.full(10, np.nan, np.float32))
+    with pytest.raises(ValueError, match="recent token"):
+        Sampler(SamplingParams(repetition_penalty=1.1), 10).sample(np.zeros(10, np.float32), [10])
