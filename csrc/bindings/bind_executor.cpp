@@ -1,3 +1,190 @@
+// _core.Program and _core.State: the planned op list and one session's memory.
+//
+//   Program(bundle, tensors, ops, arena_bytes, max_tokens, kv, output, n_threads, kernels="")
+//     bundle   : _core.Bundle (or pocketlm.bundle.Bundle), or None when every weight is inline
+//     tensors  : list of dicts, one per tensor id:
+//                {"kind": "weight", "name": str, "rows", "cols"}        (bundle tensor;
+//                    rows/cols may be omitted to take the bundle's shape)
+//                {"kind": "weight", "rows", "cols", "dtype": int, "data": np.uint8}  (inline)
+//                {"kind": "const", "rows", "cols", "data": np.float32}
+//                {"kind": "arena", "rows" (-1 = T), "cols", "offset": bytes}
+//                {"kind": "tokens"}
+//     ops      : list of (name, inputs, outputs, iparams, fparams)
+//     kv       : (n_layers, n_kv_heads, head_dim)
+//     output   : tensor id copied out by State.run
+//   State(program, max_context); State.run(tokens: int32[T], pos) -> float32[rows, cols]
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "runtime/executor.h"
+
 namespace nb = nanobind;
-void bind_executor(nb::module_& m) {}
+
+namespace {
+
+using ByteArray = nb::ndarray<const uint8_t, nb::c_contig, nb::device::cpu>;
+using FloatArray = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
+using TokenArray = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using OutArray = nb::ndarray<float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using OpTuple = std::tuple<std::string, std::vector<int>, std::vector<int>,
+                           std::vector<int64_t>, std::vector<float>>;
+
+int64_t get_int(const nb::dict& d, const char* key, size_t index, std::optional<int64_t> dflt = {}) {
+  if (!d.contains(key)) {
+    if (dflt) return *dflt;
+    throw std::invalid_argument("tensor " + std::to_string(index) + ": missing '" + key + "'");
+  }
+  return nb::cast<int64_t>(d[key]);
+}
+
+plm::TensorDesc tensor_from_dict(const nb::dict& d, size_t index) {
+  plm::TensorDesc t;
+  if (!d.contains("kind")) throw std::invalid_argument("tensor " + std::to_string(index) + ": missing 'kind'");
+  std::string kind = nb::cast<std::string>(d["kind"]);
+  if (kind == "weight") {
+    t.kind = plm::TensorKind::WEIGHT;
+    if (d.contains("name")) t.weight_name = nb::cast<std::string>(d["name"]);
+    t.rows = get_int(d, "rows", index, 0);
+    t.cols = get_int(d, "cols", index, 0);
+    if (d.contains("dtype") || d.contains("data")) {  // inline weight
+      t.inline_dtype = (int)get_int(d, "dtype", index);
+      if (t.inline_dtype < 0)
+        throw std::invalid_argument("tensor " + std::to_string(index) + ": bad dtype");
+      if (!d.contains("data")) throw std::invalid_argument("tensor " + std::to_string(index) + ": missing 'data'");
+      nb::handle data = d["data"];
+      if (nb::isinstance<nb::bytes>(data)) {
+        nb::bytes b = nb::borrow<nb::bytes>(data);
+        const auto* p = static_cast<const uint8_t*>(b.data());
+        t.inline_data.assign(p, p + b.size());
+      } else {
+        ByteArray a = nb::cast<ByteArray>(data);
+        t.inline_data.assign(a.data(), a.data() + a.size());
+      }
+    } else if (t.weight_name.empty()) {
+      throw std::invalid_argument("tensor " + std::to_string(index) + ": weight needs 'name' or 'dtype'+'data'");
+    }
+  } else if (kind == "const") {
+    t.kind = plm::TensorKind::CONST;
+    t.rows = get_int(d, "rows", index);
+    t.cols = get_int(d, "cols", index);
+    if (!d.contains("data")) throw std::invalid_argument("tensor " + std::to_string(index) + ": missing 'data'");
+    FloatArray a = nb::cast<FloatArray>(d["data"]);
+    t.const_data.assign(a.data(), a.data() + a.size());
+  } else if (kind == "arena") {
+    t.kind = plm::TensorKind::ARENA;
+    t.rows = get_int(d, "rows", index);
+    t.cols = get_int(d, "cols", index);
+    t.arena_offset = get_int(d, "offset", index);
+  } else if (kind == "tokens") {
+    t.kind = plm::TensorKind::TOKENS;
+  } else {
+    throw std::invalid_argument("tensor " + std::to_string(index) + ": unknown kind '" + kind + "'");
+  }
+  return t;
+}
+
+// A State plus the Program it runs (kept alive by nb::keep_alive).
+struct StateHandle {
+  const plm::Program* program;
+  plm::State state;
+  StateHandle(const plm::Program& p, int max_context) : program(&p), state(p, max_context) {}
+};
+
+}  // namespace
+
+void bind_executor(nb::module_& m) {
+  nb::class_<plm::Program>(m, "Program",
+                           "A validated, planned op list with its weights; shared by sessions.")
+      .def(
+          "__init__",
+          [](plm::Program* self, nb::object bundle, nb::list tensors, nb::list ops,
+             int64_t arena_bytes, int max_tokens, std::tuple<int, int, int> kv, int output,
+             int n_threads, const std::string& kernels) {
+            std::shared_ptr<plm::Bundle> b;
+            if (!bundle.is_none()) {
+              // pocketlm.bundle.Bundle wraps the _core.Bundle as .core
+              if (nb::hasattr(bundle, "core")) bundle = bundle.attr("core");
+              b = nb::cast<std::shared_ptr<plm::Bundle>>(bundle);
+            }
+            std::vector<plm::TensorDesc> descs;
+            descs.reserve(tensors.size());
+            for (size_t i = 0; i < tensors.size(); ++i)
+              descs.push_back(tensor_from_dict(nb::cast<nb::dict>(tensors[i]), i));
+            std::vector<plm::OpDesc> op_descs;
+            op_descs.reserve(ops.size());
+            for (size_t i = 0; i < ops.size(); ++i) {
+              auto [name, inputs, outputs, iparams, fparams] = nb::cast<OpTuple>(ops[i]);
+              plm::OpDesc op;
+              try {
+                op.code = plm::opcode_from_name(name);
+              } catch (const plm::UnsupportedError& e) {
+                throw plm::UnsupportedError("op " + std::to_string(i) + ": " + e.what());
+              }
+              op.inputs = std::move(inputs);
+              op.outputs = std::move(outputs);
+              op.iparams = std::move(iparams);
+              op.fparams = std::move(fparams);
+              op_descs.push_back(std::move(op));
+            }
+            plm::KVConfig kvc{std::get<0>(kv), std::get<1>(kv), std::get<2>(kv)};
+            new (self) plm::Program(std::move(b), std::move(descs), std::move(op_descs),
+                                    arena_bytes, max_tokens, kvc, output, n_threads, kernels);
+          },
+          nb::arg("bundle").none(), nb::arg("tensors"), nb::arg("ops"), nb::arg("arena_bytes"),
+          nb::arg("max_tokens"), nb::arg("kv"), nb::arg("output"), nb::arg("n_threads"),
+          nb::arg("kernels") = "")
+      .def_prop_ro("max_tokens", &plm::Program::max_tokens)
+      .def_prop_ro("n_threads", &plm::Program::n_threads)
+      .def_prop_ro("arena_bytes", &plm::Program::arena_bytes)
+      .def_prop_ro("kernel_name", [](const plm::Program& p) { return std::string(p.kernel_name()); })
+      .def_prop_ro("output_cols", &plm::Program::output_cols);
+
+  nb::class_<StateHandle>(m, "State", "One session's arena, KV cache and scratch for a Program.")
+      .def(
+          "__init__",
+          [](StateHandle* self, const plm::Program& program, int max_context) {
+            new (self) StateHandle(program, max_context);
+          },
+          nb::arg("program"), nb::arg("max_context"), nb::keep_alive<1, 2>())
+      .def_prop_ro("max_context", [](const StateHandle& s) { return s.state.max_context(); })
+      .def(
+          "run",
+          [](StateHandle& s, TokenArray tokens, int pos, std::optional<OutArray> out) -> nb::object {
+            int n = (int)tokens.shape(0);
+            const int64_t rows = s.program->output_rows(n), cols = s.program->output_cols();
+            float* dst;
+            nb::object result;
+            if (out) {
+              if ((int64_t)out->shape(0) != rows || (int64_t)out->shape(1) != cols)
+                throw std::invalid_argument("out must have shape (" + std::to_string(rows) + ", " +
+                                            std::to_string(cols) + ")");
+              dst = out->data();
+              result = nb::cast(*out);
+            } else {
+              float* buf = new float[(size_t)(rows * cols)];
+              nb::capsule owner(buf, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+              result = nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<2>>(
+                  buf, {(size_t)rows, (size_t)cols}, owner));
+              dst = buf;
+            }
+            {
+              nb::gil_scoped_release release;
+              s.state.run(tokens.data(), n, pos, dst);
+            }
+            return result;
+          },
+          nb::arg("tokens"), nb::arg("pos"), nb::arg("out").noconvert().none() = nb::none(),
+          "Runs tokens at positions pos.. and returns the output tensor [rows, cols].");
+}

@@ -1,1 +1,943 @@
-// placeholder: being written
+// Executor: validates a planned op list once (Program), then runs it with no
+// allocation and no Python per call (State::run). Op semantics: executor.h.
+#include "runtime/executor.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+#include "runtime/kv_cache.h"
+#include "runtime/threadpool.h"
+
+namespace plm {
+
+namespace {
+
+struct OpInfo {
+  const char* name;
+  OpCode code;
+};
+constexpr OpInfo kOps[] = {
+    {"embed", OpCode::EMBED},
+    {"rms_norm", OpCode::RMS_NORM},
+    {"add", OpCode::ADD},
+    {"matmul", OpCode::MATMUL},
+    {"matmul_multi", OpCode::MATMUL_MULTI},
+    {"matmul_swiglu", OpCode::MATMUL_SWIGLU},
+    {"swiglu", OpCode::SWIGLU},
+    {"add_rms_norm", OpCode::ADD_RMS_NORM},
+    {"rope", OpCode::ROPE},
+    {"attention", OpCode::ATTENTION},
+    {"take_last", OpCode::TAKE_LAST},
+};
+
+const char* op_name(OpCode code) {
+  for (const auto& op : kOps)
+    if (op.code == code) return op.name;
+  return "?";
+}
+
+// Largest row or column count we accept; keeps every byte size well inside int64.
+constexpr int64_t kMaxDim = int64_t(1) << 31;
+
+}  // namespace
+
+OpCode opcode_from_name(const std::string& name) {
+  for (const auto& op : kOps)
+    if (name == op.name) return op.code;
+  throw UnsupportedError("unknown executor op '" + name + "'");
+}
+
+// ---------------------------------------------------------------------------
+// Program
+
+namespace {
+
+// A tensor of the table, resolved to what the ops need at run time.
+struct Tensor {
+  TensorKind kind;
+  int64_t rows = 0, cols = 0;        // ARENA rows may be ROWS_T
+  int64_t arena_offset = 0;
+  const float* f32 = nullptr;        // CONST data, or the data of an F32 WEIGHT
+  kernels::WeightView weight{};      // WEIGHT, and CONST seen as an f32 weight
+  std::string label;                 // for messages: "tensor 3 ('blk.0.wq')"
+};
+
+}  // namespace
+
+struct Program::Impl {
+  std::shared_ptr<Bundle> bundle;
+  const kernels::KernelTable* kt = nullptr;
+  std::vector<TensorDesc> descs;     // owns CONST and inline WEIGHT bytes
+  std::vector<Tensor> tensors;
+  std::vector<OpDesc> ops;
+  int64_t arena_bytes = 0;
+  int max_tokens = 0;
+  KVConfig kv;
+  int output = -1;
+  int n_threads = 1;
+
+  // Scratch a State must reserve, found while validating.
+  int64_t max_quant_k = 0;           // largest K of a matmul with quantized activations
+  int64_t max_swiglu_f = 0;          // largest F of a matmul_swiglu (its "up" half)
+  bool has_attention = false;
+  int64_t max_group = 0;             // largest n_heads / n_kv_heads of an attention op
+  int64_t vocab = std::numeric_limits<int64_t>::max();       // smallest embedding table
+  int64_t rope_positions = std::numeric_limits<int64_t>::max();  // smallest rope table
+
+  int64_t rows_at(const Tensor& t, int n_tokens) const {
+    return t.rows == ROWS_T ? n_tokens : t.rows;
+  }
+  int64_t max_rows(const Tensor& t) const { return t.rows == ROWS_T ? max_tokens : t.rows; }
+
+  void resolve_tensor(size_t id);
+  void validate_op(size_t index);
+};
+
+void Program::Impl::resolve_tensor(size_t id) {
+  TensorDesc& d = descs[id];
+  Tensor t;
+  t.kind = d.kind;
+  t.rows = d.rows;
+  t.cols = d.cols;
+  t.label = "tensor " + std::to_string(id);
+  auto fail = [&](const std::string& msg) -> void {
+    throw std::invalid_argument(t.label + ": " + msg);
+  };
+  auto check_dims = [&](bool allow_rows_t) {
+    bool rows_ok = (d.rows >= 1 && d.rows <= kMaxDim) || (allow_rows_t && d.rows == ROWS_T);
+    if (!rows_ok || d.cols < 1 || d.cols > kMaxDim)
+      fail("bad shape [" + std::to_string(d.rows) + ", " + std::to_string(d.cols) + "]");
+  };
+  switch (d.kind) {
+    case TensorKind::WEIGHT: {
+      if (!d.weight_name.empty()) t.label += " ('" + d.weight_name + "')";
+      DType dtype;
+      const uint8_t* data;
+      size_t nbytes;
+      if (d.inline_dtype >= 0) {
+        if (!dtype_valid((uint32_t)d.inline_dtype))
+          throw UnsupportedError(t.label + ": unknown dtype id " + std::to_string(d.inline_dtype));
+        check_dims(false);
+        dtype = (DType)d.inline_dtype;
+        data = d.inline_data.data();
+        nbytes = d.inline_data.size();
+      } else {
+        if (!bundle) fail("weight '" + d.weight_name + "' needs a bundle (none given)");
+        const Bundle::Tensor* bt = bundle->find(d.weight_name);
+        if (!bt) throw BundleError(t.label + ": bundle " + bundle->path() + " has no tensor '" +
+                                   d.weight_name + "'");
+        if (d.rows == 0 && d.cols == 0) {  // shape taken from the bundle
+          t.rows = bt->rows;
+          t.cols = bt->cols;
+        } else if (d.rows != bt->rows || d.cols != bt->cols) {
+          fail("expected shape [" + std::to_string(d.rows) + ", " + std::to_string(d.cols) +
+               "] but the bundle holds [" + std::to_string(bt->rows) + ", " +
+               std::to_string(bt->cols) + "]");
+        }
+        d.rows = t.rows;
+        d.cols = t.cols;
+        check_dims(false);
+        dtype = bt->dtype;
+        data = bt->data;
+        nbytes = bt->nbytes;
+      }
+      if (t.cols % traits(dtype).block_elems != 0)
+        throw UnsupportedError(t.label + ": " + traits(dtype).name + " needs cols % " +
+                               std::to_string(traits(dtype).block_elems) + " == 0, got " +
+                               std::to_string(t.cols));
+      size_t need = tensor_bytes(dtype, t.rows, t.cols);
+      if (nbytes != need)
+        fail(std::string(traits(dtype).name) + " [" + std::to_string(t.rows) + ", " +
+             std::to_string(t.cols) + "] takes " + std::to_string(need) + " bytes, got " +
+             std::to_string(nbytes));
+      t.weight.dtype = dtype;
+      t.weight.rows = t.rows;
+      t.weight.cols = t.cols;
+      t.weight.data = data;
+      t.weight.row_stride = row_bytes(dtype, t.cols);
+      t.weight.row_scales =
+          dtype == DType::I8 ? reinterpret_cast<const float*>(data + (size_t)t.rows * t.cols)
+                             : nullptr;
+      if (dtype == DType::F32) t.f32 = reinterpret_cast<const float*>(data);
+      break;
+    }
+    case TensorKind::CONST: {
+      check_dims(false);
+      if ((int64_t)d.const_data.size() != d.rows * d.cols)
+        fail("const data has " + std::to_string(d.const_data.size()) + " values, shape needs " +
+             std::to_string(d.rows * d.cols));
+      t.f32 = d.const_data.data();
+      t.weight = {DType::F32, t.rows, t.cols, reinterpret_cast<const uint8_t*>(t.f32),
+                  (size_t)t.cols * sizeof(float), nullptr};
+      break;
+    }
+    case TensorKind::ARENA: {
+      check_dims(true);
+      t.arena_offset = d.arena_offset;
+      int64_t end = d.arena_offset + max_rows(t) * d.cols * (int64_t)sizeof(float);
+      if (d.arena_offset < 0 || d.arena_offset % 64 != 0)
+        fail("arena offset " + std::to_string(d.arena_offset) + " is not a multiple of 64");
+      if (end > arena_bytes)
+        fail("[" + std::to_string(max_rows(t)) + ", " + std::to_string(d.cols) +
+             "] at arena offset " + std::to_string(d.arena_offset) + " ends at byte " +
+             std::to_string(end) + ", past arena_bytes " + std::to_string(arena_bytes));
+      break;
+    }
+    case TensorKind::TOKENS:
+      t.rows = ROWS_T;
+      t.cols = 1;
+      break;
+    default:
+      fail("unknown tensor kind " + std::to_string((int)d.kind));
+  }
+  tensors[id] = std::move(t);
+}
+
+namespace {
+
+// Checks one op against the tensor table; every message names the op.
+class OpChecker {
+ public:
+  OpChecker(const Program::Impl& p, size_t index)
+      : p_(p), op_(p.ops[index]),
+        prefix_("op " + std::to_string(index) + " (" + op_name(op_.code) + "): ") {}
+
+  [[noreturn]] void fail(const std::string& msg) const {
+    throw std::invalid_argument(prefix_ + msg);
+  }
+  [[noreturn]] void unsupported(const std::string& msg) const {
+    throw UnsupportedError(prefix_ + msg);
+  }
+
+  void arity(size_t n_in, size_t n_out) const {
+    if (op_.inputs.size() != n_in || op_.outputs.size() != n_out)
+      fail("expects " + std::to_string(n_in) + " inputs and " + std::to_string(n_out) +
+           " outputs, got " + std::to_string(op_.inputs.size()) + " and " +
+           std::to_string(op_.outputs.size()));
+  }
+  void params(size_t n_i, size_t n_f) const {
+    if (op_.iparams.size() != n_i || op_.fparams.size() != n_f)
+      fail("expects " + std::to_string(n_i) + " int and " + std::to_string(n_f) +
+           " float params, got " + std::to_string(op_.iparams.size()) + " and " +
+           std::to_string(op_.fparams.size()));
+  }
+
+  const Tensor& tensor(int id, const char* role) const {
+    if (id < 0 || id >= (int)p_.tensors.size())
+      fail(std::string(role) + " tensor id " + std::to_string(id) + " is out of range");
+    return p_.tensors[id];
+  }
+  // f32 activations in the arena.
+  const Tensor& act(int id, const char* role) const {
+    const Tensor& t = tensor(id, role);
+    if (t.kind != TensorKind::ARENA) fail(std::string(role) + " " + t.label + " must be an arena tensor");
+    return t;
+  }
+  // An f32 [1, cols] parameter (norm weight, bias): CONST or an F32 WEIGHT.
+  const Tensor& f32_row(int id, const char* role, int64_t cols) const {
+    const Tensor& t = tensor(id, role);
+    if (!t.f32)
+      fail(std::string(role) + " " + t.label + " must be f32 (a const or an f32 weight)");
+    if (t.rows != 1 || t.cols != cols)
+      fail(std::string(role) + " " + t.label + " has shape " + shape(t) + ", expected [1, " +
+           std::to_string(cols) + "]");
+    return t;
+  }
+  // A matmul / embedding weight: WEIGHT of any dtype, or CONST (f32).
+  const Tensor& weight(int id, const char* role) const {
+    const Tensor& t = tensor(id, role);
+    if (t.kind != TensorKind::WEIGHT && t.kind != TensorKind::CONST)
+      fail(std::string(role) + " " + t.label + " must be a weight or a const");
+    return t;
+  }
+  void same_shape(const Tensor& a, const Tensor& b, const char* what) const {
+    if (a.rows != b.rows || a.cols != b.cols)
+      fail(std::string(what) + ": " + a.label + " " + shape(a) + " vs " + b.label + " " + shape(b));
+  }
+  void same_rows(const Tensor& a, const Tensor& b, const char* what) const {
+    if (a.rows != b.rows)
+      fail(std::string(what) + ": rows of " + a.label + " " + shape(a) + " vs " + b.label + " " +
+           shape(b));
+  }
+  // A weight multiplied by x [R, K]: checks K and that the kernels support its dtype.
+  void matmul_weight(const Tensor& w, int64_t k, Program::Impl& p) const {
+    if (w.cols != k)
+      fail(w.label + " " + shape(w) + " does not match x with K = " + std::to_string(k));
+    DType dt = w.weight.dtype;
+    if (!p.kt->matmul[(int)dt])
+      unsupported(std::string("kernels '") + p.kt->name + "' have no " + traits(dt).name + " matmul");
+    if (traits(dt).quantized) {
+      if (k % 32 != 0)
+        unsupported(w.label + " is " + traits(dt).name + " with K = " + std::to_string(k) +
+                    "; quantized matmuls need K % 32 == 0");
+      p.max_quant_k = std::max(p.max_quant_k, k);
+    }
+  }
+  float positive_fparam(size_t i, const char* what) const {
+    float v = op_.fparams[i];
+    if (!(v > 0.f) || !std::isfinite(v)) fail(std::string(what) + " must be finite and > 0");
+    return v;
+  }
+
+  static std::string shape(const Tensor& t) {
+    return "[" + (t.rows == ROWS_T ? std::string("T") : std::to_string(t.rows)) + ", " +
+           std::to_string(t.cols) + "]";
+  }
+
+ private:
+  const Program::Impl& p_;
+  const OpDesc& op_;
+  std::string prefix_;
+};
+
+}  // namespace
+
+void Program::Impl::validate_op(size_t index) {
+  const OpDesc& op = ops[index];
+  OpChecker c(*this, index);
+  const auto& in = op.inputs;
+  const auto& out = op.outputs;
+  // In-place pairs this op allows (output index, input index); any other overlap of
+  // arena tensors touched by the op is rejected below.
+  std::vector<std::pair<size_t, size_t>> aliases;
+
+  switch (op.code) {
+    case OpCode::EMBED: {
+      c.arity(2, 1);
+      c.params(0, 0);
+      const Tensor& e = c.weight(in[0], "embedding");
+      const Tensor& tok = c.tensor(in[1], "tokens");
+      if (tok.kind != TensorKind::TOKENS) c.fail("input 1 must be the tokens tensor");
+      const Tensor& y = c.act(out[0], "output");
+      if (y.rows != ROWS_T || y.cols != e.cols)
+        c.fail("output " + y.label + " " + OpChecker::shape(y) + ", expected [T, " +
+               std::to_string(e.cols) + "]");
+      DType dt = e.weight.dtype;
+      if (dt != DType::F32 && dt != DType::I8 && !kt->dequant_row)
+        c.unsupported(std::string("kernels '") + kt->name + "' cannot dequantize embeddings");
+      vocab = std::min(vocab, e.rows);
+      break;
+    }
+    case OpCode::RMS_NORM: {
+      c.arity(2, 1);
+      c.params(0, 1);
+      const Tensor& x = c.act(in[0], "x");
+      c.f32_row(in[1], "norm weight", x.cols);
+      c.same_shape(x, c.act(out[0], "output"), "output shape");
+      c.positive_fparam(0, "eps");
+      break;
+    }
+    case OpCode::ADD:
+    case OpCode::SWIGLU: {
+      c.arity(2, 1);
+      c.params(0, 0);
+      const Tensor& a = c.act(in[0], "input 0");
+      c.same_shape(a, c.act(in[1], "input 1"), "input shapes");
+      c.same_shape(a, c.act(out[0], "output"), "output shape");
+      aliases = {{0, 0}, {0, 1}};
+      break;
+    }
+    case OpCode::ADD_RMS_NORM: {
+      c.arity(3, 2);
+      c.params(0, 1);
+      const Tensor& a = c.act(in[0], "a");
+      c.same_shape(a, c.act(in[1], "b"), "input shapes");
+      c.f32_row(in[2], "norm weight", a.cols);
+      c.same_shape(a, c.act(out[0], "sum output"), "sum output shape");
+      c.same_shape(a, c.act(out[1], "norm output"), "norm output shape");
+      c.positive_fparam(0, "eps");
+      // Each row is summed before it is normalised, so y may take the input that s did not.
+      aliases = {{0, 0}, {0, 1}, {1, 0}, {1, 1}};
+      break;
+    }
+    case OpCode::MATMUL:
+    case OpCode::MATMUL_MULTI: {
+      if (in.size() < 3 || in.size() % 2 != 1 || out.size() != (in.size() - 1) / 2)
+        c.fail("expects inputs [x, W1, b1, W2, b2, ...] and one output per weight, got " +
+               std::to_string(in.size()) + " inputs and " + std::to_string(out.size()) +
+               " outputs");
+      if (op.code == OpCode::MATMUL) c.arity(3, 1);
+      c.params(0, 0);
+      const Tensor& x = c.act(in[0], "x");
+      for (size_t j = 0; j < out.size(); ++j) {
+        const Tensor& w = c.weight(in[1 + 2 * j], "weight");
+        c.matmul_weight(w, x.cols, *this);
+        if (in[2 + 2 * j] != -1) c.f32_row(in[2 + 2 * j], "bias", w.rows);
+        const Tensor& y = c.act(out[j], "output");
+        c.same_rows(x, y, "output rows");
+        if (y.cols != w.rows)
+          c.fail("output " + y.label + " " + OpChecker::shape(y) + " does not match " + w.label +
+                 " " + OpChecker::shape(w));
+      }
+      break;
+    }
+    case OpCode::MATMUL_SWIGLU: {
+      c.arity(3, 1);
+      c.params(0, 0);
+      const Tensor& x = c.act(in[0], "x");
+      const Tensor& wg = c.weight(in[1], "gate weight");
+      const Tensor& wu = c.weight(in[2], "up weight");
+      c.matmul_weight(wg, x.cols, *this);
+      c.matmul_weight(wu, x.cols, *this);
+      if (wg.rows != wu.rows) c.same_shape(wg, wu, "gate and up weights");
+      const Tensor& y = c.act(out[0], "output");
+      c.same_rows(x, y, "output rows");
+      if (y.cols != wg.rows)
+        c.fail("output " + y.label + " " + OpChecker::shape(y) + " does not match " + wg.label +
+               " " + OpChecker::shape(wg));
+      max_swiglu_f = std::max(max_swiglu_f, wg.rows);
+      break;
+    }
+    case OpCode::ROPE: {
+      c.arity(2, 1);
+      c.params(3, 0);
+      const Tensor& x = c.act(in[0], "x");
+      const Tensor& table = c.tensor(in[1], "table");
+      if (table.kind != TensorKind::CONST || !table.f32)
+        c.fail("table " + table.label + " must be a const");
+      int64_t n_heads = op.iparams[0], head_dim = op.iparams[1], rope_dim = op.iparams[2];
+      if (n_heads < 1 || head_dim < 1 || n_heads * head_dim != x.cols)
+        c.fail("n_heads " + std::to_string(n_heads) + " x head_dim " + std::to_string(head_dim) +
+               " != x cols " + std::to_string(x.cols));
+      if (rope_dim < 2 || rope_dim % 2 != 0 || rope_dim > head_dim)
+        c.fail("rope_dim " + std::to_string(rope_dim) + " must be even and in 2..head_dim");
+      if (table.cols != rope_dim)
+        c.fail("table " + table.label + " has " + std::to_string(table.cols) +
+               " cols, rope_dim is " + std::to_string(rope_dim));
+      if (x.rows != ROWS_T) c.fail("x must have T rows (positions come from the row index)");
+      c.same_shape(x, c.act(out[0], "output"), "output shape");
+      rope_positions = std::min(rope_positions, table.rows);
+      aliases = {{0, 0}};
+      break;
+    }
+    case OpCode::ATTENTION: {
+      c.arity(3, 1);
+      c.params(4, 1);
+      int64_t layer = op.iparams[0], hq = op.iparams[1], hkv = op.iparams[2], dh = op.iparams[3];
+      if (layer < 0 || layer >= kv.n_layers)
+        c.fail("layer " + std::to_string(layer) + " outside the KV cache's " +
+               std::to_string(kv.n_layers) + " layers");
+      if (hkv != kv.n_kv_heads || dh != kv.head_dim)
+        c.fail("n_kv_heads " + std::to_string(hkv) + " / head_dim " + std::to_string(dh) +
+               " differ from the KV cache's " + std::to_string(kv.n_kv_heads) + " / " +
+               std::to_string(kv.head_dim));
+      if (hq < 1 || hq % hkv != 0)
+        c.fail("n_heads " + std::to_string(hq) + " is not a multiple of n_kv_heads " +
+               std::to_string(hkv));
+      const Tensor& q = c.act(in[0], "q");
+      const Tensor& k = c.act(in[1], "k");
+      const Tensor& v = c.act(in[2], "v");
+      const Tensor& o = c.act(out[0], "output");
+      if (q.rows != ROWS_T) c.fail("q must have T rows");
+      if (q.cols != hq * dh) c.fail("q " + OpChecker::shape(q) + " is not [T, n_heads*head_dim]");
+      if (k.cols != hkv * dh) c.fail("k " + OpChecker::shape(k) + " is not [T, n_kv_heads*head_dim]");
+      c.same_shape(k, v, "k and v");
+      c.same_shape(q, o, "output shape");
+      c.same_rows(q, k, "q and k rows");
+      c.positive_fparam(0, "scale");
+      if (!kt->matmul[(int)DType::F32])
+        c.unsupported(std::string("kernels '") + kt->name + "' have no f32 matmul (attention scores)");
+      has_attention = true;
+      max_group = std::max(max_group, hq / hkv);
+      break;
+    }
+    case OpCode::TAKE_LAST: {
+      c.arity(1, 1);
+      c.params(0, 0);
+      const Tensor& x = c.act(in[0], "x");
+      const Tensor& y = c.act(out[0], "output");
+      if (y.rows != 1 || y.cols != x.cols)
+        c.fail("output " + y.label + " " + OpChecker::shape(y) + ", expected [1, " +
+               std::to_string(x.cols) + "]");
+      break;
+    }
+    default:
+      c.unsupported("unknown op code " + std::to_string((int)op.code));
+  }
+
+  // Arena overlap: an output may share memory with an input only where the op allows
+  // it in place, and then exactly; outputs never overlap each other.
+  auto range_of = [&](int id) {
+    const Tensor& t = tensors[id];
+    return std::make_pair(t.arena_offset, t.arena_offset + max_rows(t) * t.cols * 4);
+  };
+  for (size_t o = 0; o < out.size(); ++o) {
+    auto ro = range_of(out[o]);
+    for (size_t o2 = o + 1; o2 < out.size(); ++o2) {
+      auto r2 = range_of(out[o2]);
+      if (ro.first < r2.second && r2.first < ro.second)
+        c.fail("outputs " + tensors[out[o]].label + " and " + tensors[out[o2]].label + " overlap");
+    }
+    for (size_t i = 0; i < in.size(); ++i) {
+      if (in[i] < 0 || tensors[in[i]].kind != TensorKind::ARENA) continue;
+      auto ri = range_of(in[i]);
+      if (!(ro.first < ri.second && ri.first < ro.second)) continue;
+      bool allowed = std::find(aliases.begin(), aliases.end(), std::make_pair(o, i)) != aliases.end();
+      if (!allowed || ro != ri)
+        c.fail("output " + tensors[out[o]].label + " overlaps input " + tensors[in[i]].label +
+               (allowed ? " without aliasing it exactly" : " and this op does not work in place"));
+    }
+  }
+}
+
+Program::Program(std::shared_ptr<Bundle> bundle, std::vector<TensorDesc> tensors,
+                 std::vector<OpDesc> ops, int64_t arena_bytes, int max_tokens, KVConfig kv,
+                 int output_tensor, int n_threads, const std::string& kernels)
+    : impl_(std::make_unique<Impl>()) {
+  Impl& p = *impl_;
+  if (kernels.empty()) {
+    p.kt = &kernels::best_kernels();
+  } else {
+    p.kt = kernels::kernels_by_name(kernels);
+    if (!p.kt) throw UnsupportedError("kernels '" + kernels + "' are not available on this CPU");
+  }
+  if (max_tokens < 1) throw std::invalid_argument("max_tokens must be >= 1");
+  if (arena_bytes < 0) throw std::invalid_argument("arena_bytes must be >= 0");
+  if (n_threads < 1 || n_threads > ThreadPool::kMaxThreads)
+    throw std::invalid_argument("n_threads must be in 1.." + std::to_string(ThreadPool::kMaxThreads));
+  if (kv.n_layers < 0 || kv.n_kv_heads < 0 || kv.head_dim < 0 ||
+      (kv.n_layers > 0 && (kv.n_kv_heads < 1 || kv.head_dim < 1)))
+    throw std::invalid_argument("bad KV config (n_layers, n_kv_heads, head_dim)");
+  p.bundle = std::move(bundle);
+  p.descs = std::move(tensors);
+  p.ops = std::move(ops);
+  p.arena_bytes = arena_bytes;
+  p.max_tokens = max_tokens;
+  p.kv = kv;
+  p.n_threads = n_threads;
+
+  p.tensors.resize(p.descs.size());
+  int n_token_tensors = 0;
+  for (size_t i = 0; i < p.descs.size(); ++i) {
+    p.resolve_tensor(i);
+    n_token_tensors += p.tensors[i].kind == TensorKind::TOKENS;
+  }
+  if (n_token_tensors > 1) throw std::invalid_argument("more than one tokens tensor");
+  for (size_t i = 0; i < p.ops.size(); ++i) p.validate_op(i);
+
+  if (output_tensor < 0 || output_tensor >= (int)p.tensors.size() ||
+      p.tensors[output_tensor].kind != TensorKind::ARENA)
+    throw std::invalid_argument("output tensor " + std::to_string(output_tensor) +
+                                " must be an arena tensor");
+  p.output = output_tensor;
+}
+
+Program::~Program() = default;
+int Program::max_tokens() const { return impl_->max_tokens; }
+int Program::n_threads() const { return impl_->n_threads; }
+int64_t Program::arena_bytes() const { return impl_->arena_bytes; }
+const char* Program::kernel_name() const { return impl_->kt->name; }
+int64_t Program::output_cols() const { return impl_->tensors[impl_->output].cols; }
+int64_t Program::output_rows(int n_tokens) const {
+  return impl_->rows_at(impl_->tensors[impl_->output], n_tokens);
+}
+
+// ---------------------------------------------------------------------------
+// State
+
+namespace {
+
+// Bounds of part `i` of `n_parts` over [0, total), cut at multiples of `align` so that
+// SIMD kernels see whole column tiles.
+inline int64_t split_point(int64_t total, int n_parts, int i, int64_t align) {
+  if (i >= n_parts) return total;
+  return std::min(total, (total * i / n_parts) / align * align);
+}
+inline int64_t split_align(int64_t total, int n_parts) {
+  return total >= 16 * n_parts ? 16 : (total >= 4 * n_parts ? 4 : 1);
+}
+// Attention runs one task per (row, KV head); when that gives fewer than this many tasks
+// per thread (decode), each task's positions are split into chunks merged afterwards.
+constexpr int kAttnTasksPerThread = 4;
+// Fewest positions in one such chunk.
+constexpr int64_t kAttnMinChunk = 64;
+
+// Pieces an output range of `total` columns is cut into: a few per thread (at least
+// 64 columns each), so that when one thread is descheduled the others take its share.
+inline int matmul_parts(int64_t total, int n_threads) {
+  if (n_threads == 1) return 1;
+  return (int)std::max<int64_t>(n_threads, std::min<int64_t>(4 * n_threads, total / 64));
+}
+
+}  // namespace
+
+struct State::Impl {
+  const Program::Impl& p;
+  const kernels::KernelTable& kt;
+  int max_context;
+  LazyBuffer arena;
+  KVCache kv;
+  LazyBuffer act_q;      // [max_tokens][max_quant_k / 32] BlockQ8A
+  LazyBuffer up;         // [max_tokens][max_swiglu_f] f32: matmul_swiglu's up projection
+  LazyBuffer scores;     // [n_threads][max_group][max_context] f32: attention scores
+  LazyBuffer partials;   // attention split over positions: [slots][2 + head_dim] f32
+  ThreadPool pool;
+  std::mutex run_mutex;  // one run() at a time per State
+
+  // Per-call values, set by run().
+  int n_tokens = 0;
+  int pos0 = 0;
+  const int32_t* tokens = nullptr;
+
+  Impl(const Program::Impl& program, int max_context_)
+      : p(program),
+        kt(*program.kt),
+        max_context(max_context_),
+        arena((size_t)program.arena_bytes),
+        kv(program.kv.n_layers, program.kv.n_kv_heads, program.kv.head_dim, max_context_),
+        act_q((size_t)program.max_tokens * (size_t)(program.max_quant_k / 32) *
+              sizeof(kernels::BlockQ8A)),
+        up((size_t)program.max_tokens * (size_t)program.max_swiglu_f * sizeof(float)),
+        scores(program.has_attention
+                   ? (size_t)program.n_threads * program.max_group * max_context_ * sizeof(float)
+                   : 0),
+        partials(program.has_attention ? (size_t)kAttnTasksPerThread * 2 * program.n_threads *
+                                             program.max_group * (2 + program.kv.head_dim) *
+                                             sizeof(float)
+                                       : 0),
+        pool(program.n_threads) {}
+
+  float* f32(int id) const {
+    const Tensor& t = p.tensors[id];
+    if (t.kind == TensorKind::ARENA) return reinterpret_cast<float*>(arena.as<uint8_t>() + t.arena_offset);
+    return const_cast<float*>(t.f32);
+  }
+  int64_t rows(int id) const { return p.rows_at(p.tensors[id], n_tokens); }
+  const Tensor& tensor(int id) const { return p.tensors[id]; }
+
+  // Runs fn(row) for every row, spread over the threads when there are several.
+  template <class F>
+  void for_rows(int64_t n_rows, F&& fn) {
+    pool.parallel_for((int)n_rows, [&](int row, int) { fn(row); });
+  }
+
+  void exec(const OpDesc& op);
+  void embed(const OpDesc& op);
+  void quantize(const float* x, int64_t rows, int64_t k);
+  void matmul(const OpDesc& op);
+  void matmul_swiglu(const OpDesc& op);
+  void rope(const OpDesc& op);
+  void attention(const OpDesc& op);
+};
+
+void State::Impl::embed(const OpDesc& op) {
+  const kernels::WeightView& e = tensor(op.inputs[0]).weight;
+  float* y = f32(op.outputs[0]);
+  const int64_t d = e.cols;
+  for_rows(n_tokens, [&](int64_t t) {
+    const uint8_t* row = e.data + (size_t)tokens[t] * e.row_stride;
+    float* out = y + t * d;
+    if (e.dtype == DType::F32) {
+      std::memcpy(out, row, (size_t)d * sizeof(float));
+    } else if (e.dtype == DType::I8) {  // the per-row scale lives outside the row
+      float s;
+      std::memcpy(&s, e.row_scales + tokens[t], sizeof(float));
+      const int8_t* q = reinterpret_cast<const int8_t*>(row);
+      for (int64_t i = 0; i < d; ++i) out[i] = s * (float)q[i];
+    } else {
+      kt.dequant_row(e.dtype, row, out, d);
+    }
+  });
+}
+
+void State::Impl::quantize(const float* x, int64_t rows, int64_t k) {
+  auto* xq = act_q.as<kernels::BlockQ8A>();
+  const int64_t blocks = k / 32;
+  for_rows(rows, [&](int64_t t) { kt.quantize_act(x + t * k, xq + t * blocks, (int)k); });
+}
+
+// matmul and matmul_multi: the output columns of all weights form one range that is
+// cut into one contiguous piece per thread, so small projections (K, V) do not leave
+// a core idle.
+void State::Impl::matmul(const OpDesc& op) {
+  const int x_id = op.inputs[0];
+  const float* x = f32(x_id);
+  const int64_t k = tensor(x_id).cols;
+  const int64_t r = rows(x_id);
+  const size_t n_out = op.outputs.size();
+  bool any_quant = false;
+  int64_t total = 0;
+  for (size_t j = 0; j < n_out; ++j) {
+    const kernels::WeightView& w = tensor(op.inputs[1 + 2 * j]).weight;
+    any_quant |= traits(w.dtype).quantized;
+    total += w.rows;
+  }
+  if (any_quant) quantize(x, r, k);
+  const kernels::BlockQ8A* xq = act_q.as<kernels::BlockQ8A>();
+  const int n_parts = matmul_parts(total, pool.n_threads());
+  const int64_t align = split_align(total, n_parts);
+  pool.parallel_for(n_parts, [&](int part, int) {
+    int64_t lo = split_point(total, n_parts, part, align);
+    int64_t hi = split_point(total, n_parts, part + 1, align);
+    int64_t base = 0;  // first column of weight j in the joint range
+    for (size_t j = 0; j < n_out && lo < hi; ++j) {
+      const kernels::WeightView& w = tensor(op.inputs[1 + 2 * j]).weight;
+      int64_t n0 = std::max(lo, base) - base, n1 = std::min(hi, base + w.rows) - base;
+      base += w.rows;
+      if (n0 >= n1) continue;
+      float* y = f32(op.outputs[j]);
+      kt.matmul[(int)w.dtype](w, x, (size_t)k, xq, (int)r, y, (size_t)w.rows, (int)n0, (int)n1);
+      if (op.inputs[2 + 2 * j] != -1) {
+        const float* bias = f32(op.inputs[2 + 2 * j]);
+        for (int64_t t = 0; t < r; ++t) {
+          float* yr = y + t * w.rows + n0;
+          kt.add(yr, bias + n0, yr, (int)(n1 - n0));
+        }
+      }
+    }
+  });
+}
+
+void State::Impl::matmul_swiglu(const OpDesc& op) {
+  const int x_id = op.inputs[0];
+  const float* x = f32(x_id);
+  const int64_t k = tensor(x_id).cols;
+  const int64_t r = rows(x_id);
+  const kernels::WeightView& wg = tensor(op.inputs[1]).weight;
+  const kernels::WeightView& wu = tensor(op.inputs[2]).weight;
+  const int64_t f = wg.rows;
+  if (traits(wg.dtype).quantized || traits(wu.dtype).quantized) quantize(x, r, k);
+  const kernels::BlockQ8A* xq = act_q.as<kernels::BlockQ8A>();
+  float* y = f32(op.outputs[0]);  // holds the gate projection until silu_mul
+  float* u = up.as<float>();
+  const int n_parts = matmul_parts(f, pool.n_threads());
+  const int64_t align = split_align(f, n_parts);
+  pool.parallel_for(n_parts, [&](int part, int) {
+    int64_t n0 = split_point(f, n_parts, part, align);
+    int64_t n1 = split_point(f, n_parts, part + 1, align);
+    if (n0 >= n1) return;
+    kt.matmul[(int)wg.dtype](wg, x, (size_t)k, xq, (int)r, y, (size_t)f, (int)n0, (int)n1);
+    kt.matmul[(int)wu.dtype](wu, x, (size_t)k, xq, (int)r, u, (size_t)f, (int)n0, (int)n1);
+    for (int64_t t = 0; t < r; ++t)
+      kt.silu_mul(y + t * f + n0, u + t * f + n0, y + t * f + n0, (int)(n1 - n0));
+  });
+}
+
+void State::Impl::rope(const OpDesc& op) {
+  const float* x = f32(op.inputs[0]);
+  const float* table = f32(op.inputs[1]);
+  float* y = f32(op.outputs[0]);
+  const int64_t n_heads = op.iparams[0], head_dim = op.iparams[1], rope_dim = op.iparams[2];
+  const int64_t half = rope_dim / 2, cols = n_heads * head_dim;
+  for_rows(n_tokens, [&](int64_t t) {
+    const float* cos_p = table + (pos0 + t) * rope_dim;
+    const float* sin_p = cos_p + half;
+    for (int64_t h = 0; h < n_heads; ++h) {
+      const float* xh = x + t * cols + h * head_dim;
+      float* yh = y + t * cols + h * head_dim;
+      for (int64_t i = 0; i < half; ++i) {
+        float a = xh[i], b = xh[i + half];
+        yh[i] = a * cos_p[i] - b * sin_p[i];
+        yh[i + half] = b * cos_p[i] + a * sin_p[i];
+      }
+      if (yh != xh)
+        std::memcpy(yh + rope_dim, xh + rope_dim, (size_t)(head_dim - rope_dim) * sizeof(float));
+    }
+  });
+}
+
+// One task per (row t, KV head) serves all the query heads of that KV head, so each
+// cached K/V row is read once per group instead of once per query head. For decode
+// (few tasks) the positions of each task are split into chunks whose partial softmax
+// sums are merged at the end, so every thread has work even with one KV head.
+void State::Impl::attention(const OpDesc& op) {
+  const int layer = (int)op.iparams[0];
+  const int64_t hq = op.iparams[1], hkv = op.iparams[2], dh = op.iparams[3];
+  const float scale = op.fparams[0];
+  const float* q = f32(op.inputs[0]);
+  const float* k = f32(op.inputs[1]);
+  const float* v = f32(op.inputs[2]);
+  float* o = f32(op.outputs[0]);
+  const int64_t kv_cols = hkv * dh, q_cols = hq * dh, group = hq / hkv;
+  float* kc = kv.k(layer);
+  float* vc = kv.v(layer);
+  // Append this call's rows first: row t attends to the rows before it in this call too.
+  std::memcpy(kc + (int64_t)pos0 * kv_cols, k, (size_t)(n_tokens * kv_cols) * sizeof(float));
+  std::memcpy(vc + (int64_t)pos0 * kv_cols, v, (size_t)(n_tokens * kv_cols) * sizeof(float));
+
+  const int nt = pool.n_threads();
+  const int64_t pairs = n_tokens * hkv;
+  int64_t n_chunks = 1;
+  if (nt > 1 && pairs < kAttnTasksPerThread * nt) {
+    n_chunks = (kAttnTasksPerThread * nt + pairs - 1) / pairs;
+    n_chunks = std::max<int64_t>(1, std::min<int64_t>(n_chunks, (pos0 + 1) / kAttnMinChunk));
+  }
+  const int64_t slot = 2 + dh;  // partial result: running max, sum, weighted V
+  float* part = partials.as<float>();
+  float* scores_all = scores.as<float>();
+
+  pool.parallel_for((int)(pairs * n_chunks), [&](int task, int thread_id) {
+    const int64_t pair = task / n_chunks, c = task % n_chunks;
+    const int64_t t = pair / hkv, kvh = pair % hkv;
+    const int64_t n_ctx = pos0 + t + 1;  // causal: positions 0..pos0+t
+    const int64_t p0 = n_ctx * c / n_chunks, p1 = n_ctx * (c + 1) / n_chunks;
+    const float* qg = q + t * q_cols + kvh * group * dh;  // this group's query heads
+    const float* vh = vc + kvh * dh;
+    float* s = scores_all + (int64_t)thread_id * group * max_context;  // [group][max_context]
+    // q . k for the group's heads and positions [p0, p1) in one call: the K cache of
+    // this head is an f32 [n_ctx, head_dim] matrix with a row stride of kv_cols.
+    if (p1 > p0) {
+      const kernels::WeightView keys{DType::F32, n_ctx, dh,
+                                     reinterpret_cast<const uint8_t*>(kc + kvh * dh),
+                                     (size_t)kv_cols * sizeof(float), nullptr};
+      kt.matmul[(int)DType::F32](keys, qg, (size_t)dh, nullptr, (int)group, s,
+                                 (size_t)max_context, (int)p0, (int)p1);
+    }
+    // Output of query head g: the final row, or this chunk's partial [max, sum, acc].
+    auto acc_of = [&](int64_t g) -> float* {
+      if (n_chunks == 1) return o + t * q_cols + (kvh * group + g) * dh;
+      return part + ((pair * n_chunks + c) * group + g) * slot + 2;
+    };
+    for (int64_t g = 0; g < group; ++g) {
+      float* sg = s + g * max_context;
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t p = p0; p < p1; ++p) m = std::max(m, sg[p]);
+      float sum = 0.f;
+      for (int64_t p = p0; p < p1; ++p) {
+        sg[p] = std::exp((sg[p] - m) * scale);  // scale > 0: max(s * scale) = m * scale
+        sum += sg[p];
+      }
+      float* acc = acc_of(g);
+      if (n_chunks == 1) {
+        const float inv = 1.f / sum;
+        for (int64_t p = p0; p < p1; ++p) sg[p] *= inv;
+      } else {
+        acc[-2] = m * scale;
+        acc[-1] = sum;
+      }
+      std::memset(acc, 0, (size_t)dh * sizeof(float));
+    }
+    // Weighted sum of V rows, each row read once for the whole group.
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t g = 0; g < group; ++g)
+        kt.axpy(s[g * max_context + p], vh + p * kv_cols, acc_of(g), (int)dh);
+  });
+  if (n_chunks == 1) return;
+
+  // Merge the chunks of every (row, query head): rescale each to the global max.
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    const int64_t t = pair / hkv, kvh = pair % hkv;
+    for (int64_t g = 0; g < group; ++g) {
+      auto chunk = [&](int64_t c) { return part + ((pair * n_chunks + c) * group + g) * slot; };
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < n_chunks; ++c) m = std::max(m, chunk(c)[0]);
+      float* out = o + t * q_cols + (kvh * group + g) * dh;
+      std::memset(out, 0, (size_t)dh * sizeof(float));
+      float sum = 0.f;
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const float* pc = chunk(c);
+        if (pc[1] == 0.f) continue;  // empty chunk
+        const float w = std::exp(pc[0] - m);
+        sum += w * pc[1];
+        kt.axpy(w, pc + 2, out, (int)dh);
+      }
+      kt.scale(1.f / sum, out, (int)dh);
+    }
+  }
+}
+
+void State::Impl::exec(const OpDesc& op) {
+  switch (op.code) {
+    case OpCode::EMBED:
+      embed(op);
+      break;
+    case OpCode::RMS_NORM: {
+      const float* x = f32(op.inputs[0]);
+      const float* w = f32(op.inputs[1]);
+      float* y = f32(op.outputs[0]);
+      const int64_t d = tensor(op.inputs[0]).cols;
+      const float eps = op.fparams[0];
+      for_rows(rows(op.inputs[0]), [&](int64_t t) { kt.rms_norm(x + t * d, w, y + t * d, (int)d, eps); });
+      break;
+    }
+    case OpCode::ADD:
+    case OpCode::SWIGLU: {
+      const float* a = f32(op.inputs[0]);
+      const float* b = f32(op.inputs[1]);
+      float* y = f32(op.outputs[0]);
+      const int64_t d = tensor(op.inputs[0]).cols;
+      auto fn = op.code == OpCode::ADD ? kt.add : kt.silu_mul;
+      for_rows(rows(op.inputs[0]), [&](int64_t t) { fn(a + t * d, b + t * d, y + t * d, (int)d); });
+      break;
+    }
+    case OpCode::ADD_RMS_NORM: {
+      const float* a = f32(op.inputs[0]);
+      const float* b = f32(op.inputs[1]);
+      const float* w = f32(op.inputs[2]);
+      float* s = f32(op.outputs[0]);
+      float* y = f32(op.outputs[1]);
+      const int64_t d = tensor(op.inputs[0]).cols;
+      const float eps = op.fparams[0];
+      for_rows(rows(op.inputs[0]), [&](int64_t t) {
+        kt.add(a + t * d, b + t * d, s + t * d, (int)d);
+        kt.rms_norm(s + t * d, w, y + t * d, (int)d, eps);
+      });
+      break;
+    }
+    case OpCode::MATMUL:
+    case OpCode::MATMUL_MULTI:
+      matmul(op);
+      break;
+    case OpCode::MATMUL_SWIGLU:
+      matmul_swiglu(op);
+      break;
+    case OpCode::ROPE:
+      rope(op);
+      break;
+    case OpCode::ATTENTION:
+      attention(op);
+      break;
+    case OpCode::TAKE_LAST: {
+      const int64_t d = tensor(op.inputs[0]).cols;
+      std::memcpy(f32(op.outputs[0]), f32(op.inputs[0]) + (rows(op.inputs[0]) - 1) * d,
+                  (size_t)d * sizeof(float));
+      break;
+    }
+  }
+}
+
+State::State(const Program& program, int max_context) {
+  const Program::Impl& p = *program.impl();
+  if (max_context < 1) throw std::invalid_argument("max_context must be >= 1");
+  if (max_context > p.rope_positions)
+    throw ContextOverflowError("max_context " + std::to_string(max_context) +
+                               " exceeds the " + std::to_string(p.rope_positions) +
+                               " positions of the model's rope table");
+  impl_ = std::make_unique<Impl>(p, max_context);
+}
+
+State::~State() = default;
+int State::max_context() const { return impl_->max_context; }
+
+void State::run(const int32_t* tokens, int n_tokens, int pos, float* out) {
+  Impl& s = *impl_;
+  const Program::Impl& p = s.p;
+  if (n_tokens < 1 || n_tokens > p.max_tokens)
+    throw std::invalid_argument("n_tokens must be in 1.." + std::to_string(p.max_tokens) +
+                                " (the program's max_tokens), got " + std::to_string(n_tokens));
+  if (pos < 0) throw std::invalid_argument("pos must be >= 0, got " + std::to_string(pos));
+  if ((int64_t)pos + n_tokens > s.max_context)
+    throw ContextOverflowError("context overflow: positions " + std::to_string(pos) + ".." +
+                               std::to_string((int64_t)pos + n_tokens - 1) +
+                               " do not fit in max_context " + std::to_string(s.max_context));
+  for (int t = 0; t < n_tokens; ++t)
+    if (tokens[t] < 0 || tokens[t] >= p.vocab)
+      throw std::invalid_argument("token id " + std::to_string(tokens[t]) + " at index " +
+                                  std::to_string(t) + " is outside the vocabulary of " +
+                                  std::to_string(p.vocab));
+
+  std::lock_guard<std::mutex> lock(s.run_mutex);
+  s.n_tokens = n_tokens;
+  s.pos0 = pos;
+  s.tokens = tokens;
+  for (const OpDesc& op : p.ops) s.exec(op);
+  const int64_t n = p.rows_at(p.tensors[p.output], n_tokens) * p.tensors[p.output].cols;
+  std::memcpy(out, s.f32(p.output), (size_t)n * sizeof(float));
+}
+
+}  // namespace plm

@@ -28,7 +28,7 @@
 //   matmul_swiglu [x, Wg, Wu] -> [y (R x F)]   y = silu(x Wg^T) * (x Wu^T)
 //   swiglu        [g, u] -> [y]                y = silu(g) * u    (y may alias g or u)
 //   add_rms_norm  [a, b, w] -> [s, y]          s = a + b; y = rms_norm(s) * w  f: [eps]
-//                 (s may alias a or b)
+//                 (s may alias a or b; y may alias a or b too, but not s)
 //   rope          [x (T x H*Dh), table (CONST max_pos x rope_dim)] -> [y]  (y may alias x)
 //                 i: [n_heads, head_dim, rope_dim]
 //                 table row p holds cos(p*f_0..f_{rope_dim/2-1}) then sin(...) for the same.
@@ -62,6 +62,10 @@ struct TensorDesc {
   std::string weight_name;      // WEIGHT
   std::vector<float> const_data;// CONST (rows*cols values)
   int64_t arena_offset = 0;     // ARENA, bytes, multiple of 64
+  // WEIGHT without a bundle (tests, tiny programs): raw bytes in the bundle's layout
+  // (tensor_bytes(inline_dtype, rows, cols)); copied into the Program. -1 = from the bundle.
+  int inline_dtype = -1;
+  std::vector<uint8_t> inline_data;
 };
 
 enum class OpCode : int {
@@ -90,19 +94,24 @@ class Program {
   // and throws UnsupportedError / std::invalid_argument with the op index on failure.
   Program(std::shared_ptr<Bundle> bundle, std::vector<TensorDesc> tensors,
           std::vector<OpDesc> ops, int64_t arena_bytes, int max_tokens, KVConfig kv,
-          int output_tensor, int n_threads);
+          int output_tensor, int n_threads, const std::string& kernels = "");
+  // kernels: a variant name for kernels::kernels_by_name ("" = best_kernels()).
   ~Program();
   int max_tokens() const;
   int n_threads() const;
   int64_t arena_bytes() const;
   const char* kernel_name() const;
   int64_t output_cols() const;
+  int64_t output_rows(int n_tokens) const;   // n_tokens for a ROWS_T output, else fixed
   struct Impl;
   Impl* impl() const { return impl_.get(); }
  private:
   std::unique_ptr<Impl> impl_;
 };
 
+// Memory is reserved for the worst case (max_context, max_tokens) but committed by the
+// OS only as it is touched. run() calls on one State are serialised; distinct States
+// (of the same Program) may run concurrently, each with its own thread pool.
 class State {
  public:
   State(const Program& program, int max_context);

@@ -1,0 +1,259 @@
+"""Each executor op on small random tensors vs a numpy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from runtime_helpers import (
+    ProgramBuilder,
+    attention,
+    matmul,
+    max_rel_err,
+    rms_norm,
+    rope,
+    rope_table,
+    silu,
+)
+
+from pocketlm.dtypes import DType
+
+rng = np.random.default_rng(1234)
+
+QUANT = [DType.Q8_0, DType.Q4_0, DType.Q4_1, DType.Q4_0_G64, DType.Q4_1_G128, DType.I8]
+
+
+def rand(*shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def run(prog, tokens_or_t, pos=0, max_context=64):
+    from pocketlm import _core
+
+    state = _core.State(prog, max_context)
+    toks = tokens_or_t if isinstance(tokens_or_t, np.ndarray) else np.zeros(tokens_or_t, np.int32)
+    return state.run(toks, pos)
+
+
+def x_program(b: ProgramBuilder, x: np.ndarray):
+    """Feeds x [T, D] into the arena through an f32 embedding of the rows (token t -> row t)."""
+    e, _ = b.weight(x)
+    tok = b.tokens()
+    xa = b.arena(x.shape[1])
+    b.op("embed", [e, tok], [xa])
+    return xa
+
+
+def tokens_for(t):
+    return np.arange(t, dtype=np.int32)
+
+
+@pytest.mark.parametrize("dtype", [DType.F32, DType.F16, DType.Q8_0, DType.Q4_1, DType.I8])
+def test_embed(dtype):
+    vocab, d = 11, 64
+    e = rand(vocab, d)
+    b = ProgramBuilder(max_tokens=8)
+    eid, seen = b.weight(e, dtype)
+    tok = b.tokens()
+    y = b.arena(d)
+    b.op("embed", [eid, tok], [y])
+    toks = np.array([3, 0, 10, 3, 7], np.int32)
+    out = run(b.program(y), toks)
+    np.testing.assert_allclose(out, seen[toks], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_rms_norm_add_swiglu(n_threads):
+    t, d = 5, 24
+    a, bb, w = rand(t, d), rand(t, d), rand(d)
+    b = ProgramBuilder(max_tokens=8)
+    xa = x_program(b, a)
+    xb = x_program(b, bb)
+    wid = b.const(w)
+    y_norm, y_add, y_sw = b.arena(d), b.arena(d), b.arena(d)
+    b.op("rms_norm", [xa, wid], [y_norm], fparams=[1e-5])
+    b.op("add", [xa, xb], [y_add])
+    b.op("swiglu", [xa, xb], [y_sw])
+    # in place: y aliases an input
+    b.op("add", [xb, y_norm], [xb])
+    for out, ref in [
+        (y_norm, rms_norm(a, w, 1e-5)),
+        (y_add, a + bb),
+        (y_sw, silu(a) * bb),
+        (xb, bb + rms_norm(a, w, 1e-5)),
+    ]:
+        got = run(b.program(out, n_threads=n_threads), tokens_for(t))
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_add_rms_norm_in_place():
+    t, d = 3, 40
+    a, bb, w = rand(t, d), rand(t, d), rand(d)
+    b = ProgramBuilder(max_tokens=4)
+    xa, xb = x_program(b, a), x_program(b, bb)
+    wid = b.const(w)
+    y = b.arena(d)
+    b.op("add_rms_norm", [xa, xb, wid], [xa, y], fparams=[1e-6])  # s aliases a
+    prog_s, prog_y = b.program(xa), b.program(y)
+    np.testing.assert_allclose(run(prog_s, tokens_for(t)), a + bb, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(run(prog_y, tokens_for(t)), rms_norm(a + bb, w, 1e-6),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [DType.F32, DType.F16] + QUANT)
+@pytest.mark.parametrize("bias", [False, True])
+def test_matmul(dtype, bias):
+    t, k, n = 5, 128, 72
+    x, w, bv = rand(t, k), rand(n, k, scale=0.1), rand(n)
+    for n_threads in (1, 2):
+        b = ProgramBuilder(max_tokens=8)
+        xa = x_program(b, x)
+        wid, seen = b.weight(w, dtype)
+        bid = b.const(bv) if bias else -1
+        y = b.arena(n)
+        b.op("matmul", [xa, wid, bid], [y])
+        got = run(b.program(y, n_threads=n_threads), tokens_for(t))
+        ref = matmul(x, seen, dtype) + (bv if bias else 0)
+        assert max_rel_err(got, ref) < 1e-5, (dtype, n_threads)
+
+
+@pytest.mark.parametrize("dtypes", [(DType.F32, DType.F32, DType.F32),
+                                    (DType.Q8_0, DType.Q4_0, DType.F16)])
+def test_matmul_multi(dtypes):
+    t, k = 4, 64
+    x = rand(t, k)
+    ns = (48, 16, 16)
+    ws = [rand(n, k, scale=0.1) for n in ns]
+    biases = [rand(48), None, rand(16)]
+    b = ProgramBuilder(max_tokens=4)
+    xa = x_program(b, x)
+    inputs, outputs, refs = [xa], [], []
+    for w, bv, dt in zip(ws, biases, dtypes):
+        wid, seen = b.weight(w, dt)
+        inputs += [wid, b.const(bv) if bv is not None else -1]
+        outputs.append(b.arena(w.shape[0]))
+        refs.append(matmul(x, seen, dt) + (bv if bv is not None else 0))
+    b.op("matmul_multi", inputs, outputs)
+    for n_threads in (1, 2):
+        for out, ref in zip(outputs, refs):
+            got = run(b.program(out, n_threads=n_threads), tokens_for(t))
+            assert max_rel_err(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [DType.F32, DType.Q8_0, DType.Q4_1])
+def test_matmul_swiglu(dtype):
+    t, k, f = 3, 64, 40
+    x, wg, wu = rand(t, k), rand(f, k, scale=0.2), rand(f, k, scale=0.2)
+    b = ProgramBuilder(max_tokens=4)
+    xa = x_program(b, x)
+    gid, g_seen = b.weight(wg, dtype)
+    uid, u_seen = b.weight(wu, dtype)
+    y = b.arena(f)
+    b.op("matmul_swiglu", [xa, gid, uid], [y])
+    ref = silu(matmul(x, g_seen, dtype)) * matmul(x, u_seen, dtype)
+    for n_threads in (1, 2):
+        got = run(b.program(y, n_threads=n_threads), tokens_for(t))
+        assert max_rel_err(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("rope_dim,in_place", [(8, True), (8, False), (4, False), (4, True)])
+def test_rope(rope_dim, in_place):
+    t, n_heads, head_dim, pos0 = 4, 3, 8, 5
+    x = rand(t, n_heads * head_dim)
+    table = rope_table(32, rope_dim)
+    b = ProgramBuilder(max_tokens=4)
+    xa = x_program(b, x)
+    tab = b.const(table)
+    y = xa if in_place else b.arena(n_heads * head_dim)
+    b.op("rope", [xa, tab], [y], iparams=[n_heads, head_dim, rope_dim])
+    got = run(b.program(y), tokens_for(t), pos=pos0, max_context=32)
+    np.testing.assert_allclose(got, rope(x, table, pos0, n_heads, head_dim, rope_dim),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim", [(3, 1, 8), (4, 2, 16), (2, 2, 5)])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_attention_chunked(n_heads, n_kv_heads, head_dim, n_threads):
+    """Causal attention over the KV cache across calls of 4, 3 and 1 rows."""
+    from pocketlm import _core
+
+    total, scale = 8, 1.0 / np.sqrt(head_dim)
+    q = rand(total, n_heads * head_dim)
+    k = rand(total, n_kv_heads * head_dim)
+    v = rand(total, n_kv_heads * head_dim)
+    qkv = np.concatenate([q, k, v], axis=1)
+    b = ProgramBuilder(max_tokens=4)
+    e, _ = b.weight(qkv)  # token i -> row i of q|k|v
+    tok = b.tokens()
+    rows = b.arena(qkv.shape[1])
+    b.op("embed", [e, tok], [rows])
+    # Split the embedded row into q, k, v with identity matmuls.
+    eye = np.eye(qkv.shape[1], dtype=np.float32)
+    qa, ka, va = b.arena(q.shape[1]), b.arena(k.shape[1]), b.arena(v.shape[1])
+    nq, nk = q.shape[1], k.shape[1]
+    wq, _ = b.weight(eye[:nq])
+    wk, _ = b.weight(eye[nq:nq + nk])
+    wv, _ = b.weight(eye[nq + nk:])
+    b.op("matmul_multi", [rows, wq, -1, wk, -1, wv, -1], [qa, ka, va])
+    o = b.arena(nq)
+    b.op("attention", [qa, ka, va], [o], iparams=[1, n_heads, n_kv_heads, head_dim],
+         fparams=[scale])
+    prog = b.program(o, kv=(2, n_kv_heads, head_dim), n_threads=n_threads)
+    state = _core.State(prog, 16)
+    outs, pos = [], 0
+    for chunk in (4, 3, 1):
+        outs.append(state.run(np.arange(pos, pos + chunk, dtype=np.int32), pos))
+        pos += chunk
+    got = np.concatenate(outs)
+    ref = attention(q, k, v, 0, n_heads, n_kv_heads, head_dim, scale)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_take_last_and_out_param():
+    t, d = 5, 24
+    x = rand(t, d)
+    b = ProgramBuilder(max_tokens=8)
+    xa = x_program(b, x)
+    y = b.arena(d, rows=1)
+    b.op("take_last", [xa], [y])
+    prog = b.program(y)
+    assert prog.output_cols == d
+    from pocketlm import _core
+
+    state = _core.State(prog, 16)
+    out = np.empty((1, d), np.float32)
+    got = state.run(tokens_for(t), 0, out=out)
+    assert got is out or np.shares_memory(got, out)
+    np.testing.assert_array_equal(out, x[-1:])
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 1), (6, 3)])
+def test_attention_long_context_decode(n_heads, n_kv_heads):
+    """Decode steps deep in the context, where positions are split across threads."""
+    from pocketlm import _core
+
+    head_dim, total, scale = 16, 560, 0.25
+    q = rand(total, n_heads * head_dim)
+    k = rand(total, n_kv_heads * head_dim)
+    v = rand(total, n_kv_heads * head_dim)
+    qkv = np.concatenate([q, k, v], axis=1)
+    nq, nk = q.shape[1], k.shape[1]
+    b = ProgramBuilder(max_tokens=128)
+    e, _ = b.weight(qkv)
+    rows = b.arena(qkv.shape[1])
+    b.op("embed", [e, b.tokens()], [rows])
+    eye = np.eye(qkv.shape[1], dtype=np.float32)
+    qa, ka, va, o = b.arena(nq), b.arena(nk), b.arena(nk), b.arena(nq)
+    wq, _ = b.weight(eye[:nq])
+    wk, _ = b.weight(eye[nq:nq + nk])
+    wv, _ = b.weight(eye[nq + nk:])
+    b.op("matmul_multi", [rows, wq, -1, wk, -1, wv, -1], [qa, ka, va])
+    b.op("attention", [qa, ka, va], [o], iparams=[0, n_heads, n_kv_heads, head_dim],
+         fparams=[scale])
+    ref = attention(q, k, v, 0, n_heads, n_kv_heads, head_dim, scale)
+    for n_threads in (1, 2):
+        state = _core.State(b.program(o, kv=(1, n_kv_heads, head_dim), n_threads=n_threads), total)
+        pos, outs = 0, []
+        for chunk in [128] * 4 + [1] * 8 + [10, 1, 1]:
+            outs.append(state.run(np.arange(pos, pos + chunk, dtype=np.int32), pos))
+            pos += chunk
+        np.testing.assert_allclose(np.concatenate(outs), ref[:pos], rtol=1e-4, atol=1e-5)
