@@ -50,7 +50,7 @@ class CompiledModel:
     """The graph after every pass, its memory plan and the executor program."""
 
     def __init__(self, bundle, max_context: int, prefill_chunk: int, threads: int,
-                 keep_snapshots: bool = False):
+                 keep_snapshots: bool = False, kernels: str = ""):
         from pocketlm import _core
 
         meta = bundle.metadata
@@ -67,7 +67,8 @@ class CompiledModel:
         tensors, ops, output = lower(self.graph, self.plan)
         c = self.config
         self.program = _core.Program(bundle.core, tensors, ops, self.plan.arena_bytes, prefill_chunk,
-                                     (c["n_layers"], c["n_kv_heads"], c["head_dim"]), output, threads)
+                                     (c["n_layers"], c["n_kv_heads"], c["head_dim"]), output, threads,
+                                     kernels)
 
 
 def _weight_reader(bundle):
@@ -100,7 +101,14 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
 
 class Engine:
     def __init__(self, path: str | os.PathLike, threads: int | None = None, max_context: int = 4096,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, verify: bool = False):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, verify: bool = False, kernels: str = ""):
+        """Loads a .plm (or a .gguf, converted once into the cache, or a known model name).
+
+        threads: worker threads (default: physical cores). max_context: tokens per session
+        (capped at the model's trained context). prefill_chunk: tokens per executor call
+        during prefill. verify: hash every tensor before use. kernels: force a CPU kernel
+        variant ("ref", "avx2", "avx512", "neon"; default: the best this CPU supports).
+        """
         t0 = time.perf_counter()
         self.path = resolve_model_path(path)
         self.bundle = read_bundle(self.path)
@@ -119,7 +127,8 @@ class Engine:
         if not 1 <= self.threads <= 64:
             raise ValueError("threads must be between 1 and 64")
         self.prefill_chunk = max(1, min(int(prefill_chunk), self.max_context))
-        self.compiled = CompiledModel(self.bundle, self.max_context, self.prefill_chunk, self.threads)
+        self.compiled = CompiledModel(self.bundle, self.max_context, self.prefill_chunk, self.threads,
+                                      kernels=kernels)
         st = meta.get("special_tokens", {})
         self.tokenizer = Tokenizer(meta["tokenizer"]["json"], bos_id=st.get("bos_id"),
                                    eos_ids=tuple(st.get("eos_ids") or ()), add_bos=bool(st.get("add_bos")))

@@ -98,17 +98,95 @@ def test_threads_one_and_two_agree(case):
     assert np.abs(a - b).max() < 1e-5
 
 
-# Documented in docs/quant.md: max |logit error| relative to the f32 logits' spread (std),
-# measured on these tiny random models (weights ~N(0, 0.15)).
-QUANT_BOUNDS = {"f16": 0.01, "int8": 0.05, "int4": 0.35}
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """What pocketlm's integer matmuls see of an activation row: int8 per block of 32,
+    d = amax/127, q = round-half-away-from-zero(x/d) (kernels.h, BlockQ8A)."""
+    shape = x.shape
+    b = x.reshape(-1, shape[-1] // 32, 32).double()
+    d = b.abs().amax(-1, keepdim=True).float().double() / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    v = b * inv
+    q = torch.sign(v) * torch.floor(v.abs() + 0.5)
+    return (q.clamp(-127, 127) * d).reshape(shape).to(x.dtype)
 
 
-@pytest.mark.parametrize("quant", sorted(QUANT_BOUNDS))
-def test_quantized_within_documented_bound(case, quant):
+def dequantized_reference(model, bundle_path):
+    """A copy of `model` computing what pocketlm should on this bundle: the bundle's weights
+    dequantized to f32, and the inputs of every matmul with a quantized weight quantized to
+    int8 exactly as pocketlm's kernels do. What remains is float summation order."""
+    import copy
+
+    from pocketlm.bundle import read_bundle
+    from pocketlm.dtypes import DType
+    from pocketlm.models import llama
+    from pocketlm.quant import dequantize
+
+    b = read_bundle(bundle_path)
+    infos = {t.name: t for t in b.tensors}
+    ref = copy.deepcopy(model)
+
+    def canonical(name):
+        canon = llama.hf_weight_name(name)
+        return "token_embd.weight" if canon == "output.weight" and canon not in infos else canon
+
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            t = infos[canonical(name)]
+            w = dequantize(np.asarray(b.tensor(t.name)), DType(t.dtype), tuple(t.shape))
+            p.copy_(torch.from_numpy(np.ascontiguousarray(w.reshape(p.shape))))
+    for name, mod in ref.named_modules():
+        if isinstance(mod, torch.nn.Linear) and DType(infos[canonical(name + ".weight")].dtype).quantized:
+            mod.register_forward_pre_hook(lambda m, args: (quantize_activations(args[0]),))
+    return ref
+
+
+@pytest.mark.parametrize("quant", ["f16", "int8", "int4"])
+# pocketlm on a quantized bundle vs transformers emulating the same arithmetic (above): max
+# |logit error| / std(logits), over 8 prompts. Most prompts agree to float rounding (~1e-6). Now
+# and then an activation sits on an int8 rounding boundary where float32 and float64 disagree and
+# one quantized value differs by a step, which these high-gain random models amplify to a few
+# percent; so the median must be tiny and the worst case moderate. A wrong scale, block order or
+# offset breaks every prompt by 0.1-1.
+def test_quantized_runtime_matches_emulated_reference(case, quant):
+    name, folder, model, _ = case
+    qb = convert(folder / "hf", folder / f"{quant}.plm", quant=quant, progress=False)
+    ref_model = dequantized_reference(model, qb)
+    engine = Engine(qb, threads=2, max_context=64)
+    errors = []
+    for seed in range(8):
+        ids = prompt(24, 300, seed=seed)
+        ref = hf_logits(ref_model, ids)[-1]
+        got = engine.create_session().prefill(ids)
+        errors.append(float(np.abs(got - ref).max() / ref.std()))
+    assert np.median(errors) < 1e-3 and max(errors) < 0.1, (quant, errors)
+
+
+# End to end vs the f32 model (weight and activation quantization together), measured on these
+# tiny random models; recorded in docs/quant.md. Random N(0, 0.15) weights are harsher than
+# trained ones, so these bounds are loose and only catch gross regressions.
+END_TO_END_BOUNDS = {"f16": 0.01, "int8": 0.3, "int4": 2.0}
+
+
+@pytest.mark.parametrize("quant", sorted(END_TO_END_BOUNDS))
+def test_quantized_end_to_end_error_vs_f32(case, quant):
     name, folder, model, bundle = case
     qb = convert(folder / "hf", folder / f"{quant}.plm", quant=quant, progress=False)
     ids = prompt(24, 300, seed=5)
-    ref = Engine(bundle, threads=2, max_context=64).create_session().prefill(ids)
+    ref = hf_logits(model, ids)[-1]
     got = Engine(qb, threads=2, max_context=64).create_session().prefill(ids)
     rel = np.abs(got - ref).max() / ref.std()
-    assert rel < QUANT_BOUNDS[quant], (quant, rel)
+    print(f"{name} {quant}: max|err|/std = {rel:.4f}")
+    assert rel < END_TO_END_BOUNDS[quant], (quant, rel)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_simd_matches_scalar_reference_kernels(case, quant):
+    from pocketlm import _core
+
+    _, folder, _, _ = case
+    qb = convert(folder / "hf", folder / f"{quant}-k.plm", quant=quant, progress=False)
+    ids = prompt(40, 300, seed=9)
+    ref = Engine(qb, threads=1, max_context=64, kernels="ref").create_session().prefill(ids)
+    for variant in _core.kernels.available():
+        got = Engine(qb, threads=2, max_context=64, kernels=variant).create_session().prefill(ids)
+        assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max()), variant

@@ -1,0 +1,100 @@
+"""The command line end to end, as a user runs it (`python -m pocketlm ...` in a subprocess),
+on a tiny random model converted from a transformers checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import make_hf_model
+
+
+def cli(*args, input=None, check=True, env=None):
+    r = subprocess.run([sys.executable, "-m", "pocketlm", *map(str, args)], capture_output=True, text=True,
+                       input=input, timeout=300, env={**os.environ, **(env or {})})
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    make_hf_model(d / "hf", "llama", seed=3)
+    out = d / "tiny.plm"
+    r = cli("convert", d / "hf", "-o", out, "--quant", "int8")
+    assert out.exists() and str(out) in r.stdout
+    return out
+
+
+def test_convert_shows_progress_and_writes_bundle(tmp_path):
+    make_hf_model(tmp_path / "hf", "qwen2", seed=4)
+    r = cli("convert", tmp_path / "hf", "-o", tmp_path / "q.plm", "--quant", "int4", "--group-size", "64")
+    assert "100%" in r.stderr or "tensors" in r.stderr
+    r = cli("inspect", tmp_path / "q.plm")
+    assert "q4_0_g64" in r.stdout and "qwen2" in r.stdout
+
+
+def test_inspect_verify_and_graph(model):
+    r = cli("inspect", model, "--verify", "--graph")
+    assert "verify: OK" in r.stdout
+    for name in ("fold_constants", "last_position_only", "fuse_parallel_matmuls", "fuse_add_rms_norm"):
+        assert f"after {name}" in r.stdout
+    assert "naive sum" in r.stdout and "matmul_multi" in r.stdout
+
+
+def test_inspect_verify_detects_corruption(model, tmp_path):
+    bad = tmp_path / "bad.plm"
+    data = bytearray(model.read_bytes())
+    data[-100] ^= 0xFF  # inside the data section: only --verify can see it
+    bad.write_bytes(data)
+    r = cli("inspect", bad, "--verify", check=False)
+    assert r.returncode == 1 and "checksum mismatch" in r.stderr
+
+
+def test_run_greedy_matches_python_api_and_prints_stats(model):
+    from pocketlm.engine import Engine
+
+    engine = Engine(model, threads=1, max_context=128)
+    prompt = "The quick brown"
+    expected = "".join(engine.generate(prompt, max_tokens=12, temperature=0))
+    r = cli("run", model, "-p", prompt, "-n", 12, "--temp", 0, "-t", 2, "-c", 128)
+    assert r.stdout == prompt + expected + "\n"
+    stats = r.stderr.strip().splitlines()[-1]
+    for key in ("prompt", "prefill", "decode", "ttft", "peak RSS"):
+        assert key in stats
+
+
+def test_run_reads_prompt_from_stdin(model):
+    r = cli("run", model, "-n", 4, "--temp", 0, "--no-echo", input="To be, or not")
+    assert r.returncode == 0 and "decode" in r.stderr
+
+
+def test_chat_one_shot_and_repl(model):
+    r = cli("chat", model, "-p", "hello", "-n", 8, "--temp", 0)
+    assert r.returncode == 0
+    r = cli("chat", model, "-n", 4, "--temp", 0, input="hi\n/reset\nhello again\n/exit\n")
+    assert r.returncode == 0
+
+
+def test_errors_are_one_line_and_nonzero(tmp_path):
+    r = cli("run", tmp_path / "missing.plm", "-p", "x", check=False)
+    assert r.returncode == 1 and "no such file" in r.stderr and "Traceback" not in r.stderr
+    junk = tmp_path / "junk.plm"
+    junk.write_bytes(b"not a bundle at all" * 10)
+    r = cli("inspect", junk, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    r = cli("convert", tmp_path / "hf", "-o", tmp_path / "x.plm", check=False)
+    assert r.returncode == 1 and "mamba" in r.stderr and not (tmp_path / "x.plm").exists()
+
+
+def test_context_overflow_is_a_clear_error(model):
+    r = cli("run", model, "-p", "word " * 200, "-n", 4, "-c", 32, check=False)
+    assert r.returncode == 1 and "context" in r.stderr and "Traceback" not in r.stderr

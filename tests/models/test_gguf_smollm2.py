@@ -1,0 +1,114 @@
+"""The real SmolLM2-135M-Instruct GGUF (Q4_1 + Q8_0 + F32) against transformers loading the
+same file (its GGUF loader dequantizes every tensor to float32): the reference run.
+
+- Converted to f32, pocketlm computes what transformers computes: last-position logits within
+  1e-3 (logits here are O(10)) and the same 32 greedy tokens of a chat answer.
+- Kept in its own types (the default), pocketlm's integer kernels quantize activations; we state
+  the tolerance as quality: perplexity within 0.5% of the float reference on the same text, and
+  top-1 next-token agreement >= 90%.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pocketlm.convert import convert
+from pocketlm.engine import Engine
+
+TEXT = (
+    "The lighthouse keeper climbed the spiral stairs every evening at dusk. From the gallery he "
+    "could see the fishing boats returning to the harbour, their lamps swinging with the swell. "
+    "He wrote down the wind, the state of the sea and the names of the boats in a thick ledger "
+    "that his grandfather had started sixty years before. When storms came he stayed awake all "
+    "night, trimming the wick and polishing the great lens until it shone like a second moon. "
+    "In the morning the village children ran along the sea wall to ask him what he had seen, and "
+    "he told them about whales, about ships bound for distant ports, and about the strange green "
+    "light that sometimes flickered on the horizon just before sunrise. Years later, when the "
+    "light was automated, the ledger went to the town museum, where it still lies open under glass."
+)
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def hf_model(smollm2_gguf, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path_factory.mktemp("smollm2-hf")
+    (d / smollm2_gguf.name).symlink_to(smollm2_gguf)
+    return AutoModelForCausalLM.from_pretrained(d, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def native(smollm2_gguf, tmp_path_factory):
+    out = convert(smollm2_gguf, tmp_path_factory.mktemp("smol") / "native.plm", progress=False)
+    return Engine(out, threads=2, max_context=1024)
+
+
+@pytest.fixture(scope="module")
+def f32(smollm2_gguf, tmp_path_factory):
+    out = convert(smollm2_gguf, tmp_path_factory.mktemp("smol") / "f32.plm", quant="f32", progress=False)
+    return Engine(out, threads=2, max_context=1024)
+
+
+def test_native_bundle_keeps_gguf_types(native):
+    types = native.metadata["quantization"]["types"]
+    assert types == {"f32": 61, "q4_1": 210, "q8_0": 1}
+
+
+def test_f32_logits_and_greedy_chat_match_transformers(f32, hf_model):
+    ids = f32.tokenizer.encode(f32.apply_chat_template(QUESTION), add_special_tokens=False)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits[0, -1].numpy()
+        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)
+    ref_tokens = out[0, len(ids):].tolist()
+    s = f32.create_session()
+    logits = s.prefill(ids)
+    assert np.abs(logits - ref).max() < 1e-3
+    got = []
+    for _ in range(len(ref_tokens)):
+        t = int(np.argmax(logits))
+        got.append(t)
+        if t in f32.tokenizer.eos_ids:
+            break
+        logits = s.decode(t)
+    assert got == ref_tokens
+    assert "Paris" in f32.tokenizer.decode(got)
+
+
+def test_native_quality_matches_float_reference(native, hf_model):
+    ids = native.tokenizer.encode(TEXT)
+    assert 150 < len(ids) < 1024
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].double(), -1).numpy()
+    s = native.create_session()
+    got = []
+    for i, t in enumerate(ids[:-1]):  # token by token: exercises the decode path too
+        got.append(s.decode(t) if i else s.prefill([t]))
+    got = np.stack(got).astype(np.float64)
+    got = got - np.log(np.exp(got - got.max(1, keepdims=True)).sum(1, keepdims=True)) - got.max(1, keepdims=True)
+    targets = np.array(ids[1:])
+    ppl_ref = float(np.exp(-ref[np.arange(len(targets)), targets].mean()))
+    ppl = float(np.exp(-got[np.arange(len(targets)), targets].mean()))
+    top1 = float((got.argmax(1) == ref[:-1].argmax(1)).mean())
+    print(f"perplexity float {ppl_ref:.3f} pocketlm {ppl:.3f}; top-1 agreement {top1:.3f}")
+    assert abs(ppl / ppl_ref - 1) < 0.005
+    assert top1 >= 0.90
+    # one prefill call (the GEMM path) predicts like the token-by-token run (the GEMV path)
+    whole = native.create_session().prefill(ids[:-1]).astype(np.float64)
+    p = np.exp(got[-1])
+    q = np.exp(whole - whole.max()) / np.exp(whole - whole.max()).sum()
+    assert int(whole.argmax()) == int(got[-1].argmax())
+    assert float((p * (np.log(p + 1e-30) - np.log(q + 1e-30))).sum()) < 0.01  # KL divergence
+
+
+def test_tokenizer_matches_transformers(native, smollm2_gguf, tmp_path):
+    from transformers import AutoTokenizer
+
+    (tmp_path / smollm2_gguf.name).symlink_to(smollm2_gguf)
+    ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=smollm2_gguf.name)
+    for text in [TEXT, "def f(x):\n\treturn x ** 2  # square\n", "Prix: 1234,50 € — naïve café 😀",
+                 "<|im_start|>user\nhi<|im_end|>\n"]:
+        assert native.tokenizer.encode(text, add_special_tokens=False) == ref(text, add_special_tokens=False).input_ids
+        assert native.tokenizer.decode(native.tokenizer.encode(text, add_special_tokens=False)) == text
