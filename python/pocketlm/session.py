@@ -180,6 +180,8 @@ class Session:
             if hit_stop:
                 stats.finish_reason = "stop"
                 break
+            if stats.generated_tokens >= max_tokens:
+                break  # the last token is not fed back: a follow-up prompt prefills it if needed
             if self.position >= self.max_context:
                 stats.finish_reason = "context"
                 break
