@@ -123,6 +123,9 @@ class Engine:
             raise ValueError("max_context must be at least 1")
         trained = int(self.config.get("max_position") or max_context)
         self.max_context = min(int(max_context), trained)
+        window = self.config.get("sliding_window")
+        if window:  # beyond the window, full attention would differ from the model's
+            self.max_context = min(self.max_context, int(window))
         self.threads = int(threads) if threads else physical_cores()
         if not 1 <= self.threads <= 64:
             raise ValueError("threads must be between 1 and 64")

@@ -57,6 +57,9 @@ def config_from_hf(d: dict) -> dict:
         "max_position": int(d.get("max_position_embeddings", 4096)),
         "tie_embeddings": bool(d.get("tie_word_embeddings", False)),
         "attn_bias": bool(d.get("attention_bias", False)),
+        # Mistral: attention sees at most this many past tokens. Until windowed KV caches land,
+        # the engine caps the context here, where full attention computes exactly the same.
+        "sliding_window": int(d["sliding_window"]) if d.get("sliding_window") else None,
     }
 
 
