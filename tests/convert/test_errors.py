@@ -95,7 +95,7 @@ def test_truncated_gguf(tiny_gguf, tmp_path, keep_bytes):
 
 
 def test_unsupported_gguf_architecture(tmp_path):
-    from conftest import make_hf_model
+    from testutil import make_hf_model
 
     model = make_hf_model(tmp_path / "hf", "llama", num_hidden_layers=1)
     src = tmp_path / "phi.gguf"

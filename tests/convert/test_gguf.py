@@ -132,7 +132,7 @@ CRAFT_TYPES = {
 
 @pytest.fixture(scope="module")
 def crafted_llama(tmp_path_factory):
-    from conftest import make_hf_model
+    from testutil import make_hf_model
 
     root = tmp_path_factory.mktemp("craft")
     model = make_hf_model(root / "hf", "llama", hidden_size=256, intermediate_size=256, num_hidden_layers=1,
@@ -192,7 +192,7 @@ def test_crafted_quant_given_reencodes_everything(crafted_llama, tmp_path):
 
 def test_crafted_qwen2_is_not_unpermuted(tmp_path):
     """qwen2 GGUFs keep HF's row order (NeoX RoPE in llama.cpp): copied as is, biases included."""
-    from conftest import make_hf_model
+    from testutil import make_hf_model
 
     folder = tmp_path / "hf"
     model = make_hf_model(folder, "qwen2", num_hidden_layers=1)  # vocab 320: the tokenizer has merges

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import kernels, variants
+from kernelutil import kernels, variants
 
 from pocketlm.dtypes import DType
 from pocketlm.quant import dequantize, quantize

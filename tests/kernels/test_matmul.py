@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import kernels, quantize_act_np, simd_variants
+from kernelutil import kernels, quantize_act_np, simd_variants
 
 from pocketlm.dtypes import DType
 from pocketlm.quant import dequantize, quantize

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_hf_model
+from testutil import make_hf_model
 from pocketlm.convert import convert
 from pocketlm.engine import Engine
 

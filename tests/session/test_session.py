@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import make_hf_model
+from testutil import make_hf_model
 from pocketlm import ContextOverflowError
 from pocketlm.convert import convert
 from pocketlm.engine import Engine
