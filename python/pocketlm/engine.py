@@ -50,7 +50,7 @@ class CompiledModel:
     """The graph after every pass, its memory plan and the executor program."""
 
     def __init__(self, bundle, max_context: int, prefill_chunk: int, threads: int,
-                 keep_snapshots: bool = False, kernels: str = ""):
+                 keep_snapshots: bool = False, kernels: str = "", all_logits: bool = False):
         from pocketlm import _core
 
         meta = bundle.metadata
@@ -59,8 +59,10 @@ class CompiledModel:
         g = Graph()
         arch.build(g, self.config, max_positions=max_context)
         read_weight = _weight_reader(bundle)
+        # all_logits (scoring, perplexity): keep the output head on every row.
         passes = [(name, make_fold_constants(read_weight) if name == "fold_constants" else fn)
-                  for name, fn in PIPELINE]
+                  for name, fn in PIPELINE if not (all_logits and name == "last_position_only")]
+        self.all_logits = all_logits
         self.snapshots: list[tuple[str, Graph]] | None = [] if keep_snapshots else None
         self.graph = run_pipeline(g, passes, self.snapshots)
         self.plan: MemoryPlan = plan_memory(self.graph, prefill_chunk)
@@ -130,8 +132,10 @@ class Engine:
         if not 1 <= self.threads <= 64:
             raise ValueError("threads must be between 1 and 64")
         self.prefill_chunk = max(1, min(int(prefill_chunk), self.max_context))
+        self._kernels = kernels
         self.compiled = CompiledModel(self.bundle, self.max_context, self.prefill_chunk, self.threads,
                                       kernels=kernels)
+        self._scoring: CompiledModel | None = None
         st = meta.get("special_tokens", {})
         self.tokenizer = Tokenizer(meta["tokenizer"]["json"], bos_id=st.get("bos_id"),
                                    eos_ids=tuple(st.get("eos_ids") or ()), add_bos=bool(st.get("add_bos")))
@@ -147,10 +151,26 @@ class Engine:
     def vocab_size(self) -> int:
         return int(self.config["vocab_size"])
 
-    def create_session(self, max_context: int | None = None):
+    # Rows per call of the all-logits program: its arena holds chunk x vocab floats.
+    SCORING_CHUNK = 64
+
+    def compiled_for(self, logits: str) -> CompiledModel:
+        if logits == "last":
+            return self.compiled
+        if logits != "all":
+            raise ValueError("logits must be 'last' or 'all'")
+        if self._scoring is None:
+            self._scoring = CompiledModel(self.bundle, self.max_context,
+                                          min(self.SCORING_CHUNK, self.prefill_chunk), self.threads,
+                                          kernels=self._kernels, all_logits=True)
+        return self._scoring
+
+    def create_session(self, max_context: int | None = None, logits: str = "last"):
+        """A new session. logits="all" makes prefill compute every position's logits, which
+        `Session.score` uses (perplexity, evaluation); generation wants the default "last"."""
         from pocketlm.session import Session
 
-        return Session(self, max_context or self.max_context)
+        return Session(self, max_context or self.max_context, logits=logits)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         from pocketlm.chat import default_chat_template, render_chat

@@ -41,12 +41,15 @@ class GenerationStats:
 
 
 class Session:
-    def __init__(self, engine, max_context: int):
+    def __init__(self, engine, max_context: int, logits: str = "last"):
         from pocketlm import _core
 
         self.engine = engine
         self.max_context = int(max_context)
-        self._state = _core.State(engine.compiled.program, self.max_context)
+        compiled = engine.compiled_for(logits)
+        self.logits_mode = logits
+        self._chunk = compiled.plan.max_tokens
+        self._state = _core.State(compiled.program, self.max_context)
         self._tokens: list[int] = []
         self._last_logits: np.ndarray | None = None
         self.last_stats = GenerationStats()
@@ -84,14 +87,43 @@ class Session:
             raise ContextOverflowError(
                 f"{ids.size} tokens at position {self.position} exceed the context of {self.max_context} "
                 f"tokens; shorten the prompt, reset the session or raise max_context")
-        chunk = self.engine.prefill_chunk
-        logits = None
-        for s in range(0, ids.size, chunk):
-            part = ids[s:s + chunk]
-            logits = self._state.run(part, self.position)
-            self._tokens.extend(int(t) for t in part)
+        logits = self._run(ids, keep_all=False)
         self._last_logits = logits[-1]
         return self._last_logits
+
+    def _run(self, ids: np.ndarray, keep_all: bool) -> np.ndarray:
+        chunk = self._chunk
+        parts = []
+        for s in range(0, ids.size, chunk):
+            part = ids[s:s + chunk]
+            out = self._state.run(part, self.position)
+            self._tokens.extend(int(t) for t in part)
+            parts.append(out if keep_all else out[-1:])
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def score(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Feeds `token_ids` and returns log P(token_i | everything before it) for each, as
+        float64. The first value is NaN when the session held no tokens before (nothing
+        predicts it). Needs a session made with `engine.create_session(logits="all")`."""
+        if self.logits_mode != "all":
+            raise ValueError('score() needs a session created with logits="all"')
+        ids = np.asarray(list(token_ids), dtype=np.int32)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError("score needs a non-empty sequence of token ids")
+        if self.position + ids.size > self.max_context:
+            raise ContextOverflowError(
+                f"{ids.size} tokens at position {self.position} exceed the context of {self.max_context}")
+        prev = self._last_logits
+        logits = self._run(ids, keep_all=True).astype(np.float64)
+        self._last_logits = logits[-1].astype(np.float32)
+        m = logits.max(axis=1, keepdims=True)
+        logprobs = logits - m - np.log(np.exp(logits - m).sum(axis=1, keepdims=True))
+        out = np.full(ids.size, np.nan)
+        out[1:] = logprobs[np.arange(ids.size - 1), ids[1:]]
+        if prev is not None:
+            p = prev.astype(np.float64)
+            out[0] = p[ids[0]] - p.max() - np.log(np.exp(p - p.max()).sum())
+        return out
 
     def decode(self, token_id: int) -> np.ndarray:
         """Feeds one token; returns the logits for the next position."""

@@ -102,3 +102,23 @@ def test_chat_renders_template_and_streams(engine):
     text = engine.apply_chat_template(msgs)
     assert text.endswith("<|im_start|>assistant\n")
     assert isinstance("".join(engine.chat(msgs, max_tokens=5, temperature=0)), str)
+
+
+def test_score_matches_step_by_step_logprobs(engine):
+    ids = engine.tokenizer.encode("The lighthouse keeper climbed the spiral stairs every evening at dusk.")
+    assert len(ids) > 20
+    s = engine.create_session(logits="all")
+    lp = s.score(ids[:12])
+    lp2 = s.score(ids[12:])  # continues the same context
+    assert np.isnan(lp[0]) and not np.isnan(lp2[0])
+    got = np.concatenate([lp[1:], lp2])
+    ref = []
+    g = engine.create_session()
+    logits = g.prefill(ids[:1])
+    for t in ids[1:]:
+        z = logits.astype(np.float64)
+        ref.append(z[t] - z.max() - np.log(np.exp(z - z.max()).sum()))
+        logits = g.decode(t)
+    assert np.abs(got - np.array(ref)).max() < 1e-4
+    with pytest.raises(ValueError, match="logits"):
+        engine.create_session().score(ids)
