@@ -36,22 +36,36 @@ def make_tokenizer_files(folder: Path, vocab_size: int) -> None:
 
 
 def make_hf_model(folder: Path, arch: str, seed: int = 0, **overrides):
-    """Saves a tiny random model of `arch` ("llama" or "qwen2") with transformers; returns it."""
+    """Saves a tiny random model of `arch` ("llama", "qwen2", "gpt2" or "phi3") with transformers;
+    returns it. Overrides use the llama-style names (hidden_size, ...) for every arch."""
     import torch
     import transformers
 
     base = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                 rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.15)
+    if arch == "gpt2":
+        base.update(tie_word_embeddings=True, num_key_value_heads=None)
+    if arch == "phi3":  # Phi3Config's token ids default to 32000: keep them inside the vocabulary
+        base.update(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     base.update(overrides)
+    if arch == "gpt2":  # GPT2Config's own names; multi-head attention, LayerNorm eps
+        base = dict(vocab_size=base["vocab_size"], n_embd=base["hidden_size"], n_inner=base["intermediate_size"],
+                    n_layer=base["num_hidden_layers"], n_head=base["num_attention_heads"],
+                    n_positions=base["max_position_embeddings"], layer_norm_epsilon=base["rms_norm_eps"],
+                    tie_word_embeddings=base["tie_word_embeddings"], initializer_range=base["initializer_range"],
+                    bos_token_id=1, eos_token_id=2,
+                    **{k: v for k, v in overrides.items() if k in ("activation_function", "scale_attn_by_inverse_layer_idx")})
     cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
+           "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}[arch]
     torch.manual_seed(seed)
     config = cls[0](**base)
     model = cls[1](config).eval()
     with torch.no_grad():  # biases and norms are zero/one at init: make them count
         for name, p in model.named_parameters():
-            if name.endswith(".bias") or "norm" in name:
+            if name.endswith(".bias") or "norm" in name or ".ln_" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)

@@ -111,7 +111,7 @@ void bind_executor(nb::module_& m) {
           "__init__",
           [](plm::Program* self, nb::object bundle, nb::list tensors, nb::list ops,
              int64_t arena_bytes, int max_tokens, std::tuple<int, int, int> kv, int output,
-             int n_threads, const std::string& kernels) {
+             int n_threads, const std::string& kernels, const std::string& activations) {
             std::shared_ptr<plm::Bundle> b;
             if (!bundle.is_none()) {
               // pocketlm.bundle.Bundle wraps the _core.Bundle as .core
@@ -140,15 +140,17 @@ void bind_executor(nb::module_& m) {
             }
             plm::KVConfig kvc{std::get<0>(kv), std::get<1>(kv), std::get<2>(kv)};
             new (self) plm::Program(std::move(b), std::move(descs), std::move(op_descs),
-                                    arena_bytes, max_tokens, kvc, output, n_threads, kernels);
+                                    arena_bytes, max_tokens, kvc, output, n_threads, kernels,
+                                    activations);
           },
           nb::arg("bundle").none(), nb::arg("tensors"), nb::arg("ops"), nb::arg("arena_bytes"),
           nb::arg("max_tokens"), nb::arg("kv"), nb::arg("output"), nb::arg("n_threads"),
-          nb::arg("kernels") = "")
+          nb::arg("kernels") = "", nb::arg("activations") = "int8x2")
       .def_prop_ro("max_tokens", &plm::Program::max_tokens)
       .def_prop_ro("n_threads", &plm::Program::n_threads)
       .def_prop_ro("arena_bytes", &plm::Program::arena_bytes)
       .def_prop_ro("kernel_name", [](const plm::Program& p) { return std::string(p.kernel_name()); })
+      .def_prop_ro("activations", [](const plm::Program& p) { return std::string(p.activations()); })
       .def_prop_ro("output_cols", &plm::Program::output_cols);
 
   nb::class_<StateHandle>(m, "State", "One session's arena, KV cache and scratch for a Program.")
@@ -159,6 +161,9 @@ void bind_executor(nb::module_& m) {
           },
           nb::arg("program"), nb::arg("max_context"), nb::keep_alive<1, 2>())
       .def_prop_ro("max_context", [](const StateHandle& s) { return s.state.max_context(); })
+      .def_prop_ro("kv_capacities", [](const StateHandle& s) { return s.state.kv_capacities(); },
+                   "Positions each layer's KV cache holds (fewer than max_context with a window).")
+      .def_prop_ro("kv_bytes", [](const StateHandle& s) { return s.state.kv_bytes(); })
       .def(
           "run",
           [](StateHandle& s, TokenArray tokens, int pos, std::optional<OutArray> out) -> nb::object {

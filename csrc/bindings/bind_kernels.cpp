@@ -47,42 +47,77 @@ nb::ndarray<nb::numpy, T> new_array(const size_t (&shape)[N], T** data) {
   return nb::ndarray<nb::numpy, T>(buf, N, shape, owner);
 }
 
+// Validated view of raw weight bytes for matmul / matmul2 (I8 scales copied if unaligned).
+struct CheckedWeight {
+  WeightView w;
+  std::unique_ptr<float[]> scales_copy;  // the scales may sit unaligned in the byte array
+};
+
+void check_weight(const char* op, DType dt, const In1<uint8_t>& weight, int64_t rows, int64_t cols,
+                  const In2<float>& x, CheckedWeight& out) {
+  const auto& tr = traits(dt);
+  auto fail = [op](const char* msg) { throw nb::value_error((std::string(op) + ": " + msg).c_str()); };
+  if (rows <= 0 || cols <= 0 || rows > (1 << 30) || cols > (1 << 30)) fail("rows and cols must be positive");
+  if (cols % tr.block_elems) fail("cols must be a multiple of the block size");
+  if (tr.quantized && cols % 32) fail("quantized types need cols % 32 == 0");
+  if (weight.shape(0) != tensor_bytes(dt, rows, cols))
+    fail("weight has the wrong number of bytes for dtype and shape");
+  if ((int64_t)x.shape(1) != cols) fail("x must be [T, cols]");
+  if (x.shape(0) == 0) fail("x must have at least one row");
+
+  out.w = WeightView{dt, rows, cols, weight.data(), row_bytes(dt, cols), nullptr};
+  if (dt == DType::I8) out.w.row_scales = reinterpret_cast<const float*>(weight.data() + rows * cols);
+  if (dt == DType::I8 && reinterpret_cast<uintptr_t>(out.w.row_scales) % alignof(float)) {
+    out.scales_copy.reset(new float[rows]);
+    std::memcpy(out.scales_copy.get(), out.w.row_scales, rows * sizeof(float));
+    out.w.row_scales = out.scales_copy.get();
+  }
+}
+
 nb::ndarray<nb::numpy, float> matmul(const std::string& variant, int dtype_id, In1<uint8_t> weight,
                                      int64_t rows, int64_t cols, In2<float> x) {
   const KernelTable& kt = table(variant);
   const DType dt = check_dtype(dtype_id);
-  const auto& tr = traits(dt);
-  if (rows <= 0 || cols <= 0 || rows > (1 << 30) || cols > (1 << 30))
-    throw nb::value_error("matmul: rows and cols must be positive");
-  if (cols % tr.block_elems)
-    throw nb::value_error("matmul: cols must be a multiple of the block size");
-  if (tr.quantized && cols % 32)
-    throw nb::value_error("matmul: quantized types need cols % 32 == 0");
-  if (weight.shape(0) != tensor_bytes(dt, rows, cols))
-    throw nb::value_error("matmul: weight has the wrong number of bytes for dtype and shape");
-  if ((int64_t)x.shape(1) != cols) throw nb::value_error("matmul: x must be [T, cols]");
+  CheckedWeight cw;
+  check_weight("matmul", dt, weight, rows, cols, x, cw);
+  const WeightView& w = cw.w;
   const int T = (int)x.shape(0);
-  if (T <= 0) throw nb::value_error("matmul: x must have at least one row");
-
-  WeightView w{dt, rows, cols, weight.data(), row_bytes(dt, cols), nullptr};
-  if (dt == DType::I8) w.row_scales = reinterpret_cast<const float*>(weight.data() + rows * cols);
-  std::unique_ptr<float[]> scales_copy;  // the scales may sit unaligned in the byte array
-  if (dt == DType::I8 && reinterpret_cast<uintptr_t>(w.row_scales) % alignof(float)) {
-    scales_copy.reset(new float[rows]);
-    std::memcpy(scales_copy.get(), w.row_scales, rows * sizeof(float));
-    w.row_scales = scales_copy.get();
-  }
   float* y;
   auto out = new_array<float>({(size_t)T, (size_t)rows}, &y);
   const float* xp = x.data();
   {
     nb::gil_scoped_release unlock;
     std::vector<BlockQ8A> xq;
-    if (tr.quantized) {
+    if (traits(dt).quantized) {
       xq.resize((size_t)T * (cols / 32));
       for (int t = 0; t < T; ++t) kt.quantize_act(xp + t * cols, xq.data() + t * (cols / 32), (int)cols);
     }
     kt.matmul[(int)dt](w, xp, (size_t)cols, xq.data(), T, y, (size_t)rows, 0, (int)rows);
+  }
+  return out;
+}
+
+nb::ndarray<nb::numpy, float> matmul2(const std::string& variant, int dtype_id, In1<uint8_t> weight,
+                                      int64_t rows, int64_t cols, In2<float> x) {
+  const KernelTable& kt = table(variant);
+  const DType dt = check_dtype(dtype_id);
+  if (!kt.matmul2[(int)dt] || !kt.quantize_act2)
+    throw nb::value_error(("matmul2: not implemented by variant " + variant).c_str());
+  CheckedWeight cw;
+  check_weight("matmul2", dt, weight, rows, cols, x, cw);
+  const WeightView& w = cw.w;
+  const int T = (int)x.shape(0);
+  float* y;
+  auto out = new_array<float>({(size_t)T, (size_t)rows}, &y);
+  const float* xp = x.data();
+  {
+    nb::gil_scoped_release unlock;
+    std::vector<BlockQ8A2> xq;
+    if (traits(dt).quantized) {
+      xq.resize((size_t)T * (cols / 32));
+      for (int t = 0; t < T; ++t) kt.quantize_act2(xp + t * cols, xq.data() + t * (cols / 32), (int)cols);
+    }
+    kt.matmul2[(int)dt](w, xp, (size_t)cols, xq.data(), T, y, (size_t)rows, 0, (int)rows);
   }
   return out;
 }
@@ -109,6 +144,38 @@ quantize_act(const std::string& variant, In1<float> x) {
     }
   }
   return {da, sa, qa};
+}
+
+std::tuple<nb::ndarray<nb::numpy, float>, nb::ndarray<nb::numpy, float>, nb::ndarray<nb::numpy, float>,
+           nb::ndarray<nb::numpy, float>, nb::ndarray<nb::numpy, int8_t>, nb::ndarray<nb::numpy, int8_t>>
+quantize_act2(const std::string& variant, In1<float> x) {
+  const KernelTable& kt = table(variant);
+  if (!kt.quantize_act2) throw nb::value_error(("quantize_act2: not implemented by variant " + variant).c_str());
+  const size_t K = x.shape(0);
+  if (K % 32 || K == 0) throw nb::value_error("quantize_act2: len(x) must be a positive multiple of 32");
+  const size_t nb_ = K / 32;
+  float *d, *s, *d2, *s2;
+  int8_t *qs, *qs2;
+  auto da = new_array<float>({nb_}, &d);
+  auto sa = new_array<float>({nb_}, &s);
+  auto d2a = new_array<float>({nb_}, &d2);
+  auto s2a = new_array<float>({nb_}, &s2);
+  auto qa = new_array<int8_t>({nb_, (size_t)32}, &qs);
+  auto q2a = new_array<int8_t>({nb_, (size_t)32}, &qs2);
+  {
+    nb::gil_scoped_release unlock;
+    std::vector<BlockQ8A2> blocks(nb_);
+    kt.quantize_act2(x.data(), blocks.data(), (int)K);
+    for (size_t b = 0; b < nb_; ++b) {
+      d[b] = blocks[b].d;
+      s[b] = blocks[b].s;
+      d2[b] = blocks[b].d2;
+      s2[b] = blocks[b].s2;
+      std::memcpy(qs + 32 * b, blocks[b].qs, 32);
+      std::memcpy(qs2 + 32 * b, blocks[b].qs2, 32);
+    }
+  }
+  return {da, sa, d2a, s2a, qa, q2a};
 }
 
 nb::ndarray<nb::numpy, float> dequant_row(int dtype_id, In1<uint8_t> raw, int64_t cols,
@@ -201,6 +268,12 @@ void bind_kernels(nb::module_& m) {
         "quantize x with the same variant's quantize_act first.");
   k.def("quantize_act", &quantize_act, nb::arg("variant"), nb::arg("x"),
         "Quantize x[K] into 32-blocks: returns (d[K/32], s[K/32], qs[K/32, 32]).");
+  k.def("matmul2", &matmul2, nb::arg("variant"), nb::arg("dtype"), nb::arg("weight"), nb::arg("rows"),
+        nb::arg("cols"), nb::arg("x"),
+        "As matmul, with two-level activations: quantized types quantize x with the same\n"
+        "variant's quantize_act2 and use matmul2.");
+  k.def("quantize_act2", &quantize_act2, nb::arg("variant"), nb::arg("x"),
+        "Two-level quantization of x[K]: returns (d, s, d2, s2, qs[K/32, 32], qs2[K/32, 32]).");
   k.def("dequant_row", &dequant_row, nb::arg("dtype"), nb::arg("raw"), nb::arg("cols"),
         nb::arg("variant") = "ref", "Dequantize one row (I8: without its row scale).");
   k.def("rms_norm", &rms_norm, nb::arg("variant"), nb::arg("x"), nb::arg("w"), nb::arg("eps"));

@@ -15,6 +15,20 @@ namespace plm::kernels {
 struct BlockQ8A { float d; float s; int8_t qs[32]; };
 static_assert(sizeof(BlockQ8A) == 40, "BlockQ8A size");
 
+// Two-level activations (BlockQ8A plus an int8 residual), for blocks where one
+// outlier makes d large and rounds the other values to ~0: x ~= d*q + d2*q2.
+//   d, q, s        exactly as BlockQ8A (same bits as quantize_act);
+//   r  = fmaf(-d, (float)q, x)   i.e. x - d*q rounded ONCE (every variant uses a
+//        fused multiply-subtract: std::fma / vfnmadd / vfms, never a separate
+//        product and subtraction, so FMA contraction cannot change it). In practice
+//        the residual is exact: |r| <= ~d/2 and it fits in 24 bits;
+//   d2 = max|r| / 127 (0 if r == 0), q2 = round-half-away(r * (1/d2)) clamped to
+//        [-127, 127] (the BlockQ8A rule applied to r), s2 = d2 * sum(q2).
+// So |x - d*q - d2*q2| <= d2/2 <= max|x| / 127 / 254 (up to float rounding).
+// Every variant produces bit-identical blocks.
+struct BlockQ8A2 { float d; float s; float d2; float s2; int8_t qs[32]; int8_t qs2[32]; };
+static_assert(sizeof(BlockQ8A2) == 80, "BlockQ8A2 size");
+
 // A weight matrix [rows=N, cols=K] in any DType, row-major by output channel.
 struct WeightView {
   DType dtype;
@@ -32,6 +46,21 @@ struct WeightView {
 using MatmulFn = void (*)(const WeightView& w, const float* x, size_t ldx,
                           const BlockQ8A* xq, int T, float* y, size_t ldy, int n0, int n1);
 
+// Same contract as MatmulFn, reading BlockQ8A2 activations for quantized weights:
+// per 32-block, y += wscale * (d * idot(w, q) + d2 * idot(w, q2)) (+ Q4_1:
+// m * (s + s2); Q4_0's -8 and the I8 row scale as in MatmulFn). Each weight block
+// is decoded once and used for both integer dot products. F32/F16 entries read
+// float x exactly like matmul (they may be the same function).
+using MatmulFn2 = void (*)(const WeightView& w, const float* x, size_t ldx,
+                           const BlockQ8A2* xq, int T, float* y, size_t ldy, int n0, int n1);
+
+// matmul2 entry for the float weight types: forwards to a MatmulFn (which ignores xq).
+template <MatmulFn F>
+void matmul2_float(const WeightView& w, const float* x, size_t ldx, const BlockQ8A2*, int T, float* y,
+                   size_t ldy, int n0, int n1) {
+  F(w, x, ldx, nullptr, T, y, ldy, n0, n1);
+}
+
 struct KernelTable {
   const char* name;                          // "ref", "avx2", "avx512", "neon"
   MatmulFn matmul[kNumDTypes];               // indexed by DType
@@ -43,6 +72,9 @@ struct KernelTable {
   void (*rms_norm)(const float* x, const float* w, float* y, int n, float eps);
   void (*silu_mul)(const float* g, const float* u, float* y, int n);   // y = silu(g)*u
   void (*add)(const float* a, const float* b, float* y, int n);        // y = a+b
+  // Two-level activations (BlockQ8A2): higher-precision integer matmuls.
+  MatmulFn2 matmul2[kNumDTypes];             // indexed by DType
+  void (*quantize_act2)(const float* x, BlockQ8A2* out, int K);  // K % 32 == 0
 };
 
 const KernelTable& ref_kernels();

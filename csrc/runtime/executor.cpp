@@ -33,6 +33,14 @@ constexpr OpInfo kOps[] = {
     {"rope", OpCode::ROPE},
     {"attention", OpCode::ATTENTION},
     {"take_last", OpCode::TAKE_LAST},
+    {"layer_norm", OpCode::LAYER_NORM},
+    {"pos_embed", OpCode::POS_EMBED},
+    {"gelu", OpCode::GELU},
+    {"head_rms_norm", OpCode::HEAD_RMS_NORM},
+    {"geglu", OpCode::GEGLU},
+    {"matmul_geglu", OpCode::MATMUL_GEGLU},
+    {"scale", OpCode::SCALE},
+    {"softcap", OpCode::SOFTCAP},
 };
 
 const char* op_name(OpCode code) {
@@ -72,6 +80,7 @@ struct Tensor {
 struct Program::Impl {
   std::shared_ptr<Bundle> bundle;
   const kernels::KernelTable* kt = nullptr;
+  bool act2 = true;                  // two-level activations (BlockQ8A2), see executor.h
   std::vector<TensorDesc> descs;     // owns CONST and inline WEIGHT bytes
   std::vector<Tensor> tensors;
   std::vector<OpDesc> ops;
@@ -86,8 +95,11 @@ struct Program::Impl {
   int64_t max_swiglu_f = 0;          // largest F of a matmul_swiglu (its "up" half)
   bool has_attention = false;
   int64_t max_group = 0;             // largest n_heads / n_kv_heads of an attention op
+  std::vector<int64_t> layer_window; // per KV layer: the attention window, 0 = full, -1 = unused
   int64_t vocab = std::numeric_limits<int64_t>::max();       // smallest embedding table
   int64_t rope_positions = std::numeric_limits<int64_t>::max();  // smallest rope table
+  int64_t embed_positions = std::numeric_limits<int64_t>::max(); // smallest pos_embed table
+  int64_t max_pos_cols = 0;          // widest pos_embed table (per-thread dequant scratch)
 
   int64_t rows_at(const Tensor& t, int n_tokens) const {
     return t.rows == ROWS_T ? n_tokens : t.rows;
@@ -333,7 +345,8 @@ void Program::Impl::validate_op(size_t index) {
       break;
     }
     case OpCode::ADD:
-    case OpCode::SWIGLU: {
+    case OpCode::SWIGLU:
+    case OpCode::GEGLU: {
       c.arity(2, 1);
       c.params(0, 0);
       const Tensor& a = c.act(in[0], "input 0");
@@ -376,7 +389,8 @@ void Program::Impl::validate_op(size_t index) {
       }
       break;
     }
-    case OpCode::MATMUL_SWIGLU: {
+    case OpCode::MATMUL_SWIGLU:
+    case OpCode::MATMUL_GEGLU: {
       c.arity(3, 1);
       c.params(0, 0);
       const Tensor& x = c.act(in[0], "x");
@@ -417,8 +431,12 @@ void Program::Impl::validate_op(size_t index) {
     }
     case OpCode::ATTENTION: {
       c.arity(3, 1);
-      c.params(4, 1);
+      if (op.iparams.size() != 5 || op.fparams.size() != 2) c.params(4, 1);  // both forms
       int64_t layer = op.iparams[0], hq = op.iparams[1], hkv = op.iparams[2], dh = op.iparams[3];
+      const int64_t window = op.iparams.size() > 4 ? op.iparams[4] : 0;
+      const float softcap = op.fparams.size() > 1 ? op.fparams[1] : 0.f;
+      if (window < 0) c.fail("window must be >= 0 (0 = full attention)");
+      if (!(softcap >= 0.f) || !std::isfinite(softcap)) c.fail("softcap must be finite and >= 0");
       if (layer < 0 || layer >= kv.n_layers)
         c.fail("layer " + std::to_string(layer) + " outside the KV cache's " +
                std::to_string(kv.n_layers) + " layers");
@@ -442,8 +460,72 @@ void Program::Impl::validate_op(size_t index) {
       c.positive_fparam(0, "scale");
       if (!kt->matmul[(int)DType::F32])
         c.unsupported(std::string("kernels '") + kt->name + "' have no f32 matmul (attention scores)");
+      if (layer_window[layer] >= 0 && layer_window[layer] != window)
+        c.fail("layer " + std::to_string(layer) + " already has an attention op with window " +
+               std::to_string(layer_window[layer]) + ", this one has " + std::to_string(window));
+      layer_window[layer] = window;
       has_attention = true;
       max_group = std::max(max_group, hq / hkv);
+      break;
+    }
+    case OpCode::LAYER_NORM: {
+      c.arity(3, 1);
+      c.params(0, 1);
+      const Tensor& x = c.act(in[0], "x");
+      c.f32_row(in[1], "norm weight", x.cols);
+      c.f32_row(in[2], "norm bias", x.cols);
+      c.same_shape(x, c.act(out[0], "output"), "output shape");
+      c.positive_fparam(0, "eps");
+      aliases = {{0, 0}};
+      break;
+    }
+    case OpCode::POS_EMBED: {
+      c.arity(2, 1);
+      c.params(0, 0);
+      const Tensor& x = c.act(in[0], "x");
+      const Tensor& table = c.weight(in[1], "position table");
+      if (x.rows != ROWS_T) c.fail("x must have T rows (positions come from the row index)");
+      if (table.cols != x.cols)
+        c.fail("position table " + table.label + " " + OpChecker::shape(table) +
+               " does not match x " + OpChecker::shape(x));
+      DType dt = table.weight.dtype;
+      if (dt != DType::F32 && dt != DType::I8 && !kt->dequant_row)
+        c.unsupported(std::string("kernels '") + kt->name + "' cannot dequantize position rows");
+      c.same_shape(x, c.act(out[0], "output"), "output shape");
+      embed_positions = std::min(embed_positions, table.rows);
+      max_pos_cols = std::max(max_pos_cols, table.cols);
+      aliases = {{0, 0}};
+      break;
+    }
+    case OpCode::HEAD_RMS_NORM: {
+      c.arity(2, 1);
+      c.params(2, 1);
+      const Tensor& x = c.act(in[0], "x");
+      const int64_t n_heads = op.iparams[0], head_dim = op.iparams[1];
+      if (n_heads < 1 || head_dim < 1 || n_heads * head_dim != x.cols)
+        c.fail("n_heads " + std::to_string(n_heads) + " x head_dim " + std::to_string(head_dim) +
+               " != x cols " + std::to_string(x.cols));
+      c.f32_row(in[1], "norm weight", head_dim);
+      c.same_shape(x, c.act(out[0], "output"), "output shape");
+      c.positive_fparam(0, "eps");
+      aliases = {{0, 0}};
+      break;
+    }
+    case OpCode::SCALE:
+    case OpCode::SOFTCAP: {
+      c.arity(1, 1);
+      c.params(0, 1);
+      c.same_shape(c.act(in[0], "x"), c.act(out[0], "output"), "output shape");
+      if (op.code == OpCode::SOFTCAP) c.positive_fparam(0, "cap");
+      else if (!std::isfinite(op.fparams[0])) c.fail("s must be finite");
+      aliases = {{0, 0}};
+      break;
+    }
+    case OpCode::GELU: {
+      c.arity(1, 1);
+      c.params(0, 0);
+      c.same_shape(c.act(in[0], "x"), c.act(out[0], "output"), "output shape");
+      aliases = {{0, 0}};
       break;
     }
     case OpCode::TAKE_LAST: {
@@ -487,9 +569,13 @@ void Program::Impl::validate_op(size_t index) {
 
 Program::Program(std::shared_ptr<Bundle> bundle, std::vector<TensorDesc> tensors,
                  std::vector<OpDesc> ops, int64_t arena_bytes, int max_tokens, KVConfig kv,
-                 int output_tensor, int n_threads, const std::string& kernels)
+                 int output_tensor, int n_threads, const std::string& kernels,
+                 const std::string& activations)
     : impl_(std::make_unique<Impl>()) {
   Impl& p = *impl_;
+  if (activations == "int8x2") p.act2 = true;
+  else if (activations == "int8") p.act2 = false;
+  else throw std::invalid_argument("activations must be 'int8' or 'int8x2', got '" + activations + "'");
   if (kernels.empty()) {
     p.kt = &kernels::best_kernels();
   } else {
@@ -509,6 +595,7 @@ Program::Program(std::shared_ptr<Bundle> bundle, std::vector<TensorDesc> tensors
   p.arena_bytes = arena_bytes;
   p.max_tokens = max_tokens;
   p.kv = kv;
+  p.layer_window.assign((size_t)kv.n_layers, -1);
   p.n_threads = n_threads;
 
   p.tensors.resize(p.descs.size());
@@ -532,6 +619,7 @@ int Program::max_tokens() const { return impl_->max_tokens; }
 int Program::n_threads() const { return impl_->n_threads; }
 int64_t Program::arena_bytes() const { return impl_->arena_bytes; }
 const char* Program::kernel_name() const { return impl_->kt->name; }
+const char* Program::activations() const { return impl_->act2 ? "int8x2" : "int8"; }
 int64_t Program::output_cols() const { return impl_->tensors[impl_->output].cols; }
 int64_t Program::output_rows(int n_tokens) const {
   return impl_->rows_at(impl_->tensors[impl_->output], n_tokens);
@@ -564,6 +652,25 @@ inline int matmul_parts(int64_t total, int n_threads) {
   return (int)std::max<int64_t>(n_threads, std::min<int64_t>(4 * n_threads, total / 64));
 }
 
+// y = gelu_tanh(g) * u (HF gelu_pytorch_tanh); y may alias g or u.
+void gelu_mul(const float* g, const float* u, float* y, int n) {
+  const float k = 0.7978845608028654f;  // sqrt(2/pi)
+  for (int i = 0; i < n; ++i) {
+    const float v = g[i];
+    y[i] = 0.5f * v * (1.f + std::tanh(k * (v + 0.044715f * v * v * v))) * u[i];
+  }
+}
+
+// Positions each layer's KV cache keeps: a sliding-window layer needs its window plus the
+// rows of one call (they are stored before the first of them reads), full layers everything.
+std::vector<int64_t> layer_kv_capacities(const Program::Impl& p, int max_context) {
+  std::vector<int64_t> cap((size_t)p.kv.n_layers, max_context);
+  for (size_t l = 0; l < cap.size(); ++l)
+    if (p.layer_window[l] > 0)
+      cap[l] = std::min<int64_t>(max_context, p.layer_window[l] + p.max_tokens - 1);
+  return cap;
+}
+
 }  // namespace
 
 struct State::Impl {
@@ -572,10 +679,11 @@ struct State::Impl {
   int max_context;
   LazyBuffer arena;
   KVCache kv;
-  LazyBuffer act_q;      // [max_tokens][max_quant_k / 32] BlockQ8A
+  LazyBuffer act_q;      // [max_tokens][max_quant_k / 32] BlockQ8A, or BlockQ8A2 (act2)
   LazyBuffer up;         // [max_tokens][max_swiglu_f] f32: matmul_swiglu's up projection
   LazyBuffer scores;     // [n_threads][max_group][max_context] f32: attention scores
   LazyBuffer partials;   // attention split over positions: [slots][2 + head_dim] f32
+  LazyBuffer pos_rows;   // [n_threads][max_pos_cols] f32: pos_embed's dequantized rows
   ThreadPool pool;
   std::mutex run_mutex;  // one run() at a time per State
 
@@ -589,9 +697,10 @@ struct State::Impl {
         kt(*program.kt),
         max_context(max_context_),
         arena((size_t)program.arena_bytes),
-        kv(program.kv.n_layers, program.kv.n_kv_heads, program.kv.head_dim, max_context_),
+        kv(program.kv.n_layers, program.kv.n_kv_heads, program.kv.head_dim,
+           layer_kv_capacities(program, max_context_)),
         act_q((size_t)program.max_tokens * (size_t)(program.max_quant_k / 32) *
-              sizeof(kernels::BlockQ8A)),
+              (program.act2 ? sizeof(kernels::BlockQ8A2) : sizeof(kernels::BlockQ8A))),
         up((size_t)program.max_tokens * (size_t)program.max_swiglu_f * sizeof(float)),
         scores(program.has_attention
                    ? (size_t)program.n_threads * program.max_group * max_context_ * sizeof(float)
@@ -600,6 +709,7 @@ struct State::Impl {
                                              program.max_group * (2 + program.kv.head_dim) *
                                              sizeof(float)
                                        : 0),
+        pos_rows((size_t)program.n_threads * (size_t)program.max_pos_cols * sizeof(float)),
         pool(program.n_threads) {}
 
   float* f32(int id) const {
@@ -619,10 +729,25 @@ struct State::Impl {
   void exec(const OpDesc& op);
   void embed(const OpDesc& op);
   void quantize(const float* x, int64_t rows, int64_t k);
+  // One weight's columns [n0, n1) for r rows, reading the activations quantize() prepared.
+  void mm(const kernels::WeightView& w, const float* x, int64_t k, int64_t r, float* y, int64_t ldy,
+          int64_t n0, int64_t n1) const {
+    if (p.act2)
+      kt.matmul2[(int)w.dtype](w, x, (size_t)k, act_q.as<kernels::BlockQ8A2>(), (int)r, y, (size_t)ldy,
+                               (int)n0, (int)n1);
+    else
+      kt.matmul[(int)w.dtype](w, x, (size_t)k, act_q.as<kernels::BlockQ8A>(), (int)r, y, (size_t)ldy,
+                              (int)n0, (int)n1);
+  }
   void matmul(const OpDesc& op);
   void matmul_swiglu(const OpDesc& op);
   void rope(const OpDesc& op);
   void attention(const OpDesc& op);
+  void head_rms_norm(const OpDesc& op);
+  void scale_or_softcap(const OpDesc& op);
+  void layer_norm(const OpDesc& op);
+  void pos_embed(const OpDesc& op);
+  void gelu(const OpDesc& op);
 };
 
 void State::Impl::embed(const OpDesc& op) {
@@ -646,8 +771,13 @@ void State::Impl::embed(const OpDesc& op) {
 }
 
 void State::Impl::quantize(const float* x, int64_t rows, int64_t k) {
-  auto* xq = act_q.as<kernels::BlockQ8A>();
   const int64_t blocks = k / 32;
+  if (p.act2) {
+    auto* xq2 = act_q.as<kernels::BlockQ8A2>();
+    for_rows(rows, [&](int64_t t) { kt.quantize_act2(x + t * k, xq2 + t * blocks, (int)k); });
+    return;
+  }
+  auto* xq = act_q.as<kernels::BlockQ8A>();
   for_rows(rows, [&](int64_t t) { kt.quantize_act(x + t * k, xq + t * blocks, (int)k); });
 }
 
@@ -668,7 +798,6 @@ void State::Impl::matmul(const OpDesc& op) {
     total += w.rows;
   }
   if (any_quant) quantize(x, r, k);
-  const kernels::BlockQ8A* xq = act_q.as<kernels::BlockQ8A>();
   const int n_parts = matmul_parts(total, pool.n_threads());
   const int64_t align = split_align(total, n_parts);
   pool.parallel_for(n_parts, [&](int part, int) {
@@ -681,7 +810,7 @@ void State::Impl::matmul(const OpDesc& op) {
       base += w.rows;
       if (n0 >= n1) continue;
       float* y = f32(op.outputs[j]);
-      kt.matmul[(int)w.dtype](w, x, (size_t)k, xq, (int)r, y, (size_t)w.rows, (int)n0, (int)n1);
+      mm(w, x, k, r, y, w.rows, n0, n1);
       if (op.inputs[2 + 2 * j] != -1) {
         const float* bias = f32(op.inputs[2 + 2 * j]);
         for (int64_t t = 0; t < r; ++t) {
@@ -702,19 +831,19 @@ void State::Impl::matmul_swiglu(const OpDesc& op) {
   const kernels::WeightView& wu = tensor(op.inputs[2]).weight;
   const int64_t f = wg.rows;
   if (traits(wg.dtype).quantized || traits(wu.dtype).quantized) quantize(x, r, k);
-  const kernels::BlockQ8A* xq = act_q.as<kernels::BlockQ8A>();
   float* y = f32(op.outputs[0]);  // holds the gate projection until silu_mul
   float* u = up.as<float>();
+  auto act = op.code == OpCode::MATMUL_GEGLU ? gelu_mul : kt.silu_mul;
   const int n_parts = matmul_parts(f, pool.n_threads());
   const int64_t align = split_align(f, n_parts);
   pool.parallel_for(n_parts, [&](int part, int) {
     int64_t n0 = split_point(f, n_parts, part, align);
     int64_t n1 = split_point(f, n_parts, part + 1, align);
     if (n0 >= n1) return;
-    kt.matmul[(int)wg.dtype](wg, x, (size_t)k, xq, (int)r, y, (size_t)f, (int)n0, (int)n1);
-    kt.matmul[(int)wu.dtype](wu, x, (size_t)k, xq, (int)r, u, (size_t)f, (int)n0, (int)n1);
+    mm(wg, x, k, r, y, f, n0, n1);
+    mm(wu, x, k, r, u, f, n0, n1);
     for (int64_t t = 0; t < r; ++t)
-      kt.silu_mul(y + t * f + n0, u + t * f + n0, y + t * f + n0, (int)(n1 - n0));
+      act(y + t * f + n0, u + t * f + n0, y + t * f + n0, (int)(n1 - n0));
   });
 }
 
@@ -745,49 +874,74 @@ void State::Impl::rope(const OpDesc& op) {
 // cached K/V row is read once per group instead of once per query head. For decode
 // (few tasks) the positions of each task are split into chunks whose partial softmax
 // sums are merged at the end, so every thread has work even with one KV head.
+// Position p lives in slot p % capacity of the layer's cache: for full layers that is p
+// itself, for sliding-window layers a ring, so a range of positions is at most two runs
+// of slots; scores are indexed by slot.
 void State::Impl::attention(const OpDesc& op) {
   const int layer = (int)op.iparams[0];
   const int64_t hq = op.iparams[1], hkv = op.iparams[2], dh = op.iparams[3];
+  const int64_t window = op.iparams.size() > 4 ? op.iparams[4] : 0;
   const float scale = op.fparams[0];
+  const float softcap = op.fparams.size() > 1 ? op.fparams[1] : 0.f;
   const float* q = f32(op.inputs[0]);
   const float* k = f32(op.inputs[1]);
   const float* v = f32(op.inputs[2]);
   float* o = f32(op.outputs[0]);
   const int64_t kv_cols = hkv * dh, q_cols = hq * dh, group = hq / hkv;
+  const int64_t cap = kv.capacity(layer);
   float* kc = kv.k(layer);
   float* vc = kv.v(layer);
   // Append this call's rows first: row t attends to the rows before it in this call too.
-  std::memcpy(kc + (int64_t)pos0 * kv_cols, k, (size_t)(n_tokens * kv_cols) * sizeof(float));
-  std::memcpy(vc + (int64_t)pos0 * kv_cols, v, (size_t)(n_tokens * kv_cols) * sizeof(float));
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    const int64_t slot = (pos0 + t) % cap;
+    std::memcpy(kc + slot * kv_cols, k + t * kv_cols, (size_t)kv_cols * sizeof(float));
+    std::memcpy(vc + slot * kv_cols, v + t * kv_cols, (size_t)kv_cols * sizeof(float));
+  }
+  // Calls fn(s0, s1) for the runs of slots holding positions [p0, p1).
+  auto for_slots = [cap](int64_t p0, int64_t p1, auto&& fn) {
+    if (p1 <= p0) return;
+    const int64_t s0 = p0 % cap, len = p1 - p0;
+    if (s0 + len <= cap) {
+      fn(s0, s0 + len);
+    } else {
+      fn(s0, cap);
+      fn(int64_t(0), s0 + len - cap);
+    }
+  };
 
   const int nt = pool.n_threads();
   const int64_t pairs = n_tokens * hkv;
+  const int64_t span = window > 0 ? std::min<int64_t>(pos0 + 1, window) : pos0 + 1;
   int64_t n_chunks = 1;
   if (nt > 1 && pairs < kAttnTasksPerThread * nt) {
     n_chunks = (kAttnTasksPerThread * nt + pairs - 1) / pairs;
-    n_chunks = std::max<int64_t>(1, std::min<int64_t>(n_chunks, (pos0 + 1) / kAttnMinChunk));
+    n_chunks = std::max<int64_t>(1, std::min<int64_t>(n_chunks, span / kAttnMinChunk));
   }
   const int64_t slot = 2 + dh;  // partial result: running max, sum, weighted V
   float* part = partials.as<float>();
   float* scores_all = scores.as<float>();
+  // Soft-capped scores are final logits before the exponent: scale them up front.
+  const float exp_scale = softcap > 0.f ? 1.f : scale;
 
   pool.parallel_for((int)(pairs * n_chunks), [&](int task, int thread_id) {
     const int64_t pair = task / n_chunks, c = task % n_chunks;
     const int64_t t = pair / hkv, kvh = pair % hkv;
-    const int64_t n_ctx = pos0 + t + 1;  // causal: positions 0..pos0+t
-    const int64_t p0 = n_ctx * c / n_chunks, p1 = n_ctx * (c + 1) / n_chunks;
+    const int64_t hi = pos0 + t + 1;  // causal: positions < hi
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, hi - window) : 0;
+    const int64_t n_ctx = hi - lo;
+    const int64_t p0 = lo + n_ctx * c / n_chunks, p1 = lo + n_ctx * (c + 1) / n_chunks;
     const float* qg = q + t * q_cols + kvh * group * dh;  // this group's query heads
     const float* vh = vc + kvh * dh;
     float* s = scores_all + (int64_t)thread_id * group * max_context;  // [group][max_context]
-    // q . k for the group's heads and positions [p0, p1) in one call: the K cache of
-    // this head is an f32 [n_ctx, head_dim] matrix with a row stride of kv_cols.
-    if (p1 > p0) {
-      const kernels::WeightView keys{DType::F32, n_ctx, dh,
-                                     reinterpret_cast<const uint8_t*>(kc + kvh * dh),
-                                     (size_t)kv_cols * sizeof(float), nullptr};
+    // q . k for the group's heads and the slots of [p0, p1) in one call per run: the K
+    // cache of this head is an f32 [capacity, head_dim] matrix with a row stride of kv_cols.
+    const kernels::WeightView keys{DType::F32, cap, dh,
+                                   reinterpret_cast<const uint8_t*>(kc + kvh * dh),
+                                   (size_t)kv_cols * sizeof(float), nullptr};
+    for_slots(p0, p1, [&](int64_t s0, int64_t s1) {
       kt.matmul[(int)DType::F32](keys, qg, (size_t)dh, nullptr, (int)group, s,
-                                 (size_t)max_context, (int)p0, (int)p1);
-    }
+                                 (size_t)max_context, (int)s0, (int)s1);
+    });
     // Output of query head g: the final row, or this chunk's partial [max, sum, acc].
     auto acc_of = [&](int64_t g) -> float* {
       if (n_chunks == 1) return o + t * q_cols + (kvh * group + g) * dh;
@@ -796,26 +950,36 @@ void State::Impl::attention(const OpDesc& op) {
     for (int64_t g = 0; g < group; ++g) {
       float* sg = s + g * max_context;
       float m = -std::numeric_limits<float>::infinity();
-      for (int64_t p = p0; p < p1; ++p) m = std::max(m, sg[p]);
+      for_slots(p0, p1, [&](int64_t s0, int64_t s1) {
+        if (softcap > 0.f)
+          for (int64_t p = s0; p < s1; ++p) sg[p] = softcap * std::tanh(sg[p] * scale / softcap);
+        for (int64_t p = s0; p < s1; ++p) m = std::max(m, sg[p]);
+      });
       float sum = 0.f;
-      for (int64_t p = p0; p < p1; ++p) {
-        sg[p] = std::exp((sg[p] - m) * scale);  // scale > 0: max(s * scale) = m * scale
-        sum += sg[p];
-      }
+      for_slots(p0, p1, [&](int64_t s0, int64_t s1) {
+        for (int64_t p = s0; p < s1; ++p) {
+          sg[p] = std::exp((sg[p] - m) * exp_scale);  // exp_scale > 0: max(s * scale) = m * scale
+          sum += sg[p];
+        }
+      });
       float* acc = acc_of(g);
       if (n_chunks == 1) {
         const float inv = 1.f / sum;
-        for (int64_t p = p0; p < p1; ++p) sg[p] *= inv;
+        for_slots(p0, p1, [&](int64_t s0, int64_t s1) {
+          for (int64_t p = s0; p < s1; ++p) sg[p] *= inv;
+        });
       } else {
-        acc[-2] = m * scale;
+        acc[-2] = m * exp_scale;
         acc[-1] = sum;
       }
       std::memset(acc, 0, (size_t)dh * sizeof(float));
     }
     // Weighted sum of V rows, each row read once for the whole group.
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t g = 0; g < group; ++g)
-        kt.axpy(s[g * max_context + p], vh + p * kv_cols, acc_of(g), (int)dh);
+    for_slots(p0, p1, [&](int64_t s0, int64_t s1) {
+      for (int64_t p = s0; p < s1; ++p)
+        for (int64_t g = 0; g < group; ++g)
+          kt.axpy(s[g * max_context + p], vh + p * kv_cols, acc_of(g), (int)dh);
+    });
   });
   if (n_chunks == 1) return;
 
@@ -841,6 +1005,99 @@ void State::Impl::attention(const OpDesc& op) {
   }
 }
 
+void State::Impl::head_rms_norm(const OpDesc& op) {
+  const float* x = f32(op.inputs[0]);
+  const float* w = f32(op.inputs[1]);
+  float* y = f32(op.outputs[0]);
+  const int64_t n_heads = op.iparams[0], dh = op.iparams[1], d = n_heads * dh;
+  const float eps = op.fparams[0];
+  for_rows(rows(op.inputs[0]), [&](int64_t t) {
+    for (int64_t h = 0; h < n_heads; ++h)
+      kt.rms_norm(x + t * d + h * dh, w, y + t * d + h * dh, (int)dh, eps);
+  });
+}
+
+void State::Impl::scale_or_softcap(const OpDesc& op) {
+  const float* x = f32(op.inputs[0]);
+  float* y = f32(op.outputs[0]);
+  const int64_t d = tensor(op.inputs[0]).cols;
+  const float a = op.fparams[0];
+  const bool cap = op.code == OpCode::SOFTCAP;
+  for_rows(rows(op.inputs[0]), [&](int64_t t) {
+    const float* xr = x + t * d;
+    float* yr = y + t * d;
+    if (cap) {
+      for (int64_t i = 0; i < d; ++i) yr[i] = a * std::tanh(xr[i] / a);
+    } else {
+      for (int64_t i = 0; i < d; ++i) yr[i] = xr[i] * a;
+    }
+  });
+}
+
+void State::Impl::layer_norm(const OpDesc& op) {
+  const float* x = f32(op.inputs[0]);
+  const float* w = f32(op.inputs[1]);
+  const float* b = f32(op.inputs[2]);
+  float* y = f32(op.outputs[0]);
+  const int64_t d = tensor(op.inputs[0]).cols;
+  const float eps = op.fparams[0];
+  for_rows(rows(op.inputs[0]), [&](int64_t t) {
+    const float* xr = x + t * d;
+    float* yr = y + t * d;
+    // Two passes in double: the mean of a residual stream can dwarf its spread.
+    double sum = 0.0;
+    for (int64_t i = 0; i < d; ++i) sum += xr[i];
+    const double mean = sum / (double)d;
+    double var = 0.0;
+    for (int64_t i = 0; i < d; ++i) var += ((double)xr[i] - mean) * ((double)xr[i] - mean);
+    const float m = (float)mean, inv = (float)(1.0 / std::sqrt(var / (double)d + (double)eps));
+    for (int64_t i = 0; i < d; ++i) yr[i] = (xr[i] - m) * inv * w[i] + b[i];  // y may alias x
+  });
+}
+
+void State::Impl::pos_embed(const OpDesc& op) {
+  const float* x = f32(op.inputs[0]);
+  const kernels::WeightView& p = tensor(op.inputs[1]).weight;
+  float* y = f32(op.outputs[0]);
+  const int64_t d = p.cols;
+  float* scratch = pos_rows.as<float>();
+  pool.parallel_for(n_tokens, [&](int t, int thread_id) {
+    const int64_t pos = pos0 + t;
+    const uint8_t* row = p.data + (size_t)pos * p.row_stride;
+    const float* pr;
+    if (p.dtype == DType::F32) {
+      pr = reinterpret_cast<const float*>(row);
+    } else {
+      float* buf = scratch + (int64_t)thread_id * p.cols;
+      if (p.dtype == DType::I8) {  // the per-row scale lives outside the row
+        float s;
+        std::memcpy(&s, p.row_scales + pos, sizeof(float));
+        const int8_t* q = reinterpret_cast<const int8_t*>(row);
+        for (int64_t i = 0; i < d; ++i) buf[i] = s * (float)q[i];
+      } else {
+        kt.dequant_row(p.dtype, row, buf, d);
+      }
+      pr = buf;
+    }
+    kt.add(x + t * d, pr, y + t * d, (int)d);
+  });
+}
+
+void State::Impl::gelu(const OpDesc& op) {
+  const float* x = f32(op.inputs[0]);
+  float* y = f32(op.outputs[0]);
+  const int64_t d = tensor(op.inputs[0]).cols;
+  const float k = 0.7978845608028654f;  // sqrt(2/pi)
+  for_rows(rows(op.inputs[0]), [&](int64_t t) {
+    const float* xr = x + t * d;
+    float* yr = y + t * d;
+    for (int64_t i = 0; i < d; ++i) {
+      const float v = xr[i];
+      yr[i] = 0.5f * v * (1.f + std::tanh(k * (v + 0.044715f * v * v * v)));
+    }
+  });
+}
+
 void State::Impl::exec(const OpDesc& op) {
   switch (op.code) {
     case OpCode::EMBED:
@@ -856,12 +1113,15 @@ void State::Impl::exec(const OpDesc& op) {
       break;
     }
     case OpCode::ADD:
-    case OpCode::SWIGLU: {
+    case OpCode::SWIGLU:
+    case OpCode::GEGLU: {
       const float* a = f32(op.inputs[0]);
       const float* b = f32(op.inputs[1]);
       float* y = f32(op.outputs[0]);
       const int64_t d = tensor(op.inputs[0]).cols;
-      auto fn = op.code == OpCode::ADD ? kt.add : kt.silu_mul;
+      auto fn = op.code == OpCode::ADD      ? kt.add
+                : op.code == OpCode::SWIGLU ? kt.silu_mul
+                                            : gelu_mul;
       for_rows(rows(op.inputs[0]), [&](int64_t t) { fn(a + t * d, b + t * d, y + t * d, (int)d); });
       break;
     }
@@ -884,6 +1144,7 @@ void State::Impl::exec(const OpDesc& op) {
       matmul(op);
       break;
     case OpCode::MATMUL_SWIGLU:
+    case OpCode::MATMUL_GEGLU:
       matmul_swiglu(op);
       break;
     case OpCode::ROPE:
@@ -891,6 +1152,22 @@ void State::Impl::exec(const OpDesc& op) {
       break;
     case OpCode::ATTENTION:
       attention(op);
+      break;
+    case OpCode::LAYER_NORM:
+      layer_norm(op);
+      break;
+    case OpCode::POS_EMBED:
+      pos_embed(op);
+      break;
+    case OpCode::GELU:
+      gelu(op);
+      break;
+    case OpCode::HEAD_RMS_NORM:
+      head_rms_norm(op);
+      break;
+    case OpCode::SCALE:
+    case OpCode::SOFTCAP:
+      scale_or_softcap(op);
       break;
     case OpCode::TAKE_LAST: {
       const int64_t d = tensor(op.inputs[0]).cols;
@@ -908,11 +1185,17 @@ State::State(const Program& program, int max_context) {
     throw ContextOverflowError("max_context " + std::to_string(max_context) +
                                " exceeds the " + std::to_string(p.rope_positions) +
                                " positions of the model's rope table");
+  if (max_context > p.embed_positions)
+    throw ContextOverflowError("max_context " + std::to_string(max_context) +
+                               " exceeds the " + std::to_string(p.embed_positions) +
+                               " positions of the model's position embeddings");
   impl_ = std::make_unique<Impl>(p, max_context);
 }
 
 State::~State() = default;
 int State::max_context() const { return impl_->max_context; }
+std::vector<int64_t> State::kv_capacities() const { return impl_->kv.capacities(); }
+int64_t State::kv_bytes() const { return (int64_t)impl_->kv.bytes(); }
 
 void State::run(const int32_t* tokens, int n_tokens, int pos, float* out) {
   Impl& s = *impl_;

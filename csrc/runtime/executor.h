@@ -36,11 +36,33 @@
 //                 i + rope_dim/2 rotate together for i < rope_dim/2; dims >= rope_dim pass through.
 //                 position of row t is pos0 + t.
 //   attention     [q (T x Hq*Dh), k (T x Hkv*Dh), v (T x Hkv*Dh)] -> [o (T x Hq*Dh)]
-//                 i: [layer, n_heads, n_kv_heads, head_dim]  f: [scale]
+//                 i: [layer, n_heads, n_kv_heads, head_dim, (window)]  f: [scale, (softcap)]
 //                 Stores k, v rows into the layer's KV cache at positions pos0..pos0+T-1,
-//                 then causal softmax(q k^T * scale) v over positions [0, pos0+t] for row t.
+//                 then causal softmax(s) v over positions [lo, pos0+t] for row t, where
+//                 s = q k^T * scale, or softcap * tanh(q k^T * scale / softcap) if softcap > 0;
+//                 lo = 0, or max(0, pos0+t-window+1) if window > 0 (sliding window: the row
+//                 sees `window` positions, itself included). A layer with a window keeps a ring
+//                 of min(max_context, window + max_tokens - 1) positions (position p in slot
+//                 p % capacity), so its cache follows the window; every attention op of one
+//                 layer must use the same window. Omitted window / softcap = 0 (none).
 //                 Query head h reads KV head h / (Hq / Hkv) (grouped-query attention).
 //   take_last     [x (T x D)] -> [y (1 x D)]   the last row
+//   head_rms_norm [x (R x H*Dh), w (1 x Dh)] -> [y]   i: [n_heads, head_dim]  f: [eps]
+//                 rms_norm of every head's Dh slice of each row (Qwen3 / Gemma 3 q and k
+//                 norms), all heads sharing w.                      (y may alias x)
+//   geglu         [g, u] -> [y]                y = gelu_tanh(g) * u  (y may alias g or u)
+//                 gelu_tanh(v) = 0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3)))
+//   matmul_geglu  [x, Wg, Wu] -> [y (R x F)]   y = gelu_tanh(x Wg^T) * (x Wu^T)
+//   scale         [x] -> [y]                   y = x * s          f: [s]   (y may alias x)
+//   softcap       [x] -> [y]                   y = cap * tanh(x / cap)  f: [cap > 0]
+//                                                                        (y may alias x)
+//   layer_norm    [x, w(1 x D), b(1 x D)] -> [y]                f: [eps]   (y may alias x)
+//                 y = (x - mean(x)) / sqrt(var(x) + eps) * w + b, per row (biased variance).
+//   pos_embed     [x (T x D), P (weight or const max_pos x D)] -> [y]    (y may alias x)
+//                 y[t] = x[t] + P[pos0 + t]: learned absolute positions (GPT-2). P may have
+//                 any dtype; its rows are dequantized like embed's. Caps max_context at max_pos.
+//   gelu          [x] -> [y]                   tanh approximation ("gelu_new"):  (y may alias x)
+//                 y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 // ---------------------------------------------------------------------------
 #pragma once
 #include <memory>
@@ -70,7 +92,8 @@ struct TensorDesc {
 
 enum class OpCode : int {
   EMBED, RMS_NORM, ADD, MATMUL, MATMUL_MULTI, MATMUL_SWIGLU, SWIGLU, ADD_RMS_NORM, ROPE,
-  ATTENTION, TAKE_LAST,
+  ATTENTION, TAKE_LAST, LAYER_NORM, POS_EMBED, GELU,
+  HEAD_RMS_NORM, GEGLU, MATMUL_GEGLU, SCALE, SOFTCAP,
 };
 OpCode opcode_from_name(const std::string& name);  // throws UnsupportedError
 
@@ -94,13 +117,19 @@ class Program {
   // and throws UnsupportedError / std::invalid_argument with the op index on failure.
   Program(std::shared_ptr<Bundle> bundle, std::vector<TensorDesc> tensors,
           std::vector<OpDesc> ops, int64_t arena_bytes, int max_tokens, KVConfig kv,
-          int output_tensor, int n_threads, const std::string& kernels = "");
+          int output_tensor, int n_threads, const std::string& kernels = "",
+          const std::string& activations = "int8x2");
+  // activations: how matmuls with quantized weights see their input rows. "int8": one int8
+  // level per block of 32 (kernels::BlockQ8A, fastest). "int8x2": a second int8 level holds
+  // the residual (kernels::BlockQ8A2, ~15-bit precision), which keeps outlier-heavy models
+  // (SmolLM2) on their float answers for one extra integer dot product per block.
   // kernels: a variant name for kernels::kernels_by_name ("" = best_kernels()).
   ~Program();
   int max_tokens() const;
   int n_threads() const;
   int64_t arena_bytes() const;
   const char* kernel_name() const;
+  const char* activations() const;
   int64_t output_cols() const;
   int64_t output_rows(int n_tokens) const;   // n_tokens for a ROWS_T output, else fixed
   struct Impl;
@@ -121,6 +150,10 @@ class State {
   // output tensor (rows x output_cols f32) to out. Throws ContextOverflowError if
   // pos + T > max_context.
   void run(const int32_t* tokens, int n_tokens, int pos, float* out);
+  // Positions the KV cache of each layer holds (max_context, or less for a window), and
+  // the bytes reserved for all of them.
+  std::vector<int64_t> kv_capacities() const;
+  int64_t kv_bytes() const;
   struct Impl;
  private:
   std::unique_ptr<Impl> impl_;

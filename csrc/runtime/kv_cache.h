@@ -6,8 +6,10 @@
 // session actually uses.
 #pragma once
 #include <cstddef>
+#include <cstdint>
 #include <new>
 #include <utility>
+#include <vector>
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <sys/mman.h>
@@ -61,26 +63,41 @@ class LazyBuffer {
   size_t bytes_ = 0;
 };
 
-// Per-layer K and V caches, f32, each [max_context][n_kv_heads * head_dim], in one
-// lazily committed block: layer l's K at 2*l, its V at 2*l + 1.
+// Per-layer K and V caches, f32, each [capacity(layer)][n_kv_heads * head_dim], in one
+// lazily committed block: layer l's K, then its V. A full-attention layer holds max_context
+// positions; a sliding-window layer a ring of fewer (the executor maps position p to slot
+// p % capacity).
 class KVCache {
  public:
   KVCache() = default;
-  KVCache(int n_layers, int n_kv_heads, int head_dim, int max_context)
+  KVCache(int n_layers, int n_kv_heads, int head_dim, std::vector<int64_t> capacities)
       : n_layers_(n_layers),
         row_elems_((size_t)n_kv_heads * (size_t)head_dim),
-        layer_elems_(row_elems_ * (size_t)max_context),
-        buffer_(2 * (size_t)n_layers * layer_elems_ * sizeof(float)) {}
+        capacity_(std::move(capacities)),
+        offset_(layer_offsets(capacity_, row_elems_)),
+        buffer_(offset_.back() * sizeof(float)) {}
 
   int n_layers() const { return n_layers_; }
   size_t row_elems() const { return row_elems_; }     // floats per position
   size_t bytes() const { return buffer_.bytes(); }
-  float* k(int layer) const { return buffer_.as<float>() + (2 * (size_t)layer) * layer_elems_; }
-  float* v(int layer) const { return buffer_.as<float>() + (2 * (size_t)layer + 1) * layer_elems_; }
+  int64_t capacity(int layer) const { return capacity_[layer]; }
+  const std::vector<int64_t>& capacities() const { return capacity_; }
+  float* k(int layer) const { return buffer_.as<float>() + offset_[layer]; }
+  float* v(int layer) const {
+    return buffer_.as<float>() + offset_[layer] + (size_t)capacity_[layer] * row_elems_;
+  }
 
  private:
+  // Start of each layer's K (in floats), and the total at the end.
+  static std::vector<size_t> layer_offsets(const std::vector<int64_t>& cap, size_t row_elems) {
+    std::vector<size_t> off(cap.size() + 1, 0);
+    for (size_t l = 0; l < cap.size(); ++l) off[l + 1] = off[l] + 2 * (size_t)cap[l] * row_elems;
+    return off;
+  }
   int n_layers_ = 0;
-  size_t row_elems_ = 0, layer_elems_ = 0;
+  size_t row_elems_ = 0;
+  std::vector<int64_t> capacity_;
+  std::vector<size_t> offset_ = {0};
   LazyBuffer buffer_;
 };
 

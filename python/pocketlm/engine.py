@@ -50,7 +50,8 @@ class CompiledModel:
     """The graph after every pass, its memory plan and the executor program."""
 
     def __init__(self, bundle, max_context: int, prefill_chunk: int, threads: int,
-                 keep_snapshots: bool = False, kernels: str = "", all_logits: bool = False):
+                 keep_snapshots: bool = False, kernels: str = "", all_logits: bool = False,
+                 activations: str = "int8x2"):
         from pocketlm import _core
 
         meta = bundle.metadata
@@ -70,7 +71,7 @@ class CompiledModel:
         c = self.config
         self.program = _core.Program(bundle.core, tensors, ops, self.plan.arena_bytes, prefill_chunk,
                                      (c["n_layers"], c["n_kv_heads"], c["head_dim"]), output, threads,
-                                     kernels)
+                                     kernels, activations)
 
 
 def _weight_reader(bundle):
@@ -103,13 +104,17 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
 
 class Engine:
     def __init__(self, path: str | os.PathLike, threads: int | None = None, max_context: int = 4096,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, verify: bool = False, kernels: str = ""):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, verify: bool = False, kernels: str = "",
+                 activations: str = "int8x2"):
         """Loads a .plm (or a .gguf, converted once into the cache, or a known model name).
 
         threads: worker threads (default: physical cores). max_context: tokens per session
         (capped at the model's trained context). prefill_chunk: tokens per executor call
         during prefill. verify: hash every tensor before use. kernels: force a CPU kernel
         variant ("ref", "avx2", "avx512", "neon"; default: the best this CPU supports).
+        activations: how integer matmuls quantize their inputs: "int8x2" (default: int8 plus
+        an int8 residual, ~15-bit, float-quality answers) or "int8" (one level, faster, as
+        llama.cpp; see docs/quant.md).
         """
         t0 = time.perf_counter()
         self.path = resolve_model_path(path)
@@ -125,16 +130,14 @@ class Engine:
             raise ValueError("max_context must be at least 1")
         trained = int(self.config.get("max_position") or max_context)
         self.max_context = min(int(max_context), trained)
-        window = self.config.get("sliding_window")
-        if window:  # beyond the window, full attention would differ from the model's
-            self.max_context = min(self.max_context, int(window))
         self.threads = int(threads) if threads else physical_cores()
         if not 1 <= self.threads <= 64:
             raise ValueError("threads must be between 1 and 64")
         self.prefill_chunk = max(1, min(int(prefill_chunk), self.max_context))
         self._kernels = kernels
+        self.activations = activations
         self.compiled = CompiledModel(self.bundle, self.max_context, self.prefill_chunk, self.threads,
-                                      kernels=kernels)
+                                      kernels=kernels, activations=activations)
         self._scoring: CompiledModel | None = None
         st = meta.get("special_tokens", {})
         self.tokenizer = Tokenizer(meta["tokenizer"]["json"], bos_id=st.get("bos_id"),
@@ -162,7 +165,8 @@ class Engine:
         if self._scoring is None:
             self._scoring = CompiledModel(self.bundle, self.max_context,
                                           min(self.SCORING_CHUNK, self.prefill_chunk), self.threads,
-                                          kernels=self._kernels, all_logits=True)
+                                          kernels=self._kernels, all_logits=True,
+                                          activations=self.activations)
         return self._scoring
 
     def create_session(self, max_context: int | None = None, logits: str = "last"):

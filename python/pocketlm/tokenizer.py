@@ -6,11 +6,13 @@ not, so `tokenizer_json_from_gguf` rebuilds it from the GGUF metadata (llama.cpp
     fields = gguf_tokenizer_fields(gguf.GGUFReader(path))
     tok = Tokenizer(tokenizer_json_from_gguf(fields), bos_id=..., eos_ids=(...), add_bos=...)
 
-Two GGUF tokenizer kinds are supported:
+Three GGUF tokenizer kinds (tokenizer.ggml.model) are supported, with llama.cpp as the reference for ids
+(tests/tokenizer_parity checks llama.cpp's own golden files):
 - "gpt2": byte-level BPE; the pre-tokenizer split depends on `tokenizer.ggml.pre`.
 - "llama": SentencePiece BPE with byte fallback and the U+2581 ("▁") space convention. Its files often
   carry no merges; they are then derived from the piece scores, which is what SentencePiece's own
-  BPE encoder ranks by.
+  BPE encoder ranks by. The "▁" prefix follows tokenizer.ggml.add_space_prefix as in llama.cpp.
+- "gemma4": BPE with merges over "▁"-escaped UTF-8 (Gemma 4).
 
 `StreamDecoder` turns a stream of ids into printable text pieces in O(1) per token.
 """
@@ -18,6 +20,7 @@ Two GGUF tokenizer kinds are supported:
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,15 +52,27 @@ _O200K_SPLIT = (
 )
 
 
+# Qwen3.5: as Qwen2, with combining marks (\p{M}) kept inside words.
+_QWEN35_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# GPT-2's split (also built into HF's ByteLevel pre-tokenizer).
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
 def _byte_level(use_regex: bool) -> dict:
     return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": use_regex}
 
 
-def _split_then_bytes(pattern: str) -> dict:
-    return {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
-        _byte_level(use_regex=False),
-    ]}
+def _split(pattern: str) -> dict:
+    return {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+
+
+def _splits_then_bytes(*patterns: str) -> dict:
+    """llama.cpp applies its regexes one after the other, each to the pieces the previous one left (matches and
+    the text between them), then maps the bytes to GPT-2's alphabet: HF's Split(Isolated) sequence."""
+    return {"type": "Sequence", "pretokenizers": [*(_split(p) for p in patterns), _byte_level(use_regex=False)]}
 
 
 _GPT2_PRE = _byte_level(use_regex=True)  # ByteLevel's built-in regex is GPT-2's
@@ -66,25 +81,36 @@ _DIGITS_GPT2_PRE = {"type": "Sequence", "pretokenizers": [
     {"type": "Digits", "individual_digits": True}, _byte_level(use_regex=True)]}
 _NFC = {"type": "NFC"}
 
-# tokenizer.ggml.pre -> (normalizer, pre_tokenizer) of the model's own tokenizer.json.
-_BYTE_LEVEL_PRE: dict[str, tuple[dict | None, dict]] = {
-    "default": (None, _GPT2_PRE),
-    "gpt-2": (None, _GPT2_PRE),
-    "gpt2": (None, _GPT2_PRE),
-    "smollm": (None, _DIGITS_GPT2_PRE),
-    "starcoder": (None, _DIGITS_GPT2_PRE),
-    "refact": (None, _DIGITS_GPT2_PRE),
-    "codeshell": (None, _DIGITS_GPT2_PRE),
-    "llama3": (None, _split_then_bytes(_LLAMA3_SPLIT)),
-    "llama-v3": (None, _split_then_bytes(_LLAMA3_SPLIT)),
-    "llama-bpe": (None, _split_then_bytes(_LLAMA3_SPLIT)),
-    "falcon3": (None, _split_then_bytes(_LLAMA3_SPLIT)),
-    "smaug-bpe": (None, _split_then_bytes(_LLAMA3_SPLIT)),
-    # Qwen2's tokenizer.json NFC-normalizes (llama.cpp does not; ids differ only on non-NFC input).
-    "qwen2": (_NFC, _split_then_bytes(_QWEN2_SPLIT)),
-    "deepseek-r1-qwen": (_NFC, _split_then_bytes(_QWEN2_SPLIT)),
-    "gpt-4o": (None, _split_then_bytes(_O200K_SPLIT)),
-    "llama4": (None, _split_then_bytes(_O200K_SPLIT)),
+# tokenizer.ggml.pre -> (normalizer, pre_tokenizer, ignore_merges), following llama.cpp's llama-vocab.cpp.
+# ignore_merges: a pre-token that is itself in the vocabulary becomes that token without BPE (Llama 3).
+_BYTE_LEVEL_PRE: dict[str, tuple[dict | None, dict, bool]] = {
+    "default": (None, _GPT2_PRE, False),
+    "gpt-2": (None, _GPT2_PRE, False),
+    "gpt2": (None, _GPT2_PRE, False),
+    "phi-2": (None, _GPT2_PRE, False),
+    "mpt": (None, _GPT2_PRE, False),
+    "olmo": (None, _GPT2_PRE, False),
+    "smollm": (None, _DIGITS_GPT2_PRE, False),
+    "starcoder": (None, _DIGITS_GPT2_PRE, False),
+    "refact": (None, _DIGITS_GPT2_PRE, False),
+    "codeshell": (None, _DIGITS_GPT2_PRE, False),
+    "command-r": (None, _DIGITS_GPT2_PRE, False),
+    "falcon": (None, _splits_then_bytes(r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_SPLIT, r"[0-9][0-9][0-9]"), False),
+    "deepseek-coder": (None, _splits_then_bytes(r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+",
+                                                 r"[一-龥ࠀ-一가-퟿]+", r"\p{N}"), False),
+    "llama3": (None, _splits_then_bytes(_LLAMA3_SPLIT), True),
+    "llama-v3": (None, _splits_then_bytes(_LLAMA3_SPLIT), True),
+    "llama-bpe": (None, _splits_then_bytes(_LLAMA3_SPLIT), True),
+    "falcon3": (None, _splits_then_bytes(_LLAMA3_SPLIT), True),
+    "smaug-bpe": (None, _splits_then_bytes(_LLAMA3_SPLIT), False),
+    "dbrx": (None, _splits_then_bytes(_LLAMA3_SPLIT), False),
+    # Qwen's tokenizer.json NFC-normalizes (llama.cpp does not; ids differ only on non-NFC input).
+    "qwen2": (_NFC, _splits_then_bytes(_QWEN2_SPLIT), False),
+    "deepseek-r1-qwen": (_NFC, _splits_then_bytes(_QWEN2_SPLIT), False),
+    "stablelm2": (None, _splits_then_bytes(_QWEN2_SPLIT), False),
+    "qwen35": (None, _splits_then_bytes(_QWEN35_SPLIT), False),  # no NFC: its golden ids keep "e\u0301"
+    "gpt-4o": (None, _splits_then_bytes(_O200K_SPLIT), False),
+    "llama4": (None, _splits_then_bytes(_O200K_SPLIT), False),
 }
 
 SUPPORTED_BPE_PRE = tuple(sorted(_BYTE_LEVEL_PRE))
@@ -187,10 +213,12 @@ def tokenizer_json_from_gguf(fields: Mapping[str, Any]) -> str:
         doc = _byte_level_bpe(fields, tokens, types)
     elif model == "llama":
         doc = _sentencepiece_bpe(fields, tokens, types)
+    elif model == "gemma4":
+        doc = _gemma4_bpe(fields, tokens, types)
     else:
         raise UnsupportedModelError(
             f"GGUF tokenizer model {model!r} is not supported (supported: 'gpt2' byte-level BPE, "
-            f"'llama' SentencePiece BPE)")
+            f"'llama' SentencePiece BPE, 'gemma4' BPE over SentencePiece-style pieces)")
     return json.dumps(doc, ensure_ascii=False)
 
 
@@ -200,17 +228,21 @@ def _byte_level_bpe(fields: Mapping[str, Any], tokens: list[str], types: list[in
         raise UnsupportedModelError(
             f"GGUF byte-level BPE pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
             f"supported: {', '.join(SUPPORTED_BPE_PRE)}")
-    normalizer, pre_tokenizer = _BYTE_LEVEL_PRE[pre]
+    normalizer, pre_tokenizer, ignore_merges = _BYTE_LEVEL_PRE[pre]
     merges = fields.get(_K + "merges")
     if not merges:
         raise BundleError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges")
 
     # Vocabulary entries are spelled in GPT-2's byte alphabet. A normal token spelled otherwise is raw
     # text that a converter forgot to re-spell; do it here so that BPE can still produce it.
+    # A re-spelling that another token already has is left alone: that token is the one BPE must produce
+    # (Command-R has both "\u200d" raw and "âĢį"; llama.cpp, which never re-spells, picks the second).
+    known = set(tokens)
     spelled = []
     for t, ty in zip(tokens, types):
         if ty in (NORMAL, UNUSED) and not set(t) <= _BYTE_ALPHABET:
-            t = "".join(_BYTE_CHARS[b] for b in t.encode("utf-8"))
+            respelled = "".join(_BYTE_CHARS[b] for b in t.encode("utf-8"))
+            t = t if respelled in known else respelled
         spelled.append(t)
     vocab = _vocab_dict(spelled)
     added = [_added_token(i, t, special=(ty == CONTROL))
@@ -226,21 +258,44 @@ def _byte_level_bpe(fields: Mapping[str, Any], tokens: list[str], types: list[in
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {
             "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-            "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+            "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": ignore_merges,
             "vocab": vocab,
-            "merges": [m.split(" ", 1) for m in merges],
+            "merges": _split_merges(merges),
         },
     }
 
 
+def _split_merges(merges: Sequence[str]) -> list[list[str]]:
+    """"left right" -> [left, right], cut at the first space after the first character (as llama.cpp does, so
+    that a piece that is itself a space stays whole)."""
+    out = [m.split(" ", 1) if m[:1] != " " else [m[:m.find(" ", 1)], m[m.find(" ", 1) + 1:]] for m in merges]
+    bad = next((m for m, pair in zip(merges, out) if len(pair) != 2 or not pair[0]), None)
+    if bad is not None:
+        raise BundleError(f"GGUF tokenizer merge {bad!r} is not two pieces separated by a space")
+    return out
+
+
+_ESCAPE_SPACES = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+_UNESCAPE_DECODERS = [
+    {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+    {"type": "ByteFallback"},
+    {"type": "Fuse"},
+]
+
+
 def _sentencepiece_bpe(fields: Mapping[str, Any], tokens: list[str], types: list[int]) -> dict:
-    """SentencePiece BPE as HF's Llama/Mistral tokenizer.json spells it: spaces become "▁", a "▁" is
-    prepended to the start of the text (unless add_space_prefix is false), unknown characters fall back
-    to <0xNN> byte tokens, and decoding undoes all three."""
+    """SentencePiece BPE as llama.cpp runs it: spaces become "▁", unknown characters fall back to <0xNN> byte
+    tokens, and BPE runs over each stretch of text between special tokens as a whole.
+
+    With tokenizer.ggml.add_space_prefix (llama.cpp's default for this model type) a "▁" is prepended to every
+    such stretch, also when it already starts with a space and also after a special token, as llama.cpp and
+    sentencepiece do. (HF's Metaspace "first" scheme prepends only at the start of the text and never before a
+    space; the ids differ on such text.) Decoding drops the one space that the prefix put at the start.
+    """
     add_space_prefix = bool(fields.get(_K + "add_space_prefix", True))
     merges = fields.get(_K + "merges")
     if merges:
-        merges = [m.split(" ", 1) for m in merges]
+        merges = _split_merges(merges)
     else:
         scores = _list_field(fields, "scores", len(tokens), None)
         if any(s is None for s in scores):
@@ -253,11 +308,9 @@ def _sentencepiece_bpe(fields: Mapping[str, Any], tokens: list[str], types: list
     vocab = _vocab_dict(tokens)
     added = [_added_token(i, t, special=(ty in (CONTROL, UNKNOWN)))
              for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (CONTROL, UNKNOWN, USER_DEFINED)]
-    decoders = [
-        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-        {"type": "ByteFallback"},
-        {"type": "Fuse"},
-    ]
+    # Normalizers run on each stretch between added tokens: the prefix lands where llama.cpp puts it.
+    normalizers = [{"type": "Prepend", "prepend": "\u2581"}] if add_space_prefix else []
+    decoders = list(_UNESCAPE_DECODERS)
     if add_space_prefix:
         decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
     return {
@@ -265,9 +318,8 @@ def _sentencepiece_bpe(fields: Mapping[str, Any], tokens: list[str], types: list
         "truncation": None,
         "padding": None,
         "added_tokens": added,
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581",
-                          "prepend_scheme": "first" if add_space_prefix else "never", "split": False},
+        "normalizer": {"type": "Sequence", "normalizers": [*normalizers, _ESCAPE_SPACES]},
+        "pre_tokenizer": None,
         "post_processor": None,
         "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {
@@ -277,6 +329,35 @@ def _sentencepiece_bpe(fields: Mapping[str, Any], tokens: list[str], types: list
             "ignore_merges": False,
             "vocab": vocab,
             "merges": merges,
+        },
+    }
+
+
+def _gemma4_bpe(fields: Mapping[str, Any], tokens: list[str], types: list[int]) -> dict:
+    """Gemma 4's tokenizer ("gemma4"): BPE with merges over raw UTF-8 pieces, spaces written as "▁", no space
+    prefix, <0xNN> byte fallback. llama.cpp splits the text into runs of newlines and runs of everything else
+    before BPE, and takes a run of newlines whole when the vocabulary has it."""
+    merges = fields.get(_K + "merges")
+    if not merges:
+        raise BundleError("GGUF gemma4 tokenizer has no tokenizer.ggml.merges")
+    vocab = _vocab_dict(tokens)
+    added = [_added_token(i, t, special=(ty in (CONTROL, UNKNOWN)))
+             for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (CONTROL, UNKNOWN, USER_DEFINED)]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": _ESCAPE_SPACES,
+        "pre_tokenizer": _split(r"[^\n]+|[\n]+"),
+        "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": list(_UNESCAPE_DECODERS)},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": None,
+            "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": True,
+            "ignore_merges": True,
+            "vocab": vocab,
+            "merges": _split_merges(merges),
         },
     }
 
@@ -295,6 +376,7 @@ class Tokenizer:
         except Exception as e:
             raise BundleError(f"invalid tokenizer.json: {e}") from None
         self.tokenizer_json = tokenizer_json
+        self._lock = threading.Lock()
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = None if bos_id is None else int(bos_id)
         self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(int(i) for i in eos_ids))
@@ -333,12 +415,24 @@ class Tokenizer:
         return cls(tokenizer_json_from_gguf(fields), bos_id=bos_id, eos_ids=eos_ids,
                    add_bos=bool(add_bos) and bos_id is not None)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`. Special tokens written in the text (e.g. "<|im_start|>") are matched whole.
-        With add_special_tokens, BOS is prepended when the model wants it."""
+    def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`. With add_special_tokens, BOS is prepended when the model wants it.
+
+        parse_special: special (control) tokens written in the text (e.g. "<|im_start|>") are matched whole;
+        without it they are tokenized as plain text, as llama.cpp's `parse_special=false`. User-defined
+        tokens are matched either way (as in llama.cpp and HF)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, not {type(text).__name__}")
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if parse_special:
+            with self._lock:
+                ids = self._tok.encode(text, add_special_tokens=False).ids
+        else:
+            with self._lock:  # the flag is the engine's state: no other encode may see it set
+                self._tok.encode_special_tokens = True
+                try:
+                    ids = self._tok.encode(text, add_special_tokens=False).ids
+                finally:
+                    self._tok.encode_special_tokens = False
         if add_special_tokens and self.add_bos:
             ids.insert(0, self.bos_id)
         return ids

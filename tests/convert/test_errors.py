@@ -98,9 +98,9 @@ def test_unsupported_gguf_architecture(tmp_path):
     from testutil import make_hf_model
 
     model = make_hf_model(tmp_path / "hf", "llama", num_hidden_layers=1)
-    src = tmp_path / "phi.gguf"
-    write_gguf(src, model, tmp_path / "hf", "phi3")
-    _fails(src, tmp_path, UnsupportedModelError, "GGUF architecture 'phi3' is not supported")
+    src = tmp_path / "mamba.gguf"
+    write_gguf(src, model, tmp_path / "hf", "mamba")
+    _fails(src, tmp_path, UnsupportedModelError, "GGUF architecture 'mamba' is not supported")
 
 
 def test_not_a_model(tmp_path):

@@ -47,6 +47,9 @@ def interpret(g, weights, tokens):
     def silu(x):
         return x / (1 + np.exp(-x))
 
+    def gelu_tanh(x):
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
     for n in g.nodes:
         a = [env[x] if x else None for x in n.inputs]
         if n.op == "rope_table":
@@ -72,6 +75,26 @@ def interpret(g, weights, tokens):
             out = [s, rms(s, a[2], n.attr("eps"))]
         elif n.op == "take_last":
             out = [a[0][-1:]]
+        elif n.op == "layer_norm":
+            mu = a[0].mean(-1, keepdims=True)
+            var = ((a[0] - mu) ** 2).mean(-1, keepdims=True)
+            out = [(a[0] - mu) / np.sqrt(var + n.attr("eps")) * a[1] + a[2]]
+        elif n.op == "pos_embed":
+            out = [a[0] + a[1][:T]]
+        elif n.op == "gelu":
+            x = a[0]
+            out = [0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))]
+        elif n.op == "head_rms_norm":
+            x = a[0].reshape(a[0].shape[0], n.attr("n_heads"), n.attr("head_dim"))
+            out = [rms(x, a[1], n.attr("eps")).reshape(a[0].shape)]
+        elif n.op == "geglu":
+            out = [gelu_tanh(a[0]) * a[1]]
+        elif n.op == "matmul_geglu":
+            out = [gelu_tanh(mm(a[0], a[1])) * mm(a[0], a[2])]
+        elif n.op == "scale":
+            out = [a[0] * n.attr("s")]
+        elif n.op == "softcap":
+            out = [n.attr("cap") * np.tanh(a[0] / n.attr("cap"))]
         elif n.op == "rope":
             x, tab = a[0].copy(), a[1]
             H, D, R = n.attr("n_heads"), n.attr("head_dim"), n.attr("rope_dim")
@@ -85,9 +108,14 @@ def interpret(g, weights, tokens):
             H, KV, D = n.attr("n_heads"), n.attr("n_kv_heads"), n.attr("head_dim")
             q, k, v = (t.reshape(T, -1, D) for t in a)
             o = np.zeros((T, H, D))
+            W, cap = n.attr("window", 0), n.attr("softcap", 0.0)
+            i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+            allowed = (j <= i) & ((W <= 0) | (j > i - W))
             for h in range(H):
                 s = q[:, h] @ k[:, h // (H // KV)].T * n.attr("scale")
-                s = np.where(np.tril(np.ones((T, T))) > 0, s, -np.inf)
+                if cap:
+                    s = cap * np.tanh(s / cap)
+                s = np.where(allowed, s, -np.inf)
                 p = np.exp(s - s.max(-1, keepdims=True))
                 o[:, h] = (p / p.sum(-1, keepdims=True)) @ v[:, h // (H // KV)]
             out = [o.reshape(T, H * D)]
@@ -171,3 +199,76 @@ def test_invalid_graph_is_rejected():
     g.nodes.insert(0, g.nodes[5])  # use before definition
     with pytest.raises(ValueError, match="before it is defined"):
         validate(g)
+
+
+OTHER_ARCHS = {
+    "gpt2": dict(model_type="gpt2", vocab_size=50, n_embd=24, n_layer=2, n_head=3, n_positions=MAXPOS),
+    "phi3": dict(model_type="phi3", vocab_size=50, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
+                 num_key_value_heads=1, intermediate_size=40, partial_rotary_factor=0.5),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(OTHER_ARCHS))
+def test_pipeline_preserves_logits_of_other_architectures(arch):
+    module = models.get(arch)
+    cfg = module.config_from_hf(OTHER_ARCHS[arch])
+    g = Graph()
+    module.build(g, cfg, MAXPOS)
+    w = random_weights(g, seed=2)
+    tokens = [3, 17, 4, 42, 8, 1, 0]
+    ref = interpret(g, w, tokens)[-1]
+    final = run_pipeline(g)
+    np.testing.assert_allclose(interpret(final, w, tokens)[-1], ref, rtol=1e-6, atol=1e-6)
+    if arch == "gpt2":  # the final LayerNorm runs on the last row only
+        norms = [n for n in final.nodes if n.op == "layer_norm"]
+        assert final.values[norms[-1].outputs[0]].rows == 1
+
+
+# Qwen3 and the Gemma family: q/k head norms, GeGLU, embedding scale, soft-capping, windows.
+QWEN3_GEMMA_ARCHS = {
+    "qwen3": dict(model_type="qwen3", vocab_size=50, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
+                  num_key_value_heads=1, head_dim=10, intermediate_size=40),
+    "gemma": dict(model_type="gemma", vocab_size=50, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=16, intermediate_size=40),
+    "gemma2": dict(model_type="gemma2", vocab_size=50, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=16, intermediate_size=40, sliding_window=3,
+                   query_pre_attn_scalar=12, attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    "gemma3": dict(model_type="gemma3_text", vocab_size=50, hidden_size=24, num_hidden_layers=3,
+                   num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=40,
+                   sliding_window=4, sliding_window_pattern=2),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(QWEN3_GEMMA_ARCHS))
+def test_pipeline_preserves_logits_of_qwen3_and_gemma(arch):
+    module = models.get(arch)
+    cfg = module.config_from_hf(QWEN3_GEMMA_ARCHS[arch])
+    g = Graph()
+    module.build(g, cfg, MAXPOS)
+    w = random_weights(g, seed=3)
+    tokens = [3, 17, 4, 42, 8, 1, 0, 9, 33]
+    ref = interpret(g, w, tokens)[-1]
+    final = run_pipeline(g)
+    np.testing.assert_allclose(interpret(final, w, tokens)[-1], ref, rtol=1e-6, atol=1e-6)
+    counts = final.op_counts()
+    if arch.startswith("gemma"):  # GeGLU fused with its projections
+        assert counts["matmul_geglu"] == cfg["n_layers"] and "geglu" not in counts
+    if arch in ("qwen3", "gemma3"):
+        assert counts["head_rms_norm"] == 2 * cfg["n_layers"]
+    if arch == "gemma2":  # the final soft-cap runs on the last row only
+        (cap,) = [n for n in final.nodes if n.op == "softcap"]
+        assert final.values[cap.outputs[0]].rows == 1
+        windows = [n.attr("window", 0) for n in final.nodes if n.op == "attention"]
+        assert windows == [3, 0]
+
+
+def test_window_changes_the_interpreted_attention():
+    """Guards the interpreter itself: a window shorter than the prompt must matter."""
+    cfg = models.get("gemma2").config_from_hf(QWEN3_GEMMA_ARCHS["gemma2"])
+    g = Graph()
+    models.get("gemma2").build(g, cfg, MAXPOS)
+    w = random_weights(g, seed=3)
+    tokens = [3, 17, 4, 42, 8, 1, 0, 9, 33]
+    g2 = Graph()
+    models.get("gemma2").build(g2, {**cfg, "layer_windows": [0, 0]}, MAXPOS)
+    assert np.abs(interpret(g, w, tokens)[-1] - interpret(g2, w, tokens)[-1]).max() > 1e-3

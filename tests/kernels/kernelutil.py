@@ -28,6 +28,49 @@ def quantize_act_np(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return d, s, q
 
 
+def quantize_act2_np(x: np.ndarray):
+    """numpy emulation of kernels.h BlockQ8A2 quantization of x[..., K] -> (d, s, d2, s2, q, q2).
+
+    The residual r = fma(-d, q, x) is one rounding of the exact x - d*q; in float64
+    d*q (24+7 bits) and the difference (< 53 bits, x ~ d*q) are exact, so casting to
+    float32 reproduces it.
+    """
+    x = x.astype(np.float32)
+    d, s, q = quantize_act_np(x)
+    xb = x.reshape(*x.shape[:-1], -1, 32).astype(np.float64)
+    r = (xb - d[..., None].astype(np.float64) * q.astype(np.float64)).astype(np.float32)
+    d2, s2, q2 = quantize_act_np(r.reshape(x.shape))
+    return d, s, d2, s2, q, q2
+
+
+def make_matmul_case(dtype, T, K, N, seed):
+    """Random weights (with a zero block) and activations (with a large-scale block):
+    returns (raw weight bytes, dequantized weights [N, K], x [T, K])."""
+    from pocketlm.quant import dequantize, quantize
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    w[0, : min(K, 32)] = 0  # a zero block
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    x[-1, : min(K, 32)] *= 100  # a block with a large scale
+    raw = quantize(w, dtype)
+    return raw, dequantize(raw, dtype, (N, K)), x
+
+
+MATMUL_SHAPES = [  # (T, K, N): covers T in {1,2,3,5,17,64}, K in {32..1536}, odd N
+    (1, 32, 1), (2, 64, 3), (3, 96, 7), (5, 576, 67), (17, 1536, 7), (64, 576, 67),
+    (64, 1536, 3), (3, 1536, 67), (1, 1536, 67), (17, 96, 1), (1, 128, 7), (5, 256, 3),
+    (2, 640, 67), (64, 384, 7), (3, 128, 1),
+]
+FLOAT_MATMUL_SHAPES = [(1, 1, 1), (3, 7, 5), (2, 33, 67), (5, 100, 3), (17, 17, 7), (64, 200, 3), (1, 1000, 67)]
+
+
+def matmul_shapes_for(dtype):
+    if not dtype.quantized:
+        return MATMUL_SHAPES + FLOAT_MATMUL_SHAPES
+    return [s for s in MATMUL_SHAPES if s[1] % dtype.block_elems == 0]
+
+
 def variants() -> list[str]:
     return list(kernels.available())
 

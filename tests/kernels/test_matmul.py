@@ -8,33 +8,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kernelutil import kernels, quantize_act_np, simd_variants
+from kernelutil import (
+    FLOAT_MATMUL_SHAPES,
+    MATMUL_SHAPES,
+    kernels,
+    make_matmul_case,
+    matmul_shapes_for,
+    quantize_act_np,
+    simd_variants,
+)
 
 from pocketlm.dtypes import DType
-from pocketlm.quant import dequantize, quantize
+from pocketlm.quant import quantize
 
-SHAPES = [  # (T, K, N): covers T in {1,2,3,5,17,64}, K in {32..1536}, odd N
-    (1, 32, 1), (2, 64, 3), (3, 96, 7), (5, 576, 67), (17, 1536, 7), (64, 576, 67),
-    (64, 1536, 3), (3, 1536, 67), (1, 1536, 67), (17, 96, 1), (1, 128, 7), (5, 256, 3),
-    (2, 640, 67), (64, 384, 7), (3, 128, 1),
-]
-FLOAT_SHAPES = [(1, 1, 1), (3, 7, 5), (2, 33, 67), (5, 100, 3), (17, 17, 7), (64, 200, 3), (1, 1000, 67)]
-
-
-def make(dtype, T, K, N, seed):
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((N, K)).astype(np.float32)
-    w[0, : min(K, 32)] = 0  # a zero block
-    x = rng.standard_normal((T, K)).astype(np.float32)
-    x[-1, : min(K, 32)] *= 100  # a block with a large scale
-    raw = quantize(w, dtype)
-    return raw, dequantize(raw, dtype, (N, K)), x
-
-
-def shapes_for(dtype):
-    if not dtype.quantized:
-        return SHAPES + FLOAT_SHAPES
-    return [s for s in SHAPES if s[1] % dtype.block_elems == 0]
+SHAPES = MATMUL_SHAPES
+FLOAT_SHAPES = FLOAT_MATMUL_SHAPES
+make = make_matmul_case
+shapes_for = matmul_shapes_for
 
 
 @pytest.mark.parametrize("dtype", list(DType))

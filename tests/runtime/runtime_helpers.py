@@ -72,6 +72,7 @@ class ProgramBuilder:
         self.ops.append((name, list(inputs), list(outputs), list(iparams), list(fparams)))
 
     def program(self, output: int, kv=(0, 0, 0), n_threads: int = 1, bundle=None, **kw):
+        kw.setdefault("activations", ACTIVATIONS["mode"])
         return _core.Program(bundle, self.tensors, self.ops, self.arena_bytes, self.max_tokens,
                              kv, output, n_threads, **kw)
 
@@ -129,14 +130,27 @@ def attention(q: np.ndarray, k_all: np.ndarray, v_all: np.ndarray, pos0: int, n_
     return out.reshape(t, n_heads * head_dim).astype(np.float32)
 
 
-def quantize_act(x: np.ndarray) -> np.ndarray:
-    """x as the integer matmuls see it: blocks of 32 with d = amax/127, q = round-half-away."""
-    xb = np.asarray(x, np.float32).reshape(-1, 32)
+# Activation mode of the programs the tests build ("int8" or "int8x2"); tests/runtime/conftest.py
+# runs every test under both.
+ACTIVATIONS = {"mode": "int8x2"}
+
+
+def _q8(xb: np.ndarray) -> np.ndarray:
     d = np.max(np.abs(xb), axis=1, keepdims=True) / np.float32(127.0)
     inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d != 0)
     v = xb * inv
     q = np.clip(np.sign(v) * np.floor(np.abs(v) + np.float32(0.5)), -127, 127)
-    return (q * d).astype(np.float32).reshape(x.shape)
+    return (q * d).astype(np.float32)
+
+
+def quantize_act(x: np.ndarray) -> np.ndarray:
+    """x as the integer matmuls see it: blocks of 32 with d = amax/127, q = round-half-away;
+    in "int8x2" mode plus the residual quantized the same way (kernels.h BlockQ8A2)."""
+    xb = np.asarray(x, np.float32).reshape(-1, 32)
+    first = _q8(xb)
+    if ACTIVATIONS["mode"] == "int8x2":
+        first = first + _q8((xb.astype(np.float64) - first).astype(np.float32))
+    return first.reshape(x.shape)
 
 
 def matmul(x: np.ndarray, w_seen: np.ndarray, dtype: DType = DType.F32) -> np.ndarray:

@@ -257,3 +257,79 @@ def test_attention_long_context_decode(n_heads, n_kv_heads):
             outs.append(state.run(np.arange(pos, pos + chunk, dtype=np.int32), pos))
             pos += chunk
         np.testing.assert_allclose(np.concatenate(outs), ref[:pos], rtol=1e-4, atol=1e-5)
+
+
+# ---- GPT-2 ops: layer_norm, pos_embed, gelu ---------------------------------------------------
+
+
+def layer_norm_ref(x, w, b, eps):
+    x64 = x.astype(np.float64)
+    mu = x64.mean(-1, keepdims=True)
+    var = ((x64 - mu) ** 2).mean(-1, keepdims=True)
+    return ((x64 - mu) / np.sqrt(var + eps) * w + b).astype(np.float32)
+
+
+def gelu_tanh_ref(x):
+    x64 = x.astype(np.float64)
+    return (0.5 * x64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64 ** 3)))).astype(np.float32)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_layer_norm_and_gelu(in_place, n_threads):
+    t, d = 5, 37  # not a multiple of any SIMD width
+    x = rand(t, d) * 3 + 10  # a large mean: the variance must not cancel
+    x[:, ::2] -= 20  # and gelu sees both signs
+    w, bias = rand(d), rand(d)
+    b = ProgramBuilder(max_tokens=8)
+    xa, xg = x_program(b, x), x_program(b, x)
+    wid, bid = b.const(w), b.const(bias)
+    y_norm = xa if in_place else b.arena(d)
+    y_gelu = xg if in_place else b.arena(d)
+    b.op("layer_norm", [xa, wid, bid], [y_norm], fparams=[1e-5])
+    b.op("gelu", [xg], [y_gelu])
+    np.testing.assert_allclose(run(b.program(y_norm, n_threads=n_threads), tokens_for(t)),
+                               layer_norm_ref(x, w, bias, 1e-5), rtol=1e-5, atol=1e-5)
+    got = run(b.program(y_gelu, n_threads=n_threads), tokens_for(t))
+    np.testing.assert_allclose(got, gelu_tanh_ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_matches_transformers_gelu_new():
+    import torch
+    from transformers.activations import ACT2FN
+
+    x = rand(3, 70, scale=4.0)
+    b = ProgramBuilder(max_tokens=4)
+    xa = x_program(b, x)
+    y = b.arena(70)
+    b.op("gelu", [xa], [y])
+    ref = ACT2FN["gelu_new"](torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(run(b.program(y), tokens_for(3)), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [DType.F32, DType.F16, DType.Q8_0, DType.I8])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_pos_embed(dtype, in_place):
+    t, d, max_pos, pos0 = 4, 64, 12, 7
+    x, table = rand(t, d), rand(max_pos, d)
+    b = ProgramBuilder(max_tokens=4)
+    xa = x_program(b, x)
+    pid, seen = b.weight(table, dtype)
+    y = xa if in_place else b.arena(d)
+    b.op("pos_embed", [xa, pid], [y])
+    for n_threads in (1, 2):
+        got = run(b.program(y, n_threads=n_threads), tokens_for(t), pos=pos0, max_context=max_pos)
+        np.testing.assert_allclose(got, x + seen[pos0:pos0 + t], rtol=1e-6, atol=1e-6)
+
+
+def test_pos_embed_table_caps_the_context():
+    from pocketlm import _core
+
+    b = ProgramBuilder(max_tokens=4)
+    xa = x_program(b, rand(4, 8))
+    pid, _ = b.weight(rand(10, 8))
+    b.op("pos_embed", [xa, pid], [xa])
+    prog = b.program(xa)
+    _core.State(prog, 10)
+    with pytest.raises(Exception, match="position embeddings"):
+        _core.State(prog, 11)

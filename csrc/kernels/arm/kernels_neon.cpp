@@ -2,8 +2,10 @@
 // they run on every ARMv8-A core). Kept deliberately simple: one weight row x one
 // token at a time. Integer dot products use vmull_s8 / vmlal_s8 (each s16 lane
 // holds two products, |sum| <= 2*128*127 < 2^15) and vpadalq_s16 into s32, so
-// every 32-block sum is exact. Activation quantization, rms_norm, silu_mul and
-// dequant_row reuse the scalar reference (identical results by construction).
+// every 32-block sum is exact. matmul2 (two-level activations) reuses each weight
+// block's registers for both dot products. Activation quantization (both levels),
+// rms_norm, silu_mul and dequant_row reuse the scalar reference (identical results
+// by construction).
 #if defined(__aarch64__) && defined(__ARM_NEON)
 #include <arm_neon.h>
 #endif
@@ -71,6 +73,53 @@ float row_dot_q4(const uint8_t* row, const BlockQ8A* xq, int64_t K) {
   return acc;
 }
 
+// Two-level activations (BlockQ8A2): the weight registers feed both dot products.
+float row_dot2_q8_0(const uint8_t* row, const BlockQ8A2* xq, int64_t K) {
+  const BlockQ8_0* w = reinterpret_cast<const BlockQ8_0*>(row);
+  float acc = 0.0f;
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const int8x16_t w0 = vld1q_s8(w[b].qs), w1 = vld1q_s8(w[b].qs + 16);
+    const BlockQ8A2& a = xq[b];
+    const float v = a.d * (float)idot32(w0, w1, a.qs) + a.d2 * (float)idot32(w0, w1, a.qs2);
+    acc += fp16_to_fp32(w[b].d) * v;
+  }
+  return acc;
+}
+
+float row_dot2_i8(const uint8_t* row, const BlockQ8A2* xq, int64_t K) {
+  const int8_t* w = reinterpret_cast<const int8_t*>(row);
+  float acc = 0.0f;
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const int8x16_t w0 = vld1q_s8(w + 32 * b), w1 = vld1q_s8(w + 32 * b + 16);
+    acc += xq[b].d * (float)idot32(w0, w1, xq[b].qs) + xq[b].d2 * (float)idot32(w0, w1, xq[b].qs2);
+  }
+  return acc;
+}
+
+template <int G, bool Asym>
+float row_dot2_q4(const uint8_t* row, const BlockQ8A2* xq, int64_t K) {
+  constexpr int kHdr = Asym ? 4 : 2, kBlockBytes = kHdr + G / 2;
+  const uint8x16_t mask = vdupq_n_u8(0x0f);
+  const int8x16_t off = vdupq_n_s8(Asym ? 0 : 8);
+  float acc = 0.0f;
+  for (int64_t b = 0; b < K / G; ++b) {
+    const uint8_t* blk = row + b * kBlockBytes;
+    fp16_t hd, hm = 0;
+    std::memcpy(&hd, blk, 2);
+    if (Asym) std::memcpy(&hm, blk + 2, 2);
+    const float dw = fp16_to_fp32(hd), mw = fp16_to_fp32(hm);
+    for (int r = 0; r < G / 32; ++r) {
+      const BlockQ8A2& a = xq[b * (G / 32) + r];
+      const uint8x16_t v = vld1q_u8(blk + kHdr + 16 * r);
+      const int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, mask)), off);
+      const int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), off);
+      acc += dw * (a.d * (float)idot32(lo, hi, a.qs) + a.d2 * (float)idot32(lo, hi, a.qs2));
+      if (Asym) acc += mw * (a.s + a.s2);
+    }
+  }
+  return acc;
+}
+
 float row_dot_f32(const uint8_t* row, const float* x, int64_t K) {
   const float* w = reinterpret_cast<const float*>(row);
   float32x4_t s0 = vdupq_n_f32(0.0f), s1 = vdupq_n_f32(0.0f);
@@ -108,9 +157,9 @@ void matmul_float(const WeightView& w, const float* x, size_t ldx, const BlockQ8
     for (int t = 0; t < T; ++t) y[t * ldy + n] = RowDot(w.data + (size_t)n * w.row_stride, x + t * ldx, w.cols);
 }
 
-template <float (*RowDot)(const uint8_t*, const BlockQ8A*, int64_t)>
-void matmul_quant(const WeightView& w, const float*, size_t, const BlockQ8A* xq, int T, float* y, size_t ldy,
-                  int n0, int n1) {
+template <class Act, float (*RowDot)(const uint8_t*, const Act*, int64_t)>
+void matmul_quant_t(const WeightView& w, const float*, size_t, const Act* xq, int T, float* y, size_t ldy,
+                    int n0, int n1) {
   const int64_t nb = w.cols / 32;
   for (int n = n0; n < n1; ++n)
     for (int t = 0; t < T; ++t) {
@@ -119,6 +168,11 @@ void matmul_quant(const WeightView& w, const float*, size_t, const BlockQ8A* xq,
       y[t * ldy + n] = v;
     }
 }
+
+template <float (*RowDot)(const uint8_t*, const BlockQ8A*, int64_t)>
+constexpr MatmulFn matmul_quant = matmul_quant_t<BlockQ8A, RowDot>;
+template <float (*RowDot)(const uint8_t*, const BlockQ8A2*, int64_t)>
+constexpr MatmulFn2 matmul2_quant = matmul_quant_t<BlockQ8A2, RowDot>;
 
 float dot_neon(const float* a, const float* b, int n) {
   return row_dot_f32(reinterpret_cast<const uint8_t*>(a), b, n);
@@ -164,6 +218,19 @@ const KernelTable* neon_kernel_table() {
       ref_kernels().rms_norm,
       ref_kernels().silu_mul,
       add_neon,
+      {
+          matmul2_float<matmul_float<row_dot_f32>>,
+          matmul2_float<matmul_float<row_dot_f16>>,
+          matmul2_quant<row_dot2_q8_0>,
+          matmul2_quant<row_dot2_q4<32, false>>,
+          matmul2_quant<row_dot2_q4<32, true>>,
+          matmul2_quant<row_dot2_q4<64, false>>,
+          matmul2_quant<row_dot2_q4<128, false>>,
+          matmul2_quant<row_dot2_q4<64, true>>,
+          matmul2_quant<row_dot2_q4<128, true>>,
+          matmul2_quant<row_dot2_i8>,
+      },
+      ref_kernels().quantize_act2,
   };
   return &table;
 }

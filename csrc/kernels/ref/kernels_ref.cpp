@@ -14,22 +14,37 @@ namespace {
 // Round half away from zero; every variant must use this exact rule on x * (1/d).
 inline int round_away(float v) { return (int)std::round(v); }
 
+// One 32-block: d = amax/127, qs = round-half-away(x * (1/d)) clamped, s = d*sum(qs).
+void quantize_block(const float* xb, float* d_out, float* s_out, int8_t* qs) {
+  float amax = 0.0f;
+  for (int j = 0; j < 32; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
+  const float d = amax / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  int sum = 0;
+  for (int j = 0; j < 32; ++j) {
+    int q = round_away(xb[j] * id);
+    q = q < -127 ? -127 : (q > 127 ? 127 : q);
+    qs[j] = (int8_t)q;
+    sum += q;
+  }
+  *d_out = d;
+  *s_out = d * (float)sum;
+}
+
 void quantize_act_ref(const float* x, BlockQ8A* out, int K) {
+  for (int b = 0; b < K / 32; ++b) quantize_block(x + b * 32, &out[b].d, &out[b].s, out[b].qs);
+}
+
+// Two levels: the residual r = x - d*q is formed with one rounding (std::fma), then
+// quantized by the same rule (see kernels.h).
+void quantize_act2_ref(const float* x, BlockQ8A2* out, int K) {
   for (int b = 0; b < K / 32; ++b) {
     const float* xb = x + b * 32;
-    float amax = 0.0f;
-    for (int j = 0; j < 32; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
-    const float d = amax / 127.0f;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    int sum = 0;
-    for (int j = 0; j < 32; ++j) {
-      int q = round_away(xb[j] * id);
-      q = q < -127 ? -127 : (q > 127 ? 127 : q);
-      out[b].qs[j] = (int8_t)q;
-      sum += q;
-    }
-    out[b].d = d;
-    out[b].s = d * (float)sum;
+    BlockQ8A2& o = out[b];
+    quantize_block(xb, &o.d, &o.s, o.qs);
+    float r[32];
+    for (int j = 0; j < 32; ++j) r[j] = std::fma(-o.d, (float)o.qs[j], xb[j]);
+    quantize_block(r, &o.d2, &o.s2, o.qs2);
   }
 }
 
@@ -119,6 +134,67 @@ float row_dot_i8(const uint8_t* row, const BlockQ8A* xq, int64_t K) {
   return acc;  // the row scale is applied by the caller
 }
 
+// ---- the same, for two-level activations (BlockQ8A2) ----
+
+inline int32_t idot32(const int8_t* w, const int8_t* a) {
+  int32_t dot = 0;
+  for (int j = 0; j < 32; ++j) dot += (int32_t)w[j] * a[j];
+  return dot;
+}
+
+float row_dot2_q8_0(const uint8_t* row, const BlockQ8A2* xq, int64_t K) {
+  const BlockQ8_0* w = reinterpret_cast<const BlockQ8_0*>(row);
+  float acc = 0.0f;
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const BlockQ8A2& a = xq[b];
+    const float v = a.d * (float)idot32(w[b].qs, a.qs) + a.d2 * (float)idot32(w[b].qs, a.qs2);
+    acc += fp16_to_fp32(w[b].d) * v;
+  }
+  return acc;
+}
+
+template <int G>
+float row_dot2_q4_0(const uint8_t* row, const BlockQ8A2* xq, int64_t K) {
+  const auto* w = reinterpret_cast<const BlockQ4_0G<G>*>(row);
+  float acc = 0.0f;
+  for (int64_t b = 0; b < K / G; ++b) {
+    const float dw = fp16_to_fp32(w[b].d);
+    for (int r = 0; r < G / 32; ++r) {
+      const BlockQ8A2& a = xq[b * (G / 32) + r];
+      int32_t asum, asum2;
+      const int32_t i1 = nibble_dot(w[b].qs + 16 * r, a.qs, &asum) - 8 * asum;
+      const int32_t i2 = nibble_dot(w[b].qs + 16 * r, a.qs2, &asum2) - 8 * asum2;
+      acc += dw * (a.d * (float)i1 + a.d2 * (float)i2);
+    }
+  }
+  return acc;
+}
+
+template <int G>
+float row_dot2_q4_1(const uint8_t* row, const BlockQ8A2* xq, int64_t K) {
+  const auto* w = reinterpret_cast<const BlockQ4_1G<G>*>(row);
+  float acc = 0.0f;
+  for (int64_t b = 0; b < K / G; ++b) {
+    const float dw = fp16_to_fp32(w[b].d), mw = fp16_to_fp32(w[b].m);
+    for (int r = 0; r < G / 32; ++r) {
+      const BlockQ8A2& a = xq[b * (G / 32) + r];
+      int32_t asum;
+      const int32_t i1 = nibble_dot(w[b].qs + 16 * r, a.qs, &asum);
+      const int32_t i2 = nibble_dot(w[b].qs + 16 * r, a.qs2, &asum);
+      acc += dw * (a.d * (float)i1 + a.d2 * (float)i2) + mw * (a.s + a.s2);
+    }
+  }
+  return acc;
+}
+
+float row_dot2_i8(const uint8_t* row, const BlockQ8A2* xq, int64_t K) {
+  const int8_t* w = reinterpret_cast<const int8_t*>(row);
+  float acc = 0.0f;
+  for (int64_t b = 0; b < K / 32; ++b)
+    acc += xq[b].d * (float)idot32(w + 32 * b, xq[b].qs) + xq[b].d2 * (float)idot32(w + 32 * b, xq[b].qs2);
+  return acc;  // the row scale is applied by the caller
+}
+
 // ---- matmul wrappers ----
 
 template <float (*RowDot)(const uint8_t*, const float*, int64_t)>
@@ -129,8 +205,8 @@ void matmul_float(const WeightView& w, const float* x, size_t ldx, const BlockQ8
       y[t * ldy + n] = RowDot(w.data + (size_t)n * w.row_stride, x + t * ldx, w.cols);
 }
 
-template <float (*RowDot)(const uint8_t*, const BlockQ8A*, int64_t)>
-void matmul_quant(const WeightView& w, const float*, size_t, const BlockQ8A* xq, int T,
+template <class Act, float (*RowDot)(const uint8_t*, const Act*, int64_t)>
+void matmul_quant_t(const WeightView& w, const float*, size_t, const Act* xq, int T,
                   float* y, size_t ldy, int n0, int n1) {
   const int64_t nb = w.cols / 32;
   for (int t = 0; t < T; ++t)
@@ -140,6 +216,11 @@ void matmul_quant(const WeightView& w, const float*, size_t, const BlockQ8A* xq,
       y[t * ldy + n] = v;
     }
 }
+
+template <float (*RowDot)(const uint8_t*, const BlockQ8A*, int64_t)>
+constexpr MatmulFn matmul_quant = matmul_quant_t<BlockQ8A, RowDot>;
+template <float (*RowDot)(const uint8_t*, const BlockQ8A2*, int64_t)>
+constexpr MatmulFn2 matmul2_quant = matmul_quant_t<BlockQ8A2, RowDot>;
 
 // ---- dequantization (embeddings) ----
 
@@ -255,6 +336,19 @@ const KernelTable& ref_kernels() {
       rms_norm_ref,
       silu_mul_ref,
       add_ref,
+      {
+          matmul2_float<matmul_float<row_dot_f32>>,   // F32
+          matmul2_float<matmul_float<row_dot_f16>>,   // F16
+          matmul2_quant<row_dot2_q8_0>,               // Q8_0
+          matmul2_quant<row_dot2_q4_0<32>>,           // Q4_0
+          matmul2_quant<row_dot2_q4_1<32>>,           // Q4_1
+          matmul2_quant<row_dot2_q4_0<64>>,           // Q4_0_G64
+          matmul2_quant<row_dot2_q4_0<128>>,          // Q4_0_G128
+          matmul2_quant<row_dot2_q4_1<64>>,           // Q4_1_G64
+          matmul2_quant<row_dot2_q4_1<128>>,          // Q4_1_G128
+          matmul2_quant<row_dot2_i8>,                 // I8
+      },
+      quantize_act2_ref,
   };
   return table;
 }

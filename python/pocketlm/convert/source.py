@@ -56,8 +56,14 @@ class SourceModel:
     keep_fallback: dict[str, DType] = field(default_factory=dict)
 
 
-def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Canonical tensor name -> shape for a llama-family config (llama, qwen2)."""
+def expected_shapes(cfg: dict, arch: str = "llama") -> dict[str, tuple[int, ...]]:
+    """Canonical tensor name -> shape: the architecture's `tensor_shapes(cfg)` if it has one,
+    else the llama family's (llama, qwen2, phi3 after splitting its fused tensors)."""
+    from pocketlm import models
+
+    module = models.get(arch)
+    if hasattr(module, "tensor_shapes"):
+        return module.tensor_shapes(cfg)
     dim, vocab, ffn = cfg["hidden_size"], cfg["vocab_size"], cfg["ffn_dim"]
     q_rows = cfg["n_heads"] * cfg["head_dim"]
     kv_rows = cfg["n_kv_heads"] * cfg["head_dim"]
@@ -87,9 +93,9 @@ def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_tensors(tensors: list[SourceTensor], cfg: dict, origin: str) -> None:
+def check_tensors(tensors: list[SourceTensor], cfg: dict, origin: str, arch: str = "llama") -> None:
     """Every tensor the config implies is present with the right shape, and nothing else."""
-    want = expected_shapes(cfg)
+    want = expected_shapes(cfg, arch)
     have = {t.name: t for t in tensors}
     if len(have) != len(tensors):
         raise ConversionError(f"{origin}: duplicate tensor names after renaming")

@@ -36,10 +36,20 @@ OPS: dict[str, tuple[int, int | None, int | None]] = {
     "rope": (2, 2, 1),
     "attention": (3, 3, 1),
     "take_last": (1, 1, 1),
+    "layer_norm": (3, 3, 1),
+    "pos_embed": (2, 2, 1),
+    "gelu": (1, 1, 1),
+    "head_rms_norm": (2, 2, 1),
+    "geglu": (2, 2, 1),
+    "matmul_geglu": (3, 3, 1),
+    "scale": (1, 1, 1),
+    "softcap": (1, 1, 1),
 }
 
 # Ops whose output may share memory with an input that dies at that op.
-INPLACE_OK = {"add": (0,), "swiglu": (0, 1), "rope": (0,), "add_rms_norm": (0,)}
+INPLACE_OK = {"add": (0,), "swiglu": (0, 1), "rope": (0,), "add_rms_norm": (0,),
+              "layer_norm": (0,), "pos_embed": (0,), "gelu": (0,),
+              "head_rms_norm": (0,), "geglu": (0, 1), "scale": (0,), "softcap": (0,)}
 
 
 @dataclass(frozen=True)

@@ -45,13 +45,21 @@ def lower(g: Graph, plan: MemoryPlan) -> tuple[list[dict], list[tuple], int]:
         outs = [tid(o) for o in n.outputs]
         ip: list[int] = []
         fp: list[float] = []
-        if n.op in ("rms_norm", "add_rms_norm"):
+        if n.op in ("rms_norm", "add_rms_norm", "layer_norm"):
             fp = [n.attr("eps")]
         elif n.op == "rope":
             ip = [n.attr("n_heads"), n.attr("head_dim"), n.attr("rope_dim")]
         elif n.op == "attention":
-            ip = [n.attr("layer"), n.attr("n_heads"), n.attr("n_kv_heads"), n.attr("head_dim")]
-            fp = [n.attr("scale")]
+            ip = [n.attr("layer"), n.attr("n_heads"), n.attr("n_kv_heads"), n.attr("head_dim"),
+                  n.attr("window", 0)]
+            fp = [n.attr("scale"), n.attr("softcap", 0.0)]
+        elif n.op == "head_rms_norm":
+            ip = [n.attr("n_heads"), n.attr("head_dim")]
+            fp = [n.attr("eps")]
+        elif n.op == "scale":
+            fp = [n.attr("s")]
+        elif n.op == "softcap":
+            fp = [n.attr("cap")]
         ops.append((n.op, ins, outs, ip, fp))
     if len(g.outputs) != 1:
         raise ValueError("the executor takes exactly one graph output")

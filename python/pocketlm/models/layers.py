@@ -20,6 +20,28 @@ def rms_norm(g: Graph, x: str, weight: str, eps: float) -> str:
     return g.emit("rms_norm", [x, weight], [(rows, cols)], "norm", eps=float(eps))[0]
 
 
+def layer_norm(g: Graph, x: str, weight: str, bias: str, eps: float) -> str:
+    """(x - mean) / sqrt(var + eps) * weight + bias, per row."""
+    rows, cols = g.shape(x)
+    _expect(g, weight, cols)
+    _expect(g, bias, cols)
+    return g.emit("layer_norm", [x, weight, bias], [(rows, cols)], "norm", eps=float(eps))[0]
+
+
+def pos_embed(g: Graph, x: str, table: str) -> str:
+    """x + table[position of each row]: learned absolute position embeddings."""
+    rows, cols = g.shape(x)
+    _, tcols = g.shape(table)
+    if tcols != cols:
+        raise ValueError(f"pos_embed: {table} has {tcols} columns, activation {x} has {cols}")
+    return g.emit("pos_embed", [x, table], [(rows, cols)], "x")[0]
+
+
+def gelu(g: Graph, x: str) -> str:
+    """GELU, tanh approximation (HF "gelu_new" / "gelu_pytorch_tanh")."""
+    return g.emit("gelu", [x], [g.shape(x)], "act")[0]
+
+
 def linear(g: Graph, x: str, weight: str, bias: str | None = None, hint: str = "y") -> str:
     rows, k = g.shape(x)
     n, wk = g.shape(weight)
@@ -51,7 +73,7 @@ def rope_table(g: Graph, *, head_dim: int, rope_dim: int, theta: float, max_posi
     inputs = [freq_factors] if freq_factors else []
     return g.emit("rope_table", inputs, [(max_positions, rope_dim)], "rope_table",
                   head_dim=head_dim, rope_dim=rope_dim, theta=float(theta),
-                  max_positions=max_positions, scaling=tuple(sorted((scaling or {}).items())))[0]
+                  max_positions=max_positions, scaling=_frozen(scaling or {}))[0]
 
 
 def rope(g: Graph, x: str, table: str, n_heads: int, head_dim: int, rope_dim: int) -> str:
@@ -63,14 +85,57 @@ def rope(g: Graph, x: str, table: str, n_heads: int, head_dim: int, rope_dim: in
 
 
 def attention(g: Graph, q: str, k: str, v: str, *, layer: int, n_heads: int, n_kv_heads: int,
-              head_dim: int, scale: float) -> str:
-    """Causal attention with a KV cache; grouped-query when n_kv_heads < n_heads."""
+              head_dim: int, scale: float, window: int | None = None,
+              softcap: float | None = None) -> str:
+    """Causal attention with a KV cache; grouped-query when n_kv_heads < n_heads.
+
+    window: each row sees only the last `window` positions, itself included (sliding-window
+    layers; their KV cache keeps only those). softcap: scores become cap * tanh(scores / cap)
+    before the softmax (Gemma 2).
+    """
     if n_heads % n_kv_heads:
         raise ValueError(f"n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
     rows, _ = g.shape(q)
+    extra = {}
+    if window:
+        extra["window"] = int(window)
+    if softcap:
+        extra["softcap"] = float(softcap)
     return g.emit("attention", [q, k, v], [(rows, n_heads * head_dim)], "attn",
                   layer=layer, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
-                  scale=float(scale))[0]
+                  scale=float(scale), **extra)[0]
+
+
+def head_rms_norm(g: Graph, x: str, weight: str, n_heads: int, head_dim: int, eps: float) -> str:
+    """RMSNorm of every head_dim slice of x (Qwen3 / Gemma 3 q and k norms); weight (head_dim,)."""
+    rows, cols = g.shape(x)
+    if cols != n_heads * head_dim:
+        raise ValueError(f"head_rms_norm: {x} has {cols} columns, expected {n_heads}x{head_dim}")
+    _expect(g, weight, head_dim)
+    return g.emit("head_rms_norm", [x, weight], [(rows, cols)], "qk_norm",
+                  n_heads=n_heads, head_dim=head_dim, eps=float(eps))[0]
+
+
+def geglu(g: Graph, gate: str, up: str) -> str:
+    """gelu(gate) * up, GELU in its tanh approximation (Gemma's gelu_pytorch_tanh)."""
+    if g.shape(gate) != g.shape(up):
+        raise ValueError("geglu: gate and up shapes differ")
+    return g.emit("geglu", [gate, up], [g.shape(gate)], "act")[0]
+
+
+def scale(g: Graph, x: str, s: float) -> str:
+    """x * s (Gemma's sqrt(hidden) embedding scale)."""
+    return g.emit("scale", [x], [g.shape(x)], "x", s=float(s))[0]
+
+
+def softcap(g: Graph, x: str, cap: float) -> str:
+    """cap * tanh(x / cap) (Gemma 2 final logit soft-capping)."""
+    return g.emit("softcap", [x], [g.shape(x)], "capped", cap=float(cap))[0]
+
+
+def _frozen(d: dict) -> tuple:
+    """A dict as a sorted tuple of pairs, lists (LongRoPE factors) as tuples: node attrs stay immutable."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
 
 
 def _expect(g: Graph, vec: str, n: int) -> None:

@@ -3,6 +3,10 @@
 Pre-norm decoder: RMSNorm -> attention (GQA, RoPE in HF rotate_half pairing) ->
 residual -> RMSNorm -> SwiGLU MLP -> residual; final RMSNorm and output head,
 tied to the embeddings when the checkpoint has no separate head.
+
+Optional, from the config: per-head RMSNorm of q and k before RoPE (`qk_norm`, Qwen3) and
+sliding-window attention (`sliding_window` for every layer, Mistral; or `layer_windows`,
+one window per layer, 0 = full attention).
 """
 
 from __future__ import annotations
@@ -57,8 +61,7 @@ def config_from_hf(d: dict) -> dict:
         "max_position": int(d.get("max_position_embeddings", 4096)),
         "tie_embeddings": bool(d.get("tie_word_embeddings", False)),
         "attn_bias": bool(d.get("attention_bias", False)),
-        # Mistral: attention sees at most this many past tokens. Until windowed KV caches land,
-        # the engine caps the context here, where full attention computes exactly the same.
+        # Mistral: each position attends to the last `sliding_window` positions, itself included.
         "sliding_window": int(d["sliding_window"]) if d.get("sliding_window") else None,
     }
 
@@ -136,6 +139,8 @@ def build(g: Graph, cfg: dict, max_positions: int) -> None:
     dim, n_heads, n_kv = cfg["hidden_size"], cfg["n_heads"], cfg["n_kv_heads"]
     hd, ffn, eps = cfg["head_dim"], cfg["ffn_dim"], cfg["rms_eps"]
     has_bias = bool(cfg.get("attn_bias"))
+    qk_norm = bool(cfg.get("qk_norm"))
+    windows = cfg.get("layer_windows") or [cfg.get("sliding_window") or 0] * cfg["n_layers"]
 
     emb = g.weight("token_embd.weight", (cfg["vocab_size"], dim))  # (vocab, dim)
     x = L.embed(g, emb)
@@ -155,11 +160,15 @@ def build(g: Graph, cfg: dict, max_positions: int) -> None:
         bq = g.weight(p + "attn_q.bias", (n_heads * hd,)) if has_bias else None
         bk = g.weight(p + "attn_k.bias", (n_kv * hd,)) if has_bias else None
         bv = g.weight(p + "attn_v.bias", (n_kv * hd,)) if has_bias else None
-        q = L.rope(g, L.linear(g, h, wq, bq, "q"), table, n_heads, hd, cfg["rope_dim"])
-        k = L.rope(g, L.linear(g, h, wk, bk, "k"), table, n_kv, hd, cfg["rope_dim"])
+        q, k = L.linear(g, h, wq, bq, "q"), L.linear(g, h, wk, bk, "k")
+        if qk_norm:  # Qwen3: RMSNorm over each head before RoPE
+            q = L.head_rms_norm(g, q, g.weight(p + "attn_q_norm.weight", (hd,)), n_heads, hd, eps)  # (head_dim,)
+            k = L.head_rms_norm(g, k, g.weight(p + "attn_k_norm.weight", (hd,)), n_kv, hd, eps)     # (head_dim,)
+        q = L.rope(g, q, table, n_heads, hd, cfg["rope_dim"])
+        k = L.rope(g, k, table, n_kv, hd, cfg["rope_dim"])
         v = L.linear(g, h, wv, bv, "v")
         a = L.attention(g, q, k, v, layer=i, n_heads=n_heads, n_kv_heads=n_kv, head_dim=hd,
-                        scale=1.0 / math.sqrt(hd))
+                        scale=1.0 / math.sqrt(hd), window=windows[i])
         wo = g.weight(p + "attn_output.weight", (dim, n_heads * hd))  # (dim, n_heads*head_dim)
         x = L.add(g, x, L.linear(g, a, wo, hint="o"))
 

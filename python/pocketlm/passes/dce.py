@@ -12,7 +12,8 @@ from pocketlm.ir.graph import T, Graph, Node
 
 # Ops that act on each row independently (row r of the output depends on row r of
 # the first input only), with the input index that carries the rows.
-ROW_WISE = {"rms_norm", "matmul", "matmul_swiglu", "swiglu"}
+ROW_WISE = {"rms_norm", "matmul", "matmul_swiglu", "swiglu", "layer_norm", "gelu",
+            "matmul_geglu", "geglu", "scale", "softcap", "head_rms_norm"}
 
 
 def last_position_only(g: Graph) -> Graph:
@@ -26,7 +27,7 @@ def last_position_only(g: Graph) -> Graph:
         while cur in prod and g.nodes[prod[cur]].op in ROW_WISE and g.values[cur].rows == T:
             n = g.nodes[prod[cur]]
             chain.append(n)
-            if n.op == "swiglu":  # two row inputs: stop above it
+            if n.op in ("swiglu", "geglu"):  # two row inputs: stop above it
                 break
             cur = n.inputs[0]
         if not chain or g.nodes[prod[o]].op not in ROW_WISE:

@@ -1,7 +1,8 @@
 """Fusion passes: fewer, bigger ops for the executor.
 
-- fuse_gate_up_swiglu: silu(x Wg) * (x Wu) as one op; the gate/up activations
-  never reach memory at full width and x is quantized once.
+- fuse_gate_up_swiglu: silu(x Wg) * (x Wu) as one op (and gelu(x Wg) * (x Wu), GeGLU, as
+  matmul_geglu); the gate/up activations never reach memory at full width and x is
+  quantized once.
 - fuse_parallel_matmuls: matmuls reading the same activation (Q, K, V) become one
   matmul_multi: one activation quantization, one parallel region over all rows.
 - fuse_add_rms_norm: a residual add followed by the next RMSNorm of its result.
@@ -23,8 +24,9 @@ def fuse_gate_up_swiglu(g: Graph) -> Graph:
     prod, uses = g.producers(), _uses(g)
     drop: set[int] = set()
     replace: dict[int, Node] = {}
+    fused = {"swiglu": "matmul_swiglu", "geglu": "matmul_geglu"}
     for i, n in enumerate(g.nodes):
-        if n.op != "swiglu":
+        if n.op not in fused:
             continue
         gi, ui = prod.get(n.inputs[0]), prod.get(n.inputs[1])
         if gi is None or ui is None:
@@ -36,7 +38,7 @@ def fuse_gate_up_swiglu(g: Graph) -> Graph:
         if len(uses[n.inputs[0]]) != 1 or len(uses[n.inputs[1]]) != 1:
             continue
         drop.update((gi, ui))
-        replace[i] = Node("matmul_swiglu", (gn.inputs[0], gn.inputs[1], un.inputs[1]), n.outputs)
+        replace[i] = Node(fused[n.op], (gn.inputs[0], gn.inputs[1], un.inputs[1]), n.outputs)
     return _rebuild(g, drop, replace)
 
 

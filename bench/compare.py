@@ -1,0 +1,414 @@
+"""pocketlm and llama.cpp side by side on one model, on this machine.
+
+    python bench/compare.py MODEL.gguf [-p 256 -n 128 -t 2 -r 5] [--plm MODEL.plm] [--json FILE]
+
+For each of r rounds it runs `pocketlm bench -r 1` and `llama-bench -r 1` (each with its own
+warm-up), alternating which goes first, so that the machine's noise reaches both; the table shows
+medians over the rounds, their spread, and the ratio pocketlm / llama.cpp. pocketlm runs the GGUF
+itself (converted losslessly into the cache) unless --plm names a bundle of another quantization,
+e.g. `--plm model-int4.plm` against a llama.cpp Q4_0 GGUF.
+
+It also reports:
+  peak RSS   /usr/bin/time -v around one comparable end-to-end run of each: `pocketlm run` and
+             `llama-completion` on the same prompt of ~p tokens, n tokens, same threads
+  roofline   memory read bandwidth measured now (a 2-thread streaming read of a 1 GiB buffer,
+             compiled C), the bytes of weights each runtime reads per decoded token (every tensor
+             but the embedding table, one embedding row, and the whole table again when the output
+             head is tied to it) and tok/s = bandwidth / bytes; the fraction of it each reaches
+
+llama.cpp comes from bench/build_llamacpp.sh (LLAMACPP_CACHE, default ~/.cache/pocketlm/llama.cpp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("LLAMACPP_CACHE", Path.home() / ".cache/pocketlm/llama.cpp")).expanduser()
+TOOLS = Path.home() / ".cache/pocketlm/bench-tools"
+
+MEMBW_C = r"""
+// Streaming read bandwidth: every thread sums its share of a buffer much larger than the caches.
+#include <omp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
+int main(int argc, char** argv) {
+  size_t bytes = (size_t)atol(argv[1]) << 20; int threads = atoi(argv[2]); int reps = atoi(argv[3]);
+  size_t n = bytes / sizeof(uint64_t);
+  uint64_t* a = aligned_alloc(64, n * sizeof(uint64_t));
+  omp_set_num_threads(threads);
+  #pragma omp parallel for schedule(static)
+  for (size_t i = 0; i < n; i++) a[i] = i;  // first touch by the thread that reads it later
+  uint64_t sink = 0;
+  for (int r = 0; r < reps; r++) {
+    double t0 = now(); uint64_t s = 0;
+    #pragma omp parallel for schedule(static) reduction(+ : s)
+    for (size_t i = 0; i < n; i++) s += a[i];
+    double dt = now() - t0; sink += s;
+    printf("%.3f\n", bytes / dt / 1e9);
+  }
+  fprintf(stderr, "%llu\n", (unsigned long long)sink);
+  free(a);
+  return 0;
+}
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[compare] {msg}", file=sys.stderr, flush=True)
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def spread_pct(xs) -> float | None:
+    """(max - min) / median in percent: how much the rounds disagreed."""
+    xs = [x for x in xs if x is not None]
+    return (max(xs) - min(xs)) / statistics.median(xs) * 100 if len(xs) > 1 else None
+
+
+# ---- a shared machine -------------------------------------------------------------------------
+
+
+def cpu_busy(interval: float = 1.0) -> float:
+    """Fraction of all CPUs busy over `interval` seconds (from /proc/stat): other people's work."""
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v[:8])  # idle + iowait, total
+    i0, t0 = read()
+    time.sleep(interval)
+    i1, t1 = read()
+    return 1 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def _cpu_seconds_total() -> float:
+    """Busy CPU-seconds of the whole machine since boot (all CPUs, from /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class OthersMeter:
+    """Share of the CPUs other people's work used while our child process ran: busy CPU time of the
+    machine minus our children's CPU time, over wall time x CPUs."""
+
+    def __enter__(self):
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.t0, self.busy0, self.own0 = time.time(), _cpu_seconds_total(), ru.ru_utime + ru.ru_stime
+        return self
+
+    def __exit__(self, *exc):
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall = time.time() - self.t0
+        others = (_cpu_seconds_total() - self.busy0) - (ru.ru_utime + ru.ru_stime - self.own0)
+        self.share = max(0.0, others / max(wall * (os.cpu_count() or 1), 1e-9))
+        return False
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
+    """Waits (up to max_wait s) until the machine is at most `threshold` busy; returns the last
+    measured busy fraction, which the report keeps next to each run."""
+    deadline = time.time() + max_wait
+    busy = cpu_busy()
+    while busy > threshold and time.time() < deadline:
+        busy = cpu_busy()
+    return busy
+
+
+# ---- memory bandwidth -------------------------------------------------------------------------
+
+
+def membw(threads: int, mib: int = 1024, reps: int = 7) -> dict:
+    """GB/s of a streaming read (best and median of reps) from a small OpenMP C program."""
+    TOOLS.mkdir(parents=True, exist_ok=True)
+    exe = TOOLS / "membw"
+    if not exe.exists():
+        src = TOOLS / "membw.c"
+        src.write_text(MEMBW_C)
+        subprocess.run(["gcc", "-O3", "-march=native", "-fopenmp", "-o", str(exe), str(src)], check=True)
+    r = subprocess.run([str(exe), str(mib), str(threads), str(reps)], capture_output=True, text=True, check=True)
+    vals = [float(x) for x in r.stdout.split()][1:]  # the first pass also faults pages into the TLB
+    return {"best_gb_s": max(vals), "median_gb_s": statistics.median(vals), "samples": vals,
+            "buffer_mib": mib, "threads": threads}
+
+
+# ---- bytes per decoded token ------------------------------------------------------------------
+
+
+def gguf_decode_bytes(path: Path) -> tuple[int, dict]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    names = {t.name for t in reader.tensors}
+    total, types = 0, {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_bytes)
+        if t.name != "token_embd.weight":
+            total += int(t.n_bytes)
+            continue
+        rows = int(t.shape[1]) if len(t.shape) > 1 else 1  # GGUF shapes list the row length first
+        total += int(t.n_bytes) // rows
+        if "output.weight" not in names:
+            total += int(t.n_bytes)
+    return total, types
+
+
+def plm_decode_bytes(path: Path) -> tuple[int, dict]:
+    from pocketlm.bench import decode_weight_bytes
+    from pocketlm.bundle import read_bundle
+
+    b = read_bundle(path)
+    types: dict = {}
+    for t in b.tensors:
+        types[t.dtype.label] = types.get(t.dtype.label, 0) + t.nbytes
+    return decode_weight_bytes(b), types
+
+
+# ---- the two runtimes -------------------------------------------------------------------------
+
+
+def env_with_pocketlm() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "python")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def run_pocketlm_bench(model: str, a) -> dict:
+    cmd = [sys.executable, "-m", "pocketlm", "bench", model, "-p", str(a.p), "-n", str(a.n), "-t", str(a.t),
+           "-r", "1", "--json", "-", "-q"] + (["-d", str(a.d)] if a.d else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env_with_pocketlm(), check=True)
+    return json.loads(r.stdout)
+
+
+def run_llama_bench(gguf: Path, a) -> dict:
+    cmd = [str(CACHE / "build/bin/llama-bench"), "-m", str(gguf), "-p", str(a.p), "-n", str(a.n), "-t", str(a.t),
+           "-r", "1", "-o", "json"] + (["-d", str(a.d)] if a.d else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = {}
+    for rec in json.loads(r.stdout):
+        key = "pp_tok_s" if rec["n_prompt"] and not rec["n_gen"] else "tg_tok_s"
+        out[key] = rec["avg_ts"]
+        out.setdefault("info", {k: rec.get(k) for k in ("build_commit", "cpu_info", "type_k", "n_batch",
+                                                           "n_ubatch", "flash_attn", "use_mmap", "model_type")})
+    return out
+
+
+def _time_v(cmd: list[str], env=None) -> tuple[float, str]:
+    """Peak RSS in MB of a command, from /usr/bin/time -v; also its standard error."""
+    r = subprocess.run(["/usr/bin/time", "-v"] + cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+    kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
+    return kb / 1024, r.stderr
+
+
+def prompt_text(plm_or_gguf: str, n_tokens: int) -> str:
+    """English-like text cut to about n_tokens of the model's own tokenizer."""
+    from pocketlm.bundle import read_bundle
+    from pocketlm.engine import resolve_model_path
+    from pocketlm.tokenizer import Tokenizer
+
+    meta = read_bundle(resolve_model_path(plm_or_gguf)).metadata
+    tok = Tokenizer(meta["tokenizer"]["json"])
+    words = ("the river ran past the old mill where the miller kept his books of accounts and a small "
+             "garden of herbs that his daughter tended every morning before the market opened ").split()
+    text, i = "", 0
+    while len(tok.encode(text, add_special_tokens=False)) < n_tokens:
+        text += ("" if not text else " ") + words[i % len(words)]
+        i += 1
+    return text
+
+
+def rss_runs(gguf: Path, pocket_model: str, a, rounds: int = 2) -> dict:
+    """Peak RSS of `pocketlm run` and of `llama-completion`, same prompt, n tokens, threads."""
+    completion = CACHE / "build/bin/llama-completion"
+    text = prompt_text(pocket_model, a.p)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(text)
+        prompt = f.name
+    ctx = str(a.p + a.n + 64)
+    pocket_cmd = [sys.executable, "-m", "pocketlm", "run", pocket_model, "-f", prompt, "-n", str(a.n), "--temp", "0",
+                  "-t", str(a.t), "-c", ctx, "--no-echo"]
+    llama_cmd = [str(completion), "-m", str(gguf), "-f", prompt, "-n", str(a.n), "--temp", "0", "-t", str(a.t),
+                 "-c", ctx, "-no-cnv", "--ignore-eos", "--no-display-prompt"]
+    out: dict = {"pocketlm_mb": [], "llamacpp_mb": [], "llamacpp_load_s": [],
+                 "pocketlm_cmd": " ".join(pocket_cmd), "llamacpp_cmd": " ".join(llama_cmd)}
+    try:
+        for i in range(rounds):
+            mb, _ = _time_v(pocket_cmd, env=env_with_pocketlm())
+            out["pocketlm_mb"].append(mb)
+            if completion.exists():
+                mb, err = _time_v(llama_cmd)
+                out["llamacpp_mb"].append(mb)
+                m = re.search(r"load time\s*=\s*([\d.]+) ms", err)
+                if m:
+                    out["llamacpp_load_s"].append(float(m.group(1)) / 1000)
+    finally:
+        os.unlink(prompt)
+    return out
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+
+def fmt(x, spec=".1f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def ratio(a, b) -> str:
+    return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
+
+
+def _pcts(xs) -> str:
+    return "/".join(f"{x * 100:.0f}" for x in xs) + "%"
+
+
+def report(res: dict) -> str:
+    pk, lc = res["pocketlm"], res["llamacpp"]
+    at = f" @ d{res['d']}" if res["d"] else ""
+    rows = [
+        ("| measurement | pocketlm | llama.cpp | pocketlm / llama.cpp |", None),
+        ("|---|---:|---:|---:|", None),
+    ]
+    lines = [r[0] for r in rows]
+    for label, key in ((f"pp{res['p']}{at} tok/s", "pp_tok_s"), (f"tg{res['n']}{at} tok/s", "tg_tok_s")):
+        p, l_ = pk[key], lc[key]
+        lines.append(f"| {label} (median, spread) | {fmt(p['median'])} (±{fmt(p['spread_pct'], '.0f')}%) | "
+                     f"{fmt(l_['median'])} (±{fmt(l_['spread_pct'], '.0f')}%) | {ratio(p['median'], l_['median'])} |")
+    rss = res.get("rss") or {}
+    if rss:
+        lines.append(f"| peak RSS MB (`pocketlm run` vs `llama-completion`) | {fmt(median(rss['pocketlm_mb']))} | "
+                     f"{fmt(median(rss['llamacpp_mb']))} | {ratio(median(rss['pocketlm_mb']), median(rss['llamacpp_mb']))} |")
+    lines.append(f"| load time s (pocketlm: Engine to Session, fresh process; llama.cpp: llama-completion's "
+                 f"load time) | {fmt(pk['load_s'], '.3f')} | {fmt(median(rss.get('llamacpp_load_s', [])), '.3f')} | |")
+    lines.append(f"| weights read per decoded token (MB) | {fmt(pk['decode_bytes'] / 1e6)} | "
+                 f"{fmt(lc['decode_bytes'] / 1e6)} | |")
+    bw = res["bandwidth"]["best_gb_s"]
+    lines.append(f"| decode roofline tok/s ({bw:.1f} GB/s / bytes per token) | {fmt(pk['roofline_tok_s'])} | "
+                 f"{fmt(lc['roofline_tok_s'])} | |")
+    lines.append(f"| tg as a fraction of its roofline | {fmt(pk['roofline_fraction'] * 100, '.0f')}% | "
+                 f"{fmt(lc['roofline_fraction'] * 100, '.0f')}% | |")
+    lines.append(f"| token loop overhead (generate vs raw decode) | {fmt(pk['loop_overhead_pct'], '.2f')}% | | |")
+    lines.append(f"| time to first token, pp{res['p']} (ms) | {fmt(pk['ttft_s'] * 1000 if pk['ttft_s'] else None)} | | |")
+    head = (f"pocketlm: {res['pocketlm_model']} ({pk['kernels']})\nllama.cpp: {res['gguf']} "
+            f"(llama-cpp-python {res['llamacpp_version']})\n{res['threads']} threads, {res['rounds']} alternating "
+            f"rounds, medians; spread = (max - min) / median over the rounds\n"
+            f"memory read bandwidth: best {bw:.1f} GB/s, median {res['bandwidth']['median_gb_s']:.1f} GB/s "
+            f"(2-thread streaming read of {res['bandwidth']['buffer_mib']} MiB)\n"
+            f"load average: {res['loadavg_start']:.2f} at the start, {res['loadavg_end']:.2f} at the end; "
+            f"CPUs busy with other work just before the runs: median {median(res['busy_before_runs']) * 100:.0f}%, "
+            f"max {max(res['busy_before_runs']) * 100:.0f}%; during the runs (machine busy time minus ours): "
+            f"pocketlm {_pcts(res['others_during_runs']['pocketlm'])}, "
+            f"llama.cpp {_pcts(res['others_during_runs']['llamacpp'])}\n")
+    return head + "\n" + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="pocketlm vs llama.cpp on one GGUF (alternating runs)")
+    ap.add_argument("gguf", type=Path, help="the GGUF llama.cpp runs (and pocketlm too, unless --plm)")
+    ap.add_argument("--plm", default=None, help="a pocketlm bundle to run instead of the GGUF (other quantization)")
+    ap.add_argument("-p", type=int, default=256)
+    ap.add_argument("-n", type=int, default=128)
+    ap.add_argument("-d", type=int, default=0, help="context depth before pp/tg")
+    ap.add_argument("-t", type=int, default=2)
+    ap.add_argument("-r", type=int, default=5, help="alternating rounds")
+    ap.add_argument("--no-rss", action="store_true", help="skip the /usr/bin/time -v runs")
+    ap.add_argument("--wait-quiet", type=float, default=60, metavar="S",
+                    help="before each run, wait up to S seconds for the CPUs to be < 15%% busy with other "
+                         "work (a shared machine); 0 = do not wait")
+    ap.add_argument("--json", default=None, help="write every number to this file")
+    a = ap.parse_args(argv)
+    sys.path.insert(0, str(REPO / "python"))
+
+    gguf = a.gguf.expanduser().resolve()
+    if not (CACHE / "build/bin/llama-bench").exists():
+        sys.exit(f"no llama-bench in {CACHE}/build/bin: run bench/build_llamacpp.sh first")
+    if not a.no_rss and not Path("/usr/bin/time").exists():
+        sys.exit("/usr/bin/time is missing: apt-get install time (or pass --no-rss)")
+    pocket_model = str(Path(a.plm).expanduser().resolve()) if a.plm else str(gguf)
+    from pocketlm.engine import resolve_model_path
+
+    pocket_path = resolve_model_path(pocket_model)  # convert a GGUF once, before any timing
+    loadavg_start = os.getloadavg()[0]
+
+    log("memory bandwidth ...")
+    if a.wait_quiet > 0:
+        wait_quiet(a.wait_quiet)
+    bandwidth = membw(a.t)
+    pk_runs, lc_runs = [], []
+    for i in range(a.r):
+        order = ("pocketlm", "llamacpp") if i % 2 == 0 else ("llamacpp", "pocketlm")
+        for who in order:
+            busy = wait_quiet(a.wait_quiet) if a.wait_quiet > 0 else cpu_busy(0.2)
+            t0 = time.time()
+            with OthersMeter() as others:
+                if who == "pocketlm":
+                    pk_runs.append(run_pocketlm_bench(str(pocket_path), a))
+                    r = pk_runs[-1]
+                else:
+                    lc_runs.append(run_llama_bench(gguf, a))
+                    r = lc_runs[-1]
+            r["busy_before"] = busy
+            r["others_during"] = others.share
+            log(f"round {i + 1}/{a.r} {who}: pp {r['pp_tok_s']:.1f} tok/s, tg {r.get('tg_tok_s', 0):.1f} tok/s "
+                f"({time.time() - t0:.0f} s; other work: {busy * 100:.0f}% of the CPUs before, "
+                f"{others.share * 100:.0f}% during)")
+    rss = None if a.no_rss else rss_runs(gguf, str(pocket_path), a)
+    if a.wait_quiet > 0:
+        wait_quiet(a.wait_quiet)
+    bandwidth_after = membw(a.t)  # once more: the machine's load may have changed meanwhile
+
+    pk_bytes, pk_types = plm_decode_bytes(pocket_path)
+    lc_bytes, lc_types = gguf_decode_bytes(gguf)
+    bw = max(bandwidth["best_gb_s"], bandwidth_after["best_gb_s"]) * 1e9
+    bandwidth = {**bandwidth, "best_gb_s": bw / 1e9,
+                 "median_gb_s": statistics.median(bandwidth["samples"] + bandwidth_after["samples"]),
+                 "samples": bandwidth["samples"] + bandwidth_after["samples"]}
+
+    def side(runs, key):
+        xs = [r.get(key) for r in runs]
+        return {"median": median(xs), "spread_pct": spread_pct(xs), "samples": xs}
+
+    pk = {"pp_tok_s": side(pk_runs, "pp_tok_s"), "tg_tok_s": side(pk_runs, "tg_tok_s"),
+          "load_s": median([r["load_s"] for r in pk_runs]), "ttft_s": median([r["ttft_s"] for r in pk_runs]),
+          "loop_overhead_pct": median([r["loop_overhead_pct"] for r in pk_runs]),
+          "bench_peak_rss_mb": median([r["peak_rss_mb"] for r in pk_runs]),
+          "kernels": pk_runs[0]["kernels"], "decode_bytes": pk_bytes, "bytes_by_type": pk_types}
+    lc = {"pp_tok_s": side(lc_runs, "pp_tok_s"), "tg_tok_s": side(lc_runs, "tg_tok_s"),
+          "decode_bytes": lc_bytes, "bytes_by_type": lc_types, "info": lc_runs[0].get("info")}
+    for s in (pk, lc):
+        s["roofline_tok_s"] = bw / s["decode_bytes"]
+        s["roofline_fraction"] = (s["tg_tok_s"]["median"] or 0) / s["roofline_tok_s"]
+    res = {"gguf": str(gguf), "pocketlm_model": str(pocket_path), "p": a.p, "n": a.n, "d": a.d, "threads": a.t,
+           "rounds": a.r, "bandwidth": bandwidth, "pocketlm": pk, "llamacpp": lc, "rss": rss,
+           "llamacpp_version": (CACHE / "VERSION").read_text().strip() if (CACHE / "VERSION").exists() else "?",
+           "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg()[0],
+           "busy_before_runs": [r["busy_before"] for r in pk_runs + lc_runs],
+           "others_during_runs": {"pocketlm": [r["others_during"] for r in pk_runs],
+                                  "llamacpp": [r["others_during"] for r in lc_runs]},
+           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    print(report(res))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

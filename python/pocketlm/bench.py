@@ -1,0 +1,363 @@
+"""`pocketlm bench`: how fast a model runs here, in the spirit of llama-bench.
+
+What one repetition measures, on one Engine in this process (after one untimed warm-up):
+
+  pp   prefill of p random token ids (fixed seed) on top of d tokens of context -> p / seconds
+  tg   n decode steps of fixed random token ids at depth d (no sampling)         -> n / seconds
+  ttft session.generate() on the d + p tokens until its first token (prefill + first sample)
+  loop the same generate() continued for n tokens with the model's sampling defaults: its time
+       per token against the raw decode steps (Session.decode) at the very same positions and
+       tokens; loop_overhead_pct = (generate - raw) / raw * 100 = sampling + detokenizing + the
+       generator's bookkeeping
+
+and in a fresh subprocess per repetition (after one untimed probe that warms the page cache):
+
+  load the time from Engine(...) to a ready Session (imports excluded; a .gguf is converted into
+       the cache once, before any timing, so this is the load of the cached .plm)
+  rss  that process's peak RSS (VmHWM; ru_maxrss elsewhere) after loading, prefilling d + p and decoding
+       min(n, PROBE_DECODE_STEPS) tokens: what one such run costs in memory, Python included
+
+Results are means and sample standard deviations over the repetitions; the raw samples and the
+medians are kept in the JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROBE_DECODE_STEPS = 16
+# The metrics the JSON reports as mean + sd (+ median); the keys are `<name>` and `<name>_sd`.
+METRICS = ("pp_tok_s", "tg_tok_s", "ttft_s", "load_s", "peak_rss_mb", "loop_overhead_pct")
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    model: str = "smollm2"
+    n_prompt: int = 256      # -p
+    n_gen: int = 128         # -n
+    depth: int = 0           # -d: tokens already in the context
+    reps: int = 5            # -r
+    threads: int | None = None
+    kernels: str = ""        # force a kernel variant ("" = the best for this CPU)
+    seed: int = 42
+    load_probe: bool = True  # measure load time and peak RSS in fresh subprocesses
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident set of this process in MB. On Linux, VmHWM: ru_maxrss survives fork + exec, so a
+    child started from a big parent would report the parent's size; VmHWM belongs to the new image."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def summarize(values: list[float]) -> dict:
+    """mean, sample sd (0 for a single value) and median of the finite values."""
+    vals = [v for v in values if v is not None and np.isfinite(v)]
+    if not vals:
+        return {"mean": None, "sd": None, "median": None}
+    return {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "median": statistics.median(vals)}
+
+
+def decode_weight_bytes(bundle) -> int:
+    """Bytes of weights one decode step reads: every tensor except the embedding table, plus one
+    embedding row. With tied embeddings the output head is the embedding table, read whole."""
+    total = 0
+    for t in bundle.tensors:
+        if t.name != "token_embd.weight":
+            total += t.nbytes
+            continue
+        total += t.nbytes // t.shape[0]   # the looked-up row
+        if "output.weight" not in bundle:  # tied: the head reads every row
+            total += t.nbytes
+    return total
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "loadavg_1m": os.getloadavg()[0]}
+
+
+# ---- one repetition (in process) ------------------------------------------------------------
+
+
+class _Workload:
+    """Fixed random token ids for every phase: the same numbers every repetition and every run."""
+
+    def __init__(self, vocab: int, cfg: BenchConfig):
+        rng = np.random.default_rng(cfg.seed)
+        self.context = rng.integers(0, vocab, cfg.depth).tolist()
+        self.prompt = rng.integers(0, vocab, cfg.n_prompt).tolist()
+        self.gen = rng.integers(0, vocab, cfg.n_gen).tolist()
+
+
+def _rep(engine, session, w: _Workload, cfg: BenchConfig, rep_seed: int) -> dict:
+    d, p = cfg.depth, cfg.n_prompt
+    out: dict = {}
+    session.reset()
+    if d:
+        session.prefill(w.context)  # untimed: the depth the measured steps start from
+
+    # pp: prefill p tokens at depth d
+    session.rewind(d)
+    t0 = time.perf_counter()
+    session.prefill(w.prompt)
+    out["pp_tok_s"] = p / (time.perf_counter() - t0)
+
+    # tg: n decode steps at depth d, fixed tokens (no sampling)
+    if cfg.n_gen:
+        session.rewind(d)
+        t0 = time.perf_counter()
+        for tok in w.gen:
+            session.decode(tok)
+        out["tg_tok_s"] = cfg.n_gen / (time.perf_counter() - t0)
+
+    # ttft and the token loop: generate() from depth d + p with the model's sampling defaults,
+    # then the raw decode steps over the very tokens generate() fed back, at the same positions.
+    gen_s = raw_s = 0.0
+    steps = 0
+    ttft = None
+    for attempt in range(4):  # a random model may sample EOS early: top up with other seeds
+        session.rewind(d)
+        pieces = session.generate(w.context + w.prompt, max_tokens=max(cfg.n_gen, 1),
+                                  seed=rep_seed * 101 + attempt)
+        for _ in pieces:
+            pass
+        st = session.last_stats
+        if ttft is None:
+            ttft = st.ttft_seconds
+        fed = session.tokens[d + p:]
+        if fed:
+            gen_s += st.decode_seconds
+            session.rewind(d + p)
+            t0 = time.perf_counter()
+            for tok in fed:
+                session.decode(tok)
+            raw_s += time.perf_counter() - t0
+            steps += len(fed)
+        if steps >= cfg.n_gen - 1:
+            break
+    out["ttft_s"] = ttft
+    out["loop_overhead_pct"] = (gen_s - raw_s) / raw_s * 100 if raw_s > 0 else None
+    out["loop_steps"] = steps
+    return out
+
+
+# ---- load time and peak RSS (fresh process) ---------------------------------------------------
+
+
+def _probe(path: str, threads: int, max_context: int, kernels: str, depth: int, n_prompt: int,
+           n_gen: int, seed: int) -> dict:
+    """Runs in a fresh interpreter: import, load, a short run; reports times and memory."""
+    t_import = time.perf_counter()
+    from pocketlm.engine import Engine
+
+    t0 = time.perf_counter()
+    engine = Engine(path, threads=threads, max_context=max_context, kernels=kernels)
+    session = engine.create_session()
+    load_s = time.perf_counter() - t0
+    rss_loaded = _peak_rss_mb()
+    rng = np.random.default_rng(seed)
+    session.prefill(rng.integers(0, engine.vocab_size, depth + n_prompt).tolist())
+    for tok in rng.integers(0, engine.vocab_size, min(n_gen, PROBE_DECODE_STEPS)).tolist():
+        session.decode(tok)
+    return {"load_s": load_s, "import_s": t0 - t_import, "rss_after_load_mb": rss_loaded,
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+def _run_probe(path: Path, threads: int, max_context: int, cfg: BenchConfig) -> dict:
+    import pocketlm
+
+    pkg_root = str(Path(pocketlm.__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    args = json.dumps([str(path), threads, max_context, cfg.kernels, cfg.depth, cfg.n_prompt, cfg.n_gen,
+                       cfg.seed])
+    code = ("import json, sys; from pocketlm.bench import _probe; "
+            "print(json.dumps(_probe(*json.loads(sys.argv[1]))))")
+    r = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env,
+                       timeout=1800)
+    if r.returncode != 0:
+        raise RuntimeError(f"load probe failed (exit {r.returncode}):\n{r.stderr.strip()}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ---- the whole benchmark --------------------------------------------------------------------
+
+
+def run_bench(cfg: BenchConfig, quiet: bool = False) -> dict:
+    """Runs the benchmark described in the module docstring; returns the JSON-ready result."""
+    import pocketlm
+    from pocketlm.bundle import read_bundle
+    from pocketlm.engine import Engine, resolve_model_path
+
+    if cfg.n_prompt < 1 or cfg.n_gen < 0 or cfg.depth < 0 or cfg.reps < 1:
+        raise ValueError("bench needs -p >= 1, -n >= 0, -d >= 0 and -r >= 1")
+    path = resolve_model_path(cfg.model)  # a .gguf is converted into the cache here, untimed
+    bundle = read_bundle(path)
+    trained = int(bundle.metadata["config"].get("max_position") or 0)
+    need = cfg.depth + cfg.n_prompt + 2 * max(cfg.n_gen, 1) + 2
+    if trained and need > trained:
+        raise ValueError(f"-d {cfg.depth} -p {cfg.n_prompt} -n {cfg.n_gen} need {need} positions; "
+                         f"the model's context is {trained}")
+    max_context = need
+    engine = Engine(path, threads=cfg.threads, max_context=max_context, kernels=cfg.kernels)
+    threads = engine.threads
+    session = engine.create_session()
+    w = _Workload(engine.vocab_size, cfg)
+    n_params = sum(t.n_elements for t in bundle.tensors)
+    _log(f"bench: {path.name} | {engine.kernel_name} | {threads} threads | pp{cfg.n_prompt} tg{cfg.n_gen}"
+         f"{f' @ d{cfg.depth}' if cfg.depth else ''} | {cfg.reps} reps + 1 warm-up", quiet)
+
+    machine = machine_info()  # before the run: its load average says how busy the machine was
+    samples: dict[str, list] = {k: [] for k in METRICS}
+    samples["import_s"], samples["rss_after_load_mb"], samples["loop_steps"] = [], [], []
+    if cfg.load_probe:
+        _run_probe(path, threads, max_context, cfg)  # warm-up: page cache, pyc files
+    _rep(engine, session, w, cfg, rep_seed=0)          # warm-up: caches, thread pool, arena commit
+    for i in range(cfg.reps):
+        # Alternate the in-process and the subprocess measurements so noise reaches both.
+        res = _rep(engine, session, w, cfg, rep_seed=i + 1)
+        if cfg.load_probe:
+            res.update(_run_probe(path, threads, max_context, cfg))
+        for k, v in res.items():
+            samples.setdefault(k, []).append(v)
+        _log(f"  rep {i + 1}/{cfg.reps}: pp {res['pp_tok_s']:.1f} tok/s"
+             + (f", tg {res['tg_tok_s']:.1f} tok/s" if "tg_tok_s" in res else "")
+             + f", ttft {res['ttft_s'] * 1000:.1f} ms"
+             + (f", load {res['load_s'] * 1000:.0f} ms, peak RSS {res['peak_rss_mb']:.0f} MB"
+                if cfg.load_probe else ""), quiet)
+
+    result: dict = {
+        "model": str(cfg.model), "bundle": str(path), "bundle_bytes": bundle.file_bytes,
+        "n_params": n_params, "architecture": bundle.metadata.get("architecture"),
+        "decode_weight_bytes": decode_weight_bytes(bundle),
+        "threads": threads, "kernels": engine.kernel_name,
+        "p": cfg.n_prompt, "n": cfg.n_gen, "d": cfg.depth, "r": cfg.reps, "seed": cfg.seed,
+        "pocketlm_version": pocketlm.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+    }
+    for k in METRICS + ("import_s", "rss_after_load_mb"):
+        s = summarize(samples.get(k, []))
+        result[k], result[f"{k}_sd"], result[f"{k}_median"] = s["mean"], s["sd"], s["median"]
+    result["bench_process_peak_rss_mb"] = _peak_rss_mb()
+    result["loadavg_1m_end"] = os.getloadavg()[0]  # other work on the machine during the run
+    result["samples"] = samples
+    result["notes"] = {
+        "pp": "prefill of p random token ids at depth d, one Session.prefill call",
+        "tg": "n Session.decode steps of fixed random ids at depth d, no sampling",
+        "ttft_s": "Session.generate on d+p token ids (d reused from the cache) to its first token",
+        "load_s": "fresh process: Engine(.plm) + create_session; imports excluded; warm page cache",
+        "peak_rss_mb": f"fresh process: peak RSS (VmHWM) after load, prefill d+p, {PROBE_DECODE_STEPS} decode steps",
+        "loop_overhead_pct": "Session.generate per token (model sampling defaults, detokenizing) vs the raw "
+                             "Session.decode steps over the same tokens at the same positions",
+    }
+    return result
+
+
+# ---- output ---------------------------------------------------------------------------------
+
+
+def _pm(mean, sd, fmt: str = "{:.2f}") -> str:
+    if mean is None:
+        return "n/a"
+    return f"{fmt.format(mean)} ± {fmt.format(sd or 0.0)}"
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def format_markdown(res: dict) -> str:
+    """A llama-bench style table of pp and tg, then the other measurements."""
+    at = f" @ d{res['d']}" if res["d"] else ""
+    name = Path(res["bundle"]).name
+    params = f"{res['n_params'] / 1e6:.2f} M"
+    head = "| model | size | params | kernels | threads | test | t/s |\n|---|---:|---:|---|---:|---:|---:|\n"
+    rows = [f"| {name} | {_human(res['bundle_bytes'])} | {params} | {res['kernels']} | {res['threads']} | "
+            f"pp{res['p']}{at} | {_pm(res['pp_tok_s'], res['pp_tok_s_sd'])} |"]
+    if res["n"]:
+        rows.append(f"| {name} | {_human(res['bundle_bytes'])} | {params} | {res['kernels']} | {res['threads']} | "
+                    f"tg{res['n']}{at} | {_pm(res['tg_tok_s'], res['tg_tok_s_sd'])} |")
+    extra = "\n\n| measurement | mean ± sd | median |\n|---|---:|---:|\n"
+    lines = [
+        ("time to first token (ms)", "ttft_s", 1000, "{:.1f}"),
+        ("load time (ms)", "load_s", 1000, "{:.1f}"),
+        ("peak RSS (MB)", "peak_rss_mb", 1, "{:.1f}"),
+        ("token loop overhead (%)", "loop_overhead_pct", 1, "{:.2f}"),
+    ]
+    out = []
+    for label, key, scale, fmt in lines:
+        m = res.get(key)
+        if m is None:
+            out.append(f"| {label} | n/a | n/a |")
+            continue
+        out.append(f"| {label} | {_pm(m * scale, (res[key + '_sd'] or 0) * scale, fmt)} | "
+                   f"{fmt.format(res[key + '_median'] * scale)} |")
+    return head + "\n".join(rows) + extra + "\n".join(out) + f"\n\npocketlm {res['pocketlm_version']}, {res['r']} reps\n"
+
+
+def require_matplotlib():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    return plt
+
+
+def plot(res: dict, path: str | os.PathLike) -> None:
+    """A PNG with two bar charts (pp and tg tok/s, with the repetitions' sd as error bars)."""
+    plt = require_matplotlib()
+    at = f" @ d{res['d']}" if res["d"] else ""
+    tests = [(f"pp{res['p']}{at}", "pp_tok_s")] + ([(f"tg{res['n']}{at}", "tg_tok_s")] if res["n"] else [])
+    fig, axes = plt.subplots(1, len(tests), figsize=(4 * len(tests), 4), squeeze=False)
+    for ax, (label, key) in zip(axes[0], tests):
+        ax.bar([label], [res[key]], yerr=[res[key + "_sd"] or 0], capsize=6, color="#3b7dd8")
+        ax.set_ylabel("tokens / s")
+        ax.set_title(f"{label}: {res[key]:.1f} tok/s")
+    fig.suptitle(f"{Path(res['bundle']).name} | {res['kernels']} | {res['threads']} threads | "
+                 f"{res['r']} reps", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

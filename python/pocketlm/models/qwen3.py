@@ -1,0 +1,59 @@
+"""Qwen3 (dense): the Llama block with an RMSNorm over each head of q and k before RoPE.
+
+No Q/K/V biases (unless `attention_bias` says so); head_dim is its own config value and
+need not be hidden_size / n_heads. Layers listed as "sliding_attention" in `layer_types`
+(only with use_sliding_window, off in released checkpoints) get windowed attention.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pocketlm.errors import UnsupportedModelError
+from pocketlm.models import llama
+
+ARCH = "qwen3"
+GGUF_ARCHS = ("qwen3",)
+
+
+def config_from_hf(d: dict) -> dict:
+    if d.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"Qwen3 activation {d.get('hidden_act')!r} is not supported (silu is)")
+    cfg = llama.config_from_hf({**d, "sliding_window": None})
+    cfg["attn_bias"] = bool(d.get("attention_bias", False))
+    cfg["qk_norm"] = True
+    if d.get("use_sliding_window") and d.get("sliding_window"):
+        types = d.get("layer_types") or [
+            "sliding_attention" if i >= int(d.get("max_window_layers", 0)) else "full_attention"
+            for i in range(cfg["n_layers"])]
+        cfg["layer_windows"] = [int(d["sliding_window"]) if t == "sliding_attention" else 0 for t in types]
+    return cfg
+
+
+def config_from_gguf(kv: dict) -> dict:
+    cfg = llama.config_from_gguf(kv, arch="qwen3")
+    cfg["qk_norm"] = True
+    return cfg
+
+
+_QK_NORM = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qk])_norm\.weight$")
+
+
+def hf_weight_name(name: str) -> str | None:
+    m = _QK_NORM.match(name)
+    if m:
+        return f"blk.{m.group(1)}.attn_{m.group(2)}_norm.weight"
+    return llama.hf_weight_name(name)
+
+
+def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    from pocketlm.convert.source import expected_shapes
+
+    shapes = expected_shapes(cfg, "llama")
+    for i in range(cfg["n_layers"]):
+        shapes[f"blk.{i}.attn_q_norm.weight"] = (cfg["head_dim"],)
+        shapes[f"blk.{i}.attn_k_norm.weight"] = (cfg["head_dim"],)
+    return shapes
+
+
+build = llama.build
