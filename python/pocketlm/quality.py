@@ -103,14 +103,14 @@ def scored_log_probs(engine, windows: np.ndarray, session=None) -> Iterator[tupl
     n, ctx = windows.shape
     first = ctx // 2
     session = session or engine.create_session(max_context=ctx, logits="all")
-    chunk = session._chunk  # rows per executor call of the all-logits program
+    chunk = session.chunk_tokens  # rows per executor call of the all-logits program
     for w in range(n):
         session.reset()
         ids = windows[w]
         for s in range(0, ctx, chunk):
             part = ids[s:s + chunk]
             # Session.score only returns the target's log-probability; KL divergence needs every row.
-            logits = session._run(part, keep_all=True)
+            logits = session.forward(part)
             lo, hi = max(first, s), min(ctx - 1, s + part.size)  # positions first .. ctx-2 predict the next
             if lo >= hi:
                 continue

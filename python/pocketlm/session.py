@@ -101,6 +101,25 @@ class Session:
             parts.append(out if keep_all else out[-1:])
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens per executor call (the prefill chunk the session's program was planned for)."""
+        return self._chunk
+
+    def forward(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Feeds tokens and returns their logits as a float32 [n, vocab] array: one row per
+        token for a session made with logits="all" (evaluation, KL divergence); only the last
+        row ([1, vocab]) otherwise. Call it with at most `chunk_tokens` ids to bound memory."""
+        ids = np.asarray(list(token_ids), dtype=np.int32)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError("forward needs a non-empty sequence of token ids")
+        if self.position + ids.size > self.max_context:
+            raise ContextOverflowError(
+                f"{ids.size} tokens at position {self.position} exceed the context of {self.max_context}")
+        logits = self._run(ids, keep_all=self.logits_mode == "all")
+        self._last_logits = logits[-1]
+        return logits
+
     def score(self, token_ids: Sequence[int]) -> np.ndarray:
         """Feeds `token_ids` and returns log P(token_i | everything before it) for each, as
         float64. The first value is NaN when the session held no tokens before (nothing

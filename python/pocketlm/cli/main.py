@@ -1,4 +1,4 @@
-"""`pocketlm` command line: convert | run | chat | inspect | bench."""
+"""`pocketlm` command line: convert | run | chat | inspect | bench | perplexity."""
 
 from __future__ import annotations
 

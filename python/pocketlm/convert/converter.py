@@ -26,7 +26,7 @@ from pocketlm.dtypes import DType
 from pocketlm.errors import BundleError
 
 # Bump when the converter's output for the same input changes (invalidates the GGUF cache).
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: SentencePiece space prefix follows the GGUF flag (llama.cpp parity)
 QUANT_CHOICES = (None, "keep", "f32", "f16", "int8", "int4")
 
 
