@@ -77,9 +77,16 @@ class Session:
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         """Feeds tokens (in chunks of the engine's prefill size); returns the last position's logits."""
+        ids = self._checked(token_ids, "prefill")
+        logits = self._run(ids, keep_all=False)
+        self._last_logits = logits[-1]
+        return self._last_logits
+
+    def _checked(self, token_ids: Sequence[int], what: str) -> np.ndarray:
+        """token_ids as int32, after checking they are valid ids and fit in the context."""
         ids = np.asarray(list(token_ids), dtype=np.int32)
         if ids.ndim != 1 or ids.size == 0:
-            raise ValueError("prefill needs a non-empty sequence of token ids")
+            raise ValueError(f"{what} needs a non-empty sequence of token ids")
         vocab = self.engine.vocab_size
         if ids.min() < 0 or ids.max() >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab})")
@@ -87,9 +94,7 @@ class Session:
             raise ContextOverflowError(
                 f"{ids.size} tokens at position {self.position} exceed the context of {self.max_context} "
                 f"tokens; shorten the prompt, reset the session or raise max_context")
-        logits = self._run(ids, keep_all=False)
-        self._last_logits = logits[-1]
-        return self._last_logits
+        return ids
 
     def _run(self, ids: np.ndarray, keep_all: bool) -> np.ndarray:
         chunk = self._chunk
@@ -110,12 +115,7 @@ class Session:
         """Feeds tokens and returns their logits as a float32 [n, vocab] array: one row per
         token for a session made with logits="all" (evaluation, KL divergence); only the last
         row ([1, vocab]) otherwise. Call it with at most `chunk_tokens` ids to bound memory."""
-        ids = np.asarray(list(token_ids), dtype=np.int32)
-        if ids.ndim != 1 or ids.size == 0:
-            raise ValueError("forward needs a non-empty sequence of token ids")
-        if self.position + ids.size > self.max_context:
-            raise ContextOverflowError(
-                f"{ids.size} tokens at position {self.position} exceed the context of {self.max_context}")
+        ids = self._checked(token_ids, "forward")
         logits = self._run(ids, keep_all=self.logits_mode == "all")
         self._last_logits = logits[-1]
         return logits
@@ -126,12 +126,7 @@ class Session:
         predicts it). Needs a session made with `engine.create_session(logits="all")`."""
         if self.logits_mode != "all":
             raise ValueError('score() needs a session created with logits="all"')
-        ids = np.asarray(list(token_ids), dtype=np.int32)
-        if ids.ndim != 1 or ids.size == 0:
-            raise ValueError("score needs a non-empty sequence of token ids")
-        if self.position + ids.size > self.max_context:
-            raise ContextOverflowError(
-                f"{ids.size} tokens at position {self.position} exceed the context of {self.max_context}")
+        ids = self._checked(token_ids, "score")
         prev = self._last_logits
         logits = self._run(ids, keep_all=True).astype(np.float64)
         self._last_logits = logits[-1].astype(np.float32)

@@ -31,6 +31,20 @@ TEXT = (
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+def greedy(engine, ids, n):
+    """n greedy tokens after ids through prefill/decode, stopping after an EOS token."""
+    s = engine.create_session()
+    logits = s.prefill(ids)
+    out = []
+    for _ in range(n):
+        t = int(np.argmax(logits))
+        out.append(t)
+        if t in engine.tokenizer.eos_ids:
+            break
+        logits = s.decode(t)
+    return out
+
+
 @pytest.fixture(scope="module")
 def hf_model(smollm2_gguf, tmp_path_factory):
     from transformers import AutoModelForCausalLM
@@ -63,16 +77,8 @@ def test_f32_logits_and_greedy_chat_match_transformers(f32, hf_model):
         ref = hf_model(torch.tensor([ids])).logits[0, -1].numpy()
         out = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)
     ref_tokens = out[0, len(ids):].tolist()
-    s = f32.create_session()
-    logits = s.prefill(ids)
-    assert np.abs(logits - ref).max() < 1e-3
-    got = []
-    for _ in range(len(ref_tokens)):
-        t = int(np.argmax(logits))
-        got.append(t)
-        if t in f32.tokenizer.eos_ids:
-            break
-        logits = s.decode(t)
+    assert np.abs(f32.create_session().prefill(ids) - ref).max() < 1e-3
+    got = greedy(f32, ids, len(ref_tokens))
     assert got == ref_tokens
     assert "Paris" in f32.tokenizer.decode(got)
 
@@ -122,13 +128,4 @@ def test_native_greedy_chat_matches_float_reference(native, hf_model):
         out = hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
     ref_tokens = out[0, len(ids):].tolist()
     assert native.activations == "int8x2"
-    s = native.create_session()
-    logits = s.prefill(ids)
-    got = []
-    for _ in range(len(ref_tokens)):
-        t = int(np.argmax(logits))
-        got.append(t)
-        if t in native.tokenizer.eos_ids:
-            break
-        logits = s.decode(t)
-    assert got == ref_tokens
+    assert greedy(native, ids, len(ref_tokens)) == ref_tokens
