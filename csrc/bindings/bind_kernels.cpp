@@ -78,6 +78,8 @@ nb::ndarray<nb::numpy, float> matmul(const std::string& variant, int dtype_id, I
                                      int64_t rows, int64_t cols, In2<float> x) {
   const KernelTable& kt = table(variant);
   const DType dt = check_dtype(dtype_id);
+  if (!kt.matmul[(int)dt])
+    throw nb::value_error(("matmul: " + std::string(traits(dt).name) + " not implemented by variant " + variant).c_str());
   CheckedWeight cw;
   check_weight("matmul", dt, weight, rows, cols, x, cw);
   const WeightView& w = cw.w;
@@ -102,7 +104,7 @@ nb::ndarray<nb::numpy, float> matmul2(const std::string& variant, int dtype_id, 
   const KernelTable& kt = table(variant);
   const DType dt = check_dtype(dtype_id);
   if (!kt.matmul2[(int)dt] || !kt.quantize_act2)
-    throw nb::value_error(("matmul2: not implemented by variant " + variant).c_str());
+    throw nb::value_error(("matmul2: " + std::string(traits(dt).name) + " not implemented by variant " + variant).c_str());
   CheckedWeight cw;
   check_weight("matmul2", dt, weight, rows, cols, x, cw);
   const WeightView& w = cw.w;

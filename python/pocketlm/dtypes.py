@@ -16,6 +16,13 @@ class DType(enum.IntEnum):
     Q4_1_G64 = 7
     Q4_1_G128 = 8
     I8 = 9
+    # GGUF block layouts, kept byte for byte from GGUF files (docs/format.md)
+    Q5_0 = 10
+    Q5_1 = 11
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
+    BF16 = 15
 
     @property
     def label(self) -> str:
@@ -31,7 +38,7 @@ class DType(enum.IntEnum):
 
     @property
     def quantized(self) -> bool:
-        return self not in (DType.F32, DType.F16)
+        return self not in (DType.F32, DType.F16, DType.BF16)
 
     @classmethod
     def from_label(cls, label: str) -> "DType":
@@ -53,6 +60,12 @@ _TRAITS = {
     DType.Q4_1_G64: (64, 36),
     DType.Q4_1_G128: (128, 68),
     DType.I8: (1, 1),
+    DType.Q5_0: (32, 22),
+    DType.Q5_1: (32, 24),
+    DType.Q4_K: (256, 144),
+    DType.Q5_K: (256, 176),
+    DType.Q6_K: (256, 210),
+    DType.BF16: (1, 2),
 }
 
 

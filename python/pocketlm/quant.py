@@ -1,8 +1,10 @@
 """Weight quantization to the .plm tensor types (docs/format.md), vectorised with numpy.
 
 `quantize(x, dtype)` turns a 2-D float32 tensor into the exact bytes the kernels read;
-`dequantize(raw, dtype, shape)` is its inverse (up to quantization error). Q8_0, Q4_0 and
-Q4_1 are byte-identical in layout to GGUF's types of the same name.
+`dequantize(raw, dtype, shape)` is its inverse (up to quantization error). Q8_0, Q4_0, Q4_1,
+Q5_0, Q5_1, Q4_K, Q5_K, Q6_K and BF16 are byte-identical in layout to GGUF's types of the same
+name, and `dequantize` gives bit for bit the values of `gguf.quants.dequantize` for them.
+The K-quants are only ever copied from GGUF files: `quantize` does not produce them.
 
 Schemes (a "group" is one block of `dtype.block_elems` elements of a row):
   Q8_0         symmetric:  d = amax/127, q = round(x/d)                       x ~ d*q
@@ -11,6 +13,9 @@ Schemes (a "group" is one block of `dtype.block_elems` elements of a row):
   Q4_1 family  asymmetric: m = min, d = (max-min)/15,
                            q = clamp(round((x-m)/d), 0, 15)                  x ~ d*q + m
   I8           per row:    s = amax/127 (f32), q = round(x/s)                 x ~ s*q
+  Q5_0         as Q4_0 with 5 bits: d = v/-16, q = clamp(round(x/d) + 16, 0, 31) x ~ d*(q-16)
+  Q5_1         as Q4_1 with 5 bits: d = (max-min)/31                          x ~ d*q + m
+  BF16         round to nearest even (NaN kept quiet), as gguf
 q is computed with the f16-rounded d and m, i.e. the values the kernels will see.
 """
 
@@ -20,7 +25,7 @@ import numpy as np
 
 from pocketlm.dtypes import DType, tensor_nbytes
 
-__all__ = ["quantize", "dequantize"]
+__all__ = ["quantize", "dequantize", "KEEP_ONLY"]
 
 # Rows are processed in chunks of about this many elements to bound temporary memory.
 _CHUNK_ELEMS = 1 << 22
@@ -86,18 +91,71 @@ def _quantize_q4_1(xb: np.ndarray, group: int) -> np.ndarray:
     return out
 
 
+def _pack_q5(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """q: [n_blocks, 32] uint8 in [0, 31] -> (qh [n_blocks, 4] little-endian bits, qs [n_blocks, 16])."""
+    qs = _pack_nibbles(q & 0x0F, 32)
+    qh = np.packbits(q >> 4, axis=-1, bitorder="little")
+    return qh, qs
+
+
+def _quantize_q5_0(xb: np.ndarray) -> np.ndarray:
+    idx = np.argmax(np.abs(xb), axis=1)
+    vmax = np.take_along_axis(xb, idx[:, None], axis=1)[:, 0]
+    d16, d = _f16_round(vmax / np.float32(-16.0))
+    q = np.clip(np.rint(xb * _safe_inverse(d)[:, None]) + 16, 0, 31).astype(np.uint8)
+    qh, qs = _pack_q5(q)
+    out = np.empty((xb.shape[0], 22), dtype=np.uint8)
+    out[:, 0:2] = d16.view(np.uint8).reshape(-1, 2)
+    out[:, 2:6] = qh
+    out[:, 6:] = qs
+    return out
+
+
+def _quantize_q5_1(xb: np.ndarray) -> np.ndarray:
+    lo = np.min(xb, axis=1)
+    hi = np.max(xb, axis=1)
+    d16, d = _f16_round((hi - lo) / np.float32(31.0))
+    m16, m = _f16_round(lo)
+    q = np.clip(np.rint((xb - m[:, None]) * _safe_inverse(d)[:, None]), 0, 31).astype(np.uint8)
+    qh, qs = _pack_q5(q)
+    out = np.empty((xb.shape[0], 24), dtype=np.uint8)
+    out[:, 0:2] = d16.view(np.uint8).reshape(-1, 2)
+    out[:, 2:4] = m16.view(np.uint8).reshape(-1, 2)
+    out[:, 4:8] = qh
+    out[:, 8:] = qs
+    return out
+
+
+def _to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16): round to nearest even, NaN kept quiet (as gguf)."""
+    n = np.ascontiguousarray(x, dtype="<f4").view(np.uint32).astype(np.uint64)
+    nan = (n & 0x7FFFFFFF) > 0x7F800000
+    rounded = (n + (0x7FFF + ((n >> 16) & 1))) >> 16
+    quiet = ((n & 0xFFFF0000) | (64 << 16)) >> 16
+    return np.where(nan, quiet, rounded).astype("<u2")
+
+
+# Types quantize() cannot produce: GGUF K-quants are only kept (copied) from GGUF files.
+KEEP_ONLY = (DType.Q4_K, DType.Q5_K, DType.Q6_K)
+
+
 def quantize(x: np.ndarray, dtype: DType) -> np.ndarray:
     """Quantize a 2-D [rows, cols] float tensor; returns its .plm bytes as a 1-D uint8 array."""
     dtype = DType(dtype)
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"quantize expects a 2-D [rows, cols] array, got shape {x.shape}")
+    if dtype in KEEP_ONLY:
+        raise ValueError(f"pocketlm does not quantize to {dtype.label}: K-quant tensors are only copied "
+                         "from GGUF files (convert with --quant keep)")
     rows, cols = x.shape
     nbytes = tensor_nbytes(dtype, (rows, cols))  # also checks cols % block size
     if dtype == DType.F32:
         return np.ascontiguousarray(x, dtype="<f4").reshape(-1).view(np.uint8)
     if dtype == DType.F16:
         return np.ascontiguousarray(x.astype("<f2")).reshape(-1).view(np.uint8)
+    if dtype == DType.BF16:
+        return _to_bf16(x).reshape(-1).view(np.uint8)
 
     out = np.empty(nbytes, dtype=np.uint8)
     if dtype == DType.I8:
@@ -115,6 +173,10 @@ def quantize(x: np.ndarray, dtype: DType) -> np.ndarray:
     group = dtype.block_elems
     if dtype == DType.Q8_0:
         fn = _quantize_q8_0
+    elif dtype == DType.Q5_0:
+        fn = _quantize_q5_0
+    elif dtype == DType.Q5_1:
+        fn = _quantize_q5_1
     elif dtype in (DType.Q4_0, DType.Q4_0_G64, DType.Q4_0_G128):
         fn = lambda xb: _quantize_q4_0(xb, group)  # noqa: E731
     else:
@@ -149,8 +211,13 @@ def dequantize(raw, dtype: DType, shape) -> np.ndarray:
         s = buf[rows * cols :].view("<f4").astype(np.float32)
         return (q.astype(np.float32) * s[:, None]).reshape(shape)
 
+    if dtype == DType.BF16:
+        return (buf.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+
     group = dtype.block_elems
     blocks = buf.reshape(-1, dtype.block_bytes)
+    if dtype in _GGUF_DEQUANT:
+        return _GGUF_DEQUANT[dtype](blocks).reshape(shape)
     d = blocks[:, 0:2].copy().view("<f2").astype(np.float32)  # [n_blocks, 1]
     if dtype == DType.Q8_0:
         q = blocks[:, 2:].view(np.int8).astype(np.float32)
@@ -163,3 +230,82 @@ def dequantize(raw, dtype: DType, shape) -> np.ndarray:
         q = _unpack_nibbles(blocks[:, 4:], group).astype(np.float32)
         y = d * q + m
     return y.reshape(shape)
+
+
+# --- GGUF 5-bit and K-quant blocks ------------------------------------------------------------
+# Each decoder applies the same float32 operations, in the same order, as gguf's numpy
+# dequantizers (and llama.cpp's dequantize_row_*), so the values are bit-identical:
+#   Q5_0: d*(q-16)   Q5_1: (d*q) + m   Q4_K/Q5_K: (d*sc)*q - (dmin*mn)   Q6_K: (d*sc)*(q-32)
+# Layouts: csrc/common.h.
+
+
+def _f16_field(blocks: np.ndarray, start: int) -> np.ndarray:
+    return blocks[:, start:start + 2].copy().view("<f2").astype(np.float32)  # [n_blocks, 1]
+
+
+def _q5_codes(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """qh [n, 4], qs [n, 16] -> codes [n, 32] in 0..31."""
+    low = _unpack_nibbles(qs, 32)
+    high = np.unpackbits(qh, axis=-1, bitorder="little")  # bit j of the u32 -> element j
+    return low | (high << 4)
+
+
+def _dequant_q5_0(blocks: np.ndarray) -> np.ndarray:
+    d = _f16_field(blocks, 0)
+    q = _q5_codes(blocks[:, 2:6], blocks[:, 6:22]).astype(np.int8) - np.int8(16)
+    return d * q.astype(np.float32)
+
+
+def _dequant_q5_1(blocks: np.ndarray) -> np.ndarray:
+    d, m = _f16_field(blocks, 0), _f16_field(blocks, 2)
+    q = _q5_codes(blocks[:, 4:8], blocks[:, 8:24]).astype(np.float32)
+    return (d * q) + m
+
+
+def _k_scales_mins(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """scales [n, 12] -> (sc [n, 8], mn [n, 8]): the 6-bit packing of Q4_K/Q5_K."""
+    lo_sc, lo_mn, hi = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
+    sc = np.concatenate([lo_sc & 0x3F, (hi & 0x0F) | ((lo_sc >> 6) << 4)], axis=1)
+    mn = np.concatenate([lo_mn & 0x3F, (hi >> 4) | ((lo_mn >> 6) << 4)], axis=1)
+    return sc, mn
+
+
+def _k_nibbles(qs: np.ndarray) -> np.ndarray:
+    """qs [n, 128] -> [n, 8, 32]: sub-block 2c is the low nibbles of qs[32c:32c+32], 2c+1 the high."""
+    q = qs.reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    return (q & 0x0F).reshape(-1, 8, 32)
+
+
+def _dequant_qk(blocks: np.ndarray, q5: bool) -> np.ndarray:
+    d, dmin = _f16_field(blocks, 0), _f16_field(blocks, 2)
+    sc, mn = _k_scales_mins(blocks[:, 4:16])
+    if q5:
+        qh, qs = blocks[:, 16:48], blocks[:, 48:176]
+        high = (qh.reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+        q = _k_nibbles(qs) | (high << 4)
+    else:
+        q = _k_nibbles(blocks[:, 16:144])
+    ds = (d * sc.astype(np.float32))[:, :, None]
+    dm = (dmin * mn.astype(np.float32))[:, :, None]
+    return (ds * q.astype(np.float32) - dm).reshape(-1, 256)
+
+
+def _dequant_q6_k(blocks: np.ndarray) -> np.ndarray:
+    ql, qh = blocks[:, 0:128], blocks[:, 128:192]
+    scales = blocks[:, 192:208].view(np.int8).astype(np.float32)
+    d = _f16_field(blocks, 208)
+    # element 128h + r: low 4 bits from ql[64h + r%64] >> 4*(r//64), high 2 from qh[32h + r%32] >> 2*(r//32)
+    low = (ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+    high = (qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3
+    q = (low.reshape(-1, 256) | (high.reshape(-1, 256) << 4)).astype(np.int8) - np.int8(32)
+    ds = (d * scales)[:, :, None]  # [n, 16, 1]
+    return (ds * q.reshape(-1, 16, 16).astype(np.float32)).reshape(-1, 256)
+
+
+_GGUF_DEQUANT = {
+    DType.Q5_0: _dequant_q5_0,
+    DType.Q5_1: _dequant_q5_1,
+    DType.Q4_K: lambda b: _dequant_qk(b, q5=False),
+    DType.Q5_K: lambda b: _dequant_qk(b, q5=True),
+    DType.Q6_K: _dequant_q6_k,
+}

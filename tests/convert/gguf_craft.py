@@ -1,7 +1,7 @@
 """Writes small GGUF files the way llama.cpp's converter would, from a transformers model.
 
 Used to test the GGUF reader on types and layouts the SmolLM2 file does not have: K-quants,
-BF16, Q5_0, biases, qwen2 (no Q/K permutation). Independent of pocketlm's own code on purpose.
+BF16, Q5_0/Q5_1, biases, qwen2 (no Q/K permutation). Independent of pocketlm's own code on purpose.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def random_kquant(rows: int, cols: int, qtype, rng: np.random.Generator) -> np.n
 
     block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, size=(rows * cols // block_elems, block_bytes), dtype=np.uint8)
-    if qtype == gguf.GGMLQuantizationType.Q6_K:  # ql, qh, scales (i8), then d
+    if qtype in (gguf.GGMLQuantizationType.Q6_K, gguf.GGMLQuantizationType.Q3_K):  # d is last
         blocks[:, -2:] = _f16_bytes(0.002)
     else:  # Q4_K / Q5_K: d, dmin first
         blocks[:, 0:2] = _f16_bytes(0.004)
@@ -97,7 +97,7 @@ def write_gguf(path: Path, model, folder: Path, arch: str, types: dict[str, str]
         written[name] = x
         tname = next((v for k, v in types.items() if name.endswith(k)), "F32")
         qtype = Q[tname]
-        if tname in ("Q4_K", "Q5_K", "Q6_K"):
+        if tname in ("Q3_K", "Q4_K", "Q5_K", "Q6_K"):
             data = random_kquant(x.shape[0], x.shape[1], qtype, rng)
         elif tname == "F32":
             data = x

@@ -1,6 +1,6 @@
 """GGUF -> .plm: the real SmolLM2 file (types and bytes kept, Q/K un-permuted exactly as
 transformers' GGUF loader does, config, tokenizer, special tokens) and small crafted GGUFs for
-the types and layouts SmolLM2 lacks (K-quants, BF16, Q5_0, qwen2 biases)."""
+the types and layouts SmolLM2 lacks (K-quants, BF16, Q5_0/Q5_1 kept; Q3_K requantized; qwen2 biases)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pocketlm.bundle import read_bundle
 from pocketlm.convert import convert
 from pocketlm.dtypes import DType
 
-_GGUF_TO_DTYPE = {"F32": DType.F32, "F16": DType.F16, "Q8_0": DType.Q8_0, "Q4_0": DType.Q4_0, "Q4_1": DType.Q4_1}
+_GGUF_TO_DTYPE = {name: DType[name] for name in ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")}
 
 
 @pytest.fixture(scope="module")
@@ -117,16 +117,21 @@ def test_smollm2_int8(smollm2_bundles, smollm2_reader):
 
 # --- crafted GGUFs ---------------------------------------------------------------------------------
 
+# Canonical name (or suffix; the first match wins) -> GGUF type. Two layers, so that every type
+# pocketlm keeps appears, plus one it does not (Q3_K).
 CRAFT_TYPES = {
-    "token_embd.weight": "Q6_K",   # 6-bit K-quant -> Q8_0
-    "attn_q.weight": "F32",        # kept; un-permuted exactly
-    "attn_k.weight": "BF16",       # -> F16
-    "attn_v.weight": "Q8_0",       # kept
-    "attn_output.weight": "Q4_0",  # kept
-    "ffn_gate.weight": "Q4_K",     # 4-bit K-quant -> Q4_1
-    "ffn_up.weight": "F16",        # kept
-    "ffn_down.weight": "Q5_0",     # 5-bit -> Q8_0
-    "output.weight": "Q4_1",       # kept
+    "token_embd.weight": "Q6_K",
+    "attn_q.weight": "F32",               # kept; un-permuted exactly
+    "attn_k.weight": "BF16",
+    "blk.0.attn_v.weight": "Q8_0",
+    "blk.1.attn_v.weight": "Q5_K",
+    "attn_output.weight": "Q4_0",
+    "ffn_gate.weight": "Q4_K",
+    "blk.0.ffn_up.weight": "F16",
+    "blk.1.ffn_up.weight": "Q5_1",
+    "blk.0.ffn_down.weight": "Q5_0",
+    "blk.1.ffn_down.weight": "Q3_K",      # no pocketlm kernels: requantized to Q8_0
+    "output.weight": "Q4_1",
 }
 
 
@@ -135,47 +140,60 @@ def crafted_llama(tmp_path_factory):
     from testutil import make_hf_model
 
     root = tmp_path_factory.mktemp("craft")
-    model = make_hf_model(root / "hf", "llama", hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+    model = make_hf_model(root / "hf", "llama", hidden_size=256, intermediate_size=256, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2)
     path = root / "tiny-llama.gguf"
     write_gguf(path, model, root / "hf", "llama", CRAFT_TYPES)
     return path, model
 
 
-def test_crafted_keep_requantizes_what_pocketlm_lacks(crafted_llama, tmp_path):
+def test_crafted_keep_copies_every_type_pocketlm_has(crafted_llama, tmp_path):
     import gguf
 
     path, model = crafted_llama
     b = read_bundle(convert(path, tmp_path / "k.plm", progress=False))
-    want = {"token_embd.weight": DType.Q8_0, "blk.0.attn_q.weight": DType.F32, "blk.0.attn_k.weight": DType.F16,
-            "blk.0.attn_v.weight": DType.Q8_0, "blk.0.attn_output.weight": DType.Q4_0,
-            "blk.0.ffn_gate.weight": DType.Q4_1, "blk.0.ffn_up.weight": DType.F16,
-            "blk.0.ffn_down.weight": DType.Q8_0, "output.weight": DType.Q4_1,
-            "blk.0.attn_norm.weight": DType.F32, "blk.0.ffn_norm.weight": DType.F32, "output_norm.weight": DType.F32}
+    want = {"token_embd.weight": DType.Q6_K, "output.weight": DType.Q4_1, "output_norm.weight": DType.F32}
+    for i in range(2):
+        for name, gguf_type in [("attn_q", "F32"), ("attn_k", "BF16"), ("attn_v", ["Q8_0", "Q5_K"][i]),
+                                ("attn_output", "Q4_0"), ("ffn_gate", "Q4_K"), ("ffn_up", ["F16", "Q5_1"][i]),
+                                ("ffn_down", ["Q5_0", "Q8_0"][i])]:
+            want[f"blk.{i}.{name}.weight"] = DType[gguf_type]
+        want[f"blk.{i}.attn_norm.weight"] = want[f"blk.{i}.ffn_norm.weight"] = DType.F32
     assert {t.name: t.dtype for t in b.tensors} == want
     prov = b.metadata["provenance"]
-    assert sorted(prov["requantized"]) == sorted(["token_embd.weight", "blk.0.attn_k.weight",
-                                                  "blk.0.ffn_gate.weight", "blk.0.ffn_down.weight"])
+    assert prov["requantized"] == ["blk.1.ffn_down.weight"]
+    assert prov["source_types"] == {"BF16": 2, "F16": 1, "F32": 7, "Q3_K": 1, "Q4_0": 2, "Q4_1": 1, "Q4_K": 2,
+                                    "Q5_0": 1, "Q5_1": 1, "Q5_K": 1, "Q6_K": 1, "Q8_0": 1}
+
+    # Kept tensors: the GGUF's bytes (Q/K rows un-permuted), so the GGUF's values bit for bit.
+    reader = gguf.GGUFReader(path)
+    from pocketlm.convert.gguf_source import rope_unpermute_rows
+
+    cfg = b.metadata["config"]
+    for t in reader.tensors:
+        if t.name == "blk.1.ffn_down.weight" or len(t.shape) == 1:
+            continue
+        raw = np.asarray(t.data).view(np.uint8).reshape(int(t.shape[-1]), -1)
+        if ".attn_q." in t.name:
+            raw = raw[rope_unpermute_rows(raw.shape[0], cfg["n_heads"])]
+        elif ".attn_k." in t.name:
+            raw = raw[rope_unpermute_rows(raw.shape[0], cfg["n_kv_heads"])]
+        assert np.asarray(b.tensor(t.name)).tobytes() == raw.tobytes(), t.name
+        src = gguf.dequantize(raw, t.tensor_type)
+        np.testing.assert_array_equal(bundle_f32(b, t.name).view(np.uint32),
+                                      src.astype(np.float32).reshape(raw.shape[0], -1).view(np.uint32), err_msg=t.name)
 
     state = hf_state(model)
     np.testing.assert_array_equal(bundle_f32(b, "blk.0.attn_q.weight"), state["blk.0.attn_q.weight"])
     k = state["blk.0.attn_k.weight"]
     bf16 = gguf.dequantize(gguf.quantize(k, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16)
-    np.testing.assert_array_equal(bundle_f32(b, "blk.0.attn_k.weight"), bf16)  # bf16 -> f16 is exact here
+    np.testing.assert_array_equal(bundle_f32(b, "blk.0.attn_k.weight"), bf16)
 
-    # Requantized tensors: within the target type's bound of the GGUF's own dequantized values.
-    reader = gguf.GGUFReader(path)
-    for t in reader.tensors:
-        if t.name not in ("token_embd.weight", "blk.0.ffn_gate.weight", "blk.0.ffn_down.weight"):
-            continue
-        src = gguf.dequantize(t.data, t.tensor_type).reshape(-1, 32)
-        got = bundle_f32(b, t.name).reshape(-1, 32)
-        if want[t.name] == DType.Q8_0:
-            bound = np.abs(src).max(axis=1, keepdims=True) / 254 * 1.002
-        else:
-            bound = (src.max(axis=1, keepdims=True) - src.min(axis=1, keepdims=True)) / 30 * 1.004 \
-                + np.abs(src.min(axis=1, keepdims=True)) * 2.0 ** -10
-        assert np.all(np.abs(got - src) <= bound + 1e-9), t.name
+    # The requantized Q3_K tensor: within Q8_0's bound of the GGUF's own dequantized values.
+    t = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    src = gguf.dequantize(t.data, t.tensor_type).reshape(-1, 32)
+    got = bundle_f32(b, t.name).reshape(-1, 32)
+    assert np.all(np.abs(got - src) <= np.abs(src).max(axis=1, keepdims=True) / 254 * 1.002 + 1e-9)
 
 
 def test_crafted_quant_given_reencodes_everything(crafted_llama, tmp_path):
@@ -183,7 +201,7 @@ def test_crafted_quant_given_reencodes_everything(crafted_llama, tmp_path):
     b = read_bundle(convert(path, tmp_path / "i4.plm", quant="int4", group_size=64, progress=False))
     types = {t.name: t.dtype for t in b.tensors}
     assert types["token_embd.weight"] == types["output.weight"] == DType.Q8_0
-    assert types["blk.0.attn_v.weight"] == types["blk.0.ffn_gate.weight"] == DType.Q4_0_G64
+    assert types["blk.1.attn_v.weight"] == types["blk.0.ffn_gate.weight"] == DType.Q4_0_G64
     assert b.metadata["provenance"]["requantized"] == []  # only meaningful in keep mode
     q = bundle_f32(b, "blk.0.attn_q.weight")
     want = hf_state(model)["blk.0.attn_q.weight"]

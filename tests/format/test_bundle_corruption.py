@@ -156,7 +156,7 @@ HOSTILE_INDEX = {
     "cols not block multiple": (second(shape=(2, 48), nbytes=68), "multiple of 32"),
     "overlap": (second(offset=192), "overlaps tensor"),
     "duplicate name": (second(name="a"), "duplicate"),
-    "unknown dtype": (second(dtype=10), "unknown tensor type id 10"),
+    "unknown dtype": (second(dtype=len(DType)), f"unknown tensor type id {len(DType)}"),  # the first unused id
     "dtype 2^32-1": (second(dtype=2**32 - 1), "unknown tensor type"),
 }
 

@@ -43,17 +43,41 @@ def quantize_act2_np(x: np.ndarray):
     return d, s, d2, s2, q, q2
 
 
+def _f16(values) -> np.ndarray:
+    return np.asarray(values, dtype="<f2").view(np.uint8).reshape(-1, 2)
+
+
+def random_blocks(dtype, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes of a GGUF block type with sane f16 scales (element values O(1)); every code,
+    6-bit scale/min and int8 scale (Q6_K's -128 included) occurs. Row 0 starts with an all-zero
+    block. For the K-quants, which quantize() does not produce."""
+    from pocketlm.dtypes import DType
+
+    n = rows * cols // dtype.block_elems
+    blocks = rng.integers(0, 256, size=(n, dtype.block_bytes), dtype=np.uint8)
+    scale = rng.uniform(0.5, 2.0, n)
+    if dtype in (DType.Q4_K, DType.Q5_K):  # d, dmin first; values d*sc*q - dmin*mn, sc, mn < 64
+        blocks[:, 0:2] = _f16(scale * (0.002 if dtype == DType.Q4_K else 0.001))
+        blocks[:, 2:4] = _f16(rng.uniform(0.5, 2.0, n) * 0.004)
+    elif dtype == DType.Q6_K:  # d last; values d*sc*(q-32), |sc| <= 128
+        blocks[:, -2:] = _f16(scale * 3e-4)
+    else:
+        raise ValueError(f"no random block generator for {dtype.label}")
+    blocks[0] = 0  # zero block: d = dmin = 0
+    return blocks.reshape(-1)
+
+
 def make_matmul_case(dtype, T, K, N, seed):
     """Random weights (with a zero block) and activations (with a large-scale block):
     returns (raw weight bytes, dequantized weights [N, K], x [T, K])."""
-    from pocketlm.quant import dequantize, quantize
+    from pocketlm.quant import KEEP_ONLY, dequantize, quantize
 
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((N, K)).astype(np.float32)
     w[0, : min(K, 32)] = 0  # a zero block
     x = rng.standard_normal((T, K)).astype(np.float32)
     x[-1, : min(K, 32)] *= 100  # a block with a large scale
-    raw = quantize(w, dtype)
+    raw = random_blocks(dtype, N, K, rng) if dtype in KEEP_ONLY else quantize(w, dtype)
     return raw, dequantize(raw, dtype, (N, K)), x
 
 
@@ -68,7 +92,7 @@ FLOAT_MATMUL_SHAPES = [(1, 1, 1), (3, 7, 5), (2, 33, 67), (5, 100, 3), (17, 17, 
 def matmul_shapes_for(dtype):
     if not dtype.quantized:
         return MATMUL_SHAPES + FLOAT_MATMUL_SHAPES
-    return [s for s in MATMUL_SHAPES if s[1] % dtype.block_elems == 0]
+    return [s for s in MATMUL_SHAPES if s[1] % dtype.block_elems == 0]  # K-quants: K % 256 == 0
 
 
 def variants() -> list[str]:

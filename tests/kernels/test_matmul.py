@@ -27,7 +27,7 @@ make = make_matmul_case
 shapes_for = matmul_shapes_for
 
 
-@pytest.mark.parametrize("dtype", list(DType))
+@pytest.mark.parametrize("dtype", list(DType), ids=lambda t: t.label)
 def test_ref_matches_numpy(dtype):
     for i, (T, K, N) in enumerate(shapes_for(dtype)):
         raw, wd, x = make(dtype, T, K, N, i)
@@ -51,7 +51,7 @@ def test_ref_matches_numpy(dtype):
 
 
 @pytest.mark.parametrize("variant", simd_variants())
-@pytest.mark.parametrize("dtype", list(DType))
+@pytest.mark.parametrize("dtype", list(DType), ids=lambda t: t.label)
 def test_variant_matches_ref(variant, dtype):
     for i, (T, K, N) in enumerate(shapes_for(dtype)):
         raw, wd, x = make(dtype, T, K, N, 100 + i)

@@ -87,7 +87,7 @@ def test_reconstruction_error():
     assert err.max() < err1.max() / 100
 
 
-@pytest.mark.parametrize("dtype", list(DType))
+@pytest.mark.parametrize("dtype", list(DType), ids=lambda t: t.label)
 def test_ref_matches_numpy(dtype):
     for i, (T, K, N) in enumerate(matmul_shapes_for(dtype)):
         raw, wd, x = make_matmul_case(dtype, T, K, N, i)
@@ -106,7 +106,7 @@ def test_ref_matches_numpy(dtype):
 
 
 @pytest.mark.parametrize("variant", variants())
-@pytest.mark.parametrize("dtype", [t for t in DType if t.quantized])
+@pytest.mark.parametrize("dtype", [t for t in DType if t.quantized], ids=lambda t: t.label)
 def test_vs_float(variant, dtype):
     # vs full-precision activations: the activation error is at most amax/127/254 per
     # element (the int8 path's bound is amax/127/2: 127x looser)
@@ -126,7 +126,7 @@ def test_vs_float(variant, dtype):
 
 
 @pytest.mark.parametrize("variant", simd_variants())
-@pytest.mark.parametrize("dtype", list(DType))
+@pytest.mark.parametrize("dtype", list(DType), ids=lambda t: t.label)
 def test_variant_matches_ref(variant, dtype):
     for i, (T, K, N) in enumerate(matmul_shapes_for(dtype)):
         raw, wd, x = make_matmul_case(dtype, T, K, N, 100 + i)
@@ -137,7 +137,7 @@ def test_variant_matches_ref(variant, dtype):
 
 
 @pytest.mark.parametrize("variant", variants())
-@pytest.mark.parametrize("dtype", [DType.Q4_0, DType.Q4_1, DType.Q8_0, DType.I8])
+@pytest.mark.parametrize("dtype", [DType.Q4_0, DType.Q4_1, DType.Q8_0, DType.I8], ids=lambda t: t.label)
 def test_outlier_blocks(variant, dtype):
     # one huge value per block (max/mean ~ 32): int8 rounds the rest to ~0, matmul2 does not
     rng = np.random.default_rng(11)

@@ -3,7 +3,10 @@
 // token at a time. Integer dot products use vmull_s8 / vmlal_s8 (each s16 lane
 // holds two products, |sum| <= 2*128*127 < 2^15) and vpadalq_s16 into s32, so
 // every 32-block sum is exact. matmul2 (two-level activations) reuses each weight
-// block's registers for both dot products. Activation quantization (both levels),
+// block's registers for both dot products. GGUF 5-bit and K-quant blocks are decoded to
+// signed int8 codes (offset removed: q-16, q-32; Q4_K/Q5_K codes 0..31 as they are) one
+// 32-run at a time and go through the same dot product; K-quant scales are decoded once
+// per super-block. Activation quantization (both levels),
 // rms_norm, silu_mul and dequant_row reuse the scalar reference (identical results
 // by construction).
 #if defined(__aarch64__) && defined(__ARM_NEON)
@@ -120,6 +123,138 @@ float row_dot2_q4(const uint8_t* row, const BlockQ8A2* xq, int64_t K) {
   return acc;
 }
 
+// ---- GGUF 5-bit and K-quant types ----
+
+// sum over one or two activation levels of d * idot (see kernels.h).
+inline float level_dot(int8x16_t w0, int8x16_t w1, const BlockQ8A& a) {
+  return a.d * (float)idot32(w0, w1, a.qs);
+}
+inline float level_dot(int8x16_t w0, int8x16_t w1, const BlockQ8A2& a) {
+  return a.d * (float)idot32(w0, w1, a.qs) + a.d2 * (float)idot32(w0, w1, a.qs2);
+}
+inline float act_sum(const BlockQ8A& a) { return a.s; }
+inline float act_sum(const BlockQ8A2& a) { return a.s + a.s2; }
+
+// 16 elements of a Q6_K sub-block.
+inline int32_t idot16(int8x16_t w, const int8_t* a) {
+  const int8x16_t av = vld1q_s8(a);
+  int16x8_t p = vmull_s8(vget_low_s8(w), vget_low_s8(av));
+  p = vmlal_s8(p, vget_high_s8(w), vget_high_s8(av));
+  return vaddvq_s32(vpaddlq_s16(p));
+}
+inline float level_dot6(int8x16_t w0, int8x16_t w1, int sc0, int sc1, const BlockQ8A& a) {
+  return a.d * (float)(sc0 * idot16(w0, a.qs) + sc1 * idot16(w1, a.qs + 16));
+}
+inline float level_dot6(int8x16_t w0, int8x16_t w1, int sc0, int sc1, const BlockQ8A2& a) {
+  return a.d * (float)(sc0 * idot16(w0, a.qs) + sc1 * idot16(w1, a.qs + 16)) +
+         a.d2 * (float)(sc0 * idot16(w0, a.qs2) + sc1 * idot16(w1, a.qs2 + 16));
+}
+
+// 0x10 in byte i where bit i of the 16-bit value `bits` is set.
+inline uint8x16_t bit4_from(uint32_t bits) {
+  static const uint8_t kBit[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+  const uint8x16_t spread = vcombine_u8(vdup_n_u8((uint8_t)(bits & 0xff)), vdup_n_u8((uint8_t)(bits >> 8 & 0xff)));
+  return vandq_u8(vtstq_u8(spread, vld1q_u8(kBit)), vdupq_n_u8(0x10));
+}
+
+template <class Act, bool Asym>
+float row_dot_q5(const uint8_t* row, const Act* xq, int64_t K) {
+  constexpr int kHdr = Asym ? 4 : 2, kBlockBytes = kHdr + 4 + 16;
+  const uint8x16_t mask = vdupq_n_u8(0x0f);
+  const int8x16_t off = vdupq_n_s8(Asym ? 0 : 16);
+  float acc = 0.0f;
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const uint8_t* blk = row + b * kBlockBytes;
+    fp16_t hd, hm = 0;
+    uint32_t qh;
+    std::memcpy(&hd, blk, 2);
+    if (Asym) std::memcpy(&hm, blk + 2, 2);
+    std::memcpy(&qh, blk + kHdr, 4);
+    const uint8x16_t v = vld1q_u8(blk + kHdr + 4);
+    const uint8x16_t lo = vorrq_u8(vandq_u8(v, mask), bit4_from(qh & 0xffff));
+    const uint8x16_t hi = vorrq_u8(vshrq_n_u8(v, 4), bit4_from(qh >> 16));
+    const int8x16_t w0 = vsubq_s8(vreinterpretq_s8_u8(lo), off), w1 = vsubq_s8(vreinterpretq_s8_u8(hi), off);
+    acc += fp16_to_fp32(hd) * level_dot(w0, w1, xq[b]);
+    if (Asym) acc += fp16_to_fp32(hm) * act_sum(xq[b]);
+  }
+  return acc;
+}
+
+// Q4_K (Q5 = false) and Q5_K.
+template <class Act, bool Q5>
+float row_dot_qk(const uint8_t* row, const Act* xq, int64_t K) {
+  constexpr int kBlockBytes = Q5 ? 176 : 144, kQs = Q5 ? 48 : 16;
+  const uint8x16_t mask = vdupq_n_u8(0x0f);
+  float acc = 0.0f;
+  for (int64_t b = 0; b < K / 256; ++b) {
+    const uint8_t* blk = row + b * kBlockBytes;
+    fp16_t hd, hdmin;
+    std::memcpy(&hd, blk, 2);
+    std::memcpy(&hdmin, blk + 2, 2);
+    uint8_t sc[8], mn[8];
+    kquant_scales_mins(blk + 4, sc, mn);
+    const float d = fp16_to_fp32(hd), dmin = fp16_to_fp32(hdmin);
+    for (int s = 0; s < 8; ++s) {
+      const uint8_t* qs = blk + kQs + 32 * (s / 2);
+      const int8x16_t shift = vdupq_n_s8((int8_t)(-4 * (s & 1)));
+      uint8x16_t w0 = vandq_u8(vshlq_u8(vld1q_u8(qs), shift), mask);
+      uint8x16_t w1 = vandq_u8(vshlq_u8(vld1q_u8(qs + 16), shift), mask);
+      if constexpr (Q5) {
+        const uint8x16_t bit = vdupq_n_u8((uint8_t)(1 << s)), b4 = vdupq_n_u8(0x10);
+        w0 = vorrq_u8(w0, vandq_u8(vtstq_u8(vld1q_u8(blk + 16), bit), b4));
+        w1 = vorrq_u8(w1, vandq_u8(vtstq_u8(vld1q_u8(blk + 32), bit), b4));
+      }
+      const Act& a = xq[8 * b + s];
+      acc += d * (float)sc[s] * level_dot(vreinterpretq_s8_u8(w0), vreinterpretq_s8_u8(w1), a) -
+             dmin * (float)mn[s] * act_sum(a);
+    }
+  }
+  return acc;
+}
+
+template <class Act>
+float row_dot_q6_k(const uint8_t* row, const Act* xq, int64_t K) {
+  const uint8x16_t mask = vdupq_n_u8(0x0f), mask2 = vdupq_n_u8(3);
+  const int8x16_t off = vdupq_n_s8(32);
+  float acc = 0.0f;
+  for (int64_t b = 0; b < K / 256; ++b) {
+    const BlockQ6_K& w = reinterpret_cast<const BlockQ6_K*>(row)[b];
+    float v = 0.0f;
+    for (int r = 0; r < 8; ++r) {  // run r = elements 32r..32r+31 (layout: common.h)
+      const int h = r / 4, q = r % 4;
+      const uint8_t* ql = w.ql + 64 * h + 32 * (r % 2);
+      const uint8_t* qh = w.qh + 32 * h;
+      const int8x16_t lsh = vdupq_n_s8((int8_t)(-4 * (q / 2))), hsh = vdupq_n_s8((int8_t)(-2 * q));
+      const uint8x16_t l0 = vandq_u8(vshlq_u8(vld1q_u8(ql), lsh), mask);
+      const uint8x16_t l1 = vandq_u8(vshlq_u8(vld1q_u8(ql + 16), lsh), mask);
+      const uint8x16_t h0 = vshlq_n_u8(vandq_u8(vshlq_u8(vld1q_u8(qh), hsh), mask2), 4);
+      const uint8x16_t h1 = vshlq_n_u8(vandq_u8(vshlq_u8(vld1q_u8(qh + 16), hsh), mask2), 4);
+      const int8x16_t w0 = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(l0, h0)), off);
+      const int8x16_t w1 = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(l1, h1)), off);
+      v += level_dot6(w0, w1, w.scales[2 * r], w.scales[2 * r + 1], xq[8 * b + r]);
+    }
+    acc += fp16_to_fp32(w.d) * v;
+  }
+  return acc;
+}
+
+float row_dot_bf16(const uint8_t* row, const float* x, int64_t K) {
+  float32x4_t s0 = vdupq_n_f32(0.0f), s1 = vdupq_n_f32(0.0f);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const uint16x8_t h = vreinterpretq_u16_u8(vld1q_u8(row + 2 * k));
+    s0 = vfmaq_f32(s0, vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(h), 16)), vld1q_f32(x + k));
+    s1 = vfmaq_f32(s1, vreinterpretq_f32_u32(vshll_n_u16(vget_high_u16(h), 16)), vld1q_f32(x + k + 4));
+  }
+  float acc = vaddvq_f32(vaddq_f32(s0, s1));
+  for (; k < K; ++k) {
+    uint16_t h;
+    std::memcpy(&h, row + 2 * k, 2);
+    acc += bf16_to_fp32(h) * x[k];
+  }
+  return acc;
+}
+
 float row_dot_f32(const uint8_t* row, const float* x, int64_t K) {
   const float* w = reinterpret_cast<const float*>(row);
   float32x4_t s0 = vdupq_n_f32(0.0f), s1 = vdupq_n_f32(0.0f);
@@ -209,6 +344,12 @@ const KernelTable* neon_kernel_table() {
           matmul_quant<row_dot_q4<64, true>>,
           matmul_quant<row_dot_q4<128, true>>,
           matmul_quant<row_dot_i8>,
+          matmul_quant<row_dot_q5<BlockQ8A, false>>,   // Q5_0
+          matmul_quant<row_dot_q5<BlockQ8A, true>>,    // Q5_1
+          matmul_quant<row_dot_qk<BlockQ8A, false>>,   // Q4_K
+          matmul_quant<row_dot_qk<BlockQ8A, true>>,    // Q5_K
+          matmul_quant<row_dot_q6_k<BlockQ8A>>,        // Q6_K
+          matmul_float<row_dot_bf16>,                  // BF16
       },
       ref_kernels().quantize_act,
       ref_kernels().dequant_row,
@@ -229,6 +370,12 @@ const KernelTable* neon_kernel_table() {
           matmul2_quant<row_dot2_q4<64, true>>,
           matmul2_quant<row_dot2_q4<128, true>>,
           matmul2_quant<row_dot2_i8>,
+          matmul2_quant<row_dot_q5<BlockQ8A2, false>>,  // Q5_0
+          matmul2_quant<row_dot_q5<BlockQ8A2, true>>,   // Q5_1
+          matmul2_quant<row_dot_qk<BlockQ8A2, false>>,  // Q4_K
+          matmul2_quant<row_dot_qk<BlockQ8A2, true>>,   // Q5_K
+          matmul2_quant<row_dot_q6_k<BlockQ8A2>>,       // Q6_K
+          matmul2_float<matmul_float<row_dot_bf16>>,    // BF16
       },
       ref_kernels().quantize_act2,
   };

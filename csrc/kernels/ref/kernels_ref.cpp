@@ -195,6 +195,131 @@ float row_dot2_i8(const uint8_t* row, const BlockQ8A2* xq, int64_t K) {
   return acc;  // the row scale is applied by the caller
 }
 
+// ---- GGUF 5-bit and K-quant types (any activation level count) ----
+// Integer codes are decoded to bytes first; every dot product over a 32-run (or a
+// 16-half of one for Q6_K) is exact in int32, then scaled in float:
+//   one level:  a.d * idot;   two levels: a.d * idot(q) + a.d2 * idot(q2).
+// The asymmetric types' zero points use the activation sums (s, or s + s2).
+
+inline int32_t idot_codes(const uint8_t* q, const int8_t* a, int n, int off) {
+  int32_t dot = 0;
+  for (int j = 0; j < n; ++j) dot += ((int32_t)q[j] - off) * a[j];
+  return dot;
+}
+inline float level_dot(const uint8_t* q, const BlockQ8A& a, int off) {
+  return a.d * (float)idot_codes(q, a.qs, 32, off);
+}
+inline float level_dot(const uint8_t* q, const BlockQ8A2& a, int off) {
+  return a.d * (float)idot_codes(q, a.qs, 32, off) + a.d2 * (float)idot_codes(q, a.qs2, 32, off);
+}
+// Q6_K: two 16-element sub-blocks with their own integer scales share one activation block.
+inline int32_t idot_halves(const uint8_t* q, const int8_t* a, int sc0, int sc1) {
+  return sc0 * idot_codes(q, a, 16, 32) + sc1 * idot_codes(q + 16, a + 16, 16, 32);
+}
+inline float level_dot6(const uint8_t* q, const BlockQ8A& a, int sc0, int sc1) {
+  return a.d * (float)idot_halves(q, a.qs, sc0, sc1);
+}
+inline float level_dot6(const uint8_t* q, const BlockQ8A2& a, int sc0, int sc1) {
+  return a.d * (float)idot_halves(q, a.qs, sc0, sc1) + a.d2 * (float)idot_halves(q, a.qs2, sc0, sc1);
+}
+inline float act_sum(const BlockQ8A& a) { return a.s; }
+inline float act_sum(const BlockQ8A2& a) { return a.s + a.s2; }
+
+// 32 five-bit codes (0..31) of a Q5_0/Q5_1 block.
+inline void q5_codes(const uint8_t* qh4, const uint8_t* qs, uint8_t* q) {
+  uint32_t qh;
+  std::memcpy(&qh, qh4, 4);
+  for (int j = 0; j < 16; ++j) {
+    q[j] = (uint8_t)((qs[j] & 0x0f) | ((qh >> j) & 1) << 4);
+    q[j + 16] = (uint8_t)((qs[j] >> 4) | ((qh >> (j + 16)) & 1) << 4);
+  }
+}
+// Codes of sub-block s (32 elements) of a Q4_K (qh == nullptr) or Q5_K block.
+inline void k_codes(const uint8_t* qs, const uint8_t* qh, int s, uint8_t* q) {
+  const int shift = 4 * (s & 1);
+  for (int j = 0; j < 32; ++j) {
+    q[j] = (uint8_t)((qs[32 * (s / 2) + j] >> shift) & 0x0f);
+    if (qh) q[j] |= (uint8_t)(((qh[j] >> s) & 1) << 4);
+  }
+}
+// All 256 codes (0..63) of a Q6_K block.
+inline void q6_codes(const BlockQ6_K& b, uint8_t* q) {
+  for (int e = 0; e < 256; ++e) {
+    const int h = e / 128, r = e % 128;
+    const int lo = (b.ql[64 * h + r % 64] >> (4 * (r / 64))) & 0x0f;
+    const int hi = (b.qh[32 * h + r % 32] >> (2 * (r / 32))) & 3;
+    q[e] = (uint8_t)(lo | hi << 4);
+  }
+}
+
+template <class Act, bool Asym>
+float row_dot_q5(const uint8_t* row, const Act* xq, int64_t K) {
+  float acc = 0.0f;
+  uint8_t q[32];
+  for (int64_t b = 0; b < K / 32; ++b) {
+    if constexpr (Asym) {
+      const BlockQ5_1& w = reinterpret_cast<const BlockQ5_1*>(row)[b];
+      q5_codes(w.qh, w.qs, q);
+      acc += fp16_to_fp32(w.d) * level_dot(q, xq[b], 0) + fp16_to_fp32(w.m) * act_sum(xq[b]);
+    } else {
+      const BlockQ5_0& w = reinterpret_cast<const BlockQ5_0*>(row)[b];
+      q5_codes(w.qh, w.qs, q);
+      acc += fp16_to_fp32(w.d) * level_dot(q, xq[b], 16);
+    }
+  }
+  return acc;
+}
+
+// Q4_K (Q5 = false) and Q5_K: per sub-block, (d*sc) * dot - (dmin*mn) * sum(activations).
+template <class Act, bool Q5>
+float row_dot_qk(const uint8_t* row, const Act* xq, int64_t K) {
+  float acc = 0.0f;
+  uint8_t q[32], sc[8], mn[8];
+  for (int64_t b = 0; b < K / 256; ++b) {
+    const uint8_t *scales, *qs, *qh = nullptr;
+    fp16_t hd, hdmin;
+    if constexpr (Q5) {
+      const BlockQ5_K& w = reinterpret_cast<const BlockQ5_K*>(row)[b];
+      hd = w.d, hdmin = w.dmin, scales = w.scales, qs = w.qs, qh = w.qh;
+    } else {
+      const BlockQ4_K& w = reinterpret_cast<const BlockQ4_K*>(row)[b];
+      hd = w.d, hdmin = w.dmin, scales = w.scales, qs = w.qs;
+    }
+    const float d = fp16_to_fp32(hd), dmin = fp16_to_fp32(hdmin);
+    kquant_scales_mins(scales, sc, mn);
+    for (int s = 0; s < 8; ++s) {
+      const Act& a = xq[8 * b + s];
+      k_codes(qs, qh, s, q);
+      acc += d * (float)sc[s] * level_dot(q, a, 0) - dmin * (float)mn[s] * act_sum(a);
+    }
+  }
+  return acc;
+}
+
+template <class Act>
+float row_dot_q6_k(const uint8_t* row, const Act* xq, int64_t K) {
+  float acc = 0.0f;
+  uint8_t q[256];
+  for (int64_t b = 0; b < K / 256; ++b) {
+    const BlockQ6_K& w = reinterpret_cast<const BlockQ6_K*>(row)[b];
+    q6_codes(w, q);
+    float v = 0.0f;
+    for (int r = 0; r < 8; ++r) v += level_dot6(q + 32 * r, xq[8 * b + r], w.scales[2 * r], w.scales[2 * r + 1]);
+    acc += fp16_to_fp32(w.d) * v;
+  }
+  return acc;
+}
+
+float row_dot_bf16(const uint8_t* row, const float* x, int64_t K) {
+  float acc = 0.0f;
+  for (int64_t k = 0; k < K; ++k) {
+    uint16_t h;
+    std::memcpy(&h, row + 2 * k, 2);
+    acc += bf16_to_fp32(h) * x[k];
+  }
+  return acc;
+}
+
 // ---- matmul wrappers ----
 
 template <float (*RowDot)(const uint8_t*, const float*, int64_t)>
@@ -252,6 +377,67 @@ void dequant_q4_1(const uint8_t* row, float* out, int64_t cols) {
   }
 }
 
+// Same float operations as gguf's numpy dequantizers, so the values are bit-identical.
+template <bool Asym>
+void dequant_q5(const uint8_t* row, float* out, int64_t cols) {
+  uint8_t q[32];
+  for (int64_t b = 0; b < cols / 32; ++b) {
+    float d, m = 0.0f;
+    if constexpr (Asym) {
+      const BlockQ5_1& w = reinterpret_cast<const BlockQ5_1*>(row)[b];
+      q5_codes(w.qh, w.qs, q);
+      d = fp16_to_fp32(w.d), m = fp16_to_fp32(w.m);
+    } else {
+      const BlockQ5_0& w = reinterpret_cast<const BlockQ5_0*>(row)[b];
+      q5_codes(w.qh, w.qs, q);
+      d = fp16_to_fp32(w.d);
+    }
+    for (int j = 0; j < 32; ++j) {
+      if constexpr (Asym) {
+        const volatile float dq = d * (float)q[j];  // no fused multiply-add: gguf rounds twice
+        out[b * 32 + j] = dq + m;
+      } else {
+        out[b * 32 + j] = d * (float)((int)q[j] - 16);
+      }
+    }
+  }
+}
+
+template <bool Q5>
+void dequant_qk(const uint8_t* row, float* out, int64_t cols) {
+  uint8_t q[32], sc[8], mn[8];
+  for (int64_t b = 0; b < cols / 256; ++b) {
+    const uint8_t *scales, *qs, *qh = nullptr;
+    fp16_t hd, hdmin;
+    if constexpr (Q5) {
+      const BlockQ5_K& w = reinterpret_cast<const BlockQ5_K*>(row)[b];
+      hd = w.d, hdmin = w.dmin, scales = w.scales, qs = w.qs, qh = w.qh;
+    } else {
+      const BlockQ4_K& w = reinterpret_cast<const BlockQ4_K*>(row)[b];
+      hd = w.d, hdmin = w.dmin, scales = w.scales, qs = w.qs;
+    }
+    kquant_scales_mins(scales, sc, mn);
+    for (int s = 0; s < 8; ++s) {
+      k_codes(qs, qh, s, q);
+      const float ds = fp16_to_fp32(hd) * (float)sc[s], dm = fp16_to_fp32(hdmin) * (float)mn[s];
+      for (int j = 0; j < 32; ++j) {
+        const volatile float dq = ds * (float)q[j];
+        out[b * 256 + 32 * s + j] = dq - dm;
+      }
+    }
+  }
+}
+
+void dequant_q6_k(const uint8_t* row, float* out, int64_t cols) {
+  uint8_t q[256];
+  for (int64_t b = 0; b < cols / 256; ++b) {
+    const BlockQ6_K& w = reinterpret_cast<const BlockQ6_K*>(row)[b];
+    q6_codes(w, q);
+    const float d = fp16_to_fp32(w.d);
+    for (int e = 0; e < 256; ++e) out[b * 256 + e] = d * (float)w.scales[e / 16] * (float)((int)q[e] - 32);
+  }
+}
+
 // I8 rows carry no scale of their own: the caller multiplies by the row scale.
 void dequant_row_ref(DType t, const void* rowp, float* out, int64_t cols) {
   const uint8_t* row = static_cast<const uint8_t*>(rowp);
@@ -280,6 +466,18 @@ void dequant_row_ref(DType t, const void* rowp, float* out, int64_t cols) {
     case DType::Q4_1_G128: dequant_q4_1<128>(row, out, cols); break;
     case DType::I8:
       for (int64_t k = 0; k < cols; ++k) out[k] = (float)reinterpret_cast<const int8_t*>(row)[k];
+      break;
+    case DType::Q5_0: dequant_q5<false>(row, out, cols); break;
+    case DType::Q5_1: dequant_q5<true>(row, out, cols); break;
+    case DType::Q4_K: dequant_qk<false>(row, out, cols); break;
+    case DType::Q5_K: dequant_qk<true>(row, out, cols); break;
+    case DType::Q6_K: dequant_q6_k(row, out, cols); break;
+    case DType::BF16:
+      for (int64_t k = 0; k < cols; ++k) {
+        uint16_t h;
+        std::memcpy(&h, row + 2 * k, 2);
+        out[k] = bf16_to_fp32(h);
+      }
       break;
     default: throw UnsupportedError("dequant_row: unknown tensor type");
   }
@@ -327,6 +525,12 @@ const KernelTable& ref_kernels() {
           matmul_quant<row_dot_q4_1<64>>,      // Q4_1_G64
           matmul_quant<row_dot_q4_1<128>>,     // Q4_1_G128
           matmul_quant<row_dot_i8>,            // I8
+          matmul_quant<row_dot_q5<BlockQ8A, false>>,   // Q5_0
+          matmul_quant<row_dot_q5<BlockQ8A, true>>,    // Q5_1
+          matmul_quant<row_dot_qk<BlockQ8A, false>>,   // Q4_K
+          matmul_quant<row_dot_qk<BlockQ8A, true>>,    // Q5_K
+          matmul_quant<row_dot_q6_k<BlockQ8A>>,        // Q6_K
+          matmul_float<row_dot_bf16>,                  // BF16
       },
       quantize_act_ref,
       dequant_row_ref,
@@ -347,6 +551,12 @@ const KernelTable& ref_kernels() {
           matmul2_quant<row_dot2_q4_1<64>>,           // Q4_1_G64
           matmul2_quant<row_dot2_q4_1<128>>,          // Q4_1_G128
           matmul2_quant<row_dot2_i8>,                 // I8
+          matmul2_quant<row_dot_q5<BlockQ8A2, false>>,  // Q5_0
+          matmul2_quant<row_dot_q5<BlockQ8A2, true>>,   // Q5_1
+          matmul2_quant<row_dot_qk<BlockQ8A2, false>>,  // Q4_K
+          matmul2_quant<row_dot_qk<BlockQ8A2, true>>,   // Q5_K
+          matmul2_quant<row_dot_q6_k<BlockQ8A2>>,       // Q6_K
+          matmul2_float<matmul_float<row_dot_bf16>>,    // BF16
       },
       quantize_act2_ref,
   };

@@ -6,8 +6,10 @@
 //   Q4 nibbles (0..15) are unsigned as stored; Q4_0's -8 is removed exactly in
 //   16-bit by subtracting maddubs(8, a), precomputed per activation run.
 //   Q8_0/I8 use |w| x sign(a, w), exact for every int8 w since |a| <= 127.
+//   Q5_0/Q5_1 add the fifth bit from qh (byte shuffle + compare), bias 16 as Q4_0's 8.
 // Activations are repacked per token tile (run + broadcast scales) and weight
-// rows are processed in L2-sized chunks, as in the AVX-512 file.
+// rows are processed in L2-sized chunks, as in the AVX-512 file. K-quants walk
+// 256-element super-blocks: scales decoded once per super-block (see that section).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -104,7 +106,10 @@ void quantize_act2_avx2(const float* x, BlockQ8A2* out, int K) {
   }
 }
 
-enum class Aux { Off8, None, SumDiv8 };
+enum class Aux { Off8, Off16, None, SumDiv8 };
+
+constexpr bool is_offset(Aux a) { return a == Aux::Off8 || a == Aux::Off16; }
+inline __m256i offset_bytes(Aux a) { return _mm256_set1_epi8(a == Aux::Off16 ? 16 : 8); }
 
 struct alignas(32) PackedRun {
   __m256i qs;   // 32 int8
@@ -118,7 +123,7 @@ void pack_token(const BlockQ8A* xa, int nruns, PackedRun* out) {
     const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa[r].qs));
     out[r].qs = qs;
     out[r].d = _mm256_set1_ps(xa[r].d);
-    if constexpr (A == Aux::Off8) out[r].aux = _mm256_maddubs_epi16(_mm256_set1_epi8(8), qs);
+    if constexpr (is_offset(A)) out[r].aux = _mm256_maddubs_epi16(offset_bytes(A), qs);
     else if constexpr (A == Aux::SumDiv8) out[r].aux = _mm256_castps_si256(_mm256_set1_ps(xa[r].s * 0.125f));
     else out[r].aux = _mm256_setzero_si256();
   }
@@ -145,9 +150,9 @@ void pack_token(const BlockQ8A2* xa, int nruns, PackedRun2* out) {
     out[r].qs2 = qs2;
     out[r].d = _mm256_set1_ps(xa[r].d);
     out[r].d2 = _mm256_set1_ps(xa[r].d2);
-    if constexpr (A == Aux::Off8) {
-      out[r].aux = _mm256_maddubs_epi16(_mm256_set1_epi8(8), qs);
-      out[r].aux2 = _mm256_maddubs_epi16(_mm256_set1_epi8(8), qs2);
+    if constexpr (is_offset(A)) {
+      out[r].aux = _mm256_maddubs_epi16(offset_bytes(A), qs);
+      out[r].aux2 = _mm256_maddubs_epi16(offset_bytes(A), qs2);
     } else if constexpr (A == Aux::SumDiv8) {
       out[r].aux = _mm256_castps_si256(_mm256_set1_ps((xa[r].s + xa[r].s2) * 0.125f));
       out[r].aux2 = _mm256_setzero_si256();
@@ -182,6 +187,38 @@ struct Q4Format {
   static __m256i idot(const Prep& p, const PackedRun& a) { return idot(p, a.qs, a.aux); }
   static float scale(const uint8_t* row, int r) { return f16_scalar(block(row, r)); }
   static float min(const uint8_t* row, int r) { return f16_scalar(block(row, r) + 2); }
+};
+
+// Q5_0 (x = d*(q-16), bias removed like Q4_0's) and Q5_1 (x = d*q + m).
+template <bool Asym>
+struct Q5Format {
+  static constexpr int kHdr = Asym ? 4 : 2;
+  static constexpr int kBlockBytes = kHdr + 4 + 16;
+  static constexpr Aux kAux = Asym ? Aux::SumDiv8 : Aux::Off16;
+  static constexpr bool kHasScale = true, kHasMin = Asym;
+  struct Prep { __m256i w; };
+  static Prep prep(const uint8_t* row, int r) {
+    const uint8_t* b = row + r * kBlockBytes;
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kHdr + 4));
+    const __m256i lo = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
+    uint32_t qh;
+    std::memcpy(&qh, b + kHdr, 4);
+    // byte j <- qh byte j/8, then test bit j%8
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh),
+                                               _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL,
+                                                                  0x0303030303030303LL));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    return {_mm256_or_si256(lo, _mm256_and_si256(set, _mm256_set1_epi8(0x10)))};
+  }
+  static __m256i idot(const Prep& p, __m256i qs, __m256i aux) {
+    __m256i s16 = _mm256_maddubs_epi16(p.w, qs);
+    if constexpr (!Asym) s16 = _mm256_sub_epi16(s16, aux);
+    return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+  }
+  static __m256i idot(const Prep& p, const PackedRun& a) { return idot(p, a.qs, a.aux); }
+  static float scale(const uint8_t* row, int r) { return f16_scalar(row + r * kBlockBytes); }
+  static float min(const uint8_t* row, int r) { return f16_scalar(row + r * kBlockBytes + 2); }
 };
 
 template <int Stride, int Hdr, bool Scaled>  // Q8_0: 34-byte blocks; I8: plain rows
@@ -320,20 +357,266 @@ void matmul_quant(const WeightView& w, const float*, size_t, const Block* xq, in
   }
 }
 
-// ---------------------------------------------------------------- f32 / f16 matmul
+// ---------------------------------------------------------------- K-quants
+// Per super-block (256 elements = 8 activation runs) and row, the sub-block scales are decoded
+// once into floats: Q4_K/Q5_K wsc = [d*sc_0..7] and wmn = [dmin*mn_0..7]; Q6_K [d*sc_0..15] in
+// two ymm. Multiplied by the token's packed run scales they give `prod`, from which each run takes
+// its lanes with one vpermps: Q4_K/Q5_K all 8 lanes from sub-block r; Q6_K lanes 0-3 (elements
+// 0-15 of the run) from sub-block 2r, lanes 4-7 from 2r+1. The mins are one FMA per super-block:
+// wmn * [-s_0..-s_7]. Q6_K's codes are 0..63: maddubs(32, a), precomputed, removes the offset.
 
-template <bool Half>
+struct alignas(32) PackedK {  // one token, one super-block
+  __m256i qs[8];
+  __m256 dv[2];     // Q4_K/Q5_K: [d_0..d_7], [-s_0..-s_7]; Q6_K: [d_0, d_0, .., d_3, d_3], [d_4, d_4, .., d_7, d_7]
+  __m256i aux[8];   // Q6_K: maddubs(32, qs)
+};
+struct alignas(32) PackedK2 {
+  __m256i qs[8], qs2[8];
+  __m256 dv[2], dv2[2];  // dv as PackedK with -(s + s2); dv2 the same for d2 (mins: 0)
+  __m256i aux[8], aux2[8];
+};
+template <class Block> struct PackKOf;
+template <> struct PackKOf<BlockQ8A> { using type = PackedK; };
+template <> struct PackKOf<BlockQ8A2> { using type = PackedK2; };
+
+template <bool Q6>
+inline void k_scales_vec(const float* v, const float* m, __m256* out) {
+  if constexpr (Q6) {
+    out[0] = _mm256_setr_ps(v[0], v[0], v[1], v[1], v[2], v[2], v[3], v[3]);
+    out[1] = _mm256_setr_ps(v[4], v[4], v[5], v[5], v[6], v[6], v[7], v[7]);
+  } else {
+    out[0] = _mm256_loadu_ps(v);
+    out[1] = _mm256_loadu_ps(m);
+  }
+}
+
+template <bool Q6>
+void pack_token_k(const BlockQ8A* xa, int nsb, PackedK* out) {
+  for (int b = 0; b < nsb; ++b) {
+    const BlockQ8A* a = xa + 8 * b;
+    PackedK& o = out[b];
+    float d[8], ms[8];
+    for (int r = 0; r < 8; ++r) {
+      d[r] = a[r].d, ms[r] = -a[r].s;
+      o.qs[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[r].qs));
+      if constexpr (Q6) o.aux[r] = _mm256_maddubs_epi16(_mm256_set1_epi8(32), o.qs[r]);
+    }
+    k_scales_vec<Q6>(d, ms, o.dv);
+  }
+}
+
+template <bool Q6>
+void pack_token_k(const BlockQ8A2* xa, int nsb, PackedK2* out) {
+  for (int b = 0; b < nsb; ++b) {
+    const BlockQ8A2* a = xa + 8 * b;
+    PackedK2& o = out[b];
+    float d[8], d2[8], ms[8], zero[8] = {};
+    for (int r = 0; r < 8; ++r) {
+      d[r] = a[r].d, d2[r] = a[r].d2, ms[r] = -(a[r].s + a[r].s2);
+      o.qs[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[r].qs));
+      o.qs2[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[r].qs2));
+      if constexpr (Q6) {
+        o.aux[r] = _mm256_maddubs_epi16(_mm256_set1_epi8(32), o.qs[r]);
+        o.aux2[r] = _mm256_maddubs_epi16(_mm256_set1_epi8(32), o.qs2[r]);
+      }
+    }
+    k_scales_vec<Q6>(d, ms, o.dv);
+    k_scales_vec<Q6>(d2, zero, o.dv2);
+  }
+}
+
+// Q4_K (Q5 = false) and Q5_K.
+template <bool Q5>
+struct QKFormat {
+  static constexpr int kBlockBytes = Q5 ? 176 : 144;
+  static constexpr bool kQ6 = false;
+  static void scales(const uint8_t* blk, __m256* w) {  // w[0] = d*sc, w[1] = dmin*mn
+    uint32_t u[3];
+    std::memcpy(u, blk + 4, 12);
+    const uint32_t sc_lo = u[0] & 0x3f3f3f3fu, mn_lo = u[1] & 0x3f3f3f3fu;
+    const uint32_t sc_hi = (u[2] & 0x0f0f0f0fu) | ((u[0] >> 2) & 0x30303030u);
+    const uint32_t mn_hi = ((u[2] >> 4) & 0x0f0f0f0fu) | ((u[1] >> 2) & 0x30303030u);
+    const __m128i sc = _mm_setr_epi32((int)sc_lo, (int)sc_hi, 0, 0), mn = _mm_setr_epi32((int)mn_lo, (int)mn_hi, 0, 0);
+    w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc)), _mm256_set1_ps(f16_scalar(blk)));
+    w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn)), _mm256_set1_ps(f16_scalar(blk + 2)));
+  }
+  static __m256 run_scale(const __m256* prod, int r) { return _mm256_permutevar8x32_ps(prod[0], _mm256_set1_epi32(r)); }
+  static __m256i weights(const uint8_t* blk, int r) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + (Q5 ? 48 : 16) + 32 * (r / 2)));
+    __m256i w = _mm256_and_si256(r % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
+    if constexpr (Q5) {  // bit r of qh[j] -> bit 4 of byte j (16-bit shifts: the spill is masked off)
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
+      const __m256i hb = r <= 4 ? _mm256_sll_epi16(qh, _mm_cvtsi32_si128(4 - r)) : _mm256_srl_epi16(qh, _mm_cvtsi32_si128(r - 4));
+      w = _mm256_or_si256(w, _mm256_and_si256(hb, _mm256_set1_epi8(0x10)));
+    }
+    return w;
+  }
+  static __m256i idot(__m256i w, __m256i qs, __m256i) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, qs), _mm256_set1_epi16(1));
+  }
+};
+
+struct Q6KFormat {
+  static constexpr int kBlockBytes = 210;
+  static constexpr bool kQ6 = true;
+  static void scales(const uint8_t* blk, __m256* w) {  // [d*sc_0..7], [d*sc_8..15]
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192));
+    const __m256 d = _mm256_set1_ps(f16_scalar(blk + 208));
+    w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)), d);
+    w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))), d);
+  }
+  static __m256 run_scale(const __m256* prod, int r) {  // lanes 0-3: sub-block 2r, 4-7: 2r+1
+    const int s = (2 * r) % 8;
+    return _mm256_permutevar8x32_ps(prod[r / 4], _mm256_setr_epi32(s, s, s, s, s + 1, s + 1, s + 1, s + 1));
+  }
+  // Run r = elements 32r..32r+31: h = r/4, low 4 bits from ql[64h + 32(r%2) + i] >> 4*((r%4)/2),
+  // high 2 bits from qh[32h + i] >> 2*(r%4), moved to bits 4-5.
+  static __m256i weights(const uint8_t* blk, int r) {
+    const int h = r / 4, q = r % 4;
+    const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * h + 32 * (r % 2)));
+    const __m256i lo = _mm256_and_si256(q >= 2 ? _mm256_srli_epi16(ql, 4) : ql, _mm256_set1_epi8(0x0F));
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h));
+    const __m256i hb = q <= 2 ? _mm256_sll_epi16(qh, _mm_cvtsi32_si128(4 - 2 * q)) : _mm256_srli_epi16(qh, 2);
+    return _mm256_or_si256(lo, _mm256_and_si256(hb, _mm256_set1_epi8(0x30)));
+  }
+  static __m256i idot(__m256i w, __m256i qs, __m256i aux) {
+    return _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(w, qs), aux), _mm256_set1_epi16(1));
+  }
+};
+
+template <class KF, int RN, int RT>
+inline void ktile(const uint8_t* const* rows, const PackedK* pk, int nsb, float* y, size_t ldy) {
+  __m256 acc[RN][RT];
+#pragma GCC unroll 8
+  for (int n = 0; n < RN; ++n)
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) acc[n][t] = _mm256_setzero_ps();
+  for (int b = 0; b < nsb; ++b) {
+#pragma GCC unroll 8
+    for (int n = 0; n < RN; ++n) {
+      const uint8_t* blk = rows[n] + (size_t)b * KF::kBlockBytes;
+      __m256 wsc[2], prod[RT][2];
+      KF::scales(blk, wsc);
+#pragma GCC unroll 8
+      for (int t = 0; t < RT; ++t) {
+        const PackedK& a = pk[t * nsb + b];
+        prod[t][0] = _mm256_mul_ps(wsc[0], a.dv[0]);
+        if constexpr (KF::kQ6) prod[t][1] = _mm256_mul_ps(wsc[1], a.dv[1]);
+        else acc[n][t] = _mm256_fmadd_ps(wsc[1], a.dv[1], acc[n][t]);  // mins
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) {
+        const __m256i w = KF::weights(blk, r);
+#pragma GCC unroll 8
+        for (int t = 0; t < RT; ++t) {
+          const PackedK& a = pk[t * nsb + b];
+          const __m256 idot = _mm256_cvtepi32_ps(KF::idot(w, a.qs[r], a.aux[r]));
+          acc[n][t] = _mm256_fmadd_ps(idot, KF::run_scale(prod[t], r), acc[n][t]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < RN; ++n)
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) y[t * ldy + n] = hsum(acc[n][t]);
+}
+
+template <class KF, int RN, int RT>
+inline void ktile(const uint8_t* const* rows, const PackedK2* pk, int nsb, float* y, size_t ldy) {
+  __m256 acc[RN][RT];
+#pragma GCC unroll 8
+  for (int n = 0; n < RN; ++n)
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) acc[n][t] = _mm256_setzero_ps();
+  for (int b = 0; b < nsb; ++b) {
+#pragma GCC unroll 8
+    for (int n = 0; n < RN; ++n) {
+      const uint8_t* blk = rows[n] + (size_t)b * KF::kBlockBytes;
+      __m256 wsc[2], prod[RT][2], prod2[RT][2];
+      KF::scales(blk, wsc);
+#pragma GCC unroll 8
+      for (int t = 0; t < RT; ++t) {
+        const PackedK2& a = pk[t * nsb + b];
+        prod[t][0] = _mm256_mul_ps(wsc[0], a.dv[0]);
+        prod2[t][0] = _mm256_mul_ps(wsc[0], a.dv2[0]);
+        if constexpr (KF::kQ6) {
+          prod[t][1] = _mm256_mul_ps(wsc[1], a.dv[1]);
+          prod2[t][1] = _mm256_mul_ps(wsc[1], a.dv2[1]);
+        } else {
+          acc[n][t] = _mm256_fmadd_ps(wsc[1], a.dv[1], acc[n][t]);  // mins
+        }
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) {
+        const __m256i w = KF::weights(blk, r);
+#pragma GCC unroll 8
+        for (int t = 0; t < RT; ++t) {
+          const PackedK2& a = pk[t * nsb + b];
+          const __m256 i1 = _mm256_cvtepi32_ps(KF::idot(w, a.qs[r], a.aux[r]));
+          const __m256 i2 = _mm256_cvtepi32_ps(KF::idot(w, a.qs2[r], a.aux2[r]));
+          acc[n][t] = _mm256_fmadd_ps(i1, KF::run_scale(prod[t], r), acc[n][t]);
+          acc[n][t] = _mm256_fmadd_ps(i2, KF::run_scale(prod2[t], r), acc[n][t]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < RN; ++n)
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) y[t * ldy + n] = hsum(acc[n][t]);
+}
+
+template <class KF, class Block = BlockQ8A>
+void matmul_kquant(const WeightView& w, const float*, size_t, const Block* xq, int T, float* y, size_t ldy,
+                   int n0, int n1) {
+  using Packed = typename PackKOf<Block>::type;
+  const int nruns = (int)(w.cols / 32), nsb = (int)(w.cols / 256);
+  thread_local std::vector<Packed> scratch;  // grows once to the largest K seen by this thread
+  if (scratch.size() < (size_t)kTokTile * nsb) scratch.resize((size_t)kTokTile * nsb);
+  Packed* pk = scratch.data();
+  const int chunk = chunk_rows(w, n0, n1);
+  for (int c0 = n0; c0 < n1; c0 += chunk) {
+    const int c1 = std::min(n1, c0 + chunk);
+    for (int t0 = 0; t0 < T; t0 += kTokTile) {
+      const int rt = std::min(kTokTile, T - t0);
+      for (int t = 0; t < rt; ++t) pack_token_k<KF::kQ6>(xq + (size_t)(t0 + t) * nruns, nsb, pk + t * nsb);
+      float* yt = y + (size_t)t0 * ldy;
+      int n = c0;
+      for (; n + 4 <= c1; n += 4) {
+        const uint8_t* rows[4];
+        for (int i = 0; i < 4; ++i) rows[i] = w.data + (size_t)(n + i) * w.row_stride;
+        if (rt == 2) ktile<KF, 4, 2>(rows, pk, nsb, yt + n, ldy);
+        else ktile<KF, 4, 1>(rows, pk, nsb, yt + n, ldy);
+      }
+      for (; n < c1; ++n) {
+        const uint8_t* rows[1] = {w.data + (size_t)n * w.row_stride};
+        if (rt == 2) ktile<KF, 1, 2>(rows, pk, nsb, yt + n, ldy);
+        else ktile<KF, 1, 1>(rows, pk, nsb, yt + n, ldy);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- f32 / f16 / bf16 matmul
+
+enum class WKind { F32, F16, BF16 };
+
+template <WKind W>
 inline __m256 load_w(const uint8_t* row, int k) {
-  if constexpr (Half) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * k)));
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * k));
+  if constexpr (W == WKind::F16) return _mm256_cvtph_ps(h);
+  else if constexpr (W == WKind::BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   else return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + k);
 }
-template <bool Half>
+template <WKind W>
 inline float load_w1(const uint8_t* row, int k) {
-  if constexpr (Half) return f16_scalar(row + 2 * k);
+  if constexpr (W == WKind::F16) return f16_scalar(row + 2 * k);
+  else if constexpr (W == WKind::BF16) return bf16_to_fp32(load_u16(row + 2 * k));
   else return reinterpret_cast<const float*>(row)[k];
 }
 
-template <bool Half, int RN, int RT>
+template <WKind W, int RN, int RT>
 inline void ftile(const uint8_t* const* rows, const float* x, size_t ldx, int K, float* y, size_t ldy) {
   __m256 acc[RN][RT];
 #pragma GCC unroll 8
@@ -347,7 +630,7 @@ inline void ftile(const uint8_t* const* rows, const float* x, size_t ldx, int K,
     for (int t = 0; t < RT; ++t) xv[t] = _mm256_loadu_ps(x + t * ldx + k);
 #pragma GCC unroll 8
     for (int n = 0; n < RN; ++n) {
-      const __m256 wv = load_w<Half>(rows[n], k);
+      const __m256 wv = load_w<W>(rows[n], k);
 #pragma GCC unroll 8
       for (int t = 0; t < RT; ++t) acc[n][t] = _mm256_fmadd_ps(wv, xv[t], acc[n][t]);
     }
@@ -357,12 +640,12 @@ inline void ftile(const uint8_t* const* rows, const float* x, size_t ldx, int K,
 #pragma GCC unroll 8
     for (int t = 0; t < RT; ++t) {
       float v = hsum(acc[n][t]);
-      for (int kk = k; kk < K; ++kk) v += load_w1<Half>(rows[n], kk) * x[t * ldx + kk];
+      for (int kk = k; kk < K; ++kk) v += load_w1<W>(rows[n], kk) * x[t * ldx + kk];
       y[t * ldy + n] = v;
     }
 }
 
-template <bool Half>
+template <WKind W>
 void matmul_float(const WeightView& w, const float* x, size_t ldx, const BlockQ8A*, int T, float* y, size_t ldy,
                   int n0, int n1) {
   const int K = (int)w.cols;
@@ -377,13 +660,13 @@ void matmul_float(const WeightView& w, const float* x, size_t ldx, const BlockQ8
       for (; n + 4 <= c1; n += 4) {
         const uint8_t* rows[4];
         for (int i = 0; i < 4; ++i) rows[i] = w.data + (size_t)(n + i) * w.row_stride;
-        if (rt == 2) ftile<Half, 4, 2>(rows, xt, ldx, K, yt + n, ldy);
-        else ftile<Half, 4, 1>(rows, xt, ldx, K, yt + n, ldy);
+        if (rt == 2) ftile<W, 4, 2>(rows, xt, ldx, K, yt + n, ldy);
+        else ftile<W, 4, 1>(rows, xt, ldx, K, yt + n, ldy);
       }
       for (; n < c1; ++n) {
         const uint8_t* rows[1] = {w.data + (size_t)n * w.row_stride};
-        if (rt == 2) ftile<Half, 1, 2>(rows, xt, ldx, K, yt + n, ldy);
-        else ftile<Half, 1, 1>(rows, xt, ldx, K, yt + n, ldy);
+        if (rt == 2) ftile<W, 1, 2>(rows, xt, ldx, K, yt + n, ldy);
+        else ftile<W, 1, 1>(rows, xt, ldx, K, yt + n, ldy);
       }
     }
   }
@@ -481,8 +764,8 @@ const KernelTable* avx2_kernel_table() {
   static const KernelTable table = {
       "avx2",
       {
-          matmul_float<false>,                   // F32
-          matmul_float<true>,                    // F16
+          matmul_float<WKind::F32>,              // F32
+          matmul_float<WKind::F16>,              // F16
           matmul_quant<Q8Format>,                // Q8_0
           matmul_quant<Q4Format<32, false>>,     // Q4_0
           matmul_quant<Q4Format<32, true>>,      // Q4_1
@@ -491,6 +774,12 @@ const KernelTable* avx2_kernel_table() {
           matmul_quant<Q4Format<64, true>>,      // Q4_1_G64
           matmul_quant<Q4Format<128, true>>,     // Q4_1_G128
           matmul_quant<I8Format>,                // I8
+          matmul_quant<Q5Format<false>>,         // Q5_0
+          matmul_quant<Q5Format<true>>,          // Q5_1
+          matmul_kquant<QKFormat<false>>,        // Q4_K
+          matmul_kquant<QKFormat<true>>,         // Q5_K
+          matmul_kquant<Q6KFormat>,              // Q6_K
+          matmul_float<WKind::BF16>,             // BF16
       },
       quantize_act_avx2,
       ref_kernels().dequant_row,
@@ -501,8 +790,8 @@ const KernelTable* avx2_kernel_table() {
       silu_mul_avx2,
       add_avx2,
       {
-          matmul2_float<matmul_float<false>>,               // F32
-          matmul2_float<matmul_float<true>>,                // F16
+          matmul2_float<matmul_float<WKind::F32>>,          // F32
+          matmul2_float<matmul_float<WKind::F16>>,          // F16
           matmul_quant<Q8Format, BlockQ8A2>,                // Q8_0
           matmul_quant<Q4Format<32, false>, BlockQ8A2>,     // Q4_0
           matmul_quant<Q4Format<32, true>, BlockQ8A2>,      // Q4_1
@@ -511,6 +800,12 @@ const KernelTable* avx2_kernel_table() {
           matmul_quant<Q4Format<64, true>, BlockQ8A2>,      // Q4_1_G64
           matmul_quant<Q4Format<128, true>, BlockQ8A2>,     // Q4_1_G128
           matmul_quant<I8Format, BlockQ8A2>,                // I8
+          matmul_quant<Q5Format<false>, BlockQ8A2>,         // Q5_0
+          matmul_quant<Q5Format<true>, BlockQ8A2>,          // Q5_1
+          matmul_kquant<QKFormat<false>, BlockQ8A2>,        // Q4_K
+          matmul_kquant<QKFormat<true>, BlockQ8A2>,         // Q5_K
+          matmul_kquant<Q6KFormat, BlockQ8A2>,              // Q6_K
+          matmul2_float<matmul_float<WKind::BF16>>,         // BF16
       },
       quantize_act2_avx2,
   };

@@ -8,6 +8,11 @@
 // activation sum is subtracted exactly by starting the int32 accumulator at
 // -8*sum(a) / -128*sum(a). Q4_1's m*s term is added in float.
 //
+// Q5_0/Q5_1 are Q4 nibbles with a fifth bit OR-ed in from a 64-bit mask (bias 16 / m*s).
+// K-quants (256-element super-blocks, see the K-quant section) decode their 6- or 8-bit
+// sub-block scales once per super-block into one zmm of floats; the inner loop is
+// unpack + vpdpbusd + one permute of the (weight scale x activation scale) vector.
+//
 // Activations are first repacked (per tile of tokens) into zmm-ready pairs with
 // their scales broadcast, so the inner loop does only: decode weight, dpbusd,
 // convert, scale, accumulate. Weight rows are processed in chunks that stay in
@@ -94,7 +99,11 @@ void quantize_act2_avx512(const float* x, BlockQ8A2* out, int K) {
 }
 
 // How the weight bias is compensated (see the top of the file).
-enum class Aux { Off8, Off128, SumDiv8 };
+enum class Aux { Off8, Off16, Off128, SumDiv8 };
+
+inline __m512i bias_bytes(Aux a) {
+  return _mm512_set1_epi8(a == Aux::Off8 ? 8 : a == Aux::Off16 ? 16 : (char)0x80);
+}
 
 // Two activation runs ready for the inner loop. Lanes 0-7 belong to run 2p,
 // lanes 8-15 to run 2p+1 (all zero when K/32 is odd and this is the last pair).
@@ -122,7 +131,7 @@ void pack_token(const BlockQ8A* xa, int nruns, PackedPair* out) {
       o.aux = _mm512_castps_si512(_mm512_insertf32x8(
           _mm512_castps256_ps512(_mm256_set1_ps(b0.s * 0.125f)), _mm256_set1_ps(s1 * 0.125f), 1));
     } else {
-      const __m512i bias = _mm512_set1_epi8(A == Aux::Off8 ? 8 : (char)0x80);
+      const __m512i bias = bias_bytes(A);
       o.aux = _mm512_sub_epi32(_mm512_setzero_si512(),
                                _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, qs));
     }
@@ -165,7 +174,7 @@ void pack_token(const BlockQ8A2* xa, int nruns, PackedPair2* out) {
       o.aux = _mm512_castps_si512(halves((b0.s + b0.s2) * 0.125f, b1 ? (b1->s + b1->s2) * 0.125f : 0.0f));
       o.aux2 = _mm512_setzero_si512();
     } else {
-      const __m512i bias = _mm512_set1_epi8(A == Aux::Off8 ? 8 : (char)0x80);
+      const __m512i bias = bias_bytes(A);
       o.aux = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, o.qs));
       o.aux2 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, o.qs2));
     }
@@ -206,6 +215,36 @@ struct Q4Format {
   }
 };
 
+// Q5_0 (x = d*(q-16)) and Q5_1 (x = d*q + m): Q4 nibbles plus bit j of the u32 qh as bit 4
+// of element j, which is byte j of the run's 32-byte half: one masked OR.
+template <bool Asym>
+struct Q5Format {
+  static constexpr int kHdr = Asym ? 4 : 2;
+  static constexpr int kBlockBytes = kHdr + 4 + 16;
+  static constexpr Aux kAux = Asym ? Aux::SumDiv8 : Aux::Off16;
+  static constexpr bool kHasScale = true, kHasMin = Asym;
+  static __m512i weights(const uint8_t* row, int r0, int r1) {
+    const uint8_t* b0 = row + r0 * kBlockBytes;
+    const uint8_t* b1 = row + r1 * kBlockBytes;
+    __m512i z = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + kHdr + 4)));
+    z = _mm512_mask_broadcast_i32x4(z, 0xFF00, _mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + kHdr + 4)));
+    const __m512i shifts = _mm512_set_epi64(0x0004000400040004LL, 0x0004000400040004LL, 0, 0,
+                                            0x0004000400040004LL, 0x0004000400040004LL, 0, 0);
+    const __m512i lo = _mm512_and_si512(_mm512_srlv_epi16(z, shifts), _mm512_set1_epi8(0x0F));
+    uint32_t h0, h1;
+    std::memcpy(&h0, b0 + kHdr, 4);
+    std::memcpy(&h1, b1 + kHdr, 4);
+    const __mmask64 high = _cvtu64_mask64((uint64_t)h0 | (uint64_t)h1 << 32);
+    return _mm512_mask_add_epi8(lo, high, lo, _mm512_set1_epi8(0x10));  // + 16 == | 16 on a nibble
+  }
+  static __m512 scale(const uint8_t* row, int r0, int r1) {
+    return f16_pair(row + r0 * kBlockBytes, row + r1 * kBlockBytes);
+  }
+  static __m512 min(const uint8_t* row, int r0, int r1) {
+    return f16_pair(row + r0 * kBlockBytes + 2, row + r1 * kBlockBytes + 2);
+  }
+};
+
 struct Q8Format {
   static constexpr Aux kAux = Aux::Off128;
   static constexpr bool kHasScale = true, kHasMin = false;
@@ -231,6 +270,9 @@ struct I8Format {  // the per-row scale is applied after the reduction
 };
 
 // ---------------------------------------------------------------- quantized matmul
+
+constexpr int kTokTile = 4;
+constexpr size_t kChunkBytes = 256 * 1024;  // weight rows kept hot while all token tiles pass
 
 // RN weight rows x RT tokens; pk holds RT tokens of npairs packed pairs each.
 template <class F, int RN, int RT>
@@ -322,8 +364,6 @@ inline void qtile_rt(int rt, const uint8_t* const* rows, const P* pk, int npairs
   }
 }
 
-constexpr int kTokTile = 4;
-constexpr size_t kChunkBytes = 256 * 1024;  // weight rows kept hot while all token tiles pass
 
 // Block = BlockQ8A (matmul) or BlockQ8A2 (matmul2); the tiles are picked by the packed type.
 template <class F, class Block = BlockQ8A>
@@ -365,20 +405,290 @@ void matmul_quant(const WeightView& w, const float*, size_t, const Block* xq, in
   }
 }
 
-// ---------------------------------------------------------------- f32 / f16 matmul
+// ---------------------------------------------------------------- K-quants
+// A 256-element super-block of a row meets 8 activation blocks = 4 zmm pairs. Per super-block
+// and row the sub-block scales are decoded once into one zmm `wsc` of floats:
+//   Q4_K/Q5_K: [d*sc_0 .. d*sc_7, dmin*mn_0 .. dmin*mn_7]      (8 sub-blocks of 32)
+//   Q6_K:      [d*sc_0 .. d*sc_15]                              (16 sub-blocks of 16)
+// and multiplied by the token's packed activation vector `dv` (below) into `prod`. Pair c then
+// needs, per int32 lane of its vpdpbusd result, the prod entry of the lane's sub-block: one
+// vpermps with a constant index (Q4_K/Q5_K: lanes 0-7 sub-block 2c, 8-15 sub-block 2c+1; Q6_K:
+// a lane sums 4 bytes, so lane l of pair c belongs to sub-block 4c + l/4). The K-quant mins
+// need each activation block's sum s: dv's upper half holds -s, so prod's upper half is
+// -dmin*mn*s, added once per super-block with a masked add. Q6_K's codes are 0..63 (q - 32):
+// the accumulator starts at -32 * (sum of the lane's 4 activations), exact in int32.
 
-template <bool Half>
+struct alignas(64) PackedK {  // one token, one super-block
+  __m512i qs[4];   // the 8 activation runs as 4 pairs
+  __m512 dv;       // Q4_K/Q5_K: [d_0..d_7, -s_0..-s_7]; Q6_K: [d_0, d_0, d_1, d_1, .., d_7, d_7]
+  __m512i aux[4];  // Q6_K: per lane -32 * sum of its 4 activations
+};
+struct alignas(64) PackedK2 {  // two-level activations
+  __m512i qs[4], qs2[4];
+  __m512 dv, dv2;  // dv as PackedK with -(s + s2) for the mins; dv2: the d2 of each run (mins: 0)
+  __m512i aux[4], aux2[4];
+};
+template <class Block> struct PackKOf;
+template <> struct PackKOf<BlockQ8A> { using type = PackedK; };
+template <> struct PackKOf<BlockQ8A2> { using type = PackedK2; };
+
+inline __m512i neg_bias_sum(__m512i qs, char bias) {
+  return _mm512_sub_epi32(_mm512_setzero_si512(),
+                          _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(bias), qs));
+}
+
+// dv from 8 per-run values v and (Q4_K/Q5_K) 8 mins terms m.
+template <bool Q6>
+inline __m512 k_scales_vec(const float* v, const float* m) {
+  alignas(64) float t[16];
+  for (int r = 0; r < 8; ++r) {
+    if constexpr (Q6) t[2 * r] = t[2 * r + 1] = v[r];
+    else t[r] = v[r], t[8 + r] = m[r];
+  }
+  return _mm512_load_ps(t);
+}
+
+template <bool Q6>
+void pack_token_k(const BlockQ8A* xa, int nsb, PackedK* out) {
+  for (int b = 0; b < nsb; ++b) {
+    const BlockQ8A* a = xa + 8 * b;
+    PackedK& o = out[b];
+    float d[8], ms[8];
+    for (int r = 0; r < 8; ++r) d[r] = a[r].d, ms[r] = -a[r].s;
+    for (int c = 0; c < 4; ++c) {
+      o.qs[c] = load_pair(a[2 * c].qs, a[2 * c + 1].qs);
+      if constexpr (Q6) o.aux[c] = neg_bias_sum(o.qs[c], 32);
+    }
+    o.dv = k_scales_vec<Q6>(d, ms);
+  }
+}
+
+template <bool Q6>
+void pack_token_k(const BlockQ8A2* xa, int nsb, PackedK2* out) {
+  for (int b = 0; b < nsb; ++b) {
+    const BlockQ8A2* a = xa + 8 * b;
+    PackedK2& o = out[b];
+    float d[8], d2[8], ms[8], zero[8] = {};
+    for (int r = 0; r < 8; ++r) d[r] = a[r].d, d2[r] = a[r].d2, ms[r] = -(a[r].s + a[r].s2);
+    for (int c = 0; c < 4; ++c) {
+      o.qs[c] = load_pair(a[2 * c].qs, a[2 * c + 1].qs);
+      o.qs2[c] = load_pair(a[2 * c].qs2, a[2 * c + 1].qs2);
+      if constexpr (Q6) {
+        o.aux[c] = neg_bias_sum(o.qs[c], 32);
+        o.aux2[c] = neg_bias_sum(o.qs2[c], 32);
+      }
+    }
+    o.dv = k_scales_vec<Q6>(d, ms);
+    o.dv2 = k_scales_vec<Q6>(d2, zero);
+  }
+}
+
+// Q4_K (Q5 = false) and Q5_K.
+template <bool Q5>
+struct QKFormat {
+  static constexpr int kBlockBytes = Q5 ? 176 : 144;
+  static constexpr bool kQ6 = false;
+  static __m512 scales(const uint8_t* blk) {  // [d*sc_0..7, dmin*mn_0..7]
+    uint32_t u[3];
+    std::memcpy(u, blk + 4, 12);
+    const uint32_t sc_lo = u[0] & 0x3f3f3f3fu, mn_lo = u[1] & 0x3f3f3f3fu;
+    const uint32_t sc_hi = (u[2] & 0x0f0f0f0fu) | ((u[0] >> 2) & 0x30303030u);
+    const uint32_t mn_hi = ((u[2] >> 4) & 0x0f0f0f0fu) | ((u[1] >> 2) & 0x30303030u);
+    const __m128i b = _mm_setr_epi32((int)sc_lo, (int)sc_hi, (int)mn_lo, (int)mn_hi);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), f16_pair(blk, blk + 2));
+  }
+  static __m512i index(int c) {  // lanes 0-7: sub-block 2c, lanes 8-15: 2c+1
+    return _mm512_inserti64x4(_mm512_set1_epi32(2 * c), _mm256_set1_epi32(2 * c + 1), 1);
+  }
+  static __m512i weights(const uint8_t* blk, int c) {
+    const uint8_t* qs = blk + (Q5 ? 48 : 16);
+    const __m512i z = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c)));
+    const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    __m512i w = _mm512_and_si512(_mm512_srlv_epi16(z, shifts), _mm512_set1_epi8(0x0F));
+    if constexpr (Q5) {  // bit s of qh[j]: bit 4 of element j of sub-block s
+      const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16)));
+      const __m512i bit = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << (2 * c))),
+                                             _mm256_set1_epi8((char)(1 << (2 * c + 1))), 1);
+      w = _mm512_mask_add_epi8(w, _mm512_test_epi8_mask(qh, bit), w, _mm512_set1_epi8(0x10));
+    }
+    return w;
+  }
+};
+
+struct Q6KFormat {
+  static constexpr int kBlockBytes = 210;
+  static constexpr bool kQ6 = true;
+  static __m512 scales(const uint8_t* blk) {  // [d*sc_0..15]
+    const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(sc), _mm512_set1_ps(_cvtsh_ss(load_u16(blk + 208))));
+  }
+  static __m512i index(int c) {  // lane l: sub-block 4c + l/4
+    return _mm512_add_epi32(_mm512_set1_epi32(4 * c),
+                            _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0));
+  }
+  // Pair c = elements 64c..64c+63: low 4 bits from ql[64h..64h+63] (h = c/2) shifted by 4*(c%2),
+  // high 2 bits from qh[32h..32h+31] shifted by 4*(c%2) (lower half) / 4*(c%2)+2 (upper half).
+  static __m512i weights(const uint8_t* blk, int c) {
+    const int h = c / 2, k = c % 2;
+    const __m512i ql = _mm512_loadu_si512(blk + 64 * h);
+    const __m512i lo = _mm512_and_si512(k ? _mm512_srli_epi16(ql, 4) : ql, _mm512_set1_epi8(0x0F));
+    const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h)));
+    // move the wanted 2 bits to bits 4-5 of each byte (cross-byte spill is masked off)
+    const __m512i hi = k ? _mm512_srlv_epi16(qh, _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1))
+                         : _mm512_sllv_epi16(qh, _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1));
+    return _mm512_or_si512(lo, _mm512_and_si512(hi, _mm512_set1_epi8(0x30)));
+  }
+};
+
+template <class KF, int RN, int RT>
+inline void ktile(const uint8_t* const* rows, const PackedK* pk, int nsb, float* y, size_t ldy) {
+  __m512 acc[RN][RT];
+#pragma GCC unroll 8
+  for (int n = 0; n < RN; ++n)
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) acc[n][t] = _mm512_setzero_ps();
+  for (int b = 0; b < nsb; ++b) {
+#pragma GCC unroll 8
+    for (int n = 0; n < RN; ++n) {
+      const uint8_t* blk = rows[n] + (size_t)b * KF::kBlockBytes;
+      const __m512 wsc = KF::scales(blk);
+      __m512 prod[RT];
+#pragma GCC unroll 8
+      for (int t = 0; t < RT; ++t) {
+        prod[t] = _mm512_mul_ps(wsc, pk[t * nsb + b].dv);
+        if constexpr (!KF::kQ6) acc[n][t] = _mm512_mask_add_ps(acc[n][t], 0xFF00, acc[n][t], prod[t]);  // mins
+      }
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+        const __m512i w = KF::weights(blk, c);
+        const __m512i idx = KF::index(c);
+#pragma GCC unroll 8
+        for (int t = 0; t < RT; ++t) {
+          const PackedK& a = pk[t * nsb + b];
+          const __m512i init = KF::kQ6 ? a.aux[c] : _mm512_setzero_si512();
+          const __m512 idot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, w, a.qs[c]));
+          acc[n][t] = _mm512_fmadd_ps(idot, _mm512_permutexvar_ps(idx, prod[t]), acc[n][t]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < RN; ++n)
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) y[t * ldy + n] = _mm512_reduce_add_ps(acc[n][t]);
+}
+
+template <class KF, int RN, int RT>
+inline void ktile(const uint8_t* const* rows, const PackedK2* pk, int nsb, float* y, size_t ldy) {
+  __m512 acc[RN][RT];
+#pragma GCC unroll 8
+  for (int n = 0; n < RN; ++n)
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) acc[n][t] = _mm512_setzero_ps();
+  for (int b = 0; b < nsb; ++b) {
+#pragma GCC unroll 8
+    for (int n = 0; n < RN; ++n) {
+      const uint8_t* blk = rows[n] + (size_t)b * KF::kBlockBytes;
+      const __m512 wsc = KF::scales(blk);
+      __m512 prod[RT], prod2[RT];
+#pragma GCC unroll 8
+      for (int t = 0; t < RT; ++t) {
+        prod[t] = _mm512_mul_ps(wsc, pk[t * nsb + b].dv);
+        prod2[t] = _mm512_mul_ps(wsc, pk[t * nsb + b].dv2);
+        if constexpr (!KF::kQ6) acc[n][t] = _mm512_mask_add_ps(acc[n][t], 0xFF00, acc[n][t], prod[t]);  // mins
+      }
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+        const __m512i w = KF::weights(blk, c);
+        const __m512i idx = KF::index(c);
+#pragma GCC unroll 8
+        for (int t = 0; t < RT; ++t) {
+          const PackedK2& a = pk[t * nsb + b];
+          const __m512i init = KF::kQ6 ? a.aux[c] : _mm512_setzero_si512();
+          const __m512i init2 = KF::kQ6 ? a.aux2[c] : _mm512_setzero_si512();
+          const __m512 i1 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, w, a.qs[c]));
+          const __m512 i2 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init2, w, a.qs2[c]));
+          acc[n][t] = _mm512_fmadd_ps(i1, _mm512_permutexvar_ps(idx, prod[t]), acc[n][t]);
+          acc[n][t] = _mm512_fmadd_ps(i2, _mm512_permutexvar_ps(idx, prod2[t]), acc[n][t]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < RN; ++n)
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) y[t * ldy + n] = _mm512_reduce_add_ps(acc[n][t]);
+}
+
+template <class KF, int RN, class P>
+inline void ktile_rt(int rt, const uint8_t* const* rows, const P* pk, int nsb, float* y, size_t ldy) {
+  switch (rt) {
+    case 1: ktile<KF, RN, 1>(rows, pk, nsb, y, ldy); break;
+    case 2: ktile<KF, RN, 2>(rows, pk, nsb, y, ldy); break;
+    case 3: ktile<KF, RN, 3>(rows, pk, nsb, y, ldy); break;
+    default: ktile<KF, RN, 4>(rows, pk, nsb, y, ldy); break;
+  }
+}
+
+// Same tiling as matmul_quant: L2-sized row chunks, token tiles of kTokTile, 8 rows for decode.
+template <class KF, class Block = BlockQ8A>
+void matmul_kquant(const WeightView& w, const float*, size_t, const Block* xq, int T, float* y, size_t ldy,
+                   int n0, int n1) {
+  using Packed = typename PackKOf<Block>::type;
+  const int nruns = (int)(w.cols / 32), nsb = (int)(w.cols / 256);
+  thread_local std::vector<Packed> scratch;  // grows once to the largest K seen by this thread
+  if (scratch.size() < (size_t)kTokTile * nsb) scratch.resize((size_t)kTokTile * nsb);
+  Packed* pk = scratch.data();
+  int chunk = (int)std::min<size_t>((size_t)(n1 - n0), std::max<size_t>(8, kChunkBytes / std::max<size_t>(w.row_stride, 1)));
+  chunk = std::max(4, chunk & ~3);
+  for (int c0 = n0; c0 < n1; c0 += chunk) {
+    const int c1 = std::min(n1, c0 + chunk);
+    for (int t0 = 0; t0 < T; t0 += kTokTile) {
+      const int rt = std::min(kTokTile, T - t0);
+      for (int t = 0; t < rt; ++t) pack_token_k<KF::kQ6>(xq + (size_t)(t0 + t) * nruns, nsb, pk + t * nsb);
+      float* yt = y + (size_t)t0 * ldy;
+      int n = c0;
+      if (rt == 1) {
+        for (; n + 8 <= c1; n += 8) {
+          const uint8_t* rows[8];
+          for (int i = 0; i < 8; ++i) rows[i] = w.data + (size_t)(n + i) * w.row_stride;
+          ktile<KF, 8, 1>(rows, pk, nsb, yt + n, ldy);
+        }
+      }
+      for (; n + 4 <= c1; n += 4) {
+        const uint8_t* rows[4];
+        for (int i = 0; i < 4; ++i) rows[i] = w.data + (size_t)(n + i) * w.row_stride;
+        ktile_rt<KF, 4>(rt, rows, pk, nsb, yt + n, ldy);
+      }
+      for (; n < c1; ++n) {
+        const uint8_t* rows[1] = {w.data + (size_t)n * w.row_stride};
+        ktile_rt<KF, 1>(rt, rows, pk, nsb, yt + n, ldy);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- f32 / f16 / bf16 matmul
+
+enum class WKind { F32, F16, BF16 };
+
+inline __m512 bf16_to_ps(__m256i h) {  // bf16 is the high half of an f32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+template <WKind W>
 inline __m512 load_w(const uint8_t* row, int k) {
-  if constexpr (Half) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * k)));
+  if constexpr (W == WKind::F16) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * k)));
+  else if constexpr (W == WKind::BF16) return bf16_to_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * k)));
   else return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + k);
 }
-template <bool Half>
+template <WKind W>
 inline __m512 load_w_masked(const uint8_t* row, int k, __mmask16 m) {
-  if constexpr (Half) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, row + 2 * k));
+  if constexpr (W == WKind::F16) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, row + 2 * k));
+  else if constexpr (W == WKind::BF16) return bf16_to_ps(_mm256_maskz_loadu_epi16(m, row + 2 * k));
   else return _mm512_maskz_loadu_ps(m, reinterpret_cast<const float*>(row) + k);
 }
 
-template <bool Half, int RN, int RT>
+template <WKind W, int RN, int RT>
 inline void ftile(const uint8_t* const* rows, const float* x, size_t ldx, int K, float* y, size_t ldy) {
   __m512 acc[RN][RT];
 #pragma GCC unroll 8
@@ -392,7 +702,7 @@ inline void ftile(const uint8_t* const* rows, const float* x, size_t ldx, int K,
     for (int t = 0; t < RT; ++t) xv[t] = _mm512_loadu_ps(x + t * ldx + k);
 #pragma GCC unroll 8
     for (int n = 0; n < RN; ++n) {
-      const __m512 wv = load_w<Half>(rows[n], k);
+      const __m512 wv = load_w<W>(rows[n], k);
 #pragma GCC unroll 8
       for (int t = 0; t < RT; ++t) acc[n][t] = _mm512_fmadd_ps(wv, xv[t], acc[n][t]);
     }
@@ -404,7 +714,7 @@ inline void ftile(const uint8_t* const* rows, const float* x, size_t ldx, int K,
     for (int t = 0; t < RT; ++t) xv[t] = _mm512_maskz_loadu_ps(m, x + t * ldx + k);
 #pragma GCC unroll 8
     for (int n = 0; n < RN; ++n) {
-      const __m512 wv = load_w_masked<Half>(rows[n], k, m);
+      const __m512 wv = load_w_masked<W>(rows[n], k, m);
 #pragma GCC unroll 8
       for (int t = 0; t < RT; ++t) acc[n][t] = _mm512_fmadd_ps(wv, xv[t], acc[n][t]);
     }
@@ -415,17 +725,17 @@ inline void ftile(const uint8_t* const* rows, const float* x, size_t ldx, int K,
     for (int t = 0; t < RT; ++t) y[t * ldy + n] = _mm512_reduce_add_ps(acc[n][t]);
 }
 
-template <bool Half, int RN>
+template <WKind W, int RN>
 inline void ftile_rt(int rt, const uint8_t* const* rows, const float* x, size_t ldx, int K, float* y, size_t ldy) {
   switch (rt) {
-    case 1: ftile<Half, RN, 1>(rows, x, ldx, K, y, ldy); break;
-    case 2: ftile<Half, RN, 2>(rows, x, ldx, K, y, ldy); break;
-    case 3: ftile<Half, RN, 3>(rows, x, ldx, K, y, ldy); break;
-    default: ftile<Half, RN, 4>(rows, x, ldx, K, y, ldy); break;
+    case 1: ftile<W, RN, 1>(rows, x, ldx, K, y, ldy); break;
+    case 2: ftile<W, RN, 2>(rows, x, ldx, K, y, ldy); break;
+    case 3: ftile<W, RN, 3>(rows, x, ldx, K, y, ldy); break;
+    default: ftile<W, RN, 4>(rows, x, ldx, K, y, ldy); break;
   }
 }
 
-template <bool Half>
+template <WKind W>
 void matmul_float(const WeightView& w, const float* x, size_t ldx, const BlockQ8A*, int T, float* y, size_t ldy,
                   int n0, int n1) {
   const int K = (int)w.cols;
@@ -441,11 +751,11 @@ void matmul_float(const WeightView& w, const float* x, size_t ldx, const BlockQ8
       for (; n + 4 <= c1; n += 4) {
         const uint8_t* rows[4];
         for (int i = 0; i < 4; ++i) rows[i] = w.data + (size_t)(n + i) * w.row_stride;
-        ftile_rt<Half, 4>(rt, rows, xt, ldx, K, yt + n, ldy);
+        ftile_rt<W, 4>(rt, rows, xt, ldx, K, yt + n, ldy);
       }
       for (; n < c1; ++n) {
         const uint8_t* rows[1] = {w.data + (size_t)n * w.row_stride};
-        ftile_rt<Half, 1>(rt, rows, xt, ldx, K, yt + n, ldy);
+        ftile_rt<W, 1>(rt, rows, xt, ldx, K, yt + n, ldy);
       }
     }
   }
@@ -549,8 +859,8 @@ const KernelTable* avx512_kernel_table() {
   static const KernelTable table = {
       "avx512",
       {
-          matmul_float<false>,                   // F32
-          matmul_float<true>,                    // F16
+          matmul_float<WKind::F32>,              // F32
+          matmul_float<WKind::F16>,              // F16
           matmul_quant<Q8Format>,                // Q8_0
           matmul_quant<Q4Format<32, false>>,     // Q4_0
           matmul_quant<Q4Format<32, true>>,      // Q4_1
@@ -559,6 +869,12 @@ const KernelTable* avx512_kernel_table() {
           matmul_quant<Q4Format<64, true>>,      // Q4_1_G64
           matmul_quant<Q4Format<128, true>>,     // Q4_1_G128
           matmul_quant<I8Format>,                // I8
+          matmul_quant<Q5Format<false>>,         // Q5_0
+          matmul_quant<Q5Format<true>>,          // Q5_1
+          matmul_kquant<QKFormat<false>>,        // Q4_K
+          matmul_kquant<QKFormat<true>>,         // Q5_K
+          matmul_kquant<Q6KFormat>,              // Q6_K
+          matmul_float<WKind::BF16>,             // BF16
       },
       quantize_act_avx512,
       ref_kernels().dequant_row,
@@ -569,8 +885,8 @@ const KernelTable* avx512_kernel_table() {
       silu_mul_avx512,
       add_avx512,
       {
-          matmul2_float<matmul_float<false>>,               // F32
-          matmul2_float<matmul_float<true>>,                // F16
+          matmul2_float<matmul_float<WKind::F32>>,          // F32
+          matmul2_float<matmul_float<WKind::F16>>,          // F16
           matmul_quant<Q8Format, BlockQ8A2>,                // Q8_0
           matmul_quant<Q4Format<32, false>, BlockQ8A2>,     // Q4_0
           matmul_quant<Q4Format<32, true>, BlockQ8A2>,      // Q4_1
@@ -579,6 +895,12 @@ const KernelTable* avx512_kernel_table() {
           matmul_quant<Q4Format<64, true>, BlockQ8A2>,      // Q4_1_G64
           matmul_quant<Q4Format<128, true>, BlockQ8A2>,     // Q4_1_G128
           matmul_quant<I8Format, BlockQ8A2>,                // I8
+          matmul_quant<Q5Format<false>, BlockQ8A2>,         // Q5_0
+          matmul_quant<Q5Format<true>, BlockQ8A2>,          // Q5_1
+          matmul_kquant<QKFormat<false>, BlockQ8A2>,        // Q4_K
+          matmul_kquant<QKFormat<true>, BlockQ8A2>,         // Q5_K
+          matmul_kquant<Q6KFormat, BlockQ8A2>,              // Q6_K
+          matmul2_float<matmul_float<WKind::BF16>>,         // BF16
       },
       quantize_act2_avx512,
   };

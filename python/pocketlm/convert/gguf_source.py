@@ -24,14 +24,13 @@ from pocketlm.errors import BundleError, ConversionError, UnsupportedModelError
 
 GGUF_MAGIC = b"GGUF"
 
-# GGUF types pocketlm stores unchanged (same block layout).
-_NATIVE = {"F32": DType.F32, "F16": DType.F16, "Q8_0": DType.Q8_0, "Q4_0": DType.Q4_0, "Q4_1": DType.Q4_1}
+# GGUF types pocketlm stores unchanged (same block layout, same dequantized values).
+_NATIVE = {name: DType[name] for name in
+           ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")}
 
-# With quant=None, GGUF types pocketlm has no kernel for are requantized to the closest type it
-# has (interim, until lossless K-quant support lands): 4-bit K-quants -> Q4_1 (same bits per
-# weight class), BF16 -> F16, everything else (5/6-bit, 2/3-bit, i-quants) -> Q8_0, which adds
-# far less error than the source's own quantization.
-_KEEP_FALLBACK = {"BF16": DType.F16, "Q4_K": DType.Q4_1}
+# With quant=None, GGUF types pocketlm has no kernels for (Q2_K, Q3_K, Q8_K, i-quants, ternary
+# types) are requantized to this type, which adds far less error than the source's own quantization.
+_KEEP_FALLBACK = DType.Q8_0
 
 
 def is_gguf_file(path: Path) -> bool:
@@ -188,7 +187,7 @@ def read_gguf(path: Path) -> SourceModel:
                 if native is not None else None,
             ))
             if native is None:
-                keep_fallback[name] = _KEEP_FALLBACK.get(type_name, DType.Q8_0)
+                keep_fallback[name] = _KEEP_FALLBACK
     check_tensors(tensors, cfg, origin, module.ARCH)
 
     try:
