@@ -36,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("LLAMACPP_CACHE", Path.home() / ".cache/pocketlm/llama.cpp")).expanduser()
 TOOLS = Path.home() / ".cache/pocketlm/bench-tools"
+QUIET = 0.10  # a run is "quiet" when other work used less than this share of the CPUs meanwhile
 
 MEMBW_C = r"""
 // Streaming read bandwidth: every thread sums its share of a buffer much larger than the caches.
@@ -192,7 +193,8 @@ def env_with_pocketlm() -> dict:
 
 def run_pocketlm_bench(model: str, a) -> dict:
     cmd = [sys.executable, "-m", "pocketlm", "bench", model, "-p", str(a.p), "-n", str(a.n), "-t", str(a.t),
-           "-r", "1", "--json", "-", "-q"] + (["-d", str(a.d)] if a.d else [])
+           "-r", "1", "--json", "-", "-q"] + (["-d", str(a.d)] if a.d else []) + \
+        (["--activations", a.activations] if a.activations else [])
     r = subprocess.run(cmd, capture_output=True, text=True, env=env_with_pocketlm(), check=True)
     return json.loads(r.stdout)
 
@@ -212,7 +214,9 @@ def run_llama_bench(gguf: Path, a) -> dict:
 
 def _time_v(cmd: list[str], env=None) -> tuple[float, str]:
     """Peak RSS in MB of a command, from /usr/bin/time -v; also its standard error."""
-    r = subprocess.run(["/usr/bin/time", "-v"] + cmd, capture_output=True, text=True, env=env)
+    # The generated text goes nowhere (a random model's bytes need not even be valid UTF-8).
+    r = subprocess.run(["/usr/bin/time", "-v"] + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       encoding="utf-8", errors="replace", env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
     kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
@@ -245,7 +249,7 @@ def rss_runs(gguf: Path, pocket_model: str, a, rounds: int = 2) -> dict:
         prompt = f.name
     ctx = str(a.p + a.n + 64)
     pocket_cmd = [sys.executable, "-m", "pocketlm", "run", pocket_model, "-f", prompt, "-n", str(a.n), "--temp", "0",
-                  "-t", str(a.t), "-c", ctx, "--no-echo"]
+                  "-t", str(a.t), "-c", ctx, "--no-echo"] + (["--activations", a.activations] if a.activations else [])
     llama_cmd = [str(completion), "-m", str(gguf), "-f", prompt, "-n", str(a.n), "--temp", "0", "-t", str(a.t),
                  "-c", ctx, "-no-cnv", "--ignore-eos", "--no-display-prompt"]
     out: dict = {"pocketlm_mb": [], "llamacpp_mb": [], "llamacpp_load_s": [],
@@ -290,7 +294,12 @@ def report(res: dict) -> str:
     lines = [r[0] for r in rows]
     for label, key in ((f"pp{res['p']}{at} tok/s", "pp_tok_s"), (f"tg{res['n']}{at} tok/s", "tg_tok_s")):
         p, l_ = pk[key], lc[key]
-        lines.append(f"| {label} (median, spread) | {fmt(p['median'])} (±{fmt(p['spread_pct'], '.0f')}%) | "
+        if "quiet_median" in p:
+            lines.append(f"| {label}, quiet runs: median (spread, runs) | {fmt(p['quiet_median'])} "
+                         f"(±{fmt(p['quiet_spread_pct'], '.0f')}%, {p['n_quiet']}) | {fmt(l_['quiet_median'])} "
+                         f"(±{fmt(l_['quiet_spread_pct'], '.0f')}%, {l_['n_quiet']}) | "
+                         f"{ratio(p['quiet_median'], l_['quiet_median'])} |")
+        lines.append(f"| {label}, all runs: median (spread) | {fmt(p['median'])} (±{fmt(p['spread_pct'], '.0f')}%) | "
                      f"{fmt(l_['median'])} (±{fmt(l_['spread_pct'], '.0f')}%) | {ratio(p['median'], l_['median'])} |")
     rss = res.get("rss") or {}
     if rss:
@@ -307,16 +316,19 @@ def report(res: dict) -> str:
                  f"{fmt(lc['roofline_fraction'] * 100, '.0f')}% | |")
     lines.append(f"| token loop overhead (generate vs raw decode) | {fmt(pk['loop_overhead_pct'], '.2f')}% | | |")
     lines.append(f"| time to first token, pp{res['p']} (ms) | {fmt(pk['ttft_s'] * 1000 if pk['ttft_s'] else None)} | | |")
-    head = (f"pocketlm: {res['pocketlm_model']} ({pk['kernels']})\nllama.cpp: {res['gguf']} "
+    head = (f"pocketlm: {res['pocketlm_model']} ({pk['kernels']}, {pk.get('activations', '?')} activations)\nllama.cpp: {res['gguf']} "
             f"(llama-cpp-python {res['llamacpp_version']})\n{res['threads']} threads, {res['rounds']} alternating "
-            f"rounds, medians; spread = (max - min) / median over the rounds\n"
+            f"rounds, medians; spread = (max - min) / median over the rounds; quiet runs: other work used "
+            f"< {QUIET * 100:.0f}% of the CPUs during the run\n"
             f"memory read bandwidth: best {bw:.1f} GB/s, median {res['bandwidth']['median_gb_s']:.1f} GB/s "
             f"(2-thread streaming read of {res['bandwidth']['buffer_mib']} MiB)\n"
             f"load average: {res['loadavg_start']:.2f} at the start, {res['loadavg_end']:.2f} at the end; "
             f"CPUs busy with other work just before the runs: median {median(res['busy_before_runs']) * 100:.0f}%, "
-            f"max {max(res['busy_before_runs']) * 100:.0f}%; during the runs (machine busy time minus ours): "
-            f"pocketlm {_pcts(res['others_during_runs']['pocketlm'])}, "
-            f"llama.cpp {_pcts(res['others_during_runs']['llamacpp'])}\n")
+            f"max {max(res['busy_before_runs']) * 100:.0f}%" + (
+                f"; during the runs (machine busy time minus ours): "
+                f"pocketlm {_pcts(res['others_during_runs']['pocketlm'])}, "
+                f"llama.cpp {_pcts(res['others_during_runs']['llamacpp'])}" if "others_during_runs" in res else "")
+            + "\n")
     return head + "\n" + "\n".join(lines) + "\n"
 
 
@@ -329,12 +341,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-d", type=int, default=0, help="context depth before pp/tg")
     ap.add_argument("-t", type=int, default=2)
     ap.add_argument("-r", type=int, default=5, help="alternating rounds")
+    ap.add_argument("--activations", choices=["int8x2", "int8"], default=None,
+                    help="pocketlm's activation quantization (default: its own, int8x2; int8 = llama.cpp's kind)")
     ap.add_argument("--no-rss", action="store_true", help="skip the /usr/bin/time -v runs")
     ap.add_argument("--wait-quiet", type=float, default=60, metavar="S",
                     help="before each run, wait up to S seconds for the CPUs to be < 15%% busy with other "
                          "work (a shared machine); 0 = do not wait")
     ap.add_argument("--json", default=None, help="write every number to this file")
+    ap.add_argument("--from-json", action="store_true", help="print the table of a saved --json file (the "
+                                                             "positional argument) and exit")
     a = ap.parse_args(argv)
+    if a.from_json:
+        res = json.loads(Path(a.gguf).read_text())
+        for who in ("pocketlm", "llamacpp"):  # recompute the quiet medians from the per-run samples
+            during = res.get("others_during_runs", {}).get(who)
+            for key in ("pp_tok_s", "tg_tok_s"):
+                if during:
+                    side = res[who][key]
+                    quiet = [x for x, o in zip(side["samples"], during) if o < QUIET]
+                    side.update(quiet_median=median(quiet), quiet_spread_pct=spread_pct(quiet), n_quiet=len(quiet))
+        print(report(res))
+        return 0
     sys.path.insert(0, str(REPO / "python"))
 
     gguf = a.gguf.expanduser().resolve()
@@ -370,7 +397,12 @@ def main(argv: list[str] | None = None) -> int:
             log(f"round {i + 1}/{a.r} {who}: pp {r['pp_tok_s']:.1f} tok/s, tg {r.get('tg_tok_s', 0):.1f} tok/s "
                 f"({time.time() - t0:.0f} s; other work: {busy * 100:.0f}% of the CPUs before, "
                 f"{others.share * 100:.0f}% during)")
-    rss = None if a.no_rss else rss_runs(gguf, str(pocket_path), a)
+    rss = None
+    if not a.no_rss:
+        try:
+            rss = rss_runs(gguf, str(pocket_path), a)
+        except (RuntimeError, OSError, AttributeError) as e:  # keep the speed results regardless
+            log(f"peak RSS runs failed: {e}")
     if a.wait_quiet > 0:
         wait_quiet(a.wait_quiet)
     bandwidth_after = membw(a.t)  # once more: the machine's load may have changed meanwhile
@@ -384,13 +416,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def side(runs, key):
         xs = [r.get(key) for r in runs]
-        return {"median": median(xs), "spread_pct": spread_pct(xs), "samples": xs}
+        quiet = [r.get(key) for r in runs if r["others_during"] < QUIET]
+        return {"median": median(xs), "spread_pct": spread_pct(xs), "samples": xs,
+                "quiet_median": median(quiet), "quiet_spread_pct": spread_pct(quiet), "n_quiet": len(quiet)}
 
     pk = {"pp_tok_s": side(pk_runs, "pp_tok_s"), "tg_tok_s": side(pk_runs, "tg_tok_s"),
           "load_s": median([r["load_s"] for r in pk_runs]), "ttft_s": median([r["ttft_s"] for r in pk_runs]),
           "loop_overhead_pct": median([r["loop_overhead_pct"] for r in pk_runs]),
           "bench_peak_rss_mb": median([r["peak_rss_mb"] for r in pk_runs]),
-          "kernels": pk_runs[0]["kernels"], "decode_bytes": pk_bytes, "bytes_by_type": pk_types}
+          "kernels": pk_runs[0]["kernels"], "activations": pk_runs[0].get("activations"), "decode_bytes": pk_bytes, "bytes_by_type": pk_types}
     lc = {"pp_tok_s": side(lc_runs, "pp_tok_s"), "tg_tok_s": side(lc_runs, "tg_tok_s"),
           "decode_bytes": lc_bytes, "bytes_by_type": lc_types, "info": lc_runs[0].get("info")}
     for s in (pk, lc):

@@ -51,6 +51,7 @@ class BenchConfig:
     reps: int = 5            # -r
     threads: int | None = None
     kernels: str = ""        # force a kernel variant ("" = the best for this CPU)
+    activations: str = ""    # "int8x2" / "int8" ("" = the engine's default)
     seed: int = 42
     load_probe: bool = True  # measure load time and peak RSS in fresh subprocesses
 
@@ -179,14 +180,18 @@ def _rep(engine, session, w: _Workload, cfg: BenchConfig, rep_seed: int) -> dict
 # ---- load time and peak RSS (fresh process) ---------------------------------------------------
 
 
-def _probe(path: str, threads: int, max_context: int, kernels: str, depth: int, n_prompt: int,
-           n_gen: int, seed: int) -> dict:
+def _engine_kwargs(kernels: str, activations: str) -> dict:
+    return {"kernels": kernels, **({"activations": activations} if activations else {})}
+
+
+def _probe(path: str, threads: int, max_context: int, kernels: str, activations: str, depth: int,
+           n_prompt: int, n_gen: int, seed: int) -> dict:
     """Runs in a fresh interpreter: import, load, a short run; reports times and memory."""
     t_import = time.perf_counter()
     from pocketlm.engine import Engine
 
     t0 = time.perf_counter()
-    engine = Engine(path, threads=threads, max_context=max_context, kernels=kernels)
+    engine = Engine(path, threads=threads, max_context=max_context, **_engine_kwargs(kernels, activations))
     session = engine.create_session()
     load_s = time.perf_counter() - t0
     rss_loaded = _peak_rss_mb()
@@ -204,8 +209,8 @@ def _run_probe(path: Path, threads: int, max_context: int, cfg: BenchConfig) -> 
     pkg_root = str(Path(pocketlm.__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    args = json.dumps([str(path), threads, max_context, cfg.kernels, cfg.depth, cfg.n_prompt, cfg.n_gen,
-                       cfg.seed])
+    args = json.dumps([str(path), threads, max_context, cfg.kernels, cfg.activations, cfg.depth, cfg.n_prompt,
+                       cfg.n_gen, cfg.seed])
     code = ("import json, sys; from pocketlm.bench import _probe; "
             "print(json.dumps(_probe(*json.loads(sys.argv[1]))))")
     r = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env,
@@ -229,17 +234,19 @@ def run_bench(cfg: BenchConfig, quiet: bool = False) -> dict:
     path = resolve_model_path(cfg.model)  # a .gguf is converted into the cache here, untimed
     bundle = read_bundle(path)
     trained = int(bundle.metadata["config"].get("max_position") or 0)
-    need = cfg.depth + cfg.n_prompt + 2 * max(cfg.n_gen, 1) + 2
+    need = cfg.depth + cfg.n_prompt + max(cfg.n_gen, 1) + 1  # generate() after d + p tokens
     if trained and need > trained:
         raise ValueError(f"-d {cfg.depth} -p {cfg.n_prompt} -n {cfg.n_gen} need {need} positions; "
                          f"the model's context is {trained}")
     max_context = need
-    engine = Engine(path, threads=cfg.threads, max_context=max_context, kernels=cfg.kernels)
+    engine = Engine(path, threads=cfg.threads, max_context=max_context,
+                    **_engine_kwargs(cfg.kernels, cfg.activations))
+    activations = getattr(engine, "activations", "int8")
     threads = engine.threads
     session = engine.create_session()
     w = _Workload(engine.vocab_size, cfg)
     n_params = sum(t.n_elements for t in bundle.tensors)
-    _log(f"bench: {path.name} | {engine.kernel_name} | {threads} threads | pp{cfg.n_prompt} tg{cfg.n_gen}"
+    _log(f"bench: {path.name} | {engine.kernel_name}, {activations} activations | {threads} threads | pp{cfg.n_prompt} tg{cfg.n_gen}"
          f"{f' @ d{cfg.depth}' if cfg.depth else ''} | {cfg.reps} reps + 1 warm-up", quiet)
 
     machine = machine_info()  # before the run: its load average says how busy the machine was
@@ -265,7 +272,7 @@ def run_bench(cfg: BenchConfig, quiet: bool = False) -> dict:
         "model": str(cfg.model), "bundle": str(path), "bundle_bytes": bundle.file_bytes,
         "n_params": n_params, "architecture": bundle.metadata.get("architecture"),
         "decode_weight_bytes": decode_weight_bytes(bundle),
-        "threads": threads, "kernels": engine.kernel_name,
+        "threads": threads, "kernels": engine.kernel_name, "activations": activations,
         "p": cfg.n_prompt, "n": cfg.n_gen, "d": cfg.depth, "r": cfg.reps, "seed": cfg.seed,
         "pocketlm_version": pocketlm.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
