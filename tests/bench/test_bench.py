@@ -45,7 +45,7 @@ def test_run_bench_reports_every_metric(tiny):
         assert len(res["samples"][k]) == 2
     assert res["loop_overhead_pct"] is not None
     assert (res["p"], res["n"], res["d"], res["r"], res["threads"]) == (8, 4, 3, 2, 1)
-    assert res["kernels"] and res["pocketlm_version"] and res["model"] == str(tiny)
+    assert res["kernels"] and res["activations"] and res["pocketlm_version"] and res["model"] == str(tiny)
     # decode reads every weight but the embeddings (untied here) plus one embedding row
     bundle = read_bundle(tiny)
     emb = bundle.info("token_embd.weight")
@@ -61,8 +61,9 @@ def test_cli_bench_json_and_table(tiny, tmp_path):
     assert "| pp8 |" in r.stdout and "| tg4 |" in r.stdout
     res = json.loads(out.read_text())
     assert res["pp_tok_s"] > 0 and res["tg_tok_s"] > 0 and res["load_s"] is None
-    r = cli("bench", tiny, "-p", 4, "-n", 0, "-r", 1, "--no-load", "--json", "-", "-q")
-    assert json.loads(r.stdout)["pp_tok_s"] > 0 and r.stderr == ""
+    r = cli("bench", tiny, "-p", 4, "-n", 0, "-r", 1, "--no-load", "--json", "-", "-q", "--activations", "int8")
+    res = json.loads(r.stdout)
+    assert res["pp_tok_s"] > 0 and res["activations"] == "int8" and r.stderr == ""
 
 
 def test_cli_bench_plot(tiny, tmp_path):

@@ -180,7 +180,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
         if a.plot:
             require_matplotlib()  # fail before minutes of measuring, not after
         cfg = BenchConfig(model=a.model, n_prompt=a.n_prompt, n_gen=a.n_gen, depth=a.depth, reps=a.reps,
-                          threads=a.threads, kernels=a.kernels, seed=a.seed, load_probe=not a.no_load)
+                          threads=a.threads, kernels=a.kernels, activations=a.activations or "", seed=a.seed,
+                          load_probe=not a.no_load)
         result = run_bench(cfg, quiet=a.quiet)
     except (RuntimeError, ValueError) as e:
         print(f"pocketlm bench: {e}", file=sys.stderr)
@@ -322,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-r", "--reps", type=int, default=5, help="repetitions (after one untimed warm-up)")
     b.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
     b.add_argument("--kernels", default="", help="force a kernel variant (ref, avx2, avx512, neon)")
+    b.add_argument("--activations", choices=["int8x2", "int8"], default=None,
+                   help="activation quantization of integer matmuls (default: the engine's, int8x2); "
+                        "int8 is what llama.cpp does")
     b.add_argument("--seed", type=int, default=42, help="seed of the random token ids")
     b.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON ('-': "
                                                                "print JSON instead of the table)")
