@@ -48,7 +48,9 @@ ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stop_.store(true);
-    // A new generation with no tasks: every worker wakes, claims nothing and sees stop_.
+    // A new generation with no tasks wakes the spinning workers; stop_ (read under this mutex by
+    // the sleeping ones, and on every spin) is what makes each return, even one whose late
+    // claim of the previous job consumes this generation.
     claim_.store((generation_of(claim_.load()) + 1) * kGenerationOne);
   }
   wake_.notify_all();
@@ -99,6 +101,10 @@ void ThreadPool::worker_main(int thread_id) {
   for (;;) {
     auto start = std::chrono::steady_clock::now();
     for (int spins = 1;; ++spins) {
+      // stop_ is checked here, not only after a new generation: this worker's last claim of a
+      // job may land on the destructor's final generation and consume it (run_tasks returns
+      // that generation), after which no other generation ever comes.
+      if (stop_.load(std::memory_order_acquire)) return;
       if (generation_of(claim_.load(std::memory_order_acquire)) != seen) break;
       PLM_CPU_RELAX();
       if ((spins & 63) == 0) {
@@ -108,7 +114,8 @@ void ThreadPool::worker_main(int thread_id) {
         if (std::chrono::steady_clock::now() - start > kSpinBudget) {
           std::unique_lock<std::mutex> lock(mutex_);
           sleepers_.fetch_add(1, std::memory_order_seq_cst);
-          while (generation_of(claim_.load(std::memory_order_seq_cst)) == seen) wake_.wait(lock);
+          while (generation_of(claim_.load(std::memory_order_seq_cst)) == seen && !stop_.load())
+            wake_.wait(lock);
           sleepers_.fetch_sub(1, std::memory_order_relaxed);
           break;
         }
