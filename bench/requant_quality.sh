@@ -104,9 +104,15 @@ for q in f32 int8 int4; do
     pl convert qwen-f32.gguf -o "qwen-$q.plm.tmp" --quant "$q" -q && mv "qwen-$q.plm.tmp" "qwen-$q.plm"
   fi
 done
-if [ ! -s qwen-Q4_0-keep.plm ]; then
-  pl convert qwen-Q4_0.gguf -o qwen-Q4_0-keep.plm.tmp -q && mv qwen-Q4_0-keep.plm.tmp qwen-Q4_0-keep.plm
+if [ ! -s qwen-int8g32.plm ]; then  # int8 in blocks of 32 (Q8_0 layout) instead of one scale per row
+  log "pocketlm convert --quant int8 --group-size 32"
+  pl convert qwen-f32.gguf -o qwen-int8g32.plm.tmp --quant int8 --group-size 32 -q && mv qwen-int8g32.plm.tmp qwen-int8g32.plm
 fi
+for q in Q4_0 Q8_0; do
+  if [ ! -s "qwen-$q-keep.plm" ]; then
+    pl convert "qwen-$q.gguf" -o "qwen-$q-keep.plm.tmp" -q && mv "qwen-$q-keep.plm.tmp" "qwen-$q-keep.plm"
+  fi
+done
 # the original Q4_K_M as kept (lossless K-quants, or requantized on import: see results/inspect-qwen-q4km-keep.txt).
 # After a converter change: rm qwen-q4km-keep.plm results/pl-q4km-* and run again.
 if [ ! -s qwen-q4km-keep.plm ]; then
@@ -131,13 +137,13 @@ EOF
 if todo "$R/llama-f32.txt"; then
   log "llama.cpp f32 base (writes a 4.2 GB file)"
   "$LLAMA/llama-perplexity" -m qwen-f32.gguf -f "$PLAY" -c $CTX -b $CTX -t "$T" \
-    --kl-divergence-base llama-f32.kld > "$R/llama-f32.txt" 2>&1
+    --kl-divergence-base llama-f32.kld > "$R/llama-f32.txt.tmp" 2>&1 && mv "$R/llama-f32.txt.tmp" "$R/llama-f32.txt"
 fi
 for q in Q4_0 Q8_0 Q4_0-embq8; do
   if todo "$R/llama-kld-$q.txt"; then
     log "llama.cpp KLD $q"
     "$LLAMA/llama-perplexity" -m "qwen-$q.gguf" -c $CTX -b $CTX -t "$T" \
-      --kl-divergence-base llama-f32.kld --kl-divergence > "$R/llama-kld-$q.txt" 2>&1
+      --kl-divergence-base llama-f32.kld --kl-divergence > "$R/llama-kld-$q.txt.tmp" 2>&1 && mv "$R/llama-kld-$q.txt.tmp" "$R/llama-kld-$q.txt"
   fi
 done
 if todo "$R/pl-f32.json"; then
@@ -145,7 +151,7 @@ if todo "$R/pl-f32.json"; then
   pl perplexity qwen-f32.plm -f "$PLAY" -c $CTX -t "$T" --kl-divergence-base "pl-f32-k$K.npz" --kl-top-k "$K" \
     --json -q > "$R/pl-f32.json"
 fi
-for q in int4 int8 Q4_0-keep; do
+for q in int4 int8 int8g32 Q4_0-keep Q8_0-keep; do
   if todo "$R/pl-kld-$q-int8x2.json"; then
     log "pocketlm KLD $q (int8x2 activations)"
     pl perplexity "qwen-$q.plm" -f "$PLAY" -t "$T" --kl-divergence "pl-f32-k$K.npz" --json -q \
@@ -175,7 +181,7 @@ fi
 # --- 5. perplexity of the original Q4_K_M GGUF in both runtimes ---------------------------------------------
 if todo "$R/llama-q4km.txt"; then
   log "llama.cpp PPL Q4_K_M"
-  "$LLAMA/llama-perplexity" -m "$Q4KM" -f "$PLAY" -c $CTX -b $CTX -t "$T" > "$R/llama-q4km.txt" 2>&1
+  "$LLAMA/llama-perplexity" -m "$Q4KM" -f "$PLAY" -c $CTX -b $CTX -t "$T" > "$R/llama-q4km.txt.tmp" 2>&1 && mv "$R/llama-q4km.txt.tmp" "$R/llama-q4km.txt"
 fi
 if todo "$R/pl-q4km-int8x2.json"; then
   log "pocketlm PPL Q4_K_M (int8x2)"
@@ -228,7 +234,11 @@ rows = [("llama.cpp", "Q4_0", llama("llama-kld-Q4_0.txt")),
         ("pocketlm", "llama.cpp's Q4_0 file kept, int8x2 act.", pl("pl-kld-Q4_0-keep-int8x2.json")),
         ("pocketlm", "llama.cpp's Q4_0 file kept, int8 act.", pl("pl-kld-Q4_0-keep-int8.json")),
         ("pocketlm", "int8 (per row), int8x2 act.", pl("pl-kld-int8-int8x2.json")),
-        ("pocketlm", "int8 (per row), int8 act.", pl("pl-kld-int8-int8.json"))]
+        ("pocketlm", "int8 (per row), int8 act.", pl("pl-kld-int8-int8.json")),
+        ("pocketlm", "int8 g32 (Q8_0 blocks), int8x2 act.", pl("pl-kld-int8g32-int8x2.json")),
+        ("pocketlm", "int8 g32 (Q8_0 blocks), int8 act.", pl("pl-kld-int8g32-int8.json")),
+        ("pocketlm", "llama.cpp's Q8_0 file kept, int8x2 act.", pl("pl-kld-Q8_0-keep-int8x2.json")),
+        ("pocketlm", "llama.cpp's Q8_0 file kept, int8 act.", pl("pl-kld-Q8_0-keep-int8.json"))]
 print("| runtime | model | mean KLD | 99th pct | median | max | same top token | PPL(Q) | PPL(f32) | PPL(Q)/PPL(f32) |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for rt, name, r in rows:

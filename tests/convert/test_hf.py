@@ -76,6 +76,43 @@ def test_int8_per_row_error_bound(hf_models, hf_bundles, case):
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.01, name
 
 
+
+@pytest.mark.parametrize("case", CASES)
+def test_int8_group_32_is_q8_0_blocks(hf_models, hf_bundles, case):
+    """--quant int8 --group-size 32: one f16 scale per 32 weights (llama.cpp's Q8_0 layout), for
+    every 2-D tensor, embeddings and head included; error at most half a step of each block."""
+    b = hf_bundles(case, "int8", group_size=32)
+    per_row = hf_bundles(case, "int8")
+    assert b.metadata["quantization"]["mode"] == "int8" and b.metadata["quantization"]["group_size"] == 32
+    assert per_row.metadata["quantization"]["group_size"] is None
+    checked = 0
+    for name, want in _weights_2d(hf_state(hf_models[case][1])).items():
+        if name not in b:
+            continue
+        if want.shape[1] % 32:
+            assert b.info(name).dtype == DType.F16, name
+            continue
+        assert b.info(name).dtype == DType.Q8_0, name
+        got = bundle_f32(b, name)
+        bound = np.abs(want.reshape(-1, 32)).max(axis=1, keepdims=True) / 254 * 1.002 + 1e-9
+        assert np.all(np.abs(got - want).reshape(-1, 32) <= bound), name
+        # blocks fit the weights no worse than one scale per row does
+        err_row = np.linalg.norm(bundle_f32(per_row, name) - want)
+        assert np.linalg.norm(got - want) <= err_row * 1.0001, name
+        checked += 1
+    assert checked or case == "llama-odd-tied"  # its rows are 48 and 80 wide: all f16
+
+
+def test_int8_rejects_other_groups_and_asym(hf_models, tmp_path):
+    from pocketlm.convert import convert
+
+    folder = hf_models["llama"][0]
+    with pytest.raises(ValueError, match="int8 group_size"):
+        convert(folder, tmp_path / "a.plm", quant="int8", group_size=64, progress=False)
+    with pytest.raises(ValueError, match="symmetric"):
+        convert(folder, tmp_path / "b.plm", quant="int8", symmetric=False, progress=False)
+    assert not list(tmp_path.iterdir())
+
 def _q4_bound(want: np.ndarray, group: int, symmetric: bool) -> np.ndarray:
     """Per-element error bound of Q4 (docs/quant.md): amax/8 for symmetric (the clamped end of the
     range), (max-min)/30 plus the f16 rounding of the minimum for asymmetric; the 0.4% slack is

@@ -282,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="output .plm path")
     c.add_argument("--quant", choices=["f32", "f16", "int8", "int4", "keep"], default=None,
                    help="weight type (default: keep the GGUF's types; f16 for Hugging Face checkpoints)")
-    c.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128], help="int4 group size")
+    c.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128],
+                   help="weights per scale: int4 32 (default), 64 or 128; int8 one scale per output row "
+                        "(default) or 32 (Q8_0 blocks, as llama.cpp's Q8_0)")
     c.add_argument("--asym", action="store_true", help="int4 with a per-group minimum (asymmetric)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)

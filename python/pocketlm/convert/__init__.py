@@ -1,6 +1,6 @@
 """Conversion of Hugging Face checkpoints and GGUF files into .plm bundles.
 
-    convert(src, out, quant=None, group_size=32, symmetric=True, progress=True) -> Path
+    convert(src, out, quant=None, group_size=None, symmetric=True, progress=True) -> Path
     convert_to_cache(src) -> Path        # for `pocketlm run model.gguf`
 
 Readers (hf.py, gguf_source.py) produce a SourceModel; recipe.py picks each tensor's type;

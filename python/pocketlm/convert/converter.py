@@ -98,18 +98,20 @@ def _metadata(model: SourceModel, recipe: Recipe, planned, fallback: list[str], 
     }
 
 
-def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = None, group_size: int = 32,
+def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = None, group_size: int | None = None,
             symmetric: bool = True, progress: bool = True) -> Path:
     """Converts a Hugging Face folder or a .gguf file into a .plm bundle at `out`; returns its path.
 
     quant: None keeps a GGUF's types (bit-exact where pocketlm has them) and means "f16" for
     Hugging Face checkpoints; or one of "f32", "f16", "int8", "int4" (see docs/quant.md).
-    group_size (32/64/128) and symmetric apply to int4. If `out` is a folder, the bundle is
+    group_size: int4 groups of 32 (default), 64 or 128 weights; int8 has one scale per output row
+    by default, or per group of 32 weights with group_size=32 (Q8_0 blocks, as llama.cpp's Q8_0).
+    symmetric=False (a per-group minimum) applies to int4. If `out` is a folder, the bundle is
     named after the source. Never leaves a partial file behind.
     """
     if quant not in QUANT_CHOICES:
         raise ValueError(f"quant must be one of f32, f16, int8, int4 or None, got {quant!r}")
-    if group_size not in GROUP_SIZES:
+    if group_size is not None and group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
     src = Path(src)
     if progress:

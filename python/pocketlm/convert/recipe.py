@@ -3,7 +3,8 @@
   1-D tensors (norms, biases, rope_freqs)   F32 in every mode
   f32                                       F32
   f16                                       F16
-  int8                                      I8 (one f32 scale per output row; per token for embeddings)
+  int8                                      I8 (one f32 scale per output row; per token for embeddings);
+                                            with group_size=32, Q8_0 (one f16 scale per 32 weights)
   int4                                      linear weights Q4_0/Q4_1 at the chosen group size;
                                             token_embd and output Q8_0 (most error-sensitive)
   keep (quant=None, GGUF)                   the source type when pocketlm stores it bit-exactly,
@@ -23,6 +24,7 @@ from pocketlm.dtypes import DType
 QUANT_K_MULTIPLE = 32
 MODES = ("f32", "f16", "int8", "int4", "keep")
 GROUP_SIZES = (32, 64, 128)
+INT8_GROUP_SIZES = (None, 32)  # None: one scale per row
 
 _Q4 = {
     (True, 32): DType.Q4_0, (True, 64): DType.Q4_0_G64, (True, 128): DType.Q4_0_G128,
@@ -35,13 +37,20 @@ HIGH_PRECISION = ("token_embd.weight", "output.weight")
 @dataclass(frozen=True)
 class Recipe:
     mode: str
-    group_size: int = 32
+    group_size: int | None = None  # int4: 32 when None; int8: None = per row, or 32
     symmetric: bool = True
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown quantization mode {self.mode!r} (choose from {', '.join(MODES)})")
-        if self.group_size not in GROUP_SIZES:
+        if self.mode == "int8":
+            if self.group_size not in INT8_GROUP_SIZES:
+                raise ValueError(f"int8 group_size must be None (one scale per row) or 32, got {self.group_size!r}")
+            if not self.symmetric:
+                raise ValueError("int8 is symmetric only (asymmetric groups are an int4 option)")
+        elif self.group_size is None:
+            object.__setattr__(self, "group_size", 32)
+        elif self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
 
     def wanted(self, name: str, shape: tuple[int, ...], keep: DType | None = None) -> DType:
@@ -54,7 +63,7 @@ class Recipe:
         if self.mode == "f16":
             return DType.F16
         if self.mode == "int8":
-            return DType.I8
+            return DType.I8 if self.group_size is None else DType.Q8_0
         if name in HIGH_PRECISION:
             return DType.Q8_0
         return _Q4[(self.symmetric, self.group_size)]
@@ -69,6 +78,6 @@ class Recipe:
     def describe(self) -> dict:
         if self.mode == "int4":
             return {"mode": "int4", "group_size": self.group_size, "symmetric": self.symmetric}
-        if self.mode == "int8":  # one scale per row: no groups, no zero point
-            return {"mode": "int8", "group_size": None, "symmetric": True}
+        if self.mode == "int8":  # group_size None: one scale per row; no zero point
+            return {"mode": "int8", "group_size": self.group_size, "symmetric": True}
         return {"mode": self.mode, "group_size": None, "symmetric": None}
