@@ -20,6 +20,33 @@ namespace plm::kernels {
 #if defined(__aarch64__) && defined(__ARM_NEON)
 namespace {
 
+// Decode (one token) streams every weight byte once from memory. As in the x86 files, each
+// 32-element run of a decode row dot prefetches its share of the bytes of the row
+// kPrefetchRows further on (contiguous when rows are), so that its loads are in flight
+// while this row computes. A run covers 18..34 bytes of a row (K-quants ~26), not a multiple
+// of the 64-byte line, so the share is a fractional step: run i fetches the lines that start
+// in [i*step, (i+1)*step) of the 64-aligned span. Prefetches never fault, so running past the
+// end of the weights is harmless. Prefill (T > 1) passes no prefetch.
+constexpr int kPrefetchRows = 1;
+struct Prefetch {
+  const uint8_t* p = nullptr;  // 64-aligned start of the bytes to fetch for this row; nullptr: none
+  size_t step = 0;             // bytes per 32-element run
+  inline void at(int64_t i) const {
+    if (!p) return;
+    const size_t end = (size_t)(i + 1) * step;
+    for (size_t o = ((size_t)i * step + 63) & ~(size_t)63; o < end; o += 64) __builtin_prefetch(p + o, 0, 3);
+  }
+};
+// The prefetch for the decode row starting at `row`, `row_bytes` long, over `iters` runs.
+inline Prefetch decode_prefetch(const uint8_t* row, size_t row_bytes, int64_t iters) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(row + kPrefetchRows * row_bytes);
+  const size_t lead = a & 63;  // cover the whole first line
+  Prefetch pf;
+  pf.p = reinterpret_cast<const uint8_t*>(a - lead);
+  pf.step = (row_bytes + lead + (size_t)iters - 1) / (size_t)iters;
+  return pf;
+}
+
 // sum_j w[j] * a[j] over 32 signed bytes held as two 16-byte halves each.
 inline int32_t idot32(int8x16_t w0, int8x16_t w1, const int8_t* a) {
   const int8x16_t a0 = vld1q_s8(a), a1 = vld1q_s8(a + 16);
@@ -32,28 +59,31 @@ inline int32_t idot32(int8x16_t w0, int8x16_t w1, const int8_t* a) {
   return vaddvq_s32(acc);
 }
 
-float row_dot_q8_0(const uint8_t* row, const BlockQ8A* xq, int64_t K) {
+float row_dot_q8_0(const uint8_t* row, const BlockQ8A* xq, int64_t K, Prefetch pf) {
   const BlockQ8_0* w = reinterpret_cast<const BlockQ8_0*>(row);
   float acc = 0.0f;
   for (int64_t b = 0; b < K / 32; ++b) {
+    pf.at(b);
     const int32_t d = idot32(vld1q_s8(w[b].qs), vld1q_s8(w[b].qs + 16), xq[b].qs);
     acc += fp16_to_fp32(w[b].d) * xq[b].d * (float)d;
   }
   return acc;
 }
 
-float row_dot_i8(const uint8_t* row, const BlockQ8A* xq, int64_t K) {
+float row_dot_i8(const uint8_t* row, const BlockQ8A* xq, int64_t K, Prefetch pf) {
   const int8_t* w = reinterpret_cast<const int8_t*>(row);
   float acc = 0.0f;
-  for (int64_t b = 0; b < K / 32; ++b)
+  for (int64_t b = 0; b < K / 32; ++b) {
+    pf.at(b);
     acc += xq[b].d * (float)idot32(vld1q_s8(w + 32 * b), vld1q_s8(w + 32 * b + 16), xq[b].qs);
+  }
   return acc;
 }
 
 // Q4 runs: low nibbles are elements 0..15, high nibbles 16..31; Q4_0 subtracts 8
 // in int8 (exact: -8..7), Q4_1 keeps 0..15 and adds m * s in float.
 template <int G, bool Asym>
-float row_dot_q4(const uint8_t* row, const BlockQ8A* xq, int64_t K) {
+float row_dot_q4(const uint8_t* row, const BlockQ8A* xq, int64_t K, Prefetch pf) {
   constexpr int kHdr = Asym ? 4 : 2, kBlockBytes = kHdr + G / 2;
   const uint8x16_t mask = vdupq_n_u8(0x0f);
   const int8x16_t off = vdupq_n_s8(Asym ? 0 : 8);
@@ -65,6 +95,7 @@ float row_dot_q4(const uint8_t* row, const BlockQ8A* xq, int64_t K) {
     if (Asym) std::memcpy(&hm, blk + 2, 2);
     const float dw = fp16_to_fp32(hd), mw = fp16_to_fp32(hm);
     for (int r = 0; r < G / 32; ++r) {
+      pf.at(b * (G / 32) + r);
       const BlockQ8A& a = xq[b * (G / 32) + r];
       const uint8x16_t v = vld1q_u8(blk + kHdr + 16 * r);
       const int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, mask)), off);
@@ -77,10 +108,11 @@ float row_dot_q4(const uint8_t* row, const BlockQ8A* xq, int64_t K) {
 }
 
 // Two-level activations (BlockQ8A2): the weight registers feed both dot products.
-float row_dot2_q8_0(const uint8_t* row, const BlockQ8A2* xq, int64_t K) {
+float row_dot2_q8_0(const uint8_t* row, const BlockQ8A2* xq, int64_t K, Prefetch pf) {
   const BlockQ8_0* w = reinterpret_cast<const BlockQ8_0*>(row);
   float acc = 0.0f;
   for (int64_t b = 0; b < K / 32; ++b) {
+    pf.at(b);
     const int8x16_t w0 = vld1q_s8(w[b].qs), w1 = vld1q_s8(w[b].qs + 16);
     const BlockQ8A2& a = xq[b];
     const float v = a.d * (float)idot32(w0, w1, a.qs) + a.d2 * (float)idot32(w0, w1, a.qs2);
@@ -89,10 +121,11 @@ float row_dot2_q8_0(const uint8_t* row, const BlockQ8A2* xq, int64_t K) {
   return acc;
 }
 
-float row_dot2_i8(const uint8_t* row, const BlockQ8A2* xq, int64_t K) {
+float row_dot2_i8(const uint8_t* row, const BlockQ8A2* xq, int64_t K, Prefetch pf) {
   const int8_t* w = reinterpret_cast<const int8_t*>(row);
   float acc = 0.0f;
   for (int64_t b = 0; b < K / 32; ++b) {
+    pf.at(b);
     const int8x16_t w0 = vld1q_s8(w + 32 * b), w1 = vld1q_s8(w + 32 * b + 16);
     acc += xq[b].d * (float)idot32(w0, w1, xq[b].qs) + xq[b].d2 * (float)idot32(w0, w1, xq[b].qs2);
   }
@@ -100,7 +133,7 @@ float row_dot2_i8(const uint8_t* row, const BlockQ8A2* xq, int64_t K) {
 }
 
 template <int G, bool Asym>
-float row_dot2_q4(const uint8_t* row, const BlockQ8A2* xq, int64_t K) {
+float row_dot2_q4(const uint8_t* row, const BlockQ8A2* xq, int64_t K, Prefetch pf) {
   constexpr int kHdr = Asym ? 4 : 2, kBlockBytes = kHdr + G / 2;
   const uint8x16_t mask = vdupq_n_u8(0x0f);
   const int8x16_t off = vdupq_n_s8(Asym ? 0 : 8);
@@ -112,6 +145,7 @@ float row_dot2_q4(const uint8_t* row, const BlockQ8A2* xq, int64_t K) {
     if (Asym) std::memcpy(&hm, blk + 2, 2);
     const float dw = fp16_to_fp32(hd), mw = fp16_to_fp32(hm);
     for (int r = 0; r < G / 32; ++r) {
+      pf.at(b * (G / 32) + r);
       const BlockQ8A2& a = xq[b * (G / 32) + r];
       const uint8x16_t v = vld1q_u8(blk + kHdr + 16 * r);
       const int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, mask)), off);
@@ -158,12 +192,13 @@ inline uint8x16_t bit4_from(uint32_t bits) {
 }
 
 template <class Act, bool Asym>
-float row_dot_q5(const uint8_t* row, const Act* xq, int64_t K) {
+float row_dot_q5(const uint8_t* row, const Act* xq, int64_t K, Prefetch pf) {
   constexpr int kHdr = Asym ? 4 : 2, kBlockBytes = kHdr + 4 + 16;
   const uint8x16_t mask = vdupq_n_u8(0x0f);
   const int8x16_t off = vdupq_n_s8(Asym ? 0 : 16);
   float acc = 0.0f;
   for (int64_t b = 0; b < K / 32; ++b) {
+    pf.at(b);
     const uint8_t* blk = row + b * kBlockBytes;
     fp16_t hd, hm = 0;
     uint32_t qh;
@@ -182,7 +217,7 @@ float row_dot_q5(const uint8_t* row, const Act* xq, int64_t K) {
 
 // Q4_K (Q5 = false) and Q5_K.
 template <class Act, bool Q5>
-float row_dot_qk(const uint8_t* row, const Act* xq, int64_t K) {
+float row_dot_qk(const uint8_t* row, const Act* xq, int64_t K, Prefetch pf) {
   constexpr int kBlockBytes = Q5 ? 176 : 144, kQs = Q5 ? 48 : 16;
   const uint8x16_t mask = vdupq_n_u8(0x0f);
   float acc = 0.0f;
@@ -195,6 +230,7 @@ float row_dot_qk(const uint8_t* row, const Act* xq, int64_t K) {
     kquant_scales_mins(blk + 4, sc, mn);
     const float d = fp16_to_fp32(hd), dmin = fp16_to_fp32(hdmin);
     for (int s = 0; s < 8; ++s) {
+      pf.at(8 * b + s);
       const uint8_t* qs = blk + kQs + 32 * (s / 2);
       const int8x16_t shift = vdupq_n_s8((int8_t)(-4 * (s & 1)));
       uint8x16_t w0 = vandq_u8(vshlq_u8(vld1q_u8(qs), shift), mask);
@@ -213,7 +249,7 @@ float row_dot_qk(const uint8_t* row, const Act* xq, int64_t K) {
 }
 
 template <class Act>
-float row_dot_q6_k(const uint8_t* row, const Act* xq, int64_t K) {
+float row_dot_q6_k(const uint8_t* row, const Act* xq, int64_t K, Prefetch pf) {
   const uint8x16_t mask = vdupq_n_u8(0x0f), mask2 = vdupq_n_u8(3);
   const int8x16_t off = vdupq_n_s8(32);
   float acc = 0.0f;
@@ -221,6 +257,7 @@ float row_dot_q6_k(const uint8_t* row, const Act* xq, int64_t K) {
     const BlockQ6_K& w = reinterpret_cast<const BlockQ6_K*>(row)[b];
     float v = 0.0f;
     for (int r = 0; r < 8; ++r) {  // run r = elements 32r..32r+31 (layout: common.h)
+      pf.at(8 * b + r);
       const int h = r / 4, q = r % 4;
       const uint8_t* ql = w.ql + 64 * h + 32 * (r % 2);
       const uint8_t* qh = w.qh + 32 * h;
@@ -292,21 +329,24 @@ void matmul_float(const WeightView& w, const float* x, size_t ldx, const BlockQ8
     for (int t = 0; t < T; ++t) y[t * ldy + n] = RowDot(w.data + (size_t)n * w.row_stride, x + t * ldx, w.cols);
 }
 
-template <class Act, float (*RowDot)(const uint8_t*, const Act*, int64_t)>
+template <class Act, float (*RowDot)(const uint8_t*, const Act*, int64_t, Prefetch)>
 void matmul_quant_t(const WeightView& w, const float*, size_t, const Act* xq, int T, float* y, size_t ldy,
                     int n0, int n1) {
   const int64_t nb = w.cols / 32;
-  for (int n = n0; n < n1; ++n)
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* row = w.data + (size_t)n * w.row_stride;
+    const Prefetch pf = T == 1 ? decode_prefetch(row, w.row_stride, nb) : Prefetch{};
     for (int t = 0; t < T; ++t) {
-      float v = RowDot(w.data + (size_t)n * w.row_stride, xq + t * nb, w.cols);
+      float v = RowDot(row, xq + t * nb, w.cols, pf);
       if (w.dtype == DType::I8) v *= w.row_scales[n];
       y[t * ldy + n] = v;
     }
+  }
 }
 
-template <float (*RowDot)(const uint8_t*, const BlockQ8A*, int64_t)>
+template <float (*RowDot)(const uint8_t*, const BlockQ8A*, int64_t, Prefetch)>
 constexpr MatmulFn matmul_quant = matmul_quant_t<BlockQ8A, RowDot>;
-template <float (*RowDot)(const uint8_t*, const BlockQ8A2*, int64_t)>
+template <float (*RowDot)(const uint8_t*, const BlockQ8A2*, int64_t, Prefetch)>
 constexpr MatmulFn2 matmul2_quant = matmul_quant_t<BlockQ8A2, RowDot>;
 
 float dot_neon(const float* a, const float* b, int n) {
