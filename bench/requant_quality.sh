@@ -146,6 +146,20 @@ for q in Q4_0 Q8_0 Q4_0-embq8; do
       --kl-divergence-base llama-f32.kld --kl-divergence > "$R/llama-kld-$q.txt.tmp" 2>&1 && mv "$R/llama-kld-$q.txt.tmp" "$R/llama-kld-$q.txt"
   fi
 done
+# --- 4a. perplexity of the original Q4_K_M GGUF in both runtimes (before the long pocketlm KLD passes) ---
+if todo "$R/llama-q4km.txt"; then
+  log "llama.cpp PPL Q4_K_M"
+  "$LLAMA/llama-perplexity" -m "$Q4KM" -f "$PLAY" -c $CTX -b $CTX -t "$T" > "$R/llama-q4km.txt.tmp" 2>&1 && mv "$R/llama-q4km.txt.tmp" "$R/llama-q4km.txt"
+fi
+if todo "$R/pl-q4km-int8x2.json"; then
+  log "pocketlm PPL Q4_K_M (int8x2)"
+  pl perplexity qwen-q4km-keep.plm -f "$PLAY" -c $CTX -t "$T" --json -q > "$R/pl-q4km-int8x2.json"
+fi
+if todo "$R/pl-q4km-int8.json"; then
+  log "pocketlm PPL Q4_K_M (int8)"
+  plx ppl qwen-q4km-keep.plm "$PLAY" int8 > "$R/pl-q4km-int8.json"
+fi
+
 if todo "$R/pl-f32.json"; then
   log "pocketlm f32 base (top $K)"
   pl perplexity qwen-f32.plm -f "$PLAY" -c $CTX -t "$T" --kl-divergence-base "pl-f32-k$K.npz" --kl-top-k "$K" \
@@ -178,19 +192,7 @@ if todo "$R/kcheck.json"; then
   rm -f kcheck-k*.npz
 fi
 
-# --- 5. perplexity of the original Q4_K_M GGUF in both runtimes ---------------------------------------------
-if todo "$R/llama-q4km.txt"; then
-  log "llama.cpp PPL Q4_K_M"
-  "$LLAMA/llama-perplexity" -m "$Q4KM" -f "$PLAY" -c $CTX -b $CTX -t "$T" > "$R/llama-q4km.txt.tmp" 2>&1 && mv "$R/llama-q4km.txt.tmp" "$R/llama-q4km.txt"
-fi
-if todo "$R/pl-q4km-int8x2.json"; then
-  log "pocketlm PPL Q4_K_M (int8x2)"
-  pl perplexity qwen-q4km-keep.plm -f "$PLAY" -c $CTX -t "$T" --json -q > "$R/pl-q4km-int8x2.json"
-fi
-if todo "$R/pl-q4km-int8.json"; then
-  log "pocketlm PPL Q4_K_M (int8)"
-  plx ppl qwen-q4km-keep.plm "$PLAY" int8 > "$R/pl-q4km-int8.json"
-fi
+
 }
 
 summary() {
