@@ -1,4 +1,5 @@
-"""Qwen3, Gemma, Gemma 2, Gemma 3 (text) and Mistral (sliding window) vs transformers.
+"""Qwen3, Gemma, Gemma 2, Gemma 3 (text), Mistral (sliding window) and Qwen2/Qwen3 with use_sliding_window
+vs transformers.
 
 The same checks as test_transformers_parity.py, whose test functions are imported below and run
 here on this module's `case` fixture: f32 last-position logits within 1e-4 (whole, chunked and
@@ -50,6 +51,11 @@ CASES = {
                        intermediate_size=72, vocab_size=333, num_hidden_layers=3, sliding_window=9,
                        sliding_window_pattern=3, final_logit_softcapping=20.0),
     "mistral": dict(arch="mistral", sliding_window=24),
+    # use_sliding_window (off in released checkpoints): layers from max_window_layers on slide.
+    "qwen2-swa": dict(arch="qwen2", num_hidden_layers=3, use_sliding_window=True, sliding_window=10,
+                      max_window_layers=1),
+    "qwen3-swa": dict(arch="qwen3", num_hidden_layers=3, head_dim=24, use_sliding_window=True,
+                      sliding_window=9, max_window_layers=2),
 }
 
 
@@ -58,6 +64,7 @@ def make_model(folder, arch: str, seed: int, **overrides):
     import transformers
 
     classes = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
         "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
@@ -152,5 +159,5 @@ def test_sliding_window_layers_keep_only_their_window(case):
     s = engine.create_session()
     caps = s._state.kv_capacities
     assert caps == [min(256, w + 16 - 1) if w else 256 for w in windows]
-    if name.startswith(("gemma2", "gemma3", "mistral")):
+    if name.startswith(("gemma2", "gemma3", "mistral")) or name.endswith("-swa"):
         assert min(caps) < 256

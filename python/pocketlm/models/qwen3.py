@@ -11,6 +11,7 @@ import re
 
 from pocketlm.errors import UnsupportedModelError
 from pocketlm.models import llama
+from pocketlm.models.qwen2 import qwen_layer_windows
 
 ARCH = "qwen3"
 GGUF_ARCHS = ("qwen3",)
@@ -22,11 +23,9 @@ def config_from_hf(d: dict) -> dict:
     cfg = llama.config_from_hf({**d, "sliding_window": None})
     cfg["attn_bias"] = bool(d.get("attention_bias", False))
     cfg["qk_norm"] = True
-    if d.get("use_sliding_window") and d.get("sliding_window"):
-        types = d.get("layer_types") or [
-            "sliding_attention" if i >= int(d.get("max_window_layers", 0)) else "full_attention"
-            for i in range(cfg["n_layers"])]
-        cfg["layer_windows"] = [int(d["sliding_window"]) if t == "sliding_attention" else 0 for t in types]
+    windows = qwen_layer_windows(d, cfg["n_layers"])
+    if windows is not None:
+        cfg["layer_windows"] = windows
     return cfg
 
 
