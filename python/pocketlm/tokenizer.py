@@ -260,9 +260,30 @@ def _byte_level_bpe(fields: Mapping[str, Any], tokens: list[str], types: list[in
             "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
             "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": ignore_merges,
             "vocab": vocab,
-            "merges": _split_merges(merges),
+            "merges": merges_for_json(_split_merges(merges)),
         },
     }
+
+
+def merges_for_json(pairs: Sequence[Sequence[str]]) -> list:
+    """BPE merges for a tokenizer.json: "left right" strings when no piece holds a space (or is empty),
+    else [left, right] pairs. `tokenizers` builds a 150k-merge vocabulary ~30 % faster from the strings
+    (0.22 vs 0.31 s on Qwen2's), which is most of an engine's load time."""
+    if all(a and b and " " not in a and " " not in b for a, b in pairs):
+        return [f"{a} {b}" for a, b in pairs]
+    return [list(p) for p in pairs]
+
+
+def compact_tokenizer_json(text: str) -> str:
+    """A tokenizer.json that `tokenizers` loads the same but faster: merges as strings where that is
+    unambiguous (see merges_for_json), no indentation. Done once, at conversion."""
+    doc = json.loads(text)
+    model = doc.get("model")
+    if isinstance(model, dict) and model.get("type") == "BPE":
+        merges = model.get("merges")
+        if isinstance(merges, list) and merges and all(isinstance(m, list) and len(m) == 2 for m in merges):
+            model["merges"] = merges_for_json(merges)
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
 
 
 def _split_merges(merges: Sequence[str]) -> list[list[str]]:
@@ -328,7 +349,7 @@ def _sentencepiece_bpe(fields: Mapping[str, Any], tokens: list[str], types: list
             "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
             "ignore_merges": False,
             "vocab": vocab,
-            "merges": merges,
+            "merges": merges_for_json(merges),
         },
     }
 
@@ -357,7 +378,7 @@ def _gemma4_bpe(fields: Mapping[str, Any], tokens: list[str], types: list[int]) 
             "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": True,
             "ignore_merges": True,
             "vocab": vocab,
-            "merges": _split_merges(merges),
+            "merges": merges_for_json(_split_merges(merges)),
         },
     }
 

@@ -149,7 +149,7 @@ def test_sentencepiece_round_trip_and_byte_fallback(spm_tokenizer):
 def test_sentencepiece_given_merges_equal_derived(spm_fields):
     """A file that does carry merges gives the same tokenizer as one whose merges are derived."""
     derived = json.loads(tokenizer_json_from_gguf(spm_fields))["model"]["merges"]
-    with_merges = dict(spm_fields, **{"tokenizer.ggml.merges": [" ".join(m) for m in derived]})
+    with_merges = dict(spm_fields, **{"tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in derived]})
     a, b = Tokenizer(tokenizer_json_from_gguf(spm_fields)), Tokenizer(tokenizer_json_from_gguf(with_merges))
     for text in SAMPLES:
         assert a.encode(text) == b.encode(text)
@@ -173,3 +173,24 @@ def test_from_file_and_bos(tmp_path, smollm_tokenizer):
     assert tok.encode("hi") == [1, *smollm_tokenizer.encode("hi")]
     assert tok.encode("hi", add_special_tokens=False) == smollm_tokenizer.encode("hi")
     assert tok.eos_ids == (2, 0)
+
+
+def test_compacted_tokenizer_json_encodes_the_same(hf_smollm_tokenizer):
+    """Bundles store tokenizer.json compacted (merges as "a b" strings: faster to load); the ids
+    must not change. Reference: transformers' tokenizer built from the uncompacted document."""
+    from pocketlm.tokenizer import compact_tokenizer_json
+
+    original = hf_smollm_tokenizer.backend_tokenizer.to_str()
+    compact = compact_tokenizer_json(original)
+    merges = json.loads(compact)["model"]["merges"]
+    assert merges and all(isinstance(m, str) for m in merges)
+    tok = Tokenizer(compact)
+    for text in SAMPLES:
+        assert tok.encode(text) == hf_smollm_tokenizer(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_merges_with_a_space_stay_pairs():
+    from pocketlm.tokenizer import merges_for_json
+
+    assert merges_for_json([["a", "b"], ["ab", "c"]]) == ["a b", "ab c"]
+    assert merges_for_json([["a", "b"], ["a b", "c"]]) == [["a", "b"], ["a b", "c"]]

@@ -21,12 +21,13 @@ from pocketlm.convert.gguf_source import is_gguf_file, read_gguf
 from pocketlm.convert.hf import is_hf_folder, read_hf
 from pocketlm.convert.progress import ProgressBar
 from pocketlm.convert.recipe import GROUP_SIZES, Recipe
+from pocketlm.tokenizer import compact_tokenizer_json
 from pocketlm.convert.source import SourceModel, SourceTensor, expected_shapes
 from pocketlm.dtypes import DType
 from pocketlm.errors import BundleError
 
 # Bump when the converter's output for the same input changes (invalidates the GGUF cache).
-CONVERTER_VERSION = 2  # 2: SentencePiece space prefix follows the GGUF flag (llama.cpp parity)
+CONVERTER_VERSION = 3  # 2: SentencePiece space prefix follows the GGUF flag (llama.cpp parity); 3: compact tokenizer.json
 QUANT_CHOICES = (None, "keep", "f32", "f16", "int8", "int4")
 
 
@@ -90,7 +91,7 @@ def _metadata(model: SourceModel, recipe: Recipe, planned, fallback: list[str], 
         "architecture": model.architecture,
         "config": model.config,
         "quantization": {**recipe.describe(), "types": dict(sorted(types.items())), "f16_fallback": fallback},
-        "tokenizer": {"type": "hf-json", "json": model.tokenizer_json},
+        "tokenizer": {"type": "hf-json", "json": compact_tokenizer_json(model.tokenizer_json)},
         "chat_template": model.chat_template,
         "special_tokens": model.special_tokens,
         "generation": model.generation,
