@@ -47,11 +47,10 @@ ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads) {
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    // Spinning workers read stop_ on every spin, sleeping ones in their wait predicate (under
+    // this mutex): each returns. No new generation is published: a worker's late claim could
+    // consume it.
     stop_.store(true);
-    // A new generation with no tasks wakes the spinning workers; stop_ (read under this mutex by
-    // the sleeping ones, and on every spin) is what makes each return, even one whose late
-    // claim of the previous job consumes this generation.
-    claim_.store((generation_of(claim_.load()) + 1) * kGenerationOne);
   }
   wake_.notify_all();
   for (auto& w : workers_) w.join();
@@ -101,10 +100,7 @@ void ThreadPool::worker_main(int thread_id) {
   for (;;) {
     auto start = std::chrono::steady_clock::now();
     for (int spins = 1;; ++spins) {
-      // stop_ is checked here, not only after a new generation: this worker's last claim of a
-      // job may land on the destructor's final generation and consume it (run_tasks returns
-      // that generation), after which no other generation ever comes.
-      if (stop_.load(std::memory_order_acquire)) return;
+      if (stop_.load(std::memory_order_acquire)) return;  // the destructor
       if (generation_of(claim_.load(std::memory_order_acquire)) != seen) break;
       PLM_CPU_RELAX();
       if ((spins & 63) == 0) {

@@ -14,38 +14,16 @@
 #endif
 
 #include "kernels/kernels.h"
+#include "kernels/prefetch.h"
 
 namespace plm::kernels {
 
 #if defined(__aarch64__) && defined(__ARM_NEON)
 namespace {
 
-// Decode (one token) streams every weight byte once from memory. As in the x86 files, each
-// 32-element run of a decode row dot prefetches its share of the bytes of the row
-// kPrefetchRows further on (contiguous when rows are), so that its loads are in flight
-// while this row computes. A run covers 18..34 bytes of a row (K-quants ~26), not a multiple
-// of the 64-byte line, so the share is a fractional step: run i fetches the lines that start
-// in [i*step, (i+1)*step) of the 64-aligned span. Prefetches never fault, so running past the
-// end of the weights is harmless. Prefill (T > 1) passes no prefetch.
+// Decode rows prefetch the row kPrefetchRows further on, a share per 32-element run
+// (kernels/prefetch.h). Prefill (T > 1) passes no prefetch.
 constexpr int kPrefetchRows = 1;
-struct Prefetch {
-  const uint8_t* p = nullptr;  // 64-aligned start of the bytes to fetch for this row; nullptr: none
-  size_t step = 0;             // bytes per 32-element run
-  inline void at(int64_t i) const {
-    if (!p) return;
-    const size_t end = (size_t)(i + 1) * step;
-    for (size_t o = ((size_t)i * step + 63) & ~(size_t)63; o < end; o += 64) __builtin_prefetch(p + o, 0, 3);
-  }
-};
-// The prefetch for the decode row starting at `row`, `row_bytes` long, over `iters` runs.
-inline Prefetch decode_prefetch(const uint8_t* row, size_t row_bytes, int64_t iters) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(row + kPrefetchRows * row_bytes);
-  const size_t lead = a & 63;  // cover the whole first line
-  Prefetch pf;
-  pf.p = reinterpret_cast<const uint8_t*>(a - lead);
-  pf.step = (row_bytes + lead + (size_t)iters - 1) / (size_t)iters;
-  return pf;
-}
 
 // sum_j w[j] * a[j] over 32 signed bytes held as two 16-byte halves each.
 inline int32_t idot32(int8x16_t w0, int8x16_t w1, const int8_t* a) {
@@ -335,7 +313,7 @@ void matmul_quant_t(const WeightView& w, const float*, size_t, const Act* xq, in
   const int64_t nb = w.cols / 32;
   for (int n = n0; n < n1; ++n) {
     const uint8_t* row = w.data + (size_t)n * w.row_stride;
-    const Prefetch pf = T == 1 ? decode_prefetch(row, w.row_stride, nb) : Prefetch{};
+    const Prefetch pf = T == 1 ? decode_prefetch(row, w.row_stride, nb, kPrefetchRows) : Prefetch{};
     for (int t = 0; t < T; ++t) {
       float v = RowDot(row, xq + t * nb, w.cols, pf);
       if (w.dtype == DType::I8) v *= w.row_scales[n];

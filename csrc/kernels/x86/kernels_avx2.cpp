@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "kernels/kernels.h"
+#include "kernels/prefetch.h"
 
 namespace plm::kernels {
 namespace {
@@ -242,33 +243,8 @@ using I8Format = Int8Format<32, 0, false>;
 
 // ---------------------------------------------------------------- quantized matmul
 
-// Decode (one token) streams every weight byte once from memory, in tiles of 4 rows whose
-// runs are too short for the hardware prefetcher to train on (as in the AVX-512 file).
-// Each iteration of a decode tile's K loop prefetches its share of the bytes of the tile
-// kPrefetchTiles further on (contiguous when rows are). An AVX2 K iteration covers only
-// 72..840 bytes of a tile, not a multiple of the 64-byte line, so the share is a fractional
-// step: iteration i fetches the lines that start in [i*step, (i+1)*step) of the 64-aligned
-// span. Prefetches never fault, so running past the end of the weights is harmless.
+// Decode tiles of 4 rows prefetch the tile kPrefetchTiles further on (kernels/prefetch.h).
 constexpr int kPrefetchTiles = 2;  // 4-row tiles: 2 measured ~2-3% faster than 1
-struct Prefetch {
-  const uint8_t* p = nullptr;  // 64-aligned start of the bytes to fetch in this tile; nullptr: none
-  size_t step = 0;             // bytes per K iteration
-  inline void at(int i) const {
-    if (!p) return;
-    const size_t end = (size_t)(i + 1) * step;
-    for (size_t o = ((size_t)i * step + 63) & ~(size_t)63; o < end; o += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T0);
-  }
-};
-// The prefetch for the decode tile whose first row starts at `tile`, `tile_bytes` long, over `iters` K iterations.
-inline Prefetch decode_prefetch(const uint8_t* tile, size_t tile_bytes, int iters) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(tile + kPrefetchTiles * tile_bytes);
-  const size_t lead = a & 63;  // cover the whole first line
-  Prefetch pf;
-  pf.p = reinterpret_cast<const uint8_t*>(a - lead);
-  pf.step = (tile_bytes + lead + (size_t)iters - 1) / (size_t)iters;
-  return pf;
-}
 
 template <class F, int RN, int RT>
 inline void qtile(const uint8_t* const* rows, const PackedRun* pk, int nruns, float* y, size_t ldy,
@@ -375,7 +351,7 @@ void matmul_quant(const WeightView& w, const float*, size_t, const Block* xq, in
         for (int i = 0; i < 4; ++i) rows[i] = w.data + (size_t)(n + i) * w.row_stride;
         const float* rs = i8 ? w.row_scales + n : nullptr;
         if (rt == 2) qtile<F, 4, 2>(rows, pk, nruns, yt + n, ldy, rs);
-        else qtile<F, 4, 1>(rows, pk, nruns, yt + n, ldy, rs, decode_prefetch(rows[0], 4 * w.row_stride, nruns));
+        else qtile<F, 4, 1>(rows, pk, nruns, yt + n, ldy, rs, decode_prefetch(rows[0], 4 * w.row_stride, nruns, kPrefetchTiles));
       }
       for (; n < c1; ++n) {
         const uint8_t* rows[1] = {w.data + (size_t)n * w.row_stride};
@@ -619,7 +595,7 @@ void matmul_kquant(const WeightView& w, const float*, size_t, const Block* xq, i
         const uint8_t* rows[4];
         for (int i = 0; i < 4; ++i) rows[i] = w.data + (size_t)(n + i) * w.row_stride;
         if (rt == 2) ktile<KF, 4, 2>(rows, pk, nsb, yt + n, ldy);
-        else ktile<KF, 4, 1>(rows, pk, nsb, yt + n, ldy, decode_prefetch(rows[0], 4 * w.row_stride, nsb));
+        else ktile<KF, 4, 1>(rows, pk, nsb, yt + n, ldy, decode_prefetch(rows[0], 4 * w.row_stride, nsb, kPrefetchTiles));
       }
       for (; n < c1; ++n) {
         const uint8_t* rows[1] = {w.data + (size_t)n * w.row_stride};

@@ -1,0 +1,44 @@
+// Software prefetch for the decode (one token) matmul paths of the AVX2 and NEON kernels.
+//
+// Decode streams every weight byte once from memory, in short runs (a tile of a few rows, or one
+// row) that the hardware prefetcher barely trains on. Each K iteration of a decode unit therefore
+// prefetches its share of the bytes of the unit `ahead` units further on (contiguous when rows
+// are), so that those loads are in flight while this unit computes. A K iteration covers a number
+// of bytes that is not a multiple of the 64-byte line, so the share is a fractional step:
+// iteration i fetches the lines that start in [i*step, (i+1)*step) of the 64-aligned span, every
+// line exactly once. Prefetches never fault, so running past the end of the weights is harmless.
+// (The AVX-512 file keeps its own variant: whole lines per iteration, tuned separately.)
+//
+// Each SIMD file compiles this with its own target flags; the anonymous namespace (internal
+// linkage) keeps those copies apart.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace plm::kernels {
+namespace {
+
+struct Prefetch {
+  const uint8_t* p = nullptr;  // 64-aligned start of the bytes to fetch for this unit; nullptr: none
+  size_t step = 0;             // bytes per K iteration
+  inline void at(int64_t i) const {
+    if (!p) return;
+    const size_t end = (size_t)(i + 1) * step;
+    for (size_t o = ((size_t)i * step + 63) & ~(size_t)63; o < end; o += 64) __builtin_prefetch(p + o, 0, 3);
+  }
+};
+
+// The prefetch for the decode unit (tile or row) starting at `unit`, `unit_bytes` long, over `iters`
+// K iterations, fetching the unit `ahead` units further on.
+inline Prefetch decode_prefetch(const uint8_t* unit, size_t unit_bytes, int64_t iters, int ahead) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(unit + (size_t)ahead * unit_bytes);
+  const size_t lead = a & 63;  // cover the whole first line
+  Prefetch pf;
+  pf.p = reinterpret_cast<const uint8_t*>(a - lead);
+  pf.step = (unit_bytes + lead + (size_t)iters - 1) / (size_t)iters;
+  return pf;
+}
+
+}  // namespace
+}  // namespace plm::kernels
