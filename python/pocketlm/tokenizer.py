@@ -219,7 +219,7 @@ def tokenizer_json_from_gguf(fields: Mapping[str, Any]) -> str:
         raise UnsupportedModelError(
             f"GGUF tokenizer model {model!r} is not supported (supported: 'gpt2' byte-level BPE, "
             f"'llama' SentencePiece BPE, 'gemma4' BPE over SentencePiece-style pieces)")
-    return json.dumps(doc, ensure_ascii=False)
+    return compact_tokenizer_json(doc)
 
 
 def _byte_level_bpe(fields: Mapping[str, Any], tokens: list[str], types: list[int]) -> dict:
@@ -260,7 +260,7 @@ def _byte_level_bpe(fields: Mapping[str, Any], tokens: list[str], types: list[in
             "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
             "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": ignore_merges,
             "vocab": vocab,
-            "merges": merges_for_json(_split_merges(merges)),
+            "merges": _split_merges(merges),
         },
     }
 
@@ -274,15 +274,14 @@ def merges_for_json(pairs: Sequence[Sequence[str]]) -> list:
     return [list(p) for p in pairs]
 
 
-def compact_tokenizer_json(text: str) -> str:
-    """A tokenizer.json that `tokenizers` loads the same but faster: merges as strings where that is
-    unambiguous (see merges_for_json), no indentation. Done once, at conversion."""
-    doc = json.loads(text)
+def compact_tokenizer_json(doc: dict) -> str:
+    """A parsed tokenizer.json as text that `tokenizers` loads the same but faster: merges as strings
+    where that is unambiguous (see merges_for_json), no indentation. `doc` is not modified."""
     model = doc.get("model")
     if isinstance(model, dict) and model.get("type") == "BPE":
         merges = model.get("merges")
         if isinstance(merges, list) and merges and all(isinstance(m, list) and len(m) == 2 for m in merges):
-            model["merges"] = merges_for_json(merges)
+            doc = {**doc, "model": {**model, "merges": merges_for_json(merges)}}
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -349,7 +348,7 @@ def _sentencepiece_bpe(fields: Mapping[str, Any], tokens: list[str], types: list
             "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
             "ignore_merges": False,
             "vocab": vocab,
-            "merges": merges_for_json(merges),
+            "merges": merges,
         },
     }
 
@@ -378,7 +377,7 @@ def _gemma4_bpe(fields: Mapping[str, Any], tokens: list[str], types: list[int]) 
             "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": True,
             "ignore_merges": True,
             "vocab": vocab,
-            "merges": merges_for_json(_split_merges(merges)),
+            "merges": _split_merges(merges),
         },
     }
 

@@ -181,7 +181,7 @@ def test_compacted_tokenizer_json_encodes_the_same(hf_smollm_tokenizer):
     from pocketlm.tokenizer import compact_tokenizer_json
 
     original = hf_smollm_tokenizer.backend_tokenizer.to_str()
-    compact = compact_tokenizer_json(original)
+    compact = compact_tokenizer_json(json.loads(original))
     merges = json.loads(compact)["model"]["merges"]
     assert merges and all(isinstance(m, str) for m in merges)
     tok = Tokenizer(compact)

@@ -21,7 +21,6 @@ from pocketlm.convert.gguf_source import is_gguf_file, read_gguf
 from pocketlm.convert.hf import is_hf_folder, read_hf
 from pocketlm.convert.progress import ProgressBar
 from pocketlm.convert.recipe import GROUP_SIZES, Recipe
-from pocketlm.tokenizer import compact_tokenizer_json
 from pocketlm.convert.source import SourceModel, SourceTensor, expected_shapes
 from pocketlm.dtypes import DType
 from pocketlm.errors import BundleError
@@ -91,7 +90,7 @@ def _metadata(model: SourceModel, recipe: Recipe, planned, fallback: list[str], 
         "architecture": model.architecture,
         "config": model.config,
         "quantization": {**recipe.describe(), "types": dict(sorted(types.items())), "f16_fallback": fallback},
-        "tokenizer": {"type": "hf-json", "json": compact_tokenizer_json(model.tokenizer_json)},
+        "tokenizer": {"type": "hf-json", "json": model.tokenizer_json},
         "chat_template": model.chat_template,
         "special_tokens": model.special_tokens,
         "generation": model.generation,

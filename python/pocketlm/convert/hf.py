@@ -12,6 +12,7 @@ from pocketlm import models
 from pocketlm.convert.safetensors_np import SafetensorsFile
 from pocketlm.convert.source import DEFAULT_GENERATION, SourceModel, SourceTensor, check_tensors
 from pocketlm.errors import BundleError, ConversionError
+from pocketlm.tokenizer import compact_tokenizer_json
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -195,7 +196,7 @@ def read_hf(folder: Path) -> SourceModel:
         architecture=arch,
         config=cfg,
         tensors=tensors,
-        tokenizer_json=tokenizer_text,
+        tokenizer_json=compact_tokenizer_json(tokenizer),  # faster to load, same tokenizer
         chat_template=_chat_template(folder, tok_cfg),
         special_tokens=_special_tokens(config, gen_cfg, tok_cfg, tokenizer, origin),
         generation=_generation(gen_cfg),
