@@ -7,6 +7,7 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <vector>
@@ -75,7 +76,8 @@ void check_weight(const char* op, DType dt, const In1<uint8_t>& weight, int64_t 
 }
 
 nb::ndarray<nb::numpy, float> matmul(const std::string& variant, int dtype_id, In1<uint8_t> weight,
-                                     int64_t rows, int64_t cols, In2<float> x) {
+                                     int64_t rows, int64_t cols, In2<float> x,
+                                     int64_t n0, int64_t n1) {
   const KernelTable& kt = table(variant);
   const DType dt = check_dtype(dtype_id);
   if (!kt.matmul[(int)dt])
@@ -85,7 +87,10 @@ nb::ndarray<nb::numpy, float> matmul(const std::string& variant, int dtype_id, I
   const WeightView& w = cw.w;
   const int T = (int)x.shape(0);
   float* y;
+  if (n1 < 0) n1 = rows;
+  if (n0 < 0 || n0 > n1 || n1 > rows) throw nb::value_error("matmul: need 0 <= n0 <= n1 <= rows");
   auto out = new_array<float>({(size_t)T, (size_t)rows}, &y);
+  std::fill(y, y + (size_t)T * rows, 0.0f);  // columns outside [n0, n1) stay 0
   const float* xp = x.data();
   {
     nb::gil_scoped_release unlock;
@@ -94,13 +99,14 @@ nb::ndarray<nb::numpy, float> matmul(const std::string& variant, int dtype_id, I
       xq.resize((size_t)T * (cols / 32));
       for (int t = 0; t < T; ++t) kt.quantize_act(xp + t * cols, xq.data() + t * (cols / 32), (int)cols);
     }
-    kt.matmul[(int)dt](w, xp, (size_t)cols, xq.data(), T, y, (size_t)rows, 0, (int)rows);
+    kt.matmul[(int)dt](w, xp, (size_t)cols, xq.data(), T, y, (size_t)rows, (int)n0, (int)n1);
   }
   return out;
 }
 
 nb::ndarray<nb::numpy, float> matmul2(const std::string& variant, int dtype_id, In1<uint8_t> weight,
-                                      int64_t rows, int64_t cols, In2<float> x) {
+                                      int64_t rows, int64_t cols, In2<float> x,
+                                     int64_t n0, int64_t n1) {
   const KernelTable& kt = table(variant);
   const DType dt = check_dtype(dtype_id);
   if (!kt.matmul2[(int)dt] || !kt.quantize_act2)
@@ -110,7 +116,10 @@ nb::ndarray<nb::numpy, float> matmul2(const std::string& variant, int dtype_id, 
   const WeightView& w = cw.w;
   const int T = (int)x.shape(0);
   float* y;
+  if (n1 < 0) n1 = rows;
+  if (n0 < 0 || n0 > n1 || n1 > rows) throw nb::value_error("matmul2: need 0 <= n0 <= n1 <= rows");
   auto out = new_array<float>({(size_t)T, (size_t)rows}, &y);
+  std::fill(y, y + (size_t)T * rows, 0.0f);  // columns outside [n0, n1) stay 0
   const float* xp = x.data();
   {
     nb::gil_scoped_release unlock;
@@ -119,7 +128,7 @@ nb::ndarray<nb::numpy, float> matmul2(const std::string& variant, int dtype_id, 
       xq.resize((size_t)T * (cols / 32));
       for (int t = 0; t < T; ++t) kt.quantize_act2(xp + t * cols, xq.data() + t * (cols / 32), (int)cols);
     }
-    kt.matmul2[(int)dt](w, xp, (size_t)cols, xq.data(), T, y, (size_t)rows, 0, (int)rows);
+    kt.matmul2[(int)dt](w, xp, (size_t)cols, xq.data(), T, y, (size_t)rows, (int)n0, (int)n1);
   }
   return out;
 }
@@ -265,13 +274,14 @@ void bind_kernels(nb::module_& m) {
   k.def("best", [] { return std::string(best_kernels().name); },
         "The variant the runtime uses (CPUID, or PLM_KERNELS).");
   k.def("matmul", &matmul, nb::arg("variant"), nb::arg("dtype"), nb::arg("weight"), nb::arg("rows"),
-        nb::arg("cols"), nb::arg("x"),
-        "y[T, rows] = x[T, cols] @ W.T for raw weight bytes W of the given dtype id. Quantized types\n"
-        "quantize x with the same variant's quantize_act first.");
+        nb::arg("cols"), nb::arg("x"), nb::arg("n0") = 0, nb::arg("n1") = -1,
+        "y[T, rows] = x[T, cols] @ W.T for raw weight bytes W of the given dtype id, computing the\n"
+        "output columns [n0, n1) (default all; the others are 0). Quantized types quantize x with\n"
+        "the same variant's quantize_act first.");
   k.def("quantize_act", &quantize_act, nb::arg("variant"), nb::arg("x"),
         "Quantize x[K] into 32-blocks: returns (d[K/32], s[K/32], qs[K/32, 32]).");
   k.def("matmul2", &matmul2, nb::arg("variant"), nb::arg("dtype"), nb::arg("weight"), nb::arg("rows"),
-        nb::arg("cols"), nb::arg("x"),
+        nb::arg("cols"), nb::arg("x"), nb::arg("n0") = 0, nb::arg("n1") = -1,
         "As matmul, with two-level activations: quantized types quantize x with the same\n"
         "variant's quantize_act2 and use matmul2.");
   k.def("quantize_act2", &quantize_act2, nb::arg("variant"), nb::arg("x"),

@@ -86,6 +86,13 @@ MATMUL_SHAPES = [  # (T, K, N): covers T in {1,2,3,5,17,64}, K in {32..1536}, od
     (64, 1536, 3), (3, 1536, 67), (1, 1536, 67), (17, 96, 1), (1, 128, 7), (5, 256, 3),
     (2, 640, 67), (64, 384, 7), (3, 128, 1),
 ]
+# (T, K, N, n0, n1): output columns [n0, n1) only, as the executor's thread split asks for.
+# T >= 16 takes AVX-512's prefill GEMM (groups of 16 rows, tiles of 8 tokens): ranges that
+# start and end off the 16-row grid, single rows, token counts with short last tiles.
+MATMUL_RANGE_CASES = [
+    (16, 64, 16, 0, 16), (37, 320, 35, 3, 35), (24, 128, 50, 17, 49), (64, 256, 40, 0, 33),
+    (19, 1536, 21, 5, 6), (23, 512, 67, 16, 64), (15, 256, 40, 1, 39), (2, 256, 40, 7, 30),
+]
 FLOAT_MATMUL_SHAPES = [(1, 1, 1), (3, 7, 5), (2, 33, 67), (5, 100, 3), (17, 17, 7), (64, 200, 3), (1, 1000, 67)]
 
 

@@ -177,7 +177,10 @@ def test_quantized_model(dtype):
     whole = run_chunks(prog, TOKENS, [9])[0]
     chunked = np.concatenate(run_chunks(prog, TOKENS, [5, 3, 1]))
     assert max_rel_err(whole, ref) < 1e-4
-    np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4)
+    # Chunks of 3 tokens and of 9 take different matmul kernels (per-row tiles vs the
+    # prefill GEMM): another float summation order, and an activation code may then round
+    # the other way. Both stay as close to the reference as the whole prefill.
+    assert max_rel_err(chunked, ref) < 1e-4
 
 
 def test_bundle_weights(tmp_path):

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "kernels/kernels.h"
+#include "kernels/x86/gemm_avx512.h"
 
 namespace plm::kernels {
 namespace {
@@ -395,6 +396,10 @@ inline void qtile_rt(int rt, const uint8_t* const* rows, const P* pk, int npairs
 template <class F, class Block = BlockQ8A>
 void matmul_quant(const WeightView& w, const float*, size_t, const Block* xq, int T, float* y, size_t ldy,
                   int n0, int n1) {
+  if (T >= avx512::kGemmMinTokens && avx512::gemm_supports(w.dtype)) {  // prefill
+    avx512::gemm(w, xq, T, y, ldy, n0, n1);
+    return;
+  }
   using Packed = typename PackOf<Block>::type;
   const int nruns = (int)(w.cols / 32), npairs = (nruns + 1) / 2;
   // Grows once to the largest K seen by this thread; later calls do not allocate.
