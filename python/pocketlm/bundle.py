@@ -270,6 +270,82 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+# Config entries the runtime uses as sizes and counts (python/pocketlm/models/), and as float
+# parameters. Only their type and range are checked here: which ones an architecture needs, and
+# how they fit together, is for its build() (Engine reports its failures as BundleError).
+_CONFIG_SIZES = ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
+                 "rope_dim", "max_position")
+_CONFIG_POSITIVE = ("rms_eps", "norm_eps", "rope_theta")
+_GENERATION_INTS = ("top_k", "max_tokens", "seed")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    # json.loads accepts NaN and Infinity, which the writer never produces.
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _type_name(v: Any) -> str:
+    return "null" if v is None else {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+                                     int: "a number", float: "a number"}.get(type(v), type(v).__name__)
+
+
+def _metadata_problem(meta: dict) -> str | None:
+    """The first structural problem in the sections the runtime reads (architecture, config,
+    tokenizer, chat_template, special_tokens, generation), or None. Sections may be absent (a
+    bundle need not hold a model); Engine requires the ones it needs."""
+    arch = meta.get("architecture")
+    if arch is not None and not isinstance(arch, str):
+        return f"architecture must be a string, got {_type_name(arch)}"
+    cfg = meta.get("config", {})
+    if not isinstance(cfg, dict):
+        return f"config must be an object, got {_type_name(cfg)}"
+    for key in _CONFIG_SIZES:
+        if key in cfg and not (_is_int(cfg[key]) and cfg[key] >= 1):
+            return f"config.{key} must be an integer >= 1, got {cfg[key]!r}"
+    for key in _CONFIG_POSITIVE:
+        if key in cfg and not (_is_number(cfg[key]) and cfg[key] > 0):
+            return f"config.{key} must be a finite number > 0, got {cfg[key]!r}"
+    tok = meta.get("tokenizer", {})
+    if not isinstance(tok, dict):
+        return f"tokenizer must be an object, got {_type_name(tok)}"
+    if "json" in tok and not isinstance(tok["json"], str):
+        return f"tokenizer.json must be a string, got {_type_name(tok['json'])}"
+    template = meta.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        return f"chat_template must be a string or null, got {_type_name(template)}"
+    special = meta.get("special_tokens", {})
+    if not isinstance(special, dict):
+        return f"special_tokens must be an object, got {_type_name(special)}"
+    eos = special.get("eos_ids")
+    if eos is not None and not isinstance(eos, list):
+        return f"special_tokens.eos_ids must be an array, got {_type_name(eos)}"
+    pad = special.get("pad_id")
+    if pad is not None and not _is_int(pad):  # not range checked: unused, and some configs say -1
+        return f"special_tokens.pad_id must be an integer or null, got {pad!r}"
+    vocab = cfg.get("vocab_size")
+    ids = [("special_tokens.bos_id", special["bos_id"])] if special.get("bos_id") is not None else []
+    ids += [(f"special_tokens.eos_ids[{i}]", v) for i, v in enumerate(eos or [])]
+    for name, v in ids:
+        if not _is_int(v) or v < 0:
+            return f"{name} must be a token id (an integer >= 0), got {v!r}"
+        if vocab is not None and v >= vocab:
+            return f"{name} {v} is outside the vocabulary (config.vocab_size {vocab})"
+    if not isinstance(special.get("add_bos", False), bool):
+        return f"special_tokens.add_bos must be true or false, got {special['add_bos']!r}"
+    gen = meta.get("generation")
+    if gen is not None and not isinstance(gen, dict):
+        return f"generation must be an object, got {_type_name(gen)}"
+    for key, v in (gen or {}).items():
+        if v is not None and not (_is_int(v) if key in _GENERATION_INTS else _is_number(v)):
+            kind = "an integer" if key in _GENERATION_INTS else "a finite number"
+            return f"generation.{key} must be {kind} or null, got {v!r}"
+    return None
+
+
 class Bundle:
     """An open, validated .plm bundle. Tensor data stays in the read-only mapping."""
 
@@ -297,6 +373,9 @@ class Bundle:
                 f"{self.path}: metadata says format_version {meta['format_version']!r}, "
                 f"header says {self.version}"
             )
+        problem = _metadata_problem(meta)
+        if problem is not None:
+            raise BundleError(f"{self.path}: bad metadata: {problem}")
         return meta
 
     def info(self, name: str) -> TensorInfo:
@@ -323,7 +402,8 @@ class Bundle:
 
 def read_bundle(path: str | os.PathLike) -> Bundle:
     """Opens and validates a bundle (header, sections, metadata and index checksums, every index
-    entry, metadata JSON). Tensor data is hashed only by `Bundle.verify()`. Raises BundleError."""
+    entry, metadata JSON and the types of the metadata sections the runtime reads). Tensor data
+    is hashed only by `Bundle.verify()`. Raises BundleError."""
     from pocketlm import _core  # the converter (writer) must work without the extension
 
     bundle = Bundle(_core.Bundle(os.fsdecode(os.fspath(path))))

@@ -11,6 +11,8 @@ the bundle.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Iterator
 
 from pocketlm import models
 from pocketlm.bundle import read_bundle
-from pocketlm.errors import BundleError
+from pocketlm.errors import BundleError, PocketLMError
 from pocketlm.ir.graph import Graph
 from pocketlm.ir.lower import lower
 from pocketlm.passes import PIPELINE, run_pipeline
@@ -27,6 +29,7 @@ from pocketlm.planner import MemoryPlan, plan_memory
 from pocketlm.tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 256
+MAX_THREADS = 64  # the executor's thread pool takes 1..64 (csrc/runtime/threadpool.h)
 
 
 def physical_cores() -> int:
@@ -54,24 +57,67 @@ class CompiledModel:
                  activations: str = "int8x2"):
         from pocketlm import _core
 
-        meta = bundle.metadata
+        meta = _model_metadata(bundle, "architecture", "config")
         arch = models.get(meta["architecture"])
         self.config = dict(meta["config"])
-        g = Graph()
-        arch.build(g, self.config, max_positions=max_context)
-        read_weight = _weight_reader(bundle)
-        # all_logits (scoring, perplexity): keep the output head on every row.
-        passes = [(name, make_fold_constants(read_weight) if name == "fold_constants" else fn)
-                  for name, fn in PIPELINE if not (all_logits and name == "last_position_only")]
-        self.all_logits = all_logits
-        self.snapshots: list[tuple[str, Graph]] | None = [] if keep_snapshots else None
-        self.graph = run_pipeline(g, passes, self.snapshots)
-        self.plan: MemoryPlan = plan_memory(self.graph, prefill_chunk)
-        tensors, ops, output = lower(self.graph, self.plan)
-        c = self.config
+        with _metadata_errors(bundle):
+            # Every layer has weights: a hostile n_layers must not keep build() busy for hours.
+            if self.config.get("n_layers", 0) > len(bundle.tensors):
+                raise BundleError(f"{bundle.path}: config.n_layers is {self.config['n_layers']}, but the "
+                                  f"bundle holds only {len(bundle.tensors)} tensors")
+            g = Graph()
+            arch.build(g, self.config, max_positions=max_context)
+            _check_weights(bundle, g)  # before the passes, which compute tables sized by the config
+            read_weight = _weight_reader(bundle)
+            # all_logits (scoring, perplexity): keep the output head on every row.
+            passes = [(name, make_fold_constants(read_weight) if name == "fold_constants" else fn)
+                      for name, fn in PIPELINE if not (all_logits and name == "last_position_only")]
+            self.all_logits = all_logits
+            self.snapshots: list[tuple[str, Graph]] | None = [] if keep_snapshots else None
+            self.graph = run_pipeline(g, passes, self.snapshots)
+            self.plan: MemoryPlan = plan_memory(self.graph, prefill_chunk)
+            tensors, ops, output = lower(self.graph, self.plan)
+            c = self.config
+            kv_shape = (c["n_layers"], c["n_kv_heads"], c["head_dim"])
         self.program = _core.Program(bundle.core, tensors, ops, self.plan.arena_bytes, prefill_chunk,
-                                     (c["n_layers"], c["n_kv_heads"], c["head_dim"]), output, threads,
+                                     kv_shape, output, threads,
                                      kernels, activations)
+
+
+def _model_metadata(bundle, *sections: str) -> dict:
+    """The bundle's metadata, checked to hold the sections a model needs (their types were
+    checked when the bundle was opened)."""
+    meta = bundle.metadata
+    missing = [s for s in sections if meta.get(s) is None]
+    if missing:
+        raise BundleError(f"{bundle.path}: metadata has no {', '.join(missing)}: not a model bundle")
+    return meta
+
+
+@contextlib.contextmanager
+def _metadata_errors(bundle):
+    """Building the model runs on the bundle's config: a missing or inconsistent entry (a head
+    count that does not divide, a size of the wrong type) surfaces as a KeyError, ValueError, ...
+    deep in the model code. Reported as what it is, a bad bundle, with the original chained."""
+    try:
+        yield
+    except PocketLMError:
+        raise
+    except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError, IndexError) as e:
+        detail = f"no entry {e.args[0]!r}" if isinstance(e, KeyError) and e.args else f"{type(e).__name__}: {e}"
+        raise BundleError(f"{bundle.path}: cannot build the model from its metadata: {detail}") from e
+
+
+def _check_weights(bundle, g: Graph) -> None:
+    """Every weight the model reads is in the bundle, with the shape its config implies (compared
+    as the executor does, as rows x cols; it would say only "expected shape", as a ValueError)."""
+    for name, ref in g.weights.items():
+        if name not in bundle:
+            raise BundleError(f"{bundle.path}: no tensor {name!r}, which the model's config needs")
+        have, want = bundle.info(name).shape, ref.shape
+        if (math.prod(have[:-1]), have[-1]) != (math.prod(want[:-1]), want[-1]):
+            raise BundleError(f"{bundle.path}: tensor {name!r} has shape {list(have)}, the config implies "
+                              f"{list(want)}")
 
 
 def _weight_reader(bundle):
@@ -108,7 +154,7 @@ class Engine:
                  activations: str = "int8x2"):
         """Loads a .plm (or a .gguf, converted once into the cache, or a known model name).
 
-        threads: worker threads (default: physical cores). max_context: tokens per session
+        threads: worker threads, 1..64 (default: physical cores). max_context: tokens per session
         (capped at the model's trained context). prefill_chunk: tokens per executor call
         during prefill. verify: hash every tensor before use. kernels: force a CPU kernel
         variant ("ref", "avx2", "avx512", "neon"; default: the best this CPU supports).
@@ -123,16 +169,16 @@ class Engine:
             problems = self.bundle.verify()
             if problems:
                 raise BundleError(f"{self.path}: " + "; ".join(problems))
-        meta = self.bundle.metadata
+        meta = _model_metadata(self.bundle, "architecture", "config", "tokenizer")
         self.metadata: dict = meta
         self.config: dict = dict(meta["config"])
         if max_context < 1:
             raise ValueError("max_context must be at least 1")
         trained = int(self.config.get("max_position") or max_context)
         self.max_context = min(int(max_context), trained)
-        self.threads = int(threads) if threads else physical_cores()
-        if not 1 <= self.threads <= 64:
-            raise ValueError("threads must be between 1 and 64")
+        self.threads = int(threads) if threads is not None else physical_cores()
+        if not 1 <= self.threads <= MAX_THREADS:  # 0 too: a silent fallback would hide a mistake
+            raise ValueError(f"threads must be between 1 and {MAX_THREADS}, got {self.threads}")
         self.prefill_chunk = max(1, min(int(prefill_chunk), self.max_context))
         self._kernels = kernels
         self.activations = activations
@@ -140,8 +186,13 @@ class Engine:
                                       kernels=kernels, activations=activations)
         self._scoring: CompiledModel | None = None
         st = meta.get("special_tokens", {})
-        self.tokenizer = Tokenizer(meta["tokenizer"]["json"], bos_id=st.get("bos_id"),
-                                   eos_ids=tuple(st.get("eos_ids") or ()), add_bos=bool(st.get("add_bos")))
+        if "json" not in meta["tokenizer"]:
+            raise BundleError(f"{self.path}: bad metadata: tokenizer has no json document")
+        try:
+            self.tokenizer = Tokenizer(meta["tokenizer"]["json"], bos_id=st.get("bos_id"),
+                                       eos_ids=tuple(st.get("eos_ids") or ()), add_bos=bool(st.get("add_bos")))
+        except BundleError as e:  # the tokenizer does not know which file it came from
+            raise BundleError(f"{self.path}: {e}") from e
         self.chat_template: str | None = meta.get("chat_template")
         self.generation_defaults: dict = dict(meta.get("generation") or {})
         self.load_seconds = time.perf_counter() - t0

@@ -98,3 +98,65 @@ def test_errors_are_one_line_and_nonzero(tmp_path):
 def test_context_overflow_is_a_clear_error(model):
     r = cli("run", model, "-p", "word " * 200, "-n", 4, "-c", 32, check=False)
     assert r.returncode == 1 and "context" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "-t", "1000"], "argument -t/--threads: invalid value '1000': must be between 1 and 64"),
+    (["run", "-t", "0"], "argument -t/--threads: invalid value '0': must be between 1 and 64 (leave -t out"),
+    (["chat", "-t", "-1"], "argument -t/--threads: invalid value '-1'"),
+    (["run", "-t", "two"], "argument -t/--threads: invalid int value: 'two'"),
+    (["run", "-c", "0"], "argument -c/--ctx-size: invalid value '0': must be at least 1"),
+    (["run", "-n", "-1"], "argument -n/--n-predict: invalid value '-1': must be 0 or more"),
+    (["run", "--temp", "-1"], "argument --temp: invalid value '-1': must be a number >= 0"),
+    (["run", "--temp", "nan"], "argument --temp: invalid value 'nan'"),
+    (["chat", "--top-p", "2"], "argument --top-p: invalid value '2': must be in (0, 1]"),
+    (["chat", "--top-p", "0"], "argument --top-p: invalid value '0'"),
+    (["run", "--top-k", "-5"], "argument --top-k: invalid value '-5': must be 0 or more"),
+    (["run", "--min-p", "1.5"], "argument --min-p: invalid value '1.5': must be in [0, 1]"),
+    (["run", "--repeat-penalty", "0"], "argument --repeat-penalty: invalid value '0': must be a number > 0"),
+    (["inspect", "x.plm", "--chunk", "0"], "argument --chunk: invalid value '0': must be at least 1"),
+    (["perplexity", "-b", "0"], "argument -b/--batch-size: invalid value '0'"),
+    (["bench", "-t", "65"], "argument -t/--threads: invalid value '65'"),
+])
+def test_bad_option_values_are_argparse_errors(args, message):
+    r = cli(*args, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"pocketlm {args[0]}: error: {message}" in r.stderr.splitlines()[-1]
+
+
+def test_option_ranges_accept_their_limits():
+    from pocketlm.cli.main import build_parser
+
+    a = build_parser().parse_args(["run", "-t", "64", "-c", "1", "-n", "0", "--temp", "0", "--top-p", "1",
+                                   "--top-k", "0", "--min-p", "0", "--repeat-penalty", "1.1"])
+    assert (a.threads, a.ctx_size, a.n_predict, a.temp, a.top_p, a.top_k, a.min_p) == (64, 1, 0, 0.0, 1.0, 0, 0.0)
+    assert build_parser().parse_args(["run"]).threads is None  # the default: physical cores
+
+
+def test_engine_rejects_zero_threads_instead_of_defaulting(model):
+    from pocketlm.engine import Engine
+
+    with pytest.raises(ValueError, match="threads must be between 1 and 64, got 0"):
+        Engine(model, threads=0, max_context=32)
+    assert Engine(model, max_context=32).threads >= 1
+
+
+def test_missing_files_are_one_line_errors(model, tmp_path):
+    missing = tmp_path / "nonexistent.txt"
+    r = cli("run", model, "-f", missing, "-n", 1, check=False)
+    assert r.returncode == 1 and r.stderr == f"pocketlm: error: {missing}: No such file or directory\n"
+    r = cli("perplexity", model, "-f", missing, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and str(missing) in r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+def test_value_errors_reach_the_user_as_one_line(model, monkeypatch, capsys):
+    import pocketlm.engine
+    from pocketlm.cli.main import main
+
+    def engine(*args, **kwargs):
+        raise ValueError("something the user can fix")
+
+    monkeypatch.setattr(pocketlm.engine, "Engine", engine)
+    assert main(["run", str(model), "-p", "x"]) == 1
+    assert capsys.readouterr().err == "pocketlm: error: something the user can fix\n"

@@ -72,3 +72,13 @@ def raw_bundle(entries: list[bytes], data: bytes, meta: bytes = b'{"format_versi
     HEADER.pack_into(buf, 0, b"POCKETLM", 1, 256, len(buf), meta_offset, len(meta), index_offset,
                      len(index), data_offset, len(data), bytes(32), bytes(32), bytes(32))
     return fix_checksums(buf)
+
+
+def with_metadata(buf: bytes, meta: bytes) -> bytearray:
+    """`buf` (a bundle) with its metadata section replaced by `meta`, the index and data moved to
+    follow it and every checksum recomputed: hostile metadata that only the metadata checks see."""
+    h = read_header(buf)
+    index = bytes(buf[h["index_offset"] : h["index_offset"] + h["index_bytes"]])
+    data = bytes(buf[h["data_offset"] : h["data_offset"] + h["data_bytes"]])
+    (n_tensors,) = struct.unpack_from("<I", index)
+    return raw_bundle([], data, meta=meta, n_tensors=n_tensors, index_extra=index[4:])

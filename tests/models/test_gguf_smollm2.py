@@ -2,7 +2,8 @@
 same file (its GGUF loader dequantizes every tensor to float32): the reference run.
 
 - Converted to f32, pocketlm computes what transformers computes: last-position logits within
-  1e-3 (logits here are O(10)) and the same 32 greedy tokens of a chat answer.
+  1e-3 (logits here are O(10)) and the same 32 greedy tokens of a chat answer, both live and
+  against a transformers run recorded below (prompt ids, top-5 logits, greedy answer).
 - Kept in its own types (the default), pocketlm's integer kernels quantize activations; we state
   the tolerance as quality: perplexity within 0.5% of the float reference on the same text, and
   top-1 next-token agreement >= 90%.
@@ -29,6 +30,18 @@ TEXT = (
     "light was automated, the ledger went to the town museum, where it still lies open under glass."
 )
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+# A recorded reference run, so that a change in transformers cannot move both sides at once:
+# transformers 5.23.0 (torch 2.13.0+cpu, float32) loading this GGUF with `gguf_file=`, not
+# pocketlm. PROMPT_IDS is its tokenizer's apply_chat_template(QUESTION, add_generation_prompt=True);
+# TOP5 the largest next-token logits after it (id, value to 4 decimals); GREEDY its
+# generate(max_new_tokens=32, do_sample=False), which stops at <|im_end|> (id 2):
+# "The capital of France is Paris."
+PROMPT_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
+              19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+TOP5 = [(504, 25.3254), (60, 25.2433), (15319, 24.9424), (2219, 24.4017), (7026, 24.3146)]
+GREEDY = [504, 3575, 282, 4649, 314, 7042, 30, 2]
+RECORDED_LOGIT_TOL = 1e-3  # as the live comparison below; float32 summation order differs by ~1e-5
 
 
 def greedy(engine, ids, n):
@@ -81,6 +94,16 @@ def test_f32_logits_and_greedy_chat_match_transformers(f32, hf_model):
     got = greedy(f32, ids, len(ref_tokens))
     assert got == ref_tokens
     assert "Paris" in f32.tokenizer.decode(got)
+
+
+def test_f32_matches_recorded_reference(f32):
+    ids = f32.tokenizer.encode(f32.apply_chat_template(QUESTION), add_special_tokens=False)
+    assert ids == PROMPT_IDS
+    logits = f32.create_session().prefill(ids)
+    top_ids = [i for i, _ in TOP5]
+    assert np.argsort(-logits)[:5].tolist() == top_ids
+    np.testing.assert_allclose(logits[top_ids], [v for _, v in TOP5], rtol=0, atol=RECORDED_LOGIT_TOL)
+    assert greedy(f32, ids, 32) == GREEDY
 
 
 def test_native_quality_matches_float_reference(native, hf_model):

