@@ -76,15 +76,43 @@ inline void transpose_16x16(const uint8_t* const* p, __m512i out[4]) {
   out[3] = _mm512_shuffle_i64x2(b01, b23, _MM_SHUFFLE(3, 2, 3, 2));
 }
 
-// Weight formats: codes(rows, run, w) fills the 8 k-steps of 32-block `run` of 16 rows,
-// coefs(row, run, v1, v2) gives that row's two coefficients (see the top of the file).
+// Weight formats. codes(rows, run, w) fills the 8 k-steps of 32-run `run` of 16 rows with
+// unsigned codes; coefs(row, run0, v1, v2) gives one row's coefficients (see the top of the
+// file) for the kCoefRuns runs from run0 (a K-quant super-block decodes its scales once).
+// kHalves (Q6_K): each 16 elements of a run have their own scale: v1 scales codes 0-15,
+// v2 codes 16-31, and the -32 code bias is taken out in int32 from the activation sums of the
+// halves (micro_halves).
+
+// 16 rows x 32 bytes at p[i] -> w[m], lane r = bytes 4m..4m+3 of row r.
+inline void transpose_16x32(const uint8_t* const* p, __m512i* w) {
+  const uint8_t* hi[kRows];
+  for (int i = 0; i < kRows; ++i) hi[i] = p[i] + 16;
+  transpose_16x16(p, w);
+  transpose_16x16(hi, w + 4);
+}
+inline const uint8_t* const* offset_rows(const uint8_t* const* rows, size_t off, const uint8_t** out) {
+  for (int i = 0; i < kRows; ++i) out[i] = rows[i] + off;
+  return out;
+}
+inline __m512i nibbles(__m512i v, int high) {
+  return _mm512_and_si512(high ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0x0F));
+}
+// Bits `shift`.. of each byte, `width` of them, moved to bit 4 (the high bits of a code).
+inline __m512i high_bits(__m512i v, int shift, int width) {
+  const __m512i m = _mm512_set1_epi8((char)((1 << width) - 1));
+  return _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(v, shift), m), 4);  // codes < 256: no carry
+}
+
+struct FormatDefaults {
+  static constexpr int kCoefRuns = 1;
+  static constexpr bool kRowScale = false, kHalves = false;
+};
 
 // Q4 with one scale per G elements (G = 32, 64, 128): every 32-run is 16 bytes of nibbles
 // after the block header, low nibbles codes 0-15, high nibbles 16-31.
 template <int G, bool Asym>
-struct Q4Pack {
+struct Q4Pack : FormatDefaults {
   static constexpr int kHdr = Asym ? 4 : 2, kBlockBytes = kHdr + G / 2, kRunsPerBlock = G / 32;
-  static constexpr bool kRowScale = false;
   static const uint8_t* block(const uint8_t* row, int run) {
     return row + (size_t)(run / kRunsPerBlock) * kBlockBytes;
   }
@@ -93,58 +121,150 @@ struct Q4Pack {
     for (int i = 0; i < kRows; ++i) p[i] = block(rows[i], run) + kHdr + 16 * (run % kRunsPerBlock);
     __m512i n[4];
     transpose_16x16(p, n);
-    const __m512i low = _mm512_set1_epi8(0x0F);
     for (int j = 0; j < 4; ++j) {
-      w[j] = _mm512_and_si512(n[j], low);
-      w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(n[j], 4), low);
+      w[j] = nibbles(n[j], 0);
+      w[j + 4] = nibbles(n[j], 1);
     }
   }
-  static void coefs(const uint8_t* row, int run, float& v1, float& v2) {
+  static void coefs(const uint8_t* row, int run, float* v1, float* v2) {
     const uint8_t* b = block(row, run);
     const float d = f16_at(b);
-    v1 = d;
-    v2 = Asym ? f16_at(b + 2) : -8.0f * d;
+    *v1 = d;
+    *v2 = Asym ? f16_at(b + 2) : -8.0f * d;
+  }
+};
+
+// Q5_0 (x = d(q-16)) / Q5_1 (x = dq + m): Q4 nibbles, bit 4 of code j is bit j of the u32 qh.
+template <bool Asym>
+struct Q5Pack : FormatDefaults {
+  static constexpr int kHdr = Asym ? 4 : 2, kBlockBytes = kHdr + 4 + 16;
+  static void codes(const uint8_t* const* rows, int run, __m512i* w) {
+    const uint8_t* p[kRows];
+    transpose_16x16(offset_rows(rows, (size_t)run * kBlockBytes + kHdr + 4, p), w);
+    // qh of each row in every lane's dword: byte b of k-step j needs bit 4j+b (j < 4) or
+    // 16+4j+b (j >= 4): shift the u32 right, then spread bits 0-3 to bytes 0-3.
+    alignas(64) uint32_t qh[kRows];
+    for (int i = 0; i < kRows; ++i) std::memcpy(&qh[i], rows[i] + (size_t)run * kBlockBytes + kHdr, 4);
+    const __m512i h = _mm512_load_si512(qh);
+    const __m512i spread = _mm512_set1_epi32(0x08040201);  // byte b keeps bit b
+    const __m512i low_byte_x4 = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12));
+    for (int j = 3; j >= 0; --j) {
+      const __m512i n = w[j];
+      for (int half = 0; half < 2; ++half) {
+        const __m512i bits = _mm512_srli_epi32(h, 4 * j + 16 * half);
+        // broadcast the low byte of each dword to its 4 bytes, keep bit b in byte b
+        const __m512i b4 = _mm512_and_si512(_mm512_shuffle_epi8(bits, low_byte_x4), spread);
+        const __mmask64 set = _mm512_test_epi8_mask(b4, b4);
+        w[j + 4 * half] = _mm512_mask_add_epi8(nibbles(n, half), set, nibbles(n, half), _mm512_set1_epi8(0x10));
+      }
+    }
+  }
+  static void coefs(const uint8_t* row, int run, float* v1, float* v2) {
+    const uint8_t* b = row + (size_t)run * kBlockBytes;
+    const float d = f16_at(b);
+    *v1 = d;
+    *v2 = Asym ? f16_at(b + 2) : -16.0f * d;
   }
 };
 
 template <int kBlockBytes, int kHdr>
 inline void byte_codes(const uint8_t* const* rows, int run, __m512i* w) {
   const uint8_t* p[kRows];
-  for (int i = 0; i < kRows; ++i) p[i] = rows[i] + (size_t)run * kBlockBytes + kHdr;
-  transpose_16x16(p, w);
-  for (int i = 0; i < kRows; ++i) p[i] += 16;
-  transpose_16x16(p, w + 4);
+  transpose_16x32(offset_rows(rows, (size_t)run * kBlockBytes + kHdr, p), w);
   const __m512i bias = _mm512_set1_epi8((char)0x80);
   for (int j = 0; j < 8; ++j) w[j] = _mm512_xor_si512(w[j], bias);  // q + 128
 }
 
-struct Q8Pack {  // block 32: {f16 d; i8 qs[32]}
-  static constexpr bool kRowScale = false;
+struct Q8Pack : FormatDefaults {  // block 32: {f16 d; i8 qs[32]}
   static void codes(const uint8_t* const* rows, int run, __m512i* w) { byte_codes<34, 2>(rows, run, w); }
-  static void coefs(const uint8_t* row, int run, float& v1, float& v2) {
+  static void coefs(const uint8_t* row, int run, float* v1, float* v2) {
     const float d = f16_at(row + (size_t)run * 34);
-    v1 = d;
-    v2 = -128.0f * d;
+    *v1 = d;
+    *v2 = -128.0f * d;
   }
 };
 
-struct I8Pack {  // i8 codes, one scale per row applied after the sum
+struct I8Pack : FormatDefaults {  // i8 codes, one scale per row applied after the sum
   static constexpr bool kRowScale = true;
   static void codes(const uint8_t* const* rows, int run, __m512i* w) { byte_codes<32, 0>(rows, run, w); }
-  static void coefs(const uint8_t*, int, float& v1, float& v2) {
-    v1 = 1.0f;
-    v2 = -128.0f;
+  static void coefs(const uint8_t*, int, float* v1, float* v2) {
+    *v1 = 1.0f;
+    *v2 = -128.0f;
+  }
+};
+
+// Q4_K / Q5_K, 256-element super-blocks {f16 d, dmin; u8 scales[12]; (Q5: u8 qh[32];) u8 qs[128]}:
+// run s of a super-block is the low (s even) or high nibbles of qs[32(s/2) ..], plus (Q5_K) bit
+// s of qh[0..31] as bit 4; x = d sc_s q - dmin mn_s.
+template <bool Q5>
+struct QKPack : FormatDefaults {
+  static constexpr int kBlockBytes = Q5 ? 176 : 144, kQs = Q5 ? 48 : 16;
+  static constexpr int kCoefRuns = 8;
+  static void codes(const uint8_t* const* rows, int run, __m512i* w) {
+    const size_t blk = (size_t)(run / 8) * kBlockBytes;
+    const int s = run % 8;
+    const uint8_t* p[kRows];
+    transpose_16x32(offset_rows(rows, blk + kQs + 32 * (s / 2), p), w);
+    for (int j = 0; j < 8; ++j) w[j] = nibbles(w[j], s & 1);
+    if constexpr (Q5) {
+      __m512i h[8];
+      transpose_16x32(offset_rows(rows, blk + 16, p), h);
+      for (int j = 0; j < 8; ++j) w[j] = _mm512_or_si512(w[j], high_bits(h[j], s, 1));
+    }
+  }
+  static void coefs(const uint8_t* row, int run0, float* v1, float* v2) {
+    const uint8_t* b = row + (size_t)(run0 / 8) * kBlockBytes;
+    const float d = f16_at(b), dmin = f16_at(b + 2);
+    uint8_t sc[8], mn[8];
+    kquant_scales_mins(b + 4, sc, mn);
+    for (int s = 0; s < 8; ++s) {
+      v1[s] = d * (float)sc[s];
+      v2[s] = -dmin * (float)mn[s];
+    }
+  }
+};
+
+// Q6_K, {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}: run j (h = j/4, c = j%4) takes the
+// nibbles (c/2) of ql[64h + 32(c%2) ..] and bits 2c, 2c+1 of qh[32h ..] as bits 4-5;
+// x = d sc_e (q - 32) with one scale per 16 elements.
+struct Q6KPack : FormatDefaults {
+  static constexpr int kBlockBytes = 210, kCoefRuns = 8;
+  static constexpr bool kHalves = true;
+  static void codes(const uint8_t* const* rows, int run, __m512i* w) {
+    const size_t blk = (size_t)(run / 8) * kBlockBytes;
+    const int j = run % 8, h = j / 4, c = j % 4;
+    const uint8_t* p[kRows];
+    transpose_16x32(offset_rows(rows, blk + 64 * h + 32 * (c % 2), p), w);
+    __m512i hb[8];
+    transpose_16x32(offset_rows(rows, blk + 128 + 32 * h, p), hb);
+    for (int k = 0; k < 8; ++k) w[k] = _mm512_or_si512(nibbles(w[k], c / 2), high_bits(hb[k], 2 * c, 2));
+  }
+  static void coefs(const uint8_t* row, int run0, float* v1, float* v2) {
+    const uint8_t* b = row + (size_t)(run0 / 8) * kBlockBytes;
+    const float d = f16_at(b + 208);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    for (int j = 0; j < 8; ++j) {
+      v1[j] = d * (float)sc[2 * j];
+      v2[j] = d * (float)sc[2 * j + 1];
+    }
   }
 };
 
 template <class P>
 void pack_group(const uint8_t* const* rows, int nruns, GemmBlock* out) {
-  alignas(64) float v1[kRows], v2[kRows];
-  for (int b = 0; b < nruns; ++b) {
-    P::codes(rows, b, out[b].w);
-    for (int r = 0; r < kRows; ++r) P::coefs(rows[r], b, v1[r], v2[r]);
-    out[b].v1 = _mm512_load_ps(v1);
-    out[b].v2 = _mm512_load_ps(v2);
+  constexpr int R = P::kCoefRuns;
+  alignas(64) float v1[R][kRows], v2[R][kRows];
+  float c1[R], c2[R];
+  for (int b0 = 0; b0 < nruns; b0 += R) {
+    for (int r = 0; r < kRows; ++r) {
+      P::coefs(rows[r], b0, c1, c2);
+      for (int i = 0; i < R; ++i) v1[i][r] = c1[i], v2[i][r] = c2[i];
+    }
+    for (int i = 0; i < R; ++i) {
+      P::codes(rows, b0 + i, out[b0 + i].w);
+      out[b0 + i].v1 = _mm512_load_ps(v1[i]);
+      out[b0 + i].v2 = _mm512_load_ps(v2[i]);
+    }
   }
 }
 
@@ -195,6 +315,72 @@ void micro(const GemmBlock* wb, int nruns, const Block* x, float* y, size_t ldy,
   for (int t = 0; t < RT; ++t) _mm512_mask_storeu_ps(y + (size_t)t * ldy, mask, _mm512_mul_ps(acc[t], rs));
 }
 
+// Q6_K: as micro, with the two 16-element halves of a run in separate int32 sums that start at
+// -32 times the half's activation code sum (bias[], one int32 per token, run, level and half),
+// each scaled by its own v (v1: codes 0-15, v2: codes 16-31).
+template <class Block, int RT>
+void micro_halves(const GemmBlock* wb, int nruns, const Block* x, const int32_t* bias, float* y, size_t ldy,
+                  __mmask16 mask) {
+  constexpr bool kTwo = std::is_same_v<Block, BlockQ8A2>;
+  constexpr int L = kTwo ? 2 : 1;
+  __m512 acc[RT];
+#pragma GCC unroll 8
+  for (int t = 0; t < RT; ++t) acc[t] = _mm512_setzero_ps();
+  for (int b = 0; b < nruns; ++b) {
+    const GemmBlock& W = wb[b];
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; ++half) {
+      __m512i s1[RT], s2[RT];
+#pragma GCC unroll 8
+      for (int t = 0; t < RT; ++t) {
+        const int32_t* bt = bias + (((size_t)t * nruns + b) * L) * 2 + half;
+        s1[t] = _mm512_set1_epi32(bt[0]);
+        if constexpr (kTwo) s2[t] = _mm512_set1_epi32(bt[2]);
+      }
+#pragma GCC unroll 4
+      for (int j = 4 * half; j < 4 * half + 4; ++j) {
+        const __m512i w = _mm512_load_si512(&W.w[j]);
+#pragma GCC unroll 8
+        for (int t = 0; t < RT; ++t) {
+          const Block& a = x[(size_t)t * nruns + b];
+          s1[t] = _mm512_dpbusd_epi32(s1[t], w, bcst4(a.qs + 4 * j));
+          if constexpr (kTwo) s2[t] = _mm512_dpbusd_epi32(s2[t], w, bcst4(a.qs2 + 4 * j));
+        }
+      }
+      const __m512 v = half ? W.v2 : W.v1;
+#pragma GCC unroll 8
+      for (int t = 0; t < RT; ++t) {
+        const Block& a = x[(size_t)t * nruns + b];
+        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s1[t]), _mm512_set1_ps(a.d));
+        if constexpr (kTwo) f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s2[t]), _mm512_set1_ps(a.d2), f);
+        acc[t] = _mm512_fmadd_ps(f, v, acc[t]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < RT; ++t) _mm512_mask_storeu_ps(y + (size_t)t * ldy, mask, acc[t]);
+}
+
+// -32 x the code sum of each 16-element half of every activation run, per level:
+// out[((t * nruns + run) * L + level) * 2 + half].
+template <class Block>
+void half_bias(const Block* xq, int T, int nruns, int32_t* out) {
+  constexpr bool kTwo = std::is_same_v<Block, BlockQ8A2>;
+  const __m256i flip = _mm256_set1_epi8((char)0x80);
+  auto sums = [&](const int8_t* q, int32_t* o) {  // sad of q + 128 against 0, minus 128 x 16
+    const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), flip);
+    const __m256i sad = _mm256_sad_epu8(u, _mm256_setzero_si256());  // 4 sums of 8 bytes
+    alignas(32) int64_t v[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(v), sad);
+    o[0] = -32 * (int32_t)(v[0] + v[1] - 128 * 16);
+    o[1] = -32 * (int32_t)(v[2] + v[3] - 128 * 16);
+  };
+  for (size_t i = 0; i < (size_t)T * nruns; ++i) {
+    sums(xq[i].qs, out + i * (kTwo ? 4 : 2));
+    if constexpr (kTwo) sums(xq[i].qs2, out + i * 4 + 2);
+  }
+}
+
 template <class P, class Block>
 void gemm_impl(const WeightView& w, const Block* xq, int T, float* y, size_t ldy, int n0, int n1) {
   const int nruns = (int)(w.cols / 32);
@@ -202,6 +388,14 @@ void gemm_impl(const WeightView& w, const Block* xq, int T, float* y, size_t ldy
   thread_local std::vector<GemmBlock> scratch;
   if (scratch.size() < (size_t)nruns) scratch.resize((size_t)nruns);
   GemmBlock* wb = scratch.data();
+  thread_local std::vector<int32_t> bias_scratch;
+  const int32_t* bias = nullptr;
+  if constexpr (P::kHalves) {
+    const size_t n = (size_t)T * nruns * (std::is_same_v<Block, BlockQ8A2> ? 4 : 2);
+    if (bias_scratch.size() < n) bias_scratch.resize(n);
+    half_bias(xq, T, nruns, bias_scratch.data());
+    bias = bias_scratch.data();
+  }
   for (int g = n0; g < n1; g += kRows) {
     const int valid = std::min(kRows, n1 - g);
     const uint8_t* rows[kRows];  // a short last group repeats its last row; those lanes are not stored
@@ -212,6 +406,20 @@ void gemm_impl(const WeightView& w, const Block* xq, int T, float* y, size_t ldy
     for (int t0 = 0; t0 < T; t0 += kTile) {
       const Block* x = xq + (size_t)t0 * nruns;
       float* yt = y + (size_t)t0 * ldy + g;
+      if constexpr (P::kHalves) {
+        const int32_t* bt = bias + (size_t)t0 * nruns * (std::is_same_v<Block, BlockQ8A2> ? 4 : 2);
+        switch (std::min(kTile, T - t0)) {
+          case 1: micro_halves<Block, 1>(wb, nruns, x, bt, yt, ldy, mask); break;
+          case 2: micro_halves<Block, 2>(wb, nruns, x, bt, yt, ldy, mask); break;
+          case 3: micro_halves<Block, 3>(wb, nruns, x, bt, yt, ldy, mask); break;
+          case 4: micro_halves<Block, 4>(wb, nruns, x, bt, yt, ldy, mask); break;
+          case 5: micro_halves<Block, 5>(wb, nruns, x, bt, yt, ldy, mask); break;
+          case 6: micro_halves<Block, 6>(wb, nruns, x, bt, yt, ldy, mask); break;
+          case 7: micro_halves<Block, 7>(wb, nruns, x, bt, yt, ldy, mask); break;
+          default: micro_halves<Block, 8>(wb, nruns, x, bt, yt, ldy, mask); break;
+        }
+        continue;
+      }
       switch (std::min(kTile, T - t0)) {
         case 1: micro<Block, 1>(wb, nruns, x, yt, ldy, mask, rs); break;
         case 2: micro<Block, 2>(wb, nruns, x, yt, ldy, mask, rs); break;
@@ -237,6 +445,11 @@ void gemm_any(const WeightView& w, const Block* xq, int T, float* y, size_t ldy,
     case DType::Q4_1_G64: gemm_impl<Q4Pack<64, true>>(w, xq, T, y, ldy, n0, n1); break;
     case DType::Q4_1_G128: gemm_impl<Q4Pack<128, true>>(w, xq, T, y, ldy, n0, n1); break;
     case DType::I8: gemm_impl<I8Pack>(w, xq, T, y, ldy, n0, n1); break;
+    case DType::Q5_0: gemm_impl<Q5Pack<false>>(w, xq, T, y, ldy, n0, n1); break;
+    case DType::Q5_1: gemm_impl<Q5Pack<true>>(w, xq, T, y, ldy, n0, n1); break;
+    case DType::Q4_K: gemm_impl<QKPack<false>>(w, xq, T, y, ldy, n0, n1); break;
+    case DType::Q5_K: gemm_impl<QKPack<true>>(w, xq, T, y, ldy, n0, n1); break;
+    case DType::Q6_K: gemm_impl<Q6KPack>(w, xq, T, y, ldy, n0, n1); break;
     default: break;  // gemm_supports() is false
   }
 }
@@ -246,7 +459,8 @@ void gemm_any(const WeightView& w, const Block* xq, int T, float* y, size_t ldy,
 bool gemm_supports(DType t) {
   switch (t) {
     case DType::Q8_0: case DType::Q4_0: case DType::Q4_1: case DType::Q4_0_G64: case DType::Q4_0_G128:
-    case DType::Q4_1_G64: case DType::Q4_1_G128: case DType::I8:
+    case DType::Q4_1_G64: case DType::Q4_1_G128: case DType::I8: case DType::Q5_0: case DType::Q5_1:
+    case DType::Q4_K: case DType::Q5_K: case DType::Q6_K:
       return true;
     default:
       return false;
