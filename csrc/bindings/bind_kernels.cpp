@@ -241,6 +241,23 @@ float dot(const std::string& variant, In1<float> a, In1<float> b) {
   return kt.dot(a.data(), b.data(), (int)a.shape(0));
 }
 
+// out (G x dh) + w (G x n) @ rows (n x dh), through the variant's weighted_sum.
+nb::ndarray<nb::numpy, float> weighted_sum(const std::string& variant, In2<float> w, In2<float> rows,
+                                           In2<float> out) {
+  const KernelTable& kt = table(variant);
+  const size_t G = w.shape(0), n = w.shape(1), dh = rows.shape(1);
+  if (rows.shape(0) != n || out.shape(0) != G || out.shape(1) != dh || G == 0 || dh == 0)
+    throw nb::value_error("weighted_sum: need w [G, n], rows [n, dh], out [G, dh]");
+  float* y;
+  auto arr = new_array<float>({G, dh}, &y);
+  std::memcpy(y, out.data(), G * dh * sizeof(float));
+  {
+    nb::gil_scoped_release unlock;
+    kt.weighted_sum(w.data(), n, (int)G, rows.data(), dh, (int)n, y, dh, (int)dh);
+  }
+  return arr;
+}
+
 nb::ndarray<nb::numpy, float> axpy(const std::string& variant, float a, In1<float> x, In1<float> y) {
   const KernelTable& kt = table(variant);
   same_len(x.shape(0), y.shape(0), "axpy");
@@ -294,6 +311,8 @@ void bind_kernels(nb::module_& m) {
   k.def("add", [](const std::string& v, In1<float> a, In1<float> b) { return binary(v, a, b, false); },
         nb::arg("variant"), nb::arg("a"), nb::arg("b"));
   k.def("dot", &dot, nb::arg("variant"), nb::arg("a"), nb::arg("b"));
+  k.def("weighted_sum", &weighted_sum, nb::arg("variant"), nb::arg("w"), nb::arg("rows"), nb::arg("out"),
+        "out + w @ rows (attention's P.V) through the variant's weighted_sum.");
   k.def("axpy", &axpy, nb::arg("variant"), nb::arg("a"), nb::arg("x"), nb::arg("y"),
         "Returns y + a*x (y is not modified).");
   k.def("scale", &scale, nb::arg("variant"), nb::arg("a"), nb::arg("y"), "Returns a*y.");

@@ -75,7 +75,19 @@ struct KernelTable {
   // Two-level activations (BlockQ8A2): higher-precision integer matmuls.
   MatmulFn2 matmul2[kNumDTypes];             // indexed by DType
   void (*quantize_act2)(const float* x, BlockQ8A2* out, int K);  // K % 32 == 0
+  // Attention's P.V: out[g*ldo + i] += sum_{p < n} w[g*ldw + p] * rows[p*ldr + i] for g < G,
+  // i < dh; each row is read once for all G weight rows (the query heads of a KV head).
+  void (*weighted_sum)(const float* w, size_t ldw, int G, const float* rows, size_t ldr, int n,
+                       float* out, size_t ldo, int dh);
 };
+
+// weighted_sum from an axpy, for variants without a blocked one.
+template <void (*Axpy)(float, const float*, float*, int)>
+void weighted_sum_by_axpy(const float* w, size_t ldw, int G, const float* rows, size_t ldr, int n,
+                          float* out, size_t ldo, int dh) {
+  for (int p = 0; p < n; ++p)
+    for (int g = 0; g < G; ++g) Axpy(w[g * ldw + p], rows + (size_t)p * ldr, out + g * ldo, dh);
+}
 
 const KernelTable& ref_kernels();
 const KernelTable& best_kernels();                 // picked once from CPUID; env PLM_KERNELS=ref|avx2|avx512 overrides

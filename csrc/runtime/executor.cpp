@@ -975,10 +975,10 @@ void State::Impl::attention(const OpDesc& op) {
       std::memset(acc, 0, (size_t)dh * sizeof(float));
     }
     // Weighted sum of V rows, each row read once for the whole group.
+    const size_t acc_stride = n_chunks == 1 ? (size_t)dh : (size_t)slot;  // acc_of(g + 1) - acc_of(g)
     for_slots(p0, p1, [&](int64_t s0, int64_t s1) {
-      for (int64_t p = s0; p < s1; ++p)
-        for (int64_t g = 0; g < group; ++g)
-          kt.axpy(s[g * max_context + p], vh + p * kv_cols, acc_of(g), (int)dh);
+      kt.weighted_sum(s + s0, (size_t)max_context, (int)group, vh + s0 * kv_cols, (size_t)kv_cols,
+                      (int)(s1 - s0), acc_of(0), acc_stride, (int)dh);
     });
   });
   if (n_chunks == 1) return;

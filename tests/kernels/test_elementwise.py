@@ -1,4 +1,4 @@
-"""dot, axpy, scale, add, rms_norm, silu_mul, dequant_row: every variant vs the reference / numpy."""
+"""dot, axpy, scale, add, rms_norm, silu_mul, weighted_sum, dequant_row: every variant vs the reference / numpy."""
 
 from __future__ import annotations
 
@@ -31,6 +31,21 @@ def test_elementwise(variant):
         np.testing.assert_allclose(kernels.rms_norm(variant, a, b, 1e-6), a64 * rms * b64, rtol=2e-6, atol=1e-7)
         silu = a64 / (1 + np.exp(-a64)) * b64
         np.testing.assert_allclose(kernels.silu_mul(variant, a, b), silu, rtol=2e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("variant", variants())
+def test_weighted_sum(variant):
+    """Attention's P.V: out + w @ rows, for group sizes around the AVX-512 block of 6 weight rows
+    and head sizes around its 64-float slices."""
+    rng = np.random.default_rng(11)
+    for G, n, dh in [(1, 1, 1), (3, 5, 64), (6, 17, 64), (7, 33, 128), (14, 9, 80), (2, 100, 16), (13, 3, 7)]:
+        w = rng.random((G, n), dtype=np.float32)
+        rows = rng.standard_normal((n, dh)).astype(np.float32)
+        out = rng.standard_normal((G, dh)).astype(np.float32)
+        got = kernels.weighted_sum(variant, w, rows, out)
+        want = out.astype(np.float64) + w.astype(np.float64) @ rows.astype(np.float64)
+        scale = np.abs(out) + np.abs(w) @ np.abs(rows)
+        assert np.all(np.abs(got - want) <= 1e-6 * scale), (variant, G, n, dh)
 
 
 @pytest.mark.parametrize("variant", variants())

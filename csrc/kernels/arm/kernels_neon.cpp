@@ -396,6 +396,7 @@ const KernelTable* neon_kernel_table() {
           matmul2_float<matmul_float<row_dot_bf16>>,    // BF16
       },
       ref_kernels().quantize_act2,
+      weighted_sum_by_axpy<axpy_neon>,
   };
   return &table;
 }

@@ -493,6 +493,12 @@ float dot_ref(const float* a, const float* b, int n) {
 void axpy_ref(float a, const float* x, float* y, int n) {
   for (int i = 0; i < n; ++i) y[i] += a * x[i];
 }
+void weighted_sum_ref(const float* w, size_t ldw, int G, const float* rows, size_t ldr, int n, float* out,
+                      size_t ldo, int dh) {
+  for (int g = 0; g < G; ++g)
+    for (int p = 0; p < n; ++p)
+      for (int i = 0; i < dh; ++i) out[g * ldo + i] += w[g * ldw + p] * rows[(size_t)p * ldr + i];
+}
 void scale_ref(float a, float* y, int n) {
   for (int i = 0; i < n; ++i) y[i] *= a;
 }
@@ -559,6 +565,7 @@ const KernelTable& ref_kernels() {
           matmul2_float<matmul_float<row_dot_bf16>>,    // BF16
       },
       quantize_act2_ref,
+      weighted_sum_ref,
   };
   return table;
 }

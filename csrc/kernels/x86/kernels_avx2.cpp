@@ -816,6 +816,7 @@ const KernelTable* avx2_kernel_table() {
           matmul2_float<matmul_float<WKind::BF16>>,         // BF16
       },
       quantize_act2_avx2,
+      weighted_sum_by_axpy<axpy_avx2>,
   };
   return &table;
 }

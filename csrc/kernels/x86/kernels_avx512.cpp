@@ -825,6 +825,45 @@ void axpy_avx512(float a, const float* x, float* y, int n) {
   }
 }
 
+// Up to 6 weight rows x 64 outputs in 24 accumulators; each 64-float slice of a row is loaded
+// once per block of weight rows.
+void weighted_sum_avx512(const float* w, size_t ldw, int G, const float* rows, size_t ldr, int n, float* out,
+                         size_t ldo, int dh) {
+  constexpr int kG = 6, kV = 4;  // weight rows, zmm per row slice
+  for (int i0 = 0; i0 < dh; i0 += 16 * kV) {
+    __mmask16 m[kV];
+    for (int v = 0; v < kV; ++v) m[v] = tail_mask(std::clamp(dh - i0 - 16 * v, 0, 16));
+    for (int g0 = 0; g0 < G; g0 += kG) {
+      const int ng = std::min(kG, G - g0);
+      __m512 acc[kG][kV];
+#pragma GCC unroll 6
+      for (int g = 0; g < kG; ++g)
+#pragma GCC unroll 4
+        for (int v = 0; v < kV; ++v)
+          acc[g][v] = g < ng ? _mm512_maskz_loadu_ps(m[v], out + (g0 + g) * ldo + i0 + 16 * v) : _mm512_setzero_ps();
+      for (int p = 0; p < n; ++p) {
+        const float* r = rows + (size_t)p * ldr + i0;
+        __m512 x[kV];
+#pragma GCC unroll 4
+        for (int v = 0; v < kV; ++v) x[v] = _mm512_maskz_loadu_ps(m[v], r + 16 * v);
+#pragma GCC unroll 6
+        for (int g = 0; g < kG; ++g) {
+          if (g < ng) {
+            const __m512 a = _mm512_set1_ps(w[(g0 + g) * ldw + p]);
+#pragma GCC unroll 4
+            for (int v = 0; v < kV; ++v) acc[g][v] = _mm512_fmadd_ps(a, x[v], acc[g][v]);
+          }
+        }
+      }
+#pragma GCC unroll 6
+      for (int g = 0; g < kG; ++g)
+#pragma GCC unroll 4
+        for (int v = 0; v < kV; ++v)
+          if (g < ng) _mm512_mask_storeu_ps(out + (g0 + g) * ldo + i0 + 16 * v, m[v], acc[g][v]);
+    }
+  }
+}
+
 void scale_avx512(float a, float* y, int n) {
   const __m512 va = _mm512_set1_ps(a);
   for (int i = 0; i < n; i += 16) {
@@ -941,6 +980,7 @@ const KernelTable* avx512_kernel_table() {
           matmul2_float<matmul_float<WKind::BF16>>,         // BF16
       },
       quantize_act2_avx512,
+      weighted_sum_avx512,
   };
   return &table;
 }
