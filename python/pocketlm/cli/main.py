@@ -347,10 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure prefill and decode speed, time to first token, load time, "
                                      "peak RSS (like llama-bench)")
     b.add_argument("model", nargs="?", default="smollm2", help="a .plm, a .gguf or a known model name")
-    b.add_argument("-p", "--n-prompt", type=int, default=256, help="prompt tokens to prefill (pp)")
-    b.add_argument("-n", "--n-gen", type=int, default=128, help="tokens to decode (tg)")
-    b.add_argument("-d", "--depth", type=int, default=0, help="tokens already in the context")
-    b.add_argument("-r", "--reps", type=int, default=5, help="repetitions (after one untimed warm-up)")
+    b.add_argument("-p", "--n-prompt", type=_count, default=256, help="prompt tokens to prefill (pp)")
+    b.add_argument("-n", "--n-gen", type=_count, default=128, help="tokens to decode (tg)")
+    b.add_argument("-d", "--depth", type=_count, default=0, help="tokens already in the context")
+    b.add_argument("-r", "--reps", type=_positive, default=5, help="repetitions (after one untimed warm-up)")
     b.add_argument("-t", "--threads", type=_threads, default=None, help=THREADS_HELP)
     b.add_argument("--kernels", default="", help="force a kernel variant (ref, avx2, avx512, neon)")
     b.add_argument("--activations", choices=["int8x2", "int8"], default=None,
