@@ -108,3 +108,19 @@ def variants() -> list[str]:
 
 def simd_variants() -> list[str]:
     return [v for v in kernels.available() if v != "ref"]
+
+
+def check_row_ranges(fn: str, variant: str, dtype) -> None:
+    """kernels.<fn> (matmul or matmul2) of `variant` on output-column ranges (MATMUL_RANGE_CASES)
+    against the full reference: the columns outside the range stay 0, those inside agree up to
+    float summation order."""
+    for i, (T, K, N, n0, n1) in enumerate(MATMUL_RANGE_CASES):
+        if K % dtype.block_elems:
+            continue
+        raw, wd, x = make_matmul_case(dtype, T, K, N, 300 + i)
+        want = getattr(kernels, fn)("ref", int(dtype), raw, N, K, x)
+        got = getattr(kernels, fn)(variant, int(dtype), raw, N, K, x, n0, n1)
+        case = (fn, variant, dtype.label, T, K, N, n0, n1)
+        assert not got[:, :n0].any() and not got[:, n1:].any(), case
+        scale = (np.abs(x) @ np.abs(wd).T)[:, n0:n1]
+        assert np.all(np.abs(got[:, n0:n1] - want[:, n0:n1]) <= 1e-5 * scale + 1e-30), case

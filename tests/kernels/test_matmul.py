@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from kernelutil import (
-    MATMUL_RANGE_CASES,
+    check_row_ranges,
     FLOAT_MATMUL_SHAPES,
     MATMUL_SHAPES,
     kernels,
@@ -65,16 +65,7 @@ def test_variant_matches_ref(variant, dtype):
 @pytest.mark.parametrize("dtype", [t for t in DType if t.quantized], ids=lambda t: t.label)
 def test_row_range_matches_ref(variant, dtype):
     """Part of the output columns, as one thread computes them, in every token-count regime."""
-    for i, (T, K, N, n0, n1) in enumerate(MATMUL_RANGE_CASES):
-        if K % dtype.block_elems:
-            continue
-        raw, wd, x = make(dtype, T, K, N, 300 + i)
-        want = kernels.matmul("ref", int(dtype), raw, N, K, x)
-        got = kernels.matmul(variant, int(dtype), raw, N, K, x, n0, n1)
-        assert not got[:, :n0].any() and not got[:, n1:].any(), (variant, dtype.label, T, K, N, n0, n1)
-        scale = (np.abs(x) @ np.abs(wd).T)[:, n0:n1]
-        err = np.abs(got[:, n0:n1] - want[:, n0:n1])
-        assert np.all(err <= 1e-5 * scale + 1e-30), (variant, dtype.label, T, K, N, n0, n1)
+    check_row_ranges("matmul", variant, dtype)
 
 
 def test_activation_quantization_matches_emulation():

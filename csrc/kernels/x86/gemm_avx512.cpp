@@ -381,8 +381,25 @@ void half_bias(const Block* xq, int T, int nruns, int32_t* out) {
   }
 }
 
+// f(std::integral_constant<int, rt>) for a token tile of rt = 1..kTile rows.
+template <class F>
+inline void with_tile(int rt, F&& f) {
+  switch (rt) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+static_assert(kTile == 8, "with_tile covers 1..8");
+
 template <class P, class Block>
 void gemm_impl(const WeightView& w, const Block* xq, int T, float* y, size_t ldy, int n0, int n1) {
+  constexpr bool kTwo = std::is_same_v<Block, BlockQ8A2>;
   const int nruns = (int)(w.cols / 32);
   // Grows once to the largest K this thread sees; later calls do not allocate.
   thread_local std::vector<GemmBlock> scratch;
@@ -391,7 +408,7 @@ void gemm_impl(const WeightView& w, const Block* xq, int T, float* y, size_t ldy
   thread_local std::vector<int32_t> bias_scratch;
   const int32_t* bias = nullptr;
   if constexpr (P::kHalves) {
-    const size_t n = (size_t)T * nruns * (std::is_same_v<Block, BlockQ8A2> ? 4 : 2);
+    const size_t n = (size_t)T * nruns * (kTwo ? 4 : 2);
     if (bias_scratch.size() < n) bias_scratch.resize(n);
     half_bias(xq, T, nruns, bias_scratch.data());
     bias = bias_scratch.data();
@@ -406,30 +423,12 @@ void gemm_impl(const WeightView& w, const Block* xq, int T, float* y, size_t ldy
     for (int t0 = 0; t0 < T; t0 += kTile) {
       const Block* x = xq + (size_t)t0 * nruns;
       float* yt = y + (size_t)t0 * ldy + g;
-      if constexpr (P::kHalves) {
-        const int32_t* bt = bias + (size_t)t0 * nruns * (std::is_same_v<Block, BlockQ8A2> ? 4 : 2);
-        switch (std::min(kTile, T - t0)) {
-          case 1: micro_halves<Block, 1>(wb, nruns, x, bt, yt, ldy, mask); break;
-          case 2: micro_halves<Block, 2>(wb, nruns, x, bt, yt, ldy, mask); break;
-          case 3: micro_halves<Block, 3>(wb, nruns, x, bt, yt, ldy, mask); break;
-          case 4: micro_halves<Block, 4>(wb, nruns, x, bt, yt, ldy, mask); break;
-          case 5: micro_halves<Block, 5>(wb, nruns, x, bt, yt, ldy, mask); break;
-          case 6: micro_halves<Block, 6>(wb, nruns, x, bt, yt, ldy, mask); break;
-          case 7: micro_halves<Block, 7>(wb, nruns, x, bt, yt, ldy, mask); break;
-          default: micro_halves<Block, 8>(wb, nruns, x, bt, yt, ldy, mask); break;
-        }
-        continue;
-      }
-      switch (std::min(kTile, T - t0)) {
-        case 1: micro<Block, 1>(wb, nruns, x, yt, ldy, mask, rs); break;
-        case 2: micro<Block, 2>(wb, nruns, x, yt, ldy, mask, rs); break;
-        case 3: micro<Block, 3>(wb, nruns, x, yt, ldy, mask, rs); break;
-        case 4: micro<Block, 4>(wb, nruns, x, yt, ldy, mask, rs); break;
-        case 5: micro<Block, 5>(wb, nruns, x, yt, ldy, mask, rs); break;
-        case 6: micro<Block, 6>(wb, nruns, x, yt, ldy, mask, rs); break;
-        case 7: micro<Block, 7>(wb, nruns, x, yt, ldy, mask, rs); break;
-        default: micro<Block, 8>(wb, nruns, x, yt, ldy, mask, rs); break;
-      }
+      with_tile(std::min(kTile, T - t0), [&](auto rt) {
+        if constexpr (P::kHalves)
+          micro_halves<Block, decltype(rt)::value>(wb, nruns, x, bias + (size_t)t0 * nruns * (kTwo ? 4 : 2), yt, ldy, mask);
+        else
+          micro<Block, decltype(rt)::value>(wb, nruns, x, yt, ldy, mask, rs);
+      });
     }
   }
 }
