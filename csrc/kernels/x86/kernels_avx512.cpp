@@ -186,9 +186,20 @@ void pack_token(const BlockQ8A2* xa, int nruns, PackedPair2* out) {
 // Each gives, for runs r0 and r1 of a row, 64 unsigned weight bytes laid out like
 // PackedPair::qs, and (if it has them) the per-run scale / min broadcast per half.
 
+// Lanes 0-7: the f16 at p0, lanes 8-15: the f16 at p1 (one convert and one permute).
 inline __m512 f16_pair(const uint8_t* p0, const uint8_t* p1) {
-  const __m256i h = _mm256_set_m128i(_mm_set1_epi16((short)load_u16(p1)), _mm_set1_epi16((short)load_u16(p0)));
-  return _mm512_cvtph_ps(h);
+  const __m128i h = _mm_insert_epi16(_mm_cvtsi32_si128(load_u16(p0)), load_u16(p1), 1);
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                               _mm512_castps128_ps512(_mm_cvtph_ps(h)));
+}
+// The (d, m) f16 pairs at p0 and p1 at once: d = [d0 x 8, d1 x 8], m = [m0 x 8, m1 x 8].
+inline void f16_pairs2(const uint8_t* p0, const uint8_t* p1, __m512& d, __m512& m) {
+  uint32_t a, b;
+  std::memcpy(&a, p0, 4);
+  std::memcpy(&b, p1, 4);
+  const __m512 v = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_set_epi32(0, 0, (int)b, (int)a)));  // d0 m0 d1 m1
+  d = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2), v);
+  m = _mm512_permutexvar_ps(_mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3), v);
 }
 
 template <int G, bool Asym>
@@ -211,8 +222,8 @@ struct Q4Format {
     return _mm512_and_si512(_mm512_srlv_epi16(z, shifts), _mm512_set1_epi8(0x0F));
   }
   static __m512 scale(const uint8_t* row, int r0, int r1) { return f16_pair(block(row, r0), block(row, r1)); }
-  static __m512 min(const uint8_t* row, int r0, int r1) {
-    return f16_pair(block(row, r0) + 2, block(row, r1) + 2);
+  static void scale_min(const uint8_t* row, int r0, int r1, __m512& d, __m512& m) {
+    f16_pairs2(block(row, r0), block(row, r1), d, m);
   }
 };
 
@@ -241,8 +252,8 @@ struct Q5Format {
   static __m512 scale(const uint8_t* row, int r0, int r1) {
     return f16_pair(row + r0 * kBlockBytes, row + r1 * kBlockBytes);
   }
-  static __m512 min(const uint8_t* row, int r0, int r1) {
-    return f16_pair(row + r0 * kBlockBytes + 2, row + r1 * kBlockBytes + 2);
+  static void scale_min(const uint8_t* row, int r0, int r1, __m512& d, __m512& m) {
+    f16_pairs2(row + r0 * kBlockBytes, row + r1 * kBlockBytes, d, m);
   }
 };
 
@@ -255,7 +266,6 @@ struct Q8Format {
     return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1), _mm512_set1_epi8((char)0x80));
   }
   static __m512 scale(const uint8_t* row, int r0, int r1) { return f16_pair(row + 34 * r0, row + 34 * r1); }
-  static __m512 min(const uint8_t*, int, int) { return _mm512_setzero_ps(); }
 };
 
 struct I8Format {  // the per-row scale is applied after the reduction
@@ -267,7 +277,6 @@ struct I8Format {  // the per-row scale is applied after the reduction
     return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1), _mm512_set1_epi8((char)0x80));
   }
   static __m512 scale(const uint8_t*, int, int) { return _mm512_set1_ps(1.0f); }
-  static __m512 min(const uint8_t*, int, int) { return _mm512_setzero_ps(); }
 };
 
 // ---------------------------------------------------------------- quantized matmul
@@ -315,8 +324,8 @@ inline void qtile(const uint8_t* const* rows, const PackedPair* pk, int npairs, 
     for (int n = 0; n < RN; ++n) {
       const __m512i w = F::weights(rows[n], r0, r1);
       __m512 dw = _mm512_undefined_ps(), mw = _mm512_undefined_ps();
-      if constexpr (F::kHasScale) dw = F::scale(rows[n], r0, r1);
-      if constexpr (F::kHasMin) mw = F::min(rows[n], r0, r1);
+      if constexpr (F::kHasMin) F::scale_min(rows[n], r0, r1, dw, mw);
+      else if constexpr (F::kHasScale) dw = F::scale(rows[n], r0, r1);
 #pragma GCC unroll 8
       for (int t = 0; t < RT; ++t) {
         const PackedPair& a = pk[t * npairs + p];
@@ -354,8 +363,8 @@ inline void qtile(const uint8_t* const* rows, const PackedPair2* pk, int npairs,
     for (int n = 0; n < RN; ++n) {
       const __m512i w = F::weights(rows[n], r0, r1);
       __m512 dw = _mm512_undefined_ps(), mw = _mm512_undefined_ps();
-      if constexpr (F::kHasScale) dw = F::scale(rows[n], r0, r1);
-      if constexpr (F::kHasMin) mw = F::min(rows[n], r0, r1);
+      if constexpr (F::kHasMin) F::scale_min(rows[n], r0, r1, dw, mw);
+      else if constexpr (F::kHasScale) dw = F::scale(rows[n], r0, r1);
 #pragma GCC unroll 8
       for (int t = 0; t < RT; ++t) {
         const PackedPair2& a = pk[t * npairs + p];
