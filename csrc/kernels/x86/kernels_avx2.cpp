@@ -18,6 +18,7 @@
 
 #include "kernels/kernels.h"
 #include "kernels/prefetch.h"
+#include "kernels/x86/gemm_avx2.h"
 
 namespace plm::kernels {
 namespace {
@@ -332,6 +333,10 @@ inline int chunk_rows(const WeightView& w, int n0, int n1) {
 template <class F, class Block = BlockQ8A>
 void matmul_quant(const WeightView& w, const float*, size_t, const Block* xq, int T, float* y, size_t ldy,
                   int n0, int n1) {
+  if (T >= avx2::kGemmMinTokens && avx2::gemm_supports(w.dtype)) {  // prefill, 4-bit types
+    avx2::gemm(w, xq, T, y, ldy, n0, n1);
+    return;
+  }
   using Packed = typename PackOf<Block>::type;
   const int nruns = (int)(w.cols / 32);
   thread_local std::vector<Packed> scratch;  // grows once to the largest K seen by this thread
