@@ -233,7 +233,7 @@ def run_bench(cfg: BenchConfig, quiet: bool = False) -> dict:
         raise ValueError("bench needs -p >= 1, -n >= 0, -d >= 0 and -r >= 1")
     path = resolve_model_path(cfg.model)  # a .gguf is converted into the cache here, untimed
     bundle = read_bundle(path)
-    trained = int(bundle.metadata["config"].get("max_position") or 0)
+    trained = int((bundle.metadata.get("config") or {}).get("max_position") or 0)
     need = cfg.depth + cfg.n_prompt + max(cfg.n_gen, 1) + 1  # generate() after d + p tokens
     if trained and need > trained:
         raise ValueError(f"-d {cfg.depth} -p {cfg.n_prompt} -n {cfg.n_gen} need {need} positions; "

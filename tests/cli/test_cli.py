@@ -118,7 +118,8 @@ def test_context_overflow_is_a_clear_error(model):
     (["perplexity", "-b", "0"], "argument -b/--batch-size: invalid value '0'"),
     (["bench", "-t", "65"], "argument -t/--threads: invalid value '65'"),
     (["bench", "-r", "0"], "argument -r/--reps: invalid value '0': must be at least 1"),
-    (["bench", "-p", "-1"], "argument -p/--n-prompt: invalid value '-1': must be 0 or more"),
+    (["bench", "-p", "0"], "argument -p/--n-prompt: invalid value '0': must be at least 1"),
+    (["bench", "-n", "-1"], "argument -n/--n-gen: invalid value '-1': must be 0 or more"),
 ])
 def test_bad_option_values_are_argparse_errors(args, message):
     r = cli(*args, check=False)

@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure prefill and decode speed, time to first token, load time, "
                                      "peak RSS (like llama-bench)")
     b.add_argument("model", nargs="?", default="smollm2", help="a .plm, a .gguf or a known model name")
-    b.add_argument("-p", "--n-prompt", type=_count, default=256, help="prompt tokens to prefill (pp)")
+    b.add_argument("-p", "--n-prompt", type=_positive, default=256, help="prompt tokens to prefill (pp)")
     b.add_argument("-n", "--n-gen", type=_count, default=128, help="tokens to decode (tg)")
     b.add_argument("-d", "--depth", type=_count, default=0, help="tokens already in the context")
     b.add_argument("-r", "--reps", type=_positive, default=5, help="repetitions (after one untimed warm-up)")
