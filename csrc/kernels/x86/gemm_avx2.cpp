@@ -243,39 +243,32 @@ void gemm_impl(const WeightView& w, const Block* xq, int T, float* y, size_t ldy
   }
 }
 
+// Runs the GEMM for the weight types it has; false (nothing done) for the others and for
+// fewer than kGemmMinTokens tokens, which the caller's per-row tiles then handle.
 template <class Block>
-void gemm_any(const WeightView& w, const Block* xq, int T, float* y, size_t ldy, int n0, int n1) {
+bool gemm_any(const WeightView& w, const Block* xq, int T, float* y, size_t ldy, int n0, int n1) {
+  if (T < kGemmMinTokens) return false;
   switch (w.dtype) {
-    case DType::Q4_0: gemm_impl<Q4Pack<32, false>>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q4_1: gemm_impl<Q4Pack<32, true>>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q4_0_G64: gemm_impl<Q4Pack<64, false>>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q4_0_G128: gemm_impl<Q4Pack<128, false>>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q4_1_G64: gemm_impl<Q4Pack<64, true>>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q4_1_G128: gemm_impl<Q4Pack<128, true>>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q4_K: gemm_impl<Q4KPack>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q5_0: gemm_impl<Q5Pack<false>>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q5_1: gemm_impl<Q5Pack<true>>(w, xq, T, y, ldy, n0, n1); break;
-    default: break;  // gemm_supports() is false
+    case DType::Q4_0: gemm_impl<Q4Pack<32, false>>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::Q4_1: gemm_impl<Q4Pack<32, true>>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::Q4_0_G64: gemm_impl<Q4Pack<64, false>>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::Q4_0_G128: gemm_impl<Q4Pack<128, false>>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::Q4_1_G64: gemm_impl<Q4Pack<64, true>>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::Q4_1_G128: gemm_impl<Q4Pack<128, true>>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::Q4_K: gemm_impl<Q4KPack>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::Q5_0: gemm_impl<Q5Pack<false>>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::Q5_1: gemm_impl<Q5Pack<true>>(w, xq, T, y, ldy, n0, n1); return true;
+    default: return false;
   }
 }
 
 }  // namespace
 
-bool gemm_supports(DType t) {
-  switch (t) {
-    case DType::Q4_0: case DType::Q4_1: case DType::Q4_0_G64: case DType::Q4_0_G128: case DType::Q4_1_G64:
-    case DType::Q4_1_G128: case DType::Q4_K: case DType::Q5_0: case DType::Q5_1:
-      return true;
-    default:
-      return false;
-  }
+bool gemm(const WeightView& w, const BlockQ8A* xq, int T, float* y, size_t ldy, int n0, int n1) {
+  return gemm_any(w, xq, T, y, ldy, n0, n1);
 }
-
-void gemm(const WeightView& w, const BlockQ8A* xq, int T, float* y, size_t ldy, int n0, int n1) {
-  gemm_any(w, xq, T, y, ldy, n0, n1);
-}
-void gemm(const WeightView& w, const BlockQ8A2* xq, int T, float* y, size_t ldy, int n0, int n1) {
-  gemm_any(w, xq, T, y, ldy, n0, n1);
+bool gemm(const WeightView& w, const BlockQ8A2* xq, int T, float* y, size_t ldy, int n0, int n1) {
+  return gemm_any(w, xq, T, y, ldy, n0, n1);
 }
 
 }  // namespace plm::kernels::avx2

@@ -274,6 +274,30 @@ inline __m512i bcst4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// s1 (s2: the second activation level) += k-steps [J0, J1) of block b, for RT tokens.
+template <int J0, int J1, class Block, int RT>
+inline void k_steps(const GemmBlock& W, const Block* x, int nruns, int b, __m512i* s1, __m512i* s2) {
+#pragma GCC unroll 8
+  for (int j = J0; j < J1; ++j) {
+    const __m512i w = _mm512_load_si512(&W.w[j]);
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) {
+      const Block& a = x[(size_t)t * nruns + b];
+      s1[t] = _mm512_dpbusd_epi32(s1[t], w, bcst4(a.qs + 4 * j));
+      if constexpr (std::is_same_v<Block, BlockQ8A2>) s2[t] = _mm512_dpbusd_epi32(s2[t], w, bcst4(a.qs2 + 4 * j));
+    }
+  }
+}
+
+// d * s1 (+ d2 * s2) in float: one token's integer sums scaled by its activation scales.
+inline __m512 act_scaled(const BlockQ8A& a, __m512i s1, __m512i) {
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(a.d));
+}
+inline __m512 act_scaled(const BlockQ8A2& a, __m512i s1, __m512i s2) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s2), _mm512_set1_ps(a.d2),
+                         _mm512_mul_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(a.d)));
+}
+
 // RT tokens (rows of x, nruns blocks each) against one packed group of 16 weight rows.
 template <class Block, int RT>
 void micro(const GemmBlock* wb, int nruns, const Block* x, float* y, size_t ldy, __mmask16 mask,
@@ -286,26 +310,12 @@ void micro(const GemmBlock* wb, int nruns, const Block* x, float* y, size_t ldy,
     const GemmBlock& W = wb[b];
     __m512i s1[RT], s2[RT];
 #pragma GCC unroll 8
-    for (int t = 0; t < RT; ++t) {
-      s1[t] = _mm512_setzero_si512();
-      if constexpr (kTwo) s2[t] = _mm512_setzero_si512();
-    }
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) {
-      const __m512i w = _mm512_load_si512(&W.w[j]);
-#pragma GCC unroll 8
-      for (int t = 0; t < RT; ++t) {
-        const Block& a = x[(size_t)t * nruns + b];
-        s1[t] = _mm512_dpbusd_epi32(s1[t], w, bcst4(a.qs + 4 * j));
-        if constexpr (kTwo) s2[t] = _mm512_dpbusd_epi32(s2[t], w, bcst4(a.qs2 + 4 * j));
-      }
-    }
+    for (int t = 0; t < RT; ++t) s1[t] = s2[t] = _mm512_setzero_si512();  // s2: second level only
+    k_steps<0, 8, Block, RT>(W, x, nruns, b, s1, s2);
 #pragma GCC unroll 8
     for (int t = 0; t < RT; ++t) {
       const Block& a = x[(size_t)t * nruns + b];
-      __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s1[t]), _mm512_set1_ps(a.d));
-      if constexpr (kTwo) f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s2[t]), _mm512_set1_ps(a.d2), f);
-      acc[t] = _mm512_fmadd_ps(f, W.v1, acc[t]);
+      acc[t] = _mm512_fmadd_ps(act_scaled(a, s1[t], s2[t]), W.v1, acc[t]);
       acc[t] = _mm512_fmadd_ps(W.v2, _mm512_set1_ps(a.s), acc[t]);
       if constexpr (kTwo) acc[t] = _mm512_fmadd_ps(W.v2, _mm512_set1_ps(a.s2), acc[t]);
     }
@@ -335,26 +345,13 @@ void micro_halves(const GemmBlock* wb, int nruns, const Block* x, const int32_t*
       for (int t = 0; t < RT; ++t) {
         const int32_t* bt = bias + (((size_t)t * nruns + b) * L) * 2 + half;
         s1[t] = _mm512_set1_epi32(bt[0]);
-        if constexpr (kTwo) s2[t] = _mm512_set1_epi32(bt[2]);
+        s2[t] = kTwo ? _mm512_set1_epi32(bt[2]) : _mm512_setzero_si512();
       }
-#pragma GCC unroll 4
-      for (int j = 4 * half; j < 4 * half + 4; ++j) {
-        const __m512i w = _mm512_load_si512(&W.w[j]);
-#pragma GCC unroll 8
-        for (int t = 0; t < RT; ++t) {
-          const Block& a = x[(size_t)t * nruns + b];
-          s1[t] = _mm512_dpbusd_epi32(s1[t], w, bcst4(a.qs + 4 * j));
-          if constexpr (kTwo) s2[t] = _mm512_dpbusd_epi32(s2[t], w, bcst4(a.qs2 + 4 * j));
-        }
-      }
+      if (half) k_steps<4, 8, Block, RT>(W, x, nruns, b, s1, s2);
+      else k_steps<0, 4, Block, RT>(W, x, nruns, b, s1, s2);
       const __m512 v = half ? W.v2 : W.v1;
 #pragma GCC unroll 8
-      for (int t = 0; t < RT; ++t) {
-        const Block& a = x[(size_t)t * nruns + b];
-        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s1[t]), _mm512_set1_ps(a.d));
-        if constexpr (kTwo) f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s2[t]), _mm512_set1_ps(a.d2), f);
-        acc[t] = _mm512_fmadd_ps(f, v, acc[t]);
-      }
+      for (int t = 0; t < RT; ++t) acc[t] = _mm512_fmadd_ps(act_scaled(x[(size_t)t * nruns + b], s1[t], s2[t]), v, acc[t]);
     }
   }
 #pragma GCC unroll 8
@@ -433,44 +430,36 @@ void gemm_impl(const WeightView& w, const Block* xq, int T, float* y, size_t ldy
   }
 }
 
+// Runs the GEMM for the weight types it has; false (nothing done) for the others and for
+// fewer than kGemmMinTokens tokens, which the caller's per-row tiles then handle.
 template <class Block>
-void gemm_any(const WeightView& w, const Block* xq, int T, float* y, size_t ldy, int n0, int n1) {
+bool gemm_any(const WeightView& w, const Block* xq, int T, float* y, size_t ldy, int n0, int n1) {
+  if (T < kGemmMinTokens) return false;
   switch (w.dtype) {
-    case DType::Q8_0: gemm_impl<Q8Pack>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q4_0: gemm_impl<Q4Pack<32, false>>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q4_1: gemm_impl<Q4Pack<32, true>>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q4_0_G64: gemm_impl<Q4Pack<64, false>>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q4_0_G128: gemm_impl<Q4Pack<128, false>>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q4_1_G64: gemm_impl<Q4Pack<64, true>>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q4_1_G128: gemm_impl<Q4Pack<128, true>>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::I8: gemm_impl<I8Pack>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q5_0: gemm_impl<Q5Pack<false>>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q5_1: gemm_impl<Q5Pack<true>>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q4_K: gemm_impl<QKPack<false>>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q5_K: gemm_impl<QKPack<true>>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q6_K: gemm_impl<Q6KPack>(w, xq, T, y, ldy, n0, n1); break;
-    default: break;  // gemm_supports() is false
+    case DType::Q8_0: gemm_impl<Q8Pack>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::Q4_0: gemm_impl<Q4Pack<32, false>>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::Q4_1: gemm_impl<Q4Pack<32, true>>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::Q4_0_G64: gemm_impl<Q4Pack<64, false>>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::Q4_0_G128: gemm_impl<Q4Pack<128, false>>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::Q4_1_G64: gemm_impl<Q4Pack<64, true>>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::Q4_1_G128: gemm_impl<Q4Pack<128, true>>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::I8: gemm_impl<I8Pack>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::Q5_0: gemm_impl<Q5Pack<false>>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::Q5_1: gemm_impl<Q5Pack<true>>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::Q4_K: gemm_impl<QKPack<false>>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::Q5_K: gemm_impl<QKPack<true>>(w, xq, T, y, ldy, n0, n1); return true;
+    case DType::Q6_K: gemm_impl<Q6KPack>(w, xq, T, y, ldy, n0, n1); return true;
+    default: return false;
   }
 }
 
 }  // namespace
 
-bool gemm_supports(DType t) {
-  switch (t) {
-    case DType::Q8_0: case DType::Q4_0: case DType::Q4_1: case DType::Q4_0_G64: case DType::Q4_0_G128:
-    case DType::Q4_1_G64: case DType::Q4_1_G128: case DType::I8: case DType::Q5_0: case DType::Q5_1:
-    case DType::Q4_K: case DType::Q5_K: case DType::Q6_K:
-      return true;
-    default:
-      return false;
-  }
+bool gemm(const WeightView& w, const BlockQ8A* xq, int T, float* y, size_t ldy, int n0, int n1) {
+  return gemm_any(w, xq, T, y, ldy, n0, n1);
 }
-
-void gemm(const WeightView& w, const BlockQ8A* xq, int T, float* y, size_t ldy, int n0, int n1) {
-  gemm_any(w, xq, T, y, ldy, n0, n1);
-}
-void gemm(const WeightView& w, const BlockQ8A2* xq, int T, float* y, size_t ldy, int n0, int n1) {
-  gemm_any(w, xq, T, y, ldy, n0, n1);
+bool gemm(const WeightView& w, const BlockQ8A2* xq, int T, float* y, size_t ldy, int n0, int n1) {
+  return gemm_any(w, xq, T, y, ldy, n0, n1);
 }
 
 }  // namespace plm::kernels::avx512

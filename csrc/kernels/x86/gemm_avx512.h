@@ -11,9 +11,9 @@ namespace plm::kernels::avx512 {
 // at T=16 0.48-0.53x; at T=2 1.05-1.3x).
 constexpr int kGemmMinTokens = 4;
 
-// Same contract as MatmulFn / MatmulFn2 for the weight types gemm_supports() accepts.
-bool gemm_supports(DType t);
-void gemm(const WeightView& w, const BlockQ8A* xq, int T, float* y, size_t ldy, int n0, int n1);
-void gemm(const WeightView& w, const BlockQ8A2* xq, int T, float* y, size_t ldy, int n0, int n1);
+// Same contract as MatmulFn / MatmulFn2. Returns false, having done nothing, for a weight type
+// it does not handle or for T < kGemmMinTokens: the caller then runs its per-row tiles.
+bool gemm(const WeightView& w, const BlockQ8A* xq, int T, float* y, size_t ldy, int n0, int n1);
+bool gemm(const WeightView& w, const BlockQ8A2* xq, int T, float* y, size_t ldy, int n0, int n1);
 
 }  // namespace plm::kernels::avx512
