@@ -61,14 +61,15 @@ void check_weight(const char* op, DType dt, const In1<uint8_t>& weight, int64_t 
   if (rows <= 0 || cols <= 0 || rows > (1 << 30) || cols > (1 << 30)) fail("rows and cols must be positive");
   if (cols % tr.block_elems) fail("cols must be a multiple of the block size");
   if (tr.quantized && cols % 32) fail("quantized types need cols % 32 == 0");
+  if (is_x16(dt) && rows % kX16Rows) fail("x16 types need rows % 16 == 0");
   if (weight.shape(0) != tensor_bytes(dt, rows, cols))
     fail("weight has the wrong number of bytes for dtype and shape");
   if ((int64_t)x.shape(1) != cols) fail("x must be [T, cols]");
   if (x.shape(0) == 0) fail("x must have at least one row");
 
   out.w = WeightView{dt, rows, cols, weight.data(), row_bytes(dt, cols), nullptr};
-  if (dt == DType::I8) out.w.row_scales = reinterpret_cast<const float*>(weight.data() + rows * cols);
-  if (dt == DType::I8 && reinterpret_cast<uintptr_t>(out.w.row_scales) % alignof(float)) {
+  if (has_row_scales(dt)) out.w.row_scales = reinterpret_cast<const float*>(weight.data() + rows * cols);
+  if (has_row_scales(dt) && reinterpret_cast<uintptr_t>(out.w.row_scales) % alignof(float)) {
     out.scales_copy.reset(new float[rows]);
     std::memcpy(out.scales_copy.get(), out.w.row_scales, rows * sizeof(float));
     out.w.row_scales = out.scales_copy.get();
@@ -195,6 +196,7 @@ nb::ndarray<nb::numpy, float> dequant_row(int dtype_id, In1<uint8_t> raw, int64_
   const DType dt = check_dtype(dtype_id);
   if (cols <= 0 || cols % traits(dt).block_elems)
     throw nb::value_error("dequant_row: cols must be a positive multiple of the block size");
+  if (is_x16(dt)) throw nb::value_error("dequant_row: x16 types have no row-major rows");
   if (raw.shape(0) < row_bytes(dt, cols)) throw nb::value_error("dequant_row: raw is too short");
   float* out;
   auto arr = new_array<float>({(size_t)cols}, &out);

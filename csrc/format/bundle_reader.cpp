@@ -290,7 +290,10 @@ std::shared_ptr<Bundle> Bundle::open(const std::string& path) {
     uint64_t row_bytes = 0, expected = 0;
     bool ok = checked_mul(cols / (uint64_t)tr.block_elems, (uint64_t)tr.block_bytes, &row_bytes) &&
               checked_mul(rows, row_bytes, &expected);
-    if (ok && t.dtype == DType::I8) {
+    if (is_x16(t.dtype) && (rows % kX16Rows != 0 || ndim != 2))
+      fail(path, where + ": " + tr.name + " needs a 2-D shape with rows a multiple of 16, got " +
+                     std::to_string(rows) + " rows");
+    if (ok && has_row_scales(t.dtype)) {
       uint64_t scales = 0;
       ok = checked_mul(rows, sizeof(float), &scales) && checked_add(expected, scales, &expected);
     }

@@ -61,6 +61,23 @@ void matmul2_float(const WeightView& w, const float* x, size_t ldx, const BlockQ
   F(w, x, ldx, nullptr, T, y, ldy, n0, n1);
 }
 
+// x16 weights (common.h) through a row-major kernel of their base type: each row is gathered
+// back into its row-major bytes and multiplied alone. Correct for every variant and T; the
+// variants' own x16 kernels are what makes the layout fast.
+template <class Act, void (*Base)(const WeightView&, const float*, size_t, const Act*, int, float*, size_t, int, int)>
+void matmul_x16_gather(const WeightView& w, const float* x, size_t ldx, const Act* xq, int T, float* y,
+                       size_t ldy, int n0, int n1) {
+  const DType base = x16_base(w.dtype);
+  const size_t rb = row_bytes(w.dtype, w.cols);
+  thread_local std::vector<uint8_t> row;
+  if (row.size() < rb) row.resize(rb);
+  for (int n = n0; n < n1; ++n) {
+    x16_gather_row(w.dtype, w.data, w.cols, n, row.data());
+    const WeightView one{base, 1, w.cols, row.data(), rb, w.row_scales ? w.row_scales + n : nullptr};
+    Base(one, x, ldx, xq, T, y + n, ldy, 0, 1);
+  }
+}
+
 struct KernelTable {
   const char* name;                          // "ref", "avx2", "avx512", "neon"
   MatmulFn matmul[kNumDTypes];               // indexed by DType

@@ -162,6 +162,9 @@ void Program::Impl::resolve_tensor(size_t id) {
         throw UnsupportedError(t.label + ": " + traits(dtype).name + " needs cols % " +
                                std::to_string(traits(dtype).block_elems) + " == 0, got " +
                                std::to_string(t.cols));
+      if (is_x16(dtype) && t.rows % kX16Rows != 0)
+        throw UnsupportedError(t.label + ": " + traits(dtype).name + " needs rows % 16 == 0, got " +
+                               std::to_string(t.rows));
       size_t need = tensor_bytes(dtype, t.rows, t.cols);
       if (nbytes != need)
         fail(std::string(traits(dtype).name) + " [" + std::to_string(t.rows) + ", " +
@@ -173,8 +176,8 @@ void Program::Impl::resolve_tensor(size_t id) {
       t.weight.data = data;
       t.weight.row_stride = row_bytes(dtype, t.cols);
       t.weight.row_scales =
-          dtype == DType::I8 ? reinterpret_cast<const float*>(data + (size_t)t.rows * t.cols)
-                             : nullptr;
+          has_row_scales(dtype) ? reinterpret_cast<const float*>(data + (size_t)t.rows * t.cols)
+                                : nullptr;
       if (dtype == DType::F32) t.f32 = reinterpret_cast<const float*>(data);
       break;
     }
@@ -728,6 +731,8 @@ struct State::Impl {
 
   void exec(const OpDesc& op);
   void embed(const OpDesc& op);
+  // Row r of a weight as floats (embedding and position tables), whatever its layout.
+  void weight_row(const kernels::WeightView& w, int64_t r, float* out) const;
   void quantize(const float* x, int64_t rows, int64_t k);
   // One weight's columns [n0, n1) for r rows, reading the activations quantize() prepared.
   void mm(const kernels::WeightView& w, const float* x, int64_t k, int64_t r, float* y, int64_t ldy,
@@ -754,20 +759,30 @@ void State::Impl::embed(const OpDesc& op) {
   const kernels::WeightView& e = tensor(op.inputs[0]).weight;
   float* y = f32(op.outputs[0]);
   const int64_t d = e.cols;
-  for_rows(n_tokens, [&](int64_t t) {
-    const uint8_t* row = e.data + (size_t)tokens[t] * e.row_stride;
-    float* out = y + t * d;
-    if (e.dtype == DType::F32) {
-      std::memcpy(out, row, (size_t)d * sizeof(float));
-    } else if (e.dtype == DType::I8) {  // the per-row scale lives outside the row
-      float s;
-      std::memcpy(&s, e.row_scales + tokens[t], sizeof(float));
-      const int8_t* q = reinterpret_cast<const int8_t*>(row);
-      for (int64_t i = 0; i < d; ++i) out[i] = s * (float)q[i];
-    } else {
-      kt.dequant_row(e.dtype, row, out, d);
-    }
-  });
+  for_rows(n_tokens, [&](int64_t t) { weight_row(e, tokens[t], y + t * d); });
+}
+
+void State::Impl::weight_row(const kernels::WeightView& w, int64_t r, float* out) const {
+  const int64_t d = w.cols;
+  const uint8_t* row = w.data + (size_t)r * w.row_stride;
+  DType dt = w.dtype;
+  if (is_x16(dt)) {  // gathered back into row-major bytes first
+    thread_local std::vector<uint8_t> gathered;  // grows once per thread
+    if (gathered.size() < w.row_stride) gathered.resize(w.row_stride);
+    x16_gather_row(dt, w.data, d, r, gathered.data());
+    row = gathered.data();
+    dt = x16_base(dt);
+  }
+  if (dt == DType::F32) {
+    std::memcpy(out, row, (size_t)d * sizeof(float));
+  } else if (dt == DType::I8) {  // the per-row scale lives outside the row
+    float s;
+    std::memcpy(&s, w.row_scales + r, sizeof(float));
+    const int8_t* q = reinterpret_cast<const int8_t*>(row);
+    for (int64_t i = 0; i < d; ++i) out[i] = s * (float)q[i];
+  } else {
+    kt.dequant_row(dt, row, out, d);
+  }
 }
 
 void State::Impl::quantize(const float* x, int64_t rows, int64_t k) {
@@ -1063,20 +1078,12 @@ void State::Impl::pos_embed(const OpDesc& op) {
   float* scratch = pos_rows.as<float>();
   pool.parallel_for(n_tokens, [&](int t, int thread_id) {
     const int64_t pos = pos0 + t;
-    const uint8_t* row = p.data + (size_t)pos * p.row_stride;
     const float* pr;
     if (p.dtype == DType::F32) {
-      pr = reinterpret_cast<const float*>(row);
+      pr = reinterpret_cast<const float*>(p.data + (size_t)pos * p.row_stride);
     } else {
       float* buf = scratch + (int64_t)thread_id * p.cols;
-      if (p.dtype == DType::I8) {  // the per-row scale lives outside the row
-        float s;
-        std::memcpy(&s, p.row_scales + pos, sizeof(float));
-        const int8_t* q = reinterpret_cast<const int8_t*>(row);
-        for (int64_t i = 0; i < d; ++i) buf[i] = s * (float)q[i];
-      } else {
-        kt.dequant_row(p.dtype, row, buf, d);
-      }
+      weight_row(p, pos, buf);
       pr = buf;
     }
     kt.add(x + t * d, pr, y + t * d, (int)d);

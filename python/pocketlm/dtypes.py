@@ -23,6 +23,11 @@ class DType(enum.IntEnum):
     Q5_K = 13
     Q6_K = 14
     BF16 = 15
+    # Row-interleaved forms for matmul weights (groups of 16 rows; layout in csrc/common.h)
+    Q8_0_X16 = 16
+    Q4_0_X16 = 17
+    Q4_1_X16 = 18
+    I8_X16 = 19
 
     @property
     def label(self) -> str:
@@ -39,6 +44,16 @@ class DType(enum.IntEnum):
     @property
     def quantized(self) -> bool:
         return self not in (DType.F32, DType.F16, DType.BF16)
+
+    @property
+    def x16(self) -> bool:
+        """A row-interleaved type (groups of 16 rows, see csrc/common.h)."""
+        return self in X16_BASE
+
+    @property
+    def base(self) -> "DType":
+        """The row-major type an x16 type interleaves (itself for the others)."""
+        return X16_BASE.get(self, self)
 
     @classmethod
     def from_label(cls, label: str) -> "DType":
@@ -66,7 +81,16 @@ _TRAITS = {
     DType.Q5_K: (256, 176),
     DType.Q6_K: (256, 210),
     DType.BF16: (1, 2),
+    DType.Q8_0_X16: (32, 34),
+    DType.Q4_0_X16: (32, 18),
+    DType.Q4_1_X16: (32, 20),
+    DType.I8_X16: (32, 32),
 }
+
+X16_ROWS = 16
+X16_BASE = {DType.Q8_0_X16: DType.Q8_0, DType.Q4_0_X16: DType.Q4_0, DType.Q4_1_X16: DType.Q4_1,
+            DType.I8_X16: DType.I8}
+X16_OF = {base: x for x, base in X16_BASE.items()}
 
 
 def tensor_nbytes(dtype: DType, shape: tuple[int, ...]) -> int:
@@ -78,7 +102,9 @@ def tensor_nbytes(dtype: DType, shape: tuple[int, ...]) -> int:
     be = dtype.block_elems
     if cols % be:
         raise ValueError(f"{dtype.label} needs the last dimension to be a multiple of {be}, got {cols}")
+    if dtype.x16 and (len(shape) != 2 or rows % X16_ROWS):
+        raise ValueError(f"{dtype.label} needs a 2-D shape with rows a multiple of {X16_ROWS}, got {tuple(shape)}")
     nbytes = rows * (cols // be) * dtype.block_bytes
-    if dtype == DType.I8:
+    if dtype in (DType.I8, DType.I8_X16):
         nbytes += rows * 4
     return nbytes

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pocketlm.dtypes import DType, tensor_nbytes
+from pocketlm.dtypes import X16_OF, X16_ROWS, DType, tensor_nbytes
 
-__all__ = ["quantize", "dequantize", "KEEP_ONLY"]
+__all__ = ["quantize", "dequantize", "interleave", "deinterleave", "KEEP_ONLY"]
 
 # Rows are processed in chunks of about this many elements to bound temporary memory.
 _CHUNK_ELEMS = 1 << 22
@@ -139,12 +139,66 @@ def _to_bf16(x: np.ndarray) -> np.ndarray:
 KEEP_ONLY = (DType.Q4_K, DType.Q5_K, DType.Q6_K)
 
 
+# --- x16 interleaving (layout: csrc/common.h) --------------------------------------------------
+
+
+def _x16_parts(base: DType) -> tuple[int, int]:
+    """(f16 header fields, code bytes) of one 32-block of `base`."""
+    code = 16 if base in (DType.Q4_0, DType.Q4_1) else 32
+    return (base.block_bytes - code) // 2 if base != DType.I8 else 0, code
+
+
+def _x16_args(raw, base: DType, shape) -> tuple[int, int, np.ndarray]:
+    base = DType(base)
+    if base not in X16_OF:
+        raise ValueError(f"{base.label} has no x16 form")
+    rows, cols = (int(s) for s in shape)
+    nbytes = tensor_nbytes(X16_OF[base], (rows, cols))  # checks rows % 16 and cols % 32
+    buf = np.asarray(raw, dtype=np.uint8).reshape(-1)
+    if buf.size != nbytes:
+        raise ValueError(f"a {base.label} tensor of shape {(rows, cols)} has {nbytes} bytes, got {buf.size}")
+    return rows, cols, buf
+
+
+def interleave(raw: np.ndarray, base: DType, shape) -> np.ndarray:
+    """Bytes of a [rows, cols] tensor of row-major type `base` (Q8_0, Q4_0, Q4_1 or I8) in its x16
+    form: each group of 16 rows as one run of block records (header fields, then code bytes in
+    4-byte units, row 0 first). Same size; I8's row scales stay at the end."""
+    base = DType(base)
+    rows, cols, buf = _x16_args(raw, base, shape)
+    fields, code = _x16_parts(base)
+    nb, g = cols // 32, rows // X16_ROWS
+    bb = 32 if base == DType.I8 else base.block_bytes
+    blocks = buf[: rows * nb * bb].reshape(g, X16_ROWS, nb, bb)
+    head = blocks[..., : 2 * fields].reshape(g, X16_ROWS, nb, fields, 2).transpose(0, 2, 3, 1, 4)
+    codes = blocks[..., 2 * fields :].reshape(g, X16_ROWS, nb, code // 4, 4).transpose(0, 2, 3, 1, 4)
+    rec = np.concatenate([head.reshape(g, nb, -1), codes.reshape(g, nb, -1)], axis=2)
+    return np.concatenate([rec.reshape(-1), buf[rows * nb * bb :]])
+
+
+def deinterleave(raw: np.ndarray, base: DType, shape) -> np.ndarray:
+    """The inverse of `interleave`: x16 bytes back to the row-major bytes of `base`."""
+    base = DType(base)
+    rows, cols, buf = _x16_args(raw, base, shape)
+    fields, code = _x16_parts(base)
+    nb, g = cols // 32, rows // X16_ROWS
+    bb = 32 if base == DType.I8 else base.block_bytes
+    rec = buf[: rows * nb * bb].reshape(g, nb, X16_ROWS * bb)
+    head = rec[..., : 32 * fields].reshape(g, nb, fields, X16_ROWS, 2).transpose(0, 3, 1, 2, 4)
+    codes = rec[..., 32 * fields :].reshape(g, nb, code // 4, X16_ROWS, 4).transpose(0, 3, 1, 2, 4)
+    blocks = np.concatenate([head.reshape(g, X16_ROWS, nb, -1), codes.reshape(g, X16_ROWS, nb, -1)], axis=3)
+    return np.concatenate([blocks.reshape(-1), buf[rows * nb * bb :]])
+
+
 def quantize(x: np.ndarray, dtype: DType) -> np.ndarray:
     """Quantize a 2-D [rows, cols] float tensor; returns its .plm bytes as a 1-D uint8 array."""
     dtype = DType(dtype)
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"quantize expects a 2-D [rows, cols] array, got shape {x.shape}")
+    if dtype.x16:
+        tensor_nbytes(dtype, x.shape)
+        return interleave(quantize(x, dtype.base), dtype.base, x.shape)
     if dtype in KEEP_ONLY:
         raise ValueError(f"pocketlm does not quantize to {dtype.label}: K-quant tensors are only copied "
                          "from GGUF files (convert with --quant keep)")
@@ -202,6 +256,8 @@ def dequantize(raw, dtype: DType, shape) -> np.ndarray:
         raise ValueError(f"{dtype.label} tensor of shape {shape} needs {nbytes} bytes, got {buf.size}")
     cols = shape[-1]
     rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    if dtype.x16:
+        return dequantize(deinterleave(buf, dtype.base, shape), dtype.base, shape)
     if dtype == DType.F32:
         return buf.view("<f4").astype(np.float32).reshape(shape)
     if dtype == DType.F16:

@@ -157,6 +157,9 @@ HOSTILE_INDEX = {
     "overlap": (second(offset=192), "overlaps tensor"),
     "duplicate name": (second(name="a"), "duplicate"),
     "unknown dtype": (second(dtype=len(DType)), f"unknown tensor type id {len(DType)}"),  # the first unused id
+    # x16 types hold whole groups of 16 rows: a kernel would read past the tensor otherwise
+    "x16 rows not a multiple of 16": (second(dtype=int(DType.Q8_0_X16)), "rows a multiple of 16, got 2 rows"),
+    "x16 not 2-D": (second(dtype=int(DType.Q8_0_X16), shape=(2, 1, 32)), "needs a 2-D shape"),
     "dtype 2^32-1": (second(dtype=2**32 - 1), "unknown tensor type"),
 }
 

@@ -96,9 +96,16 @@ MATMUL_RANGE_CASES = [
 FLOAT_MATMUL_SHAPES = [(1, 1, 1), (3, 7, 5), (2, 33, 67), (5, 100, 3), (17, 17, 7), (64, 200, 3), (1, 1000, 67)]
 
 
+def x16_rows(n: int) -> int:
+    """A row count the x16 types take (a multiple of 16) near n: n rounded up."""
+    return -(-n // 16) * 16
+
+
 def matmul_shapes_for(dtype):
     if not dtype.quantized:
         return MATMUL_SHAPES + FLOAT_MATMUL_SHAPES
+    if dtype.x16:  # groups of 16 rows: the same T and K with N rounded up (16, 32, 80 rows)
+        return [(T, K, x16_rows(N)) for T, K, N in MATMUL_SHAPES]
     return [s for s in MATMUL_SHAPES if s[1] % dtype.block_elems == 0]  # K-quants: K % 256 == 0
 
 
@@ -117,6 +124,8 @@ def check_row_ranges(fn: str, variant: str, dtype) -> None:
     for i, (T, K, N, n0, n1) in enumerate(MATMUL_RANGE_CASES):
         if K % dtype.block_elems:
             continue
+        if dtype.x16:  # same ranges, in a matrix of whole 16-row groups
+            N = x16_rows(N)
         raw, wd, x = make_matmul_case(dtype, T, K, N, 300 + i)
         want = getattr(kernels, fn)("ref", int(dtype), raw, N, K, x)
         got = getattr(kernels, fn)(variant, int(dtype), raw, N, K, x, n0, n1)

@@ -110,3 +110,26 @@ def test_argument_validation():
         kernels.quantize_act("ref", np.ones(33, np.float32))
     with pytest.raises(ValueError):
         kernels.dequant_row(int(DType.Q8_0), raw[:10], 64)
+
+
+@pytest.mark.parametrize("variant", [*simd_variants(), "ref"])
+@pytest.mark.parametrize("dtype", [t for t in DType if t.x16], ids=lambda t: t.label)
+def test_x16_matches_row_major_base(variant, dtype):
+    """An x16 matrix gives the products of the same weights in their row-major base type (the
+    reference's row kernels), in both activation precisions and token-count regimes."""
+    from pocketlm.quant import interleave
+
+    for i, (T, K, N) in enumerate([(1, 576, 64), (3, 96, 16), (4, 1536, 48), (37, 320, 32)]):
+        raw, wd, x = make(dtype.base, T, K, N, 500 + i)
+        packed = interleave(raw, dtype.base, (N, K))
+        scale = np.abs(x) @ np.abs(wd).T
+        for fn in ("matmul", "matmul2"):
+            want = getattr(kernels, fn)("ref", int(dtype.base), raw, N, K, x)
+            got = getattr(kernels, fn)(variant, int(dtype), packed, N, K, x)
+            assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-30), (fn, variant, dtype.label, T, K, N)
+
+
+def test_x16_needs_whole_row_groups():
+    raw = quantize(np.ones((16, 64), np.float32), DType.Q4_0_X16)
+    with pytest.raises(ValueError, match="16"):
+        kernels.matmul("ref", int(DType.Q4_0_X16), raw[: raw.size // 2], 8, 64, np.ones((1, 64), np.float32))

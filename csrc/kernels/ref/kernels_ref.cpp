@@ -337,7 +337,7 @@ void matmul_quant_t(const WeightView& w, const float*, size_t, const Act* xq, in
   for (int t = 0; t < T; ++t)
     for (int n = n0; n < n1; ++n) {
       float v = RowDot(w.data + (size_t)n * w.row_stride, xq + t * nb, w.cols);
-      if (w.dtype == DType::I8) v *= w.row_scales[n];
+      if (w.row_scales) v *= w.row_scales[n];  // I8
       y[t * ldy + n] = v;
     }
 }
@@ -537,6 +537,10 @@ const KernelTable& ref_kernels() {
           matmul_quant<row_dot_qk<BlockQ8A, true>>,    // Q5_K
           matmul_quant<row_dot_q6_k<BlockQ8A>>,        // Q6_K
           matmul_float<row_dot_bf16>,                  // BF16
+          matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_q8_0>>,       // Q8_0_X16
+          matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_q4_0<32>>>,   // Q4_0_X16
+          matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_q4_1<32>>>,   // Q4_1_X16
+          matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_i8>>,         // I8_X16
       },
       quantize_act_ref,
       dequant_row_ref,
@@ -563,6 +567,10 @@ const KernelTable& ref_kernels() {
           matmul2_quant<row_dot_qk<BlockQ8A2, true>>,   // Q5_K
           matmul2_quant<row_dot_q6_k<BlockQ8A2>>,       // Q6_K
           matmul2_float<matmul_float<row_dot_bf16>>,    // BF16
+          matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot2_q8_0>>,      // Q8_0_X16
+          matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot2_q4_0<32>>>,  // Q4_0_X16
+          matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot2_q4_1<32>>>,  // Q4_1_X16
+          matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot2_i8>>,        // I8_X16
       },
       quantize_act2_ref,
       weighted_sum_ref,
