@@ -30,6 +30,7 @@
 
 #include "kernels/kernels.h"
 #include "kernels/x86/gemm_avx512.h"
+#include "kernels/x86/x16_avx512.h"
 
 namespace plm::kernels {
 namespace {
@@ -955,10 +956,10 @@ const KernelTable* avx512_kernel_table() {
           matmul_kquant<QKFormat<true>>,         // Q5_K
           matmul_kquant<Q6KFormat>,              // Q6_K
           matmul_float<WKind::BF16>,             // BF16
-          matmul_x16_gather<BlockQ8A, matmul_quant<Q8Format>>,  // Q8_0_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant<Q4Format<32, false>>>,  // Q4_0_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant<Q4Format<32, true>>>,  // Q4_1_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant<I8Format>>,  // I8_X16
+          avx512::matmul_x16,                    // Q8_0_X16
+          avx512::matmul_x16,                    // Q4_0_X16
+          avx512::matmul_x16,                    // Q4_1_X16
+          avx512::matmul_x16,                    // I8_X16
       },
       quantize_act_avx512,
       ref_kernels().dequant_row,
@@ -985,10 +986,10 @@ const KernelTable* avx512_kernel_table() {
           matmul_kquant<QKFormat<true>, BlockQ8A2>,         // Q5_K
           matmul_kquant<Q6KFormat, BlockQ8A2>,              // Q6_K
           matmul2_float<matmul_float<WKind::BF16>>,         // BF16
-          matmul_x16_gather<BlockQ8A2, matmul_quant<Q8Format, BlockQ8A2>>,  // Q8_0_X16
-          matmul_x16_gather<BlockQ8A2, matmul_quant<Q4Format<32, false>, BlockQ8A2>>,  // Q4_0_X16
-          matmul_x16_gather<BlockQ8A2, matmul_quant<Q4Format<32, true>, BlockQ8A2>>,  // Q4_1_X16
-          matmul_x16_gather<BlockQ8A2, matmul_quant<I8Format, BlockQ8A2>>,  // I8_X16
+          avx512::matmul2_x16,                              // Q8_0_X16
+          avx512::matmul2_x16,                              // Q4_0_X16
+          avx512::matmul2_x16,                              // Q4_1_X16
+          avx512::matmul2_x16,                              // I8_X16
       },
       quantize_act2_avx512,
       weighted_sum_avx512,

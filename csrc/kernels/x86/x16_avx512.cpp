@@ -1,0 +1,200 @@
+// Matmuls of the row-interleaved x16 types (common.h) with AVX-512 VNNI: one zmm lane per
+// weight row, so a vpdpbusd multiplies 4 code bytes of each of 16 rows by 4 activation bytes
+// broadcast from one token, and a 32-block costs 8 of them per token before one float step.
+// This is the prefill GEMM's scheme (gemm_avx512.cpp) without its per-call repack: the
+// converter already stored the codes so, and a group of 16 rows is one sequential stream,
+// which is what lets decode (one token) run at the memory bandwidth: the row-major tiles read
+// 8 rows as 8 short streams that the hardware prefetchers serve poorly (measured on this
+// machine, one thread: ~12 GB/s for 8 interleaved streams against ~25 GB/s for one).
+//
+// Per 32-block and row (see gemm_avx512.cpp for the bias terms):
+//   y[r] += v1[r] * (d * idot) + v2[r] * s        (two-level activations: + d2 * idot2, s2)
+//   Q4_0: v1 = d, v2 = -8d;  Q4_1: v1 = d, v2 = m;  Q8_0: v1 = d, v2 = -128d (codes + 128);
+//   I8: v1 = 1, v2 = -128 (codes + 128), and the row scale at the end.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include "kernels/x86/x16_avx512.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+namespace plm::kernels::avx512 {
+namespace {
+
+constexpr int kTile = 8;  // tokens per pass over a group's blocks
+
+inline __m512i bcst4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+inline __m512 f16x16(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// kFields: f16 header fields per record; kRowScale: I8 (no header, a scale per row).
+// code(c, j): the unsigned codes of k-step j (bytes 4j..4j+3 of every row) from the record's
+// code bytes c.
+template <DType T>
+struct X16 {
+  static constexpr bool kQ4 = T == DType::Q4_0_X16 || T == DType::Q4_1_X16;
+  static constexpr int kFields = T == DType::Q4_1_X16 ? 2 : T == DType::I8_X16 ? 0 : 1;
+  static constexpr int kRecord = 16 * kDTypeTraits[(int)T].block_bytes;
+  static constexpr bool kRowScale = T == DType::I8_X16;
+  static void coefs(const uint8_t* rec, __m512& v1, __m512& v2) {
+    if constexpr (T == DType::I8_X16) {
+      v1 = _mm512_set1_ps(1.0f);
+      v2 = _mm512_set1_ps(-128.0f);
+    } else {
+      v1 = f16x16(rec);
+      if constexpr (T == DType::Q4_1_X16) v2 = f16x16(rec + 32);
+      else v2 = _mm512_mul_ps(v1, _mm512_set1_ps(T == DType::Q4_0_X16 ? -8.0f : -128.0f));
+    }
+  }
+};
+
+inline __m512 act_scaled(const BlockQ8A& a, __m512i s1, __m512i) {
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(a.d));
+}
+inline __m512 act_scaled(const BlockQ8A2& a, __m512i s1, __m512i s2) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s2), _mm512_set1_ps(a.d2),
+                         _mm512_mul_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(a.d)));
+}
+inline float act_sum(const BlockQ8A& a) { return a.s; }
+inline float act_sum(const BlockQ8A2& a) { return a.s + a.s2; }
+
+// One k-step: codes w against bytes 4j..4j+3 of every token, into chain set `s`.
+template <class Block, int RT>
+inline void step(__m512i w, const Block* x, int nruns, int b, int j, __m512i* s1, __m512i* s2) {
+#pragma GCC unroll 8
+  for (int t = 0; t < RT; ++t) {
+    const Block& a = x[(size_t)t * nruns + b];
+    s1[t] = _mm512_dpbusd_epi32(s1[t], w, bcst4(a.qs + 4 * j));
+    if constexpr (std::is_same_v<Block, BlockQ8A2>) s2[t] = _mm512_dpbusd_epi32(s2[t], w, bcst4(a.qs2 + 4 * j));
+  }
+}
+
+// RT tokens against one group of 16 rows (`group`: its first record). With few tokens the
+// k-steps alternate between two chains of integer sums (A, B) so that consecutive vpdpbusd do
+// not wait on each other; with more, the tokens give that independence.
+template <DType T, class Block, int RT>
+void micro(const uint8_t* group, int nruns, const Block* x, float* y, size_t ldy, __mmask16 mask,
+           const float* row_scales) {
+  using F = X16<T>;
+  constexpr bool kTwo = std::is_same_v<Block, BlockQ8A2>;
+  constexpr bool kSplit = RT <= 2;
+  const __m512i low4 = _mm512_set1_epi8(0x0F), bias = _mm512_set1_epi8((char)0x80);
+  __m512 acc[RT];
+#pragma GCC unroll 8
+  for (int t = 0; t < RT; ++t) acc[t] = _mm512_setzero_ps();
+  for (int b = 0; b < nruns; ++b) {
+    const uint8_t* rec = group + (size_t)b * F::kRecord;
+    const uint8_t* codes = rec + 32 * F::kFields;
+    constexpr int NB = kSplit ? RT : 1;
+    __m512i a1[RT], a2[RT], b1[NB], b2[NB];  // chains A and B, first and second level
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) a1[t] = a2[t] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int t = 0; t < NB; ++t) b1[t] = b2[t] = _mm512_setzero_si512();
+    // The second code vector of each pair goes to chain B when there is one.
+    auto second = [&](__m512i w, int j) {
+      if constexpr (kSplit) step<Block, RT>(w, x, nruns, b, j, b1, b2);
+      else step<Block, RT>(w, x, nruns, b, j, a1, a2);
+    };
+    if constexpr (F::kQ4) {
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+        const __m512i z = _mm512_loadu_si512(codes + 64 * c);
+        step<Block, RT>(_mm512_and_si512(z, low4), x, nruns, b, c, a1, a2);
+        second(_mm512_and_si512(_mm512_srli_epi16(z, 4), low4), c + 4);
+      }
+    } else {
+#pragma GCC unroll 4
+      for (int c = 0; c < 8; c += 2) {
+        step<Block, RT>(_mm512_xor_si512(_mm512_loadu_si512(codes + 64 * c), bias), x, nruns, b, c, a1, a2);
+        second(_mm512_xor_si512(_mm512_loadu_si512(codes + 64 * (c + 1)), bias), c + 1);
+      }
+    }
+    __m512 v1, v2;
+    F::coefs(rec, v1, v2);
+#pragma GCC unroll 8
+    for (int t = 0; t < RT; ++t) {
+      const Block& a = x[(size_t)t * nruns + b];
+      __m512i s1 = a1[t], s2 = a2[t];
+      if constexpr (kSplit) {
+        s1 = _mm512_add_epi32(s1, b1[t < NB ? t : 0]);
+        if constexpr (kTwo) s2 = _mm512_add_epi32(s2, b2[t < NB ? t : 0]);
+      }
+      acc[t] = _mm512_fmadd_ps(act_scaled(a, s1, s2), v1, acc[t]);
+      acc[t] = _mm512_fmadd_ps(v2, _mm512_set1_ps(act_sum(a)), acc[t]);
+    }
+  }
+  const __m512 rs = row_scales ? _mm512_maskz_loadu_ps(mask, row_scales) : _mm512_set1_ps(1.0f);
+#pragma GCC unroll 8
+  for (int t = 0; t < RT; ++t) _mm512_mask_storeu_ps(y + (size_t)t * ldy, mask, _mm512_mul_ps(acc[t], rs));
+}
+
+template <class F>
+inline void with_tile(int rt, F&& f) {
+  switch (rt) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+static_assert(kTile == 8, "with_tile covers 1..8");
+
+// Columns [n0, n1): every group they touch is computed whole (x16 tensors have rows % 16 == 0)
+// and only the lanes in range are stored.
+template <DType T, class Block>
+void matmul_impl(const WeightView& w, const Block* xq, int T_, float* y, size_t ldy, int n0, int n1) {
+  using F = X16<T>;
+  const int nruns = (int)(w.cols / 32);
+  const size_t group_bytes = (size_t)nruns * F::kRecord;
+  for (int g0 = n0 - n0 % kX16Rows; g0 < n1; g0 += kX16Rows) {
+    const int lo = std::max(n0, g0) - g0, hi = std::min(n1, g0 + kX16Rows) - g0;
+    const __mmask16 mask = (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+    const uint8_t* group = w.data + (size_t)(g0 / kX16Rows) * group_bytes;
+    const float* rs = F::kRowScale ? w.row_scales + g0 : nullptr;
+    for (int t0 = 0; t0 < T_; t0 += kTile) {
+      with_tile(std::min(kTile, T_ - t0), [&](auto rt) {
+        micro<T, Block, decltype(rt)::value>(group, nruns, xq + (size_t)t0 * nruns, y + (size_t)t0 * ldy + g0,
+                                             ldy, mask, rs);
+      });
+    }
+  }
+}
+
+template <class Block>
+void matmul_any(const WeightView& w, const Block* xq, int T, float* y, size_t ldy, int n0, int n1) {
+  switch (w.dtype) {
+    case DType::Q8_0_X16: matmul_impl<DType::Q8_0_X16>(w, xq, T, y, ldy, n0, n1); break;
+    case DType::Q4_0_X16: matmul_impl<DType::Q4_0_X16>(w, xq, T, y, ldy, n0, n1); break;
+    case DType::Q4_1_X16: matmul_impl<DType::Q4_1_X16>(w, xq, T, y, ldy, n0, n1); break;
+    case DType::I8_X16: matmul_impl<DType::I8_X16>(w, xq, T, y, ldy, n0, n1); break;
+    default: throw UnsupportedError("matmul_x16: not an x16 type");
+  }
+}
+
+}  // namespace
+
+void matmul_x16(const WeightView& w, const float*, size_t, const BlockQ8A* xq, int T, float* y, size_t ldy,
+                int n0, int n1) {
+  matmul_any(w, xq, T, y, ldy, n0, n1);
+}
+void matmul2_x16(const WeightView& w, const float*, size_t, const BlockQ8A2* xq, int T, float* y, size_t ldy,
+                 int n0, int n1) {
+  matmul_any(w, xq, T, y, ldy, n0, n1);
+}
+
+}  // namespace plm::kernels::avx512
