@@ -19,6 +19,7 @@
 #include "kernels/kernels.h"
 #include "kernels/prefetch.h"
 #include "kernels/x86/gemm_avx2.h"
+#include "kernels/x86/x16_avx2.h"
 
 namespace plm::kernels {
 namespace {
@@ -791,10 +792,10 @@ const KernelTable* avx2_kernel_table() {
           matmul_kquant<QKFormat<true>>,         // Q5_K
           matmul_kquant<Q6KFormat>,              // Q6_K
           matmul_float<WKind::BF16>,             // BF16
-          matmul_x16_gather<BlockQ8A, matmul_quant<Q8Format>>,  // Q8_0_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant<Q4Format<32, false>>>,  // Q4_0_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant<Q4Format<32, true>>>,  // Q4_1_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant<I8Format>>,  // I8_X16
+          avx2::matmul_x16,                      // Q8_0_X16
+          avx2::matmul_x16,                      // Q4_0_X16
+          avx2::matmul_x16,                      // Q4_1_X16
+          avx2::matmul_x16,                      // I8_X16
       },
       quantize_act_avx2,
       ref_kernels().dequant_row,
@@ -821,10 +822,10 @@ const KernelTable* avx2_kernel_table() {
           matmul_kquant<QKFormat<true>, BlockQ8A2>,         // Q5_K
           matmul_kquant<Q6KFormat, BlockQ8A2>,              // Q6_K
           matmul2_float<matmul_float<WKind::BF16>>,         // BF16
-          matmul_x16_gather<BlockQ8A2, matmul_quant<Q8Format, BlockQ8A2>>,  // Q8_0_X16
-          matmul_x16_gather<BlockQ8A2, matmul_quant<Q4Format<32, false>, BlockQ8A2>>,  // Q4_0_X16
-          matmul_x16_gather<BlockQ8A2, matmul_quant<Q4Format<32, true>, BlockQ8A2>>,  // Q4_1_X16
-          matmul_x16_gather<BlockQ8A2, matmul_quant<I8Format, BlockQ8A2>>,  // I8_X16
+          avx2::matmul2_x16,                                // Q8_0_X16
+          avx2::matmul2_x16,                                // Q4_0_X16
+          avx2::matmul2_x16,                                // Q4_1_X16
+          avx2::matmul2_x16,                                // I8_X16
       },
       quantize_act2_avx2,
       weighted_sum_by_axpy<axpy_avx2>,

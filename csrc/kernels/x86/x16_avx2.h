@@ -1,0 +1,14 @@
+// Matmuls of the row-interleaved x16 weight types (common.h) for AVX2 + FMA + F16C (no VNNI),
+// any token count.
+#pragma once
+#include "kernels/kernels.h"
+
+namespace plm::kernels::avx2 {
+
+// MatmulFn / MatmulFn2 for Q8_0_X16, Q4_0_X16, Q4_1_X16 and I8_X16 (dispatching on w.dtype).
+void matmul_x16(const WeightView& w, const float* x, size_t ldx, const BlockQ8A* xq, int T, float* y,
+                size_t ldy, int n0, int n1);
+void matmul2_x16(const WeightView& w, const float* x, size_t ldx, const BlockQ8A2* xq, int T, float* y,
+                 size_t ldy, int n0, int n1);
+
+}  // namespace plm::kernels::avx2
