@@ -143,6 +143,15 @@ def run(cmd: list[str], **kw) -> None:
     subprocess.run(list(map(str, cmd)), check=True, **kw)
 
 
+def _stale(plm: Path) -> bool:
+    """A bundle written by an older converter (another weight layout): convert it again."""
+    from pocketlm.bundle import read_bundle
+    from pocketlm.convert.converter import CONVERTER_VERSION
+
+    prov = read_bundle(plm).metadata.get("provenance", {})
+    return prov.get("converter_version") != CONVERTER_VERSION
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path.home() / ".cache/pocketlm/models" / NAME)
@@ -162,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(f"{f16}.tmp", f16)
     for quant in ("int4", "int8"):
         plm = out / f"{NAME}-{quant}.plm"
-        if not plm.exists():
+        if not plm.exists() or _stale(plm):
             extra = ["--group-size", "32"] if quant == "int4" else []
             run([sys.executable, "-m", "pocketlm", "convert", hf, "-o", plm, "--quant", quant, *extra, "-q"])
     for qtype in ("Q4_0", "Q8_0"):

@@ -15,9 +15,28 @@ from convert_fixtures import bundle_f32, hf_state, smollm2_bundles  # noqa: F401
 from gguf_craft import write_gguf
 from pocketlm.bundle import read_bundle
 from pocketlm.convert import convert
-from pocketlm.dtypes import DType
+from pocketlm import quant
+from pocketlm.dtypes import X16_OF, DType
 
 _GGUF_TO_DTYPE = {name: DType[name] for name in ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")}
+
+
+def _wants_x16(base: DType, shape) -> bool:
+    """The converter's x16 rule, written out: a 2-D weight of Q8_0/Q4_0/Q4_1/I8 whose rows come
+    in groups of 16 and whose width is whole 32-blocks is stored row-interleaved."""
+    return base in X16_OF and len(shape) == 2 and shape[0] % 16 == 0 and shape[-1] % 32 == 0
+
+
+def _assert_type(info, base: DType) -> None:
+    """`info` holds `base`, in its x16 form exactly when the rule asks for it."""
+    assert info.dtype.base == base, (info.name, info.dtype, base)
+    assert info.dtype.x16 == _wants_x16(base, info.shape), (info.name, info.dtype, info.shape)
+
+
+def _row_major(b, name: str) -> np.ndarray:
+    """The tensor's bytes in its base type's row-major layout (x16 ones de-interleaved)."""
+    info, raw = b.info(name), np.asarray(b.tensor(name))
+    return quant.deinterleave(raw, info.dtype.base, info.shape) if info.dtype.x16 else raw
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +55,22 @@ def test_smollm2_keep_types_and_bytes(smollm2_bundles, smollm2_reader):
     assert len(b.tensors) == len(smollm2_reader.tensors) == 272
     for t in smollm2_reader.tensors:
         info = b.info(t.name)
-        assert info.dtype == _GGUF_TO_DTYPE[t.tensor_type.name], t.name
+        # 2-D weights are stored in the row-interleaved x16 form of the GGUF type (same bytes
+        # once de-interleaved)
+        assert info.dtype.base == _GGUF_TO_DTYPE[t.tensor_type.name], t.name
+        assert info.dtype.x16 == (len(info.shape) == 2), t.name
         assert info.shape == tuple(int(d) for d in reversed(t.shape.tolist())), t.name
-        raw, ours = _gguf_rows(t), np.asarray(b.tensor(t.name)).reshape(_gguf_rows(t).shape)
+        stored = np.asarray(b.tensor(t.name))
+        if info.dtype.x16:
+            stored = quant.deinterleave(stored, info.dtype.base, info.shape)
+        raw, ours = _gguf_rows(t), stored.reshape(_gguf_rows(t).shape)
         if ".attn_q." in t.name or ".attn_k." in t.name:  # same rows, another order
             assert not np.array_equal(ours, raw)
             assert sorted(map(bytes, ours)) == sorted(map(bytes, raw))
         else:
             np.testing.assert_array_equal(ours, raw, err_msg=t.name)
     q = b.metadata["quantization"]
-    assert q["mode"] == "keep" and q["types"] == {"f32": 61, "q4_1": 210, "q8_0": 1}
+    assert q["mode"] == "keep" and q["types"] == {"f32": 61, "q4_1_x16": 210, "q8_0_x16": 1}
     assert b.metadata["provenance"]["requantized"] == []
 
 
@@ -104,7 +129,10 @@ def test_smollm2_int8(smollm2_bundles, smollm2_reader):
     b = smollm2_bundles["int8"]
     print(f"\nSmolLM2 GGUF conversion: keep {smollm2_bundles['None-seconds']:.1f}s, "
           f"int8 {smollm2_bundles['int8-seconds']:.1f}s")
-    assert Counter(t.dtype for t in b.tensors) == {DType.I8: 211, DType.F32: 61}
+    assert Counter(t.dtype.base for t in b.tensors) == {DType.I8: 211, DType.F32: 61}
+    for t in b.tensors:
+        _assert_type(t, DType.I8 if len(t.shape) == 2 else DType.F32)
+    assert Counter(t.dtype for t in b.tensors) == {DType.I8_X16: 211, DType.F32: 61}  # all rows % 16 == 0
     keep = smollm2_bundles[None]
     for name in ("token_embd.weight", "blk.3.attn_k.weight", "blk.29.ffn_down.weight"):
         src = bundle_f32(keep, name)  # the GGUF's values, un-permuted
@@ -159,7 +187,11 @@ def test_crafted_keep_copies_every_type_pocketlm_has(crafted_llama, tmp_path):
                                 ("ffn_down", ["Q5_0", "Q8_0"][i])]:
             want[f"blk.{i}.{name}.weight"] = DType[gguf_type]
         want[f"blk.{i}.attn_norm.weight"] = want[f"blk.{i}.ffn_norm.weight"] = DType.F32
-    assert {t.name: t.dtype for t in b.tensors} == want
+    assert {t.name: t.dtype.base for t in b.tensors} == want
+    for t in b.tensors:
+        _assert_type(t, want[t.name])
+    assert b.info("blk.0.attn_output.weight").dtype == DType.Q4_0_X16  # the rule is not vacuous here
+    assert b.info("blk.1.ffn_down.weight").dtype == DType.Q8_0_X16   # requantized ones too
     prov = b.metadata["provenance"]
     assert prov["requantized"] == ["blk.1.ffn_down.weight"]
     assert prov["source_types"] == {"BF16": 2, "F16": 1, "F32": 7, "Q3_K": 1, "Q4_0": 2, "Q4_1": 1, "Q4_K": 2,
@@ -178,7 +210,7 @@ def test_crafted_keep_copies_every_type_pocketlm_has(crafted_llama, tmp_path):
             raw = raw[rope_unpermute_rows(raw.shape[0], cfg["n_heads"])]
         elif ".attn_k." in t.name:
             raw = raw[rope_unpermute_rows(raw.shape[0], cfg["n_kv_heads"])]
-        assert np.asarray(b.tensor(t.name)).tobytes() == raw.tobytes(), t.name
+        assert _row_major(b, t.name).tobytes() == raw.tobytes(), t.name
         src = gguf.dequantize(raw, t.tensor_type)
         np.testing.assert_array_equal(bundle_f32(b, t.name).view(np.uint32),
                                       src.astype(np.float32).reshape(raw.shape[0], -1).view(np.uint32), err_msg=t.name)
@@ -199,9 +231,12 @@ def test_crafted_keep_copies_every_type_pocketlm_has(crafted_llama, tmp_path):
 def test_crafted_quant_given_reencodes_everything(crafted_llama, tmp_path):
     path, model = crafted_llama
     b = read_bundle(convert(path, tmp_path / "i4.plm", quant="int4", group_size=64, progress=False))
-    types = {t.name: t.dtype for t in b.tensors}
+    types = {t.name: t.dtype.base for t in b.tensors}
     assert types["token_embd.weight"] == types["output.weight"] == DType.Q8_0
     assert types["blk.1.attn_v.weight"] == types["blk.0.ffn_gate.weight"] == DType.Q4_0_G64
+    for name in ("token_embd.weight", "output.weight", "blk.1.attn_v.weight", "blk.0.ffn_gate.weight"):
+        _assert_type(b.info(name), types[name])
+    assert b.info("output.weight").dtype == DType.Q8_0_X16  # [320, 256]; G64 has no x16 form
     assert b.metadata["provenance"]["requantized"] == []  # only meaningful in keep mode
     q = bundle_f32(b, "blk.0.attn_q.weight")
     want = hf_state(model)["blk.0.attn_q.weight"]

@@ -15,9 +15,27 @@ from convert_fixtures import HF_CASES, bundle_f32, hf_bundles, hf_models, hf_sta
 from pocketlm import models, quant
 from pocketlm.bundle import read_bundle
 from pocketlm.convert import convert
-from pocketlm.dtypes import DType
+from pocketlm.dtypes import X16_OF, DType, tensor_nbytes
 
 CASES = sorted(HF_CASES)
+
+
+def _wants_x16(base: DType, shape) -> bool:
+    """The converter's x16 rule, written out: a 2-D weight of Q8_0/Q4_0/Q4_1/I8 whose rows come
+    in groups of 16 and whose width is whole 32-blocks is stored row-interleaved."""
+    return base in X16_OF and len(shape) == 2 and shape[0] % 16 == 0 and shape[-1] % 32 == 0
+
+
+def _assert_type(info, base: DType) -> None:
+    """`info` holds `base`, in its x16 form exactly when the rule asks for it."""
+    assert info.dtype.base == base, (info.name, info.dtype, base)
+    assert info.dtype.x16 == _wants_x16(base, info.shape), (info.name, info.dtype, info.shape)
+
+
+def _row_major(b, name: str) -> np.ndarray:
+    """The tensor's bytes in its base type's row-major layout (x16 ones de-interleaved)."""
+    info, raw = b.info(name), np.asarray(b.tensor(name))
+    return quant.deinterleave(raw, info.dtype.base, info.shape) if info.dtype.x16 else raw
 
 
 def _weights_2d(state):
@@ -69,10 +87,10 @@ def test_int8_per_row_error_bound(hf_models, hf_bundles, case):
         if want.shape[1] % 32:  # quantized matmuls need K % 32 == 0, i8 included
             assert b.info(name).dtype == DType.F16, name
             continue
-        assert b.info(name).dtype == DType.I8, name
+        _assert_type(b.info(name), DType.I8)
         bound = np.abs(want).max(axis=1, keepdims=True) / 254 * (1 + 1e-5) + 1e-12
         assert np.all(np.abs(got - want) <= bound), name
-        np.testing.assert_array_equal(np.asarray(b.tensor(name)), quant.quantize(want, DType.I8))
+        np.testing.assert_array_equal(_row_major(b, name), quant.quantize(want, DType.I8), err_msg=name)
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.01, name
 
 
@@ -92,7 +110,8 @@ def test_int8_group_32_is_q8_0_blocks(hf_models, hf_bundles, case):
         if want.shape[1] % 32:
             assert b.info(name).dtype == DType.F16, name
             continue
-        assert b.info(name).dtype == DType.Q8_0, name
+        _assert_type(b.info(name), DType.Q8_0)
+        np.testing.assert_array_equal(_row_major(b, name), quant.quantize(want, DType.Q8_0), err_msg=name)
         got = bundle_f32(b, name)
         bound = np.abs(want.reshape(-1, 32)).max(axis=1, keepdims=True) / 254 * 1.002 + 1e-9
         assert np.all(np.abs(got - want).reshape(-1, 32) <= bound), name
@@ -138,17 +157,17 @@ def test_int4_recipe_and_error_bounds(hf_models, hf_bundles, group, symmetric):
             assert info.dtype == DType.F32
             np.testing.assert_array_equal(got, want)
         elif name in ("token_embd.weight", "output.weight"):
-            assert info.dtype == DType.Q8_0, name
+            _assert_type(info, DType.Q8_0)
             bound = np.abs(want.reshape(-1, 32)).max(axis=1, keepdims=True) / 254 * 1.002 + 1e-9
             assert np.all(np.abs(got - want).reshape(-1, 32) <= bound), name
         elif want.shape[1] % group:  # 96-wide ffn_down at group 64, all linear weights at 128: F16
             assert info.dtype == DType.F16, name
             fallback.append(name)
         else:
-            assert info.dtype == q4, name
+            _assert_type(info, q4)
             assert np.all(np.abs(got - want) <= _q4_bound(want, group, symmetric)), name
             assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.12, name
-            np.testing.assert_array_equal(np.asarray(b.tensor(name)), quant.quantize(want, q4))
+            np.testing.assert_array_equal(_row_major(b, name), quant.quantize(want, q4), err_msg=name)
     q = b.metadata["quantization"]
     assert q["mode"] == "int4" and q["group_size"] == group and q["symmetric"] is symmetric
     assert sorted(q["f16_fallback"]) == sorted(fallback)
@@ -249,3 +268,103 @@ def test_output_folder_and_progress_bar(hf_models, tmp_path, capsys):
     convert(hf_models["llama"][0], tmp_path / "quiet.plm", quant="int8", progress=False)
     assert capsys.readouterr().err == ""
     assert list(tmp_path.glob(".*tmp*")) == []
+
+
+@pytest.mark.parametrize("base", sorted(X16_OF), ids=lambda t: t.label)
+def test_x16_interleave_round_trips_and_matches_the_documented_layout(base):
+    """quant.interleave / deinterleave on real quantized bytes: exact inverses, the same values
+    through dequantize, quantize(x16) == interleave(quantize(base)), and the byte positions of
+    csrc/common.h ("x16 interleaving") checked one by one."""
+    x16 = X16_OF[base]
+    rng = np.random.default_rng(int(base))
+    code = 16 if base in (DType.Q4_0, DType.Q4_1) else 32
+    bb = 32 if base == DType.I8 else base.block_bytes  # bytes of one row's 32-element block
+    fields = (bb - code) // 2  # f16 header fields: Q8_0/Q4_0 d; Q4_1 d, m; I8 none
+    for rows, cols in [(16, 32), (48, 96), (64, 256)]:
+        # rows of very different magnitudes, so that scales (and I8 row scales) all differ
+        x = (rng.standard_normal((rows, cols)) * np.exp(rng.uniform(-4, 2, (rows, 1)))).astype(np.float32)
+        raw = quant.quantize(x, base)
+        packed = quant.interleave(raw, base, (rows, cols))
+        assert packed.dtype == np.uint8 and packed.size == raw.size == tensor_nbytes(x16, (rows, cols))
+        assert not np.array_equal(packed, raw)
+        assert quant.deinterleave(packed, base, (rows, cols)).tobytes() == raw.tobytes()
+        assert quant.quantize(x, x16).tobytes() == packed.tobytes()
+        np.testing.assert_array_equal(quant.dequantize(packed, x16, (rows, cols)),
+                                      quant.dequantize(raw, base, (rows, cols)))
+        # the documented layout, position by position
+        nb = cols // 32
+        blocks = raw[: rows * nb * bb].reshape(rows, nb, bb)
+        for n in range(rows):
+            g, i = divmod(n, 16)
+            for blk in range(nb):
+                rec = packed[(g * nb + blk) * 16 * bb:][: 16 * bb]
+                src = blocks[n, blk]
+                for f in range(fields):
+                    assert rec[32 * f + 2 * i:][:2].tobytes() == src[2 * f:][:2].tobytes(), (n, blk, f)
+                for u in range(code // 4):
+                    got = rec[32 * fields + 64 * u + 4 * i:][:4]
+                    assert got.tobytes() == src[2 * fields + 4 * u:][:4].tobytes(), (n, blk, u)
+        assert packed[rows * nb * bb:].tobytes() == raw[rows * nb * bb:].tobytes()  # I8 row scales
+        assert packed[rows * nb * bb:].size == (4 * rows if base == DType.I8 else 0)
+    with pytest.raises(ValueError, match="16"):  # whole groups of 16 rows only
+        quant.interleave(quant.quantize(np.ones((24, 64), np.float32), base), base, (24, 64))
+
+
+@pytest.mark.parametrize("mode,group_size,symmetric", [("int8", None, True), ("int8", 32, True),
+                                                       ("int4", 32, True), ("int4", 32, False)])
+def test_rows_not_multiple_of_16_keep_the_row_major_type(tmp_path, mode, group_size, symmetric):
+    """One KV head of 24 and an ffn of 72: attn_k/attn_v [24, 96] and ffn_gate/ffn_up [72, 96]
+    cannot be cut into groups of 16 rows and keep the row-major base type (ffn_down [96, 72] is
+    F16: 72 is not whole 32-blocks); the others are x16. Bytes as quantize() gives them, and the
+    model runs with both layouts mixed."""
+    from testutil import make_hf_model
+
+    from pocketlm.engine import Engine
+
+    model = make_hf_model(tmp_path / "hf", "llama", hidden_size=96, intermediate_size=72,
+                          num_attention_heads=4, num_key_value_heads=1)
+    out = convert(tmp_path / "hf", tmp_path / "m.plm", quant=mode, group_size=group_size, symmetric=symmetric,
+                  progress=False)
+    b = read_bundle(out)
+    linear = {"int8": DType.I8 if group_size is None else DType.Q8_0,
+              "int4": DType.Q4_0 if symmetric else DType.Q4_1}[mode]
+    kinds = {True: [], False: []}
+    for name, want in _weights_2d(hf_state(model)).items():
+        info = b.info(name)
+        if want.shape[1] % 32:
+            assert name.endswith("ffn_down.weight") and info.dtype == DType.F16, name
+            continue
+        base = DType.Q8_0 if mode == "int4" and name in ("token_embd.weight", "output.weight") else linear
+        _assert_type(info, base)
+        kinds[info.dtype.x16].append(name.split(".")[-2])
+        np.testing.assert_array_equal(_row_major(b, name), quant.quantize(want, base), err_msg=name)
+        np.testing.assert_array_equal(bundle_f32(b, name),
+                                      quant.dequantize(quant.quantize(want, base), base, want.shape), err_msg=name)
+    assert sorted(set(kinds[False])) == ["attn_k", "attn_v", "ffn_gate", "ffn_up"]
+    assert sorted(set(kinds[True])) == ["attn_output", "attn_q", "output", "token_embd"]
+    labels = b.metadata["quantization"]["types"]
+    n_x16 = 2 * 2 + 2  # 2 layers x (attn_q, attn_output), token_embd, output
+    if mode == "int4":  # the embeddings and the head are Q8_0 there
+        assert labels[X16_OF[linear].label] == n_x16 - 2 and labels["q8_0_x16"] == 2
+    else:
+        assert labels[X16_OF[linear].label] == n_x16
+    assert labels[linear.label] == 2 * 4 and labels["f16"] == 2  # (k, v, gate, up), ffn_down
+    # the runtime against transformers running the bundle's own (dequantized) weights: what is
+    # left is the int8 quantization of activations
+    import torch
+
+    from pocketlm.models import llama
+
+    with torch.no_grad():
+        for hf_name, p in model.state_dict().items():
+            canon = llama.hf_weight_name(hf_name)
+            if canon is not None:
+                p.copy_(torch.from_numpy(bundle_f32(b, canon)).reshape(p.shape))
+        ids = np.random.default_rng(7).integers(0, 320, size=20).tolist()
+        ref = model(torch.tensor([ids])).logits[0, -1].float().numpy()
+    engine = Engine(out, threads=2, max_context=64)
+    s = engine.create_session()
+    for got in (engine.create_session().prefill(ids), (s.prefill(ids[:-1]), s.decode(ids[-1]))[1]):
+        err = np.abs(got - ref).max() / ref.std()  # prefill; then decode (one-token matvecs)
+        print(f"\n{mode} g{group_size} sym={symmetric}: max err / std {err:.2e}")
+        assert err < 0.01, err

@@ -80,8 +80,10 @@ def f32(smollm2_gguf, tmp_path_factory):
 
 
 def test_native_bundle_keeps_gguf_types(native):
+    # the GGUF's Q4_1 / Q8_0 2-D weights (every row count a multiple of 16, every width of 32)
+    # in their row-interleaved x16 forms; the 1-D norms stay F32
     types = native.metadata["quantization"]["types"]
-    assert types == {"f32": 61, "q4_1": 210, "q8_0": 1}
+    assert types == {"f32": 61, "q4_1_x16": 210, "q8_0_x16": 1}
 
 
 def test_f32_logits_and_greedy_chat_match_transformers(f32, hf_model):

@@ -210,9 +210,11 @@ def test_gguf_import_matches_hf_import(gguf_pair):
 
 def test_gguf_fused_tensors_split_bit_for_bit(gguf_pair, tmp_path):
     """Row splits keep quantized blocks intact: a Q8_0 attn_qkv (and Phi-3's gate+up ffn_up)
-    arrives as Q8_0 attn_q/attn_k/attn_v (ffn_gate/ffn_up) with exactly the GGUF's bytes."""
+    arrives as Q8_0 attn_q/attn_k/attn_v (ffn_gate/ffn_up) with exactly the GGUF's bytes, in the
+    row-interleaved Q8_0_X16 form when the part's rows come in groups of 16 (de-interleaved here)."""
     import gguf
 
+    from pocketlm import quant
     from pocketlm.bundle import read_bundle
     from pocketlm.dtypes import DType
 
@@ -222,9 +224,20 @@ def test_gguf_fused_tensors_split_bit_for_bit(gguf_pair, tmp_path):
     tensors = write_gguf(path, model, folder / "hf", arch, types={"attn_qkv.weight": q8, "ffn_up.weight": q8})
     bundle = convert(path, tmp_path / "q8.plm", quant=None, progress=False)
     b = read_bundle(bundle)
-    assert {t.name: t.dtype for t in b.tensors}["blk.1.attn_k.weight"] == DType.Q8_0
-    qkv = gguf.quants.quantize(tensors["blk.1.attn_qkv.weight"], q8)
+
+    def row_major(name, want_rows):
+        """The part's bytes as row-major Q8_0, after checking its type: Q8_0, in the x16 form
+        exactly when its rows are a multiple of 16 (widths here are multiples of 32)."""
+        info = b.info(name)
+        assert info.dtype.base == DType.Q8_0, (name, info.dtype)
+        assert info.shape == (want_rows, c.hidden_size), (name, info.shape)
+        assert info.dtype.x16 == (want_rows % 16 == 0 and c.hidden_size % 32 == 0), (name, info.dtype)
+        raw = np.asarray(b.tensor(name))
+        return (quant.deinterleave(raw, DType.Q8_0, info.shape) if info.dtype.x16 else raw).reshape(-1)
+
     c = model.config
+    assert b.info("blk.1.attn_k.weight").dtype.base == DType.Q8_0
+    qkv = gguf.quants.quantize(tensors["blk.1.attn_qkv.weight"], q8)
     n_q = c.hidden_size if arch == "gpt2" else c.num_attention_heads * (c.hidden_size // c.num_attention_heads)
     n_kv = n_q if arch == "gpt2" else c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
     bounds = {"attn_q": (0, n_q), "attn_k": (n_q, n_q + n_kv), "attn_v": (n_q + n_kv, n_q + 2 * n_kv)}
@@ -232,10 +245,10 @@ def test_gguf_fused_tensors_split_bit_for_bit(gguf_pair, tmp_path):
         up = gguf.quants.quantize(tensors["blk.1.ffn_up.weight"], q8)
         f = c.intermediate_size
         for name, rows in (("ffn_gate", up[:f]), ("ffn_up", up[f:])):
-            np.testing.assert_array_equal(np.asarray(b.tensor(f"blk.1.{name}.weight")).reshape(-1),
+            np.testing.assert_array_equal(row_major(f"blk.1.{name}.weight", f),
                                           rows.reshape(-1).view(np.uint8), err_msg=name)
     for name, (lo, hi) in bounds.items():
-        np.testing.assert_array_equal(np.asarray(b.tensor(f"blk.1.{name}.weight")).reshape(-1),
+        np.testing.assert_array_equal(row_major(f"blk.1.{name}.weight", hi - lo),
                                       qkv[lo:hi].reshape(-1).view(np.uint8), err_msg=name)
     ids = prompt(24, 300, seed=6)
     ref = hf_logits(model, ids)[-1]

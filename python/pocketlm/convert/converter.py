@@ -26,7 +26,8 @@ from pocketlm.dtypes import DType
 from pocketlm.errors import BundleError
 
 # Bump when the converter's output for the same input changes (invalidates the GGUF cache).
-CONVERTER_VERSION = 3  # 2: SentencePiece space prefix follows the GGUF flag (llama.cpp parity); 3: compact tokenizer.json
+CONVERTER_VERSION = 4  # 2: SentencePiece space prefix follows the GGUF flag (llama.cpp parity); 3: compact tokenizer.json;
+# 4: 2-D Q8_0/Q4_0/Q4_1/I8 weights in their row-interleaved x16 forms
 QUANT_CHOICES = (None, "keep", "f32", "f16", "int8", "int4")
 
 
@@ -45,10 +46,15 @@ def read_source(src: Path) -> SourceModel:
     raise BundleError(f"{src.name}: not a GGUF file (bad magic) nor a Hugging Face checkpoint folder")
 
 
+def _rows_cols(shape) -> tuple[int, int]:
+    return int(np.prod(shape[:-1], dtype=np.int64)), int(shape[-1])
+
+
 def _encode(t: SourceTensor, dtype: DType) -> np.ndarray:
     """The tensor's bytes as `dtype`: copied when the source already stores it so, else encoded."""
-    if t.native == dtype and t.load_native is not None:
-        return t.load_native()
+    if t.native == dtype.base and t.load_native is not None:
+        raw = t.load_native()
+        return quant.interleave(raw, dtype.base, _rows_cols(t.shape)) if dtype.x16 else raw
     x = t.load_f32()
     if not np.all(np.isfinite(x)):
         raise BundleError(f"tensor {t.name!r} contains NaN or infinite values")

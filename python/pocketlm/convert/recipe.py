@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pocketlm.dtypes import DType
+from pocketlm.dtypes import X16_OF, X16_ROWS, DType
 
 # Quantized matmul kernels walk K in blocks of 32, for every quantized type (i8 too).
 QUANT_K_MULTIPLE = 32
@@ -73,7 +73,7 @@ class Recipe:
         dtype = self.wanted(name, shape, keep)
         if dtype.quantized and shape[-1] % max(QUANT_K_MULTIPLE, dtype.block_elems):
             return DType.F16, True
-        return dtype, False
+        return x16_layout(dtype, shape), False
 
     def describe(self) -> dict:
         if self.mode == "int4":
@@ -81,3 +81,12 @@ class Recipe:
         if self.mode == "int8":  # group_size None: one scale per row; no zero point
             return {"mode": "int8", "group_size": self.group_size, "symmetric": True}
         return {"mode": self.mode, "group_size": None, "symmetric": None}
+
+
+def x16_layout(dtype: DType, shape: tuple[int, ...]) -> DType:
+    """The row-interleaved form of `dtype` for a 2-D weight whose rows come in groups of 16 (the
+    layout the matmul kernels stream fastest, csrc/common.h), else `dtype` itself. Same bytes
+    per tensor; embeddings read through it too (a row is gathered back)."""
+    if dtype in X16_OF and len(shape) == 2 and shape[0] % X16_ROWS == 0 and shape[-1] % 32 == 0:
+        return X16_OF[dtype]
+    return dtype
