@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kernels/kernels.h"
+#include "runtime/sampler.h"
 
 namespace nb = nanobind;
 using namespace plm;
@@ -305,6 +306,23 @@ void bind_kernels(nb::module_& m) {
         "variant's quantize_act2 and use matmul2.");
   k.def("quantize_act2", &quantize_act2, nb::arg("variant"), nb::arg("x"),
         "Two-level quantization of x[K]: returns (d, s, d2, s2, qs[K/32, 32], qs2[K/32, 32]).");
+  k.def("top_k_ids", [](In1<float> x, int k) {
+          if (k < 1 || (int64_t)x.shape(0) < k) throw nb::value_error("top_k_ids: k must be in 1..len(x)");
+          std::vector<int32_t> ids;
+          top_k_ids(x.data(), (int64_t)x.shape(0), k, ids);
+          return ids;
+        }, nb::arg("x"), nb::arg("k"), "Ids of the k largest values, in no particular order.");
+  k.def("sample_top_k", [](In1<float> x, int top_k, float temperature, double top_p, double min_p, double u) {
+          if (top_k < 1 || (int64_t)x.shape(0) <= top_k) throw nb::value_error("sample_top_k: top_k must be in 1..len(x)-1");
+          if (!(temperature > 0) || !(top_p > 0 && top_p <= 1) || !(min_p >= 0 && min_p <= 1) || !(u >= 0 && u < 1))
+            throw nb::value_error("sample_top_k: needs temperature > 0, top_p in (0, 1], min_p in [0, 1], u in [0, 1)");
+          try {
+            return sample_top_k(x.data(), (int64_t)x.shape(0), top_k, temperature, top_p, min_p, u);
+          } catch (const std::invalid_argument& e) {
+            throw nb::value_error(e.what());
+          }
+        }, nb::arg("x"), nb::arg("top_k"), nb::arg("temperature"), nb::arg("top_p"), nb::arg("min_p"), nb::arg("u"),
+        "One token id by top-k sampling (top_k -> top_p -> min_p -> softmax at temperature), drawn at u.");
   k.def("dequant_row", &dequant_row, nb::arg("dtype"), nb::arg("raw"), nb::arg("cols"),
         nb::arg("variant") = "ref", "Dequantize one row (I8: without its row scale).");
   k.def("rms_norm", &rms_norm, nb::arg("variant"), nb::arg("x"), nb::arg("w"), nb::arg("eps"));

@@ -7,7 +7,9 @@ The penalty and the three filters follow transformers' RepetitionPenaltyLogitsPr
 TopPLogitsWarper and MinPLogitsWarper; top_p and min_p are judged at temperature 1, and temperature only
 reshapes the distribution over the survivors. temperature == 0 is greedy.
 
-Speed: the vocabulary (up to ~150k) is never sorted. Top-k candidates come from a lower bound on the k-th
+Speed: with temperature > 0 and top_k on (the defaults), `Sampler.sample` runs the whole pipeline in
+one C++ call (csrc/runtime/sampler.cpp, same steps and arithmetic); this module stays the reference
+(`distribution`) and serves the other settings. The vocabulary (up to ~150k) is never sorted. Top-k candidates come from a lower bound on the k-th
 largest logit (the k-th largest of >= k block maxima) and a partition of the few logits above it. Without
 top_k, top_p and min_p both become a logit threshold; top_p's is found from a histogram of the logits (see
 `_top_p_cut`). Only small sets are ever sorted, and vocabulary-sized scratch arrays are allocated once.
@@ -65,6 +67,15 @@ class Sampler:
     def sample(self, logits: np.ndarray, recent_tokens: Sequence[int] = ()) -> int:
         """One token id from `logits` (float32 [vocab_size]); `recent_tokens` feed the repetition penalty.
         The caller's array is never modified."""
+        p = self.params
+        if p.temperature > 0 and 0 < p.top_k < self.vocab_size and _fast_top_k() is not None:
+            # The usual settings: the whole pipeline in one C++ call (csrc/runtime/sampler.cpp), the
+            # same steps and arithmetic as _candidates + _draw below.
+            x = np.asarray(logits, dtype=np.float32)
+            if x.shape != (self.vocab_size,):
+                raise ValueError(f"logits must have shape ({self.vocab_size},), got {x.shape}")
+            x = np.ascontiguousarray(self.apply_repetition_penalty(x, recent_tokens))
+            return int(_fast_top_k()(x, p.top_k, p.temperature, p.top_p, p.min_p, self.rng.random()))
         ids, vals = self._candidates(logits, recent_tokens)
         if len(vals) == 1:
             return int(ids[0]) if ids is not None else 0
@@ -155,6 +166,22 @@ class Sampler:
 
 
 _DRAW_BLOCK = 512
+
+
+def _fast_top_k():
+    """pocketlm._core's sample_top_k, or None where the extension is not built (the converter and
+    these numpy paths work without it)."""
+    global _FAST
+    if _FAST is False:
+        try:
+            from pocketlm import _core
+            _FAST = _core.kernels.sample_top_k
+        except ImportError:
+            _FAST = None
+    return _FAST
+
+
+_FAST = False
 
 # -- filters on sorted candidates --------------------------------------------------------------------------------
 

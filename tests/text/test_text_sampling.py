@@ -146,3 +146,67 @@ def test_bad_input():
         sampler.sample(np.full(10, np.nan, np.float32))
     with pytest.raises(ValueError, match="recent token"):
         Sampler(SamplingParams(repetition_penalty=1.1), 10).sample(np.zeros(10, np.float32), [10])
+
+
+# ---- the C++ fast path (csrc/runtime/sampler.cpp) against this module's numpy pipeline ----
+
+class _FixedDraw:
+    """Stands in for the generator: every draw is u."""
+
+    def __init__(self, u: float):
+        self.u = u
+
+    def random(self) -> float:
+        return self.u
+
+
+def _numpy_pick(sampler: Sampler, logits: np.ndarray, u: float) -> int:
+    ids, vals = sampler._candidates(logits, ())
+    if len(vals) == 1:
+        return int(ids[0])
+    sampler.rng = _FixedDraw(u)
+    return sampler._draw(ids, vals)
+
+
+@pytest.mark.parametrize("vocab, k", [(100, 1), (100, 99), (5000, 40), (49152, 40), (151936, 40), (151936, 3000)])
+def test_cpp_top_k_ids_are_the_k_largest(vocab, k):
+    from pocketlm import _core
+
+    x = random_logits(vocab + k, vocab, 3.0)
+    if vocab >= 2 * k:
+        x[::97] = np.nan  # never chosen
+    got = np.asarray(_core.kernels.top_k_ids(x, k))
+    finite = np.where(np.isnan(x), -np.inf, x)
+    want = np.argsort(-finite, kind="stable")[:k]
+    assert len(got) == k and len(set(got.tolist())) == k
+    assert set(got.tolist()) == set(want.tolist())
+
+
+@pytest.mark.parametrize("top_k, top_p, min_p", [f for f in FILTERS if f[0] > 0])
+@pytest.mark.parametrize("vocab, scale", [(5000, 1.0), (5000, 4.0), (151936, 2.0)])
+def test_cpp_sample_matches_numpy_pipeline(top_k, top_p, min_p, vocab, scale):
+    """The same token as _candidates + _draw for the same uniform draw u, over a grid of u."""
+    from pocketlm import _core
+
+    logits = random_logits(vocab + 2 * int(scale), vocab, scale)
+    for temperature in (0.7, 1.3):
+        sampler = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p), vocab)
+        for u in np.linspace(0.0, 0.999, 97):
+            got = _core.kernels.sample_top_k(logits, top_k, temperature, top_p, min_p, float(u))
+            assert got == _numpy_pick(sampler, logits, float(u)), (temperature, u)
+
+
+def test_sample_takes_the_fast_path_and_rejects_nan():
+    sampler = Sampler(SamplingParams(temperature=0.7, top_k=40, seed=1), 1000)
+    logits = random_logits(3, 1000, 2.0)
+    reference = Sampler(SamplingParams(temperature=0.7, top_k=40, seed=1), 1000)
+    rng = np.random.default_rng(1)  # the draws the fast path makes
+    for _ in range(50):
+        assert sampler.sample(logits) == _numpy_pick(reference, logits, rng.random())
+    bad = logits.copy()
+    bad[10] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        sampler.sample(bad)
+    bad[10] = np.inf
+    with pytest.raises(ValueError, match="NaN"):
+        sampler.sample(bad)
