@@ -74,13 +74,15 @@ enum class DType : uint32_t {
   Q5_K = 13,      // block 256: {f16 d, dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}
   Q6_K = 14,      // block 256: {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}  16 x 16: x = d*sc*(q-32)
   BF16 = 15,      // bfloat16 (the high half of an f32)
-  // Row-interleaved ("x16") forms of Q8_0, Q4_0, Q4_1 and I8 for matmul weights, written by
+  // Row-interleaved ("x16") forms of Q8_0, Q4_0, Q4_1, I8, Q5_0 and Q5_1 for matmul weights, written by
   // the converter (layout below): same bytes per tensor as the base type, rows % 16 == 0.
   Q8_0_X16 = 16,
   Q4_0_X16 = 17,
   Q4_1_X16 = 18,
   I8_X16 = 19,    // codes interleaved, then [rows] f32 scales as I8; needs cols % 32 == 0
-  COUNT = 20,
+  Q5_0_X16 = 20,
+  Q5_1_X16 = 21,
+  COUNT = 22,
 };
 constexpr int kNumDTypes = (int)DType::COUNT;
 
@@ -90,13 +92,15 @@ constexpr int kNumDTypes = (int)DType::COUNT;
 // that keeps one row per SIMD lane reads one sequential stream. Group g starts at byte
 // 16 * g * row_bytes and holds the rows' 32-element blocks b = 0, 1, ... in order, each as one
 // record of 16 * block_bytes bytes (the base type's block of each of the 16 rows):
-//   1. the block's f16 header fields in the base block's order (Q8_0/Q4_0: d; Q4_1: d, m),
-//      each as 16 values, row 0 first (32 bytes a field);
-//   2. the code bytes (Q4: the 16 nibble bytes qs; Q8_0/I8: the 32 int8) as 4-byte units:
+//   1. the block's header fields in the base block's order (Q8_0/Q4_0: f16 d; Q4_1: f16 d, m;
+//      Q5_0: f16 d, u32 qh; Q5_1: f16 d, m, u32 qh), each as 16 values, row 0 first (32 bytes a
+//      f16 field, 64 bytes a qh field);
+//   2. the code bytes (Q4/Q5: the 16 nibble bytes qs; Q8_0/I8: the 32 int8) as 4-byte units:
 //      unit u of row i at 64 * u + 4 * i. So a 64-byte vector of unit u holds bytes
-//      4u..4u+3 of every row: for Q4, codes 4u..4u+3 in the low and 16+4u..16+4u+3 in the
-//      high nibbles; for Q8_0/I8, codes 4u..4u+3 (u = 0..7).
-// Record sizes: Q8_0 544, Q4_0 288, Q4_1 320, I8 512 bytes.
+//      4u..4u+3 of every row: for Q4/Q5, codes 4u..4u+3 in the low and 16+4u..16+4u+3 in the
+//      high nibbles (Q5: bit 4 of code j is bit j of the row's qh); for Q8_0/I8, codes
+//      4u..4u+3 (u = 0..7).
+// Record sizes: Q8_0 544, Q4_0 288, Q4_1 320, I8 512, Q5_0 352, Q5_1 384 bytes.
 //
 // 4-bit nibble order (all Q4 types, as in GGUF): within each run of 32 elements
 // stored in 16 bytes qs[0..15], element j is the low nibble of qs[j] and element
@@ -178,19 +182,23 @@ inline constexpr DTypeTraits kDTypeTraits[kNumDTypes] = {
   {"q4_0_x16", 32, 18, true},
   {"q4_1_x16", 32, 20, true},
   {"i8_x16", 32, 32, true},
+  {"q5_0_x16", 32, 22, true},
+  {"q5_1_x16", 32, 24, true},
 };
 inline const DTypeTraits& traits(DType t) { return kDTypeTraits[(int)t]; }
 inline bool dtype_valid(uint32_t t) { return t < (uint32_t)DType::COUNT; }
 
 // x16 types: rows per group, and the row-major type each interleaves.
 constexpr int kX16Rows = 16;
-inline bool is_x16(DType t) { return t >= DType::Q8_0_X16 && t <= DType::I8_X16; }
+inline bool is_x16(DType t) { return t >= DType::Q8_0_X16 && t <= DType::Q5_1_X16; }
 inline DType x16_base(DType t) {
   switch (t) {
     case DType::Q8_0_X16: return DType::Q8_0;
     case DType::Q4_0_X16: return DType::Q4_0;
     case DType::Q4_1_X16: return DType::Q4_1;
     case DType::I8_X16: return DType::I8;
+    case DType::Q5_0_X16: return DType::Q5_0;
+    case DType::Q5_1_X16: return DType::Q5_1;
     default: return t;
   }
 }
@@ -209,21 +217,40 @@ inline size_t tensor_bytes(DType t, int64_t rows, int64_t cols) {
   return b;
 }
 
+// The header fields (bytes each, in block order) and code bytes of one 32-block of an x16 type.
+struct X16Block {
+  int n_fields;
+  int field_bytes[3];
+  int code_bytes;
+};
+inline X16Block x16_block(DType t) {
+  switch (x16_base(t)) {
+    case DType::Q8_0: return {1, {2, 0, 0}, 32};
+    case DType::Q4_0: return {1, {2, 0, 0}, 16};
+    case DType::Q4_1: return {2, {2, 2, 0}, 16};
+    case DType::Q5_0: return {2, {2, 4, 0}, 16};
+    case DType::Q5_1: return {3, {2, 2, 4}, 16};
+    default: return {0, {0, 0, 0}, 32};  // I8
+  }
+}
+
 // Row n of an x16 matrix of `cols` columns, in the base type's row-major bytes (I8: the codes
 // only): the inverse of the interleaving above, for reference kernels and embedding lookups.
 inline void x16_gather_row(DType t, const uint8_t* data, int64_t cols, int64_t n, uint8_t* out) {
-  const DType base = x16_base(t);
+  const X16Block lay = x16_block(t);
   const size_t bb = (size_t)traits(t).block_bytes;              // base block bytes
-  const size_t code = base == DType::Q4_0 || base == DType::Q4_1 ? 16 : 32;
-  const size_t fields = (bb - code) / 2;                        // f16 header fields
   const size_t rb = row_bytes(t, cols), g = (size_t)(n / kX16Rows), i = (size_t)(n % kX16Rows);
   const uint8_t* group = data + g * kX16Rows * rb;
   for (int64_t b = 0; b < cols / 32; ++b) {
     const uint8_t* rec = group + (size_t)b * kX16Rows * bb;
     uint8_t* o = out + (size_t)b * bb;
-    for (size_t f = 0; f < fields; ++f) std::memcpy(o + 2 * f, rec + 32 * f + 2 * i, 2);
-    const uint8_t* codes = rec + 32 * fields;
-    for (size_t u = 0; u < code / 4; ++u) std::memcpy(o + 2 * fields + 4 * u, codes + 64 * u + 4 * i, 4);
+    for (int f = 0; f < lay.n_fields; ++f) {
+      const size_t size = (size_t)lay.field_bytes[f];
+      std::memcpy(o, rec + size * i, size);
+      o += size;
+      rec += kX16Rows * size;
+    }
+    for (int u = 0; u < lay.code_bytes / 4; ++u) std::memcpy(o + 4 * u, rec + 64 * u + 4 * i, 4);
   }
 }
 

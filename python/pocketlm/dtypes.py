@@ -28,6 +28,8 @@ class DType(enum.IntEnum):
     Q4_0_X16 = 17
     Q4_1_X16 = 18
     I8_X16 = 19
+    Q5_0_X16 = 20
+    Q5_1_X16 = 21
 
     @property
     def label(self) -> str:
@@ -85,11 +87,13 @@ _TRAITS = {
     DType.Q4_0_X16: (32, 18),
     DType.Q4_1_X16: (32, 20),
     DType.I8_X16: (32, 32),
+    DType.Q5_0_X16: (32, 22),
+    DType.Q5_1_X16: (32, 24),
 }
 
 X16_ROWS = 16
 X16_BASE = {DType.Q8_0_X16: DType.Q8_0, DType.Q4_0_X16: DType.Q4_0, DType.Q4_1_X16: DType.Q4_1,
-            DType.I8_X16: DType.I8}
+            DType.I8_X16: DType.I8, DType.Q5_0_X16: DType.Q5_0, DType.Q5_1_X16: DType.Q5_1}
 X16_OF = {base: x for x, base in X16_BASE.items()}
 
 

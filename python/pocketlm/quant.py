@@ -142,10 +142,9 @@ KEEP_ONLY = (DType.Q4_K, DType.Q5_K, DType.Q6_K)
 # --- x16 interleaving (layout: csrc/common.h) --------------------------------------------------
 
 
-def _x16_parts(base: DType) -> tuple[int, int]:
-    """(f16 header fields, code bytes) of one 32-block of `base`."""
-    code = 16 if base in (DType.Q4_0, DType.Q4_1) else 32
-    return (base.block_bytes - code) // 2 if base != DType.I8 else 0, code
+# Header field sizes (bytes, in block order) and code bytes of one 32-block (csrc/common.h x16_block).
+_X16_BLOCK = {DType.Q8_0: ((2,), 32), DType.Q4_0: ((2,), 16), DType.Q4_1: ((2, 2), 16), DType.I8: ((), 32),
+              DType.Q5_0: ((2, 4), 16), DType.Q5_1: ((2, 2, 4), 16)}
 
 
 def _x16_args(raw, base: DType, shape) -> tuple[int, int, np.ndarray]:
@@ -161,18 +160,21 @@ def _x16_args(raw, base: DType, shape) -> tuple[int, int, np.ndarray]:
 
 
 def interleave(raw: np.ndarray, base: DType, shape) -> np.ndarray:
-    """Bytes of a [rows, cols] tensor of row-major type `base` (Q8_0, Q4_0, Q4_1 or I8) in its x16
+    """Bytes of a [rows, cols] tensor of row-major type `base` (Q8_0, Q4_0, Q4_1, I8, Q5_0, Q5_1) in its x16
     form: each group of 16 rows as one run of block records (header fields, then code bytes in
     4-byte units, row 0 first). Same size; I8's row scales stay at the end."""
     base = DType(base)
     rows, cols, buf = _x16_args(raw, base, shape)
-    fields, code = _x16_parts(base)
+    fields, code = _X16_BLOCK[base]
     nb, g = cols // 32, rows // X16_ROWS
     bb = 32 if base == DType.I8 else base.block_bytes
     blocks = buf[: rows * nb * bb].reshape(g, X16_ROWS, nb, bb)
-    head = blocks[..., : 2 * fields].reshape(g, X16_ROWS, nb, fields, 2).transpose(0, 2, 3, 1, 4)
-    codes = blocks[..., 2 * fields :].reshape(g, X16_ROWS, nb, code // 4, 4).transpose(0, 2, 3, 1, 4)
-    rec = np.concatenate([head.reshape(g, nb, -1), codes.reshape(g, nb, -1)], axis=2)
+    parts, off = [], 0
+    for size in fields:  # each field: [g, nb, 16 rows, size]
+        parts.append(blocks[..., off:off + size].transpose(0, 2, 1, 3).reshape(g, nb, -1))
+        off += size
+    codes = blocks[..., off:].reshape(g, X16_ROWS, nb, code // 4, 4).transpose(0, 2, 3, 1, 4)
+    rec = np.concatenate([*parts, codes.reshape(g, nb, -1)], axis=2)
     return np.concatenate([rec.reshape(-1), buf[rows * nb * bb :]])
 
 
@@ -180,13 +182,16 @@ def deinterleave(raw: np.ndarray, base: DType, shape) -> np.ndarray:
     """The inverse of `interleave`: x16 bytes back to the row-major bytes of `base`."""
     base = DType(base)
     rows, cols, buf = _x16_args(raw, base, shape)
-    fields, code = _x16_parts(base)
+    fields, code = _X16_BLOCK[base]
     nb, g = cols // 32, rows // X16_ROWS
     bb = 32 if base == DType.I8 else base.block_bytes
     rec = buf[: rows * nb * bb].reshape(g, nb, X16_ROWS * bb)
-    head = rec[..., : 32 * fields].reshape(g, nb, fields, X16_ROWS, 2).transpose(0, 3, 1, 2, 4)
-    codes = rec[..., 32 * fields :].reshape(g, nb, code // 4, X16_ROWS, 4).transpose(0, 3, 1, 2, 4)
-    blocks = np.concatenate([head.reshape(g, X16_ROWS, nb, -1), codes.reshape(g, X16_ROWS, nb, -1)], axis=3)
+    parts, off = [], 0
+    for size in fields:
+        parts.append(rec[..., off:off + X16_ROWS * size].reshape(g, nb, X16_ROWS, size).transpose(0, 2, 1, 3))
+        off += X16_ROWS * size
+    codes = rec[..., off:].reshape(g, nb, code // 4, X16_ROWS, 4).transpose(0, 3, 1, 2, 4)
+    blocks = np.concatenate([*parts, codes.reshape(g, X16_ROWS, nb, -1)], axis=3)
     return np.concatenate([blocks.reshape(-1), buf[rows * nb * bb :]])
 
 

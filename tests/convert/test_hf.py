@@ -277,9 +277,12 @@ def test_x16_interleave_round_trips_and_matches_the_documented_layout(base):
     csrc/common.h ("x16 interleaving") checked one by one."""
     x16 = X16_OF[base]
     rng = np.random.default_rng(int(base))
-    code = 16 if base in (DType.Q4_0, DType.Q4_1) else 32
+    code = 16 if base in (DType.Q4_0, DType.Q4_1, DType.Q5_0, DType.Q5_1) else 32
     bb = 32 if base == DType.I8 else base.block_bytes  # bytes of one row's 32-element block
-    fields = (bb - code) // 2  # f16 header fields: Q8_0/Q4_0 d; Q4_1 d, m; I8 none
+    # header fields in block order: Q8_0/Q4_0 f16 d; Q4_1 d, m; Q5_0 d, u32 qh; Q5_1 d, m, qh; I8 none
+    sizes = {DType.Q8_0: (2,), DType.Q4_0: (2,), DType.Q4_1: (2, 2), DType.I8: (),
+             DType.Q5_0: (2, 4), DType.Q5_1: (2, 2, 4)}[base]
+    assert sum(sizes) + code == bb
     for rows, cols in [(16, 32), (48, 96), (64, 256)]:
         # rows of very different magnitudes, so that scales (and I8 row scales) all differ
         x = (rng.standard_normal((rows, cols)) * np.exp(rng.uniform(-4, 2, (rows, 1)))).astype(np.float32)
@@ -299,11 +302,13 @@ def test_x16_interleave_round_trips_and_matches_the_documented_layout(base):
             for blk in range(nb):
                 rec = packed[(g * nb + blk) * 16 * bb:][: 16 * bb]
                 src = blocks[n, blk]
-                for f in range(fields):
-                    assert rec[32 * f + 2 * i:][:2].tobytes() == src[2 * f:][:2].tobytes(), (n, blk, f)
+                at = off = 0  # field start in the record / in the row's block
+                for f, size in enumerate(sizes):
+                    assert rec[at + size * i:][:size].tobytes() == src[off:][:size].tobytes(), (n, blk, f)
+                    at, off = at + 16 * size, off + size
                 for u in range(code // 4):
-                    got = rec[32 * fields + 64 * u + 4 * i:][:4]
-                    assert got.tobytes() == src[2 * fields + 4 * u:][:4].tobytes(), (n, blk, u)
+                    got = rec[at + 64 * u + 4 * i:][:4]
+                    assert got.tobytes() == src[off + 4 * u:][:4].tobytes(), (n, blk, u)
         assert packed[rows * nb * bb:].tobytes() == raw[rows * nb * bb:].tobytes()  # I8 row scales
         assert packed[rows * nb * bb:].size == (4 * rows if base == DType.I8 else 0)
     with pytest.raises(ValueError, match="16"):  # whole groups of 16 rows only

@@ -120,11 +120,13 @@ def test_keep_stores_every_tensor_in_its_gguf_type(bundle_path, reader):
     assert m["provenance"]["source_types"] == GGUF_TYPES
     assert m["provenance"]["requantized"] == []
     assert m["quantization"]["mode"] == "keep" and m["quantization"]["f16_fallback"] == []
-    # 2-D Q8_0 tensors (rows % 16 == 0 here) are stored row-interleaved, the same bytes reordered
-    assert m["quantization"]["types"] == {(k.lower() + "_x16" if k == "Q8_0" else k.lower()): v
+    # 2-D Q8_0 and Q5_0 tensors (rows % 16 == 0 here) are stored row-interleaved, the same bytes
+    # reordered; the K-quants keep their layout
+    interleaved = ("Q8_0", "Q5_0")
+    assert m["quantization"]["types"] == {(k.lower() + "_x16" if k in interleaved else k.lower()): v
                                           for k, v in GGUF_TYPES.items()}
     assert Counter(t.dtype.base for t in b.tensors) == {DType[k]: v for k, v in GGUF_TYPES.items()}
-    assert all(t.dtype.x16 == (t.dtype.base == DType.Q8_0) for t in b.tensors)
+    assert all(t.dtype.x16 == (t.dtype.base.name in interleaved) for t in b.tensors)
 
     assert len(b.tensors) == len(reader.tensors)
     checked = Counter()

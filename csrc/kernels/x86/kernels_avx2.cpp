@@ -796,6 +796,8 @@ const KernelTable* avx2_kernel_table() {
           avx2::matmul_x16,                      // Q4_0_X16
           avx2::matmul_x16,                      // Q4_1_X16
           avx2::matmul_x16,                      // I8_X16
+          avx2::matmul_x16,                      // Q5_0_X16
+          avx2::matmul_x16,                      // Q5_1_X16
       },
       quantize_act_avx2,
       ref_kernels().dequant_row,
@@ -826,6 +828,8 @@ const KernelTable* avx2_kernel_table() {
           avx2::matmul2_x16,                                // Q4_0_X16
           avx2::matmul2_x16,                                // Q4_1_X16
           avx2::matmul2_x16,                                // I8_X16
+          avx2::matmul2_x16,                                // Q5_0_X16
+          avx2::matmul2_x16,                                // Q5_1_X16
       },
       quantize_act2_avx2,
       weighted_sum_by_axpy<axpy_avx2>,

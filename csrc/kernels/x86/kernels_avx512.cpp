@@ -960,6 +960,8 @@ const KernelTable* avx512_kernel_table() {
           avx512::matmul_x16,                    // Q4_0_X16
           avx512::matmul_x16,                    // Q4_1_X16
           avx512::matmul_x16,                    // I8_X16
+          avx512::matmul_x16,                    // Q5_0_X16
+          avx512::matmul_x16,                    // Q5_1_X16
       },
       quantize_act_avx512,
       ref_kernels().dequant_row,
@@ -990,6 +992,8 @@ const KernelTable* avx512_kernel_table() {
           avx512::matmul2_x16,                              // Q4_0_X16
           avx512::matmul2_x16,                              // Q4_1_X16
           avx512::matmul2_x16,                              // I8_X16
+          avx512::matmul2_x16,                              // Q5_0_X16
+          avx512::matmul2_x16,                              // Q5_1_X16
       },
       quantize_act2_avx512,
       weighted_sum_avx512,

@@ -5,6 +5,9 @@
 // integer dot products are vpmaddubsw (u8 x s8 -> saturating s16 pairs) + vpmaddwd by ones:
 //   Q4 codes (0..15) are unsigned as stored: a pair is at most 2*15*127 = 3810, so a block's 8
 //   k-steps add up in 16 bits (<= 30480) and are widened once per block, as in gemm_avx2.cpp.
+//   Q5 codes (0..31: the nibble, plus 16 where the row's qh bit is set, see high_bit) make a
+//   pair of at most 2*31*127 = 7874, so the 16-bit sums are widened after every 4 k-steps
+//   (<= 31496), as gemm_avx2.cpp's kWide.
 //   Q8_0/I8 codes are signed: the +128 bias of the VNNI kernel would overflow a 16-bit pair
 //   (2*255*127), so they use |w| x sign(a, w) as kernels_avx2.cpp does, exact for every int8 w
 //   including -128 (|-128| reads as the unsigned byte 128, a pair <= 2*128*127 = 32512), and
@@ -12,6 +15,7 @@
 // Per 32-block and row, one float step then applies the scales:
 //   Q4_0: y += d * (d_a * idot - 8 s_a)   (the -8 offset folded into one FMA)
 //   Q4_1: y += d * (d_a * idot) + m * s_a
+//   Q5_0: y += d * (d_a * idot - 16 s_a);  Q5_1: y += d * (d_a * idot) + m * s_a
 //   Q8_0: y += d * (d_a * idot);  I8: y += d_a * idot, times the row scale at the end.
 // Two-level activations add d2 * idot2 next to d_a * idot and use s + s2.
 //
@@ -19,7 +23,12 @@
 // sequential stream, which is the point of the layout. With more tokens the group is read once
 // per token tile (from L1/L2). The inner loops are ALU-bound, ~2 vector ops per vpmaddubsw plus
 // the nibble unpack and the float step; unpacking a group's nibbles once into a scratch for all
-// tiles was tried and gained only 3-5% at 64 tokens (lost below ~16), so it is not done.
+// tiles was tried and gained only 3-5% at 64 tokens (lost below ~16), so it is not done for Q4.
+// Q5 is different: adding the fifth bit costs 4 more ops per k-step and half (high_bit), more
+// than the dot product itself for a 3-token tile, so from 2 tokens on a group is decoded once,
+// in chunks of kChunk blocks that stay in L1 (unpack_group; the later chunks add into y), into
+// 8-row records like gemm_avx2.cpp's: re-decoding per tile was 20-40% slower than that GEMM on
+// the row-major Q5 types at 64 tokens. One token decodes in place, both halves in one pass.
 #include "kernels/x86/x16_avx2.h"
 
 #include <immintrin.h>
@@ -27,14 +36,21 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 namespace plm::kernels::avx2 {
 namespace {
 
+// kFields: f16 header fields (32 bytes each: d, then m for Q4_1/Q5_1); Q5 then has its u32 qh
+// field (64 bytes) at kQh; the code units start at kCodes.
 template <DType T>
 struct X16 {
-  static constexpr bool kQ4 = T == DType::Q4_0_X16 || T == DType::Q4_1_X16;
-  static constexpr int kFields = T == DType::Q4_1_X16 ? 2 : T == DType::I8_X16 ? 0 : 1;
+  static constexpr bool kQ5 = T == DType::Q5_0_X16 || T == DType::Q5_1_X16;
+  static constexpr bool kQ4 = T == DType::Q4_0_X16 || T == DType::Q4_1_X16 || kQ5;  // nibble codes
+  static constexpr bool kAsym = T == DType::Q4_1_X16 || T == DType::Q5_1_X16;       // d and m
+  static constexpr int kFields = kAsym ? 2 : T == DType::I8_X16 ? 0 : 1;
+  static constexpr int kQh = 32 * kFields;
+  static constexpr int kCodes = kQh + (kQ5 ? 64 : 0);
   static constexpr int kRecord = 16 * kDTypeTraits[(int)T].block_bytes;
   static constexpr bool kRowScale = T == DType::I8_X16;
 };
@@ -58,6 +74,68 @@ inline void pin(V& v) {
   __asm__("" : "+x"(v));
 }
 
+// Q5: adds bit 4 to the nibbles `nib` of one k-step. q: the 8 rows' qh (one per dword lane) for
+// an odd unit c, or qh << 4 for an even one, so that the k-step's 4 qh bits are the high nibble
+// of byte k of each dword (k = c/2 for codes 4c.., 2 + c/2 for codes 16 + 4c..). Byte b of each
+// dword gets a copy of that byte and keeps bit 4 + b; min(., 16) turns a set bit into 16.
+template <int k>
+inline __m256i high_bit(__m256i nib, __m256i q) {
+  const __m256i byte_k = _mm256_add_epi8(_mm256_set1_epi8(k),  // byte k of the byte's own dword
+                                         _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
+                                                          0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12));
+  const __m256i bits = _mm256_and_si256(_mm256_shuffle_epi8(q, byte_k), _mm256_set1_epi32((int)0x80402010));
+  return _mm256_or_si256(nib, _mm256_min_epu8(bits, _mm256_set1_epi8(0x10)));
+}
+
+// The codes of unit c of half hh of record `rec` (Q4/Q5): k-steps c (lo) and c + 4 (hi). Q5: qh,
+// qh4 are the half's qh and qh << 4.
+template <DType T>
+inline void unit_codes(const uint8_t* rec, int c, int hh, __m256i qh, __m256i qh4, __m256i& lo, __m256i& hi) {
+  using F = X16<T>;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i z = load256(rec + F::kCodes + 64 * c + 32 * hh);
+  lo = _mm256_and_si256(z, low4);
+  hi = _mm256_and_si256(_mm256_srli_epi16(z, 4), low4);
+  if constexpr (F::kQ5) {
+    const __m256i q = (c & 1) ? qh : qh4;
+    if (c < 2) {
+      lo = high_bit<0>(lo, q);
+      hi = high_bit<2>(hi, q);
+    } else {
+      lo = high_bit<1>(lo, q);
+      hi = high_bit<3>(hi, q);
+    }
+  }
+}
+
+// Q5 with several token tiles: a group's blocks decoded once, half h of block b as
+// out[packed_at<NH>(nruns, b, h)]: NH == 1 (one half per pass) keeps each half's blocks
+// together, NH == 2 each block's halves.
+struct alignas(32) Packed {
+  __m256i w[8];  // k-step j: the 5-bit codes 4j..4j+3 of the half's 8 rows
+  __m256 v1, v2;  // d, m
+};
+template <int NH>
+inline size_t packed_at(int nruns, int b, int h) {
+  return NH == 1 ? (size_t)h * nruns + b : 2 * (size_t)b + h;
+}
+template <DType T, int NH>
+void unpack_group(const uint8_t* group, int nruns, Packed* out) {
+  using F = X16<T>;
+  for (int b = 0; b < nruns; ++b) {
+    const uint8_t* rec = group + (size_t)b * F::kRecord;
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      Packed& P = out[packed_at<NH>(nruns, b, h)];
+      const __m256i qh = load256(rec + F::kQh + 32 * h), qh4 = _mm256_slli_epi32(qh, 4);
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) unit_codes<T>(rec, c, h, qh, qh4, P.w[c], P.w[c + 4]);
+      P.v1 = f16x8(rec + 16 * h);
+      if constexpr (F::kFields == 2) P.v2 = f16x8(rec + 32 + 16 * h);
+    }
+  }
+}
+
 // Lanes of a group to store: rows [lo, hi) of its 16.
 struct Lanes {
   __m256i mask[2];
@@ -72,13 +150,15 @@ struct Lanes {
 };
 
 // RT tokens against NH halves (h0, and h0 + 1 if NH == 2) of one group of 16 rows. `group`: its
-// first record; y: the group's first row for the first token.
-template <DType T, class Block, int RT, int NH>
-void micro(const uint8_t* group, int nruns, const Block* x, float* y, size_t ldy, int h0, const Lanes& lanes,
-           const float* row_scales) {
+// first record; x: the first token's blocks, xs blocks a token; y: the group's first row for the
+// first token. kPacked: the codes and scales come from `packed` (unpack_group), and with `add`
+// the sums are added to y (a later chunk of the blocks).
+template <DType T, class Block, int RT, int NH, bool kPacked = false>
+void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y, size_t ldy, int h0,
+           const Lanes& lanes, const float* row_scales, const Packed* packed = nullptr, bool add = false) {
   using F = X16<T>;
   constexpr bool kTwo = std::is_same_v<Block, BlockQ8A2>;
-  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[RT][NH];
 #pragma GCC unroll 8
   for (int t = 0; t < RT; ++t)
@@ -86,32 +166,51 @@ void micro(const uint8_t* group, int nruns, const Block* x, float* y, size_t ldy
     for (int h = 0; h < NH; ++h) acc[t][h] = _mm256_setzero_ps();
   for (int b = 0; b < nruns; ++b) {
     const uint8_t* rec = group + (size_t)b * F::kRecord;
-    const uint8_t* codes = rec + 32 * F::kFields;
-    __m256i s1[RT][NH], s2[RT][NH];  // Q4: 16-bit sums over the block; Q8_0/I8: int32
+    // Q4: 16-bit sums over the block; Q5: over 4 k-steps, w1/w2 the int32 sums of the first 4;
+    // Q8_0/I8: int32
+    __m256i s1[RT][NH], s2[RT][NH], w1[RT][NH], w2[RT][NH];
+    if constexpr (!F::kQ5) {
 #pragma GCC unroll 8
-    for (int t = 0; t < RT; ++t)
+      for (int t = 0; t < RT; ++t)
+#pragma GCC unroll 2
+        for (int h = 0; h < NH; ++h) {
+          s1[t][h] = _mm256_setzero_si256();
+          if constexpr (kTwo) s2[t][h] = _mm256_setzero_si256();
+        }
+    }
+    if constexpr (F::kQ4) {
+      __m256i qh[NH], qh4[NH];  // Q5: the rows' qh, and qh << 4 (see high_bit)
 #pragma GCC unroll 2
       for (int h = 0; h < NH; ++h) {
-        s1[t][h] = _mm256_setzero_si256();
-        if constexpr (kTwo) s2[t][h] = _mm256_setzero_si256();
+        if constexpr (F::kQ5 && !kPacked) {
+          qh[h] = load256(rec + F::kQh + 32 * (h0 + h));
+          qh4[h] = _mm256_slli_epi32(qh[h], 4);
+        } else {
+          qh[h] = qh4[h] = _mm256_setzero_si256();
+        }
       }
-    if constexpr (F::kQ4) {
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {  // k-steps c (low nibbles) and c + 4 (high) of unit c
+        const bool start = F::kQ5 && (c == 0 || c == 2);  // Q5: the first k-step of a 16-bit sum
         __m256i lo[NH], hi[NH];
 #pragma GCC unroll 2
         for (int h = 0; h < NH; ++h) {
-          const __m256i z = load256(codes + 64 * c + 32 * (h0 + h));
-          lo[h] = _mm256_and_si256(z, low4);
-          hi[h] = _mm256_and_si256(_mm256_srli_epi16(z, 4), low4);
+          if constexpr (kPacked) {
+            const Packed& P = packed[packed_at<NH>(nruns, b, h0 + h)];
+            lo[h] = _mm256_load_si256(&P.w[c]);
+            hi[h] = _mm256_load_si256(&P.w[c + 4]);
+          } else {
+            unit_codes<T>(rec, c, h0 + h, qh[h], qh4[h], lo[h], hi[h]);
+          }
         }
 #pragma GCC unroll 8
         for (int t = 0; t < RT; ++t) {
-          const Block& a = x[(size_t)t * nruns + b];
+          const Block& a = x[t * xs + b];
           const __m256i al = bcst4(a.qs + 4 * c), ah = bcst4(a.qs + 16 + 4 * c);
 #pragma GCC unroll 2
           for (int h = 0; h < NH; ++h) {
-            s1[t][h] = _mm256_add_epi16(s1[t][h], _mm256_maddubs_epi16(lo[h], al));
+            s1[t][h] = start ? _mm256_maddubs_epi16(lo[h], al)
+                             : _mm256_add_epi16(s1[t][h], _mm256_maddubs_epi16(lo[h], al));
             pin(s1[t][h]);
             s1[t][h] = _mm256_add_epi16(s1[t][h], _mm256_maddubs_epi16(hi[h], ah));
             pin(s1[t][h]);
@@ -120,10 +219,20 @@ void micro(const uint8_t* group, int nruns, const Block* x, float* y, size_t ldy
             const __m256i bl = bcst4(a.qs2 + 4 * c), bh = bcst4(a.qs2 + 16 + 4 * c);
 #pragma GCC unroll 2
             for (int h = 0; h < NH; ++h) {
-              s2[t][h] = _mm256_add_epi16(s2[t][h], _mm256_maddubs_epi16(lo[h], bl));
+              s2[t][h] = start ? _mm256_maddubs_epi16(lo[h], bl)
+                               : _mm256_add_epi16(s2[t][h], _mm256_maddubs_epi16(lo[h], bl));
               pin(s2[t][h]);
               s2[t][h] = _mm256_add_epi16(s2[t][h], _mm256_maddubs_epi16(hi[h], bh));
               pin(s2[t][h]);
+            }
+          }
+          if constexpr (F::kQ5) {  // 4 k-steps done (units 0 and 1): widen
+            if (c == 1) {
+#pragma GCC unroll 2
+              for (int h = 0; h < NH; ++h) {
+                w1[t][h] = _mm256_madd_epi16(s1[t][h], ones);
+                if constexpr (kTwo) w2[t][h] = _mm256_madd_epi16(s2[t][h], ones);
+              }
             }
           }
         }
@@ -134,6 +243,10 @@ void micro(const uint8_t* group, int nruns, const Block* x, float* y, size_t ldy
         for (int h = 0; h < NH; ++h) {
           s1[t][h] = _mm256_madd_epi16(s1[t][h], ones);
           if constexpr (kTwo) s2[t][h] = _mm256_madd_epi16(s2[t][h], ones);
+          if constexpr (F::kQ5) {
+            s1[t][h] = _mm256_add_epi32(s1[t][h], w1[t][h]);
+            if constexpr (kTwo) s2[t][h] = _mm256_add_epi32(s2[t][h], w2[t][h]);
+          }
         }
     } else {
 #pragma GCC unroll 8
@@ -141,12 +254,12 @@ void micro(const uint8_t* group, int nruns, const Block* x, float* y, size_t ldy
         __m256i wv[NH], wa[NH];
 #pragma GCC unroll 2
         for (int h = 0; h < NH; ++h) {
-          wv[h] = load256(codes + 64 * c + 32 * (h0 + h));
+          wv[h] = load256(rec + F::kCodes + 64 * c + 32 * (h0 + h));
           wa[h] = _mm256_abs_epi8(wv[h]);
         }
 #pragma GCC unroll 8
         for (int t = 0; t < RT; ++t) {
-          const Block& a = x[(size_t)t * nruns + b];
+          const Block& a = x[t * xs + b];
           const __m256i av = bcst4(a.qs + 4 * c);
 #pragma GCC unroll 2
           for (int h = 0; h < NH; ++h) {
@@ -166,16 +279,22 @@ void micro(const uint8_t* group, int nruns, const Block* x, float* y, size_t ldy
         }
       }
     }
-    // The float step. v1 = d (Q4_0/Q4_1/Q8_0), v2 = m (Q4_1).
+    // The float step. v1 = d (all but I8), v2 = m (Q4_1/Q5_1).
     __m256 v1[NH], v2[NH];
 #pragma GCC unroll 2
     for (int h = 0; h < NH; ++h) {
-      if constexpr (F::kFields >= 1) v1[h] = f16x8(rec + 16 * (h0 + h));
-      if constexpr (F::kFields == 2) v2[h] = f16x8(rec + 32 + 16 * (h0 + h));
+      if constexpr (kPacked) {
+        const Packed& P = packed[packed_at<NH>(nruns, b, h0 + h)];
+        v1[h] = P.v1;
+        if constexpr (F::kFields == 2) v2[h] = P.v2;
+      } else {
+        if constexpr (F::kFields >= 1) v1[h] = f16x8(rec + 16 * (h0 + h));
+        if constexpr (F::kFields == 2) v2[h] = f16x8(rec + 32 + 16 * (h0 + h));
+      }
     }
 #pragma GCC unroll 8
     for (int t = 0; t < RT; ++t) {
-      const Block& a = x[(size_t)t * nruns + b];
+      const Block& a = x[t * xs + b];
       const __m256 d = _mm256_set1_ps(a.d);
       float s = a.s;
       if constexpr (kTwo) s += a.s2;
@@ -184,6 +303,7 @@ void micro(const uint8_t* group, int nruns, const Block* x, float* y, size_t ldy
         const __m256 i1 = _mm256_cvtepi32_ps(s1[t][h]);
         __m256 f;
         if constexpr (T == DType::Q4_0_X16) f = _mm256_fmadd_ps(i1, d, _mm256_set1_ps(-8.0f * s));
+        else if constexpr (T == DType::Q5_0_X16) f = _mm256_fmadd_ps(i1, d, _mm256_set1_ps(-16.0f * s));
         else f = _mm256_mul_ps(i1, d);
         if constexpr (kTwo) f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s2[t][h]), _mm256_set1_ps(a.d2), f);
         if constexpr (F::kFields >= 1) acc[t][h] = _mm256_fmadd_ps(f, v1[h], acc[t][h]);
@@ -199,22 +319,33 @@ void micro(const uint8_t* group, int nruns, const Block* x, float* y, size_t ldy
 #pragma GCC unroll 8
     for (int t = 0; t < RT; ++t) {
       float* yt = y + (size_t)t * ldy + 8 * hh;
-      const __m256 v = F::kRowScale ? _mm256_mul_ps(acc[t][h], rs) : acc[t][h];
-      if (lanes.full) _mm256_storeu_ps(yt, v);
-      else _mm256_maskstore_ps(yt, lanes.mask[hh], v);
+      __m256 v = F::kRowScale ? _mm256_mul_ps(acc[t][h], rs) : acc[t][h];
+      if (lanes.full) {
+        if (kPacked && add) v = _mm256_add_ps(v, _mm256_loadu_ps(yt));
+        _mm256_storeu_ps(yt, v);
+      } else {
+        if (kPacked && add) v = _mm256_add_ps(v, _mm256_maskload_ps(yt, lanes.mask[hh]));
+        _mm256_maskstore_ps(yt, lanes.mask[hh], v);
+      }
     }
   }
 }
 
 // Token tiles (RT tokens x NH halves per pass over a group), picked by measurement within the
 // 16 ymm registers. Q4: both halves share each activation broadcast; Q8_0/I8 keep |w| and w of
-// the k-step live as well, and do best on one half with more tokens.
+// the k-step live as well, and do best on one half with more tokens. Q5 (decoded codes, int32
+// sums of the first 4 k-steps live too) measured best with Q4's tiles: 3 x 2 ahead of 2 x 2,
+// 4 x 1 and 5 x 1 by ~4-8% at 64 tokens; two-level, 2 x 2 ahead of 4 x 1 and 3 x 1 by ~5-10%.
 template <DType T, class Block>
 struct Tiles {
   static constexpr bool kTwo = std::is_same_v<Block, BlockQ8A2>;
+  static constexpr bool kPack = X16<T>::kQ5;  // decode the group once (unpack_group)
   static constexpr int kRT = X16<T>::kQ4 ? (kTwo ? 2 : 3) : 4;
   static constexpr int kNH = X16<T>::kQ4 ? 2 : 1;
 };
+
+constexpr int kPackMin = 2;  // tokens from which Q5 decodes a group once
+constexpr int kChunk = 32;   // most blocks decoded at once (2 x 320 bytes each, L1-resident)
 
 template <int N, class Fn>
 inline void with_tile(int rt, Fn&& f) {  // f(integral_constant<rt>) for 1 <= rt <= N
@@ -235,19 +366,45 @@ void matmul_impl(const WeightView& w, const Block* xq, int T_, float* y, size_t 
   constexpr int kRT = Tiles<T, Block>::kRT, kNH = Tiles<T, Block>::kNH;
   const int nruns = (int)(w.cols / 32);
   const size_t group_bytes = (size_t)nruns * F::kRecord;
+  Packed* packed = nullptr;
+  if constexpr (Tiles<T, Block>::kPack) {
+    // Grows once to the largest K this thread sees; later calls do not allocate.
+    thread_local std::vector<Packed> scratch;
+    if (T_ >= kPackMin && scratch.size() < 2 * (size_t)kChunk) scratch.resize(2 * (size_t)kChunk);
+    packed = scratch.data();
+  }
   for (int g0 = n0 - n0 % kX16Rows; g0 < n1; g0 += kX16Rows) {
     const Lanes lanes(std::max(n0, g0) - g0, std::min(n1, g0 + kX16Rows) - g0);
     const uint8_t* group = w.data + (size_t)(g0 / kX16Rows) * group_bytes;
     const float* rs = F::kRowScale ? w.row_scales + g0 : nullptr;
     if (T_ == 1) {  // decode: one pass, both halves, the group's bytes in order
-      micro<T, Block, 1, 2>(group, nruns, xq, y + g0, ldy, 0, lanes, rs);
+      micro<T, Block, 1, 2>(group, nruns, xq, nruns, y + g0, ldy, 0, lanes, rs);
       continue;
+    }
+    if constexpr (Tiles<T, Block>::kPack) {
+      if (T_ >= kPackMin) {  // in chunks of blocks whose decoded codes stay in L1
+        const int nchunks = (nruns + kChunk - 1) / kChunk, chunk = (nruns + nchunks - 1) / nchunks;
+        for (int b0 = 0; b0 < nruns; b0 += chunk) {
+          const int nb = std::min(chunk, nruns - b0);
+          const uint8_t* part = group + (size_t)b0 * F::kRecord;
+          unpack_group<T, kNH>(part, nb, packed);
+          for (int t0 = 0; t0 < T_; t0 += kRT) {
+            with_tile<kRT>(std::min(kRT, T_ - t0), [&](auto rt) {
+              for (int h0 = 0; h0 < 2; h0 += kNH)
+                micro<T, Block, decltype(rt)::value, kNH, true>(part, nb, xq + (size_t)t0 * nruns + b0, nruns,
+                                                                 y + (size_t)t0 * ldy + g0, ldy, h0, lanes, rs, packed,
+                                                                 b0 > 0);
+            });
+          }
+        }
+        continue;
+      }
     }
     for (int t0 = 0; t0 < T_; t0 += kRT) {
       with_tile<kRT>(std::min(kRT, T_ - t0), [&](auto rt) {
         for (int h0 = 0; h0 < 2; h0 += kNH)
-          micro<T, Block, decltype(rt)::value, kNH>(group, nruns, xq + (size_t)t0 * nruns, y + (size_t)t0 * ldy + g0,
-                                                     ldy, h0, lanes, rs);
+          micro<T, Block, decltype(rt)::value, kNH>(group, nruns, xq + (size_t)t0 * nruns, nruns,
+                                                     y + (size_t)t0 * ldy + g0, ldy, h0, lanes, rs);
       });
     }
   }
@@ -260,6 +417,8 @@ void matmul_any(const WeightView& w, const Block* xq, int T, float* y, size_t ld
     case DType::Q4_0_X16: matmul_impl<DType::Q4_0_X16>(w, xq, T, y, ldy, n0, n1); break;
     case DType::Q4_1_X16: matmul_impl<DType::Q4_1_X16>(w, xq, T, y, ldy, n0, n1); break;
     case DType::I8_X16: matmul_impl<DType::I8_X16>(w, xq, T, y, ldy, n0, n1); break;
+    case DType::Q5_0_X16: matmul_impl<DType::Q5_0_X16>(w, xq, T, y, ldy, n0, n1); break;
+    case DType::Q5_1_X16: matmul_impl<DType::Q5_1_X16>(w, xq, T, y, ldy, n0, n1); break;
     default: throw UnsupportedError("matmul_x16: not an x16 type");
   }
 }

@@ -10,6 +10,7 @@
 // Per 32-block and row (see gemm_avx512.cpp for the bias terms):
 //   y[r] += v1[r] * (d * idot) + v2[r] * s        (two-level activations: + d2 * idot2, s2)
 //   Q4_0: v1 = d, v2 = -8d;  Q4_1: v1 = d, v2 = m;  Q8_0: v1 = d, v2 = -128d (codes + 128);
+//   Q5_0: v1 = d, v2 = -16d;  Q5_1: v1 = d, v2 = m (5-bit codes: nibble + 16 * bit of qh);
 //   I8: v1 = 1, v2 = -128 (codes + 128), and the row scale at the end.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -42,8 +43,12 @@ inline __m512 f16x16(const uint8_t* p) {
 // code bytes c.
 template <DType T>
 struct X16 {
-  static constexpr bool kQ4 = T == DType::Q4_0_X16 || T == DType::Q4_1_X16;
-  static constexpr int kFields = T == DType::Q4_1_X16 ? 2 : T == DType::I8_X16 ? 0 : 1;
+  static constexpr bool kQ5 = T == DType::Q5_0_X16 || T == DType::Q5_1_X16;
+  static constexpr bool kQ4 = T == DType::Q4_0_X16 || T == DType::Q4_1_X16 || kQ5;  // nibble codes
+  static constexpr bool kAsym = T == DType::Q4_1_X16 || T == DType::Q5_1_X16;       // d and m
+  // Header bytes before the codes (f16 fields of 32 bytes, Q5's u32 qh of 64) and qh's offset.
+  static constexpr int kQh = kAsym ? 64 : 32;
+  static constexpr int kCodes = T == DType::I8_X16 ? 0 : kQh + (kQ5 ? 64 : 0);
   static constexpr int kRecord = 16 * kDTypeTraits[(int)T].block_bytes;
   static constexpr bool kRowScale = T == DType::I8_X16;
   static void coefs(const uint8_t* rec, __m512& v1, __m512& v2) {
@@ -52,11 +57,22 @@ struct X16 {
       v2 = _mm512_set1_ps(-128.0f);
     } else {
       v1 = f16x16(rec);
-      if constexpr (T == DType::Q4_1_X16) v2 = f16x16(rec + 32);
-      else v2 = _mm512_mul_ps(v1, _mm512_set1_ps(T == DType::Q4_0_X16 ? -8.0f : -128.0f));
+      if constexpr (kAsym) v2 = f16x16(rec + 32);
+      else v2 = _mm512_mul_ps(v1, _mm512_set1_ps(T == DType::Q4_0_X16 ? -8.0f : kQ5 ? -16.0f : -128.0f));
     }
   }
 };
+
+// Q5: bit 4 of the codes of k-step j comes from bits `shift`..`shift`+3 of each lane's qh (code
+// 4j + b, or 16 + 4(j-4) + b, is bit 4j + b, or 16 + 4(j-4) + b, of qh): the low byte of qh >>
+// shift copied to the lane's 4 bytes, byte b keeping its bit b, adds 16 where set.
+inline __m512i with_high_bit(__m512i nib, __m512i qh, int shift) {
+  const __m512i low_byte_x4 =
+      _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12));
+  const __m512i bits = _mm512_and_si512(_mm512_shuffle_epi8(_mm512_srlv_epi32(qh, _mm512_set1_epi32(shift)), low_byte_x4),
+                                        _mm512_set1_epi32(0x08040201));
+  return _mm512_mask_add_epi8(nib, _mm512_test_epi8_mask(bits, bits), nib, _mm512_set1_epi8(0x10));
+}
 
 inline __m512 act_scaled(const BlockQ8A& a, __m512i s1, __m512i) {
   return _mm512_mul_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(a.d));
@@ -94,7 +110,7 @@ void micro(const uint8_t* group, int nruns, const Block* x, float* y, size_t ldy
   for (int t = 0; t < RT; ++t) acc[t] = _mm512_setzero_ps();
   for (int b = 0; b < nruns; ++b) {
     const uint8_t* rec = group + (size_t)b * F::kRecord;
-    const uint8_t* codes = rec + 32 * F::kFields;
+    const uint8_t* codes = rec + F::kCodes;
     constexpr int NB = kSplit ? RT : 1;
     __m512i a1[RT], a2[RT], b1[NB], b2[NB];  // chains A and B, first and second level
 #pragma GCC unroll 8
@@ -107,11 +123,17 @@ void micro(const uint8_t* group, int nruns, const Block* x, float* y, size_t ldy
       else step<Block, RT>(w, x, nruns, b, j, a1, a2);
     };
     if constexpr (F::kQ4) {
+      const __m512i qh = F::kQ5 ? _mm512_loadu_si512(rec + F::kQh) : _mm512_setzero_si512();
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
         const __m512i z = _mm512_loadu_si512(codes + 64 * c);
-        step<Block, RT>(_mm512_and_si512(z, low4), x, nruns, b, c, a1, a2);
-        second(_mm512_and_si512(_mm512_srli_epi16(z, 4), low4), c + 4);
+        __m512i lo = _mm512_and_si512(z, low4), hi = _mm512_and_si512(_mm512_srli_epi16(z, 4), low4);
+        if constexpr (F::kQ5) {
+          lo = with_high_bit(lo, qh, 4 * c);
+          hi = with_high_bit(hi, qh, 16 + 4 * c);
+        }
+        step<Block, RT>(lo, x, nruns, b, c, a1, a2);
+        second(hi, c + 4);
       }
     } else {
 #pragma GCC unroll 4
@@ -182,6 +204,8 @@ void matmul_any(const WeightView& w, const Block* xq, int T, float* y, size_t ld
     case DType::Q4_0_X16: matmul_impl<DType::Q4_0_X16>(w, xq, T, y, ldy, n0, n1); break;
     case DType::Q4_1_X16: matmul_impl<DType::Q4_1_X16>(w, xq, T, y, ldy, n0, n1); break;
     case DType::I8_X16: matmul_impl<DType::I8_X16>(w, xq, T, y, ldy, n0, n1); break;
+    case DType::Q5_0_X16: matmul_impl<DType::Q5_0_X16>(w, xq, T, y, ldy, n0, n1); break;
+    case DType::Q5_1_X16: matmul_impl<DType::Q5_1_X16>(w, xq, T, y, ldy, n0, n1); break;
     default: throw UnsupportedError("matmul_x16: not an x16 type");
   }
 }
