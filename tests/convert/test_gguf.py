@@ -13,30 +13,13 @@ import pytest
 
 from convert_fixtures import bundle_f32, hf_state, smollm2_bundles  # noqa: F401
 from gguf_craft import write_gguf
+from x16util import assert_type, row_major
 from pocketlm.bundle import read_bundle
 from pocketlm.convert import convert
 from pocketlm import quant
 from pocketlm.dtypes import X16_OF, DType
 
 _GGUF_TO_DTYPE = {name: DType[name] for name in ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")}
-
-
-def _wants_x16(base: DType, shape) -> bool:
-    """The converter's x16 rule, written out: a 2-D weight of Q8_0/Q4_0/Q4_1/I8 whose rows come
-    in groups of 16 and whose width is whole 32-blocks is stored row-interleaved."""
-    return base in X16_OF and len(shape) == 2 and shape[0] % 16 == 0 and shape[-1] % 32 == 0
-
-
-def _assert_type(info, base: DType) -> None:
-    """`info` holds `base`, in its x16 form exactly when the rule asks for it."""
-    assert info.dtype.base == base, (info.name, info.dtype, base)
-    assert info.dtype.x16 == _wants_x16(base, info.shape), (info.name, info.dtype, info.shape)
-
-
-def _row_major(b, name: str) -> np.ndarray:
-    """The tensor's bytes in its base type's row-major layout (x16 ones de-interleaved)."""
-    info, raw = b.info(name), np.asarray(b.tensor(name))
-    return quant.deinterleave(raw, info.dtype.base, info.shape) if info.dtype.x16 else raw
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +114,7 @@ def test_smollm2_int8(smollm2_bundles, smollm2_reader):
           f"int8 {smollm2_bundles['int8-seconds']:.1f}s")
     assert Counter(t.dtype.base for t in b.tensors) == {DType.I8: 211, DType.F32: 61}
     for t in b.tensors:
-        _assert_type(t, DType.I8 if len(t.shape) == 2 else DType.F32)
+        assert_type(t, DType.I8 if len(t.shape) == 2 else DType.F32)
     assert Counter(t.dtype for t in b.tensors) == {DType.I8_X16: 211, DType.F32: 61}  # all rows % 16 == 0
     keep = smollm2_bundles[None]
     for name in ("token_embd.weight", "blk.3.attn_k.weight", "blk.29.ffn_down.weight"):
@@ -189,7 +172,7 @@ def test_crafted_keep_copies_every_type_pocketlm_has(crafted_llama, tmp_path):
         want[f"blk.{i}.attn_norm.weight"] = want[f"blk.{i}.ffn_norm.weight"] = DType.F32
     assert {t.name: t.dtype.base for t in b.tensors} == want
     for t in b.tensors:
-        _assert_type(t, want[t.name])
+        assert_type(t, want[t.name])
     assert b.info("blk.0.attn_output.weight").dtype == DType.Q4_0_X16  # the rule is not vacuous here
     assert b.info("blk.1.ffn_down.weight").dtype == DType.Q8_0_X16   # requantized ones too
     prov = b.metadata["provenance"]
@@ -210,7 +193,7 @@ def test_crafted_keep_copies_every_type_pocketlm_has(crafted_llama, tmp_path):
             raw = raw[rope_unpermute_rows(raw.shape[0], cfg["n_heads"])]
         elif ".attn_k." in t.name:
             raw = raw[rope_unpermute_rows(raw.shape[0], cfg["n_kv_heads"])]
-        assert _row_major(b, t.name).tobytes() == raw.tobytes(), t.name
+        assert row_major(b, t.name).tobytes() == raw.tobytes(), t.name
         src = gguf.dequantize(raw, t.tensor_type)
         np.testing.assert_array_equal(bundle_f32(b, t.name).view(np.uint32),
                                       src.astype(np.float32).reshape(raw.shape[0], -1).view(np.uint32), err_msg=t.name)
@@ -235,7 +218,7 @@ def test_crafted_quant_given_reencodes_everything(crafted_llama, tmp_path):
     assert types["token_embd.weight"] == types["output.weight"] == DType.Q8_0
     assert types["blk.1.attn_v.weight"] == types["blk.0.ffn_gate.weight"] == DType.Q4_0_G64
     for name in ("token_embd.weight", "output.weight", "blk.1.attn_v.weight", "blk.0.ffn_gate.weight"):
-        _assert_type(b.info(name), types[name])
+        assert_type(b.info(name), types[name])
     assert b.info("output.weight").dtype == DType.Q8_0_X16  # [320, 256]; G64 has no x16 form
     assert b.metadata["provenance"]["requantized"] == []  # only meaningful in keep mode
     q = bundle_f32(b, "blk.0.attn_q.weight")

@@ -12,30 +12,13 @@ import numpy as np
 import pytest
 
 from convert_fixtures import HF_CASES, bundle_f32, hf_bundles, hf_models, hf_state  # noqa: F401
+from x16util import assert_type, row_major
 from pocketlm import models, quant
 from pocketlm.bundle import read_bundle
 from pocketlm.convert import convert
 from pocketlm.dtypes import X16_OF, DType, tensor_nbytes
 
 CASES = sorted(HF_CASES)
-
-
-def _wants_x16(base: DType, shape) -> bool:
-    """The converter's x16 rule, written out: a 2-D weight of Q8_0/Q4_0/Q4_1/I8 whose rows come
-    in groups of 16 and whose width is whole 32-blocks is stored row-interleaved."""
-    return base in X16_OF and len(shape) == 2 and shape[0] % 16 == 0 and shape[-1] % 32 == 0
-
-
-def _assert_type(info, base: DType) -> None:
-    """`info` holds `base`, in its x16 form exactly when the rule asks for it."""
-    assert info.dtype.base == base, (info.name, info.dtype, base)
-    assert info.dtype.x16 == _wants_x16(base, info.shape), (info.name, info.dtype, info.shape)
-
-
-def _row_major(b, name: str) -> np.ndarray:
-    """The tensor's bytes in its base type's row-major layout (x16 ones de-interleaved)."""
-    info, raw = b.info(name), np.asarray(b.tensor(name))
-    return quant.deinterleave(raw, info.dtype.base, info.shape) if info.dtype.x16 else raw
 
 
 def _weights_2d(state):
@@ -87,10 +70,10 @@ def test_int8_per_row_error_bound(hf_models, hf_bundles, case):
         if want.shape[1] % 32:  # quantized matmuls need K % 32 == 0, i8 included
             assert b.info(name).dtype == DType.F16, name
             continue
-        _assert_type(b.info(name), DType.I8)
+        assert_type(b.info(name), DType.I8)
         bound = np.abs(want).max(axis=1, keepdims=True) / 254 * (1 + 1e-5) + 1e-12
         assert np.all(np.abs(got - want) <= bound), name
-        np.testing.assert_array_equal(_row_major(b, name), quant.quantize(want, DType.I8), err_msg=name)
+        np.testing.assert_array_equal(row_major(b, name), quant.quantize(want, DType.I8), err_msg=name)
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.01, name
 
 
@@ -110,8 +93,8 @@ def test_int8_group_32_is_q8_0_blocks(hf_models, hf_bundles, case):
         if want.shape[1] % 32:
             assert b.info(name).dtype == DType.F16, name
             continue
-        _assert_type(b.info(name), DType.Q8_0)
-        np.testing.assert_array_equal(_row_major(b, name), quant.quantize(want, DType.Q8_0), err_msg=name)
+        assert_type(b.info(name), DType.Q8_0)
+        np.testing.assert_array_equal(row_major(b, name), quant.quantize(want, DType.Q8_0), err_msg=name)
         got = bundle_f32(b, name)
         bound = np.abs(want.reshape(-1, 32)).max(axis=1, keepdims=True) / 254 * 1.002 + 1e-9
         assert np.all(np.abs(got - want).reshape(-1, 32) <= bound), name
@@ -157,17 +140,17 @@ def test_int4_recipe_and_error_bounds(hf_models, hf_bundles, group, symmetric):
             assert info.dtype == DType.F32
             np.testing.assert_array_equal(got, want)
         elif name in ("token_embd.weight", "output.weight"):
-            _assert_type(info, DType.Q8_0)
+            assert_type(info, DType.Q8_0)
             bound = np.abs(want.reshape(-1, 32)).max(axis=1, keepdims=True) / 254 * 1.002 + 1e-9
             assert np.all(np.abs(got - want).reshape(-1, 32) <= bound), name
         elif want.shape[1] % group:  # 96-wide ffn_down at group 64, all linear weights at 128: F16
             assert info.dtype == DType.F16, name
             fallback.append(name)
         else:
-            _assert_type(info, q4)
+            assert_type(info, q4)
             assert np.all(np.abs(got - want) <= _q4_bound(want, group, symmetric)), name
             assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.12, name
-            np.testing.assert_array_equal(_row_major(b, name), quant.quantize(want, q4), err_msg=name)
+            np.testing.assert_array_equal(row_major(b, name), quant.quantize(want, q4), err_msg=name)
     q = b.metadata["quantization"]
     assert q["mode"] == "int4" and q["group_size"] == group and q["symmetric"] is symmetric
     assert sorted(q["f16_fallback"]) == sorted(fallback)
@@ -340,9 +323,9 @@ def test_rows_not_multiple_of_16_keep_the_row_major_type(tmp_path, mode, group_s
             assert name.endswith("ffn_down.weight") and info.dtype == DType.F16, name
             continue
         base = DType.Q8_0 if mode == "int4" and name in ("token_embd.weight", "output.weight") else linear
-        _assert_type(info, base)
+        assert_type(info, base)
         kinds[info.dtype.x16].append(name.split(".")[-2])
-        np.testing.assert_array_equal(_row_major(b, name), quant.quantize(want, base), err_msg=name)
+        np.testing.assert_array_equal(row_major(b, name), quant.quantize(want, base), err_msg=name)
         np.testing.assert_array_equal(bundle_f32(b, name),
                                       quant.dequantize(quant.quantize(want, base), base, want.shape), err_msg=name)
     assert sorted(set(kinds[False])) == ["attn_k", "attn_v", "ffn_gate", "ffn_up"]

@@ -27,6 +27,8 @@
 #endif
 #include "kernels/x86/gemm_avx512.h"
 
+#include "kernels/x86/tile_util.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -378,21 +380,6 @@ void half_bias(const Block* xq, int T, int nruns, int32_t* out) {
   }
 }
 
-// f(std::integral_constant<int, rt>) for a token tile of rt = 1..kTile rows.
-template <class F>
-inline void with_tile(int rt, F&& f) {
-  switch (rt) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
-  }
-}
-static_assert(kTile == 8, "with_tile covers 1..8");
 
 template <class P, class Block>
 void gemm_impl(const WeightView& w, const Block* xq, int T, float* y, size_t ldy, int n0, int n1) {
@@ -420,7 +407,7 @@ void gemm_impl(const WeightView& w, const Block* xq, int T, float* y, size_t ldy
     for (int t0 = 0; t0 < T; t0 += kTile) {
       const Block* x = xq + (size_t)t0 * nruns;
       float* yt = y + (size_t)t0 * ldy + g;
-      with_tile(std::min(kTile, T - t0), [&](auto rt) {
+      with_tile<kTile>(std::min(kTile, T - t0), [&](auto rt) {
         if constexpr (P::kHalves)
           micro_halves<Block, decltype(rt)::value>(wb, nruns, x, bias + (size_t)t0 * nruns * (kTwo ? 4 : 2), yt, ldy, mask);
         else

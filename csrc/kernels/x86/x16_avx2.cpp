@@ -31,6 +31,8 @@
 // the row-major Q5 types at 64 tokens. One token decodes in place, both halves in one pass.
 #include "kernels/x86/x16_avx2.h"
 
+#include "kernels/x86/tile_util.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -347,16 +349,6 @@ struct Tiles {
 constexpr int kPackMin = 2;  // tokens from which Q5 decodes a group once
 constexpr int kChunk = 32;   // most blocks decoded at once (2 x 320 bytes each, L1-resident)
 
-template <int N, class Fn>
-inline void with_tile(int rt, Fn&& f) {  // f(integral_constant<rt>) for 1 <= rt <= N
-  if constexpr (N > 1) {
-    if (rt < N) {
-      with_tile<N - 1>(rt, f);
-      return;
-    }
-  }
-  f(std::integral_constant<int, N>{});
-}
 
 // Columns [n0, n1): every group they touch is computed whole (x16 tensors have rows % 16 == 0)
 // and only the lanes in range are stored.
@@ -410,28 +402,23 @@ void matmul_impl(const WeightView& w, const Block* xq, int T_, float* y, size_t 
   }
 }
 
-template <class Block>
-void matmul_any(const WeightView& w, const Block* xq, int T, float* y, size_t ldy, int n0, int n1) {
-  switch (w.dtype) {
-    case DType::Q8_0_X16: matmul_impl<DType::Q8_0_X16>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q4_0_X16: matmul_impl<DType::Q4_0_X16>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q4_1_X16: matmul_impl<DType::Q4_1_X16>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::I8_X16: matmul_impl<DType::I8_X16>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q5_0_X16: matmul_impl<DType::Q5_0_X16>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q5_1_X16: matmul_impl<DType::Q5_1_X16>(w, xq, T, y, ldy, n0, n1); break;
-    default: throw UnsupportedError("matmul_x16: not an x16 type");
+template <DType T>
+struct Matmul {
+  template <class Block>
+  static void run(const WeightView& w, const Block* xq, int n_tokens, float* y, size_t ldy, int n0, int n1) {
+    matmul_impl<T>(w, xq, n_tokens, y, ldy, n0, n1);
   }
-}
+};
 
 }  // namespace
 
 void matmul_x16(const WeightView& w, const float*, size_t, const BlockQ8A* xq, int T, float* y, size_t ldy,
                 int n0, int n1) {
-  matmul_any(w, xq, T, y, ldy, n0, n1);
+  x16_dispatch<Matmul>(w.dtype, w, xq, T, y, ldy, n0, n1);
 }
 void matmul2_x16(const WeightView& w, const float*, size_t, const BlockQ8A2* xq, int T, float* y, size_t ldy,
                  int n0, int n1) {
-  matmul_any(w, xq, T, y, ldy, n0, n1);
+  x16_dispatch<Matmul>(w.dtype, w, xq, T, y, ldy, n0, n1);
 }
 
 }  // namespace plm::kernels::avx2

@@ -18,6 +18,8 @@
 #endif
 #include "kernels/x86/x16_avx512.h"
 
+#include "kernels/x86/tile_util.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -161,20 +163,6 @@ void micro(const uint8_t* group, int nruns, const Block* x, float* y, size_t ldy
   for (int t = 0; t < RT; ++t) _mm512_mask_storeu_ps(y + (size_t)t * ldy, mask, _mm512_mul_ps(acc[t], rs));
 }
 
-template <class F>
-inline void with_tile(int rt, F&& f) {
-  switch (rt) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
-  }
-}
-static_assert(kTile == 8, "with_tile covers 1..8");
 
 // Columns [n0, n1): every group they touch is computed whole (x16 tensors have rows % 16 == 0)
 // and only the lanes in range are stored.
@@ -189,7 +177,7 @@ void matmul_impl(const WeightView& w, const Block* xq, int T_, float* y, size_t 
     const uint8_t* group = w.data + (size_t)(g0 / kX16Rows) * group_bytes;
     const float* rs = F::kRowScale ? w.row_scales + g0 : nullptr;
     for (int t0 = 0; t0 < T_; t0 += kTile) {
-      with_tile(std::min(kTile, T_ - t0), [&](auto rt) {
+      with_tile<kTile>(std::min(kTile, T_ - t0), [&](auto rt) {
         micro<T, Block, decltype(rt)::value>(group, nruns, xq + (size_t)t0 * nruns, y + (size_t)t0 * ldy + g0,
                                              ldy, mask, rs);
       });
@@ -197,28 +185,23 @@ void matmul_impl(const WeightView& w, const Block* xq, int T_, float* y, size_t 
   }
 }
 
-template <class Block>
-void matmul_any(const WeightView& w, const Block* xq, int T, float* y, size_t ldy, int n0, int n1) {
-  switch (w.dtype) {
-    case DType::Q8_0_X16: matmul_impl<DType::Q8_0_X16>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q4_0_X16: matmul_impl<DType::Q4_0_X16>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q4_1_X16: matmul_impl<DType::Q4_1_X16>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::I8_X16: matmul_impl<DType::I8_X16>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q5_0_X16: matmul_impl<DType::Q5_0_X16>(w, xq, T, y, ldy, n0, n1); break;
-    case DType::Q5_1_X16: matmul_impl<DType::Q5_1_X16>(w, xq, T, y, ldy, n0, n1); break;
-    default: throw UnsupportedError("matmul_x16: not an x16 type");
+template <DType T>
+struct Matmul {
+  template <class Block>
+  static void run(const WeightView& w, const Block* xq, int n_tokens, float* y, size_t ldy, int n0, int n1) {
+    matmul_impl<T>(w, xq, n_tokens, y, ldy, n0, n1);
   }
-}
+};
 
 }  // namespace
 
 void matmul_x16(const WeightView& w, const float*, size_t, const BlockQ8A* xq, int T, float* y, size_t ldy,
                 int n0, int n1) {
-  matmul_any(w, xq, T, y, ldy, n0, n1);
+  x16_dispatch<Matmul>(w.dtype, w, xq, T, y, ldy, n0, n1);
 }
 void matmul2_x16(const WeightView& w, const float*, size_t, const BlockQ8A2* xq, int T, float* y, size_t ldy,
                  int n0, int n1) {
-  matmul_any(w, xq, T, y, ldy, n0, n1);
+  x16_dispatch<Matmul>(w.dtype, w, xq, T, y, ldy, n0, n1);
 }
 
 }  // namespace plm::kernels::avx512

@@ -1,0 +1,39 @@
+// Compile-time helpers shared by the x86 matmul kernels (gemm_avx512.cpp, x16_avx512.cpp,
+// x16_avx2.cpp). Kept in an unnamed namespace: each file compiles them with its own ISA flags, and
+// no instantiation may be shared across them by the linker.
+#pragma once
+#include <type_traits>
+
+#include "common.h"
+
+namespace plm::kernels {
+namespace {
+
+// f(std::integral_constant<int, rt>) for a tile of 1 <= rt <= N tokens.
+template <int N, class Fn>
+inline void with_tile(int rt, Fn&& f) {
+  if constexpr (N > 1) {
+    if (rt < N) {
+      with_tile<N - 1>(rt, f);
+      return;
+    }
+  }
+  f(std::integral_constant<int, N>{});
+}
+
+// Impl<T>(args...) for the x16 weight type t.
+template <template <DType> class Impl, class... Args>
+inline void x16_dispatch(DType t, Args&&... args) {
+  switch (t) {
+    case DType::Q8_0_X16: Impl<DType::Q8_0_X16>::run(args...); break;
+    case DType::Q4_0_X16: Impl<DType::Q4_0_X16>::run(args...); break;
+    case DType::Q4_1_X16: Impl<DType::Q4_1_X16>::run(args...); break;
+    case DType::I8_X16: Impl<DType::I8_X16>::run(args...); break;
+    case DType::Q5_0_X16: Impl<DType::Q5_0_X16>::run(args...); break;
+    case DType::Q5_1_X16: Impl<DType::Q5_1_X16>::run(args...); break;
+    default: throw UnsupportedError("matmul_x16: not an x16 type");
+  }
+}
+
+}  // namespace
+}  // namespace plm::kernels
