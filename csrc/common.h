@@ -74,7 +74,7 @@ enum class DType : uint32_t {
   Q5_K = 13,      // block 256: {f16 d, dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}
   Q6_K = 14,      // block 256: {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}  16 x 16: x = d*sc*(q-32)
   BF16 = 15,      // bfloat16 (the high half of an f32)
-  // Row-interleaved ("x16") forms of Q8_0, Q4_0, Q4_1, I8, Q5_0 and Q5_1 for matmul weights, written by
+  // Row-interleaved ("x16") forms of Q8_0, Q4_0, Q4_1 (groups 32/64/128), I8, Q5_0 and Q5_1 for matmul weights, written by
   // the converter (layout below): same bytes per tensor as the base type, rows % 16 == 0.
   Q8_0_X16 = 16,
   Q4_0_X16 = 17,
@@ -82,7 +82,11 @@ enum class DType : uint32_t {
   I8_X16 = 19,    // codes interleaved, then [rows] f32 scales as I8; needs cols % 32 == 0
   Q5_0_X16 = 20,
   Q5_1_X16 = 21,
-  COUNT = 22,
+  Q4_0_G64_X16 = 22,   // the group-64/128 Q4 types: a record per block of 64/128 elements
+  Q4_0_G128_X16 = 23,
+  Q4_1_G64_X16 = 24,
+  Q4_1_G128_X16 = 25,
+  COUNT = 26,
 };
 constexpr int kNumDTypes = (int)DType::COUNT;
 
@@ -100,7 +104,9 @@ constexpr int kNumDTypes = (int)DType::COUNT;
 //      4u..4u+3 of every row: for Q4/Q5, codes 4u..4u+3 in the low and 16+4u..16+4u+3 in the
 //      high nibbles (Q5: bit 4 of code j is bit j of the row's qh); for Q8_0/I8, codes
 //      4u..4u+3 (u = 0..7).
-// Record sizes: Q8_0 544, Q4_0 288, Q4_1 320, I8 512, Q5_0 352, Q5_1 384 bytes.
+// Record sizes: Q8_0 544, Q4_0 288, Q4_1 320, I8 512, Q5_0 352, Q5_1 384 bytes. The group-64/128
+// Q4 types have one record per 64/128-element block: the header, then the 32/64 nibble bytes as
+// 8/16 units (so each 32-element run is 4 units, as in Q4_0).
 //
 // 4-bit nibble order (all Q4 types, as in GGUF): within each run of 32 elements
 // stored in 16 bytes qs[0..15], element j is the low nibble of qs[j] and element
@@ -184,13 +190,17 @@ inline constexpr DTypeTraits kDTypeTraits[kNumDTypes] = {
   {"i8_x16", 32, 32, true},
   {"q5_0_x16", 32, 22, true},
   {"q5_1_x16", 32, 24, true},
+  {"q4_0_g64_x16", 64, 34, true},
+  {"q4_0_g128_x16", 128, 66, true},
+  {"q4_1_g64_x16", 64, 36, true},
+  {"q4_1_g128_x16", 128, 68, true},
 };
 inline const DTypeTraits& traits(DType t) { return kDTypeTraits[(int)t]; }
 inline bool dtype_valid(uint32_t t) { return t < (uint32_t)DType::COUNT; }
 
 // x16 types: rows per group, and the row-major type each interleaves.
 constexpr int kX16Rows = 16;
-inline bool is_x16(DType t) { return t >= DType::Q8_0_X16 && t <= DType::Q5_1_X16; }
+inline bool is_x16(DType t) { return t >= DType::Q8_0_X16 && t <= DType::Q4_1_G128_X16; }
 inline DType x16_base(DType t) {
   switch (t) {
     case DType::Q8_0_X16: return DType::Q8_0;
@@ -199,6 +209,10 @@ inline DType x16_base(DType t) {
     case DType::I8_X16: return DType::I8;
     case DType::Q5_0_X16: return DType::Q5_0;
     case DType::Q5_1_X16: return DType::Q5_1;
+    case DType::Q4_0_G64_X16: return DType::Q4_0_G64;
+    case DType::Q4_0_G128_X16: return DType::Q4_0_G128;
+    case DType::Q4_1_G64_X16: return DType::Q4_1_G64;
+    case DType::Q4_1_G128_X16: return DType::Q4_1_G128;
     default: return t;
   }
 }
@@ -217,7 +231,8 @@ inline size_t tensor_bytes(DType t, int64_t rows, int64_t cols) {
   return b;
 }
 
-// The header fields (bytes each, in block order) and code bytes of one 32-block of an x16 type.
+// The header fields (bytes each, in block order) and code bytes of one block of an x16 type (32
+// elements; 64 or 128 for the group-64/128 Q4 types).
 struct X16Block {
   int n_fields;
   int field_bytes[3];
@@ -230,6 +245,10 @@ inline X16Block x16_block(DType t) {
     case DType::Q4_1: return {2, {2, 2, 0}, 16};
     case DType::Q5_0: return {2, {2, 4, 0}, 16};
     case DType::Q5_1: return {3, {2, 2, 4}, 16};
+    case DType::Q4_0_G64: return {1, {2, 0, 0}, 32};
+    case DType::Q4_0_G128: return {1, {2, 0, 0}, 64};
+    case DType::Q4_1_G64: return {2, {2, 2, 0}, 32};
+    case DType::Q4_1_G128: return {2, {2, 2, 0}, 64};
     default: return {0, {0, 0, 0}, 32};  // I8
   }
 }
@@ -241,7 +260,8 @@ inline void x16_gather_row(DType t, const uint8_t* data, int64_t cols, int64_t n
   const size_t bb = (size_t)traits(t).block_bytes;              // base block bytes
   const size_t rb = row_bytes(t, cols), g = (size_t)(n / kX16Rows), i = (size_t)(n % kX16Rows);
   const uint8_t* group = data + g * kX16Rows * rb;
-  for (int64_t b = 0; b < cols / 32; ++b) {
+  const int64_t be = traits(t).block_elems;  // elements per record
+  for (int64_t b = 0; b < cols / be; ++b) {
     const uint8_t* rec = group + (size_t)b * kX16Rows * bb;
     uint8_t* o = out + (size_t)b * bb;
     for (int f = 0; f < lay.n_fields; ++f) {

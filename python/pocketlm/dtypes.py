@@ -30,6 +30,10 @@ class DType(enum.IntEnum):
     I8_X16 = 19
     Q5_0_X16 = 20
     Q5_1_X16 = 21
+    Q4_0_G64_X16 = 22
+    Q4_0_G128_X16 = 23
+    Q4_1_G64_X16 = 24
+    Q4_1_G128_X16 = 25
 
     @property
     def label(self) -> str:
@@ -89,11 +93,17 @@ _TRAITS = {
     DType.I8_X16: (32, 32),
     DType.Q5_0_X16: (32, 22),
     DType.Q5_1_X16: (32, 24),
+    DType.Q4_0_G64_X16: (64, 34),
+    DType.Q4_0_G128_X16: (128, 66),
+    DType.Q4_1_G64_X16: (64, 36),
+    DType.Q4_1_G128_X16: (128, 68),
 }
 
 X16_ROWS = 16
 X16_BASE = {DType.Q8_0_X16: DType.Q8_0, DType.Q4_0_X16: DType.Q4_0, DType.Q4_1_X16: DType.Q4_1,
-            DType.I8_X16: DType.I8, DType.Q5_0_X16: DType.Q5_0, DType.Q5_1_X16: DType.Q5_1}
+            DType.I8_X16: DType.I8, DType.Q5_0_X16: DType.Q5_0, DType.Q5_1_X16: DType.Q5_1,
+            DType.Q4_0_G64_X16: DType.Q4_0_G64, DType.Q4_0_G128_X16: DType.Q4_0_G128,
+            DType.Q4_1_G64_X16: DType.Q4_1_G64, DType.Q4_1_G128_X16: DType.Q4_1_G128}
 X16_OF = {base: x for x, base in X16_BASE.items()}
 
 

@@ -142,9 +142,11 @@ KEEP_ONLY = (DType.Q4_K, DType.Q5_K, DType.Q6_K)
 # --- x16 interleaving (layout: csrc/common.h) --------------------------------------------------
 
 
-# Header field sizes (bytes, in block order) and code bytes of one 32-block (csrc/common.h x16_block).
+# Header field sizes (bytes, in block order) and code bytes of one block (csrc/common.h x16_block).
 _X16_BLOCK = {DType.Q8_0: ((2,), 32), DType.Q4_0: ((2,), 16), DType.Q4_1: ((2, 2), 16), DType.I8: ((), 32),
-              DType.Q5_0: ((2, 4), 16), DType.Q5_1: ((2, 2, 4), 16)}
+              DType.Q5_0: ((2, 4), 16), DType.Q5_1: ((2, 2, 4), 16),
+              DType.Q4_0_G64: ((2,), 32), DType.Q4_0_G128: ((2,), 64),
+              DType.Q4_1_G64: ((2, 2), 32), DType.Q4_1_G128: ((2, 2), 64)}
 
 
 def _x16_args(raw, base: DType, shape) -> tuple[int, int, np.ndarray]:
@@ -160,13 +162,13 @@ def _x16_args(raw, base: DType, shape) -> tuple[int, int, np.ndarray]:
 
 
 def interleave(raw: np.ndarray, base: DType, shape) -> np.ndarray:
-    """Bytes of a [rows, cols] tensor of row-major type `base` (Q8_0, Q4_0, Q4_1, I8, Q5_0, Q5_1) in its x16
+    """Bytes of a [rows, cols] tensor of row-major type `base` (Q8_0, Q4_* of any group, I8, Q5_0, Q5_1) in its x16
     form: each group of 16 rows as one run of block records (header fields, then code bytes in
     4-byte units, row 0 first). Same size; I8's row scales stay at the end."""
     base = DType(base)
     rows, cols, buf = _x16_args(raw, base, shape)
     fields, code = _X16_BLOCK[base]
-    nb, g = cols // 32, rows // X16_ROWS
+    nb, g = cols // (32 if base == DType.I8 else base.block_elems), rows // X16_ROWS
     bb = 32 if base == DType.I8 else base.block_bytes
     blocks = buf[: rows * nb * bb].reshape(g, X16_ROWS, nb, bb)
     parts, off = [], 0
@@ -183,7 +185,7 @@ def deinterleave(raw: np.ndarray, base: DType, shape) -> np.ndarray:
     base = DType(base)
     rows, cols, buf = _x16_args(raw, base, shape)
     fields, code = _X16_BLOCK[base]
-    nb, g = cols // 32, rows // X16_ROWS
+    nb, g = cols // (32 if base == DType.I8 else base.block_elems), rows // X16_ROWS
     bb = 32 if base == DType.I8 else base.block_bytes
     rec = buf[: rows * nb * bb].reshape(g, nb, X16_ROWS * bb)
     parts, off = [], 0

@@ -260,13 +260,15 @@ def test_x16_interleave_round_trips_and_matches_the_documented_layout(base):
     csrc/common.h ("x16 interleaving") checked one by one."""
     x16 = X16_OF[base]
     rng = np.random.default_rng(int(base))
-    code = 16 if base in (DType.Q4_0, DType.Q4_1, DType.Q5_0, DType.Q5_1) else 32
-    bb = 32 if base == DType.I8 else base.block_bytes  # bytes of one row's 32-element block
+    code = {DType.Q4_0_G64: 32, DType.Q4_1_G64: 32, DType.Q4_0_G128: 64, DType.Q4_1_G128: 64}.get(
+        base, 16 if base in (DType.Q4_0, DType.Q4_1, DType.Q5_0, DType.Q5_1) else 32)  # per block
+    bb = 32 if base == DType.I8 else base.block_bytes  # bytes of one row's block (32, 64 or 128 elements)
     # header fields in block order: Q8_0/Q4_0 f16 d; Q4_1 d, m; Q5_0 d, u32 qh; Q5_1 d, m, qh; I8 none
     sizes = {DType.Q8_0: (2,), DType.Q4_0: (2,), DType.Q4_1: (2, 2), DType.I8: (),
-             DType.Q5_0: (2, 4), DType.Q5_1: (2, 2, 4)}[base]
+             DType.Q5_0: (2, 4), DType.Q5_1: (2, 2, 4), DType.Q4_0_G64: (2,), DType.Q4_0_G128: (2,),
+             DType.Q4_1_G64: (2, 2), DType.Q4_1_G128: (2, 2)}[base]
     assert sum(sizes) + code == bb
-    for rows, cols in [(16, 32), (48, 96), (64, 256)]:
+    for rows, cols in [(16, 128), (48, 384), (64, 256)]:
         # rows of very different magnitudes, so that scales (and I8 row scales) all differ
         x = (rng.standard_normal((rows, cols)) * np.exp(rng.uniform(-4, 2, (rows, 1)))).astype(np.float32)
         raw = quant.quantize(x, base)
@@ -278,7 +280,7 @@ def test_x16_interleave_round_trips_and_matches_the_documented_layout(base):
         np.testing.assert_array_equal(quant.dequantize(packed, x16, (rows, cols)),
                                       quant.dequantize(raw, base, (rows, cols)))
         # the documented layout, position by position
-        nb = cols // 32
+        nb = cols // (32 if base == DType.I8 else base.block_elems)
         blocks = raw[: rows * nb * bb].reshape(rows, nb, bb)
         for n in range(rows):
             g, i = divmod(n, 16)
@@ -295,7 +297,7 @@ def test_x16_interleave_round_trips_and_matches_the_documented_layout(base):
         assert packed[rows * nb * bb:].tobytes() == raw[rows * nb * bb:].tobytes()  # I8 row scales
         assert packed[rows * nb * bb:].size == (4 * rows if base == DType.I8 else 0)
     with pytest.raises(ValueError, match="16"):  # whole groups of 16 rows only
-        quant.interleave(quant.quantize(np.ones((24, 64), np.float32), base), base, (24, 64))
+        quant.interleave(quant.quantize(np.ones((24, 128), np.float32), base), base, (24, 128))
 
 
 @pytest.mark.parametrize("mode,group_size,symmetric", [("int8", None, True), ("int8", 32, True),

@@ -105,7 +105,7 @@ def matmul_shapes_for(dtype):
     if not dtype.quantized:
         return MATMUL_SHAPES + FLOAT_MATMUL_SHAPES
     if dtype.x16:  # groups of 16 rows: the same T and K with N rounded up (16, 32, 80 rows)
-        return [(T, K, x16_rows(N)) for T, K, N in MATMUL_SHAPES]
+        return [(T, K, x16_rows(N)) for T, K, N in MATMUL_SHAPES if K % dtype.block_elems == 0]
     return [s for s in MATMUL_SHAPES if s[1] % dtype.block_elems == 0]  # K-quants: K % 256 == 0
 
 

@@ -90,6 +90,6 @@ def test_dispatch():
 def test_dequant_row_refuses_x16(dtype):
     """x16 matrices have no row-major rows to point at (the executor gathers them, tested end to
     end through tied embeddings)."""
-    raw = quantize(np.ones((16, 64), np.float32), dtype)
+    raw = quantize(np.ones((16, 128), np.float32), dtype)
     with pytest.raises(ValueError, match="x16"):
-        kernels.dequant_row(int(dtype), raw, 64, "ref")
+        kernels.dequant_row(int(dtype), raw, 128, "ref")

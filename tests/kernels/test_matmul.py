@@ -119,7 +119,9 @@ def test_x16_matches_row_major_base(variant, dtype):
     reference's row kernels), in both activation precisions and token-count regimes."""
     from pocketlm.quant import interleave
 
-    for i, (T, K, N) in enumerate([(1, 576, 64), (3, 96, 16), (4, 1536, 48), (37, 320, 32)]):
+    for i, (T, K, N) in enumerate([(1, 576, 64), (3, 96, 16), (4, 1536, 48), (37, 320, 32), (2, 384, 16)]):
+        if K % dtype.block_elems:
+            continue
         raw, wd, x = make(dtype.base, T, K, N, 500 + i)
         packed = interleave(raw, dtype.base, (N, K))
         scale = np.abs(x) @ np.abs(wd).T

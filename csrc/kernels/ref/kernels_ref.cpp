@@ -543,6 +543,10 @@ const KernelTable& ref_kernels() {
           matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_i8>>,         // I8_X16
           matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_q5<BlockQ8A, false>>>,  // Q5_0_X16
           matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_q5<BlockQ8A, true>>>,   // Q5_1_X16
+          matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_q4_0<64>>>,   // Q4_0_G64_X16
+          matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_q4_0<128>>>,  // Q4_0_G128_X16
+          matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_q4_1<64>>>,   // Q4_1_G64_X16
+          matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_q4_1<128>>>,  // Q4_1_G128_X16
       },
       quantize_act_ref,
       dequant_row_ref,
@@ -575,6 +579,10 @@ const KernelTable& ref_kernels() {
           matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot2_i8>>,        // I8_X16
           matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot_q5<BlockQ8A2, false>>>,  // Q5_0_X16
           matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot_q5<BlockQ8A2, true>>>,   // Q5_1_X16
+          matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot2_q4_0<64>>>,   // Q4_0_G64_X16
+          matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot2_q4_0<128>>>,  // Q4_0_G128_X16
+          matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot2_q4_1<64>>>,   // Q4_1_G64_X16
+          matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot2_q4_1<128>>>,  // Q4_1_G128_X16
       },
       quantize_act2_ref,
       weighted_sum_ref,

@@ -798,6 +798,10 @@ const KernelTable* avx2_kernel_table() {
           avx2::matmul_x16,                      // I8_X16
           avx2::matmul_x16,                      // Q5_0_X16
           avx2::matmul_x16,                      // Q5_1_X16
+          avx2::matmul_x16,                      // Q4_0_G64_X16
+          avx2::matmul_x16,                      // Q4_0_G128_X16
+          avx2::matmul_x16,                      // Q4_1_G64_X16
+          avx2::matmul_x16,                      // Q4_1_G128_X16
       },
       quantize_act_avx2,
       ref_kernels().dequant_row,
@@ -830,6 +834,10 @@ const KernelTable* avx2_kernel_table() {
           avx2::matmul2_x16,                                // I8_X16
           avx2::matmul2_x16,                                // Q5_0_X16
           avx2::matmul2_x16,                                // Q5_1_X16
+          avx2::matmul2_x16,                                // Q4_0_G64_X16
+          avx2::matmul2_x16,                                // Q4_0_G128_X16
+          avx2::matmul2_x16,                                // Q4_1_G64_X16
+          avx2::matmul2_x16,                                // Q4_1_G128_X16
       },
       quantize_act2_avx2,
       weighted_sum_by_axpy<axpy_avx2>,

@@ -962,6 +962,10 @@ const KernelTable* avx512_kernel_table() {
           avx512::matmul_x16,                    // I8_X16
           avx512::matmul_x16,                    // Q5_0_X16
           avx512::matmul_x16,                    // Q5_1_X16
+          avx512::matmul_x16,                    // Q4_0_G64_X16
+          avx512::matmul_x16,                    // Q4_0_G128_X16
+          avx512::matmul_x16,                    // Q4_1_G64_X16
+          avx512::matmul_x16,                    // Q4_1_G128_X16
       },
       quantize_act_avx512,
       ref_kernels().dequant_row,
@@ -994,6 +998,10 @@ const KernelTable* avx512_kernel_table() {
           avx512::matmul2_x16,                              // I8_X16
           avx512::matmul2_x16,                              // Q5_0_X16
           avx512::matmul2_x16,                              // Q5_1_X16
+          avx512::matmul2_x16,                              // Q4_0_G64_X16
+          avx512::matmul2_x16,                              // Q4_0_G128_X16
+          avx512::matmul2_x16,                              // Q4_1_G64_X16
+          avx512::matmul2_x16,                              // Q4_1_G128_X16
       },
       quantize_act2_avx512,
       weighted_sum_avx512,

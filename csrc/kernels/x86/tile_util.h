@@ -31,6 +31,10 @@ inline void x16_dispatch(DType t, Args&&... args) {
     case DType::I8_X16: Impl<DType::I8_X16>::run(args...); break;
     case DType::Q5_0_X16: Impl<DType::Q5_0_X16>::run(args...); break;
     case DType::Q5_1_X16: Impl<DType::Q5_1_X16>::run(args...); break;
+    case DType::Q4_0_G64_X16: Impl<DType::Q4_0_G64_X16>::run(args...); break;
+    case DType::Q4_0_G128_X16: Impl<DType::Q4_0_G128_X16>::run(args...); break;
+    case DType::Q4_1_G64_X16: Impl<DType::Q4_1_G64_X16>::run(args...); break;
+    case DType::Q4_1_G128_X16: Impl<DType::Q4_1_G128_X16>::run(args...); break;
     default: throw UnsupportedError("matmul_x16: not an x16 type");
   }
 }

@@ -12,6 +12,9 @@
 //   (2*255*127), so they use |w| x sign(a, w) as kernels_avx2.cpp does, exact for every int8 w
 //   including -128 (|-128| reads as the unsigned byte 128, a pair <= 2*128*127 = 32512), and
 //   widen after every k-step.
+// The group-64/128 Q4 types are walked as 32-runs too (as x16_avx512.cpp): each run of a record
+// is 4 units shaped as a Q4_0_X16/Q4_1_X16 record's, with the record's header (the activations
+// have a scale per 32, so the runs' sums cannot share one float step).
 // Per 32-block and row, one float step then applies the scales:
 //   Q4_0: y += d * (d_a * idot - 8 s_a)   (the -8 offset folded into one FMA)
 //   Q4_1: y += d * (d_a * idot) + m * s_a
@@ -44,12 +47,17 @@ namespace plm::kernels::avx2 {
 namespace {
 
 // kFields: f16 header fields (32 bytes each: d, then m for Q4_1/Q5_1); Q5 then has its u32 qh
-// field (64 bytes) at kQh; the code units start at kCodes.
+// field (64 bytes) at kQh; the code units start at kCodes. kRuns: 32-runs per record (2/4 for
+// the group-64/128 Q4 types, whose run r is the 4 units at kCodes + 256 r, each run shaped as a
+// Q4_0_X16/Q4_1_X16 record's codes and sharing the record's header).
 template <DType T>
 struct X16 {
   static constexpr bool kQ5 = T == DType::Q5_0_X16 || T == DType::Q5_1_X16;
-  static constexpr bool kQ4 = T == DType::Q4_0_X16 || T == DType::Q4_1_X16 || kQ5;  // nibble codes
-  static constexpr bool kAsym = T == DType::Q4_1_X16 || T == DType::Q5_1_X16;       // d and m
+  static constexpr bool kQ4_0 = T == DType::Q4_0_X16 || T == DType::Q4_0_G64_X16 || T == DType::Q4_0_G128_X16;
+  static constexpr bool kQ4_1 = T == DType::Q4_1_X16 || T == DType::Q4_1_G64_X16 || T == DType::Q4_1_G128_X16;
+  static constexpr bool kQ4 = kQ4_0 || kQ4_1 || kQ5;             // nibble codes
+  static constexpr bool kAsym = kQ4_1 || T == DType::Q5_1_X16;  // d and m
+  static constexpr int kRuns = kDTypeTraits[(int)T].block_elems / 32;
   static constexpr int kFields = kAsym ? 2 : T == DType::I8_X16 ? 0 : 1;
   static constexpr int kQh = 32 * kFields;
   static constexpr int kCodes = kQh + (kQ5 ? 64 : 0);
@@ -89,13 +97,13 @@ inline __m256i high_bit(__m256i nib, __m256i q) {
   return _mm256_or_si256(nib, _mm256_min_epu8(bits, _mm256_set1_epi8(0x10)));
 }
 
-// The codes of unit c of half hh of record `rec` (Q4/Q5): k-steps c (lo) and c + 4 (hi). Q5: qh,
-// qh4 are the half's qh and qh << 4.
+// The codes of unit c of half hh of a 32-run (Q4/Q5) whose 4 units start at `codes`: k-steps c
+// (lo) and c + 4 (hi). Q5: qh, qh4 are the half's qh and qh << 4.
 template <DType T>
-inline void unit_codes(const uint8_t* rec, int c, int hh, __m256i qh, __m256i qh4, __m256i& lo, __m256i& hi) {
+inline void unit_codes(const uint8_t* codes, int c, int hh, __m256i qh, __m256i qh4, __m256i& lo, __m256i& hi) {
   using F = X16<T>;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m256i z = load256(rec + F::kCodes + 64 * c + 32 * hh);
+  const __m256i z = load256(codes + 64 * c + 32 * hh);
   lo = _mm256_and_si256(z, low4);
   hi = _mm256_and_si256(_mm256_srli_epi16(z, 4), low4);
   if constexpr (F::kQ5) {
@@ -131,7 +139,7 @@ void unpack_group(const uint8_t* group, int nruns, Packed* out) {
       Packed& P = out[packed_at<NH>(nruns, b, h)];
       const __m256i qh = load256(rec + F::kQh + 32 * h), qh4 = _mm256_slli_epi32(qh, 4);
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) unit_codes<T>(rec, c, h, qh, qh4, P.w[c], P.w[c + 4]);
+      for (int c = 0; c < 4; ++c) unit_codes<T>(rec + F::kCodes, c, h, qh, qh4, P.w[c], P.w[c + 4]);
       P.v1 = f16x8(rec + 16 * h);
       if constexpr (F::kFields == 2) P.v2 = f16x8(rec + 32 + 16 * h);
     }
@@ -152,7 +160,8 @@ struct Lanes {
 };
 
 // RT tokens against NH halves (h0, and h0 + 1 if NH == 2) of one group of 16 rows. `group`: its
-// first record; x: the first token's blocks, xs blocks a token; y: the group's first row for the
+// first record; nruns: its 32-runs (records times kRuns; the G64/G128 types read the header of
+// run b's record); x: the first token's blocks, xs blocks a token; y: the group's first row for the
 // first token. kPacked: the codes and scales come from `packed` (unpack_group), and with `add`
 // the sums are added to y (a later chunk of the blocks).
 template <DType T, class Block, int RT, int NH, bool kPacked = false>
@@ -167,7 +176,8 @@ void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y,
 #pragma GCC unroll 2
     for (int h = 0; h < NH; ++h) acc[t][h] = _mm256_setzero_ps();
   for (int b = 0; b < nruns; ++b) {
-    const uint8_t* rec = group + (size_t)b * F::kRecord;
+    const uint8_t* rec = group + (size_t)(b / F::kRuns) * F::kRecord;
+    const uint8_t* codes = rec + F::kCodes + 256 * (b % F::kRuns);
     // Q4: 16-bit sums over the block; Q5: over 4 k-steps, w1/w2 the int32 sums of the first 4;
     // Q8_0/I8: int32
     __m256i s1[RT][NH], s2[RT][NH], w1[RT][NH], w2[RT][NH];
@@ -202,7 +212,7 @@ void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y,
             lo[h] = _mm256_load_si256(&P.w[c]);
             hi[h] = _mm256_load_si256(&P.w[c + 4]);
           } else {
-            unit_codes<T>(rec, c, h0 + h, qh[h], qh4[h], lo[h], hi[h]);
+            unit_codes<T>(codes, c, h0 + h, qh[h], qh4[h], lo[h], hi[h]);
           }
         }
 #pragma GCC unroll 8
@@ -256,7 +266,7 @@ void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y,
         __m256i wv[NH], wa[NH];
 #pragma GCC unroll 2
         for (int h = 0; h < NH; ++h) {
-          wv[h] = load256(rec + F::kCodes + 64 * c + 32 * (h0 + h));
+          wv[h] = load256(codes + 64 * c + 32 * (h0 + h));
           wa[h] = _mm256_abs_epi8(wv[h]);
         }
 #pragma GCC unroll 8
@@ -304,7 +314,7 @@ void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y,
       for (int h = 0; h < NH; ++h) {
         const __m256 i1 = _mm256_cvtepi32_ps(s1[t][h]);
         __m256 f;
-        if constexpr (T == DType::Q4_0_X16) f = _mm256_fmadd_ps(i1, d, _mm256_set1_ps(-8.0f * s));
+        if constexpr (F::kQ4_0) f = _mm256_fmadd_ps(i1, d, _mm256_set1_ps(-8.0f * s));
         else if constexpr (T == DType::Q5_0_X16) f = _mm256_fmadd_ps(i1, d, _mm256_set1_ps(-16.0f * s));
         else f = _mm256_mul_ps(i1, d);
         if constexpr (kTwo) f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s2[t][h]), _mm256_set1_ps(a.d2), f);
@@ -356,8 +366,8 @@ template <DType T, class Block>
 void matmul_impl(const WeightView& w, const Block* xq, int T_, float* y, size_t ldy, int n0, int n1) {
   using F = X16<T>;
   constexpr int kRT = Tiles<T, Block>::kRT, kNH = Tiles<T, Block>::kNH;
-  const int nruns = (int)(w.cols / 32);
-  const size_t group_bytes = (size_t)nruns * F::kRecord;
+  const int nruns = (int)(w.cols / 32);  // 32-runs per row
+  const size_t group_bytes = (size_t)(nruns / F::kRuns) * F::kRecord;
   Packed* packed = nullptr;
   if constexpr (Tiles<T, Block>::kPack) {
     // Grows once to the largest K this thread sees; later calls do not allocate.

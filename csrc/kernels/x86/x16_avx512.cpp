@@ -46,8 +46,11 @@ inline __m512 f16x16(const uint8_t* p) {
 template <DType T>
 struct X16 {
   static constexpr bool kQ5 = T == DType::Q5_0_X16 || T == DType::Q5_1_X16;
-  static constexpr bool kQ4 = T == DType::Q4_0_X16 || T == DType::Q4_1_X16 || kQ5;  // nibble codes
-  static constexpr bool kAsym = T == DType::Q4_1_X16 || T == DType::Q5_1_X16;       // d and m
+  static constexpr bool kQ4_0 = T == DType::Q4_0_X16 || T == DType::Q4_0_G64_X16 || T == DType::Q4_0_G128_X16;
+  static constexpr bool kQ4_1 = T == DType::Q4_1_X16 || T == DType::Q4_1_G64_X16 || T == DType::Q4_1_G128_X16;
+  static constexpr bool kQ4 = kQ4_0 || kQ4_1 || kQ5;                  // nibble codes
+  static constexpr bool kAsym = kQ4_1 || T == DType::Q5_1_X16;       // d and m
+  static constexpr int kRuns = kDTypeTraits[(int)T].block_elems / 32;  // 32-runs per record
   // Header bytes before the codes (f16 fields of 32 bytes, Q5's u32 qh of 64) and qh's offset.
   static constexpr int kQh = kAsym ? 64 : 32;
   static constexpr int kCodes = T == DType::I8_X16 ? 0 : kQh + (kQ5 ? 64 : 0);
@@ -60,7 +63,7 @@ struct X16 {
     } else {
       v1 = f16x16(rec);
       if constexpr (kAsym) v2 = f16x16(rec + 32);
-      else v2 = _mm512_mul_ps(v1, _mm512_set1_ps(T == DType::Q4_0_X16 ? -8.0f : kQ5 ? -16.0f : -128.0f));
+      else v2 = _mm512_mul_ps(v1, _mm512_set1_ps(kQ4_0 ? -8.0f : kQ5 ? -16.0f : -128.0f));
     }
   }
 };
@@ -110,9 +113,9 @@ void micro(const uint8_t* group, int nruns, const Block* x, float* y, size_t ldy
   __m512 acc[RT];
 #pragma GCC unroll 8
   for (int t = 0; t < RT; ++t) acc[t] = _mm512_setzero_ps();
-  for (int b = 0; b < nruns; ++b) {
-    const uint8_t* rec = group + (size_t)b * F::kRecord;
-    const uint8_t* codes = rec + F::kCodes;
+  for (int b = 0; b < nruns; ++b) {  // 32-runs; a group-64/128 record holds 2/4, sharing its header
+    const uint8_t* rec = group + (size_t)(b / F::kRuns) * F::kRecord;
+    const uint8_t* codes = rec + F::kCodes + 256 * (b % F::kRuns);
     constexpr int NB = kSplit ? RT : 1;
     __m512i a1[RT], a2[RT], b1[NB], b2[NB];  // chains A and B, first and second level
 #pragma GCC unroll 8
@@ -170,7 +173,7 @@ template <DType T, class Block>
 void matmul_impl(const WeightView& w, const Block* xq, int T_, float* y, size_t ldy, int n0, int n1) {
   using F = X16<T>;
   const int nruns = (int)(w.cols / 32);
-  const size_t group_bytes = (size_t)nruns * F::kRecord;
+  const size_t group_bytes = (size_t)(nruns / F::kRuns) * F::kRecord;
   for (int g0 = n0 - n0 % kX16Rows; g0 < n1; g0 += kX16Rows) {
     const int lo = std::max(n0, g0) - g0, hi = std::min(n1, g0 + kX16Rows) - g0;
     const __mmask16 mask = (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));

@@ -26,8 +26,8 @@ from pocketlm.dtypes import DType
 from pocketlm.errors import BundleError
 
 # Bump when the converter's output for the same input changes (invalidates the GGUF cache).
-CONVERTER_VERSION = 5  # 2: SentencePiece space prefix follows the GGUF flag (llama.cpp parity); 3: compact tokenizer.json;
-# 4: 2-D Q8_0/Q4_0/Q4_1/I8 weights in their row-interleaved x16 forms; 5: Q5_0/Q5_1 too
+CONVERTER_VERSION = 6  # 2: SentencePiece space prefix follows the GGUF flag (llama.cpp parity); 3: compact tokenizer.json;
+# 4: 2-D Q8_0/Q4_0/Q4_1/I8 weights in their row-interleaved x16 forms; 5: Q5_0/Q5_1 too; 6: Q4 groups 64/128
 QUANT_CHOICES = (None, "keep", "f32", "f16", "int8", "int4")
 
 
