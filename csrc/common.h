@@ -231,25 +231,19 @@ inline size_t tensor_bytes(DType t, int64_t rows, int64_t cols) {
   return b;
 }
 
-// The header fields (bytes each, in block order) and code bytes of one block of an x16 type (32
-// elements; 64 or 128 for the group-64/128 Q4 types).
+// The header fields (bytes each, in block order) of one block of an x16 type (32 elements; 64 or
+// 128 for the group-64/128 Q4 types); the rest of the block's bytes are codes.
 struct X16Block {
   int n_fields;
   int field_bytes[3];
-  int code_bytes;
 };
 inline X16Block x16_block(DType t) {
   switch (x16_base(t)) {
-    case DType::Q8_0: return {1, {2, 0, 0}, 32};
-    case DType::Q4_0: return {1, {2, 0, 0}, 16};
-    case DType::Q4_1: return {2, {2, 2, 0}, 16};
-    case DType::Q5_0: return {2, {2, 4, 0}, 16};
-    case DType::Q5_1: return {3, {2, 2, 4}, 16};
-    case DType::Q4_0_G64: return {1, {2, 0, 0}, 32};
-    case DType::Q4_0_G128: return {1, {2, 0, 0}, 64};
-    case DType::Q4_1_G64: return {2, {2, 2, 0}, 32};
-    case DType::Q4_1_G128: return {2, {2, 2, 0}, 64};
-    default: return {0, {0, 0, 0}, 32};  // I8
+    case DType::Q4_1: case DType::Q4_1_G64: case DType::Q4_1_G128: return {2, {2, 2, 0}};
+    case DType::Q5_0: return {2, {2, 4, 0}};
+    case DType::Q5_1: return {3, {2, 2, 4}};
+    case DType::I8: return {0, {0, 0, 0}};
+    default: return {1, {2, 0, 0}};  // Q8_0, Q4_0 (any group): d
   }
 }
 
@@ -264,13 +258,15 @@ inline void x16_gather_row(DType t, const uint8_t* data, int64_t cols, int64_t n
   for (int64_t b = 0; b < cols / be; ++b) {
     const uint8_t* rec = group + (size_t)b * kX16Rows * bb;
     uint8_t* o = out + (size_t)b * bb;
+    size_t code = bb;
     for (int f = 0; f < lay.n_fields; ++f) {
       const size_t size = (size_t)lay.field_bytes[f];
       std::memcpy(o, rec + size * i, size);
       o += size;
       rec += kX16Rows * size;
+      code -= size;
     }
-    for (int u = 0; u < lay.code_bytes / 4; ++u) std::memcpy(o + 4 * u, rec + 64 * u + 4 * i, 4);
+    for (size_t u = 0; u < code / 4; ++u) std::memcpy(o + 4 * u, rec + 64 * u + 4 * i, 4);
   }
 }
 

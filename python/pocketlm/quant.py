@@ -142,59 +142,55 @@ KEEP_ONLY = (DType.Q4_K, DType.Q5_K, DType.Q6_K)
 # --- x16 interleaving (layout: csrc/common.h) --------------------------------------------------
 
 
-# Header field sizes (bytes, in block order) and code bytes of one block (csrc/common.h x16_block).
-_X16_BLOCK = {DType.Q8_0: ((2,), 32), DType.Q4_0: ((2,), 16), DType.Q4_1: ((2, 2), 16), DType.I8: ((), 32),
-              DType.Q5_0: ((2, 4), 16), DType.Q5_1: ((2, 2, 4), 16),
-              DType.Q4_0_G64: ((2,), 32), DType.Q4_0_G128: ((2,), 64),
-              DType.Q4_1_G64: ((2, 2), 32), DType.Q4_1_G128: ((2, 2), 64)}
+# Header field sizes in bytes, in block order (csrc/common.h x16_block); the rest of a block is codes.
+_X16_FIELDS = {DType.Q8_0: (2,), DType.Q4_0: (2,), DType.Q4_1: (2, 2), DType.I8: (), DType.Q5_0: (2, 4),
+               DType.Q5_1: (2, 2, 4), DType.Q4_0_G64: (2,), DType.Q4_0_G128: (2,), DType.Q4_1_G64: (2, 2),
+               DType.Q4_1_G128: (2, 2)}
 
 
-def _x16_args(raw, base: DType, shape) -> tuple[int, int, np.ndarray]:
-    base = DType(base)
+def _x16_args(raw, base: DType, shape):
+    """(bytes, header field sizes, code bytes per block, row groups, blocks per row, bytes per block,
+    bytes of all blocks) of a [rows, cols] tensor of `base`, its size checked. Blocks are the x16
+    type's (I8: 32 elements; its row scales follow the blocks)."""
     if base not in X16_OF:
         raise ValueError(f"{base.label} has no x16 form")
     rows, cols = (int(s) for s in shape)
-    nbytes = tensor_nbytes(X16_OF[base], (rows, cols))  # checks rows % 16 and cols % 32
+    x16 = X16_OF[base]
+    nbytes = tensor_nbytes(x16, (rows, cols))  # checks rows % 16 and the block size
     buf = np.asarray(raw, dtype=np.uint8).reshape(-1)
     if buf.size != nbytes:
         raise ValueError(f"a {base.label} tensor of shape {(rows, cols)} has {nbytes} bytes, got {buf.size}")
-    return rows, cols, buf
+    fields = _X16_FIELDS[base]
+    nb, bb = cols // x16.block_elems, x16.block_bytes
+    return buf, fields, bb - sum(fields), rows // X16_ROWS, nb, bb, rows * nb * bb
 
 
 def interleave(raw: np.ndarray, base: DType, shape) -> np.ndarray:
-    """Bytes of a [rows, cols] tensor of row-major type `base` (Q8_0, Q4_* of any group, I8, Q5_0, Q5_1) in its x16
-    form: each group of 16 rows as one run of block records (header fields, then code bytes in
-    4-byte units, row 0 first). Same size; I8's row scales stay at the end."""
-    base = DType(base)
-    rows, cols, buf = _x16_args(raw, base, shape)
-    fields, code = _X16_BLOCK[base]
-    nb, g = cols // (32 if base == DType.I8 else base.block_elems), rows // X16_ROWS
-    bb = 32 if base == DType.I8 else base.block_bytes
-    blocks = buf[: rows * nb * bb].reshape(g, X16_ROWS, nb, bb)
+    """Bytes of a [rows, cols] tensor of row-major type `base` (Q8_0, Q4_* of any group, I8, Q5_0,
+    Q5_1) in its x16 form: each group of 16 rows as one run of block records (header fields, then
+    code bytes in 4-byte units, row 0 first). Same size; I8's row scales stay at the end."""
+    buf, fields, code, g, nb, bb, n = _x16_args(raw, DType(base), shape)
+    blocks = buf[:n].reshape(g, X16_ROWS, nb, bb)
     parts, off = [], 0
     for size in fields:  # each field: [g, nb, 16 rows, size]
         parts.append(blocks[..., off:off + size].transpose(0, 2, 1, 3).reshape(g, nb, -1))
         off += size
     codes = blocks[..., off:].reshape(g, X16_ROWS, nb, code // 4, 4).transpose(0, 2, 3, 1, 4)
     rec = np.concatenate([*parts, codes.reshape(g, nb, -1)], axis=2)
-    return np.concatenate([rec.reshape(-1), buf[rows * nb * bb :]])
+    return np.concatenate([rec.reshape(-1), buf[n:]])
 
 
 def deinterleave(raw: np.ndarray, base: DType, shape) -> np.ndarray:
     """The inverse of `interleave`: x16 bytes back to the row-major bytes of `base`."""
-    base = DType(base)
-    rows, cols, buf = _x16_args(raw, base, shape)
-    fields, code = _X16_BLOCK[base]
-    nb, g = cols // (32 if base == DType.I8 else base.block_elems), rows // X16_ROWS
-    bb = 32 if base == DType.I8 else base.block_bytes
-    rec = buf[: rows * nb * bb].reshape(g, nb, X16_ROWS * bb)
+    buf, fields, code, g, nb, bb, n = _x16_args(raw, DType(base), shape)
+    rec = buf[:n].reshape(g, nb, X16_ROWS * bb)
     parts, off = [], 0
     for size in fields:
         parts.append(rec[..., off:off + X16_ROWS * size].reshape(g, nb, X16_ROWS, size).transpose(0, 2, 1, 3))
         off += X16_ROWS * size
     codes = rec[..., off:].reshape(g, nb, code // 4, X16_ROWS, 4).transpose(0, 3, 1, 2, 4)
     blocks = np.concatenate([*parts, codes.reshape(g, X16_ROWS, nb, -1)], axis=3)
-    return np.concatenate([blocks.reshape(-1), buf[rows * nb * bb :]])
+    return np.concatenate([blocks.reshape(-1), buf[n:]])
 
 
 def quantize(x: np.ndarray, dtype: DType) -> np.ndarray:

@@ -28,6 +28,7 @@
 #include "kernels/x86/gemm_avx512.h"
 
 #include "kernels/x86/tile_util.h"
+#include "kernels/x86/vnni_avx512.h"
 
 #include <immintrin.h>
 
@@ -148,17 +149,9 @@ struct Q5Pack : FormatDefaults {
     alignas(64) uint32_t qh[kRows];
     for (int i = 0; i < kRows; ++i) std::memcpy(&qh[i], rows[i] + (size_t)run * kBlockBytes + kHdr, 4);
     const __m512i h = _mm512_load_si512(qh);
-    const __m512i spread = _mm512_set1_epi32(0x08040201);  // byte b keeps bit b
-    const __m512i low_byte_x4 = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12));
     for (int j = 3; j >= 0; --j) {
       const __m512i n = w[j];
-      for (int half = 0; half < 2; ++half) {
-        const __m512i bits = _mm512_srli_epi32(h, 4 * j + 16 * half);
-        // broadcast the low byte of each dword to its 4 bytes, keep bit b in byte b
-        const __m512i b4 = _mm512_and_si512(_mm512_shuffle_epi8(bits, low_byte_x4), spread);
-        const __mmask64 set = _mm512_test_epi8_mask(b4, b4);
-        w[j + 4 * half] = _mm512_mask_add_epi8(nibbles(n, half), set, nibbles(n, half), _mm512_set1_epi8(0x10));
-      }
+      for (int half = 0; half < 2; ++half) w[j + 4 * half] = with_high_bit(nibbles(n, half), h, 4 * j + 16 * half);
     }
   }
   static void coefs(const uint8_t* row, int run, float* v1, float* v2) {
@@ -270,12 +263,6 @@ void pack_group(const uint8_t* const* rows, int nruns, GemmBlock* out) {
   }
 }
 
-inline __m512i bcst4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
-}
-
 // s1 (s2: the second activation level) += k-steps [J0, J1) of block b, for RT tokens.
 template <int J0, int J1, class Block, int RT>
 inline void k_steps(const GemmBlock& W, const Block* x, int nruns, int b, __m512i* s1, __m512i* s2) {
@@ -289,15 +276,6 @@ inline void k_steps(const GemmBlock& W, const Block* x, int nruns, int b, __m512
       if constexpr (std::is_same_v<Block, BlockQ8A2>) s2[t] = _mm512_dpbusd_epi32(s2[t], w, bcst4(a.qs2 + 4 * j));
     }
   }
-}
-
-// d * s1 (+ d2 * s2) in float: one token's integer sums scaled by its activation scales.
-inline __m512 act_scaled(const BlockQ8A& a, __m512i s1, __m512i) {
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(a.d));
-}
-inline __m512 act_scaled(const BlockQ8A2& a, __m512i s1, __m512i s2) {
-  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s2), _mm512_set1_ps(a.d2),
-                         _mm512_mul_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(a.d)));
 }
 
 // RT tokens (rows of x, nruns blocks each) against one packed group of 16 weight rows.

@@ -21,20 +21,21 @@ inline void with_tile(int rt, Fn&& f) {
   f(std::integral_constant<int, N>{});
 }
 
-// Impl<T>(args...) for the x16 weight type t.
-template <template <DType> class Impl, class... Args>
-inline void x16_dispatch(DType t, Args&&... args) {
+// f(std::integral_constant<DType, t>) for the x16 weight type t.
+template <class Fn>
+inline void x16_dispatch(DType t, Fn&& f) {
+  using D = DType;
   switch (t) {
-    case DType::Q8_0_X16: Impl<DType::Q8_0_X16>::run(args...); break;
-    case DType::Q4_0_X16: Impl<DType::Q4_0_X16>::run(args...); break;
-    case DType::Q4_1_X16: Impl<DType::Q4_1_X16>::run(args...); break;
-    case DType::I8_X16: Impl<DType::I8_X16>::run(args...); break;
-    case DType::Q5_0_X16: Impl<DType::Q5_0_X16>::run(args...); break;
-    case DType::Q5_1_X16: Impl<DType::Q5_1_X16>::run(args...); break;
-    case DType::Q4_0_G64_X16: Impl<DType::Q4_0_G64_X16>::run(args...); break;
-    case DType::Q4_0_G128_X16: Impl<DType::Q4_0_G128_X16>::run(args...); break;
-    case DType::Q4_1_G64_X16: Impl<DType::Q4_1_G64_X16>::run(args...); break;
-    case DType::Q4_1_G128_X16: Impl<DType::Q4_1_G128_X16>::run(args...); break;
+    case D::Q8_0_X16: f(std::integral_constant<D, D::Q8_0_X16>{}); break;
+    case D::Q4_0_X16: f(std::integral_constant<D, D::Q4_0_X16>{}); break;
+    case D::Q4_1_X16: f(std::integral_constant<D, D::Q4_1_X16>{}); break;
+    case D::I8_X16: f(std::integral_constant<D, D::I8_X16>{}); break;
+    case D::Q5_0_X16: f(std::integral_constant<D, D::Q5_0_X16>{}); break;
+    case D::Q5_1_X16: f(std::integral_constant<D, D::Q5_1_X16>{}); break;
+    case D::Q4_0_G64_X16: f(std::integral_constant<D, D::Q4_0_G64_X16>{}); break;
+    case D::Q4_0_G128_X16: f(std::integral_constant<D, D::Q4_0_G128_X16>{}); break;
+    case D::Q4_1_G64_X16: f(std::integral_constant<D, D::Q4_1_G64_X16>{}); break;
+    case D::Q4_1_G128_X16: f(std::integral_constant<D, D::Q4_1_G128_X16>{}); break;
     default: throw UnsupportedError("matmul_x16: not an x16 type");
   }
 }

@@ -412,23 +412,15 @@ void matmul_impl(const WeightView& w, const Block* xq, int T_, float* y, size_t 
   }
 }
 
-template <DType T>
-struct Matmul {
-  template <class Block>
-  static void run(const WeightView& w, const Block* xq, int n_tokens, float* y, size_t ldy, int n0, int n1) {
-    matmul_impl<T>(w, xq, n_tokens, y, ldy, n0, n1);
-  }
-};
-
 }  // namespace
 
 void matmul_x16(const WeightView& w, const float*, size_t, const BlockQ8A* xq, int T, float* y, size_t ldy,
                 int n0, int n1) {
-  x16_dispatch<Matmul>(w.dtype, w, xq, T, y, ldy, n0, n1);
+  x16_dispatch(w.dtype, [&](auto t) { matmul_impl<decltype(t)::value>(w, xq, T, y, ldy, n0, n1); });
 }
 void matmul2_x16(const WeightView& w, const float*, size_t, const BlockQ8A2* xq, int T, float* y, size_t ldy,
                  int n0, int n1) {
-  x16_dispatch<Matmul>(w.dtype, w, xq, T, y, ldy, n0, n1);
+  x16_dispatch(w.dtype, [&](auto t) { matmul_impl<decltype(t)::value>(w, xq, T, y, ldy, n0, n1); });
 }
 
 }  // namespace plm::kernels::avx2

@@ -19,6 +19,7 @@
 #include "kernels/x86/x16_avx512.h"
 
 #include "kernels/x86/tile_util.h"
+#include "kernels/x86/vnni_avx512.h"
 
 #include <immintrin.h>
 
@@ -31,18 +32,13 @@ namespace {
 
 constexpr int kTile = 8;  // tokens per pass over a group's blocks
 
-inline __m512i bcst4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
-}
 inline __m512 f16x16(const uint8_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// kFields: f16 header fields per record; kRowScale: I8 (no header, a scale per row).
-// code(c, j): the unsigned codes of k-step j (bytes 4j..4j+3 of every row) from the record's
-// code bytes c.
+// A record's shape (common.h): kCodes bytes of header fields before the code units, kQh the
+// offset of Q5's qh field, kRuns 32-runs per record (group-64/128 Q4: 2 or 4); coefs gives the
+// per-row coefficients v1 (of d * idot) and v2 (of the activation sum) from the header.
 template <DType T>
 struct X16 {
   static constexpr bool kQ5 = T == DType::Q5_0_X16 || T == DType::Q5_1_X16;
@@ -68,24 +64,6 @@ struct X16 {
   }
 };
 
-// Q5: bit 4 of the codes of k-step j comes from bits `shift`..`shift`+3 of each lane's qh (code
-// 4j + b, or 16 + 4(j-4) + b, is bit 4j + b, or 16 + 4(j-4) + b, of qh): the low byte of qh >>
-// shift copied to the lane's 4 bytes, byte b keeping its bit b, adds 16 where set.
-inline __m512i with_high_bit(__m512i nib, __m512i qh, int shift) {
-  const __m512i low_byte_x4 =
-      _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12));
-  const __m512i bits = _mm512_and_si512(_mm512_shuffle_epi8(_mm512_srlv_epi32(qh, _mm512_set1_epi32(shift)), low_byte_x4),
-                                        _mm512_set1_epi32(0x08040201));
-  return _mm512_mask_add_epi8(nib, _mm512_test_epi8_mask(bits, bits), nib, _mm512_set1_epi8(0x10));
-}
-
-inline __m512 act_scaled(const BlockQ8A& a, __m512i s1, __m512i) {
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(a.d));
-}
-inline __m512 act_scaled(const BlockQ8A2& a, __m512i s1, __m512i s2) {
-  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s2), _mm512_set1_ps(a.d2),
-                         _mm512_mul_ps(_mm512_cvtepi32_ps(s1), _mm512_set1_ps(a.d)));
-}
 inline float act_sum(const BlockQ8A& a) { return a.s; }
 inline float act_sum(const BlockQ8A2& a) { return a.s + a.s2; }
 
@@ -188,23 +166,15 @@ void matmul_impl(const WeightView& w, const Block* xq, int T_, float* y, size_t 
   }
 }
 
-template <DType T>
-struct Matmul {
-  template <class Block>
-  static void run(const WeightView& w, const Block* xq, int n_tokens, float* y, size_t ldy, int n0, int n1) {
-    matmul_impl<T>(w, xq, n_tokens, y, ldy, n0, n1);
-  }
-};
-
 }  // namespace
 
 void matmul_x16(const WeightView& w, const float*, size_t, const BlockQ8A* xq, int T, float* y, size_t ldy,
                 int n0, int n1) {
-  x16_dispatch<Matmul>(w.dtype, w, xq, T, y, ldy, n0, n1);
+  x16_dispatch(w.dtype, [&](auto t) { matmul_impl<decltype(t)::value>(w, xq, T, y, ldy, n0, n1); });
 }
 void matmul2_x16(const WeightView& w, const float*, size_t, const BlockQ8A2* xq, int T, float* y, size_t ldy,
                  int n0, int n1) {
-  x16_dispatch<Matmul>(w.dtype, w, xq, T, y, ldy, n0, n1);
+  x16_dispatch(w.dtype, [&](auto t) { matmul_impl<decltype(t)::value>(w, xq, T, y, ldy, n0, n1); });
 }
 
 }  // namespace plm::kernels::avx512
