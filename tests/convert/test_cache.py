@@ -8,6 +8,7 @@ import shutil
 from convert_fixtures import hf_models, tiny_gguf  # noqa: F401
 from pocketlm.bundle import read_bundle
 from pocketlm.convert import cache_dir, convert_to_cache
+from pocketlm.convert.cache import source_id, superseded
 
 
 def test_converts_once_then_reuses(tiny_gguf, tmp_path, monkeypatch):
@@ -22,10 +23,10 @@ def test_converts_once_then_reuses(tiny_gguf, tmp_path, monkeypatch):
     stamp = first.stat().st_mtime_ns
     assert convert_to_cache(src, progress=False) == first and first.stat().st_mtime_ns == stamp  # reused
 
-    st = src.stat()  # the source changes (new mtime): a new bundle
+    st = src.stat()  # the source changes (new mtime): a new bundle, which replaces the old one
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     second = convert_to_cache(src, progress=False)
-    assert second != first and second.exists()
+    assert second != first and second.exists() and not first.exists()
 
     second.write_bytes(second.read_bytes()[:5000])  # a damaged cache entry is converted again
     assert convert_to_cache(src, progress=False) == second
@@ -39,3 +40,37 @@ def test_default_location_and_hf_folders(hf_models, tmp_path, monkeypatch):
     out = convert_to_cache(hf_models["llama"][0], progress=False)
     assert out.parent == cache_dir() and out.name.startswith("llama-")
     assert read_bundle(out).metadata["quantization"]["mode"] == "f16"
+
+
+def test_a_new_conversion_deletes_only_what_it_supersedes(tiny_gguf, tmp_path, monkeypatch):
+    """One bundle per source: upgrading pocketlm or editing the source does not pile up copies.
+    Bundles of other sources (even with the same file name), foreign files and files being
+    written stay; bundles in the naming of older versions go."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("POCKETLM_CACHE", str(cache))
+    src = tmp_path / "a" / "model.gguf"
+    other = tmp_path / "b" / "model.gguf"  # same stem, another source
+    for p in (src, other):
+        p.parent.mkdir()
+        shutil.copy(tiny_gguf, p)
+    kept = convert_to_cache(other, progress=False)
+    first = convert_to_cache(src, progress=False)
+    assert first.name.split("-")[1] == source_id(src) != source_id(other) == kept.name.split("-")[1]
+
+    # what an older pocketlm or converter left behind for this source
+    stale = cache / f"model-{source_id(src)}-{'0' * 12}.plm"
+    legacy = cache / f"model-{'2' * 16}.plm"  # the naming of older versions
+    for p in (stale, legacy):
+        shutil.copy(first, p)
+    foreign = [cache / "notes.txt", cache / f"model-{source_id(src)}-old.plm",
+               cache / f".model-{source_id(src)}-{'1' * 12}.plm.tmp-123"]
+    for p in foreign:
+        p.write_bytes(b"x")
+    assert superseded(src) == sorted([stale, legacy])
+
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    second = convert_to_cache(src, progress=False)
+    assert second.exists() and not first.exists() and not stale.exists() and not legacy.exists()
+    assert kept.exists() and all(p.exists() for p in foreign)
+    assert superseded(src) == [] and superseded(other) == []

@@ -1,15 +1,20 @@
 """On-the-fly conversion for `pocketlm run model.gguf`: convert once, reuse afterwards.
 
 Bundles live in $POCKETLM_CACHE (default ~/.cache/pocketlm/bundles), named
-`<source stem>-<key>.plm`; the key hashes the source's absolute path, size and mtime (for a
-folder: of config.json and the safetensors files) and the converter version, so editing or
-replacing the source, or upgrading the converter, converts again.
+`<source stem>-<source id>-<state>.plm`. The source id hashes the source's absolute path; the
+state hashes its size and mtime (for a folder: of config.json and the safetensors files) and the
+pocketlm and converter versions, so editing or replacing the source, or upgrading pocketlm,
+converts again. A new conversion deletes the bundles it supersedes (same source id, other
+state, or the older `<stem>-<16 hex>.plm` naming): the cache holds one bundle per source, not one
+per upgrade. A process still running an
+old bundle keeps its mapping; the file goes when it closes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -24,7 +29,13 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "pocketlm" / "bundles"
 
 
+def source_id(src: Path) -> str:
+    """8 hex digits naming the source by its absolute path."""
+    return hashlib.sha256(f"pocketlm source\n{src.resolve()}\n".encode()).hexdigest()[:8]
+
+
 def cache_key(src: Path) -> str:
+    """`<source id>-<state>`: the state changes with the source's files and the converter."""
     src = src.resolve()
     if not src.exists():
         raise BundleError(f"{src}: no such file or folder")
@@ -33,7 +44,7 @@ def cache_key(src: Path) -> str:
     for f in files:
         st = f.stat()
         h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+    return f"{source_id(src)}-{h.hexdigest()[:12]}"
 
 
 def _looks_complete(path: Path) -> bool:
@@ -46,16 +57,41 @@ def _looks_complete(path: Path) -> bool:
         return False
 
 
+def _stem(src: Path) -> str:
+    return src.stem if src.is_file() else src.resolve().name
+
+
 def cached_path(src: str | os.PathLike) -> Path:
     src = Path(src)
-    stem = src.stem if src.is_file() else src.resolve().name
-    return cache_dir() / f"{stem}-{cache_key(src)}.plm"
+    return cache_dir() / f"{_stem(src)}-{cache_key(src)}.plm"
+
+
+def superseded(src: str | os.PathLike) -> list[Path]:
+    """Cached bundles of `src` other than its current one (older sources or converters)."""
+    src = Path(src)
+    current = cached_path(src)
+    # `<stem>-<16 hex>.plm` is the naming of older pocketlm versions, which did not record the
+    # source apart: such a bundle of another source with the same file name goes too (a cache
+    # miss for it later, nothing lost).
+    pattern = re.compile(re.escape(f"{_stem(src)}-") + rf"(?:{source_id(src)}-[0-9a-f]{{12}}|[0-9a-f]{{16}})\.plm")
+    try:
+        entries = list(current.parent.iterdir())
+    except OSError:
+        return []
+    return sorted(p for p in entries if p != current and pattern.fullmatch(p.name))
 
 
 def convert_to_cache(src: str | os.PathLike, progress: bool = True) -> Path:
     """The cached bundle for `src` (a .gguf file or a Hugging Face folder), converting it with the
-    default recipe (GGUF types kept; f16 for Hugging Face) if it is not cached yet."""
+    default recipe (GGUF types kept; f16 for Hugging Face) if it is not cached yet. A conversion
+    deletes the cached bundles of `src` it supersedes."""
     target = cached_path(src)
     if _looks_complete(target):
         return target
-    return convert(src, target, quant=None, progress=progress)
+    out = convert(src, target, quant=None, progress=progress)
+    for old in superseded(src):
+        try:
+            old.unlink()
+        except OSError:  # gone already, or not ours to delete: the new bundle is in place anyway
+            pass
+    return out
