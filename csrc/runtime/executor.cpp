@@ -907,10 +907,14 @@ void State::Impl::attention(const OpDesc& op) {
   float* kc = kv.k(layer);
   float* vc = kv.v(layer);
   // Append this call's rows first: row t attends to the rows before it in this call too.
+  // Each KV head's cache is its own [capacity, head_dim] block (kv_cache.h).
+  const int64_t head_elems = cap * dh;
   for (int64_t t = 0; t < n_tokens; ++t) {
     const int64_t slot = (pos0 + t) % cap;
-    std::memcpy(kc + slot * kv_cols, k + t * kv_cols, (size_t)kv_cols * sizeof(float));
-    std::memcpy(vc + slot * kv_cols, v + t * kv_cols, (size_t)kv_cols * sizeof(float));
+    for (int64_t h = 0; h < hkv; ++h) {
+      std::memcpy(kc + h * head_elems + slot * dh, k + t * kv_cols + h * dh, (size_t)dh * sizeof(float));
+      std::memcpy(vc + h * head_elems + slot * dh, v + t * kv_cols + h * dh, (size_t)dh * sizeof(float));
+    }
   }
   // Calls fn(s0, s1) for the runs of slots holding positions [p0, p1).
   auto for_slots = [cap](int64_t p0, int64_t p1, auto&& fn) {
@@ -946,13 +950,13 @@ void State::Impl::attention(const OpDesc& op) {
     const int64_t n_ctx = hi - lo;
     const int64_t p0 = lo + n_ctx * c / n_chunks, p1 = lo + n_ctx * (c + 1) / n_chunks;
     const float* qg = q + t * q_cols + kvh * group * dh;  // this group's query heads
-    const float* vh = vc + kvh * dh;
+    const float* vh = vc + kvh * head_elems;
     float* s = scores_all + (int64_t)thread_id * group * max_context;  // [group][max_context]
     // q . k for the group's heads and the slots of [p0, p1) in one call per run: the K
-    // cache of this head is an f32 [capacity, head_dim] matrix with a row stride of kv_cols.
+    // cache of this head is a contiguous f32 [capacity, head_dim] matrix.
     const kernels::WeightView keys{DType::F32, cap, dh,
-                                   reinterpret_cast<const uint8_t*>(kc + kvh * dh),
-                                   (size_t)kv_cols * sizeof(float), nullptr};
+                                   reinterpret_cast<const uint8_t*>(kc + kvh * head_elems),
+                                   (size_t)dh * sizeof(float), nullptr};
     for_slots(p0, p1, [&](int64_t s0, int64_t s1) {
       kt.matmul[(int)DType::F32](keys, qg, (size_t)dh, nullptr, (int)group, s,
                                  (size_t)max_context, (int)s0, (int)s1);
@@ -992,7 +996,7 @@ void State::Impl::attention(const OpDesc& op) {
     // Weighted sum of V rows, each row read once for the whole group.
     const size_t acc_stride = n_chunks == 1 ? (size_t)dh : (size_t)slot;  // acc_of(g + 1) - acc_of(g)
     for_slots(p0, p1, [&](int64_t s0, int64_t s1) {
-      kt.weighted_sum(s + s0, (size_t)max_context, (int)group, vh + s0 * kv_cols, (size_t)kv_cols,
+      kt.weighted_sum(s + s0, (size_t)max_context, (int)group, vh + s0 * dh, (size_t)dh,
                       (int)(s1 - s0), acc_of(0), acc_stride, (int)dh);
     });
   });

@@ -63,10 +63,12 @@ class LazyBuffer {
   size_t bytes_ = 0;
 };
 
-// Per-layer K and V caches, f32, each [capacity(layer)][n_kv_heads * head_dim], in one
-// lazily committed block: layer l's K, then its V. A full-attention layer holds max_context
-// positions; a sliding-window layer a ring of fewer (the executor maps position p to slot
-// p % capacity).
+// Per-layer K and V caches, f32, each [n_kv_heads][capacity(layer)][head_dim], in one
+// lazily committed block: layer l's K, then its V. Head-major, so that a decode step's
+// attention, one task per KV head, reads one contiguous run per head (the cache is cold by
+// then, and strided runs of one head's slice of each position read ~40 % slower). A
+// full-attention layer holds max_context positions; a sliding-window layer a ring of fewer
+// (the executor maps position p to slot p % capacity).
 class KVCache {
  public:
   KVCache() = default;
@@ -78,7 +80,7 @@ class KVCache {
         buffer_(offset_.back() * sizeof(float)) {}
 
   int n_layers() const { return n_layers_; }
-  size_t row_elems() const { return row_elems_; }     // floats per position
+  size_t row_elems() const { return row_elems_; }     // floats per position (all heads)
   size_t bytes() const { return buffer_.bytes(); }
   int64_t capacity(int layer) const { return capacity_[layer]; }
   const std::vector<int64_t>& capacities() const { return capacity_; }
