@@ -261,6 +261,26 @@ nb::ndarray<nb::numpy, float> weighted_sum(const std::string& variant, In2<float
   return arr;
 }
 
+float max_of(const std::string& variant, In1<float> s) {
+  const KernelTable& kt = table(variant);
+  nb::gil_scoped_release unlock;
+  return kt.max(s.data(), (int)s.shape(0));
+}
+
+// (exp((s - m) * scale), its sum) through the variant's exp_sum.
+nb::tuple exp_sum(const std::string& variant, In1<float> s, float m, float scale) {
+  const KernelTable& kt = table(variant);
+  float* y;
+  auto arr = new_array<float>({s.shape(0)}, &y);
+  std::memcpy(y, s.data(), s.shape(0) * sizeof(float));
+  float sum;
+  {
+    nb::gil_scoped_release unlock;
+    sum = kt.exp_sum(y, (int)s.shape(0), m, scale);
+  }
+  return nb::make_tuple(arr, sum);
+}
+
 nb::ndarray<nb::numpy, float> axpy(const std::string& variant, float a, In1<float> x, In1<float> y) {
   const KernelTable& kt = table(variant);
   same_len(x.shape(0), y.shape(0), "axpy");
@@ -326,6 +346,8 @@ void bind_kernels(nb::module_& m) {
   k.def("dequant_row", &dequant_row, nb::arg("dtype"), nb::arg("raw"), nb::arg("cols"),
         nb::arg("variant") = "ref", "Dequantize one row (I8: without its row scale).");
   k.def("rms_norm", &rms_norm, nb::arg("variant"), nb::arg("x"), nb::arg("w"), nb::arg("eps"));
+  k.def("max", &max_of, nb::arg("variant"), nb::arg("s"));
+  k.def("exp_sum", &exp_sum, nb::arg("variant"), nb::arg("s"), nb::arg("m"), nb::arg("scale"));
   k.def("silu_mul", [](const std::string& v, In1<float> g, In1<float> u) { return binary(v, g, u, true); },
         nb::arg("variant"), nb::arg("g"), nb::arg("u"));
   k.def("add", [](const std::string& v, In1<float> a, In1<float> b) { return binary(v, a, b, false); },

@@ -96,6 +96,10 @@ struct KernelTable {
   // i < dh; each row is read once for all G weight rows (the query heads of a KV head).
   void (*weighted_sum)(const float* w, size_t ldw, int G, const float* rows, size_t ldr, int n,
                        float* out, size_t ldo, int dh);
+  // Attention's softmax: the largest of s[0..n) (-inf for n == 0), and s[i] = exp((s[i] - m) * scale)
+  // for i < n, returning their sum (m is that max, scale > 0, so every exponent is <= 0).
+  float (*max)(const float* s, int n);
+  float (*exp_sum)(float* s, int n, float m, float scale);
 };
 
 // weighted_sum from an axpy, for variants without a blocked one.

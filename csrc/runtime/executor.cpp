@@ -972,21 +972,14 @@ void State::Impl::attention(const OpDesc& op) {
       for_slots(p0, p1, [&](int64_t s0, int64_t s1) {
         if (softcap > 0.f)
           for (int64_t p = s0; p < s1; ++p) sg[p] = softcap * std::tanh(sg[p] * scale / softcap);
-        for (int64_t p = s0; p < s1; ++p) m = std::max(m, sg[p]);
+        m = std::max(m, kt.max(sg + s0, (int)(s1 - s0)));
       });
-      float sum = 0.f;
-      for_slots(p0, p1, [&](int64_t s0, int64_t s1) {
-        for (int64_t p = s0; p < s1; ++p) {
-          sg[p] = std::exp((sg[p] - m) * exp_scale);  // exp_scale > 0: max(s * scale) = m * scale
-          sum += sg[p];
-        }
-      });
+      float sum = 0.f;  // exp_scale > 0: max(s * scale) = m * scale
+      for_slots(p0, p1, [&](int64_t s0, int64_t s1) { sum += kt.exp_sum(sg + s0, (int)(s1 - s0), m, exp_scale); });
       float* acc = acc_of(g);
       if (n_chunks == 1) {
         const float inv = 1.f / sum;
-        for_slots(p0, p1, [&](int64_t s0, int64_t s1) {
-          for (int64_t p = s0; p < s1; ++p) sg[p] *= inv;
-        });
+        for_slots(p0, p1, [&](int64_t s0, int64_t s1) { kt.scale(inv, sg + s0, (int)(s1 - s0)); });
       } else {
         acc[-2] = m * exp_scale;
         acc[-1] = sum;

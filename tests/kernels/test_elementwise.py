@@ -93,3 +93,25 @@ def test_dequant_row_refuses_x16(dtype):
     raw = quantize(np.ones((16, 128), np.float32), dtype)
     with pytest.raises(ValueError, match="x16"):
         kernels.dequant_row(int(dtype), raw, 128, "ref")
+
+
+@pytest.mark.parametrize("variant", variants())
+def test_softmax_steps(variant):
+    """Attention's softmax: max, then exp((s - max) * scale) and its sum, against numpy in float64,
+    for lengths around the SIMD widths, scales of real heads and scores far below the max."""
+    rng = np.random.default_rng(5)
+    for n in [0, 1, 7, 8, 15, 16, 17, 100, 4865]:
+        for spread in (1.0, 30.0):
+            s = (rng.standard_normal(n) * spread).astype(np.float32)
+            m = kernels.max(variant, s)
+            assert m == (s.max() if n else -np.inf)
+            for scale in (0.125, 1.0):
+                got, total = kernels.exp_sum(variant, s, m, scale)
+                arg = (s - np.float32(m)) * np.float32(scale)  # in float32, as the kernels compute it
+                want = np.exp(arg.astype(np.float64))
+                np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-38)
+                assert abs(total - want.sum()) <= 1e-5 * max(want.sum(), 1e-30), (variant, n, spread, scale)
+    far = np.array([0.0, -50.0, -87.0, -90.0, -200.0, -1e4] * 3, np.float32)  # exponents near and past underflow
+    got, total = kernels.exp_sum(variant, far, 0.0, 1.0)
+    np.testing.assert_allclose(got, np.exp(far.astype(np.float64)), rtol=2e-6, atol=2e-38)
+    assert total == pytest.approx(3.0, rel=1e-6)

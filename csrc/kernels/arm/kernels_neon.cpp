@@ -6,9 +6,9 @@
 // block's registers for both dot products. GGUF 5-bit and K-quant blocks are decoded to
 // signed int8 codes (offset removed: q-16, q-32; Q4_K/Q5_K codes 0..31 as they are) one
 // 32-run at a time and go through the same dot product; K-quant scales are decoded once
-// per super-block. Activation quantization (both levels),
-// rms_norm, silu_mul and dequant_row reuse the scalar reference (identical results
-// by construction).
+// per super-block. Activation quantization (both levels), rms_norm, silu_mul, dequant_row
+// and the softmax steps (max, exp_sum) reuse the scalar reference (identical results by
+// construction).
 #if defined(__aarch64__) && defined(__ARM_NEON)
 #include <arm_neon.h>
 #endif
@@ -417,6 +417,8 @@ const KernelTable* neon_kernel_table() {
       },
       ref_kernels().quantize_act2,
       weighted_sum_by_axpy<axpy_neon>,
+      ref_kernels().max,
+      ref_kernels().exp_sum,
   };
   return &table;
 }

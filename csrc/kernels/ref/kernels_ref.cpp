@@ -2,7 +2,9 @@
 // Written for clarity, not speed. The integer parts (activation quantization,
 // per-32-block integer dot products) define the exact results every variant must
 // reproduce; only the float summation order may differ.
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "kernels/kernels.h"
 
@@ -508,6 +510,19 @@ void rms_norm_ref(const float* x, const float* w, float* y, int n, float eps) {
   const float r = (float)(1.0 / std::sqrt(ss / n + eps));
   for (int i = 0; i < n; ++i) y[i] = x[i] * r * w[i];
 }
+float max_ref(const float* s, int n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int i = 0; i < n; ++i) m = std::max(m, s[i]);
+  return m;
+}
+float exp_sum_ref(float* s, int n, float m, float scale) {
+  float sum = 0.f;
+  for (int i = 0; i < n; ++i) {
+    s[i] = std::exp((s[i] - m) * scale);
+    sum += s[i];
+  }
+  return sum;
+}
 void silu_mul_ref(const float* g, const float* u, float* y, int n) {
   for (int i = 0; i < n; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
@@ -586,6 +601,8 @@ const KernelTable& ref_kernels() {
       },
       quantize_act2_ref,
       weighted_sum_ref,
+      max_ref,
+      exp_sum_ref,
   };
   return table;
 }

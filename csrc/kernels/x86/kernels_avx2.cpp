@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -759,6 +760,42 @@ inline __m256 exp_avx2(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+float max_avx2(const float* s, int n) {
+  float m = -std::numeric_limits<float>::infinity();
+  int i = 0;
+  if (n >= 8) {
+    __m256 mv = _mm256_loadu_ps(s);
+    for (i = 8; i + 8 <= n; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + i));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, mv);
+    for (float v : lanes) m = std::max(m, v);
+  }
+  for (; i < n; ++i) m = std::max(m, s[i]);
+  return m;
+}
+
+// exp_avx2 clamps at -87: exponents below give ~1.6e-38 instead of a smaller number or 0,
+// a difference no softmax sum can see.
+float exp_sum_avx2(float* s, int n, float m, float scale) {
+  const __m256 mv = _mm256_set1_ps(m), sv = _mm256_set1_ps(scale);
+  __m256 sum = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp_avx2(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + i), mv), sv));
+    _mm256_storeu_ps(s + i, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sum);
+  float total = 0.f;
+  for (float v : lanes) total += v;
+  for (; i < n; ++i) {
+    s[i] = std::exp((s[i] - m) * scale);
+    total += s[i];
+  }
+  return total;
+}
+
 void silu_mul_avx2(const float* g, const float* u, float* y, int n) {
   const __m256 one = _mm256_set1_ps(1.0f);
   int i = 0;
@@ -841,6 +878,8 @@ const KernelTable* avx2_kernel_table() {
       },
       quantize_act2_avx2,
       weighted_sum_by_axpy<axpy_avx2>,
+      max_avx2,
+      exp_sum_avx2,
   };
   return &table;
 }

@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -923,6 +924,27 @@ inline __m512 exp_avx512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+float max_avx512(const float* s, int n) {
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask(std::min(16, n - i));
+    m = _mm512_mask_max_ps(m, k, m, _mm512_maskz_loadu_ps(k, s + i));
+  }
+  return _mm512_reduce_max_ps(m);
+}
+
+float exp_sum_avx512(float* s, int n, float m, float scale) {
+  const __m512 mv = _mm512_set1_ps(m), sv = _mm512_set1_ps(scale);
+  __m512 sum = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask(std::min(16, n - i));
+    const __m512 e = exp_avx512(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), mv), sv));
+    _mm512_mask_storeu_ps(s + i, k, e);
+    sum = _mm512_mask_add_ps(sum, k, sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
 void silu_mul_avx512(const float* g, const float* u, float* y, int n) {
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int i = 0; i < n; i += 16) {
@@ -1005,6 +1027,8 @@ const KernelTable* avx512_kernel_table() {
       },
       quantize_act2_avx512,
       weighted_sum_avx512,
+      max_avx512,
+      exp_sum_avx512,
   };
   return &table;
 }
