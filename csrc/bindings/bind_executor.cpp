@@ -12,7 +12,7 @@
 //     ops      : list of (name, inputs, outputs, iparams, fparams)
 //     kv       : (n_layers, n_kv_heads, head_dim)
 //     output   : tensor id copied out by State.run
-//   State(program, max_context); State.run(tokens: int32[T], pos) -> float32[rows, cols]
+//   State(program, max_context, kv_type="f32"); State.run(tokens: int32[T], pos) -> float32[rows, cols]
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -99,7 +99,8 @@ plm::TensorDesc tensor_from_dict(const nb::dict& d, size_t index) {
 struct StateHandle {
   const plm::Program* program;
   plm::State state;
-  StateHandle(const plm::Program& p, int max_context) : program(&p), state(p, max_context) {}
+  StateHandle(const plm::Program& p, int max_context, const std::string& kv_type)
+      : program(&p), state(p, max_context, kv_type) {}
 };
 
 }  // namespace
@@ -156,14 +157,15 @@ void bind_executor(nb::module_& m) {
   nb::class_<StateHandle>(m, "State", "One session's arena, KV cache and scratch for a Program.")
       .def(
           "__init__",
-          [](StateHandle* self, const plm::Program& program, int max_context) {
-            new (self) StateHandle(program, max_context);
+          [](StateHandle* self, const plm::Program& program, int max_context, const std::string& kv_type) {
+            new (self) StateHandle(program, max_context, kv_type);
           },
-          nb::arg("program"), nb::arg("max_context"), nb::keep_alive<1, 2>())
+          nb::arg("program"), nb::arg("max_context"), nb::arg("kv_type") = "f32", nb::keep_alive<1, 2>())
       .def_prop_ro("max_context", [](const StateHandle& s) { return s.state.max_context(); })
       .def_prop_ro("kv_capacities", [](const StateHandle& s) { return s.state.kv_capacities(); },
                    "Positions each layer's KV cache holds (fewer than max_context with a window).")
       .def_prop_ro("kv_bytes", [](const StateHandle& s) { return s.state.kv_bytes(); })
+      .def_prop_ro("kv_type", [](const StateHandle& s) { return std::string(s.state.kv_type()); })
       .def(
           "run",
           [](StateHandle& s, TokenArray tokens, int pos, std::optional<OutArray> out) -> nb::object {

@@ -261,6 +261,34 @@ nb::ndarray<nb::numpy, float> weighted_sum(const std::string& variant, In2<float
   return arr;
 }
 
+nb::ndarray<nb::numpy, uint16_t> to_f16(const std::string& variant, In1<float> x) {
+  const KernelTable& kt = table(variant);
+  uint16_t* y;
+  auto arr = new_array<uint16_t>({x.shape(0)}, &y);
+  {
+    nb::gil_scoped_release unlock;
+    kt.to_f16(x.data(), y, (int)x.shape(0));
+  }
+  return arr;
+}
+
+// out (G x dh) + w (G x n) @ rows (n x dh, float16 given as its bits), through weighted_sum_f16.
+nb::ndarray<nb::numpy, float> weighted_sum_f16(const std::string& variant, In2<float> w, In2<uint16_t> rows,
+                                               In2<float> out) {
+  const KernelTable& kt = table(variant);
+  const size_t G = w.shape(0), n = w.shape(1), dh = rows.shape(1);
+  if (rows.shape(0) != n || out.shape(0) != G || out.shape(1) != dh || G == 0 || dh == 0)
+    throw nb::value_error("weighted_sum_f16: need w [G, n], rows [n, dh], out [G, dh]");
+  float* y;
+  auto arr = new_array<float>({G, dh}, &y);
+  std::memcpy(y, out.data(), G * dh * sizeof(float));
+  {
+    nb::gil_scoped_release unlock;
+    kt.weighted_sum_f16(w.data(), n, (int)G, rows.data(), dh, (int)n, y, dh, (int)dh);
+  }
+  return arr;
+}
+
 float max_of(const std::string& variant, In1<float> s) {
   const KernelTable& kt = table(variant);
   nb::gil_scoped_release unlock;
@@ -347,6 +375,8 @@ void bind_kernels(nb::module_& m) {
         nb::arg("variant") = "ref", "Dequantize one row (I8: without its row scale).");
   k.def("rms_norm", &rms_norm, nb::arg("variant"), nb::arg("x"), nb::arg("w"), nb::arg("eps"));
   k.def("max", &max_of, nb::arg("variant"), nb::arg("s"));
+  k.def("to_f16", &to_f16, nb::arg("variant"), nb::arg("x"));
+  k.def("weighted_sum_f16", &weighted_sum_f16, nb::arg("variant"), nb::arg("w"), nb::arg("rows"), nb::arg("out"));
   k.def("exp_sum", &exp_sum, nb::arg("variant"), nb::arg("s"), nb::arg("m"), nb::arg("scale"));
   k.def("silu_mul", [](const std::string& v, In1<float> g, In1<float> u) { return binary(v, g, u, true); },
         nb::arg("variant"), nb::arg("g"), nb::arg("u"));

@@ -100,6 +100,10 @@ struct KernelTable {
   // for i < n, returning their sum (m is that max, scale > 0, so every exponent is <= 0).
   float (*max)(const float* s, int n);
   float (*exp_sum)(float* s, int n, float m, float scale);
+  // The f16 KV cache: y[i] = x[i] rounded to half (to nearest even), and weighted_sum over f16 rows.
+  void (*to_f16)(const float* x, fp16_t* y, int n);
+  void (*weighted_sum_f16)(const float* w, size_t ldw, int G, const fp16_t* rows, size_t ldr, int n,
+                           float* out, size_t ldo, int dh);
 };
 
 // weighted_sum from an axpy, for variants without a blocked one.

@@ -461,8 +461,8 @@ void Program::Impl::validate_op(size_t index) {
       c.same_shape(q, o, "output shape");
       c.same_rows(q, k, "q and k rows");
       c.positive_fparam(0, "scale");
-      if (!kt->matmul[(int)DType::F32])
-        c.unsupported(std::string("kernels '") + kt->name + "' have no f32 matmul (attention scores)");
+      if (!kt->matmul[(int)DType::F32] || !kt->matmul[(int)DType::F16])
+        c.unsupported(std::string("kernels '") + kt->name + "' have no f32/f16 matmul (attention scores)");
       if (layer_window[layer] >= 0 && layer_window[layer] != window)
         c.fail("layer " + std::to_string(layer) + " already has an attention op with window " +
                std::to_string(layer_window[layer]) + ", this one has " + std::to_string(window));
@@ -681,6 +681,7 @@ struct State::Impl {
   const kernels::KernelTable& kt;
   int max_context;
   LazyBuffer arena;
+  bool kv_f16;
   KVCache kv;
   LazyBuffer act_q;      // [max_tokens][max_quant_k / 32] BlockQ8A, or BlockQ8A2 (act2)
   LazyBuffer up;         // [max_tokens][max_swiglu_f] f32: matmul_swiglu's up projection
@@ -695,13 +696,14 @@ struct State::Impl {
   int pos0 = 0;
   const int32_t* tokens = nullptr;
 
-  Impl(const Program::Impl& program, int max_context_)
+  Impl(const Program::Impl& program, int max_context_, bool kv_f16_)
       : p(program),
         kt(*program.kt),
         max_context(max_context_),
         arena((size_t)program.arena_bytes),
+        kv_f16(kv_f16_),
         kv(program.kv.n_layers, program.kv.n_kv_heads, program.kv.head_dim,
-           layer_kv_capacities(program, max_context_)),
+           layer_kv_capacities(program, max_context_), kv_f16_ ? sizeof(fp16_t) : sizeof(float)),
         act_q((size_t)program.max_tokens * (size_t)(program.max_quant_k / 32) *
               (program.act2 ? sizeof(kernels::BlockQ8A2) : sizeof(kernels::BlockQ8A))),
         up((size_t)program.max_tokens * (size_t)program.max_swiglu_f * sizeof(float)),
@@ -904,16 +906,22 @@ void State::Impl::attention(const OpDesc& op) {
   float* o = f32(op.outputs[0]);
   const int64_t kv_cols = hkv * dh, q_cols = hq * dh, group = hq / hkv;
   const int64_t cap = kv.capacity(layer);
-  float* kc = kv.k(layer);
-  float* vc = kv.v(layer);
+  uint8_t* kc = kv.k(layer);
+  uint8_t* vc = kv.v(layer);
+  const size_t eb = kv.elem_bytes();
   // Append this call's rows first: row t attends to the rows before it in this call too.
   // Each KV head's cache is its own [capacity, head_dim] block (kv_cache.h).
   const int64_t head_elems = cap * dh;
+  auto put = [&](uint8_t* cache, const float* x, int64_t h, int64_t slot) {
+    uint8_t* dst = cache + (size_t)(h * head_elems + slot * dh) * eb;
+    if (kv_f16) kt.to_f16(x, reinterpret_cast<fp16_t*>(dst), (int)dh);
+    else std::memcpy(dst, x, (size_t)dh * sizeof(float));
+  };
   for (int64_t t = 0; t < n_tokens; ++t) {
     const int64_t slot = (pos0 + t) % cap;
     for (int64_t h = 0; h < hkv; ++h) {
-      std::memcpy(kc + h * head_elems + slot * dh, k + t * kv_cols + h * dh, (size_t)dh * sizeof(float));
-      std::memcpy(vc + h * head_elems + slot * dh, v + t * kv_cols + h * dh, (size_t)dh * sizeof(float));
+      put(kc, k + t * kv_cols + h * dh, h, slot);
+      put(vc, v + t * kv_cols + h * dh, h, slot);
     }
   }
   // Calls fn(s0, s1) for the runs of slots holding positions [p0, p1).
@@ -950,15 +958,15 @@ void State::Impl::attention(const OpDesc& op) {
     const int64_t n_ctx = hi - lo;
     const int64_t p0 = lo + n_ctx * c / n_chunks, p1 = lo + n_ctx * (c + 1) / n_chunks;
     const float* qg = q + t * q_cols + kvh * group * dh;  // this group's query heads
-    const float* vh = vc + kvh * head_elems;
+    const uint8_t* vh = vc + (size_t)(kvh * head_elems) * eb;
     float* s = scores_all + (int64_t)thread_id * group * max_context;  // [group][max_context]
     // q . k for the group's heads and the slots of [p0, p1) in one call per run: the K
-    // cache of this head is a contiguous f32 [capacity, head_dim] matrix.
-    const kernels::WeightView keys{DType::F32, cap, dh,
-                                   reinterpret_cast<const uint8_t*>(kc + kvh * head_elems),
-                                   (size_t)dh * sizeof(float), nullptr};
+    // cache of this head is a contiguous f16/f32 [capacity, head_dim] matrix.
+    const DType kv_dtype = kv_f16 ? DType::F16 : DType::F32;
+    const kernels::WeightView keys{kv_dtype, cap, dh, kc + (size_t)(kvh * head_elems) * eb, (size_t)dh * eb,
+                                   nullptr};
     for_slots(p0, p1, [&](int64_t s0, int64_t s1) {
-      kt.matmul[(int)DType::F32](keys, qg, (size_t)dh, nullptr, (int)group, s,
+      kt.matmul[(int)kv_dtype](keys, qg, (size_t)dh, nullptr, (int)group, s,
                                  (size_t)max_context, (int)s0, (int)s1);
     });
     // Output of query head g: the final row, or this chunk's partial [max, sum, acc].
@@ -989,8 +997,13 @@ void State::Impl::attention(const OpDesc& op) {
     // Weighted sum of V rows, each row read once for the whole group.
     const size_t acc_stride = n_chunks == 1 ? (size_t)dh : (size_t)slot;  // acc_of(g + 1) - acc_of(g)
     for_slots(p0, p1, [&](int64_t s0, int64_t s1) {
-      kt.weighted_sum(s + s0, (size_t)max_context, (int)group, vh + s0 * dh, (size_t)dh,
-                      (int)(s1 - s0), acc_of(0), acc_stride, (int)dh);
+      const uint8_t* rows = vh + (size_t)(s0 * dh) * eb;
+      if (kv_f16)
+        kt.weighted_sum_f16(s + s0, (size_t)max_context, (int)group, reinterpret_cast<const fp16_t*>(rows),
+                            (size_t)dh, (int)(s1 - s0), acc_of(0), acc_stride, (int)dh);
+      else
+        kt.weighted_sum(s + s0, (size_t)max_context, (int)group, reinterpret_cast<const float*>(rows),
+                        (size_t)dh, (int)(s1 - s0), acc_of(0), acc_stride, (int)dh);
     });
   });
   if (n_chunks == 1) return;
@@ -1182,9 +1195,11 @@ void State::Impl::exec(const OpDesc& op) {
   }
 }
 
-State::State(const Program& program, int max_context) {
+State::State(const Program& program, int max_context, const std::string& kv_type) {
   const Program::Impl& p = *program.impl();
   if (max_context < 1) throw std::invalid_argument("max_context must be >= 1");
+  if (kv_type != "f16" && kv_type != "f32")
+    throw std::invalid_argument("kv_type must be 'f16' or 'f32', got '" + kv_type + "'");
   if (max_context > p.rope_positions)
     throw ContextOverflowError("max_context " + std::to_string(max_context) +
                                " exceeds the " + std::to_string(p.rope_positions) +
@@ -1193,13 +1208,14 @@ State::State(const Program& program, int max_context) {
     throw ContextOverflowError("max_context " + std::to_string(max_context) +
                                " exceeds the " + std::to_string(p.embed_positions) +
                                " positions of the model's position embeddings");
-  impl_ = std::make_unique<Impl>(p, max_context);
+  impl_ = std::make_unique<Impl>(p, max_context, kv_type == "f16");
 }
 
 State::~State() = default;
 int State::max_context() const { return impl_->max_context; }
 std::vector<int64_t> State::kv_capacities() const { return impl_->kv.capacities(); }
 int64_t State::kv_bytes() const { return (int64_t)impl_->kv.bytes(); }
+const char* State::kv_type() const { return impl_->kv_f16 ? "f16" : "f32"; }
 
 void State::run(const int32_t* tokens, int n_tokens, int pos, float* out) {
   Impl& s = *impl_;

@@ -143,7 +143,9 @@ class Program {
 // (of the same Program) may run concurrently, each with its own thread pool.
 class State {
  public:
-  State(const Program& program, int max_context);
+  // kv_type: the KV cache's element type, "f32" or "f16" (half the memory and the attention's
+  // reads; llama.cpp's default, and the Python Engine's).
+  State(const Program& program, int max_context, const std::string& kv_type = "f32");
   ~State();
   int max_context() const;
   // Runs T = n_tokens (1..max_tokens) tokens at positions pos..pos+T-1 and writes the
@@ -154,6 +156,7 @@ class State {
   // the bytes reserved for all of them.
   std::vector<int64_t> kv_capacities() const;
   int64_t kv_bytes() const;
+  const char* kv_type() const;  // "f16" or "f32"
   struct Impl;
  private:
   std::unique_ptr<Impl> impl_;

@@ -63,8 +63,8 @@ class LazyBuffer {
   size_t bytes_ = 0;
 };
 
-// Per-layer K and V caches, f32, each [n_kv_heads][capacity(layer)][head_dim], in one
-// lazily committed block: layer l's K, then its V. Head-major, so that a decode step's
+// Per-layer K and V caches, f16 or f32 (elem_bytes 2 or 4), each
+// [n_kv_heads][capacity(layer)][head_dim], in one lazily committed block: layer l's K, then its V. Head-major, so that a decode step's
 // attention, one task per KV head, reads one contiguous run per head (the cache is cold by
 // then, and strided runs of one head's slice of each position read ~40 % slower). A
 // full-attention layer holds max_context positions; a sliding-window layer a ring of fewer
@@ -72,25 +72,27 @@ class LazyBuffer {
 class KVCache {
  public:
   KVCache() = default;
-  KVCache(int n_layers, int n_kv_heads, int head_dim, std::vector<int64_t> capacities)
+  KVCache(int n_layers, int n_kv_heads, int head_dim, std::vector<int64_t> capacities, size_t elem_bytes)
       : n_layers_(n_layers),
         row_elems_((size_t)n_kv_heads * (size_t)head_dim),
+        elem_bytes_(elem_bytes),
         capacity_(std::move(capacities)),
         offset_(layer_offsets(capacity_, row_elems_)),
-        buffer_(offset_.back() * sizeof(float)) {}
+        buffer_(offset_.back() * elem_bytes_) {}
 
   int n_layers() const { return n_layers_; }
-  size_t row_elems() const { return row_elems_; }     // floats per position (all heads)
+  size_t row_elems() const { return row_elems_; }     // values per position (all heads)
+  size_t elem_bytes() const { return elem_bytes_; }   // 2 (f16) or 4 (f32)
   size_t bytes() const { return buffer_.bytes(); }
   int64_t capacity(int layer) const { return capacity_[layer]; }
   const std::vector<int64_t>& capacities() const { return capacity_; }
-  float* k(int layer) const { return buffer_.as<float>() + offset_[layer]; }
-  float* v(int layer) const {
-    return buffer_.as<float>() + offset_[layer] + (size_t)capacity_[layer] * row_elems_;
+  uint8_t* k(int layer) const { return buffer_.as<uint8_t>() + offset_[layer] * elem_bytes_; }
+  uint8_t* v(int layer) const {
+    return buffer_.as<uint8_t>() + (offset_[layer] + (size_t)capacity_[layer] * row_elems_) * elem_bytes_;
   }
 
  private:
-  // Start of each layer's K (in floats), and the total at the end.
+  // Start of each layer's K (in values), and the total at the end.
   static std::vector<size_t> layer_offsets(const std::vector<int64_t>& cap, size_t row_elems) {
     std::vector<size_t> off(cap.size() + 1, 0);
     for (size_t l = 0; l < cap.size(); ++l) off[l + 1] = off[l] + 2 * (size_t)cap[l] * row_elems;
@@ -98,6 +100,7 @@ class KVCache {
   }
   int n_layers_ = 0;
   size_t row_elems_ = 0;
+  size_t elem_bytes_ = 4;
   std::vector<int64_t> capacity_;
   std::vector<size_t> offset_ = {0};
   LazyBuffer buffer_;

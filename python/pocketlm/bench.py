@@ -52,6 +52,7 @@ class BenchConfig:
     threads: int | None = None
     kernels: str = ""        # force a kernel variant ("" = the best for this CPU)
     activations: str = ""    # "int8x2" / "int8" ("" = the engine's default)
+    kv_type: str = ""        # "f16" / "f32" ("" = the engine's default, f16)
     seed: int = 42
     load_probe: bool = True  # measure load time and peak RSS in fresh subprocesses
 
@@ -180,18 +181,19 @@ def _rep(engine, session, w: _Workload, cfg: BenchConfig, rep_seed: int) -> dict
 # ---- load time and peak RSS (fresh process) ---------------------------------------------------
 
 
-def _engine_kwargs(kernels: str, activations: str) -> dict:
-    return {"kernels": kernels, **({"activations": activations} if activations else {})}
+def _engine_kwargs(kernels: str, activations: str, kv_type: str = "") -> dict:
+    return {"kernels": kernels, **({"activations": activations} if activations else {}),
+            **({"kv_type": kv_type} if kv_type else {})}
 
 
-def _probe(path: str, threads: int, max_context: int, kernels: str, activations: str, depth: int,
+def _probe(path: str, threads: int, max_context: int, kernels: str, activations: str, kv_type: str, depth: int,
            n_prompt: int, n_gen: int, seed: int) -> dict:
     """Runs in a fresh interpreter: import, load, a short run; reports times and memory."""
     t_import = time.perf_counter()
     from pocketlm.engine import Engine
 
     t0 = time.perf_counter()
-    engine = Engine(path, threads=threads, max_context=max_context, **_engine_kwargs(kernels, activations))
+    engine = Engine(path, threads=threads, max_context=max_context, **_engine_kwargs(kernels, activations, kv_type))
     session = engine.create_session()
     load_s = time.perf_counter() - t0
     rss_loaded = _peak_rss_mb()
@@ -209,7 +211,7 @@ def _run_probe(path: Path, threads: int, max_context: int, cfg: BenchConfig) -> 
     pkg_root = str(Path(pocketlm.__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    args = json.dumps([str(path), threads, max_context, cfg.kernels, cfg.activations, cfg.depth, cfg.n_prompt,
+    args = json.dumps([str(path), threads, max_context, cfg.kernels, cfg.activations, cfg.kv_type, cfg.depth, cfg.n_prompt,
                        cfg.n_gen, cfg.seed])
     code = ("import json, sys; from pocketlm.bench import _probe; "
             "print(json.dumps(_probe(*json.loads(sys.argv[1]))))")
@@ -240,13 +242,14 @@ def run_bench(cfg: BenchConfig, quiet: bool = False) -> dict:
                          f"the model's context is {trained}")
     max_context = need
     engine = Engine(path, threads=cfg.threads, max_context=max_context,
-                    **_engine_kwargs(cfg.kernels, cfg.activations))
+                    **_engine_kwargs(cfg.kernels, cfg.activations, cfg.kv_type))
     activations = getattr(engine, "activations", "int8")
     threads = engine.threads
     session = engine.create_session()
     w = _Workload(engine.vocab_size, cfg)
     n_params = sum(t.n_elements for t in bundle.tensors)
-    _log(f"bench: {path.name} | {engine.kernel_name}, {activations} activations | {threads} threads | pp{cfg.n_prompt} tg{cfg.n_gen}"
+    _log(f"bench: {path.name} | {engine.kernel_name}, {activations} activations, {engine.kv_type} KV cache | "
+         f"{threads} threads | pp{cfg.n_prompt} tg{cfg.n_gen}"
          f"{f' @ d{cfg.depth}' if cfg.depth else ''} | {cfg.reps} reps + 1 warm-up", quiet)
 
     machine = machine_info()  # before the run: its load average says how busy the machine was
@@ -272,7 +275,7 @@ def run_bench(cfg: BenchConfig, quiet: bool = False) -> dict:
         "model": str(cfg.model), "bundle": str(path), "bundle_bytes": bundle.file_bytes,
         "n_params": n_params, "architecture": bundle.metadata.get("architecture"),
         "decode_weight_bytes": decode_weight_bytes(bundle),
-        "threads": threads, "kernels": engine.kernel_name, "activations": activations,
+        "threads": threads, "kernels": engine.kernel_name, "activations": activations, "kv_type": engine.kv_type,
         "p": cfg.n_prompt, "n": cfg.n_gen, "d": cfg.depth, "r": cfg.reps, "seed": cfg.seed,
         "pocketlm_version": pocketlm.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -30,6 +30,7 @@ from pocketlm.tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 256
 MAX_THREADS = 64  # the executor's thread pool takes 1..64 (csrc/runtime/threadpool.h)
+KV_TYPES = ("f16", "f32")  # the KV cache's element type (Engine(kv_type=...), --kv-type)
 
 
 def physical_cores() -> int:
@@ -151,7 +152,7 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
 class Engine:
     def __init__(self, path: str | os.PathLike, threads: int | None = None, max_context: int = 4096,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, verify: bool = False, kernels: str = "",
-                 activations: str = "int8x2"):
+                 activations: str = "int8x2", kv_type: str = "f16"):
         """Loads a .plm (or a .gguf, converted once into the cache, or a known model name).
 
         threads: worker threads, 1..64 (default: physical cores). max_context: tokens per session
@@ -160,7 +161,9 @@ class Engine:
         variant ("ref", "avx2", "avx512", "neon"; default: the best this CPU supports).
         activations: how integer matmuls quantize their inputs: "int8x2" (default: int8 plus
         an int8 residual, ~15-bit, float-quality answers) or "int8" (one level, faster, as
-        llama.cpp; see docs/quant.md).
+        llama.cpp; see docs/quant.md). kv_type: the KV cache's element type, "f16" (default,
+        as llama.cpp: half the memory, ~1e-3 relative error in the cached keys and values) or
+        "f32" (exact).
         """
         t0 = time.perf_counter()
         self.path = resolve_model_path(path)
@@ -174,6 +177,9 @@ class Engine:
         self.config: dict = dict(meta["config"])
         if max_context < 1:
             raise ValueError("max_context must be at least 1")
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
+        self.kv_type = kv_type
         trained = int(self.config.get("max_position") or max_context)
         self.max_context = min(int(max_context), trained)
         self.threads = int(threads) if threads is not None else physical_cores()

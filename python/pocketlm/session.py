@@ -49,7 +49,7 @@ class Session:
         compiled = engine.compiled_for(logits)
         self.logits_mode = logits
         self._chunk = compiled.plan.max_tokens
-        self._state = _core.State(compiled.program, self.max_context)
+        self._state = _core.State(compiled.program, self.max_context, engine.kv_type)
         self._tokens: list[int] = []
         self._last_logits: np.ndarray | None = None
         self.last_stats = GenerationStats()

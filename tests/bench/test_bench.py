@@ -61,9 +61,11 @@ def test_cli_bench_json_and_table(tiny, tmp_path):
     assert "| pp8 |" in r.stdout and "| tg4 |" in r.stdout
     res = json.loads(out.read_text())
     assert res["pp_tok_s"] > 0 and res["tg_tok_s"] > 0 and res["load_s"] is None
-    r = cli("bench", tiny, "-p", 4, "-n", 0, "-r", 1, "--no-load", "--json", "-", "-q", "--activations", "int8")
+    assert res["kv_type"] == "f16"
+    r = cli("bench", tiny, "-p", 4, "-n", 0, "-r", 1, "--no-load", "--json", "-", "-q", "--activations", "int8",
+            "--kv-type", "f32")
     res = json.loads(r.stdout)
-    assert res["pp_tok_s"] > 0 and res["activations"] == "int8" and r.stderr == ""
+    assert res["pp_tok_s"] > 0 and res["activations"] == "int8" and res["kv_type"] == "f32" and r.stderr == ""
 
 
 def test_cli_bench_plot(tiny, tmp_path):

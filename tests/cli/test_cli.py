@@ -120,6 +120,9 @@ def test_context_overflow_is_a_clear_error(model):
     (["bench", "-r", "0"], "argument -r/--reps: invalid value '0': must be at least 1"),
     (["bench", "-p", "0"], "argument -p/--n-prompt: invalid value '0': must be at least 1"),
     (["bench", "-n", "-1"], "argument -n/--n-gen: invalid value '-1': must be 0 or more"),
+    (["run", "--kv-type", "q8_0"], "argument --kv-type: invalid choice: 'q8_0'"),
+    (["bench", "--kv-type", "bf16"], "argument --kv-type: invalid choice: 'bf16'"),
+    (["perplexity", "--kv-type", "f8"], "argument --kv-type: invalid choice: 'f8'"),
 ])
 def test_bad_option_values_are_argparse_errors(args, message):
     r = cli(*args, check=False)
@@ -134,6 +137,21 @@ def test_option_ranges_accept_their_limits():
                                    "--top-k", "0", "--min-p", "0", "--repeat-penalty", "1.1"])
     assert (a.threads, a.ctx_size, a.n_predict, a.temp, a.top_p, a.top_k, a.min_p) == (64, 1, 0, 0.0, 1.0, 0, 0.0)
     assert build_parser().parse_args(["run"]).threads is None  # the default: physical cores
+
+
+def test_kv_type_option_reaches_the_engine(model):
+    from pocketlm.engine import Engine
+
+    prompt = "The quick brown"
+    for kv in ("f32", "f16"):
+        engine = Engine(model, threads=1, max_context=128, kv_type=kv)
+        assert engine.create_session()._state.kv_type == kv
+        expected = "".join(engine.generate(prompt, max_tokens=8, temperature=0))
+        r = cli("run", model, "-p", prompt, "-n", 8, "--temp", 0, "-c", 128, "--kv-type", kv)
+        assert r.stdout == prompt + expected + "\n"
+    assert Engine(model, max_context=32).kv_type == "f16"  # the default, as llama.cpp's
+    with pytest.raises(ValueError, match="kv_type must be one of f16, f32, got 'q8_0'"):
+        Engine(model, max_context=32, kv_type="q8_0")
 
 
 def test_engine_rejects_zero_threads_instead_of_defaulting(model):

@@ -115,3 +115,26 @@ def test_softmax_steps(variant):
     got, total = kernels.exp_sum(variant, far, 0.0, 1.0)
     np.testing.assert_allclose(got, np.exp(far.astype(np.float64)), rtol=2e-6, atol=2e-38)
     assert total == pytest.approx(3.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("variant", variants())
+def test_f16_kv_helpers(variant):
+    """to_f16 rounds as numpy's float16 (to nearest even, subnormals, overflow to inf);
+    weighted_sum_f16 is weighted_sum over the half values."""
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.standard_normal(1000) * 10.0 ** rng.integers(-9, 6, 1000),
+                        [0.0, -0.0, 65504.0, 65520.0, 1e6, -1e6, 6e-8, 3e-8, 2.9e-8, 1e-9, np.inf, -np.inf]])
+    x = x.astype(np.float32)
+    for n in (len(x), 7, 16, 17):
+        got = kernels.to_f16(variant, x[:n])
+        with np.errstate(over="ignore"):  # 65520 and 1e6 round to inf, as they should
+            want = x[:n].astype(np.float16)
+        np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+    for G, n, dh in [(1, 1, 1), (3, 5, 64), (7, 33, 128), (6, 17, 64), (2, 9, 13)]:
+        w = rng.random((G, n), dtype=np.float32)
+        rows = rng.standard_normal((n, dh)).astype(np.float16)
+        out = rng.standard_normal((G, dh)).astype(np.float32)
+        got = kernels.weighted_sum_f16(variant, w, rows.view(np.uint16), out)
+        want = out.astype(np.float64) + w.astype(np.float64) @ rows.astype(np.float64)
+        scale = np.abs(out) + np.abs(w) @ np.abs(rows.astype(np.float32))
+        assert np.all(np.abs(got - want) <= 1e-6 * scale), (variant, G, n, dh)

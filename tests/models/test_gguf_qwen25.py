@@ -101,7 +101,7 @@ def reader(qwen_gguf):
 
 @pytest.fixture(scope="module")
 def native(bundle_path):
-    return Engine(bundle_path, threads=2, max_context=1024)
+    return Engine(bundle_path, kv_type="f32", threads=2, max_context=1024)
 
 
 @pytest.fixture(scope="module")

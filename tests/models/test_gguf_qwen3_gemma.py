@@ -116,12 +116,12 @@ def gguf_case(request, tmp_path_factory):
 
 def test_gguf_config_matches_hf_config(gguf_case):
     arch, _, from_hf, from_gguf = gguf_case
-    a, b = Engine(from_hf, threads=1).config, Engine(from_gguf, threads=1).config
+    a, b = Engine(from_hf, kv_type="f32", threads=1).config, Engine(from_gguf, kv_type="f32", threads=1).config
     keys = ("hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "rope_theta", "tie_embeddings",
             "qk_norm", "post_norms", "attn_softcap", "final_softcap", "layer_windows", "rope_local_theta",
             "query_pre_attn_scalar")
     assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
-    assert Engine(from_gguf, threads=1).metadata["architecture"] == arch
+    assert Engine(from_gguf, kv_type="f32", threads=1).metadata["architecture"] == arch
 
 
 def test_gguf_logits_match_hf_import_and_transformers(gguf_case):
@@ -129,8 +129,8 @@ def test_gguf_logits_match_hf_import_and_transformers(gguf_case):
     ids = np.random.default_rng(5).integers(0, 300, size=60).tolist()
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0, -1].float().numpy()
-    got_hf = Engine(from_hf, threads=2, max_context=128).create_session().prefill(ids)
-    session = Engine(from_gguf, threads=2, max_context=128, prefill_chunk=16).create_session()
+    got_hf = Engine(from_hf, kv_type="f32", threads=2, max_context=128).create_session().prefill(ids)
+    session = Engine(from_gguf, kv_type="f32", threads=2, max_context=128, prefill_chunk=16).create_session()
     got_gguf = session.prefill(ids)
     assert np.abs(got_gguf - got_hf).max() < 1e-5
     assert np.abs(got_gguf - ref).max() < 1e-4
@@ -142,7 +142,7 @@ def test_gguf_greedy_tokens_match_transformers(gguf_case):
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
-    s = Engine(from_gguf, threads=2, max_context=128).create_session()
+    s = Engine(from_gguf, kv_type="f32", threads=2, max_context=128).create_session()
     logits, got = s.prefill(ids), []
     for _ in range(32):
         got.append(int(np.argmax(logits)))

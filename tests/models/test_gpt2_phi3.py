@@ -43,7 +43,7 @@ def test_longrope_short_factors_within_the_original_context(longrope):
     model, bundle = longrope
     ids = prompt(ORIGINAL_MAX, 300, seed=2)
     ref = hf_logits(model, ids)
-    engine = Engine(bundle, threads=2, max_context=ORIGINAL_MAX, prefill_chunk=8)
+    engine = Engine(bundle, kv_type="f32", threads=2, max_context=ORIGINAL_MAX, prefill_chunk=8)
     s = engine.create_session()
     assert np.abs(s.prefill(ids[:20]) - ref[19]).max() < 1e-4
     for i in range(20, ORIGINAL_MAX):
@@ -56,7 +56,7 @@ def test_longrope_long_factors_beyond_the_original_context(longrope):
     model, bundle = longrope
     ids = prompt(100, 300, seed=3)
     ref = hf_logits(model, ids)
-    engine = Engine(bundle, threads=2, max_context=128, prefill_chunk=16)
+    engine = Engine(bundle, kv_type="f32", threads=2, max_context=128, prefill_chunk=16)
     assert np.abs(engine.create_session().prefill(ids) - ref[-1]).max() < 1e-4
     s = engine.create_session()
     assert np.abs(s.prefill(ids[:70]) - ref[69]).max() < 1e-4
@@ -74,7 +74,7 @@ def test_phi3_sliding_window(tmp_path):
     bundle = convert(tmp_path / "hf", tmp_path / "f32.plm", quant="f32", progress=False)
     ids = prompt(60, 300, seed=8)
     ref = hf_logits(model, ids)
-    s = Engine(bundle, threads=2, max_context=128, prefill_chunk=16).create_session()
+    s = Engine(bundle, kv_type="f32", threads=2, max_context=128, prefill_chunk=16).create_session()
     assert np.abs(s.prefill(ids[:40]) - ref[39]).max() < 1e-4
     for i in range(40, 60):
         assert np.abs(s.decode(ids[i]) - ref[i]).max() < 1e-4, i
@@ -204,7 +204,7 @@ def test_gguf_import_matches_hf_import(gguf_pair):
         ids = prompt(min(max_context, 100), 300, seed=4)
         ref = hf_logits(model, ids)[-1]
         for bundle in (hf_bundle, gguf_bundle):
-            got = Engine(bundle, threads=2, max_context=max_context).create_session().prefill(ids)
+            got = Engine(bundle, kv_type="f32", threads=2, max_context=max_context).create_session().prefill(ids)
             assert np.abs(got - ref).max() < 1e-4, (bundle.name, max_context)
 
 
@@ -252,7 +252,7 @@ def test_gguf_fused_tensors_split_bit_for_bit(gguf_pair, tmp_path):
                                       qkv[lo:hi].reshape(-1).view(np.uint8), err_msg=name)
     ids = prompt(24, 300, seed=6)
     ref = hf_logits(model, ids)[-1]
-    got = Engine(bundle, threads=2, max_context=ORIGINAL_MAX).create_session().prefill(ids)
+    got = Engine(bundle, kv_type="f32", threads=2, max_context=ORIGINAL_MAX).create_session().prefill(ids)
     assert np.abs(got - ref).max() / ref.std() < 0.3  # Q8_0 weights and int8 activations
 
 
@@ -263,7 +263,7 @@ def test_greedy_tokens_from_gguf_match_transformers(gguf_pair):
         out = model.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
     ref = out[0, len(ids):].tolist()
-    s = Engine(gguf_bundle, threads=2, max_context=ORIGINAL_MAX).create_session()
+    s = Engine(gguf_bundle, kv_type="f32", threads=2, max_context=ORIGINAL_MAX).create_session()
     logits = s.prefill(ids)
     got = []
     for _ in range(16):

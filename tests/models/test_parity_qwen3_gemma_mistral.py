@@ -140,7 +140,7 @@ def test_quantized_runtime_matches_emulated_reference(case, quant, activations):
     name, folder, model, _ = case
     qb = convert(folder / "hf", folder / f"{quant}.plm", quant=quant, progress=False)
     ref_model = dequantized_reference(model, qb, levels=2 if activations == "int8x2" else 1)
-    engine = Engine(qb, threads=2, max_context=64, activations=activations)
+    engine = Engine(qb, kv_type="f32", threads=2, max_context=64, activations=activations)
     errors = []
     for seed in range(8):
         ids = prompt(24, 300, seed=seed)
@@ -153,7 +153,7 @@ def test_quantized_runtime_matches_emulated_reference(case, quant, activations):
 def test_sliding_window_layers_keep_only_their_window(case):
     """A windowed layer's KV cache holds window + chunk - 1 positions, not max_context."""
     name, _, _, bundle = case
-    engine = Engine(bundle, threads=1, max_context=256, prefill_chunk=16)
+    engine = Engine(bundle, kv_type="f32", threads=1, max_context=256, prefill_chunk=16)
     windows = engine.config.get("layer_windows") or [engine.config.get("sliding_window") or 0] * \
         engine.config["n_layers"]
     s = engine.create_session()

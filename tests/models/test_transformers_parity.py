@@ -61,7 +61,7 @@ def prompt(n, vocab, seed=1):
 @pytest.mark.parametrize("n", [1, 5, 37, 100])
 def test_f32_last_logits_match(case, n):
     _, _, model, bundle = case
-    engine = Engine(bundle, threads=2, max_context=256)
+    engine = Engine(bundle, kv_type="f32", threads=2, max_context=256)
     ids = prompt(n, engine.vocab_size)
     ref = hf_logits(model, ids)[-1]
     got = engine.create_session().prefill(ids)
@@ -71,7 +71,7 @@ def test_f32_last_logits_match(case, n):
 
 def test_f32_chunked_prefill_and_decode_match(case):
     _, _, model, bundle = case
-    engine = Engine(bundle, threads=2, max_context=256, prefill_chunk=16)  # 100 tokens -> 7 chunks
+    engine = Engine(bundle, kv_type="f32", threads=2, max_context=256, prefill_chunk=16)  # 100 tokens -> 7 chunks
     ids = prompt(100, engine.vocab_size, seed=7)
     ref = hf_logits(model, ids)
     s = engine.create_session()
@@ -85,7 +85,7 @@ def test_f32_chunked_prefill_and_decode_match(case):
 
 def test_greedy_32_tokens_identical(case):
     _, _, model, bundle = case
-    engine = Engine(bundle, threads=2, max_context=256)
+    engine = Engine(bundle, kv_type="f32", threads=2, max_context=256)
     ids = prompt(12, engine.vocab_size, seed=3)
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
@@ -104,8 +104,8 @@ def test_greedy_32_tokens_identical(case):
 def test_threads_one_and_two_agree(case):
     _, _, _, bundle = case
     ids = prompt(33, 300, seed=11)
-    a = Engine(bundle, threads=1, max_context=64).create_session().prefill(ids)
-    b = Engine(bundle, threads=2, max_context=64).create_session().prefill(ids)
+    a = Engine(bundle, kv_type="f32", threads=1, max_context=64).create_session().prefill(ids)
+    b = Engine(bundle, kv_type="f32", threads=2, max_context=64).create_session().prefill(ids)
     assert np.abs(a - b).max() < 1e-5
 
 
@@ -183,7 +183,7 @@ def test_quantized_runtime_matches_emulated_reference(case, quant, activations):
     name, folder, model, _ = case
     qb = convert(folder / "hf", folder / f"{quant}.plm", quant=quant, progress=False)
     ref_model = dequantized_reference(model, qb, levels=2 if activations == "int8x2" else 1)
-    engine = Engine(qb, threads=2, max_context=64, activations=activations)
+    engine = Engine(qb, kv_type="f32", threads=2, max_context=64, activations=activations)
     errors = []
     for seed in range(8):
         ids = prompt(24, 300, seed=seed)
@@ -207,7 +207,7 @@ def test_quantized_end_to_end_error_vs_f32(case, quant):
     qb = convert(folder / "hf", folder / f"{quant}.plm", quant=quant, progress=False)
     ids = prompt(24, 300, seed=5)
     ref = hf_logits(model, ids)[-1]
-    got = Engine(qb, threads=2, max_context=64).create_session().prefill(ids)
+    got = Engine(qb, kv_type="f32", threads=2, max_context=64).create_session().prefill(ids)
     rel = np.abs(got - ref).max() / ref.std()
     print(f"{name} {quant}: max|err|/std = {rel:.4f}")
     assert rel < END_TO_END_BOUNDS[quant], (quant, rel)
@@ -228,10 +228,10 @@ def test_quantized_simd_matches_scalar_reference_kernels(case, quant):
     # may be far off.
     prompts = [ids] + [prompt(40, 300, seed=s) for s in range(21, 26)]
     for act in ("int8", "int8x2"):
-        ref_engine = Engine(qb, threads=1, max_context=64, kernels="ref", activations=act)
+        ref_engine = Engine(qb, kv_type="f32", threads=1, max_context=64, kernels="ref", activations=act)
         refs = [ref_engine.create_session().prefill(p) for p in prompts]
         for variant in _core.kernels.available():
-            engine = Engine(qb, threads=2, max_context=64, kernels=variant, activations=act)
+            engine = Engine(qb, kv_type="f32", threads=2, max_context=64, kernels=variant, activations=act)
             errs = [np.abs(engine.create_session().prefill(p) - r).max() / max(1.0, np.abs(r).max())
                     for p, r in zip(prompts, refs)]
             assert min(errs) <= 1e-4 and max(errs) <= 0.05, (variant, act, errs)

@@ -34,7 +34,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engines(tiny):
     _, _, f32, int8 = tiny
-    return Engine(f32, threads=1, max_context=CTX), Engine(int8, threads=1, max_context=CTX)
+    return Engine(f32, kv_type="f32", threads=1, max_context=CTX), Engine(int8, kv_type="f32", threads=1, max_context=CTX)
 
 
 def random_tokens(n: int, seed: int = 0) -> list[int]:
@@ -184,7 +184,7 @@ def test_cli(tiny, engines, tmp_path):
     tokens, bos = quality.tokenize_for_perplexity(engines[0], text)
     expected = quality.perplexity(engines[0], tokens, 32, bos_id=bos)
 
-    r = cli(f32, "-f", tmp_path / "text.txt", "-c", 32, "-b", 16, "--json", "-t", 1,
+    r = cli(f32, "-f", tmp_path / "text.txt", "-c", 32, "-b", 16, "--json", "-t", 1, "--kv-type", "f32",
             "--kl-divergence-base", tmp_path / "base.npz")
     out = json.loads(r.stdout)
     assert set(out) == {"ppl", "ppl_se", "nll", "tokens", "windows", "ctx"}

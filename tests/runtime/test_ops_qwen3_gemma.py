@@ -189,6 +189,41 @@ def test_windowed_decode_deep_in_context_split_over_threads(window):
         np.testing.assert_allclose(np.concatenate(outs), ref[:pos], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [0, 5, 100])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_f16_kv_cache_equals_attention_over_half_rounded_keys_and_values(window, n_threads):
+    """kv_type="f16" stores K and V rounded to half (to nearest even) and computes in float: the
+    reference is the float64 attention over exactly those rounded values. Chunked prefill, long
+    decode split over the threads, and (window 5) the ring's wrap-around."""
+    from pocketlm import _core
+
+    n_heads, n_kv_heads, head_dim, scale, total = 6, 2, 64, 0.125, 300
+    q, k, v = (rand(total, h * head_dim, scale=2.0) for h in (n_heads, n_kv_heads, n_kv_heads))
+    half = lambda a: a.astype(np.float16).astype(np.float32)  # noqa: E731
+    ref = attention_ref(q, half(k), half(v), n_heads, n_kv_heads, head_dim, scale, window=window)
+    prog = attention_program(q, k, v, n_heads, n_kv_heads, head_dim, 32, [0, n_heads, n_kv_heads, head_dim, window],
+                             [scale, 0.0], n_threads)
+    state = _core.State(prog, 512, "f16")
+    f32 = _core.State(prog, 512)
+    assert state.kv_type == "f16" and f32.kv_type == "f32" and 2 * state.kv_bytes == f32.kv_bytes
+    pos, outs = 0, []
+    for c in [32, 32, 7, 1, 20] + [1] * 208:
+        outs.append(state.run(np.arange(pos, pos + c, dtype=np.int32), pos))
+        pos += c
+    np.testing.assert_allclose(np.concatenate(outs), ref[:pos], rtol=1e-5, atol=1e-5)
+    exact = attention_ref(q, k, v, n_heads, n_kv_heads, head_dim, scale, window=window)
+    assert max_rel_err(exact[:pos], ref[:pos]) > 1e-5  # the rounding is visible, so the test could fail
+
+
+def test_kv_type_is_checked():
+    from pocketlm import _core
+
+    q = rand(2, 8)
+    prog = attention_program(q, q, q, 1, 1, 8, 4, [0, 1, 1, 8, 0], [1.0, 0.0], 1)
+    with pytest.raises(ValueError, match="kv_type"):
+        _core.State(prog, 16, "bf16")
+
+
 def test_softcapped_attention_matches_reference():
     n_heads, n_kv_heads, head_dim, scale, total = 2, 2, 8, 1.0, 12
     q, k, v = (rand(total, h * head_dim, scale=3.0) for h in (n_heads, n_kv_heads, n_kv_heads))

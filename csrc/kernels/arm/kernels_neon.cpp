@@ -7,8 +7,8 @@
 // signed int8 codes (offset removed: q-16, q-32; Q4_K/Q5_K codes 0..31 as they are) one
 // 32-run at a time and go through the same dot product; K-quant scales are decoded once
 // per super-block. Activation quantization (both levels), rms_norm, silu_mul, dequant_row
-// and the softmax steps (max, exp_sum) reuse the scalar reference (identical results by
-// construction).
+// and the attention helpers (max, exp_sum, to_f16, weighted_sum_f16) reuse the scalar
+// reference (identical results by construction).
 #if defined(__aarch64__) && defined(__ARM_NEON)
 #include <arm_neon.h>
 #endif
@@ -419,6 +419,8 @@ const KernelTable* neon_kernel_table() {
       weighted_sum_by_axpy<axpy_neon>,
       ref_kernels().max,
       ref_kernels().exp_sum,
+      ref_kernels().to_f16,
+      ref_kernels().weighted_sum_f16,
   };
   return &table;
 }

@@ -510,6 +510,15 @@ void rms_norm_ref(const float* x, const float* w, float* y, int n, float eps) {
   const float r = (float)(1.0 / std::sqrt(ss / n + eps));
   for (int i = 0; i < n; ++i) y[i] = x[i] * r * w[i];
 }
+void weighted_sum_f16_ref(const float* w, size_t ldw, int G, const fp16_t* rows, size_t ldr, int n,
+                          float* out, size_t ldo, int dh) {
+  for (int g = 0; g < G; ++g)
+    for (int p = 0; p < n; ++p)
+      for (int i = 0; i < dh; ++i) out[g * ldo + i] += w[g * ldw + p] * fp16_to_fp32(rows[(size_t)p * ldr + i]);
+}
+void to_f16_ref(const float* x, fp16_t* y, int n) {
+  for (int i = 0; i < n; ++i) y[i] = fp32_to_fp16(x[i]);
+}
 float max_ref(const float* s, int n) {
   float m = -std::numeric_limits<float>::infinity();
   for (int i = 0; i < n; ++i) m = std::max(m, s[i]);
@@ -603,6 +612,8 @@ const KernelTable& ref_kernels() {
       weighted_sum_ref,
       max_ref,
       exp_sum_ref,
+      to_f16_ref,
+      weighted_sum_f16_ref,
   };
   return table;
 }

@@ -760,6 +760,33 @@ inline __m256 exp_avx2(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+void to_f16_avx2(const float* x, fp16_t* y, int n) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) y[i] = fp32_to_fp16(x[i]);
+}
+
+// P.V over f16 rows: each 8-value piece of a row is converted once for all G weight rows.
+void weighted_sum_f16_avx2(const float* w, size_t ldw, int G, const fp16_t* rows, size_t ldr, int n,
+                           float* out, size_t ldo, int dh) {
+  for (int p = 0; p < n; ++p) {
+    const fp16_t* r = rows + (size_t)p * ldr;
+    int i = 0;
+    for (; i + 8 <= dh; i += 8) {
+      const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + i)));
+      for (int g = 0; g < G; ++g) {
+        float* o = out + g * ldo + i;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(w[g * ldw + p]), x, _mm256_loadu_ps(o)));
+      }
+    }
+    for (; i < dh; ++i) {
+      const float x = fp16_to_fp32(r[i]);
+      for (int g = 0; g < G; ++g) out[g * ldo + i] += w[g * ldw + p] * x;
+    }
+  }
+}
+
 float max_avx2(const float* s, int n) {
   float m = -std::numeric_limits<float>::infinity();
   int i = 0;
@@ -880,6 +907,8 @@ const KernelTable* avx2_kernel_table() {
       weighted_sum_by_axpy<axpy_avx2>,
       max_avx2,
       exp_sum_avx2,
+      to_f16_avx2,
+      weighted_sum_f16_avx2,
   };
   return &table;
 }

@@ -830,9 +830,13 @@ void axpy_avx512(float a, const float* x, float* y, int n) {
   }
 }
 
-// Up to 6 weight rows x 64 outputs in 24 accumulators; each 64-float slice of a row is loaded
-// once per block of weight rows.
-void weighted_sum_avx512(const float* w, size_t ldw, int G, const float* rows, size_t ldr, int n, float* out,
+inline __m512 load_row(const float* r, __mmask16 m) { return _mm512_maskz_loadu_ps(m, r); }
+inline __m512 load_row(const fp16_t* r, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, r)); }
+
+// Up to 6 weight rows x 64 outputs in 24 accumulators; each 64-value slice of a row (f32, or
+// f16 from the KV cache) is loaded once per block of weight rows.
+template <class Row>
+void weighted_sum_avx512(const float* w, size_t ldw, int G, const Row* rows, size_t ldr, int n, float* out,
                          size_t ldo, int dh) {
   constexpr int kG = 6, kV = 4;  // weight rows, zmm per row slice
   for (int i0 = 0; i0 < dh; i0 += 16 * kV) {
@@ -847,10 +851,10 @@ void weighted_sum_avx512(const float* w, size_t ldw, int G, const float* rows, s
         for (int v = 0; v < kV; ++v)
           acc[g][v] = g < ng ? _mm512_maskz_loadu_ps(m[v], out + (g0 + g) * ldo + i0 + 16 * v) : _mm512_setzero_ps();
       for (int p = 0; p < n; ++p) {
-        const float* r = rows + (size_t)p * ldr + i0;
+        const Row* r = rows + (size_t)p * ldr + i0;
         __m512 x[kV];
 #pragma GCC unroll 4
-        for (int v = 0; v < kV; ++v) x[v] = _mm512_maskz_loadu_ps(m[v], r + 16 * v);
+        for (int v = 0; v < kV; ++v) x[v] = load_row(r + 16 * v, m[v]);
 #pragma GCC unroll 6
         for (int g = 0; g < kG; ++g) {
           if (g < ng) {
@@ -866,6 +870,14 @@ void weighted_sum_avx512(const float* w, size_t ldw, int G, const float* rows, s
         for (int v = 0; v < kV; ++v)
           if (g < ng) _mm512_mask_storeu_ps(out + (g0 + g) * ldo + i0 + 16 * v, m[v], acc[g][v]);
     }
+  }
+}
+
+void to_f16_avx512(const float* x, fp16_t* y, int n) {
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(std::min(16, n - i));
+    const __m256i h = _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16(y + i, m, h);
   }
 }
 
@@ -1026,9 +1038,11 @@ const KernelTable* avx512_kernel_table() {
           avx512::matmul2_x16,                              // Q4_1_G128_X16
       },
       quantize_act2_avx512,
-      weighted_sum_avx512,
+      weighted_sum_avx512<float>,
       max_avx512,
       exp_sum_avx512,
+      to_f16_avx512,
+      weighted_sum_avx512<fp16_t>,
   };
   return &table;
 }

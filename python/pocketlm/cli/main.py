@@ -9,6 +9,7 @@ import sys
 from pocketlm.errors import PocketLMError
 
 MAX_THREADS = 64  # as pocketlm.engine.MAX_THREADS, without importing the engine for --help
+KV_TYPES = ("f16", "f32")  # as pocketlm.engine.KV_TYPES
 
 
 def _checked(convert, ok, what: str):
@@ -44,6 +45,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx-size", type=_positive, default=4096, help="context size in tokens (default 4096)")
     p.add_argument("--activations", choices=["int8x2", "int8"], default="int8x2",
                    help="activation precision of integer matmuls: int8x2 (default, near-float) or int8 (faster)")
+    _add_kv_type(p)
+
+
+def _add_kv_type(p: argparse.ArgumentParser, default: str | None = "f16") -> None:
+    p.add_argument("--kv-type", choices=list(KV_TYPES), default=default,
+                   help="KV cache element type: f16 (default, as llama.cpp: half the memory) or f32 (exact)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, default_n: int) -> None:
@@ -78,7 +85,7 @@ def _stats_line(stats) -> str:
 def _load(a: argparse.Namespace):
     from pocketlm.engine import Engine
 
-    return Engine(a.model, threads=a.threads, max_context=a.ctx_size, activations=a.activations)
+    return Engine(a.model, threads=a.threads, max_context=a.ctx_size, activations=a.activations, kv_type=a.kv_type)
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
@@ -208,7 +215,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
         if a.plot:
             require_matplotlib()  # fail before minutes of measuring, not after
         cfg = BenchConfig(model=a.model, n_prompt=a.n_prompt, n_gen=a.n_gen, depth=a.depth, reps=a.reps,
-                          threads=a.threads, kernels=a.kernels, activations=a.activations or "", seed=a.seed,
+                          threads=a.threads, kernels=a.kernels, activations=a.activations or "",
+                          kv_type=a.kv_type or "", seed=a.seed,
                           load_probe=not a.no_load)
         result = run_bench(cfg, quiet=a.quiet)
     except (RuntimeError, ValueError) as e:
@@ -245,7 +253,7 @@ def cmd_perplexity(a: argparse.Namespace) -> int:
         if a.file is not None:
             with open(a.file, encoding="utf-8") as f:
                 text = f.read()
-        engine = Engine(a.model, threads=a.threads, max_context=ctx, prefill_chunk=a.batch_size)
+        engine = Engine(a.model, threads=a.threads, max_context=ctx, prefill_chunk=a.batch_size, kv_type=a.kv_type)
         if engine.max_context < ctx:
             raise ValueError(f"the model's context is {engine.max_context} tokens, less than -c {ctx}")
         engine.SCORING_CHUNK = a.batch_size  # rows per all-logits call (its arena holds rows x vocab floats)
@@ -356,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--activations", choices=["int8x2", "int8"], default=None,
                    help="activation quantization of integer matmuls (default: the engine's, int8x2); "
                         "int8 is what llama.cpp does")
+    _add_kv_type(b, default=None)
     b.add_argument("--seed", type=int, default=42, help="seed of the random token ids")
     b.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON ('-': "
                                                                "print JSON instead of the table)")
@@ -373,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rows of logits per executor call (default 64; memory: rows x vocab floats)")
     pp.add_argument("--chunks", type=_positive, default=None, help="evaluate at most this many windows")
     pp.add_argument("-t", "--threads", type=_threads, default=None, help=THREADS_HELP)
+    _add_kv_type(pp)
     pp.add_argument("--json", action="store_true", help="print the result as one JSON object")
     pp.add_argument("--kl-divergence-base", default=None, metavar="FILE",
                     help="also save this model's log-probabilities (the reference) to FILE")
