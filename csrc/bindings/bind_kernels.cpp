@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -244,8 +245,10 @@ float dot(const std::string& variant, In1<float> a, In1<float> b) {
   return kt.dot(a.data(), b.data(), (int)a.shape(0));
 }
 
-// out (G x dh) + w (G x n) @ rows (n x dh), through the variant's weighted_sum.
-nb::ndarray<nb::numpy, float> weighted_sum(const std::string& variant, In2<float> w, In2<float> rows,
+// out (G x dh) + w (G x n) @ rows (n x dh), through the variant's weighted_sum (f32 rows) or
+// weighted_sum_f16 (rows of float16 given as their bits).
+template <class Row>
+nb::ndarray<nb::numpy, float> weighted_sum(const std::string& variant, In2<float> w, In2<Row> rows,
                                            In2<float> out) {
   const KernelTable& kt = table(variant);
   const size_t G = w.shape(0), n = w.shape(1), dh = rows.shape(1);
@@ -256,7 +259,10 @@ nb::ndarray<nb::numpy, float> weighted_sum(const std::string& variant, In2<float
   std::memcpy(y, out.data(), G * dh * sizeof(float));
   {
     nb::gil_scoped_release unlock;
-    kt.weighted_sum(w.data(), n, (int)G, rows.data(), dh, (int)n, y, dh, (int)dh);
+    if constexpr (std::is_same_v<Row, float>)
+      kt.weighted_sum(w.data(), n, (int)G, rows.data(), dh, (int)n, y, dh, (int)dh);
+    else
+      kt.weighted_sum_f16(w.data(), n, (int)G, rows.data(), dh, (int)n, y, dh, (int)dh);
   }
   return arr;
 }
@@ -268,23 +274,6 @@ nb::ndarray<nb::numpy, uint16_t> to_f16(const std::string& variant, In1<float> x
   {
     nb::gil_scoped_release unlock;
     kt.to_f16(x.data(), y, (int)x.shape(0));
-  }
-  return arr;
-}
-
-// out (G x dh) + w (G x n) @ rows (n x dh, float16 given as its bits), through weighted_sum_f16.
-nb::ndarray<nb::numpy, float> weighted_sum_f16(const std::string& variant, In2<float> w, In2<uint16_t> rows,
-                                               In2<float> out) {
-  const KernelTable& kt = table(variant);
-  const size_t G = w.shape(0), n = w.shape(1), dh = rows.shape(1);
-  if (rows.shape(0) != n || out.shape(0) != G || out.shape(1) != dh || G == 0 || dh == 0)
-    throw nb::value_error("weighted_sum_f16: need w [G, n], rows [n, dh], out [G, dh]");
-  float* y;
-  auto arr = new_array<float>({G, dh}, &y);
-  std::memcpy(y, out.data(), G * dh * sizeof(float));
-  {
-    nb::gil_scoped_release unlock;
-    kt.weighted_sum_f16(w.data(), n, (int)G, rows.data(), dh, (int)n, y, dh, (int)dh);
   }
   return arr;
 }
@@ -376,14 +365,14 @@ void bind_kernels(nb::module_& m) {
   k.def("rms_norm", &rms_norm, nb::arg("variant"), nb::arg("x"), nb::arg("w"), nb::arg("eps"));
   k.def("max", &max_of, nb::arg("variant"), nb::arg("s"));
   k.def("to_f16", &to_f16, nb::arg("variant"), nb::arg("x"));
-  k.def("weighted_sum_f16", &weighted_sum_f16, nb::arg("variant"), nb::arg("w"), nb::arg("rows"), nb::arg("out"));
+  k.def("weighted_sum_f16", &weighted_sum<uint16_t>, nb::arg("variant"), nb::arg("w"), nb::arg("rows"), nb::arg("out"));
   k.def("exp_sum", &exp_sum, nb::arg("variant"), nb::arg("s"), nb::arg("m"), nb::arg("scale"));
   k.def("silu_mul", [](const std::string& v, In1<float> g, In1<float> u) { return binary(v, g, u, true); },
         nb::arg("variant"), nb::arg("g"), nb::arg("u"));
   k.def("add", [](const std::string& v, In1<float> a, In1<float> b) { return binary(v, a, b, false); },
         nb::arg("variant"), nb::arg("a"), nb::arg("b"));
   k.def("dot", &dot, nb::arg("variant"), nb::arg("a"), nb::arg("b"));
-  k.def("weighted_sum", &weighted_sum, nb::arg("variant"), nb::arg("w"), nb::arg("rows"), nb::arg("out"),
+  k.def("weighted_sum", &weighted_sum<float>, nb::arg("variant"), nb::arg("w"), nb::arg("rows"), nb::arg("out"),
         "out + w @ rows (attention's P.V) through the variant's weighted_sum.");
   k.def("axpy", &axpy, nb::arg("variant"), nb::arg("a"), nb::arg("x"), nb::arg("y"),
         "Returns y + a*x (y is not modified).");
