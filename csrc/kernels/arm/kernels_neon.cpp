@@ -7,8 +7,8 @@
 // signed int8 codes (offset removed: q-16, q-32; Q4_K/Q5_K codes 0..31 as they are) one
 // 32-run at a time and go through the same dot product; K-quant scales are decoded once
 // per super-block. Activation quantization (both levels), rms_norm, silu_mul, dequant_row
-// and the attention helpers (max, exp_sum, to_f16, weighted_sum_f16) reuse the scalar
-// reference (identical results by construction).
+// and the softmax steps (max, exp_sum) reuse the scalar reference (identical results by
+// construction).
 #if defined(__aarch64__) && defined(__ARM_NEON)
 #include <arm_neon.h>
 #endif
@@ -335,6 +335,26 @@ void axpy_neon(float a, const float* x, float* y, int n) {
   for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vld1q_f32(x + i), a));
   for (; i < n; ++i) y[i] += a * x[i];
 }
+// The f16 KV cache: vcvt rounds to nearest even under the default FPCR, as fp32_to_fp16.
+void to_f16_neon(const float* x, fp16_t* y, int n) {
+  int i = 0;
+  for (; i + 4 <= n; i += 4) vst1_u16(y + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(x + i))));
+  for (; i < n; ++i) y[i] = fp32_to_fp16(x[i]);
+}
+// P.V over f16 rows: each row converted once, then one axpy per weight row.
+void weighted_sum_f16_neon(const float* w, size_t ldw, int G, const fp16_t* rows, size_t ldr, int n, float* out,
+                           size_t ldo, int dh) {
+  constexpr int kMaxDh = 512;
+  if (dh > kMaxDh) return ref_kernels().weighted_sum_f16(w, ldw, G, rows, ldr, n, out, ldo, dh);
+  float x[kMaxDh];
+  for (int p = 0; p < n; ++p) {
+    const fp16_t* r = rows + (size_t)p * ldr;
+    int i = 0;
+    for (; i + 4 <= dh; i += 4) vst1q_f32(x + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(r + i))));
+    for (; i < dh; ++i) x[i] = fp16_to_fp32(r[i]);
+    for (int g = 0; g < G; ++g) axpy_neon(w[g * ldw + p], x, out + g * ldo, dh);
+  }
+}
 void scale_neon(float a, float* y, int n) {
   int i = 0;
   for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vmulq_n_f32(vld1q_f32(y + i), a));
@@ -419,8 +439,8 @@ const KernelTable* neon_kernel_table() {
       weighted_sum_by_axpy<axpy_neon>,
       ref_kernels().max,
       ref_kernels().exp_sum,
-      ref_kernels().to_f16,
-      ref_kernels().weighted_sum_f16,
+      to_f16_neon,
+      weighted_sum_f16_neon,
   };
   return &table;
 }
