@@ -201,7 +201,7 @@ inline bool dtype_valid(uint32_t t) { return t < (uint32_t)DType::COUNT; }
 // x16 types: rows per group, and the row-major type each interleaves.
 constexpr int kX16Rows = 16;
 inline bool is_x16(DType t) { return t >= DType::Q8_0_X16 && t <= DType::Q4_1_G128_X16; }
-inline DType x16_base(DType t) {
+constexpr DType x16_base(DType t) {
   switch (t) {
     case DType::Q8_0_X16: return DType::Q8_0;
     case DType::Q4_0_X16: return DType::Q4_0;
@@ -237,7 +237,7 @@ struct X16Block {
   int n_fields;
   int field_bytes[3];
 };
-inline X16Block x16_block(DType t) {
+constexpr X16Block x16_block(DType t) {
   switch (x16_base(t)) {
     case DType::Q4_1: case DType::Q4_1_G64: case DType::Q4_1_G128: return {2, {2, 2, 0}};
     case DType::Q5_0: return {2, {2, 4, 0}};

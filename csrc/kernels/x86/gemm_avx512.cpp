@@ -358,7 +358,6 @@ void half_bias(const Block* xq, int T, int nruns, int32_t* out) {
   }
 }
 
-
 template <class P, class Block>
 void gemm_impl(const WeightView& w, const Block* xq, int T, float* y, size_t ldy, int n0, int n1) {
   constexpr bool kTwo = std::is_same_v<Block, BlockQ8A2>;

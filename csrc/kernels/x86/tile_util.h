@@ -21,6 +21,32 @@ inline void with_tile(int rt, Fn&& f) {
   f(std::integral_constant<int, N>{});
 }
 
+// How the x16 kernels walk a record of type T (layout in common.h, field sizes from x16_block):
+// kFields f16 header fields of 32 bytes (d, then m when kAsym), then for Q5 the u32 qh field of
+// 64 bytes at kQh; the code units start at kCodes. kRuns: 32-runs per record (2/4 for the
+// group-64/128 Q4 types, whose run r is the 4 units at kCodes + 256 r, each shaped as a
+// Q4_0_X16/Q4_1_X16 record's codes and sharing the record's header).
+template <DType T>
+struct X16Layout {
+  static constexpr bool kQ5 = T == DType::Q5_0_X16 || T == DType::Q5_1_X16;
+  static constexpr bool kQ4_0 = T == DType::Q4_0_X16 || T == DType::Q4_0_G64_X16 || T == DType::Q4_0_G128_X16;
+  static constexpr bool kQ4_1 = T == DType::Q4_1_X16 || T == DType::Q4_1_G64_X16 || T == DType::Q4_1_G128_X16;
+  static constexpr bool kQ4 = kQ4_0 || kQ4_1 || kQ5;             // nibble codes
+  static constexpr bool kAsym = kQ4_1 || T == DType::Q5_1_X16;  // d and m
+  static constexpr bool kRowScale = T == DType::I8_X16;
+  static constexpr int kRuns = kDTypeTraits[(int)T].block_elems / 32;
+  static constexpr int kRecord = 16 * kDTypeTraits[(int)T].block_bytes;
+  static constexpr X16Block kBlock = x16_block(T);
+  static constexpr int kFields = kBlock.n_fields - (kQ5 ? 1 : 0);
+  static constexpr int kQh = 32 * kFields;
+  static constexpr int kCodes = 16 * (kBlock.field_bytes[0] + kBlock.field_bytes[1] + kBlock.field_bytes[2]);
+};
+static_assert(X16Layout<DType::Q5_1_X16>::kQh == 64 && X16Layout<DType::Q5_1_X16>::kCodes == 128 &&
+              X16Layout<DType::Q5_0_X16>::kQh == 32 && X16Layout<DType::Q5_0_X16>::kCodes == 96 &&
+              X16Layout<DType::Q4_1_G128_X16>::kCodes == 64 && X16Layout<DType::Q8_0_X16>::kCodes == 32 &&
+              X16Layout<DType::I8_X16>::kCodes == 0 && X16Layout<DType::I8_X16>::kFields == 0,
+              "x16 record offsets (common.h)");
+
 // f(std::integral_constant<DType, t>) for the x16 weight type t.
 template <class Fn>
 inline void x16_dispatch(DType t, Fn&& f) {

@@ -46,24 +46,8 @@
 namespace plm::kernels::avx2 {
 namespace {
 
-// kFields: f16 header fields (32 bytes each: d, then m for Q4_1/Q5_1); Q5 then has its u32 qh
-// field (64 bytes) at kQh; the code units start at kCodes. kRuns: 32-runs per record (2/4 for
-// the group-64/128 Q4 types, whose run r is the 4 units at kCodes + 256 r, each run shaped as a
-// Q4_0_X16/Q4_1_X16 record's codes and sharing the record's header).
 template <DType T>
-struct X16 {
-  static constexpr bool kQ5 = T == DType::Q5_0_X16 || T == DType::Q5_1_X16;
-  static constexpr bool kQ4_0 = T == DType::Q4_0_X16 || T == DType::Q4_0_G64_X16 || T == DType::Q4_0_G128_X16;
-  static constexpr bool kQ4_1 = T == DType::Q4_1_X16 || T == DType::Q4_1_G64_X16 || T == DType::Q4_1_G128_X16;
-  static constexpr bool kQ4 = kQ4_0 || kQ4_1 || kQ5;             // nibble codes
-  static constexpr bool kAsym = kQ4_1 || T == DType::Q5_1_X16;  // d and m
-  static constexpr int kRuns = kDTypeTraits[(int)T].block_elems / 32;
-  static constexpr int kFields = kAsym ? 2 : T == DType::I8_X16 ? 0 : 1;
-  static constexpr int kQh = 32 * kFields;
-  static constexpr int kCodes = kQh + (kQ5 ? 64 : 0);
-  static constexpr int kRecord = 16 * kDTypeTraits[(int)T].block_bytes;
-  static constexpr bool kRowScale = T == DType::I8_X16;
-};
+using X16 = X16Layout<T>;  // tile_util.h
 
 inline __m256i bcst4(const int8_t* p) {
   int32_t v;
@@ -358,7 +342,6 @@ struct Tiles {
 
 constexpr int kPackMin = 2;  // tokens from which Q5 decodes a group once
 constexpr int kChunk = 32;   // most blocks decoded at once (2 x 320 bytes each, L1-resident)
-
 
 // Columns [n0, n1): every group they touch is computed whole (x16 tensors have rows % 16 == 0)
 // and only the lanes in range are stored.

@@ -36,30 +36,19 @@ inline __m512 f16x16(const uint8_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// A record's shape (common.h): kCodes bytes of header fields before the code units, kQh the
-// offset of Q5's qh field, kRuns 32-runs per record (group-64/128 Q4: 2 or 4); coefs gives the
-// per-row coefficients v1 (of d * idot) and v2 (of the activation sum) from the header.
+// A record's layout (tile_util.h), and coefs: the per-row coefficients v1 (of d * idot) and v2
+// (of the activation sum) from the header.
 template <DType T>
-struct X16 {
-  static constexpr bool kQ5 = T == DType::Q5_0_X16 || T == DType::Q5_1_X16;
-  static constexpr bool kQ4_0 = T == DType::Q4_0_X16 || T == DType::Q4_0_G64_X16 || T == DType::Q4_0_G128_X16;
-  static constexpr bool kQ4_1 = T == DType::Q4_1_X16 || T == DType::Q4_1_G64_X16 || T == DType::Q4_1_G128_X16;
-  static constexpr bool kQ4 = kQ4_0 || kQ4_1 || kQ5;                  // nibble codes
-  static constexpr bool kAsym = kQ4_1 || T == DType::Q5_1_X16;       // d and m
-  static constexpr int kRuns = kDTypeTraits[(int)T].block_elems / 32;  // 32-runs per record
-  // Header bytes before the codes (f16 fields of 32 bytes, Q5's u32 qh of 64) and qh's offset.
-  static constexpr int kQh = kAsym ? 64 : 32;
-  static constexpr int kCodes = T == DType::I8_X16 ? 0 : kQh + (kQ5 ? 64 : 0);
-  static constexpr int kRecord = 16 * kDTypeTraits[(int)T].block_bytes;
-  static constexpr bool kRowScale = T == DType::I8_X16;
+struct X16 : X16Layout<T> {
+  using L = X16Layout<T>;
   static void coefs(const uint8_t* rec, __m512& v1, __m512& v2) {
     if constexpr (T == DType::I8_X16) {
       v1 = _mm512_set1_ps(1.0f);
       v2 = _mm512_set1_ps(-128.0f);
     } else {
       v1 = f16x16(rec);
-      if constexpr (kAsym) v2 = f16x16(rec + 32);
-      else v2 = _mm512_mul_ps(v1, _mm512_set1_ps(kQ4_0 ? -8.0f : kQ5 ? -16.0f : -128.0f));
+      if constexpr (L::kAsym) v2 = f16x16(rec + 32);
+      else v2 = _mm512_mul_ps(v1, _mm512_set1_ps(L::kQ4_0 ? -8.0f : L::kQ5 ? -16.0f : -128.0f));
     }
   }
 };
@@ -143,7 +132,6 @@ void micro(const uint8_t* group, int nruns, const Block* x, float* y, size_t ldy
 #pragma GCC unroll 8
   for (int t = 0; t < RT; ++t) _mm512_mask_storeu_ps(y + (size_t)t * ldy, mask, _mm512_mul_ps(acc[t], rs));
 }
-
 
 // Columns [n0, n1): every group they touch is computed whole (x16 tensors have rows % 16 == 0)
 // and only the lanes in range are stored.
