@@ -4,6 +4,7 @@
 // a specific variant by name.
 #pragma once
 #include <string>
+#include <type_traits>
 #include <vector>
 #include "common.h"
 
@@ -61,23 +62,6 @@ void matmul2_float(const WeightView& w, const float* x, size_t ldx, const BlockQ
   F(w, x, ldx, nullptr, T, y, ldy, n0, n1);
 }
 
-// x16 weights (common.h) through a row-major kernel of their base type: each row is gathered
-// back into its row-major bytes and multiplied alone. Correct for every variant and T; the
-// variants' own x16 kernels are what makes the layout fast.
-template <class Act, void (*Base)(const WeightView&, const float*, size_t, const Act*, int, float*, size_t, int, int)>
-void matmul_x16_gather(const WeightView& w, const float* x, size_t ldx, const Act* xq, int T, float* y,
-                       size_t ldy, int n0, int n1) {
-  const DType base = x16_base(w.dtype);
-  const size_t rb = row_bytes(w.dtype, w.cols);
-  thread_local std::vector<uint8_t> row;
-  if (row.size() < rb) row.resize(rb);
-  for (int n = n0; n < n1; ++n) {
-    x16_gather_row(w.dtype, w.data, w.cols, n, row.data());
-    const WeightView one{base, 1, w.cols, row.data(), rb, w.row_scales ? w.row_scales + n : nullptr};
-    Base(one, x, ldx, xq, T, y + n, ldy, 0, 1);
-  }
-}
-
 struct KernelTable {
   const char* name;                          // "ref", "avx2", "avx512", "neon"
   MatmulFn matmul[kNumDTypes];               // indexed by DType
@@ -115,6 +99,31 @@ void weighted_sum_by_axpy(const float* w, size_t ldw, int G, const float* rows, 
 }
 
 const KernelTable& ref_kernels();
+inline const KernelTable* ref_kernel_table() { return &ref_kernels(); }  // for matmul_x16_gather
+
+// x16 weights (common.h) through a variant's own row-major kernel of their base type
+// (Table()->matmul, or matmul2 for two-level activations, at x16_base): each row is gathered back
+// into its row-major bytes and multiplied alone. Correct for every variant and T, and for every x16
+// type the variant's base kernels cover; the variants' own x16 kernels are what makes the layout fast.
+template <class Act, const KernelTable* (*Table)()>
+void matmul_x16_gather(const WeightView& w, const float* x, size_t ldx, const Act* xq, int T, float* y,
+                       size_t ldy, int n0, int n1) {
+  const DType base = x16_base(w.dtype);
+  const KernelTable& kt = *Table();
+  const auto kernel = [&] {
+    if constexpr (std::is_same_v<Act, BlockQ8A2>) return kt.matmul2[(int)base];
+    else return kt.matmul[(int)base];
+  }();
+  const size_t rb = row_bytes(w.dtype, w.cols);
+  thread_local std::vector<uint8_t> row;
+  if (row.size() < rb) row.resize(rb);
+  for (int n = n0; n < n1; ++n) {
+    x16_gather_row(w.dtype, w.data, w.cols, n, row.data());
+    const WeightView one{base, 1, w.cols, row.data(), rb, w.row_scales ? w.row_scales + n : nullptr};
+    kernel(one, x, ldx, xq, T, y + n, ldy, 0, 1);
+  }
+}
+
 const KernelTable& best_kernels();                 // picked once from CPUID; env PLM_KERNELS=ref|avx2|avx512 overrides
 const KernelTable* kernels_by_name(const std::string& name);  // nullptr if not built or CPU lacks it
 std::vector<std::string> available_kernels();      // variants usable on this CPU, "ref" first

@@ -388,16 +388,16 @@ const KernelTable* neon_kernel_table() {
           matmul_quant<row_dot_qk<BlockQ8A, true>>,    // Q5_K
           matmul_quant<row_dot_q6_k<BlockQ8A>>,        // Q6_K
           matmul_float<row_dot_bf16>,                  // BF16
-          matmul_x16_gather<BlockQ8A, matmul_quant<row_dot_q8_0>>,           // Q8_0_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant<row_dot_q4<32, false>>>,  // Q4_0_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant<row_dot_q4<32, true>>>,   // Q4_1_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant<row_dot_i8>>,             // I8_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant<row_dot_q5<BlockQ8A, false>>>,   // Q5_0_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant<row_dot_q5<BlockQ8A, true>>>,    // Q5_1_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant<row_dot_q4<64, false>>>,    // Q4_0_G64_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant<row_dot_q4<128, false>>>,   // Q4_0_G128_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant<row_dot_q4<64, true>>>,     // Q4_1_G64_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant<row_dot_q4<128, true>>>,    // Q4_1_G128_X16
+          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // Q8_0_X16
+          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // Q4_0_X16
+          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // Q4_1_X16
+          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // I8_X16
+          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // Q5_0_X16
+          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // Q5_1_X16
+          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // Q4_0_G64_X16
+          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // Q4_0_G128_X16
+          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // Q4_1_G64_X16
+          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // Q4_1_G128_X16
       },
       ref_kernels().quantize_act,
       ref_kernels().dequant_row,
@@ -424,16 +424,16 @@ const KernelTable* neon_kernel_table() {
           matmul2_quant<row_dot_qk<BlockQ8A2, true>>,   // Q5_K
           matmul2_quant<row_dot_q6_k<BlockQ8A2>>,       // Q6_K
           matmul2_float<matmul_float<row_dot_bf16>>,    // BF16
-          matmul_x16_gather<BlockQ8A2, matmul2_quant<row_dot2_q8_0>>,           // Q8_0_X16
-          matmul_x16_gather<BlockQ8A2, matmul2_quant<row_dot2_q4<32, false>>>,  // Q4_0_X16
-          matmul_x16_gather<BlockQ8A2, matmul2_quant<row_dot2_q4<32, true>>>,   // Q4_1_X16
-          matmul_x16_gather<BlockQ8A2, matmul2_quant<row_dot2_i8>>,             // I8_X16
-          matmul_x16_gather<BlockQ8A2, matmul2_quant<row_dot_q5<BlockQ8A2, false>>>,  // Q5_0_X16
-          matmul_x16_gather<BlockQ8A2, matmul2_quant<row_dot_q5<BlockQ8A2, true>>>,   // Q5_1_X16
-          matmul_x16_gather<BlockQ8A2, matmul2_quant<row_dot2_q4<64, false>>>,   // Q4_0_G64_X16
-          matmul_x16_gather<BlockQ8A2, matmul2_quant<row_dot2_q4<128, false>>>,  // Q4_0_G128_X16
-          matmul_x16_gather<BlockQ8A2, matmul2_quant<row_dot2_q4<64, true>>>,    // Q4_1_G64_X16
-          matmul_x16_gather<BlockQ8A2, matmul2_quant<row_dot2_q4<128, true>>>,   // Q4_1_G128_X16
+          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // Q8_0_X16
+          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // Q4_0_X16
+          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // Q4_1_X16
+          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // I8_X16
+          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // Q5_0_X16
+          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // Q5_1_X16
+          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // Q4_0_G64_X16
+          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // Q4_0_G128_X16
+          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // Q4_1_G64_X16
+          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // Q4_1_G128_X16
       },
       ref_kernels().quantize_act2,
       weighted_sum_by_axpy<axpy_neon>,

@@ -561,16 +561,16 @@ const KernelTable& ref_kernels() {
           matmul_quant<row_dot_qk<BlockQ8A, true>>,    // Q5_K
           matmul_quant<row_dot_q6_k<BlockQ8A>>,        // Q6_K
           matmul_float<row_dot_bf16>,                  // BF16
-          matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_q8_0>>,       // Q8_0_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_q4_0<32>>>,   // Q4_0_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_q4_1<32>>>,   // Q4_1_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_i8>>,         // I8_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_q5<BlockQ8A, false>>>,  // Q5_0_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_q5<BlockQ8A, true>>>,   // Q5_1_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_q4_0<64>>>,   // Q4_0_G64_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_q4_0<128>>>,  // Q4_0_G128_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_q4_1<64>>>,   // Q4_1_G64_X16
-          matmul_x16_gather<BlockQ8A, matmul_quant_t<BlockQ8A, row_dot_q4_1<128>>>,  // Q4_1_G128_X16
+          matmul_x16_gather<BlockQ8A, ref_kernel_table>,     // Q8_0_X16
+          matmul_x16_gather<BlockQ8A, ref_kernel_table>,     // Q4_0_X16
+          matmul_x16_gather<BlockQ8A, ref_kernel_table>,     // Q4_1_X16
+          matmul_x16_gather<BlockQ8A, ref_kernel_table>,     // I8_X16
+          matmul_x16_gather<BlockQ8A, ref_kernel_table>,     // Q5_0_X16
+          matmul_x16_gather<BlockQ8A, ref_kernel_table>,     // Q5_1_X16
+          matmul_x16_gather<BlockQ8A, ref_kernel_table>,     // Q4_0_G64_X16
+          matmul_x16_gather<BlockQ8A, ref_kernel_table>,     // Q4_0_G128_X16
+          matmul_x16_gather<BlockQ8A, ref_kernel_table>,     // Q4_1_G64_X16
+          matmul_x16_gather<BlockQ8A, ref_kernel_table>,     // Q4_1_G128_X16
       },
       quantize_act_ref,
       dequant_row_ref,
@@ -597,16 +597,16 @@ const KernelTable& ref_kernels() {
           matmul2_quant<row_dot_qk<BlockQ8A2, true>>,   // Q5_K
           matmul2_quant<row_dot_q6_k<BlockQ8A2>>,       // Q6_K
           matmul2_float<matmul_float<row_dot_bf16>>,    // BF16
-          matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot2_q8_0>>,      // Q8_0_X16
-          matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot2_q4_0<32>>>,  // Q4_0_X16
-          matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot2_q4_1<32>>>,  // Q4_1_X16
-          matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot2_i8>>,        // I8_X16
-          matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot_q5<BlockQ8A2, false>>>,  // Q5_0_X16
-          matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot_q5<BlockQ8A2, true>>>,   // Q5_1_X16
-          matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot2_q4_0<64>>>,   // Q4_0_G64_X16
-          matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot2_q4_0<128>>>,  // Q4_0_G128_X16
-          matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot2_q4_1<64>>>,   // Q4_1_G64_X16
-          matmul_x16_gather<BlockQ8A2, matmul_quant_t<BlockQ8A2, row_dot2_q4_1<128>>>,  // Q4_1_G128_X16
+          matmul_x16_gather<BlockQ8A2, ref_kernel_table>,    // Q8_0_X16
+          matmul_x16_gather<BlockQ8A2, ref_kernel_table>,    // Q4_0_X16
+          matmul_x16_gather<BlockQ8A2, ref_kernel_table>,    // Q4_1_X16
+          matmul_x16_gather<BlockQ8A2, ref_kernel_table>,    // I8_X16
+          matmul_x16_gather<BlockQ8A2, ref_kernel_table>,    // Q5_0_X16
+          matmul_x16_gather<BlockQ8A2, ref_kernel_table>,    // Q5_1_X16
+          matmul_x16_gather<BlockQ8A2, ref_kernel_table>,    // Q4_0_G64_X16
+          matmul_x16_gather<BlockQ8A2, ref_kernel_table>,    // Q4_0_G128_X16
+          matmul_x16_gather<BlockQ8A2, ref_kernel_table>,    // Q4_1_G64_X16
+          matmul_x16_gather<BlockQ8A2, ref_kernel_table>,    // Q4_1_G128_X16
       },
       quantize_act2_ref,
       weighted_sum_ref,
