@@ -681,7 +681,6 @@ struct State::Impl {
   const kernels::KernelTable& kt;
   int max_context;
   LazyBuffer arena;
-  bool kv_f16;
   KVCache kv;
   LazyBuffer act_q;      // [max_tokens][max_quant_k / 32] BlockQ8A, or BlockQ8A2 (act2)
   LazyBuffer up;         // [max_tokens][max_swiglu_f] f32: matmul_swiglu's up projection
@@ -701,7 +700,6 @@ struct State::Impl {
         kt(*program.kt),
         max_context(max_context_),
         arena((size_t)program.arena_bytes),
-        kv_f16(kv_f16_),
         kv(program.kv.n_layers, program.kv.n_kv_heads, program.kv.head_dim,
            layer_kv_capacities(program, max_context_), kv_f16_ ? sizeof(fp16_t) : sizeof(float)),
         act_q((size_t)program.max_tokens * (size_t)(program.max_quant_k / 32) *
@@ -909,6 +907,7 @@ void State::Impl::attention(const OpDesc& op) {
   uint8_t* kc = kv.k(layer);
   uint8_t* vc = kv.v(layer);
   const size_t eb = kv.elem_bytes();
+  const bool kv_f16 = kv.f16();
   // Append this call's rows first: row t attends to the rows before it in this call too.
   // Each KV head's cache is its own [capacity, head_dim] block (kv_cache.h).
   const int64_t head_elems = cap * dh;
@@ -1215,7 +1214,7 @@ State::~State() = default;
 int State::max_context() const { return impl_->max_context; }
 std::vector<int64_t> State::kv_capacities() const { return impl_->kv.capacities(); }
 int64_t State::kv_bytes() const { return (int64_t)impl_->kv.bytes(); }
-const char* State::kv_type() const { return impl_->kv_f16 ? "f16" : "f32"; }
+const char* State::kv_type() const { return impl_->kv.f16() ? "f16" : "f32"; }
 
 void State::run(const int32_t* tokens, int n_tokens, int pos, float* out) {
   Impl& s = *impl_;

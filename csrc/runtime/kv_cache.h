@@ -83,6 +83,7 @@ class KVCache {
   int n_layers() const { return n_layers_; }
   size_t row_elems() const { return row_elems_; }     // values per position (all heads)
   size_t elem_bytes() const { return elem_bytes_; }   // 2 (f16) or 4 (f32)
+  bool f16() const { return elem_bytes_ == 2; }
   size_t bytes() const { return buffer_.bytes(); }
   int64_t capacity(int layer) const { return capacity_[layer]; }
   const std::vector<int64_t>& capacities() const { return capacity_; }

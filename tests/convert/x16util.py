@@ -9,9 +9,9 @@ from pocketlm.dtypes import X16_OF, DType
 
 
 def wants_x16(base: DType, shape) -> bool:
-    """The converter's x16 rule, written out: a 2-D weight of a type with an x16 form (Q8_0, Q4_0,
-    Q4_1, I8, Q5_0, Q5_1) whose rows come in groups of 16 and whose width is whole 32-blocks is
-    stored row-interleaved."""
+    """The converter's x16 rule, written out: a 2-D weight of a type with an x16 form (Q8_0, Q4_0
+    and Q4_1 of every group size, I8, Q5_0, Q5_1) whose rows come in groups of 16 and whose width
+    is whole 32-blocks is stored row-interleaved."""
     return base in X16_OF and len(shape) == 2 and shape[0] % 16 == 0 and shape[-1] % 32 == 0
 
 

@@ -6,8 +6,7 @@ state hashes its size and mtime (for a folder: of config.json and the safetensor
 pocketlm and converter versions, so editing or replacing the source, or upgrading pocketlm,
 converts again. A new conversion deletes the bundles it supersedes (same source id, other
 state, or the older `<stem>-<16 hex>.plm` naming): the cache holds one bundle per source, not one
-per upgrade. A process still running an
-old bundle keeps its mapping; the file goes when it closes.
+per upgrade. A process still running an old bundle keeps its mapping; the file goes when it closes.
 """
 
 from __future__ import annotations
@@ -66,10 +65,11 @@ def cached_path(src: str | os.PathLike) -> Path:
     return cache_dir() / f"{_stem(src)}-{cache_key(src)}.plm"
 
 
-def superseded(src: str | os.PathLike) -> list[Path]:
-    """Cached bundles of `src` other than its current one (older sources or converters)."""
+def superseded(src: str | os.PathLike, current: Path | None = None) -> list[Path]:
+    """Cached bundles of `src` other than its current one, `current` (default: cached_path(src)):
+    older sources or converters."""
     src = Path(src)
-    current = cached_path(src)
+    current = current or cached_path(src)
     # `<stem>-<16 hex>.plm` is the naming of older pocketlm versions, which did not record the
     # source apart: such a bundle of another source with the same file name goes too (a cache
     # miss for it later, nothing lost).
@@ -89,7 +89,7 @@ def convert_to_cache(src: str | os.PathLike, progress: bool = True) -> Path:
     if _looks_complete(target):
         return target
     out = convert(src, target, quant=None, progress=progress)
-    for old in superseded(src):
+    for old in superseded(src, target):
         try:
             old.unlink()
         except OSError:  # gone already, or not ours to delete: the new bundle is in place anyway
