@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import x16util
 from testutil import make_hf_model
 from pocketlm.convert import convert
 from pocketlm.engine import Engine
@@ -214,7 +215,6 @@ def test_gguf_fused_tensors_split_bit_for_bit(gguf_pair, tmp_path):
     row-interleaved Q8_0_X16 form when the part's rows come in groups of 16 (de-interleaved here)."""
     import gguf
 
-    from pocketlm import quant
     from pocketlm.bundle import read_bundle
     from pocketlm.dtypes import DType
 
@@ -226,14 +226,12 @@ def test_gguf_fused_tensors_split_bit_for_bit(gguf_pair, tmp_path):
     b = read_bundle(bundle)
 
     def row_major(name, want_rows):
-        """The part's bytes as row-major Q8_0, after checking its type: Q8_0, in the x16 form
-        exactly when its rows are a multiple of 16 (widths here are multiples of 32)."""
+        """The part's bytes as row-major Q8_0, after checking its shape and type: Q8_0, in the x16
+        form exactly when the converter's rule (tests/x16util.py) asks for it."""
         info = b.info(name)
-        assert info.dtype.base == DType.Q8_0, (name, info.dtype)
         assert info.shape == (want_rows, c.hidden_size), (name, info.shape)
-        assert info.dtype.x16 == (want_rows % 16 == 0 and c.hidden_size % 32 == 0), (name, info.dtype)
-        raw = np.asarray(b.tensor(name))
-        return (quant.deinterleave(raw, DType.Q8_0, info.shape) if info.dtype.x16 else raw).reshape(-1)
+        x16util.assert_type(info, DType.Q8_0)
+        return x16util.row_major(b, name).reshape(-1)
 
     c = model.config
     assert b.info("blk.1.attn_k.weight").dtype.base == DType.Q8_0

@@ -1,4 +1,4 @@
-"""The converter's x16 rule written out independently, for the conversion tests."""
+"""The converter's x16 rule written out independently, for the conversion and model tests."""
 
 from __future__ import annotations
 
