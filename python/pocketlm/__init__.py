@@ -2,9 +2,14 @@
 
 from pocketlm.errors import (
     BundleError,
+    ChatTemplateError,
+    ConcurrentUseError,
     ContextOverflowError,
     ConversionError,
+    InvalidInputError,
+    NonFiniteError,
     PocketLMError,
+    StorageError,
     UnsupportedModelError,
 )
 
@@ -12,10 +17,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BundleError",
+    "ChatTemplateError",
+    "ConcurrentUseError",
     "ContextOverflowError",
     "ConversionError",
     "Engine",
+    "InvalidInputError",
+    "NonFiniteError",
     "PocketLMError",
+    "Session",
+    "StorageError",
     "UnsupportedModelError",
     "__version__",
 ]
@@ -23,8 +34,12 @@ __all__ = [
 
 def __getattr__(name):
     # Lazy so that `import pocketlm` stays cheap and the converter works without the engine.
-    if name in ("Engine", "Session"):
-        from pocketlm import engine
+    if name == "Engine":
+        from pocketlm.engine import Engine
 
-        return getattr(engine, name)
+        return Engine
+    if name == "Session":
+        from pocketlm.session import Session
+
+        return Session
     raise AttributeError(f"module 'pocketlm' has no attribute {name!r}")

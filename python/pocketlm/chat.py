@@ -14,7 +14,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from pocketlm.errors import PocketLMError
+from pocketlm.errors import ChatTemplateError
 
 # ChatML, for bundles whose model has no template of its own.
 default_chat_template = (
@@ -23,10 +23,6 @@ default_chat_template = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-class ChatTemplateError(PocketLMError):
-    """The chat template is invalid, or failed (possibly on purpose, via raise_exception) while rendering."""
 
 
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, bos_token: str = "",

@@ -1,5 +1,10 @@
 """pocketlm's exceptions. The C++ core raises these too (see csrc/bindings/module.cpp).
 
+Every error pocketlm raises on purpose is a PocketLMError; each subclass also derives from the
+built-in exception a caller would have caught before it existed (ValueError, OSError, ...), so
+`except ValueError` keeps working. The CLI prints any of them as one line, `pocketlm: error: ...`,
+and exits with status 1.
+
 This module must not import pocketlm._core: the extension imports it at start-up.
 """
 
@@ -22,3 +27,26 @@ class ContextOverflowError(PocketLMError, ValueError):
 
 class ConversionError(PocketLMError):
     """A source checkpoint could not be converted."""
+
+
+class ChatTemplateError(PocketLMError):
+    """The chat template is invalid, too costly to render, or failed (possibly on purpose, via
+    raise_exception) while rendering."""
+
+
+class InvalidInputError(PocketLMError, ValueError):
+    """A prompt, message or request parameter that cannot be used: text that is not valid
+    Unicode, an empty prompt where a token is needed, a parameter out of range."""
+
+
+class NonFiniteError(PocketLMError, ArithmeticError):
+    """The model produced NaN or infinite logits (broken weights or metadata): no token can be
+    chosen from them."""
+
+
+class ConcurrentUseError(PocketLMError, RuntimeError):
+    """One Session was used from two threads at once (each thread needs its own session)."""
+
+
+class StorageError(PocketLMError, OSError):
+    """A file could not be written (disk full, no permission, ...). The message names the path."""
