@@ -4,17 +4,23 @@ Explicit steps (`prefill`, `decode`) under a high-level `generate`, which is a
 generator yielding text pieces as tokens arrive. A session remembers the tokens
 it has processed; a new prompt that starts with them reuses the cached prefix
 (multi-turn chat re-renders the whole conversation but only prefills the new turn).
+
+A session is used by one thread at a time: every call that changes its state
+holds a lock (a `generate` for as long as its generator runs), and a second
+caller gets ConcurrentUseError instead of silently interleaved tokens.
 """
 
 from __future__ import annotations
 
+import numbers
+import threading
 import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from pocketlm.errors import ContextOverflowError
+from pocketlm.errors import ConcurrentUseError, ContextOverflowError, InvalidInputError, NonFiniteError
 from pocketlm.sampling import Sampler, SamplingParams
 from pocketlm.tokenizer import StreamDecoder
 
@@ -44,6 +50,15 @@ class Session:
     def __init__(self, engine, max_context: int, logits: str = "last"):
         from pocketlm import _core
 
+        if isinstance(max_context, bool) or not isinstance(max_context, numbers.Integral):
+            raise InvalidInputError(f"max_context must be an integer, got {max_context!r}")
+        if max_context < 1:
+            raise InvalidInputError(f"max_context must be at least 1, got {max_context}")
+        if max_context > engine.max_context:
+            raise ContextOverflowError(
+                f"a session's max_context of {max_context} exceeds the engine's max_context of "
+                f"{engine.max_context}; load the engine with a larger max_context (at most the model's "
+                f"trained context)")
         self.engine = engine
         self.max_context = int(max_context)
         compiled = engine.compiled_for(logits)
@@ -53,6 +68,28 @@ class Session:
         self._tokens: list[int] = []
         self._last_logits: np.ndarray | None = None
         self.last_stats = GenerationStats()
+        # Sliding-window layers keep a ring of `capacity` positions (position p in slot p % capacity):
+        # (capacity, window) of each layer whose ring can wrap. executor.cpp's layer_kv_capacities
+        # makes it min(max_context, window + chunk - 1), so below max_context, window = capacity - chunk + 1.
+        self._rings = [(int(c), int(c) - self._chunk + 1) for c in self._state.kv_capacities
+                       if c < self.max_context]
+        self._valid = 0   # the first _valid tokens are in the KV cache; the rest are replayed on the next call
+        self._kv_end = 0  # highest position written since the cache was last rebuilt from position 0
+        self._busy = threading.Lock()
+        self._busy_with = ""
+
+    # ---- one user at a time ------------------------------------------------
+    def _enter(self, what: str) -> None:
+        if not self._busy.acquire(blocking=False):
+            raise ConcurrentUseError(
+                f"Session.{what}() was called while {self._busy_with or 'another call'} is running on this "
+                f"session (in another thread, or an unfinished generator): give each thread its own session "
+                f"(engine.create_session()), and finish or close() a generator before the next call")
+        self._busy_with = f"{what}()"
+
+    def _leave(self) -> None:
+        self._busy_with = ""
+        self._busy.release()
 
     # ---- low level ---------------------------------------------------------
     @property
@@ -65,18 +102,61 @@ class Session:
         return list(self._tokens)
 
     def reset(self) -> None:
+        self._enter("reset")
+        try:
+            self._reset()
+        finally:
+            self._leave()
+
+    def _reset(self) -> None:
         self._tokens.clear()
         self._last_logits = None
+        self._valid = self._kv_end = 0
 
     def rewind(self, position: int) -> None:
-        """Forget every token at or after `position` (their cache entries are overwritten later)."""
-        if not 0 <= position <= len(self._tokens):
-            raise ValueError(f"cannot rewind to {position}: session holds {len(self._tokens)} tokens")
+        """Forget every token at or after `position`.
+
+        Within what every sliding-window ring still holds this only truncates (the cache entries
+        are overwritten later); past it, the kept tokens are fed again from position 0 on the next
+        call, so the session always answers as a fresh one fed the same tokens would."""
+        self._enter("rewind")
+        try:
+            self._rewind(position)
+        finally:
+            self._leave()
+
+    def _rewind(self, position: int) -> None:
+        if isinstance(position, bool) or not isinstance(position, numbers.Integral) \
+                or not 0 <= position <= len(self._tokens):
+            raise InvalidInputError(f"cannot rewind to {position!r}: session holds {len(self._tokens)} tokens")
+        position = int(position)
+        if position < self._valid:
+            if self._rings_hold(position):
+                self._valid = position
+            else:
+                self._valid = self._kv_end = 0
         del self._tokens[position:]
         self._last_logits = None
 
+    def _rings_hold(self, position: int) -> bool:
+        """Whether a call starting at `position` finds what it reads in every ring.
+
+        The first row of the call reads positions [position - window + 1, position); the call writes
+        its own rows before any row reads, and the ring's spare chunk - 1 slots keep those writes off
+        what later rows still need. A ring holds the last `capacity` positions written, the highest
+        being _kv_end: everything below _kv_end - capacity is overwritten. Positions a later call
+        wrote and a rewind dropped are above `position`, so they never count as held."""
+        return all(self._kv_end - capacity <= max(0, position - window + 1) for capacity, window in self._rings)
+
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         """Feeds tokens (in chunks of the engine's prefill size); returns the last position's logits."""
+        self._enter("prefill")
+        try:
+            return self._prefill(token_ids)
+        finally:
+            self._leave()
+
+    def _prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         ids = self._checked(token_ids, "prefill")
         logits = self._run(ids, keep_all=False)
         self._last_logits = logits[-1]
@@ -84,26 +164,47 @@ class Session:
 
     def _checked(self, token_ids: Sequence[int], what: str) -> np.ndarray:
         """token_ids as int32, after checking they are valid ids and fit in the context."""
-        ids = np.asarray(list(token_ids), dtype=np.int32)
-        if ids.ndim != 1 or ids.size == 0:
-            raise ValueError(f"{what} needs a non-empty sequence of token ids")
-        vocab = self.engine.vocab_size
-        if ids.min() < 0 or ids.max() >= vocab:
-            raise ValueError(f"token ids must be in [0, {vocab})")
+        ids = self._token_array(token_ids, what)
         if self.position + ids.size > self.max_context:
             raise ContextOverflowError(
                 f"{ids.size} tokens at position {self.position} exceed the context of {self.max_context} "
                 f"tokens; shorten the prompt, reset the session or raise max_context")
         return ids
 
+    def _token_array(self, token_ids: Sequence[int], what: str) -> np.ndarray:
+        try:
+            ids = np.asarray(list(token_ids))
+        except (TypeError, ValueError) as e:
+            raise InvalidInputError(f"{what} needs a sequence of token ids: {e}") from None
+        if ids.ndim != 1 or ids.size == 0:
+            raise InvalidInputError(f"{what} needs a non-empty sequence of token ids")
+        if ids.dtype.kind not in "iu":
+            raise InvalidInputError(f"{what} needs token ids as integers, got {ids.dtype} values")
+        vocab = self.engine.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise InvalidInputError(f"token ids must be in [0, {vocab})")
+        return ids.astype(np.int32)
+
     def _run(self, ids: np.ndarray, keep_all: bool) -> np.ndarray:
-        chunk = self._chunk
+        """Runs `ids` after the session's tokens; returns their logits (every row if keep_all, else
+        the last). Tokens a rewind left out of the cache are fed first (their logits dropped)."""
+        chunk, start, n_new = self._chunk, self._valid, ids.size
+        if start < len(self._tokens):
+            ids = np.concatenate([np.asarray(self._tokens[start:], dtype=np.int32), ids])
+        first_new = ids.size - n_new
         parts = []
+        out = None
         for s in range(0, ids.size, chunk):
             part = ids[s:s + chunk]
-            out = self._state.run(part, self.position)
-            self._tokens.extend(int(t) for t in part)
-            parts.append(out if keep_all else out[-1:])
+            out = self._state.run(part, start + s)
+            end = start + s + part.size
+            self._valid = end
+            self._kv_end = max(self._kv_end, end)
+            self._tokens.extend(int(t) for t in ids[len(self._tokens) - start:end - start])
+            if keep_all and s + part.size > first_new:
+                parts.append(out[max(0, first_new - s):])
+        if not keep_all:
+            return out[-1:]
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     @property
@@ -114,30 +215,43 @@ class Session:
     def forward(self, token_ids: Sequence[int]) -> np.ndarray:
         """Feeds tokens and returns their logits as a float32 [n, vocab] array: one row per
         token for a session made with logits="all" (evaluation, KL divergence); only the last
-        row ([1, vocab]) otherwise. Call it with at most `chunk_tokens` ids to bound memory."""
-        ids = self._checked(token_ids, "forward")
-        logits = self._run(ids, keep_all=self.logits_mode == "all")
-        self._last_logits = logits[-1]
-        return logits
+        row ([1, vocab]) otherwise. Call it with at most `chunk_tokens` ids to bound memory.
+        The logits are returned as computed, NaN included (score() and sampling refuse them)."""
+        self._enter("forward")
+        try:
+            ids = self._checked(token_ids, "forward")
+            logits = self._run(ids, keep_all=self.logits_mode == "all")
+            self._last_logits = logits[-1]
+            return logits
+        finally:
+            self._leave()
 
     def score(self, token_ids: Sequence[int]) -> np.ndarray:
         """Feeds `token_ids` and returns log P(token_i | everything before it) for each, as
         float64. The first value is NaN when the session held no tokens before (nothing
-        predicts it). Needs a session made with `engine.create_session(logits="all")`."""
+        predicts it). Needs a session made with `engine.create_session(logits="all")`.
+        Raises NonFiniteError if the model's logits hold NaN or infinity."""
         if self.logits_mode != "all":
             raise ValueError('score() needs a session created with logits="all"')
-        ids = self._checked(token_ids, "score")
-        prev = self._last_logits
-        logits = self._run(ids, keep_all=True).astype(np.float64)
-        self._last_logits = logits[-1].astype(np.float32)
-        m = logits.max(axis=1, keepdims=True)
-        logprobs = logits - m - np.log(np.exp(logits - m).sum(axis=1, keepdims=True))
-        out = np.full(ids.size, np.nan)
-        out[1:] = logprobs[np.arange(ids.size - 1), ids[1:]]
-        if prev is not None:
-            p = prev.astype(np.float64)
-            out[0] = p[ids[0]] - p.max() - np.log(np.exp(p - p.max()).sum())
-        return out
+        self._enter("score")
+        try:
+            ids = self._checked(token_ids, "score")
+            prev = self._last_logits
+            logits = self._run(ids, keep_all=True).astype(np.float64)
+            self._last_logits = logits[-1].astype(np.float32)
+            m = logits.max(axis=1, keepdims=True)  # NaN in a row makes its max NaN
+            if not np.isfinite(m).all() or (prev is not None and not np.isfinite(prev.max())):
+                raise NonFiniteError(f"the model's logits hold NaN or infinity (scoring {ids.size} tokens at "
+                                     f"position {self.position - ids.size}): its weights or metadata are broken")
+            logprobs = logits - m - np.log(np.exp(logits - m).sum(axis=1, keepdims=True))
+            out = np.full(ids.size, np.nan)
+            out[1:] = logprobs[np.arange(ids.size - 1), ids[1:]]
+            if prev is not None:
+                p = prev.astype(np.float64)
+                out[0] = p[ids[0]] - p.max() - np.log(np.exp(p - p.max()).sum())
+            return out
+        finally:
+            self._leave()
 
     def decode(self, token_id: int) -> np.ndarray:
         """Feeds one token; returns the logits for the next position."""
@@ -154,32 +268,57 @@ class Session:
     def generate(self, prompt: str | Sequence[int], max_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float | None = None,
-                 seed: int | None = None, stop: Sequence[str] = (), add_special_tokens: bool = True
+                 seed: int | None = None, stop: str | Sequence[str] = (), add_special_tokens: bool = True
                  ) -> Iterator[str]:
         """Streams the continuation of `prompt` (text or token ids) as text pieces.
 
         Continues this session: tokens already in the cache that the prompt starts
-        with are reused. Stops at an EOS token, a stop string (not included), after
-        max_tokens, or when the context is full. Stats land in `last_stats`.
+        with are reused. Stops at an EOS token, a stop string (not included; a str is one
+        stop string), after max_tokens (0: nothing is done), or when the context is full.
+        An empty text prompt starts from BOS where the model has one. Stats land in
+        `last_stats`. The session is busy until the generator ends or is closed.
         """
+        self._enter("generate")
+        try:
+            yield from self._generate(prompt, max_tokens, dict(
+                temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                repetition_penalty=repetition_penalty, seed=seed), stop, add_special_tokens)
+        finally:
+            self._leave()
+
+    def _generate(self, prompt, max_tokens, sampling: dict, stop, add_special_tokens: bool) -> Iterator[str]:
         t0 = time.perf_counter()
         tok = self.engine.tokenizer
         if isinstance(prompt, str):
             ids = tok.encode(prompt, add_special_tokens=add_special_tokens and self.position == 0)
+            if not ids and add_special_tokens and tok.bos_id is not None:
+                ids = [tok.bos_id]  # nothing but the start of a text (as llama.cpp and transformers)
+            if not ids:
+                raise InvalidInputError("empty prompt: the text gives no token and the model has no BOS "
+                                        "token to start from")
         else:
-            ids = [int(t) for t in prompt]
-        params = self._sampling(dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                     repetition_penalty=repetition_penalty, seed=seed))
+            ids = list(prompt)
+            if not ids:
+                raise InvalidInputError("empty prompt: no token ids to start from")
+            ids = self._token_array(ids, "generate").tolist()
+        params = self._sampling(sampling)
         if max_tokens is None:
             max_tokens = int(self.engine.generation_defaults.get("max_tokens") or 512)
-        stats = GenerationStats()
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
+            raise InvalidInputError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        if not all(isinstance(s, str) for s in stops):
+            raise InvalidInputError(f"stop must be a string or a list of strings, got {stop!r}")
+        stops = [s for s in stops if s]
+        stats = GenerationStats(finish_reason="length")
         self.last_stats = stats
+        if max_tokens == 0:
+            return
 
         # Prefix reuse: keep the cached tokens the new prompt starts with.
         history = self._tokens
         if ids[:len(history)] == history and len(ids) > len(history):
             new = ids[len(history):]
-            stats.reused_tokens = len(history)
         else:
             common = 0
             for a, b in zip(history, ids):
@@ -187,27 +326,23 @@ class Session:
                     break
                 common += 1
             common = min(common, len(ids) - 1)  # at least one token to prefill for fresh logits
-            self.rewind(common)
+            self._rewind(common)
             new = ids[common:]
-            stats.reused_tokens = common
-        if not new:
-            raise ValueError("empty prompt")
         if self.position + len(new) > self.max_context:
             raise ContextOverflowError(
                 f"the prompt needs {self.position + len(new)} tokens of context but the session has "
                 f"{self.max_context}; shorten it or raise max_context")
-        logits = self.prefill(new)
-        stats.prompt_tokens = len(new)
+        stats.reused_tokens = self._valid  # a rewind past a sliding window's ring replays the rest
+        stats.prompt_tokens = self.position - self._valid + len(new)
+        logits = self._prefill(new)
         stats.prefill_seconds = time.perf_counter() - t0
 
         sampler = Sampler(params, vocab_size=self.engine.vocab_size)
         stream = StreamDecoder(tok, skip_special_tokens=True)
         eos = set(tok.eos_ids)
-        stops = [s for s in stop if s]
         pending = ""
         hit_stop = False
         t_dec = time.perf_counter()
-        stats.finish_reason = "length"
         while stats.generated_tokens < max_tokens:
             recent = self._tokens[-params.repeat_last_n:] if params.repeat_last_n else self._tokens
             token = sampler.sample(logits, recent)
@@ -231,7 +366,7 @@ class Session:
             if self.position >= self.max_context:
                 stats.finish_reason = "context"
                 break
-            logits = self.decode(token)
+            logits = self._prefill([token])
         stats.decode_seconds = time.perf_counter() - t_dec
         if not hit_stop:
             tail, _ = _split_stop(pending + stream.flush(), stops, final=True)
