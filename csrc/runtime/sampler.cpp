@@ -3,8 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
-#include <stdexcept>
-#include <string>
 
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -87,13 +85,12 @@ bool top_k_ids(const float* x, int64_t n, int k, std::vector<int32_t>& out) {
 int32_t sample_top_k(const float* x, int64_t n, int top_k, float temperature, double top_p, double min_p,
                      double u) {
   thread_local std::vector<int32_t> ids;
-  // NaN anywhere, or a top logit of +-inf, makes the distribution meaningless (numpy's path
-  // checks max(x) the same way).
-  if (top_k_ids(x, n, top_k, ids)) throw std::invalid_argument("logits contain nan (NaN or +inf)");
+  // NaN anywhere (seen by the block scan at no extra pass), or a top logit of +-inf, makes the
+  // distribution meaningless (numpy's path checks max(x) the same way).
+  if (top_k_ids(x, n, top_k, ids)) return kNonFinite;
   float top = -INFINITY;
   for (int32_t i : ids) top = max_of(top, x[i]);
-  if (!std::isfinite(top))
-    throw std::invalid_argument(std::string("logits contain ") + (top > 0 ? "inf" : "-inf") + " (NaN or +inf)");
+  if (!std::isfinite(top)) return kNonFinite;
   // Sorted by logit, descending (equal logits by id, for determinism).
   std::sort(ids.begin(), ids.end(), [x](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); });
   size_t keep = ids.size();

@@ -17,7 +17,9 @@ bool top_k_ids(const float* x, int64_t n, int k, std::vector<int32_t>& out);
 // draw u in [0, 1): top_k -> top_p -> min_p (both judged at temperature 1) -> softmax at
 // `temperature` -> inverse CDF. The same arithmetic as the numpy code: top_p on float64
 // probabilities, min_p's threshold and the softmax weights in float32, the CDF in float64.
-// Throws std::invalid_argument if the logits hold NaN or +inf.
+// Returns kNonFinite if the logits hold a NaN anywhere or their largest value is +-inf (a
+// return value, not an exception: the caller raises its own error, and the check costs nothing).
+constexpr int32_t kNonFinite = -1;
 int32_t sample_top_k(const float* x, int64_t n, int top_k, float temperature, double top_p, double min_p,
                      double u);
 

@@ -91,8 +91,14 @@ def token_hash(windows: np.ndarray) -> str:
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    from pocketlm.errors import NonFiniteError
+
     x = logits.astype(np.float64)
-    x -= x.max(axis=1, keepdims=True)
+    top = x.max(axis=1, keepdims=True)  # NaN in a row makes its maximum NaN
+    if not np.isfinite(top).all():
+        raise NonFiniteError("the model's logits hold NaN or infinity: no perplexity can be computed; "
+                             "its weights or metadata are broken")
+    x -= top
     x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
     return x
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pocketlm.errors import InvalidInputError, NonFiniteError
+
 
 @dataclass
 class SamplingParams:
@@ -45,7 +47,7 @@ class SamplingParams:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"SamplingParams: {message}")
+                raise InvalidInputError(f"SamplingParams: {message}")
 
 
 class Sampler:
@@ -66,7 +68,8 @@ class Sampler:
 
     def sample(self, logits: np.ndarray, recent_tokens: Sequence[int] = ()) -> int:
         """One token id from `logits` (float32 [vocab_size]); `recent_tokens` feed the repetition penalty.
-        The caller's array is never modified."""
+        The caller's array is never modified. NaN anywhere in the logits, or a largest logit of +-inf,
+        raises NonFiniteError, on every path."""
         p = self.params
         if p.temperature > 0 and 0 < p.top_k < self.vocab_size and _fast_top_k() is not None:
             # The usual settings: the whole pipeline in one C++ call (csrc/runtime/sampler.cpp), the
@@ -75,7 +78,10 @@ class Sampler:
             if x.shape != (self.vocab_size,):
                 raise ValueError(f"logits must have shape ({self.vocab_size},), got {x.shape}")
             x = np.ascontiguousarray(self.apply_repetition_penalty(x, recent_tokens))
-            return int(_fast_top_k()(x, p.top_k, p.temperature, p.top_p, p.min_p, self.rng.random()))
+            token = int(_fast_top_k()(x, p.top_k, p.temperature, p.top_p, p.min_p, self.rng.random()))
+            if token < 0:  # the C++ scan saw NaN, or the top logit is infinite
+                raise _non_finite(x)
+            return token
         ids, vals = self._candidates(logits, recent_tokens)
         if len(vals) == 1:
             return int(ids[0]) if ids is not None else 0
@@ -98,11 +104,13 @@ class Sampler:
             raise ValueError(f"logits must have shape ({self.vocab_size},), got {x.shape}")
         x = self.apply_repetition_penalty(x, recent_tokens)
         if p.temperature == 0:
-            best = int(np.argmax(x))
+            best = int(np.argmax(x))  # the first NaN if there is one: checking the winner checks all
+            if not math.isfinite(x.item(best)):
+                raise _non_finite(x)
             return np.array([best]), x[best:best + 1]
-        top = float(x.max())
+        top = float(x.max())  # NaN if any is
         if not math.isfinite(top):
-            raise ValueError(f"logits contain {top} (NaN or +inf)")
+            raise _non_finite(x)
 
         if 0 < p.top_k < self.vocab_size:
             ids = _top_k_ids(x, p.top_k)
@@ -166,6 +174,14 @@ class Sampler:
 
 
 _DRAW_BLOCK = 512
+
+
+def _non_finite(x: np.ndarray) -> NonFiniteError:
+    """The error for logits holding NaN or an infinite maximum (only built on failure)."""
+    n_nan = int(np.isnan(x).sum())
+    what = f"{n_nan} NaN of {x.size}" if n_nan else f"a largest value of {float(np.max(x))}"
+    return NonFiniteError(f"the model's logits hold {what} (NaN or infinity): no token can be chosen; "
+                          f"its weights or metadata are broken")
 
 
 def _fast_top_k():

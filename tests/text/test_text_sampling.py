@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pocketlm.errors import NonFiniteError
 from pocketlm.sampling import Sampler, SamplingParams
 
 
@@ -142,7 +143,7 @@ def test_bad_input():
     sampler = Sampler(SamplingParams(), 10)
     with pytest.raises(ValueError, match="shape"):
         sampler.sample(np.zeros(11, np.float32))
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(NonFiniteError, match="NaN"):
         sampler.sample(np.full(10, np.nan, np.float32))
     with pytest.raises(ValueError, match="recent token"):
         Sampler(SamplingParams(repetition_penalty=1.1), 10).sample(np.zeros(10, np.float32), [10])
@@ -205,8 +206,51 @@ def test_sample_takes_the_fast_path_and_rejects_nan():
         assert sampler.sample(logits) == _numpy_pick(reference, logits, rng.random())
     bad = logits.copy()
     bad[10] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(NonFiniteError, match="NaN"):
         sampler.sample(bad)
     bad[10] = np.inf
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(NonFiniteError, match="infinity"):
         sampler.sample(bad)
+
+
+# Every decoding path: greedy, greedy with a penalty, the C++ top-k path with and without a penalty,
+# numpy's top_p / min_p thresholds, the plain softmax over the vocabulary.
+PATHS = {
+    "greedy": dict(temperature=0),
+    "greedy+penalty": dict(temperature=0, repetition_penalty=1.3),
+    "cpp-top-k": dict(temperature=0.8, top_k=40),
+    "cpp-top-k+penalty": dict(temperature=0.8, top_k=40, repetition_penalty=1.3),
+    "numpy-top-p": dict(temperature=0.8, top_k=0, top_p=0.9, min_p=0.0),
+    "numpy-min-p": dict(temperature=0.8, top_k=0, top_p=1.0, min_p=0.1),
+    "numpy-all": dict(temperature=0.8, top_k=0, top_p=1.0, min_p=0.0),
+}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("where", [0, 1234, 49151])
+def test_nan_anywhere_is_refused_on_every_path(path, where):
+    """A single NaN anywhere (not only at the maximum), +inf, or nothing but -inf: NonFiniteError,
+    while the same logits without it give a token."""
+    vocab = 49152
+    logits = random_logits(9, vocab, 3.0)
+    sampler = Sampler(SamplingParams(seed=3, **PATHS[path]), vocab)
+    recent = [where, 7, 8]  # the penalty touches the NaN too
+    assert 0 <= sampler.sample(logits, recent) < vocab
+    for value in (np.nan, np.inf):
+        bad = logits.copy()
+        bad[where] = value
+        with pytest.raises(NonFiniteError):
+            sampler.sample(bad, recent)
+    with pytest.raises(NonFiniteError):
+        sampler.sample(np.full(vocab, -np.inf, np.float32), recent)
+    low = logits.copy()
+    low[where] = -np.inf  # a masked token is fine
+    assert sampler.sample(low, recent) != where
+
+
+def test_cpp_sampler_reports_non_finite_without_raising():
+    from pocketlm import _core
+
+    x = random_logits(10, 5000, 2.0)
+    x[4321] = np.nan
+    assert _core.kernels.sample_top_k(x, 40, 0.8, 0.95, 0.05, 0.5) == -1
