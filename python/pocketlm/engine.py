@@ -228,10 +228,11 @@ class Engine:
 
     def create_session(self, max_context: int | None = None, logits: str = "last"):
         """A new session. logits="all" makes prefill compute every position's logits, which
-        `Session.score` uses (perplexity, evaluation); generation wants the default "last"."""
+        `Session.score` uses (perplexity, evaluation); generation wants the default "last".
+        max_context: 1 up to the engine's max_context (None: the engine's)."""
         from pocketlm.session import Session
 
-        return Session(self, max_context or self.max_context, logits=logits)
+        return Session(self, self.max_context if max_context is None else max_context, logits=logits)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         from pocketlm.chat import default_chat_template, render_chat
