@@ -17,6 +17,7 @@ import json
 import math
 import operator
 import os
+import re
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,7 +25,9 @@ from typing import Any
 import numpy as np
 
 from pocketlm.dtypes import DType, tensor_nbytes
-from pocketlm.errors import BundleError
+from pocketlm.errors import BundleError, PocketLMError, StorageError
+from pocketlm.metadata import (MAX_METADATA_BYTES, MetadataError, check_encoded, encode_problem, parse_json_bounded,
+                               parse_metadata)
 
 MAGIC = b"POCKETLM"
 FORMAT_VERSION = 1
@@ -167,8 +170,53 @@ def _encode_metadata(metadata: dict) -> bytes:
     meta = dict(metadata)
     if meta.setdefault("format_version", FORMAT_VERSION) != FORMAT_VERSION:
         raise ValueError(f"metadata format_version must be {FORMAT_VERSION}, got {meta['format_version']!r}")
+    problem = encode_problem(meta)  # json.dumps would say only "Out of range float values ..."
+    if problem is not None:
+        raise BundleError(f"bad metadata: {problem}")
     text = json.dumps(meta, sort_keys=True, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    try:
+        check_encoded(text)  # what the reader would refuse before parsing (size, nesting, ...)
+    except MetadataError as e:
+        raise BundleError(f"bad metadata: {e}") from None
     return text.encode("utf-8")
+
+
+_TMP_NAME = re.compile(r"^\.(?P<base>.+)\.tmp-(?P<pid>[0-9]+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # someone else's process (or no way to tell): keep its file
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Removes the temporary files that writes of `path` left behind when their process was killed
+    (`.NAME.tmp-PID` next to it, PID no longer running); returns their paths. A file whose PID is
+    running (a write in progress, or an unrelated process that reused the PID) is kept."""
+    folder, base = os.path.split(os.path.abspath(os.fspath(path)))
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TMP_NAME.match(name)
+        if not m or m["base"] != base:
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+            removed.append(os.path.join(folder, name))
+        except OSError:
+            pass
+    return removed
 
 
 def _fsync_dir(path: str) -> None:
@@ -189,10 +237,17 @@ def write_bundle(
     metadata: dict,
     tensors: Sequence[TensorSpec],
     progress: Callable[[int, int], None] | None = None,
+    check: Callable[[str], None] | None = None,
 ) -> None:
     """Writes a .plm bundle atomically: either `path` ends up holding the complete new bundle or
     it is left as it was (and no temporary file remains). `progress(bytes_done, bytes_total)` is
-    called as the data section is written."""
+    called as the data section is written. `check(tmp_path)` runs on the complete temporary file
+    before it is renamed into place; whatever it raises stops the write (pocketlm.engine.
+    check_loadable: the converter never writes a bundle the loader refuses). Temporary files of
+    earlier writes of `path` whose process was killed are removed first.
+
+    Raises BundleError for metadata the reader would refuse, StorageError (an OSError, naming
+    `path`) when the file cannot be written (disk full, no permission, ...)."""
     path = os.fspath(path)
     meta = _encode_metadata(metadata)
     planned, data_bytes = _plan_tensors(tensors)
@@ -203,54 +258,116 @@ def write_bundle(
     file_bytes = data_offset + data_bytes
 
     folder, base = os.path.split(os.path.abspath(path))
+    remove_stale_temporaries(path)
     tmp = os.path.join(folder, f".{base}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            # Data first (its hashes go into the index), then header, metadata, index, padding.
-            f.seek(data_offset)
-            data_sha = hashlib.sha256()
-            tensor_shas: list[bytes] = []
-            done = 0
-            if progress is not None:
-                progress(0, data_bytes)
-            for t in planned:
-                pad = bytes(t.offset - done)
-                if pad:
-                    f.write(pad)
-                    data_sha.update(pad)
-                    done += len(pad)
-                tensor_sha = hashlib.sha256()
-                # The loaded bytes are referenced only inside _stream: freed before the next load.
-                done = _stream(f, _as_byte_view(t.spec.load(), t.spec, t.nbytes), (tensor_sha, data_sha),
-                               done, data_bytes, progress)
-                tensor_shas.append(tensor_sha.digest())
-
-            index = struct.pack("<I", len(planned)) + b"".join(
-                _index_entry(t, sha) for t, sha in zip(planned, tensor_shas)
-            )
-            assert len(index) == index_bytes
-            fields = _HEADER.pack(
-                MAGIC, FORMAT_VERSION, HEADER_BYTES, file_bytes,
-                meta_offset, len(meta), index_offset, index_bytes, data_offset, data_bytes,
-                hashlib.sha256(meta).digest(), hashlib.sha256(index).digest(), data_sha.digest(),
-            )
-            header = fields + hashlib.sha256(fields).digest()
-            header += bytes(HEADER_BYTES - len(header))
-            f.seek(0)
-            f.write(header)
-            f.write(meta)
-            f.write(index)
-            f.write(bytes(data_offset - (index_offset + index_bytes)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _write_file(path, tmp, planned, meta, data_bytes, data_offset, file_bytes, index_offset, index_bytes,
+                    progress)
+        if check is not None:
+            try:
+                check(tmp)
+            except PocketLMError as e:  # said of the temporary file: say it of `path`
+                msg = str(e)
+                msg = msg[len(tmp) + 2:] if msg.startswith(tmp + ": ") else msg
+                raise type(e)(f"{path}: not written, the loader would refuse it: {msg}") from e
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise _storage_error(path, e) from e
     except BaseException:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:  # never written (open failed), or the folder went away
             pass
         raise
     _fsync_dir(folder)
+
+
+def _storage_error(path: str, e: OSError) -> StorageError:
+    """The OSError of a failed write, as a StorageError naming the bundle (the temporary file's
+    name means nothing to the user)."""
+    err = StorageError(f"cannot write {path}: {e.strerror or e}")
+    err.errno, err.filename = e.errno, path
+    return err
+
+
+class _Sink:
+    """The temporary file, its OSErrors raised as StorageError naming the bundle. Only the file's
+    own calls are wrapped: an OSError of a tensor's load() (reading the source) stays itself."""
+
+    def __init__(self, path: str, tmp: str):
+        self.path = path
+        self.f = self._do(open, tmp, "wb")
+
+    def _do(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            raise _storage_error(self.path, e) from e
+
+    def write(self, b) -> None:
+        self._do(self.f.write, b)
+
+    def seek(self, pos: int) -> None:
+        self._do(self.f.seek, pos)
+
+    def sync(self) -> None:
+        self._do(self.f.flush)
+        self._do(os.fsync, self.f.fileno())
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self._do(self.f.close)
+        else:
+            try:
+                self.f.close()
+            except OSError:  # the first error is the one to report
+                pass
+
+
+def _write_file(path: str, tmp: str, planned: Sequence[_Planned], meta: bytes, data_bytes: int, data_offset: int,
+                file_bytes: int, index_offset: int, index_bytes: int, progress) -> None:
+    meta_offset = HEADER_BYTES
+    with _Sink(path, tmp) as f:
+        # Data first (its hashes go into the index), then header, metadata, index, padding.
+        f.seek(data_offset)
+        data_sha = hashlib.sha256()
+        tensor_shas: list[bytes] = []
+        done = 0
+        if progress is not None:
+            progress(0, data_bytes)
+        for t in planned:
+            pad = bytes(t.offset - done)
+            if pad:
+                f.write(pad)
+                data_sha.update(pad)
+                done += len(pad)
+            tensor_sha = hashlib.sha256()
+            # The loaded bytes are referenced only inside _stream: freed before the next load.
+            done = _stream(f, _as_byte_view(t.spec.load(), t.spec, t.nbytes), (tensor_sha, data_sha),
+                           done, data_bytes, progress)
+            tensor_shas.append(tensor_sha.digest())
+
+        index = struct.pack("<I", len(planned)) + b"".join(
+            _index_entry(t, sha) for t, sha in zip(planned, tensor_shas)
+        )
+        assert len(index) == index_bytes
+        fields = _HEADER.pack(
+            MAGIC, FORMAT_VERSION, HEADER_BYTES, file_bytes,
+            meta_offset, len(meta), index_offset, index_bytes, data_offset, data_bytes,
+            hashlib.sha256(meta).digest(), hashlib.sha256(index).digest(), data_sha.digest(),
+        )
+        header = fields + hashlib.sha256(fields).digest()
+        header += bytes(HEADER_BYTES - len(header))
+        f.seek(0)
+        f.write(header)
+        f.write(meta)
+        f.write(index)
+        f.write(bytes(data_offset - (index_offset + index_bytes)))
+        f.sync()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,82 +387,6 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-# Config entries the runtime uses as sizes and counts (python/pocketlm/models/), and as float
-# parameters. Only their type and range are checked here: which ones an architecture needs, and
-# how they fit together, is for its build() (Engine reports its failures as BundleError).
-_CONFIG_SIZES = ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
-                 "rope_dim", "max_position")
-_CONFIG_POSITIVE = ("rms_eps", "norm_eps", "rope_theta")
-_GENERATION_INTS = ("top_k", "max_tokens", "seed")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    # json.loads accepts NaN and Infinity, which the writer never produces.
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _type_name(v: Any) -> str:
-    return "null" if v is None else {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-                                     int: "a number", float: "a number"}.get(type(v), type(v).__name__)
-
-
-def _metadata_problem(meta: dict) -> str | None:
-    """The first structural problem in the sections the runtime reads (architecture, config,
-    tokenizer, chat_template, special_tokens, generation), or None. Sections may be absent (a
-    bundle need not hold a model); Engine requires the ones it needs."""
-    arch = meta.get("architecture")
-    if arch is not None and not isinstance(arch, str):
-        return f"architecture must be a string, got {_type_name(arch)}"
-    cfg = meta.get("config", {})
-    if not isinstance(cfg, dict):
-        return f"config must be an object, got {_type_name(cfg)}"
-    for key in _CONFIG_SIZES:
-        if key in cfg and not (_is_int(cfg[key]) and cfg[key] >= 1):
-            return f"config.{key} must be an integer >= 1, got {cfg[key]!r}"
-    for key in _CONFIG_POSITIVE:
-        if key in cfg and not (_is_number(cfg[key]) and cfg[key] > 0):
-            return f"config.{key} must be a finite number > 0, got {cfg[key]!r}"
-    tok = meta.get("tokenizer", {})
-    if not isinstance(tok, dict):
-        return f"tokenizer must be an object, got {_type_name(tok)}"
-    if "json" in tok and not isinstance(tok["json"], str):
-        return f"tokenizer.json must be a string, got {_type_name(tok['json'])}"
-    template = meta.get("chat_template")
-    if template is not None and not isinstance(template, str):
-        return f"chat_template must be a string or null, got {_type_name(template)}"
-    special = meta.get("special_tokens", {})
-    if not isinstance(special, dict):
-        return f"special_tokens must be an object, got {_type_name(special)}"
-    eos = special.get("eos_ids")
-    if eos is not None and not isinstance(eos, list):
-        return f"special_tokens.eos_ids must be an array, got {_type_name(eos)}"
-    pad = special.get("pad_id")
-    if pad is not None and not _is_int(pad):  # not range checked: unused, and some configs say -1
-        return f"special_tokens.pad_id must be an integer or null, got {pad!r}"
-    vocab = cfg.get("vocab_size")
-    ids = [("special_tokens.bos_id", special["bos_id"])] if special.get("bos_id") is not None else []
-    ids += [(f"special_tokens.eos_ids[{i}]", v) for i, v in enumerate(eos or [])]
-    for name, v in ids:
-        if not _is_int(v) or v < 0:
-            return f"{name} must be a token id (an integer >= 0), got {v!r}"
-        if vocab is not None and v >= vocab:
-            return f"{name} {v} is outside the vocabulary (config.vocab_size {vocab})"
-    if not isinstance(special.get("add_bos", False), bool):
-        return f"special_tokens.add_bos must be true or false, got {special['add_bos']!r}"
-    gen = meta.get("generation")
-    if gen is not None and not isinstance(gen, dict):
-        return f"generation must be an object, got {_type_name(gen)}"
-    for key, v in (gen or {}).items():
-        if v is not None and not (_is_int(v) if key in _GENERATION_INTS else _is_number(v)):
-            kind = "an integer" if key in _GENERATION_INTS else "a finite number"
-            return f"generation.{key} must be {kind} or null, got {v!r}"
-    return None
-
-
 class Bundle:
     """An open, validated .plm bundle. Tensor data stays in the read-only mapping."""
 
@@ -363,19 +404,14 @@ class Bundle:
     @functools.cached_property
     def metadata(self) -> dict:
         try:
-            meta = json.loads(self.core.metadata_json)
-        except json.JSONDecodeError as e:
-            raise BundleError(f"{self.path}: metadata is not valid JSON ({e})") from None
-        if not isinstance(meta, dict):
-            raise BundleError(f"{self.path}: metadata is not a JSON object")
+            meta = parse_metadata(self.core.metadata_json)
+        except MetadataError as e:
+            raise BundleError(f"{self.path}: {e}") from None
         if meta.get("format_version", self.version) != self.version:
             raise BundleError(
                 f"{self.path}: metadata says format_version {meta['format_version']!r}, "
                 f"header says {self.version}"
             )
-        problem = _metadata_problem(meta)
-        if problem is not None:
-            raise BundleError(f"{self.path}: bad metadata: {problem}")
         return meta
 
     def info(self, name: str) -> TensorInfo:
@@ -411,6 +447,68 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     return bundle
 
 
+class _PyLayout:
+    """A bundle's header, metadata and index read in Python, in the shape of a _core.Bundle for
+    `Bundle`: what the loader's checks need when the C++ extension is not built (the converter
+    works without it). Only the structure is checked here; the C++ reader also checks every
+    checksum and bound."""
+
+    _ENTRY = struct.Struct("<II")
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                head = f.read(HEADER_BYTES)
+                if len(head) < _HEADER.size or head[:8] != MAGIC:
+                    raise BundleError(f"{path}: not a pocketlm bundle (bad magic)")
+                (_, self.version, _, self.file_bytes, meta_off, meta_len, index_off, index_len, _, _,
+                 *_) = _HEADER.unpack_from(head)
+                if meta_len > MAX_METADATA_BYTES:
+                    raise BundleError(f"{path}: metadata is {meta_len} bytes, more than the "
+                                      f"{MAX_METADATA_BYTES} allowed")
+                f.seek(meta_off)
+                meta = f.read(meta_len)
+                f.seek(index_off)
+                index = f.read(index_len)
+        except OSError as e:
+            raise BundleError(f"{path}: cannot read: {e.strerror or e}") from None
+        try:
+            self.metadata_json = meta.decode("utf-8")
+            self.tensors = self._index(index)
+        except (UnicodeDecodeError, struct.error, ValueError) as e:
+            raise BundleError(f"{path}: malformed bundle ({e})") from None
+
+    def _index(self, index: bytes) -> list[dict]:
+        (n,) = struct.unpack_from("<I", index)
+        pos, out = 4, []
+        for _ in range(n):
+            (name_len,) = struct.unpack_from("<H", index, pos)
+            name = index[pos + 2 : pos + 2 + name_len].decode("utf-8")
+            pos += 2 + name_len
+            dtype, ndim = self._ENTRY.unpack_from(index, pos)
+            if not 1 <= ndim <= MAX_DIMS:
+                raise ValueError(f"tensor {name!r} has {ndim} dims")
+            shape = struct.unpack_from(f"<{ndim}Q", index, pos + 8)
+            offset, nbytes = struct.unpack_from("<QQ", index, pos + 8 + 8 * ndim)
+            pos += 8 + 8 * ndim + 16 + 32
+            out.append({"name": name, "dtype": dtype, "shape": list(shape), "nbytes": nbytes, "offset": offset})
+        return out
+
+
+def open_for_checks(path: str | os.PathLike) -> Bundle:
+    """The bundle as the loader opens it (read_bundle), or, without the C++ extension, its
+    structure read in Python: enough for the metadata, model and tokenizer checks
+    (pocketlm.engine.check_loadable), not for reading tensor data."""
+    try:
+        from pocketlm import _core  # noqa: F401
+    except ImportError:
+        bundle = Bundle(_PyLayout(os.fsdecode(os.fspath(path))))
+        bundle.metadata
+        return bundle
+    return read_bundle(path)
+
+
 # ----------------------------------------------------------------------------------------------
 # Describing (`pocketlm inspect`)
 
@@ -441,12 +539,12 @@ def _vocab_size(tokenizer: dict) -> int | None:
     if tokenizer.get("type") != "hf-json" or not isinstance(tokenizer.get("json"), str):
         return None
     try:
-        spec = json.loads(tokenizer["json"])
+        spec = parse_json_bounded(tokenizer["json"])
         vocab = spec["model"]["vocab"]
         ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
         ids += [tok["id"] for tok in spec.get("added_tokens") or []]
         return max(ids) + 1 if ids else 0
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, MetadataError):
         return None
 
 

@@ -50,6 +50,9 @@ def physical_cores() -> int:
     return max(1, len(seen))
 
 
+ACTIVATIONS = ("int8x2", "int8")  # how integer matmuls quantize their inputs (csrc/runtime/executor.h)
+
+
 class CompiledModel:
     """The graph after every pass, its memory plan and the executor program."""
 
@@ -58,31 +61,77 @@ class CompiledModel:
                  activations: str = "int8x2"):
         from pocketlm import _core
 
-        meta = _model_metadata(bundle, "architecture", "config")
-        arch = models.get(meta["architecture"])
-        self.config = dict(meta["config"])
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+        read_weight = _weight_reader(bundle)
+        g = build_model_graph(bundle, max_positions=max_context)
+        self.config = dict(bundle.metadata["config"])
         with _metadata_errors(bundle):
-            # Every layer has weights: a hostile n_layers must not keep build() busy for hours.
-            if self.config.get("n_layers", 0) > len(bundle.tensors):
-                raise BundleError(f"{bundle.path}: config.n_layers is {self.config['n_layers']}, but the "
-                                  f"bundle holds only {len(bundle.tensors)} tensors")
-            g = Graph()
-            arch.build(g, self.config, max_positions=max_context)
-            _check_weights(bundle, g)  # before the passes, which compute tables sized by the config
-            read_weight = _weight_reader(bundle)
             # all_logits (scoring, perplexity): keep the output head on every row.
             passes = [(name, make_fold_constants(read_weight) if name == "fold_constants" else fn)
                       for name, fn in PIPELINE if not (all_logits and name == "last_position_only")]
             self.all_logits = all_logits
             self.snapshots: list[tuple[str, Graph]] | None = [] if keep_snapshots else None
             self.graph = run_pipeline(g, passes, self.snapshots)
+            _check_constants(bundle, self.graph)
             self.plan: MemoryPlan = plan_memory(self.graph, prefill_chunk)
             tensors, ops, output = lower(self.graph, self.plan)
             c = self.config
             kv_shape = (c["n_layers"], c["n_kv_heads"], c["head_dim"])
-        self.program = _core.Program(bundle.core, tensors, ops, self.plan.arena_bytes, prefill_chunk,
-                                     kv_shape, output, threads,
-                                     kernels, activations)
+            # The executor checks every op and size again (checked arithmetic): what it still
+            # refuses came from the bundle's metadata.
+            self.program = _core.Program(bundle.core, tensors, ops, self.plan.arena_bytes, prefill_chunk,
+                                         kv_shape, output, threads,
+                                         kernels, activations)
+
+
+def build_model_graph(bundle, max_positions: int, read_weight=None) -> Graph:
+    """The model's graph from the bundle's architecture and config, checked against the bundle's
+    tensors (names and shapes) and its RoPE tables for finite values (read_weight: to include
+    stored frequency factors). Raises BundleError, or UnsupportedModelError for an architecture
+    pocketlm does not have."""
+    meta = _model_metadata(bundle, "architecture", "config")
+    arch = models.get(meta["architecture"])
+    config = dict(meta["config"])
+    with _metadata_errors(bundle):
+        # Every layer has weights: a hostile n_layers must not keep build() busy for hours.
+        if config.get("n_layers", 0) > len(bundle.tensors):
+            raise BundleError(f"{bundle.path}: config.n_layers is {config['n_layers']}, but the "
+                              f"bundle holds only {len(bundle.tensors)} tensors")
+        g = Graph()
+        arch.build(g, config, max_positions=max_positions)
+        _check_weights(bundle, g)  # before the passes, which compute tables sized by the config
+        _check_rope(bundle, g, config, read_weight)
+    return g
+
+
+def load_tokenizer(bundle) -> Tokenizer:
+    """The bundle's tokenizer with its special tokens. Raises BundleError naming the file."""
+    meta = _model_metadata(bundle, "tokenizer")
+    st = meta.get("special_tokens", {})
+    if "json" not in meta["tokenizer"]:
+        raise BundleError(f"{bundle.path}: bad metadata: tokenizer has no json document")
+    try:
+        return Tokenizer(meta["tokenizer"]["json"], bos_id=st.get("bos_id"),
+                         eos_ids=tuple(st.get("eos_ids") or ()), add_bos=bool(st.get("add_bos")))
+    except BundleError as e:  # the tokenizer does not know which file it came from
+        raise BundleError(f"{bundle.path}: {e}") from e
+
+
+def check_loadable(path: str | os.PathLike) -> None:
+    """Runs the loader's checks on a bundle file without running the model: the reader's (header,
+    checksums, metadata schema and bounds), the model's graph against the tensors, the RoPE
+    tables, the tokenizer. Works without the C++ extension (then the file's structure is read in
+    Python). The converter runs it on the finished temporary file (write_bundle's `check`), so
+    that it never writes a bundle Engine would refuse. Raises BundleError / UnsupportedModelError."""
+    from pocketlm.bundle import open_for_checks
+
+    bundle = open_for_checks(path)
+    meta = _model_metadata(bundle, "architecture", "config", "tokenizer")
+    readable = hasattr(bundle.core, "tensor_bytes")  # tensor data only through the C++ reader
+    trained = meta["config"].get("max_position") or 1
+    build_model_graph(bundle, max_positions=trained, read_weight=_weight_reader(bundle) if readable else None)
+    load_tokenizer(bundle)
 
 
 def _model_metadata(bundle, *sections: str) -> dict:
@@ -119,6 +168,39 @@ def _check_weights(bundle, g: Graph) -> None:
         if (math.prod(have[:-1]), have[-1]) != (math.prod(want[:-1]), want[-1]):
             raise BundleError(f"{bundle.path}: tensor {name!r} has shape {list(have)}, the config implies "
                               f"{list(want)}")
+
+
+def _check_rope(bundle, g: Graph, config: dict, read_weight=None) -> None:
+    """The RoPE frequencies of every rope_table node are finite and positive, for a context on
+    either side of a LongRoPE switch (a scaling factor of 0, or low == high llama3 factors, would
+    otherwise give NaN logits). Cheap: rope_dim / 2 values per table."""
+    import numpy as np
+
+    from pocketlm.passes.fold import rope_inv_freq
+
+    for n in g.nodes:
+        if n.op != "rope_table":
+            continue
+        scaling = dict(n.attr("scaling") or ()) or None
+        factors = None
+        if n.inputs and read_weight is not None:
+            factors = read_weight(n.inputs[0]).reshape(-1)
+        for positions in {1, n.attr("max_positions"), int(config.get("max_position") or 1)}:
+            inv = rope_inv_freq(n.attr("rope_dim"), n.attr("theta"), scaling, factors, positions)
+            if not (np.all(np.isfinite(inv)) and np.all(inv > 0)):
+                raise BundleError(f"{bundle.path}: the RoPE frequencies from config.rope_theta "
+                                  f"{n.attr('theta')!r}, its rope scaling and frequency factors are not all "
+                                  "finite and > 0")
+
+
+def _check_constants(bundle, g: Graph) -> None:
+    """The folded constants (RoPE tables, from the config and stored factors) are finite."""
+    import numpy as np
+
+    for name, value in g.consts.items():
+        if not np.all(np.isfinite(value)):
+            raise BundleError(f"{bundle.path}: constant {name!r} computed from the metadata holds NaN or "
+                              "infinite values")
 
 
 def _weight_reader(bundle):
@@ -191,14 +273,7 @@ class Engine:
         self.compiled = CompiledModel(self.bundle, self.max_context, self.prefill_chunk, self.threads,
                                       kernels=kernels, activations=activations)
         self._scoring: CompiledModel | None = None
-        st = meta.get("special_tokens", {})
-        if "json" not in meta["tokenizer"]:
-            raise BundleError(f"{self.path}: bad metadata: tokenizer has no json document")
-        try:
-            self.tokenizer = Tokenizer(meta["tokenizer"]["json"], bos_id=st.get("bos_id"),
-                                       eos_ids=tuple(st.get("eos_ids") or ()), add_bos=bool(st.get("add_bos")))
-        except BundleError as e:  # the tokenizer does not know which file it came from
-            raise BundleError(f"{self.path}: {e}") from e
+        self.tokenizer = load_tokenizer(self.bundle)
         self.chat_template: str | None = meta.get("chat_template")
         self.generation_defaults: dict = dict(meta.get("generation") or {})
         self.load_seconds = time.perf_counter() - t0

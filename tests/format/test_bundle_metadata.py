@@ -89,12 +89,14 @@ HOSTILE = {
     "n_heads wrong": (edit("config", n_heads=8, n_kv_heads=8), r"'blk.0.attn_q.weight' has shape \[64, 64\]"),
     "n_layers too many": (edit("config", n_layers=3), "no tensor 'blk.2.attn_norm.weight'"),
     # huge sizes fail fast, before anything is built or allocated for them
-    "n_layers huge": (edit("config", n_layers=10**9), "n_layers is 1000000000, but the bundle holds only"),
-    "head_dim huge": (edit("config", head_dim=2**20, rope_dim=2**20), r"implies \[4194304, 64\]"),
+    "n_layers huge": (edit("config", n_layers=10**9), r"config.n_layers must be an integer in 1..4096"),
+    "n_layers past the tensors": (edit("config", n_layers=4000), "n_layers is 4000, but the bundle holds only"),
+    "head_dim huge": (edit("config", head_dim=2**20, rope_dim=2**20), r"config.head_dim must be an integer in 1..4096"),
+    "head_dim large": (edit("config", head_dim=1024, rope_dim=1024), r"implies \[4096, 64\]"),
     "rope_dim odd": (edit("config", rope_dim=7), "rope_dim 7 must be even"),
     "sliding_window negative": (edit("config", sliding_window=-4), "window -4 must be >= 0"),
-    "layer_windows short": (edit("config", layer_windows=[0]), "IndexError"),
-    "rope_scaling a list": (edit("config", rope_scaling=[8.0]), "cannot build the model from its metadata"),
+    "layer_windows short": (edit("config", layer_windows=[0]), "layer_windows has 1 entries, config.n_layers is 2"),
+    "rope_scaling a list": (edit("config", rope_scaling=[8.0]), "config.rope_scaling must be an object or null"),
     "rope_scaling without factor": (edit("config", rope_scaling={"type": "llama3"}), "'factor'"),
 }
 

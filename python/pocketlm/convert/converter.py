@@ -143,9 +143,12 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = 
             return _encode(t, dtype)
         return load
 
+    from pocketlm.engine import check_loadable  # the loader's checks, run before the final rename
+
     specs = [TensorSpec(t.name, dtype, tuple(t.shape), loader(i, t, dtype)) for i, (t, dtype) in enumerate(planned)]
     try:
-        write_bundle(out, metadata, specs, progress=bar.bytes_written if bar is not None else None)
+        write_bundle(out, metadata, specs, progress=bar.bytes_written if bar is not None else None,
+                     check=check_loadable)
     finally:
         if bar is not None:
             bar.finish()
