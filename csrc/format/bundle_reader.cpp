@@ -28,6 +28,9 @@ constexpr uint64_t kDataAlign = 4096;
 constexpr uint64_t kTensorAlign = 64;
 constexpr uint32_t kMaxNameBytes = 1024;
 constexpr uint32_t kMaxDims = 4;
+// Metadata is parsed into Python objects: bounded before it is copied (as MAX_METADATA_BYTES in
+// python/pocketlm/metadata.py, which says why 64 MiB).
+constexpr uint64_t kMaxMetadataBytes = uint64_t(64) << 20;
 // Smallest index entry: name_len, 1-byte name, dtype, ndim, one dim, offset, nbytes, sha256.
 constexpr uint64_t kMinEntryBytes = 2 + 1 + 4 + 4 + 8 + 8 + 8 + 32;
 
@@ -202,6 +205,9 @@ std::shared_ptr<Bundle> Bundle::open(const std::string& path) {
   const Section& index = sections[1];
   const Section& data = sections[2];
   if (meta.bytes < 2) fail(path, "metadata section is too small to hold a JSON object");
+  if (meta.bytes > kMaxMetadataBytes)
+    fail(path, "metadata section is " + std::to_string(meta.bytes) + " bytes, more than the " +
+                   std::to_string(kMaxMetadataBytes) + " allowed");
   if (index.bytes < 4) fail(path, "index section is too small to hold the tensor count");
   if (data.offset % kDataAlign != 0)
     fail(path, "data section offset " + std::to_string(data.offset) + " is not a multiple of 4096");

@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <mutex>
 #include <stdexcept>
@@ -49,8 +51,33 @@ const char* op_name(OpCode code) {
   return "?";
 }
 
-// Largest row or column count we accept; keeps every byte size well inside int64.
-constexpr int64_t kMaxDim = int64_t(1) << 31;
+// Largest row or column count we accept: the kernels take counts as int.
+constexpr int64_t kMaxDim = std::numeric_limits<int32_t>::max();
+// Most KV layers a program may declare (the Python loader allows 4096).
+constexpr int64_t kMaxLayers = int64_t(1) << 16;
+
+// Sizes computed from a program's parameters (which a hand-built program, or a hostile bundle
+// past the Python checks, controls) use checked arithmetic: an overflow is an error naming the
+// size, never a wrapped value that would size a buffer too small.
+int64_t checked_mul(int64_t a, int64_t b, const std::string& what) {
+  int64_t r;
+  if (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &r))
+    throw std::invalid_argument(what + ": " + std::to_string(a) + " x " + std::to_string(b) +
+                                " overflows 64 bits");
+  return r;
+}
+int64_t checked_add(int64_t a, int64_t b, const std::string& what) {
+  int64_t r;
+  if (a < 0 || b < 0 || __builtin_add_overflow(a, b, &r))
+    throw std::invalid_argument(what + ": " + std::to_string(a) + " + " + std::to_string(b) +
+                                " overflows 64 bits");
+  return r;
+}
+int64_t checked_product(std::initializer_list<int64_t> factors, const std::string& what) {
+  int64_t r = 1;
+  for (int64_t f : factors) r = checked_mul(r, f, what);
+  return r;
+}
 
 }  // namespace
 
@@ -165,6 +192,9 @@ void Program::Impl::resolve_tensor(size_t id) {
       if (is_x16(dtype) && t.rows % kX16Rows != 0)
         throw UnsupportedError(t.label + ": " + traits(dtype).name + " needs rows % 16 == 0, got " +
                                std::to_string(t.rows));
+      // rows x row bytes (+ row scales) in checked arithmetic before tensor_bytes forms it
+      checked_add(checked_mul(t.rows, (int64_t)row_bytes(dtype, t.cols), t.label + " bytes"),
+                  checked_mul(t.rows, (int64_t)sizeof(float), t.label + " bytes"), t.label + " bytes");
       size_t need = tensor_bytes(dtype, t.rows, t.cols);
       if (nbytes != need)
         fail(std::string(traits(dtype).name) + " [" + std::to_string(t.rows) + ", " +
@@ -194,9 +224,11 @@ void Program::Impl::resolve_tensor(size_t id) {
     case TensorKind::ARENA: {
       check_dims(true);
       t.arena_offset = d.arena_offset;
-      int64_t end = d.arena_offset + max_rows(t) * d.cols * (int64_t)sizeof(float);
       if (d.arena_offset < 0 || d.arena_offset % 64 != 0)
         fail("arena offset " + std::to_string(d.arena_offset) + " is not a multiple of 64");
+      const int64_t end = checked_add(
+          d.arena_offset, checked_product({max_rows(t), d.cols, (int64_t)sizeof(float)}, t.label + " bytes"),
+          t.label + " end");
       if (end > arena_bytes)
         fail("[" + std::to_string(max_rows(t)) + ", " + std::to_string(d.cols) +
              "] at arena offset " + std::to_string(d.arena_offset) + " ends at byte " +
@@ -418,7 +450,7 @@ void Program::Impl::validate_op(size_t index) {
       if (table.kind != TensorKind::CONST || !table.f32)
         c.fail("table " + table.label + " must be a const");
       int64_t n_heads = op.iparams[0], head_dim = op.iparams[1], rope_dim = op.iparams[2];
-      if (n_heads < 1 || head_dim < 1 || n_heads * head_dim != x.cols)
+      if (n_heads < 1 || head_dim < 1 || n_heads > x.cols || head_dim > x.cols || n_heads * head_dim != x.cols)
         c.fail("n_heads " + std::to_string(n_heads) + " x head_dim " + std::to_string(head_dim) +
                " != x cols " + std::to_string(x.cols));
       if (rope_dim < 2 || rope_dim % 2 != 0 || rope_dim > head_dim)
@@ -450,6 +482,12 @@ void Program::Impl::validate_op(size_t index) {
       if (hq < 1 || hq % hkv != 0)
         c.fail("n_heads " + std::to_string(hq) + " is not a multiple of n_kv_heads " +
                std::to_string(hkv));
+      if (hq > kMaxDim / dh) c.fail("n_heads " + std::to_string(hq) + " x head_dim " + std::to_string(dh) +
+                                     " exceeds " + std::to_string(kMaxDim));
+      // The tasks of one call (rows x KV heads, split into chunks) are counted in an int.
+      if (checked_mul(max_tokens, hkv, "attention tasks") > kMaxDim / 2)
+        c.fail("max_tokens " + std::to_string(max_tokens) + " x n_kv_heads " + std::to_string(hkv) +
+               " is too many attention tasks");
       const Tensor& q = c.act(in[0], "q");
       const Tensor& k = c.act(in[1], "k");
       const Tensor& v = c.act(in[2], "v");
@@ -505,7 +543,7 @@ void Program::Impl::validate_op(size_t index) {
       c.params(2, 1);
       const Tensor& x = c.act(in[0], "x");
       const int64_t n_heads = op.iparams[0], head_dim = op.iparams[1];
-      if (n_heads < 1 || head_dim < 1 || n_heads * head_dim != x.cols)
+      if (n_heads < 1 || head_dim < 1 || n_heads > x.cols || head_dim > x.cols || n_heads * head_dim != x.cols)
         c.fail("n_heads " + std::to_string(n_heads) + " x head_dim " + std::to_string(head_dim) +
                " != x cols " + std::to_string(x.cols));
       c.f32_row(in[1], "norm weight", head_dim);
@@ -592,6 +630,11 @@ Program::Program(std::shared_ptr<Bundle> bundle, std::vector<TensorDesc> tensors
   if (kv.n_layers < 0 || kv.n_kv_heads < 0 || kv.head_dim < 0 ||
       (kv.n_layers > 0 && (kv.n_kv_heads < 1 || kv.head_dim < 1)))
     throw std::invalid_argument("bad KV config (n_layers, n_kv_heads, head_dim)");
+  if (kv.n_layers > kMaxLayers || (int64_t)kv.n_kv_heads * kv.head_dim > kMaxDim)
+    throw std::invalid_argument("KV config too large: " + std::to_string(kv.n_layers) + " layers (at most " +
+                                std::to_string(kMaxLayers) + "), n_kv_heads x head_dim " +
+                                std::to_string((int64_t)kv.n_kv_heads * kv.head_dim) + " (at most " +
+                                std::to_string(kMaxDim) + ")");
   p.bundle = std::move(bundle);
   p.descs = std::move(tensors);
   p.ops = std::move(ops);
@@ -666,12 +709,47 @@ void gelu_mul(const float* g, const float* u, float* y, int n) {
 
 // Positions each layer's KV cache keeps: a sliding-window layer needs its window plus the
 // rows of one call (they are stored before the first of them reads), full layers everything.
+// A window of max_context or more is full attention; below it, window + max_tokens - 1 is
+// under 2^32 (both are ints), so the sum cannot overflow whatever the window (up to 2^63 - 1).
 std::vector<int64_t> layer_kv_capacities(const Program::Impl& p, int max_context) {
   std::vector<int64_t> cap((size_t)p.kv.n_layers, max_context);
-  for (size_t l = 0; l < cap.size(); ++l)
-    if (p.layer_window[l] > 0)
-      cap[l] = std::min<int64_t>(max_context, p.layer_window[l] + p.max_tokens - 1);
+  for (size_t l = 0; l < cap.size(); ++l) {
+    const int64_t window = p.layer_window[l];
+    if (window > 0 && window < max_context)
+      cap[l] = std::min<int64_t>(max_context, window + (int64_t)p.max_tokens - 1);
+  }
   return cap;
+}
+
+// Bytes of every buffer a State reserves, in checked arithmetic (see checked_mul).
+struct StateSizes {
+  std::vector<int64_t> kv_capacities;
+  int64_t arena, act_q, up, scores, partials, pos_rows, kv;
+};
+
+StateSizes state_sizes(const Program::Impl& p, int max_context, bool kv_f16) {
+  StateSizes z;
+  z.kv_capacities = layer_kv_capacities(p, max_context);
+  z.arena = p.arena_bytes;
+  const int64_t block = p.act2 ? sizeof(kernels::BlockQ8A2) : sizeof(kernels::BlockQ8A);
+  z.act_q = checked_product({p.max_tokens, p.max_quant_k / 32, block}, "activation scratch bytes");
+  z.up = checked_product({p.max_tokens, p.max_swiglu_f, (int64_t)sizeof(float)}, "up-projection scratch bytes");
+  z.scores = p.has_attention ? checked_product({p.n_threads, p.max_group, max_context, (int64_t)sizeof(float)},
+                                               "attention score bytes")
+                             : 0;
+  z.partials = p.has_attention ? checked_product({kAttnTasksPerThread * 2, p.n_threads, p.max_group,
+                                                  checked_add(2, p.kv.head_dim, "attention partials"),
+                                                  (int64_t)sizeof(float)},
+                                                 "attention partial bytes")
+                               : 0;
+  z.pos_rows = checked_product({p.n_threads, p.max_pos_cols, (int64_t)sizeof(float)}, "position scratch bytes");
+  const int64_t row = checked_product({2, p.kv.n_kv_heads, p.kv.head_dim, kv_f16 ? 2 : 4}, "KV row bytes");
+  z.kv = 0;
+  for (int64_t c : z.kv_capacities) z.kv = checked_add(z.kv, checked_mul(c, row, "KV cache bytes"), "KV cache bytes");
+  int64_t total = 0;
+  for (int64_t b : {z.arena, z.act_q, z.up, z.scores, z.partials, z.pos_rows, z.kv})
+    total = checked_add(total, b, "session bytes");
+  return z;
 }
 
 }  // namespace
@@ -695,24 +773,18 @@ struct State::Impl {
   int pos0 = 0;
   const int32_t* tokens = nullptr;
 
-  Impl(const Program::Impl& program, int max_context_, bool kv_f16_)
+  Impl(const Program::Impl& program, int max_context_, bool kv_f16_, const StateSizes& z)
       : p(program),
         kt(*program.kt),
         max_context(max_context_),
-        arena((size_t)program.arena_bytes),
-        kv(program.kv.n_layers, program.kv.n_kv_heads, program.kv.head_dim,
-           layer_kv_capacities(program, max_context_), kv_f16_ ? sizeof(fp16_t) : sizeof(float)),
-        act_q((size_t)program.max_tokens * (size_t)(program.max_quant_k / 32) *
-              (program.act2 ? sizeof(kernels::BlockQ8A2) : sizeof(kernels::BlockQ8A))),
-        up((size_t)program.max_tokens * (size_t)program.max_swiglu_f * sizeof(float)),
-        scores(program.has_attention
-                   ? (size_t)program.n_threads * program.max_group * max_context_ * sizeof(float)
-                   : 0),
-        partials(program.has_attention ? (size_t)kAttnTasksPerThread * 2 * program.n_threads *
-                                             program.max_group * (2 + program.kv.head_dim) *
-                                             sizeof(float)
-                                       : 0),
-        pos_rows((size_t)program.n_threads * (size_t)program.max_pos_cols * sizeof(float)),
+        arena((size_t)z.arena),
+        kv(program.kv.n_layers, program.kv.n_kv_heads, program.kv.head_dim, z.kv_capacities,
+           kv_f16_ ? sizeof(fp16_t) : sizeof(float)),
+        act_q((size_t)z.act_q),
+        up((size_t)z.up),
+        scores((size_t)z.scores),
+        partials((size_t)z.partials),
+        pos_rows((size_t)z.pos_rows),
         pool(program.n_threads) {}
 
   float* f32(int id) const {
@@ -1207,7 +1279,8 @@ State::State(const Program& program, int max_context, const std::string& kv_type
     throw ContextOverflowError("max_context " + std::to_string(max_context) +
                                " exceeds the " + std::to_string(p.embed_positions) +
                                " positions of the model's position embeddings");
-  impl_ = std::make_unique<Impl>(p, max_context, kv_type == "f16");
+  const StateSizes sizes = state_sizes(p, max_context, kv_type == "f16");  // throws on overflow
+  impl_ = std::make_unique<Impl>(p, max_context, kv_type == "f16", sizes);
 }
 
 State::~State() = default;
