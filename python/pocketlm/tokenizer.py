@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pocketlm.errors import BundleError, UnsupportedModelError
+from pocketlm.errors import BundleError, InvalidInputError, UnsupportedModelError
 
 # llama.cpp's token types (tokenizer.ggml.token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -384,8 +384,33 @@ def _gemma4_bpe(fields: Mapping[str, Any], tokens: list[str], types: list[int]) 
 
 # --- the runtime tokenizer -------------------------------------------------------------------------------------
 
+def _is_panic(e: BaseException) -> bool:
+    """Whether `e` is a Rust panic inside `tokenizers` (pyo3_runtime.PanicException, a BaseException
+    that `except Exception` misses), e.g. Oniguruma's retry limit hit by a backtracking Split regex."""
+    return type(e).__name__ == "PanicException"
+
+
+def _panic_error(e: BaseException, doing: str) -> BundleError:
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return BundleError(f"the model's tokenizer (its tokenizer.json) failed while {doing}: {detail} "
+                       "(a broken tokenizer, e.g. a pre-tokenizer regex that backtracks without end)")
+
+
+def _check_text(text: str) -> None:
+    """Raises InvalidInputError if `text` cannot be UTF-8 (a lone surrogate: invalid UTF-8 decoded with
+    surrogateescape, or a broken string). Called only after the tokenizer refused the text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInputError(f"the text is not valid Unicode: a lone surrogate U+{ord(text[e.start]):04X} at "
+                                f"character {e.start} (invalid UTF-8 read as text?)") from None
+
+
 class Tokenizer:
-    """Encode and decode with a tokenizer.json, adding BOS the way the model expects."""
+    """Encode and decode with a tokenizer.json, adding BOS the way the model expects.
+
+    Text that is not valid Unicode is an InvalidInputError; a failure inside the tokenizers library
+    (a Rust panic included) is a BundleError: the bundle's tokenizer is broken."""
 
     def __init__(self, tokenizer_json: str, bos_id: int | None = None, eos_ids: Iterable[int] = (),
                  add_bos: bool = False):
@@ -393,11 +418,14 @@ class Tokenizer:
 
         try:
             self._tok = _HFTokenizer.from_str(tokenizer_json)
-        except Exception as e:
-            raise BundleError(f"invalid tokenizer.json: {e}") from None
+            self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+            added = self._tok.get_added_tokens_decoder()
+        except BaseException as e:
+            if not (isinstance(e, Exception) or _is_panic(e)):
+                raise
+            raise BundleError(f"invalid tokenizer.json: {(str(e).strip().splitlines() or [''])[0]}") from None
         self.tokenizer_json = tokenizer_json
         self._lock = threading.Lock()
-        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = None if bos_id is None else int(bos_id)
         self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(int(i) for i in eos_ids))
         self.add_bos = bool(add_bos)
@@ -407,7 +435,7 @@ class Tokenizer:
                 raise BundleError(f"tokenizer {name} {bad} outside the vocabulary of {self.vocab_size} tokens")
         if self.add_bos and self.bos_id is None:
             raise BundleError("tokenizer has add_bos set but no bos_id")
-        self._special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+        self._special_ids = frozenset(i for i, t in added.items() if t.special)
 
     @classmethod
     def from_file(cls, path: str | Path, bos_id: int | None = None, eos_ids: Iterable[int] = (),
@@ -443,28 +471,52 @@ class Tokenizer:
         tokens are matched either way (as in llama.cpp and HF)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, not {type(text).__name__}")
-        if parse_special:
-            with self._lock:
-                ids = self._tok.encode(text, add_special_tokens=False).ids
-        else:
-            with self._lock:  # the flag is the engine's state: no other encode may see it set
-                self._tok.encode_special_tokens = True
-                try:
+        try:
+            if parse_special:
+                with self._lock:
                     ids = self._tok.encode(text, add_special_tokens=False).ids
-                finally:
-                    self._tok.encode_special_tokens = False
+            else:
+                with self._lock:  # the flag is the engine's state: no other encode may see it set
+                    self._tok.encode_special_tokens = True
+                    try:
+                        ids = self._tok.encode(text, add_special_tokens=False).ids
+                    finally:
+                        self._tok.encode_special_tokens = False
+        except TypeError:  # "TextInputSequence must be str": tokenizers cannot take lone surrogates
+            _check_text(text)
+            raise
+        except BaseException as e:
+            if not _is_panic(e):
+                raise
+            raise _panic_error(e, f"encoding a text of {len(text)} characters") from None
         if add_special_tokens and self.add_bos:
             ids.insert(0, self.bos_id)
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        try:
+            return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        except BaseException as e:
+            if not _is_panic(e):
+                raise
+            raise _panic_error(e, f"decoding {len(ids)} tokens") from None
 
     def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
+        try:
+            return self._tok.token_to_id(token)
+        except BaseException as e:
+            if not _is_panic(e):
+                raise
+            raise _panic_error(e, "looking up a token") from None
 
     def id_to_token(self, token_id: int) -> str | None:
-        return self._tok.id_to_token(token_id)
+        try:
+            return self._tok.id_to_token(token_id)
+        except BaseException as e:
+            if not _is_panic(e):
+                raise
+            raise _panic_error(e, "looking up a token id") from None
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids

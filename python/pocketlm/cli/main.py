@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+from typing import Iterator
 
-from pocketlm.errors import PocketLMError
+from pocketlm.errors import InvalidInputError, PocketLMError
 
 MAX_THREADS = 64  # as pocketlm.engine.MAX_THREADS, without importing the engine for --help
 KV_TYPES = ("f16", "f32")  # as pocketlm.engine.KV_TYPES
@@ -69,6 +71,45 @@ def _sampling_kwargs(a: argparse.Namespace) -> dict:
                 repetition_penalty=a.repeat_penalty, seed=a.seed, stop=a.stop)
 
 
+def _utf8(data: bytes, where: str) -> str:
+    """`data` decoded as UTF-8; invalid bytes are an error naming where they came from and where they are."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidInputError(f"{where} is not valid UTF-8: byte 0x{data[e.start]:02x} at byte {e.start} "
+                                f"({e.reason})") from None
+
+
+def _text_arg(value: str | None, option: str) -> str | None:
+    """A text argument as given on the command line: Python decodes argv with surrogateescape, so
+    bytes that are not UTF-8 arrive as lone surrogates; refuse them instead of passing them on."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = os.fsencode(value)
+    except UnicodeError:
+        raise InvalidInputError(f"{option} is not valid UTF-8") from None
+    return _utf8(raw, option)
+
+
+def _read_text_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return _utf8(f.read(), path)
+
+
+def _check_text_args(a: argparse.Namespace) -> None:
+    for name, option in (("prompt", "-p/--prompt"), ("system", "-s/--system")):
+        if hasattr(a, name):
+            setattr(a, name, _text_arg(getattr(a, name), option))
+    if hasattr(a, "stop"):
+        a.stop = [_text_arg(s, "--stop") for s in a.stop]
+
+
 def _peak_rss_mb() -> float:
     import resource
 
@@ -99,13 +140,13 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    _check_text_args(a)
     prompt = a.prompt
     if prompt is None:
         if a.file:
-            with open(a.file, encoding="utf-8") as f:
-                prompt = f.read()
+            prompt = _read_text_file(a.file)
         elif not sys.stdin.isatty():
-            prompt = sys.stdin.read()
+            prompt = _utf8(sys.stdin.buffer.read(), "standard input")
         else:
             print("pocketlm run: give a prompt with -p, -f FILE or on standard input", file=sys.stderr)
             return 2
@@ -127,7 +168,24 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _input_lines(interactive: bool) -> Iterator[str]:
+    """Lines of standard input: through input() (line editing) at a terminal, else read as bytes and
+    decoded strictly, so that invalid UTF-8 is an error naming the line."""
+    n = 0
+    while True:
+        n += 1
+        if interactive:
+            line = input("> ")
+            yield _text_arg(line, f"line {n} of standard input")
+        else:
+            raw = sys.stdin.buffer.readline()
+            if not raw:
+                raise EOFError
+            yield _utf8(raw, f"line {n} of standard input").rstrip("\r\n")
+
+
 def cmd_chat(a: argparse.Namespace) -> int:
+    _check_text_args(a)
     engine = _load(a)
     session = engine.create_session()
     messages: list[dict] = []
@@ -154,10 +212,11 @@ def cmd_chat(a: argparse.Namespace) -> int:
     if interactive:
         print(f"pocketlm chat: {engine.path.name} ({engine.kernel_name}, {engine.threads} threads). "
               "/reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    lines = _input_lines(interactive)
     while True:
         try:
-            line = input("> " if interactive else "")
-        except (EOFError, KeyboardInterrupt):
+            line = next(lines)
+        except (EOFError, KeyboardInterrupt, StopIteration):
             print(file=sys.stderr)
             return 0
         text = line.strip()
@@ -251,8 +310,7 @@ def cmd_perplexity(a: argparse.Namespace) -> int:
         ctx = int(reference.meta["ctx"]) if reference is not None else a.ctx_size
         text = None
         if a.file is not None:
-            with open(a.file, encoding="utf-8") as f:
-                text = f.read()
+            text = _read_text_file(a.file)
         engine = Engine(a.model, threads=a.threads, max_context=ctx, prefill_chunk=a.batch_size, kv_type=a.kv_type)
         if engine.max_context < ctx:
             raise ValueError(f"the model's context is {engine.max_context} tokens, less than -c {ctx}")
