@@ -150,11 +150,14 @@ class Session:
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         """Feeds tokens (in chunks of the engine's prefill size); returns the last position's logits."""
-        self._enter("prefill")
+        if not self._busy.acquire(blocking=False):  # _enter / _leave, inlined: decode's path
+            self._enter("prefill")
+        self._busy_with = "prefill()"
         try:
             return self._prefill(token_ids)
         finally:
-            self._leave()
+            self._busy_with = ""
+            self._busy.release()
 
     def _prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         ids = self._checked(token_ids, "prefill")
@@ -172,18 +175,23 @@ class Session:
         return ids
 
     def _token_array(self, token_ids: Sequence[int], what: str) -> np.ndarray:
+        """token_ids as a 1-D int32 array of ids in the vocabulary (one array made: decode's path)."""
+        ids = list(token_ids)
         try:
-            ids = np.asarray(list(token_ids))
-        except (TypeError, ValueError) as e:
+            if all(type(t) is int for t in ids):
+                arr = np.asarray(ids, dtype=np.int32)  # OverflowError beyond int32
+            else:  # numpy integers, or something that is not an id at all
+                arr = np.asarray(ids)
+                if arr.dtype.kind not in "iu" or arr.ndim != 1:
+                    raise InvalidInputError(f"{what} needs token ids as integers, got {arr.dtype} values")
+        except (TypeError, ValueError, OverflowError) as e:
             raise InvalidInputError(f"{what} needs a sequence of token ids: {e}") from None
-        if ids.ndim != 1 or ids.size == 0:
+        if arr.size == 0:
             raise InvalidInputError(f"{what} needs a non-empty sequence of token ids")
-        if ids.dtype.kind not in "iu":
-            raise InvalidInputError(f"{what} needs token ids as integers, got {ids.dtype} values")
         vocab = self.engine.vocab_size
-        if ids.min() < 0 or ids.max() >= vocab:
+        if arr.min() < 0 or arr.max() >= vocab:
             raise InvalidInputError(f"token ids must be in [0, {vocab})")
-        return ids.astype(np.int32)
+        return arr if arr.dtype == np.int32 else arr.astype(np.int32)
 
     def _run(self, ids: np.ndarray, keep_all: bool) -> np.ndarray:
         """Runs `ids` after the session's tokens; returns their logits (every row if keep_all, else
@@ -196,11 +204,15 @@ class Session:
         out = None
         for s in range(0, ids.size, chunk):
             part = ids[s:s + chunk]
-            out = self._state.run(part, start + s)
-            end = start + s + part.size
+            pos = start + s
+            out = self._state.run(part, pos)
+            end = pos + part.size
             self._valid = end
-            self._kv_end = max(self._kv_end, end)
-            self._tokens.extend(int(t) for t in ids[len(self._tokens) - start:end - start])
+            if end > self._kv_end:
+                self._kv_end = end
+            if end > len(self._tokens):  # a replayed part is in the history already
+                have = len(self._tokens) - pos
+                self._tokens.extend(int(t) for t in (part[have:] if have > 0 else part))
             if keep_all and s + part.size > first_new:
                 parts.append(out[max(0, first_new - s):])
         if not keep_all:
@@ -306,7 +318,7 @@ class Session:
             max_tokens = int(self.engine.generation_defaults.get("max_tokens") or 512)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
             raise InvalidInputError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
-        stops = [stop] if isinstance(stop, str) else list(stop)
+        stops = [stop] if isinstance(stop, str) else list(stop or ())
         if not all(isinstance(s, str) for s in stops):
             raise InvalidInputError(f"stop must be a string or a list of strings, got {stop!r}")
         stops = [s for s in stops if s]
