@@ -359,7 +359,8 @@ void bind_kernels(nb::module_& m) {
             throw nb::value_error(e.what());
           }
         }, nb::arg("x"), nb::arg("top_k"), nb::arg("temperature"), nb::arg("top_p"), nb::arg("min_p"), nb::arg("u"),
-        "One token id by top-k sampling (top_k -> top_p -> min_p -> softmax at temperature), drawn at u.");
+        "One token id by top-k sampling (top_k -> top_p -> min_p -> softmax at temperature), drawn at u;\n"
+        "-1 if x holds a NaN or its largest value is infinite.");
   k.def("dequant_row", &dequant_row, nb::arg("dtype"), nb::arg("raw"), nb::arg("cols"),
         nb::arg("variant") = "ref", "Dequantize one row (I8: without its row scale).");
   k.def("rms_norm", &rms_norm, nb::arg("variant"), nb::arg("x"), nb::arg("w"), nb::arg("eps"));
