@@ -164,7 +164,7 @@ def _stream(f, view: memoryview, hashes, done: int, total: int, progress) -> int
     return done
 
 
-def _encode_metadata(metadata: dict) -> bytes:
+def _encode_metadata(metadata: dict, path: str) -> bytes:
     if not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
     meta = dict(metadata)
@@ -172,12 +172,12 @@ def _encode_metadata(metadata: dict) -> bytes:
         raise ValueError(f"metadata format_version must be {FORMAT_VERSION}, got {meta['format_version']!r}")
     problem = encode_problem(meta)  # json.dumps would say only "Out of range float values ..."
     if problem is not None:
-        raise BundleError(f"bad metadata: {problem}")
+        raise BundleError(f"{path}: not written: bad metadata: {problem}")
     text = json.dumps(meta, sort_keys=True, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     try:
         check_encoded(text)  # what the reader would refuse before parsing (size, nesting, ...)
     except MetadataError as e:
-        raise BundleError(f"bad metadata: {e}") from None
+        raise BundleError(f"{path}: not written: bad metadata: {e}") from None
     return text.encode("utf-8")
 
 
@@ -249,7 +249,7 @@ def write_bundle(
     Raises BundleError for metadata the reader would refuse, StorageError (an OSError, naming
     `path`) when the file cannot be written (disk full, no permission, ...)."""
     path = os.fspath(path)
-    meta = _encode_metadata(metadata)
+    meta = _encode_metadata(metadata, path)
     planned, data_bytes = _plan_tensors(tensors)
     meta_offset = HEADER_BYTES
     index_offset = meta_offset + len(meta)
@@ -287,8 +287,8 @@ def _storage_error(path: str, e: OSError) -> StorageError:
     """The OSError of a failed write, as a StorageError naming the bundle (the temporary file's
     name means nothing to the user)."""
     err = StorageError(f"cannot write {path}: {e.strerror or e}")
-    err.errno, err.filename = e.errno, path
-    return err
+    err.errno = e.errno  # for `except OSError as e: e.errno == ENOSPC`; filename and strerror stay
+    return err           # unset, or str() would become "[Errno 28] ..." instead of the message
 
 
 class _Sink:
