@@ -2,7 +2,8 @@
 
 A windowed layer's KV cache is a ring of window + chunk - 1 slots; rewinding further back than
 the ring still holds must not read overwritten keys (the session feeds the kept tokens again).
-Every windowed architecture, f32 and f16 KV, window 8 and chunk 4 (ring of 11 slots), so that a
+Every windowed architecture (Mistral, Qwen2 and Qwen3 with use_sliding_window, Phi-3, Gemma 2,
+Gemma 3 5:1), f32 and f16 KV, window 8 and chunk 4 (ring of 11 slots), so that a
 40-token prompt wraps each ring several times. Rewinds by less than a chunk, by exactly a chunk
 (the last one that is a plain truncation), by one more, by more than the window, and to 0.
 """
@@ -25,6 +26,9 @@ CASES = {
     "mistral": dict(num_hidden_layers=2, sliding_window=WINDOW, tie_word_embeddings=False),
     "qwen2": dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
                   tie_word_embeddings=False),
+    "qwen3": dict(num_hidden_layers=2, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0,
+                  tie_word_embeddings=False),
+    "phi3": dict(num_hidden_layers=2, sliding_window=WINDOW, tie_word_embeddings=False),
     "gemma2": dict(num_hidden_layers=2, sliding_window=WINDOW, query_pre_attn_scalar=16,
                    attn_logit_softcapping=20.0, final_logit_softcapping=30.0, tie_word_embeddings=True),
     "gemma3": dict(num_hidden_layers=6, sliding_window=WINDOW, query_pre_attn_scalar=16, tie_word_embeddings=True,
@@ -41,6 +45,8 @@ def _make_bundle(folder, arch: str):
 
     classes = {"mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
                "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+               "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+               "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
                "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
                "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM)}
     config_cls, model_cls = classes[arch]
