@@ -18,6 +18,7 @@ top_k, top_p and min_p both become a logit threshold; top_p's is found from a hi
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,8 +38,20 @@ class SamplingParams:
     seed: int | None = None  # same seed -> same tokens
 
     def __post_init__(self):
+        def is_int(v) -> bool:
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        def is_number(v) -> bool:
+            return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            if not is_number(getattr(self, name)):
+                raise InvalidInputError(f"SamplingParams: {name} must be a number, got {getattr(self, name)!r}")
+        for name in ("top_k", "repeat_last_n"):
+            if not is_int(getattr(self, name)):
+                raise InvalidInputError(f"SamplingParams: {name} must be an integer, got {getattr(self, name)!r}")
         checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.temperature >= 0, "temperature must be >= 0"),  # NaN fails every comparison
             (self.top_k >= 0, "top_k must be >= 0 (0 turns it off)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),

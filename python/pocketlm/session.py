@@ -71,8 +71,8 @@ class Session:
         # Sliding-window layers keep a ring of `capacity` positions (position p in slot p % capacity):
         # (capacity, window) of each layer whose ring can wrap. executor.cpp's layer_kv_capacities
         # makes it min(max_context, window + chunk - 1), so below max_context, window = capacity - chunk + 1.
-        self._rings = [(int(c), int(c) - self._chunk + 1) for c in self._state.kv_capacities
-                       if c < self.max_context]
+        calls = compiled.program.max_tokens  # rows per executor call, as the executor sizes the rings
+        self._rings = [(int(c), int(c) - calls + 1) for c in self._state.kv_capacities if c < self.max_context]
         self._valid = 0   # the first _valid tokens are in the KV cache; the rest are replayed on the next call
         self._kv_end = 0  # highest position written since the cache was last rebuilt from position 0
         self._busy = threading.Lock()

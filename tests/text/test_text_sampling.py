@@ -254,3 +254,13 @@ def test_cpp_sampler_reports_non_finite_without_raising():
     x = random_logits(10, 5000, 2.0)
     x[4321] = np.nan
     assert _core.kernels.sample_top_k(x, 40, 0.8, 0.95, 0.05, 0.5) == -1
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=float("nan")), dict(top_p=float("nan")), dict(min_p=float("nan")),
+                                 dict(repetition_penalty=float("nan")), dict(top_k=4.5), dict(top_k="40"),
+                                 dict(temperature="0.7"), dict(repeat_last_n=True), dict(top_k=-5)])
+def test_sampling_params_refuse_non_numbers_and_nan(bad):
+    from pocketlm.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="SamplingParams"):
+        SamplingParams(**bad)
