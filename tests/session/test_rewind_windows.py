@@ -147,11 +147,14 @@ def test_generate_prefix_reuse_equals_fresh_session(bundle, kv_type):
     engine = _engine(path, kv_type)
     rng = np.random.default_rng(7)
     first = rng.integers(3, engine.vocab_size, 36).tolist()
-    for keep in (35, 20, 0):  # the next prompt shares `keep` tokens with what the session holds
-        second = first[:keep] + rng.integers(3, engine.vocab_size, 5).tolist()
+    # The next prompt shares `keep` tokens with what the session holds (36 + 7 fed back): 41 is a
+    # rewind by 2 (a truncation), the others go past what the rings hold.
+    for keep in (41, 35, 20, 0):
         s = engine.create_session()
         list(s.generate(first, max_tokens=8, temperature=0))
+        second = s.tokens[:keep] + rng.integers(3, engine.vocab_size, 5).tolist()
         got = list(s.generate(second, max_tokens=8, temperature=0))
+        assert s.last_stats.reused_tokens == (keep if keep == 41 else 0)
         got_tokens = s.tokens
         fresh = engine.create_session()
         want = list(fresh.generate(second, max_tokens=8, temperature=0))
