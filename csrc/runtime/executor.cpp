@@ -9,6 +9,7 @@
 #include <initializer_list>
 #include <limits>
 #include <mutex>
+#include <new>
 #include <stdexcept>
 #include <string>
 
@@ -721,6 +722,16 @@ std::vector<int64_t> layer_kv_capacities(const Program::Impl& p, int max_context
   return cap;
 }
 
+// A reservation the OS refused, with the sizes asked for: still a std::bad_alloc (Python's
+// MemoryError), but one whose message says what was too large.
+struct ReserveError : std::bad_alloc {
+  explicit ReserveError(std::string msg) : msg_(std::move(msg)) {}
+  const char* what() const noexcept override { return msg_.c_str(); }
+
+ private:
+  std::string msg_;
+};
+
 // Bytes of every buffer a State reserves, in checked arithmetic (see checked_mul).
 struct StateSizes {
   std::vector<int64_t> kv_capacities;
@@ -1280,7 +1291,15 @@ State::State(const Program& program, int max_context, const std::string& kv_type
                                " exceeds the " + std::to_string(p.embed_positions) +
                                " positions of the model's position embeddings");
   const StateSizes sizes = state_sizes(p, max_context, kv_type == "f16");  // throws on overflow
-  impl_ = std::make_unique<Impl>(p, max_context, kv_type == "f16", sizes);
+  try {
+    impl_ = std::make_unique<Impl>(p, max_context, kv_type == "f16", sizes);
+  } catch (const std::bad_alloc&) {  // the OS refused the reservation (address space, overcommit)
+    throw ReserveError("cannot reserve memory for a session of max_context " + std::to_string(max_context) +
+                       ": KV cache " + std::to_string(sizes.kv) + " bytes (" + kv_type + "), arena " +
+                       std::to_string(sizes.arena) + " bytes, scratch " +
+                       std::to_string(sizes.act_q + sizes.up + sizes.scores + sizes.partials + sizes.pos_rows) +
+                       " bytes; a smaller max_context needs less");
+  }
 }
 
 State::~State() = default;

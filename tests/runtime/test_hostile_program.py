@@ -130,3 +130,13 @@ def test_state_sizes_that_overflow_are_refused():
     program = _core.Program(None, b.tensors, [], b.arena_bytes, 1, (1 << 16, 1, 2**31 - 1), x, 1)
     with pytest.raises(ValueError, match="KV .*overflows 64 bits"):
         _core.State(program, 2**31 - 1, "f32")
+
+
+def test_a_reservation_the_os_refuses_says_what_was_too_large():
+    # 2 x (2^31 - 1) values x 4 bytes x 2^20 positions = 2^54 bytes: no overflow, but past the
+    # 2^47-byte address space of x86-64 and arm64 user processes, so the reservation itself fails.
+    b = ProgramBuilder(1)
+    x = b.arena(8)
+    program = _core.Program(None, b.tensors, [], b.arena_bytes, 1, (1, 1, 2**31 - 1), x, 1)
+    with pytest.raises(MemoryError, match=r"max_context 1048576: KV cache 18014398501093376 bytes \(f32\)"):
+        _core.State(program, 1 << 20, "f32")
