@@ -79,6 +79,8 @@ def test_invalid_utf8_in_prompt_option(model):
     assert r.stdout == b""  # not echoed
     r = cli("chat", model, "-s", b"\xff system", "-p", "hi", "-n", 2)
     assert failed_cleanly(r, "-s/--system is not valid UTF-8", "0xff at byte 0"), r.stderr
+    r = cli("run", model, "-p", "hi", "--stop", b"ok\xe2\x82", "-n", 2)
+    assert failed_cleanly(r, "--stop is not valid UTF-8", "0xe2 at byte 2"), r.stderr
 
 
 def test_invalid_utf8_on_stdin_and_in_files(model, tmp_path):
