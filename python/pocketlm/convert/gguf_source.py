@@ -1,6 +1,9 @@
 """Read a GGUF file (llama.cpp's format) into a SourceModel.
 
-Names already are canonical. Two things change on the way in:
+The container is parsed and bounds-checked by gguf_file.py; here the metadata pocketlm reads is
+checked for type and range (against itself and the tensor table) before anything is sized by it,
+and the tensors are mapped to canonical ones. Names already are canonical. Things that change on
+the way in:
   * shapes: GGUF lists dimensions innermost first, so GGUF [K, N] is our [N, K];
   * llama Q/K rows: llama.cpp's converter permutes them so that RoPE rotates adjacent pairs
     (x0,x1),(x2,x3)...; pocketlm, like transformers, rotates (x_i, x_{i+d/2}). We undo the
@@ -13,24 +16,75 @@ Names already are canonical. Two things change on the way in:
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
 
 from pocketlm import models
-from pocketlm.convert.source import DEFAULT_GENERATION, SourceModel, SourceTensor, check_tensors
+from pocketlm.convert.gguf_file import (ARRAY, BOOL, FLOAT_TYPES, INTEGER_TYPES, MAGIC, STRING, GGUFFile,
+                                        TensorInfo)
+from pocketlm.convert.source import DEFAULT_GENERATION, SourceModel, SourceTensor, check_tensors, shown
 from pocketlm.dtypes import DType
 from pocketlm.errors import BundleError, ConversionError, UnsupportedModelError
 
-GGUF_MAGIC = b"GGUF"
+GGUF_MAGIC = MAGIC
 
 # GGUF types pocketlm stores unchanged (same block layout, same dequantized values).
 _NATIVE = {name: DType[name] for name in
            ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")}
 
-# With quant=None, GGUF types pocketlm has no kernels for (Q2_K, Q3_K, Q8_K, i-quants, ternary
-# types) are requantized to this type, which adds far less error than the source's own quantization.
+# With quant=None, GGUF types pocketlm has no kernels for (Q2_K, Q3_K, i-quants, ternary types, ...)
+# are requantized to this type, which adds far less error than the source's own quantization.
 _KEEP_FALLBACK = DType.Q8_0
+
+# Positions are C ints in the executor.
+MAX_CONTEXT = (1 << 31) - 1
+_F32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
+
+# --- the metadata pocketlm reads: its type ------------------------------------------------------------------------
+# "int", "float" (an integer is accepted too), "str", "bool", "<kind>[]" for an array; a tuple: any of these.
+# "{arch}." keys are listed by the part after the architecture name.
+_ARCH_KEY_KINDS = {
+    "block_count": "int", "context_length": "int", "embedding_length": "int", "feed_forward_length": "int",
+    "vocab_size": "int", "attention.head_count": "int", "attention.head_count_kv": "int",
+    "attention.key_length": "int", "attention.value_length": "int", "rope.dimension_count": "int",
+    "attention.sliding_window": "int", "attention.sliding_window_pattern": ("int", "bool[]"),
+    "rope.scaling.original_context_length": "int",
+    "attention.layer_norm_rms_epsilon": "float", "attention.layer_norm_epsilon": "float",
+    "rope.freq_base": "float", "rope.freq_base_swa": "float", "rope.scaling.factor": "float",
+    "rope.scaling.attn_factor": "float", "attn_logit_softcapping": "float", "final_logit_softcapping": "float",
+    "rope.scaling.type": "str",
+}
+_TOKEN_ID_KEYS = tuple(f"tokenizer.ggml.{k}_token_id" for k in ("bos", "eos", "eot", "eom", "padding", "unknown"))
+_KEY_KINDS = {
+    "general.architecture": "str",
+    "tokenizer.ggml.model": "str", "tokenizer.ggml.pre": "str", "tokenizer.chat_template": "str",
+    "tokenizer.ggml.tokens": "str[]", "tokenizer.ggml.token_type": "int[]", "tokenizer.ggml.scores": "float[]",
+    "tokenizer.ggml.merges": "str[]",
+    "tokenizer.ggml.add_bos_token": "bool", "tokenizer.ggml.add_eos_token": "bool",
+    "tokenizer.ggml.add_space_prefix": "bool",
+    **{k: "int" for k in _TOKEN_ID_KEYS},
+    "general.sampling.temp": "float", "general.sampling.top_k": "int", "general.sampling.top_p": "float",
+    "general.sampling.min_p": "float", "general.sampling.penalty_repeat": "float",
+}
+_NOUNS = {"int": "integer", "float": "number", "str": "string", "bool": "boolean"}
+
+
+def _kind(gguf_type: int) -> str:
+    if gguf_type in INTEGER_TYPES:
+        return "int"
+    if gguf_type in FLOAT_TYPES:
+        return "float"
+    return {STRING: "str", BOOL: "bool"}[gguf_type]
+
+
+def _describe(kind: str) -> str:
+    """"int" -> "an integer", "str[]" -> "an array of strings"."""
+    if kind.endswith("[]"):
+        return f"an array of {_NOUNS[kind[:-2]]}s"
+    noun = _NOUNS[kind]
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
 def is_gguf_file(path: Path) -> bool:
@@ -57,28 +111,133 @@ def rope_unpermute_rows(n_rows: int, n_heads: int) -> np.ndarray:
     return np.arange(n_rows).reshape(n_heads, half, 2).swapaxes(1, 2).reshape(-1)
 
 
-def _kv_metadata(reader) -> dict:
-    """GGUF key -> python value; the big tokenizer arrays are skipped (the tokenizer module reads them)."""
-    from gguf import GGUFValueType
+def _architecture(gf: GGUFFile):
+    """The model module for the file's general.architecture."""
+    arch = None
+    if "general.architecture" in gf.fields:
+        if gf.fields["general.architecture"].type != STRING:
+            raise BundleError(f"{gf.name}: GGUF metadata 'general.architecture' is not a string")
+        arch = gf.value("general.architecture", max_string=256)
+    module = next((m for m in models.REGISTRY.values() if arch in getattr(m, "GGUF_ARCHS", ())), None)
+    if module is None:
+        supported = sorted(a for m in models.REGISTRY.values() for a in getattr(m, "GGUF_ARCHS", ()))
+        what = "names no architecture" if arch is None else f"architecture {shown(arch)} is not supported"
+        raise UnsupportedModelError(f"{gf.name}: GGUF {what} (supported: {', '.join(supported)})")
+    return arch, module
 
+
+def _metadata(gf: GGUFFile, arch: str) -> dict:
+    """GGUF key -> Python value: every scalar and string, and the arrays a model or the tokenizer
+    reads ("tokenizer.*" and "<arch>.*"); the keys pocketlm reads are checked for type first."""
     kv = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and field.types and field.types[0] == GGUFValueType.ARRAY:
-            continue
-        try:
-            kv[key] = field.contents()
-        except Exception:  # a value gguf cannot decode is one we do not use
-            continue
+    for key, field in gf.fields.items():
+        want = _KEY_KINDS.get(key) or (_ARCH_KEY_KINDS.get(key[len(arch) + 1:]) if key.startswith(arch + ".")
+                                       else None)
+        have = _kind(field.elem_type) + "[]" if field.type == ARRAY else _kind(field.type)
+        if want is not None:
+            wants = want if isinstance(want, tuple) else (want,)
+            if not any(have == w or (have, w) in (("int", "float"), ("int[]", "float[]")) for w in wants):
+                raise BundleError(f"{gf.name}: GGUF metadata {shown(key)} is {_describe(have)}; "
+                                  f"{' or '.join(_describe(w) for w in wants)} is expected")
+        if field.type == ARRAY and not (key.startswith("tokenizer.") or key.startswith(arch + ".")):
+            continue  # never read: never decoded
+        kv[key] = gf.value(key)
     return kv
 
 
-def _open(path: Path):
-    import gguf
+def _check_metadata(kv: dict, arch: str, gf: GGUFFile) -> None:
+    """The values pocketlm reads are in range, against each other and the tensor table, before any
+    list, graph or buffer is sized by them."""
+    origin = gf.name
+    n_tensors = len(gf.tensors)
+    largest = max((d for t in gf.tensors for d in t.dims), default=0)  # every size below is some tensor's
 
+    def bad(key: str, must: str):
+        raise BundleError(f"{origin}: GGUF metadata {shown(key)} is {kv[key]!r}; it must be {must}")
+
+    def int_in(key: str, lo: int, hi: int, why: str = "") -> None:
+        if key in kv and not lo <= kv[key] <= hi:
+            bad(key, f"in {lo}..{hi}{why}")
+
+    def float_ok(key: str, ok, must: str) -> None:
+        if key in kv and not (math.isfinite(kv[key]) and ok(kv[key])):
+            bad(key, must)
+
+    a = arch + "."
+    int_in(a + "block_count", 1, n_tensors, " (each layer has tensors)")
+    for size in ("embedding_length", "feed_forward_length", "vocab_size", "attention.head_count",
+                 "attention.head_count_kv", "attention.key_length", "attention.value_length",
+                 "rope.dimension_count"):
+        int_in(a + size, 1, largest, " (the largest tensor dimension)")
+    int_in(a + "context_length", 1, MAX_CONTEXT)
+    int_in(a + "attention.sliding_window", 0, kv.get(a + "context_length", MAX_CONTEXT), " (the context length)")
+    int_in(a + "rope.scaling.original_context_length", 0, MAX_CONTEXT)
+    if kv.get(a + "rope.scaling.original_context_length") == 1:
+        bad(a + "rope.scaling.original_context_length", "0 (none) or at least 2")
+    heads, kv_heads = kv.get(a + "attention.head_count"), kv.get(a + "attention.head_count_kv")
+    if heads is not None and kv_heads is not None and heads % kv_heads:
+        bad(a + "attention.head_count_kv", f"a divisor of attention.head_count ({heads})")
+    hidden = kv.get(a + "embedding_length")
+    if heads is not None and hidden is not None and a + "attention.key_length" not in kv and hidden < heads:
+        bad(a + "attention.head_count", f"at most embedding_length ({hidden}) when key_length is not given")
+    pattern = kv.get(a + "attention.sliding_window_pattern")
+    if isinstance(pattern, list) and len(pattern) != kv.get(a + "block_count"):
+        raise BundleError(f"{origin}: GGUF metadata {a}attention.sliding_window_pattern has {len(pattern)} "
+                          f"entries for {kv.get(a + 'block_count')} layers")
+    if isinstance(pattern, int):
+        int_in(a + "attention.sliding_window_pattern", 0, MAX_CONTEXT)
+
+    for eps in ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon"):
+        float_ok(a + eps, lambda v: _F32_TINY <= v <= 1, f"a number in [{_F32_TINY:.3g}, 1] (a normal float32)")
+    for base in ("rope.freq_base", "rope.freq_base_swa"):
+        float_ok(a + base, lambda v: v >= 1, "a finite number >= 1")
+    for key in ("rope.scaling.factor", "rope.scaling.attn_factor"):
+        float_ok(a + key, lambda v: v > 0, "a finite number > 0")
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        float_ok(a + cap, lambda v: v >= 0, "a finite number >= 0 (0: none)")
+
+    float_ok("general.sampling.temp", lambda v: v >= 0, "a finite number >= 0")
+    float_ok("general.sampling.top_p", lambda v: 0 <= v <= 1, "in [0, 1]")
+    float_ok("general.sampling.min_p", lambda v: 0 <= v <= 1, "in [0, 1]")
+    float_ok("general.sampling.penalty_repeat", lambda v: v > 0, "a finite number > 0")
+    int_in("general.sampling.top_k", 0, MAX_CONTEXT)
+
+    tokens = kv.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        vocab = kv.get(a + "vocab_size")
+        if not tokens or len(tokens) > (vocab or largest):
+            raise BundleError(f"{origin}: GGUF metadata tokenizer.ggml.tokens has {len(tokens)} tokens; it must "
+                              f"have 1..{vocab or largest} ({'vocab_size' if vocab else 'the largest dimension'})")
+        for key in _TOKEN_ID_KEYS:
+            int_in(key, 0, len(tokens) - 1, " (the token list)")
+
+
+def _check_config(cfg: dict, gf: GGUFFile, arch: str) -> None:
+    """What the model module derived, in range too (its defaults and fallbacks included)."""
+    largest = max((d for t in gf.tensors for d in t.dims), default=0)
+    for key in ("vocab_size", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
+        v = cfg.get(key)
+        if v is not None and not 1 <= v <= largest:
+            raise BundleError(f"{gf.name}: the GGUF metadata gives {key} = {v}; it must be in 1..{largest} "
+                              "(the largest tensor dimension)")
+    rope_dim, head_dim = cfg.get("rope_dim"), cfg.get("head_dim")
+    if rope_dim is not None and not (rope_dim % 2 == 0 and 2 <= rope_dim <= head_dim):
+        raise BundleError(f"{gf.name}: the rotary dimension ({arch}.rope.dimension_count, or the head size) is "
+                          f"{rope_dim}; it must be even and in 2..{head_dim} (the head size)")
+
+
+def _config(module, kv: dict, gf: GGUFFile, arch: str) -> dict:
     try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError/IndexError/... on damaged files
-        raise BundleError(f"{path.name}: cannot read the GGUF file, it is truncated or corrupt ({e})") from None
+        cfg = module.config_from_gguf(kv)
+    except (UnsupportedModelError, BundleError, ConversionError):
+        raise
+    except (ArithmeticError, TypeError, ValueError, KeyError) as e:
+        # The checks above leave nothing known to fail here; a model module that reads a key they
+        # do not cover still gives one clean line rather than a traceback.
+        raise BundleError(f"{gf.name}: the GGUF metadata does not describe a valid {arch} model "
+                          f"({type(e).__name__}: {shown(str(e))})") from None
+    _check_config(cfg, gf, arch)
+    return cfg
 
 
 def _special_tokens(kv: dict) -> dict:
@@ -110,61 +269,73 @@ def _generation(kv: dict) -> dict:
     return out
 
 
+def _source_types() -> frozenset[str]:
+    """GGUF tensor types pocketlm converts: its own, and those gguf's numpy code can dequantize."""
+    from gguf.quants import _type_traits
+
+    return frozenset(_NATIVE) | frozenset(t.name for t in _type_traits)
+
+
+def _check_tensor_types(gf: GGUFFile) -> None:
+    supported = _source_types()
+    for t in gf.tensors:
+        if t.type_name not in supported:
+            raise UnsupportedModelError(
+                f"{gf.name}: tensor {shown(t.name)} has GGUF type {t.type_name}, which pocketlm cannot convert "
+                f"(supported: {', '.join(sorted(supported))})")
+
+
 def read_gguf(path: Path) -> SourceModel:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize as gguf_dequantize
 
-    from pocketlm.tokenizer import gguf_tokenizer_fields, tokenizer_json_from_gguf
+    from pocketlm.tokenizer import tokenizer_json_from_gguf
 
     path = Path(path)
     origin = path.name
-    reader = _open(path)
-    kv = _kv_metadata(reader)
-    gguf_arch = kv.get("general.architecture")
-    module = next((m for m in models.REGISTRY.values() if gguf_arch in getattr(m, "GGUF_ARCHS", ())), None)
-    if module is None:
-        supported = sorted(a for m in models.REGISTRY.values() for a in getattr(m, "GGUF_ARCHS", ()))
-        raise UnsupportedModelError(
-            f"{origin}: GGUF architecture {gguf_arch!r} is not supported (supported: {', '.join(supported)})")
-    if f"{gguf_arch}.vocab_size" not in kv and "tokenizer.ggml.tokens" in reader.fields:
-        kv["tokenizer.ggml.tokens"] = reader.fields["tokenizer.ggml.tokens"].contents()
-    cfg = module.config_from_gguf(kv)
+    gf = GGUFFile(path)
+    gguf_arch, module = _architecture(gf)
+    _check_tensor_types(gf)
+    kv = _metadata(gf, gguf_arch)
+    _check_metadata(kv, gguf_arch, gf)
+    cfg = _config(module, kv, gf, gguf_arch)
 
-    file_bytes = path.stat().st_size
-    by_name = {t.name: t for t in reader.tensors}
+    by_name = {t.name: t for t in gf.tensors}
     cfg["tie_embeddings"] = "output.weight" not in by_name
     cfg["attn_bias"] = "blk.0.attn_q.bias" in by_name
     cfg["rope_freq_factors"] = "rope_freqs.weight" in by_name
 
     tensors: list[SourceTensor] = []
     keep_fallback: dict[str, DType] = {}
-    for t in reader.tensors:
-        if int(t.data_offset) + int(t.n_bytes) > file_bytes:
-            raise BundleError(f"{origin}: tensor {t.name!r} lies beyond the end of the file (truncated?)")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        qtype = GGMLQuantizationType(t.tensor_type)
-        type_name = qtype.name
+    for t in gf.tensors:
+        shape = t.shape
+        qtype = GGMLQuantizationType(t.type_id)
+        n_rows = shape[0] if len(shape) > 1 else 1
+
+        def raw_rows(t: TensorInfo = t, n_rows: int = n_rows) -> np.ndarray:
+            """[rows, row_bytes]: every dimension but the outermost lies inside a row."""
+            return gf.tensor_bytes(t).reshape(n_rows, -1)
 
         # Usually one canonical tensor per GGUF tensor; an architecture may split fused ones by rows.
         pieces = [(t.name, None)]
         if hasattr(module, "gguf_tensors"):
-            def load_whole(t=t, qtype=qtype, shape=shape) -> np.ndarray:
-                raw = np.asarray(t.data).reshape(-1).view(np.uint8).reshape(shape[0] if len(shape) > 1 else 1, -1)
-                return np.asarray(gguf_dequantize(np.ascontiguousarray(raw), qtype), dtype=np.float32).reshape(shape)
+            def load_whole(raw_rows=raw_rows, qtype=qtype, shape=shape) -> np.ndarray:
+                return np.asarray(gguf_dequantize(np.ascontiguousarray(raw_rows()), qtype),
+                                  dtype=np.float32).reshape(shape)
             pieces = module.gguf_tensors(t.name, shape, cfg, load_whole)
         for name, sel in pieces:
             order = None if sel is None else np.arange(shape[0])[sel]
-            if gguf_arch == "llama" and (name.endswith(".attn_q.weight") or name.endswith(".attn_q.bias")):
-                order = rope_unpermute_rows(shape[0], cfg["n_heads"])
-            elif gguf_arch == "llama" and (name.endswith(".attn_k.weight") or name.endswith(".attn_k.bias")):
-                order = rope_unpermute_rows(shape[0], cfg["n_kv_heads"])
-            if order is not None and shape[0] % (2 * (cfg["n_heads"] if ".attn_q." in name else cfg["n_kv_heads"])):
-                raise ConversionError(f"{origin}: tensor {name!r} has {shape[0]} rows, not a whole number of heads")
+            if gguf_arch == "llama" and name.endswith((".attn_q.weight", ".attn_q.bias", ".attn_k.weight",
+                                                       ".attn_k.bias")):
+                heads = cfg["n_heads"] if ".attn_q." in name else cfg["n_kv_heads"]
+                if shape[0] % (2 * heads):
+                    raise ConversionError(f"{origin}: tensor {shown(name)} has {shape[0]} rows, not a whole "
+                                          f"number of heads of even size ({heads} heads)")
+                order = rope_unpermute_rows(shape[0], heads)
 
-            def rows(t=t, shape=shape, order=order) -> np.ndarray:  # shape: the whole GGUF tensor's
+            def rows(raw_rows=raw_rows, shape=shape, order=order) -> np.ndarray:  # shape: the whole tensor's
                 """The tensor's raw bytes as [rows, row_bytes], Q/K rows reordered."""
-                n_rows = shape[0] if len(shape) > 1 else 1
-                raw = np.asarray(t.data).reshape(-1).view(np.uint8).reshape(n_rows, -1)
+                raw = raw_rows()
                 if order is not None:
                     if len(shape) == 1:  # a bias: reorder its elements
                         return raw.reshape(shape[0], -1)[order].reshape(1, -1)
@@ -176,12 +347,12 @@ def read_gguf(path: Path) -> SourceModel:
             def load_f32(rows=rows, qtype=qtype, shape=piece_shape) -> np.ndarray:
                 return np.asarray(gguf_dequantize(np.ascontiguousarray(rows()), qtype), dtype=np.float32).reshape(shape)
 
-            native = _NATIVE.get(type_name)
+            native = _NATIVE.get(t.type_name)
             tensors.append(SourceTensor(
                 name=name,
                 shape=piece_shape,
                 load_f32=load_f32,
-                source_type=type_name,
+                source_type=t.type_name,
                 native=native,
                 load_native=(lambda rows=rows: np.ascontiguousarray(rows()).reshape(-1))
                 if native is not None else None,
@@ -190,8 +361,9 @@ def read_gguf(path: Path) -> SourceModel:
                 keep_fallback[name] = _KEEP_FALLBACK
     check_tensors(tensors, cfg, origin, module.ARCH)
 
+    fields = {k: v for k, v in kv.items() if k.startswith("tokenizer.") or k == "general.architecture"}
     try:
-        tokenizer_json = tokenizer_json_from_gguf(gguf_tokenizer_fields(reader))
+        tokenizer_json = tokenizer_json_from_gguf(fields)
     except (UnsupportedModelError, BundleError, ConversionError):
         raise
     except Exception as e:

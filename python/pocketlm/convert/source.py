@@ -22,6 +22,17 @@ DEFAULT_GENERATION = {
     "max_tokens": 512,
 }
 
+# Names and keys read from a file are shown in messages up to this many characters.
+SHOWN_CHARS = 80
+
+
+def shown(text: str) -> str:
+    """`text` quoted for an error message, shortened when long: a name read from a hostile file may
+    be megabytes long, and a message must stay one readable line."""
+    if len(text) <= SHOWN_CHARS:
+        return repr(text)
+    return f"{text[:SHOWN_CHARS]!r}... ({len(text)} characters)"
+
 
 @dataclass
 class SourceTensor:
@@ -101,10 +112,11 @@ def check_tensors(tensors: list[SourceTensor], cfg: dict, origin: str, arch: str
         raise ConversionError(f"{origin}: duplicate tensor names after renaming")
     for name, t in have.items():
         if name not in want:
-            raise ConversionError(f"{origin}: unexpected tensor {name!r} for this {cfg.get('n_layers')}-layer config")
+            raise ConversionError(
+                f"{origin}: unexpected tensor {shown(name)} for this {cfg.get('n_layers')}-layer config")
         if tuple(t.shape) != want[name]:
             raise ConversionError(
-                f"{origin}: tensor {name!r} has shape {list(t.shape)}, the config implies {list(want[name])}"
+                f"{origin}: tensor {shown(name)} has shape {list(t.shape)}, the config implies {list(want[name])}"
             )
     missing = [n for n in want if n not in have]
     if missing:
