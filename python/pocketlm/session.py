@@ -63,7 +63,7 @@ class Session:
         self.max_context = int(max_context)
         compiled = engine.compiled_for(logits)
         self.logits_mode = logits
-        self._chunk = compiled.plan.max_tokens
+        self._chunk = compiled.program.max_tokens  # rows per executor call
         self._state = _core.State(compiled.program, self.max_context, engine.kv_type)
         self._tokens: list[int] = []
         self._last_logits: np.ndarray | None = None
@@ -71,8 +71,8 @@ class Session:
         # Sliding-window layers keep a ring of `capacity` positions (position p in slot p % capacity):
         # (capacity, window) of each layer whose ring can wrap. executor.cpp's layer_kv_capacities
         # makes it min(max_context, window + chunk - 1), so below max_context, window = capacity - chunk + 1.
-        calls = compiled.program.max_tokens  # rows per executor call, as the executor sizes the rings
-        self._rings = [(int(c), int(c) - calls + 1) for c in self._state.kv_capacities if c < self.max_context]
+        self._rings = [(int(c), int(c) - self._chunk + 1) for c in self._state.kv_capacities
+                       if c < self.max_context]
         self._valid = 0   # the first _valid tokens are in the KV cache; the rest are replayed on the next call
         self._kv_end = 0  # highest position written since the cache was last rebuilt from position 0
         self._busy = threading.Lock()
@@ -94,7 +94,7 @@ class Session:
     # ---- low level ---------------------------------------------------------
     @property
     def position(self) -> int:
-        """Number of tokens in the KV cache (the position of the next token)."""
+        """Number of tokens the session holds (the position of the next token)."""
         return len(self._tokens)
 
     @property
