@@ -2,10 +2,12 @@
 
 The writer streams: tensor bytes are produced one tensor at a time by `TensorSpec.load()`, hashed
 while written, and dropped, so converting a large model never holds all weights in memory. It
-writes to a temporary file next to the target and renames it into place only once complete.
+writes to a temporary file next to the target and renames it into place only once complete (and
+only once an optional check, the loader's, accepts it).
 
 The reader is a thin layer over `_core.Bundle` (csrc/format/bundle_reader.cpp), which maps the
-file and validates every byte it relies on; this module only parses the metadata JSON.
+file and validates every byte it relies on; the metadata JSON is parsed and range-checked by
+pocketlm.metadata.
 """
 
 from __future__ import annotations

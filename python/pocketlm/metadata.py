@@ -65,9 +65,8 @@ _CONFIG_INTS = {  # key -> (lowest, highest)
     "max_position": (1, MAX_POSITIONS),
 }
 _CONFIG_EPS = ("rms_eps", "norm_eps")
-# Positive floats; softcaps and query_pre_attn_scalar may also be null (softcaps also 0: off).
+# Positive floats. All but rope_theta may be null (absent); softcaps may also be 0 (off).
 _CONFIG_POSITIVE = ("rope_theta", "rope_local_theta", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
-_CONFIG_OPTIONAL_OFF = ("rope_local_theta", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
 _CONFIG_FLAGS = ("tie_embeddings", "attn_bias", "qk_norm", "post_norms", "rope_freq_factors",
                  "scale_attn_weights", "scale_attn_by_inverse_layer_idx")
 
@@ -258,6 +257,13 @@ def _window_problem(key: str, v: Any) -> str | None:
     return None
 
 
+def _is_off(key: str, v: Any) -> bool:
+    """A float entry left out: null (all but rope_theta), or 0 for a softcap."""
+    if key == "rope_theta":
+        return False
+    return v is None or (key.endswith("softcap") and _is_number(v) and v == 0)
+
+
 def config_problem(cfg: dict) -> str | None:
     """The first entry of a model config outside its type or range, or an inconsistency between
     entries that the executor's sizes rely on; None if there is none. Which entries an
@@ -275,7 +281,7 @@ def config_problem(cfg: dict) -> str | None:
     lo, hi = POSITIVE_RANGE
     for key in _CONFIG_POSITIVE:
         v = cfg.get(key)
-        if key not in cfg or (key in _CONFIG_OPTIONAL_OFF and v in (None, 0)):
+        if key not in cfg or _is_off(key, v):
             continue
         if not _positive(v, lo, hi):
             return f"config.{key} must be a finite number > 0, in [{lo:g}, {hi:g}], got {v!r}"
