@@ -1,8 +1,10 @@
 """Chat messages -> prompt text, with the model's Jinja chat template.
 
 Templates come with the model (tokenizer_config.json or GGUF metadata) and are untrusted, so they run in
-jinja2's immutable sandbox. The environment mirrors transformers' `apply_chat_template`, so a template
-renders here exactly as it does there: trim_blocks and lstrip_blocks, the loopcontrols extension,
+a jinja2 sandbox: jinja2's immutable one, extended in chat_sandbox.py to bound rendering time, the size
+of every value and of the output (a hostile template fails with ChatTemplateError naming the limit).
+The environment mirrors transformers' `apply_chat_template`, so a template renders here exactly as it
+does there: trim_blocks and lstrip_blocks, the loopcontrols extension,
 `raise_exception(msg)`, a `tojson` filter that keeps non-ASCII as is and takes indent/separators/sort_keys,
 `strftime_now(fmt)`, and the `{% generation %}` block tag (rendered as its plain content).
 """
@@ -38,8 +40,8 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
         raise ValueError("tools must be a list of dicts (JSON schemas)")
     compiled = _compile(template)
     try:
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token, eos_token=eos_token, tools=tools, **extra)
+        return _environment().render(compiled, messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=bos_token, eos_token=eos_token, tools=tools, **extra)
     except ChatTemplateError:
         raise
     except Exception as e:  # jinja2 errors, and Python errors raised inside the sandbox
@@ -65,7 +67,12 @@ def _check_messages(messages: Any) -> None:
 def _describe(e: BaseException) -> str:
     line = getattr(e, "lineno", None)
     where = f" (template line {line})" if line else ""
-    return f"{type(e).__name__}: {e}{where}"
+    return f"{type(e).__name__}: {_clip(str(e))}{where}"
+
+
+def _clip(text: str, limit: int = 500) -> str:
+    """Error messages quote template values, which may be huge: keep their start."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 @lru_cache(maxsize=16)
@@ -73,7 +80,7 @@ def _compile(template: str):
     if not isinstance(template, str):
         raise ChatTemplateError(f"chat template must be a string, not {type(template).__name__}")
     try:
-        return _environment().from_string(template)
+        return _environment().compile_template(template)
     except Exception as e:
         raise ChatTemplateError(f"chat template does not compile: {_describe(e)}") from e
 
@@ -82,7 +89,8 @@ def _compile(template: str):
 def _environment():
     import jinja2
     from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from pocketlm.chat_sandbox import BoundedSandbox, _charge, _printed_size
 
     class GenerationTag(Extension):
         """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; here it is a no-op."""
@@ -98,18 +106,21 @@ def _environment():
             return caller()
 
     def raise_exception(message):
-        raise ChatTemplateError(f"chat template raised: {message}")
+        text = str(message) if _printed_size(message) < 10_000 else "..."
+        raise ChatTemplateError(f"chat template raised: {_clip(text)}")
 
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         # Unlike jinja2's own tojson: no HTML escaping, non-ASCII kept (what templates were written against).
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     def strftime_now(fmt):
+        if isinstance(fmt, str):
+            _charge(16 * len(fmt))  # a directive is 2 characters and prints at most ~30
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, loopcontrols])
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
     env.filters["tojson"] = tojson
+    env.guard_filters()
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     return env
