@@ -97,9 +97,14 @@ def _text_arg(value: str | None, option: str) -> str | None:
     return _utf8(raw, option)
 
 
+def _universal_newlines(text: str) -> str:
+    """\r\n and \r as \n, as a file opened in text mode reads them (what these inputs were before)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
 def _read_text_file(path: str) -> str:
     with open(path, "rb") as f:
-        return _utf8(f.read(), path)
+        return _universal_newlines(_utf8(f.read(), path))
 
 
 def _check_text_args(a: argparse.Namespace) -> None:
@@ -146,7 +151,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         if a.file:
             prompt = _read_text_file(a.file)
         elif not sys.stdin.isatty():
-            prompt = _utf8(sys.stdin.buffer.read(), "standard input")
+            prompt = _universal_newlines(_utf8(sys.stdin.buffer.read(), "standard input"))
         else:
             print("pocketlm run: give a prompt with -p, -f FILE or on standard input", file=sys.stderr)
             return 2
