@@ -160,3 +160,24 @@ def test_generate_prefix_reuse_equals_fresh_session(bundle, kv_type):
         want = list(fresh.generate(second, max_tokens=8, temperature=0))
         assert got == want and got_tokens == fresh.tokens, (arch, keep)
         assert s.last_stats.prompt_tokens + s.last_stats.reused_tokens == len(second)
+
+
+def test_rewind_with_all_logits_returns_only_the_new_rows(bundle):
+    """A replay after a rewind feeds the kept tokens again; forward() and score() still return rows
+    for the tokens given, equal to a fresh session's rows for the same positions."""
+    arch, path = bundle
+    engine = _engine(path, "f32")
+    rng = np.random.default_rng(8)
+    prompt = rng.integers(3, engine.vocab_size, 40).tolist()
+    more = rng.integers(3, engine.vocab_size, 6).tolist()
+    s = engine.create_session(logits="all")
+    s.forward(prompt)
+    s.rewind(21)
+    got = s.forward(more)
+    fresh = engine.create_session(logits="all").forward(prompt[:21] + more)[21:]
+    assert got.shape == (6, engine.vocab_size)
+    np.testing.assert_allclose(got, fresh, rtol=0, atol=_tol(fresh), err_msg=arch)
+    s.rewind(21)
+    scores = s.score(more)
+    want = engine.create_session(logits="all").score(prompt[:21] + more)[21:]
+    np.testing.assert_allclose(scores[1:], want[1:], rtol=0, atol=1e-4)
