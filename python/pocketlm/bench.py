@@ -126,6 +126,16 @@ class _Workload:
         self.gen = rng.integers(0, vocab, cfg.n_gen).tolist()
 
 
+def _rewind_untimed(session, position: int) -> None:
+    """Rewinds to `position`; if a sliding-window ring no longer holds what that needs, rebuilds the
+    cache now, so that the timed step after it measures only itself."""
+    session.rewind(position)
+    if session.cached_tokens < position:
+        kept = session.tokens
+        session.reset()
+        session.prefill(kept)
+
+
 def _rep(engine, session, w: _Workload, cfg: BenchConfig, rep_seed: int) -> dict:
     d, p = cfg.depth, cfg.n_prompt
     out: dict = {}
@@ -134,14 +144,14 @@ def _rep(engine, session, w: _Workload, cfg: BenchConfig, rep_seed: int) -> dict
         session.prefill(w.context)  # untimed: the depth the measured steps start from
 
     # pp: prefill p tokens at depth d
-    session.rewind(d)
+    _rewind_untimed(session, d)
     t0 = time.perf_counter()
     session.prefill(w.prompt)
     out["pp_tok_s"] = p / (time.perf_counter() - t0)
 
     # tg: n decode steps at depth d, fixed tokens (no sampling)
     if cfg.n_gen:
-        session.rewind(d)
+        _rewind_untimed(session, d)
         t0 = time.perf_counter()
         for tok in w.gen:
             session.decode(tok)
@@ -153,7 +163,7 @@ def _rep(engine, session, w: _Workload, cfg: BenchConfig, rep_seed: int) -> dict
     steps = 0
     ttft = None
     for attempt in range(4):  # a random model may sample EOS early: top up with other seeds
-        session.rewind(d)
+        _rewind_untimed(session, d)
         pieces = session.generate(w.context + w.prompt, max_tokens=max(cfg.n_gen, 1),
                                   seed=rep_seed * 101 + attempt)
         for _ in pieces:
@@ -164,7 +174,7 @@ def _rep(engine, session, w: _Workload, cfg: BenchConfig, rep_seed: int) -> dict
         fed = session.tokens[d + p:]
         if fed:
             gen_s += st.decode_seconds
-            session.rewind(d + p)
+            _rewind_untimed(session, d + p)
             t0 = time.perf_counter()
             for tok in fed:
                 session.decode(tok)

@@ -98,6 +98,13 @@ class Session:
         return len(self._tokens)
 
     @property
+    def cached_tokens(self) -> int:
+        """Leading tokens whose keys and values are in the KV cache. Equal to `position` except
+        after a rewind past what a sliding-window ring still holds: the next call then feeds the
+        rest again first."""
+        return self._valid
+
+    @property
     def tokens(self) -> list[int]:
         return list(self._tokens)
 

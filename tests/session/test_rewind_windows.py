@@ -181,3 +181,26 @@ def test_rewind_with_all_logits_returns_only_the_new_rows(bundle):
     scores = s.score(more)
     want = engine.create_session(logits="all").score(prompt[:21] + more)[21:]
     np.testing.assert_allclose(scores[1:], want[1:], rtol=0, atol=1e-4)
+
+
+def test_cached_tokens_and_bench_rewind(bundle):
+    """`cached_tokens` says when a rewind left tokens to replay, and bench's untimed rewind rebuilds
+    them before the timed step, so that the step's logits equal a fresh session's."""
+    from pocketlm.bench import _rewind_untimed
+
+    _, path = bundle
+    engine = _engine(path, "f32")
+    ids = np.random.default_rng(5).integers(3, TINY["vocab_size"], 40).tolist()
+    s = engine.create_session()
+    s.prefill(ids)
+    assert s.cached_tokens == 40
+    s.rewind(40 - CHUNK)  # within every ring
+    assert s.cached_tokens == s.position == 40 - CHUNK
+    s.rewind(20)          # past the rings
+    assert (s.position, s.cached_tokens) == (20, 0)
+    _rewind_untimed(s, 10)
+    assert s.cached_tokens == s.position == 10
+    got = s.decode(ids[10])
+    fresh = engine.create_session()
+    want = fresh.prefill(ids[:11])
+    np.testing.assert_allclose(got, want, atol=_tol(want), rtol=0)
