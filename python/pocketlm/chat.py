@@ -16,7 +16,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from pocketlm.errors import ChatTemplateError
+from pocketlm.errors import ChatTemplateError, InvalidInputError
 
 # ChatML, for bundles whose model has no template of its own.
 default_chat_template = (
@@ -31,13 +31,16 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
                 eos_token: str = "", tools: list[dict] | None = None, **extra: Any) -> str:
     """The prompt text for `messages` (dicts with string "role" and "content").
 
+    Raises InvalidInputError (a ValueError) for malformed messages or tools, ChatTemplateError when
+    the template does not compile, fails, or goes over a limit of chat_sandbox.py.
+
     add_generation_prompt appends the header of an assistant turn, so that the model answers next.
     bos_token/eos_token are the strings templates may write themselves; tools are JSON schemas for
     templates that support tool calling; `extra` is passed to the template as further variables.
     """
     _check_messages(messages)
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        raise ValueError("tools must be a list of dicts (JSON schemas)")
+        raise InvalidInputError("tools must be a list of dicts (JSON schemas)")
     compiled = _compile(template)
     try:
         return _environment().render(compiled, messages=messages, add_generation_prompt=add_generation_prompt,
@@ -50,18 +53,19 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
 
 def _check_messages(messages: Any) -> None:
     if not isinstance(messages, list):
-        raise ValueError(f"messages must be a list of dicts, not {type(messages).__name__}")
+        raise InvalidInputError(f"messages must be a list of dicts, not {type(messages).__name__}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ValueError(f"messages[{i}] must be a dict, not {type(m).__name__}")
+            raise InvalidInputError(f"messages[{i}] must be a dict, not {type(m).__name__}")
         role, content = m.get("role"), m.get("content")
         if not isinstance(role, str) or not role:
-            raise ValueError(f"messages[{i}] needs a non-empty string 'role', got {role!r}")
+            raise InvalidInputError(f"messages[{i}] needs a non-empty string 'role', got {_clip(repr(role), 80)}")
         # An assistant turn that only calls tools may carry no text.
         if content is None and role == "assistant" and m.get("tool_calls"):
             continue
         if not isinstance(content, str):
-            raise ValueError(f"messages[{i}] ({role}) needs a string 'content', got {type(content).__name__}")
+            raise InvalidInputError(f"messages[{i}] ({_clip(role, 80)}) needs a string 'content', "
+                                    f"got {type(content).__name__}")
 
 
 def _describe(e: BaseException) -> str:
