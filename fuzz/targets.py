@@ -1,0 +1,372 @@
+"""Fuzz targets: for each input format, an oracle (run the input through pocketlm's public API; only a
+PocketLMError counts as a clean refusal, anything else is a finding) and a structure-aware mutator.
+
+- bundle: a .plm file, through read_bundle, describe (inspect's text), Engine and one generated
+  token. The mutator edits the metadata (as JSON, the tokenizer document inside it too), the index
+  entries, the tensor bytes or the header, then re-signs every checksum (plm_layout.py), as a
+  hostile author would; sometimes it leaves a plain byte-level mutation unsigned.
+- gguf: a .gguf file, through pocketlm.convert.convert and, when that succeeds, the bundle it wrote
+  (Engine and one token: the converter must never write a bundle the loader rejects). The mutator
+  overwrites the header counts, metadata values and tensor-table fields with boundary values.
+- chat: a JSON object {"template", "messages", "tools"} through render_chat; a render must also end
+  within the time limit. The mutator splices template fragments known to cost work.
+
+The oracles are plain functions: scripts/fuzz.sh runs them under atheris (fuzz/run.py) and
+tests/fuzz/test_corpus_replay.py replays the committed corpus through them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+import plm_layout
+
+_TMP = Path(tempfile.mkdtemp(prefix="pocketlm-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+
+INTERESTING_INTS = [0, 1, -1, 2, 3, 7, 8, 16, 31, 32, 33, 63, 64, 255, 256, 4095, 4096, 65535, 65536, 2**31 - 1,
+                    2**31, 2**32 - 1, 2**32, 2**53, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -2**31, -2**63, 10**30]
+INTERESTING_FLOATS = [0.0, -0.0, 1e-300, 1e-45, 1e30, 1e308, -1.0, 0.5, float("nan"), float("inf"), -float("inf")]
+
+
+# -- oracles -----------------------------------------------------------------------------------
+
+def _run_bundle(path: Path) -> str:
+    from pocketlm.bundle import describe, read_bundle
+    from pocketlm.engine import Engine
+
+    bundle = read_bundle(path)
+    describe(bundle)
+    engine = Engine(path, threads=1, max_context=64)
+    "".join(engine.generate("hi", max_tokens=1))
+    return "generated"
+
+
+def check_bundle(data: bytes) -> str:
+    """'generated' or 'refused: <error>'; any exception other than a PocketLMError propagates."""
+    from pocketlm.errors import PocketLMError
+
+    path = _TMP / f"fuzz-{os.getpid()}.plm"
+    path.write_bytes(data)
+    try:
+        return _run_bundle(path)
+    except PocketLMError as e:
+        return f"refused: {type(e).__name__}"
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def check_gguf(data: bytes) -> str:
+    from pocketlm.convert import convert
+    from pocketlm.errors import PocketLMError
+
+    src, out = _TMP / f"fuzz-{os.getpid()}.gguf", _TMP / f"fuzz-{os.getpid()}-gguf.plm"
+    src.write_bytes(data)
+    try:
+        convert(src, out, progress=False)
+    except PocketLMError as e:
+        return f"refused: {type(e).__name__}"
+    finally:
+        src.unlink(missing_ok=True)
+    try:  # what the converter wrote, the loader must take
+        return _run_bundle(out)
+    except PocketLMError as e:
+        raise AssertionError(f"the converter wrote a bundle the loader rejects: {e}") from e
+    finally:
+        out.unlink(missing_ok=True)
+
+
+DEFAULT_MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def parse_chat(data: bytes) -> tuple[str, object, object]:
+    """(template, messages, tools) from a JSON input, or the bytes as a template."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("template"), str):
+        return doc["template"], doc.get("messages", DEFAULT_MESSAGES), doc.get("tools")
+    return data.decode("utf-8", "replace"), DEFAULT_MESSAGES, None
+
+
+def check_chat(data: bytes) -> str:
+    from pocketlm import chat_sandbox
+    from pocketlm.chat import render_chat
+    from pocketlm.errors import ChatTemplateError, InvalidInputError
+
+    template, messages, tools = parse_chat(data)
+    t0 = time.perf_counter()
+    try:
+        text = render_chat(template, messages, tools=tools)
+        outcome = f"rendered {len(text)}"
+    except (ChatTemplateError, InvalidInputError) as e:
+        outcome = f"refused: {type(e).__name__}"
+    elapsed = time.perf_counter() - t0
+    # Compiling and rendering each have the deadline; 1 s for one bounded step past it.
+    if elapsed > 2 * chat_sandbox.MAX_RENDER_SECONDS + 1:
+        raise AssertionError(f"render took {elapsed:.1f} s")
+    return outcome
+
+
+# -- mutators ----------------------------------------------------------------------------------
+
+def _interesting(rng: random.Random, old: object) -> object:
+    if isinstance(old, bool) or rng.random() < 0.15:
+        return rng.choice([None, True, False, "", "x" * rng.choice([1, 300, 70000]), [], {}, [1, 2], {"a": 1},
+                           "\ud800", "é\x00"])
+    if isinstance(old, int):
+        return rng.choice([rng.choice(INTERESTING_INTS), old + rng.choice([-1, 1]), old * 2, -old, old * 2**32])
+    if isinstance(old, float):
+        return rng.choice(INTERESTING_FLOATS + [old * 1e30, -old])
+    if isinstance(old, str):
+        return rng.choice([old[: len(old) // 2], old * 2, old + "\x00", "", str(rng.choice(INTERESTING_INTS))])
+    return rng.choice(INTERESTING_INTS + INTERESTING_FLOATS)
+
+
+def _paths(doc: object, prefix: tuple = (), out: list | None = None) -> list:
+    out = [] if out is None else out
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out.append(prefix + (k,))
+            _paths(v, prefix + (k,), out)
+    elif isinstance(doc, list) and doc:
+        for i in sorted({0, len(doc) - 1, len(doc) // 2}):
+            out.append(prefix + (i,))
+            _paths(doc[i], prefix + (i,), out)
+    return out
+
+
+def mutate_json(doc: object, rng: random.Random) -> object:
+    """Changes one value somewhere in `doc` (a JSON value): a boundary number, another type, a
+    deletion, a deep nesting; JSON documents held in strings (the tokenizer) are mutated as JSON."""
+    paths = _paths(doc)
+    if not paths:
+        return _interesting(rng, doc)
+    path = rng.choice(paths)
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    key, old = path[-1], parent[path[-1]]
+    action = rng.random()
+    if isinstance(old, str) and old[:1] == "{" and action < 0.5:
+        try:
+            parent[key] = json.dumps(mutate_json(json.loads(old), rng))
+            return doc
+        except (ValueError, RecursionError):
+            pass
+    if action < 0.1 and isinstance(parent, dict):
+        del parent[key]
+    elif action < 0.15:
+        nested: object = old
+        for _ in range(rng.choice([10, 400])):
+            nested = [nested]
+        parent[key] = nested
+    elif action < 0.2 and isinstance(old, list) and old:
+        parent[key] = old + old[: rng.randrange(len(old)) + 1]
+    else:
+        parent[key] = _interesting(rng, old)
+    return doc
+
+
+def _dump_json(doc: object) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+
+def mutate_bundle(data: bytes, max_size: int, seed: int) -> bytes:
+    import atheris
+
+    rng = random.Random(seed)
+    layout = plm_layout.parse(data)
+    if layout is None or rng.random() < 0.05:
+        return atheris.Mutate(data, max_size)  # unsigned, byte level
+    what = rng.randrange(6)
+    if what == 0:
+        try:
+            layout.meta = _dump_json(mutate_json(json.loads(layout.meta), rng))
+        except (ValueError, RecursionError):
+            layout.meta = atheris.Mutate(layout.meta, len(layout.meta) + 64)
+    elif what == 1:
+        layout.meta = atheris.Mutate(layout.meta, len(layout.meta) + 256)
+    elif what == 2 and layout.entries:
+        e = rng.choice(layout.entries)
+        field = rng.randrange(6)
+        if field == 0:
+            e.dtype = rng.choice([rng.randrange(32), 2**32 - 1, e.dtype ^ 1])
+        elif field == 1 and e.shape:
+            i = rng.randrange(len(e.shape))
+            e.shape[i] = rng.choice([v for v in INTERESTING_INTS if 0 <= v < 2**64] + [e.shape[i] * 2, e.shape[i] // 2])
+        elif field == 2:
+            e.shape = e.shape[:-1] if rng.random() < 0.5 else e.shape + [rng.choice([1, 2, 16])]
+        elif field == 3:
+            e.offset = rng.choice([0, 64, e.offset + 64, e.offset - 64, 2**64 - 64, len(layout.data)]) % 2**64
+        elif field == 4:
+            e.nbytes = rng.choice([0, e.nbytes + 1, e.nbytes - 1, e.nbytes * 2, 2**63]) % 2**64
+        else:
+            other = rng.choice(layout.entries)
+            e.name = rng.choice([other.name, b"", e.name + b"\xff", e.name[:1], b"x" * 1025])
+    elif what == 3:
+        if layout.entries and rng.random() < 0.5:
+            layout.entries.pop(rng.randrange(len(layout.entries)))
+        elif layout.entries:
+            e = rng.choice(layout.entries)
+            layout.entries.append(plm_layout.Entry(e.name + b".x", e.dtype, list(e.shape), e.offset, e.nbytes, e.sha))
+    elif what == 4 and layout.data:
+        data_ = bytearray(layout.data)
+        for _ in range(rng.randrange(1, 8)):
+            at = rng.randrange(len(data_))
+            value = rng.choice([b"\xff\xff\xff\x7f", b"\x00\x00\x80\x7f", b"\x00\x7c", b"\xff\xff"])
+            data_[at:at + len(value)] = value
+        layout.data = bytes(data_[: len(layout.data)])
+    buf = plm_layout.build(layout)
+    if what == 5:  # a header field, then only the header re-signed
+        offset, fmt = rng.choice([(8, "<I"), (12, "<I"), (16, "<Q"), (24, "<Q"), (32, "<Q"), (40, "<Q"), (48, "<Q"),
+                                  (56, "<Q"), (64, "<Q")])
+        limit = 2**32 if fmt == "<I" else 2**64
+        struct.pack_into(fmt, buf, offset, rng.choice(INTERESTING_INTS + [len(buf), len(buf) + 4096]) % limit)
+        plm_layout.resign_header(buf)
+    if len(buf) > max_size:
+        return atheris.Mutate(data, max_size)
+    return bytes(buf)
+
+
+# GGUF value types: size of the fixed-size ones (string 8, array 9 are variable).
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_fields(buf: bytes) -> list[tuple[int, int]]:
+    """(offset, size) of the fixed-size fields of a GGUF file's header, metadata values and tensor
+    table (counts, lengths, scalars, array lengths, dims, types, offsets), as far as it parses."""
+    fields: list[tuple[int, int]] = [(8, 8), (16, 8)]  # tensor count, metadata count
+    try:
+        _, _, n_tensors, n_kv = struct.unpack_from("<4sIQQ", buf)
+        pos = 24
+
+        def string() -> None:
+            nonlocal pos
+            (n,) = struct.unpack_from("<Q", buf, pos)
+            fields.append((pos, 8))
+            pos += 8 + n
+
+        def value(vtype: int) -> None:
+            nonlocal pos
+            if vtype in _GGUF_SCALARS:
+                fields.append((pos, _GGUF_SCALARS[vtype]))
+                pos += _GGUF_SCALARS[vtype]
+            elif vtype == 8:
+                string()
+            elif vtype == 9:
+                item_type, count = struct.unpack_from("<IQ", buf, pos)
+                fields.extend([(pos, 4), (pos + 4, 8)])
+                pos += 12
+                for i in range(count):
+                    if item_type in _GGUF_SCALARS and i > 3:  # skip the rest at once
+                        pos += (count - i) * _GGUF_SCALARS[item_type]
+                        break
+                    value(item_type)
+            else:
+                raise ValueError(vtype)
+
+        for _ in range(min(n_kv, 10_000)):
+            string()
+            (vtype,) = struct.unpack_from("<I", buf, pos)
+            fields.append((pos, 4))
+            pos += 4
+            value(vtype)
+        for _ in range(min(n_tensors, 10_000)):
+            string()
+            (ndim,) = struct.unpack_from("<I", buf, pos)
+            fields.append((pos, 4))
+            pos += 4
+            fields.extend((pos + 8 * i, 8) for i in range(min(ndim, 8)))
+            pos += 8 * ndim
+            fields.extend([(pos, 4), (pos + 4, 8)])  # type, offset
+            pos += 12
+    except (struct.error, ValueError, OverflowError):
+        pass
+    return [(o, n) for o, n in fields if o + n <= len(buf)]
+
+
+def mutate_gguf(data: bytes, max_size: int, seed: int) -> bytes:
+    import atheris
+
+    rng = random.Random(seed)
+    fields = gguf_fields(data)
+    if not fields or rng.random() < 0.2:
+        return atheris.Mutate(data, max_size)
+    buf = bytearray(data)
+    for _ in range(rng.choice([1, 1, 1, 2, 3])):
+        offset, size = rng.choice(fields)
+        old = int.from_bytes(buf[offset:offset + size], "little")
+        new = rng.choice([v for v in INTERESTING_INTS if v >= 0] + [old + 1, old - 1, old * 2, old // 2,
+                                                                    old + 32, old ^ 0x80])
+        buf[offset:offset + size] = (new % 2 ** (8 * size)).to_bytes(size, "little")
+    return bytes(buf[:max_size])
+
+
+# Template pieces that cost work or reach unusual paths; the chat mutator splices them in.
+CHAT_FRAGMENTS = [
+    "{% for i in range(100000) %}", "{% endfor %}", "{% for c in messages %}", "{{ loop.index }}", "{% if ", " %}",
+    "{% endif %}", "{% set ns = namespace(x='ab') %}", "{% set ns.x = ns.x + ns.x %}", "{% set ns.x = ns.x ~ ns.x %}",
+    "{{ 'x' * 99999999 }}", "{{ [1] * 99999 }}", "{{ '%99999999s' % 1 }}", "{{ '{:99999999}'.format(1) }}",
+    "{{ ns.x|center(99999999) }}", "{{ ns.x|indent(99999) }}", "{{ ns.x|wordwrap(1, wrapstring=ns.x) }}",
+    "{{ messages|tojson(indent=99) }}", "|join(ns.x)", "|replace('', ns.x)", "|batch(99999, 0)", "|slice(99999)",
+    "|sum(start=[])", "|list", "|sort", "|unique", "|string", "|e", "|urlize", "|pprint", "|reverse",
+    "{% macro m(n) %}{{ m(n) }}{{ m(n) }}{% endmacro %}", "{{ m(1) }}", "{{ caller() }}", "{% call m(1) %}x{% endcall %}",
+    "{% for x in messages recursive %}{{ loop(messages) }}{% endfor %}", "{{ 7 ** 99999 }}", "{{ 10 ** 10 ** 10 }}",
+    "{{ lipsum(99999) }}", "{{ strftime_now('%c' * 999) }}", "{{ raise_exception(ns) }}", "{{ messages[::-1] }}",
+    "{{ messages == messages * 999 }}", "{{ ns.x in [ns.x] * 99999 }}", "{{ 1 < 2 < 3 }}", "{{ ns.x.expandtabs(99999) }}",
+    "{{ ns.x.join(range(99999)|map('string')) }}", "{{ dict(a=ns)|items|list }}", "{{ messages.__class__ }}",
+    "{{ ''.__class__.__mro__ }}", "{{ cycler(1, 2).next() }}", "{{ joiner(ns.x)() }}", "{% break %}", "{% continue %}",
+    "{% generation %}", "{% endgeneration %}", "{% filter upper %}", "{% endfilter %}", "{% set b %}", "{% endset %}",
+]
+
+
+def mutate_chat(data: bytes, max_size: int, seed: int) -> bytes:
+    import atheris
+
+    rng = random.Random(seed)
+    template, messages, tools = parse_chat(data)
+    action = rng.random()
+    if action < 0.5:
+        at = rng.randrange(len(template) + 1)
+        template = template[:at] + rng.choice(CHAT_FRAGMENTS) + template[at:]
+    elif action < 0.65 and template:
+        a = rng.randrange(len(template))
+        template = template[:a] + template[a + rng.randrange(1, 40):]
+    elif action < 0.85:
+        raw = template.encode("utf-8", "surrogatepass")
+        template = atheris.Mutate(raw, len(raw) + 64).decode("utf-8", "replace")
+    else:
+        mutated = mutate_json({"m": messages}, rng)
+        messages = mutated.get("m") if isinstance(mutated, dict) else mutated
+    try:
+        out = json.dumps({"template": template, "messages": messages, "tools": tools}).encode()
+    except (ValueError, RecursionError):
+        return atheris.Mutate(data, max_size)
+    return out if len(out) <= max_size else atheris.Mutate(data, max_size)
+
+
+def _safe(mutator):
+    """A mutator that fails (its own bug, not pocketlm's) falls back to libFuzzer's byte mutation."""
+    def mutate(data: bytes, max_size: int, seed: int) -> bytes:
+        import atheris
+
+        try:
+            return mutator(data, max_size, seed)
+        except Exception:
+            return atheris.Mutate(data, max_size)
+
+    return mutate
+
+
+TARGETS = {
+    "bundle": (check_bundle, _safe(mutate_bundle)),
+    "gguf": (check_gguf, _safe(mutate_gguf)),
+    "chat": (check_chat, _safe(mutate_chat)),
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs one fuzz target for SECONDS: scripts/fuzz.sh TARGET SECONDS [libFuzzer options]
+#   bundle  .plm files through read_bundle, describe, Engine and one token (atheris; re-signing mutator)
+#   gguf    .gguf files through convert, then the bundle it wrote (atheris)
+#   chat    chat templates and messages through render_chat (atheris)
+#   reader  the C++ bundle reader alone, libFuzzer with AddressSanitizer and UBSan (needs clang++)
+# Seeds come from fuzz/corpus/TARGET (read only; the reader uses the bundle seeds). New inputs and
+# crashes go to ~/.cache/pocketlm/fuzz/TARGET/ (POCKETLM_FUZZ_DIR), never into the tree: copy a
+# crasher into fuzz/corpus/TARGET/ once it is fixed, and tests/fuzz/test_corpus_replay.py replays it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ $# -lt 2 ]; then sed -n '2,9p' "$0" >&2; exit 2; fi
+target=$1 seconds=$2
+shift 2
+VENV="${POCKETLM_VENV:-.venv}"
+work="${POCKETLM_FUZZ_DIR:-$HOME/.cache/pocketlm/fuzz}/$target"
+mkdir -p "$work/corpus" "$work/crashes"
+common=(-max_total_time="$seconds" -artifact_prefix="$work/crashes/" -print_final_stats=1 -rss_limit_mb=3072)
+
+case "$target" in
+  bundle|gguf|chat)
+    "$VENV/bin/python" -c "import atheris" 2>/dev/null || "$VENV/bin/python" -m pip install -q atheris
+    case "$target" in chat) max_len=16384 ;; *) max_len=400000 ;; esac
+    PYTHONPATH=python exec "$VENV/bin/python" fuzz/run.py "$target" "${common[@]}" -timeout=30 -max_len="$max_len" \
+      "$@" "$work/corpus" "fuzz/corpus/$target"
+    ;;
+  reader)
+    CXX="${CXX:-clang++}"
+    bin="$work/bundle_reader_fuzzer"
+    sources=(fuzz/bundle_reader_fuzzer.cpp csrc/format/bundle_reader.cpp csrc/format/sha256.cpp)
+    if [ ! -x "$bin" ] || [ -n "$(find "${sources[@]}" csrc/format/*.h csrc/common.h -newer "$bin")" ]; then
+      echo "building $bin" >&2
+      "$CXX" -std=c++17 -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined \
+        -fno-sanitize-recover=undefined -Icsrc "${sources[@]}" -o "$bin"
+    fi
+    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 exec "$bin" "${common[@]}" -timeout=10 -max_len=400000 \
+      "$@" "$work/corpus" fuzz/corpus/bundle
+    ;;
+  *) echo "unknown target $target (bundle, gguf, chat, reader)" >&2; exit 2 ;;
+esac
