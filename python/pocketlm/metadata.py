@@ -129,7 +129,7 @@ def _shape_problem(text: str, max_values: int = MAX_METADATA_VALUES) -> str | No
 
 
 def _first_non_finite(value: Any, where: str = "") -> str | None:
-    """The key path of the first NaN or infinite number (json.loads accepts NaN, Infinity)."""
+    """The key path of a NaN or infinite number in `value`, or None (json.loads accepts NaN, Infinity)."""
     stack = [(value, where)]
     while stack:
         v, at = stack.pop()

@@ -49,17 +49,11 @@ def _first_merge_unknown(doc):
     merges[0] = ["\u2603never", "\u2603seen"] if isinstance(merges[0], list) else "\u2603never \u2603seen"
 
 
-def _add_tokens_past_320(doc):
-    doc["added_tokens"] += [{"id": 320 + i, "content": f"<extra{i}>", "single_word": False, "lstrip": False,
-                             "rstrip": False, "normalized": False, "special": True} for i in range(2)]
-
-
 # What a hostile or broken source made the converter write before (each was a bundle `run` refused,
 # or a NaN json.dumps named no key), as an edit of the SourceModel -> what the error must say.
 SOURCE_EDITS = {
     "merges naming unknown tokens": (_tokenizer_edit(_first_merge_unknown), "invalid tokenizer.json"),
     "token strings corrupted": (_tokenizer_edit(lambda d: d["model"].update(vocab=[1, 2])), "invalid tokenizer.json"),
-    "more tokens than embedding rows": (_tokenizer_edit(_add_tokens_past_320), "holds 322 tokens, more than config.vocab_size 320"),
     "bos_id past the vocabulary": (lambda m: m.special_tokens.update(bos_id=10**6), r"bos_id 1000000 is outside"),
     "eos_id negative": (lambda m: m.special_tokens.update(eos_ids=[-3]), r"eos_ids\[0\] must be a token id"),
     "freq_base -1": (lambda m: m.config.update(rope_theta=-1.0), "config.rope_theta must be a finite number > 0"),
