@@ -12,7 +12,7 @@ PocketLMError counts as a clean refusal, anything else is a finding) and a struc
   within the time limit. The mutator splices template fragments known to cost work.
 
 The oracles are plain functions: scripts/fuzz.sh runs them under atheris (fuzz/run.py) and
-tests/fuzz/test_corpus_replay.py replays the committed corpus through them.
+tests/fuzz/test_corpus_replay.py replays the committed corpus (fuzz/corpus/) through them.
 """
 
 from __future__ import annotations
@@ -79,6 +79,78 @@ def check_gguf(data: bytes) -> str:
         raise AssertionError(f"the converter wrote a bundle the loader rejects: {e}") from e
     finally:
         out.unlink(missing_ok=True)
+
+
+# -- corpus recipes ----------------------------------------------------------------------------
+# Model files stay out of git, so the bundle and GGUF corpus holds recipes: JSON edits applied to a
+# seed that fuzz/make_seeds.py generates (a tiny random llama), re-signed as the mutator does.
+#   bundle: {"seed": "llama-int4", "meta": {"config/n_heads": 0}, "delete": ["config/rope_theta"],
+#            "tensors": {"token_embd.weight": {"offset": 64}}, "header": {"version": 2}}
+#   gguf:   {"seed": "llama", "kv": {"llama.block_count": 4294967295}, "counts": {"tensors": 1},
+#            "tensors": {"token_embd.weight": {"offset": 32, "type": 99, "dims": [1, 2]}}}
+
+SEEDS = {"bundle": ("llama-f32", "llama-int4"), "gguf": ("llama",)}
+_SUFFIX = {"bundle": ".plm", "gguf": ".gguf"}
+_HEADER_FIELDS = {"version": (8, "<I"), "header_size": (12, "<I"), "file_bytes": (16, "<Q"), "meta_offset": (24, "<Q"),
+                  "meta_bytes": (32, "<Q"), "index_offset": (40, "<Q"), "index_bytes": (48, "<Q"),
+                  "data_offset": (56, "<Q"), "data_bytes": (64, "<Q")}
+
+
+def seed_path(seeds: Path, kind: str, name: str) -> Path:
+    return seeds / kind / f"seed-{name}{_SUFFIX[kind]}"
+
+
+def _walk(doc: object, path: str) -> tuple[object, object]:
+    keys = [int(k) if k.lstrip("-").isdigit() else k for k in path.split("/")]
+    for key in keys[:-1]:
+        doc = doc[key]
+    return doc, keys[-1]
+
+
+def from_recipe(kind: str, recipe: dict, seeds: Path) -> bytes:
+    """The input a corpus recipe describes."""
+    base = seed_path(seeds, kind, recipe["seed"]).read_bytes()
+    if kind == "bundle":
+        layout = plm_layout.parse(base)
+        meta = json.loads(layout.meta)
+        for path, value in recipe.get("meta", {}).items():
+            parent, key = _walk(meta, path)
+            parent[key] = value
+        for path in recipe.get("delete", []):
+            parent, key = _walk(meta, path)
+            del parent[key]
+        layout.meta = _dump_json(meta)
+        for name, edits in recipe.get("tensors", {}).items():
+            entry = next(e for e in layout.entries if e.name == name.encode())
+            for field, value in edits.items():
+                setattr(entry, field, value.encode() if field == "name" else value)
+        buf = plm_layout.build(layout)
+        for field, value in recipe.get("header", {}).items():
+            offset, fmt = _HEADER_FIELDS[field]
+            struct.pack_into(fmt, buf, offset, value)
+        return bytes(plm_layout.resign_header(buf))
+    buf, where = bytearray(base), GGUFMap(base)
+    for key, value in recipe.get("kv", {}).items():
+        offset, vtype = where.kv[key]
+        struct.pack_into(_GGUF_FORMATS[vtype], buf, offset, value)
+    for name, edits in recipe.get("tensors", {}).items():
+        entry = where.tensors[name]
+        for field, value in edits.items():
+            if field == "dims":
+                for offset, dim in zip(entry["dims"], value):
+                    struct.pack_into("<Q", buf, offset, dim)
+            else:
+                struct.pack_into({"ndim": "<I", "type": "<I", "offset": "<Q"}[field], buf, entry[field], value)
+    for field, value in recipe.get("counts", {}).items():
+        struct.pack_into("<Q", buf, {"tensors": 8, "kv": 16}[field], value)
+    return bytes(buf)
+
+
+def corpus_input(kind: str, path: Path, seeds: Path) -> bytes:
+    """A corpus file's input: a recipe applied to its seed, or the file's bytes (chat inputs, crashers)."""
+    if kind != "chat" and path.suffix == ".json":
+        return from_recipe(kind, json.loads(path.read_text()), seeds)
+    return path.read_bytes()
 
 
 DEFAULT_MESSAGES = [{"role": "user", "content": "hi"}]
@@ -237,66 +309,79 @@ def mutate_bundle(data: bytes, max_size: int, seed: int) -> bytes:
 
 # GGUF value types: size of the fixed-size ones (string 8, array 9 are variable).
 _GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q", 11: "<q", 12: "<d"}
 
 
-def gguf_fields(buf: bytes) -> list[tuple[int, int]]:
-    """(offset, size) of the fixed-size fields of a GGUF file's header, metadata values and tensor
-    table (counts, lengths, scalars, array lengths, dims, types, offsets), as far as it parses."""
-    fields: list[tuple[int, int]] = [(8, 8), (16, 8)]  # tensor count, metadata count
-    try:
-        _, _, n_tensors, n_kv = struct.unpack_from("<4sIQQ", buf)
-        pos = 24
+class GGUFMap:
+    """Where the fixed-size fields of a GGUF file are, as far as it parses: `fields` lists (offset,
+    size) of every count, length, scalar, array length, dim, type and offset; `kv` maps a metadata
+    key to (offset, value type) of its scalar value; `tensors` maps a tensor name to the offsets of
+    its n_dims, dims, type and data offset."""
 
-        def string() -> None:
-            nonlocal pos
-            (n,) = struct.unpack_from("<Q", buf, pos)
-            fields.append((pos, 8))
-            pos += 8 + n
+    def __init__(self, buf: bytes):
+        self.fields: list[tuple[int, int]] = [(8, 8), (16, 8)]  # tensor count, metadata count
+        self.kv: dict[str, tuple[int, int]] = {}
+        self.tensors: dict[str, dict] = {}
+        self._buf, self._pos = buf, 24
+        try:
+            _, _, n_tensors, n_kv = struct.unpack_from("<4sIQQ", buf)
+            for _ in range(min(n_kv, 10_000)):
+                key = self._string()
+                (vtype,) = self._take("<I")
+                if vtype in _GGUF_SCALARS:
+                    self.kv[key] = (self._pos, vtype)
+                self._value(vtype)
+            for _ in range(min(n_tensors, 10_000)):
+                name = self._string()
+                entry = {"ndim": self._pos}
+                (ndim,) = self._take("<I")
+                entry["dims"] = [self._pos + 8 * i for i in range(min(ndim, 8))]
+                self.fields.extend((o, 8) for o in entry["dims"])
+                self._pos += 8 * ndim
+                entry["type"], entry["offset"] = self._pos, self._pos + 4
+                self._take("<I")
+                self._take("<Q")
+                self.tensors[name] = entry
+        except (struct.error, ValueError, OverflowError, UnicodeDecodeError):
+            pass
+        self.fields = [(o, n) for o, n in self.fields if o + n <= len(buf)]
 
-        def value(vtype: int) -> None:
-            nonlocal pos
-            if vtype in _GGUF_SCALARS:
-                fields.append((pos, _GGUF_SCALARS[vtype]))
-                pos += _GGUF_SCALARS[vtype]
-            elif vtype == 8:
-                string()
-            elif vtype == 9:
-                item_type, count = struct.unpack_from("<IQ", buf, pos)
-                fields.extend([(pos, 4), (pos + 4, 8)])
-                pos += 12
-                for i in range(count):
-                    if item_type in _GGUF_SCALARS and i > 3:  # skip the rest at once
-                        pos += (count - i) * _GGUF_SCALARS[item_type]
-                        break
-                    value(item_type)
+    def _take(self, fmt: str) -> tuple:
+        size = struct.calcsize(fmt)
+        values = struct.unpack_from(fmt, self._buf, self._pos)
+        self.fields.append((self._pos, size))
+        self._pos += size
+        return values
+
+    def _string(self) -> str:
+        (n,) = self._take("<Q")
+        text = bytes(self._buf[self._pos:self._pos + n]).decode("utf-8")
+        self._pos += n
+        return text
+
+    def _value(self, vtype: int) -> None:
+        if vtype in _GGUF_SCALARS:
+            self._take(_GGUF_FORMATS[vtype])
+        elif vtype == 8:
+            self._pos += struct.unpack_from("<Q", self._buf, self._pos)[0] + 8
+        elif vtype == 9:
+            item_type, count = self._take("<I") + self._take("<Q")
+            if item_type in _GGUF_SCALARS:  # the first few items, then the rest at once
+                for _ in range(min(count, 4)):
+                    self._value(item_type)
+                self._pos += max(count - 4, 0) * _GGUF_SCALARS[item_type]
             else:
-                raise ValueError(vtype)
-
-        for _ in range(min(n_kv, 10_000)):
-            string()
-            (vtype,) = struct.unpack_from("<I", buf, pos)
-            fields.append((pos, 4))
-            pos += 4
-            value(vtype)
-        for _ in range(min(n_tensors, 10_000)):
-            string()
-            (ndim,) = struct.unpack_from("<I", buf, pos)
-            fields.append((pos, 4))
-            pos += 4
-            fields.extend((pos + 8 * i, 8) for i in range(min(ndim, 8)))
-            pos += 8 * ndim
-            fields.extend([(pos, 4), (pos + 4, 8)])  # type, offset
-            pos += 12
-    except (struct.error, ValueError, OverflowError):
-        pass
-    return [(o, n) for o, n in fields if o + n <= len(buf)]
+                for _ in range(count):
+                    self._value(item_type)
+        else:
+            raise ValueError(f"GGUF value type {vtype}")
 
 
 def mutate_gguf(data: bytes, max_size: int, seed: int) -> bytes:
     import atheris
 
     rng = random.Random(seed)
-    fields = gguf_fields(data)
+    fields = GGUFMap(data).fields
     if not fields or rng.random() < 0.2:
         return atheris.Mutate(data, max_size)
     buf = bytearray(data)

@@ -4,16 +4,25 @@
 #   gguf    .gguf files through convert, then the bundle it wrote (atheris)
 #   chat    chat templates and messages through render_chat (atheris)
 #   reader  the C++ bundle reader alone, libFuzzer with AddressSanitizer and UBSan (needs clang++)
-# Seeds come from fuzz/corpus/TARGET (read only; the reader uses the bundle seeds). New inputs and
-# crashes go to ~/.cache/pocketlm/fuzz/TARGET/ (POCKETLM_FUZZ_DIR), never into the tree: copy a
-# crasher into fuzz/corpus/TARGET/ once it is fixed, and tests/fuzz/test_corpus_replay.py replays it.
+# Seeds: fuzz/corpus/chat, and for bundle, gguf and reader a tiny random llama and the recipes of
+# fuzz/corpus/{bundle,gguf} that fuzz/make_seeds.py writes into ~/.cache/pocketlm/fuzz/seeds (model
+# files stay out of git). New inputs and crashes go to ~/.cache/pocketlm/fuzz/TARGET/ (POCKETLM_FUZZ_DIR),
+# never into the tree; once a crash is fixed, add it to fuzz/corpus/TARGET (a recipe for bundle and
+# gguf) and tests/fuzz/test_corpus_replay.py replays it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ $# -lt 2 ]; then sed -n '2,9p' "$0" >&2; exit 2; fi
+if [ $# -lt 2 ]; then sed -n '2,11p' "$0" >&2; exit 2; fi
 target=$1 seconds=$2
 shift 2
 VENV="${POCKETLM_VENV:-.venv}"
-work="${POCKETLM_FUZZ_DIR:-$HOME/.cache/pocketlm/fuzz}/$target"
+fuzz_root="${POCKETLM_FUZZ_DIR:-$HOME/.cache/pocketlm/fuzz}"
+case "$target" in
+  bundle|gguf|reader)
+    PYTHONPATH=python "$VENV/bin/python" fuzz/make_seeds.py "$fuzz_root/seeds" >/dev/null
+    seeds="$fuzz_root/seeds/$([ "$target" = reader ] && echo bundle || echo "$target")" ;;
+  *) seeds="fuzz/corpus/$target" ;;
+esac
+work="$fuzz_root/$target"
 mkdir -p "$work/corpus" "$work/crashes"
 common=(-max_total_time="$seconds" -artifact_prefix="$work/crashes/" -print_final_stats=1 -rss_limit_mb=3072)
 
@@ -22,7 +31,7 @@ case "$target" in
     "$VENV/bin/python" -c "import atheris" 2>/dev/null || "$VENV/bin/python" -m pip install -q atheris
     case "$target" in chat) max_len=16384 ;; *) max_len=400000 ;; esac
     PYTHONPATH=python exec "$VENV/bin/python" fuzz/run.py "$target" "${common[@]}" -timeout=30 -max_len="$max_len" \
-      "$@" "$work/corpus" "fuzz/corpus/$target"
+      "$@" "$work/corpus" "$seeds"
     ;;
   reader)
     CXX="${CXX:-clang++}"
@@ -34,7 +43,7 @@ case "$target" in
         -fno-sanitize-recover=undefined -Icsrc "${sources[@]}" -o "$bin"
     fi
     UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 exec "$bin" "${common[@]}" -timeout=10 -max_len=400000 \
-      "$@" "$work/corpus" fuzz/corpus/bundle
+      "$@" "$work/corpus" "$seeds"
     ;;
   *) echo "unknown target $target (bundle, gguf, chat, reader)" >&2; exit 2 ;;
 esac

@@ -2,7 +2,8 @@
 (fuzz/targets.py): a .plm through read_bundle, describe, Engine and one token; a .gguf through
 convert and then the bundle it wrote; a chat template through render_chat within its time limit.
 Each input must pass or be refused with a PocketLMError; the seeds must go all the way through.
-Crashers found by scripts/fuzz.sh are added here once fixed, so they stay fixed."""
+Bundle and GGUF inputs are recipes (JSON edits of a generated tiny model, fuzz/make_seeds.py), so no
+model file is committed. Crashers found by scripts/fuzz.sh join the corpus once fixed."""
 
 from __future__ import annotations
 
@@ -14,42 +15,52 @@ import pytest
 FUZZ = Path(__file__).resolve().parents[2] / "fuzz"
 sys.path.insert(0, str(FUZZ))
 
+import make_seeds  # noqa: E402
+import plm_layout  # noqa: E402
 import targets  # noqa: E402
 
-CASES = [(kind, path) for kind in ("bundle", "gguf", "chat") for path in sorted((FUZZ / "corpus" / kind).iterdir())]
+RECIPES = [(kind, path) for kind in ("bundle", "gguf", "chat") for path in sorted((FUZZ / "corpus" / kind).iterdir())]
+SEEDS = [(kind, name) for kind, names in targets.SEEDS.items() for name in names]
 
 
-@pytest.mark.parametrize("kind, path", CASES, ids=[f"{k}/{p.name}" for k, p in CASES])
-def test_corpus_input(kind, path):
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory) -> Path:
+    return make_seeds.ensure_seeds(tmp_path_factory.mktemp("fuzz_seeds"))
+
+
+@pytest.mark.parametrize("kind, name", SEEDS, ids=[f"{k}/seed-{n}" for k, n in SEEDS])
+def test_seed_goes_all_the_way(seeds, kind, name):
     check, _ = targets.TARGETS[kind]
-    outcome = check(path.read_bytes())  # anything but a PocketLMError propagates and fails the test
+    assert check(targets.seed_path(seeds, kind, name).read_bytes()) == "generated"
+
+
+@pytest.mark.parametrize("kind, path", RECIPES, ids=[f"{k}/{p.name}" for k, p in RECIPES])
+def test_corpus_input(seeds, kind, path):
+    check, _ = targets.TARGETS[kind]
+    outcome = check(targets.corpus_input(kind, path, seeds))  # anything but a PocketLMError fails the test
     if path.name.startswith("seed-"):
-        assert outcome.startswith(("generated", "rendered")), outcome
+        assert outcome.startswith("rendered"), outcome
     else:
         assert outcome.startswith(("generated", "rendered", "refused: ")), outcome
 
 
-def test_corpus_is_small():
-    assert sum(p.stat().st_size for _, p in CASES) < 1 << 20
-    assert {k for k, _ in CASES} == {"bundle", "gguf", "chat"}
+def test_corpus_is_small_and_has_no_model_files():
+    assert sum(p.stat().st_size for _, p in RECIPES) < 1 << 20
+    assert {p.suffix for _, p in RECIPES} == {".json"}
+    assert {k for k, _ in RECIPES} == {"bundle", "gguf", "chat"}
 
 
-def test_resigned_mutation_reaches_the_structural_checks():
+def test_resigned_edit_reaches_the_structural_checks(seeds, tmp_path):
     """A bundle edited and re-signed by plm_layout passes the checksums, so its refusal comes from
     the check behind them (here: a tensor whose size disagrees with its shape)."""
-    import plm_layout
-
     from pocketlm.bundle import read_bundle
     from pocketlm.errors import BundleError
 
-    seed = (FUZZ / "corpus" / "bundle" / "seed-llama-int4.plm").read_bytes()
+    seed = targets.seed_path(seeds, "bundle", "llama-int4").read_bytes()
     layout = plm_layout.parse(seed)
     assert bytes(plm_layout.build(layout)) == seed  # the writer's layout, reproduced exactly
-    layout.entries[0].nbytes += 1
-    path = targets._TMP / "resigned.plm"
-    path.write_bytes(plm_layout.build(layout))
-    try:
-        with pytest.raises(BundleError, match="nbytes 10881 does not match"):
-            read_bundle(path)
-    finally:
-        path.unlink()
+    entry = layout.entries[0]
+    entry.nbytes += 1
+    (tmp_path / "resigned.plm").write_bytes(plm_layout.build(layout))
+    with pytest.raises(BundleError, match=f"nbytes {entry.nbytes} does not match"):
+        read_bundle(tmp_path / "resigned.plm")
