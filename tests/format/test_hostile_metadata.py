@@ -176,3 +176,26 @@ def test_real_metadata_shapes_pass():
             "provenance": {"requantized": [f"blk.{i}.ffn_down.weight" for i in range(2000)]}}
     assert parse_metadata(json.dumps(meta))["tokenizer"]["json"] == tokenizer
     assert tokenizer.count(",") > MAX_METADATA_VALUES
+
+
+def test_executor_alone_keeps_a_huge_window_safe(hostile, good, tmp_path, monkeypatch):
+    """Defence in depth: with the loader's config check switched off, the 2^63-5 window reaches the
+    executor, which treats a window past the context as full attention: the logits of a prompt
+    prefilled in several chunks equal those of the same weights without a window."""
+    import numpy as np
+
+    import pocketlm.metadata
+
+    monkeypatch.setattr(pocketlm.metadata, "config_problem", lambda cfg: None)
+    tokens = list(np.random.default_rng(0).integers(3, 320, 200))
+    logits = {}
+    for case in ("sliding_window 2^63-5", "layer_windows 2^63-5", None):
+        path = hostile(case) if case else tmp_path / "plain.plm"
+        if case is None:
+            path.write_bytes(good[0])
+        engine = Engine(path, threads=1, max_context=256, prefill_chunk=16, kv_type="f32")
+        session = engine.create_session()
+        assert session._state.kv_capacities == [256, 256]
+        logits[case] = session.prefill(tokens)
+    np.testing.assert_array_equal(logits["sliding_window 2^63-5"], logits[None])
+    np.testing.assert_array_equal(logits["layer_windows 2^63-5"], logits[None])
