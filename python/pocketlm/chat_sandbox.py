@@ -636,8 +636,8 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         elif isinstance(owner, (list, tuple)) and getattr(__obj, "__name__", "") in ("index", "count"):
             _check_compare_cost(_printed_size(owner, limit=MAX_COMPARE_SIZE))
         result = super().call(__context, __obj, *args, **kwargs)
-        if isinstance(owner, str) and isinstance(result, (str, list, tuple)):
-            _charge_value(result)
+        if isinstance(owner, str) and isinstance(result, (str, bytes, list, tuple)):
+            _charge(len(result), items=isinstance(result, (list, tuple)))
         return result
 
     def wrap_str_format(self, value: Any) -> Any:

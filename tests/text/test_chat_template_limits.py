@@ -44,6 +44,7 @@ HOSTILE = {
                         "{% endfor %}", "MAX_RENDER_CHARS"),  # 32 per item: before the value limit
     "many distinct strings": (BIG + "{% set l = [" + ", ".join(f"b ~ {i}" for i in range(40)) + "] %}",
                               "MAX_RENDER_CHARS"),
+    "many encoded copies": (BIG + "{% set l = [" + ", ".join(["b.encode()"] * 40) + "] %}", "MAX_RENDER_CHARS"),
     "many slices": (BIG + "{% set l = [" + ", ".join(f"b[{i}:]" for i in range(40)) + "] %}", "MAX_RENDER_CHARS"),
     "join filter": (BIG + "{{ ([b] * 1000)|join }}", "MAX_VALUE_SIZE"),
     "join separator": (BIG + "{{ range(1000)|join(b) }}", "MAX_VALUE_SIZE"),
