@@ -25,7 +25,7 @@ import numpy as np
 
 from pocketlm.dtypes import X16_OF, X16_ROWS, DType, tensor_nbytes
 
-__all__ = ["quantize", "dequantize", "interleave", "deinterleave", "KEEP_ONLY"]
+__all__ = ["quantize", "dequantize", "interleave", "deinterleave", "first_nonfinite", "KEEP_ONLY"]
 
 # Rows are processed in chunks of about this many elements to bound temporary memory.
 _CHUNK_ELEMS = 1 << 22
@@ -368,3 +368,41 @@ _GGUF_DEQUANT = {
     DType.Q5_K: lambda b: _dequant_qk(b, q5=True),
     DType.Q6_K: _dequant_q6_k,
 }
+
+
+# --- finiteness of encoded tensors ------------------------------------------------------------
+# Byte offsets of each block's f16 fields (scales d, minimums m / dmin), in the row-major layouts
+# above (csrc/common.h). Finite fields give finite weights: the codes are small integers, and
+# the largest product, a Q6_K d*scale*q, is 65504*128*32 < 2^28.
+_F16_FIELDS = {DType.Q8_0: (0,), DType.Q4_0: (0,), DType.Q4_0_G64: (0,), DType.Q4_0_G128: (0,),
+               DType.Q4_1: (0, 2), DType.Q4_1_G64: (0, 2), DType.Q4_1_G128: (0, 2), DType.Q5_0: (0,),
+               DType.Q5_1: (0, 2), DType.Q4_K: (0, 2), DType.Q5_K: (0, 2), DType.Q6_K: (208,)}
+
+
+def first_nonfinite(raw, dtype: DType, shape) -> int | None:
+    """Where the row-major bytes `raw` of a `dtype` tensor of `shape` hold a NaN or an infinity,
+    or None: the element index for F32/F16/BF16, the block index for block types (a block whose
+    f16 scale or minimum is not finite), the row index for I8 (its f32 scale). Vectorised, in
+    chunks: a fraction of the cost of writing the tensor."""
+    dtype = DType(dtype)
+    if dtype.x16:
+        raise ValueError(f"first_nonfinite reads row-major types; de-interleave {dtype.label} first")
+    buf = np.asarray(raw).reshape(-1).view(np.uint8)
+    if dtype in (DType.F32, DType.F16, DType.BF16, DType.I8):
+        if dtype == DType.I8:  # the row scales after the codes
+            rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+            words, exp_mask = buf[buf.size - 4 * rows:].view("<u4"), 0x7F800000
+        else:
+            words = buf.view("<u4" if dtype == DType.F32 else "<u2")
+            exp_mask = {DType.F32: 0x7F800000, DType.F16: 0x7C00, DType.BF16: 0x7F80}[dtype]
+        for start in range(0, words.size, _CHUNK_ELEMS):  # all exponent bits set: an infinity or a NaN
+            bad = np.flatnonzero((words[start:start + _CHUNK_ELEMS] & exp_mask) == exp_mask)
+            if bad.size:
+                return start + int(bad[0])
+        return None
+    blocks = buf.reshape(-1, dtype.block_bytes)
+    bad = np.zeros(blocks.shape[0], dtype=bool)
+    for offset in _F16_FIELDS[dtype]:  # little-endian: an f16's 5 exponent bits are bits 2..6 of its high byte
+        bad |= (blocks[:, offset + 1] & 0x7C) == 0x7C
+    hits = np.flatnonzero(bad)
+    return int(hits[0]) if hits.size else None

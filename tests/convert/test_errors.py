@@ -119,3 +119,22 @@ def test_bad_options(ckpt, tmp_path):
     with pytest.raises(ValueError, match="group_size"):
         convert(ckpt, tmp_path / "x.plm", quant="int4", group_size=48, progress=False)
     assert not (tmp_path / "x.plm").exists()
+
+
+def test_inf_in_bf16_checkpoint(hf_models, tmp_path):
+    """bf16 weights are decoded, then checked like any other (safetensors: 8-byte header length,
+    JSON header, data; an all-ones exponent with a zero mantissa is bf16 +inf)."""
+    dst = tmp_path / "sharded"
+    shutil.copytree(hf_models["qwen2-bf16-sharded"][0], dst)
+    for shard in sorted(dst.glob("model-*.safetensors")):
+        data = bytearray(shard.read_bytes())
+        (n,) = np.frombuffer(data[:8], dtype="<u8")
+        header = json.loads(data[8:8 + int(n)])
+        name = next((k for k, v in header.items() if k.endswith("mlp.down_proj.weight") and v["dtype"] == "BF16"), None)
+        if name is not None:
+            break
+    assert name is not None
+    at = 8 + int(n) + header[name]["data_offsets"][0] + 2 * 7
+    data[at:at + 2] = b"\x80\x7f"
+    shard.write_bytes(bytes(data))
+    _fails(dst, tmp_path, BundleError, r"ffn_down\.weight' contains NaN or infinite values")

@@ -21,9 +21,9 @@ from pocketlm.convert.gguf_source import is_gguf_file, read_gguf
 from pocketlm.convert.hf import is_hf_folder, read_hf
 from pocketlm.convert.progress import ProgressBar
 from pocketlm.convert.recipe import GROUP_SIZES, Recipe
-from pocketlm.convert.source import SourceModel, SourceTensor, expected_shapes
+from pocketlm.convert.source import SourceModel, SourceTensor, expected_shapes, shown
 from pocketlm.dtypes import DType
-from pocketlm.errors import BundleError
+from pocketlm.errors import BundleError, ConversionError
 
 # Bump when the converter's output for the same input changes (invalidates the GGUF cache).
 CONVERTER_VERSION = 6  # 2: SentencePiece space prefix follows the GGUF flag (llama.cpp parity); 3: compact tokenizer.json;
@@ -51,14 +51,27 @@ def _rows_cols(shape) -> tuple[int, int]:
 
 
 def _encode(t: SourceTensor, dtype: DType) -> np.ndarray:
-    """The tensor's bytes as `dtype`: copied when the source already stores it so, else encoded."""
-    if t.native == dtype.base and t.load_native is not None:
+    """The tensor's bytes as `dtype`: copied when the source already stores it so, else encoded.
+    Refuses a NaN or an infinity in the source (copied bytes included: their values, or their
+    blocks' f16 scales and minimums) and one that encoding makes (a value past the f16 range)."""
+    base, shape = dtype.base, _rows_cols(t.shape)
+    if t.native == base and t.load_native is not None:
         raw = t.load_native()
-        return quant.interleave(raw, dtype.base, _rows_cols(t.shape)) if dtype.x16 else raw
-    x = t.load_f32()
-    if not np.all(np.isfinite(x)):
-        raise BundleError(f"tensor {t.name!r} contains NaN or infinite values")
-    return quant.quantize(x.reshape(-1, t.shape[-1]), dtype)
+        where = quant.first_nonfinite(raw, base, shape)
+        if where is not None:
+            at = f"block {where}'s f16 scale or minimum" if base.quantized else f"element {where}"
+            raise BundleError(f"tensor {shown(t.name)} contains NaN or infinite values ({t.source_type}, {at})")
+    else:
+        x = t.load_f32()
+        if not np.all(np.isfinite(x)):
+            raise BundleError(f"tensor {shown(t.name)} contains NaN or infinite values")
+        with np.errstate(over="ignore"):  # an overflow to infinity is refused just below, by name
+            raw = quant.quantize(x.reshape(shape), base)
+        if quant.first_nonfinite(raw, base, shape) is not None:
+            raise ConversionError(
+                f"tensor {shown(t.name)} has values too large for {base.label} (largest magnitude "
+                f"{float(np.max(np.abs(x))):.6g}); convert it with a wider type (--quant f32)")
+    return quant.interleave(raw, base, shape) if dtype.x16 else raw
 
 
 def plan(model: SourceModel, recipe: Recipe) -> tuple[list[tuple[SourceTensor, DType]], list[str], list[str]]:
