@@ -6,7 +6,8 @@ PocketLMError counts as a clean refusal, anything else is a finding) and a struc
   entries, the tensor bytes or the header, then re-signs every checksum (plm_layout.py), as a
   hostile author would; sometimes it leaves a plain byte-level mutation unsigned.
 - gguf: a .gguf file, through pocketlm.convert.convert and, when that succeeds, the bundle it wrote
-  (Engine and one token: the converter must never write a bundle the loader rejects). The mutator
+  (the converter must never write a bundle the loader rejects; then one token, which may still be
+  refused: finite weights can overflow to NaN logits, a NonFiniteError). The mutator
   overwrites the header counts, metadata values and tensor-table fields with boundary values.
 - chat: a JSON object {"template", "messages", "tools"} through render_chat; a render must also end
   within the time limit. The mutator splices template fragments known to cost work.
@@ -36,13 +37,15 @@ INTERESTING_FLOATS = [0.0, -0.0, 1e-300, 1e-45, 1e30, 1e308, -1.0, 0.5, float("n
 
 # -- oracles -----------------------------------------------------------------------------------
 
-def _run_bundle(path: Path) -> str:
+def _load(path: Path):
     from pocketlm.bundle import describe, read_bundle
     from pocketlm.engine import Engine
 
-    bundle = read_bundle(path)
-    describe(bundle)
-    engine = Engine(path, threads=1, max_context=64)
+    describe(read_bundle(path))
+    return Engine(path, threads=1, max_context=64)
+
+
+def _generate(engine) -> str:
     "".join(engine.generate("hi", max_tokens=1))
     return "generated"
 
@@ -54,7 +57,7 @@ def check_bundle(data: bytes) -> str:
     path = _TMP / f"fuzz-{os.getpid()}.plm"
     path.write_bytes(data)
     try:
-        return _run_bundle(path)
+        return _generate(_load(path))
     except PocketLMError as e:
         return f"refused: {type(e).__name__}"
     finally:
@@ -73,10 +76,15 @@ def check_gguf(data: bytes) -> str:
         return f"refused: {type(e).__name__}"
     finally:
         src.unlink(missing_ok=True)
-    try:  # what the converter wrote, the loader must take
-        return _run_bundle(out)
-    except PocketLMError as e:
-        raise AssertionError(f"the converter wrote a bundle the loader rejects: {e}") from e
+    try:
+        try:  # what the converter wrote, the loader must take
+            engine = _load(out)
+        except PocketLMError as e:
+            raise AssertionError(f"the converter wrote a bundle the loader rejects: {e}") from e
+        try:  # finite but extreme weights may still overflow to NaN logits: a NonFiniteError
+            return _generate(engine)
+        except PocketLMError as e:
+            return f"converted, then refused: {type(e).__name__}"
     finally:
         out.unlink(missing_ok=True)
 
@@ -412,15 +420,28 @@ CHAT_FRAGMENTS = [
 ]
 
 
+# Block tags, spliced around a span of the template so that the result still compiles.
+CHAT_BLOCKS = [
+    ("{% for i in range(100000) %}", "{% endfor %}"), ("{% for c in ns.x %}", "{% endfor %}"),
+    ("{% for m in messages recursive %}", "{{ loop(messages) }}{% endfor %}"), ("{% if true %}", "{% endif %}"),
+    ("{% macro r(n) %}", "{{ r(n) }}{{ r(n) }}{% endmacro %}{{ r(1) }}"), ("{% set s %}", "{% endset %}{{ s ~ s }}"),
+    ("{% filter center(99999) %}", "{% endfilter %}"), ("{% call(x) m(1) %}", "{% endcall %}"),
+]
+
+
 def mutate_chat(data: bytes, max_size: int, seed: int) -> bytes:
     import atheris
 
     rng = random.Random(seed)
     template, messages, tools = parse_chat(data)
     action = rng.random()
-    if action < 0.5:
+    if action < 0.3:
         at = rng.randrange(len(template) + 1)
         template = template[:at] + rng.choice(CHAT_FRAGMENTS) + template[at:]
+    elif action < 0.5:
+        a, b = sorted(rng.randrange(len(template) + 1) for _ in range(2))
+        opening, closing = rng.choice(CHAT_BLOCKS)
+        template = template[:a] + opening + template[a:b] + closing + template[b:]
     elif action < 0.65 and template:
         a = rng.randrange(len(template))
         template = template[:a] + template[a + rng.randrange(1, 40):]
