@@ -633,6 +633,8 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             args = _check_str_method(owner, getattr(__obj, "__name__", ""), args, kwargs)
         elif isinstance(__obj, LoopContext) and args:  # loop(children) in a recursive loop
             args = (_Bounded(args[0]), *args[1:])
+        elif isinstance(owner, LoopContext) and getattr(__obj, "__name__", "") == "changed":  # compares with ==
+            _check_compare_cost(_printed_size(args, limit=MAX_COMPARE_SIZE))
         elif isinstance(owner, (list, tuple)) and getattr(__obj, "__name__", "") in ("index", "count"):
             _check_compare_cost(_printed_size(owner, limit=MAX_COMPARE_SIZE))
         result = super().call(__context, __obj, *args, **kwargs)

@@ -80,6 +80,8 @@ HOSTILE = {
     "comparing long lists": (TWINS + "{{ [s1] * 300000 == [s2] * 300000 }}", "MAX_COMPARE_SIZE"),
     "in over a long list": (TWINS + "{{ s2 in [s1] * 300000 }}", "MAX_COMPARE_SIZE"),
     "is in test": (TWINS + "{{ s2 is in ([s1] * 300000) }}", "MAX_COMPARE_SIZE"),
+    "loop.changed": (TWINS + "{% for i in range(4) %}{{ loop.changed([s1 if i % 2 else s2] * 300000) }}"
+                     "{% endfor %}", "MAX_COMPARE_SIZE"),
     "sort": (TWINS + "{{ ([s1, s2] * 150000)|sort|length }}", "MAX_COMPARE_SIZE"),
     "max": (TWINS + "{{ ([s1, s2] * 150000)|max|length }}", "MAX_COMPARE_SIZE"),
     "set block": (BIG + "{% set s %}{% for i in range(1000) %}{{ b }}{% endfor %}{% endset %}", "MAX_VALUE_SIZE"),
