@@ -128,7 +128,9 @@ def _architecture(gf: GGUFFile):
 
 def _metadata(gf: GGUFFile, arch: str) -> dict:
     """GGUF key -> Python value: every scalar and string, and the arrays a model or the tokenizer
-    reads ("tokenizer.*" and "<arch>.*"); the keys pocketlm reads are checked for type first."""
+    reads ("tokenizer.*" and "<arch>.*"; other arrays are never decoded). The keys pocketlm reads
+    are checked for type and must decode within the reader's limits; another key that does not
+    (too long, not UTF-8) is left out."""
     kv = {}
     for key, field in gf.fields.items():
         want = _KEY_KINDS.get(key) or (_ARCH_KEY_KINDS.get(key[len(arch) + 1:]) if key.startswith(arch + ".")
@@ -139,9 +141,13 @@ def _metadata(gf: GGUFFile, arch: str) -> dict:
             if not any(have == w or (have, w) in (("int", "float"), ("int[]", "float[]")) for w in wants):
                 raise BundleError(f"{gf.name}: GGUF metadata {shown(key)} is {_describe(have)}; "
                                   f"{' or '.join(_describe(w) for w in wants)} is expected")
-        if field.type == ARRAY and not (key.startswith("tokenizer.") or key.startswith(arch + ".")):
-            continue  # never read: never decoded
-        kv[key] = gf.value(key)
+        if want is not None:
+            kv[key] = gf.value(key)
+        elif field.type != ARRAY or key.startswith(("tokenizer.", arch + ".")):
+            try:  # a key pocketlm does not read (tokenizer.huggingface.json may be megabytes): kept if it decodes
+                kv[key] = gf.value(key)
+            except BundleError:
+                pass
     return kv
 
 
