@@ -138,3 +138,43 @@ def test_inf_in_bf16_checkpoint(hf_models, tmp_path):
     data[at:at + 2] = b"\x80\x7f"
     shard.write_bytes(bytes(data))
     _fails(dst, tmp_path, BundleError, r"ffn_down\.weight' contains NaN or infinite values")
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"num_hidden_layers": 2**32}, r"4294967296 layers; it must be 1\.\.\d+"),  # was gigabytes, then MemoryError
+    ({"num_attention_heads": 0}, "n_heads = 0"),  # was a ZeroDivisionError or a shape error
+    ({"num_key_value_heads": 3}, "3 KV heads for 4 heads"),
+    ({"vocab_size": -5}, "vocab_size = -5"),
+    ({"hidden_size": "abc"}, "config.json: does not describe a valid llama model"),  # was a bare ValueError
+    ({"num_attention_heads": [4]}, "config.json: does not describe a valid llama model"),  # was a TypeError
+    ({"rms_norm_eps": 1e-300}, r"rms_eps = 1e-300; it must be in"),
+])
+def test_hostile_config_values(ckpt, tmp_path, changes, match):
+    """config.json values are range-checked against the tensors before anything is sized by them."""
+    _edit_config(ckpt, **changes)
+    _fails(ckpt, tmp_path, BundleError, match)
+
+
+def _rewrite_safetensors_header(folder, edit):
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    (n,) = np.frombuffer(data[:8], dtype="<u8")
+    header = json.loads(data[8:8 + int(n)])
+    edit(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(np.array([len(text)], dtype="<u8").tobytes() + text + data[8 + int(n):])
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: h[next(k for k in h if k != "__metadata__")].pop("data_offsets"), "corrupt safetensors entry"),
+    (lambda h: h[next(k for k in h if k != "__metadata__")].update(shape="12"), "corrupt safetensors entry"),
+    (lambda h: h.update({"x" * (10 << 20): h.pop(next(k for k in h if k != "__metadata__"))}),
+     r"tensor 'x{80}'\.\.\. \(10485760 characters\)"),
+])
+def test_hostile_safetensors_header(ckpt, tmp_path, edit, match):
+    """Entries of the wrong shape are a BundleError (were KeyError/TypeError tracebacks); a 10 MB
+    tensor name is shown shortened."""
+    _rewrite_safetensors_header(ckpt, edit)
+    with pytest.raises(BundleError, match=match) as info:
+        convert(ckpt, tmp_path / "x.plm", progress=False)
+    assert len(str(info.value)) < 600

@@ -24,7 +24,8 @@ import numpy as np
 from pocketlm import models
 from pocketlm.convert.gguf_file import (ARRAY, BOOL, FLOAT_TYPES, INTEGER_TYPES, MAGIC, STRING, GGUFFile,
                                         TensorInfo)
-from pocketlm.convert.source import DEFAULT_GENERATION, SourceModel, SourceTensor, check_tensors, shown
+from pocketlm.convert.source import (DEFAULT_GENERATION, SourceModel, SourceTensor, check_config_ranges,
+                                     check_tensors, shown)
 from pocketlm.dtypes import DType
 from pocketlm.errors import BundleError, ConversionError, UnsupportedModelError
 
@@ -175,6 +176,8 @@ def _check_metadata(kv: dict, arch: str, gf: GGUFFile) -> None:
                  "attention.head_count_kv", "attention.key_length", "attention.value_length",
                  "rope.dimension_count"):
         int_in(a + size, 1, largest, " (the largest tensor dimension)")
+    if kv.get(a + "rope.dimension_count", 0) % 2:
+        bad(a + "rope.dimension_count", "even (RoPE rotates pairs)")
     int_in(a + "context_length", 1, MAX_CONTEXT)
     int_in(a + "attention.sliding_window", 0, kv.get(a + "context_length", MAX_CONTEXT), " (the context length)")
     int_in(a + "rope.scaling.original_context_length", 0, MAX_CONTEXT)
@@ -218,20 +221,6 @@ def _check_metadata(kv: dict, arch: str, gf: GGUFFile) -> None:
             int_in(key, 0, len(tokens) - 1, " (the token list)")
 
 
-def _check_config(cfg: dict, gf: GGUFFile, arch: str) -> None:
-    """What the model module derived, in range too (its defaults and fallbacks included)."""
-    largest = max((d for t in gf.tensors for d in t.dims), default=0)
-    for key in ("vocab_size", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
-        v = cfg.get(key)
-        if v is not None and not 1 <= v <= largest:
-            raise BundleError(f"{gf.name}: the GGUF metadata gives {key} = {v}; it must be in 1..{largest} "
-                              "(the largest tensor dimension)")
-    rope_dim, head_dim = cfg.get("rope_dim"), cfg.get("head_dim")
-    if rope_dim is not None and not (rope_dim % 2 == 0 and 2 <= rope_dim <= head_dim):
-        raise BundleError(f"{gf.name}: the rotary dimension ({arch}.rope.dimension_count, or the head size) is "
-                          f"{rope_dim}; it must be even and in 2..{head_dim} (the head size)")
-
-
 def _config(module, kv: dict, gf: GGUFFile, arch: str) -> dict:
     try:
         cfg = module.config_from_gguf(kv)
@@ -242,7 +231,7 @@ def _config(module, kv: dict, gf: GGUFFile, arch: str) -> dict:
         # do not cover still gives one clean line rather than a traceback.
         raise BundleError(f"{gf.name}: the GGUF metadata does not describe a valid {arch} model "
                           f"({type(e).__name__}: {shown(str(e))})") from None
-    _check_config(cfg, gf, arch)
+    check_config_ranges(cfg, [t.dims for t in gf.tensors], f"{gf.name} (GGUF metadata)")
     return cfg
 
 

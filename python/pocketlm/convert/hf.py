@@ -10,9 +10,14 @@ import numpy as np
 
 from pocketlm import models
 from pocketlm.convert.safetensors_np import SafetensorsFile
-from pocketlm.convert.source import DEFAULT_GENERATION, SourceModel, SourceTensor, check_tensors
-from pocketlm.errors import BundleError, ConversionError
+from pocketlm.convert.source import (DEFAULT_GENERATION, SourceModel, SourceTensor, check_config_ranges,
+                                     check_tensors, shown)
+from pocketlm.errors import BundleError, ConversionError, UnsupportedModelError
 from pocketlm.tokenizer import compact_tokenizer_json
+
+
+# As the .plm reader's limit on tensor names; checkpoint names are under 100 characters.
+MAX_NAME_CHARS = 1024
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -155,11 +160,21 @@ def read_hf(folder: Path) -> SourceModel:
     if not (folder / "config.json").is_file():
         raise BundleError(f"{origin}: no config.json; not a Hugging Face checkpoint folder")
     config = _read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise BundleError(f"{origin}/config.json: not a JSON object")
     arch = models.arch_from_hf(config)
     module = models.get(arch)
-    cfg = module.config_from_hf(config)
-
     files = safetensors_files(folder)
+    shards = [SafetensorsFile(f) for f in files]
+    try:
+        cfg = module.config_from_hf(config)
+    except (UnsupportedModelError, BundleError, ConversionError):
+        raise
+    except (ArithmeticError, TypeError, ValueError, KeyError) as e:  # a value of the wrong type or range
+        raise BundleError(f"{origin}/config.json: does not describe a valid {arch} model "
+                          f"({type(e).__name__}: {shown(str(e))})") from None
+    check_config_ranges(cfg, [st.shape(n) for st in shards for n in st.keys()], f"{origin}/config.json")
+
     tok_path = folder / "tokenizer.json"
     if not tok_path.is_file():
         raise BundleError(f"{origin}: no tokenizer.json (pocketlm needs the fast-tokenizer file; "
@@ -173,8 +188,10 @@ def read_hf(folder: Path) -> SourceModel:
     gen_cfg = _optional_json(folder / "generation_config.json")
 
     tensors: list[SourceTensor] = []
-    for st in (SafetensorsFile(f) for f in files):
+    for st in shards:
         for hf_name in st.keys():
+            if len(hf_name) > MAX_NAME_CHARS:
+                raise BundleError(f"{origin}: tensor {shown(hf_name)} has a name longer than {MAX_NAME_CHARS} characters")
             # usually one canonical tensor per HF tensor; fused or transposed ones are split here
             for name, shape, transform in models.hf_tensors(module, hf_name, tuple(st.shape(hf_name)), cfg):
                 tensors.append(SourceTensor(

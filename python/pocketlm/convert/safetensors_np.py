@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pocketlm.convert.source import shown
 from pocketlm.errors import BundleError, UnsupportedModelError
 
 _NP_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}
@@ -35,16 +36,26 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except ValueError as e:
                 raise BundleError(f"{self.path.name}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise BundleError(f"{self.path.name}: corrupt safetensors header (not a JSON object)")
         header.pop("__metadata__", None)
         self._data_start = 8 + n
         self._entries = header
         data_bytes = size - self._data_start
         for name, e in header.items():
+            where = f"{self.path.name}: tensor {shown(name)}"
+            ints = lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)  # noqa: E731
+            if not (isinstance(e, dict) and isinstance(e.get("dtype"), str) and ints(e.get("shape"))
+                    and ints(e.get("data_offsets")) and len(e["data_offsets"]) == 2):
+                raise BundleError(f"{where}: corrupt safetensors entry (dtype, shape and data_offsets expected)")
             start, end = e["data_offsets"]
-            if e["dtype"] in _ITEM_BYTES and end - start != _ITEM_BYTES[e["dtype"]] * int(np.prod(e["shape"])):
-                raise BundleError(f"{self.path.name}: tensor {name!r} has inconsistent size")
+            n_elements = 1
+            for d in e["shape"]:
+                n_elements *= d
+            if e["dtype"] in _ITEM_BYTES and end - start != _ITEM_BYTES[e["dtype"]] * n_elements:
+                raise BundleError(f"{where} has inconsistent size")
             if not 0 <= start <= end <= data_bytes:
-                raise BundleError(f"{self.path.name}: tensor {name!r} lies outside the file (truncated?)")
+                raise BundleError(f"{where} lies outside the file (truncated?)")
         self._map: np.ndarray | None = None
 
     def keys(self) -> list[str]:
@@ -61,7 +72,7 @@ class SafetensorsFile:
         e = self._entries[name]
         dt = e["dtype"]
         if dt not in _NP_DTYPES:
-            raise UnsupportedModelError(f"{self.path.name}: tensor {name!r} has unsupported dtype {dt}")
+            raise UnsupportedModelError(f"{self.path.name}: tensor {shown(name)} has unsupported dtype {shown(dt)}")
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         start, end = e["data_offsets"]
