@@ -191,7 +191,8 @@ def read_hf(folder: Path) -> SourceModel:
     for st in shards:
         for hf_name in st.keys():
             if len(hf_name) > MAX_NAME_CHARS:
-                raise BundleError(f"{origin}: tensor {shown(hf_name)} has a name longer than {MAX_NAME_CHARS} characters")
+                raise BundleError(f"{origin}: tensor {shown(hf_name)} has a name longer than {MAX_NAME_CHARS} "
+                                  "characters")
             # usually one canonical tensor per HF tensor; fused or transposed ones are split here
             for name, shape, transform in models.hf_tensors(module, hf_name, tuple(st.shape(hf_name)), cfg):
                 tensors.append(SourceTensor(
