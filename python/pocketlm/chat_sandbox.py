@@ -18,6 +18,8 @@ until the process is killed or out of memory. Here each render has
   many bounded values cannot add up to gigabytes;
 - a bound on comparisons and sorts, whose cost grows with the operands' nested size (a list of a
   million references to one long string compares a million long strings);
+- a bound on the nesting of tuples that are hashed (dict keys, `in` a dict, unique): CPython hashes
+  them by C recursion with no depth check, so a deep enough tuple crashes the process;
 - the output size (MAX_OUTPUT_CHARS), counted as it is produced.
 
 Each limit fails with ChatTemplateError naming it. The environment renders like transformers'
@@ -56,6 +58,10 @@ MAX_RENDER_CHARS = 32 * MAX_OUTPUT_CHARS
 # Nested size of the operands of one comparison, sort, min/max, unique or groupby.
 MAX_COMPARE_SIZE = 8 * MAX_VALUE_SIZE
 MAX_INT_BITS = 1 << 16
+# Nesting of a tuple hashed as a dict key or set member: CPython hashes nested tuples by C recursion
+# with no depth check (a 300k-deep tuple crashes the process), and does not cache tuple hashes
+# (a tuple holding itself twice, 40 levels deep, hashes 2^40 tuples).
+MAX_HASH_NESTING = 256
 # tojson's indent plus separators, in characters (templates use 2 or 4).
 MAX_JSON_INDENT = 16
 # urlize and wordwrap run regular expressions that are quadratic on crafted input.
@@ -256,8 +262,11 @@ _CHEAP = (str, int, float, type(None), Undefined)
 
 def _check_compare(op: str, a: Any, b: Any) -> None:
     if op in ("in", "notin"):
-        if isinstance(b, (str, dict, set, frozenset, range)) or not isinstance(b, (list, tuple)):
-            return  # substring search is linear; hashed containers compare equal hashes only
+        if isinstance(b, (dict, set, frozenset)):
+            check_hashable(a)
+            return  # hashed containers compare equal hashes only
+        if isinstance(b, (str, range)) or not isinstance(b, (list, tuple)):
+            return  # substring search is linear
         cost = _printed_size(b, limit=MAX_COMPARE_SIZE)
     else:
         if isinstance(a, _CHEAP) or isinstance(b, _CHEAP):
@@ -270,6 +279,32 @@ def _check_compare_cost(cost: int) -> None:
     if cost > MAX_COMPARE_SIZE:
         raise ChatTemplateError(f"chat template compares or sorts values of nested size over {MAX_COMPARE_SIZE:,} "
                                 "(pocketlm.chat_sandbox.MAX_COMPARE_SIZE)")
+
+
+def check_hashable(value: Any) -> None:
+    """Refuses to hash a value whose tuples nest deeper than MAX_HASH_NESTING or hold too many
+    tuples (counted along every path, as hashing visits them). Lists on the way are followed
+    too, for dict(pairs)."""
+    if not isinstance(value, (tuple, list)):
+        return
+    nodes = 0
+    stack: list[tuple[Iterator, int]] = [(iter((value,)), 0)]
+    while stack:
+        items, depth = stack[-1]
+        v = next(items, _END)
+        if v is _END:
+            stack.pop()
+            continue
+        if isinstance(v, (tuple, list)):
+            nodes += len(v) + 1
+            if depth >= MAX_HASH_NESTING:
+                raise ChatTemplateError(f"chat template hashes a value nested more than {MAX_HASH_NESTING} deep "
+                                        "(pocketlm.chat_sandbox.MAX_HASH_NESTING)")
+            if nodes > MAX_COMPARE_SIZE:
+                _check_compare_cost(nodes)
+            if not nodes & 0xFFF:
+                _tick()
+            stack.append((iter(v), depth + 1))
 
 
 def compare(op: str, a: Any, b: Any) -> bool:
@@ -443,6 +478,8 @@ def _guard_filter(name: str, func: Any) -> Any:
                 value = _materialize(value)
                 args = (*args[:value_at], value, *args[value_at + 1:])
             _check_compare_cost(_printed_size(value, limit=MAX_COMPARE_SIZE))
+            if name == "unique":
+                check_hashable(value)
         elif name == "join" and len(args) > 1:
             value = _materialize(args[1])
             args = (args[0], value, *args[2:])
@@ -507,7 +544,7 @@ def _bounded_lipsum(lipsum: Any) -> Any:
 # -- the environment ---------------------------------------------------------------------------
 
 class _BoundedCodeGenerator(CodeGenerator):
-    """Sends `~` and comparisons through the environment's checked versions."""
+    """Sends `~`, comparisons, slices and dict displays through the environment's checked versions."""
 
     @optimizeconst
     def visit_Concat(self, node: nodes.Concat, frame: Any) -> None:
@@ -515,6 +552,16 @@ class _BoundedCodeGenerator(CodeGenerator):
         for arg in node.nodes:
             self.visit(arg, frame)
             self.write(", ")
+        self.write("))")
+
+    def visit_Dict(self, node: nodes.Dict, frame: Any) -> None:  # keys are hashed: see check_hashable
+        self.write("environment.bounded_dict((")
+        for item in node.items:
+            self.write("(")
+            self.visit(item.key, frame)
+            self.write(", ")
+            self.visit(item.value, frame)
+            self.write("), ")
         self.write("))")
 
     @optimizeconst
@@ -613,10 +660,17 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def getitem(self, obj: Any, argument: Any) -> Any:
         _tick()
+        check_hashable(argument)
         value = super().getitem(obj, argument)
         if isinstance(argument, slice) and isinstance(value, (str, list, tuple)):
             _charge_value(value)
         return value
+
+    @staticmethod
+    def bounded_dict(pairs: tuple) -> dict:  # `{key: value, ...}`
+        for key, _ in pairs:
+            check_hashable(key)
+        return dict(pairs)
 
     @staticmethod
     def bounded_slice(obj: Any, start: Any, stop: Any, step: Any) -> Any:  # `obj[start:stop:step]`
@@ -635,6 +689,8 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             args = (_Bounded(args[0]), *args[1:])
         elif isinstance(owner, LoopContext) and getattr(__obj, "__name__", "") == "changed":  # compares with ==
             _check_compare_cost(_printed_size(args, limit=MAX_COMPARE_SIZE))
+        elif __obj is dict:
+            check_hashable(args)
         elif isinstance(owner, (list, tuple)) and getattr(__obj, "__name__", "") in ("index", "count"):
             _check_compare_cost(_printed_size(owner, limit=MAX_COMPARE_SIZE))
         result = super().call(__context, __obj, *args, **kwargs)

@@ -23,6 +23,8 @@ HI = [{"role": "user", "content": "hi"}]
 BIG = "{% set b = 'x' * 2000000 %}"  # a string just under MAX_VALUE_SIZE
 # Two long strings that differ only at the end, so comparing them reads them whole.
 TWINS = "{% set p = 'x' * 1999999 %}{% set s1 = p ~ 'a' %}{% set s2 = p ~ 'b' %}"
+# Hashing nested tuples recurses in C without a depth check: 300k levels crash CPython.
+DEEP_TUPLE = "{% set ns = namespace(t=()) %}{% for i in range(300) %}{% set ns.t = (ns.t,) %}{% endfor %}"
 
 # name -> (template, the limit the error must name)
 HOSTILE = {
@@ -84,6 +86,13 @@ HOSTILE = {
                      "{% endfor %}", "MAX_COMPARE_SIZE"),
     "sort": (TWINS + "{{ ([s1, s2] * 150000)|sort|length }}", "MAX_COMPARE_SIZE"),
     "max": (TWINS + "{{ ([s1, s2] * 150000)|max|length }}", "MAX_COMPARE_SIZE"),
+    "hashing a deep tuple (in)": (DEEP_TUPLE + "{{ ns.t in {} }}", "MAX_HASH_NESTING"),
+    "hashing a deep tuple (dict display)": (DEEP_TUPLE + "{{ {ns.t: 1} }}", "MAX_HASH_NESTING"),
+    "hashing a deep tuple (item)": (DEEP_TUPLE + "{{ {}[ns.t] }}", "MAX_HASH_NESTING"),
+    "hashing a deep tuple (dict())": (DEEP_TUPLE + "{{ dict([(ns.t, 1)]) }}", "MAX_HASH_NESTING"),
+    "hashing a deep tuple (unique)": (DEEP_TUPLE + "{{ [ns.t]|unique|list }}", "MAX_HASH_NESTING"),
+    "hashing a tuple DAG": ("{% set ns = namespace(t=(1,)) %}{% for i in range(40) %}{% set ns.t = (ns.t, ns.t) %}"
+                            "{% endfor %}{{ ns.t in {} }}", "MAX_"),
     "set block": (BIG + "{% set s %}{% for i in range(1000) %}{{ b }}{% endfor %}{% endset %}", "MAX_VALUE_SIZE"),
     "output": (BIG + "{% for i in range(1000) %}{{ b }}{% endfor %}", "MAX_OUTPUT_CHARS"),
     "string filter": (BIG + "{{ ([b] * 1000)|string }}", "MAX_VALUE_SIZE"),
@@ -171,6 +180,7 @@ CONSTRUCTS = """{%- set ns = namespace(total=0, parts=[]) -%}
 {{ 2 ** 10 }} {{ 7 // 2 }} {{ 17 % 5 }} {{ 'ab' ~ 1 ~ none ~ [1] }} {{ [1, [2]] }}
 {%- set captured %}{% for i in range(3) %}[{{ i }}]{% endfor %}{% endset %} {{ captured }}
 {%- for item in [[1, [2, [3]]]] recursive %}<{% if item is iterable %}{{ loop(item) }}{% else %}{{ item }}{% endif %}>{% endfor %}
+{{ {(1, 2): 'a', 'k': 1, 'k': 2} }} {{ {(1, 2): 'a'}[(1, 2)] }} {{ (1, 2) in {(1, 2): 0} }} {{ [(1,), (1,)] | unique | list }}
 {{ 'Hello World foo' | truncate(9, true, '..', 0) }} {{ 'a b c' | wordwrap(3) }} {{ 'x' | string }} {{ '  t  ' | trim }}
 {% if add_generation_prompt %}<|assistant|>{% endif %}"""
 
