@@ -262,6 +262,15 @@ def test_base_converts(files, tmp_path):
         "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K"}
 
 
+def test_window_past_the_context_converts(tmp_path):
+    """Phi-3-mini-128k's GGUF says sliding_window 262144 over a 131072 context: a window that
+    wide is full attention, not a hostile value."""
+    g = base_gguf()
+    g.set("llama.attention.sliding_window", G.UINT32, 2 * 256)
+    (tmp_path / "wide.gguf").write_bytes(g.to_bytes())
+    read_bundle(convert(tmp_path / "wide.gguf", tmp_path / "wide.plm", progress=False))
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_api(files, case, tmp_path, monkeypatch):
     _, exc, words = CASES[case]

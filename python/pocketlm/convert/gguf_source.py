@@ -179,7 +179,8 @@ def _check_metadata(kv: dict, arch: str, gf: GGUFFile) -> None:
     if kv.get(a + "rope.dimension_count", 0) % 2:
         bad(a + "rope.dimension_count", "even (RoPE rotates pairs)")
     int_in(a + "context_length", 1, MAX_CONTEXT)
-    int_in(a + "attention.sliding_window", 0, kv.get(a + "context_length", MAX_CONTEXT), " (the context length)")
+    # A window may exceed the context (Phi-3-mini-128k: 262144 over 131072): it is then full attention.
+    int_in(a + "attention.sliding_window", 0, MAX_CONTEXT)
     int_in(a + "rope.scaling.original_context_length", 0, MAX_CONTEXT)
     if kv.get(a + "rope.scaling.original_context_length") == 1:
         bad(a + "rope.scaling.original_context_length", "0 (none) or at least 2")
