@@ -85,6 +85,8 @@ def _compile(template: str):
         raise ChatTemplateError(f"chat template must be a string, not {type(template).__name__}")
     try:
         return _environment().compile_template(template)
+    except ChatTemplateError:
+        raise
     except Exception as e:
         raise ChatTemplateError(f"chat template does not compile: {_describe(e)}") from e
 

@@ -3,7 +3,8 @@
 A chat template comes inside the model file, so it is as hostile as the file. jinja2's
 ImmutableSandboxedEnvironment stops escapes (no private attributes, no changes to the caller's
 data) but not work: two nested loops over range(100000), `'x' * 10**10` or `'%999999999s' % x` run
-until the process is killed or out of memory. Here each render has
+until the process is killed or out of memory. Here a template's source is at most
+MAX_TEMPLATE_CHARS long (compiling it is not otherwise bounded), and each render has
 
 - a deadline (MAX_RENDER_SECONDS), checked at every loop iteration, call, attribute or item access,
   intercepted operator, filter and comparison, so a render ends within the deadline plus one
@@ -48,6 +49,10 @@ from markupsafe import Markup
 from pocketlm.errors import ChatTemplateError
 
 MAX_RENDER_SECONDS = 2.0
+# The template's source. jinja2 compiles a template to Python at about 10 us and 1-3 KB of memory per
+# character, outside any check (128 KiB took 2.2 s and 400 MB here, 10 MB took 105 s and 9 GB);
+# released chat templates are 1-15 KB.
+MAX_TEMPLATE_CHARS = 64 * 1024
 # The rendered prompt, in characters: about 500k tokens of text, more than any context we run.
 MAX_OUTPUT_CHARS = 2 * 1024 * 1024
 # Any one value a template builds: characters of a string, items of a list, printed size of a container.
@@ -717,6 +722,9 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def compile_template(self, source: str) -> Any:
         """from_string within the limits: compiling folds constant expressions, which runs filters."""
+        if len(source) > MAX_TEMPLATE_CHARS:
+            raise ChatTemplateError(f"chat template is {len(source):,} characters, over the limit of "
+                                    f"{MAX_TEMPLATE_CHARS:,} (pocketlm.chat_sandbox.MAX_TEMPLATE_CHARS)")
         token = _budget.set(_Budget(MAX_RENDER_SECONDS, MAX_RENDER_CHARS))
         try:
             return self.from_string(source)

@@ -102,6 +102,7 @@ HOSTILE = {
     "pprint": ("{{ [[[[[1] * 100000] * 10] * 10] * 10]|pprint }}", "MAX_VALUE_SIZE"),
     "recursive loop": ("{% for x in [[1]] recursive %}{{ loop([range(100000)|list] * 2) }}{% endfor %}",
                        "MAX_RENDER_CHARS"),
+    "long source": ("{{ a ~ b }}" * 10000, "MAX_TEMPLATE_CHARS"),
     "compile-time folding": ("{{ [1]|slice(2000000)|list|length }}", "MAX_"),
 }
 TIME_LIMITED = {name for name, (_, limit) in HOSTILE.items() if limit == "MAX_RENDER_SECONDS"}
