@@ -10,17 +10,24 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
-#include <string>
 
 #include "format/bundle_reader.h"
 #include "format/sha256.h"
 
 namespace {
 
-const std::string& input_path() {
-  static const std::string path = "/dev/shm/pocketlm-reader-fuzz-" + std::to_string(getpid()) + ".plm";
-  return path;
+char input_file[64];
+
+void remove_input() { std::remove(input_file); }
+
+const char* input_path() {
+  if (!input_file[0]) {
+    std::snprintf(input_file, sizeof input_file, "/dev/shm/pocketlm-reader-fuzz-%d.plm", static_cast<int>(getpid()));
+    std::atexit(remove_input);
+  }
+  return input_file;
 }
 
 uint64_t read_u64(const uint8_t* p) {
@@ -55,7 +62,7 @@ extern "C" size_t LLVMFuzzerCustomMutator(uint8_t* data, size_t size, size_t max
 }
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  FILE* f = std::fopen(input_path().c_str(), "wb");
+  FILE* f = std::fopen(input_path(), "wb");
   if (!f) return 0;
   std::fwrite(data, 1, size, f);
   std::fclose(f);

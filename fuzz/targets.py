@@ -18,9 +18,11 @@ tests/fuzz/test_corpus_replay.py replays the committed corpus (fuzz/corpus/) thr
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
+import shutil
 import struct
 import tempfile
 import time
@@ -29,6 +31,7 @@ from pathlib import Path
 import plm_layout
 
 _TMP = Path(tempfile.mkdtemp(prefix="pocketlm-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 
 INTERESTING_INTS = [0, 1, -1, 2, 3, 7, 8, 16, 31, 32, 33, 63, 64, 255, 256, 4095, 4096, 65535, 65536, 2**31 - 1,
                     2**31, 2**32 - 1, 2**32, 2**53, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -2**31, -2**63, 10**30]
