@@ -208,3 +208,24 @@ def test_an_unfinished_generator_holds_the_session_until_closed(engine):
     with pytest.raises(ContextOverflowError):  # an error inside generate frees the session too
         list(s.generate(list(range(3, CTX + 5))))
     assert s.prefill([5]).shape == (engine.vocab_size,)
+
+
+def test_sessions_of_one_engine_run_in_threads_at_once(engine):
+    """Sessions share the engine's weights and program, not their state: four threads, each with
+    its own session, give what the same prompts give one after another."""
+    prompts = ["The quick brown fox", "Once upon a time", "hello world", "a b c d e f"]
+    want = ["".join(engine.create_session().generate(p, max_tokens=16, temperature=0)) for p in prompts]
+    got: dict[int, str] = {}
+    start = threading.Barrier(len(prompts))
+
+    def worker(i: int) -> None:
+        s = engine.create_session()
+        start.wait(30)
+        got[i] = "".join(s.generate(prompts[i], max_tokens=16, temperature=0))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [got.get(i) for i in range(len(prompts))] == want
