@@ -25,9 +25,9 @@ BACKTRACKING = "(a+)+$"  # exponential in the run of a's before a character that
 SLOW_TEXT = "a" * 40 + "b"
 
 
-def cli(*args, input: bytes | None = None, timeout: float = 120):
+def cli(*args, input: bytes | None = None, timeout: float = 120, memory: int = 3 << 30):
     """`python -m pocketlm ARGS` (bytes or str arguments) under a 3 GB address-space limit."""
-    cmd = ["prlimit", f"--as={3 << 30}", sys.executable, "-m", "pocketlm",
+    cmd = ["prlimit", f"--as={memory}", sys.executable, "-m", "pocketlm",
            *(a if isinstance(a, bytes) else str(a) for a in args)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(cmd, capture_output=True, input=input, timeout=timeout, env=env)
@@ -141,3 +141,14 @@ def test_backtracking_split_regex_is_a_bundle_error(backtracking_model):
         list(engine.generate(SLOW_TEXT, max_tokens=2))
     r = cli("run", backtracking_model, "-p", SLOW_TEXT, "-n", 2, timeout=60)
     assert failed_cleanly(r, "tokenizer", "retry-limit"), r.stderr
+
+
+def test_out_of_memory_is_one_line(model):
+    """A context the address-space limit cannot hold (the model claims 2^24 trained positions; -c asks
+    for all of them): the RoPE table or the session's reservation runs out of memory, which the CLI
+    reports as one line, not a traceback. 1 GB, so that it fails before touching gigabytes."""
+    meta = read_bundle(model).metadata
+    huge = rewritten(model, model.with_name("huge_context.plm"),
+                     config={**meta["config"], "max_position": 1 << 24})
+    r = cli("run", huge, "-p", "hello", "-n", "2", "-c", str(1 << 24), "-t", "1", memory=1 << 30)
+    assert failed_cleanly(r, "out of memory"), r.stderr.decode(errors="replace")[-2000:]

@@ -466,6 +466,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # before OSError, of which it is one: `pocketlm run ... | head`
         return 0
+    except MemoryError as e:  # a context or model too large for this machine (or its memory limit)
+        detail = f": {e}" if str(e) else ""
+        print(f"pocketlm: error: out of memory{detail}; a smaller -c/--ctx-size or model needs less",
+              file=sys.stderr)
+        return 1
     except (PocketLMError, OSError, ValueError) as e:  # a bad file or value: the message says it all
         if isinstance(e, OSError) and e.filename is not None and e.strerror:
             print(f"pocketlm: error: {e.filename}: {e.strerror}", file=sys.stderr)
