@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+
+def child_env(**extra: str) -> dict:
+    """The environment for a child Python (`python -m pocketlm ...`) that must import the same
+    pocketlm as this test process: the source tree in development (PYTHONPATH=python), the installed
+    package under scripts/test.sh (whose source tree has no compiled extension)."""
+    import pocketlm
+
+    where = str(Path(pocketlm.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([where, os.environ.get("PYTHONPATH", "")]), **extra}
 
 
 TRAIN_TEXT = [

@@ -7,20 +7,18 @@ a time and memory bound: every command runs under prlimit --as=3G with a timeout
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from testutil import make_hf_model
+from testutil import child_env, make_hf_model
 from pocketlm.bundle import TensorSpec, read_bundle, write_bundle
 from pocketlm.convert import convert
 from pocketlm.engine import Engine
 from pocketlm.errors import BundleError, InvalidInputError
 
-ROOT = Path(__file__).resolve().parents[2]
 BACKTRACKING = "(a+)+$"  # exponential in the run of a's before a character that is not one
 SLOW_TEXT = "a" * 40 + "b"
 
@@ -29,8 +27,7 @@ def cli(*args, input: bytes | None = None, timeout: float = 120, memory: int = 3
     """`python -m pocketlm ARGS` (bytes or str arguments) under a 3 GB address-space limit."""
     cmd = ["prlimit", f"--as={memory}", sys.executable, "-m", "pocketlm",
            *(a if isinstance(a, bytes) else str(a) for a in args)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(cmd, capture_output=True, input=input, timeout=timeout, env=env)
+    return subprocess.run(cmd, capture_output=True, input=input, timeout=timeout, env=child_env())
 
 
 def failed_cleanly(r, *fragments: str) -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from testutil import make_hf_model
+from testutil import child_env, make_hf_model
 from pocketlm import Engine
 from pocketlm.bundle import TensorSpec, read_bundle, remove_stale_temporaries, write_bundle
 from pocketlm.cli.main import main
@@ -25,8 +24,6 @@ from pocketlm.convert import converter
 from pocketlm.dtypes import DType
 from pocketlm.engine import check_loadable
 from pocketlm.errors import BundleError
-
-PYTHON_PATH = str(Path(__file__).resolve().parents[2] / "python")
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +160,7 @@ def test_a_failed_write_is_a_storage_error_naming_the_bundle(tmp_path):
     the 4 MiB tensor as a full disk would (ENOSPC takes the same path)."""
     out = tmp_path / "big.plm"
     r = subprocess.run(["prlimit", "--fsize=1000000", sys.executable, "-c", WRITE_SCRIPT, str(out)],
-                       capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": PYTHON_PATH})
+                       capture_output=True, text=True, timeout=60, env=child_env())
     assert r.returncode == 0, r.stderr
     name, errno_, _, message = r.stdout.strip().split(" ", 3)
     assert name == "StorageError" and int(errno_) == 27  # EFBIG
@@ -175,7 +172,7 @@ def test_cli_reports_a_failed_write_in_one_line(hf, tmp_path):
     out = tmp_path / "x.plm"
     r = subprocess.run(["prlimit", "--fsize=100000", sys.executable, "-m", "pocketlm", "convert", str(hf), "-o",
                         str(out), "--quant", "f32"], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": PYTHON_PATH})
+                       env=child_env())
     assert r.returncode == 1, r.stderr
     assert r.stderr.splitlines()[-1] == f"pocketlm: error: cannot write {out}: File too large", r.stderr
     assert list(tmp_path.iterdir()) == []
@@ -199,7 +196,7 @@ def start_slow_convert(hf: Path, out: Path) -> tuple[subprocess.Popen, Path]:
     """A real conversion in a child process, slowed per tensor; returns it and its temporary file
     once that exists."""
     child = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, str(hf), str(out)],
-                             env={**os.environ, "PYTHONPATH": PYTHON_PATH}, stderr=subprocess.PIPE)
+                             env=child_env(), stderr=subprocess.PIPE)
     tmp = out.parent / f".{out.name}.tmp-{child.pid}"
     deadline = time.monotonic() + 60
     while not tmp.exists():

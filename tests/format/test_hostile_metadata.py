@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,13 +16,12 @@ from pathlib import Path
 import pytest
 
 from bundle_craft import with_metadata
-from testutil import make_hf_model
+from testutil import child_env, make_hf_model
 from pocketlm import Engine
 from pocketlm.bundle import read_bundle
 from pocketlm.convert import convert
 from pocketlm.errors import BundleError
 
-PYTHON_PATH = str(Path(__file__).resolve().parents[2] / "python")
 # Address space for the CLI runs: the tiny model runs in 600 MiB; parsing the hostile metadata as
 # before this fix took 1.7 GB of RSS (60 MB case) or crashed the stack (100k nesting).
 CLI_ADDRESS_SPACE = 768 << 20
@@ -160,7 +158,7 @@ def test_cli_one_line_exit_1_within_memory_and_time(hostile, case):
     cmd = ["prlimit", f"--as={CLI_ADDRESS_SPACE}", sys.executable, "-m", "pocketlm", "run", str(path),
            "-p", "Hello", "-n", "4", "-t", "1", "-c", "256"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=CLI_SECONDS,
-                       env={**os.environ, "PYTHONPATH": PYTHON_PATH})
+                       env=child_env())
     assert r.returncode == 1, r.stderr[-2000:]
     assert r.stderr.startswith(f"pocketlm: error: {path}: ") and r.stderr.count("\n") == 1, r.stderr[-2000:]
     assert "Traceback" not in r.stderr

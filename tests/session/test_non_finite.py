@@ -9,14 +9,13 @@ gives tokens, so the error is the poison's.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from testutil import make_hf_model
+from testutil import child_env, make_hf_model
 from pocketlm.bundle import TensorSpec, read_bundle, write_bundle
 from pocketlm.convert import convert
 from pocketlm.engine import Engine
@@ -98,9 +97,7 @@ def test_score_raises_non_finite(bundles, poison):
 def cli(*args, timeout=120):
     """`python -m pocketlm` as a user runs it, under a 3 GB address-space limit."""
     cmd = ["prlimit", f"--as={3 << 30}", sys.executable, "-m", "pocketlm", *map(str, args)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(["python", os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(cmd, capture_output=True, timeout=timeout, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    return subprocess.run(cmd, capture_output=True, timeout=timeout, env=child_env())
 
 
 @pytest.mark.parametrize("command", [

@@ -6,7 +6,6 @@ ordinary templates exactly as transformers does, including every construct it re
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -14,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from testutil import child_env
+
 from pocketlm import chat_sandbox
 from pocketlm.chat import default_chat_template, render_chat
 from pocketlm.errors import ChatTemplateError
 
-ROOT = Path(__file__).resolve().parents[2]
 HI = [{"role": "user", "content": "hi"}]
 BIG = "{% set b = 'x' * 2000000 %}"  # a string just under MAX_VALUE_SIZE
 # Two long strings that differ only at the end, so comparing them reads them whole.
@@ -148,7 +148,7 @@ for name, template in json.loads(sys.stdin.read()).items():
 def test_hostile_templates_within_a_memory_limit():
     """All of them in one child process limited to 768 MB of address space (Python and pocketlm
     take about 300 MB of it): none runs out of memory, each fails with ChatTemplateError."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
+    env = child_env()
     templates = {name: t for name, (t, _) in HOSTILE.items() if name not in TIME_LIMITED}
     templates["nested range loops"] = HOSTILE["nested range loops"][0]
     r = subprocess.run(["prlimit", f"--as={768 << 20}", sys.executable, "-c", CHILD], input=json.dumps(templates),
@@ -249,7 +249,7 @@ def test_hostile_bundle_template_through_engine_and_cli(tiny_model, monkeypatch,
             "".join(engine.chat(HI, max_tokens=2))
         assert time.perf_counter() - t0 < 2
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
+    env = child_env()
     t0 = time.perf_counter()
     r = subprocess.run(["prlimit", f"--as={3 << 30}", sys.executable, "-m", "pocketlm", "chat", str(path), "-p", "hi",
                         "-n", "2"], capture_output=True, text=True, timeout=60, env=env)
