@@ -152,7 +152,9 @@ void bind_executor(nb::module_& m) {
       .def_prop_ro("arena_bytes", &plm::Program::arena_bytes)
       .def_prop_ro("kernel_name", [](const plm::Program& p) { return std::string(p.kernel_name()); })
       .def_prop_ro("activations", [](const plm::Program& p) { return std::string(p.activations()); })
-      .def_prop_ro("output_cols", &plm::Program::output_cols);
+      .def_prop_ro("output_cols", &plm::Program::output_cols)
+      .def_prop_ro("layer_windows", &plm::Program::layer_windows,
+                   "per KV layer: its attention window (0 = full attention, -1 = no attention op)");
 
   nb::class_<StateHandle>(m, "State", "One session's arena, KV cache and scratch for a Program.")
       .def(

@@ -668,6 +668,7 @@ int64_t Program::arena_bytes() const { return impl_->arena_bytes; }
 const char* Program::kernel_name() const { return impl_->kt->name; }
 const char* Program::activations() const { return impl_->act2 ? "int8x2" : "int8"; }
 int64_t Program::output_cols() const { return impl_->tensors[impl_->output].cols; }
+const std::vector<int64_t>& Program::layer_windows() const { return impl_->layer_window; }
 int64_t Program::output_rows(int n_tokens) const {
   return impl_->rows_at(impl_->tensors[impl_->output], n_tokens);
 }

@@ -131,6 +131,8 @@ class Program {
   const char* kernel_name() const;
   const char* activations() const;
   int64_t output_cols() const;
+  // Per KV layer: its attention window (0 = full attention, -1 = the layer has no attention op).
+  const std::vector<int64_t>& layer_windows() const;
   int64_t output_rows(int n_tokens) const;   // n_tokens for a ROWS_T output, else fixed
   struct Impl;
   Impl* impl() const { return impl_.get(); }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -275,6 +276,7 @@ class Engine:
         self.compiled = CompiledModel(self.bundle, self.max_context, self.prefill_chunk, self.threads,
                                       kernels=kernels, activations=activations)
         self._scoring: CompiledModel | None = None
+        self._scoring_lock = threading.Lock()  # sessions may be created from several threads
         self.tokenizer = load_tokenizer(self.bundle)
         self.chat_template: str | None = meta.get("chat_template")
         self.generation_defaults: dict = dict(meta.get("generation") or {})
@@ -296,11 +298,12 @@ class Engine:
             return self.compiled
         if logits != "all":
             raise ValueError("logits must be 'last' or 'all'")
-        if self._scoring is None:
-            self._scoring = CompiledModel(self.bundle, self.max_context,
-                                          min(self.SCORING_CHUNK, self.prefill_chunk), self.threads,
-                                          kernels=self._kernels, all_logits=True,
-                                          activations=self.activations)
+        with self._scoring_lock:
+            if self._scoring is None:
+                self._scoring = CompiledModel(self.bundle, self.max_context,
+                                              min(self.SCORING_CHUNK, self.prefill_chunk), self.threads,
+                                              kernels=self._kernels, all_logits=True,
+                                              activations=self.activations)
         return self._scoring
 
     def create_session(self, max_context: int | None = None, logits: str = "last"):

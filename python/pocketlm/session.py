@@ -69,9 +69,8 @@ class Session:
         self._last_logits: np.ndarray | None = None
         self.last_stats = GenerationStats()
         # Sliding-window layers keep a ring of `capacity` positions (position p in slot p % capacity):
-        # (capacity, window) of each layer whose ring can wrap. executor.cpp's layer_kv_capacities
-        # makes it min(max_context, window + chunk - 1), so below max_context, window = capacity - chunk + 1.
-        self._rings = [(int(c), int(c) - self._chunk + 1) for c in self._state.kv_capacities
+        # (capacity, window) of each layer whose ring can wrap, both as the executor sized them.
+        self._rings = [(int(c), int(w)) for c, w in zip(self._state.kv_capacities, compiled.program.layer_windows)
                        if c < self.max_context]
         self._valid = 0   # the first _valid tokens are in the KV cache; the rest are replayed on the next call
         self._kv_end = 0  # highest position written since the cache was last rebuilt from position 0
@@ -157,14 +156,11 @@ class Session:
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         """Feeds tokens (in chunks of the engine's prefill size); returns the last position's logits."""
-        if not self._busy.acquire(blocking=False):  # _enter / _leave, inlined: decode's path
-            self._enter("prefill")
-        self._busy_with = "prefill()"
+        self._enter("prefill")
         try:
             return self._prefill(token_ids)
         finally:
-            self._busy_with = ""
-            self._busy.release()
+            self._leave()
 
     def _prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         ids = self._checked(token_ids, "prefill")
