@@ -19,6 +19,7 @@ Three GGUF tokenizer kinds (tokenizer.ggml.model) are supported, with llama.cpp 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -390,10 +391,17 @@ def _is_panic(e: BaseException) -> bool:
     return type(e).__name__ == "PanicException"
 
 
-def _panic_error(e: BaseException, doing: str) -> BundleError:
-    detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return BundleError(f"the model's tokenizer (its tokenizer.json) failed while {doing}: {detail} "
-                       "(a broken tokenizer, e.g. a pre-tokenizer regex that backtracks without end)")
+@contextlib.contextmanager
+def _panics_as_bundle_errors(doing: str):
+    """A panic inside `tokenizers` while `doing` becomes a BundleError; anything else passes."""
+    try:
+        yield
+    except BaseException as e:
+        if not _is_panic(e):
+            raise
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BundleError(f"the model's tokenizer (its tokenizer.json) failed while {doing}: {detail} "
+                          "(a broken tokenizer, e.g. a pre-tokenizer regex that backtracks without end)") from None
 
 
 def _check_text(text: str) -> None:
@@ -472,11 +480,10 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, not {type(text).__name__}")
         try:
-            if parse_special:
-                with self._lock:
+            with _panics_as_bundle_errors(f"encoding a text of {len(text)} characters"), self._lock:
+                if parse_special:
                     ids = self._tok.encode(text, add_special_tokens=False).ids
-            else:
-                with self._lock:  # the flag is the engine's state: no other encode may see it set
+                else:  # the flag is the engine's state: no other encode may see it set (the lock)
                     self._tok.encode_special_tokens = True
                     try:
                         ids = self._tok.encode(text, add_special_tokens=False).ids
@@ -485,38 +492,22 @@ class Tokenizer:
         except TypeError:  # "TextInputSequence must be str": tokenizers cannot take lone surrogates
             _check_text(text)
             raise
-        except BaseException as e:
-            if not _is_panic(e):
-                raise
-            raise _panic_error(e, f"encoding a text of {len(text)} characters") from None
         if add_special_tokens and self.add_bos:
             ids.insert(0, self.bos_id)
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         ids = list(ids)
-        try:
+        with _panics_as_bundle_errors(f"decoding {len(ids)} tokens"):
             return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
-        except BaseException as e:
-            if not _is_panic(e):
-                raise
-            raise _panic_error(e, f"decoding {len(ids)} tokens") from None
 
     def token_to_id(self, token: str) -> int | None:
-        try:
+        with _panics_as_bundle_errors("looking up a token"):
             return self._tok.token_to_id(token)
-        except BaseException as e:
-            if not _is_panic(e):
-                raise
-            raise _panic_error(e, "looking up a token") from None
 
     def id_to_token(self, token_id: int) -> str | None:
-        try:
+        with _panics_as_bundle_errors("looking up a token id"):
             return self._tok.id_to_token(token_id)
-        except BaseException as e:
-            if not _is_panic(e):
-                raise
-            raise _panic_error(e, "looking up a token id") from None
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
