@@ -16,7 +16,11 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from pocketlm.errors import ChatTemplateError, InvalidInputError
+from pocketlm.errors import ChatTemplateError, InvalidInputError, shown
+
+# Characters of a template's own message (raise_exception, an error it caused) quoted in ours: they may
+# quote template values, which may be huge.
+MESSAGE_CHARS = 500
 
 # ChatML, for bundles whose model has no template of its own.
 default_chat_template = (
@@ -59,24 +63,19 @@ def _check_messages(messages: Any) -> None:
             raise InvalidInputError(f"messages[{i}] must be a dict, not {type(m).__name__}")
         role, content = m.get("role"), m.get("content")
         if not isinstance(role, str) or not role:
-            raise InvalidInputError(f"messages[{i}] needs a non-empty string 'role', got {_clip(repr(role), 80)}")
+            raise InvalidInputError(f"messages[{i}] needs a non-empty string 'role', got {shown(role)}")
         # An assistant turn that only calls tools may carry no text.
         if content is None and role == "assistant" and m.get("tool_calls"):
             continue
         if not isinstance(content, str):
-            raise InvalidInputError(f"messages[{i}] ({_clip(role, 80)}) needs a string 'content', "
+            raise InvalidInputError(f"messages[{i}] ({shown(role)}) needs a string 'content', "
                                     f"got {type(content).__name__}")
 
 
 def _describe(e: BaseException) -> str:
     line = getattr(e, "lineno", None)
     where = f" (template line {line})" if line else ""
-    return f"{type(e).__name__}: {_clip(str(e))}{where}"
-
-
-def _clip(text: str, limit: int = 500) -> str:
-    """Error messages quote template values, which may be huge: keep their start."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+    return f"{type(e).__name__}: {shown(str(e), MESSAGE_CHARS)}{where}"
 
 
 @lru_cache(maxsize=16)
@@ -113,7 +112,7 @@ def _environment():
 
     def raise_exception(message):
         text = str(message) if _printed_size(message) < 10_000 else "..."
-        raise ChatTemplateError(f"chat template raised: {_clip(text)}")
+        raise ChatTemplateError(f"chat template raised: {shown(text, MESSAGE_CHARS)}")
 
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         # Unlike jinja2's own tojson: no HTML escaping, non-ASCII kept (what templates were written against).

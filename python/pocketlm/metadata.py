@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
+from typing import Any, Callable, Mapping
+
+from pocketlm.errors import shown
 
 # -- bounds on the JSON text, checked before it is parsed ------------------------------------------------------
 
@@ -128,6 +130,12 @@ def _shape_problem(text: str, max_values: int = MAX_METADATA_VALUES) -> str | No
     return None
 
 
+def _key(k: Any) -> str:
+    """An object key in an entry path, shortened when long (a key may be megabytes)."""
+    k = str(k)
+    return k if len(k) <= 80 else shown(k)
+
+
 def _first_non_finite(value: Any, where: str = "") -> str | None:
     """The key path of a NaN or infinite number in `value`, or None (json.loads accepts NaN, Infinity)."""
     stack = [(value, where)]
@@ -136,7 +144,7 @@ def _first_non_finite(value: Any, where: str = "") -> str | None:
         if isinstance(v, float) and not math.isfinite(v):
             return at or "(top level)"
         if isinstance(v, dict):
-            stack.extend((x, f"{at}.{k}" if at else str(k)) for k, x in v.items())
+            stack.extend((x, f"{at}.{_key(k)}" if at else _key(k)) for k, x in v.items())
         elif isinstance(v, list):
             stack.extend((x, f"{at}[{i}]") for i, x in enumerate(v))
     return None
@@ -192,31 +200,58 @@ def check_encoded(text: str) -> None:
 
 
 # -- the schema ------------------------------------------------------------------------------------------------
+# Every check returns the first problem as a message naming the entry (config.rope_theta, ...); an importer
+# checking a config it made from a source file passes `names`, the source's key for each entry it read
+# (pocketlm.convert), so that the message names what the user can find in that file.
 
 def _positive(v: Any, lo: float, hi: float) -> bool:
     return _is_number(v) and lo <= v <= hi
 
 
-def _rope_scaling_problem(key: str, s: Any, cfg: dict) -> str | None:
+def _bound(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def _namer(names: Mapping[str, str] | None) -> Callable[[str], str]:
+    """Config entry path ("rope_theta", "rope_scaling.factor", "layer_windows[2]") -> its name in a
+    message: the source's key from `names` (for a path below a named object, the object's key and
+    the rest; for an array's entry, the array's key: windows come from one source value), else
+    config.<path>."""
+    names = names or {}
+
+    def name(path: str) -> str:
+        if path in names:
+            return names[path]
+        head, dot, rest = path.partition(".")
+        if dot and head in names:
+            return f"{names[head]}.{rest}"
+        base = path.split("[", 1)[0]
+        if base != path and base in names:
+            return names[base]
+        return f"config.{path}"
+    return name
+
+
+def _rope_scaling_problem(path: str, s: Any, cfg: dict, name: Callable[[str], str]) -> str | None:
     if s is None:
         return None
     if not isinstance(s, dict):
-        return f"{key} must be an object or null, got {_type_name(s)}"
+        return f"{name(path)} must be an object or null, got {_type_name(s)}"
     kind = s.get("type")
     lo, hi = POSITIVE_RANGE
 
-    def need_positive(name: str) -> str | None:
-        if name not in s:
-            return f"{key} ({kind}) has no {name!r}"
-        if not _positive(s[name], lo, hi):
-            return f"{key}.{name} must be a number in [{lo:g}, {hi:g}], got {s[name]!r}"
+    def need_positive(field: str) -> str | None:
+        if field not in s:
+            return f"{name(path)} ({shown(kind)}) has no {field!r}"
+        if not _positive(s[field], lo, hi):
+            return f"{name(path + '.' + field)} must be a number in [{lo:g}, {hi:g}], got {shown(s[field])}"
         return None
 
-    def need_context(name: str) -> str | None:
-        if name not in s:
-            return f"{key} ({kind}) has no {name!r}"
-        if not (_is_int(s[name]) and 1 <= s[name] <= MAX_POSITIONS):
-            return f"{key}.{name} must be an integer in 1..{MAX_POSITIONS}, got {s[name]!r}"
+    def need_context(field: str) -> str | None:
+        if field not in s:
+            return f"{name(path)} ({shown(kind)}) has no {field!r}"
+        if not (_is_int(s[field]) and 1 <= s[field] <= MAX_POSITIONS):
+            return f"{name(path + '.' + field)} must be an integer in 1..{MAX_POSITIONS}, got {shown(s[field])}"
         return None
 
     if kind == "linear":
@@ -227,33 +262,34 @@ def _rope_scaling_problem(key: str, s: Any, cfg: dict) -> str | None:
         if problem:
             return problem
         if not s["high_freq_factor"] > s["low_freq_factor"]:  # the smoothing divides by their difference
-            return (f"{key}: high_freq_factor {s['high_freq_factor']!r} must be greater than low_freq_factor "
-                    f"{s['low_freq_factor']!r}")
+            return (f"{name(path)}: high_freq_factor {s['high_freq_factor']!r} must be greater than "
+                    f"low_freq_factor {s['low_freq_factor']!r}")
         return None
     if kind == "longrope":
         problem = need_context("original_max_position_embeddings")
         if problem:
             return problem
         if "attention_factor" in s and not _positive(s["attention_factor"], lo, hi):
-            return f"{key}.attention_factor must be a number in [{lo:g}, {hi:g}], got {s['attention_factor']!r}"
+            return (f"{name(path + '.attention_factor')} must be a number in [{lo:g}, {hi:g}], "
+                    f"got {shown(s['attention_factor'])}")
         half = cfg.get("rope_dim", 0) // 2 if _is_int(cfg.get("rope_dim")) else None
-        for name in ("short_factor", "long_factor"):
-            f = s.get(name)
+        for field in ("short_factor", "long_factor"):
+            f = s.get(field)
             if not isinstance(f, list) or (half is not None and len(f) != half):
-                return f"{key}.{name} must be an array of rope_dim / 2 = {half} numbers, got {_type_name(f)}" + (
-                    f" of {len(f)}" if isinstance(f, list) else "")
+                return (f"{name(path + '.' + field)} must be an array of rope_dim / 2 = {half} numbers, "
+                        f"got {_type_name(f)}" + (f" of {len(f)}" if isinstance(f, list) else ""))
             bad = next((i for i, x in enumerate(f) if not _positive(x, lo, hi)), None)
             if bad is not None:
-                return f"{key}.{name}[{bad}] must be a number in [{lo:g}, {hi:g}], got {f[bad]!r}"
+                return f"{name(path + '.' + field)}[{bad}] must be a number in [{lo:g}, {hi:g}], got {shown(f[bad])}"
         return None
-    return f"{key}.type must be one of linear, llama3, longrope, got {kind!r}"
+    return f"{name(path + '.type')} must be one of linear, llama3, longrope, got {shown(kind)}"
 
 
-def _window_problem(key: str, v: Any) -> str | None:
+def _window_problem(where: str, v: Any) -> str | None:
     if v is None:
         return None
     if not _is_int(v) or not 0 <= v <= MAX_POSITIONS:
-        return f"{key}: window {v!r} must be >= 0 (0 = full attention) and at most {MAX_POSITIONS}"
+        return f"{where}: window {shown(v)} must be >= 0 (0 = full attention) and at most {MAX_POSITIONS}"
     return None
 
 
@@ -264,71 +300,79 @@ def _is_off(key: str, v: Any) -> bool:
     return v is None or (key.endswith("softcap") and _is_number(v) and v == 0)
 
 
-def config_problem(cfg: dict) -> str | None:
+def config_problem(cfg: dict, names: Mapping[str, str] | None = None) -> str | None:
     """The first entry of a model config outside its type or range, or an inconsistency between
     entries that the executor's sizes rely on; None if there is none. Which entries an
-    architecture needs is for its build() (pocketlm.models)."""
+    architecture needs is for its build() (pocketlm.models). `names`: entry path -> the source
+    file's key it came from, to name in the message (see _namer)."""
+    name = _namer(names)
+    other = (names or {}).get  # an entry named inside a message about another
+    config = "" if names else "config: "
     for key, (lo, hi) in _CONFIG_INTS.items():
         if key in cfg and not (_is_int(cfg[key]) and lo <= cfg[key] <= hi):
             v = cfg[key]
             if not _is_int(v) or v < lo:
-                return f"config.{key} must be an integer >= {lo}, got {v!r}"
-            return f"config.{key} must be an integer in {lo}..{hi}, got {v!r}"
+                return f"{name(key)} must be an integer >= {lo}, got {shown(v)}"
+            return f"{name(key)} must be an integer in {lo}..{hi}, got {v}"
     for key in _CONFIG_EPS:
         if key in cfg and not _positive(cfg[key], *EPS_RANGE):
-            return (f"config.{key} must be a finite number > 0, in [{EPS_RANGE[0]:g}, {EPS_RANGE[1]:g}], "
-                    f"got {cfg[key]!r}")
+            return (f"{name(key)} must be a finite number > 0, in [{EPS_RANGE[0]:g}, {EPS_RANGE[1]:g}], "
+                    f"got {shown(cfg[key])}")
     lo, hi = POSITIVE_RANGE
     for key in _CONFIG_POSITIVE:
         v = cfg.get(key)
         if key not in cfg or _is_off(key, v):
             continue
         if not _positive(v, lo, hi):
-            return f"config.{key} must be a finite number > 0, in [{lo:g}, {hi:g}], got {v!r}"
+            return f"{name(key)} must be a finite number > 0, in [{lo:g}, {hi:g}], got {shown(v)}"
     for key in _CONFIG_FLAGS:
         if cfg.get(key) is not None and not isinstance(cfg[key], bool):
-            return f"config.{key} must be true, false or null, got {cfg[key]!r}"
+            return f"{name(key)} must be true, false or null, got {shown(cfg[key])}"
 
     n_heads, n_kv, head_dim = cfg.get("n_heads"), cfg.get("n_kv_heads"), cfg.get("head_dim")
     if n_heads is not None and n_kv is not None and n_heads % n_kv:
-        return f"config: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv}"
+        return (f"{config}{other('n_heads', 'n_heads')} {n_heads} is not a multiple of "
+                f"{other('n_kv_heads', 'n_kv_heads')} {n_kv}")
     if n_heads is not None and head_dim is not None and n_heads * head_dim > MAX_WIDTH:
-        return f"config: n_heads {n_heads} x head_dim {head_dim} is more than {MAX_WIDTH}"
+        return (f"{config}{other('n_heads', 'n_heads')} {n_heads} x {other('head_dim', 'head_dim')} {head_dim} "
+                f"is more than {MAX_WIDTH}")
     rope_dim = cfg.get("rope_dim")
     if rope_dim is not None and (rope_dim % 2 or (head_dim is not None and rope_dim > head_dim)):
-        return f"config.rope_dim {rope_dim} must be even and at most head_dim ({head_dim})"
+        return f"{name('rope_dim')} {rope_dim} must be even and at most {other('head_dim', 'head_dim')} ({head_dim})"
 
-    problem = _window_problem("config.sliding_window", cfg.get("sliding_window"))
+    problem = _window_problem(name("sliding_window"), cfg.get("sliding_window"))
     if problem:
         return problem
     windows = cfg.get("layer_windows")
     if windows is not None:
         if not isinstance(windows, list):
-            return f"config.layer_windows must be an array or null, got {_type_name(windows)}"
+            return f"{name('layer_windows')} must be an array or null, got {_type_name(windows)}"
         n_layers = cfg.get("n_layers")
         if n_layers is not None and windows and len(windows) != n_layers:
-            return f"config.layer_windows has {len(windows)} entries, config.n_layers is {n_layers}"
+            return f"{name('layer_windows')} has {len(windows)} entries, {name('n_layers')} is {n_layers}"
         for i, w in enumerate(windows):
-            problem = _window_problem(f"config.layer_windows[{i}]", w)
+            problem = _window_problem(name(f"layer_windows[{i}]"), w)
             if problem:
                 return problem
     for key in ("rope_scaling", "rope_local_scaling"):
-        problem = _rope_scaling_problem(f"config.{key}", cfg.get(key), cfg)
+        problem = _rope_scaling_problem(key, cfg.get(key), cfg, name)
         if problem:
             return problem
     return None
 
 
-def _generation_problem(gen: dict) -> str | None:
-    for key, v in gen.items():
-        if v is None:
-            continue
-        integer, lo, hi, open_lo = _GENERATION.get(key, (False, -math.inf, math.inf, False))
-        kind = "an integer" if integer else "a finite number"
-        if not (_is_int(v) if integer else _is_number(v)):
-            return f"generation.{key} must be {kind} or null, got {v!r}"
-        if not ((lo < v if open_lo else lo <= v) and v <= hi):
-            return f"generation.{key} must be {kind} in {'(' if open_lo else '['}{lo:g}, {hi:g}], got {v!r}"
+def generation_problem(key: str, v: Any, name: str | None = None) -> str | None:
+    """What is wrong with `v` as the sampling default `key` (generation.<key>, or `name` in the
+    message), or None. Null is allowed: no default."""
+    if v is None:
+        return None
+    integer, lo, hi, open_lo = _GENERATION.get(key, (False, -math.inf, math.inf, False))
+    kind = "an integer" if integer else "a finite number"
+    name = name or f"generation.{key}"
+    if not (_is_int(v) if integer else _is_number(v)):
+        return f"{name} must be {kind} or null, got {shown(v)}"
+    if not ((lo < v if open_lo else lo <= v) and v <= hi):
+        return f"{name} must be {kind} in {'(' if open_lo else '['}{_bound(lo)}, {_bound(hi)}], got {shown(v)}"
     return None
 
 
@@ -361,23 +405,24 @@ def metadata_problem(meta: dict) -> str | None:
         return f"special_tokens.eos_ids must be an array, got {_type_name(eos)}"
     pad = special.get("pad_id")
     if pad is not None and not _is_int(pad):  # not range checked: unused, and some configs say -1
-        return f"special_tokens.pad_id must be an integer or null, got {pad!r}"
+        return f"special_tokens.pad_id must be an integer or null, got {shown(pad)}"
     vocab = cfg.get("vocab_size")
     ids = [("special_tokens.bos_id", special["bos_id"])] if special.get("bos_id") is not None else []
     ids += [(f"special_tokens.eos_ids[{i}]", v) for i, v in enumerate(eos or [])]
     for name, v in ids:
         if not _is_int(v) or v < 0:
-            return f"{name} must be a token id (an integer >= 0), got {v!r}"
+            return f"{name} must be a token id (an integer >= 0), got {shown(v)}"
         if vocab is not None and v >= vocab:
             return f"{name} {v} is outside the vocabulary (config.vocab_size {vocab})"
     if not isinstance(special.get("add_bos", False), bool):
-        return f"special_tokens.add_bos must be true or false, got {special['add_bos']!r}"
+        return f"special_tokens.add_bos must be true or false, got {shown(special['add_bos'])}"
     gen = meta.get("generation")
     if gen is not None and not isinstance(gen, dict):
         return f"generation must be an object, got {_type_name(gen)}"
-    problem = _generation_problem(gen or {})
-    if problem:
-        return problem
+    for key, v in (gen or {}).items():
+        problem = generation_problem(key, v)
+        if problem:
+            return problem
     where = _first_non_finite(meta)  # anywhere else (the entries above name their own)
     if where is not None:
         return f"{where} is not a finite number"

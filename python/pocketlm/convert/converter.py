@@ -21,9 +21,9 @@ from pocketlm.convert.gguf_source import is_gguf_file, read_gguf
 from pocketlm.convert.hf import is_hf_folder, read_hf
 from pocketlm.convert.progress import ProgressBar
 from pocketlm.convert.recipe import GROUP_SIZES, Recipe
-from pocketlm.convert.source import SourceModel, SourceTensor, expected_shapes, shown
+from pocketlm.convert.source import SourceModel, SourceTensor, expected_shapes
 from pocketlm.dtypes import DType
-from pocketlm.errors import BundleError, ConversionError
+from pocketlm.errors import BundleError, ConversionError, shown
 
 # Bump when the converter's output for the same input changes (invalidates the GGUF cache).
 CONVERTER_VERSION = 6  # 2: SentencePiece space prefix follows the GGUF flag (llama.cpp parity); 3: compact tokenizer.json;

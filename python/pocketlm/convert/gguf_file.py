@@ -25,8 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pocketlm.convert.source import shown
-from pocketlm.errors import BundleError, UnsupportedModelError
+from pocketlm.errors import BundleError, UnsupportedModelError, shown
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pocketlm.convert.source import shown
-from pocketlm.errors import BundleError, UnsupportedModelError
+from pocketlm.errors import BundleError, UnsupportedModelError, shown
 
 _NP_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}
 _ITEM_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from pocketlm.dtypes import DType
-from pocketlm.errors import BundleError, ConversionError
+from pocketlm.errors import BundleError, ConversionError, shown
 
 # Sampling defaults when the source does not say (docs/quant.md, "Metadata").
 DEFAULT_GENERATION = {
@@ -22,18 +22,6 @@ DEFAULT_GENERATION = {
     "repetition_penalty": 1.0,
     "max_tokens": 512,
 }
-
-# Names and keys read from a file are shown in messages up to this many characters.
-SHOWN_CHARS = 80
-
-
-def shown(text: str) -> str:
-    """`text` quoted for an error message, shortened when long: a name read from a hostile file may
-    be megabytes long, and a message must stay one readable line."""
-    if len(text) <= SHOWN_CHARS:
-        return repr(text)
-    return f"{text[:SHOWN_CHARS]!r}... ({len(text)} characters)"
-
 
 @dataclass
 class SourceTensor:
