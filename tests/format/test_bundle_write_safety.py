@@ -131,9 +131,9 @@ def test_check_loadable_without_the_extension_reads_the_structure_in_python(hf, 
 
 
 def read_bundle_metadata_python(path: Path) -> dict:
-    from pocketlm.bundle import _PyLayout
+    from pocketlm.bundle import PyLayout
 
-    return json.loads(_PyLayout(str(path)).metadata_json)
+    return json.loads(PyLayout(str(path)).metadata_json)
 
 
 def test_metadata_nan_is_named_before_any_file_is_made(tmp_path):
