@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -229,3 +230,18 @@ def test_a_write_in_progress_keeps_its_temporary_file(hf, tmp_path):
         child.kill()
         child.wait(timeout=30)
     assert remove_stale_temporaries(out) == [str(tmp)] and other.exists()
+
+
+def test_a_temporary_file_with_our_pid_from_before_we_started_is_removed(tmp_path):
+    """Containers start their processes with the same few PIDs: a killed conversion's `.tmp-PID`
+    may carry ours. Older than this process, it is not ours; written since, it is kept."""
+    out = tmp_path / "model.plm"
+    ours = tmp_path / f".{out.name}.tmp-{os.getpid()}"
+    ours.write_bytes(b"left by an earlier process with our PID")
+    earlier = time.time() - 3600
+    os.utime(ours, (earlier, earlier))
+    assert remove_stale_temporaries(out) == [str(ours)] and not ours.exists()
+    ours.write_bytes(b"written now")
+    assert remove_stale_temporaries(out) == [] and ours.exists()
+    write_bundle(out, {}, [TensorSpec("w", DType.F32, (4,), lambda: np.ones(4, np.float32))])
+    assert leftovers(tmp_path) == [] and read_bundle(out).tensors[0].name == "w"

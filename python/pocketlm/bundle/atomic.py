@@ -8,11 +8,17 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from collections.abc import Iterator
 
 from pocketlm.errors import StorageError
 
 _TMP_NAME = re.compile(r"^\.(?P<base>.+)\.tmp-(?P<pid>[0-9]+)$")
+
+# No temporary file of this process is older: it makes them only through this module. A file with
+# our PID but older than this was left by an earlier process that had our PID (containers start
+# their processes with the same few PIDs every time).
+_PROCESS_STARTED = time.time()
 
 
 def temp_path(path: str) -> str:
@@ -31,13 +37,19 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _is_stale(file: str, pid: int) -> bool:
-    return pid != os.getpid() and not _pid_alive(pid)
+    if pid != os.getpid():
+        return not _pid_alive(pid)
+    try:
+        return os.stat(file).st_mtime < _PROCESS_STARTED
+    except OSError:
+        return False
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
     """Removes the temporary files that writes of `path` left behind when their process was killed
-    (`.NAME.tmp-PID` next to it, PID no longer running); returns their paths. A file whose PID is
-    running (a write in progress, or an unrelated process that reused the PID) is kept."""
+    (`.NAME.tmp-PID` next to it, PID no longer running, or PID ours but the file older than this
+    process); returns their paths. A file whose PID is another running process (a write in
+    progress, or an unrelated process that reused the PID) is kept."""
     folder, base = os.path.split(os.path.abspath(os.fspath(path)))
     removed = []
     try:
