@@ -197,3 +197,45 @@ def test_executor_alone_keeps_a_huge_window_safe(hostile, good, tmp_path, monkey
         logits[case] = session.prefill(tokens)
     np.testing.assert_array_equal(logits["sliding_window 2^63-5"], logits[None])
     np.testing.assert_array_equal(logits["layer_windows 2^63-5"], logits[None])
+
+
+# Stored RoPE frequency factors (rope_freqs.weight, Llama 3 GGUFs) divide the frequencies: 0 makes
+# them infinite, a negative one or a NaN makes the RoPE table NaN. Weights, not metadata: the loader's
+# RoPE check reads them, at conversion (the converter runs it before the rename) and at load.
+FREQ_FACTORS = {"zero": [1.0] * 7 + [0.0], "negative": [-1.0] + [1.0] * 7, "NaN": [1.0, float("nan")] + [1.0] * 6}
+
+
+def _write_with_freq_factors(good, folder: Path, factors, check=None) -> Path:
+    import numpy as np
+
+    from pocketlm.bundle import TensorSpec, write_bundle
+    from pocketlm.dtypes import DType
+
+    (folder / "good.plm").write_bytes(good[0])
+    source = read_bundle(folder / "good.plm")
+    meta = copy.deepcopy(good[1])
+    meta["config"]["rope_freq_factors"] = True
+    half = meta["config"]["rope_dim"] // 2
+    tensors = [TensorSpec(t.name, t.dtype, t.shape, lambda t=t: source.tensor(t.name)) for t in source.tensors]
+    tensors.append(TensorSpec("rope_freqs.weight", DType.F32, (half,), lambda: np.array(factors, np.float32)))
+    path = folder / "factors.plm"
+    write_bundle(path, meta, tensors, check=check)
+    return path
+
+
+def test_stored_frequency_factors_are_checked(good, tmp_path):
+    path = _write_with_freq_factors(good, tmp_path, [1.0] * 8)
+    assert Engine(path, threads=1, max_context=32).generate("Hi", max_tokens=1)
+
+
+@pytest.mark.parametrize("case", sorted(FREQ_FACTORS))
+def test_bad_frequency_factors_are_refused_at_conversion_and_at_load(good, tmp_path, case):
+    from pocketlm.engine import check_loadable
+
+    with pytest.raises(BundleError, match="not written, the loader would refuse it: the RoPE frequencies"):
+        _write_with_freq_factors(good, tmp_path, FREQ_FACTORS[case], check=check_loadable)
+    assert not (tmp_path / "factors.plm").exists()
+    path = _write_with_freq_factors(good, tmp_path, FREQ_FACTORS[case])  # as a hostile author would
+    with pytest.raises(BundleError, match="the RoPE frequencies .* are not all finite and > 0") as err:
+        Engine(path, threads=1, max_context=32)
+    assert str(err.value).startswith(f"{path}: ")
