@@ -28,7 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import plm_layout
+
+from pocketlm.convert.gguf_file import _SCALAR_DTYPES, ARRAY, STRING
 
 _TMP = Path(tempfile.mkdtemp(prefix="pocketlm-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
 atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
@@ -143,7 +146,8 @@ def from_recipe(kind: str, recipe: dict, seeds: Path) -> bytes:
     buf, where = bytearray(base), GGUFMap(base)
     for key, value in recipe.get("kv", {}).items():
         offset, vtype = where.kv[key]
-        struct.pack_into(_GGUF_FORMATS[vtype], buf, offset, value)
+        encoded = np.array(value, dtype=_GGUF_SCALARS[vtype]).tobytes()
+        buf[offset:offset + len(encoded)] = encoded
     for name, edits in recipe.get("tensors", {}).items():
         entry = where.tensors[name]
         for field, value in edits.items():
@@ -318,9 +322,9 @@ def mutate_bundle(data: bytes, max_size: int, seed: int) -> bytes:
     return bytes(buf)
 
 
-# GGUF value types: size of the fixed-size ones (string 8, array 9 are variable).
-_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q", 11: "<q", 12: "<d"}
+# GGUF value type -> numpy dtype of the fixed-size ones (strings and arrays are variable), as
+# pocketlm's GGUF reader decodes them.
+_GGUF_SCALARS = {t: np.dtype(d) for t, d in _SCALAR_DTYPES.items()}
 
 
 class GGUFMap:
@@ -372,15 +376,15 @@ class GGUFMap:
 
     def _value(self, vtype: int) -> None:
         if vtype in _GGUF_SCALARS:
-            self._take(_GGUF_FORMATS[vtype])
-        elif vtype == 8:
+            self._take(f"{_GGUF_SCALARS[vtype].itemsize}s")
+        elif vtype == STRING:
             self._pos += struct.unpack_from("<Q", self._buf, self._pos)[0] + 8
-        elif vtype == 9:
+        elif vtype == ARRAY:
             item_type, count = self._take("<I") + self._take("<Q")
             if item_type in _GGUF_SCALARS:  # the first few items, then the rest at once
                 for _ in range(min(count, 4)):
                     self._value(item_type)
-                self._pos += max(count - 4, 0) * _GGUF_SCALARS[item_type]
+                self._pos += max(count - 4, 0) * _GGUF_SCALARS[item_type].itemsize
             else:
                 for _ in range(count):
                     self._value(item_type)

@@ -1,5 +1,6 @@
 """GGUF files byte by byte, for hostile inputs no writer would produce: any count, offset, type or
-value. Written from the GGUF spec (ggml docs/gguf.md), independent of pocketlm's reader.
+value. Written from the GGUF spec (ggml docs/gguf.md); the value type ids and encodings are those of
+pocketlm's reader (pocketlm.convert.gguf_file), the GGML type ids those of the gguf package.
 
 A file is a list of metadata entries and a list of tensors; `to_bytes` lays the tensors out
 aligned and in order unless a tensor names its own offset, and takes overrides for the header
@@ -12,14 +13,17 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGMLQuantizationType as _GGML
 
-# value types (spec: gguf_metadata_value_type)
-UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
-_FORMATS = {UINT8: "<B", INT8: "<b", UINT16: "<H", INT16: "<h", UINT32: "<I", INT32: "<i", FLOAT32: "<f",
-            BOOL: "<?", UINT64: "<Q", INT64: "<q", FLOAT64: "<d"}
-# GGML type ids (ggml.h enum ggml_type)
-F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
-Q4_K, Q5_K, Q6_K, I8, BF16 = 12, 13, 14, 24, 30
+# Value types (spec: gguf_metadata_value_type) and their encodings: pocketlm's reader's own table.
+from pocketlm.convert.gguf_file import (_SCALAR_DTYPES, ARRAY, BOOL, DEFAULT_ALIGNMENT, FLOAT32,  # noqa: F401
+                                        FLOAT64, INT8, INT16, INT32, INT64, MAGIC, STRING, UINT8, UINT16, UINT32,
+                                        UINT64)
+
+# GGML type ids (ggml.h enum ggml_type), from the gguf package
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, I8, BF16 = (int(t) for t in (
+    _GGML.F32, _GGML.F16, _GGML.Q4_0, _GGML.Q4_1, _GGML.Q5_0, _GGML.Q5_1, _GGML.Q8_0, _GGML.Q4_K, _GGML.Q5_K,
+    _GGML.Q6_K, _GGML.I8, _GGML.BF16))
 
 
 def string(s: str | bytes) -> bytes:
@@ -32,7 +36,7 @@ def value(vtype: int, v, elem: int | None = None) -> bytes:
         return string(v)
     if vtype == ARRAY:
         return struct.pack("<IQ", elem, len(v)) + b"".join(value(elem, x) for x in v)
-    return struct.pack(_FORMATS[vtype], v)
+    return np.array(v, dtype=_SCALAR_DTYPES[vtype]).tobytes()
 
 
 @dataclass
@@ -61,9 +65,9 @@ class Tensor:
 class GGUF:
     kvs: list[KV]
     tensors: list[Tensor]
-    alignment: int = 32  # the layout's; general.alignment is whatever `kvs` say
+    alignment: int = DEFAULT_ALIGNMENT  # the layout's; general.alignment is whatever `kvs` say
     version: int = 3
-    magic: bytes = b"GGUF"
+    magic: bytes = MAGIC
     counts: tuple[int | None, int | None] = (None, None)  # (tensor_count, kv_count) overrides
 
     def kv(self, key: str) -> KV:
