@@ -204,7 +204,6 @@ CASES = {
     "rope scaling factor 0": (lambda g: (g.set("llama.rope.scaling.type", G.STRING, "linear"),
                                          g.set("llama.rope.scaling.factor", G.FLOAT32, 0.0)),
                               BundleError, ["llama.rope.scaling.factor"]),
-    "top_k -5": (_set("general.sampling.top_k", G.INT32, -5), BundleError, ["general.sampling.top_k"]),
     "eos id out of range": (_set("tokenizer.ggml.eos_token_id", G.UINT32, 10**6), BundleError,
                             ["tokenizer.ggml.eos_token_id"]),
     "more tokens than rows": (_set("llama.vocab_size", G.UINT32, 100), BundleError, ["tokenizer.ggml.tokens"]),
@@ -318,6 +317,46 @@ def test_cli(files, case, tmp_path):
         assert len(err[-1]) < 600
     for folder in (tmp_path / "out", tmp_path / "cache"):
         assert not folder.exists() or list(folder.iterdir()) == []
+
+
+def _sampling_defaults_gguf(tmp_path):
+    g = base_gguf()
+    g.set("general.sampling.top_k", G.INT32, -5)
+    g.set("general.sampling.top_p", G.FLOAT32, 0.0)
+    g.set("general.sampling.temp", G.FLOAT32, float("nan"))
+    g.set("general.sampling.min_p", G.FLOAT32, 0.1)  # a good one, kept
+    src = tmp_path / "sampling.gguf"
+    src.write_bytes(g.to_bytes())
+    return src
+
+
+def test_out_of_range_sampling_defaults_are_dropped(tmp_path, capfd):
+    """Sampling defaults the sampler would refuse (top_k -5, top_p 0, a NaN temperature) are left out
+    with one warning line each, naming the GGUF key; the model converts with pocketlm's defaults
+    for them (llama.cpp ignores such values too). A .plm holding one is still refused by the loader
+    (tests/format/test_hostile_metadata.py: the converter never writes one)."""
+    from pocketlm.convert.source import DEFAULT_GENERATION
+
+    bundle = read_bundle(convert(_sampling_defaults_gguf(tmp_path), tmp_path / "x.plm", progress=False))
+    generation = bundle.metadata["generation"]
+    assert generation["top_k"] == DEFAULT_GENERATION["top_k"]
+    assert generation["top_p"] == DEFAULT_GENERATION["top_p"]
+    assert generation["temperature"] == DEFAULT_GENERATION["temperature"]
+    assert abs(generation["min_p"] - 0.1) < 1e-6
+    warnings = capfd.readouterr().err.strip().splitlines()
+    assert len(warnings) == 3, warnings
+    for key, line in zip(("general.sampling.temp", "general.sampling.top_k", "general.sampling.top_p"), warnings):
+        assert line.startswith("pocketlm: warning: sampling.gguf: ") and key in line and "ignored" in line, line
+
+
+def test_out_of_range_sampling_defaults_cli(tmp_path):
+    src = _sampling_defaults_gguf(tmp_path)
+    r = _cli("convert", src, "-o", tmp_path / "x.plm", env={**os.environ, "POCKETLM_CACHE": str(tmp_path / "c")})
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("pocketlm: warning: ")]
+    assert len(warnings) == 3 and "general.sampling.top_k must be an integer in [0, 2147483647], got -5" in warnings[1]
+    assert read_bundle(tmp_path / "x.plm").metadata["generation"]["top_k"] == 40
 
 
 def test_overflow_on_encoding(files, tmp_path):

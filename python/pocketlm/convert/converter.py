@@ -24,6 +24,7 @@ from pocketlm.convert.recipe import GROUP_SIZES, Recipe
 from pocketlm.convert.source import SourceModel, SourceTensor, expected_shapes
 from pocketlm.dtypes import DType
 from pocketlm.errors import BundleError, ConversionError, shown
+from pocketlm.metadata import metadata_problem
 
 # Bump when the converter's output for the same input changes (invalidates the GGUF cache).
 CONVERTER_VERSION = 6  # 2: SentencePiece space prefix follows the GGUF flag (llama.cpp parity); 3: compact tokenizer.json;
@@ -146,6 +147,11 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = 
 
     planned, fallback, requantized = plan(model, recipe)
     metadata = _metadata(model, recipe, planned, fallback, requantized)
+    # The reader's own metadata check, before any tensor is written: a value the loader would refuse
+    # fails here in milliseconds (check_loadable, on the finished file, stays as the last net).
+    problem = metadata_problem(metadata)
+    if problem:
+        raise BundleError(f"{model.source_name}: bad metadata: {problem}")
 
     bar = ProgressBar(f"converting {model.source_name}", len(planned)) if progress else None
 

@@ -1,8 +1,9 @@
 """Read a GGUF file (llama.cpp's format) into a SourceModel.
 
 The container is parsed and bounds-checked by gguf_file.py; here the metadata pocketlm reads is
-checked for type and range (against itself and the tensor table) before anything is sized by it,
-and the tensors are mapped to canonical ones. Names already are canonical. Things that change on
+checked for type, what sizes anything is bounded by the tensor table, the config made from it is
+checked by the loader's own schema (pocketlm.metadata, naming the GGUF key), and the tensors are
+mapped to canonical ones. Names already are canonical. Things that change on
 the way in:
   * shapes: GGUF lists dimensions innermost first, so GGUF [K, N] is our [N, K];
   * llama Q/K rows: llama.cpp's converter permutes them so that RoPE rotates adjacent pairs
@@ -16,7 +17,6 @@ the way in:
 from __future__ import annotations
 
 import hashlib
-import math
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +24,10 @@ import numpy as np
 from pocketlm import models
 from pocketlm.convert.gguf_file import (ARRAY, BOOL, FLOAT_TYPES, INTEGER_TYPES, MAGIC, STRING, GGUFFile,
                                         TensorInfo)
-from pocketlm.convert.source import (DEFAULT_GENERATION, SourceModel, SourceTensor, check_config_ranges,
-                                     check_tensors, shown)
+from pocketlm.convert.source import SourceModel, SourceTensor, check_config_ranges, check_tensors, generation_defaults
 from pocketlm.dtypes import DType
-from pocketlm.errors import BundleError, ConversionError, UnsupportedModelError
+from pocketlm.errors import BundleError, ConversionError, UnsupportedModelError, shown
+from pocketlm.metadata import MAX_POSITIONS
 
 GGUF_MAGIC = MAGIC
 
@@ -38,10 +38,6 @@ _NATIVE = {name: DType[name] for name in
 # With quant=None, GGUF types pocketlm has no kernels for (Q2_K, Q3_K, i-quants, ternary types, ...)
 # are requantized to this type, which adds far less error than the source's own quantization.
 _KEEP_FALLBACK = DType.Q8_0
-
-# Positions are C ints in the executor.
-MAX_CONTEXT = (1 << 31) - 1
-_F32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
 
 # --- the metadata pocketlm reads: its type ------------------------------------------------------------------------
 # "int", "float" (an integer is accepted too), "str", "bool", "<kind>[]" for an array; a tuple: any of these.
@@ -69,6 +65,22 @@ _KEY_KINDS = {
     "general.sampling.temp": "float", "general.sampling.top_k": "int", "general.sampling.top_p": "float",
     "general.sampling.min_p": "float", "general.sampling.penalty_repeat": "float",
 }
+# Canonical config entry -> the "{arch}." key it is read from, named in messages about the entry.
+_CONFIG_KEYS = {
+    "vocab_size": "vocab_size", "hidden_size": "embedding_length", "n_layers": "block_count",
+    "n_heads": "attention.head_count", "n_kv_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
+    "ffn_dim": "feed_forward_length", "rope_dim": "rope.dimension_count", "max_position": "context_length",
+    "rms_eps": "attention.layer_norm_rms_epsilon", "norm_eps": "attention.layer_norm_epsilon",
+    "rope_theta": "rope.freq_base", "rope_local_theta": "rope.freq_base_swa",
+    "attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
+    "sliding_window": "attention.sliding_window", "layer_windows": "attention.sliding_window",
+    "rope_scaling.factor": "rope.scaling.factor", "rope_scaling.attention_factor": "rope.scaling.attn_factor",
+    "rope_scaling.original_max_position_embeddings": "rope.scaling.original_context_length",
+}
+# Sampling defaults: bundle's generation key -> GGUF key.
+_SAMPLING_KEYS = {"temperature": "general.sampling.temp", "top_k": "general.sampling.top_k",
+                  "top_p": "general.sampling.top_p", "min_p": "general.sampling.min_p",
+                  "repetition_penalty": "general.sampling.penalty_repeat"}
 _NOUNS = {"int": "integer", "float": "number", "str": "string", "bool": "boolean"}
 
 
@@ -153,22 +165,20 @@ def _metadata(gf: GGUFFile, arch: str) -> dict:
 
 
 def _check_metadata(kv: dict, arch: str, gf: GGUFFile) -> None:
-    """The values pocketlm reads are in range, against each other and the tensor table, before any
-    list, graph or buffer is sized by them."""
+    """What the model module and the tensor mapping size or divide by, bounded by the tensor table
+    before they read it: the layer count, sizes and head counts, the window pattern; and the
+    tokenizer's ids against its token list. Every other value is checked in the config the module
+    makes, by the loader's own schema (check_config_ranges)."""
     origin = gf.name
     n_tensors = len(gf.tensors)
     largest = max((d for t in gf.tensors for d in t.dims), default=0)  # every size below is some tensor's
 
     def bad(key: str, must: str):
-        raise BundleError(f"{origin}: GGUF metadata {shown(key)} is {kv[key]!r}; it must be {must}")
+        raise BundleError(f"{origin}: GGUF metadata {shown(key)} is {shown(kv[key])}; it must be {must}")
 
     def int_in(key: str, lo: int, hi: int, why: str = "") -> None:
         if key in kv and not lo <= kv[key] <= hi:
             bad(key, f"in {lo}..{hi}{why}")
-
-    def float_ok(key: str, ok, must: str) -> None:
-        if key in kv and not (math.isfinite(kv[key]) and ok(kv[key])):
-            bad(key, must)
 
     a = arch + "."
     int_in(a + "block_count", 1, n_tensors, " (each layer has tensors)")
@@ -176,16 +186,8 @@ def _check_metadata(kv: dict, arch: str, gf: GGUFFile) -> None:
                  "attention.head_count_kv", "attention.key_length", "attention.value_length",
                  "rope.dimension_count"):
         int_in(a + size, 1, largest, " (the largest tensor dimension)")
-    if kv.get(a + "rope.dimension_count", 0) % 2:
-        bad(a + "rope.dimension_count", "even (RoPE rotates pairs)")
-    int_in(a + "context_length", 1, MAX_CONTEXT)
-    # A window may exceed the context (Phi-3-mini-128k: 262144 over 131072): it is then full attention.
-    int_in(a + "attention.sliding_window", 0, MAX_CONTEXT)
-    int_in(a + "rope.scaling.original_context_length", 0, MAX_CONTEXT)
-    if kv.get(a + "rope.scaling.original_context_length") == 1:
-        bad(a + "rope.scaling.original_context_length", "0 (none) or at least 2")
     heads, kv_heads = kv.get(a + "attention.head_count"), kv.get(a + "attention.head_count_kv")
-    if heads is not None and kv_heads is not None and heads % kv_heads:
+    if heads is not None and kv_heads is not None and heads % kv_heads:  # Q/K rows are regrouped by heads
         bad(a + "attention.head_count_kv", f"a divisor of attention.head_count ({heads})")
     hidden = kv.get(a + "embedding_length")
     if heads is not None and hidden is not None and a + "attention.key_length" not in kv and hidden < heads:
@@ -195,22 +197,11 @@ def _check_metadata(kv: dict, arch: str, gf: GGUFFile) -> None:
         raise BundleError(f"{origin}: GGUF metadata {a}attention.sliding_window_pattern has {len(pattern)} "
                           f"entries for {kv.get(a + 'block_count')} layers")
     if isinstance(pattern, int):
-        int_in(a + "attention.sliding_window_pattern", 0, MAX_CONTEXT)
-
-    for eps in ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon"):
-        float_ok(a + eps, lambda v: _F32_TINY <= v <= 1, f"a number in [{_F32_TINY:.3g}, 1] (a normal float32)")
-    for base in ("rope.freq_base", "rope.freq_base_swa"):
-        float_ok(a + base, lambda v: v >= 1, "a finite number >= 1")
-    for key in ("rope.scaling.factor", "rope.scaling.attn_factor"):
-        float_ok(a + key, lambda v: v > 0, "a finite number > 0")
-    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
-        float_ok(a + cap, lambda v: v >= 0, "a finite number >= 0 (0: none)")
-
-    float_ok("general.sampling.temp", lambda v: v >= 0, "a finite number >= 0")
-    float_ok("general.sampling.top_p", lambda v: 0 <= v <= 1, "in [0, 1]")
-    float_ok("general.sampling.min_p", lambda v: 0 <= v <= 1, "in [0, 1]")
-    float_ok("general.sampling.penalty_repeat", lambda v: v > 0, "a finite number > 0")
-    int_in("general.sampling.top_k", 0, MAX_CONTEXT)
+        int_in(a + "attention.sliding_window_pattern", 0, MAX_POSITIONS)
+    # LongRoPE's attention factor divides by log(original context): 0 is none, 1 would divide by 0
+    int_in(a + "rope.scaling.original_context_length", 0, MAX_POSITIONS)
+    if kv.get(a + "rope.scaling.original_context_length") == 1:
+        bad(a + "rope.scaling.original_context_length", "0 (none) or at least 2")
 
     tokens = kv.get("tokenizer.ggml.tokens")
     if tokens is not None:
@@ -222,9 +213,14 @@ def _check_metadata(kv: dict, arch: str, gf: GGUFFile) -> None:
             int_in(key, 0, len(tokens) - 1, " (the token list)")
 
 
+def _source_names(kv: dict, arch: str) -> dict[str, str]:
+    """Canonical config entry -> the GGUF key it was read from, for the keys the file has."""
+    return {entry: arch + "." + key for entry, key in _CONFIG_KEYS.items() if arch + "." + key in kv}
+
+
 def _config(module, kv: dict, gf: GGUFFile, arch: str) -> dict:
     try:
-        cfg = module.config_from_gguf(kv)
+        return module.config_from_gguf(kv)
     except (UnsupportedModelError, BundleError, ConversionError):
         raise
     except (ArithmeticError, TypeError, ValueError, KeyError) as e:
@@ -232,8 +228,6 @@ def _config(module, kv: dict, gf: GGUFFile, arch: str) -> dict:
         # do not cover still gives one clean line rather than a traceback.
         raise BundleError(f"{gf.name}: the GGUF metadata does not describe a valid {arch} model "
                           f"({type(e).__name__}: {shown(str(e))})") from None
-    check_config_ranges(cfg, [t.dims for t in gf.tensors], f"{gf.name} (GGUF metadata)")
-    return cfg
 
 
 def _special_tokens(kv: dict) -> dict:
@@ -255,14 +249,8 @@ def _special_tokens(kv: dict) -> dict:
     }
 
 
-def _generation(kv: dict) -> dict:
-    out = dict(DEFAULT_GENERATION)
-    for ours, key in (("temperature", "general.sampling.temp"), ("top_k", "general.sampling.top_k"),
-                      ("top_p", "general.sampling.top_p"), ("min_p", "general.sampling.min_p"),
-                      ("repetition_penalty", "general.sampling.penalty_repeat")):
-        if kv.get(key) is not None:
-            out[ours] = kv[key]
-    return out
+def _generation(kv: dict, origin: str) -> dict:
+    return generation_defaults({ours: (key, kv.get(key)) for ours, key in _SAMPLING_KEYS.items()}, origin)
 
 
 def _source_types() -> frozenset[str]:
@@ -355,6 +343,8 @@ def read_gguf(path: Path) -> SourceModel:
             ))
             if native is None:
                 keep_fallback[name] = _KEEP_FALLBACK
+    # After the tensors: an architecture may move some into the config (LongRoPE factors).
+    check_config_ranges(cfg, [t.dims for t in gf.tensors], f"{origin} (GGUF metadata)", _source_names(kv, gguf_arch))
     check_tensors(tensors, cfg, origin, module.ARCH)
 
     fields = {k: v for k, v in kv.items() if k.startswith("tokenizer.") or k == "general.architecture"}
@@ -375,7 +365,7 @@ def read_gguf(path: Path) -> SourceModel:
         tokenizer_json=tokenizer_json,
         chat_template=kv.get("tokenizer.chat_template") or None,
         special_tokens=special,
-        generation=_generation(kv),
+        generation=_generation(kv, origin),
         source_format="gguf",
         source_name=origin,
         source_sha256=_sha256_file(path),

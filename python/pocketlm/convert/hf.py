@@ -10,14 +10,40 @@ import numpy as np
 
 from pocketlm import models
 from pocketlm.convert.safetensors_np import SafetensorsFile
-from pocketlm.convert.source import (DEFAULT_GENERATION, SourceModel, SourceTensor, check_config_ranges,
-                                     check_tensors, shown)
-from pocketlm.errors import BundleError, ConversionError, UnsupportedModelError
+from pocketlm.convert.source import SourceModel, SourceTensor, check_config_ranges, check_tensors, generation_defaults
+from pocketlm.errors import BundleError, ConversionError, UnsupportedModelError, shown
 from pocketlm.tokenizer import compact_tokenizer_json
 
 
 # As the .plm reader's limit on tensor names; checkpoint names are under 100 characters.
 MAX_NAME_CHARS = 1024
+
+# Canonical config entry -> the config.json keys it is read from (the first one present), so that a
+# message about the entry names what the user finds in the file. GPT-2's own names come first: a
+# GPT-2 config holds only those, other configs none of them.
+_CONFIG_KEYS = {
+    "vocab_size": ("vocab_size",),
+    "hidden_size": ("n_embd", "hidden_size"),
+    "n_layers": ("n_layer", "num_hidden_layers"),
+    "n_heads": ("n_head", "num_attention_heads"),
+    "n_kv_heads": ("num_key_value_heads",),
+    "head_dim": ("head_dim",),
+    "ffn_dim": ("n_inner", "intermediate_size"),
+    "max_position": ("n_positions", "max_position_embeddings"),
+    "rms_eps": ("rms_norm_eps",),
+    "norm_eps": ("layer_norm_epsilon",),
+    "rope_theta": ("rope_theta", "rope_parameters.rope_theta", "rope_parameters.full_attention.rope_theta"),
+    "rope_local_theta": ("rope_local_base_freq", "rope_parameters.sliding_attention.rope_theta"),
+    "rope_scaling": ("rope_scaling", "rope_parameters.full_attention", "rope_parameters"),
+    "rope_local_scaling": ("rope_parameters.sliding_attention",),
+    "query_pre_attn_scalar": ("query_pre_attn_scalar",),
+    "attn_softcap": ("attn_logit_softcapping",),
+    "final_softcap": ("final_logit_softcapping",),
+    "sliding_window": ("sliding_window",),
+    "layer_windows": ("sliding_window",),
+}
+# config.json entries a model module sizes a list by (one item per layer) while reading the config.
+_LAYER_COUNTS = ("num_hidden_layers", "n_layer")
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -119,7 +145,7 @@ def _special_tokens(config: dict, gen_cfg: dict, tok_cfg: dict, tokenizer: dict,
         if s is None:
             return None
         if s not in ids:
-            raise ConversionError(f"{origin}: tokenizer_config.json's {key} {s!r} is not in tokenizer.json")
+            raise ConversionError(f"{origin}: tokenizer_config.json's {key} {shown(s)} is not in tokenizer.json")
         return ids[s]
 
     bos = lookup("bos_token")
@@ -144,14 +170,44 @@ def _special_tokens(config: dict, gen_cfg: dict, tok_cfg: dict, tokenizer: dict,
     }
 
 
-def _generation(gen_cfg: dict) -> dict:
-    out = dict(DEFAULT_GENERATION)
-    for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
-        if gen_cfg.get(key) is not None:
-            out[key] = gen_cfg[key]
-    if gen_cfg.get("max_new_tokens") is not None:
-        out["max_tokens"] = int(gen_cfg["max_new_tokens"])
-    return out
+def _generation(gen_cfg: dict, origin: str) -> dict:
+    found = {key: (key, gen_cfg.get(key)) for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")}
+    found["max_tokens"] = ("max_new_tokens", gen_cfg.get("max_new_tokens"))
+    return generation_defaults(found, f"{origin}/generation_config.json")
+
+
+def _config_value(config: dict, path: str):
+    """config.json's value at a dotted path, or None."""
+    v = config
+    for part in path.split("."):
+        v = v.get(part) if isinstance(v, dict) else None
+    return v
+
+
+def _source_names(config: dict) -> dict[str, str]:
+    """Canonical config entry -> the config.json key it was read from, for the entries the file gives."""
+    names = {}
+    for entry, keys in _CONFIG_KEYS.items():
+        key = next((k for k in keys if _config_value(config, k) is not None), None)
+        if key is not None:
+            names[entry] = key
+    return names
+
+
+def _check_layer_counts(config: dict, n_tensors: int, where: str) -> None:
+    """The layer counts config.json gives, bounded by the tensor table before a model module reads
+    the config: it builds one list item per layer (layer types, windows), and 2^32 layers was a
+    4-billion-item list, then MemoryError."""
+    for key in _LAYER_COUNTS:
+        v = config.get(key)
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= n_tensors):
+            raise BundleError(f"{where}: {key} gives {shown(v)} layers; it must be 1..{n_tensors} (an integer: "
+                              "each layer has tensors)")
+    types = config.get("layer_types")
+    if types is not None and not (isinstance(types, list) and len(types) <= n_tensors):
+        got = f"{len(types)} entries" if isinstance(types, list) else shown(types)
+        raise BundleError(f"{where}: layer_types must be an array of at most {n_tensors} entries (one per layer; "
+                          f"each layer has tensors), got {got}")
 
 
 def read_hf(folder: Path) -> SourceModel:
@@ -166,6 +222,8 @@ def read_hf(folder: Path) -> SourceModel:
     module = models.get(arch)
     files = safetensors_files(folder)
     shards = [SafetensorsFile(f) for f in files]
+    tensor_dims = [st.shape(n) for st in shards for n in st.keys()]
+    _check_layer_counts(config, len(tensor_dims), f"{origin}/config.json")
     try:
         cfg = module.config_from_hf(config)
     except (UnsupportedModelError, BundleError, ConversionError):
@@ -173,7 +231,7 @@ def read_hf(folder: Path) -> SourceModel:
     except (ArithmeticError, TypeError, ValueError, KeyError) as e:  # a value of the wrong type or range
         raise BundleError(f"{origin}/config.json: does not describe a valid {arch} model "
                           f"({type(e).__name__}: {shown(str(e))})") from None
-    check_config_ranges(cfg, [st.shape(n) for st in shards for n in st.keys()], f"{origin}/config.json")
+    check_config_ranges(cfg, tensor_dims, f"{origin}/config.json", _source_names(config))
 
     tok_path = folder / "tokenizer.json"
     if not tok_path.is_file():
@@ -209,6 +267,14 @@ def read_hf(folder: Path) -> SourceModel:
     cfg["attn_bias"] = bool(cfg.get("attn_bias")) or "blk.0.attn_q.bias" in names
     cfg["rope_freq_factors"] = False
     check_tensors(tensors, cfg, origin, arch)
+    try:
+        special = _special_tokens(config, gen_cfg, tok_cfg, tokenizer, origin)
+    except (UnsupportedModelError, BundleError, ConversionError):
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # an id or entry of the wrong type
+        raise BundleError(f"{origin}: the special tokens in config.json, generation_config.json, "
+                          f"tokenizer_config.json or tokenizer.json are malformed ({type(e).__name__}: "
+                          f"{shown(str(e))})") from None
 
     return SourceModel(
         architecture=arch,
@@ -216,8 +282,8 @@ def read_hf(folder: Path) -> SourceModel:
         tensors=tensors,
         tokenizer_json=compact_tokenizer_json(tokenizer),  # faster to load, same tokenizer
         chat_template=_chat_template(folder, tok_cfg),
-        special_tokens=_special_tokens(config, gen_cfg, tok_cfg, tokenizer, origin),
-        generation=_generation(gen_cfg),
+        special_tokens=special,
+        generation=_generation(gen_cfg, origin),
         source_format="hf",
         source_name=origin,
         source_sha256=_sha256_files([folder / "config.json", *files]),

@@ -4,12 +4,13 @@ the bundle's metadata needs. Readers (hf.py, gguf_source.py) fill it; converter.
 
 from __future__ import annotations
 
-import math
+import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
+from pocketlm import metadata
 from pocketlm.dtypes import DType
 from pocketlm.errors import BundleError, ConversionError, shown
 
@@ -113,35 +114,41 @@ def check_tensors(tensors: list[SourceTensor], cfg: dict, origin: str, arch: str
         raise ConversionError(f"{origin}: missing tensors {', '.join(missing[:3])}{more}")
 
 
-def check_config_ranges(cfg: dict, tensor_dims: list[tuple[int, ...]], origin: str) -> None:
-    """The values a model config gives, in range. Sizes against the tensor table, before any list,
-    graph or buffer is sized by them: at most one layer per tensor, and every size (vocabulary,
-    widths, heads, head size) between 1 and the largest tensor dimension, since each is some
-    tensor's. Norm epsilons a positive normal float32 (the kernels' type), RoPE bases finite and
-    >= 1. `origin` names the file in the message."""
+def check_config_ranges(cfg: dict, tensor_dims: list[tuple[int, ...]], origin: str,
+                        names: Mapping[str, str] | None = None) -> None:
+    """The canonical config a reader made is one a bundle may hold (pocketlm.metadata's schema: the
+    loader's own types and ranges), and within the tensor table: at most one layer per tensor, and
+    every size (vocabulary, widths, heads, head size) at most the largest tensor dimension, since
+    each is some tensor's. Run before anything is sized by the config. `origin` names the file,
+    `names` the source's key for each entry it read (else the message names config.<entry>)."""
+    problem = metadata.config_problem(cfg, names)
+    if problem:
+        raise BundleError(f"{origin}: {problem}")
+    names = names or {}
+    if cfg.get("n_layers", 0) > len(tensor_dims):
+        raise BundleError(f"{origin}: {names.get('n_layers', 'config.n_layers')} gives {cfg['n_layers']} layers; it "
+                          f"must be 1..{len(tensor_dims)} (each layer has tensors)")
     largest = max((d for dims in tensor_dims for d in dims), default=0)
-    n_layers = cfg.get("n_layers")
-    if not isinstance(n_layers, int) or not 1 <= n_layers <= len(tensor_dims):
-        raise BundleError(f"{origin}: the config gives {n_layers!r} layers; it must be 1..{len(tensor_dims)} "
-                          "(each layer has tensors)")
     for key in ("vocab_size", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
-        v = cfg.get(key)
-        if v is not None and (not isinstance(v, int) or not 1 <= v <= largest):
-            raise BundleError(f"{origin}: the config gives {key} = {v!r}; it must be an integer in 1..{largest} "
-                              "(the largest tensor dimension)")
-    n_heads, n_kv_heads = cfg.get("n_heads"), cfg.get("n_kv_heads")
-    if n_heads and n_kv_heads and n_heads % n_kv_heads:
-        raise BundleError(f"{origin}: the config gives {n_kv_heads} KV heads for {n_heads} heads; they must divide it")
-    rope_dim, head_dim = cfg.get("rope_dim"), cfg.get("head_dim")
-    if rope_dim is not None and head_dim is not None and not (
-            isinstance(rope_dim, int) and rope_dim % 2 == 0 and 2 <= rope_dim <= head_dim):
-        raise BundleError(f"{origin}: the config gives a rotary dimension of {rope_dim!r}; it must be even and in "
-                          f"2..{head_dim} (the head size)")
-    tiny = float(np.finfo(np.float32).tiny)
-    for key, ok, must in (("rms_eps", lambda v: tiny <= v <= 1, f"in [{tiny:.3g}, 1] (a normal float32)"),
-                          ("norm_eps", lambda v: tiny <= v <= 1, f"in [{tiny:.3g}, 1] (a normal float32)"),
-                          ("rope_theta", lambda v: v >= 1, "finite and >= 1"),
-                          ("rope_local_theta", lambda v: v >= 1, "finite and >= 1")):
-        v = cfg.get(key)
-        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and ok(v)):
-            raise BundleError(f"{origin}: the config gives {key} = {v!r}; it must be {must}")
+        if cfg.get(key, 0) > largest:
+            raise BundleError(f"{origin}: {names.get(key, 'config.' + key)} is {cfg[key]}; it must be at most "
+                              f"{largest} (the largest tensor dimension)")
+
+
+def generation_defaults(found: Mapping[str, tuple[str, object]], origin: str) -> dict:
+    """The bundle's sampling defaults: DEFAULT_GENERATION, with the values the source gives
+    (canonical key -> (the source's key, value)). A value the sampler would refuse is left out
+    with a one-line warning on stderr rather than refused: the model is usable without it, and
+    llama.cpp ignores such values too. (The loader still refuses one in a bundle: the converter
+    never writes it, so it would be tampering.)"""
+    out = dict(DEFAULT_GENERATION)
+    for key, (source_key, value) in found.items():
+        if value is None:
+            continue
+        problem = metadata.generation_problem(key, value, name=source_key)
+        if problem:
+            default = f"the default ({out[key]})" if key in out else "no default"
+            print(f"pocketlm: warning: {origin}: {problem}; ignored, {default} is used", file=sys.stderr)
+            continue
+        out[key] = value
+    return out

@@ -27,7 +27,9 @@ SUPPORTED_ROPE = ("default", "linear", "llama3")
 def _rope_from_hf(d: dict) -> tuple[float, dict | None]:
     # transformers >= 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`.
     params = d.get("rope_parameters") or {}
-    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    # a number becomes a float; anything else is left for the converter's range check, which names the key
+    theta = float(theta) if isinstance(theta, (int, float)) and not isinstance(theta, bool) else theta
     scaling = d.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"}
     scaling = dict(scaling or {})
     rtype = scaling.pop("rope_type", scaling.pop("type", "default")) or "default"
