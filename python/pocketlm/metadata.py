@@ -7,7 +7,9 @@ or allocated from it. The bounds are far outside every released model (the large
 are given beside each) and keep every product the runtime forms well inside int64.
 
 `parse_metadata` is the reader's entry point (pocketlm.bundle.Bundle.metadata); `metadata_problem`
-also serves the writer, which refuses to write what the reader would refuse.
+also serves the writer and the converter, which refuse to write what the reader would refuse, and
+`config_problem` / `generation_problem` the importers (pocketlm.convert), which check the config
+they make from a source file here, naming the file's keys: this is the one schema.
 """
 
 from __future__ import annotations
