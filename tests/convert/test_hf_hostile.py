@@ -210,3 +210,15 @@ def test_out_of_range_sampling_defaults_are_dropped(ckpt, tmp_path, capfd):
     for key, line in zip(("temperature", "top_k", "max_new_tokens"), warnings):
         assert line.startswith("pocketlm: warning: ckpt/generation_config.json: " + key), line
         assert len(line) < 300
+
+
+@pytest.mark.parametrize("changes", [{"model_type": BIG}, {"rope_scaling": {"rope_type": BIG, "factor": 2.0}},
+                                     {"hidden_act": BIG, "model_type": "qwen3"}])
+def test_unsupported_values_are_quoted_shortened(ckpt, tmp_path, changes):
+    """A model module's "not supported" message quotes the value, shortened."""
+    from pocketlm.errors import UnsupportedModelError
+
+    _edit(ckpt, **changes)
+    with pytest.raises(UnsupportedModelError) as info:
+        convert(ckpt, tmp_path / "x.plm", progress=False)
+    assert "(10485760 characters)" in str(info.value) and len(str(info.value)) < 1000

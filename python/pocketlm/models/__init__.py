@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from pocketlm.errors import UnsupportedModelError
+from pocketlm.errors import UnsupportedModelError, shown
 from pocketlm.models import gemma, gemma2, gemma3, gpt2, llama, phi3, qwen2, qwen3
 
 REGISTRY: dict[str, ModuleType] = {m.ARCH: m for m in (llama, qwen2, gpt2, phi3, qwen3, gemma, gemma2,
@@ -51,7 +51,7 @@ def get(arch: str) -> ModuleType:
         return REGISTRY[arch]
     except KeyError:
         raise UnsupportedModelError(
-            f"architecture {arch!r} is not supported (supported: {', '.join(sorted(REGISTRY))})"
+            f"architecture {shown(arch)} is not supported (supported: {', '.join(sorted(REGISTRY))})"
         ) from None
 
 
@@ -69,5 +69,5 @@ def arch_from_hf(config: dict) -> str:
     if mt in HF_MODEL_TYPES:
         return HF_MODEL_TYPES[mt]
     raise UnsupportedModelError(
-        f"Hugging Face model_type {mt!r} is not supported (supported: {', '.join(sorted(HF_MODEL_TYPES))})"
+        f"Hugging Face model_type {shown(mt)} is not supported (supported: {', '.join(sorted(HF_MODEL_TYPES))})"
     )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 
-from pocketlm.errors import UnsupportedModelError
+from pocketlm.errors import UnsupportedModelError, shown
 from pocketlm.ir.graph import Graph
 from pocketlm.models import layers as L
 from pocketlm.models import llama
@@ -37,7 +37,7 @@ GELU_TANH = ("gelu_pytorch_tanh", "gelu_new")
 def base_config_from_hf(d: dict, act: str) -> dict:
     """The keys every Gemma shares, from a HF config; `act` is the config's activation value."""
     if act not in GELU_TANH:
-        raise UnsupportedModelError(f"Gemma activation {act!r} is not supported ({', '.join(GELU_TANH)} are)")
+        raise UnsupportedModelError(f"Gemma activation {shown(act)} is not supported ({', '.join(GELU_TANH)} are)")
     if d.get("use_bidirectional_attention"):
         raise UnsupportedModelError("Gemma with bidirectional attention is not supported")
     cfg = llama.config_from_hf({**d, "sliding_window": None})

@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from pocketlm.errors import UnsupportedModelError
+from pocketlm.errors import UnsupportedModelError, shown
 from pocketlm.ir.graph import Graph
 from pocketlm.models import layers as L
 
@@ -51,7 +51,7 @@ def _config(*, vocab: int, dim: int, n_layers: int, n_heads: int, ffn: int, eps:
 def config_from_hf(d: dict) -> dict:
     act = d.get("activation_function", "gelu_new")
     if act not in TANH_GELUS:
-        raise UnsupportedModelError(f"GPT-2 activation {act!r} is not supported ({', '.join(TANH_GELUS)} are)")
+        raise UnsupportedModelError(f"GPT-2 activation {shown(act)} is not supported ({', '.join(TANH_GELUS)} are)")
     if d.get("add_cross_attention"):
         raise UnsupportedModelError("GPT-2 with cross-attention (encoder-decoder) is not supported")
     dim = int(d.get("n_embd") or d["hidden_size"])
@@ -106,7 +106,7 @@ _LAYER_RE = re.compile(r"^h\.(\d+)\.(.+)$")
 
 def _split_rows(name: str, n_rows: int, parts: tuple[str, ...]) -> list[tuple[str, slice]]:
     if n_rows % len(parts):
-        raise UnsupportedModelError(f"fused tensor {name!r} has {n_rows} rows, not {len(parts)} equal parts")
+        raise UnsupportedModelError(f"fused tensor {shown(name)} has {n_rows} rows, not {len(parts)} equal parts")
     n = n_rows // len(parts)
     return [(p, slice(i * n, (i + 1) * n)) for i, p in enumerate(parts)]
 
@@ -118,7 +118,7 @@ def hf_tensors(name: str, shape: tuple[int, ...], cfg: dict) -> list:
         return [(_HF_GLOBAL[short], tuple(shape), None)]
     m = _LAYER_RE.match(short)
     if not m:
-        raise UnsupportedModelError(f"unexpected tensor {name!r} for a {ARCH} checkpoint")
+        raise UnsupportedModelError(f"unexpected tensor {shown(name)} for a {ARCH} checkpoint")
     p, rest = f"blk.{m.group(1)}.", m.group(2)
     if rest in ("attn.bias", "attn.masked_bias"):  # causal-mask buffers of old checkpoints
         return []
@@ -139,7 +139,7 @@ def hf_tensors(name: str, shape: tuple[int, ...], cfg: dict) -> list:
                 pieces.append((f"{p}{canon}.bias", (rows.stop - rows.start,),
                                lambda a, rows=rows: np.ascontiguousarray(a[rows])))
         return pieces
-    raise UnsupportedModelError(f"unexpected tensor {name!r} for a {ARCH} checkpoint")
+    raise UnsupportedModelError(f"unexpected tensor {shown(name)} for a {ARCH} checkpoint")
 
 
 def gguf_tensors(name: str, shape: tuple[int, ...], cfg: dict, load_f32) -> list:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 
-from pocketlm.errors import UnsupportedModelError
+from pocketlm.errors import UnsupportedModelError, shown
 from pocketlm.ir.graph import Graph
 from pocketlm.models import layers as L
 
@@ -34,7 +34,7 @@ def _rope_from_hf(d: dict) -> tuple[float, dict | None]:
     scaling = dict(scaling or {})
     rtype = scaling.pop("rope_type", scaling.pop("type", "default")) or "default"
     if rtype not in SUPPORTED_ROPE:
-        raise UnsupportedModelError(f"rope scaling {rtype!r} is not supported ({', '.join(SUPPORTED_ROPE)} are)")
+        raise UnsupportedModelError(f"rope scaling {shown(rtype)} is not supported ({', '.join(SUPPORTED_ROPE)} are)")
     if rtype == "default":
         return theta, None
     keep = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -82,7 +82,7 @@ def config_from_gguf(kv: dict, arch: str = "llama") -> dict:
     stype = kv.get(f"{arch}.rope.scaling.type")
     if stype and stype != "none":
         if stype != "linear":
-            raise UnsupportedModelError(f"GGUF rope scaling {stype!r} is not supported")
+            raise UnsupportedModelError(f"GGUF rope scaling {shown(stype)} is not supported")
         scaling = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
     vocab = kv.get(f"{arch}.vocab_size") or len(kv.get("tokenizer.ggml.tokens", []))
     return {
@@ -134,7 +134,7 @@ def hf_weight_name(name: str) -> str | None:
         return f"blk.{m.group(1)}.{_HF_LAYER[m.group(2)]}"
     if name.endswith("rotary_emb.inv_freq"):
         return None
-    raise UnsupportedModelError(f"unexpected tensor {name!r} for a {ARCH} checkpoint")
+    raise UnsupportedModelError(f"unexpected tensor {shown(name)} for a {ARCH} checkpoint")
 
 
 def build(g: Graph, cfg: dict, max_positions: int) -> None:

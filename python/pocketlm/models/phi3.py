@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 
-from pocketlm.errors import UnsupportedModelError
+from pocketlm.errors import UnsupportedModelError, shown
 from pocketlm.models import llama
 
 ARCH = "phi3"
@@ -37,14 +37,14 @@ def _longrope(*, short, long, original_max: int, max_position: int, factor: floa
 
 def config_from_hf(d: dict) -> dict:
     if d.get("hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"Phi-3 activation {d.get('hidden_act')!r} is not supported (silu is)")
+        raise UnsupportedModelError(f"Phi-3 activation {shown(d.get('hidden_act'))} is not supported (silu is)")
     params = dict(d.get("rope_parameters") or {})
     scaling = dict(d.get("rope_scaling") or params)
     rtype = scaling.get("rope_type") or scaling.get("type") or "default"
     if rtype in ("su", "yarn"):  # what transformers' Phi3Config maps to longrope
         rtype = "longrope"
     if rtype not in ("default", "longrope"):
-        raise UnsupportedModelError(f"Phi-3 rope scaling {rtype!r} is not supported (default, longrope are)")
+        raise UnsupportedModelError(f"Phi-3 rope scaling {shown(rtype)} is not supported (default, longrope are)")
     theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
     partial = float(params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
     # the llama reader for everything but RoPE

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from pocketlm.errors import UnsupportedModelError
+from pocketlm.errors import UnsupportedModelError, shown
 from pocketlm.models import llama
 from pocketlm.models.qwen2 import qwen_layer_windows
 
@@ -19,7 +19,7 @@ GGUF_ARCHS = ("qwen3",)
 
 def config_from_hf(d: dict) -> dict:
     if d.get("hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"Qwen3 activation {d.get('hidden_act')!r} is not supported (silu is)")
+        raise UnsupportedModelError(f"Qwen3 activation {shown(d.get('hidden_act'))} is not supported (silu is)")
     cfg = llama.config_from_hf({**d, "sliding_window": None})
     cfg["attn_bias"] = bool(d.get("attention_bias", False))
     cfg["qk_norm"] = True
