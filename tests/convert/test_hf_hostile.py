@@ -222,3 +222,17 @@ def test_unsupported_values_are_quoted_shortened(ckpt, tmp_path, changes):
     with pytest.raises(UnsupportedModelError) as info:
         convert(ckpt, tmp_path / "x.plm", progress=False)
     assert "(10485760 characters)" in str(info.value) and len(str(info.value)) < 1000
+
+
+@pytest.mark.parametrize("weight_map, words", [
+    ({"a": 5}, ["names 5 as a shard"]),
+    ({"a": "../../outside.safetensors"}, ["names '../../outside.safetensors' as a shard"]),
+    ({"a": "/dev/zero"}, ["names '/dev/zero' as a shard"]),
+    ([1, 2], ["names [1, 2] as a shard"]),
+    ({f"t{i}": f"{'y' * 200}-{i}.safetensors" for i in range(10_000)}, ["are missing", "(and 9997 more)"]),
+])
+def test_hostile_shard_index(ckpt, tmp_path, weight_map, words):
+    """model.safetensors.index.json names files of the folder (was a TypeError for a number; a path
+    was followed anywhere); 10,000 missing shards are not all listed."""
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    _refused(ckpt, tmp_path, *words)

@@ -64,12 +64,20 @@ def _optional_json(path: Path) -> dict:
 def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map") or {}
-        files = sorted({folder / f for f in weight_map.values()})
+        doc = _read_json(index)
+        weight_map = (doc.get("weight_map") if isinstance(doc, dict) else None) or {}
+        names = weight_map.values() if isinstance(weight_map, dict) else [weight_map]
+        # shards are files of this folder: a name with a path in it could point anywhere
+        bad = next((f for f in names if not (isinstance(f, str) and f and Path(f).name == f)), None)
+        if bad is not None:
+            raise BundleError(f"{folder.name}: model.safetensors.index.json names {shown(bad)} as a shard; a "
+                              "weight_map must map tensor names to file names in the folder")
+        files = sorted({folder / f for f in names})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise BundleError(f"{folder.name}: shard(s) listed in model.safetensors.index.json are missing: "
-                              f"{', '.join(missing)}")
+                              f"{', '.join(shown(m) for m in missing[:3])}{more}")
         if not files:
             raise BundleError(f"{folder.name}: model.safetensors.index.json lists no tensors")
         return files
