@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pocketlm.errors import BundleError, InvalidInputError, UnsupportedModelError
+from pocketlm.errors import BundleError, InvalidInputError, UnsupportedModelError, shown
 
 # llama.cpp's token types (tokenizer.ggml.token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -131,7 +131,7 @@ def gguf_tokenizer_fields(reader: Any) -> dict[str, Any]:
             try:
                 fields[key] = field.contents()
             except Exception as e:  # a malformed field: name it rather than fail deep inside gguf
-                raise BundleError(f"GGUF metadata {key!r} cannot be read ({e})") from None
+                raise BundleError(f"GGUF metadata {shown(key)} cannot be read ({shown(str(e), 200)})") from None
     return fields
 
 
@@ -218,7 +218,7 @@ def tokenizer_json_from_gguf(fields: Mapping[str, Any]) -> str:
         doc = _gemma4_bpe(fields, tokens, types)
     else:
         raise UnsupportedModelError(
-            f"GGUF tokenizer model {model!r} is not supported (supported: 'gpt2' byte-level BPE, "
+            f"GGUF tokenizer model {shown(model)} is not supported (supported: 'gpt2' byte-level BPE, "
             f"'llama' SentencePiece BPE, 'gemma4' BPE over SentencePiece-style pieces)")
     return compact_tokenizer_json(doc)
 
@@ -227,7 +227,7 @@ def _byte_level_bpe(fields: Mapping[str, Any], tokens: list[str], types: list[in
     pre = fields.get(_K + "pre") or "default"
     if pre not in _BYTE_LEVEL_PRE:
         raise UnsupportedModelError(
-            f"GGUF byte-level BPE pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
+            f"GGUF byte-level BPE pre-tokenizer {shown(pre)} (tokenizer.ggml.pre) is not supported; "
             f"supported: {', '.join(SUPPORTED_BPE_PRE)}")
     normalizer, pre_tokenizer, ignore_merges = _BYTE_LEVEL_PRE[pre]
     merges = fields.get(_K + "merges")
@@ -292,7 +292,7 @@ def _split_merges(merges: Sequence[str]) -> list[list[str]]:
     out = [m.split(" ", 1) if m[:1] != " " else [m[:m.find(" ", 1)], m[m.find(" ", 1) + 1:]] for m in merges]
     bad = next((m for m, pair in zip(merges, out) if len(pair) != 2 or not pair[0]), None)
     if bad is not None:
-        raise BundleError(f"GGUF tokenizer merge {bad!r} is not two pieces separated by a space")
+        raise BundleError(f"GGUF tokenizer merge {shown(bad)} is not two pieces separated by a space")
     return out
 
 

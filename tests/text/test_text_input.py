@@ -79,3 +79,19 @@ def test_panics_at_every_call_and_at_construction(panic_class, monkeypatch):
     monkeypatch.setattr(tokenizers.Tokenizer, "from_str", staticmethod(panicking_from_str))
     with pytest.raises(BundleError, match="invalid tokenizer.json: simulated panic"):
         Tokenizer(_tokenizer_json())
+
+
+@pytest.mark.parametrize("fields", [
+    {"tokenizer.ggml.model": "m" * (1 << 20)},
+    {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "p" * (1 << 20)},
+    {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.merges": ["x" * (1 << 20)]},
+], ids=["model", "pre", "merge"])
+def test_gguf_tokenizer_errors_quote_values_shortened(fields):
+    """A megabyte tokenizer model name, pre-tokenizer name or merge (strings GGUF files may hold
+    up to 1 MiB) is named in the error, not echoed whole."""
+    from pocketlm.errors import PocketLMError
+    from pocketlm.tokenizer import tokenizer_json_from_gguf
+
+    with pytest.raises(PocketLMError) as e:
+        tokenizer_json_from_gguf({"tokenizer.ggml.tokens": ["a", "b", "a b"], **fields})
+    assert len(str(e.value)) < 1000

@@ -18,7 +18,7 @@ import numpy as np
 
 from pocketlm.bundle.layout import HEADER, HEADER_BYTES, MAGIC, Header, parse_index
 from pocketlm.dtypes import DType
-from pocketlm.errors import BundleError
+from pocketlm.errors import BundleError, shown
 from pocketlm.metadata import MAX_METADATA_BYTES, MetadataError, parse_metadata
 
 
@@ -57,7 +57,7 @@ class Bundle:
             raise BundleError(f"{self.path}: {e}") from None
         if meta.get("format_version", self.version) != self.version:
             raise BundleError(
-                f"{self.path}: metadata says format_version {meta['format_version']!r}, "
+                f"{self.path}: metadata says format_version {shown(meta['format_version'])}, "
                 f"header says {self.version}"
             )
         return meta

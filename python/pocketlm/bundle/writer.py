@@ -22,7 +22,7 @@ from pocketlm.bundle.atomic import Sink, replacing
 from pocketlm.bundle.layout import (FORMAT_VERSION, HEADER_BYTES, MAGIC, MAX_DIMS, MAX_NAME_BYTES, TENSOR_ALIGN,
                                     Header, IndexEntry, align_up, pack_index, section_offsets)
 from pocketlm.dtypes import DType, tensor_nbytes
-from pocketlm.errors import BundleError, PocketLMError
+from pocketlm.errors import BundleError, PocketLMError, shown
 from pocketlm.metadata import MetadataError, check_encoded, encode_problem
 
 _WRITE_CHUNK = 16 << 20  # bytes written (and reported to `progress`) per step
@@ -64,7 +64,7 @@ def _plan_tensors(tensors: Sequence[TensorSpec]) -> tuple[list[_Planned], int]:
             raise TypeError(f"tensor name must be a str, got {type(spec.name).__name__}")
         name = spec.name.encode("utf-8")
         if not 1 <= len(name) <= MAX_NAME_BYTES:
-            raise ValueError(f"tensor {spec.name!r}: name must be 1..{MAX_NAME_BYTES} UTF-8 bytes")
+            raise ValueError(f"tensor {shown(spec.name)}: name must be 1..{MAX_NAME_BYTES} UTF-8 bytes")
         if spec.name in seen:
             raise ValueError(f"tensor {spec.name!r}: duplicate name")
         seen.add(spec.name)
