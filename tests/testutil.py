@@ -17,6 +17,17 @@ def child_env(**extra: str) -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([where, os.environ.get("PYTHONPATH", "")]), **extra}
 
 
+def rewrite_bundle(src: Path, dst: Path, **meta_changes) -> Path:
+    """A copy of bundle `src` at `dst` with top-level metadata sections replaced, written without the
+    loader's check (so that tests can make bundles the converter would refuse)."""
+    from pocketlm.bundle import TensorSpec, read_bundle, write_bundle
+
+    bundle = read_bundle(src)
+    write_bundle(dst, {**bundle.metadata, **meta_changes},
+                 [TensorSpec(t.name, t.dtype, t.shape, lambda n=t.name: bundle.tensor(n)) for t in bundle.tensors])
+    return dst
+
+
 TRAIN_TEXT = [
     "The quick brown fox jumps over the lazy dog.",
     "To be, or not to be, that is the question.",

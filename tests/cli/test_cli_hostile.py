@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from testutil import child_env, make_hf_model
-from pocketlm.bundle import TensorSpec, read_bundle, write_bundle
+from testutil import child_env, make_hf_model, rewrite_bundle as rewritten
+from pocketlm.bundle import read_bundle
 from pocketlm.convert import convert
 from pocketlm.engine import Engine
 from pocketlm.errors import BundleError, InvalidInputError
@@ -34,14 +33,6 @@ def failed_cleanly(r, *fragments: str) -> bool:
     last = r.stderr.decode("utf-8", "replace").strip().splitlines()[-1]
     return (r.returncode == 1 and last.startswith("pocketlm: error: ") and all(f in last for f in fragments)
             and b"Traceback" not in r.stderr)
-
-
-def rewritten(src: Path, dst: Path, **meta_changes) -> Path:
-    bundle = read_bundle(src)
-    meta = {**bundle.metadata, **meta_changes}
-    write_bundle(dst, meta, [TensorSpec(t.name, t.dtype, t.shape, lambda n=t.name: bundle.tensor(n))
-                             for t in bundle.tensors])
-    return dst
 
 
 @pytest.fixture(scope="module")

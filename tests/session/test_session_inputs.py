@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
 import pytest
 
-from testutil import make_hf_model
-from pocketlm.bundle import TensorSpec, read_bundle, write_bundle
+from testutil import make_hf_model, rewrite_bundle
+from pocketlm.bundle import read_bundle
 from pocketlm.convert import convert
 from pocketlm.engine import Engine
 from pocketlm.errors import ConcurrentUseError, ContextOverflowError, InvalidInputError
@@ -32,12 +31,9 @@ def engine(bundle):
 
 @pytest.fixture(scope="module")
 def engine_without_bos(bundle, tmp_path_factory):
-    src = read_bundle(bundle)
-    meta = dict(src.metadata)
-    meta["special_tokens"] = {**meta["special_tokens"], "bos_id": None, "add_bos": False}
-    path = tmp_path_factory.mktemp("nobos") / "nobos.plm"
-    write_bundle(path, meta, [TensorSpec(t.name, t.dtype, t.shape, lambda n=t.name: src.tensor(n))
-                              for t in src.tensors])
+    special = read_bundle(bundle).metadata["special_tokens"]
+    path = rewrite_bundle(bundle, tmp_path_factory.mktemp("nobos") / "nobos.plm",
+                          special_tokens={**special, "bos_id": None, "add_bos": False})
     return Engine(path, threads=1, max_context=CTX, prefill_chunk=16)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from testutil import child_env
+from testutil import child_env, rewrite_bundle
 
 from pocketlm import chat_sandbox
 from pocketlm.chat import default_chat_template, render_chat
@@ -220,13 +220,7 @@ def tiny_model(tmp_path_factory):
 
 
 def with_template(model: Path, template: str, name: str) -> Path:
-    from pocketlm.bundle import TensorSpec, read_bundle, write_bundle
-
-    bundle = read_bundle(model)
-    path = model.with_name(name)
-    write_bundle(path, {**bundle.metadata, "chat_template": template},
-                 [TensorSpec(t.name, t.dtype, t.shape, lambda n=t.name: bundle.tensor(n)) for t in bundle.tensors])
-    return path
+    return rewrite_bundle(model, model.with_name(name), chat_template=template)
 
 
 CLI_CASES = {"loops": ("nested range loops", "MAX_RENDER_SECONDS"), "repeat": ("string repetition", "MAX_VALUE_SIZE")}
