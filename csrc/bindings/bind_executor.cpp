@@ -13,6 +13,7 @@
 //     kv       : (n_layers, n_kv_heads, head_dim)
 //     output   : tensor id copied out by State.run
 //   State(program, max_context, kv_type="f32"); State.run(tokens: int32[T], pos) -> float32[rows, cols]
+//   State.copy_kv_from(other, n_positions): a fork's cache (same KV shape, type, capacities, max_context)
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -166,7 +167,19 @@ void bind_executor(nb::module_& m) {
       .def_prop_ro("max_context", [](const StateHandle& s) { return s.state.max_context(); })
       .def_prop_ro("kv_capacities", [](const StateHandle& s) { return s.state.kv_capacities(); },
                    "Positions each layer's KV cache holds (fewer than max_context with a window).")
-      .def_prop_ro("kv_bytes", [](const StateHandle& s) { return s.state.kv_bytes(); })
+      .def_prop_ro("kv_bytes", [](const StateHandle& s) { return s.state.kv_bytes(); },
+                   "Bytes reserved for the KV cache (every layer's capacity; committed as touched).")
+      .def(
+          "kv_used_bytes", [](const StateHandle& s, int64_t n_positions) { return s.state.kv_used_bytes(n_positions); },
+          nb::arg("n_positions"), "Bytes of K and V that positions [0, n_positions) occupy.")
+      .def(
+          "copy_kv_from",
+          [](StateHandle& s, const StateHandle& other, int64_t n_positions) {
+            nb::gil_scoped_release release;
+            s.state.copy_kv_from(other.state, n_positions);
+          },
+          nb::arg("other"), nb::arg("n_positions"),
+          "Copies the KV entries of positions [0, n_positions) from another State of the same shape.")
       .def_prop_ro("kv_type", [](const StateHandle& s) { return std::string(s.state.kv_type()); })
       .def(
           "run",

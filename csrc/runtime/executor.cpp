@@ -1309,6 +1309,47 @@ std::vector<int64_t> State::kv_capacities() const { return impl_->kv.capacities(
 int64_t State::kv_bytes() const { return (int64_t)impl_->kv.bytes(); }
 const char* State::kv_type() const { return impl_->kv.f16() ? "f16" : "f32"; }
 
+int64_t State::kv_used_bytes(int64_t n_positions) const {
+  const KVCache& kv = impl_->kv;
+  if (n_positions < 0 || n_positions > impl_->max_context)
+    throw std::invalid_argument("n_positions must be in 0.." + std::to_string(impl_->max_context) +
+                                " (max_context), got " + std::to_string(n_positions));
+  int64_t total = 0;
+  for (int l = 0; l < kv.n_layers(); ++l)
+    total = checked_add(total,
+                        checked_product({2, kv.used_slots(l, n_positions), kv.n_kv_heads(), kv.head_dim(),
+                                         (int64_t)kv.elem_bytes()}, "KV bytes"),
+                        "KV bytes");
+  return total;
+}
+
+void State::copy_kv_from(const State& other, int64_t n_positions) {
+  Impl& s = *impl_;
+  Impl& o = *other.impl_;
+  if (&s == &o) return;  // it holds them already
+  const KVCache &dst = s.kv, &src = o.kv;
+  auto shape = [](const KVCache& c) {
+    return std::to_string(c.n_layers()) + " layers x " + std::to_string(c.n_kv_heads()) + " KV heads x head_dim " +
+           std::to_string(c.head_dim());
+  };
+  std::string why;
+  if (dst.n_layers() != src.n_layers() || dst.n_kv_heads() != src.n_kv_heads() || dst.head_dim() != src.head_dim())
+    why = "KV shapes differ (" + shape(src) + " into " + shape(dst) + ")";
+  else if (dst.elem_bytes() != src.elem_bytes())
+    why = std::string("KV types differ (") + other.kv_type() + " into " + kv_type() + ")";
+  else if (s.max_context != o.max_context)
+    why = "max_context differs (" + std::to_string(o.max_context) + " into " + std::to_string(s.max_context) + ")";
+  else if (dst.capacities() != src.capacities())
+    why = "the layers' KV capacities differ (different attention windows or max_tokens)";
+  if (!why.empty()) throw std::invalid_argument("cannot copy a KV cache between these States: " + why);
+  if (n_positions < 0 || n_positions > s.max_context)
+    throw std::invalid_argument("n_positions must be in 0.." + std::to_string(s.max_context) +
+                                " (max_context), got " + std::to_string(n_positions));
+  kv_used_bytes(n_positions);  // every size below is at most this, which is checked
+  std::scoped_lock lock(s.run_mutex, o.run_mutex);
+  s.kv.copy_from(o.kv, n_positions);
+}
+
 void State::run(const int32_t* tokens, int n_tokens, int pos, float* out) {
   Impl& s = *impl_;
   const Program::Impl& p = s.p;

@@ -159,6 +159,15 @@ class State {
   std::vector<int64_t> kv_capacities() const;
   int64_t kv_bytes() const;
   const char* kv_type() const;  // "f16" or "f32"
+  // Bytes of K and V that positions [0, n_positions) occupy: per layer min(n_positions,
+  // capacity) x 2 x n_kv_heads x head_dim x element size (a ring holds at most its capacity).
+  int64_t kv_used_bytes(int64_t n_positions) const;
+  // Makes this State's KV cache hold what `other`'s holds for positions [0, n_positions): every
+  // layer's slots of those positions (a ring's last min(n_positions, capacity) positions, i.e.
+  // the whole ring once it has wrapped). Slots past them are left as they are. Both States must
+  // have the same KV shape (layers, KV heads, head_dim), KV type, capacities and max_context
+  // (std::invalid_argument otherwise). Waits for a run() on either State to finish.
+  void copy_kv_from(const State& other, int64_t n_positions);
   struct Impl;
  private:
   std::unique_ptr<Impl> impl_;

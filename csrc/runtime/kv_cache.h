@@ -7,6 +7,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <new>
 #include <utility>
 #include <vector>
@@ -74,6 +75,8 @@ class KVCache {
   KVCache() = default;
   KVCache(int n_layers, int n_kv_heads, int head_dim, std::vector<int64_t> capacities, size_t elem_bytes)
       : n_layers_(n_layers),
+        n_kv_heads_(n_kv_heads),
+        head_dim_(head_dim),
         row_elems_((size_t)n_kv_heads * (size_t)head_dim),
         elem_bytes_(elem_bytes),
         capacity_(std::move(capacities)),
@@ -81,6 +84,8 @@ class KVCache {
         buffer_(offset_.back() * elem_bytes_) {}
 
   int n_layers() const { return n_layers_; }
+  int n_kv_heads() const { return n_kv_heads_; }
+  int head_dim() const { return head_dim_; }
   size_t row_elems() const { return row_elems_; }     // values per position (all heads)
   size_t elem_bytes() const { return elem_bytes_; }   // 2 (f16) or 4 (f32)
   bool f16() const { return elem_bytes_ == 2; }
@@ -92,6 +97,33 @@ class KVCache {
     return buffer_.as<uint8_t>() + (offset_[layer] + (size_t)capacity_[layer] * row_elems_) * elem_bytes_;
   }
 
+  // Slots of a layer that positions [0, n_positions) occupy: a ring wraps at its capacity.
+  int64_t used_slots(int layer, int64_t n_positions) const {
+    return n_positions < capacity_[layer] ? n_positions : capacity_[layer];
+  }
+
+  // Copies the slots positions [0, n_positions) occupy from a cache of the same shape (the caller
+  // checks it: State::copy_kv_from). Each head's block is [capacity][head_dim]: before a ring
+  // wraps, only the first n_positions slots of each head are read and written, so the pages of a
+  // long context that neither cache touched stay uncommitted; a wrapped ring is copied whole.
+  void copy_from(const KVCache& src, int64_t n_positions) {
+    const size_t head_row = (size_t)head_dim_ * elem_bytes_;
+    for (int l = 0; l < n_layers_; ++l) {
+      const size_t cap = (size_t)capacity_[l], used = (size_t)used_slots(l, n_positions);
+      if (used == 0) continue;
+      for (uint8_t* (KVCache::*part)(int) const : {&KVCache::k, &KVCache::v}) {
+        uint8_t* dst = (this->*part)(l);
+        const uint8_t* from = (src.*part)(l);
+        if (used == cap) {
+          std::memcpy(dst, from, (size_t)n_kv_heads_ * cap * head_row);
+          continue;
+        }
+        for (size_t h = 0; h < (size_t)n_kv_heads_; ++h)
+          std::memcpy(dst + h * cap * head_row, from + h * cap * head_row, used * head_row);
+      }
+    }
+  }
+
  private:
   // Start of each layer's K (in values), and the total at the end.
   static std::vector<size_t> layer_offsets(const std::vector<int64_t>& cap, size_t row_elems) {
@@ -100,6 +132,8 @@ class KVCache {
     return off;
   }
   int n_layers_ = 0;
+  int n_kv_heads_ = 0;
+  int head_dim_ = 0;
   size_t row_elems_ = 0;
   size_t elem_bytes_ = 4;
   std::vector<int64_t> capacity_;
