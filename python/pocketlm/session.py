@@ -107,6 +107,48 @@ class Session:
     def tokens(self) -> list[int]:
         return list(self._tokens)
 
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of KV cache the session's tokens occupy: per layer min(position, capacity) x 2 (K and
+        V) x n_kv_heads x head_dim x element size (2 for f16, 4 for f32), a sliding-window ring holding
+        at most its capacity. Tokens a rewind left to replay count (the next call writes them again).
+
+        `kv_reserved_bytes` is the reservation for max_context, far larger for a short conversation.
+        Resident memory lies between the two: the reservation's pages are committed as positions are
+        first written, and stay committed after a rewind or reset until the session is dropped."""
+        return int(self._state.kv_used_bytes(len(self._tokens)))
+
+    @property
+    def kv_reserved_bytes(self) -> int:
+        """Bytes of address space reserved for the KV cache: every layer's capacity (max_context, or
+        a sliding window's ring) x 2 x n_kv_heads x head_dim x element size."""
+        return int(self._state.kv_bytes)
+
+    def clone(self) -> Session:
+        """An independent session on the same engine with the same tokens and KV cache: a fork of the
+        conversation. Each then continues on its own (a prefill, decode, rewind or generate on one
+        never changes the other), answering as a fresh session fed its tokens would.
+
+        Costs a new executor state, as `engine.create_session()` does: its own reservation of arena,
+        scratch and KV cache, and its own thread pool (`engine.threads` workers) until the session is
+        dropped; then a copy of the KV entries written since the cache was last rebuilt (about
+        `kv_bytes`, more after a rewind the rings still hold): slots never written are not touched,
+        so the clone's cache commits only the pages its tokens use.
+        Sampling takes no state from the original: pass a seed to each generate() for reproducible
+        forks. Raises ConcurrentUseError while the session is busy (a generator still running)."""
+        self._enter("clone")
+        try:
+            twin = Session(self.engine, self.max_context, logits=self.logits_mode)
+            # Every position written since the cache was rebuilt (_kv_end, not only the _valid ones):
+            # the twin's rings then hold exactly what this session's hold, so _rings_hold answers alike.
+            twin._state.copy_kv_from(self._state, self._kv_end)
+            twin._tokens = list(self._tokens)
+            twin._valid, twin._kv_end = self._valid, self._kv_end
+            twin._last_logits = None if self._last_logits is None else self._last_logits.copy()
+            return twin
+        finally:
+            self._leave()
+
     def reset(self) -> None:
         self._enter("reset")
         try:
