@@ -93,3 +93,58 @@ def make_hf_model(folder: Path, arch: str, seed: int = 0, **overrides):
     model.save_pretrained(folder, safe_serialization=True)
     make_tokenizer_files(folder, base["vocab_size"])
     return model
+
+
+# Every architecture with sliding-window layers, as a tiny config: Mistral, Qwen2 and Qwen3 with
+# use_sliding_window (Qwen2's first layer full), Phi-3, Gemma 2 (alternating), Gemma 3 (5 windowed : 1 full).
+WINDOWED_TINY = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5,
+                     initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def windowed_configs(window: int) -> dict[str, dict]:
+    """Per windowed architecture: its config on top of WINDOWED_TINY, with sliding window `window`."""
+    return {
+        "mistral": dict(num_hidden_layers=2, sliding_window=window, tie_word_embeddings=False),
+        "qwen2": dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=window, max_window_layers=1,
+                      tie_word_embeddings=False),
+        "qwen3": dict(num_hidden_layers=2, use_sliding_window=True, sliding_window=window, max_window_layers=0,
+                      tie_word_embeddings=False),
+        "phi3": dict(num_hidden_layers=2, sliding_window=window, tie_word_embeddings=False),
+        "gemma2": dict(num_hidden_layers=2, sliding_window=window, query_pre_attn_scalar=16,
+                       attn_logit_softcapping=20.0, final_logit_softcapping=30.0, tie_word_embeddings=True),
+        "gemma3": dict(num_hidden_layers=6, sliding_window=window, query_pre_attn_scalar=16, tie_word_embeddings=True,
+                       layer_types=["sliding_attention"] * 5 + ["full_attention"],
+                       rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    }
+
+
+WINDOWED_ARCHS = tuple(sorted(windowed_configs(8)))
+
+
+def make_windowed_bundle(folder: Path, arch: str, window: int) -> Path:
+    """A tiny random `arch` (one of WINDOWED_ARCHS) with sliding window `window`, converted to an f32
+    bundle at folder / "f32.plm"; returns its path."""
+    import torch
+    import transformers
+
+    from pocketlm.convert import convert
+
+    classes = {"mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+               "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+               "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+               "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+               "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+               "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM)}
+    config_cls, model_cls = classes[arch]
+    torch.manual_seed(len(arch))
+    model = model_cls(config_cls(**{**WINDOWED_TINY, **windowed_configs(window)[arch]})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    (folder / "hf").mkdir(parents=True)
+    model.save_pretrained(folder / "hf", safe_serialization=True)
+    make_tokenizer_files(folder / "hf", WINDOWED_TINY["vocab_size"])
+    return convert(folder / "hf", folder / "f32.plm", quant="f32", progress=False)

@@ -13,58 +13,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from testutil import make_tokenizer_files
-from pocketlm.convert import convert
+from testutil import WINDOWED_ARCHS, WINDOWED_TINY
 from pocketlm.engine import Engine
 
 WINDOW, CHUNK, CTX = 8, 4, 64
 RING = WINDOW + CHUNK - 1
-TINY = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-            head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.2,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0)
-CASES = {
-    "mistral": dict(num_hidden_layers=2, sliding_window=WINDOW, tie_word_embeddings=False),
-    "qwen2": dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
-                  tie_word_embeddings=False),
-    "qwen3": dict(num_hidden_layers=2, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0,
-                  tie_word_embeddings=False),
-    "phi3": dict(num_hidden_layers=2, sliding_window=WINDOW, tie_word_embeddings=False),
-    "gemma2": dict(num_hidden_layers=2, sliding_window=WINDOW, query_pre_attn_scalar=16,
-                   attn_logit_softcapping=20.0, final_logit_softcapping=30.0, tie_word_embeddings=True),
-    "gemma3": dict(num_hidden_layers=6, sliding_window=WINDOW, query_pre_attn_scalar=16, tie_word_embeddings=True,
-                   layer_types=["sliding_attention"] * 5 + ["full_attention"],
-                   rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
-}
 REWINDS = [1, CHUNK, CHUNK + 1, WINDOW + 3, 40]  # tokens dropped from a 40-token session
 
 
-def _make_bundle(folder, arch: str):
-    import torch
-    import transformers
-
-    classes = {"mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-               "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-               "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-               "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
-               "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
-               "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM)}
-    config_cls, model_cls = classes[arch]
-    torch.manual_seed(len(arch))
-    model = model_cls(config_cls(**{**TINY, **CASES[arch]})).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    (folder / "hf").mkdir(parents=True)
-    model.save_pretrained(folder / "hf", safe_serialization=True)
-    make_tokenizer_files(folder / "hf", TINY["vocab_size"])
-    return convert(folder / "hf", folder / "f32.plm", quant="f32", progress=False)
-
-
-@pytest.fixture(scope="module", params=sorted(CASES))
-def bundle(request, tmp_path_factory):
-    return request.param, _make_bundle(tmp_path_factory.mktemp(request.param), request.param)
+@pytest.fixture(scope="module", params=WINDOWED_ARCHS)
+def bundle(request, windowed_bundle):
+    return request.param, windowed_bundle(request.param, WINDOW)
 
 
 def _engine(path, kv_type):
@@ -190,7 +149,7 @@ def test_cached_tokens_and_bench_rewind(bundle):
 
     _, path = bundle
     engine = _engine(path, "f32")
-    ids = np.random.default_rng(5).integers(3, TINY["vocab_size"], 40).tolist()
+    ids = np.random.default_rng(5).integers(3, WINDOWED_TINY["vocab_size"], 40).tolist()
     s = engine.create_session()
     s.prefill(ids)
     assert s.cached_tokens == 40
