@@ -11,6 +11,9 @@ and the executor refusing to copy between States of different shapes.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -190,3 +193,23 @@ def test_copy_between_states_of_another_shape_is_refused(llama_bundle, windowed_
     for n in (-1, CTX + 1):
         with pytest.raises(ValueError, match=r"n_positions must be in 0\.\.64"):
             state.copy_kv_from(_engine(mistral, "f32").create_session()._state, n)
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc")
+def test_a_clone_commits_only_the_kv_its_tokens_use(tmp_path):
+    """A 4096-position cache reserves 8 MiB here; a clone of a 20-token session copies each head's
+    first 20 slots, so it commits a few pages (and its new State's bookkeeping), not the 8 MiB."""
+    make_hf_model(tmp_path / "hf", "llama", seed=5, num_hidden_layers=4, num_key_value_heads=4,
+                  max_position_embeddings=4096)
+    engine = Engine(convert(tmp_path / "hf", tmp_path / "m.plm", quant="f32", progress=False), threads=1,
+                    max_context=4096, prefill_chunk=CHUNK, kv_type="f32")
+    s = engine.create_session()
+    s.prefill(list(range(3, 23)))
+    assert s.kv_reserved_bytes == 8 << 20 and s.kv_bytes == 20 * 2 * 4 * 16 * 4 * 4
+    engine.create_session()  # the first State's one-time costs (thread start-up, allocator arenas)
+    page = os.sysconf("SC_PAGE_SIZE")
+    before = int(Path("/proc/self/statm").read_text().split()[1]) * page
+    c = s.clone()
+    grown = int(Path("/proc/self/statm").read_text().split()[1]) * page - before
+    assert grown < (2 << 20), f"a clone committed {grown} bytes"
+    assert c.kv_bytes == s.kv_bytes
