@@ -111,9 +111,9 @@ class KVCache {
     for (int l = 0; l < n_layers_; ++l) {
       const size_t cap = (size_t)capacity_[l], used = (size_t)used_slots(l, n_positions);
       if (used == 0) continue;
-      for (uint8_t* (KVCache::*part)(int) const : {&KVCache::k, &KVCache::v}) {
-        uint8_t* dst = (this->*part)(l);
-        const uint8_t* from = (src.*part)(l);
+      for (bool values : {false, true}) {  // K, then V
+        uint8_t* dst = values ? v(l) : k(l);
+        const uint8_t* from = values ? src.v(l) : src.k(l);
         if (used == cap) {
           std::memcpy(dst, from, (size_t)n_kv_heads_ * cap * head_row);
           continue;
