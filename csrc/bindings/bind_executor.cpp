@@ -1,4 +1,5 @@
-// _core.Program and _core.State: the planned op list and one session's memory.
+// _core.Program and _core.State: the planned op list (with the workspace and thread pool its
+// States share) and one session's KV cache.
 //
 //   Program(bundle, tensors, ops, arena_bytes, max_tokens, kv, output, n_threads, kernels="")
 //     bundle   : _core.Bundle (or pocketlm.bundle.Bundle), or None when every weight is inline
@@ -157,7 +158,7 @@ void bind_executor(nb::module_& m) {
       .def_prop_ro("layer_windows", &plm::Program::layer_windows,
                    "per KV layer: its attention window (0 = full attention, -1 = no attention op)");
 
-  nb::class_<StateHandle>(m, "State", "One session's arena, KV cache and scratch for a Program.")
+  nb::class_<StateHandle>(m, "State", "One session's KV cache for a Program (the arena, scratch and thread pool are the Program's, shared).")
       .def(
           "__init__",
           [](StateHandle* self, const plm::Program& program, int max_context, const std::string& kv_type) {

@@ -105,6 +105,22 @@ struct Tensor {
 
 }  // namespace
 
+// What one step needs besides a session's KV cache: the thread pool, the arena (activations,
+// planned for max_tokens rows) and the ops' scratch. One per Program, shared by all its States and
+// used by one step at a time (Program::Impl::step_mutex); made by the first State (a Program that
+// never runs starts no threads). Sizes: workspace_sizes below.
+struct Workspace {
+  ThreadPool pool;
+  LazyBuffer arena;
+  LazyBuffer act_q;      // [max_tokens][max_quant_k / 32] BlockQ8A, or BlockQ8A2 (act2)
+  LazyBuffer up;         // [max_tokens][max_swiglu_f] f32: matmul_swiglu's up projection
+  LazyBuffer scores;     // [n_threads][max_group][scores_context] f32: attention scores
+  LazyBuffer partials;   // attention split over positions: [slots][2 + head_dim] f32
+  LazyBuffer pos_rows;   // [n_threads][max_pos_cols] f32: pos_embed's dequantized rows
+  int scores_context = 0;  // the largest max_context of the States made so far
+  explicit Workspace(int n_threads) : pool(n_threads) {}
+};
+
 struct Program::Impl {
   std::shared_ptr<Bundle> bundle;
   const kernels::KernelTable* kt = nullptr;
@@ -128,6 +144,11 @@ struct Program::Impl {
   int64_t rope_positions = std::numeric_limits<int64_t>::max();  // smallest rope table
   int64_t embed_positions = std::numeric_limits<int64_t>::max(); // smallest pos_embed table
   int64_t max_pos_cols = 0;          // widest pos_embed table (per-thread dequant scratch)
+
+  // The shared workspace and the lock of a step on it (see executor.h: lock order). Mutable: a
+  // Program is const to the States that run it; the workspace is their shared scratch.
+  mutable std::mutex step_mutex;
+  mutable std::unique_ptr<Workspace> workspace;  // made by the first State, under step_mutex
 
   int64_t rows_at(const Tensor& t, int n_tokens) const {
     return t.rows == ROWS_T ? n_tokens : t.rows;
@@ -733,10 +754,12 @@ struct ReserveError : std::bad_alloc {
   std::string msg_;
 };
 
-// Bytes of every buffer a State reserves, in checked arithmetic (see checked_mul).
+// Bytes of every buffer a State (its KV cache) and the workspace it runs on reserve, in checked
+// arithmetic (see checked_mul). scores is for a State of this max_context.
 struct StateSizes {
   std::vector<int64_t> kv_capacities;
   int64_t arena, act_q, up, scores, partials, pos_rows, kv;
+  int64_t scratch() const { return act_q + up + scores + partials + pos_rows; }
 };
 
 StateSizes state_sizes(const Program::Impl& p, int max_context, bool kv_f16) {
@@ -764,40 +787,62 @@ StateSizes state_sizes(const Program::Impl& p, int max_context, bool kv_f16) {
   return z;
 }
 
+// The Program's workspace, made or grown (attention scores) for a State of max_context: called by
+// the State constructor under step_mutex, so run() never allocates.
+void reserve_workspace(const Program::Impl& p, int max_context, const StateSizes& z) {
+  std::unique_ptr<Workspace>& ws = p.workspace;
+  if (!ws) {
+    auto made = std::make_unique<Workspace>(p.n_threads);
+    made->arena = LazyBuffer((size_t)z.arena);
+    made->act_q = LazyBuffer((size_t)z.act_q);
+    made->up = LazyBuffer((size_t)z.up);
+    made->partials = LazyBuffer((size_t)z.partials);
+    made->pos_rows = LazyBuffer((size_t)z.pos_rows);
+    ws = std::move(made);
+  }
+  if (max_context > ws->scores_context) {
+    ws->scores = LazyBuffer((size_t)z.scores);  // the smaller one is released
+    ws->scores_context = max_context;
+  }
+}
+
 }  // namespace
 
 struct State::Impl {
   const Program::Impl& p;
   const kernels::KernelTable& kt;
   int max_context;
-  LazyBuffer arena;
   KVCache kv;
-  LazyBuffer act_q;      // [max_tokens][max_quant_k / 32] BlockQ8A, or BlockQ8A2 (act2)
-  LazyBuffer up;         // [max_tokens][max_swiglu_f] f32: matmul_swiglu's up projection
-  LazyBuffer scores;     // [n_threads][max_group][max_context] f32: attention scores
-  LazyBuffer partials;   // attention split over positions: [slots][2 + head_dim] f32
-  LazyBuffer pos_rows;   // [n_threads][max_pos_cols] f32: pos_embed's dequantized rows
-  ThreadPool pool;
-  std::mutex run_mutex;  // one run() at a time per State
+  std::mutex run_mutex;  // one run() or copy_kv_from() at a time per State
+  // The Program's workspace (Workspace), used only under p.step_mutex. scores may be replaced by
+  // a larger buffer when a State of a larger max_context is made (also under step_mutex), so
+  // these refer to the buffers, not to their memory.
+  ThreadPool& pool;
+  LazyBuffer& arena;
+  LazyBuffer& act_q;
+  LazyBuffer& up;
+  LazyBuffer& scores;
+  LazyBuffer& partials;
+  LazyBuffer& pos_rows;
 
   // Per-call values, set by run().
   int n_tokens = 0;
   int pos0 = 0;
   const int32_t* tokens = nullptr;
 
-  Impl(const Program::Impl& program, int max_context_, bool kv_f16_, const StateSizes& z)
+  Impl(const Program::Impl& program, int max_context_, bool kv_f16_, const StateSizes& z, Workspace& ws)
       : p(program),
         kt(*program.kt),
         max_context(max_context_),
-        arena((size_t)z.arena),
         kv(program.kv.n_layers, program.kv.n_kv_heads, program.kv.head_dim, z.kv_capacities,
            kv_f16_ ? sizeof(fp16_t) : sizeof(float)),
-        act_q((size_t)z.act_q),
-        up((size_t)z.up),
-        scores((size_t)z.scores),
-        partials((size_t)z.partials),
-        pos_rows((size_t)z.pos_rows),
-        pool(program.n_threads) {}
+        pool(ws.pool),
+        arena(ws.arena),
+        act_q(ws.act_q),
+        up(ws.up),
+        scores(ws.scores),
+        partials(ws.partials),
+        pos_rows(ws.pos_rows) {}
 
   float* f32(int id) const {
     const Tensor& t = p.tensors[id];
@@ -1293,12 +1338,18 @@ State::State(const Program& program, int max_context, const std::string& kv_type
                                " positions of the model's position embeddings");
   const StateSizes sizes = state_sizes(p, max_context, kv_type == "f16");  // throws on overflow
   try {
-    impl_ = std::make_unique<Impl>(p, max_context, kv_type == "f16", sizes);
+    Workspace* ws;
+    {
+      std::lock_guard<std::mutex> lock(p.step_mutex);  // no State mutex is held here
+      reserve_workspace(p, max_context, sizes);
+      ws = p.workspace.get();
+    }
+    impl_ = std::make_unique<Impl>(p, max_context, kv_type == "f16", sizes, *ws);
   } catch (const std::bad_alloc&) {  // the OS refused the reservation (address space, overcommit)
     throw ReserveError("cannot reserve memory for a session of max_context " + std::to_string(max_context) +
-                       ": KV cache " + std::to_string(sizes.kv) + " bytes (" + kv_type + "), arena " +
-                       std::to_string(sizes.arena) + " bytes, scratch " +
-                       std::to_string(sizes.act_q + sizes.up + sizes.scores + sizes.partials + sizes.pos_rows) +
+                       ": KV cache " + std::to_string(sizes.kv) + " bytes (" + kv_type +
+                       "); the engine's shared workspace: arena " + std::to_string(sizes.arena) +
+                       " bytes, scratch " + std::to_string(sizes.scratch()) +
                        " bytes; a smaller max_context needs less");
   }
 }
@@ -1367,7 +1418,9 @@ void State::run(const int32_t* tokens, int n_tokens, int pos, float* out) {
                                   std::to_string(t) + " is outside the vocabulary of " +
                                   std::to_string(p.vocab));
 
+  // Lock order: this State's mutex, then the Program's step mutex (executor.h).
   std::lock_guard<std::mutex> lock(s.run_mutex);
+  std::lock_guard<std::mutex> step(p.step_mutex);
   s.n_tokens = n_tokens;
   s.pos0 = pos;
   s.tokens = tokens;

@@ -3,9 +3,25 @@
 //
 // A Program is immutable after construction and shared by every session of an
 // Engine: weights (views into the mmapped bundle), constants, the op list and the
-// arena layout. A State holds what one session owns: the arena, the KV cache and
-// per-thread scratch. All of it is allocated once in the State constructor; run()
-// never allocates.
+// arena layout. It also owns the one workspace its States run on: the thread pool
+// (n_threads - 1 workers), the arena (activations, planned for max_tokens rows) and
+// the ops' scratch (quantized activations, attention scores and partials). A State
+// holds what one session owns: its KV cache and a few bytes of bookkeeping, so a new
+// session costs its KV reservation and never threads.
+//
+// The workspace is made by the first State (a Program that is never run starts no
+// threads) and its attention scores, sized by max_context, grow when a State of a
+// larger max_context is made; all under the Program's step mutex, in the State
+// constructor, so run() never allocates. One workspace serves one step at a time:
+// run() holds the step mutex for the whole step, and sessions in different threads
+// take turns step by step. (Batching their rows into one step, and a workspace per
+// concurrent step, are later parts of issue 11.)
+//
+// Lock order: a State's run mutex, then the Program's step mutex. run() takes its
+// State's mutex then the step mutex; copy_kv_from() takes two State mutexes at once
+// (std::scoped_lock, deadlock-free) and never the step mutex; the State constructor
+// takes only the step mutex. Nothing takes a State mutex while holding the step
+// mutex, so no cycle is possible.
 //
 // ---------------------------------------------------------------------------
 // Tensors. Every tensor is 2-D [rows, cols] f32 except weights (any DType).
@@ -141,8 +157,9 @@ class Program {
 };
 
 // Memory is reserved for the worst case (max_context, max_tokens) but committed by the
-// OS only as it is touched. run() calls on one State are serialised; distinct States
-// (of the same Program) may run concurrently, each with its own thread pool.
+// OS only as it is touched. run() calls on one Program are serialised (one shared
+// workspace and thread pool, see the top of this file); distinct States may be made,
+// copied and destroyed while another State of the same Program runs.
 class State {
  public:
   // kv_type: the KV cache's element type, "f32" or "f16" (half the memory and the attention's

@@ -1,9 +1,9 @@
 // Session memory that is reserved up front but committed only when touched.
 //
-// A State reserves its arena, KV cache and scratch for the worst case (max_context,
-// max_tokens) in its constructor, so run() never allocates; anonymous mappings are
-// zero-filled lazily by the OS, so resident memory grows only with the context a
-// session actually uses.
+// A State reserves its KV cache, and its Program's shared workspace the arena and scratch, for
+// the worst case (max_context, max_tokens) when the State is made, so run() never allocates;
+// anonymous mappings are zero-filled lazily by the OS, so resident memory grows only with the
+// context a session actually uses.
 #pragma once
 #include <cstddef>
 #include <cstdint>

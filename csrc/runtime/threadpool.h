@@ -9,7 +9,8 @@
 // an idle session does not burn a core. parallel_for never allocates.
 //
 // One pool serves one caller at a time: parallel_for is not reentrant and must not
-// be called from two threads at once (the executor's State serialises its run()).
+// be called from two threads at once (the executor's Program serialises the steps of
+// its States, which share one pool).
 #pragma once
 #include <atomic>
 #include <condition_variable>

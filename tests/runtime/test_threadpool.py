@@ -1,10 +1,14 @@
-"""The thread pool's life cycle: a State (one pool each) made, run and destroyed, many times over.
+"""The thread pool's life cycle: a Program (one pool, shared by its States) made, run and destroyed,
+many times over, while States of another Program are made, run and destroyed in a second thread.
 
 Regression: a worker woken for a job could make its task claim only after the caller had finished
 the job alone and the pool's destructor had published its stop generation; the claim consumed that
 generation, the worker went back to sleep and the destructor's join() waited forever (seen in CI,
-where a test hung until the 90-minute limit). Before the fix this loop hung within seconds. It runs
-in a child process so that a hang fails the test instead of stalling the suite.
+where a test hung until the 90-minute limit). Before the fix this loop hung within seconds. The pool
+now belongs to the Program (its States share it), so each cycle makes a Program whose pool dies right
+after the run. Meanwhile a long-lived State of a shared Program runs in another thread, and States of
+that Program are made and dropped beside it (its workspace is shared: they must not disturb its runs).
+It runs in a child process so that a hang fails the test instead of stalling the suite.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 CHILD = textwrap.dedent("""
     import sys
+    import threading
     import numpy as np
     sys.path.insert(0, {helpers!r})
     from runtime_helpers import ProgramBuilder
@@ -33,21 +38,40 @@ CHILD = textwrap.dedent("""
         y = b.arena(64)
         b.op("matmul", [x, w, -1], [y])
         x = y
-    prog = b.program(x, n_threads=2)
     toks = np.arange(40, dtype=np.int32)
-    first = _core.State(prog, 64).run(toks, 0)
+    shared = b.program(x, n_threads=2)
+    first = _core.State(shared, 64).run(toks, 0)
+    stop, errors, runs = threading.Event(), [], [0]
+
+    def background():  # one State of the shared Program, running all along
+        st = _core.State(shared, 64)
+        try:
+            while not stop.is_set():
+                assert np.array_equal(st.run(toks, 0), first)
+                runs[0] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    bg = threading.Thread(target=background)
+    bg.start()
     for i in range({cycles}):
-        out = _core.State(prog, 64).run(toks, 0)  # the State, and its pool, die right after the run
+        if i % 4 == 0:  # States of the shared Program made, run and dropped beside the background one
+            out = _core.State(shared, 64 + i % 3).run(toks, 0)
+        else:  # a Program of its own: its pool dies right after the run
+            out = _core.State(b.program(x, n_threads=2), 64).run(toks, 0)
         assert np.array_equal(out, first), i
-    print("ok", {cycles})
+    stop.set()
+    bg.join()
+    assert not errors, errors
+    print("ok", {cycles}, runs[0] > 0)
 """)
 
 
 def test_pool_destroyed_right_after_its_jobs_never_hangs():
-    code = CHILD.format(helpers=str(Path(__file__).parent), cycles=8000)
+    code = CHILD.format(helpers=str(Path(__file__).parent), cycles=4000)
     try:
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired:
         raise AssertionError("a thread pool's destructor hung (make-run-destroy loop timed out)") from None
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["ok", "8000"]
+    assert r.stdout.split() == ["ok", "4000", "True"]
