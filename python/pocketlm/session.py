@@ -7,7 +7,9 @@ it has processed; a new prompt that starts with them reuses the cached prefix
 
 A session is used by one thread at a time: every call that changes its state
 holds a lock (a `generate` for as long as its generator runs), and a second
-caller gets ConcurrentUseError instead of silently interleaved tokens.
+caller gets ConcurrentUseError instead of silently interleaved tokens. Sessions of
+one engine share its thread pool and workspace: a session costs its KV cache, and
+sessions driven from several threads take turns step by step.
 """
 
 from __future__ import annotations
@@ -129,11 +131,11 @@ class Session:
         conversation. Each then continues on its own (a prefill, decode, rewind or generate on one
         never changes the other), answering as a fresh session fed its tokens would.
 
-        Costs a new executor state, as `engine.create_session()` does: its own reservation of arena,
-        scratch and KV cache, and its own thread pool (`engine.threads` workers) until the session is
-        dropped; then a copy of the KV entries written since the cache was last rebuilt (about
-        `kv_bytes`, more after a rewind the rings still hold): slots never written are not touched,
-        so the clone's cache commits only the pages its tokens use.
+        Costs a new executor state, as `engine.create_session()` does: its own KV cache reservation
+        (the thread pool, arena and scratch are the engine's, shared by its sessions); then a copy
+        of the KV entries written since the cache was last rebuilt (about `kv_bytes`, more after a
+        rewind the rings still hold): slots never written are not touched, so the clone's cache
+        commits only the pages its tokens use.
         Sampling takes no state from the original: pass a seed to each generate() for reproducible
         forks. Raises ConcurrentUseError while the session is busy (a generator still running)."""
         self._enter("clone")
