@@ -162,6 +162,8 @@ void bind_executor(nb::module_& m) {
       .def(
           "__init__",
           [](StateHandle* self, const plm::Program& program, int max_context, const std::string& kv_type) {
+            // Waits for the Program's step mutex (a State of it may be running a step in another thread).
+            nb::gil_scoped_release release;
             new (self) StateHandle(program, max_context, kv_type);
           },
           nb::arg("program"), nb::arg("max_context"), nb::arg("kv_type") = "f32", nb::keep_alive<1, 2>())
