@@ -108,7 +108,7 @@ struct Tensor {
 // What one step needs besides a session's KV cache: the thread pool, the arena (activations,
 // planned for max_tokens rows) and the ops' scratch. One per Program, shared by all its States and
 // used by one step at a time (Program::Impl::step_mutex); made by the first State (a Program that
-// never runs starts no threads). Sizes: workspace_sizes below.
+// never runs starts no threads). Sizes: state_sizes, reserve_workspace below.
 struct Workspace {
   ThreadPool pool;
   LazyBuffer arena;
