@@ -17,6 +17,17 @@ def child_env(**extra: str) -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([where, os.environ.get("PYTHONPATH", "")]), **extra}
 
 
+def greedy_continuation(session, logits, n: int) -> list[int]:
+    """n greedy tokens from `logits` (the session's last), each fed back with decode()."""
+    import numpy as np
+
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        logits = session.decode(out[-1])
+    return out
+
+
 def rewrite_bundle(src: Path, dst: Path, **meta_changes) -> Path:
     """A copy of bundle `src` at `dst` with top-level metadata sections replaced, written without the
     loader's check (so that tests can make bundles the converter would refuse)."""

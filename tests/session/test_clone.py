@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from testutil import WINDOWED_ARCHS, make_hf_model
+from testutil import WINDOWED_ARCHS, greedy_continuation as _greedy, make_hf_model
 from pocketlm import ConcurrentUseError
 from pocketlm.convert import convert
 from pocketlm.engine import Engine
@@ -70,14 +70,6 @@ def _same_as_fresh(session, got, what):
     want = fresh.prefill(session.tokens)
     np.testing.assert_allclose(got, want, rtol=0, atol=_tol(want), err_msg=f"{session.engine.arch_name}: {what}")
     return fresh, want
-
-
-def _greedy(session, logits, n):
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(logits)))
-        logits = session.decode(out[-1])
-    return out
 
 
 @pytest.mark.parametrize("n", [6, 30])  # below a ring's 11 slots, and wrapped twice

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from testutil import WINDOWED_ARCHS, WINDOWED_TINY
+from testutil import WINDOWED_ARCHS, WINDOWED_TINY, greedy_continuation as _greedy
 from pocketlm.engine import Engine
 
 WINDOW, CHUNK, CTX = 8, 4, 64
@@ -44,14 +44,6 @@ class _CountingState:
     def run(self, tokens, pos):
         self.tokens_run += len(tokens)
         return self.state.run(tokens, pos)
-
-
-def _greedy(session, logits, n):
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(logits)))
-        logits = session.decode(out[-1])
-    return out
 
 
 @pytest.mark.parametrize("kv_type", ["f32", "f16"])
