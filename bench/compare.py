@@ -16,6 +16,16 @@ It also reports:
              but the embedding table, one embedding row, and the whole table again when the output
              head is tied to it) and tok/s = bandwidth / bytes; the fraction of it each reaches
 
+With --batch 1,2,4,8 it compares batched decoding instead (and only that): each round runs
+`pocketlm bench --batch` and `llama-batched-bench` (prompts not shared: B sequences of p random
+tokens each are prefilled together, then decode n tokens together), alternating as above. The table
+gives, per batch size B, the aggregate decode tok/s of all B sequences in each runtime (llama.cpp's
+S_TG), their ratio, each runtime's scaling against its own B=1 (taken within each round, then the
+median) and the tok/s each sequence sees; a second table gives the aggregate prefill tok/s and the
+time until all B prompts are prefilled.
+
+    python bench/compare.py MODEL.gguf --batch 1,2,4,8 [-p 256 -n 128 -t 2 -r 5] [--plm MODEL.plm] [--json FILE]
+
 llama.cpp comes from bench/build_llamacpp.sh (LLAMACPP_CACHE, default ~/.cache/pocketlm/llama.cpp).
 """
 
@@ -269,6 +279,202 @@ def rss_runs(gguf: Path, pocket_model: str, a, rounds: int = 2) -> dict:
     return out
 
 
+# ---- batched decoding -------------------------------------------------------------------------
+# One run of either runtime becomes a list of rows, one per batch size B, with the keys of the
+# `pocketlm bench --batch --json` contract: batch, tg_tok_s (aggregate over the B sequences),
+# tg_tok_s_per_seq, pp_tok_s (aggregate prefill of the B prompts), ttft_s (until all B are prefilled).
+BATCH_KEYS = ("tg_tok_s", "tg_tok_s_per_seq", "pp_tok_s", "ttft_s")
+
+
+def run_pocketlm_batched(model: str, a) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        cmd = [sys.executable, "-m", "pocketlm", "bench", model, "--batch", ",".join(map(str, a.batch)),
+               "-p", str(a.p), "-n", str(a.n), "-t", str(a.t), "-r", "1", "--json", str(out), "-q", "--no-load"] + \
+            (["--activations", a.activations] if a.activations else [])
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env_with_pocketlm(), check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+        res = json.loads(out.read_text())
+    rows = [{"batch": int(x["batch"]), **{k: x.get(k) for k in BATCH_KEYS}} for x in res["batched"]]
+    return _check_batches(rows, a.batch, "pocketlm bench")
+
+
+def batched_ctx(batches: list[int], p: int, n: int) -> int:
+    """llama-batched-bench's -c: every B x (p + n) must fit, or it silently skips that B. Without a
+    unified KV cache each of the max(B) sequences gets ctx / max(B) cells, so max(B) x (p + n) is
+    enough; 256 more, rounded up to 256, for llama.cpp's padding."""
+    need = max(batches) * (p + n) + 256
+    return (need + 255) // 256 * 256
+
+
+def llama_batched_cmd(gguf: Path, a) -> list[str]:
+    # The rest is llama.cpp's defaults: f16 KV, flash attention "auto" (on for the CPU backend), one
+    # KV stream per sequence (no -kvu), prompts not shared (no -pps), a 16-token warm-up.
+    return [str(CACHE / "build/bin/llama-batched-bench"), "-m", str(gguf), "-c", str(batched_ctx(a.batch, a.p, a.n)),
+            "-b", "2048", "-ub", "512", "-npp", str(a.p), "-ntg", str(a.n), "-npl", ",".join(map(str, a.batch)),
+            "-t", str(a.t), "--output-format", "jsonl"]
+
+
+def parse_llama_batched(stdout: str) -> tuple[list[dict], dict]:
+    """llama-batched-bench --output-format jsonl: one JSON object per B on standard output, among
+    blank lines (and logs, with -lv). S_TG = speed_tg = B x tg / t_tg; S_PP = speed_pp = B x pp / t_pp."""
+    rows, info = [], {}
+    for line in stdout.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        rec = json.loads(line)
+        rows.append({"batch": int(rec["pl"]), "tg_tok_s": rec["speed_tg"], "tg_tok_s_per_seq": rec["speed_tg"] / rec["pl"],
+                     "pp_tok_s": rec["speed_pp"], "ttft_s": rec["t_pp"]})
+        info = {k: rec.get(k) for k in ("n_kv_max", "n_batch", "n_ubatch", "flash_attn", "is_pp_shared",
+                                         "n_threads", "n_threads_batch")}
+    return rows, info
+
+
+def run_llama_batched(gguf: Path, a) -> tuple[list[dict], dict]:
+    cmd = llama_batched_cmd(gguf, a)
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+    rows, info = parse_llama_batched(r.stdout)
+    return _check_batches(rows, a.batch, "llama-batched-bench"), info
+
+
+def _check_batches(rows: list[dict], batches: list[int], who: str) -> list[dict]:
+    got = sorted(r["batch"] for r in rows)
+    if got != sorted(batches):
+        raise RuntimeError(f"{who} reported batch sizes {got}, asked for {sorted(batches)}")
+    return rows
+
+
+def batched_rows(pk_runs: list[list[dict]], lc_runs: list[list[dict]]) -> list[dict]:
+    """The batched table's numbers from both runtimes' runs (each run: one row per B). Per B and
+    runtime: median, spread and samples over the runs of aggregate and per-sequence decode tok/s,
+    aggregate prefill tok/s and ttft_s; `scaling`: tg at B / tg at B=1 of the same run (None without
+    B=1), so that a slow round does not mix with a fast one; `ratio`: pocketlm / llama.cpp medians."""
+    def by_batch(runs):
+        return [{r["batch"]: r for r in run} for run in runs]
+
+    pk, lc = by_batch(pk_runs), by_batch(lc_runs)
+    batches = sorted({b for run in pk + lc for b in run})
+    out = []
+    for b in batches:
+        row: dict = {"batch": b}
+        for who, runs in (("pocketlm", pk), ("llamacpp", lc)):
+            side = {}
+            for key in BATCH_KEYS:
+                xs = [run[b].get(key) for run in runs if b in run]
+                side[key] = {"median": median(xs), "spread_pct": spread_pct(xs), "samples": xs}
+            xs = [run[b]["tg_tok_s"] / run[1]["tg_tok_s"] for run in runs
+                  if b in run and 1 in run and run[b].get("tg_tok_s") and run[1].get("tg_tok_s")]
+            side["scaling"] = {"median": median(xs), "spread_pct": spread_pct(xs), "samples": xs}
+            row[who] = side
+        p_, l_ = row["pocketlm"]["tg_tok_s"]["median"], row["llamacpp"]["tg_tok_s"]["median"]
+        row["ratio"] = p_ / l_ if p_ is not None and l_ else None
+        out.append(row)
+    return out
+
+
+def batched_table(rows: list[dict], p: int, n: int) -> str:
+    """Markdown tables of batched_rows(): decode, then prefill."""
+    def cell(m, spec=".1f", suffix=""):
+        if m["median"] is None:
+            return "n/a"
+        sp = f" (±{m['spread_pct']:.0f}%)" if m["spread_pct"] is not None else ""
+        return f"{m['median']:{spec}}{suffix}{sp}"
+
+    lines = [(f"decode, tg{n} after pp{p} per sequence: aggregate tok/s of all B sequences (llama.cpp: S_TG), "
+              "scaling = aggregate at B / at B=1, per sequence = aggregate / B; median (spread)"), "",
+             ("| B | pocketlm tok/s | llama.cpp tok/s | pocketlm / llama.cpp | pocketlm scaling | llama.cpp scaling "
+              "| pocketlm tok/s per seq | llama.cpp tok/s per seq |"),
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        pk, lc = r["pocketlm"], r["llamacpp"]
+        lines.append(f"| {r['batch']} | {cell(pk['tg_tok_s'])} | {cell(lc['tg_tok_s'])} | "
+                     f"{'n/a' if r['ratio'] is None else format(r['ratio'], '.2f') + 'x'} | "
+                     f"{cell(pk['scaling'], '.2f', 'x')} | {cell(lc['scaling'], '.2f', 'x')} | "
+                     f"{cell(pk['tg_tok_s_per_seq'])} | {cell(lc['tg_tok_s_per_seq'])} |")
+    lines += ["", (f"prefill of B prompts of {p} tokens: aggregate tok/s (llama.cpp: S_PP) and seconds until all B "
+                   "are prefilled (llama.cpp: T_PP); median (spread)"), "",
+              "| B | pocketlm pp tok/s | llama.cpp pp tok/s | pocketlm / llama.cpp | pocketlm ttft s | llama.cpp T_PP s |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        pk, lc = r["pocketlm"], r["llamacpp"]
+        lines.append(f"| {r['batch']} | {cell(pk['pp_tok_s'])} | {cell(lc['pp_tok_s'])} | "
+                     f"{ratio(pk['pp_tok_s']['median'], lc['pp_tok_s']['median'])} | "
+                     f"{cell(pk['ttft_s'], '.3f')} | {cell(lc['ttft_s'], '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def batched_report(res: dict) -> str:
+    b = res["batched"]
+    head = (f"pocketlm: {res['pocketlm_model']}\nllama.cpp: {res['gguf']} (llama-cpp-python {res['llamacpp_version']}, "
+            f"`{b['llamacpp_cmd']}`)\n{res['threads']} threads, {res['rounds']} alternating rounds, batch sizes "
+            f"{','.join(map(str, res['batches']))}; spread = (max - min) / median over the rounds\n"
+            f"load average: {res['loadavg_start']:.2f} at the start, {res['loadavg_end']:.2f} at the end; "
+            f"CPUs busy with other work just before the runs: median {median(res['busy_before_runs']) * 100:.0f}%, "
+            f"max {max(res['busy_before_runs']) * 100:.0f}%; during the runs (machine busy time minus ours): "
+            f"pocketlm {_pcts(res['others_during_runs']['pocketlm'])}, "
+            f"llama.cpp {_pcts(res['others_during_runs']['llamacpp'])}\n")
+    text = head + "\nall runs\n\n" + batched_table(b["rows"], res["p"], res["n"])
+    if b.get("quiet_rows"):
+        text += (f"\nquiet runs only (other work < {QUIET * 100:.0f}% of the CPUs during the run: "
+                 f"pocketlm {b['n_quiet']['pocketlm']}, llama.cpp {b['n_quiet']['llamacpp']} of {res['rounds']})\n\n"
+                 + batched_table(b["quiet_rows"], res["p"], res["n"]))
+    return text
+
+
+def batched_result(pk_runs, lc_runs, others: dict) -> dict:
+    """The "batched" key of --json: rows over all runs, and over the quiet runs when that is a
+    different, non-empty subset on both sides."""
+    quiet_pk = [r for r, o in zip(pk_runs, others["pocketlm"]) if o < QUIET]
+    quiet_lc = [r for r, o in zip(lc_runs, others["llamacpp"]) if o < QUIET]
+    out = {"rows": batched_rows(pk_runs, lc_runs), "quiet_rows": None,
+           "n_quiet": {"pocketlm": len(quiet_pk), "llamacpp": len(quiet_lc)},
+           "runs": {"pocketlm": pk_runs, "llamacpp": lc_runs}}
+    if quiet_pk and quiet_lc and (len(quiet_pk), len(quiet_lc)) != (len(pk_runs), len(lc_runs)):
+        out["quiet_rows"] = batched_rows(quiet_pk, quiet_lc)
+    return out
+
+
+def main_batched(a, gguf: Path, pocket_path: Path) -> int:
+    if not (CACHE / "build/bin/llama-batched-bench").exists():
+        sys.exit(f"no llama-batched-bench in {CACHE}/build/bin: run bench/build_llamacpp.sh first")
+    loadavg_start = os.getloadavg()[0]
+    pk_runs, lc_runs, busy_before = [], [], []
+    others: dict = {"pocketlm": [], "llamacpp": []}
+    lc_info: dict = {}
+    for i in range(a.r):
+        order = ("pocketlm", "llamacpp") if i % 2 == 0 else ("llamacpp", "pocketlm")
+        for who in order:
+            busy = wait_quiet(a.wait_quiet) if a.wait_quiet > 0 else cpu_busy(0.2)
+            t0 = time.time()
+            with OthersMeter() as meter:
+                if who == "pocketlm":
+                    rows = run_pocketlm_batched(str(pocket_path), a)
+                    pk_runs.append(rows)
+                else:
+                    rows, lc_info = run_llama_batched(gguf, a)
+                    lc_runs.append(rows)
+            busy_before.append(busy)
+            others[who].append(meter.share)
+            tg = ", ".join(f"B={r['batch']} {r['tg_tok_s']:.1f}" for r in sorted(rows, key=lambda r: r["batch"]))
+            log(f"round {i + 1}/{a.r} {who}: aggregate tg tok/s {tg} ({time.time() - t0:.0f} s; other work: "
+                f"{busy * 100:.0f}% of the CPUs before, {meter.share * 100:.0f}% during)")
+    batched = batched_result(pk_runs, lc_runs, others)
+    batched.update(llamacpp_cmd=" ".join(llama_batched_cmd(gguf, a)), llamacpp_info=lc_info)
+    res = {"gguf": str(gguf), "pocketlm_model": str(pocket_path), "p": a.p, "n": a.n, "threads": a.t,
+           "rounds": a.r, "batches": a.batch, "batched": batched,
+           "llamacpp_version": (CACHE / "VERSION").read_text().strip() if (CACHE / "VERSION").exists() else "?",
+           "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg()[0], "busy_before_runs": busy_before,
+           "others_during_runs": others, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    print(batched_report(res))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
 # ---- report -----------------------------------------------------------------------------------
 
 
@@ -332,6 +538,16 @@ def report(res: dict) -> str:
     return head + "\n" + "\n".join(lines) + "\n"
 
 
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of batch sizes: {text!r}") from None
+    if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes must be distinct integers >= 1: {text!r}")
+    return sorted(sizes)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="pocketlm vs llama.cpp on one GGUF (alternating runs)")
     ap.add_argument("gguf", type=Path, help="the GGUF llama.cpp runs (and pocketlm too, unless --plm)")
@@ -347,12 +563,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait-quiet", type=float, default=60, metavar="S",
                     help="before each run, wait up to S seconds for the CPUs to be < 15%% busy with other "
                          "work (a shared machine); 0 = do not wait")
+    ap.add_argument("--batch", type=_batch_sizes, default=None, metavar="1,2,4,8",
+                    help="compare batched decoding (pocketlm bench --batch vs llama-batched-bench) at these "
+                         "batch sizes instead of the single-sequence table")
     ap.add_argument("--json", default=None, help="write every number to this file")
     ap.add_argument("--from-json", action="store_true", help="print the table of a saved --json file (the "
                                                              "positional argument) and exit")
     a = ap.parse_args(argv)
     if a.from_json:
         res = json.loads(Path(a.gguf).read_text())
+        if "pocketlm" not in res and "batched" in res:
+            print(batched_report(res))
+            return 0
         for who in ("pocketlm", "llamacpp"):  # recompute the quiet medians from the per-run samples
             during = res.get("others_during_runs", {}).get(who)
             for key in ("pp_tok_s", "tg_tok_s"):
@@ -373,6 +595,10 @@ def main(argv: list[str] | None = None) -> int:
     from pocketlm.engine import resolve_model_path
 
     pocket_path = resolve_model_path(pocket_model)  # convert a GGUF once, before any timing
+    if a.batch:
+        if a.d:
+            sys.exit("--batch with -d: llama-batched-bench has no depth")
+        return main_batched(a, gguf, pocket_path)
     loadavg_start = os.getloadavg()[0]
 
     log("memory bandwidth ...")
