@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Reproduces the tables of docs/performance.md: builds the peer and the models if needed, then runs
 # bench/compare.py on SmolLM2-135M (one Q4_1 GGUF for both runtimes) and on the Qwen2.5-0.5B shape
-# (pocketlm int4 vs llama.cpp Q4_0, pocketlm int8 vs Q8_0). About 30 minutes on 2 cores, plus
-# ~15 minutes the first time for llama.cpp. Results go to $OUT (default /tmp/pocketlm-perf).
+# (pocketlm int4 vs llama.cpp Q4_0, pocketlm int8 vs Q8_0), then batched decoding on the Qwen shape
+# (int4 vs Q4_0, B = 1..16: pocketlm bench --batch vs llama-batched-bench). About 50 minutes on
+# 2 cores, plus ~15 minutes the first time for llama.cpp. Results go to $OUT (default /tmp/pocketlm-perf).
 #   bench/run_performance.sh [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,4 +26,5 @@ run() {  # name, compare.py arguments...
 run smollm2 "$SMOL"
 run qwen05-q4 "$M/qwen05-shape-Q4_0.gguf" --plm "$M/qwen05-shape-int4.plm"
 run qwen05-q8 "$M/qwen05-shape-Q8_0.gguf" --plm "$M/qwen05-shape-int8.plm"
+run qwen05-q4-batched "$M/qwen05-shape-Q4_0.gguf" --plm "$M/qwen05-shape-int4.plm" --batch 1,2,4,8,16
 echo "results in $OUT" >&2
