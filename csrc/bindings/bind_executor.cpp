@@ -1,20 +1,24 @@
 // _core.Program and _core.State: the planned op list (with the workspace and thread pool its
 // States share) and one session's KV cache.
 //
-//   Program(bundle, tensors, ops, arena_bytes, max_tokens, kv, output, n_threads, kernels="")
+//   Program(bundle, tensors, ops, arena_bytes, max_tokens, kv, output, n_threads, kernels="",
+//           activations="int8x2", max_seqs=1)
 //     bundle   : _core.Bundle (or pocketlm.bundle.Bundle), or None when every weight is inline
 //     tensors  : list of dicts, one per tensor id:
 //                {"kind": "weight", "name": str, "rows", "cols"}        (bundle tensor;
 //                    rows/cols may be omitted to take the bundle's shape)
 //                {"kind": "weight", "rows", "cols", "dtype": int, "data": np.uint8}  (inline)
 //                {"kind": "const", "rows", "cols", "data": np.float32}
-//                {"kind": "arena", "rows" (-1 = T), "cols", "offset": bytes}
+//                {"kind": "arena", "rows" (-1 = T: the step's rows, -2 = S: its sequences), "cols",
+//                 "offset": bytes}
 //                {"kind": "tokens"}
 //     ops      : list of (name, inputs, outputs, iparams, fparams)
 //     kv       : (n_layers, n_kv_heads, head_dim)
 //     output   : tensor id copied out by State.run
 //   State(program, max_context, kv_type="f32"); State.run(tokens: int32[T], pos) -> float32[rows, cols]
 //   State.copy_kv_from(other, n_positions): a fork's cache (same KV shape, type, capacities, max_context)
+//   run_batch(program, [(state, tokens: int32[n], pos), ...]) -> float32[rows, cols]: one step over
+//     several sequences (plm::run_batch), rows = one per sequence for an [S, cols] output
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -114,7 +118,7 @@ void bind_executor(nb::module_& m) {
           "__init__",
           [](plm::Program* self, nb::object bundle, nb::list tensors, nb::list ops,
              int64_t arena_bytes, int max_tokens, std::tuple<int, int, int> kv, int output,
-             int n_threads, const std::string& kernels, const std::string& activations) {
+             int n_threads, const std::string& kernels, const std::string& activations, int max_seqs) {
             std::shared_ptr<plm::Bundle> b;
             if (!bundle.is_none()) {
               // pocketlm.bundle.Bundle wraps the _core.Bundle as .core
@@ -144,12 +148,13 @@ void bind_executor(nb::module_& m) {
             plm::KVConfig kvc{std::get<0>(kv), std::get<1>(kv), std::get<2>(kv)};
             new (self) plm::Program(std::move(b), std::move(descs), std::move(op_descs),
                                     arena_bytes, max_tokens, kvc, output, n_threads, kernels,
-                                    activations);
+                                    activations, max_seqs);
           },
           nb::arg("bundle").none(), nb::arg("tensors"), nb::arg("ops"), nb::arg("arena_bytes"),
           nb::arg("max_tokens"), nb::arg("kv"), nb::arg("output"), nb::arg("n_threads"),
-          nb::arg("kernels") = "", nb::arg("activations") = "int8x2")
+          nb::arg("kernels") = "", nb::arg("activations") = "int8x2", nb::arg("max_seqs") = 1)
       .def_prop_ro("max_tokens", &plm::Program::max_tokens)
+      .def_prop_ro("max_seqs", &plm::Program::max_seqs)
       .def_prop_ro("n_threads", &plm::Program::n_threads)
       .def_prop_ro("arena_bytes", &plm::Program::arena_bytes)
       .def_prop_ro("kernel_name", [](const plm::Program& p) { return std::string(p.kernel_name()); })
@@ -188,7 +193,7 @@ void bind_executor(nb::module_& m) {
           "run",
           [](StateHandle& s, TokenArray tokens, int pos, std::optional<OutArray> out) -> nb::object {
             int n = (int)tokens.shape(0);
-            const int64_t rows = s.program->output_rows(n), cols = s.program->output_cols();
+            const int64_t rows = s.program->output_rows(n, 1), cols = s.program->output_cols();
             float* dst;
             nb::object result;
             if (out) {
@@ -212,4 +217,41 @@ void bind_executor(nb::module_& m) {
           },
           nb::arg("tokens"), nb::arg("pos"), nb::arg("out").noconvert().none() = nb::none(),
           "Runs tokens at positions pos.. and returns the output tensor [rows, cols].");
+
+  m.def(
+      "run_batch",
+      [](const plm::Program& program, nb::list seqs) -> nb::object {
+        const size_t n = seqs.size();
+        if (n == 0 || n > (size_t)program.max_seqs())
+          throw std::invalid_argument("run_batch takes 1.." + std::to_string(program.max_seqs()) +
+                                      " sequences (the program's max_seqs), got " + std::to_string(n));
+        std::vector<plm::SeqInput> inputs(n);
+        std::vector<TokenArray> keep(n);  // the token arrays stay referenced while the step runs
+        int64_t n_rows = 0;
+        for (size_t i = 0; i < n; ++i) {
+          auto [state, tokens, pos] = nb::cast<std::tuple<StateHandle*, TokenArray, int>>(seqs[i]);
+          if (!state) throw std::invalid_argument("sequence " + std::to_string(i) + ": no State");
+          if (state->program != &program)
+            throw std::invalid_argument("sequence " + std::to_string(i) + ": the State belongs to another Program");
+          keep[i] = tokens;
+          inputs[i] = plm::SeqInput{&state->state, keep[i].data(), (int)keep[i].shape(0), pos};
+          n_rows += (int64_t)keep[i].shape(0);
+        }
+        if (n_rows > program.max_tokens())
+          throw std::invalid_argument("a step takes at most " + std::to_string(program.max_tokens()) +
+                                      " rows (the program's max_tokens), the sequences have " +
+                                      std::to_string(n_rows));
+        const int64_t rows = program.output_rows((int)n_rows, (int)n), cols = program.output_cols();
+        float* buf = new float[(size_t)(rows * cols)];
+        nb::capsule owner(buf, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+        nb::object result = nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<2>>(buf, {(size_t)rows, (size_t)cols}, owner));
+        {
+          nb::gil_scoped_release release;
+          plm::run_batch(program, inputs.data(), (int)n, buf);
+        }
+        return result;
+      },
+      nb::arg("program"), nb::arg("seqs"),
+      "One step over several sequences: seqs is a list of (State, int32 tokens, pos). Returns the "
+      "output rows: one per sequence (the logits of its last token) for a generation program.");
 }

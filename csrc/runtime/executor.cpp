@@ -54,6 +54,8 @@ const char* op_name(OpCode code) {
 
 // Largest row or column count we accept: the kernels take counts as int.
 constexpr int64_t kMaxDim = std::numeric_limits<int32_t>::max();
+// Most sequences one step may hold (Program's max_seqs; vLLM's default max_num_seqs).
+constexpr int kMaxStepSeqs = 256;
 // Most KV layers a program may declare (the Python loader allows 4096).
 constexpr int64_t kMaxLayers = int64_t(1) << 16;
 
@@ -109,8 +111,21 @@ struct Tensor {
 // planned for max_tokens rows) and the ops' scratch. One per Program, shared by all its States and
 // used by one step at a time (Program::Impl::step_mutex); made by the first State (a Program that
 // never runs starts no threads). Sizes: state_sizes, reserve_workspace below.
+// One sequence of a batched step: its KV cache and its rows (run_batch).
+struct SeqSlot {
+  KVCache* kv = nullptr;
+  int64_t pos0 = 0;    // position of its first row
+  int n_tokens = 0;
+  int first_row = 0;   // its first row in the step
+};
+
 struct Workspace {
   ThreadPool pool;
+  // A step's rows and sequences, filled by run_batch: [max_tokens] and [max_seqs].
+  std::vector<int32_t> tokens;
+  std::vector<int64_t> row_pos;
+  std::vector<int32_t> row_seq;
+  std::vector<SeqSlot> seqs;
   LazyBuffer arena;
   LazyBuffer act_q;      // [max_tokens][max_quant_k / 32] BlockQ8A, or BlockQ8A2 (act2)
   LazyBuffer up;         // [max_tokens][max_swiglu_f] f32: matmul_swiglu's up projection
@@ -122,6 +137,7 @@ struct Workspace {
 };
 
 struct Program::Impl {
+  const Program* owner = nullptr;
   std::shared_ptr<Bundle> bundle;
   const kernels::KernelTable* kt = nullptr;
   bool act2 = true;                  // two-level activations (BlockQ8A2), see executor.h
@@ -130,6 +146,7 @@ struct Program::Impl {
   std::vector<OpDesc> ops;
   int64_t arena_bytes = 0;
   int max_tokens = 0;
+  int max_seqs = 1;
   KVConfig kv;
   int output = -1;
   int n_threads = 1;
@@ -150,10 +167,12 @@ struct Program::Impl {
   mutable std::mutex step_mutex;
   mutable std::unique_ptr<Workspace> workspace;  // made by the first State, under step_mutex
 
-  int64_t rows_at(const Tensor& t, int n_tokens) const {
-    return t.rows == ROWS_T ? n_tokens : t.rows;
+  int64_t rows_at(const Tensor& t, int n_rows, int n_seqs) const {
+    return t.rows == ROWS_T ? n_rows : t.rows == ROWS_S ? n_seqs : t.rows;
   }
-  int64_t max_rows(const Tensor& t) const { return t.rows == ROWS_T ? max_tokens : t.rows; }
+  int64_t max_rows(const Tensor& t) const {
+    return t.rows == ROWS_T ? max_tokens : t.rows == ROWS_S ? max_seqs : t.rows;
+  }
 
   void resolve_tensor(size_t id);
   void validate_op(size_t index);
@@ -170,7 +189,7 @@ void Program::Impl::resolve_tensor(size_t id) {
     throw std::invalid_argument(t.label + ": " + msg);
   };
   auto check_dims = [&](bool allow_rows_t) {
-    bool rows_ok = (d.rows >= 1 && d.rows <= kMaxDim) || (allow_rows_t && d.rows == ROWS_T);
+    bool rows_ok = (d.rows >= 1 && d.rows <= kMaxDim) || (allow_rows_t && (d.rows == ROWS_T || d.rows == ROWS_S));
     if (!rows_ok || d.cols < 1 || d.cols > kMaxDim)
       fail("bad shape [" + std::to_string(d.rows) + ", " + std::to_string(d.cols) + "]");
   };
@@ -354,7 +373,7 @@ class OpChecker {
   }
 
   static std::string shape(const Tensor& t) {
-    return "[" + (t.rows == ROWS_T ? std::string("T") : std::to_string(t.rows)) + ", " +
+    return "[" + (t.rows == ROWS_T ? std::string("T") : t.rows == ROWS_S ? std::string("S") : std::to_string(t.rows)) + ", " +
            std::to_string(t.cols) + "]";
   }
 
@@ -596,9 +615,12 @@ void Program::Impl::validate_op(size_t index) {
       c.params(0, 0);
       const Tensor& x = c.act(in[0], "x");
       const Tensor& y = c.act(out[0], "output");
-      if (y.rows != 1 || y.cols != x.cols)
-        c.fail("output " + y.label + " " + OpChecker::shape(y) + ", expected [1, " +
-               std::to_string(x.cols) + "]");
+      if (x.rows != ROWS_T) c.fail("x must have T rows");
+      // One row per sequence; a fixed [1, D] output only in a program of one sequence per step.
+      if (!(y.rows == ROWS_S || (y.rows == 1 && max_seqs == 1)) || y.cols != x.cols)
+        c.fail("output " + y.label + " " + OpChecker::shape(y) + ", expected [S, " + std::to_string(x.cols) +
+               "] (one row per sequence" + (max_seqs == 1 ? ", or [1, " + std::to_string(x.cols) + "]" : std::string()) +
+               ")");
       break;
     }
     default:
@@ -633,7 +655,7 @@ void Program::Impl::validate_op(size_t index) {
 Program::Program(std::shared_ptr<Bundle> bundle, std::vector<TensorDesc> tensors,
                  std::vector<OpDesc> ops, int64_t arena_bytes, int max_tokens, KVConfig kv,
                  int output_tensor, int n_threads, const std::string& kernels,
-                 const std::string& activations)
+                 const std::string& activations, int max_seqs)
     : impl_(std::make_unique<Impl>()) {
   Impl& p = *impl_;
   if (activations == "int8x2") p.act2 = true;
@@ -646,6 +668,9 @@ Program::Program(std::shared_ptr<Bundle> bundle, std::vector<TensorDesc> tensors
     if (!p.kt) throw UnsupportedError("kernels '" + kernels + "' are not available on this CPU");
   }
   if (max_tokens < 1) throw std::invalid_argument("max_tokens must be >= 1");
+  if (max_seqs < 1 || max_seqs > std::min(max_tokens, kMaxStepSeqs))
+    throw std::invalid_argument("max_seqs must be in 1.." + std::to_string(std::min(max_tokens, kMaxStepSeqs)) +
+                                " (at most max_tokens), got " + std::to_string(max_seqs));
   if (arena_bytes < 0) throw std::invalid_argument("arena_bytes must be >= 0");
   if (n_threads < 1 || n_threads > ThreadPool::kMaxThreads)
     throw std::invalid_argument("n_threads must be in 1.." + std::to_string(ThreadPool::kMaxThreads));
@@ -662,6 +687,8 @@ Program::Program(std::shared_ptr<Bundle> bundle, std::vector<TensorDesc> tensors
   p.ops = std::move(ops);
   p.arena_bytes = arena_bytes;
   p.max_tokens = max_tokens;
+  p.max_seqs = max_seqs;
+  p.owner = this;
   p.kv = kv;
   p.layer_window.assign((size_t)kv.n_layers, -1);
   p.n_threads = n_threads;
@@ -690,8 +717,9 @@ const char* Program::kernel_name() const { return impl_->kt->name; }
 const char* Program::activations() const { return impl_->act2 ? "int8x2" : "int8"; }
 int64_t Program::output_cols() const { return impl_->tensors[impl_->output].cols; }
 const std::vector<int64_t>& Program::layer_windows() const { return impl_->layer_window; }
-int64_t Program::output_rows(int n_tokens) const {
-  return impl_->rows_at(impl_->tensors[impl_->output], n_tokens);
+int Program::max_seqs() const { return impl_->max_seqs; }
+int64_t Program::output_rows(int n_rows, int n_seqs) const {
+  return impl_->rows_at(impl_->tensors[impl_->output], n_rows, n_seqs);
 }
 
 // ---------------------------------------------------------------------------
@@ -798,6 +826,10 @@ void reserve_workspace(const Program::Impl& p, int max_context, const StateSizes
     made->up = LazyBuffer((size_t)z.up);
     made->partials = LazyBuffer((size_t)z.partials);
     made->pos_rows = LazyBuffer((size_t)z.pos_rows);
+    made->tokens.resize((size_t)p.max_tokens);
+    made->row_pos.resize((size_t)p.max_tokens);
+    made->row_seq.resize((size_t)p.max_tokens);
+    made->seqs.resize((size_t)p.max_seqs);
     ws = std::move(made);
   }
   if (max_context > ws->scores_context) {
@@ -810,52 +842,49 @@ void reserve_workspace(const Program::Impl& p, int max_context, const StateSizes
 
 struct State::Impl {
   const Program::Impl& p;
-  const kernels::KernelTable& kt;
   int max_context;
   KVCache kv;
-  std::mutex run_mutex;  // one run() or copy_kv_from() at a time per State
-  // The Program's workspace (Workspace), used only under p.step_mutex. scores may be replaced by
-  // a larger buffer when a State of a larger max_context is made (also under step_mutex), so
-  // these refer to the buffers, not to their memory.
-  ThreadPool& pool;
-  LazyBuffer& arena;
-  LazyBuffer& act_q;
-  LazyBuffer& up;
-  LazyBuffer& scores;
-  LazyBuffer& partials;
-  LazyBuffer& pos_rows;
+  std::mutex run_mutex;  // one step or copy_kv_from() at a time per State
 
-  // Per-call values, set by run().
-  int n_tokens = 0;
-  int pos0 = 0;
-  const int32_t* tokens = nullptr;
-
-  Impl(const Program::Impl& program, int max_context_, bool kv_f16_, const StateSizes& z, Workspace& ws)
+  Impl(const Program::Impl& program, int max_context_, bool kv_f16_, const StateSizes& z)
       : p(program),
-        kt(*program.kt),
         max_context(max_context_),
         kv(program.kv.n_layers, program.kv.n_kv_heads, program.kv.head_dim, z.kv_capacities,
-           kv_f16_ ? sizeof(fp16_t) : sizeof(float)),
-        pool(ws.pool),
-        arena(ws.arena),
-        act_q(ws.act_q),
-        up(ws.up),
-        scores(ws.scores),
-        partials(ws.partials),
-        pos_rows(ws.pos_rows) {}
+           kv_f16_ ? sizeof(fp16_t) : sizeof(float)) {}
+};
+
+// One forward pass over the rows of a batch (run_batch): the ops' implementations. Rows are the
+// sequences' tokens one after another; each row carries its position (row_pos) and its sequence
+// (row_seq), so rope, position embeddings and attention (the KV writes and reads) are per row and
+// every other op is row-wise. Made under the Program's step mutex, on its workspace.
+struct Step {
+  const Program::Impl& p;
+  const kernels::KernelTable& kt;
+  Workspace& ws;
+  ThreadPool& pool;
+  int n_rows = 0;            // rows of this step (ROWS_T)
+  int n_seqs = 0;            // sequences of this step (ROWS_S)
+  const SeqSlot* seqs;       // [n_seqs]
+  const int32_t* tokens;     // [n_rows]
+  const int64_t* row_pos;    // [n_rows]
+  const int32_t* row_seq;    // [n_rows]
+
+  Step(const Program::Impl& program, Workspace& w, int n_rows_, int n_seqs_)
+      : p(program), kt(*program.kt), ws(w), pool(w.pool), n_rows(n_rows_), n_seqs(n_seqs_),
+        seqs(w.seqs.data()), tokens(w.tokens.data()), row_pos(w.row_pos.data()), row_seq(w.row_seq.data()) {}
 
   float* f32(int id) const {
     const Tensor& t = p.tensors[id];
-    if (t.kind == TensorKind::ARENA) return reinterpret_cast<float*>(arena.as<uint8_t>() + t.arena_offset);
+    if (t.kind == TensorKind::ARENA) return reinterpret_cast<float*>(ws.arena.as<uint8_t>() + t.arena_offset);
     return const_cast<float*>(t.f32);
   }
-  int64_t rows(int id) const { return p.rows_at(p.tensors[id], n_tokens); }
+  int64_t rows(int id) const { return p.rows_at(p.tensors[id], n_rows, n_seqs); }
   const Tensor& tensor(int id) const { return p.tensors[id]; }
 
   // Runs fn(row) for every row, spread over the threads when there are several.
   template <class F>
-  void for_rows(int64_t n_rows, F&& fn) {
-    pool.parallel_for((int)n_rows, [&](int row, int) { fn(row); });
+  void for_rows(int64_t n, F&& fn) {
+    pool.parallel_for((int)n, [&](int row, int) { fn(row); });
   }
 
   void exec(const OpDesc& op);
@@ -867,10 +896,10 @@ struct State::Impl {
   void mm(const kernels::WeightView& w, const float* x, int64_t k, int64_t r, float* y, int64_t ldy,
           int64_t n0, int64_t n1) const {
     if (p.act2)
-      kt.matmul2[(int)w.dtype](w, x, (size_t)k, act_q.as<kernels::BlockQ8A2>(), (int)r, y, (size_t)ldy,
+      kt.matmul2[(int)w.dtype](w, x, (size_t)k, ws.act_q.as<kernels::BlockQ8A2>(), (int)r, y, (size_t)ldy,
                                (int)n0, (int)n1);
     else
-      kt.matmul[(int)w.dtype](w, x, (size_t)k, act_q.as<kernels::BlockQ8A>(), (int)r, y, (size_t)ldy,
+      kt.matmul[(int)w.dtype](w, x, (size_t)k, ws.act_q.as<kernels::BlockQ8A>(), (int)r, y, (size_t)ldy,
                               (int)n0, (int)n1);
   }
   void matmul(const OpDesc& op);
@@ -882,16 +911,17 @@ struct State::Impl {
   void layer_norm(const OpDesc& op);
   void pos_embed(const OpDesc& op);
   void gelu(const OpDesc& op);
+  void take_last(const OpDesc& op);
 };
 
-void State::Impl::embed(const OpDesc& op) {
+void Step::embed(const OpDesc& op) {
   const kernels::WeightView& e = tensor(op.inputs[0]).weight;
   float* y = f32(op.outputs[0]);
   const int64_t d = e.cols;
-  for_rows(n_tokens, [&](int64_t t) { weight_row(e, tokens[t], y + t * d); });
+  for_rows(n_rows, [&](int64_t t) { weight_row(e, tokens[t], y + t * d); });
 }
 
-void State::Impl::weight_row(const kernels::WeightView& w, int64_t r, float* out) const {
+void Step::weight_row(const kernels::WeightView& w, int64_t r, float* out) const {
   const int64_t d = w.cols;
   const uint8_t* row = w.data + (size_t)r * w.row_stride;
   DType dt = w.dtype;
@@ -914,21 +944,21 @@ void State::Impl::weight_row(const kernels::WeightView& w, int64_t r, float* out
   }
 }
 
-void State::Impl::quantize(const float* x, int64_t rows, int64_t k) {
+void Step::quantize(const float* x, int64_t rows, int64_t k) {
   const int64_t blocks = k / 32;
   if (p.act2) {
-    auto* xq2 = act_q.as<kernels::BlockQ8A2>();
+    auto* xq2 = ws.act_q.as<kernels::BlockQ8A2>();
     for_rows(rows, [&](int64_t t) { kt.quantize_act2(x + t * k, xq2 + t * blocks, (int)k); });
     return;
   }
-  auto* xq = act_q.as<kernels::BlockQ8A>();
+  auto* xq = ws.act_q.as<kernels::BlockQ8A>();
   for_rows(rows, [&](int64_t t) { kt.quantize_act(x + t * k, xq + t * blocks, (int)k); });
 }
 
 // matmul and matmul_multi: the output columns of all weights form one range that is
 // cut into one contiguous piece per thread, so small projections (K, V) do not leave
 // a core idle.
-void State::Impl::matmul(const OpDesc& op) {
+void Step::matmul(const OpDesc& op) {
   const int x_id = op.inputs[0];
   const float* x = f32(x_id);
   const int64_t k = tensor(x_id).cols;
@@ -966,7 +996,7 @@ void State::Impl::matmul(const OpDesc& op) {
   });
 }
 
-void State::Impl::matmul_swiglu(const OpDesc& op) {
+void Step::matmul_swiglu(const OpDesc& op) {
   const int x_id = op.inputs[0];
   const float* x = f32(x_id);
   const int64_t k = tensor(x_id).cols;
@@ -976,7 +1006,7 @@ void State::Impl::matmul_swiglu(const OpDesc& op) {
   const int64_t f = wg.rows;
   if (traits(wg.dtype).quantized || traits(wu.dtype).quantized) quantize(x, r, k);
   float* y = f32(op.outputs[0]);  // holds the gate projection until silu_mul
-  float* u = up.as<float>();
+  float* u = ws.up.as<float>();
   auto act = op.code == OpCode::MATMUL_GEGLU ? gelu_mul : kt.silu_mul;
   const int n_parts = matmul_parts(f, pool.n_threads());
   const int64_t align = split_align(f, n_parts);
@@ -991,14 +1021,14 @@ void State::Impl::matmul_swiglu(const OpDesc& op) {
   });
 }
 
-void State::Impl::rope(const OpDesc& op) {
+void Step::rope(const OpDesc& op) {
   const float* x = f32(op.inputs[0]);
   const float* table = f32(op.inputs[1]);
   float* y = f32(op.outputs[0]);
   const int64_t n_heads = op.iparams[0], head_dim = op.iparams[1], rope_dim = op.iparams[2];
   const int64_t half = rope_dim / 2, cols = n_heads * head_dim;
-  for_rows(n_tokens, [&](int64_t t) {
-    const float* cos_p = table + (pos0 + t) * rope_dim;
+  for_rows(n_rows, [&](int64_t t) {
+    const float* cos_p = table + row_pos[t] * rope_dim;
     const float* sin_p = cos_p + half;
     for (int64_t h = 0; h < n_heads; ++h) {
       const float* xh = x + t * cols + h * head_dim;
@@ -1021,7 +1051,7 @@ void State::Impl::rope(const OpDesc& op) {
 // Position p lives in slot p % capacity of the layer's cache: for full layers that is p
 // itself, for sliding-window layers a ring, so a range of positions is at most two runs
 // of slots; scores are indexed by slot.
-void State::Impl::attention(const OpDesc& op) {
+void Step::attention(const OpDesc& op) {
   const int layer = (int)op.iparams[0];
   const int64_t hq = op.iparams[1], hkv = op.iparams[2], dh = op.iparams[3];
   const int64_t window = op.iparams.size() > 4 ? op.iparams[4] : 0;
@@ -1032,28 +1062,25 @@ void State::Impl::attention(const OpDesc& op) {
   const float* v = f32(op.inputs[2]);
   float* o = f32(op.outputs[0]);
   const int64_t kv_cols = hkv * dh, q_cols = hq * dh, group = hq / hkv;
-  const int64_t cap = kv.capacity(layer);
-  uint8_t* kc = kv.k(layer);
-  uint8_t* vc = kv.v(layer);
-  const size_t eb = kv.elem_bytes();
-  const bool kv_f16 = kv.f16();
-  // Append this call's rows first: row t attends to the rows before it in this call too.
-  // Each KV head's cache is its own [capacity, head_dim] block (kv_cache.h).
-  const int64_t head_elems = cap * dh;
-  auto put = [&](uint8_t* cache, const float* x, int64_t h, int64_t slot) {
-    uint8_t* dst = cache + (size_t)(h * head_elems + slot * dh) * eb;
-    if (kv_f16) kt.to_f16(x, reinterpret_cast<fp16_t*>(dst), (int)dh);
-    else std::memcpy(dst, x, (size_t)dh * sizeof(float));
-  };
-  for (int64_t t = 0; t < n_tokens; ++t) {
-    const int64_t slot = (pos0 + t) % cap;
-    for (int64_t h = 0; h < hkv; ++h) {
-      put(kc, k + t * kv_cols + h * dh, h, slot);
-      put(vc, v + t * kv_cols + h * dh, h, slot);
+  // Append this step's rows first: a row attends to the rows before it in this step too. Each
+  // row goes to its own sequence's cache, where each KV head is its own [capacity, head_dim]
+  // block (kv_cache.h).
+  for (int64_t t = 0; t < n_rows; ++t) {
+    const KVCache& kv = *seqs[row_seq[t]].kv;
+    const int64_t cap = kv.capacity(layer), slot = row_pos[t] % cap;
+    const size_t eb = kv.elem_bytes();
+    for (bool values : {false, true}) {
+      uint8_t* cache = values ? kv.v(layer) : kv.k(layer);
+      const float* x = (values ? v : k) + t * kv_cols;
+      for (int64_t h = 0; h < hkv; ++h) {
+        uint8_t* dst = cache + (size_t)((h * cap + slot) * dh) * eb;
+        if (kv.f16()) kt.to_f16(x + h * dh, reinterpret_cast<fp16_t*>(dst), (int)dh);
+        else std::memcpy(dst, x + h * dh, (size_t)dh * sizeof(float));
+      }
     }
   }
-  // Calls fn(s0, s1) for the runs of slots holding positions [p0, p1).
-  auto for_slots = [cap](int64_t p0, int64_t p1, auto&& fn) {
+  // Calls fn(s0, s1) for the runs of slots holding positions [p0, p1) in a ring of cap slots.
+  auto for_slots = [](int64_t cap, int64_t p0, int64_t p1, auto&& fn) {
     if (p1 <= p0) return;
     const int64_t s0 = p0 % cap, len = p1 - p0;
     if (s0 + len <= cap) {
@@ -1065,37 +1092,46 @@ void State::Impl::attention(const OpDesc& op) {
   };
 
   const int nt = pool.n_threads();
-  const int64_t pairs = n_tokens * hkv;
-  const int64_t span = window > 0 ? std::min<int64_t>(pos0 + 1, window) : pos0 + 1;
+  const int64_t pairs = (int64_t)n_rows * hkv;
+  int64_t span = 1;  // the most positions the first row of a sequence reads
+  for (int i = 0; i < n_seqs; ++i)
+    span = std::max(span, window > 0 ? std::min<int64_t>(seqs[i].pos0 + 1, window) : seqs[i].pos0 + 1);
   int64_t n_chunks = 1;
   if (nt > 1 && pairs < kAttnTasksPerThread * nt) {
     n_chunks = (kAttnTasksPerThread * nt + pairs - 1) / pairs;
     n_chunks = std::max<int64_t>(1, std::min<int64_t>(n_chunks, span / kAttnMinChunk));
   }
   const int64_t slot = 2 + dh;  // partial result: running max, sum, weighted V
-  float* part = partials.as<float>();
-  float* scores_all = scores.as<float>();
+  float* part = ws.partials.as<float>();
+  float* scores_all = ws.scores.as<float>();
+  const int64_t stride = ws.scores_context;  // scores of one query head: [scores_context]
   // Soft-capped scores are final logits before the exponent: scale them up front.
   const float exp_scale = softcap > 0.f ? 1.f : scale;
 
   pool.parallel_for((int)(pairs * n_chunks), [&](int task, int thread_id) {
     const int64_t pair = task / n_chunks, c = task % n_chunks;
     const int64_t t = pair / hkv, kvh = pair % hkv;
-    const int64_t hi = pos0 + t + 1;  // causal: positions < hi
+    const KVCache& kv = *seqs[row_seq[t]].kv;
+    const int64_t cap = kv.capacity(layer), head_elems = cap * dh;
+    const size_t eb = kv.elem_bytes();
+    const bool kv_f16 = kv.f16();
+    const uint8_t* kc = kv.k(layer);
+    const uint8_t* vc = kv.v(layer);
+    const int64_t hi = row_pos[t] + 1;  // causal: positions < hi
     const int64_t lo = window > 0 ? std::max<int64_t>(0, hi - window) : 0;
     const int64_t n_ctx = hi - lo;
     const int64_t p0 = lo + n_ctx * c / n_chunks, p1 = lo + n_ctx * (c + 1) / n_chunks;
     const float* qg = q + t * q_cols + kvh * group * dh;  // this group's query heads
     const uint8_t* vh = vc + (size_t)(kvh * head_elems) * eb;
-    float* s = scores_all + (int64_t)thread_id * group * max_context;  // [group][max_context]
+    float* s = scores_all + (int64_t)thread_id * group * stride;  // [group][stride]
     // q . k for the group's heads and the slots of [p0, p1) in one call per run: the K
     // cache of this head is a contiguous f16/f32 [capacity, head_dim] matrix.
     const DType kv_dtype = kv_f16 ? DType::F16 : DType::F32;
     const kernels::WeightView keys{kv_dtype, cap, dh, kc + (size_t)(kvh * head_elems) * eb, (size_t)dh * eb,
                                    nullptr};
-    for_slots(p0, p1, [&](int64_t s0, int64_t s1) {
+    for_slots(cap, p0, p1, [&](int64_t s0, int64_t s1) {
       kt.matmul[(int)kv_dtype](keys, qg, (size_t)dh, nullptr, (int)group, s,
-                                 (size_t)max_context, (int)s0, (int)s1);
+                                 (size_t)stride, (int)s0, (int)s1);
     });
     // Output of query head g: the final row, or this chunk's partial [max, sum, acc].
     auto acc_of = [&](int64_t g) -> float* {
@@ -1103,19 +1139,19 @@ void State::Impl::attention(const OpDesc& op) {
       return part + ((pair * n_chunks + c) * group + g) * slot + 2;
     };
     for (int64_t g = 0; g < group; ++g) {
-      float* sg = s + g * max_context;
+      float* sg = s + g * stride;
       float m = -std::numeric_limits<float>::infinity();
-      for_slots(p0, p1, [&](int64_t s0, int64_t s1) {
+      for_slots(cap, p0, p1, [&](int64_t s0, int64_t s1) {
         if (softcap > 0.f)
           for (int64_t p = s0; p < s1; ++p) sg[p] = softcap * std::tanh(sg[p] * scale / softcap);
         m = std::max(m, kt.max(sg + s0, (int)(s1 - s0)));
       });
       float sum = 0.f;  // exp_scale > 0: max(s * scale) = m * scale
-      for_slots(p0, p1, [&](int64_t s0, int64_t s1) { sum += kt.exp_sum(sg + s0, (int)(s1 - s0), m, exp_scale); });
+      for_slots(cap, p0, p1, [&](int64_t s0, int64_t s1) { sum += kt.exp_sum(sg + s0, (int)(s1 - s0), m, exp_scale); });
       float* acc = acc_of(g);
       if (n_chunks == 1) {
         const float inv = 1.f / sum;
-        for_slots(p0, p1, [&](int64_t s0, int64_t s1) { kt.scale(inv, sg + s0, (int)(s1 - s0)); });
+        for_slots(cap, p0, p1, [&](int64_t s0, int64_t s1) { kt.scale(inv, sg + s0, (int)(s1 - s0)); });
       } else {
         acc[-2] = m * exp_scale;
         acc[-1] = sum;
@@ -1124,13 +1160,13 @@ void State::Impl::attention(const OpDesc& op) {
     }
     // Weighted sum of V rows, each row read once for the whole group.
     const size_t acc_stride = n_chunks == 1 ? (size_t)dh : (size_t)slot;  // acc_of(g + 1) - acc_of(g)
-    for_slots(p0, p1, [&](int64_t s0, int64_t s1) {
+    for_slots(cap, p0, p1, [&](int64_t s0, int64_t s1) {
       const uint8_t* rows = vh + (size_t)(s0 * dh) * eb;
       if (kv_f16)
-        kt.weighted_sum_f16(s + s0, (size_t)max_context, (int)group, reinterpret_cast<const fp16_t*>(rows),
+        kt.weighted_sum_f16(s + s0, (size_t)stride, (int)group, reinterpret_cast<const fp16_t*>(rows),
                             (size_t)dh, (int)(s1 - s0), acc_of(0), acc_stride, (int)dh);
       else
-        kt.weighted_sum(s + s0, (size_t)max_context, (int)group, reinterpret_cast<const float*>(rows),
+        kt.weighted_sum(s + s0, (size_t)stride, (int)group, reinterpret_cast<const float*>(rows),
                         (size_t)dh, (int)(s1 - s0), acc_of(0), acc_stride, (int)dh);
     });
   });
@@ -1158,7 +1194,7 @@ void State::Impl::attention(const OpDesc& op) {
   }
 }
 
-void State::Impl::head_rms_norm(const OpDesc& op) {
+void Step::head_rms_norm(const OpDesc& op) {
   const float* x = f32(op.inputs[0]);
   const float* w = f32(op.inputs[1]);
   float* y = f32(op.outputs[0]);
@@ -1170,7 +1206,7 @@ void State::Impl::head_rms_norm(const OpDesc& op) {
   });
 }
 
-void State::Impl::scale_or_softcap(const OpDesc& op) {
+void Step::scale_or_softcap(const OpDesc& op) {
   const float* x = f32(op.inputs[0]);
   float* y = f32(op.outputs[0]);
   const int64_t d = tensor(op.inputs[0]).cols;
@@ -1187,7 +1223,7 @@ void State::Impl::scale_or_softcap(const OpDesc& op) {
   });
 }
 
-void State::Impl::layer_norm(const OpDesc& op) {
+void Step::layer_norm(const OpDesc& op) {
   const float* x = f32(op.inputs[0]);
   const float* w = f32(op.inputs[1]);
   const float* b = f32(op.inputs[2]);
@@ -1208,14 +1244,14 @@ void State::Impl::layer_norm(const OpDesc& op) {
   });
 }
 
-void State::Impl::pos_embed(const OpDesc& op) {
+void Step::pos_embed(const OpDesc& op) {
   const float* x = f32(op.inputs[0]);
   const kernels::WeightView& p = tensor(op.inputs[1]).weight;
   float* y = f32(op.outputs[0]);
   const int64_t d = p.cols;
-  float* scratch = pos_rows.as<float>();
-  pool.parallel_for(n_tokens, [&](int t, int thread_id) {
-    const int64_t pos = pos0 + t;
+  float* scratch = ws.pos_rows.as<float>();
+  pool.parallel_for(n_rows, [&](int t, int thread_id) {
+    const int64_t pos = row_pos[t];
     const float* pr;
     if (p.dtype == DType::F32) {
       pr = reinterpret_cast<const float*>(p.data + (size_t)pos * p.row_stride);
@@ -1228,7 +1264,7 @@ void State::Impl::pos_embed(const OpDesc& op) {
   });
 }
 
-void State::Impl::gelu(const OpDesc& op) {
+void Step::gelu(const OpDesc& op) {
   const float* x = f32(op.inputs[0]);
   float* y = f32(op.outputs[0]);
   const int64_t d = tensor(op.inputs[0]).cols;
@@ -1243,7 +1279,16 @@ void State::Impl::gelu(const OpDesc& op) {
   });
 }
 
-void State::Impl::exec(const OpDesc& op) {
+// Row i of the output is the last row of sequence i.
+void Step::take_last(const OpDesc& op) {
+  const float* x = f32(op.inputs[0]);
+  float* y = f32(op.outputs[0]);
+  const int64_t d = tensor(op.inputs[0]).cols;
+  for (int i = 0; i < n_seqs; ++i)
+    std::memcpy(y + i * d, x + (int64_t)(seqs[i].first_row + seqs[i].n_tokens - 1) * d, (size_t)d * sizeof(float));
+}
+
+void Step::exec(const OpDesc& op) {
   switch (op.code) {
     case OpCode::EMBED:
       embed(op);
@@ -1314,12 +1359,9 @@ void State::Impl::exec(const OpDesc& op) {
     case OpCode::SOFTCAP:
       scale_or_softcap(op);
       break;
-    case OpCode::TAKE_LAST: {
-      const int64_t d = tensor(op.inputs[0]).cols;
-      std::memcpy(f32(op.outputs[0]), f32(op.inputs[0]) + (rows(op.inputs[0]) - 1) * d,
-                  (size_t)d * sizeof(float));
+    case OpCode::TAKE_LAST:
+      take_last(op);
       break;
-    }
   }
 }
 
@@ -1338,13 +1380,11 @@ State::State(const Program& program, int max_context, const std::string& kv_type
                                " positions of the model's position embeddings");
   const StateSizes sizes = state_sizes(p, max_context, kv_type == "f16");  // throws on overflow
   try {
-    Workspace* ws;
     {
       std::lock_guard<std::mutex> lock(p.step_mutex);  // no State mutex is held here
       reserve_workspace(p, max_context, sizes);
-      ws = p.workspace.get();
     }
-    impl_ = std::make_unique<Impl>(p, max_context, kv_type == "f16", sizes, *ws);
+    impl_ = std::make_unique<Impl>(p, max_context, kv_type == "f16", sizes);
   } catch (const std::bad_alloc&) {  // the OS refused the reservation (address space, overcommit)
     throw ReserveError("cannot reserve memory for a session of max_context " + std::to_string(max_context) +
                        ": KV cache " + std::to_string(sizes.kv) + " bytes (" + kv_type +
@@ -1402,31 +1442,73 @@ void State::copy_kv_from(const State& other, int64_t n_positions) {
 }
 
 void State::run(const int32_t* tokens, int n_tokens, int pos, float* out) {
-  Impl& s = *impl_;
-  const Program::Impl& p = s.p;
-  if (n_tokens < 1 || n_tokens > p.max_tokens)
-    throw std::invalid_argument("n_tokens must be in 1.." + std::to_string(p.max_tokens) +
-                                " (the program's max_tokens), got " + std::to_string(n_tokens));
-  if (pos < 0) throw std::invalid_argument("pos must be >= 0, got " + std::to_string(pos));
-  if ((int64_t)pos + n_tokens > s.max_context)
-    throw ContextOverflowError("context overflow: positions " + std::to_string(pos) + ".." +
-                               std::to_string((int64_t)pos + n_tokens - 1) +
-                               " do not fit in max_context " + std::to_string(s.max_context));
-  for (int t = 0; t < n_tokens; ++t)
-    if (tokens[t] < 0 || tokens[t] >= p.vocab)
-      throw std::invalid_argument("token id " + std::to_string(tokens[t]) + " at index " +
-                                  std::to_string(t) + " is outside the vocabulary of " +
-                                  std::to_string(p.vocab));
+  const SeqInput one{this, tokens, n_tokens, pos};
+  run_batch(*impl_->p.owner, &one, 1, out);
+}
 
-  // Lock order: this State's mutex, then the Program's step mutex (executor.h).
-  std::lock_guard<std::mutex> lock(s.run_mutex);
-  std::lock_guard<std::mutex> step(p.step_mutex);
-  s.n_tokens = n_tokens;
-  s.pos0 = pos;
-  s.tokens = tokens;
-  for (const OpDesc& op : p.ops) s.exec(op);
-  const int64_t n = p.rows_at(p.tensors[p.output], n_tokens) * p.tensors[p.output].cols;
-  std::memcpy(out, s.f32(p.output), (size_t)n * sizeof(float));
+void run_batch(const Program& program, const SeqInput* seqs, int n_seqs, float* out) {
+  const Program::Impl& p = *program.impl();
+  if (n_seqs < 1 || n_seqs > p.max_seqs)
+    throw std::invalid_argument("a step takes 1.." + std::to_string(p.max_seqs) +
+                                " sequences (the program's max_seqs), got " + std::to_string(n_seqs));
+  int64_t n_rows = 0;
+  for (int i = 0; i < n_seqs; ++i) {
+    const SeqInput& q = seqs[i];
+    const std::string which = n_seqs > 1 ? "sequence " + std::to_string(i) + ": " : "";
+    if (!q.state) throw std::invalid_argument(which + "no State");
+    const State::Impl& s = *q.state->impl_;
+    if (&s.p != &p) throw std::invalid_argument(which + "the State belongs to another Program");
+    for (int j = 0; j < i; ++j)
+      if (seqs[j].state == q.state)
+        throw std::invalid_argument(which + "the same State as sequence " + std::to_string(j) +
+                                    " (a State runs at most once per step)");
+    if (q.n_tokens < 1 || q.n_tokens > p.max_tokens)
+      throw std::invalid_argument(which + "n_tokens must be in 1.." + std::to_string(p.max_tokens) +
+                                  " (the program's max_tokens), got " + std::to_string(q.n_tokens));
+    if (q.pos < 0) throw std::invalid_argument(which + "pos must be >= 0, got " + std::to_string(q.pos));
+    if ((int64_t)q.pos + q.n_tokens > s.max_context)
+      throw ContextOverflowError(which + "context overflow: positions " + std::to_string(q.pos) + ".." +
+                                 std::to_string((int64_t)q.pos + q.n_tokens - 1) +
+                                 " do not fit in max_context " + std::to_string(s.max_context));
+    for (int t = 0; t < q.n_tokens; ++t)
+      if (q.tokens[t] < 0 || q.tokens[t] >= p.vocab)
+        throw std::invalid_argument(which + "token id " + std::to_string(q.tokens[t]) + " at index " +
+                                    std::to_string(t) + " is outside the vocabulary of " +
+                                    std::to_string(p.vocab));
+    n_rows += q.n_tokens;
+  }
+  if (n_rows > p.max_tokens)
+    throw std::invalid_argument("a step takes at most " + std::to_string(p.max_tokens) +
+                                " rows (the program's max_tokens), the sequences have " + std::to_string(n_rows));
+
+  // Lock order (executor.h): the States' mutexes, in address order, then the step mutex.
+  std::mutex* order[kMaxStepSeqs];
+  for (int i = 0; i < n_seqs; ++i) order[i] = &seqs[i].state->impl_->run_mutex;
+  std::sort(order, order + n_seqs);
+  for (int i = 0; i < n_seqs; ++i) order[i]->lock();
+  struct Unlock {
+    std::mutex** m;
+    int n;
+    ~Unlock() { for (int i = n - 1; i >= 0; --i) m[i]->unlock(); }
+  } unlock{order, n_seqs};
+  std::lock_guard<std::mutex> step_lock(p.step_mutex);
+
+  Workspace& ws = *p.workspace;  // made by the first State
+  int row = 0;
+  for (int i = 0; i < n_seqs; ++i) {
+    const SeqInput& q = seqs[i];
+    ws.seqs[(size_t)i] = SeqSlot{&q.state->impl_->kv, q.pos, q.n_tokens, row};
+    for (int t = 0; t < q.n_tokens; ++t, ++row) {
+      ws.tokens[(size_t)row] = q.tokens[t];
+      ws.row_pos[(size_t)row] = (int64_t)q.pos + t;
+      ws.row_seq[(size_t)row] = i;
+    }
+  }
+  Step step(p, ws, (int)n_rows, n_seqs);
+  for (const OpDesc& op : p.ops) step.exec(op);
+  const Tensor& output = p.tensors[p.output];
+  const int64_t n = p.rows_at(output, (int)n_rows, n_seqs) * output.cols;
+  std::memcpy(out, step.f32(p.output), (size_t)n * sizeof(float));
 }
 
 }  // namespace plm

@@ -12,29 +12,35 @@
 // The workspace is made by the first State (a Program that is never run starts no
 // threads) and its attention scores, sized by max_context, grow when a State of a
 // larger max_context is made; all under the Program's step mutex, in the State
-// constructor, so run() never allocates. One workspace serves one step at a time:
-// run() holds the step mutex for the whole step, and sessions in different threads
-// take turns step by step. (Batching their rows into one step, and a workspace per
-// concurrent step, are later parts of issue 11.)
+// constructor, so run() never allocates. One workspace serves one step at a time: a
+// step holds the step mutex throughout, and steps from different threads take turns.
 //
-// Lock order: a State's run mutex, then the Program's step mutex. run() takes its
-// State's mutex then the step mutex; copy_kv_from() takes two State mutexes at once
-// (std::scoped_lock, deadlock-free) and never the step mutex; the State constructor
-// takes only the step mutex. Nothing takes a State mutex while holding the step
-// mutex, so no cycle is possible.
+// A step may hold the rows of several sequences (run_batch): each row carries its token,
+// its position and its sequence, so embedding, rope, position embeddings and attention
+// (the KV writes and reads) are per row, every other op is row-wise, and every weight is
+// read once for all rows. The output has one row per sequence ([S, cols], after
+// take_last) or one per row ([T, cols]). State::run is a step of one sequence.
+//
+// Lock order: the run mutexes of a step's States (in address order), then the Program's
+// step mutex. copy_kv_from() takes two State mutexes at once (std::scoped_lock, which
+// backs off rather than wait holding one) and never the step mutex; the State
+// constructor takes only the step mutex. Nothing takes a State mutex while holding the
+// step mutex, so no cycle is possible.
 //
 // ---------------------------------------------------------------------------
 // Tensors. Every tensor is 2-D [rows, cols] f32 except weights (any DType).
 //   kind WEIGHT : a bundle tensor by name (shape [rows, cols]; 1-D -> [1, cols]).
 //   kind CONST  : f32 data given at construction, copied into the Program.
-//   kind ARENA  : f32 activations at a byte offset in the State's arena. rows is
-//                 either ROWS_T (-1: the n_tokens of the current run() call) or a
-//                 fixed count (1 after take_last).
-//   kind TOKENS : the int32 token ids of the current call, [T] (exactly one).
+//   kind ARENA  : f32 activations at a byte offset in the workspace's arena. rows is
+//                 ROWS_T (-1: the rows of the current step), ROWS_S (-2: its
+//                 sequences; planned for max_seqs rows) or a fixed count.
+//   kind TOKENS : the int32 token ids of the current step, [T] (exactly one).
 // The planner guarantees arena tensors that are live at the same time do not
 // overlap, except where an op declares in-place use (see below).
 //
-// Ops (name, inputs -> outputs, int params / float params). x rows are ROWS_T or 1.
+// Ops (name, inputs -> outputs, int params / float params). x rows are ROWS_T, ROWS_S or fixed.
+// "Position" below is the row's own position in its own sequence; "the KV cache" is the cache
+// of the row's sequence.
 //   embed         [E(weight vocab x D), tokens] -> [x (T x D)]
 //   rms_norm      [x, w(1 x D)] -> [y]                          f: [eps]
 //   add           [a, b] -> [y]                                 (y may alias a or b)
@@ -50,19 +56,20 @@
 //                 table row p holds cos(p*f_0..f_{rope_dim/2-1}) then sin(...) for the same.
 //                 NeoX / HF rotate_half pairing: within each head, dims i and
 //                 i + rope_dim/2 rotate together for i < rope_dim/2; dims >= rope_dim pass through.
-//                 position of row t is pos0 + t.
+//                 rotates each row by its own position.
 //   attention     [q (T x Hq*Dh), k (T x Hkv*Dh), v (T x Hkv*Dh)] -> [o (T x Hq*Dh)]
 //                 i: [layer, n_heads, n_kv_heads, head_dim, (window)]  f: [scale, (softcap)]
-//                 Stores k, v rows into the layer's KV cache at positions pos0..pos0+T-1,
-//                 then causal softmax(s) v over positions [lo, pos0+t] for row t, where
+//                 Stores each k, v row into the layer's cache of its sequence at its position
+//                 p, then for each row causal softmax(s) v over positions [lo, p] where
 //                 s = q k^T * scale, or softcap * tanh(q k^T * scale / softcap) if softcap > 0;
-//                 lo = 0, or max(0, pos0+t-window+1) if window > 0 (sliding window: the row
+//                 lo = 0, or max(0, p-window+1) if window > 0 (sliding window: the row
 //                 sees `window` positions, itself included). A layer with a window keeps a ring
 //                 of min(max_context, window + max_tokens - 1) positions (position p in slot
 //                 p % capacity), so its cache follows the window; every attention op of one
 //                 layer must use the same window. Omitted window / softcap = 0 (none).
 //                 Query head h reads KV head h / (Hq / Hkv) (grouped-query attention).
-//   take_last     [x (T x D)] -> [y (1 x D)]   the last row
+//   take_last     [x (T x D)] -> [y (S x D)]   the last row of each sequence ([1 x D]
+//                 allowed in a program of max_seqs 1)
 //   head_rms_norm [x (R x H*Dh), w (1 x Dh)] -> [y]   i: [n_heads, head_dim]  f: [eps]
 //                 rms_norm of every head's Dh slice of each row (Qwen3 / Gemma 3 q and k
 //                 norms), all heads sharing w.                      (y may alias x)
@@ -75,7 +82,7 @@
 //   layer_norm    [x, w(1 x D), b(1 x D)] -> [y]                f: [eps]   (y may alias x)
 //                 y = (x - mean(x)) / sqrt(var(x) + eps) * w + b, per row (biased variance).
 //   pos_embed     [x (T x D), P (weight or const max_pos x D)] -> [y]    (y may alias x)
-//                 y[t] = x[t] + P[pos0 + t]: learned absolute positions (GPT-2). P may have
+//                 y[t] = x[t] + P[position of row t]: learned absolute positions (GPT-2). P may have
 //                 any dtype; its rows are dequantized like embed's. Caps max_context at max_pos.
 //   gelu          [x] -> [y]                   tanh approximation ("gelu_new"):  (y may alias x)
 //                 y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
@@ -90,7 +97,8 @@
 
 namespace plm {
 
-constexpr int64_t ROWS_T = -1;
+constexpr int64_t ROWS_T = -1;  // rows: the tokens of the current step
+constexpr int64_t ROWS_S = -2;  // rows: the sequences of the current step
 
 enum class TensorKind : int { WEIGHT = 0, CONST = 1, ARENA = 2, TOKENS = 3 };
 
@@ -134,14 +142,15 @@ class Program {
   Program(std::shared_ptr<Bundle> bundle, std::vector<TensorDesc> tensors,
           std::vector<OpDesc> ops, int64_t arena_bytes, int max_tokens, KVConfig kv,
           int output_tensor, int n_threads, const std::string& kernels = "",
-          const std::string& activations = "int8x2");
+          const std::string& activations = "int8x2", int max_seqs = 1);
   // activations: how matmuls with quantized weights see their input rows. "int8": one int8
   // level per block of 32 (kernels::BlockQ8A, fastest). "int8x2": a second int8 level holds
   // the residual (kernels::BlockQ8A2, ~15-bit precision), which keeps outlier-heavy models
   // (SmolLM2) on their float answers for one extra integer dot product per block.
   // kernels: a variant name for kernels::kernels_by_name ("" = best_kernels()).
   ~Program();
-  int max_tokens() const;
+  int max_tokens() const;   // rows per step, over all its sequences
+  int max_seqs() const;     // sequences per step (1..min(max_tokens, 256))
   int n_threads() const;
   int64_t arena_bytes() const;
   const char* kernel_name() const;
@@ -149,12 +158,15 @@ class Program {
   int64_t output_cols() const;
   // Per KV layer: its attention window (0 = full attention, -1 = the layer has no attention op).
   const std::vector<int64_t>& layer_windows() const;
-  int64_t output_rows(int n_tokens) const;   // n_tokens for a ROWS_T output, else fixed
+  // Rows of the output of a step of n_rows rows in n_seqs sequences (ROWS_T, ROWS_S or fixed).
+  int64_t output_rows(int n_rows, int n_seqs = 1) const;
   struct Impl;
   Impl* impl() const { return impl_.get(); }
  private:
   std::unique_ptr<Impl> impl_;
 };
+
+struct SeqInput;
 
 // Memory is reserved for the worst case (max_context, max_tokens) but committed by the
 // OS only as it is touched. run() calls on one Program are serialised (one shared
@@ -187,7 +199,25 @@ class State {
   void copy_kv_from(const State& other, int64_t n_positions);
   struct Impl;
  private:
+  friend void run_batch(const Program&, const SeqInput*, int, float*);
   std::unique_ptr<Impl> impl_;
 };
+
+// One sequence's rows of a batched step: n_tokens tokens at positions pos..pos+n_tokens-1 of
+// the sequence whose KV cache `state` holds.
+struct SeqInput {
+  State* state;
+  const int32_t* tokens;
+  int n_tokens;
+  int pos;
+};
+
+// Runs one forward pass over the rows of n_seqs sequences (1..max_seqs States of `program`, each
+// at most once, n_tokens >= 1 each, max_tokens rows in all): each row is embedded, rotated and
+// attends at its own position in its own sequence's KV cache, and every weight is read once for
+// all rows. Writes the output tensor: one row per sequence for an [S, cols] output (the logits
+// of each sequence's last row), one per row for [T, cols] (in the order of `seqs`). Same errors
+// as State::run, naming the sequence; nothing runs if any input is bad. State::run is a batch of one.
+void run_batch(const Program& program, const SeqInput* seqs, int n_seqs, float* out);
 
 }  // namespace plm

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pocketlm.ir.graph import INPLACE_OK, T, Graph
+from pocketlm.ir.graph import INPLACE_OK, S, T, Graph
 
 ALIGN = 64
 
@@ -31,6 +31,7 @@ class Buffer:
 @dataclass(frozen=True)
 class MemoryPlan:
     max_tokens: int
+    max_seqs: int
     arena_bytes: int
     naive_bytes: int         # sum of every intermediate's size: what one-buffer-each would cost
     offsets: dict[str, int]  # value name -> arena offset
@@ -40,12 +41,12 @@ class MemoryPlan:
         saved = 1 - self.arena_bytes / self.naive_bytes if self.naive_bytes else 0.0
         return (f"arena {self.arena_bytes / 2**20:.2f} MiB for {len(self.offsets)} tensors "
                 f"(naive sum {self.naive_bytes / 2**20:.2f} MiB, {saved:.0%} saved) "
-                f"at max {self.max_tokens} tokens per call")
+                f"at max {self.max_tokens} tokens in {self.max_seqs} sequences per step")
 
 
-def value_bytes(g: Graph, name: str, max_tokens: int) -> int:
+def value_bytes(g: Graph, name: str, max_tokens: int, max_seqs: int = 1) -> int:
     v = g.values[name]
-    rows = max_tokens if v.rows == T else int(v.rows)
+    rows = max_tokens if v.rows == T else max_seqs if v.rows == S else int(v.rows)
     return rows * v.cols * 4
 
 
@@ -53,7 +54,8 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def plan_memory(g: Graph, max_tokens: int) -> MemoryPlan:
+def plan_memory(g: Graph, max_tokens: int, max_seqs: int = 1) -> MemoryPlan:
+    """Offsets for the worst case: max_tokens rows per step (T) in up to max_seqs sequences (S)."""
     n_nodes = len(g.nodes)
     first: dict[str, int] = {}
     last: dict[str, int] = {}
@@ -81,7 +83,7 @@ def plan_memory(g: Graph, max_tokens: int) -> MemoryPlan:
             x = n.inputs[idx]
             o = n.outputs[0]
             if (x in g.values and last.get(x) == i and x not in g.outputs
-                    and value_bytes(g, x, max_tokens) == value_bytes(g, o, max_tokens)
+                    and value_bytes(g, x, max_tokens, max_seqs) == value_bytes(g, o, max_tokens, max_seqs)
                     and root(x) != root(o)):
                 parent[root(o)] = root(x)
                 break
@@ -91,7 +93,7 @@ def plan_memory(g: Graph, max_tokens: int) -> MemoryPlan:
         groups.setdefault(root(v), []).append(v)
     raw = []
     for members in groups.values():
-        nbytes = _align(max(value_bytes(g, v, max_tokens) for v in members))
+        nbytes = _align(max(value_bytes(g, v, max_tokens, max_seqs) for v in members))
         raw.append((tuple(members), nbytes, min(first[v] for v in members), max(last[v] for v in members)))
 
     placed: list[Buffer] = []
@@ -107,8 +109,8 @@ def plan_memory(g: Graph, max_tokens: int) -> MemoryPlan:
 
     offsets = {v: b.offset for b in placed for v in b.names}
     arena = max((b.offset + b.nbytes for b in placed), default=0)
-    naive = sum(_align(value_bytes(g, v, max_tokens)) for v in first)
-    return MemoryPlan(max_tokens, arena, naive, offsets, tuple(sorted(placed, key=lambda b: b.start)))
+    naive = sum(_align(value_bytes(g, v, max_tokens, max_seqs)) for v in first)
+    return MemoryPlan(max_tokens, max_seqs, arena, naive, offsets, tuple(sorted(placed, key=lambda b: b.start)))
 
 
 def check_plan(plan: MemoryPlan) -> None:

@@ -156,16 +156,16 @@ def test_fold_constants_turns_rope_table_into_a_constant():
     assert table[5, hd // 2 + 1] == pytest.approx(math.sin(5 * inv[1]), abs=1e-6)
 
 
-def test_last_position_only_then_dce_shrinks_the_head_to_one_row():
+def test_last_position_only_then_dce_shrinks_the_head_to_one_row_per_sequence():
     g = fold_constants(build())
     g2 = eliminate_dead_code(last_position_only(g))
-    assert g2.shape(g2.outputs[0]) == (1, CFG["vocab_size"])
+    assert g2.shape(g2.outputs[0]) == ("S", CFG["vocab_size"])  # one row per sequence of the step
     assert g2.op_counts()["take_last"] == 1
     # the full-width final norm and head are gone: same number of matmuls and norms as before
     assert g2.op_counts()["matmul"] == g.op_counts()["matmul"]
     assert g2.op_counts()["rms_norm"] == g.op_counts()["rms_norm"]
     head = [n for n in g2.nodes if n.op == "matmul" and n.inputs[1] == "output.weight"]
-    assert len(head) == 1 and g2.values[head[0].inputs[0]].rows == 1
+    assert len(head) == 1 and g2.values[head[0].inputs[0]].rows == "S"
 
 
 def test_dce_removes_unused_nodes_only():
@@ -219,9 +219,9 @@ def test_pipeline_preserves_logits_of_other_architectures(arch):
     ref = interpret(g, w, tokens)[-1]
     final = run_pipeline(g)
     np.testing.assert_allclose(interpret(final, w, tokens)[-1], ref, rtol=1e-6, atol=1e-6)
-    if arch == "gpt2":  # the final LayerNorm runs on the last row only
+    if arch == "gpt2":  # the final LayerNorm runs on the last row of each sequence only
         norms = [n for n in final.nodes if n.op == "layer_norm"]
-        assert final.values[norms[-1].outputs[0]].rows == 1
+        assert final.values[norms[-1].outputs[0]].rows == "S"
 
 
 # Qwen3 and the Gemma family: q/k head norms, GeGLU, embedding scale, soft-capping, windows.
@@ -255,9 +255,9 @@ def test_pipeline_preserves_logits_of_qwen3_and_gemma(arch):
         assert counts["matmul_geglu"] == cfg["n_layers"] and "geglu" not in counts
     if arch in ("qwen3", "gemma3"):
         assert counts["head_rms_norm"] == 2 * cfg["n_layers"]
-    if arch == "gemma2":  # the final soft-cap runs on the last row only
+    if arch == "gemma2":  # the final soft-cap runs on the last row of each sequence only
         (cap,) = [n for n in final.nodes if n.op == "softcap"]
-        assert final.values[cap.outputs[0]].rows == 1
+        assert final.values[cap.outputs[0]].rows == "S"
         windows = [n.attr("window", 0) for n in final.nodes if n.op == "attention"]
         assert windows == [3, 0]
 

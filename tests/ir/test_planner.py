@@ -1,7 +1,8 @@
 """Static memory plan: no larger than the naive sum, no overlap of tensors alive together."""
 
-import pytest
+import dataclasses
 
+import pytest
 from pocketlm import models
 from pocketlm.ir.graph import Graph
 from pocketlm.passes import run_pipeline
@@ -47,7 +48,7 @@ def test_check_plan_catches_an_overlap():
         if not (a.end < b.start or b.end < a.start):
             bufs[i] = type(b)(b.names, b.nbytes, b.start, b.end, a.offset)
             break
-    bad = type(plan)(plan.max_tokens, plan.arena_bytes, plan.naive_bytes, plan.offsets, tuple(bufs))
+    bad = dataclasses.replace(plan, buffers=tuple(bufs))
     with pytest.raises(AssertionError, match="overlap"):
         check_plan(bad)
 
@@ -55,3 +56,15 @@ def test_check_plan_catches_an_overlap():
 def test_summary_reports_savings():
     plan = plan_memory(compiled(), 16)
     assert "naive sum" in plan.summary() and "saved" in plan.summary()
+
+
+def test_rows_per_sequence_are_planned_for_max_seqs():
+    """After take_last a value has one row per sequence of the step ("S"): planned at max_seqs rows."""
+    g = compiled()
+    out = g.outputs[0]
+    assert g.values[out].rows == "S"
+    one, four = plan_memory(g, 8), plan_memory(g, 8, max_seqs=4)
+    assert value_bytes(g, out, 8, 4) == 4 * value_bytes(g, out, 8, 1) == 4 * 4 * g.values[out].cols
+    check_plan(four)
+    assert four.arena_bytes >= one.arena_bytes and four.max_seqs == 4
+    assert "4 sequences" in four.summary()

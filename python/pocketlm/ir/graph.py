@@ -1,7 +1,9 @@
 """A small graph IR: immutable, printable nodes over named values.
 
-Values are 2-D activations ``(rows, cols)`` whose ``rows`` is either an int or
-``"T"`` (the number of tokens in the current chunk). Weights are named bundle
+Values are 2-D activations ``(rows, cols)`` whose ``rows`` is an int, ``"T"`` (the
+number of tokens in the current step) or ``"S"`` (the number of sequences in it: a
+batched step runs the rows of several sequences, and ``take_last`` keeps the last row
+of each). Weights are named bundle
 tensors; constants are numpy arrays computed at compile time (e.g. RoPE tables).
 
 The op set is closed (``OPS``); each op lists how many inputs and outputs it
@@ -18,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-T = "T"  # symbolic row count: tokens in the current chunk
+T = "T"  # symbolic row count: tokens in the current step
+S = "S"  # symbolic row count: sequences in the current step (one row each after take_last)
 
 # op -> (min inputs, max inputs or None, n outputs or None for variadic)
 OPS: dict[str, tuple[int, int | None, int | None]] = {

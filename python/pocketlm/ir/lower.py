@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from pocketlm.ir.graph import T, Graph
+from pocketlm.ir.graph import S, T, Graph
 from pocketlm.planner import MemoryPlan
 
-ROWS_T = -1
+ROWS_T = -1  # the step's rows
+ROWS_S = -2  # the step's sequences (one row each after take_last)
 
 
 def lower(g: Graph, plan: MemoryPlan) -> tuple[list[dict], list[tuple], int]:
@@ -31,7 +32,8 @@ def lower(g: Graph, plan: MemoryPlan) -> tuple[list[dict], list[tuple], int]:
             desc = {"kind": "const", "rows": c.shape[0], "cols": c.shape[-1], "data": c}
         else:
             v = g.values[name]
-            desc = {"kind": "arena", "rows": ROWS_T if v.rows == T else int(v.rows), "cols": v.cols,
+            rows = ROWS_T if v.rows == T else ROWS_S if v.rows == S else int(v.rows)
+            desc = {"kind": "arena", "rows": rows, "cols": v.cols,
                     "offset": plan.offsets[name]}
         ids[name] = len(tensors)
         tensors.append(desc)

@@ -1,14 +1,15 @@
 """Dead-code elimination and the rewrite that makes it matter for generation.
 
-`last_position_only` moves the graph outputs onto the last token row: generation
-needs logits for the last position of a prefill chunk only, so the final norm and
-the vocabulary-sized output matmul run on one row instead of T. The full-width
+`last_position_only` moves the graph outputs onto the last token row of each
+sequence: generation needs logits for the last position of a prefill chunk only, so
+the final norm and the vocabulary-sized output matmul run on one row per sequence of
+the step (S rows) instead of T. The full-width
 nodes it replaces become dead and `eliminate_dead_code` removes them.
 """
 
 from __future__ import annotations
 
-from pocketlm.ir.graph import T, Graph, Node
+from pocketlm.ir.graph import S, T, Graph, Node
 
 # Ops that act on each row independently (row r of the output depends on row r of
 # the first input only), with the input index that carries the rows.
@@ -35,7 +36,7 @@ def last_position_only(g: Graph) -> Graph:
             continue
         top = chain[-1]
         src = top.inputs[0]
-        last = out.emit("take_last", [src], [(1, g.values[src].cols)], "last")[0]
+        last = out.emit("take_last", [src], [(S, g.values[src].cols)], "last")[0]
         out.nodes.pop()  # re-insert below, after `src` is defined
         take = Node("take_last", (src,), (last,))
         rename = {src: last}
@@ -44,7 +45,7 @@ def last_position_only(g: Graph) -> Graph:
             outs = []
             for x in n.outputs:
                 nx = out.fresh(x.split(".")[0] + "_last")
-                out.values[nx] = type(g.values[x])(nx, 1, g.values[x].cols)
+                out.values[nx] = type(g.values[x])(nx, S, g.values[x].cols)
                 rename[x] = nx
                 outs.append(nx)
             tail.append(n.with_(inputs=tuple(rename.get(i, i) for i in n.inputs), outputs=tuple(outs)))
