@@ -69,7 +69,7 @@ def make_tokenizer_files(folder: Path, vocab_size: int) -> None:
 
 
 def make_hf_model(folder: Path, arch: str, seed: int = 0, **overrides):
-    """Saves a tiny random model of `arch` ("llama", "qwen2", "gpt2" or "phi3") with transformers;
+    """Saves a tiny random model of `arch` ("llama", "qwen2", "gpt2", "phi3" or "gemma") with transformers;
     returns it. Overrides use the llama-style names (hidden_size, ...) for every arch."""
     import torch
     import transformers
@@ -79,8 +79,10 @@ def make_hf_model(folder: Path, arch: str, seed: int = 0, **overrides):
                 rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.15)
     if arch == "gpt2":
         base.update(tie_word_embeddings=True, num_key_value_heads=None)
-    if arch == "phi3":  # Phi3Config's token ids default to 32000: keep them inside the vocabulary
+    if arch in ("phi3", "gemma"):  # their token ids default past a tiny vocabulary
         base.update(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "gemma":
+        base.update(tie_word_embeddings=True, head_dim=base["hidden_size"] // base["num_attention_heads"])
     base.update(overrides)
     if arch == "gpt2":  # GPT2Config's own names; multi-head attention, LayerNorm eps
         base = dict(vocab_size=base["vocab_size"], n_embd=base["hidden_size"], n_inner=base["intermediate_size"],
@@ -92,7 +94,8 @@ def make_hf_model(folder: Path, arch: str, seed: int = 0, **overrides):
     cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
            "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
-           "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}[arch]
+           "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+           "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM)}[arch]
     torch.manual_seed(seed)
     config = cls[0](**base)
     model = cls[1](config).eval()

@@ -9,6 +9,7 @@ from pocketlm.errors import (
     InvalidInputError,
     NonFiniteError,
     PocketLMError,
+    QueueFullError,
     StorageError,
     UnsupportedModelError,
 )
@@ -25,6 +26,8 @@ __all__ = [
     "InvalidInputError",
     "NonFiniteError",
     "PocketLMError",
+    "QueueFullError",
+    "Request",
     "Session",
     "StorageError",
     "UnsupportedModelError",
@@ -38,6 +41,10 @@ def __getattr__(name):
         from pocketlm.engine import Engine
 
         return Engine
+    if name == "Request":
+        from pocketlm.scheduler import Request
+
+        return Request
     if name == "Session":
         from pocketlm.session import Session
 

@@ -16,8 +16,8 @@ import math
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from pocketlm import models
 from pocketlm.bundle import read_bundle
@@ -30,6 +30,9 @@ from pocketlm.planner import MemoryPlan, plan_memory
 from pocketlm.tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_MAX_BATCH = 16   # sequences per step (Engine(max_batch=...)); the executor takes up to 256
+MAX_BATCH = 256
+DEFAULT_MAX_QUEUE = 256  # requests waiting for a place in the batch
 MAX_THREADS = 64  # the executor's thread pool takes 1..64 (csrc/runtime/threadpool.h)
 KV_TYPES = ("f16", "f32")  # the KV cache's element type (Engine(kv_type=...), --kv-type)
 
@@ -59,7 +62,7 @@ class CompiledModel:
 
     def __init__(self, bundle, max_context: int, prefill_chunk: int, threads: int,
                  keep_snapshots: bool = False, kernels: str = "", all_logits: bool = False,
-                 activations: str = "int8x2"):
+                 activations: str = "int8x2", max_seqs: int = 1):
         from pocketlm import _core
 
         if activations not in ACTIVATIONS:
@@ -74,7 +77,7 @@ class CompiledModel:
             self.all_logits = all_logits
             self.snapshots: list[tuple[str, Graph]] | None = [] if keep_snapshots else None
             self.graph = run_pipeline(g, passes, self.snapshots)  # RoPE tables: checked by build_model_graph
-            self.plan: MemoryPlan = plan_memory(self.graph, prefill_chunk)
+            self.plan: MemoryPlan = plan_memory(self.graph, prefill_chunk, max_seqs)
             tensors, ops, output = lower(self.graph, self.plan)
             c = self.config
             kv_shape = (c["n_layers"], c["n_kv_heads"], c["head_dim"])
@@ -82,7 +85,7 @@ class CompiledModel:
             # refuses came from the bundle's metadata.
             self.program = _core.Program(bundle.core, tensors, ops, self.plan.arena_bytes, prefill_chunk,
                                          kv_shape, output, threads,
-                                         kernels, activations)
+                                         kernels, activations, max_seqs)
 
 
 def build_model_graph(bundle, max_positions: int, read_weight=None) -> Graph:
@@ -231,7 +234,8 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
 class Engine:
     def __init__(self, path: str | os.PathLike, threads: int | None = None, max_context: int = 4096,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, verify: bool = False, kernels: str = "",
-                 activations: str = "int8x2", kv_type: str = "f16"):
+                 activations: str = "int8x2", kv_type: str = "f16", max_batch: int = DEFAULT_MAX_BATCH,
+                 max_queue: int = DEFAULT_MAX_QUEUE, kv_budget: int | None = None):
         """Loads a .plm (or a .gguf, converted once into the cache, or a known model name).
 
         threads: worker threads, 1..64 (default: physical cores). max_context: tokens per session
@@ -243,6 +247,13 @@ class Engine:
         llama.cpp; see docs/quant.md). kv_type: the KV cache's element type, "f16" (default,
         as llama.cpp: half the memory, ~1e-3 relative error in the cached keys and values) or
         "f32" (exact).
+
+        Generations run on one scheduler per engine (`pocketlm.scheduler`), which batches those of
+        concurrent sessions into shared steps: max_batch: sequences decoded together, 1..256 (at
+        most prefill_chunk; the program's output rows are planned for that many). max_queue:
+        requests that may wait behind them before `submit` raises QueueFullError. kv_budget: bytes
+        of KV cache the running generations may need together at their full length (None: no
+        limit besides max_batch); a request that would exceed it waits.
         """
         t0 = time.perf_counter()
         self.path = resolve_model_path(path)
@@ -265,10 +276,21 @@ class Engine:
         if not 1 <= self.threads <= MAX_THREADS:  # 0 too: a silent fallback would hide a mistake
             raise ValueError(f"threads must be between 1 and {MAX_THREADS}, got {self.threads}")
         self.prefill_chunk = max(1, min(int(prefill_chunk), self.max_context))
+        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if max_batch > MAX_BATCH:
+            raise ValueError(f"max_batch must be at most {MAX_BATCH}, got {max_batch}")
+        if kv_budget is not None and (isinstance(kv_budget, bool) or not isinstance(kv_budget, int) or kv_budget < 1):
+            raise ValueError(f"kv_budget must be a positive number of bytes or None, got {kv_budget!r}")
+        self.max_batch = min(int(max_batch), self.prefill_chunk)
+        self.max_queue = int(max_queue)
+        self.kv_budget = kv_budget
         self._kernels = kernels
         self.activations = activations
         self.compiled = CompiledModel(self.bundle, self.max_context, self.prefill_chunk, self.threads,
-                                      kernels=kernels, activations=activations)
+                                      kernels=kernels, activations=activations, max_seqs=self.max_batch)
+        self._scheduler = None
         self._scoring: CompiledModel | None = None
         self._scoring_lock = threading.Lock()  # sessions may be created from several threads
         self.tokenizer = load_tokenizer(self.bundle)
@@ -326,3 +348,45 @@ class Engine:
     def generate(self, prompt: str | list[int], **kwargs) -> Iterator[str]:
         session = self.create_session()
         yield from session.generate(prompt, **kwargs)
+
+    @property
+    def scheduler(self):
+        """The engine's scheduler (made on first use): it batches every generation's steps."""
+        with self._scoring_lock:
+            if self._scheduler is None:
+                from pocketlm.scheduler import Scheduler
+
+                self._scheduler = Scheduler(self.compiled.program, self.max_batch, self.max_queue, self.kv_budget)
+        return self._scheduler
+
+    def submit(self, prompt: str | list[int], *, session=None, max_tokens: int | None = None,
+               stop: str | list[str] = (), add_special_tokens: bool = True, **sampling):
+        """Queues a generation and returns its `Request` at once: iterate it (or `async for`) for the
+        text pieces, `cancel()` it, read `finish_reason` and `stats` when done. Runs batched with
+        every other generation on this engine. `session`: continue that session (it is busy until
+        the request finishes); default a new one. Sampling: temperature, top_k, top_p, min_p,
+        repetition_penalty, seed (the model's defaults for those not given). Errors in the
+        request (InvalidInputError, ContextOverflowError) and QueueFullError raise here."""
+        from pocketlm.generation import Generation
+
+        if session is None:
+            session = self.create_session()
+            release = None
+        else:
+            session._enter("submit")
+            release = session._leave
+        try:
+            gen = Generation(session, prompt, max_tokens=max_tokens, stop=stop,
+                             add_special_tokens=add_special_tokens, **sampling)
+            session.last_stats = gen.stats
+            return self.scheduler.submit(gen, on_done=release)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+
+    def submit_chat(self, messages: list[dict], **kwargs):
+        """`submit` for a conversation: renders the chat template over `messages` first."""
+        text = self.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return self.submit(ids, **kwargs)

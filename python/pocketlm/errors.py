@@ -54,6 +54,11 @@ class StorageError(PocketLMError, OSError):
     """A file could not be written (disk full, no permission, ...). The message names the path."""
 
 
+class QueueFullError(PocketLMError, RuntimeError):
+    """The engine's request queue is full (Engine(max_queue=...)): retry later. A server answers
+    it with 503 / 429."""
+
+
 
 # -- quoting values from files in messages ---------------------------------------------------------------------
 

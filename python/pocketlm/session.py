@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import numbers
 import threading
-import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 
-from pocketlm.errors import ConcurrentUseError, ContextOverflowError, InvalidInputError, NonFiniteError
-from pocketlm.sampling import Sampler, SamplingParams
-from pocketlm.tokenizer import StreamDecoder
+from pocketlm.errors import (
+    ConcurrentUseError,
+    ContextOverflowError,
+    InvalidInputError,
+    NonFiniteError,
+)
+from pocketlm.generation import Generation
 
 
 @dataclass
@@ -35,7 +38,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     ttft_seconds: float = 0.0       # request start -> first generated token
-    finish_reason: str = ""         # "stop" (EOS or stop string), "length", "context"
+    finish_reason: str = ""         # "stop" (EOS or stop string), "length", "context", "cancelled", "error"
 
     @property
     def prefill_tok_s(self) -> float:
@@ -243,28 +246,41 @@ class Session:
     def _run(self, ids: np.ndarray, keep_all: bool) -> np.ndarray:
         """Runs `ids` after the session's tokens; returns their logits (every row if keep_all, else
         the last). Tokens a rewind left out of the cache are fed first (their logits dropped)."""
-        chunk, start, n_new = self._chunk, self._valid, ids.size
-        if start < len(self._tokens):
-            ids = np.concatenate([np.asarray(self._tokens[start:], dtype=np.int32), ids])
+        return self._run_feed(self._feed_after(ids), ids.size, keep_all)
+
+    def _run_feed(self, ids: np.ndarray, n_new: int, keep_all: bool) -> np.ndarray:
+        """Runs `ids` from position _valid in chunks; returns the logits of its last n_new rows
+        (keep_all) or of its last row."""
+        chunk, start = self._chunk, self._valid
         first_new = ids.size - n_new
         parts = []
         out = None
         for s in range(0, ids.size, chunk):
             part = ids[s:s + chunk]
-            pos = start + s
-            out = self._state.run(part, pos)
-            end = pos + part.size
-            self._valid = end
-            if end > self._kv_end:
-                self._kv_end = end
-            if end > len(self._tokens):  # a replayed part is in the history already
-                have = len(self._tokens) - pos
-                self._tokens.extend(int(t) for t in (part[have:] if have > 0 else part))
+            out = self._state.run(part, start + s)
+            self._advance(part, start + s)
             if keep_all and s + part.size > first_new:
                 parts.append(out[max(0, first_new - s):])
         if not keep_all:
             return out[-1:]
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _feed_after(self, ids: np.ndarray) -> np.ndarray:
+        """What the next call must run, from position _valid, to add `ids`: the tokens a rewind
+        left out of the cache, then `ids`."""
+        if self._valid < len(self._tokens):
+            return np.concatenate([np.asarray(self._tokens[self._valid:], dtype=np.int32), ids])
+        return ids
+
+    def _advance(self, part: np.ndarray, pos: int) -> None:
+        """Records that `part` ran at positions pos.. (pos == _valid): its keys and values are cached,
+        and tokens past the history join it (a replayed part is in the history already)."""
+        end = pos + part.size
+        self._valid = end
+        self._kv_end = max(self._kv_end, end)
+        if end > len(self._tokens):
+            have = len(self._tokens) - pos
+            self._tokens.extend(int(t) for t in (part[have:] if have > 0 else part))
 
     @property
     def chunk_tokens(self) -> int:
@@ -317,13 +333,6 @@ class Session:
         return self.prefill([token_id])
 
     # ---- high level --------------------------------------------------------
-    def _sampling(self, kwargs: dict) -> SamplingParams:
-        d = {**self.engine.generation_defaults}
-        names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
-        params = {k: d[k] for k in names if d.get(k) is not None}
-        params.update({k: v for k, v in kwargs.items() if v is not None})
-        return SamplingParams(**params)
-
     def generate(self, prompt: str | Sequence[int], max_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float | None = None,
@@ -336,101 +345,42 @@ class Session:
         stop string), after max_tokens (0: nothing is done), or when the context is full.
         An empty text prompt starts from BOS where the model has one. Stats land in
         `last_stats`. The session is busy until the generator ends or is closed.
+
+        Runs on the engine's scheduler: generations of other sessions running at the same time
+        (from other threads, or `engine.submit`) share its executor steps, each row at its own
+        position in its own cache, so they decode together at the cost of about one. Closing the
+        generator early cancels the rest.
         """
         self._enter("generate")
         try:
-            yield from self._generate(prompt, max_tokens, dict(
-                temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                repetition_penalty=repetition_penalty, seed=seed), stop, add_special_tokens)
+            gen = Generation(self, prompt, max_tokens=max_tokens, stop=stop, add_special_tokens=add_special_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             repetition_penalty=repetition_penalty, seed=seed)
+            self.last_stats = gen.stats
+            if self.logits_mode == "all":  # a program the scheduler does not run: one call at a time
+                yield from self._drive(gen)
+                return
+            scheduler = self.engine.scheduler
+            request = scheduler.submit(gen, attach=True)  # this thread consumes it (and runs its steps)
+            try:
+                yield from request
+            finally:
+                request.cancel()
+                request.wait()
+                scheduler._attach(request, -1)
         finally:
             self._leave()
 
-    def _generate(self, prompt, max_tokens, sampling: dict, stop, add_special_tokens: bool) -> Iterator[str]:
-        t0 = time.perf_counter()
-        tok = self.engine.tokenizer
-        if isinstance(prompt, str):
-            ids = tok.encode(prompt, add_special_tokens=add_special_tokens and self.position == 0)
-            if not ids and add_special_tokens and tok.bos_id is not None:
-                ids = [tok.bos_id]  # nothing but the start of a text (as llama.cpp and transformers)
-            if not ids:
-                raise InvalidInputError("empty prompt: the text gives no token and the model has no BOS "
-                                        "token to start from")
-        else:
-            ids = list(prompt)
-            if not ids:
-                raise InvalidInputError("empty prompt: no token ids to start from")
-            ids = self._token_array(ids, "generate").tolist()
-        params = self._sampling(sampling)
-        if max_tokens is None:
-            max_tokens = int(self.engine.generation_defaults.get("max_tokens") or 512)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
-            raise InvalidInputError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
-        stops = [stop] if isinstance(stop, str) else list(stop or ())
-        if not all(isinstance(s, str) for s in stops):
-            raise InvalidInputError(f"stop must be a string or a list of strings, got {stop!r}")
-        stops = [s for s in stops if s]
-        stats = GenerationStats(finish_reason="length")
-        self.last_stats = stats
-        if max_tokens == 0:
-            return
-
-        # Prefix reuse: keep the cached tokens the new prompt starts with.
-        history = self._tokens
-        if ids[:len(history)] == history and len(ids) > len(history):
-            new = ids[len(history):]
-        else:
-            common = 0
-            for a, b in zip(history, ids):
-                if a != b:
-                    break
-                common += 1
-            common = min(common, len(ids) - 1)  # at least one token to prefill for fresh logits
-            self._rewind(common)
-            new = ids[common:]
-        if self.position + len(new) > self.max_context:
-            raise ContextOverflowError(
-                f"the prompt needs {self.position + len(new)} tokens of context but the session has "
-                f"{self.max_context}; shorten it or raise max_context")
-        stats.reused_tokens = self._valid  # a rewind past a sliding window's ring replays the rest
-        stats.prompt_tokens = self.position - self._valid + len(new)
-        logits = self._prefill(new)
-        stats.prefill_seconds = time.perf_counter() - t0
-
-        sampler = Sampler(params, vocab_size=self.engine.vocab_size)
-        stream = StreamDecoder(tok, skip_special_tokens=True)
-        eos = set(tok.eos_ids)
-        pending = ""
-        hit_stop = False
-        t_dec = time.perf_counter()
-        while stats.generated_tokens < max_tokens:
-            recent = self._tokens[-params.repeat_last_n:] if params.repeat_last_n else self._tokens
-            token = sampler.sample(logits, recent)
-            stats.generated_tokens += 1
-            if stats.generated_tokens == 1:
-                stats.ttft_seconds = time.perf_counter() - t0
-                t_dec = time.perf_counter()
-            if token in eos:
-                stats.finish_reason = "stop"
-                break
-            pending += stream.push(token)
-            emit, hit_stop = _split_stop(pending, stops) if stops else (pending, False)
-            if emit:
-                yield emit
-            pending = pending[len(emit):]
-            if hit_stop:
-                stats.finish_reason = "stop"
-                break
-            if stats.generated_tokens >= max_tokens:
-                break  # the last token is not fed back: a follow-up prompt prefills it if needed
-            if self.position >= self.max_context:
-                stats.finish_reason = "context"
-                break
-            logits = self._prefill([token])
-        stats.decode_seconds = time.perf_counter() - t_dec
-        if not hit_stop:
-            tail, _ = _split_stop(pending + stream.flush(), stops, final=True)
-            if tail:
-                yield tail
+    def _drive(self, gen: Generation) -> Iterator[str]:
+        """Runs a generation on this thread, one executor call per chunk or token."""
+        gen.start()
+        try:
+            while not gen.done:
+                logits = self._run_feed(gen.feed, 1, keep_all=False)[-1]
+                self._last_logits = logits
+                yield from gen.on_logits(logits)
+        finally:
+            gen.cancel()
 
     def chat(self, messages: list[dict], **kwargs) -> Iterator[str]:
         """Renders the chat template over `messages` and streams the assistant's reply."""
@@ -439,19 +389,3 @@ class Session:
         ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
         yield from self.generate(ids, **kwargs)
 
-
-def _split_stop(text: str, stops: list[str], final: bool = False) -> tuple[str, bool]:
-    """(text safe to emit, whether a stop string was found). Holds back a tail that could
-    still grow into a stop string unless `final`."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    if cut >= 0:
-        return text[:cut], True
-    if final:
-        return text, False
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return text[:len(text) - hold], False

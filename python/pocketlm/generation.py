@@ -1,0 +1,180 @@
+"""One generation request as a state machine: prompt in, text pieces out, one token at a time.
+
+A `Generation` knows nothing about how its model is run. `prepare` checks the request and works out
+what the session must be fed (after reusing the prefix it already holds); then, each time its
+driver has run those tokens, `on_logits` samples the next token, streams its text and says what to
+feed next, until it is done. Two drivers run it: the engine's scheduler, which batches the rows of
+many generations into one executor step (`pocketlm.scheduler`), and `Session.generate` on a session
+whose program the scheduler does not run (logits="all"), one executor call at a time.
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from pocketlm.errors import ContextOverflowError, InvalidInputError
+from pocketlm.sampling import Sampler, SamplingParams
+from pocketlm.tokenizer import StreamDecoder
+
+SAMPLING_NAMES = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+
+
+class Generation:
+    """The continuation of one prompt on one session. Not thread-safe: one driver runs it."""
+
+    def __init__(self, session, prompt: str | Sequence[int], max_tokens: int | None = None,
+                 stop: str | Sequence[str] = (), add_special_tokens: bool = True, **sampling):
+        from pocketlm.session import GenerationStats
+
+        self.t_start = time.perf_counter()
+        self.session = session
+        engine = session.engine
+        unknown = set(sampling) - set(SAMPLING_NAMES)
+        if unknown:
+            raise InvalidInputError(f"unknown sampling parameter {min(unknown)!r}; known: "
+                                    f"{', '.join(SAMPLING_NAMES)}")
+        self.ids = self._prompt_ids(prompt, add_special_tokens)
+        defaults = engine.generation_defaults
+        params = {k: defaults[k] for k in SAMPLING_NAMES if defaults.get(k) is not None}
+        params.update({k: v for k, v in sampling.items() if v is not None})
+        self.params = SamplingParams(**params)
+        if max_tokens is None:
+            max_tokens = int(defaults.get("max_tokens") or 512)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
+            raise InvalidInputError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+        self.max_tokens = int(max_tokens)
+        stops = [stop] if isinstance(stop, str) else list(stop or ())
+        if not all(isinstance(s, str) for s in stops):
+            raise InvalidInputError(f"stop must be a string or a list of strings, got {stop!r}")
+        self.stops = [s for s in stops if s]
+        self.stats = GenerationStats(finish_reason="length")
+        self.token_ids: list[int] = []   # generated so far (EOS excluded)
+        self.feed: np.ndarray | None = None  # tokens the session must run next (from session._valid)
+        self.done = self.max_tokens == 0
+        tok = engine.tokenizer
+        self._sampler = Sampler(self.params, vocab_size=engine.vocab_size)
+        self._stream = StreamDecoder(tok, skip_special_tokens=True)
+        self._eos = set(tok.eos_ids)
+        self._pending = ""   # text held back: it may still grow into a stop string
+        self._t_decode = 0.0
+
+    def _prompt_ids(self, prompt, add_special_tokens: bool) -> list[int]:
+        session = self.session
+        tok = session.engine.tokenizer
+        if isinstance(prompt, str):
+            ids = tok.encode(prompt, add_special_tokens=add_special_tokens and session.position == 0)
+            if not ids and add_special_tokens and tok.bos_id is not None:
+                ids = [tok.bos_id]  # nothing but the start of a text (as llama.cpp and transformers)
+            if not ids:
+                raise InvalidInputError("empty prompt: the text gives no token and the model has no BOS "
+                                        "token to start from")
+            return ids
+        ids = list(prompt)
+        if not ids:
+            raise InvalidInputError("empty prompt: no token ids to start from")
+        return session._token_array(ids, "generate").tolist()
+
+    def start(self) -> None:
+        """Reuses the cached prefix the prompt starts with (rewinding the session to it) and sets
+        `feed` to what the session must run before the first token is sampled. Raises
+        ContextOverflowError when the prompt does not fit; the session is then unchanged."""
+        session = self.session
+        if self.done:
+            return
+        ids = self.ids
+        history = session._tokens
+        if ids[:len(history)] == history and len(ids) > len(history):
+            common = len(history)
+        else:
+            common = 0
+            for a, b in zip(history, ids):
+                if a != b:
+                    break
+                common += 1
+            common = min(common, len(ids) - 1)  # at least one token to prefill for fresh logits
+        new = ids[common:]
+        if common + len(new) > session.max_context:
+            raise ContextOverflowError(
+                f"the prompt needs {common + len(new)} tokens of context but the session has "
+                f"{session.max_context}; shorten it or raise max_context")
+        if common < len(history):
+            session._rewind(common)
+        self.stats.reused_tokens = session._valid  # a rewind past a sliding window's ring replays the rest
+        self.stats.prompt_tokens = session.position - session._valid + len(new)
+        self.feed = session._feed_after(np.asarray(new, dtype=np.int32))
+
+    def on_logits(self, logits: np.ndarray) -> list[str]:
+        """The logits after the last token fed: samples the next token. Returns the text pieces it
+        completes (possibly none) and sets `feed` to [token], or `done` with the finish reason."""
+        stats = self.stats
+        now = time.perf_counter()
+        if stats.generated_tokens == 0:
+            stats.prefill_seconds = now - self.t_start
+        session = self.session
+        recent = session._tokens[-self.params.repeat_last_n:] if self.params.repeat_last_n else session._tokens
+        token = self._sampler.sample(logits, recent)
+        stats.generated_tokens += 1
+        if stats.generated_tokens == 1:
+            stats.ttft_seconds = time.perf_counter() - self.t_start
+            self._t_decode = time.perf_counter()
+        self.feed = None
+        pieces: list[str] = []
+        if token in self._eos:
+            return self._finish("stop", pieces)
+        self.token_ids.append(token)
+        self._pending += self._stream.push(token)
+        emit, hit_stop = split_stop(self._pending, self.stops) if self.stops else (self._pending, False)
+        if emit:
+            pieces.append(emit)
+        self._pending = self._pending[len(emit):]
+        if hit_stop:
+            self._pending = ""
+            return self._finish("stop", pieces, flush=False)
+        if stats.generated_tokens >= self.max_tokens:
+            return self._finish("length", pieces)  # the last token is not fed back
+        if session.position >= session.max_context:
+            return self._finish("context", pieces)
+        self.feed = np.array([token], dtype=np.int32)
+        return pieces
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        if not self.done:
+            self.stats.finish_reason = reason
+            self._close_stats()
+            self.done = True
+            self.feed = None
+
+    def _finish(self, reason: str, pieces: list[str], flush: bool = True) -> list[str]:
+        self.stats.finish_reason = reason
+        if flush:
+            tail, _ = split_stop(self._pending + self._stream.flush(), self.stops, final=True)
+            if tail:
+                pieces.append(tail)
+        self._close_stats()
+        self.done = True
+        return pieces
+
+    def _close_stats(self) -> None:
+        if self.stats.generated_tokens:
+            self.stats.decode_seconds = time.perf_counter() - self._t_decode
+
+
+def split_stop(text: str, stops: list[str], final: bool = False) -> tuple[str, bool]:
+    """(text safe to emit, whether a stop string was found). Holds back a tail that could
+    still grow into a stop string unless `final`."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        return text[:cut], True
+    if final:
+        return text, False
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return text[:len(text) - hold], False
