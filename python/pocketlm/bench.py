@@ -17,6 +17,16 @@ and in a fresh subprocess per repetition (after one untimed probe that warms the
   rss  that process's peak RSS (VmHWM; ru_maxrss elsewhere) after loading, prefilling d + p and decoding
        min(n, PROBE_DECODE_STEPS) tokens: what one such run costs in memory, Python included
 
+With --batch B1,B2,... (in the spirit of llama-batched-bench) it measures instead, for each batch
+size B, B sequences on one Engine run together in batched executor steps (`_core.run_batch`, what
+the scheduler runs):
+
+  pp   the B prompts of p random ids (different per sequence) prefilled together, in steps of at
+       most the engine's prefill chunk rows in all                 -> B * p / seconds (aggregate)
+  ttft that same time: every sequence's first logits are ready when its prompt's last chunk ran
+  tg   n steps of one fixed random id per sequence (no sampling)  -> B * n / seconds (aggregate),
+       and n / seconds per sequence
+
 Results are means and sample standard deviations over the repetitions; the raw samples and the
 medians are kept in the JSON.
 """
@@ -55,6 +65,7 @@ class BenchConfig:
     kv_type: str = ""        # "f16" / "f32" ("" = the engine's default, f16)
     seed: int = 42
     load_probe: bool = True  # measure load time and peak RSS in fresh subprocesses
+    batch: tuple[int, ...] = ()  # --batch: batch sizes of the batched measurement (instead of the single stream)
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -243,6 +254,8 @@ def run_bench(cfg: BenchConfig, quiet: bool = False) -> dict:
 
     if cfg.n_prompt < 1 or cfg.n_gen < 0 or cfg.depth < 0 or cfg.reps < 1:
         raise ValueError("bench needs -p >= 1, -n >= 0, -d >= 0 and -r >= 1")
+    if cfg.batch:
+        return run_batched(cfg, quiet)
     path = resolve_model_path(cfg.model)  # a .gguf is converted into the cache here, untimed
     bundle = read_bundle(path)
     trained = int((bundle.metadata.get("config") or {}).get("max_position") or 0)
@@ -307,6 +320,143 @@ def run_bench(cfg: BenchConfig, quiet: bool = False) -> dict:
                              "Session.decode steps over the same tokens at the same positions",
     }
     return result
+
+
+# ---- batched (--batch) -----------------------------------------------------------------------------
+
+
+def _run_steps(program, sessions, feeds: list, max_rows: int) -> None:
+    """Feeds every session its array of ids in batched steps of at most max_rows rows, one-row feeds
+    first, then the others in order (the scheduler's plan)."""
+    from pocketlm import _core
+
+    feeds = list(feeds)
+    while any(f.size for f in feeds):
+        order = sorted((i for i, f in enumerate(feeds) if f.size), key=lambda i: feeds[i].size > 1)
+        step, budget = [], max_rows
+        for i in order:
+            n = min(int(feeds[i].size), budget)
+            if n == 0:
+                break
+            step.append((i, n, sessions[i]._valid))
+            budget -= n
+        _core.run_batch(program, [(sessions[i]._state, feeds[i][:n], pos) for i, n, pos in step])
+        for i, n, pos in step:
+            sessions[i]._advance(feeds[i][:n], pos)
+            feeds[i] = feeds[i][n:]
+
+
+def _batched_rep(engine, sessions: list, cfg: BenchConfig, b: int, rng_seed: int) -> dict:
+    program = engine.compiled.program
+    rng = np.random.default_rng(rng_seed)
+    vocab = engine.vocab_size
+    seqs = sessions[:b]
+    for s in seqs:
+        s.reset()
+    if cfg.depth:  # untimed: the context every sequence starts from
+        _run_steps(program, seqs, [rng.integers(0, vocab, cfg.depth).astype(np.int32) for _ in seqs],
+                   engine.prefill_chunk)
+    prompts = [rng.integers(0, vocab, cfg.n_prompt).astype(np.int32) for _ in seqs]
+    t0 = time.perf_counter()
+    _run_steps(program, seqs, prompts, engine.prefill_chunk)
+    pp_s = time.perf_counter() - t0
+    out = {"pp_tok_s": b * cfg.n_prompt / pp_s, "ttft_s": pp_s}
+    if cfg.n_gen:
+        tokens = rng.integers(0, vocab, (cfg.n_gen, b)).astype(np.int32)
+        from pocketlm import _core
+
+        t0 = time.perf_counter()
+        for step in range(cfg.n_gen):
+            pos = seqs[0]._valid
+            _core.run_batch(program, [(s._state, tokens[step, i:i + 1], pos) for i, s in enumerate(seqs)])
+            for i, s in enumerate(seqs):
+                s._advance(tokens[step, i:i + 1], pos)
+        tg_s = time.perf_counter() - t0
+        out["tg_tok_s"] = b * cfg.n_gen / tg_s
+        out["tg_tok_s_per_seq"] = cfg.n_gen / tg_s
+    return out
+
+
+def run_batched(cfg: BenchConfig, quiet: bool = False) -> dict:
+    """--batch: the batched measurement of the module docstring, for each batch size."""
+    import pocketlm
+    from pocketlm.bundle import read_bundle
+    from pocketlm.engine import MAX_BATCH, Engine, resolve_model_path
+
+    sizes = tuple(cfg.batch)
+    if not sizes or any(b < 1 or b > MAX_BATCH for b in sizes):
+        raise ValueError(f"--batch takes batch sizes in 1..{MAX_BATCH}, got {','.join(map(str, sizes))}")
+    path = resolve_model_path(cfg.model)
+    bundle = read_bundle(path)
+    trained = int((bundle.metadata.get("config") or {}).get("max_position") or 0)
+    need = cfg.depth + cfg.n_prompt + cfg.n_gen + 1
+    if trained and need > trained:
+        raise ValueError(f"-d {cfg.depth} -p {cfg.n_prompt} -n {cfg.n_gen} need {need} positions; "
+                         f"the model's context is {trained}")
+    engine = Engine(path, threads=cfg.threads, max_context=need, max_batch=max(sizes),
+                    **_engine_kwargs(cfg.kernels, cfg.activations, cfg.kv_type))
+    if engine.max_batch < max(sizes):
+        raise ValueError(f"--batch {max(sizes)} needs a prefill chunk of at least {max(sizes)} rows")
+    sessions = [engine.create_session() for _ in range(max(sizes))]
+    _log(f"bench --batch: {path.name} | {engine.kernel_name}, {engine.activations} activations, {engine.kv_type} KV "
+         f"cache | {engine.threads} threads | B = {','.join(map(str, sizes))} | pp{cfg.n_prompt} tg{cfg.n_gen}"
+         f"{f' @ d{cfg.depth}' if cfg.depth else ''} per sequence | {cfg.reps} reps + 1 warm-up", quiet)
+    machine = machine_info()
+    for b in sizes:  # warm-up: pages of every session's cache, the arena at its widest
+        _batched_rep(engine, sessions, cfg, b, rng_seed=cfg.seed)
+    samples: dict[int, dict[str, list]] = {b: {} for b in sizes}
+    for r in range(cfg.reps):
+        for b in sizes:  # every repetition goes through every size, so noise reaches them all
+            res = _batched_rep(engine, sessions, cfg, b, rng_seed=cfg.seed + r + 1)
+            for k, v in res.items():
+                samples[b].setdefault(k, []).append(v)
+            _log(f"  rep {r + 1}/{cfg.reps} B={b}: pp {res['pp_tok_s']:.1f} tok/s"
+                 + (f", tg {res['tg_tok_s']:.1f} tok/s ({res['tg_tok_s_per_seq']:.1f} per sequence)"
+                    if "tg_tok_s" in res else ""), quiet)
+    rows = []
+    for b in sizes:
+        row: dict = {"batch": b}
+        for k in ("pp_tok_s", "tg_tok_s", "tg_tok_s_per_seq", "ttft_s"):
+            st = summarize(samples[b].get(k, []))
+            row[k], row[f"{k}_sd"], row[f"{k}_median"] = st["mean"], st["sd"], st["median"]
+        row["samples"] = samples[b]
+        rows.append(row)
+    base = rows[0]["tg_tok_s_median"] if sizes[0] == 1 else None
+    for row in rows:
+        row["tg_speedup_vs_b1"] = row["tg_tok_s_median"] / base if base and row["tg_tok_s_median"] else None
+    return {
+        "model": str(cfg.model), "bundle": str(path), "bundle_bytes": bundle.file_bytes,
+        "n_params": sum(t.n_elements for t in bundle.tensors), "architecture": bundle.metadata.get("architecture"),
+        "threads": engine.threads, "kernels": engine.kernel_name, "activations": engine.activations,
+        "kv_type": engine.kv_type, "p": cfg.n_prompt, "n": cfg.n_gen, "d": cfg.depth, "r": cfg.reps,
+        "seed": cfg.seed, "pocketlm_version": pocketlm.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine, "loadavg_1m_end": os.getloadavg()[0],
+        "batched": rows,
+        "notes": {
+            "batched": "per batch size B: B sequences on one engine in batched executor steps (_core.run_batch)",
+            "pp_tok_s": "B prompts of p random ids prefilled together (steps of at most the prefill chunk rows): B*p/s",
+            "ttft_s": "the same prefill's time: the first logits of every sequence are ready at its end",
+            "tg_tok_s": "n steps of one fixed random id per sequence, no sampling: B*n/s (aggregate)",
+            "tg_tok_s_per_seq": "n/s: what each sequence sees",
+            "tg_speedup_vs_b1": "median aggregate tg at B over median at B=1",
+        },
+    }
+
+
+def format_batched_markdown(res: dict) -> str:
+    at = f" @ d{res['d']}" if res["d"] else ""
+    head = (f"{Path(res['bundle']).name} | {res['kernels']} | {res['threads']} threads | pp{res['p']} tg{res['n']}{at} "
+            f"per sequence\n\n| B | pp t/s (all) | tg t/s (all) | tg t/s per sequence | tg vs B=1 | ttft ms |\n"
+            "|---:|---:|---:|---:|---:|---:|\n")
+    rows = []
+    for row in res["batched"]:
+        speed = f"{row['tg_speedup_vs_b1']:.2f}x" if row.get("tg_speedup_vs_b1") else "n/a"
+        ttft = row["ttft_s"]
+        rows.append(f"| {row['batch']} | {_pm(row['pp_tok_s'], row['pp_tok_s_sd'])} | "
+                    f"{_pm(row['tg_tok_s'], row['tg_tok_s_sd'])} | {_pm(row['tg_tok_s_per_seq'], row['tg_tok_s_per_seq_sd'])} "
+                    f"| {speed} | {'n/a' if ttft is None else f'{ttft * 1000:.1f}'} |")
+    return head + "\n".join(rows) + f"\n\npocketlm {res['pocketlm_version']}, {res['r']} reps, medians in the JSON\n"
 
 
 # ---- output ---------------------------------------------------------------------------------

@@ -75,3 +75,22 @@ def test_cli_bench_plot(tiny, tmp_path):
         assert r.returncode == 2 and "pip install matplotlib" in r.stderr and not png.exists()
     else:
         assert r.returncode == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_bench_batch(tiny, tmp_path):
+    """--batch: one row per batch size with aggregate and per-sequence decode speed (the keys
+    bench/compare.py reads), and a table."""
+    out = tmp_path / "batch.json"
+    r = cli("bench", tiny, "--batch", "1,2,4", "-p", 6, "-n", 3, "-d", 2, "-r", 2, "-t", 1, "--json", out)
+    assert "| B |" in r.stdout and "| 4 |" in r.stdout
+    res = json.loads(out.read_text())
+    rows = res["batched"]
+    assert [row["batch"] for row in rows] == [1, 2, 4]
+    for row in rows:
+        for k in ("pp_tok_s", "tg_tok_s", "tg_tok_s_per_seq", "ttft_s"):
+            assert row[k] > 0 and row[f"{k}_median"] > 0 and len(row["samples"][k]) == 2, k
+        assert abs(row["tg_tok_s"] - row["batch"] * row["tg_tok_s_per_seq"]) <= 1e-6 * row["tg_tok_s"]
+    assert rows[0]["tg_speedup_vs_b1"] == 1.0
+    assert (res["p"], res["n"], res["d"], res["threads"]) == (6, 3, 2, 1)
+    bad = cli("bench", tiny, "--batch", "0,2", check=False)
+    assert bad.returncode == 2 and "batch sizes must be >= 1" in bad.stderr

@@ -6,7 +6,7 @@ import argparse
 import math
 import os
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from pocketlm.errors import InvalidInputError, PocketLMError
 
@@ -270,18 +270,37 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return status
 
 
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected batch sizes like 1,2,4,8, got {text!r}") from None
+    if not sizes or any(b < 1 for b in sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return sizes
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     import json
 
-    from pocketlm.bench import BenchConfig, format_markdown, plot, require_matplotlib, run_bench
+    from pocketlm.bench import (
+        BenchConfig,
+        format_batched_markdown,
+        format_markdown,
+        plot,
+        require_matplotlib,
+        run_bench,
+    )
 
     try:
+        if a.plot and a.batch:
+            raise ValueError("--plot draws the single-stream measurement, not --batch")
         if a.plot:
             require_matplotlib()  # fail before minutes of measuring, not after
         cfg = BenchConfig(model=a.model, n_prompt=a.n_prompt, n_gen=a.n_gen, depth=a.depth, reps=a.reps,
                           threads=a.threads, kernels=a.kernels, activations=a.activations or "",
                           kv_type=a.kv_type or "", seed=a.seed,
-                          load_probe=not a.no_load)
+                          load_probe=not a.no_load, batch=a.batch or ())
         result = run_bench(cfg, quiet=a.quiet)
     except (RuntimeError, ValueError) as e:
         print(f"pocketlm bench: {e}", file=sys.stderr)
@@ -289,7 +308,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.json == "-":
         print(json.dumps(result, indent=2))
     else:
-        print(format_markdown(result))
+        print(format_batched_markdown(result) if a.batch else format_markdown(result))
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(result, f, indent=2)
@@ -433,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "print JSON instead of the table)")
     b.add_argument("--plot", default=None, metavar="FILE.png", help="bar chart (needs matplotlib)")
     b.add_argument("--no-load", action="store_true", help="skip the fresh-process load time and RSS probe")
+    b.add_argument("--batch", type=_batch_sizes, default=None, metavar="B1,B2,...",
+                   help="measure batched decoding instead (like llama-batched-bench): for each B, B sequences "
+                        "prefill p tokens each and decode n together; aggregate and per-sequence tok/s")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress on standard error")
     b.set_defaults(func=cmd_bench)
 
