@@ -369,6 +369,10 @@ class Scheduler:
     def _finish(self, finished: list[tuple[Request, BaseException | None]]) -> None:
         for request, error in finished:
             gen = request.generation
+            last = request.session._last_logits
+            if last is not None and last.base is not None:
+                # a row of a step's output: keep a copy, not the whole batch's logits alive
+                request.session._last_logits = last.copy()
             if error is not None:
                 request.error = error
                 gen.cancel("error")
