@@ -338,7 +338,7 @@ def _run_steps(program, sessions, feeds: list, max_rows: int) -> None:
             n = min(int(feeds[i].size), budget)
             if n == 0:
                 break
-            step.append((i, n, sessions[i]._valid))
+            step.append((i, n, sessions[i].cached_tokens))
             budget -= n
         _core.run_batch(program, [(sessions[i]._state, feeds[i][:n], pos) for i, n, pos in step])
         for i, n, pos in step:
@@ -367,7 +367,7 @@ def _batched_rep(engine, sessions: list, cfg: BenchConfig, b: int, rng_seed: int
 
         t0 = time.perf_counter()
         for step in range(cfg.n_gen):
-            pos = seqs[0]._valid
+            pos = seqs[0].cached_tokens
             _core.run_batch(program, [(s._state, tokens[step, i:i + 1], pos) for i, s in enumerate(seqs)])
             for i, s in enumerate(seqs):
                 s._advance(tokens[step, i:i + 1], pos)

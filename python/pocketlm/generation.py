@@ -53,7 +53,7 @@ class Generation:
         self.stops = [s for s in stops if s]
         self.stats = GenerationStats(finish_reason="length")
         self.token_ids: list[int] = []   # generated so far (EOS excluded)
-        self.feed: np.ndarray | None = None  # tokens the session must run next (from session._valid)
+        self.feed: np.ndarray | None = None  # tokens the session must run next (from session.cached_tokens)
         self.done = self.max_tokens == 0
         tok = engine.tokenizer
         self._sampler = Sampler(self.params, vocab_size=engine.vocab_size)
@@ -103,8 +103,8 @@ class Generation:
                 f"{session.max_context}; shorten it or raise max_context")
         if common < len(history):
             session._rewind(common)
-        self.stats.reused_tokens = session._valid  # a rewind past a sliding window's ring replays the rest
-        self.stats.prompt_tokens = session.position - session._valid + len(new)
+        self.stats.reused_tokens = session.cached_tokens  # a rewind past a sliding window's ring replays the rest
+        self.stats.prompt_tokens = session.position - session.cached_tokens + len(new)
         self.feed = session._feed_after(np.asarray(new, dtype=np.int32))
 
     def on_logits(self, logits: np.ndarray) -> list[str]:

@@ -244,7 +244,7 @@ class Scheduler:
         if self.kv_budget is None:
             return 0
         session = gen.session
-        length = min(session.max_context, session._valid + int(gen.feed.size) + gen.max_tokens)
+        length = min(session.max_context, session.cached_tokens + int(gen.feed.size) + gen.max_tokens)
         return int(session._state.kv_used_bytes(length))
 
     def _attach(self, request: Request, delta: int) -> None:
@@ -422,6 +422,6 @@ class Scheduler:
             if budget == 0:
                 break
             n = min(int(r.gen.feed.size), budget)
-            batch.append((r, n, r.session._valid))
+            batch.append((r, n, r.session.cached_tokens))
             budget -= n
         return batch

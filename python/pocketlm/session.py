@@ -28,6 +28,7 @@ from pocketlm.errors import (
     NonFiniteError,
 )
 from pocketlm.generation import Generation
+from pocketlm.kv_cache import KVCache
 
 
 @dataclass
@@ -70,15 +71,10 @@ class Session:
         self.logits_mode = logits
         self._chunk = compiled.program.max_tokens  # rows per executor call
         self._state = _core.State(compiled.program, self.max_context, engine.kv_type)
+        self.kv_cache = KVCache(self._state, compiled.program.layer_windows, self.max_context)
         self._tokens: list[int] = []
         self._last_logits: np.ndarray | None = None
         self.last_stats = GenerationStats()
-        # Sliding-window layers keep a ring of `capacity` positions (position p in slot p % capacity):
-        # (capacity, window) of each layer whose ring can wrap, both as the executor sized them.
-        self._rings = [(int(c), int(w)) for c, w in zip(self._state.kv_capacities, compiled.program.layer_windows)
-                       if c < self.max_context]
-        self._valid = 0   # the first _valid tokens are in the KV cache; the rest are replayed on the next call
-        self._kv_end = 0  # highest position written since the cache was last rebuilt from position 0
         self._busy = threading.Lock()
         self._busy_with = ""
 
@@ -106,7 +102,7 @@ class Session:
         """Leading tokens whose keys and values are in the KV cache. Equal to `position` except
         after a rewind past what a sliding-window ring still holds: the next call then feeds the
         rest again first."""
-        return self._valid
+        return self.kv_cache.valid
 
     @property
     def tokens(self) -> list[int]:
@@ -121,13 +117,13 @@ class Session:
         `kv_reserved_bytes` is the reservation for max_context, far larger for a short conversation.
         Resident memory lies between the two: the reservation's pages are committed as positions are
         first written, and stay committed after a rewind or reset until the session is dropped."""
-        return int(self._state.kv_used_bytes(len(self._tokens)))
+        return self.kv_cache.used_bytes(len(self._tokens))
 
     @property
     def kv_reserved_bytes(self) -> int:
         """Bytes of address space reserved for the KV cache: every layer's capacity (max_context, or
         a sliding window's ring) x 2 x n_kv_heads x head_dim x element size."""
-        return int(self._state.kv_bytes)
+        return self.kv_cache.reserved_bytes
 
     def clone(self) -> Session:
         """An independent session on the same engine with the same tokens and KV cache: a fork of the
@@ -144,11 +140,8 @@ class Session:
         self._enter("clone")
         try:
             twin = Session(self.engine, self.max_context, logits=self.logits_mode)
-            # Every position written since the cache was rebuilt (_kv_end, not only the _valid ones):
-            # the twin's rings then hold exactly what this session's hold, so _rings_hold answers alike.
-            twin._state.copy_kv_from(self._state, self._kv_end)
+            twin.kv_cache.copy_from(self.kv_cache)
             twin._tokens = list(self._tokens)
-            twin._valid, twin._kv_end = self._valid, self._kv_end
             twin._last_logits = None if self._last_logits is None else self._last_logits.copy()
             return twin
         finally:
@@ -164,7 +157,7 @@ class Session:
     def _reset(self) -> None:
         self._tokens.clear()
         self._last_logits = None
-        self._valid = self._kv_end = 0
+        self.kv_cache.clear()
 
     def rewind(self, position: int) -> None:
         """Forget every token at or after `position`.
@@ -183,23 +176,9 @@ class Session:
                 or not 0 <= position <= len(self._tokens):
             raise InvalidInputError(f"cannot rewind to {position!r}: session holds {len(self._tokens)} tokens")
         position = int(position)
-        if position < self._valid:
-            if self._rings_hold(position):
-                self._valid = position
-            else:
-                self._valid = self._kv_end = 0
+        self.kv_cache.trim(position)  # past what a ring holds: empties it, the kept tokens are fed again
         del self._tokens[position:]
         self._last_logits = None
-
-    def _rings_hold(self, position: int) -> bool:
-        """Whether a call starting at `position` finds what it reads in every ring.
-
-        The first row of the call reads positions [position - window + 1, position); the call writes
-        its own rows before any row reads, and the ring's spare chunk - 1 slots keep those writes off
-        what later rows still need. A ring holds the last `capacity` positions written, the highest
-        being _kv_end: everything below _kv_end - capacity is overwritten. Positions a later call
-        wrote and a rewind dropped are above `position`, so they never count as held."""
-        return all(self._kv_end - capacity <= max(0, position - window + 1) for capacity, window in self._rings)
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         """Feeds tokens (in chunks of the engine's prefill size); returns the last position's logits."""
@@ -249,9 +228,9 @@ class Session:
         return self._run_feed(self._feed_after(ids), ids.size, keep_all)
 
     def _run_feed(self, ids: np.ndarray, n_new: int, keep_all: bool) -> np.ndarray:
-        """Runs `ids` from position _valid in chunks; returns the logits of its last n_new rows
+        """Runs `ids` from the cached position in chunks; returns the logits of its last n_new rows
         (keep_all) or of its last row."""
-        chunk, start = self._chunk, self._valid
+        chunk, start = self._chunk, self.kv_cache.valid
         first_new = ids.size - n_new
         parts = []
         out = None
@@ -266,18 +245,18 @@ class Session:
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _feed_after(self, ids: np.ndarray) -> np.ndarray:
-        """What the next call must run, from position _valid, to add `ids`: the tokens a rewind
+        """What the next call must run, from the cached position, to add `ids`: the tokens a rewind
         left out of the cache, then `ids`."""
-        if self._valid < len(self._tokens):
-            return np.concatenate([np.asarray(self._tokens[self._valid:], dtype=np.int32), ids])
+        valid = self.kv_cache.valid
+        if valid < len(self._tokens):
+            return np.concatenate([np.asarray(self._tokens[valid:], dtype=np.int32), ids])
         return ids
 
     def _advance(self, part: np.ndarray, pos: int) -> None:
-        """Records that `part` ran at positions pos.. (pos == _valid): its keys and values are cached,
-        and tokens past the history join it (a replayed part is in the history already)."""
+        """Records that `part` ran at positions pos.. (the cached position): its keys and values are
+        cached, and tokens past the history join it (a replayed part is in the history already)."""
+        self.kv_cache.append(part.size, pos)
         end = pos + part.size
-        self._valid = end
-        self._kv_end = max(self._kv_end, end)
         if end > len(self._tokens):
             have = len(self._tokens) - pos
             self._tokens.extend(int(t) for t in (part[have:] if have > 0 else part))

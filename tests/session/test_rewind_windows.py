@@ -84,7 +84,7 @@ def test_the_check_catches_a_ring_that_lost_the_window(bundle):
     for drop in (CHUNK + 1, 20):
         s = engine.create_session()
         s.prefill(prompt)
-        s._rings_hold = lambda position: True
+        s.kv_cache.can_trim = lambda position: True
         s.rewind(40 - drop)
         got = s.prefill(prompt[40 - drop:41 - drop])
         want = engine.create_session().prefill(prompt[:41 - drop])
