@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from pocketlm.engine import Engine
 
 WINDOW, CHUNK, CTX = 8, 4, 64
