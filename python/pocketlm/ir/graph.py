@@ -6,8 +6,9 @@ batched step runs the rows of several sequences, and ``take_last`` keeps the las
 of each). Weights are named bundle
 tensors; constants are numpy arrays computed at compile time (e.g. RoPE tables).
 
-The op set is closed (``OPS``); each op lists how many inputs and outputs it
-takes. Model files only emit ops through ``pocketlm.models.layers``; passes in
+The op set is closed (``OPS``): the executor's ops come from its schema
+(``pocketlm.ir.schema``, ``csrc/runtime/ops.def``), plus front-end ops folded away
+before lowering. Model files only emit ops through ``pocketlm.models.layers``; passes in
 ``pocketlm.passes`` rewrite graphs into new graphs; ``pocketlm.planner`` assigns
 arena offsets; ``pocketlm.ir.lower`` turns the result into the executor's tables.
 """
@@ -20,39 +21,25 @@ from typing import Any
 
 import numpy as np
 
+from pocketlm.ir.schema import SCHEMA
+
 T = "T"  # symbolic row count: tokens in the current step
 S = "S"  # symbolic row count: sequences in the current step (one row each after take_last)
 
 # op -> (min inputs, max inputs or None, n outputs or None for variadic)
-OPS: dict[str, tuple[int, int | None, int | None]] = {
-    # front-end ops, folded away before lowering
+FRONTEND_OPS: dict[str, tuple[int, int | None, int | None]] = {
+    # folded away before lowering
     "rope_table": (0, 1, 1),  # optional input: per-frequency divisors (Llama 3 GGUF)
-    # executor ops (csrc/runtime/executor.h)
-    "embed": (2, 2, 1),
-    "rms_norm": (2, 2, 1),
-    "add": (2, 2, 1),
-    "matmul": (2, 3, 1),
-    "matmul_multi": (3, None, None),
-    "matmul_swiglu": (3, 3, 1),
-    "swiglu": (2, 2, 1),
-    "add_rms_norm": (3, 3, 2),
-    "rope": (2, 2, 1),
-    "attention": (3, 3, 1),
-    "take_last": (1, 1, 1),
-    "layer_norm": (3, 3, 1),
-    "pos_embed": (2, 2, 1),
-    "gelu": (1, 1, 1),
-    "head_rms_norm": (2, 2, 1),
-    "geglu": (2, 2, 1),
-    "matmul_geglu": (3, 3, 1),
-    "scale": (1, 1, 1),
-    "softcap": (1, 1, 1),
+}
+OPS: dict[str, tuple[int, int | None, int | None]] = {
+    **FRONTEND_OPS,
+    # executor ops: csrc/runtime/ops.def
+    **{name: (s.min_inputs, s.max_inputs, s.n_outputs) for name, s in SCHEMA.items()},
 }
 
-# Ops whose output may share memory with an input that dies at that op.
-INPLACE_OK = {"add": (0,), "swiglu": (0, 1), "rope": (0,), "add_rms_norm": (0,),
-              "layer_norm": (0,), "pos_embed": (0,), "gelu": (0,),
-              "head_rms_norm": (0,), "geglu": (0, 1), "scale": (0,), "softcap": (0,)}
+# Ops whose output 0 may share memory with an input that dies at that op: input indices.
+INPLACE_OK: dict[str, tuple[int, ...]] = {
+    name: tuple(i for o, i in s.inplace if o == 0) for name, s in SCHEMA.items() if s.inplace}
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,13 @@
-"""Lowering: a planned Graph -> the tensor and op tables of the C++ executor."""
+"""Lowering: a planned Graph -> the tensor and op tables of the C++ executor.
+
+Each op's inputs and params are laid out by its schema (``pocketlm.ir.schema``): params
+by name from the node's attrs, in the schema's order, defaults filled in.
+"""
 
 from __future__ import annotations
 
 from pocketlm.ir.graph import S, T, Graph
+from pocketlm.ir.schema import SCHEMA
 from pocketlm.planner import MemoryPlan
 
 ROWS_T = -1  # the step's rows
@@ -41,27 +46,12 @@ def lower(g: Graph, plan: MemoryPlan) -> tuple[list[dict], list[tuple], int]:
 
     ops = []
     for n in g.nodes:
+        schema = SCHEMA[n.op]
         ins = [tid(x) for x in n.inputs]
-        if n.op == "matmul" and len(ins) == 2:
-            ins.append(-1)
+        if schema.max_inputs is not None:  # absent optional inputs travel as -1
+            ins += [-1] * (schema.max_inputs - len(ins))
         outs = [tid(o) for o in n.outputs]
-        ip: list[int] = []
-        fp: list[float] = []
-        if n.op in ("rms_norm", "add_rms_norm", "layer_norm"):
-            fp = [n.attr("eps")]
-        elif n.op == "rope":
-            ip = [n.attr("n_heads"), n.attr("head_dim"), n.attr("rope_dim")]
-        elif n.op == "attention":
-            ip = [n.attr("layer"), n.attr("n_heads"), n.attr("n_kv_heads"), n.attr("head_dim"),
-                  n.attr("window", 0)]
-            fp = [n.attr("scale"), n.attr("softcap", 0.0)]
-        elif n.op == "head_rms_norm":
-            ip = [n.attr("n_heads"), n.attr("head_dim")]
-            fp = [n.attr("eps")]
-        elif n.op == "scale":
-            fp = [n.attr("s")]
-        elif n.op == "softcap":
-            fp = [n.attr("cap")]
+        ip, fp = schema.wire_params(n)
         ops.append((n.op, ins, outs, ip, fp))
     if len(g.outputs) != 1:
         raise ValueError("the executor takes exactly one graph output")

@@ -10,11 +10,15 @@ nodes it replaces become dead and `eliminate_dead_code` removes them.
 from __future__ import annotations
 
 from pocketlm.ir.graph import S, T, Graph, Node
+from pocketlm.ir.schema import SCHEMA
 
-# Ops that act on each row independently (row r of the output depends on row r of
-# the first input only), with the input index that carries the rows.
-ROW_WISE = {"rms_norm", "matmul", "matmul_swiglu", "swiglu", "layer_norm", "gelu",
-            "matmul_geglu", "geglu", "scale", "softcap", "head_rms_norm"}
+
+def _row_wise_on_input0(g: Graph, n: Node) -> bool:
+    """Row r of n's one output depends on row r of input 0 only (a row-wise op of the schema whose
+    other inputs are weights or consts), so a take_last below it can move above it."""
+    schema = SCHEMA.get(n.op)
+    return (schema is not None and schema.row_wise and len(n.outputs) == 1
+            and all(x not in g.values for x in n.inputs[1:]))
 
 
 def last_position_only(g: Graph) -> Graph:
@@ -25,13 +29,11 @@ def last_position_only(g: Graph) -> Graph:
         # Walk up the row-wise chain ending at this output.
         chain: list[Node] = []
         cur = o
-        while cur in prod and g.nodes[prod[cur]].op in ROW_WISE and g.values[cur].rows == T:
+        while cur in prod and _row_wise_on_input0(g, g.nodes[prod[cur]]) and g.values[cur].rows == T:
             n = g.nodes[prod[cur]]
             chain.append(n)
-            if n.op in ("swiglu", "geglu"):  # two row inputs: stop above it
-                break
             cur = n.inputs[0]
-        if not chain or g.nodes[prod[o]].op not in ROW_WISE:
+        if not chain:
             new_outputs.append(o)
             continue
         top = chain[-1]
