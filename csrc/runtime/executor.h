@@ -38,7 +38,9 @@
 // The planner guarantees arena tensors that are live at the same time do not
 // overlap, except where an op declares in-place use (see below).
 //
-// Ops (name, inputs -> outputs, int params / float params). x rows are ROWS_T, ROWS_S or fixed.
+// Ops (name, inputs -> outputs, int params / float params), declared in runtime/ops.def with
+// their arity, in-place pairs and named params (a param in parentheses has a default and may be
+// omitted). x rows are ROWS_T, ROWS_S or fixed.
 // "Position" below is the row's own position in its own sequence; "the KV cache" is the cache
 // of the row's sequence.
 //   embed         [E(weight vocab x D), tokens] -> [x (T x D)]
@@ -94,6 +96,7 @@
 #include "common.h"
 #include "format/bundle_reader.h"
 #include "kernels/kernels.h"
+#include "runtime/ops.h"
 
 namespace plm {
 
@@ -112,21 +115,6 @@ struct TensorDesc {
   // (tensor_bytes(inline_dtype, rows, cols)); copied into the Program. -1 = from the bundle.
   int inline_dtype = -1;
   std::vector<uint8_t> inline_data;
-};
-
-enum class OpCode : int {
-  EMBED, RMS_NORM, ADD, MATMUL, MATMUL_MULTI, MATMUL_SWIGLU, SWIGLU, ADD_RMS_NORM, ROPE,
-  ATTENTION, TAKE_LAST, LAYER_NORM, POS_EMBED, GELU,
-  HEAD_RMS_NORM, GEGLU, MATMUL_GEGLU, SCALE, SOFTCAP,
-};
-OpCode opcode_from_name(const std::string& name);  // throws UnsupportedError
-
-struct OpDesc {
-  OpCode code;
-  std::vector<int> inputs;      // tensor ids; -1 = absent optional input
-  std::vector<int> outputs;
-  std::vector<int64_t> iparams;
-  std::vector<float> fparams;
 };
 
 struct KVConfig {

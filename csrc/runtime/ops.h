@@ -1,0 +1,136 @@
+// The executor's ops, built from the schema in ops.def (the same file Python's lowering reads):
+// the OpCode enum, each op's spec (arity, in-place pairs, row-wise flag, named params), and typed
+// handles to read a param by name:  param(op, params::attention::window).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace plm {
+
+enum class OpCode : int {
+#define PLM_OP(name, min_in, max_in, n_out, row_wise) name,
+#define PLM_INPLACE(name, out, in)
+#define PLM_INT(name, param)
+#define PLM_INT_OR(name, param, dflt)
+#define PLM_FLOAT(name, param)
+#define PLM_FLOAT_OR(name, param, dflt)
+#include "runtime/ops.def"
+#undef PLM_OP
+#undef PLM_INPLACE
+#undef PLM_INT
+#undef PLM_INT_OR
+#undef PLM_FLOAT
+#undef PLM_FLOAT_OR
+};
+
+struct OpDesc {
+  OpCode code;
+  std::vector<int> inputs;      // tensor ids; -1 = absent optional input
+  std::vector<int> outputs;
+  std::vector<int64_t> iparams; // in the schema's order; Program fills omitted defaults
+  std::vector<float> fparams;
+};
+
+// One param of one op in the schema.
+struct ParamSpec {
+  OpCode op;
+  bool is_float;
+  const char* name;
+  bool has_default;
+  double default_value;
+};
+
+namespace schema {
+// Every param entry of ops.def, in file order.
+enum class Entry : int {
+#define PLM_OP(name, min_in, max_in, n_out, row_wise)
+#define PLM_INPLACE(name, out, in)
+#define PLM_INT(name, param) name##_##param,
+#define PLM_INT_OR(name, param, dflt) name##_##param,
+#define PLM_FLOAT(name, param) name##_##param,
+#define PLM_FLOAT_OR(name, param, dflt) name##_##param,
+#include "runtime/ops.def"
+#undef PLM_OP
+#undef PLM_INPLACE
+#undef PLM_INT
+#undef PLM_INT_OR
+#undef PLM_FLOAT
+#undef PLM_FLOAT_OR
+};
+constexpr ParamSpec kParams[] = {
+#define PLM_OP(name, min_in, max_in, n_out, row_wise)
+#define PLM_INPLACE(name, out, in)
+#define PLM_INT(name, param) {OpCode::name, false, #param, false, 0},
+#define PLM_INT_OR(name, param, dflt) {OpCode::name, false, #param, true, dflt},
+#define PLM_FLOAT(name, param) {OpCode::name, true, #param, false, 0},
+#define PLM_FLOAT_OR(name, param, dflt) {OpCode::name, true, #param, true, dflt},
+#include "runtime/ops.def"
+#undef PLM_OP
+#undef PLM_INPLACE
+#undef PLM_INT
+#undef PLM_INT_OR
+#undef PLM_FLOAT
+#undef PLM_FLOAT_OR
+};
+// Position of an entry among its op's params of its kind: the index into iparams or fparams.
+constexpr int position(Entry e) {
+  const ParamSpec& p = kParams[(int)e];
+  int n = 0;
+  for (int i = 0; i < (int)e; ++i) n += kParams[i].op == p.op && kParams[i].is_float == p.is_float;
+  return n;
+}
+}  // namespace schema
+
+// A named param of one op: its op and its position in iparams / fparams.
+struct IntParam {
+  OpCode op;
+  int index;
+};
+struct FloatParam {
+  OpCode op;
+  int index;
+};
+
+// params::<op>::<param>, e.g. params::attention::window.
+namespace params {
+#define PLM_OP(name, min_in, max_in, n_out, row_wise)
+#define PLM_INPLACE(name, out, in)
+#define PLM_INT(name, param) \
+  namespace name { constexpr IntParam param{OpCode::name, schema::position(schema::Entry::name##_##param)}; }
+#define PLM_INT_OR(name, param, dflt) PLM_INT(name, param)
+#define PLM_FLOAT(name, param) \
+  namespace name { constexpr FloatParam param{OpCode::name, schema::position(schema::Entry::name##_##param)}; }
+#define PLM_FLOAT_OR(name, param, dflt) PLM_FLOAT(name, param)
+#include "runtime/ops.def"
+#undef PLM_OP
+#undef PLM_INPLACE
+#undef PLM_INT
+#undef PLM_INT_OR
+#undef PLM_FLOAT
+#undef PLM_FLOAT_OR
+}  // namespace params
+
+// After Program validation every op holds all its params, so these never read out of range.
+inline int64_t param(const OpDesc& op, IntParam p) { return op.iparams[(size_t)p.index]; }
+inline float param(const OpDesc& op, FloatParam p) { return op.fparams[(size_t)p.index]; }
+
+struct InplacePair {
+  int output, input;
+};
+
+struct OpSpec {
+  const char* name;
+  int min_inputs, max_inputs;  // max -1: variadic
+  int n_outputs;               // -1: variadic
+  bool row_wise;
+  std::vector<InplacePair> inplace;
+  std::vector<const ParamSpec*> ints, floats;  // in order
+};
+
+const OpSpec& op_spec(OpCode code);
+const char* op_name(OpCode code);
+OpCode opcode_from_name(const std::string& name);  // throws UnsupportedError
+
+}  // namespace plm
