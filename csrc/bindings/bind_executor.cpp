@@ -12,7 +12,8 @@
 //                {"kind": "arena", "rows" (-1 = T: the step's rows, -2 = S: its sequences), "cols",
 //                 "offset": bytes}
 //                {"kind": "tokens"}
-//     ops      : list of (name, inputs, outputs, iparams, fparams)
+//     ops      : list of (name, inputs, outputs, iparams, fparams); inputs and params laid out as
+//                csrc/runtime/ops.def declares them (params with defaults may be left off the end)
 //     kv       : (n_layers, n_kv_heads, head_dim)
 //     output   : tensor id copied out by State.run
 //   State(program, max_context, kv_type="f32"); State.run(tokens: int32[T], pos) -> float32[rows, cols]

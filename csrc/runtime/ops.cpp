@@ -12,17 +12,7 @@ std::vector<OpSpec> make_specs() {
 #define PLM_OP(name, min_in, max_in, n_out, row_wise) \
   specs.push_back(OpSpec{#name, min_in, max_in, n_out, row_wise != 0, {}, {}, {}});
 #define PLM_INPLACE(name, out, in) specs[(size_t)OpCode::name].inplace.push_back({out, in});
-#define PLM_INT(name, param)
-#define PLM_INT_OR(name, param, dflt)
-#define PLM_FLOAT(name, param)
-#define PLM_FLOAT_OR(name, param, dflt)
 #include "runtime/ops.def"
-#undef PLM_OP
-#undef PLM_INPLACE
-#undef PLM_INT
-#undef PLM_INT_OR
-#undef PLM_FLOAT
-#undef PLM_FLOAT_OR
   for (const ParamSpec& p : schema::kParams) {
     auto& list = p.is_float ? specs[(size_t)p.op].floats : specs[(size_t)p.op].ints;
     list.push_back(&p);

@@ -2,6 +2,7 @@
 // the OpCode enum, each op's spec (arity, in-place pairs, row-wise flag, named params), and typed
 // handles to read a param by name:  param(op, params::attention::window).
 #pragma once
+#include <cassert>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -11,18 +12,7 @@ namespace plm {
 
 enum class OpCode : int {
 #define PLM_OP(name, min_in, max_in, n_out, row_wise) name,
-#define PLM_INPLACE(name, out, in)
-#define PLM_INT(name, param)
-#define PLM_INT_OR(name, param, dflt)
-#define PLM_FLOAT(name, param)
-#define PLM_FLOAT_OR(name, param, dflt)
 #include "runtime/ops.def"
-#undef PLM_OP
-#undef PLM_INPLACE
-#undef PLM_INT
-#undef PLM_INT_OR
-#undef PLM_FLOAT
-#undef PLM_FLOAT_OR
 };
 
 struct OpDesc {
@@ -45,34 +35,18 @@ struct ParamSpec {
 namespace schema {
 // Every param entry of ops.def, in file order.
 enum class Entry : int {
-#define PLM_OP(name, min_in, max_in, n_out, row_wise)
-#define PLM_INPLACE(name, out, in)
 #define PLM_INT(name, param) name##_##param,
 #define PLM_INT_OR(name, param, dflt) name##_##param,
 #define PLM_FLOAT(name, param) name##_##param,
 #define PLM_FLOAT_OR(name, param, dflt) name##_##param,
 #include "runtime/ops.def"
-#undef PLM_OP
-#undef PLM_INPLACE
-#undef PLM_INT
-#undef PLM_INT_OR
-#undef PLM_FLOAT
-#undef PLM_FLOAT_OR
 };
 constexpr ParamSpec kParams[] = {
-#define PLM_OP(name, min_in, max_in, n_out, row_wise)
-#define PLM_INPLACE(name, out, in)
 #define PLM_INT(name, param) {OpCode::name, false, #param, false, 0},
 #define PLM_INT_OR(name, param, dflt) {OpCode::name, false, #param, true, dflt},
 #define PLM_FLOAT(name, param) {OpCode::name, true, #param, false, 0},
 #define PLM_FLOAT_OR(name, param, dflt) {OpCode::name, true, #param, true, dflt},
 #include "runtime/ops.def"
-#undef PLM_OP
-#undef PLM_INPLACE
-#undef PLM_INT
-#undef PLM_INT_OR
-#undef PLM_FLOAT
-#undef PLM_FLOAT_OR
 };
 // Position of an entry among its op's params of its kind: the index into iparams or fparams.
 constexpr int position(Entry e) {
@@ -81,6 +55,17 @@ constexpr int position(Entry e) {
   for (int i = 0; i < (int)e; ++i) n += kParams[i].op == p.op && kParams[i].is_float == p.is_float;
   return n;
 }
+// Params with defaults come after the required ones of their op and kind: a program may omit them.
+constexpr bool defaults_trail() {
+  const int n = (int)(sizeof(kParams) / sizeof(kParams[0]));
+  for (int i = 0; i < n; ++i)
+    for (int j = i + 1; j < n; ++j)
+      if (kParams[i].op == kParams[j].op && kParams[i].is_float == kParams[j].is_float &&
+          kParams[i].has_default && !kParams[j].has_default)
+        return false;
+  return true;
+}
+static_assert(defaults_trail(), "ops.def: a required param after one with a default");
 }  // namespace schema
 
 // A named param of one op: its op and its position in iparams / fparams.
@@ -95,8 +80,6 @@ struct FloatParam {
 
 // params::<op>::<param>, e.g. params::attention::window.
 namespace params {
-#define PLM_OP(name, min_in, max_in, n_out, row_wise)
-#define PLM_INPLACE(name, out, in)
 #define PLM_INT(name, param) \
   namespace name { constexpr IntParam param{OpCode::name, schema::position(schema::Entry::name##_##param)}; }
 #define PLM_INT_OR(name, param, dflt) PLM_INT(name, param)
@@ -104,17 +87,18 @@ namespace params {
   namespace name { constexpr FloatParam param{OpCode::name, schema::position(schema::Entry::name##_##param)}; }
 #define PLM_FLOAT_OR(name, param, dflt) PLM_FLOAT(name, param)
 #include "runtime/ops.def"
-#undef PLM_OP
-#undef PLM_INPLACE
-#undef PLM_INT
-#undef PLM_INT_OR
-#undef PLM_FLOAT
-#undef PLM_FLOAT_OR
 }  // namespace params
 
 // After Program validation every op holds all its params, so these never read out of range.
-inline int64_t param(const OpDesc& op, IntParam p) { return op.iparams[(size_t)p.index]; }
-inline float param(const OpDesc& op, FloatParam p) { return op.fparams[(size_t)p.index]; }
+// (A handle of another op's param is a bug: debug builds assert.)
+inline int64_t param(const OpDesc& op, IntParam p) {
+  assert(op.code == p.op);
+  return op.iparams[(size_t)p.index];
+}
+inline float param(const OpDesc& op, FloatParam p) {
+  assert(op.code == p.op);
+  return op.fparams[(size_t)p.index];
+}
 
 struct InplacePair {
   int output, input;
