@@ -69,9 +69,9 @@ def parse(text: str) -> dict[str, OpSchema]:
         macro, args = m.group(1), [a.strip() for a in m.group(2).split(",")]
         if macro == "PLM_OP":
             name, lo, hi, n_out, row_wise = args
-            ops[name] = dict(name=name, min_inputs=int(lo), max_inputs=None if int(hi) < 0 else int(hi),
-                             n_outputs=None if int(n_out) < 0 else int(n_out), row_wise=row_wise == "1",
-                             inplace=[], ints=[], floats=[])
+            ops[name] = {"name": name, "min_inputs": int(lo), "max_inputs": None if int(hi) < 0 else int(hi),
+                         "n_outputs": None if int(n_out) < 0 else int(n_out), "row_wise": row_wise == "1",
+                         "inplace": [], "ints": [], "floats": []}
             continue
         op = ops.get(args[0])
         if op is None:
