@@ -3,7 +3,8 @@
 //
 // A Program is immutable after construction and shared by every session of an
 // Engine: weights (views into the mmapped bundle), constants, the op list and the
-// arena layout. It also owns the one workspace its States run on: the thread pool
+// arena layout. It also owns the backend that runs it (runtime/backend.h; the CPU one,
+// backends/cpu/) and, through it, the one workspace its States run on: the thread pool
 // (n_threads - 1 workers), the arena (activations, planned for max_tokens rows) and
 // the ops' scratch (quantized activations, attention scores and partials). A State
 // holds what one session owns: its KV cache and a few bytes of bookkeeping, so a new
