@@ -1,4 +1,5 @@
-// Software prefetch for the decode (one token) matmul paths of the AVX2 and NEON kernels.
+// Software prefetch for the decode (one token) matmul paths of the AVX2 and NEON kernels, and for
+// the multi-token (batched decode) passes of the AVX-512 x16 kernel.
 //
 // Decode streams every weight byte once from memory, in short runs (a tile of a few rows, or one
 // row) that the hardware prefetcher barely trains on. Each K iteration of a decode unit therefore
@@ -7,7 +8,7 @@
 // of bytes that is not a multiple of the 64-byte line, so the share is a fractional step:
 // iteration i fetches the lines that start in [i*step, (i+1)*step) of the 64-aligned span, every
 // line exactly once. Prefetches never fault, so running past the end of the weights is harmless.
-// (The AVX-512 file keeps its own variant: whole lines per iteration, tuned separately.)
+// (kernels_avx512.cpp keeps its own variant: whole lines per iteration, tuned separately.)
 //
 // Each SIMD file compiles this with its own target flags; the anonymous namespace (internal
 // linkage) keeps those copies apart.

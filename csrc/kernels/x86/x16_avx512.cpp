@@ -18,6 +18,7 @@
 #endif
 #include "kernels/x86/x16_avx512.h"
 
+#include "kernels/prefetch.h"
 #include "kernels/x86/tile_util.h"
 #include "kernels/x86/vnni_avx512.h"
 
@@ -72,7 +73,7 @@ inline void step(__m512i w, const Block* x, int nruns, int b, int j, __m512i* s1
 // not wait on each other; with more, the tokens give that independence.
 template <DType T, class Block, int RT>
 void micro(const uint8_t* group, int nruns, const Block* x, float* y, size_t ldy, __mmask16 mask,
-           const float* row_scales) {
+           const float* row_scales, Prefetch pf = {}) {
   using F = X16<T>;
   constexpr bool kTwo = std::is_same_v<Block, BlockQ8A2>;
   constexpr bool kSplit = RT <= 2;
@@ -81,6 +82,7 @@ void micro(const uint8_t* group, int nruns, const Block* x, float* y, size_t ldy
 #pragma GCC unroll 8
   for (int t = 0; t < RT; ++t) acc[t] = _mm512_setzero_ps();
   for (int b = 0; b < nruns; ++b) {  // 32-runs; a group-64/128 record holds 2/4, sharing its header
+    pf.at(b);
     const uint8_t* rec = group + (size_t)(b / F::kRuns) * F::kRecord;
     const uint8_t* codes = rec + F::kCodes + 256 * (b % F::kRuns);
     constexpr int NB = kSplit ? RT : 1;
@@ -145,10 +147,13 @@ void matmul_impl(const WeightView& w, const Block* xq, int T_, float* y, size_t 
     const __mmask16 mask = (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
     const uint8_t* group = w.data + (size_t)(g0 / kX16Rows) * group_bytes;
     const float* rs = F::kRowScale ? w.row_scales + g0 : nullptr;
+    // Several tokens make a group's arithmetic long enough for its loads to stall it: the first
+    // pass over a group prefetches the next one (hardware prefetch alone serves one token).
+    const Prefetch pf = T_ > 1 && g0 + kX16Rows < n1 ? decode_prefetch(group, group_bytes, nruns, 1) : Prefetch{};
     for (int t0 = 0; t0 < T_; t0 += kTile) {
       with_tile<kTile>(std::min(kTile, T_ - t0), [&](auto rt) {
         micro<T, Block, decltype(rt)::value>(group, nruns, xq + (size_t)t0 * nruns, y + (size_t)t0 * ldy + g0,
-                                             ldy, mask, rs);
+                                             ldy, mask, rs, t0 == 0 ? pf : Prefetch{});
       });
     }
   }
