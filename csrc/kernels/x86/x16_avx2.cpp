@@ -34,6 +34,7 @@
 // the row-major Q5 types at 64 tokens. One token decodes in place, both halves in one pass.
 #include "kernels/x86/x16_avx2.h"
 
+#include "kernels/prefetch.h"
 #include "kernels/x86/tile_util.h"
 
 #include <immintrin.h>
@@ -150,7 +151,8 @@ struct Lanes {
 // the sums are added to y (a later chunk of the blocks).
 template <DType T, class Block, int RT, int NH, bool kPacked = false>
 void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y, size_t ldy, int h0,
-           const Lanes& lanes, const float* row_scales, const Packed* packed = nullptr, bool add = false) {
+           const Lanes& lanes, const float* row_scales, const Packed* packed = nullptr, bool add = false,
+           Prefetch pf = {}) {
   using F = X16<T>;
   constexpr bool kTwo = std::is_same_v<Block, BlockQ8A2>;
   const __m256i ones = _mm256_set1_epi16(1);
@@ -160,6 +162,7 @@ void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y,
 #pragma GCC unroll 2
     for (int h = 0; h < NH; ++h) acc[t][h] = _mm256_setzero_ps();
   for (int b = 0; b < nruns; ++b) {
+    pf.at(b);
     const uint8_t* rec = group + (size_t)(b / F::kRuns) * F::kRecord;
     const uint8_t* codes = rec + F::kCodes + 256 * (b % F::kRuns);
     // Q4: 16-bit sums over the block; Q5: over 4 k-steps, w1/w2 the int32 sums of the first 4;
@@ -385,11 +388,15 @@ void matmul_impl(const WeightView& w, const Block* xq, int T_, float* y, size_t 
         continue;
       }
     }
+    // Several tokens make a group's arithmetic long enough for its loads to stall it: the first
+    // pass over a group prefetches the next one (as x16_avx512.cpp).
+    const Prefetch pf = g0 + kX16Rows < n1 ? decode_prefetch(group, group_bytes, nruns, 1) : Prefetch{};
     for (int t0 = 0; t0 < T_; t0 += kRT) {
       with_tile<kRT>(std::min(kRT, T_ - t0), [&](auto rt) {
         for (int h0 = 0; h0 < 2; h0 += kNH)
           micro<T, Block, decltype(rt)::value, kNH>(group, nruns, xq + (size_t)t0 * nruns, nruns,
-                                                     y + (size_t)t0 * ldy + g0, ldy, h0, lanes, rs);
+                                                     y + (size_t)t0 * ldy + g0, ldy, h0, lanes, rs, nullptr, false,
+                                                     t0 == 0 && h0 == 0 ? pf : Prefetch{});
       });
     }
   }
