@@ -152,7 +152,7 @@ struct Lanes {
 template <DType T, class Block, int RT, int NH, bool kPacked = false>
 void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y, size_t ldy, int h0,
            const Lanes& lanes, const float* row_scales, const Packed* packed = nullptr, bool add = false,
-           Prefetch pf = {}) {
+           PrefetchL2 pf = {}) {
   using F = X16<T>;
   constexpr bool kTwo = std::is_same_v<Block, BlockQ8A2>;
   const __m256i ones = _mm256_set1_epi16(1);
@@ -390,13 +390,13 @@ void matmul_impl(const WeightView& w, const Block* xq, int T_, float* y, size_t 
     }
     // Several tokens make a group's arithmetic long enough for its loads to stall it: the first
     // pass over a group prefetches the next one (as x16_avx512.cpp).
-    const Prefetch pf = g0 + kX16Rows < n1 ? decode_prefetch(group, group_bytes, nruns, 1) : Prefetch{};
+    const PrefetchL2 pf = g0 + kX16Rows < n1 ? decode_prefetch<2>(group, group_bytes, nruns, 1) : PrefetchL2{};
     for (int t0 = 0; t0 < T_; t0 += kRT) {
       with_tile<kRT>(std::min(kRT, T_ - t0), [&](auto rt) {
         for (int h0 = 0; h0 < 2; h0 += kNH)
           micro<T, Block, decltype(rt)::value, kNH>(group, nruns, xq + (size_t)t0 * nruns, nruns,
                                                      y + (size_t)t0 * ldy + g0, ldy, h0, lanes, rs, nullptr, false,
-                                                     t0 == 0 && h0 == 0 ? pf : Prefetch{});
+                                                     t0 == 0 && h0 == 0 ? pf : PrefetchL2{});
       });
     }
   }
