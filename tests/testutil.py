@@ -109,6 +109,14 @@ def make_hf_model(folder: Path, arch: str, seed: int = 0, **overrides):
     return model
 
 
+def make_f32_bundle(folder: Path, arch: str = "llama", seed: int = 0, name: str = "f32.plm", **overrides) -> Path:
+    """make_hf_model into folder / "hf", converted to an f32 bundle folder / name; returns its path."""
+    from pocketlm.convert import convert
+
+    make_hf_model(folder / "hf", arch, seed=seed, **overrides)
+    return convert(folder / "hf", folder / name, quant="f32", progress=False)
+
+
 # Every architecture with sliding-window layers, as a tiny config: Mistral, Qwen2 and Qwen3 with
 # use_sliding_window (Qwen2's first layer full), Phi-3, Gemma 2 (alternating), Gemma 3 (5 windowed : 1 full).
 WINDOWED_TINY = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_attention_heads=2,
@@ -142,7 +150,6 @@ def make_windowed_bundle(folder: Path, arch: str, window: int) -> Path:
     bundle at folder / "f32.plm"; returns its path."""
     import torch
     import transformers
-
     from pocketlm.convert import convert
 
     classes = {"mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),

@@ -11,12 +11,11 @@ import subprocess
 import sys
 
 import pytest
-
-from testutil import child_env, make_hf_model, rewrite_bundle as rewritten
 from pocketlm.bundle import read_bundle
-from pocketlm.convert import convert
 from pocketlm.engine import Engine
 from pocketlm.errors import BundleError, InvalidInputError
+from testutil import child_env, make_f32_bundle
+from testutil import rewrite_bundle as rewritten
 
 BACKTRACKING = "(a+)+$"  # exponential in the run of a's before a character that is not one
 SLOW_TEXT = "a" * 40 + "b"
@@ -37,9 +36,7 @@ def failed_cleanly(r, *fragments: str) -> bool:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("hostile")
-    make_hf_model(d / "hf", "llama", seed=3)
-    return convert(d / "hf", d / "tiny.plm", quant="f32", progress=False)
+    return make_f32_bundle(tmp_path_factory.mktemp("hostile"), "llama", seed=3, name="tiny.plm")
 
 
 @pytest.fixture(scope="module")

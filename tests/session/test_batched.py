@@ -15,9 +15,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from pocketlm import _core
-from pocketlm.convert import convert
 from pocketlm.engine import Engine
-from testutil import WINDOWED_ARCHS, make_hf_model
+from testutil import WINDOWED_ARCHS, make_f32_bundle
 
 WINDOW, STEP_ROWS, CTX = 8, 8, 96
 PROMPTS = (37, 1, 12, 5)  # prompt lengths of the four sequences
@@ -30,9 +29,7 @@ def full_attention_bundles(tmp_path_factory):
 
     def get(arch):
         if arch not in made:
-            d = tmp_path_factory.mktemp(arch)
-            make_hf_model(d / "hf", arch, seed=7)
-            made[arch] = convert(d / "hf", d / "f32.plm", quant="f32", progress=False)
+            made[arch] = make_f32_bundle(tmp_path_factory.mktemp(arch), arch, seed=7)
         return made[arch]
 
     return get

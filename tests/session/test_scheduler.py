@@ -16,18 +16,15 @@ import threading
 import numpy as np
 import pytest
 from pocketlm import ContextOverflowError, InvalidInputError, QueueFullError
-from pocketlm.convert import convert
 from pocketlm.engine import Engine
-from testutil import make_hf_model
+from testutil import make_f32_bundle
 
 CTX = 128
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    d = tmp_path_factory.mktemp("llama")
-    make_hf_model(d / "hf", "llama", seed=3)
-    return convert(d / "hf", d / "f32.plm", quant="f32", progress=False)
+    return make_f32_bundle(tmp_path_factory.mktemp("llama"), "llama", seed=3)
 
 
 @pytest.fixture(scope="module")

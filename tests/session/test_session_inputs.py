@@ -7,21 +7,17 @@ from __future__ import annotations
 import threading
 
 import pytest
-
-from testutil import make_hf_model, rewrite_bundle
 from pocketlm.bundle import read_bundle
-from pocketlm.convert import convert
 from pocketlm.engine import Engine
 from pocketlm.errors import ConcurrentUseError, ContextOverflowError, InvalidInputError
+from testutil import make_f32_bundle, rewrite_bundle
 
 CTX = 96
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    d = tmp_path_factory.mktemp("inputs")
-    make_hf_model(d / "hf", "llama", seed=8)
-    return convert(d / "hf", d / "m.plm", quant="f32", progress=False)
+    return make_f32_bundle(tmp_path_factory.mktemp("inputs"), "llama", seed=8, name="m.plm")
 
 
 @pytest.fixture(scope="module")
