@@ -326,20 +326,14 @@ def run_bench(cfg: BenchConfig, quiet: bool = False) -> dict:
 
 
 def _run_steps(program, sessions, feeds: list, max_rows: int) -> None:
-    """Feeds every session its array of ids in batched steps of at most max_rows rows, one-row feeds
-    first, then the others in order (the scheduler's plan)."""
+    """Feeds every session its array of ids in batched steps of at most max_rows rows, planned as
+    the scheduler plans them (scheduler.plan_step)."""
     from pocketlm import _core
+    from pocketlm.scheduler import plan_step
 
     feeds = list(feeds)
     while any(f.size for f in feeds):
-        order = sorted((i for i, f in enumerate(feeds) if f.size), key=lambda i: feeds[i].size > 1)
-        step, budget = [], max_rows
-        for i in order:
-            n = min(int(feeds[i].size), budget)
-            if n == 0:
-                break
-            step.append((i, n, sessions[i].cached_tokens))
-            budget -= n
+        step = [(i, n, sessions[i].cached_tokens) for i, n in plan_step([int(f.size) for f in feeds], max_rows)]
         _core.run_batch(program, [(sessions[i]._state, feeds[i][:n], pos) for i, n, pos in step])
         for i, n, pos in step:
             sessions[i]._advance(feeds[i][:n], pos)

@@ -412,16 +412,21 @@ class Scheduler:
             used += need
 
     def _plan_locked(self) -> list[tuple[_Running, int, int]]:
-        """(sequence, rows, position) of the next step: every decoding sequence's token first, then
-        prompt chunks, oldest first, up to the step's token budget."""
-        budget = self.max_rows
-        batch = []
-        decoding = [r for r in self._running if r.gen.feed.size == 1]
-        prefilling = [r for r in self._running if r.gen.feed.size > 1]
-        for r in decoding + prefilling:
-            if budget == 0:
-                break
-            n = min(int(r.gen.feed.size), budget)
-            batch.append((r, n, r.session.cached_tokens))
-            budget -= n
-        return batch
+        """(sequence, rows, position) of the next step (plan_step over the running sequences)."""
+        return [(self._running[i], n, self._running[i].session.cached_tokens)
+                for i, n in plan_step([int(r.gen.feed.size) for r in self._running], self.max_rows)]
+
+
+def plan_step(pending: list[int], budget: int) -> list[tuple[int, int]]:
+    """The rows of one step, as (index, rows) over sequences with `pending` tokens each to feed:
+    every decoding sequence's one token first, then prompt chunks, in order, up to `budget` rows
+    in all (a sequence with nothing pending takes none)."""
+    order = [i for i, n in enumerate(pending) if n == 1] + [i for i, n in enumerate(pending) if n > 1]
+    step = []
+    for i in order:
+        if budget == 0:
+            break
+        n = min(pending[i], budget)
+        step.append((i, n))
+        budget -= n
+    return step

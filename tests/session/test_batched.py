@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from pocketlm import _core
 from pocketlm.engine import Engine
+from pocketlm.scheduler import plan_step
 from testutil import WINDOWED_ARCHS, make_f32_bundle
 
 WINDOW, STEP_ROWS, CTX = 8, 8, 96
@@ -71,14 +72,7 @@ def test_batched_steps_equal_each_sequence_alone(engine):
     mixed = 0
     while any(f.size for f in feeds):
         # Decode rows first, then prompt chunks, up to STEP_ROWS rows: as the scheduler plans.
-        order = sorted((i for i, f in enumerate(feeds) if f.size), key=lambda i: feeds[i].size > 1)
-        step, budget = [], STEP_ROWS
-        for i in order:
-            n = min(feeds[i].size, budget)
-            if n == 0:
-                break
-            step.append((i, n))
-            budget -= n
+        step = plan_step([int(f.size) for f in feeds], STEP_ROWS)
         mixed += len({feeds[i].size > 1 for i, _ in step}) == 2
         out = _core.run_batch(program, [(sessions[i]._state, feeds[i][:n], positions[i]) for i, n in step])
         assert out.shape == (len(step), engine.vocab_size)

@@ -242,3 +242,13 @@ def test_stress_many_threads(engine):
             assert i not in errors and got[i] in ("cancelled", "stop", "length"), (i, errors.get(i))
         else:
             assert i not in errors and got[i] == want[i], i
+
+
+def test_plan_step_puts_decode_rows_first_then_prompt_chunks():
+    from pocketlm.scheduler import plan_step
+
+    # pending tokens per sequence: decoding ones (1) first, then prompts in order, within the budget
+    assert plan_step([5, 1, 0, 300, 1], 8) == [(1, 1), (4, 1), (0, 5), (3, 1)]
+    assert plan_step([300, 2], 256) == [(0, 256)]          # a long prompt takes the whole budget...
+    assert plan_step([1, 300, 1], 4) == [(0, 1), (2, 1), (1, 2)]  # ...but never the decode rows' place
+    assert plan_step([0, 0], 8) == []
