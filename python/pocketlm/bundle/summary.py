@@ -27,6 +27,13 @@ def _human_count(n: int) -> str:
     return str(n)
 
 
+def _pairs(value) -> str:
+    """A metadata entry on one line: a dict as k=v pairs (values shortened), "-" when absent or empty."""
+    if isinstance(value, dict):
+        return " ".join(f"{k}={_short(v, 40)}" for k, v in value.items()) or "-"
+    return "-" if value is None else value
+
+
 def _short(value: Any, width: int = 72) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return text if len(text) <= width else text[: width - 3] + "..."
@@ -78,10 +85,7 @@ def describe(bundle: Bundle | str | os.PathLike, show_tensors: bool = True) -> s
     field("file", f"{bundle.path} ({_human_bytes(bundle.file_bytes)}, format v{bundle.version})")
     field("architecture", meta.get("architecture", "-"))
     block("config", meta.get("config"))
-    quant = meta.get("quantization")
-    if isinstance(quant, dict):
-        quant = " ".join(f"{k}={_short(v, 40)}" for k, v in quant.items()) or "-"
-    field("quantization", quant if quant is not None else "-")
+    field("quantization", _pairs(meta.get("quantization")))
     tok = meta.get("tokenizer")
     if isinstance(tok, dict):
         vocab = _vocab_size(tok)
@@ -90,14 +94,8 @@ def describe(bundle: Bundle | str | os.PathLike, show_tensors: bool = True) -> s
         field("tokenizer", "-")
     template = meta.get("chat_template")
     field("chat template", f"present ({len(template)} chars)" if isinstance(template, str) and template else "none")
-    special = meta.get("special_tokens")
-    if isinstance(special, dict):
-        special = " ".join(f"{k}={_short(v, 40)}" for k, v in special.items()) or "-"
-    field("special tokens", special if special is not None else "-")
-    gen = meta.get("generation")
-    if isinstance(gen, dict):
-        gen = " ".join(f"{k}={_short(v, 40)}" for k, v in gen.items()) or "-"
-    field("generation", gen if gen is not None else "-")
+    field("special tokens", _pairs(meta.get("special_tokens")))
+    field("generation", _pairs(meta.get("generation")))
     block("provenance", meta.get("provenance"))
 
     tensors = bundle.tensors
