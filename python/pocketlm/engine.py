@@ -292,7 +292,7 @@ class Engine:
                                       kernels=kernels, activations=activations, max_seqs=self.max_batch)
         self._scheduler = None
         self._scoring: CompiledModel | None = None
-        self._scoring_lock = threading.Lock()  # sessions may be created from several threads
+        self._lazy_lock = threading.Lock()  # the scoring program and the scheduler are made on first use, from any thread
         self.tokenizer = load_tokenizer(self.bundle)
         self.chat_template: str | None = meta.get("chat_template")
         self.generation_defaults: dict = dict(meta.get("generation") or {})
@@ -314,7 +314,7 @@ class Engine:
             return self.compiled
         if logits != "all":
             raise ValueError("logits must be 'last' or 'all'")
-        with self._scoring_lock:
+        with self._lazy_lock:
             if self._scoring is None:
                 self._scoring = CompiledModel(self.bundle, self.max_context,
                                               min(self.SCORING_CHUNK, self.prefill_chunk), self.threads,
@@ -352,7 +352,7 @@ class Engine:
     @property
     def scheduler(self):
         """The engine's scheduler (made on first use): it batches every generation's steps."""
-        with self._scoring_lock:
+        with self._lazy_lock:
             if self._scheduler is None:
                 from pocketlm.scheduler import Scheduler
 
