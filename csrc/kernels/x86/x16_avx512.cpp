@@ -142,16 +142,21 @@ void matmul_impl(const WeightView& w, const Block* xq, int T_, float* y, size_t 
   using F = X16<T>;
   const int nruns = (int)(w.cols / 32);
   const size_t group_bytes = (size_t)(nruns / F::kRuns) * F::kRecord;
+  // vpdpbusd per weight byte, in units of one token, one level, 8-bit codes.
+  const int work = T_ * (std::is_same_v<Block, BlockQ8A2> ? 2 : 1) * (F::kQ4 ? 2 : 1);
+  const bool prefetch_next = work >= 8;
   for (int g0 = n0 - n0 % kX16Rows; g0 < n1; g0 += kX16Rows) {
     const int lo = std::max(n0, g0) - g0, hi = std::min(n1, g0 + kX16Rows) - g0;
     const __mmask16 mask = (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
     const uint8_t* group = w.data + (size_t)(g0 / kX16Rows) * group_bytes;
     const float* rs = F::kRowScale ? w.row_scales + g0 : nullptr;
-    // Several tokens make a group's arithmetic long enough for its loads to stall it: the first
-    // pass over a group prefetches the next one (hardware prefetch alone serves one token), into
-    // L2: into L1, perf put 12 % of this function's samples on the prefetch instructions, waiting
-    // for miss buffers.
-    const PrefetchL2 pf = T_ > 1 && g0 + kX16Rows < n1 ? decode_prefetch<2>(group, group_bytes, nruns, 1) : PrefetchL2{};
+    // Enough arithmetic per weight byte makes a group's compute long enough for its loads to stall
+    // it: the first pass over a group then prefetches the next one, into L2 (into L1, perf put 12 %
+    // of this function's samples on the prefetch instructions, waiting for miss buffers). With
+    // less, hardware prefetch alone keeps up and the extra requests only slow it (Q8_0, one
+    // thread, 151936 x 896: 2 tokens 5.3 ms without, 7.0 ms with; 8 tokens 11.8 ms without, 7.5
+    // with).
+    const PrefetchL2 pf = prefetch_next && g0 + kX16Rows < n1 ? decode_prefetch<2>(group, group_bytes, nruns, 1) : PrefetchL2{};
     for (int t0 = 0; t0 < T_; t0 += kTile) {
       with_tile<kTile>(std::min(kTile, T_ - t0), [&](auto rt) {
         micro<T, Block, decltype(rt)::value>(group, nruns, xq + (size_t)t0 * nruns, y + (size_t)t0 * ldy + g0,
