@@ -18,8 +18,9 @@
 //     output   : tensor id copied out by State.run
 //   State(program, max_context, kv_type="f32"); State.run(tokens: int32[T], pos) -> float32[rows, cols]
 //   State.copy_kv_from(other, n_positions): a fork's cache (same KV shape, type, capacities, max_context)
-//   run_batch(program, [(state, tokens: int32[n], pos), ...]) -> float32[rows, cols]: one step over
-//     several sequences (plm::run_batch), rows = one per sequence for an [S, cols] output
+//   run_batch(program, [(state, tokens: int32[n], pos[, n_out]), ...]) -> float32[rows, cols]: one step
+//     over several sequences (plm::run_batch); an [S, cols] output holds each sequence's last n_out
+//     rows (default 1), in order
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -228,21 +229,33 @@ void bind_executor(nb::module_& m) {
                                       " sequences (the program's max_seqs), got " + std::to_string(n));
         std::vector<plm::SeqInput> inputs(n);
         std::vector<TokenArray> keep(n);  // the token arrays stay referenced while the step runs
-        int64_t n_rows = 0;
+        int64_t n_rows = 0, n_outs = 0;
         for (size_t i = 0; i < n; ++i) {
-          auto [state, tokens, pos] = nb::cast<std::tuple<StateHandle*, TokenArray, int>>(seqs[i]);
+          // (state, tokens, pos) or (state, tokens, pos, n_out)
+          const nb::tuple item = nb::cast<nb::tuple>(seqs[i]);
+          if (item.size() != 3 && item.size() != 4)
+            throw std::invalid_argument("sequence " + std::to_string(i) + ": expected (state, tokens, pos[, n_out])");
+          StateHandle* state = nb::cast<StateHandle*>(item[0]);
+          TokenArray tokens = nb::cast<TokenArray>(item[1]);
+          const int pos = nb::cast<int>(item[2]);
+          const int n_out = item.size() == 4 ? nb::cast<int>(item[3]) : 1;
           if (!state) throw std::invalid_argument("sequence " + std::to_string(i) + ": no State");
           if (state->program != &program)
             throw std::invalid_argument("sequence " + std::to_string(i) + ": the State belongs to another Program");
           keep[i] = tokens;
-          inputs[i] = plm::SeqInput{&state->state, keep[i].data(), (int)keep[i].shape(0), pos};
+          inputs[i] = plm::SeqInput{&state->state, keep[i].data(), (int)keep[i].shape(0), pos, n_out};
           n_rows += (int64_t)keep[i].shape(0);
+          n_outs += n_out;
         }
         if (n_rows > program.max_tokens())
           throw std::invalid_argument("a step takes at most " + std::to_string(program.max_tokens()) +
                                       " rows (the program's max_tokens), the sequences have " +
                                       std::to_string(n_rows));
-        const int64_t rows = program.output_rows((int)n_rows, (int)n), cols = program.output_cols();
+        if (n_outs > program.max_seqs())
+          throw std::invalid_argument("a step has at most " + std::to_string(program.max_seqs()) +
+                                      " output rows (the program's max_seqs), the sequences ask for " +
+                                      std::to_string(n_outs));
+        const int64_t rows = program.output_rows((int)n_rows, (int)std::max<int64_t>(n_outs, 0)), cols = program.output_cols();
         float* buf = new float[(size_t)(rows * cols)];
         nb::capsule owner(buf, [](void* p) noexcept { delete[] static_cast<float*>(p); });
         nb::object result = nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<2>>(buf, {(size_t)rows, (size_t)cols}, owner));

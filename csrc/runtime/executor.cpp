@@ -161,7 +161,7 @@ void run_batch(const Program& program, const SeqInput* seqs, int n_seqs, float* 
   if (n_seqs < 1 || n_seqs > p.max_seqs)
     throw std::invalid_argument("a step takes 1.." + std::to_string(p.max_seqs) +
                                 " sequences (the program's max_seqs), got " + std::to_string(n_seqs));
-  int64_t n_rows = 0;
+  int64_t n_rows = 0, n_out = 0;
   for (int i = 0; i < n_seqs; ++i) {
     const SeqInput& q = seqs[i];
     const std::string which = n_seqs > 1 ? "sequence " + std::to_string(i) + ": " : "";
@@ -185,8 +185,15 @@ void run_batch(const Program& program, const SeqInput* seqs, int n_seqs, float* 
         throw std::invalid_argument(which + "token id " + std::to_string(q.tokens[t]) + " at index " +
                                     std::to_string(t) + " is outside the vocabulary of " +
                                     std::to_string(p.vocab));
+    if (q.n_out < 1 || q.n_out > q.n_tokens)
+      throw std::invalid_argument(which + "n_out must be in 1..n_tokens (" + std::to_string(q.n_tokens) + "), got " +
+                                  std::to_string(q.n_out));
     n_rows += q.n_tokens;
+    n_out += q.n_out;
   }
+  if (n_out > p.max_seqs)
+    throw std::invalid_argument("a step has at most " + std::to_string(p.max_seqs) +
+                                " output rows (the program's max_seqs), the sequences ask for " + std::to_string(n_out));
   if (n_rows > p.max_tokens)
     throw std::invalid_argument("a step takes at most " + std::to_string(p.max_tokens) +
                                 " rows (the program's max_tokens), the sequences have " + std::to_string(n_rows));
@@ -206,10 +213,11 @@ void run_batch(const Program& program, const SeqInput* seqs, int n_seqs, float* 
   StepRows& step = p.step;
   step.n_rows = (int)n_rows;
   step.n_seqs = n_seqs;
+  step.n_out = (int)n_out;
   int row = 0;
   for (int i = 0; i < n_seqs; ++i) {
     const SeqInput& q = seqs[i];
-    step.seqs[(size_t)i] = SeqSlot{&q.state->impl_->kv, q.pos, q.n_tokens, row};
+    step.seqs[(size_t)i] = SeqSlot{&q.state->impl_->kv, q.pos, q.n_tokens, row, q.n_out};
     for (int t = 0; t < q.n_tokens; ++t, ++row) {
       step.tokens[(size_t)row] = q.tokens[t];
       step.row_pos[(size_t)row] = (int64_t)q.pos + t;

@@ -147,8 +147,8 @@ class Program {
   int64_t output_cols() const;
   // Per KV layer: its attention window (0 = full attention, -1 = the layer has no attention op).
   const std::vector<int64_t>& layer_windows() const;
-  // Rows of the output of a step of n_rows rows in n_seqs sequences (ROWS_T, ROWS_S or fixed).
-  int64_t output_rows(int n_rows, int n_seqs = 1) const;
+  // Rows of the output of a step of n_rows rows with n_out output rows (ROWS_T, ROWS_S or fixed).
+  int64_t output_rows(int n_rows, int n_out = 1) const;
   struct Impl;
   Impl* impl() const { return impl_.get(); }
  private:
@@ -193,19 +193,21 @@ class State {
 };
 
 // One sequence's rows of a batched step: n_tokens tokens at positions pos..pos+n_tokens-1 of
-// the sequence whose KV cache `state` holds.
+// the sequence whose KV cache `state` holds. n_out: how many of its last rows an [S, cols] output
+// (the logits) holds, 1..n_tokens: 1 for generation, more to verify drafted tokens.
 struct SeqInput {
   State* state;
   const int32_t* tokens;
   int n_tokens;
   int pos;
+  int n_out = 1;
 };
 
 // Runs one forward pass over the rows of n_seqs sequences (1..max_seqs States of `program`, each
 // at most once, n_tokens >= 1 each, max_tokens rows in all): each row is embedded, rotated and
 // attends at its own position in its own sequence's KV cache, and every weight is read once for
-// all rows. Writes the output tensor: one row per sequence for an [S, cols] output (the logits
-// of each sequence's last row), one per row for [T, cols] (in the order of `seqs`). Same errors
+// all rows. Writes the output tensor: for an [S, cols] output (the logits) the last n_out rows of
+// each sequence (max_seqs output rows in all), for [T, cols] every row (in the order of `seqs`). Same errors
 // as State::run, naming the sequence; nothing runs if any input is bad. State::run is a batch of one.
 void run_batch(const Program& program, const SeqInput* seqs, int n_seqs, float* out);
 

@@ -230,6 +230,12 @@ class OpChecker {
     return v;
   }
 
+  // act_levels of a matmul op (ops.def): 0 (the program's option), 1 or 2.
+  void act_levels(IntParam p) const {
+    const int64_t v = param(op_, p);
+    if (v < 0 || v > 2) fail("act_levels must be 0, 1 or 2, got " + std::to_string(v));
+  }
+
   static std::string count(int n, bool or_more) { return std::to_string(n) + (or_more ? "+" : ""); }
   static std::string range(size_t lo, size_t hi) {
     return lo == hi ? std::to_string(lo) : std::to_string(lo) + ".." + std::to_string(hi);
@@ -292,6 +298,7 @@ void Program::Impl::validate_op(size_t index) {
         c.fail("expects inputs [x, W1, b1, W2, b2, ...] and one output per weight, got " +
                std::to_string(in.size()) + " inputs and " + std::to_string(out.size()) +
                " outputs");
+      c.act_levels(op.code == OpCode::matmul ? params::matmul::act_levels : params::matmul_multi::act_levels);
       const Tensor& x = c.act(in[0], "x");
       for (size_t j = 0; j < out.size(); ++j) {
         const Tensor& w = c.weight(in[1 + 2 * j], "weight");
@@ -307,6 +314,8 @@ void Program::Impl::validate_op(size_t index) {
     }
     case OpCode::matmul_swiglu:
     case OpCode::matmul_geglu: {
+      c.act_levels(op.code == OpCode::matmul_swiglu ? params::matmul_swiglu::act_levels
+                                                    : params::matmul_geglu::act_levels);
       const Tensor& x = c.act(in[0], "x");
       const Tensor& wg = c.weight(in[1], "gate weight");
       const Tensor& wu = c.weight(in[2], "up weight");
@@ -536,8 +545,8 @@ const char* Program::activations() const { return impl_->options.activations.c_s
 int64_t Program::output_cols() const { return impl_->tensors[impl_->output].cols; }
 const std::vector<int64_t>& Program::layer_windows() const { return impl_->layer_window; }
 int Program::max_seqs() const { return impl_->max_seqs; }
-int64_t Program::output_rows(int n_rows, int n_seqs) const {
-  return impl_->rows_at(impl_->tensors[impl_->output], n_rows, n_seqs);
+int64_t Program::output_rows(int n_rows, int n_out) const {
+  return impl_->rows_at(impl_->tensors[impl_->output], n_rows, n_out);
 }
 
 }  // namespace plm

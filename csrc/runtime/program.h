@@ -34,6 +34,7 @@ struct SeqSlot {
   int64_t pos0 = 0;    // position of its first row
   int n_tokens = 0;
   int first_row = 0;   // its first row in the step
+  int n_out = 1;       // its last rows that an [S, cols] tensor holds
 };
 
 // The rows of one step (run_batch): the sequences' tokens one after another; each row carries its
@@ -41,7 +42,8 @@ struct SeqSlot {
 // filled under its step mutex.
 struct StepRows {
   int n_rows = 0;            // ROWS_T
-  int n_seqs = 0;            // ROWS_S
+  int n_seqs = 0;            // sequences
+  int n_out = 0;             // ROWS_S: output rows, the sum of the sequences' n_out
   std::vector<int32_t> tokens;
   std::vector<int64_t> row_pos;
   std::vector<int32_t> row_seq;
@@ -78,8 +80,8 @@ struct Program::Impl {
   Impl();
   ~Impl();
 
-  int64_t rows_at(const Tensor& t, int n_rows, int n_seqs) const {
-    return t.rows == ROWS_T ? n_rows : t.rows == ROWS_S ? n_seqs : t.rows;
+  int64_t rows_at(const Tensor& t, int n_rows, int n_out) const {
+    return t.rows == ROWS_T ? n_rows : t.rows == ROWS_S ? n_out : t.rows;
   }
   int64_t max_rows(const Tensor& t) const {
     return t.rows == ROWS_T ? max_tokens : t.rows == ROWS_S ? max_seqs : t.rows;

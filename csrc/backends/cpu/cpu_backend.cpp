@@ -77,9 +77,12 @@ void CpuBackend::prepare() {
       case OpCode::matmul_geglu: {
         const size_t step = op.code == OpCode::matmul || op.code == OpCode::matmul_multi ? 2 : 1;
         const size_t n_weights = step == 2 ? op.outputs.size() : 2;
+        const int64_t levels = op.iparams[0];  // act_levels, the only int param of the four (ops.def)
         for (size_t j = 0; j < n_weights; ++j) {
           const Tensor& w = p_.tensors[(size_t)op.inputs[1 + step * j]];
-          if (traits(w.weight.dtype).quantized) max_quant_k_ = std::max(max_quant_k_, x.cols);
+          if (!traits(w.weight.dtype).quantized) continue;
+          max_quant_k_ = std::max(max_quant_k_, x.cols);
+          any_act2_ |= levels == 2 || (levels == 0 && act2_);
         }
         if (step == 1) max_swiglu_f_ = std::max(max_swiglu_f_, p_.tensors[(size_t)op.inputs[1]].rows);
         break;
@@ -99,7 +102,7 @@ void CpuBackend::prepare() {
 
 CpuBackend::Scratch CpuBackend::scratch_bytes(int max_context) const {
   const Program::Impl& p = p_;
-  const int64_t block = act2_ ? sizeof(kernels::BlockQ8A2) : sizeof(kernels::BlockQ8A);
+  const int64_t block = any_act2_ ? sizeof(kernels::BlockQ8A2) : sizeof(kernels::BlockQ8A);
   Scratch z;
   z.act_q = checked_product({p.max_tokens, max_quant_k_ / 32, block}, "activation scratch bytes");
   z.up = checked_product({p.max_tokens, max_swiglu_f_, (int64_t)sizeof(float)}, "up-projection scratch bytes");
@@ -149,7 +152,7 @@ void CpuBackend::run(const StepRows& rows, float* out) {
   Step step(p_, *kt_, act2_, *ws_, rows);  // ws_: made by the first State
   for (const OpDesc& op : p_.ops) step.exec(op);
   const Tensor& output = p_.tensors[(size_t)p_.output];
-  const int64_t n = p_.rows_at(output, rows.n_rows, rows.n_seqs) * output.cols;
+  const int64_t n = p_.rows_at(output, rows.n_rows, rows.n_out) * output.cols;
   std::memcpy(out, step.f32(p_.output), (size_t)n * sizeof(float));
 }
 

@@ -30,7 +30,7 @@ constexpr int64_t kAttnMinChunk = 64;
 struct Workspace {
   ThreadPool pool;
   LazyBuffer arena;
-  LazyBuffer act_q;      // [max_tokens][max_quant_k / 32] BlockQ8A, or BlockQ8A2 (act2)
+  LazyBuffer act_q;      // [max_tokens][max_quant_k / 32] BlockQ8A, or BlockQ8A2 if an op has two levels
   LazyBuffer up;         // [max_tokens][max_swiglu_f] f32: matmul_swiglu's up projection
   LazyBuffer scores;     // [n_threads][max_group][scores_context] f32: attention scores
   LazyBuffer partials;   // attention split over positions: [slots][2 + head_dim] f32
@@ -60,7 +60,8 @@ class CpuBackend final : public Backend {
 
   const Program::Impl& p_;
   const kernels::KernelTable* kt_ = nullptr;
-  bool act2_ = true;                 // two-level activations (BlockQ8A2), see executor.h
+  bool act2_ = true;                 // two-level activations (BlockQ8A2) where an op does not say, see executor.h
+  bool any_act2_ = false;            // some matmul with quantized weights runs two levels (act_q's block)
   // Scratch sizes, found by prepare().
   int64_t max_quant_k_ = 0;          // largest K of a matmul with quantized activations
   int64_t max_swiglu_f_ = 0;         // largest F of a matmul_swiglu (its "up" half)
@@ -75,11 +76,12 @@ class CpuBackend final : public Backend {
 struct Step {
   const Program::Impl& p;
   const kernels::KernelTable& kt;
-  const bool act2;
+  const bool act2;  // the program's default for matmuls whose act_levels is 0
   Workspace& ws;
   ThreadPool& pool;
   int n_rows = 0;            // rows of this step (ROWS_T)
-  int n_seqs = 0;            // sequences of this step (ROWS_S)
+  int n_seqs = 0;            // sequences of this step
+  int n_out = 0;             // output rows of this step (ROWS_S)
   const SeqSlot* seqs;       // [n_seqs]
   const int32_t* tokens;     // [n_rows]
   const int64_t* row_pos;    // [n_rows]
@@ -87,7 +89,7 @@ struct Step {
 
   Step(const Program::Impl& program, const kernels::KernelTable& kernels, bool act2_, Workspace& w,
        const StepRows& rows)
-      : p(program), kt(kernels), act2(act2_), ws(w), pool(w.pool), n_rows(rows.n_rows), n_seqs(rows.n_seqs),
+      : p(program), kt(kernels), act2(act2_), ws(w), pool(w.pool), n_rows(rows.n_rows), n_seqs(rows.n_seqs), n_out(rows.n_out),
         seqs(rows.seqs.data()), tokens(rows.tokens.data()), row_pos(rows.row_pos.data()),
         row_seq(rows.row_seq.data()) {}
 
@@ -96,7 +98,7 @@ struct Step {
     if (t.kind == TensorKind::ARENA) return reinterpret_cast<float*>(ws.arena.as<uint8_t>() + t.arena_offset);
     return const_cast<float*>(t.f32);
   }
-  int64_t rows(int id) const { return p.rows_at(p.tensors[id], n_rows, n_seqs); }
+  int64_t rows(int id) const { return p.rows_at(p.tensors[id], n_rows, n_out); }
   const Tensor& tensor(int id) const { return p.tensors[id]; }
 
   // Runs fn(row) for every row, spread over the threads when there are several.
@@ -109,11 +111,14 @@ struct Step {
   void embed(const OpDesc& op);
   // Row r of a weight as floats (embedding and position tables), whatever its layout.
   void weight_row(const kernels::WeightView& w, int64_t r, float* out) const;
-  void quantize(const float* x, int64_t rows, int64_t k);
-  // One weight's columns [n0, n1) for r rows, reading the activations quantize() prepared.
+  // Whether matmul op `op` quantizes its input to two levels (its act_levels, else the default).
+  bool two_level(const OpDesc& op) const;
+  void quantize(const float* x, int64_t rows, int64_t k, bool two);
+  // One weight's columns [n0, n1) for r rows, reading the activations quantize() prepared (`two`:
+  // as quantize was told).
   void mm(const kernels::WeightView& w, const float* x, int64_t k, int64_t r, float* y, int64_t ldy,
-          int64_t n0, int64_t n1) const {
-    if (act2)
+          int64_t n0, int64_t n1, bool two) const {
+    if (two)
       kt.matmul2[(int)w.dtype](w, x, (size_t)k, ws.act_q.as<kernels::BlockQ8A2>(), (int)r, y, (size_t)ldy,
                                (int)n0, (int)n1);
     else

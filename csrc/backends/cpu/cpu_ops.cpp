@@ -71,9 +71,14 @@ void Step::weight_row(const kernels::WeightView& w, int64_t r, float* out) const
   }
 }
 
-void Step::quantize(const float* x, int64_t rows, int64_t k) {
+bool Step::two_level(const OpDesc& op) const {
+  const int64_t levels = op.iparams[0];  // act_levels (ops.def), validated 0..2
+  return levels == 0 ? act2 : levels == 2;
+}
+
+void Step::quantize(const float* x, int64_t rows, int64_t k, bool two) {
   const int64_t blocks = k / 32;
-  if (act2) {
+  if (two) {
     auto* xq2 = ws.act_q.as<kernels::BlockQ8A2>();
     for_rows(rows, [&](int64_t t) { kt.quantize_act2(x + t * k, xq2 + t * blocks, (int)k); });
     return;
@@ -98,7 +103,8 @@ void Step::matmul(const OpDesc& op) {
     any_quant |= traits(w.dtype).quantized;
     total += w.rows;
   }
-  if (any_quant) quantize(x, r, k);
+  const bool two = two_level(op);
+  if (any_quant) quantize(x, r, k, two);
   const int n_parts = matmul_parts(total, pool.n_threads());
   const int64_t align = split_align(total, n_parts);
   pool.parallel_for(n_parts, [&](int part, int) {
@@ -111,7 +117,7 @@ void Step::matmul(const OpDesc& op) {
       base += w.rows;
       if (n0 >= n1) continue;
       float* y = f32(op.outputs[j]);
-      mm(w, x, k, r, y, w.rows, n0, n1);
+      mm(w, x, k, r, y, w.rows, n0, n1, two);
       if (op.inputs[2 + 2 * j] != -1) {
         const float* bias = f32(op.inputs[2 + 2 * j]);
         for (int64_t t = 0; t < r; ++t) {
@@ -131,7 +137,8 @@ void Step::matmul_swiglu(const OpDesc& op) {
   const kernels::WeightView& wg = tensor(op.inputs[1]).weight;
   const kernels::WeightView& wu = tensor(op.inputs[2]).weight;
   const int64_t f = wg.rows;
-  if (traits(wg.dtype).quantized || traits(wu.dtype).quantized) quantize(x, r, k);
+  const bool two = two_level(op);
+  if (traits(wg.dtype).quantized || traits(wu.dtype).quantized) quantize(x, r, k, two);
   float* y = f32(op.outputs[0]);  // holds the gate projection until silu_mul
   float* u = ws.up.as<float>();
   auto act = op.code == OpCode::matmul_geglu ? gelu_mul : kt.silu_mul;
@@ -141,8 +148,8 @@ void Step::matmul_swiglu(const OpDesc& op) {
     int64_t n0 = split_point(f, n_parts, part, align);
     int64_t n1 = split_point(f, n_parts, part + 1, align);
     if (n0 >= n1) return;
-    mm(wg, x, k, r, y, f, n0, n1);
-    mm(wu, x, k, r, u, f, n0, n1);
+    mm(wg, x, k, r, y, f, n0, n1, two);
+    mm(wu, x, k, r, u, f, n0, n1, two);
     for (int64_t t = 0; t < r; ++t)
       act(y + t * f + n0, u + t * f + n0, y + t * f + n0, (int)(n1 - n0));
   });
@@ -414,8 +421,12 @@ void Step::take_last(const OpDesc& op) {
   const float* x = f32(op.inputs[0]);
   float* y = f32(op.outputs[0]);
   const int64_t d = tensor(op.inputs[0]).cols;
-  for (int i = 0; i < n_seqs; ++i)
-    std::memcpy(y + i * d, x + (int64_t)(seqs[i].first_row + seqs[i].n_tokens - 1) * d, (size_t)d * sizeof(float));
+  int64_t r = 0;  // each sequence's last n_out rows, in order
+  for (int i = 0; i < n_seqs; ++i) {
+    const int64_t first = seqs[i].first_row + seqs[i].n_tokens - seqs[i].n_out;
+    std::memcpy(y + r * d, x + first * d, (size_t)(seqs[i].n_out * d) * sizeof(float));
+    r += seqs[i].n_out;
+  }
 }
 
 void Step::exec(const OpDesc& op) {
