@@ -26,6 +26,7 @@ from pocketlm.ir.graph import Graph
 from pocketlm.ir.lower import lower
 from pocketlm.passes import PIPELINE, run_pipeline
 from pocketlm.passes.fold import make_fold_constants
+from pocketlm.passes.precision import make_activation_levels
 from pocketlm.planner import MemoryPlan, plan_memory
 from pocketlm.tokenizer import Tokenizer
 
@@ -54,7 +55,7 @@ def physical_cores() -> int:
     return max(1, len(seen))
 
 
-ACTIVATIONS = ("int8x2", "int8")  # how integer matmuls quantize their inputs (csrc/runtime/executor.h)
+ACTIVATIONS = ("auto", "int8x2", "int8")  # named activation specs (passes/precision.py); per-site specs too
 
 
 class CompiledModel:
@@ -65,8 +66,9 @@ class CompiledModel:
                  activations: str = "int8x2", max_seqs: int = 1):
         from pocketlm import _core
 
-        if activations not in ACTIVATIONS:
-            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+        from pocketlm.dtypes import DType
+
+        levels_pass = make_activation_levels(activations, {t.name: DType(t.dtype) for t in bundle.tensors})
         read_weight = _weight_reader(bundle)
         g = build_model_graph(bundle, max_positions=max_context, read_weight=read_weight)
         self.config = dict(bundle.metadata["config"])
@@ -74,6 +76,7 @@ class CompiledModel:
             # all_logits (scoring, perplexity): keep the output head on every row.
             passes = [(name, make_fold_constants(read_weight) if name == "fold_constants" else fn)
                       for name, fn in PIPELINE if not (all_logits and name == "last_position_only")]
+            passes.append(("activation_levels", levels_pass))
             self.all_logits = all_logits
             self.snapshots: list[tuple[str, Graph]] | None = [] if keep_snapshots else None
             self.graph = run_pipeline(g, passes, self.snapshots)  # RoPE tables: checked by build_model_graph
@@ -85,7 +88,7 @@ class CompiledModel:
             # refuses came from the bundle's metadata.
             self.program = _core.Program(bundle.core, tensors, ops, self.plan.arena_bytes, prefill_chunk,
                                          kv_shape, output, threads,
-                                         kernels, activations, max_seqs)
+                                         kernels, "int8x2", max_seqs)  # every matmul says its levels
 
 
 def build_model_graph(bundle, max_positions: int, read_weight=None) -> Graph:
@@ -234,7 +237,7 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
 class Engine:
     def __init__(self, path: str | os.PathLike, threads: int | None = None, max_context: int = 4096,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, verify: bool = False, kernels: str = "",
-                 activations: str = "int8x2", kv_type: str = "f16", max_batch: int = DEFAULT_MAX_BATCH,
+                 activations: str = "auto", kv_type: str = "f16", max_batch: int = DEFAULT_MAX_BATCH,
                  max_queue: int = DEFAULT_MAX_QUEUE, kv_budget: int | None = None):
         """Loads a .plm (or a .gguf, converted once into the cache, or a known model name).
 
@@ -242,9 +245,11 @@ class Engine:
         (capped at the model's trained context). prefill_chunk: tokens per executor call
         during prefill. verify: hash every tensor before use. kernels: force a CPU kernel
         variant ("ref", "avx2", "avx512", "neon"; default: the best this CPU supports).
-        activations: how integer matmuls quantize their inputs: "int8x2" (default: int8 plus
-        an int8 residual, ~15-bit, float-quality answers) or "int8" (one level, faster, as
-        llama.cpp; see docs/quant.md). kv_type: the KV cache's element type, "f16" (default,
+        activations: how integer matmuls quantize their inputs: "auto" (default: two-level int8 where
+        it buys accuracy, by weight type and the model's calibration, pocketlm.calibration), "int8x2"
+        (two levels everywhere: int8 plus an int8 residual, ~15-bit, float-quality answers), "int8"
+        (one level, fastest, as llama.cpp), or per site, e.g. "int8,ffn_down=int8x2"
+        (pocketlm.passes.precision; docs/quant.md). kv_type: the KV cache's element type, "f16" (default,
         as llama.cpp: half the memory, ~1e-3 relative error in the cached keys and values) or
         "f32" (exact).
 
@@ -288,12 +293,22 @@ class Engine:
         self.kv_budget = kv_budget
         self._kernels = kernels
         self.activations = activations
+        self.tokenizer = load_tokenizer(self.bundle)
+        self.calibration: dict | None = None
+        if activations == "auto":  # resolved per model: pocketlm.calibration
+            from pocketlm.calibration import resolve_auto
+
+            self.activation_spec, self.calibration = resolve_auto(self.bundle, self.tokenizer, self.threads)
+        else:
+            from pocketlm.passes.precision import parse
+
+            parse(activations)  # a bad spec fails here, before any work
+            self.activation_spec = activations
         self.compiled = CompiledModel(self.bundle, self.max_context, self.prefill_chunk, self.threads,
-                                      kernels=kernels, activations=activations, max_seqs=self.max_batch)
+                                      kernels=kernels, activations=self.activation_spec, max_seqs=self.max_batch)
         self._scheduler = None
         self._scoring: CompiledModel | None = None
         self._lazy_lock = threading.Lock()  # the scoring program and the scheduler are made on first use, from any thread
-        self.tokenizer = load_tokenizer(self.bundle)
         self.chat_template: str | None = meta.get("chat_template")
         self.generation_defaults: dict = dict(meta.get("generation") or {})
         self.load_seconds = time.perf_counter() - t0
@@ -319,7 +334,7 @@ class Engine:
                 self._scoring = CompiledModel(self.bundle, self.max_context,
                                               min(self.SCORING_CHUNK, self.prefill_chunk), self.threads,
                                               kernels=self._kernels, all_logits=True,
-                                              activations=self.activations)
+                                              activations=self.activation_spec)
         return self._scoring
 
     def create_session(self, max_context: int | None = None, logits: str = "last"):

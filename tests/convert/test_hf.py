@@ -352,7 +352,7 @@ def test_rows_not_multiple_of_16_keep_the_row_major_type(tmp_path, mode, group_s
                 p.copy_(torch.from_numpy(bundle_f32(b, canon)).reshape(p.shape))
         ids = np.random.default_rng(7).integers(0, 320, size=20).tolist()
         ref = model(torch.tensor([ids])).logits[0, -1].float().numpy()
-    engine = Engine(out, threads=2, max_context=64)
+    engine = Engine(out, threads=2, max_context=64, activations="int8x2")  # near-float: the layout is what is tested
     s = engine.create_session()
     for got in (engine.create_session().prefill(ids), (s.prefill(ids[:-1]), s.decode(ids[-1]))[1]):
         err = np.abs(got - ref).max() / ref.std()  # prefill; then decode (one-token matvecs)

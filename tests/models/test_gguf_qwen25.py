@@ -101,7 +101,7 @@ def reader(qwen_gguf):
 
 @pytest.fixture(scope="module")
 def native(bundle_path):
-    return Engine(bundle_path, kv_type="f32", threads=2, max_context=1024)
+    return Engine(bundle_path, kv_type="f32", threads=2, max_context=1024, activations="int8x2")  # near-float: parity
 
 
 @pytest.fixture(scope="module")

