@@ -10,7 +10,7 @@
 #   llama_cpp_python-<v>/               the extracted sdist
 #   src -> llama_cpp_python-<v>/vendor/llama.cpp   convert_hf_to_gguf.py, gguf-py/, models/ggml-vocab-*
 #   build/bin/                          llama-bench, llama-batched-bench, llama-perplexity, llama-quantize,
-#                                       llama-completion
+#                                       llama-completion, llama-speculative
 #   VERSION                             the pinned llama-cpp-python version that was built
 set -euo pipefail
 
@@ -21,7 +21,7 @@ PY="$VENV/bin/python"
 [ -x "$PY" ] || PY="$(command -v python3)"
 JOBS="${JOBS:-2}"
 # llama-cli needs the server in this version; llama-completion is the plain prompt -> text tool.
-TARGETS=(llama-bench llama-batched-bench llama-perplexity llama-quantize llama-completion)
+TARGETS=(llama-bench llama-batched-bench llama-perplexity llama-quantize llama-completion llama-speculative)
 
 mkdir -p "$CACHE/sdist"
 cd "$CACHE"

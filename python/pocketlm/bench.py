@@ -27,6 +27,15 @@ the scheduler runs):
   tg   n steps of one fixed random id per sequence (no sampling)  -> B * n / seconds (aggregate),
        and n / seconds per sequence
 
+With --draft MODEL (or --lookup) it measures speculative decoding instead: each prompt of a set
+(built in: code completion for --draft, rewriting code for --lookup; or one prompt per paragraph of
+--prompts FILE) is answered greedily, n tokens at most, through the chat template, by one Engine
+without and one with the drafter, alternating within each repetition:
+
+  tg   decode tok/s of the answers (GenerationStats: after the first token), each engine's own, and
+       speedup = with / without, per repetition, then the median
+  acceptance  guesses kept / guesses offered; same_output: whether every answer was identical
+
 Results are means and sample standard deviations over the repetitions; the raw samples and the
 medians are kept in the JSON.
 """
@@ -66,6 +75,10 @@ class BenchConfig:
     seed: int = 42
     load_probe: bool = True  # measure load time and peak RSS in fresh subprocesses
     batch: tuple[int, ...] = ()  # --batch: batch sizes of the batched measurement (instead of the single stream)
+    draft: str = ""          # --draft: measure speculative decoding with this draft model
+    lookup: bool = False     # --lookup: ... with prompt lookup
+    draft_max: int | None = None
+    prompts: str = ""        # --prompts FILE: one prompt per paragraph (blank-line separated)
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -256,6 +269,8 @@ def run_bench(cfg: BenchConfig, quiet: bool = False) -> dict:
         raise ValueError("bench needs -p >= 1, -n >= 0, -d >= 0 and -r >= 1")
     if cfg.batch:
         return run_batched(cfg, quiet)
+    if cfg.draft or cfg.lookup:
+        return run_speculative(cfg, quiet)
     path = resolve_model_path(cfg.model)  # a .gguf is converted into the cache here, untimed
     bundle = read_bundle(path)
     trained = int((bundle.metadata.get("config") or {}).get("max_position") or 0)
@@ -525,3 +540,107 @@ def plot(res: dict, path: str | os.PathLike) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ---- speculative decoding ---------------------------------------------------------------------
+
+CODE_PROMPTS = (
+    "Complete this Python function and return only code:\n\ndef quicksort(items: list[int]) -> list[int]:\n"
+    "    \"\"\"Sort items with quicksort and return a new list.\"\"\"",
+    "Complete this Python function and return only code:\n\ndef is_palindrome(text: str) -> bool:\n"
+    "    \"\"\"True if text reads the same backwards, ignoring case and spaces.\"\"\"",
+    "Complete this Python class and return only code:\n\nclass Stack:\n    \"\"\"A LIFO stack with push, pop, "
+    "peek and __len__.\"\"\"",
+    "Write a Python function `word_counts(path)` that reads a text file and returns a dict of word frequencies.",
+    "Complete this JavaScript function and return only code:\n\nfunction debounce(fn, ms) {",
+    "Write a SQL query that returns the ten customers with the highest total order amount from tables "
+    "customers(id, name) and orders(id, customer_id, amount).",
+)
+
+REWRITE_PROMPTS = (
+    "Rewrite this code with type hints and a docstring, keeping everything else the same:\n\n"
+    "def merge(a, b):\n    out = []\n    i = j = 0\n    while i < len(a) and j < len(b):\n"
+    "        if a[i] <= b[j]:\n            out.append(a[i])\n            i += 1\n        else:\n"
+    "            out.append(b[j])\n            j += 1\n    out.extend(a[i:])\n    out.extend(b[j:])\n"
+    "    return out\n",
+    "Rename the variable `data` to `records` in this code and change nothing else:\n\n"
+    "def summarize(data):\n    total = 0\n    for row in data:\n        total += row['amount']\n"
+    "    count = len(data)\n    mean = total / count if count else 0\n    return {'total': total, "
+    "'count': count, 'mean': mean}\n",
+    "Add a comment above each line of this function, keeping the code unchanged:\n\n"
+    "def fizzbuzz(n):\n    for i in range(1, n + 1):\n        if i % 15 == 0:\n            print('FizzBuzz')\n"
+    "        elif i % 3 == 0:\n            print('Fizz')\n        elif i % 5 == 0:\n            print('Buzz')\n"
+    "        else:\n            print(i)\n",
+)
+
+
+def run_speculative(cfg: BenchConfig, quiet: bool = False) -> dict:
+    """Plain vs speculative greedy decoding on a prompt set (module docstring); returns the JSON."""
+    import pocketlm
+    from pocketlm.engine import Engine
+
+    if cfg.prompts:
+        text = Path(cfg.prompts).read_text(encoding="utf-8")
+        prompts = [p.strip() for p in text.split("\n\n") if p.strip()]
+        if not prompts:
+            raise ValueError(f"{cfg.prompts}: no prompt (one per paragraph)")
+    else:
+        prompts = list(REWRITE_PROMPTS if cfg.lookup else CODE_PROMPTS)
+    kw = dict(threads=cfg.threads, max_context=4096, **_engine_kwargs(cfg.kernels, cfg.activations, cfg.kv_type))
+    plain = Engine(cfg.model, **kw)
+    spec = Engine(cfg.model, draft=cfg.draft or None, lookup=cfg.lookup, draft_max=cfg.draft_max, **kw)
+    how = f"draft {Path(cfg.draft).name}" if cfg.draft else "prompt lookup"
+    _log(f"bench --{'draft' if cfg.draft else 'lookup'}: {Path(plain.path).name} | {how}, draft_max "
+         f"{spec.draft_max} | {plain.kernel_name}, {plain.threads} threads | {len(prompts)} prompts, "
+         f"n {cfg.n_gen}, greedy", quiet)
+
+    def answer(engine, prompt):
+        s = engine.create_session()
+        out = "".join(s.chat([{"role": "user", "content": prompt}], max_tokens=cfg.n_gen, temperature=0))
+        st = s.last_stats
+        return out, st
+
+    answer(plain, prompts[0]), answer(spec, prompts[0])  # warm-up (and the draft's calibration)
+    reps = []
+    same = True
+    for rep in range(cfg.reps):
+        row = {"plain_s": 0.0, "plain_tokens": 0, "spec_s": 0.0, "spec_tokens": 0, "offered": 0, "kept": 0}
+        for i, prompt in enumerate(prompts):
+            order = (plain, spec) if (rep + i) % 2 == 0 else (spec, plain)
+            got = {}
+            for engine in order:
+                got[engine is spec] = answer(engine, prompt)
+            (a, sa), (b, sb) = got[False], got[True]
+            same &= a == b
+            row["plain_s"] += sa.decode_seconds
+            row["plain_tokens"] += max(sa.generated_tokens - 1, 0)
+            row["spec_s"] += sb.decode_seconds
+            row["spec_tokens"] += max(sb.generated_tokens - 1, 0)
+            row["offered"] += sb.draft_tokens
+            row["kept"] += sb.accepted_tokens
+        row["plain_tg_tok_s"] = row["plain_tokens"] / row["plain_s"] if row["plain_s"] else 0.0
+        row["spec_tg_tok_s"] = row["spec_tokens"] / row["spec_s"] if row["spec_s"] else 0.0
+        row["speedup"] = row["spec_tg_tok_s"] / row["plain_tg_tok_s"] if row["plain_tg_tok_s"] else 0.0
+        reps.append(row)
+        _log(f"  rep {rep + 1}/{cfg.reps}: plain {row['plain_tg_tok_s']:.1f} tok/s, speculative "
+             f"{row['spec_tg_tok_s']:.1f} tok/s ({row['speedup']:.2f}x), kept {row['kept']}/{row['offered']}", quiet)
+    med = lambda k: statistics.median(r[k] for r in reps)  # noqa: E731
+    offered = sum(r["offered"] for r in reps)
+    return {
+        "pocketlm_version": pocketlm.__version__, "model": Path(plain.path).name,
+        "drafter": Path(cfg.draft).name if cfg.draft else "lookup", "draft_max": spec.draft_max,
+        "threads": plain.threads, "kernels": plain.kernel_name, "activations": plain.activation_spec,
+        "prompts": len(prompts), "n_gen": cfg.n_gen, "reps": cfg.reps,
+        "plain_tg_tok_s": med("plain_tg_tok_s"), "spec_tg_tok_s": med("spec_tg_tok_s"), "speedup": med("speedup"),
+        "acceptance": sum(r["kept"] for r in reps) / offered if offered else 0.0,
+        "same_output": same, "samples": reps, "machine": machine_info(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def format_speculative_markdown(res: dict) -> str:
+    return (f"| model | drafter | plain tg tok/s | speculative tg tok/s | speedup | acceptance | same output |\n"
+            f"|---|---|---:|---:|---:|---:|---|\n"
+            f"| {res['model']} | {res['drafter']} (max {res['draft_max']}) | {res['plain_tg_tok_s']:.1f} | "
+            f"{res['spec_tg_tok_s']:.1f} | {res['speedup']:.2f}x | {100 * res['acceptance']:.0f} % | "
+            f"{'yes' if res['same_output'] else 'NO'} |")

@@ -28,6 +28,7 @@ from pocketlm.passes import PIPELINE, run_pipeline
 from pocketlm.passes.fold import make_fold_constants
 from pocketlm.passes.precision import make_activation_levels
 from pocketlm.planner import MemoryPlan, plan_memory
+from pocketlm.speculative import DEFAULT_DRAFT_MAX
 from pocketlm.tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 256
@@ -238,7 +239,9 @@ class Engine:
     def __init__(self, path: str | os.PathLike, threads: int | None = None, max_context: int = 4096,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, verify: bool = False, kernels: str = "",
                  activations: str = "auto", kv_type: str = "f16", max_batch: int = DEFAULT_MAX_BATCH,
-                 max_queue: int = DEFAULT_MAX_QUEUE, kv_budget: int | None = None):
+                 max_queue: int = DEFAULT_MAX_QUEUE, kv_budget: int | None = None,
+                 draft: str | os.PathLike | Engine | None = None, draft_max: int | None = None,
+                 lookup: bool = False):
         """Loads a .plm (or a .gguf, converted once into the cache, or a known model name).
 
         threads: worker threads, 1..64 (default: physical cores). max_context: tokens per session
@@ -259,6 +262,12 @@ class Engine:
         requests that may wait behind them before `submit` raises QueueFullError. kv_budget: bytes
         of KV cache the running generations may need together at their full length (None: no
         limit besides max_batch); a request that would exceed it waits.
+
+        Speculative decoding (`pocketlm.speculative`; the output is plain decoding's): draft: a
+        smaller model with the same tokenizer (a path, a known name, or an Engine) that guesses the
+        next tokens, which this model checks in one step; lookup: guess by n-gram lookup in the
+        prompt and the text so far instead (no second model). draft_max: guesses per step, at most
+        (default 16; each sequence adapts below it).
         """
         t0 = time.perf_counter()
         self.path = resolve_model_path(path)
@@ -289,6 +298,19 @@ class Engine:
         if kv_budget is not None and (isinstance(kv_budget, bool) or not isinstance(kv_budget, int) or kv_budget < 1):
             raise ValueError(f"kv_budget must be a positive number of bytes or None, got {kv_budget!r}")
         self.max_batch = min(int(max_batch), self.prefill_chunk)
+        if draft is not None and lookup:
+            raise ValueError("draft and lookup are two ways to guess tokens: choose one")
+        speculating = draft is not None or lookup
+        if draft_max is None:
+            draft_max = max(1, min(DEFAULT_DRAFT_MAX, self.prefill_chunk - 1))
+        elif isinstance(draft_max, bool) or not isinstance(draft_max, int) or not 1 <= draft_max < self.prefill_chunk:
+            raise ValueError(f"draft_max must be an integer in 1..{self.prefill_chunk - 1} (below the prefill "
+                             f"chunk), got {draft_max!r}")
+        if speculating and self.prefill_chunk < 2:
+            raise ValueError("speculative decoding needs a prefill chunk of at least 2 tokens")
+        self.draft_max = int(draft_max)
+        # Output rows of a step: one per sequence, and the guesses' rows of those that speculate.
+        out_rows = min(self.prefill_chunk, MAX_BATCH, self.max_batch + (2 * self.draft_max if speculating else 0))
         self.max_queue = int(max_queue)
         self.kv_budget = kv_budget
         self._kernels = kernels
@@ -305,12 +327,24 @@ class Engine:
             parse(activations)  # a bad spec fails here, before any work
             self.activation_spec = activations
         self.compiled = CompiledModel(self.bundle, self.max_context, self.prefill_chunk, self.threads,
-                                      kernels=kernels, activations=self.activation_spec, max_seqs=self.max_batch)
+                                      kernels=kernels, activations=self.activation_spec, max_seqs=out_rows)
         self._scheduler = None
         self._scoring: CompiledModel | None = None
         self._lazy_lock = threading.Lock()  # the scoring program and the scheduler are made on first use, from any thread
         self.chat_template: str | None = meta.get("chat_template")
         self.generation_defaults: dict = dict(meta.get("generation") or {})
+        self.speculator = None
+        if lookup:
+            from pocketlm.speculative import PromptLookup
+
+            self.speculator = PromptLookup()
+        elif draft is not None:
+            from pocketlm.speculative import DraftModel
+
+            draft_engine = draft if isinstance(draft, Engine) else Engine(
+                draft, threads=self.threads, max_context=self.max_context, kernels=kernels,
+                activations=activations, kv_type=kv_type, max_batch=self.max_batch)
+            self.speculator = DraftModel(self, draft_engine)
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -371,7 +405,8 @@ class Engine:
             if self._scheduler is None:
                 from pocketlm.scheduler import Scheduler
 
-                self._scheduler = Scheduler(self.compiled.program, self.max_batch, self.max_queue, self.kv_budget)
+                self._scheduler = Scheduler(self.compiled.program, self.max_batch, self.max_queue, self.kv_budget,
+                                            speculator=self.speculator)
         return self._scheduler
 
     def submit(self, prompt: str | list[int], *, session=None, max_tokens: int | None = None,

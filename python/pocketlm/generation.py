@@ -18,6 +18,7 @@ import numpy as np
 
 from pocketlm.errors import ContextOverflowError, InvalidInputError
 from pocketlm.sampling import Sampler, SamplingParams
+from pocketlm.speculative import Speculation
 from pocketlm.tokenizer import StreamDecoder
 
 SAMPLING_NAMES = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
@@ -61,6 +62,8 @@ class Generation:
         self._eos = set(tok.eos_ids)
         self._pending = ""   # text held back: it may still grow into a stop string
         self._t_decode = 0.0
+        spec = getattr(engine, "speculator", None)
+        self.spec = Speculation(engine.draft_max, None) if spec is not None and session.logits_mode == "last" else None
 
     def _prompt_ids(self, prompt, add_special_tokens: bool) -> list[int]:
         session = self.session
@@ -110,35 +113,69 @@ class Generation:
     def on_logits(self, logits: np.ndarray) -> list[str]:
         """The logits after the last token fed: samples the next token. Returns the text pieces it
         completes (possibly none) and sets `feed` to [token], or `done` with the finish reason."""
-        stats = self.stats
-        now = time.perf_counter()
-        if stats.generated_tokens == 0:
-            stats.prefill_seconds = now - self.t_start
         session = self.session
         recent = session._tokens[-self.params.repeat_last_n:] if self.params.repeat_last_n else session._tokens
         token = self._sampler.sample(logits, recent)
-        stats.generated_tokens += 1
-        if stats.generated_tokens == 1:
-            stats.ttft_seconds = time.perf_counter() - self.t_start
-            self._t_decode = time.perf_counter()
-        self.feed = None
+        return self._emit([token], session.position)
+
+    @property
+    def n_out(self) -> int:
+        """Logits rows the next step must return: 1, or the fed token and each guess (speculation)."""
+        return 1 + len(self.spec.drafts) if self.spec is not None else 1
+
+    def on_verify(self, rows: np.ndarray, base: int) -> list[str]:
+        """The logits after the fed token x0 (at position `base`) and after each of the guesses fed
+        with it (`spec.drafts`): keeps the guesses the model agrees with and its own next token
+        (`pocketlm.speculative.verify`), then goes on as `on_logits`."""
+        from pocketlm.speculative import verify
+
+        spec, stats = self.spec, self.stats
+        offered = len(spec.drafts)
+        tokens, kept = verify(self, rows, base)
+        spec.adapt(kept, offered)
+        stats.draft_tokens += offered
+        stats.accepted_tokens += kept
+        spec.drafts, spec.q = [], []
+        self.session._rewind(base + 1 + kept)  # the rejected guesses leave the cache
+        return self._emit(tokens, base + 1)
+
+    def _emit(self, tokens: list[int], position: int) -> list[str]:
+        """Takes sampled tokens in order, as plain decoding takes each: EOS, stop strings, max_tokens
+        and the context end each finish it. `position`: the session position before the first of them
+        would be fed. The session keeps every token but the last taken (which `feed` holds, unless done)."""
+        stats, session = self.stats, self.session
         pieces: list[str] = []
-        if token in self._eos:
-            return self._finish("stop", pieces)
-        self.token_ids.append(token)
-        self._pending += self._stream.push(token)
-        emit, hit_stop = split_stop(self._pending, self.stops) if self.stops else (self._pending, False)
-        if emit:
-            pieces.append(emit)
-        self._pending = self._pending[len(emit):]
-        if hit_stop:
-            self._pending = ""
-            return self._finish("stop", pieces, flush=False)
-        if stats.generated_tokens >= self.max_tokens:
-            return self._finish("length", pieces)  # the last token is not fed back
-        if session.position >= session.max_context:
-            return self._finish("context", pieces)
-        self.feed = np.array([token], dtype=np.int32)
+        for j, token in enumerate(tokens):
+            now = time.perf_counter()
+            if stats.generated_tokens == 0:
+                stats.prefill_seconds = now - self.t_start
+            stats.generated_tokens += 1
+            if stats.generated_tokens == 1:
+                stats.ttft_seconds = now - self.t_start
+                self._t_decode = now
+            self.feed = None
+            done = None
+            if token in self._eos:
+                done = self._finish("stop", pieces)
+            else:
+                self.token_ids.append(token)
+                self._pending += self._stream.push(token)
+                emit, hit_stop = split_stop(self._pending, self.stops) if self.stops else (self._pending, False)
+                if emit:
+                    pieces.append(emit)
+                self._pending = self._pending[len(emit):]
+                if hit_stop:
+                    self._pending = ""
+                    done = self._finish("stop", pieces, flush=False)
+                elif stats.generated_tokens >= self.max_tokens:
+                    done = self._finish("length", pieces)  # the last token is not fed back
+                elif position + j >= session.max_context:
+                    done = self._finish("context", pieces)
+            if done is not None:
+                if session.position > position + j:  # kept guesses past this one were fed: not any more
+                    session._rewind(position + j)
+                return done
+        self.feed = np.array([tokens[-1]], dtype=np.int32)
         return pieces
 
     def cancel(self, reason: str = "cancelled") -> None:

@@ -37,6 +37,8 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 
+import numpy as np
+
 from pocketlm.errors import InvalidInputError, QueueFullError
 
 IDLE_EXIT_SECONDS = 1.0
@@ -164,8 +166,11 @@ class _Running:
 
 
 class Scheduler:
-    def __init__(self, program, max_batch: int, max_queue: int, kv_budget: int | None = None):
+    def __init__(self, program, max_batch: int, max_queue: int, kv_budget: int | None = None,
+                 speculator=None):
         self.program = program
+        self.speculator = speculator  # pocketlm.speculative: guesses checked in the decode steps
+        self.max_out = int(program.max_seqs)      # output (logits) rows of one step
         self.max_batch = int(max_batch)
         self.max_queue = int(max_queue)
         self.kv_budget = kv_budget
@@ -325,24 +330,31 @@ class Scheduler:
         with self._lock:
             finished: list[tuple[Request, BaseException | None]] = self._reap_locked()
             self._admit_locked()
+            running = list(self._running)
+        if self.speculator is not None:
+            finished += self._draft(running)
+        with self._lock:
             batch = self._plan_locked()
         if batch:
             try:
-                out = _core.run_batch(self.program, [(r.session._state, r.gen.feed[:n], pos) for r, n, pos in batch])
+                out = _core.run_batch(self.program, [(r.session._state, r.gen.feed[:n], pos, r.gen.n_out if n > 1 and
+                                                      n == r.gen.n_out else 1) for r, n, pos in batch])
             except Exception as e:  # noqa: BLE001 - an input the checks missed: these caches are suspect
                 out = None
                 finished += [(r.request, e) for r, _, _ in batch]
             pushed: list[tuple[Request, list[str]]] = []
-            for i, (r, n, pos) in enumerate(batch if out is not None else ()):
+            row = 0
+            for r, n, pos in (batch if out is not None else ()):
                 gen, session = r.gen, r.session
+                n_out = gen.n_out if n > 1 and n == gen.n_out else 1
+                rows, row = out[row:row + n_out], row + n_out
                 session._advance(gen.feed[:n], pos)
                 gen.feed = gen.feed[n:]
                 if gen.feed.size:
                     continue  # still prefilling: this row's logits are not the next token's
-                logits = out[i]
-                session._last_logits = logits
+                session._last_logits = rows[-1]
                 try:
-                    pieces = gen.on_logits(logits)
+                    pieces = gen.on_verify(rows, pos) if n_out > 1 else gen.on_logits(rows[0])
                 except Exception as e:  # noqa: BLE001 - it fails this request alone
                     finished.append((r.request, e))
                     continue
@@ -411,17 +423,53 @@ class Scheduler:
             self._running.append(_Running(request, need))
             used += need
 
+    def _draft(self, running: list[_Running]) -> list[tuple[Request, BaseException | None]]:
+        """Makes the guesses of every decoding sequence for this step (the speculator's drafts, in
+        shared steps of a draft model), within the step's row and output budgets, and puts them
+        after the token each feeds. A drafter's failure fails the requests it drafted for."""
+        rows_left = self.max_rows - sum(int(r.gen.feed.size) for r in running if r.gen.feed.size == 1)
+        out_left = self.max_out - len(running)
+        entries = []
+        for r in running:
+            gen, session = r.gen, r.session
+            if gen.spec is None or gen.done or gen.feed is None or gen.feed.size != 1:
+                continue
+            room = session.max_context - session.cached_tokens - 1  # guesses that still fit the context
+            k = min(gen.spec.k, rows_left, out_left, room, gen.max_tokens - gen.stats.generated_tokens)
+            if k < 1:
+                continue
+            rows_left -= k
+            out_left -= k
+            entries.append((gen, session._tokens + [int(gen.feed[0])], k))
+        if not entries:
+            return []
+        try:
+            self.speculator.draft(entries)
+        except Exception as e:  # noqa: BLE001 - fails the requests drafted for, alone
+            for gen, _, _ in entries:
+                gen.spec.drafts, gen.spec.q = [], []
+            return [(r.request, e) for r in running if any(r.gen is g for g, _, _ in entries)]
+        for gen, _, _ in entries:
+            if gen.spec.drafts:
+                gen.feed = np.concatenate([gen.feed, np.asarray(gen.spec.drafts, dtype=np.int32)])
+        return []
+
     def _plan_locked(self) -> list[tuple[_Running, int, int]]:
         """(sequence, rows, position) of the next step (plan_step over the running sequences)."""
+        first = [r.gen.spec is not None and bool(r.gen.spec.drafts) for r in self._running]
         return [(self._running[i], n, self._running[i].session.cached_tokens)
-                for i, n in plan_step([int(r.gen.feed.size) for r in self._running], self.max_rows)]
+                for i, n in plan_step([int(r.gen.feed.size) for r in self._running], self.max_rows, first)]
 
 
-def plan_step(pending: list[int], budget: int) -> list[tuple[int, int]]:
+def plan_step(pending: list[int], budget: int, first: list[bool] | None = None) -> list[tuple[int, int]]:
     """The rows of one step, as (index, rows) over sequences with `pending` tokens each to feed:
-    every decoding sequence's one token first, then prompt chunks, in order, up to `budget` rows
-    in all (a sequence with nothing pending takes none)."""
-    order = [i for i, n in enumerate(pending) if n == 1] + [i for i, n in enumerate(pending) if n > 1]
+    every decoding sequence's one token first, then those marked `first` (a token and its guesses,
+    which the scheduler budgeted to fit whole), then prompt chunks, in order, up to `budget` rows in
+    all (a sequence with nothing pending takes none)."""
+    first = first or [False] * len(pending)
+    order = [i for i, n in enumerate(pending) if n == 1] + \
+        [i for i, n in enumerate(pending) if n > 1 and first[i]] + \
+        [i for i, n in enumerate(pending) if n > 1 and not first[i]]
     step = []
     for i in order:
         if budget == 0:

@@ -40,6 +40,12 @@ class GenerationStats:
     decode_seconds: float = 0.0
     ttft_seconds: float = 0.0       # request start -> first generated token
     finish_reason: str = ""         # "stop" (EOS or stop string), "length", "context", "cancelled", "error"
+    draft_tokens: int = 0           # speculative decoding: guesses offered to the model
+    accepted_tokens: int = 0        # ... and kept
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     @property
     def prefill_tok_s(self) -> float:

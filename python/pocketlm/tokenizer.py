@@ -471,6 +471,10 @@ class Tokenizer:
         return cls(tokenizer_json_from_gguf(fields), bos_id=bos_id, eos_ids=eos_ids,
                    add_bos=bool(add_bos) and bos_id is not None)
 
+    def vocab(self) -> dict[str, int]:
+        """token string -> id, added tokens included."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of `text`. With add_special_tokens, BOS is prepended when the model wants it.
 

@@ -47,6 +47,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx-size", type=_positive, default=4096, help="context size in tokens (default 4096)")
     _add_activations(p, default="auto")
     _add_kv_type(p)
+    _add_speculative(p)
+
+
+def _add_speculative(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--draft", default=None, metavar="MODEL",
+                   help="speculative decoding: a smaller model with the same tokenizer guesses tokens that "
+                        "this one checks in one step (same output, faster decode)")
+    g.add_argument("--lookup", action="store_true",
+                   help="speculative decoding by prompt lookup: guess from n-grams of the prompt and the text "
+                        "so far (no second model; for editing, summarising, rewriting)")
+    p.add_argument("--draft-max", type=_positive, default=None, metavar="N",
+                   help="guesses per step at most (default 16; adapts below it)")
 
 
 def _activation_spec(text: str) -> str:
@@ -139,15 +152,18 @@ def _peak_rss_mb() -> float:
 
 
 def _stats_line(stats) -> str:
+    spec = (f" | drafts kept {stats.accepted_tokens}/{stats.draft_tokens} ({100 * stats.acceptance_rate:.0f} %)"
+            if stats.draft_tokens else "")
     return (f"[prompt {stats.prompt_tokens} tok | prefill {stats.prefill_tok_s:.1f} tok/s | "
-            f"decode {stats.decode_tok_s:.1f} tok/s ({stats.generated_tokens} tok) | "
+            f"decode {stats.decode_tok_s:.1f} tok/s ({stats.generated_tokens} tok){spec} | "
             f"ttft {stats.ttft_seconds:.3f} s | peak RSS {_peak_rss_mb():.0f} MB]")
 
 
 def _load(a: argparse.Namespace):
     from pocketlm.engine import Engine
 
-    return Engine(a.model, threads=a.threads, max_context=a.ctx_size, activations=a.activations, kv_type=a.kv_type)
+    return Engine(a.model, threads=a.threads, max_context=a.ctx_size, activations=a.activations, kv_type=a.kv_type,
+                  draft=a.draft, lookup=a.lookup, draft_max=a.draft_max)
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
@@ -303,6 +319,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         BenchConfig,
         format_batched_markdown,
         format_markdown,
+        format_speculative_markdown,
         plot,
         require_matplotlib,
         run_bench,
@@ -316,7 +333,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
         cfg = BenchConfig(model=a.model, n_prompt=a.n_prompt, n_gen=a.n_gen, depth=a.depth, reps=a.reps,
                           threads=a.threads, kernels=a.kernels, activations=a.activations or "",
                           kv_type=a.kv_type or "", seed=a.seed,
-                          load_probe=not a.no_load, batch=a.batch or ())
+                          load_probe=not a.no_load, batch=a.batch or (), draft=a.draft or "", lookup=a.lookup,
+                          draft_max=a.draft_max, prompts=a.prompts or "")
+        if (a.draft or a.lookup) and (a.batch or a.plot):
+            raise ValueError("--draft/--lookup measure speculative decoding alone (no --batch, no --plot)")
         result = run_bench(cfg, quiet=a.quiet)
     except (RuntimeError, ValueError) as e:
         print(f"pocketlm bench: {e}", file=sys.stderr)
@@ -324,7 +344,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.json == "-":
         print(json.dumps(result, indent=2))
     else:
-        print(format_batched_markdown(result) if a.batch else format_markdown(result))
+        print(format_batched_markdown(result) if a.batch else format_speculative_markdown(result)
+              if (a.draft or a.lookup) else format_markdown(result))
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(result, f, indent=2)
@@ -470,6 +491,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=_batch_sizes, default=None, metavar="B1,B2,...",
                    help="measure batched decoding instead (like llama-batched-bench): for each B, B sequences "
                         "prefill p tokens each and decode n together; aggregate and per-sequence tok/s")
+    g = b.add_mutually_exclusive_group()
+    g.add_argument("--draft", default=None, metavar="MODEL",
+                   help="measure speculative decoding with this draft model instead: greedy answers to a set of "
+                        "code prompts, with and without it (decode tok/s, speedup, acceptance)")
+    g.add_argument("--lookup", action="store_true",
+                   help="measure speculative decoding by prompt lookup instead (a set of code-rewriting prompts)")
+    b.add_argument("--draft-max", type=_positive, default=None, metavar="N", help="guesses per step at most")
+    b.add_argument("--prompts", default=None, metavar="FILE",
+                   help="with --draft/--lookup: the prompts, one per paragraph (default: a built-in set)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress on standard error")
     b.set_defaults(func=cmd_bench)
 

@@ -1,0 +1,240 @@
+"""Speculative decoding: cheap guesses of the next tokens, checked by the model in one step.
+
+Decoding one token reads every weight of the model once; a step of k + 1 rows reads them once too
+and costs little more while the CPU waits on memory. So a drafter guesses k tokens, the model runs
+the last sampled token and the k guesses as one step of its scheduler (`Scheduler._step`, logits for
+all k + 1 rows: `_core.run_batch(..., n_out)`), and `verify` keeps the guesses the model agrees
+with, plus one token of its own: 1 to k + 1 tokens per step. The output is exactly plain decoding's:
+
+- greedy (temperature 0): a guess is kept when it is the model's own argmax, so the tokens are
+  those plain decoding gives, token for token;
+- sampling: the standard rejection scheme (Leviathan et al. 2023, Chen et al. 2023) keeps guess d
+  with probability min(1, p(d) / q(d)), p the model's distribution after the sampler's steps
+  (penalty, temperature, top-k, top-p, min-p) and q the drafter's; at the first rejection it draws
+  from the normalised max(0, p - q). Each token is then distributed as plain sampling draws it (the
+  random stream differs, so the text does for one seed).
+
+Drafters:
+- `DraftModel`: a smaller model with the same tokenizer (`Engine(..., draft=MODEL)`). Its sessions
+  follow the target's (one per target session, rewound and fed what the target accepted); the
+  drafts of every sequence that speculates are made in shared steps of the draft model's program.
+- `PromptLookup`: n-gram lookup in the tokens so far, no second model (`Engine(..., lookup=True)`):
+  the continuation of the latest earlier occurrence of the last n tokens. Pays off where the output
+  repeats the input (editing, summarising, rewriting code).
+
+`draft_max` bounds the guesses per step; each sequence adapts its own k between 1 and draft_max: it
+doubles after a step that kept every guess and falls to one more than the kept ones after a miss.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pocketlm.errors import InvalidInputError
+from pocketlm.sampling import Sampler
+
+DEFAULT_DRAFT_MAX = 16
+
+
+class Speculation:
+    """One generation's speculative state (`Generation.spec`)."""
+
+    __slots__ = ("k", "draft_max", "drafts", "q", "sampler")
+
+    def __init__(self, draft_max: int, sampler: Sampler | None):
+        self.draft_max = draft_max
+        self.k = max(1, draft_max // 2)
+        self.drafts: list[int] = []       # guesses after the token being fed (gen.feed = [x0, *drafts])
+        self.q: list[tuple[np.ndarray, np.ndarray] | None] = []  # drafter's (ids, probs) per guess; None: certain
+        self.sampler = sampler            # the drafter's own random stream (draft model, sampling)
+
+    def adapt(self, kept: int, offered: int) -> None:
+        if offered == 0:
+            return
+        self.k = min(self.draft_max, 2 * self.k) if kept == offered else max(1, kept + 1)
+
+
+def verify(gen, rows: np.ndarray, base: int) -> tuple[list[int], int]:
+    """Checks gen.spec.drafts against the model's logits `rows` ([k + 1, vocab]: after the fed token
+    x0, then after each guess); `base` is x0's position. Returns (tokens, kept): the guesses kept
+    and then the model's own next token, and how many guesses were kept. Greedy keeps a guess that
+    is the argmax; sampling follows the rejection scheme (module doc)."""
+    spec, sampler = gen.spec, gen._sampler
+    history = gen.session._tokens  # holds x0 and every guess (the step fed them)
+    last_n = sampler.params.repeat_last_n
+    out: list[int] = []
+    greedy = sampler.params.temperature == 0
+    for i in range(rows.shape[0]):
+        end = base + i + 1  # tokens before row i's prediction: up to x0 and i guesses
+        recent = history[max(0, end - last_n) if last_n else 0:end]
+        if i == len(spec.drafts):  # every guess kept: the model's own token after them
+            out.append(sampler.sample(rows[i], recent))
+            return out, i
+        d = spec.drafts[i]
+        if greedy:
+            t = sampler.sample(rows[i], recent)
+            out.append(t)
+            if t != d:
+                return out, i
+            continue
+        ids, probs = sampler.distribution(rows[i], recent)
+        p = dict(zip(ids.tolist(), probs.tolist()))
+        q_ids, q_probs = spec.q[i] if spec.q[i] is not None else (np.array([d]), np.array([1.0]))
+        q = dict(zip(q_ids.tolist(), q_probs.tolist()))
+        pd, qd = p.get(d, 0.0), q.get(d, 0.0)
+        if qd > 0 and sampler.rng.random() < min(1.0, pd / qd):
+            out.append(d)
+            continue
+        # rejected: draw from max(0, p - q), renormalised (p itself if that is empty)
+        cand = np.array(list(p), dtype=np.int64)
+        resid = np.maximum(0.0, np.array([p[c] - q.get(c, 0.0) for c in p.keys()]))
+        total = resid.sum()
+        w = resid / total if total > 0 else np.array(list(p.values()))
+        w = w / w.sum()
+        out.append(int(cand[min(int(np.searchsorted(np.cumsum(w), sampler.rng.random(), side="right")),
+                                len(cand) - 1)]))
+        return out, i
+    raise AssertionError("verify: rows must be one more than the guesses")
+
+
+class PromptLookup:
+    """Guesses by n-gram lookup in the tokens so far (prompt and output): the tokens that followed
+    the latest earlier occurrence of the last n tokens, for n from max_ngram down to min_ngram."""
+
+    uses_model = False
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError("need 1 <= min_ngram <= max_ngram")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        n_tok = len(tokens)
+        if k < 1 or n_tok < self.min_ngram + 1:
+            return []
+        arr = np.asarray(tokens, dtype=np.int64)
+        last = arr[-1]
+        # candidate ends: earlier positions holding the last token (not the last position itself)
+        ends = np.flatnonzero(arr[:-1] == last)
+        for n in range(min(self.max_ngram, n_tok - 1), self.min_ngram - 1, -1):
+            key = arr[n_tok - n:]
+            for e in ends[::-1]:  # latest first
+                s = e - n + 1
+                if s < 0 or not np.array_equal(arr[s:e + 1], key):
+                    continue
+                cont = arr[e + 1:e + 1 + k]
+                if cont.size:
+                    return cont.tolist()
+        return []
+
+    def draft(self, entries: list[tuple[object, list[int], int]]) -> None:
+        """entries: (generation, tokens so far including x0, k): sets each generation's guesses."""
+        for gen, tokens, k in entries:
+            gen.spec.drafts = self.propose(tokens, k)
+            gen.spec.q = [None] * len(gen.spec.drafts)
+
+
+class DraftModel:
+    """Guesses with a smaller model of the same tokenizer (an Engine), greedily or by sampling with
+    the generation's parameters. Draft sessions follow the target sessions they serve."""
+
+    uses_model = True
+
+    def __init__(self, target, draft):
+        check_compatible(target, draft)
+        self.engine = draft
+        self._sessions = {}  # id(target session) -> (weakref to it, draft session)
+
+    def _session_for(self, target_session):
+        import weakref
+
+        key = id(target_session)
+        entry = self._sessions.get(key)
+        if entry is not None and entry[0]() is target_session:
+            return entry[1]
+        for k in [k for k, (ref, _) in self._sessions.items() if ref() is None]:
+            del self._sessions[k]
+        ds = self.engine.create_session(max_context=min(target_session.max_context, self.engine.max_context))
+        self._sessions[key] = (weakref.ref(target_session), ds)
+        return ds
+
+    def draft(self, entries: list[tuple[object, list[int], int]]) -> None:
+        """Runs the draft model's steps for every entry (generation, tokens so far including x0,
+        k) together: first each draft session catches up with its tokens (rewinding past what the
+        target rejected), then one row per sequence per guess."""
+        from pocketlm import _core
+
+        program = self.engine.compiled.program
+        max_rows, max_seqs = int(program.max_tokens), int(program.max_seqs)
+        work = []
+        for gen, tokens, k in entries:
+            ds = self._session_for(gen.session)
+            limit = ds.max_context - 1
+            if len(tokens) > limit:  # the draft's context is full: no guesses
+                gen.spec.drafts, gen.spec.q = [], []
+                continue
+            have = ds._tokens
+            common = 0
+            for a, b in zip(have, tokens):
+                if a != b:
+                    break
+                common += 1
+            common = min(common, len(tokens) - 1)
+            if common < len(have):
+                ds._rewind(common)
+            k = min(k, limit - len(tokens) + 1)
+            gen.spec.drafts, gen.spec.q = [], []
+            if gen.spec.sampler is None and gen._sampler.params.temperature > 0:
+                gen.spec.sampler = Sampler(gen._sampler.params, vocab_size=self.engine.vocab_size)
+                gen.spec.sampler.reseed(None if gen._sampler.params.seed is None else gen._sampler.params.seed + 1)
+            work.append([gen, ds, ds._feed_after(np.asarray(tokens[common:], dtype=np.int32)), k])
+        # catch up (prompt chunks), then one guess per step
+        while work:
+            step, rows, logits_for = [], 0, []
+            for w in work:
+                if len(step) == max_seqs or rows == max_rows:
+                    break
+                n = min(int(w[2].size), max_rows - rows)
+                step.append((w, n))
+                rows += n
+            out = _core.run_batch(program, [(w[1]._state, w[2][:n], w[1].kv_cache.valid) for w, n in step])
+            still = []
+            for i, (w, n) in enumerate(step):
+                gen, ds = w[0], w[1]
+                ds._advance(w[2][:n], ds.kv_cache.valid)
+                w[2] = w[2][n:]
+                if w[2].size:
+                    still.append(w)
+                    continue
+                t, q = self._guess(gen, out[i], ds._tokens)
+                gen.spec.drafts.append(t)
+                gen.spec.q.append(q)
+                if len(gen.spec.drafts) < w[3]:
+                    w[2] = np.array([t], dtype=np.int32)
+                    still.append(w)
+            still_ids = {id(w) for w in still}
+            work = [w for w in work if id(w) in still_ids]
+
+    def _guess(self, gen, logits: np.ndarray, history: list[int]) -> tuple[int, tuple | None]:
+        sampler = gen._sampler
+        last_n = sampler.params.repeat_last_n
+        recent = history[-last_n:] if last_n else history
+        if sampler.params.temperature == 0:
+            x = np.asarray(logits, dtype=np.float32)
+            return int(np.argmax(sampler.apply_repetition_penalty(x, recent))), None
+        s = gen.spec.sampler
+        ids, probs = s.distribution(logits, recent)
+        j = min(int(np.searchsorted(np.cumsum(probs), s.rng.random(), side="right")), len(ids) - 1)
+        return int(ids[j]), (ids, probs)
+
+
+def check_compatible(target, draft) -> None:
+    """Refuses a draft model whose tokenizer differs from the target's (the guesses are token ids)."""
+    ta, tb = target.tokenizer, draft.tokenizer
+    va, vb = ta.vocab(), tb.vocab()
+    if va != vb or set(ta.eos_ids) != set(tb.eos_ids):
+        diff = len(set(va.items()) ^ set(vb.items()))
+        raise InvalidInputError(
+            f"the draft model {draft.path.name} does not share the target's tokenizer ({len(vb)} vs {len(va)} "
+            f"tokens, {diff} differing entries{', other EOS tokens' if set(ta.eos_ids) != set(tb.eos_ids) else ''}): "
+            f"speculative decoding needs the same token ids in both models")
