@@ -52,7 +52,8 @@ else
   ln -sfn "llama_cpp_python-$VERSION/vendor/llama.cpp" src
 
   # Option names checked against this version's CMakeLists: LLAMA_CURL is gone (LLAMA_OPENSSL
-  # replaced it); static libraries so the binaries run from anywhere without LD_LIBRARY_PATH.
+  # replaced it); static libraries so the binaries run from anywhere without LD_LIBRARY_PATH; the
+  # examples for llama-speculative (only the TARGETS are built).
   # Configure from the real path, not through the `src` symlink: the sdist's submodule .git file
   # points at ../../.git, which ninja would resolve lexically through the symlink to a missing file
   # and re-run CMake forever ("manifest 'build.ninja' still dirty").
@@ -62,7 +63,7 @@ else
   fi
   start=$(date +%s)
   cmake -S "$real_src" -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
-        -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON \
         -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
         $(command -v ninja >/dev/null && echo -G Ninja)
   cmake --build build -j"$JOBS" --target "${TARGETS[@]}"

@@ -1,6 +1,7 @@
-"""pocketlm and llama.cpp side by side on one model, on this machine.
+"""pocketlm and llama.cpp (and LiteRT-LM) side by side on one model, on this machine.
 
-    python bench/compare.py MODEL.gguf [-p 256 -n 128 -t 2 -r 5] [--plm MODEL.plm] [--json FILE]
+    python bench/compare.py MODEL.gguf [-p 256 -n 128 -t 2 -r 5] [--plm MODEL.plm] [--litert MODEL.litertlm]
+                            [--json FILE]
 
 For each of r rounds it runs `pocketlm bench -r 1` and `llama-bench -r 1` (each with its own
 warm-up), alternating which goes first, so that the machine's noise reaches both; the table shows
@@ -8,9 +9,19 @@ medians over the rounds, their spread, and the ratio pocketlm / llama.cpp. pocke
 itself (converted losslessly into the cache) unless --plm names a bundle of another quantization,
 e.g. `--plm model-int4.plm` against a llama.cpp Q4_0 GGUF.
 
+With --litert, Google's LiteRT-LM is a third runtime in each round (the order rotates, so each
+runtime goes first equally often): `litert-lm benchmark MODEL.litertlm -p P -d N --backend cpu
+--cpu-thread-count T --max-num-tokens 1024 --runs 1` (after its own warm-up run), and the table gets
+LiteRT-LM columns and the ratio pocketlm / LiteRT-LM. LiteRT-LM and the .litertlm models, exported
+from the same Hugging Face checkpoint as the bundles and GGUFs, come from bench/litert.sh
+(LITERT_CACHE, default ~/.cache/pocketlm/litert). LiteRT-LM has no context depth (-d) and no batched
+benchmark (--batch). Its decode roofline is not given: its bytes per token are not read from the file.
+
 It also reports:
   peak RSS   /usr/bin/time -v around one comparable end-to-end run of each: `pocketlm run` and
-             `llama-completion` on the same prompt of ~p tokens, n tokens, same threads
+             `llama-completion` on the same prompt of ~p tokens, n tokens, same threads; for
+             LiteRT-LM (whose `run` cannot stop after n tokens) `litert-lm benchmark --runs 1
+             --skip-warmup`: one engine, p prompt tokens, n decoded tokens, same threads
   roofline   memory read bandwidth measured now (a 2-thread streaming read of a 1 GiB buffer,
              compiled C), the bytes of weights each runtime reads per decoded token (every tensor
              but the embedding table, one embedding row, and the whole table again when the output
@@ -46,6 +57,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("LLAMACPP_CACHE", Path.home() / ".cache/pocketlm/llama.cpp")).expanduser()
 TOOLS = Path.home() / ".cache/pocketlm/bench-tools"
+LITERT_CACHE = Path(os.environ.get("LITERT_CACHE", Path.home() / ".cache/pocketlm/litert")).expanduser()
+LITERT_KV = 1024  # the KV cache length bench/litert.sh exports with; LiteRT-LM's default is slower
 QUIET = 0.10  # a run is "quiet" when other work used less than this share of the CPUs meanwhile
 
 MEMBW_C = r"""
@@ -222,15 +235,58 @@ def run_llama_bench(gguf: Path, a) -> dict:
     return out
 
 
-def _time_v(cmd: list[str], env=None) -> tuple[float, str]:
-    """Peak RSS in MB of a command, from /usr/bin/time -v; also its standard error."""
-    # The generated text goes nowhere (a random model's bytes need not even be valid UTF-8).
-    r = subprocess.run(["/usr/bin/time", "-v"] + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                       encoding="utf-8", errors="replace", env=env)
+def litert_bin() -> Path:
+    return LITERT_CACHE / "venv-lm/bin/litert-lm"
+
+
+def env_for_litert() -> dict:
+    # The CLI keeps its config and model registry in LITERT_LM_DIR (default ~/.litert-lm): keep them
+    # in the cache too. Nothing is fetched from a hub.
+    return {**os.environ, "LITERT_LM_DIR": str(LITERT_CACHE / "cli"), "HF_HUB_OFFLINE": "1"}
+
+
+def litert_cmd(model: Path, a, warmup: bool = True) -> list[str]:
+    return [str(litert_bin()), "benchmark", str(model), "-p", str(a.p), "-d", str(a.n), "--backend", "cpu",
+            "--cpu-thread-count", str(a.t), "--max-num-tokens", str(LITERT_KV), "--runs", "1"] + \
+        ([] if warmup else ["--skip-warmup"])
+
+
+def parse_litert(out: str) -> dict:
+    """The "----- Results -----" lines of `litert-lm benchmark`. The CLI catches its own errors and
+    exits 0 after printing a traceback, so missing lines are the failure signal."""
+    keys = {"pp_tok_s": r"Prefill speed:\s*([\d.]+)", "tg_tok_s": r"Decode speed:\s*([\d.]+)",
+            "init_s": r"Init time:\s*([\d.]+) s", "ttft_s": r"Time to first token:\s*([\d.]+) s"}
+    found = {k: re.search(rx, out) for k, rx in keys.items()}
+    if not found["pp_tok_s"] or not found["tg_tok_s"]:
+        raise RuntimeError(f"litert-lm benchmark printed no results:\n{out[-2000:]}")
+    return {k: float(m.group(1)) if m else None for k, m in found.items()}
+
+
+def run_litert_bench(model: Path, a) -> dict:
+    cmd = litert_cmd(model, a)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env_for_litert(), check=False)
     if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{(r.stdout + r.stderr)[-2000:]}")
+    return parse_litert(r.stdout + r.stderr)
+
+
+def litert_version() -> str:
+    r = subprocess.run([str(litert_bin()), "--version"], capture_output=True, text=True, env=env_for_litert(),
+                       check=False)
+    return (r.stdout.strip().split() or ["?"])[-1]
+
+
+def _time_v(cmd: list[str], env=None, keep_stdout: bool = False) -> tuple[float, str]:
+    """Peak RSS in MB of a command, from /usr/bin/time -v; also its standard error, after its
+    standard output when keep_stdout (for a tool that prints its results there)."""
+    # Otherwise the generated text goes nowhere (a random model's bytes need not even be valid UTF-8).
+    r = subprocess.run(["/usr/bin/time", "-v"] + cmd, stdout=subprocess.PIPE if keep_stdout else subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, encoding="utf-8", errors="replace", env=env, check=False)
+    out = (r.stdout or "") + r.stderr
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-2000:]}")
     kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
-    return kb / 1024, r.stderr
+    return kb / 1024, out
 
 
 def prompt_text(plm_or_gguf: str, n_tokens: int) -> str:
@@ -251,7 +307,8 @@ def prompt_text(plm_or_gguf: str, n_tokens: int) -> str:
 
 
 def rss_runs(gguf: Path, pocket_model: str, a, rounds: int = 2) -> dict:
-    """Peak RSS of `pocketlm run` and of `llama-completion`, same prompt, n tokens, threads."""
+    """Peak RSS of `pocketlm run` and of `llama-completion`, same prompt, n tokens, threads; with
+    --litert also of one `litert-lm benchmark` without warm-up (p prompt tokens, n decoded)."""
     completion = CACHE / "build/bin/llama-completion"
     text = prompt_text(pocket_model, a.p)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
@@ -264,6 +321,9 @@ def rss_runs(gguf: Path, pocket_model: str, a, rounds: int = 2) -> dict:
                  "-c", ctx, "-no-cnv", "--ignore-eos", "--no-display-prompt"]
     out: dict = {"pocketlm_mb": [], "llamacpp_mb": [], "llamacpp_load_s": [],
                  "pocketlm_cmd": " ".join(pocket_cmd), "llamacpp_cmd": " ".join(llama_cmd)}
+    if a.litert:
+        litert_rss_cmd = litert_cmd(a.litert, a, warmup=False)
+        out.update(litert_mb=[], litert_init_s=[], litert_cmd=" ".join(litert_rss_cmd))
     try:
         for i in range(rounds):
             mb, _ = _time_v(pocket_cmd, env=env_with_pocketlm())
@@ -274,6 +334,10 @@ def rss_runs(gguf: Path, pocket_model: str, a, rounds: int = 2) -> dict:
                 m = re.search(r"load time\s*=\s*([\d.]+) ms", err)
                 if m:
                     out["llamacpp_load_s"].append(float(m.group(1)) / 1000)
+            if a.litert:
+                mb, err = _time_v(litert_rss_cmd, env=env_for_litert(), keep_stdout=True)
+                out["litert_mb"].append(mb)
+                out["litert_init_s"].append(parse_litert(err)["init_s"])
     finally:
         os.unlink(prompt)
     return out
@@ -491,39 +555,57 @@ def _pcts(xs) -> str:
 
 
 def report(res: dict) -> str:
-    pk, lc = res["pocketlm"], res["llamacpp"]
+    pk, lc, lt = res["pocketlm"], res["llamacpp"], res.get("litert")
     at = f" @ d{res['d']}" if res["d"] else ""
-    rows = [
-        ("| measurement | pocketlm | llama.cpp | pocketlm / llama.cpp |", None),
-        ("|---|---:|---:|---:|", None),
-    ]
-    lines = [r[0] for r in rows]
+
+    def row(label: str, pk_cell: str, lc_cell: str, lt_cell: str = "", vs_lc: str = "", vs_lt: str = "") -> str:
+        """One table line; the LiteRT-LM cells exist only with --litert."""
+        cells = [label, pk_cell, lc_cell] + ([lt_cell] if lt else []) + [vs_lc] + ([vs_lt] if lt else [])
+        return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+    def speed(m: dict, quiet: bool) -> str:
+        if quiet:
+            return f"{fmt(m['quiet_median'])} (±{fmt(m['quiet_spread_pct'], '.0f')}%, {m['n_quiet']})"
+        return f"{fmt(m['median'])} (±{fmt(m['spread_pct'], '.0f')}%)"
+
+    lines = [row("measurement", "pocketlm", "llama.cpp", "LiteRT-LM", "pocketlm / llama.cpp", "pocketlm / LiteRT-LM"),
+             "|---|" + "---:|" * (5 if lt else 3)]
     for label, key in ((f"pp{res['p']}{at} tok/s", "pp_tok_s"), (f"tg{res['n']}{at} tok/s", "tg_tok_s")):
-        p, l_ = pk[key], lc[key]
-        if "quiet_median" in p:
-            lines.append(f"| {label}, quiet runs: median (spread, runs) | {fmt(p['quiet_median'])} "
-                         f"(±{fmt(p['quiet_spread_pct'], '.0f')}%, {p['n_quiet']}) | {fmt(l_['quiet_median'])} "
-                         f"(±{fmt(l_['quiet_spread_pct'], '.0f')}%, {l_['n_quiet']}) | "
-                         f"{ratio(p['quiet_median'], l_['quiet_median'])} |")
-        lines.append(f"| {label}, all runs: median (spread) | {fmt(p['median'])} (±{fmt(p['spread_pct'], '.0f')}%) | "
-                     f"{fmt(l_['median'])} (±{fmt(l_['spread_pct'], '.0f')}%) | {ratio(p['median'], l_['median'])} |")
+        p, l_, t = pk[key], lc[key], lt[key] if lt else None
+        for quiet, what in ((True, "quiet runs: median (spread, runs)"), (False, "all runs: median (spread)")):
+            if quiet and "quiet_median" not in p:
+                continue
+            stat = "quiet_median" if quiet else "median"
+            lines.append(row(f"{label}, {what}", speed(p, quiet), speed(l_, quiet), speed(t, quiet) if t else "",
+                             ratio(p[stat], l_[stat]), ratio(p[stat], t[stat]) if t else ""))
     rss = res.get("rss") or {}
     if rss:
-        lines.append(f"| peak RSS MB (`pocketlm run` vs `llama-completion`) | {fmt(median(rss['pocketlm_mb']))} | "
-                     f"{fmt(median(rss['llamacpp_mb']))} | {ratio(median(rss['pocketlm_mb']), median(rss['llamacpp_mb']))} |")
-    lines.append(f"| load time s (pocketlm: Engine to Session, fresh process; llama.cpp: llama-completion's "
-                 f"load time) | {fmt(pk['load_s'], '.3f')} | {fmt(median(rss.get('llamacpp_load_s', [])), '.3f')} | |")
-    lines.append(f"| weights read per decoded token (MB) | {fmt(pk['decode_bytes'] / 1e6)} | "
-                 f"{fmt(lc['decode_bytes'] / 1e6)} | |")
+        pk_mb, lc_mb, lt_mb = median(rss["pocketlm_mb"]), median(rss["llamacpp_mb"]), median(rss.get("litert_mb", []))
+        lines.append(row("peak RSS MB (`pocketlm run` vs `llama-completion`" +
+                         (" vs `litert-lm benchmark --skip-warmup`)" if lt else ")"),
+                         fmt(pk_mb), fmt(lc_mb), fmt(lt_mb), ratio(pk_mb, lc_mb), ratio(pk_mb, lt_mb)))
+    lt_init = median(rss.get("litert_init_s", [])) or (lt or {}).get("init_s")
+    lines.append(row("load time s (pocketlm: Engine to Session, fresh process; llama.cpp: llama-completion's load time"
+                     + ("; LiteRT-LM: litert-lm benchmark's engine init time)" if lt else ")"),
+                     fmt(pk["load_s"], ".3f"), fmt(median(rss.get("llamacpp_load_s", [])), ".3f"), fmt(lt_init, ".3f")))
+    if lt:
+        lines.append(row("model file MB", fmt(pk.get("file_bytes", 0) / 1e6), fmt(lc.get("file_bytes", 0) / 1e6),
+                         fmt(lt["model_bytes"] / 1e6)))
+    lines.append(row("weights read per decoded token (MB)", fmt(pk["decode_bytes"] / 1e6), fmt(lc["decode_bytes"] / 1e6)))
     bw = res["bandwidth"]["best_gb_s"]
-    lines.append(f"| decode roofline tok/s ({bw:.1f} GB/s / bytes per token) | {fmt(pk['roofline_tok_s'])} | "
-                 f"{fmt(lc['roofline_tok_s'])} | |")
-    lines.append(f"| tg as a fraction of its roofline | {fmt(pk['roofline_fraction'] * 100, '.0f')}% | "
-                 f"{fmt(lc['roofline_fraction'] * 100, '.0f')}% | |")
-    lines.append(f"| token loop overhead (generate vs raw decode) | {fmt(pk['loop_overhead_pct'], '.2f')}% | | |")
-    lines.append(f"| time to first token, pp{res['p']} (ms) | {fmt(pk['ttft_s'] * 1000 if pk['ttft_s'] else None)} | | |")
+    lines.append(row(f"decode roofline tok/s ({bw:.1f} GB/s / bytes per token)", fmt(pk["roofline_tok_s"]),
+                     fmt(lc["roofline_tok_s"])))
+    lines.append(row("tg as a fraction of its roofline", f"{fmt(pk['roofline_fraction'] * 100, '.0f')}%",
+                     f"{fmt(lc['roofline_fraction'] * 100, '.0f')}%"))
+    lines.append(row("token loop overhead (generate vs raw decode)", f"{fmt(pk['loop_overhead_pct'], '.2f')}%", ""))
+    lines.append(row(f"time to first token, pp{res['p']} (ms)", fmt(pk["ttft_s"] * 1000 if pk["ttft_s"] else None), "",
+                     fmt(lt["ttft_s"] * 1000 if lt and lt["ttft_s"] else None),
+                     "", ratio(pk["ttft_s"], lt["ttft_s"]) if lt else ""))
+    during = res.get("others_during_runs")
     head = (f"pocketlm: {res['pocketlm_model']} ({pk['kernels']}, {pk.get('activations', '?')} activations)\nllama.cpp: {res['gguf']} "
-            f"(llama-cpp-python {res['llamacpp_version']})\n{res['threads']} threads, {res['rounds']} alternating "
+            f"(llama-cpp-python {res['llamacpp_version']})\n"
+            + (f"LiteRT-LM: {lt['model']} (litert-lm {lt['version']}, `{lt['cmd']}`)\n" if lt else "")
+            + f"{res['threads']} threads, {res['rounds']} alternating "
             f"rounds, medians; spread = (max - min) / median over the rounds; quiet runs: other work used "
             f"< {QUIET * 100:.0f}% of the CPUs during the run\n"
             f"memory read bandwidth: best {bw:.1f} GB/s, median {res['bandwidth']['median_gb_s']:.1f} GB/s "
@@ -532,8 +614,9 @@ def report(res: dict) -> str:
             f"CPUs busy with other work just before the runs: median {median(res['busy_before_runs']) * 100:.0f}%, "
             f"max {max(res['busy_before_runs']) * 100:.0f}%" + (
                 f"; during the runs (machine busy time minus ours): "
-                f"pocketlm {_pcts(res['others_during_runs']['pocketlm'])}, "
-                f"llama.cpp {_pcts(res['others_during_runs']['llamacpp'])}" if "others_during_runs" in res else "")
+                f"pocketlm {_pcts(during['pocketlm'])}, "
+                f"llama.cpp {_pcts(during['llamacpp'])}" if during else "")
+            + (f", LiteRT-LM {_pcts(during['litert'])}" if during and "litert" in during else "")
             + "\n")
     return head + "\n" + "\n".join(lines) + "\n"
 
@@ -549,7 +632,7 @@ def _batch_sizes(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="pocketlm vs llama.cpp on one GGUF (alternating runs)")
+    ap = argparse.ArgumentParser(description="pocketlm vs llama.cpp (and LiteRT-LM) on one model (alternating runs)")
     ap.add_argument("gguf", type=Path, help="the GGUF llama.cpp runs (and pocketlm too, unless --plm)")
     ap.add_argument("--plm", default=None, help="a pocketlm bundle to run instead of the GGUF (other quantization)")
     ap.add_argument("-p", type=int, default=256)
@@ -557,8 +640,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-d", type=int, default=0, help="context depth before pp/tg")
     ap.add_argument("-t", type=int, default=2)
     ap.add_argument("-r", type=int, default=5, help="alternating rounds")
-    ap.add_argument("--activations", choices=["int8x2", "int8"], default=None,
-                    help="pocketlm's activation quantization (default: its own, int8x2; int8 = llama.cpp's kind)")
+    ap.add_argument("--litert", type=Path, default=None, metavar="MODEL.litertlm",
+                    help="add LiteRT-LM (from bench/litert.sh) as a third runtime running this model")
+    ap.add_argument("--activations", default=None, metavar="SPEC",
+                    help="pocketlm's activation precision (default: its own, auto; int8x2, int8 = llama.cpp's "
+                         "kind, or per site: docs/quant.md)")
     ap.add_argument("--no-rss", action="store_true", help="skip the /usr/bin/time -v runs")
     ap.add_argument("--wait-quiet", type=float, default=60, metavar="S",
                     help="before each run, wait up to S seconds for the CPUs to be < 15%% busy with other "
@@ -575,7 +661,9 @@ def main(argv: list[str] | None = None) -> int:
         if "pocketlm" not in res and "batched" in res:
             print(batched_report(res))
             return 0
-        for who in ("pocketlm", "llamacpp"):  # recompute the quiet medians from the per-run samples
+        for who in ("pocketlm", "llamacpp", "litert"):  # recompute the quiet medians from the per-run samples
+            if who not in res:  # no --litert
+                continue
             during = res.get("others_during_runs", {}).get(who)
             for key in ("pp_tok_s", "tg_tok_s"):
                 if during:
@@ -591,6 +679,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"no llama-bench in {CACHE}/build/bin: run bench/build_llamacpp.sh first")
     if not a.no_rss and not Path("/usr/bin/time").exists():
         sys.exit("/usr/bin/time is missing: apt-get install time (or pass --no-rss)")
+    if a.litert:
+        a.litert = a.litert.expanduser().resolve()
+        if a.batch or a.d:
+            sys.exit("--litert compares single sequences at depth 0: not with --batch or -d")
+        if not litert_bin().exists():
+            sys.exit(f"no {litert_bin()}: run bench/litert.sh first")
+        if not a.litert.is_file():
+            sys.exit(f"no such model: {a.litert} (bench/litert.sh exports them)")
+        if a.p + a.n > LITERT_KV:
+            sys.exit(f"-p + -n must fit LiteRT-LM's KV cache of {LITERT_KV} tokens")
     pocket_model = str(Path(a.plm).expanduser().resolve()) if a.plm else str(gguf)
     from pocketlm.engine import resolve_model_path
 
@@ -605,19 +703,22 @@ def main(argv: list[str] | None = None) -> int:
     if a.wait_quiet > 0:
         wait_quiet(a.wait_quiet)
     bandwidth = membw(a.t)
-    pk_runs, lc_runs = [], []
+    runtimes = ["pocketlm", "llamacpp"] + (["litert"] if a.litert else [])
+    by_runtime: dict = {who: [] for who in runtimes}
+    pk_runs, lc_runs, lt_runs = by_runtime["pocketlm"], by_runtime["llamacpp"], by_runtime.get("litert", [])
     for i in range(a.r):
-        order = ("pocketlm", "llamacpp") if i % 2 == 0 else ("llamacpp", "pocketlm")
+        order = runtimes[i % len(runtimes):] + runtimes[:i % len(runtimes)]  # each goes first in turn
         for who in order:
             busy = wait_quiet(a.wait_quiet) if a.wait_quiet > 0 else cpu_busy(0.2)
             t0 = time.time()
             with OthersMeter() as others:
                 if who == "pocketlm":
-                    pk_runs.append(run_pocketlm_bench(str(pocket_path), a))
-                    r = pk_runs[-1]
+                    r = run_pocketlm_bench(str(pocket_path), a)
+                elif who == "llamacpp":
+                    r = run_llama_bench(gguf, a)
                 else:
-                    lc_runs.append(run_llama_bench(gguf, a))
-                    r = lc_runs[-1]
+                    r = run_litert_bench(a.litert, a)
+                by_runtime[who].append(r)
             r["busy_before"] = busy
             r["others_during"] = others.share
             log(f"round {i + 1}/{a.r} {who}: pp {r['pp_tok_s']:.1f} tok/s, tg {r.get('tg_tok_s', 0):.1f} tok/s "
@@ -656,14 +757,22 @@ def main(argv: list[str] | None = None) -> int:
     for s in (pk, lc):
         s["roofline_tok_s"] = bw / s["decode_bytes"]
         s["roofline_fraction"] = (s["tg_tok_s"]["median"] or 0) / s["roofline_tok_s"]
+    lt = None
+    if a.litert:
+        lt = {"pp_tok_s": side(lt_runs, "pp_tok_s"), "tg_tok_s": side(lt_runs, "tg_tok_s"),
+              "init_s": median([r["init_s"] for r in lt_runs]), "ttft_s": median([r["ttft_s"] for r in lt_runs]),
+              "model": str(a.litert), "model_bytes": a.litert.stat().st_size, "version": litert_version(),
+              "cmd": " ".join(litert_cmd(a.litert, a)), "runs": lt_runs}
     res = {"gguf": str(gguf), "pocketlm_model": str(pocket_path), "p": a.p, "n": a.n, "d": a.d, "threads": a.t,
            "rounds": a.r, "bandwidth": bandwidth, "pocketlm": pk, "llamacpp": lc, "rss": rss,
            "llamacpp_version": (CACHE / "VERSION").read_text().strip() if (CACHE / "VERSION").exists() else "?",
            "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg()[0],
-           "busy_before_runs": [r["busy_before"] for r in pk_runs + lc_runs],
-           "others_during_runs": {"pocketlm": [r["others_during"] for r in pk_runs],
-                                  "llamacpp": [r["others_during"] for r in lc_runs]},
+           "busy_before_runs": [r["busy_before"] for r in pk_runs + lc_runs + lt_runs],
+           "others_during_runs": {who: [r["others_during"] for r in by_runtime[who]] for who in runtimes},
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    if lt:
+        res["litert"] = lt
+        pk["file_bytes"], lc["file_bytes"] = pocket_path.stat().st_size, gguf.stat().st_size
     print(report(res))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))

@@ -87,7 +87,7 @@ def verify(gen, rows: np.ndarray, base: int) -> tuple[list[int], int]:
             continue
         # rejected: draw from max(0, p - q), renormalised (p itself if that is empty)
         cand = np.array(list(p), dtype=np.int64)
-        resid = np.maximum(0.0, np.array([p[c] - q.get(c, 0.0) for c in p.keys()]))
+        resid = np.maximum(0.0, np.array([p[c] - q.get(c, 0.0) for c in p]))
         total = resid.sum()
         w = resid / total if total > 0 else np.array(list(p.values()))
         w = w / w.sum()
@@ -190,7 +190,7 @@ class DraftModel:
             work.append([gen, ds, ds._feed_after(np.asarray(tokens[common:], dtype=np.int32)), k])
         # catch up (prompt chunks), then one guess per step
         while work:
-            step, rows, logits_for = [], 0, []
+            step, rows = [], 0
             for w in work:
                 if len(step) == max_seqs or rows == max_rows:
                     break
