@@ -15,7 +15,8 @@ visibly with one level (a haiku prompt loops) and not with two levels at attn_qk
 head (docs/quality.md).
 
 The result depends only on the bundle's bytes: it is cached per bundle (the SHA-256 of its header,
-which holds the hashes of its metadata, index and data) in $POCKETLM_CACHE/calibration (default
+which holds the hashes of its metadata, index and data) in $POCKETLM_CALIBRATION_DIR, else
+$POCKETLM_CACHE/calibration (default
 ~/.cache/pocketlm), written atomically. `pocketlm convert` calibrates what it writes, so loading
 never waits for it; a bundle from elsewhere is calibrated on its first load with "auto" (a few
 scoring passes of 128 tokens: ~0.5 s for SmolLM2, a few seconds for a 1.5B model).
@@ -53,6 +54,10 @@ Le chat dort sur le canapé pendant que la pluie tombe doucement sur les fenêtr
 
 
 def cache_dir() -> Path:
+    """$POCKETLM_CALIBRATION_DIR, else $POCKETLM_CACHE/calibration (default ~/.cache/pocketlm)."""
+    own = os.environ.get("POCKETLM_CALIBRATION_DIR")
+    if own:
+        return Path(own).expanduser()
     return Path(os.environ.get("POCKETLM_CACHE", Path.home() / ".cache" / "pocketlm")).expanduser() / "calibration"
 
 

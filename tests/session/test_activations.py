@@ -35,7 +35,7 @@ def int4_bundle(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("POCKETLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("POCKETLM_CALIBRATION_DIR", str(tmp_path / "calibration"))
 
 
 def test_parse():
