@@ -37,6 +37,10 @@ struct WeightView {
   const uint8_t* data;        // start of row 0
   size_t row_stride;          // bytes between rows (== row_bytes(dtype, cols) for bundle tensors)
   const float* row_scales;    // I8 only: [rows] per-channel scales; else nullptr
+  // Compute every token's outputs with the arithmetic of a one-token call, whatever T (no prefill
+  // GEMM, whose sums run in another order): what a step that verifies drafted tokens needs, so
+  // that each verified token gets the logits decoding it alone would give.
+  bool row_invariant = false;
 };
 
 // y[t*ldy + n] = sum_k W[n,k] * x[t,k]  for t in [0,T), n in [n0,n1).

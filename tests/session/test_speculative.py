@@ -207,6 +207,42 @@ def test_prompt_lookup_equals_plain(bundles):
     assert st.draft_tokens > 0
 
 
+@pytest.fixture(scope="module")
+def rowmajor_int4(tmp_path_factory):
+    """A tiny Llama quantized to int4 whose K/V/gate/up rows (24, 72) are not whole groups of 16: they
+    keep the row-major Q4_0 layout, which a step of 4 tokens or more runs through the prefill GEMM."""
+    from pocketlm.convert import convert
+    from testutil import make_hf_model
+
+    folder = tmp_path_factory.mktemp("rowmajor")
+    make_hf_model(folder / "hf", "llama", seed=5, hidden_size=96, intermediate_size=64,
+                  num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512)
+    return convert(folder / "hf", folder / "int4.plm", quant="int4", progress=False)
+
+
+def test_verified_rows_are_exactly_a_step_of_one(rowmajor_int4):
+    """The logits of a token verified among k + 1 rows equal, bit for bit, those of decoding it alone:
+    row-major quantized weights (GEMM from 4 tokens) and attention over several 128-position chunks."""
+    e = Engine(rowmajor_int4, threads=2, max_context=400, prefill_chunk=16, lookup=True, draft_max=8)
+    program = e.compiled.program
+    ids = np.random.default_rng(2).integers(3, 300, 320).astype(np.int32)
+    for ctx in (5, 300):  # one attention chunk; three
+        a, b = e.create_session(), e.create_session()
+        a.prefill(ids[:ctx].tolist())
+        b.prefill(ids[:ctx].tolist())
+        got = _core.run_batch(program, [(a._state, ids[ctx:ctx + 9], ctx, 9)])
+        want = np.stack([_core.run_batch(program, [(b._state, ids[ctx + i:ctx + i + 1], ctx + i)])[0] for i in range(9)])
+        np.testing.assert_array_equal(got, want)
+    plain = Engine(rowmajor_int4, threads=2, max_context=400, prefill_chunk=16)
+    oracle_engine = Engine(rowmajor_int4, threads=2, max_context=400, prefill_chunk=16, lookup=True, draft_max=8)
+    p = ids[:150].tolist()
+    ref_s, ref_text = _plain(plain, p, 40)
+    oracle_engine.speculator = Oracle(ref_s._tokens[len(p):] + [0] * 8, 4)
+    s, text = _plain(oracle_engine, p, 40)
+    assert text == ref_text and s._tokens == ref_s._tokens
+    assert 0 < s.last_stats.accepted_tokens < s.last_stats.draft_tokens
+
+
 def test_run_batch_returns_the_last_rows(bundles):
     e = _engine(bundles("llama"), lookup=True, draft_max=5)
     program = e.compiled.program

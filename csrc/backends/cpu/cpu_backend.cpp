@@ -109,7 +109,7 @@ CpuBackend::Scratch CpuBackend::scratch_bytes(int max_context) const {
   z.scores = p.has_attention ? checked_product({p.n_threads, max_group_, max_context, (int64_t)sizeof(float)},
                                                "attention score bytes")
                              : 0;
-  z.partials = p.has_attention ? checked_product({kAttnTasksPerThread * 2, p.n_threads, max_group_,
+  z.partials = p.has_attention ? checked_product({p.n_threads, attn_max_chunks(max_context), max_group_,
                                                   checked_add(2, p.kv.head_dim, "attention partials"),
                                                   (int64_t)sizeof(float)},
                                                  "attention partial bytes")
@@ -134,12 +134,13 @@ void CpuBackend::reserve(int max_context, const WorkspaceBytes& bytes) {
     made->arena = LazyBuffer((size_t)bytes.arena);
     made->act_q = LazyBuffer((size_t)z.act_q);
     made->up = LazyBuffer((size_t)z.up);
-    made->partials = LazyBuffer((size_t)z.partials);
     made->pos_rows = LazyBuffer((size_t)z.pos_rows);
     ws_ = std::move(made);
   }
-  if (max_context > ws_->scores_context) {
-    ws_->scores = LazyBuffer((size_t)z.scores);  // the smaller one is released
+  if (max_context > ws_->scores_context) {  // both sized by the largest context: the smaller ones are released
+    ws_->scores = LazyBuffer((size_t)z.scores);
+    ws_->partials = LazyBuffer((size_t)z.partials);
+    ws_->partial_slots = (int64_t)p_.n_threads * attn_max_chunks(max_context);
     ws_->scores_context = max_context;
   }
 }

@@ -21,11 +21,14 @@
 
 namespace plm::cpu {
 
-// Attention runs one task per (row, KV head); when that gives fewer than this many tasks
-// per thread (decode), each task's positions are split into chunks merged afterwards.
+// Attention cuts each row's positions into chunks at multiples of kAttnChunk and merges their
+// partial results; with fewer than kAttnTasksPerThread (row, KV head) pairs per thread (decode),
+// each chunk is its own task.
 constexpr int kAttnTasksPerThread = 4;
-// Fewest positions in one such chunk.
-constexpr int64_t kAttnMinChunk = 64;
+constexpr int64_t kAttnChunk = 128;
+
+// Chunks a row of a context of max_context positions spans at most.
+inline int64_t attn_max_chunks(int64_t max_context) { return max_context / kAttnChunk + 2; }
 
 struct Workspace {
   ThreadPool pool;
@@ -33,7 +36,9 @@ struct Workspace {
   LazyBuffer act_q;      // [max_tokens][max_quant_k / 32] BlockQ8A, or BlockQ8A2 if an op has two levels
   LazyBuffer up;         // [max_tokens][max_swiglu_f] f32: matmul_swiglu's up projection
   LazyBuffer scores;     // [n_threads][max_group][scores_context] f32: attention scores
-  LazyBuffer partials;   // attention split over positions: [slots][2 + head_dim] f32
+  LazyBuffer partials;   // attention chunks: [partial_slots][max_group][2 + head_dim] f32
+  int64_t partial_slots = 0;          // n_threads x the chunks of a row of scores_context positions
+  std::vector<int64_t> attn_first;    // attention: each (row, KV head)'s first partial (grows, then reused)
   LazyBuffer pos_rows;   // [n_threads][max_pos_cols] f32: pos_embed's dequantized rows
   int scores_context = 0;  // the largest max_context of the States made so far
   explicit Workspace(int n_threads) : pool(n_threads) {}
@@ -82,6 +87,7 @@ struct Step {
   int n_rows = 0;            // rows of this step (ROWS_T)
   int n_seqs = 0;            // sequences of this step
   int n_out = 0;             // output rows of this step (ROWS_S)
+  bool verifying = false;    // a sequence wants several output rows: every row as a step of one computes it
   const SeqSlot* seqs;       // [n_seqs]
   const int32_t* tokens;     // [n_rows]
   const int64_t* row_pos;    // [n_rows]
@@ -90,6 +96,7 @@ struct Step {
   Step(const Program::Impl& program, const kernels::KernelTable& kernels, bool act2_, Workspace& w,
        const StepRows& rows)
       : p(program), kt(kernels), act2(act2_), ws(w), pool(w.pool), n_rows(rows.n_rows), n_seqs(rows.n_seqs), n_out(rows.n_out),
+        verifying(rows.n_out > rows.n_seqs),
         seqs(rows.seqs.data()), tokens(rows.tokens.data()), row_pos(rows.row_pos.data()),
         row_seq(rows.row_seq.data()) {}
 
@@ -116,8 +123,10 @@ struct Step {
   void quantize(const float* x, int64_t rows, int64_t k, bool two);
   // One weight's columns [n0, n1) for r rows, reading the activations quantize() prepared (`two`:
   // as quantize was told).
-  void mm(const kernels::WeightView& w, const float* x, int64_t k, int64_t r, float* y, int64_t ldy,
+  void mm(const kernels::WeightView& weight, const float* x, int64_t k, int64_t r, float* y, int64_t ldy,
           int64_t n0, int64_t n1, bool two) const {
+    kernels::WeightView w = weight;
+    w.row_invariant = verifying;
     if (two)
       kt.matmul2[(int)w.dtype](w, x, (size_t)k, ws.act_q.as<kernels::BlockQ8A2>(), (int)r, y, (size_t)ldy,
                                (int)n0, (int)n1);

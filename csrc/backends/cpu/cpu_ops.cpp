@@ -227,53 +227,49 @@ void Step::attention(const OpDesc& op) {
     }
   };
 
+  // Positions are cut into chunks at fixed absolute boundaries (multiples of kAttnChunk), and each
+  // (row, KV head, chunk) gives a partial result [max, sum, unnormalised weighted V] that one
+  // function merges in chunk order. So a row's output depends on its own positions only, never on
+  // the other rows of the step or on how tasks fall on threads: a token verified in a step of
+  // several rows (speculative decoding) gets exactly the output a step of one gives it.
   const int nt = pool.n_threads();
   const int64_t pairs = (int64_t)n_rows * hkv;
-  int64_t span = 1;  // the most positions the first row of a sequence reads
-  for (int i = 0; i < n_seqs; ++i)
-    span = std::max(span, window > 0 ? std::min<int64_t>(seqs[i].pos0 + 1, window) : seqs[i].pos0 + 1);
-  int64_t n_chunks = 1;
-  if (nt > 1 && pairs < kAttnTasksPerThread * nt) {
-    n_chunks = (kAttnTasksPerThread * nt + pairs - 1) / pairs;
-    n_chunks = std::max<int64_t>(1, std::min<int64_t>(n_chunks, span / kAttnMinChunk));
-  }
+  auto bounds = [&](int64_t t) {  // positions [lo, hi) of row t
+    const int64_t hi = row_pos[t] + 1;
+    return std::pair<int64_t, int64_t>{window > 0 ? std::max<int64_t>(0, hi - window) : 0, hi};
+  };
+  auto first_chunk = [&](int64_t t) { return bounds(t).first / kAttnChunk; };
+  auto n_chunks_of = [&](int64_t t) {
+    const auto [lo, hi] = bounds(t);
+    return (hi - 1) / kAttnChunk - lo / kAttnChunk + 1;
+  };
   const int64_t slot = 2 + dh;  // partial result: running max, sum, weighted V
   float* part = ws.partials.as<float>();
+  const int64_t part_capacity = ws.partial_slots;  // partials (of `group` heads each) the buffer holds
   float* scores_all = ws.scores.as<float>();
   const int64_t stride = ws.scores_context;  // scores of one query head: [scores_context]
   // Soft-capped scores are final logits before the exponent: scale them up front.
   const float exp_scale = softcap > 0.f ? 1.f : scale;
 
-  pool.parallel_for((int)(pairs * n_chunks), [&](int task, int thread_id) {
-    const int64_t pair = task / n_chunks, c = task % n_chunks;
-    const int64_t t = pair / hkv, kvh = pair % hkv;
+  // Partial of (row t, KV head kvh, chunk j) into dst[g * slot ..] for the group's query heads.
+  auto partial = [&](int64_t t, int64_t kvh, int64_t j, int thread_id, float* dst) {
     const KVCache& kv = *seqs[row_seq[t]].kv;
     const int64_t cap = kv.capacity(layer), head_elems = cap * dh;
     const size_t eb = kv.elem_bytes();
     const bool kv_f16 = kv.f16();
-    const uint8_t* kc = kv.k(layer);
-    const uint8_t* vc = kv.v(layer);
-    const int64_t hi = row_pos[t] + 1;  // causal: positions < hi
-    const int64_t lo = window > 0 ? std::max<int64_t>(0, hi - window) : 0;
-    const int64_t n_ctx = hi - lo;
-    const int64_t p0 = lo + n_ctx * c / n_chunks, p1 = lo + n_ctx * (c + 1) / n_chunks;
+    const auto [lo, hi] = bounds(t);
+    const int64_t p0 = std::max(lo, j * kAttnChunk), p1 = std::min(hi, (j + 1) * kAttnChunk);
     const float* qg = q + t * q_cols + kvh * group * dh;  // this group's query heads
-    const uint8_t* vh = vc + (size_t)(kvh * head_elems) * eb;
+    const uint8_t* vh = kv.v(layer) + (size_t)(kvh * head_elems) * eb;
     float* s = scores_all + (int64_t)thread_id * group * stride;  // [group][stride]
     // q . k for the group's heads and the slots of [p0, p1) in one call per run: the K
     // cache of this head is a contiguous f16/f32 [capacity, head_dim] matrix.
     const DType kv_dtype = kv_f16 ? DType::F16 : DType::F32;
-    const kernels::WeightView keys{kv_dtype, cap, dh, kc + (size_t)(kvh * head_elems) * eb, (size_t)dh * eb,
-                                   nullptr};
+    const kernels::WeightView keys{kv_dtype, cap, dh, kv.k(layer) + (size_t)(kvh * head_elems) * eb,
+                                   (size_t)dh * eb, nullptr};
     for_slots(cap, p0, p1, [&](int64_t s0, int64_t s1) {
-      kt.matmul[(int)kv_dtype](keys, qg, (size_t)dh, nullptr, (int)group, s,
-                                 (size_t)stride, (int)s0, (int)s1);
+      kt.matmul[(int)kv_dtype](keys, qg, (size_t)dh, nullptr, (int)group, s, (size_t)stride, (int)s0, (int)s1);
     });
-    // Output of query head g: the final row, or this chunk's partial [max, sum, acc].
-    auto acc_of = [&](int64_t g) -> float* {
-      if (n_chunks == 1) return o + t * q_cols + (kvh * group + g) * dh;
-      return part + ((pair * n_chunks + c) * group + g) * slot + 2;
-    };
     for (int64_t g = 0; g < group; ++g) {
       float* sg = s + g * stride;
       float m = -std::numeric_limits<float>::infinity();
@@ -284,41 +280,32 @@ void Step::attention(const OpDesc& op) {
       });
       float sum = 0.f;  // exp_scale > 0: max(s * scale) = m * scale
       for_slots(cap, p0, p1, [&](int64_t s0, int64_t s1) { sum += kt.exp_sum(sg + s0, (int)(s1 - s0), m, exp_scale); });
-      float* acc = acc_of(g);
-      if (n_chunks == 1) {
-        const float inv = 1.f / sum;
-        for_slots(cap, p0, p1, [&](int64_t s0, int64_t s1) { kt.scale(inv, sg + s0, (int)(s1 - s0)); });
-      } else {
-        acc[-2] = m * exp_scale;
-        acc[-1] = sum;
-      }
-      std::memset(acc, 0, (size_t)dh * sizeof(float));
+      float* acc = dst + g * slot;
+      acc[0] = m * exp_scale;
+      acc[1] = sum;
+      std::memset(acc + 2, 0, (size_t)dh * sizeof(float));
     }
     // Weighted sum of V rows, each row read once for the whole group.
-    const size_t acc_stride = n_chunks == 1 ? (size_t)dh : (size_t)slot;  // acc_of(g + 1) - acc_of(g)
     for_slots(cap, p0, p1, [&](int64_t s0, int64_t s1) {
       const uint8_t* rows = vh + (size_t)(s0 * dh) * eb;
       if (kv_f16)
         kt.weighted_sum_f16(s + s0, (size_t)stride, (int)group, reinterpret_cast<const fp16_t*>(rows),
-                            (size_t)dh, (int)(s1 - s0), acc_of(0), acc_stride, (int)dh);
+                            (size_t)dh, (int)(s1 - s0), dst + 2, (size_t)slot, (int)dh);
       else
         kt.weighted_sum(s + s0, (size_t)stride, (int)group, reinterpret_cast<const float*>(rows),
-                        (size_t)dh, (int)(s1 - s0), acc_of(0), acc_stride, (int)dh);
+                        (size_t)dh, (int)(s1 - s0), dst + 2, (size_t)slot, (int)dh);
     });
-  });
-  if (n_chunks == 1) return;
-
-  // Merge the chunks of every (row, query head): rescale each to the global max.
-  for (int64_t pair = 0; pair < pairs; ++pair) {
-    const int64_t t = pair / hkv, kvh = pair % hkv;
+  };
+  // Output of (row t, KV head kvh) from its n partials at src (chunk order): rescaled to their max.
+  auto merge = [&](int64_t t, int64_t kvh, const float* src, int64_t n) {
     for (int64_t g = 0; g < group; ++g) {
-      auto chunk = [&](int64_t c) { return part + ((pair * n_chunks + c) * group + g) * slot; };
+      auto chunk = [&](int64_t c) { return src + (c * group + g) * slot; };
       float m = -std::numeric_limits<float>::infinity();
-      for (int64_t c = 0; c < n_chunks; ++c) m = std::max(m, chunk(c)[0]);
+      for (int64_t c = 0; c < n; ++c) m = std::max(m, chunk(c)[0]);
       float* out = o + t * q_cols + (kvh * group + g) * dh;
       std::memset(out, 0, (size_t)dh * sizeof(float));
       float sum = 0.f;
-      for (int64_t c = 0; c < n_chunks; ++c) {
+      for (int64_t c = 0; c < n; ++c) {
         const float* pc = chunk(c);
         if (pc[1] == 0.f) continue;  // empty chunk
         const float w = std::exp(pc[0] - m);
@@ -327,7 +314,34 @@ void Step::attention(const OpDesc& op) {
       }
       kt.scale(1.f / sum, out, (int)dh);
     }
+  };
+
+  // Every chunk its own task when the step's partials fit the buffer and there are few pairs (decode:
+  // the threads share a row's positions), else one task per (row, KV head) computing its chunks in
+  // turn into its thread's region. Either way the same partials, merged alike.
+  std::vector<int64_t>& first = ws.attn_first;  // per pair: index of its first partial
+  first.resize((size_t)pairs + 1);
+  first[0] = 0;
+  for (int64_t pr = 0; pr < pairs; ++pr) first[(size_t)pr + 1] = first[(size_t)pr] + n_chunks_of(pr / hkv);
+  const int64_t total = first[(size_t)pairs];
+  if (pairs < kAttnTasksPerThread * nt && total <= part_capacity) {
+    pool.parallel_for((int)total, [&](int task, int thread_id) {
+      const int64_t pr = std::upper_bound(first.begin(), first.end(), (int64_t)task) - first.begin() - 1;
+      const int64_t t = pr / hkv, kvh = pr % hkv;
+      partial(t, kvh, first_chunk(t) + (task - first[(size_t)pr]), thread_id, part + (int64_t)task * group * slot);
+    });
+    pool.parallel_for((int)pairs, [&](int pr, int) {
+      merge(pr / hkv, pr % hkv, part + first[(size_t)pr] * group * slot, first[(size_t)pr + 1] - first[(size_t)pr]);
+    });
+    return;
   }
+  const int64_t region = part_capacity / nt;  // partials per thread: a row's chunks at most
+  pool.parallel_for((int)pairs, [&](int pr, int thread_id) {
+    const int64_t t = pr / hkv, kvh = pr % hkv, n = n_chunks_of(t);
+    float* mine = part + (int64_t)thread_id * region * group * slot;
+    for (int64_t c = 0; c < n; ++c) partial(t, kvh, first_chunk(t) + c, thread_id, mine + c * group * slot);
+    merge(t, kvh, mine, n);
+  });
 }
 
 void Step::head_rms_norm(const OpDesc& op) {

@@ -335,7 +335,7 @@ inline int chunk_rows(const WeightView& w, int n0, int n1) {
 template <class F, class Block = BlockQ8A>
 void matmul_quant(const WeightView& w, const float*, size_t, const Block* xq, int T, float* y, size_t ldy,
                   int n0, int n1) {
-  if (avx2::gemm(w, xq, T, y, ldy, n0, n1)) return;  // prefill, Q4_0/Q4_1 types
+  if (!w.row_invariant && avx2::gemm(w, xq, T, y, ldy, n0, n1)) return;  // prefill, Q4_0/Q4_1 types
   using Packed = typename PackOf<Block>::type;
   const int nruns = (int)(w.cols / 32);
   thread_local std::vector<Packed> scratch;  // grows once to the largest K seen by this thread
@@ -582,7 +582,7 @@ inline void ktile(const uint8_t* const* rows, const PackedK2* pk, int nsb, float
 template <class KF, class Block = BlockQ8A>
 void matmul_kquant(const WeightView& w, const float*, size_t, const Block* xq, int T, float* y, size_t ldy,
                    int n0, int n1) {
-  if (avx2::gemm(w, xq, T, y, ldy, n0, n1)) return;  // prefill, Q4_K
+  if (!w.row_invariant && avx2::gemm(w, xq, T, y, ldy, n0, n1)) return;  // prefill, Q4_K
   using Packed = typename PackKOf<Block>::type;
   const int nruns = (int)(w.cols / 32), nsb = (int)(w.cols / 256);
   thread_local std::vector<Packed> scratch;  // grows once to the largest K seen by this thread

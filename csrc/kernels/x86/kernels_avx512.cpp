@@ -407,7 +407,7 @@ inline void qtile_rt(int rt, const uint8_t* const* rows, const P* pk, int npairs
 template <class F, class Block = BlockQ8A>
 void matmul_quant(const WeightView& w, const float*, size_t, const Block* xq, int T, float* y, size_t ldy,
                   int n0, int n1) {
-  if (avx512::gemm(w, xq, T, y, ldy, n0, n1)) return;  // prefill
+  if (!w.row_invariant && avx512::gemm(w, xq, T, y, ldy, n0, n1)) return;  // prefill
   using Packed = typename PackOf<Block>::type;
   const int nruns = (int)(w.cols / 32), npairs = (nruns + 1) / 2;
   // Grows once to the largest K seen by this thread; later calls do not allocate.
@@ -676,7 +676,7 @@ inline void ktile_rt(int rt, const uint8_t* const* rows, const P* pk, int nsb, f
 template <class KF, class Block = BlockQ8A>
 void matmul_kquant(const WeightView& w, const float*, size_t, const Block* xq, int T, float* y, size_t ldy,
                    int n0, int n1) {
-  if (avx512::gemm(w, xq, T, y, ldy, n0, n1)) return;  // prefill
+  if (!w.row_invariant && avx512::gemm(w, xq, T, y, ldy, n0, n1)) return;  // prefill
   using Packed = typename PackKOf<Block>::type;
   const int nruns = (int)(w.cols / 32), nsb = (int)(w.cols / 256);
   thread_local std::vector<Packed> scratch;  // grows once to the largest K seen by this thread
