@@ -63,7 +63,8 @@ class Generation:
         self._pending = ""   # text held back: it may still grow into a stop string
         self._t_decode = 0.0
         spec = getattr(engine, "speculator", None)
-        self.spec = Speculation(engine.draft_max, None) if spec is not None and session.logits_mode == "last" else None
+        self.spec = Speculation(engine.draft_max, None, spec.cost) \
+            if spec is not None and session.logits_mode == "last" else None
 
     def _prompt_ids(self, prompt, add_special_tokens: bool) -> list[int]:
         session = self.session

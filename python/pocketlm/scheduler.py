@@ -336,12 +336,16 @@ class Scheduler:
         with self._lock:
             batch = self._plan_locked()
         if batch:
+            t0 = time.perf_counter()
             try:
                 out = _core.run_batch(self.program, [(r.session._state, r.gen.feed[:n], pos, r.gen.n_out if n > 1 and
                                                       n == r.gen.n_out else 1) for r, n, pos in batch])
             except Exception as e:  # noqa: BLE001 - an input the checks missed: these caches are suspect
                 out = None
                 finished += [(r.request, e) for r, _, _ in batch]
+            if out is not None and self.speculator is not None and \
+                    all(n == 1 or n == r.gen.n_out for r, n, _ in batch):  # decode and verification rows only
+                self.speculator.costs.step(sum(n for _, n, _ in batch), time.perf_counter() - t0)
             pushed: list[tuple[Request, list[str]]] = []
             row = 0
             for r, n, pos in (batch if out is not None else ()):
@@ -434,6 +438,7 @@ class Scheduler:
             gen, session = r.gen, r.session
             if gen.spec is None or gen.done or gen.feed is None or gen.feed.size != 1:
                 continue
+            gen.spec.choose(self.speculator.costs)
             room = session.max_context - session.cached_tokens - 1  # guesses that still fit the context
             k = min(gen.spec.k, rows_left, out_left, room, gen.max_tokens - gen.stats.generated_tokens)
             if k < 1:

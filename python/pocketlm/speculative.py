@@ -22,8 +22,12 @@ Drafters:
   the continuation of the latest earlier occurrence of the last n tokens. Pays off where the output
   repeats the input (editing, summarising, rewriting code).
 
-`draft_max` bounds the guesses per step; each sequence adapts its own k between 1 and draft_max: it
-doubles after a step that kept every guess and falls to one more than the kept ones after a miss.
+How many guesses: each sequence keeps a moving estimate alpha of how often its guesses are kept and
+offers the k (at most `draft_max`) that maximises the expected tokens per unit of time (`best_k`:
+k + 1 rows yield (1 - alpha^(k+1)) / (1 - alpha) tokens and cost 1 + cost * k model steps, cost = a
+guess relative to a model step: the draft's size over the model's, 0 for lookup). A draft model also
+stops guessing as soon as its own probability that all its guesses so far are kept falls below that
+cost (a kept token saves one model step, a guess costs `cost` of one).
 """
 
 from __future__ import annotations
@@ -36,22 +40,106 @@ from pocketlm.sampling import Sampler
 DEFAULT_DRAFT_MAX = 16
 
 
+def best_k(alpha: float, cost: float, k_max: int) -> int:
+    """The number of guesses that maximises expected tokens per unit of time: a step checking k guesses
+    yields (1 - alpha^(k+1)) / (1 - alpha) tokens when each is kept with probability alpha, and costs
+    1 + cost * k target steps (cost: one guess relative to one step of the model; 0 for lookup)."""
+    alpha = min(max(alpha, 0.0), 0.999)
+    best, best_rate = 1, 0.0
+    for k in range(1, k_max + 1):
+        rate = (1 - alpha ** (k + 1)) / (1 - alpha) / (1 + cost * k)
+        if rate > best_rate + 1e-12:
+            best, best_rate = k, rate
+    return best
+
+
+class CostModel:
+    """What speculating costs, measured as the engine runs: the drafter's seconds per guess, and the
+    seconds of a step of r rows (a moving average per row count, over steps made of decode and
+    verification rows only). Verifying is nearly free while a step waits on memory and costs most of
+    a step per row once it waits on arithmetic (Qwen2.5-Coder-1.5B Q4_K_M here: 67 ms for 2 rows,
+    +22-26 ms per extra row), so the best number of guesses depends on the model and the machine.
+    Row counts not seen yet are estimated from a line through those seen (from one alone: +10 % a
+    row, the memory-bound case, which makes larger steps worth a try); with none, `prior` (a guess's
+    cost relative to a step) stands in."""
+
+    def __init__(self, prior: float):
+        self.prior = prior
+        self.guess_seconds = 0.0
+        self.step_seconds: dict[int, float] = {}
+
+    def step(self, rows: int, seconds: float) -> None:
+        old = self.step_seconds.get(rows)
+        self.step_seconds[rows] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def guessed(self, guesses: int, seconds: float) -> None:
+        if guesses > 0:
+            per = seconds / guesses
+            self.guess_seconds = per if self.guess_seconds == 0 else 0.8 * self.guess_seconds + 0.2 * per
+
+    def seconds(self, rows: int) -> float | None:
+        """A step of `rows` rows: measured, or estimated; None before any measurement."""
+        b = self.step_seconds
+        if rows in b:
+            return b[rows]
+        if not b:
+            return None
+        known = sorted(b)
+        if len(known) == 1:
+            r0 = known[0]
+            return b[r0] * (1 + 0.1 * (rows - r0))
+        n = len(known)
+        mr, mt = sum(known) / n, sum(b[r] for r in known) / n
+        slope = sum((r - mr) * (b[r] - mt) for r in known) / sum((r - mr) ** 2 for r in known)
+        return max(b[known[0]] * 0.5, mt + max(slope, 0.0) * (rows - mr))
+
+    def best_k(self, alpha: float, k_max: int) -> int:
+        """The number of guesses with the most expected tokens per second: (1 - alpha^(k+1)) /
+        (1 - alpha) tokens for k guesses and a step of k + 1 rows."""
+        if self.seconds(2) is None:
+            return best_k(alpha, self.prior, k_max)
+        alpha = min(max(alpha, 0.0), 0.999)
+        rate = lambda k: (1 - alpha ** (k + 1)) / (1 - alpha) / (k * self.guess_seconds + self.seconds(k + 1))  # noqa: E731
+        return max(range(1, k_max + 1), key=lambda k: (rate(k), -k))
+
+    @property
+    def cost(self) -> float:
+        """A guess (drafting it, and its row in the step) relative to a step of one token's worth."""
+        two = self.seconds(2)
+        if two is None:
+            return self.prior
+        extra = max(0.0, (self.seconds(3) or two) - two)
+        return min(3.0, max(0.0, (self.guess_seconds + extra) / two))
+
+
 class Speculation:
-    """One generation's speculative state (`Generation.spec`)."""
+    """One generation's speculative state (`Generation.spec`): its guesses, and its estimate of how
+    often a guess is kept (alpha), from which it sets k (`best_k`)."""
 
-    __slots__ = ("k", "draft_max", "drafts", "q", "sampler")
+    __slots__ = ("alpha", "cost", "draft_max", "drafts", "k", "q", "sampler")
 
-    def __init__(self, draft_max: int, sampler: Sampler | None):
+    def __init__(self, draft_max: int, sampler: Sampler | None, cost: float = 0.0):
         self.draft_max = draft_max
-        self.k = max(1, draft_max // 2)
+        self.cost = cost                  # one guess / one model step (the drafter's)
+        self.alpha = 0.7                  # prior: kept guesses / offered, then a moving average
+        self.k = best_k(self.alpha, cost, draft_max)
         self.drafts: list[int] = []       # guesses after the token being fed (gen.feed = [x0, *drafts])
         self.q: list[tuple[np.ndarray, np.ndarray] | None] = []  # drafter's (ids, probs) per guess; None: certain
         self.sampler = sampler            # the drafter's own random stream (draft model, sampling)
 
     def adapt(self, kept: int, offered: int) -> None:
+        """After a step that kept `kept` of `offered` guesses: a step that stops at the first miss
+        tells alpha ~ kept / (kept + 1) (or kept / offered when none missed); moving average 0.3."""
         if offered == 0:
             return
-        self.k = min(self.draft_max, 2 * self.k) if kept == offered else max(1, kept + 1)
+        seen = kept / offered if kept == offered else kept / (kept + 1)
+        self.alpha = 0.7 * self.alpha + 0.3 * seen
+        self.k = best_k(self.alpha, self.cost, self.draft_max)
+
+    def choose(self, costs: CostModel) -> None:
+        """Sets k from the engine's measured costs (`CostModel.best_k`)."""
+        self.cost = costs.cost
+        self.k = costs.best_k(self.alpha, self.draft_max)
 
 
 def verify(gen, rows: np.ndarray, base: int) -> tuple[list[int], int]:
@@ -107,6 +195,11 @@ class PromptLookup:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError("need 1 <= min_ngram <= max_ngram")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.costs = CostModel(prior=0.1)  # guesses are free; the rows they add to a step are not
+
+    @property
+    def cost(self) -> float:
+        return self.costs.cost
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
         n_tok = len(tokens)
@@ -144,7 +237,13 @@ class DraftModel:
         check_compatible(target, draft)
         self.engine = draft
         self._sessions = {}  # id(target session) -> (weakref to it, draft session)
+        # A guess costs one draft step; until measured, decode bound by the weights read puts that at
+        # about the ratio of the two bundles' sizes (Qwen2.5-Coder 0.5B for 1.5B: 0.44).
+        self.costs = CostModel(prior=min(1.0, draft.bundle.file_bytes / max(1, target.bundle.file_bytes)))
 
+    @property
+    def cost(self) -> float:
+        return self.costs.cost
     def _session_for(self, target_session):
         import weakref
 
@@ -162,10 +261,14 @@ class DraftModel:
         """Runs the draft model's steps for every entry (generation, tokens so far including x0,
         k) together: first each draft session catches up with its tokens (rewinding past what the
         target rejected), then one row per sequence per guess."""
+        import time
+
         from pocketlm import _core
 
+        t0 = time.perf_counter()
         program = self.engine.compiled.program
         max_rows, max_seqs = int(program.max_tokens), int(program.max_seqs)
+        cost = self.cost
         work = []
         for gen, tokens, k in entries:
             ds = self._session_for(gen.session)
@@ -187,7 +290,7 @@ class DraftModel:
             if gen.spec.sampler is None and gen._sampler.params.temperature > 0:
                 gen.spec.sampler = Sampler(gen._sampler.params, vocab_size=self.engine.vocab_size)
                 gen.spec.sampler.reseed(None if gen._sampler.params.seed is None else gen._sampler.params.seed + 1)
-            work.append([gen, ds, ds._feed_after(np.asarray(tokens[common:], dtype=np.int32)), k])
+            work.append([gen, ds, ds._feed_after(np.asarray(tokens[common:], dtype=np.int32)), k, 1.0])
         # catch up (prompt chunks), then one guess per step
         while work:
             step, rows = [], 0
@@ -206,26 +309,32 @@ class DraftModel:
                 if w[2].size:
                     still.append(w)
                     continue
-                t, q = self._guess(gen, out[i], ds._tokens)
+                t, q, p = self._guess(gen, out[i], ds._tokens)
                 gen.spec.drafts.append(t)
                 gen.spec.q.append(q)
-                if len(gen.spec.drafts) < w[3]:
+                w[4] *= p  # the draft's own odds that every guess so far is kept
+                # Another guess is worth its cost only while those odds exceed it (one kept token saves
+                # one model step; a guess costs `cost` of one).
+                if len(gen.spec.drafts) < w[3] and w[4] > cost:
                     w[2] = np.array([t], dtype=np.int32)
                     still.append(w)
             still_ids = {id(w) for w in still}
             work = [w for w in work if id(w) in still_ids]
+        self.costs.guessed(sum(len(gen.spec.drafts) for gen, _, _ in entries), time.perf_counter() - t0)
 
-    def _guess(self, gen, logits: np.ndarray, history: list[int]) -> tuple[int, tuple | None]:
+    def _guess(self, gen, logits: np.ndarray, history: list[int]) -> tuple[int, tuple | None, float]:
+        """(guess, the drafter's (ids, probs) when sampling, the draft's probability of the guess)."""
         sampler = gen._sampler
         last_n = sampler.params.repeat_last_n
         recent = history[-last_n:] if last_n else history
         if sampler.params.temperature == 0:
-            x = np.asarray(logits, dtype=np.float32)
-            return int(np.argmax(sampler.apply_repetition_penalty(x, recent))), None
+            x = sampler.apply_repetition_penalty(np.asarray(logits, dtype=np.float32), recent).astype(np.float64)
+            best = int(np.argmax(x))
+            return best, None, float(1.0 / np.exp(x - x[best]).sum())
         s = gen.spec.sampler
         ids, probs = s.distribution(logits, recent)
         j = min(int(np.searchsorted(np.cumsum(probs), s.rng.random(), side="right")), len(ids) - 1)
-        return int(ids[j]), (ids, probs)
+        return int(ids[j]), (ids, probs), float(probs[j])
 
 
 def check_compatible(target, draft) -> None:

@@ -67,10 +67,14 @@ def _check_same(spec_engine, plain_engine, prompt, n=N_NEW):
 class Oracle:
     """Guesses plain decoding's next tokens (from a reference run) but spoils one at a random index."""
     uses_model = False
+    cost = 0.0
 
     def __init__(self, answer_tokens, seed):
+        from pocketlm.speculative import CostModel
+
         self.answer = answer_tokens
         self.rng = np.random.default_rng(seed)
+        self.costs = CostModel(prior=0.0)
 
     def draft(self, entries):
         for gen, tokens, k in entries:
@@ -107,7 +111,7 @@ def test_greedy_equals_plain_every_drafter(arch, bundles):
     for seed, p in enumerate(prompts):
         ref_s, _ = _plain(plain, p)
         oracle_engine.speculator = Oracle(ref_s._tokens[len(p):] + [0] * 8, seed)
-        oracle_engine._scheduler = None
+        oracle_engine._scheduler = None  # made again, with this speculator
         st = _check_same(oracle_engine, plain, p)
         assert 0 < st.accepted_tokens < st.draft_tokens
 
@@ -291,3 +295,29 @@ def test_cli_run_and_bench(bundles, tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["same_output"] is True and res["drafter"] == "lookup" and res["prompts"] == 2
+
+
+def test_best_k():
+    from pocketlm.speculative import best_k
+
+    assert best_k(0.76, 0.44, 16) == 2    # Qwen2.5-Coder 0.5B drafting for 1.5B, as measured
+    assert best_k(0.76, 0.0, 16) == 16    # free guesses (lookup): as many as allowed
+    assert best_k(0.1, 0.44, 16) == 1
+    assert best_k(0.95, 0.1, 16) > 8
+
+
+def test_cost_model():
+    from pocketlm.speculative import CostModel, best_k
+
+    c = CostModel(prior=0.3)
+    assert c.cost == 0.3 and c.best_k(0.76, 16) == best_k(0.76, 0.3, 16) == 3  # before any step: the prior
+    # memory-bound steps: extra rows nearly free -> many guesses
+    for rows, secs in [(2, 0.060), (3, 0.061), (5, 0.063)] * 2:
+        c.step(rows, secs)
+    assert c.best_k(0.9, 16) >= 8
+    # compute-bound: each extra row costs 40 % of a step and a guess 25 %: few guesses
+    c = CostModel(prior=0.3)
+    for rows, secs in [(2, 0.067), (3, 0.093), (4, 0.119), (6, 0.171)] * 2:
+        c.step(rows, secs)
+    c.guessed(4, 0.064)
+    assert c.best_k(0.9, 16) <= 3 and abs(c.cost - (0.016 + 0.026) / 0.067) < 1e-6

@@ -393,12 +393,12 @@ inline void qtile(const uint8_t* const* rows, const PackedPair2* pk, int npairs,
 
 template <class F, int RN, class P>
 inline void qtile_rt(int rt, const uint8_t* const* rows, const P* pk, int npairs, int nruns, float* y,
-                     size_t ldy, const float* row_scales) {
+                     size_t ldy, const float* row_scales, Prefetch pf = {}) {
   switch (rt) {
-    case 1: qtile<F, RN, 1>(rows, pk, npairs, nruns, y, ldy, row_scales); break;
-    case 2: qtile<F, RN, 2>(rows, pk, npairs, nruns, y, ldy, row_scales); break;
-    case 3: qtile<F, RN, 3>(rows, pk, npairs, nruns, y, ldy, row_scales); break;
-    default: qtile<F, RN, 4>(rows, pk, npairs, nruns, y, ldy, row_scales); break;
+    case 1: qtile<F, RN, 1>(rows, pk, npairs, nruns, y, ldy, row_scales, pf); break;
+    case 2: qtile<F, RN, 2>(rows, pk, npairs, nruns, y, ldy, row_scales, pf); break;
+    case 3: qtile<F, RN, 3>(rows, pk, npairs, nruns, y, ldy, row_scales, pf); break;
+    default: qtile<F, RN, 4>(rows, pk, npairs, nruns, y, ldy, row_scales, pf); break;
   }
 }
 
@@ -435,7 +435,10 @@ void matmul_quant(const WeightView& w, const float*, size_t, const Block* xq, in
       for (; n + 4 <= c1; n += 4) {
         const uint8_t* rows[4];
         for (int i = 0; i < 4; ++i) rows[i] = w.data + (size_t)(n + i) * w.row_stride;
-        qtile_rt<F, 4>(rt, rows, pk, npairs, nruns, yt + n, ldy, i8 ? w.row_scales + n : nullptr);
+        // The first token tile streams the rows from memory (later ones find them in L2): prefetched
+        // as decode's are (a step verifying a few drafted tokens runs here, not in the GEMM).
+        qtile_rt<F, 4>(rt, rows, pk, npairs, nruns, yt + n, ldy, i8 ? w.row_scales + n : nullptr,
+                       t0 == 0 ? decode_prefetch(rows[0], 4 * w.row_stride, npairs) : Prefetch{});
       }
       for (; n < c1; ++n) {
         const uint8_t* rows[1] = {w.data + (size_t)n * w.row_stride};
@@ -663,12 +666,13 @@ inline void ktile(const uint8_t* const* rows, const PackedK2* pk, int nsb, float
 }
 
 template <class KF, int RN, class P>
-inline void ktile_rt(int rt, const uint8_t* const* rows, const P* pk, int nsb, float* y, size_t ldy) {
+inline void ktile_rt(int rt, const uint8_t* const* rows, const P* pk, int nsb, float* y, size_t ldy,
+                     Prefetch pf = {}) {
   switch (rt) {
-    case 1: ktile<KF, RN, 1>(rows, pk, nsb, y, ldy); break;
-    case 2: ktile<KF, RN, 2>(rows, pk, nsb, y, ldy); break;
-    case 3: ktile<KF, RN, 3>(rows, pk, nsb, y, ldy); break;
-    default: ktile<KF, RN, 4>(rows, pk, nsb, y, ldy); break;
+    case 1: ktile<KF, RN, 1>(rows, pk, nsb, y, ldy, pf); break;
+    case 2: ktile<KF, RN, 2>(rows, pk, nsb, y, ldy, pf); break;
+    case 3: ktile<KF, RN, 3>(rows, pk, nsb, y, ldy, pf); break;
+    default: ktile<KF, RN, 4>(rows, pk, nsb, y, ldy, pf); break;
   }
 }
 
@@ -701,7 +705,8 @@ void matmul_kquant(const WeightView& w, const float*, size_t, const Block* xq, i
       for (; n + 4 <= c1; n += 4) {
         const uint8_t* rows[4];
         for (int i = 0; i < 4; ++i) rows[i] = w.data + (size_t)(n + i) * w.row_stride;
-        ktile_rt<KF, 4>(rt, rows, pk, nsb, yt + n, ldy);
+        ktile_rt<KF, 4>(rt, rows, pk, nsb, yt + n, ldy,
+                        t0 == 0 ? decode_prefetch(rows[0], 4 * w.row_stride, nsb) : Prefetch{});  // as qtile_rt
       }
       for (; n < c1; ++n) {
         const uint8_t* rows[1] = {w.data + (size_t)n * w.row_stride};
