@@ -220,17 +220,17 @@ def rowmajor_int4(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("rowmajor")
     make_hf_model(folder / "hf", "llama", seed=5, hidden_size=96, intermediate_size=64,
-                  num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512)
+                  num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=2048)
     return convert(folder / "hf", folder / "int4.plm", quant="int4", progress=False)
 
 
 def test_verified_rows_are_exactly_a_step_of_one(rowmajor_int4):
     """The logits of a token verified among k + 1 rows equal, bit for bit, those of decoding it alone:
-    row-major quantized weights (GEMM from 4 tokens) and attention over several 128-position chunks."""
-    e = Engine(rowmajor_int4, threads=2, max_context=400, prefill_chunk=16, lookup=True, draft_max=8)
+    row-major quantized weights (GEMM from 4 tokens) and attention over several 512-position chunks."""
+    e = Engine(rowmajor_int4, threads=2, max_context=1200, prefill_chunk=16, lookup=True, draft_max=8)
     program = e.compiled.program
-    ids = np.random.default_rng(2).integers(3, 300, 320).astype(np.int32)
-    for ctx in (5, 300):  # one attention chunk; three
+    ids = np.random.default_rng(2).integers(3, 300, 1120).astype(np.int32)
+    for ctx in (5, 1100):  # one attention chunk; three
         a, b = e.create_session(), e.create_session()
         a.prefill(ids[:ctx].tolist())
         b.prefill(ids[:ctx].tolist())

@@ -25,7 +25,7 @@ namespace plm::cpu {
 // partial results; with fewer than kAttnTasksPerThread (row, KV head) pairs per thread (decode),
 // each chunk is its own task.
 constexpr int kAttnTasksPerThread = 4;
-constexpr int64_t kAttnChunk = 128;
+constexpr int64_t kAttnChunk = 512;
 
 // Chunks a row of a context of max_context positions spans at most.
 inline int64_t attn_max_chunks(int64_t max_context) { return max_context / kAttnChunk + 2; }

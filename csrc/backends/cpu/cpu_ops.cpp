@@ -330,9 +330,15 @@ void Step::attention(const OpDesc& op) {
       const int64_t t = pr / hkv, kvh = pr % hkv;
       partial(t, kvh, first_chunk(t) + (task - first[(size_t)pr]), thread_id, part + (int64_t)task * group * slot);
     });
-    pool.parallel_for((int)pairs, [&](int pr, int) {
+    // A few pairs (decode) merge on this thread: less than a parallel region's hand-off.
+    auto merge_pair = [&](int64_t pr) {
       merge(pr / hkv, pr % hkv, part + first[(size_t)pr] * group * slot, first[(size_t)pr + 1] - first[(size_t)pr]);
-    });
+    };
+    if (pairs <= kAttnTasksPerThread * nt) {
+      for (int64_t pr = 0; pr < pairs; ++pr) merge_pair(pr);
+    } else {
+      pool.parallel_for((int)pairs, [&](int pr, int) { merge_pair(pr); });
+    }
     return;
   }
   const int64_t region = part_capacity / nt;  // partials per thread: a row's chunks at most
