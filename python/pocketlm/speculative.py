@@ -72,26 +72,33 @@ class CostModel:
         old = self.step_seconds.get(rows)
         self.step_seconds[rows] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
-    def guessed(self, guesses: int, seconds: float) -> None:
-        if guesses > 0:
-            per = seconds / guesses
-            self.guess_seconds = per if self.guess_seconds == 0 else 0.8 * self.guess_seconds + 0.2 * per
+    def guessed(self, seconds: float) -> None:
+        """A draft step of one guess per sequence took `seconds` (catch-up steps of whole prompts are
+        not guesses and are not recorded)."""
+        self.guess_seconds = seconds if self.guess_seconds == 0 else 0.8 * self.guess_seconds + 0.2 * seconds
 
-    def seconds(self, rows: int) -> float | None:
-        """A step of `rows` rows: measured, or estimated; None before any measurement."""
+    def _line(self) -> tuple[float, float] | None:
+        """(intercept, slope >= 0) of a least-squares line through the row counts seen (two or more)."""
         b = self.step_seconds
-        if rows in b:
-            return b[rows]
-        if not b:
+        if len(b) < 2:
             return None
         known = sorted(b)
-        if len(known) == 1:
-            r0 = known[0]
-            return b[r0] * (1 + 0.1 * (rows - r0))
         n = len(known)
         mr, mt = sum(known) / n, sum(b[r] for r in known) / n
-        slope = sum((r - mr) * (b[r] - mt) for r in known) / sum((r - mr) ** 2 for r in known)
-        return max(b[known[0]] * 0.5, mt + max(slope, 0.0) * (rows - mr))
+        slope = max(0.0, sum((r - mr) * (b[r] - mt) for r in known) / sum((r - mr) ** 2 for r in known))
+        return mt - slope * mr, slope
+
+    def seconds(self, rows: int) -> float | None:
+        """A step of `rows` rows, from the line through the row counts seen (one noisy count does not
+        decide alone); from a single one, +10 % a row; None before any measurement."""
+        b = self.step_seconds
+        if not b:
+            return None
+        line = self._line()
+        if line is None:
+            r0 = next(iter(b))
+            return b[r0] * (1 + 0.1 * (rows - r0))
+        return max(min(b.values()) * 0.5, line[0] + line[1] * rows)
 
     def best_k(self, alpha: float, k_max: int) -> int:
         """The number of guesses with the most expected tokens per second: (1 - alpha^(k+1)) /
@@ -104,12 +111,13 @@ class CostModel:
 
     @property
     def cost(self) -> float:
-        """A guess (drafting it, and its row in the step) relative to a step of one token's worth."""
+        """A guess (its draft step and its row in the model's step) relative to what a kept token
+        saves, a model step of one row."""
         two = self.seconds(2)
         if two is None:
             return self.prior
-        extra = max(0.0, (self.seconds(3) or two) - two)
-        return min(3.0, max(0.0, (self.guess_seconds + extra) / two))
+        extra = self.seconds(3) - two
+        return min(3.0, max(0.0, (self.guess_seconds + extra) / max(two - extra, 1e-9)))
 
 
 class Speculation:
@@ -265,7 +273,6 @@ class DraftModel:
 
         from pocketlm import _core
 
-        t0 = time.perf_counter()
         program = self.engine.compiled.program
         max_rows, max_seqs = int(program.max_tokens), int(program.max_seqs)
         cost = self.cost
@@ -300,7 +307,10 @@ class DraftModel:
                 n = min(int(w[2].size), max_rows - rows)
                 step.append((w, n))
                 rows += n
+            t_step = time.perf_counter()
             out = _core.run_batch(program, [(w[1]._state, w[2][:n], w[1].kv_cache.valid) for w, n in step])
+            if all(n <= 2 for _, n in step):  # a guessing step (not a prompt's catch-up)
+                self.costs.guessed(time.perf_counter() - t_step)
             still = []
             for i, (w, n) in enumerate(step):
                 gen, ds = w[0], w[1]
@@ -320,7 +330,6 @@ class DraftModel:
                     still.append(w)
             still_ids = {id(w) for w in still}
             work = [w for w in work if id(w) in still_ids]
-        self.costs.guessed(sum(len(gen.spec.drafts) for gen, _, _ in entries), time.perf_counter() - t0)
 
     def _guess(self, gen, logits: np.ndarray, history: list[int]) -> tuple[int, tuple | None, float]:
         """(guess, the drafter's (ids, probs) when sampling, the draft's probability of the guess)."""

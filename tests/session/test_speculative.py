@@ -319,5 +319,5 @@ def test_cost_model():
     c = CostModel(prior=0.3)
     for rows, secs in [(2, 0.067), (3, 0.093), (4, 0.119), (6, 0.171)] * 2:
         c.step(rows, secs)
-    c.guessed(4, 0.064)
-    assert c.best_k(0.9, 16) <= 3 and abs(c.cost - (0.016 + 0.026) / 0.067) < 1e-6
+    c.guessed(0.016)
+    assert c.best_k(0.9, 16) <= 3 and abs(c.cost - (0.016 + 0.026) / (0.067 - 0.026)) < 1e-6
