@@ -321,3 +321,32 @@ def test_cost_model():
         c.step(rows, secs)
     c.guessed(0.016)
     assert c.best_k(0.9, 16) <= 3 and abs(c.cost - (0.016 + 0.026) / (0.067 - 0.026)) < 1e-6
+
+
+def test_threads_speculating_at_once(bundles):
+    """16 threads generate at once on an engine with a draft model (shared draft and verification
+    steps, sequences joining and leaving): each text equals plain decoding's, no thread hangs."""
+    import threading
+
+    path = bundles("llama")
+    plain = _engine(path)
+    spec = _engine(path, draft=_engine(bundles("llama", seed=99, hidden_size=32, intermediate_size=64)), draft_max=5)
+    rng = np.random.default_rng(12)
+    prompts = [rng.integers(3, 300, int(rng.integers(1, 30))).tolist() for _ in range(16)]
+    want = [_plain(plain, p, 16)[1] for p in prompts]
+    got: list = [None] * len(prompts)
+    errors: list = []
+
+    def run(i):
+        try:
+            got[i] = _plain(spec, prompts[i], 16)[1]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads) and not errors
+    assert got == want
