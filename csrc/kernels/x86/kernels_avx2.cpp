@@ -354,7 +354,10 @@ void matmul_quant(const WeightView& w, const float*, size_t, const Block* xq, in
         const uint8_t* rows[4];
         for (int i = 0; i < 4; ++i) rows[i] = w.data + (size_t)(n + i) * w.row_stride;
         const float* rs = i8 ? w.row_scales + n : nullptr;
-        if (rt == 2) qtile<F, 4, 2>(rows, pk, nruns, yt + n, ldy, rs);
+        // The first token tile streams the rows from memory, later ones find them in L2: it prefetches
+        // as decode does (a step verifying drafted tokens runs here, not in the GEMM).
+        if (rt == 2) qtile<F, 4, 2>(rows, pk, nruns, yt + n, ldy, rs,
+                                    t0 == 0 ? decode_prefetch(rows[0], 4 * w.row_stride, nruns, kPrefetchTiles) : Prefetch{});
         else qtile<F, 4, 1>(rows, pk, nruns, yt + n, ldy, rs, decode_prefetch(rows[0], 4 * w.row_stride, nruns, kPrefetchTiles));
       }
       for (; n < c1; ++n) {
@@ -599,7 +602,8 @@ void matmul_kquant(const WeightView& w, const float*, size_t, const Block* xq, i
       for (; n + 4 <= c1; n += 4) {
         const uint8_t* rows[4];
         for (int i = 0; i < 4; ++i) rows[i] = w.data + (size_t)(n + i) * w.row_stride;
-        if (rt == 2) ktile<KF, 4, 2>(rows, pk, nsb, yt + n, ldy);
+        if (rt == 2) ktile<KF, 4, 2>(rows, pk, nsb, yt + n, ldy,  // first tile prefetched, as qtile's
+                                     t0 == 0 ? decode_prefetch(rows[0], 4 * w.row_stride, nsb, kPrefetchTiles) : Prefetch{});
         else ktile<KF, 4, 1>(rows, pk, nsb, yt + n, ldy, decode_prefetch(rows[0], 4 * w.row_stride, nsb, kPrefetchTiles));
       }
       for (; n < c1; ++n) {
