@@ -100,6 +100,16 @@ inline float param(const OpDesc& op, FloatParam p) {
   return op.fparams[(size_t)p.index];
 }
 
+// act_levels of a matmul op (matmul, matmul_multi, matmul_swiglu, matmul_geglu; ops.def).
+inline IntParam act_levels_param(OpCode code) {
+  switch (code) {
+    case OpCode::matmul: return params::matmul::act_levels;
+    case OpCode::matmul_multi: return params::matmul_multi::act_levels;
+    case OpCode::matmul_swiglu: return params::matmul_swiglu::act_levels;
+    default: assert(code == OpCode::matmul_geglu); return params::matmul_geglu::act_levels;
+  }
+}
+
 struct InplacePair {
   int output, input;
 };

@@ -298,7 +298,7 @@ void Program::Impl::validate_op(size_t index) {
         c.fail("expects inputs [x, W1, b1, W2, b2, ...] and one output per weight, got " +
                std::to_string(in.size()) + " inputs and " + std::to_string(out.size()) +
                " outputs");
-      c.act_levels(op.code == OpCode::matmul ? params::matmul::act_levels : params::matmul_multi::act_levels);
+      c.act_levels(act_levels_param(op.code));
       const Tensor& x = c.act(in[0], "x");
       for (size_t j = 0; j < out.size(); ++j) {
         const Tensor& w = c.weight(in[1 + 2 * j], "weight");
@@ -314,8 +314,7 @@ void Program::Impl::validate_op(size_t index) {
     }
     case OpCode::matmul_swiglu:
     case OpCode::matmul_geglu: {
-      c.act_levels(op.code == OpCode::matmul_swiglu ? params::matmul_swiglu::act_levels
-                                                    : params::matmul_geglu::act_levels);
+      c.act_levels(act_levels_param(op.code));
       const Tensor& x = c.act(in[0], "x");
       const Tensor& wg = c.weight(in[1], "gate weight");
       const Tensor& wu = c.weight(in[2], "up weight");

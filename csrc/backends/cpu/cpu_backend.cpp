@@ -77,7 +77,7 @@ void CpuBackend::prepare() {
       case OpCode::matmul_geglu: {
         const size_t step = op.code == OpCode::matmul || op.code == OpCode::matmul_multi ? 2 : 1;
         const size_t n_weights = step == 2 ? op.outputs.size() : 2;
-        const int64_t levels = op.iparams[0];  // act_levels, the only int param of the four (ops.def)
+        const int64_t levels = param(op, act_levels_param(op.code));
         for (size_t j = 0; j < n_weights; ++j) {
           const Tensor& w = p_.tensors[(size_t)op.inputs[1 + step * j]];
           if (!traits(w.weight.dtype).quantized) continue;

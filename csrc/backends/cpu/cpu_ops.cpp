@@ -72,7 +72,7 @@ void Step::weight_row(const kernels::WeightView& w, int64_t r, float* out) const
 }
 
 bool Step::two_level(const OpDesc& op) const {
-  const int64_t levels = op.iparams[0];  // act_levels (ops.def), validated 0..2
+  const int64_t levels = param(op, act_levels_param(op.code));  // validated 0..2
   return levels == 0 ? act2 : levels == 2;
 }
 
