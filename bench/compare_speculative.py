@@ -27,16 +27,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("LLAMACPP_CACHE", Path.home() / ".cache/pocketlm/llama.cpp")).expanduser()
-
-
-def env_with_pocketlm() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from compare import (  # bench/compare.py, beside this file
+    CACHE,
+    REPO,
+    env_with_pocketlm,
+    log,
+)
 
 
 def run_pocketlm(a) -> dict:

@@ -63,8 +63,7 @@ class Generation:
         self._pending = ""   # text held back: it may still grow into a stop string
         self._t_decode = 0.0
         spec = getattr(engine, "speculator", None)
-        self.spec = Speculation(engine.draft_max, None, spec.cost) \
-            if spec is not None and session.logits_mode == "last" else None
+        self.spec = Speculation(engine.draft_max) if spec is not None and session.logits_mode == "last" else None
 
     def _prompt_ids(self, prompt, add_special_tokens: bool) -> list[int]:
         session = self.session
@@ -91,15 +90,7 @@ class Generation:
             return
         ids = self.ids
         history = session._tokens
-        if ids[:len(history)] == history and len(ids) > len(history):
-            common = len(history)
-        else:
-            common = 0
-            for a, b in zip(history, ids):
-                if a != b:
-                    break
-                common += 1
-            common = min(common, len(ids) - 1)  # at least one token to prefill for fresh logits
+        common = reusable_prefix(history, ids)
         new = ids[common:]
         if common + len(new) > session.max_context:
             raise ContextOverflowError(
@@ -199,6 +190,19 @@ class Generation:
     def _close_stats(self) -> None:
         if self.stats.generated_tokens:
             self.stats.decode_seconds = time.perf_counter() - self._t_decode
+
+
+def reusable_prefix(history: list[int], ids: list[int]) -> int:
+    """How many leading tokens of `ids` a cache holding `history` already has, leaving at least one
+    of `ids` to feed (its logits are the next token's)."""
+    if ids[:len(history)] == history and len(ids) > len(history):
+        return len(history)
+    common = 0
+    for a, b in zip(history, ids):
+        if a != b:
+            break
+        common += 1
+    return min(common, len(ids) - 1)
 
 
 def split_stop(text: str, stops: list[str], final: bool = False) -> tuple[str, bool]:

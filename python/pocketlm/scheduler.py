@@ -336,21 +336,22 @@ class Scheduler:
         with self._lock:
             batch = self._plan_locked()
         if batch:
+            # Logits rows per sequence: all of a token and its guesses (verification), else the last.
+            n_outs = [n if n > 1 and n == r.gen.n_out else 1 for r, n, _ in batch]
             t0 = time.perf_counter()
             try:
-                out = _core.run_batch(self.program, [(r.session._state, r.gen.feed[:n], pos, r.gen.n_out if n > 1 and
-                                                      n == r.gen.n_out else 1) for r, n, pos in batch])
+                out = _core.run_batch(self.program, [(r.session._state, r.gen.feed[:n], pos, o)
+                                                     for (r, n, pos), o in zip(batch, n_outs)])
             except Exception as e:  # noqa: BLE001 - an input the checks missed: these caches are suspect
                 out = None
                 finished += [(r.request, e) for r, _, _ in batch]
             if out is not None and self.speculator is not None and \
-                    all(n == 1 or n == r.gen.n_out for r, n, _ in batch):  # decode and verification rows only
-                self.speculator.costs.step(sum(n for _, n, _ in batch), time.perf_counter() - t0)
+                    all(n == o for (_, n, _), o in zip(batch, n_outs)):  # decode and verification rows only
+                self.speculator.costs.step(sum(n_outs), time.perf_counter() - t0)
             pushed: list[tuple[Request, list[str]]] = []
             row = 0
-            for r, n, pos in (batch if out is not None else ()):
+            for (r, n, pos), n_out in zip(batch if out is not None else (), n_outs):
                 gen, session = r.gen, r.session
-                n_out = gen.n_out if n > 1 and n == gen.n_out else 1
                 rows, row = out[row:row + n_out], row + n_out
                 session._advance(gen.feed[:n], pos)
                 gen.feed = gen.feed[n:]

@@ -32,6 +32,9 @@ cost (a kept token saves one model step, a guess costs `cost` of one).
 
 from __future__ import annotations
 
+import time
+import weakref
+
 import numpy as np
 
 from pocketlm.errors import InvalidInputError
@@ -121,19 +124,18 @@ class CostModel:
 
 
 class Speculation:
-    """One generation's speculative state (`Generation.spec`): its guesses, and its estimate of how
-    often a guess is kept (alpha), from which it sets k (`best_k`)."""
+    """One generation's speculative state (`Generation.spec`): its guesses, its estimate of how often
+    a guess is kept (alpha), and the number of guesses k that `choose` sets from it before each step."""
 
-    __slots__ = ("alpha", "cost", "draft_max", "drafts", "k", "q", "sampler")
+    __slots__ = ("alpha", "draft_max", "drafts", "k", "q", "sampler")
 
-    def __init__(self, draft_max: int, sampler: Sampler | None, cost: float = 0.0):
+    def __init__(self, draft_max: int):
         self.draft_max = draft_max
-        self.cost = cost                  # one guess / one model step (the drafter's)
         self.alpha = 0.7                  # prior: kept guesses / offered, then a moving average
-        self.k = best_k(self.alpha, cost, draft_max)
+        self.k = 1
         self.drafts: list[int] = []       # guesses after the token being fed (gen.feed = [x0, *drafts])
         self.q: list[tuple[np.ndarray, np.ndarray] | None] = []  # drafter's (ids, probs) per guess; None: certain
-        self.sampler = sampler            # the drafter's own random stream (draft model, sampling)
+        self.sampler: Sampler | None = None  # the drafter's own random stream (draft model, sampling)
 
     def adapt(self, kept: int, offered: int) -> None:
         """After a step that kept `kept` of `offered` guesses: a step that stops at the first miss
@@ -142,12 +144,15 @@ class Speculation:
             return
         seen = kept / offered if kept == offered else kept / (kept + 1)
         self.alpha = 0.7 * self.alpha + 0.3 * seen
-        self.k = best_k(self.alpha, self.cost, self.draft_max)
 
     def choose(self, costs: CostModel) -> None:
         """Sets k from the engine's measured costs (`CostModel.best_k`)."""
-        self.cost = costs.cost
         self.k = costs.best_k(self.alpha, self.draft_max)
+
+
+def _draw(probs: np.ndarray, u: float) -> int:
+    """Index drawn from normalised `probs` by the uniform number u in [0, 1)."""
+    return min(int(np.searchsorted(np.cumsum(probs), u, side="right")), len(probs) - 1)
 
 
 def verify(gen, rows: np.ndarray, base: int) -> tuple[list[int], int]:
@@ -187,8 +192,7 @@ def verify(gen, rows: np.ndarray, base: int) -> tuple[list[int], int]:
         total = resid.sum()
         w = resid / total if total > 0 else np.array(list(p.values()))
         w = w / w.sum()
-        out.append(int(cand[min(int(np.searchsorted(np.cumsum(w), sampler.rng.random(), side="right")),
-                                len(cand) - 1)]))
+        out.append(int(cand[_draw(w, sampler.rng.random())]))
         return out, i
     raise AssertionError("verify: rows must be one more than the guesses")
 
@@ -197,17 +201,11 @@ class PromptLookup:
     """Guesses by n-gram lookup in the tokens so far (prompt and output): the tokens that followed
     the latest earlier occurrence of the last n tokens, for n from max_ngram down to min_ngram."""
 
-    uses_model = False
-
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError("need 1 <= min_ngram <= max_ngram")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.costs = CostModel(prior=0.1)  # guesses are free; the rows they add to a step are not
-
-    @property
-    def cost(self) -> float:
-        return self.costs.cost
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
         n_tok = len(tokens)
@@ -239,8 +237,6 @@ class DraftModel:
     """Guesses with a smaller model of the same tokenizer (an Engine), greedily or by sampling with
     the generation's parameters. Draft sessions follow the target sessions they serve."""
 
-    uses_model = True
-
     def __init__(self, target, draft):
         check_compatible(target, draft)
         self.engine = draft
@@ -249,12 +245,7 @@ class DraftModel:
         # about the ratio of the two bundles' sizes (Qwen2.5-Coder 0.5B for 1.5B: 0.44).
         self.costs = CostModel(prior=min(1.0, draft.bundle.file_bytes / max(1, target.bundle.file_bytes)))
 
-    @property
-    def cost(self) -> float:
-        return self.costs.cost
     def _session_for(self, target_session):
-        import weakref
-
         key = id(target_session)
         entry = self._sessions.get(key)
         if entry is not None and entry[0]() is target_session:
@@ -269,13 +260,14 @@ class DraftModel:
         """Runs the draft model's steps for every entry (generation, tokens so far including x0,
         k) together: first each draft session catches up with its tokens (rewinding past what the
         target rejected), then one row per sequence per guess."""
-        import time
-
         from pocketlm import _core
+        from pocketlm.generation import (
+            reusable_prefix,  # (generation imports this module)
+        )
 
         program = self.engine.compiled.program
         max_rows, max_seqs = int(program.max_tokens), int(program.max_seqs)
-        cost = self.cost
+        cost = self.costs.cost
         work = []
         for gen, tokens, k in entries:
             ds = self._session_for(gen.session)
@@ -283,14 +275,8 @@ class DraftModel:
             if len(tokens) > limit:  # the draft's context is full: no guesses
                 gen.spec.drafts, gen.spec.q = [], []
                 continue
-            have = ds._tokens
-            common = 0
-            for a, b in zip(have, tokens):
-                if a != b:
-                    break
-                common += 1
-            common = min(common, len(tokens) - 1)
-            if common < len(have):
+            common = reusable_prefix(ds._tokens, tokens)
+            if common < len(ds._tokens):
                 ds._rewind(common)
             k = min(k, limit - len(tokens) + 1)
             gen.spec.drafts, gen.spec.q = [], []
@@ -342,7 +328,7 @@ class DraftModel:
             return best, None, float(1.0 / np.exp(x - x[best]).sum())
         s = gen.spec.sampler
         ids, probs = s.distribution(logits, recent)
-        j = min(int(np.searchsorted(np.cumsum(probs), s.rng.random(), side="right")), len(ids) - 1)
+        j = _draw(probs, s.rng.random())
         return int(ids[j]), (ids, probs), float(probs[j])
 
 

@@ -66,8 +66,6 @@ def _check_same(spec_engine, plain_engine, prompt, n=N_NEW):
 
 class Oracle:
     """Guesses plain decoding's next tokens (from a reference run) but spoils one at a random index."""
-    uses_model = False
-    cost = 0.0
 
     def __init__(self, answer_tokens, seed):
         from pocketlm.speculative import CostModel
