@@ -4,6 +4,9 @@
 #
 #   bench/build_llamacpp.sh            # ~10-15 min on 2 cores the first time
 #   LLAMACPP_PY_VERSION=0.3.36 LLAMACPP_CACHE=~/.cache/pocketlm/llama.cpp bench/build_llamacpp.sh
+#   LLAMACPP_ISA=avx2 bench/build_llamacpp.sh   # a second build, into build-avx2/, as on a CPU without
+#                                               # AVX-512 or AVX-VNNI (AVX2+FMA+F16C+BMI2): the peer of
+#                                               # `bench/compare.py --isa avx2` on an AVX-512 machine
 #
 # Layout of the cache:
 #   sdist/llama_cpp_python-<v>.tar.gz   the source as downloaded (pip download --no-binary :all:)
@@ -11,6 +14,7 @@
 #   src -> llama_cpp_python-<v>/vendor/llama.cpp   convert_hf_to_gguf.py, gguf-py/, models/ggml-vocab-*
 #   build/bin/                          llama-bench, llama-batched-bench, llama-perplexity, llama-quantize,
 #                                       llama-completion, llama-speculative
+#   build-avx2/bin/                     the same tools built for AVX2 only (LLAMACPP_ISA=avx2)
 #   VERSION                             the pinned llama-cpp-python version that was built
 set -euo pipefail
 
@@ -20,6 +24,16 @@ VENV="${POCKETLM_VENV:-$HOME/.cache/pocketlm/venv}"
 PY="$VENV/bin/python"
 [ -x "$PY" ] || PY="$(command -v python3)"
 JOBS="${JOBS:-2}"
+ISA="${LLAMACPP_ISA:-native}"
+case "$ISA" in
+  native) BUILD=build; ISA_FLAGS=(-DGGML_NATIVE=ON) ;;
+  # Every x86 extension past AVX2 off, so ggml's compile-time choice matches an AVX2-only laptop.
+  avx2) BUILD=build-avx2
+        ISA_FLAGS=(-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+                   -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF
+                   -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF) ;;
+  *) echo "LLAMACPP_ISA must be native or avx2, not '$ISA'" >&2; exit 2 ;;
+esac
 # llama-cli needs the server in this version; llama-completion is the plain prompt -> text tool.
 TARGETS=(llama-bench llama-batched-bench llama-perplexity llama-quantize llama-completion llama-speculative)
 
@@ -29,12 +43,12 @@ exec 9>"$CACHE/.lock"
 flock 9
 
 built() {
-  for t in "${TARGETS[@]}"; do [ -x "build/bin/$t" ] || return 1; done
-  [ "$(cat VERSION 2>/dev/null)" = "$VERSION" ]
+  for t in "${TARGETS[@]}"; do [ -x "$BUILD/bin/$t" ] || return 1; done
+  [ "$(cat "$BUILD/VERSION" 2>/dev/null || cat VERSION 2>/dev/null)" = "$VERSION" ]
 }
 
 if built; then
-  echo "llama.cpp (llama-cpp-python $VERSION) already built in $CACHE/build/bin" >&2
+  echo "llama.cpp (llama-cpp-python $VERSION) already built in $CACHE/$BUILD/bin" >&2
 else
   sdist="sdist/llama_cpp_python-$VERSION.tar.gz"
   if [ ! -f "$sdist" ]; then
@@ -58,19 +72,20 @@ else
   # points at ../../.git, which ninja would resolve lexically through the symlink to a missing file
   # and re-run CMake forever ("manifest 'build.ninja' still dirty").
   real_src="$(cd "llama_cpp_python-$VERSION/vendor/llama.cpp" && pwd -P)"
-  if ! grep -q "CMAKE_HOME_DIRECTORY:INTERNAL=$real_src\$" build/CMakeCache.txt 2>/dev/null; then
-    rm -rf build
+  if ! grep -q "CMAKE_HOME_DIRECTORY:INTERNAL=$real_src\$" "$BUILD/CMakeCache.txt" 2>/dev/null; then
+    rm -rf "$BUILD"
   fi
   start=$(date +%s)
-  cmake -S "$real_src" -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
+  cmake -S "$real_src" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release "${ISA_FLAGS[@]}" -DBUILD_SHARED_LIBS=OFF \
         -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON \
         -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
         $(command -v ninja >/dev/null && echo -G Ninja)
-  cmake --build build -j"$JOBS" --target "${TARGETS[@]}"
-  echo "$VERSION" > VERSION
-  echo "built in $(( $(date +%s) - start )) s" | tee build-time.txt >&2
+  cmake --build "$BUILD" -j"$JOBS" --target "${TARGETS[@]}"
+  echo "$VERSION" > "$BUILD/VERSION"
+  [ "$BUILD" = build ] && echo "$VERSION" > VERSION
+  echo "built in $(( $(date +%s) - start )) s" | tee "$BUILD/build-time.txt" >&2
 fi
 
-echo "binaries:           $CACHE/build/bin  (${TARGETS[*]})"
+echo "binaries:           $CACHE/$BUILD/bin  (${TARGETS[*]})"
 echo "convert_hf_to_gguf: $CACHE/src/convert_hf_to_gguf.py  (uses $CACHE/src/gguf-py)"
 echo "vocab test files:   $CACHE/src/models/ggml-vocab-*.gguf (+ .inp / .out)"

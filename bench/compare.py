@@ -57,6 +57,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("LLAMACPP_CACHE", Path.home() / ".cache/pocketlm/llama.cpp")).expanduser()
 TOOLS = Path.home() / ".cache/pocketlm/bench-tools"
+LLAMA_BUILD = "build"  # build-avx2 with --isa avx2 (bench/build_llamacpp.sh, LLAMACPP_ISA=avx2)
 LITERT_CACHE = Path(os.environ.get("LITERT_CACHE", Path.home() / ".cache/pocketlm/litert")).expanduser()
 LITERT_KV = 1024  # the KV cache length bench/litert.sh exports with; LiteRT-LM's default is slower
 QUIET = 0.10  # a run is "quiet" when other work used less than this share of the CPUs meanwhile
@@ -208,6 +209,10 @@ def plm_decode_bytes(path: Path) -> tuple[int, dict]:
 # ---- the two runtimes -------------------------------------------------------------------------
 
 
+def build_command() -> str:
+    return ("LLAMACPP_ISA=avx2 " if LLAMA_BUILD == "build-avx2" else "") + "bench/build_llamacpp.sh"
+
+
 def env_with_pocketlm() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "python")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -223,7 +228,7 @@ def run_pocketlm_bench(model: str, a) -> dict:
 
 
 def run_llama_bench(gguf: Path, a) -> dict:
-    cmd = [str(CACHE / "build/bin/llama-bench"), "-m", str(gguf), "-p", str(a.p), "-n", str(a.n), "-t", str(a.t),
+    cmd = [str(CACHE / LLAMA_BUILD / "bin/llama-bench"), "-m", str(gguf), "-p", str(a.p), "-n", str(a.n), "-t", str(a.t),
            "-r", "1", "-o", "json"] + (["-d", str(a.d)] if a.d else [])
     r = subprocess.run(cmd, capture_output=True, text=True, check=True)
     out = {}
@@ -309,7 +314,7 @@ def prompt_text(plm_or_gguf: str, n_tokens: int) -> str:
 def rss_runs(gguf: Path, pocket_model: str, a, rounds: int = 2) -> dict:
     """Peak RSS of `pocketlm run` and of `llama-completion`, same prompt, n tokens, threads; with
     --litert also of one `litert-lm benchmark` without warm-up (p prompt tokens, n decoded)."""
-    completion = CACHE / "build/bin/llama-completion"
+    completion = CACHE / LLAMA_BUILD / "bin/llama-completion"
     text = prompt_text(pocket_model, a.p)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write(text)
@@ -375,7 +380,7 @@ def batched_ctx(batches: list[int], p: int, n: int) -> int:
 def llama_batched_cmd(gguf: Path, a) -> list[str]:
     # The rest is llama.cpp's defaults: f16 KV, flash attention "auto" (on for the CPU backend), one
     # KV stream per sequence (no -kvu), prompts not shared (no -pps), a 16-token warm-up.
-    return [str(CACHE / "build/bin/llama-batched-bench"), "-m", str(gguf), "-c", str(batched_ctx(a.batch, a.p, a.n)),
+    return [str(CACHE / LLAMA_BUILD / "bin/llama-batched-bench"), "-m", str(gguf), "-c", str(batched_ctx(a.batch, a.p, a.n)),
             "-b", "2048", "-ub", "512", "-npp", str(a.p), "-ntg", str(a.n), "-npl", ",".join(map(str, a.batch)),
             "-t", str(a.t), "--output-format", "jsonl"]
 
@@ -473,7 +478,7 @@ def batched_table(rows: list[dict], p: int, n: int) -> str:
 
 def batched_report(res: dict) -> str:
     b = res["batched"]
-    head = (f"pocketlm: {res['pocketlm_model']}\nllama.cpp: {res['gguf']} (llama-cpp-python {res['llamacpp_version']}, "
+    head = (f"pocketlm: {res['pocketlm_model']}\nllama.cpp: {res['gguf']} (llama-cpp-python {res['llamacpp_version']}, {res.get('llamacpp_build', 'build')}, "
             f"`{b['llamacpp_cmd']}`)\n{res['threads']} threads, {res['rounds']} alternating rounds, batch sizes "
             f"{','.join(map(str, res['batches']))}; spread = (max - min) / median over the rounds\n"
             f"load average: {res['loadavg_start']:.2f} at the start, {res['loadavg_end']:.2f} at the end; "
@@ -503,8 +508,8 @@ def batched_result(pk_runs, lc_runs, others: dict) -> dict:
 
 
 def main_batched(a, gguf: Path, pocket_path: Path) -> int:
-    if not (CACHE / "build/bin/llama-batched-bench").exists():
-        sys.exit(f"no llama-batched-bench in {CACHE}/build/bin: run bench/build_llamacpp.sh first")
+    if not (CACHE / LLAMA_BUILD / "bin/llama-batched-bench").exists():
+        sys.exit(f"no llama-batched-bench in {CACHE}/{LLAMA_BUILD}/bin: run {build_command()} first")
     loadavg_start = os.getloadavg()[0]
     pk_runs, lc_runs, busy_before = [], [], []
     others: dict = {"pocketlm": [], "llamacpp": []}
@@ -531,6 +536,7 @@ def main_batched(a, gguf: Path, pocket_path: Path) -> int:
     res = {"gguf": str(gguf), "pocketlm_model": str(pocket_path), "p": a.p, "n": a.n, "threads": a.t,
            "rounds": a.r, "batches": a.batch, "batched": batched,
            "llamacpp_version": (CACHE / "VERSION").read_text().strip() if (CACHE / "VERSION").exists() else "?",
+           "llamacpp_build": LLAMA_BUILD,
            "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg()[0], "busy_before_runs": busy_before,
            "others_during_runs": others, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     print(batched_report(res))
@@ -603,7 +609,7 @@ def report(res: dict) -> str:
                      "", ratio(pk["ttft_s"], lt["ttft_s"]) if lt else ""))
     during = res.get("others_during_runs")
     head = (f"pocketlm: {res['pocketlm_model']} ({pk['kernels']}, {pk.get('activations', '?')} activations)\nllama.cpp: {res['gguf']} "
-            f"(llama-cpp-python {res['llamacpp_version']})\n"
+            f"(llama-cpp-python {res['llamacpp_version']}, {res.get('llamacpp_build', 'build')})\n"
             + (f"LiteRT-LM: {lt['model']} (litert-lm {lt['version']}, `{lt['cmd']}`)\n" if lt else "")
             + f"{res['threads']} threads, {res['rounds']} alternating "
             f"rounds, medians; spread = (max - min) / median over the rounds; quiet runs: other work used "
@@ -645,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--activations", default=None, metavar="SPEC",
                     help="pocketlm's activation precision (default: its own, auto; int8x2, int8 = llama.cpp's "
                          "kind, or per site: docs/quant.md)")
+    ap.add_argument("--isa", choices=("native", "avx2"), default="native",
+                    help="avx2: both runtimes as on a CPU without AVX-512 or AVX-VNNI (pocketlm with "
+                         "PLM_KERNELS=avx2, llama.cpp from LLAMACPP_ISA=avx2 bench/build_llamacpp.sh)")
     ap.add_argument("--no-rss", action="store_true", help="skip the /usr/bin/time -v runs")
     ap.add_argument("--wait-quiet", type=float, default=60, metavar="S",
                     help="before each run, wait up to S seconds for the CPUs to be < 15%% busy with other "
@@ -675,8 +684,16 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO / "python"))
 
     gguf = a.gguf.expanduser().resolve()
-    if not (CACHE / "build/bin/llama-bench").exists():
-        sys.exit(f"no llama-bench in {CACHE}/build/bin: run bench/build_llamacpp.sh first")
+    if a.isa == "avx2":
+        # An AVX2-only CPU on an AVX-512 one: pocketlm's AVX2 kernels (PLM_KERNELS) against llama.cpp
+        # compiled for AVX2 alone. Same cores and memory, so it shows the kernels, not the machine.
+        global LLAMA_BUILD
+        LLAMA_BUILD = "build-avx2"
+        os.environ["PLM_KERNELS"] = "avx2"
+        if a.litert:
+            sys.exit("--isa avx2 with --litert: LiteRT-LM picks its own kernels from CPUID")
+    if not (CACHE / LLAMA_BUILD / "bin/llama-bench").exists():
+        sys.exit(f"no llama-bench in {CACHE}/{LLAMA_BUILD}/bin: run {build_command()} first")
     if not a.no_rss and not Path("/usr/bin/time").exists():
         sys.exit("/usr/bin/time is missing: apt-get install time (or pass --no-rss)")
     if a.litert:
@@ -766,6 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"gguf": str(gguf), "pocketlm_model": str(pocket_path), "p": a.p, "n": a.n, "d": a.d, "threads": a.t,
            "rounds": a.r, "bandwidth": bandwidth, "pocketlm": pk, "llamacpp": lc, "rss": rss,
            "llamacpp_version": (CACHE / "VERSION").read_text().strip() if (CACHE / "VERSION").exists() else "?",
+           "llamacpp_build": LLAMA_BUILD,
            "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg()[0],
            "busy_before_runs": [r["busy_before"] for r in pk_runs + lc_runs + lt_runs],
            "others_during_runs": {who: [r["others_during"] for r in by_runtime[who]] for who in runtimes},

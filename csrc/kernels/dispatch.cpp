@@ -10,6 +10,8 @@ namespace plm::kernels {
 // Defined by the variant files; nullptr if the variant is not (yet) implemented.
 #if defined(PLM_X86)
 const KernelTable* avx2_kernel_table();
+const KernelTable* avxvnni_kernel_table();       // kernels_avx2.cpp built with AVX-VNNI
+const KernelTable* avxvnni_evex_kernel_table();  // the same with EVEX vpdpbusd (dot_avx2.h)
 const KernelTable* avx512_kernel_table();
 #endif
 #if defined(PLM_ARM)
@@ -24,6 +26,15 @@ bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
 }
+bool cpu_has_avxvnni() {
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avxvnni");
+}
+bool cpu_has_avx512vl_vnni() {  // what the EVEX build of the AVX2 files needs
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512vnni");
+}
 bool cpu_has_avx512() {
   __builtin_cpu_init();
   return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
@@ -37,6 +48,9 @@ std::vector<const KernelTable*> usable_tables() {
   std::vector<const KernelTable*> v{&ref_kernels()};
 #if defined(PLM_X86)
   if (cpu_has_avx2() && avx2_kernel_table()) v.push_back(avx2_kernel_table());
+  // Never the best where AVX-512 is (below): there it is a test of the AVX-VNNI code.
+  if (cpu_has_avx512vl_vnni()) v.push_back(avxvnni_evex_kernel_table());
+  if (cpu_has_avxvnni()) v.push_back(avxvnni_kernel_table());
   if (cpu_has_avx512() && avx512_kernel_table()) v.push_back(avx512_kernel_table());
 #endif
 #if defined(PLM_ARM)
@@ -66,7 +80,7 @@ std::vector<std::string> available_kernels() {
 
 const KernelTable& best_kernels() {
   static const KernelTable* chosen = [] {
-    // PLM_KERNELS=ref|avx2|avx512|neon forces a variant; an unusable one is ignored.
+    // PLM_KERNELS=ref|avx2|avxvnni|avxvnni-evex|avx512|neon forces a variant; an unusable one is ignored.
     if (const char* env = std::getenv("PLM_KERNELS"))
       if (const KernelTable* t = kernels_by_name(env)) return t;
     return tables().back();

@@ -1,5 +1,5 @@
 // Kernel table: one instance per CPU variant (scalar reference, AVX2+FMA,
-// AVX-512+VNNI, NEON). The scalar reference is the test oracle for every other
+// AVX2 with AVX-VNNI, AVX-512+VNNI, NEON). The scalar reference is the test oracle for every other
 // variant. The executor calls kernels through best_kernels(); tests may ask for
 // a specific variant by name.
 #pragma once
@@ -67,7 +67,7 @@ void matmul2_float(const WeightView& w, const float* x, size_t ldx, const BlockQ
 }
 
 struct KernelTable {
-  const char* name;                          // "ref", "avx2", "avx512", "neon"
+  const char* name;                          // "ref", "avx2", "avxvnni", "avxvnni-evex", "avx512", "neon"
   MatmulFn matmul[kNumDTypes];               // indexed by DType
   void (*quantize_act)(const float* x, BlockQ8A* out, int K);   // K % 32 == 0
   void (*dequant_row)(DType t, const void* row, float* out, int64_t cols);  // embeddings
@@ -128,7 +128,7 @@ void matmul_x16_gather(const WeightView& w, const float* x, size_t ldx, const Ac
   }
 }
 
-const KernelTable& best_kernels();                 // picked once from CPUID; env PLM_KERNELS=ref|avx2|avx512 overrides
+const KernelTable& best_kernels();                 // picked once from CPUID; env PLM_KERNELS=<name> overrides
 const KernelTable* kernels_by_name(const std::string& name);  // nullptr if not built or CPU lacks it
 std::vector<std::string> available_kernels();      // variants usable on this CPU, "ref" first
 

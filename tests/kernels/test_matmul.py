@@ -88,11 +88,16 @@ def test_i8_extreme_weights():
     q = np.full((N, K), -128, np.int8)
     q[1] = 127
     raw = np.frombuffer(q.tobytes() + np.ones(N, "<f4").tobytes(), np.uint8)
-    x = np.full((2, K), -1.0, np.float32)
-    want = kernels.matmul("ref", int(DType.I8), raw, N, K, x)
-    assert want[0, 0] == 128 * K
-    for v in simd_variants():
-        np.testing.assert_array_equal(kernels.matmul(v, int(DType.I8), raw, N, K, x), want)
+    # Q8_0 blocks of the same codes with d = 1
+    q8 = np.concatenate([np.full((N * K // 32, 1), 1.0, "<f2").view(np.uint8),
+                         q.reshape(-1, 32).view(np.uint8)], axis=1).reshape(-1)
+    for T in (2, 5, 17):  # the per-row tiles, and the prefill GEMMs from 4 tokens on
+        x = np.full((T, K), -1.0, np.float32)
+        for dtype, data in ((DType.I8, raw), (DType.Q8_0, q8)):
+            want = kernels.matmul("ref", int(dtype), data, N, K, x)
+            assert want[0, 0] == 128 * K and want[0, 1] == -127 * K
+            for v in simd_variants():
+                np.testing.assert_array_equal(kernels.matmul(v, int(dtype), data, N, K, x), want, err_msg=(v, T))
 
 
 def test_argument_validation():
@@ -135,3 +140,19 @@ def test_x16_needs_whole_row_groups():
     raw = quantize(np.ones((16, 64), np.float32), DType.Q4_0_X16)
     with pytest.raises(ValueError, match="16"):
         kernels.matmul("ref", int(DType.Q4_0_X16), raw[: raw.size // 2], 8, 64, np.ones((1, 64), np.float32))
+
+
+def test_vnni_variants_where_the_cpu_has_them():
+    """The AVX-VNNI kernels run wherever some VNNI does: natively (avxvnni) or, on AVX-512 VNNI
+    CPUs, as their EVEX build (avxvnni-evex), so that the tests above cover that code."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags")
+    have = kernels.available()
+    if "avx2" in flags and "avx_vnni" in flags:
+        assert "avxvnni" in have
+    if "avx2" in flags and {"avx512f", "avx512vl", "avx512_vnni"} <= set(flags):
+        assert "avxvnni-evex" in have
+    if "avx_vnni" not in flags:
+        assert "avxvnni" not in have

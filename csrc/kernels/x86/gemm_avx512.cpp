@@ -338,26 +338,6 @@ void micro_halves(const GemmBlock* wb, int nruns, const Block* x, const int32_t*
   for (int t = 0; t < RT; ++t) _mm512_mask_storeu_ps(y + (size_t)t * ldy, mask, acc[t]);
 }
 
-// -32 x the code sum of each 16-element half of every activation run, per level:
-// out[((t * nruns + run) * L + level) * 2 + half].
-template <class Block>
-void half_bias(const Block* xq, int T, int nruns, int32_t* out) {
-  constexpr bool kTwo = std::is_same_v<Block, BlockQ8A2>;
-  const __m256i flip = _mm256_set1_epi8((char)0x80);
-  auto sums = [&](const int8_t* q, int32_t* o) {  // sad of q + 128 against 0, minus 128 x 16
-    const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), flip);
-    const __m256i sad = _mm256_sad_epu8(u, _mm256_setzero_si256());  // 4 sums of 8 bytes
-    alignas(32) int64_t v[4];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(v), sad);
-    o[0] = -32 * (int32_t)(v[0] + v[1] - 128 * 16);
-    o[1] = -32 * (int32_t)(v[2] + v[3] - 128 * 16);
-  };
-  for (size_t i = 0; i < (size_t)T * nruns; ++i) {
-    sums(xq[i].qs, out + i * (kTwo ? 4 : 2));
-    if constexpr (kTwo) sums(xq[i].qs2, out + i * 4 + 2);
-  }
-}
-
 template <class P, class Block>
 void gemm_impl(const WeightView& w, const Block* xq, int T, float* y, size_t ldy, int n0, int n1) {
   constexpr bool kTwo = std::is_same_v<Block, BlockQ8A2>;

@@ -1,5 +1,7 @@
 // AVX2 + FMA + F16C kernels. Compiled with those flags; only reached through
-// dispatch.cpp after CPUID confirms the features.
+// dispatch.cpp after CPUID confirms the features. Compiled again with AVX-VNNI (x86/avxvnni/):
+// the same table under another name, whose GEMM and x16 kernels use vpdpbusd (dot_avx2.h); the
+// per-row tiles below are the same in both.
 //
 // Quantized matmul: one ymm = one 32-element run. Integer dot products use
 // vpmaddubsw (u8 x s8 -> s16 pairs) + vpmaddwd:
@@ -335,7 +337,7 @@ inline int chunk_rows(const WeightView& w, int n0, int n1) {
 template <class F, class Block = BlockQ8A>
 void matmul_quant(const WeightView& w, const float*, size_t, const Block* xq, int T, float* y, size_t ldy,
                   int n0, int n1) {
-  if (!w.row_invariant && avx2::gemm(w, xq, T, y, ldy, n0, n1)) return;  // prefill, Q4_0/Q4_1 types
+  if (!w.row_invariant && PLM_AVX2_NS::gemm(w, xq, T, y, ldy, n0, n1)) return;  // prefill
   using Packed = typename PackOf<Block>::type;
   const int nruns = (int)(w.cols / 32);
   thread_local std::vector<Packed> scratch;  // grows once to the largest K seen by this thread
@@ -585,7 +587,7 @@ inline void ktile(const uint8_t* const* rows, const PackedK2* pk, int nsb, float
 template <class KF, class Block = BlockQ8A>
 void matmul_kquant(const WeightView& w, const float*, size_t, const Block* xq, int T, float* y, size_t ldy,
                    int n0, int n1) {
-  if (!w.row_invariant && avx2::gemm(w, xq, T, y, ldy, n0, n1)) return;  // prefill, Q4_K
+  if (!w.row_invariant && PLM_AVX2_NS::gemm(w, xq, T, y, ldy, n0, n1)) return;  // prefill
   using Packed = typename PackKOf<Block>::type;
   const int nruns = (int)(w.cols / 32), nsb = (int)(w.cols / 256);
   thread_local std::vector<Packed> scratch;  // grows once to the largest K seen by this thread
@@ -840,9 +842,9 @@ void silu_mul_avx2(const float* g, const float* u, float* y, int n) {
 
 }  // namespace
 
-const KernelTable* avx2_kernel_table() {
+const KernelTable* PLM_AVX2_TABLE() {
   static const KernelTable table = {
-      "avx2",
+      PLM_AVX2_NAME,
       {
           matmul_float<WKind::F32>,              // F32
           matmul_float<WKind::F16>,              // F16
@@ -860,16 +862,16 @@ const KernelTable* avx2_kernel_table() {
           matmul_kquant<QKFormat<true>>,         // Q5_K
           matmul_kquant<Q6KFormat>,              // Q6_K
           matmul_float<WKind::BF16>,             // BF16
-          avx2::matmul_x16,                      // Q8_0_X16
-          avx2::matmul_x16,                      // Q4_0_X16
-          avx2::matmul_x16,                      // Q4_1_X16
-          avx2::matmul_x16,                      // I8_X16
-          avx2::matmul_x16,                      // Q5_0_X16
-          avx2::matmul_x16,                      // Q5_1_X16
-          avx2::matmul_x16,                      // Q4_0_G64_X16
-          avx2::matmul_x16,                      // Q4_0_G128_X16
-          avx2::matmul_x16,                      // Q4_1_G64_X16
-          avx2::matmul_x16,                      // Q4_1_G128_X16
+          PLM_AVX2_NS::matmul_x16,               // Q8_0_X16
+          PLM_AVX2_NS::matmul_x16,               // Q4_0_X16
+          PLM_AVX2_NS::matmul_x16,               // Q4_1_X16
+          PLM_AVX2_NS::matmul_x16,               // I8_X16
+          PLM_AVX2_NS::matmul_x16,               // Q5_0_X16
+          PLM_AVX2_NS::matmul_x16,               // Q5_1_X16
+          PLM_AVX2_NS::matmul_x16,               // Q4_0_G64_X16
+          PLM_AVX2_NS::matmul_x16,               // Q4_0_G128_X16
+          PLM_AVX2_NS::matmul_x16,               // Q4_1_G64_X16
+          PLM_AVX2_NS::matmul_x16,               // Q4_1_G128_X16
       },
       quantize_act_avx2,
       ref_kernels().dequant_row,
@@ -896,16 +898,16 @@ const KernelTable* avx2_kernel_table() {
           matmul_kquant<QKFormat<true>, BlockQ8A2>,         // Q5_K
           matmul_kquant<Q6KFormat, BlockQ8A2>,              // Q6_K
           matmul2_float<matmul_float<WKind::BF16>>,         // BF16
-          avx2::matmul2_x16,                                // Q8_0_X16
-          avx2::matmul2_x16,                                // Q4_0_X16
-          avx2::matmul2_x16,                                // Q4_1_X16
-          avx2::matmul2_x16,                                // I8_X16
-          avx2::matmul2_x16,                                // Q5_0_X16
-          avx2::matmul2_x16,                                // Q5_1_X16
-          avx2::matmul2_x16,                                // Q4_0_G64_X16
-          avx2::matmul2_x16,                                // Q4_0_G128_X16
-          avx2::matmul2_x16,                                // Q4_1_G64_X16
-          avx2::matmul2_x16,                                // Q4_1_G128_X16
+          PLM_AVX2_NS::matmul2_x16,                         // Q8_0_X16
+          PLM_AVX2_NS::matmul2_x16,                         // Q4_0_X16
+          PLM_AVX2_NS::matmul2_x16,                         // Q4_1_X16
+          PLM_AVX2_NS::matmul2_x16,                         // I8_X16
+          PLM_AVX2_NS::matmul2_x16,                         // Q5_0_X16
+          PLM_AVX2_NS::matmul2_x16,                         // Q5_1_X16
+          PLM_AVX2_NS::matmul2_x16,                         // Q4_0_G64_X16
+          PLM_AVX2_NS::matmul2_x16,                         // Q4_0_G128_X16
+          PLM_AVX2_NS::matmul2_x16,                         // Q4_1_G64_X16
+          PLM_AVX2_NS::matmul2_x16,                         // Q4_1_G128_X16
       },
       quantize_act2_avx2,
       weighted_sum_by_axpy<axpy_avx2>,

@@ -1,10 +1,13 @@
-// Compile-time helpers shared by the x86 matmul kernels (gemm_avx512.cpp, x16_avx512.cpp,
-// x16_avx2.cpp). Kept in an unnamed namespace: each file compiles them with its own ISA flags, and
+// Helpers shared by the x86 matmul kernels (gemm_avx512.cpp, gemm_avx2.cpp, x16_avx512.cpp,
+// x16_avx2.cpp); AVX2 at most. Kept in an unnamed namespace: each file compiles them with its own ISA flags, and
 // no instantiation may be shared across them by the linker.
 #pragma once
+#include <immintrin.h>
+
 #include <type_traits>
 
 #include "common.h"
+#include "kernels/kernels.h"
 
 namespace plm::kernels {
 namespace {
@@ -63,6 +66,26 @@ inline void x16_dispatch(DType t, Fn&& f) {
     case D::Q4_1_G64_X16: f(std::integral_constant<D, D::Q4_1_G64_X16>{}); break;
     case D::Q4_1_G128_X16: f(std::integral_constant<D, D::Q4_1_G128_X16>{}); break;
     default: throw UnsupportedError("matmul_x16: not an x16 type");
+  }
+}
+
+// Q6_K's code bias for the GEMMs (gemm_avx512.cpp, gemm_avx2.cpp): -32 x the code sum of each
+// 16-element half of every activation run, per level: out[((t * nruns + run) * L + level) * 2 + half].
+template <class Block>
+void half_bias(const Block* xq, int T, int nruns, int32_t* out) {
+  constexpr bool kTwo = std::is_same_v<Block, BlockQ8A2>;
+  const __m256i flip = _mm256_set1_epi8((char)0x80);
+  auto sums = [&](const int8_t* q, int32_t* o) {  // sad of q + 128 against 0, minus 128 x 16
+    const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), flip);
+    const __m256i sad = _mm256_sad_epu8(u, _mm256_setzero_si256());  // 4 sums of 8 bytes
+    alignas(32) int64_t v[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(v), sad);
+    o[0] = -32 * (int32_t)(v[0] + v[1] - 128 * 16);
+    o[1] = -32 * (int32_t)(v[2] + v[3] - 128 * 16);
+  };
+  for (size_t i = 0; i < (size_t)T * nruns; ++i) {
+    sums(xq[i].qs, out + i * (kTwo ? 4 : 2));
+    if constexpr (kTwo) sums(xq[i].qs2, out + i * 4 + 2);
   }
 }
 

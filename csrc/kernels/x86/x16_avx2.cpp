@@ -21,6 +21,9 @@
 //   Q5_0: y += d * (d_a * idot - 16 s_a);  Q5_1: y += d * (d_a * idot) + m * s_a
 //   Q8_0: y += d * (d_a * idot);  I8: y += d_a * idot, times the row scale at the end.
 // Two-level activations add d2 * idot2 next to d_a * idot and use s + s2.
+// With AVX-VNNI (the avxvnni build of this file, dot_avx2.h) each vpmaddubsw + add becomes one
+// vpdpbusd into int32 sums, which need no widening, and Q8_0/I8 codes are biased to q + 128 as in
+// the AVX-512 kernels (Q8_0: y += d * (d_a * idot - 128 s_a); I8 likewise without d).
 //
 // Decode (one token) reads each group's records in order, both halves at once: a group is one
 // sequential stream, which is the point of the layout. With more tokens the group is read once
@@ -34,6 +37,8 @@
 // the row-major Q5 types at 64 tokens. One token decodes in place, both halves in one pass.
 #include "kernels/x86/x16_avx2.h"
 
+#include "kernels/x86/dot_avx2.h"
+
 #include "kernels/prefetch.h"
 #include "kernels/x86/tile_util.h"
 
@@ -44,7 +49,7 @@
 #include <type_traits>
 #include <vector>
 
-namespace plm::kernels::avx2 {
+namespace plm::kernels::PLM_AVX2_NS {
 namespace {
 
 template <DType T>
@@ -155,7 +160,6 @@ void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y,
            PrefetchL2 pf = {}) {
   using F = X16<T>;
   constexpr bool kTwo = std::is_same_v<Block, BlockQ8A2>;
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[RT][NH];
 #pragma GCC unroll 8
   for (int t = 0; t < RT; ++t)
@@ -190,7 +194,8 @@ void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y,
       }
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {  // k-steps c (low nibbles) and c + 4 (high) of unit c
-        const bool start = F::kQ5 && (c == 0 || c == 2);  // Q5: the first k-step of a 16-bit sum
+        // Q5: the first k-step of a 16-bit sum (with VNNI one int32 sum runs over the block)
+        const bool start = F::kQ5 && (c == 0 || (c == 2 && !kVnni));
         __m256i lo[NH], hi[NH];
 #pragma GCC unroll 2
         for (int h = 0; h < NH; ++h) {
@@ -208,29 +213,27 @@ void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y,
           const __m256i al = bcst4(a.qs + 4 * c), ah = bcst4(a.qs + 16 + 4 * c);
 #pragma GCC unroll 2
           for (int h = 0; h < NH; ++h) {
-            s1[t][h] = start ? _mm256_maddubs_epi16(lo[h], al)
-                             : _mm256_add_epi16(s1[t][h], _mm256_maddubs_epi16(lo[h], al));
+            s1[t][h] = start ? dp_first(lo[h], al) : dp_add(s1[t][h], lo[h], al);
             pin(s1[t][h]);
-            s1[t][h] = _mm256_add_epi16(s1[t][h], _mm256_maddubs_epi16(hi[h], ah));
+            s1[t][h] = dp_add(s1[t][h], hi[h], ah);
             pin(s1[t][h]);
           }
           if constexpr (kTwo) {
             const __m256i bl = bcst4(a.qs2 + 4 * c), bh = bcst4(a.qs2 + 16 + 4 * c);
 #pragma GCC unroll 2
             for (int h = 0; h < NH; ++h) {
-              s2[t][h] = start ? _mm256_maddubs_epi16(lo[h], bl)
-                               : _mm256_add_epi16(s2[t][h], _mm256_maddubs_epi16(lo[h], bl));
+              s2[t][h] = start ? dp_first(lo[h], bl) : dp_add(s2[t][h], lo[h], bl);
               pin(s2[t][h]);
-              s2[t][h] = _mm256_add_epi16(s2[t][h], _mm256_maddubs_epi16(hi[h], bh));
+              s2[t][h] = dp_add(s2[t][h], hi[h], bh);
               pin(s2[t][h]);
             }
           }
-          if constexpr (F::kQ5) {  // 4 k-steps done (units 0 and 1): widen
+          if constexpr (F::kQ5 && !kVnni) {  // 4 k-steps done (units 0 and 1): widen
             if (c == 1) {
 #pragma GCC unroll 2
               for (int h = 0; h < NH; ++h) {
-                w1[t][h] = _mm256_madd_epi16(s1[t][h], ones);
-                if constexpr (kTwo) w2[t][h] = _mm256_madd_epi16(s2[t][h], ones);
+                w1[t][h] = widen(s1[t][h]);
+                if constexpr (kTwo) w2[t][h] = widen(s2[t][h]);
               }
             }
           }
@@ -240,9 +243,9 @@ void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y,
       for (int t = 0; t < RT; ++t)
 #pragma GCC unroll 2
         for (int h = 0; h < NH; ++h) {
-          s1[t][h] = _mm256_madd_epi16(s1[t][h], ones);
-          if constexpr (kTwo) s2[t][h] = _mm256_madd_epi16(s2[t][h], ones);
-          if constexpr (F::kQ5) {
+          s1[t][h] = widen(s1[t][h]);
+          if constexpr (kTwo) s2[t][h] = widen(s2[t][h]);
+          if constexpr (F::kQ5 && !kVnni) {
             s1[t][h] = _mm256_add_epi32(s1[t][h], w1[t][h]);
             if constexpr (kTwo) s2[t][h] = _mm256_add_epi32(s2[t][h], w2[t][h]);
           }
@@ -254,7 +257,8 @@ void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y,
 #pragma GCC unroll 2
         for (int h = 0; h < NH; ++h) {
           wv[h] = load256(codes + 64 * c + 32 * (h0 + h));
-          wa[h] = _mm256_abs_epi8(wv[h]);
+          if constexpr (kVnni) wv[h] = _mm256_xor_si256(wv[h], _mm256_set1_epi8((char)0x80));  // q + 128
+          else wa[h] = _mm256_abs_epi8(wv[h]);
         }
 #pragma GCC unroll 8
         for (int t = 0; t < RT; ++t) {
@@ -262,16 +266,14 @@ void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y,
           const __m256i av = bcst4(a.qs + 4 * c);
 #pragma GCC unroll 2
           for (int h = 0; h < NH; ++h) {
-            s1[t][h] = _mm256_add_epi32(
-                s1[t][h], _mm256_madd_epi16(_mm256_maddubs_epi16(wa[h], _mm256_sign_epi8(av, wv[h])), ones));
+            s1[t][h] = kVnni ? dp_add(s1[t][h], wv[h], av) : dp_signed(s1[t][h], wa[h], wv[h], av);
             pin(s1[t][h]);
           }
           if constexpr (kTwo) {
             const __m256i bv = bcst4(a.qs2 + 4 * c);
 #pragma GCC unroll 2
             for (int h = 0; h < NH; ++h) {
-              s2[t][h] = _mm256_add_epi32(
-                  s2[t][h], _mm256_madd_epi16(_mm256_maddubs_epi16(wa[h], _mm256_sign_epi8(bv, wv[h])), ones));
+              s2[t][h] = kVnni ? dp_add(s2[t][h], wv[h], bv) : dp_signed(s2[t][h], wa[h], wv[h], bv);
               pin(s2[t][h]);
             }
           }
@@ -303,6 +305,7 @@ void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y,
         __m256 f;
         if constexpr (F::kQ4_0) f = _mm256_fmadd_ps(i1, d, _mm256_set1_ps(-8.0f * s));
         else if constexpr (T == DType::Q5_0_X16) f = _mm256_fmadd_ps(i1, d, _mm256_set1_ps(-16.0f * s));
+        else if constexpr (kVnni && !F::kQ4) f = _mm256_fmadd_ps(i1, d, _mm256_set1_ps(-128.0f * s));  // q + 128
         else f = _mm256_mul_ps(i1, d);
         if constexpr (kTwo) f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s2[t][h]), _mm256_set1_ps(a.d2), f);
         if constexpr (F::kFields >= 1) acc[t][h] = _mm256_fmadd_ps(f, v1[h], acc[t][h]);
@@ -413,4 +416,4 @@ void matmul2_x16(const WeightView& w, const float*, size_t, const BlockQ8A2* xq,
   x16_dispatch(w.dtype, [&](auto t) { matmul_impl<decltype(t)::value>(w, xq, T, y, ldy, n0, n1); });
 }
 
-}  // namespace plm::kernels::avx2
+}  // namespace plm::kernels::PLM_AVX2_NS
