@@ -23,12 +23,17 @@ static_assert(sizeof(BlockQ8A) == 40, "BlockQ8A size");
 //        fused multiply-subtract: std::fma / vfnmadd / vfms, never a separate
 //        product and subtraction, so FMA contraction cannot change it). In practice
 //        the residual is exact: |r| <= ~d/2 and it fits in 24 bits;
-//   d2 = max|r| / 127 (0 if r == 0), q2 = round-half-away(r * (1/d2)) clamped to
-//        [-127, 127] (the BlockQ8A rule applied to r), s2 = d2 * sum(q2).
-// So |x - d*q - d2*q2| <= d2/2 <= max|x| / 127 / 254 (up to float rounding).
+//   d2 = d / 256 (exact: a power of two), q2 = round-half-away(r * (1/d2)) clamped to
+//        [-127, 127] (the BlockQ8A rule applied to r at that scale), s2 = d2 * sum(q2).
+// So |x - d*q - d2*q2| <= d2/2 = max|x| / 127 / 512, but where |r| rounds to 128 d2
+// (within d/512 of d/2) and is clamped: there d2 (up to float rounding).
+// Because d = 256 d2 exactly, x ~= d2 * (256 q + q2): one 16-bit integer per element,
+// which AVX2 without VNNI multiplies with 8-bit weights in half the instructions of
+// two int8 dot products (vpmaddwd, x16_avx2.cpp); the integer sums are the same.
 // Every variant produces bit-identical blocks.
 struct BlockQ8A2 { float d; float s; float d2; float s2; int8_t qs[32]; int8_t qs2[32]; };
 static_assert(sizeof(BlockQ8A2) == 80, "BlockQ8A2 size");
+constexpr float kLevel2Scale = 1.0f / 256.0f;  // d2 = d * kLevel2Scale
 
 // A weight matrix [rows=N, cols=K] in any DType, row-major by output channel.
 struct WeightView {

@@ -14,11 +14,12 @@ def round_away(v: np.ndarray) -> np.ndarray:
     return np.sign(v) * np.floor(np.abs(v) + 0.5)
 
 
-def quantize_act_np(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """numpy emulation of kernels.h BlockQ8A quantization of x[..., K] -> (d, s, q)."""
+def quantize_act_np(x: np.ndarray, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """numpy emulation of kernels.h BlockQ8A quantization of x[..., K] -> (d, s, q); with `scale`
+    (one per 32-block) at that scale instead of the block's own max|x| / 127."""
     xb = x.astype(np.float32).reshape(*x.shape[:-1], -1, 32)
     amax = np.max(np.abs(xb), axis=-1)
-    d = (amax / np.float32(127.0)).astype(np.float32)
+    d = (amax / np.float32(127.0)).astype(np.float32) if scale is None else scale.astype(np.float32)
     inv = np.zeros_like(d)
     np.divide(np.float32(1.0), d, out=inv, where=d != 0)
     v = (xb * inv[..., None]).astype(np.float32)
@@ -39,7 +40,7 @@ def quantize_act2_np(x: np.ndarray):
     d, s, q = quantize_act_np(x)
     xb = x.reshape(*x.shape[:-1], -1, 32).astype(np.float64)
     r = (xb - d[..., None].astype(np.float64) * q.astype(np.float64)).astype(np.float32)
-    d2, s2, q2 = quantize_act_np(r.reshape(x.shape))
+    d2, s2, q2 = quantize_act_np(r.reshape(x.shape), d * np.float32(1 / 256))  # d2 = d / 256
     return d, s, d2, s2, q, q2
 
 
@@ -131,5 +132,17 @@ def check_row_ranges(fn: str, variant: str, dtype) -> None:
         got = getattr(kernels, fn)(variant, int(dtype), raw, N, K, x, n0, n1)
         case = (fn, variant, dtype.label, T, K, N, n0, n1)
         assert not got[:, :n0].any() and not got[:, n1:].any(), case
-        scale = (np.abs(x) @ np.abs(wd).T)[:, n0:n1]
+        scale = offset_scale(x, wd)[:, n0:n1]
         assert np.all(np.abs(got[:, n0:n1] - want[:, n0:n1]) <= 1e-5 * scale + 1e-30), case
+
+
+def offset_scale(x: np.ndarray, wd: np.ndarray) -> np.ndarray:
+    """sum_k (|W[n,k]| + max|W| of k's 32-block) |x[t,k]|: the float rounding of SIMD kernels that
+    sum unsigned codes and take the code offset out per block (Q4_0's -8: y = d (d_a idot - 8 s))
+    scales with the codes' size, not with |W|: two large terms cancel. Float summation order and
+    that one cancellation stay within 1e-5 of it."""
+    n, k = wd.shape
+    wabs = np.abs(wd)
+    if k % 32 == 0:
+        wabs = wabs + np.repeat(wabs.reshape(n, k // 32, 32).max(-1), 32, axis=-1)
+    return np.abs(x) @ wabs.T

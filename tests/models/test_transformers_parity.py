@@ -109,8 +109,10 @@ def test_threads_one_and_two_agree(case):
     assert np.abs(a - b).max() < 1e-5
 
 
-def _q8_blocks(b: torch.Tensor) -> torch.Tensor:
-    d = b.abs().amax(-1, keepdim=True).float().double() / 127.0
+def _q8_blocks(b: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
+    """Blocks of 32 quantized at the scale d (default their own, amax/127), dequantized."""
+    if d is None:
+        d = b.abs().amax(-1, keepdim=True).float().double() / 127.0
     inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
     v = b * inv
     return (torch.sign(v) * torch.floor(v.abs() + 0.5)).clamp(-127, 127) * d
@@ -119,12 +121,14 @@ def _q8_blocks(b: torch.Tensor) -> torch.Tensor:
 def quantize_activations(x: torch.Tensor, levels: int = 1) -> torch.Tensor:
     """What pocketlm's integer matmuls see of an activation row: int8 per block of 32,
     d = amax/127, q = round-half-away-from-zero(x/d) (kernels.h, BlockQ8A); with levels=2 a
-    second int8 level quantizes the residual the same way (BlockQ8A2, activations="int8x2")."""
+    second int8 level quantizes the residual the same way at the scale d/256 (BlockQ8A2,
+    activations="int8x2")."""
     shape = x.shape
     b = x.reshape(-1, shape[-1] // 32, 32).double()
     q = _q8_blocks(b)
     if levels == 2:
-        q = q + _q8_blocks((b - q).float().double())
+        d = b.abs().amax(-1, keepdim=True).float().double() / 127.0
+        q = q + _q8_blocks((b - q).float().double(), (d.float() / 256).double())
     return q.reshape(shape).to(x.dtype)
 
 

@@ -135,8 +135,10 @@ def attention(q: np.ndarray, k_all: np.ndarray, v_all: np.ndarray, pos0: int, n_
 ACTIVATIONS = {"mode": "int8x2"}
 
 
-def _q8(xb: np.ndarray) -> np.ndarray:
-    d = np.max(np.abs(xb), axis=1, keepdims=True) / np.float32(127.0)
+def _q8(xb: np.ndarray, d: np.ndarray | None = None) -> np.ndarray:
+    """Each block of 32 quantized at the scale d (default its own, amax/127), dequantized."""
+    if d is None:
+        d = np.max(np.abs(xb), axis=1, keepdims=True) / np.float32(127.0)
     inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d != 0)
     v = xb * inv
     q = np.clip(np.sign(v) * np.floor(np.abs(v) + np.float32(0.5)), -127, 127)
@@ -145,11 +147,12 @@ def _q8(xb: np.ndarray) -> np.ndarray:
 
 def quantize_act(x: np.ndarray) -> np.ndarray:
     """x as the integer matmuls see it: blocks of 32 with d = amax/127, q = round-half-away;
-    in "int8x2" mode plus the residual quantized the same way (kernels.h BlockQ8A2)."""
+    in "int8x2" mode plus the residual quantized the same way at the scale d/256 (kernels.h BlockQ8A2)."""
     xb = np.asarray(x, np.float32).reshape(-1, 32)
     first = _q8(xb)
     if ACTIVATIONS["mode"] == "int8x2":
-        first = first + _q8((xb.astype(np.float64) - first).astype(np.float32))
+        d = np.max(np.abs(xb), axis=1, keepdims=True) / np.float32(127.0)
+        first = first + _q8((xb.astype(np.float64) - first).astype(np.float32), d * np.float32(1 / 256))
     return first.reshape(x.shape)
 
 

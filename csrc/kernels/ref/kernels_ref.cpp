@@ -17,10 +17,12 @@ namespace {
 inline int round_away(float v) { return (int)std::round(v); }
 
 // One 32-block: d = amax/127, qs = round-half-away(x * (1/d)) clamped, s = d*sum(qs).
-void quantize_block(const float* xb, float* d_out, float* s_out, int8_t* qs) {
+// scale < 0: the block's own, max|x| / 127; else that scale (the second level of BlockQ8A2).
+void quantize_block(const float* xb, float* d_out, float* s_out, int8_t* qs, float scale = -1.0f) {
   float amax = 0.0f;
-  for (int j = 0; j < 32; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
-  const float d = amax / 127.0f;
+  if (scale < 0.0f)
+    for (int j = 0; j < 32; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
+  const float d = scale < 0.0f ? amax / 127.0f : scale;
   const float id = d != 0.0f ? 1.0f / d : 0.0f;
   int sum = 0;
   for (int j = 0; j < 32; ++j) {
@@ -38,7 +40,7 @@ void quantize_act_ref(const float* x, BlockQ8A* out, int K) {
 }
 
 // Two levels: the residual r = x - d*q is formed with one rounding (std::fma), then
-// quantized by the same rule (see kernels.h).
+// quantized by the same rule at the scale d / 256 (see kernels.h).
 void quantize_act2_ref(const float* x, BlockQ8A2* out, int K) {
   for (int b = 0; b < K / 32; ++b) {
     const float* xb = x + b * 32;
@@ -46,7 +48,7 @@ void quantize_act2_ref(const float* x, BlockQ8A2* out, int K) {
     quantize_block(xb, &o.d, &o.s, o.qs);
     float r[32];
     for (int j = 0; j < 32; ++j) r[j] = std::fma(-o.d, (float)o.qs[j], xb[j]);
-    quantize_block(r, &o.d2, &o.s2, o.qs2);
+    quantize_block(r, &o.d2, &o.s2, o.qs2, o.d * kLevel2Scale);
   }
 }
 

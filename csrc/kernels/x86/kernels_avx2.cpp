@@ -69,13 +69,16 @@ inline __m256i round_away_epi32(__m256 v) {
 
 // One 32-block held in v[0..3] (BlockQ8A rule): writes d, s, qs; returns the
 // clamped int32 codes in q[0..3].
-inline void quant_block(const __m256* v, float* d_out, float* s_out, int8_t* qs, __m256i* q) {
+// scale < 0: the block's own, max|v| / 127; else that scale (the second level of BlockQ8A2).
+inline void quant_block(const __m256* v, float* d_out, float* s_out, int8_t* qs, __m256i* q, float scale = -1.0f) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
-  __m256 m = _mm256_setzero_ps();
-  for (int i = 0; i < 4; ++i) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
-  const float amax = hmax(m);
-  const float d = amax / 127.0f;
+  float d = scale;
+  if (scale < 0.0f) {
+    __m256 m = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+    d = hmax(m) / 127.0f;
+  }
   const float id = d != 0.0f ? 1.0f / d : 0.0f;
   const __m256 vid = _mm256_set1_ps(id);
   for (int i = 0; i < 4; ++i)
@@ -108,7 +111,7 @@ void quantize_act2_avx2(const float* x, BlockQ8A2* out, int K) {
     quant_block(v, &o.d, &o.s, o.qs, q);
     const __m256 vd = _mm256_set1_ps(o.d);
     for (int i = 0; i < 4; ++i) r[i] = _mm256_fnmadd_ps(vd, _mm256_cvtepi32_ps(q[i]), v[i]);
-    quant_block(r, &o.d2, &o.s2, o.qs2, q);
+    quant_block(r, &o.d2, &o.s2, o.qs2, q, o.d * kLevel2Scale);
   }
 }
 

@@ -60,12 +60,14 @@ inline __m512i round_away_epi32(__m512 v) {
 
 // One 32-block held in x0, x1 (BlockQ8A rule): writes d, s, qs; returns the
 // clamped int32 codes in q0, q1.
-inline void quant_block(__m512 x0, __m512 x1, float* d_out, float* s_out, int8_t* qs, __m512i& q0, __m512i& q1) {
+// scale < 0: the block's own, max|x| / 127; else that scale (the second level of BlockQ8A2).
+inline void quant_block(__m512 x0, __m512 x1, float* d_out, float* s_out, int8_t* qs, __m512i& q0, __m512i& q1,
+                        float scale = -1.0f) {
   const __m512 sign = _mm512_set1_ps(-0.0f);
   const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-  const float amax = _mm512_reduce_max_ps(
-      _mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
-  const float d = amax / 127.0f;
+  const float d = scale < 0.0f ? _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, x0),
+                                                                    _mm512_andnot_ps(sign, x1))) / 127.0f
+                               : scale;
   const float id = d != 0.0f ? 1.0f / d : 0.0f;
   const __m512 vid = _mm512_set1_ps(id);
   q0 = round_away_epi32(_mm512_mul_ps(x0, vid));
@@ -97,7 +99,7 @@ void quantize_act2_avx512(const float* x, BlockQ8A2* out, int K) {
     const __m512 vd = _mm512_set1_ps(o.d);
     const __m512 r0 = _mm512_fnmadd_ps(vd, _mm512_cvtepi32_ps(q0), x0);
     const __m512 r1 = _mm512_fnmadd_ps(vd, _mm512_cvtepi32_ps(q1), x1);
-    quant_block(r0, r1, &o.d2, &o.s2, o.qs2, q0, q1);
+    quant_block(r0, r1, &o.d2, &o.s2, o.qs2, q0, q1, o.d * kLevel2Scale);
   }
 }
 

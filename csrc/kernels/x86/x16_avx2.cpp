@@ -136,6 +136,25 @@ void unpack_group(const uint8_t* group, int nruns, Packed* out) {
   }
 }
 
+// Two-level activations against the 8-bit types without VNNI: each element as one word
+// 256 q + q2 (= x / d2, kernels.h), multiplied by the codes with vpmaddwd: 2 instructions a
+// k-step for both levels where |w| x sign(a, w) takes 4 for each. Per 32-block the words are in
+// the order micro reads them: for k-step c those of elements 4c, 4c+2, 4c+1, 4c+3.
+template <DType T, class Block>
+constexpr bool kWords = std::is_same_v<Block, BlockQ8A2> && !kVnni && !X16<T>::kQ4;
+
+[[maybe_unused]] void act_words(const BlockQ8A2* xq, size_t nblocks, int16_t* out) {
+  for (size_t i = 0; i < nblocks; ++i) {
+    for (int half = 0; half < 2; ++half) {
+      const __m256i q = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq[i].qs + 16 * half)));
+      const __m256i q2 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq[i].qs2 + 16 * half)));
+      __m256i v = _mm256_add_epi16(_mm256_slli_epi16(q, 8), q2);  // |256 q + q2| <= 32639
+      v = _mm256_shufflehi_epi16(_mm256_shufflelo_epi16(v, _MM_SHUFFLE(3, 1, 2, 0)), _MM_SHUFFLE(3, 1, 2, 0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * i + 16 * half), v);
+    }
+  }
+}
+
 // Lanes of a group to store: rows [lo, hi) of its 16.
 struct Lanes {
   __m256i mask[2];
@@ -157,9 +176,10 @@ struct Lanes {
 template <DType T, class Block, int RT, int NH, bool kPacked = false>
 void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y, size_t ldy, int h0,
            const Lanes& lanes, const float* row_scales, const Packed* packed = nullptr, bool add = false,
-           PrefetchL2 pf = {}) {
+           PrefetchL2 pf = {}, const int16_t* a16 = nullptr) {
   using F = X16<T>;
   constexpr bool kTwo = std::is_same_v<Block, BlockQ8A2>;
+  constexpr bool k16 = kWords<T, Block>;  // a16: the activations as 16-bit words (act_words)
   __m256 acc[RT][NH];
 #pragma GCC unroll 8
   for (int t = 0; t < RT; ++t)
@@ -178,7 +198,7 @@ void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y,
 #pragma GCC unroll 2
         for (int h = 0; h < NH; ++h) {
           s1[t][h] = _mm256_setzero_si256();
-          if constexpr (kTwo) s2[t][h] = _mm256_setzero_si256();
+          if constexpr (kTwo && !k16) s2[t][h] = _mm256_setzero_si256();
         }
     }
     if constexpr (F::kQ4) {
@@ -250,6 +270,34 @@ void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y,
             if constexpr (kTwo) s2[t][h] = _mm256_add_epi32(s2[t][h], w2[t][h]);
           }
         }
+    } else if constexpr (k16) {
+      // 2 x vpmaddwd a k-step: the rows' even codes (bytes 0, 2 of each dword, sign-extended to
+      // 16 bits) times the words of elements 4c, 4c+2, then the odd ones times 4c+1, 4c+3.
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) {
+        __m256i we[NH], wo[NH];
+#pragma GCC unroll 2
+        for (int h = 0; h < NH; ++h) {
+          const __m256i v = load256(codes + 64 * c + 32 * (h0 + h));
+          we[h] = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
+          wo[h] = _mm256_srai_epi16(v, 8);
+        }
+#pragma GCC unroll 8
+        for (int t = 0; t < RT; ++t) {
+          const int16_t* a = a16 + ((size_t)t * xs + b) * 32 + 4 * c;
+          int32_t pe, po;
+          std::memcpy(&pe, a, 4);
+          std::memcpy(&po, a + 2, 4);
+          const __m256i ae = _mm256_set1_epi32(pe), ao = _mm256_set1_epi32(po);
+#pragma GCC unroll 2
+          for (int h = 0; h < NH; ++h) {
+            s1[t][h] = _mm256_add_epi32(s1[t][h], _mm256_madd_epi16(we[h], ae));
+            pin(s1[t][h]);
+            s1[t][h] = _mm256_add_epi32(s1[t][h], _mm256_madd_epi16(wo[h], ao));
+            pin(s1[t][h]);
+          }
+        }
+      }
     } else {
 #pragma GCC unroll 8
       for (int c = 0; c < 8; ++c) {
@@ -303,11 +351,12 @@ void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y,
       for (int h = 0; h < NH; ++h) {
         const __m256 i1 = _mm256_cvtepi32_ps(s1[t][h]);
         __m256 f;
-        if constexpr (F::kQ4_0) f = _mm256_fmadd_ps(i1, d, _mm256_set1_ps(-8.0f * s));
+        if constexpr (k16) f = _mm256_mul_ps(i1, _mm256_set1_ps(x[t * xs + b].d2));  // sum w (256 q + q2)
+        else if constexpr (F::kQ4_0) f = _mm256_fmadd_ps(i1, d, _mm256_set1_ps(-8.0f * s));
         else if constexpr (T == DType::Q5_0_X16) f = _mm256_fmadd_ps(i1, d, _mm256_set1_ps(-16.0f * s));
         else if constexpr (kVnni && !F::kQ4) f = _mm256_fmadd_ps(i1, d, _mm256_set1_ps(-128.0f * s));  // q + 128
         else f = _mm256_mul_ps(i1, d);
-        if constexpr (kTwo) f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s2[t][h]), _mm256_set1_ps(a.d2), f);
+        if constexpr (kTwo && !k16) f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s2[t][h]), _mm256_set1_ps(a.d2), f);
         if constexpr (F::kFields >= 1) acc[t][h] = _mm256_fmadd_ps(f, v1[h], acc[t][h]);
         else acc[t][h] = _mm256_add_ps(acc[t][h], f);
         if constexpr (F::kFields == 2) acc[t][h] = _mm256_fmadd_ps(v2[h], _mm256_set1_ps(s), acc[t][h]);
@@ -357,6 +406,14 @@ void matmul_impl(const WeightView& w, const Block* xq, int T_, float* y, size_t 
   constexpr int kRT = Tiles<T, Block>::kRT, kNH = Tiles<T, Block>::kNH;
   const int nruns = (int)(w.cols / 32);  // 32-runs per row
   const size_t group_bytes = (size_t)(nruns / F::kRuns) * F::kRecord;
+  const int16_t* a16 = nullptr;
+  if constexpr (kWords<T, Block>) {
+    thread_local std::vector<int16_t> words;  // grows once to the largest T * K, as the scratch below
+    const size_t n = (size_t)T_ * nruns * 32;
+    if (words.size() < n) words.resize(n);
+    act_words(xq, (size_t)T_ * nruns, words.data());
+    a16 = words.data();
+  }
   Packed* packed = nullptr;
   if constexpr (Tiles<T, Block>::kPack) {
     // Grows once to the largest K this thread sees; later calls do not allocate.
@@ -369,7 +426,7 @@ void matmul_impl(const WeightView& w, const Block* xq, int T_, float* y, size_t 
     const uint8_t* group = w.data + (size_t)(g0 / kX16Rows) * group_bytes;
     const float* rs = F::kRowScale ? w.row_scales + g0 : nullptr;
     if (T_ == 1) {  // decode: one pass, both halves, the group's bytes in order
-      micro<T, Block, 1, 2>(group, nruns, xq, nruns, y + g0, ldy, 0, lanes, rs);
+      micro<T, Block, 1, 2>(group, nruns, xq, nruns, y + g0, ldy, 0, lanes, rs, nullptr, false, {}, a16);
       continue;
     }
     if constexpr (Tiles<T, Block>::kPack) {
@@ -399,7 +456,8 @@ void matmul_impl(const WeightView& w, const Block* xq, int T_, float* y, size_t 
         for (int h0 = 0; h0 < 2; h0 += kNH)
           micro<T, Block, decltype(rt)::value, kNH>(group, nruns, xq + (size_t)t0 * nruns, nruns,
                                                      y + (size_t)t0 * ldy + g0, ldy, h0, lanes, rs, nullptr, false,
-                                                     t0 == 0 && h0 == 0 ? pf : PrefetchL2{});
+                                                     t0 == 0 && h0 == 0 ? pf : PrefetchL2{},
+                                                     a16 ? a16 + (size_t)t0 * nruns * 32 : nullptr);
       });
     }
   }
