@@ -36,7 +36,7 @@ from pocketlm.passes.precision import SITES, auto_spec
 
 BUDGET = 2e-4        # mean KL divergence (nats per token) one level may add, measured on TEXT
 MAX_TOKENS = 128     # tokens of TEXT scored
-VERSION = 2          # of the procedure and TEXT: a cache entry of another version is redone
+VERSION = 3          # of the procedure, TEXT and the two-level format (3: d2 = d/256): another version is redone
 
 TEXT = """The committee met on Tuesday to review the budget for the coming year. After a long
 discussion, the members agreed to fund the new library wing, to repair the roof of the old school,
