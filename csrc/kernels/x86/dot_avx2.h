@@ -16,6 +16,9 @@
 #pragma once
 #include <immintrin.h>
 
+#include <cstdint>
+#include <cstring>
+
 #ifndef PLM_AVX2_VNNI
 #define PLM_AVX2_VNNI 0
 #endif
@@ -39,6 +42,13 @@ namespace plm::kernels::PLM_AVX2_NS {
 namespace {
 
 constexpr bool kVnni = PLM_AVX2_VNNI != 0;
+
+// The 4 bytes at p (4 activation codes, or 2 words) in every dword lane.
+inline __m256i bcst4(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
 
 // s + w * a over 4-byte groups: w unsigned bytes, a signed bytes. Without VNNI, s holds 16-bit
 // pair sums (vpmaddubsw saturates a pair above 32767: the callers' codes keep below it).

@@ -261,12 +261,6 @@ struct Int8Pack : FormatDefaults {
 using Q8Pack = Int8Pack<34, 2, false>;
 using I8Pack = Int8Pack<32, 0, true>;
 
-inline __m256i bcst4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm256_set1_epi32(v);
-}
-
 // The int32 sums i1 (i2: the second activation level) of k-steps [J0, J1) of block b, for RT
 // tokens, added to what they hold.
 template <class P, int J0, int J1, class Block, int RT>
@@ -276,6 +270,8 @@ inline void k_steps(const typename P::Block& W, const Block* x, int nruns, int b
 #pragma GCC unroll 8
   for (int j = J0; j < J1; ++j) {
     const __m256i w = _mm256_load_si256(&W.w[j]);
+    __m256i wabs;
+    if constexpr (P::kSigned) wabs = _mm256_load_si256(&W.wabs[j]);
     constexpr int E = P::kWiden;
     const bool first = (j - J0) % E == 0, last = (j - J0) % E == E - 1 || j == J1 - 1;
 #pragma GCC unroll 8
@@ -283,7 +279,6 @@ inline void k_steps(const typename P::Block& W, const Block* x, int nruns, int b
       const Block& a = x[(size_t)t * nruns + b];
       const __m256i q1 = bcst4(a.qs + 4 * j);
       if constexpr (P::kSigned) {
-        const __m256i wabs = _mm256_load_si256(&W.wabs[j]);
         i1[t] = dp_signed(i1[t], wabs, w, q1);
         if constexpr (kTwo) i2[t] = dp_signed(i2[t], wabs, w, bcst4(a.qs2 + 4 * j));
       } else if constexpr (kVnni) {

@@ -37,9 +37,8 @@
 // the row-major Q5 types at 64 tokens. One token decodes in place, both halves in one pass.
 #include "kernels/x86/x16_avx2.h"
 
-#include "kernels/x86/dot_avx2.h"
-
 #include "kernels/prefetch.h"
+#include "kernels/x86/dot_avx2.h"
 #include "kernels/x86/tile_util.h"
 
 #include <immintrin.h>
@@ -55,11 +54,6 @@ namespace {
 template <DType T>
 using X16 = X16Layout<T>;  // tile_util.h
 
-inline __m256i bcst4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm256_set1_epi32(v);
-}
 inline __m256 f16x8(const uint8_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
@@ -285,10 +279,7 @@ void micro(const uint8_t* group, int nruns, const Block* x, size_t xs, float* y,
 #pragma GCC unroll 8
         for (int t = 0; t < RT; ++t) {
           const int16_t* a = a16 + ((size_t)t * xs + b) * 32 + 4 * c;
-          int32_t pe, po;
-          std::memcpy(&pe, a, 4);
-          std::memcpy(&po, a + 2, 4);
-          const __m256i ae = _mm256_set1_epi32(pe), ao = _mm256_set1_epi32(po);
+          const __m256i ae = bcst4(a), ao = bcst4(a + 2);
 #pragma GCC unroll 2
           for (int h = 0; h < NH; ++h) {
             s1[t][h] = _mm256_add_epi32(s1[t][h], _mm256_madd_epi16(we[h], ae));
