@@ -415,8 +415,9 @@ class Engine:
         text pieces, `cancel()` it, read `finish_reason` and `stats` when done. Runs batched with
         every other generation on this engine. `session`: continue that session (it is busy until
         the request finishes); default a new one. Sampling: temperature, top_k, top_p, min_p,
-        repetition_penalty, seed (the model's defaults for those not given). Errors in the
-        request (InvalidInputError, ContextOverflowError) and QueueFullError raise here."""
+        repetition_penalty, frequency_penalty, presence_penalty, seed (the model's defaults for those
+        not given). Errors in the request (InvalidInputError, ContextOverflowError) and QueueFullError
+        raise here."""
         from pocketlm.generation import Generation
 
         if session is None:

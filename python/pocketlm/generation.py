@@ -21,7 +21,8 @@ from pocketlm.sampling import Sampler, SamplingParams
 from pocketlm.speculative import Speculation
 from pocketlm.tokenizer import StreamDecoder
 
-SAMPLING_NAMES = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+SAMPLING_NAMES = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
+                  "presence_penalty", "seed")
 
 
 class Generation:

@@ -34,7 +34,9 @@ class SamplingParams:
     top_p: float = 0.95  # 1.0 = off
     min_p: float = 0.05  # 0.0 = off; relative to the most likely token's probability
     repetition_penalty: float = 1.0  # 1.0 = off
-    repeat_last_n: int = 64  # how many recent tokens the penalty looks at; 0 = off, -1 = all given
+    repeat_last_n: int = 64  # how many recent tokens the penalties look at; 0 = off, -1 = all given
+    frequency_penalty: float = 0.0  # subtracted from a logit once per occurrence among them; 0 = off
+    presence_penalty: float = 0.0  # subtracted once from the logit of each token among them; 0 = off
     seed: int | None = None  # same seed -> same tokens
 
     def __post_init__(self):
@@ -44,7 +46,7 @@ class SamplingParams:
         def is_number(v) -> bool:
             return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
             if not is_number(getattr(self, name)):
                 raise InvalidInputError(f"SamplingParams: {name} must be a number, got {getattr(self, name)!r}")
         for name in ("top_k", "repeat_last_n"):
@@ -57,6 +59,8 @@ class SamplingParams:
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.repeat_last_n >= -1, "repeat_last_n must be >= -1"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2] (0 = off)"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2] (0 = off)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -145,22 +149,31 @@ class Sampler:
         return ids, vals
 
     def apply_repetition_penalty(self, x: np.ndarray, recent_tokens: Sequence[int]) -> np.ndarray:
-        """HF semantics: each distinct recent token's logit is divided by the penalty if positive and multiplied
-        by it if negative. Returns `x` itself when there is nothing to do, a penalized copy otherwise."""
-        penalty, last_n = self.params.repetition_penalty, self.params.repeat_last_n
-        if penalty == 1.0 or last_n == 0 or len(recent_tokens) == 0:
+        """The penalties over the last `repeat_last_n` of `recent_tokens`, as llama.cpp's sampler applies
+        them: first the repetition penalty (HF semantics: each distinct token's logit is divided by it
+        if positive and multiplied by it if negative), then OpenAI's frequency and presence penalties
+        (minus count x frequency_penalty, minus presence_penalty once). Returns `x` itself when there is
+        nothing to do, a penalized copy otherwise."""
+        p = self.params
+        penalty, last_n = p.repetition_penalty, p.repeat_last_n
+        if (penalty == 1.0 and p.frequency_penalty == 0 and p.presence_penalty == 0) or last_n == 0 \
+                or len(recent_tokens) == 0:
             return x
         if last_n > 0:
             try:
                 recent_tokens = recent_tokens[-last_n:]
             except TypeError:  # e.g. a deque
                 recent_tokens = list(recent_tokens)[-last_n:]
-        ids = np.unique(np.asarray(recent_tokens, dtype=np.int64))
+        ids, counts = np.unique(np.asarray(recent_tokens, dtype=np.int64), return_counts=True)
         if ids[0] < 0 or ids[-1] >= self.vocab_size:
             raise ValueError(f"recent token ids must be in [0, {self.vocab_size}), got {ids[0]}..{ids[-1]}")
         x = x.copy()
         seen = x[ids]
-        x[ids] = np.where(seen < 0, seen * penalty, seen / penalty)
+        if penalty != 1.0:
+            seen = np.where(seen < 0, seen * penalty, seen / penalty)
+        if p.frequency_penalty != 0 or p.presence_penalty != 0:
+            seen = seen - (counts * p.frequency_penalty + p.presence_penalty).astype(np.float32)
+        x[ids] = seen
         return x
 
     def _draw(self, ids: np.ndarray | None, vals: np.ndarray) -> int:

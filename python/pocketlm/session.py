@@ -321,6 +321,7 @@ class Session:
     def generate(self, prompt: str | Sequence[int], max_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float | None = None,
+                 frequency_penalty: float | None = None, presence_penalty: float | None = None,
                  seed: int | None = None, stop: str | Sequence[str] = (), add_special_tokens: bool = True
                  ) -> Iterator[str]:
         """Streams the continuation of `prompt` (text or token ids) as text pieces.
@@ -340,7 +341,8 @@ class Session:
         try:
             gen = Generation(self, prompt, max_tokens=max_tokens, stop=stop, add_special_tokens=add_special_tokens,
                              temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                             repetition_penalty=repetition_penalty, seed=seed)
+                             repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                             presence_penalty=presence_penalty, seed=seed)
             self.last_stats = gen.stats
             if self.logits_mode == "all":  # a program the scheduler does not run: one call at a time
                 yield from self._drive(gen)

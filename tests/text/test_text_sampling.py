@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pocketlm.errors import NonFiniteError
+from pocketlm.errors import InvalidInputError, NonFiniteError
 from pocketlm.sampling import Sampler, SamplingParams
 
 
@@ -93,6 +93,27 @@ def test_repetition_penalty_matches_transformers(penalty):
         np.testing.assert_array_equal(got, expected.numpy())
     sampler.sample(logits, recent)
     np.testing.assert_array_equal(logits, before)  # the caller's logits are never touched
+
+
+@pytest.mark.parametrize("frequency,presence", [(0.5, 0.0), (0.0, 1.5), (-0.7, 0.3), (2.0, -2.0)])
+def test_frequency_and_presence_penalties_follow_openai(frequency, presence):
+    """OpenAI's formula, token by token: mu[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty,
+    over the last repeat_last_n tokens, after the repetition penalty (llama.cpp's order)."""
+    logits = random_logits(4, 300, 2.0)
+    recent = [5, 7, 5, 299, 0, 123, 7, 42, 42, 42]
+    for last_n, rep in ((len(recent), 1.0), (4, 1.0), (6, 1.3)):
+        sampler = Sampler(SamplingParams(repetition_penalty=rep, repeat_last_n=last_n, frequency_penalty=frequency,
+                                         presence_penalty=presence), 300)
+        got = sampler.apply_repetition_penalty(logits, recent)
+        expected = logits.astype(np.float64)
+        window = recent[-last_n:]
+        for j in set(window):
+            if rep != 1.0:
+                expected[j] = expected[j] * rep if expected[j] < 0 else expected[j] / rep
+            expected[j] -= window.count(j) * frequency + presence
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(InvalidInputError, match="frequency_penalty must be in"):
+        SamplingParams(frequency_penalty=2.5)
 
 
 def test_repetition_penalty_then_greedy():

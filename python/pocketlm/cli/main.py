@@ -35,6 +35,7 @@ _temperature = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0 (0 = 
 _top_p = _checked(float, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)")
 _min_p = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)")
 _penalty = _checked(float, lambda v: 0 < v < math.inf, "a number > 0 (1 = off)")
+_signed_penalty = _checked(float, lambda v: -2 <= v <= 2, "in [-2, 2] (0 = off)")
 
 THREADS_HELP = f"threads, 1..{MAX_THREADS} (default: physical cores)"
 
@@ -91,13 +92,18 @@ def _add_sampling_args(p: argparse.ArgumentParser, default_n: int) -> None:
     p.add_argument("--top-p", type=_top_p, default=None, help="nucleus sampling, in (0, 1] (1 = off)")
     p.add_argument("--min-p", type=_min_p, default=None, help="in [0, 1], relative to the top token (0 = off)")
     p.add_argument("--repeat-penalty", type=_penalty, default=None, help="> 0 (1 = off)")
+    p.add_argument("--frequency-penalty", type=_signed_penalty, default=None,
+                   help="in [-2, 2]: minus this per repeat of a token among the last 64 (0 = off)")
+    p.add_argument("--presence-penalty", type=_signed_penalty, default=None,
+                   help="in [-2, 2]: minus this once for a token among the last 64 (0 = off)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
 def _sampling_kwargs(a: argparse.Namespace) -> dict:
     return dict(max_tokens=a.n_predict, temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                repetition_penalty=a.repeat_penalty, seed=a.seed, stop=a.stop)
+                repetition_penalty=a.repeat_penalty, frequency_penalty=a.frequency_penalty,
+                presence_penalty=a.presence_penalty, seed=a.seed, stop=a.stop)
 
 
 def _utf8(data: bytes, where: str) -> str:
