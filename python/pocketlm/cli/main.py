@@ -1,4 +1,4 @@
-"""`pocketlm` command line: convert | run | chat | inspect | bench | perplexity."""
+"""`pocketlm` command line: convert | run | chat | serve | inspect | bench | perplexity."""
 
 from __future__ import annotations
 
@@ -225,6 +225,18 @@ def _input_lines(interactive: bool) -> Iterator[str]:
             if not raw:
                 raise EOFError
             yield _utf8(raw, f"line {n} of standard input").rstrip("\r\n")
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from pocketlm.server.run import serve
+
+    if a.draft is not None and len(a.models) > 1:
+        raise InvalidInputError("--draft drafts for one model: serve the others from another process")
+    api_key = a.api_key if a.api_key is not None else os.environ.get("POCKETLM_API_KEY") or None
+    return serve(a.models, host=a.host, port=a.port, api_key=api_key, cors_origins=a.cors_origin,
+                 threads=a.threads, max_context=a.ctx_size, activations=a.activations, kv_type=a.kv_type,
+                 max_batch=a.max_sequences, max_queue=a.max_queue, draft=a.draft, lookup=a.lookup,
+                 draft_max=a.draft_max)
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
@@ -467,6 +479,30 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("-v", "--verbose", action="store_true", help="print speed after each answer")
     _add_sampling_args(ch, 512)
     ch.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs pocketlm[server])",
+                        description="Serves the models over HTTP with OpenAI's API (/v1/chat/completions, "
+                                    "/v1/completions, /v1/models), batching concurrent requests. docs/server.md.")
+    sv.add_argument("models", nargs="*", default=["smollm2"], metavar="MODEL",
+                    help="a .plm, a .gguf or a known model name (default: smollm2); its id is its name or file stem")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=_checked(int, lambda v: 0 <= v <= 65535, "in 0..65535"), default=8080,
+                    help="port (default 8080; 0: one the system picks, printed at start)")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint but "
+                                                   "/health (default: $POCKETLM_API_KEY, else none)")
+    sv.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                    help="let web pages from this origin call the API (repeatable; '*' for any)")
+    sv.add_argument("-t", "--threads", type=_threads, default=None, help=THREADS_HELP)
+    sv.add_argument("-c", "--ctx-size", type=_positive, default=4096,
+                    help="context of each conversation in tokens (default 4096)")
+    sv.add_argument("--max-sequences", type=_checked(int, lambda v: 1 <= v <= 256, "in 1..256"), default=16,
+                    help="requests generating at once per model, batched into shared steps (default 16)")
+    sv.add_argument("--max-queue", type=_count, default=256,
+                    help="requests that may wait behind them before the server answers 503 (default 256)")
+    _add_activations(sv, default="auto")
+    _add_kv_type(sv)
+    _add_speculative(sv)
+    sv.set_defaults(func=cmd_serve)
 
     i = sub.add_parser("inspect", help="show a bundle's metadata, tensors, graph and memory plan")
     i.add_argument("model")

@@ -1,0 +1,104 @@
+"""The models a server holds: one Engine each, found by the id clients send as `model`."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pocketlm.errors import ChatTemplateError, ContextOverflowError, InvalidInputError, QueueFullError
+from pocketlm.server.errors import APIError
+
+RETRY_AFTER_SECONDS = 1  # what a client told the queue is full waits before trying again
+
+
+def model_id(spec: str | os.PathLike) -> str:
+    """The id of a model given as `pocketlm serve` takes it: a known name as is, a file by its stem."""
+    text = os.fspath(spec)
+    path = Path(text)
+    return path.stem if path.suffix.lower() in (".plm", ".gguf") else text
+
+
+@dataclass
+class ServedModel:
+    id: str
+    engine: Any  # pocketlm.Engine
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def card(self) -> dict:
+        """The model as /v1/models lists it."""
+        return {"id": self.id, "object": "model", "created": self.created, "owned_by": "pocketlm"}
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The token ids of `messages` rendered with the model's chat template (which writes BOS
+        itself where the model wants one, as HF's apply_chat_template)."""
+        engine = self.engine
+        try:
+            if tools:
+                from pocketlm.chat import default_chat_template, render_chat
+
+                tok = engine.tokenizer
+                text = render_chat(engine.chat_template or default_chat_template, messages, tools=tools,
+                                   bos_token=tok.id_to_token(tok.bos_id) if tok.bos_id is not None else "",
+                                   eos_token=tok.id_to_token(tok.eos_ids[0]) if tok.eos_ids else "")
+            else:
+                text = engine.apply_chat_template(messages, add_generation_prompt=True)
+        except ChatTemplateError as e:
+            raise APIError(400, f"the model's chat template cannot render these messages: {e}",
+                           param="messages") from None
+        except InvalidInputError as e:
+            raise APIError(400, str(e), param="messages") from None
+        return engine.tokenizer.encode(text, add_special_tokens=False)
+
+    def text_prompt(self, text: str) -> list[int]:
+        try:
+            ids = self.engine.tokenizer.encode(text, add_special_tokens=True)
+        except InvalidInputError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        tok = self.engine.tokenizer
+        if not ids and tok.bos_id is not None:
+            ids = [tok.bos_id]
+        if not ids:
+            raise APIError(400, "the prompt is empty and the model has no BOS token to start from", param="prompt")
+        return ids
+
+    def submit(self, ids: list[int], *, max_tokens: int | None, stop: list[str], **sampling):
+        """Queues a generation on the engine's scheduler; its Request. Failures as APIError."""
+        engine = self.engine
+        if len(ids) >= engine.max_context:
+            raise APIError(400, f"the prompt is {len(ids)} tokens, and this server's context for {self.id} is "
+                                f"{engine.max_context} tokens (one more is needed for the answer); shorten the "
+                                f"messages or start the server with a larger -c", param="messages",
+                           code="context_length_exceeded")
+        if max_tokens is None:  # up to the end of the context, as OpenAI and llama-server
+            max_tokens = engine.max_context - len(ids)
+        try:
+            return engine.submit(ids, max_tokens=max_tokens, stop=stop, add_special_tokens=False, **sampling)
+        except ContextOverflowError as e:
+            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+        except QueueFullError as e:
+            raise APIError(503, str(e), code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        except InvalidInputError as e:
+            raise APIError(400, str(e)) from None
+
+
+class ModelRegistry:
+    def __init__(self, models: list[ServedModel]):
+        self.models: dict[str, ServedModel] = {}
+        for m in models:
+            if m.id in self.models:
+                raise ValueError(f"two models have the id {m.id!r}; give one of them another file name")
+            self.models[m.id] = m
+
+    def get(self, model_id: str | None) -> ServedModel:
+        if model_id is None or model_id not in self.models:
+            known = ", ".join(sorted(self.models))
+            raise APIError(404, f"The model {model_id!r} does not exist on this server (it serves: {known})",
+                           param="model", code="model_not_found")
+        return self.models[model_id]
+
+    def __iter__(self):
+        return iter(self.models.values())

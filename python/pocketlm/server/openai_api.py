@@ -1,0 +1,433 @@
+"""OpenAI's API: /v1/models, /v1/chat/completions, /v1/completions, streamed (server-sent events
+ending with `data: [DONE]`) and not, as the official `openai` client speaks it.
+
+Each choice is one Request on the model's engine scheduler, batched with every other request's
+steps. Sampling fields map onto pocketlm's (`temperature`, `top_p`, `seed`, `stop`,
+`frequency_penalty`, `presence_penalty`; llama.cpp's `top_k`, `min_p` and `repeat_penalty` too);
+a field left out takes the model's default, and `max_tokens` left out runs to the end of the
+context. A client that disconnects cancels its generations at the next step."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse, StreamingResponse
+
+from pocketlm.server.errors import APIError
+
+MAX_CHOICES = 16   # n: each choice is one more sequence in the batch
+MAX_STOPS = 4      # as OpenAI
+
+router = APIRouter()
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")  # clients send fields this server has no use for
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    user: str | None = None
+    # llama.cpp's extensions
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repeat_penalty: float | None = Field(None, gt=0)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: dict | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+
+# ---- request -> generations ------------------------------------------------------------------------------
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOPS:
+        raise APIError(400, f"stop takes at most {MAX_STOPS} strings, got {len(stops)}", param="stop")
+    return stops
+
+
+def _sampling(body: _Sampling) -> dict[str, Any]:
+    return {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
+            "repetition_penalty": body.repeat_penalty, "frequency_penalty": body.frequency_penalty,
+            "presence_penalty": body.presence_penalty}
+
+
+def _seed(body: _Sampling, choice: int) -> int | None:
+    """Choice i of a seeded request samples with seed + i (so n > 1 gives n different answers, each
+    reproducible); any integer is taken, modulo 2^64."""
+    return None if body.seed is None else (body.seed + choice) % 2**64
+
+
+def _unsupported(param: str, what: str) -> APIError:
+    return APIError(400, f"{what} is not supported by this server yet", param=param, code="unsupported_parameter")
+
+
+def _message_dict(i: int, m: ChatMessage) -> dict[str, Any]:
+    if isinstance(m.content, list):
+        texts = []
+        for j, part in enumerate(m.content):
+            if part.type != "text" or part.text is None:
+                raise APIError(400, f"content parts of type {part.type!r} are not supported: these models read "
+                                    f"text only", param=f"messages[{i}].content[{j}].type")
+            texts.append(part.text)
+        content: str | None = "".join(texts)
+    else:
+        content = m.content
+    if content is None and not m.tool_calls:
+        raise APIError(400, f"messages[{i}] has no content", param=f"messages[{i}].content")
+    out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+    for key in ("name", "tool_calls", "tool_call_id"):
+        value = getattr(m, key)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _submit_all(model, prompts: list[list[int]], body: _Sampling, max_tokens: int | None) -> list:
+    """One Request per (prompt, choice), in that order; on a failure, those already queued are cancelled."""
+    stops, sampling = _stops(body.stop), _sampling(body)
+    requests = []
+    try:
+        for ids in prompts:
+            for choice in range(body.n):
+                requests.append(model.submit(ids, max_tokens=max_tokens, stop=stops, seed=_seed(body, choice),
+                                             **sampling))
+    except BaseException:
+        for r in requests:
+            r.cancel()
+        raise
+    return requests
+
+
+# ---- running them ----------------------------------------------------------------------------------------
+
+
+def _finish_reason(request) -> str:
+    reason = request.finish_reason
+    return "length" if reason in ("length", "context") else "stop" if reason == "stop" else reason or "stop"
+
+
+def _usage(prompts: list[list[int]], requests: list) -> dict[str, int]:
+    prompt = sum(len(p) for p in prompts)
+    completion = sum(r.stats.generated_tokens for r in requests)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _pieces(requests: list) -> AsyncIterator[tuple[int, str]]:
+    """(choice index, text piece) as the requests produce them; raises the first request error."""
+    if len(requests) == 1:
+        async for piece in requests[0]:
+            yield 0, piece
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, request) -> None:
+        try:
+            async for piece in request:
+                await queue.put((i, piece, None))
+            await queue.put((i, None, None))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, None, e))
+
+    tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
+    try:
+        running = len(tasks)
+        while running:
+            i, piece, error = await queue.get()
+            if error is not None:
+                raise error
+            if piece is None:
+                running -= 1
+            else:
+                yield i, piece
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _cancel_all(requests: list) -> None:
+    for r in requests:
+        r.cancel()
+
+
+def _generation_error(e: BaseException) -> APIError:
+    return APIError(500, f"the generation failed: {type(e).__name__}: {e}", code="generation_failed")
+
+
+async def _collect(http: Request, requests: list) -> list[str]:
+    """Every choice's whole text; cancels them all if the client goes away first."""
+    texts = [""] * len(requests)
+
+    async def gather() -> None:
+        async for i, piece in _pieces(requests):
+            texts[i] += piece
+
+    async def disconnected() -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.ensure_future(gather()), asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if work not in done:
+            raise APIError(499, "the client disconnected")
+        error = work.exception()
+        if error is not None:
+            raise error if isinstance(error, APIError) else _generation_error(error)
+    finally:
+        watch.cancel()
+        work.cancel()
+        _cancel_all(requests)
+    return texts
+
+
+def _state(http: Request):
+    return http.app.state.pocketlm
+
+
+def _check_running(http: Request, requests: list) -> None:
+    """A request cancelled by the server's shutdown (not by its client) ends as 503."""
+    if _state(http).shutting_down and any(r.finish_reason == "cancelled" for r in requests):
+        raise APIError(503, "the server is shutting down", code="shutting_down")
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _prompt_lengths(prompts: list[list[int]], requests: list) -> list[int]:
+    per_prompt = len(requests) // len(prompts)
+    return [len(prompts[i // per_prompt]) for i in range(len(requests))]
+
+
+def _stream(http: Request, model, prompts: list[list[int]], requests: list, chunk: callable, final: callable,
+            usage: callable, include_usage: bool) -> StreamingResponse:
+    """Server-sent events: the chunks `chunk(i, piece)` makes, one `final(i, request)` per choice, then
+    the usage chunk if asked for, then [DONE]. A failure mid-stream is sent as an error event."""
+    state = _state(http)
+    state.track(model.id, requests, _prompt_lengths(prompts, requests))
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for i, piece in _pieces(requests):
+                yield _sse(chunk(i, piece))
+            _check_running(http, requests)
+            for i, r in enumerate(requests):
+                yield _sse(final(i, r))
+            if include_usage:
+                yield _sse(usage())
+        except APIError as e:
+            yield _sse(e.body())
+        except Exception as e:  # noqa: BLE001 - a failed generation fails its own stream only
+            yield _sse(_generation_error(e).body())
+        yield "data: [DONE]\n\n"
+
+    def close() -> None:  # however the response ends: sent, failed, or the client gone
+        _cancel_all(requests)
+        state.untrack(requests)
+
+    return _GenerationStream(events(), close, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _GenerationStream(StreamingResponse):
+    """A streamed response that runs `close` when it ends, even if its body was never started
+    (a client that disconnected at once)."""
+
+    def __init__(self, content, close, **kwargs):
+        super().__init__(content, **kwargs)
+        self._close = close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._close()
+
+
+async def _run_blocking(http: Request, model, prompts: list[list[int]], requests: list) -> list[str]:
+    state = _state(http)
+    state.track(model.id, requests, _prompt_lengths(prompts, requests))
+    try:
+        texts = await _collect(http, requests)
+    finally:
+        state.untrack(requests)
+    _check_running(http, requests)
+    return texts
+
+
+# ---- endpoints ---------------------------------------------------------------------------------------------
+
+
+@router.get("/v1/models")
+async def list_models(http: Request) -> dict:
+    return {"object": "list", "data": [m.card() for m in _state(http).models]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, http: Request) -> dict:
+    return _state(http).models.get(model_id).card()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, http: Request):
+    state = _state(http)
+    model = state.models.get(body.model)
+    if body.response_format is not None and body.response_format.get("type", "text") != "text":
+        raise _unsupported("response_format", f"response_format of type {body.response_format.get('type')!r}")
+    if body.tools and body.tool_choice != "none":
+        raise _unsupported("tools", "tool calling")
+    if body.logprobs:
+        raise _unsupported("logprobs", "logprobs")
+    messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
+    ids = await asyncio.to_thread(model.chat_prompt, messages)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    requests = _submit_all(model, [ids], body, max_tokens)
+    cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
+    head = {"id": cid, "created": created, "model": model.id, "system_fingerprint": state.fingerprint}
+
+    if body.stream:
+        started: set[int] = set()
+
+        def chunk(i: int, piece: str) -> dict:
+            delta = {"content": piece}
+            if i not in started:
+                started.add(i)
+                delta = {"role": "assistant", "content": piece}
+            return {**head, "object": "chat.completion.chunk",
+                    "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
+
+        def final(i: int, r) -> dict:
+            delta = {} if i in started else {"role": "assistant", "content": ""}
+            return {**head, "object": "chat.completion.chunk",
+                    "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": _finish_reason(r)}]}
+
+        def usage() -> dict:
+            return {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage([ids], requests)}
+
+        include = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(http, model, [ids], requests, chunk, final, usage, include)
+
+    texts = await _run_blocking(http, model, [ids], requests)
+    return JSONResponse({**head, "object": "chat.completion", "choices": [
+        {"index": i, "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None,
+         "finish_reason": _finish_reason(r)} for i, (text, r) in enumerate(zip(texts, requests))],
+        "usage": _usage([ids], requests)})
+
+
+def _completion_prompts(model, prompt) -> tuple[list[list[int]], list[str | None]]:
+    """Token ids of each prompt, and its text (None when given as ids) for echo."""
+    if isinstance(prompt, str):
+        return [model.text_prompt(prompt)], [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is empty", param="prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return [model.text_prompt(p) for p in prompt], list(prompt)
+    if all(isinstance(p, int) for p in prompt):
+        return [_checked_ids(model, prompt, "prompt")], [None]
+    return [_checked_ids(model, p, f"prompt[{i}]") for i, p in enumerate(prompt)], [None] * len(prompt)
+
+
+def _checked_ids(model, ids: list[int], param: str) -> list[int]:
+    vocab = model.engine.vocab_size
+    if not ids:
+        raise APIError(400, f"{param} holds no token", param=param)
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(400, f"{param} holds token id {bad}, outside the vocabulary of {vocab}", param=param)
+    return list(ids)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, http: Request):
+    state = _state(http)
+    model = state.models.get(body.model)
+    if body.suffix:
+        raise _unsupported("suffix", "suffix (fill in the middle)")
+    if body.logprobs:
+        raise _unsupported("logprobs", "logprobs")
+    prompts, texts_in = await asyncio.to_thread(_completion_prompts, model, body.prompt)
+    requests = _submit_all(model, prompts, body, body.max_tokens)
+    cid, created = "cmpl-" + secrets.token_hex(12), int(time.time())
+    head = {"id": cid, "created": created, "model": model.id, "system_fingerprint": state.fingerprint}
+
+    def echo(i: int) -> str:
+        if not body.echo:
+            return ""
+        text = texts_in[i // body.n]
+        return text if text is not None else model.engine.tokenizer.decode(prompts[i // body.n])
+
+    if body.stream:
+        started: set[int] = set()
+
+        def chunk(i: int, piece: str) -> dict:
+            if i not in started:
+                started.add(i)
+                piece = echo(i) + piece
+            return {**head, "object": "text_completion",
+                    "choices": [{"index": i, "text": piece, "logprobs": None, "finish_reason": None}]}
+
+        def final(i: int, r) -> dict:
+            text = "" if i in started else echo(i)
+            return {**head, "object": "text_completion",
+                    "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": _finish_reason(r)}]}
+
+        def usage() -> dict:
+            return {**head, "object": "text_completion", "choices": [], "usage": _usage(prompts, requests)}
+
+        include = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(http, model, prompts, requests, chunk, final, usage, include)
+
+    texts = await _run_blocking(http, model, prompts, requests)
+    return JSONResponse({**head, "object": "text_completion", "choices": [
+        {"index": i, "text": echo(i) + text, "logprobs": None, "finish_reason": _finish_reason(r)}
+        for i, (text, r) in enumerate(zip(texts, requests))], "usage": _usage(prompts, requests)})

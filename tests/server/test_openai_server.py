@@ -1,0 +1,245 @@
+"""`pocketlm serve` through the official `openai` client (and raw HTTP where the client cannot say
+it): every answer is checked against a fresh in-process session of the same model, every error
+against OpenAI's status and JSON shape."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx2 as httpx  # the HTTP client the openai package itself uses
+import openai
+import pytest
+
+from conftest import API_KEY
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def fresh_chat(engine, messages, **kwargs) -> tuple[str, object]:
+    session = engine.create_session()
+    return "".join(session.chat(messages, **kwargs)), session.last_stats
+
+
+def fresh_text(engine, prompt, **kwargs) -> tuple[str, object]:
+    session = engine.create_session()
+    return "".join(session.generate(prompt, **kwargs)), session.last_stats
+
+
+def metric(server, name: str, **labels) -> float:
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    for line in text.splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{want} not in /metrics:\n{text}")
+
+
+def test_models(server):
+    client = server.client()
+    assert sorted(m.id for m in client.models.list()) == ["smollm2", "tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_chat_answers_as_a_fresh_session(server, reference):
+    expected, stats = fresh_chat(reference["smollm2"], QUESTION, max_tokens=40, temperature=0)
+    r = server.client().chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=40, temperature=0)
+    assert r.object == "chat.completion" and r.model == "smollm2" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected
+    assert r.choices[0].finish_reason == ("stop" if stats.finish_reason == "stop" else "length")
+    assert r.usage.prompt_tokens == stats.prompt_tokens
+    assert r.usage.completion_tokens == stats.generated_tokens
+    assert r.usage.total_tokens == stats.prompt_tokens + stats.generated_tokens
+
+
+def test_chat_stream_equals_the_whole_answer(server, reference):
+    expected, stats = fresh_chat(reference["smollm2"], QUESTION, max_tokens=40, temperature=0)
+    chunks = list(server.client().chat.completions.create(
+        model="smollm2", messages=QUESTION, max_tokens=40, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == expected
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["stop" if stats.finish_reason == "stop" else "length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == stats.generated_tokens
+    assert chunks[-1].usage.prompt_tokens == stats.prompt_tokens
+
+
+def test_completions_on_the_second_model(server, reference):
+    tiny = reference["tiny"]
+    client = server.client()
+    expected, stats = fresh_text(tiny, "hello world", max_tokens=12, temperature=0)
+    r = client.completions.create(model="tiny", prompt="hello world", max_tokens=12, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text == expected
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+    assert r.usage.prompt_tokens == stats.prompt_tokens
+    # echo, two prompts (their choices in order), token ids as the prompt
+    r = client.completions.create(model="tiny", prompt=["hello world", "the cat"], max_tokens=12, temperature=0,
+                                  echo=True)
+    second, _ = fresh_text(tiny, "the cat", max_tokens=12, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert [c.text for c in r.choices] == ["hello world" + expected, "the cat" + second]
+    ids = tiny.tokenizer.encode("hello world", add_special_tokens=True)
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0)
+    assert r.choices[0].text == expected
+    chunks = list(client.completions.create(model="tiny", prompt="hello world", max_tokens=12, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+
+
+def test_stop_and_max_tokens(server, reference):
+    expected, _ = fresh_chat(reference["smollm2"], QUESTION, max_tokens=40, temperature=0)
+    stop = expected.split()[3]  # a word inside the answer
+    client = server.client()
+    r = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=40, temperature=0, stop=[stop])
+    assert r.choices[0].message.content == expected[:expected.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model="smollm2", messages=QUESTION, max_completion_tokens=3, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    assert expected.startswith(r.choices[0].message.content)
+
+
+def test_seed_temperature_and_penalties(server, reference):
+    client = server.client()
+    ask = dict(model="smollm2", messages=[{"role": "user", "content": "Write a sentence about the sea."}],
+               max_tokens=24)
+    a = client.chat.completions.create(**ask, temperature=1.0, seed=1234, n=3)
+    b = client.chat.completions.create(**ask, temperature=1.0, seed=1234, n=3)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert len({c.message.content for c in a.choices}) > 1  # choice i samples with seed + i
+    expected, _ = fresh_chat(reference["smollm2"], ask["messages"], max_tokens=24, temperature=1.0, seed=1235)
+    assert a.choices[1].message.content == expected
+    # frequency and presence penalties, greedy: as a fresh session with them
+    expected, _ = fresh_chat(reference["smollm2"], ask["messages"], max_tokens=24, temperature=0,
+                             frequency_penalty=1.5, presence_penalty=0.5)
+    r = client.chat.completions.create(**ask, temperature=0, frequency_penalty=1.5, presence_penalty=0.5)
+    assert r.choices[0].message.content == expected
+
+
+def _status(e: openai.APIStatusError) -> tuple[int, dict]:
+    return e.status_code, e.response.json()["error"]
+
+
+def test_errors(server):
+    client = server.client()
+    # 401: a wrong key, no key; /health needs none
+    with pytest.raises(openai.AuthenticationError) as e:
+        server.client(api_key="wrong").models.list()
+    assert _status(e.value)[1]["code"] == "invalid_api_key"
+    r = httpx.get(server.url + "/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    # 404: an unknown model, an unknown route
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=QUESTION)
+    assert _status(e.value)[1] == {"message": e.value.response.json()["error"]["message"],
+                                   "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.get(server.url + "/v1/nothing", headers=auth)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    # 400 with the field named
+    cases = [(dict(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
+             (dict(messages=QUESTION, temperature=3), "temperature"),
+             (dict(messages=QUESTION, max_tokens=0), "max_tokens"),
+             (dict(messages=QUESTION, stop=["a", "b", "c", "d", "e"]), "stop"),
+             (dict(messages=[]), "messages"),
+             (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+              "messages[0].content[0].type"),
+             (dict(messages=QUESTION, response_format={"type": "json_object"}), "response_format")]
+    for fields, param in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="smollm2", **fields)
+        assert _status(e.value)[1]["param"] == param, fields
+    for content_type in ({"Content-Type": "application/json"}, {}):  # curl -d sends no JSON type
+        r = httpx.post(server.url + "/v1/chat/completions", headers={**auth, **content_type}, content=b"{not json")
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/chat/completions", headers=auth, json={"messages": QUESTION})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    # 400: a prompt longer than the context
+    long = [{"role": "user", "content": "word " * 1500}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="smollm2", messages=long)
+    assert _status(e.value)[1]["code"] == "context_length_exceeded"
+    # 413: a body over 16 MiB, with a Content-Length and chunked
+    big = b'{"model": "smollm2", "messages": [], "x": "' + b"x" * (17 << 20) + b'"}'
+    r = httpx.post(server.url + "/v1/chat/completions", headers=auth, content=big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(server.url + "/v1/chat/completions", headers=auth,
+                   content=iter([big[i:i + (1 << 20)] for i in range(0, len(big), 1 << 20)]))
+    assert r.status_code == 413
+    # every response names its request id; a client's own is echoed
+    r = httpx.get(server.url + "/v1/models", headers={**auth, "X-Request-Id": "my-id-1"})
+    assert r.headers["x-request-id"] == "my-id-1"
+    assert httpx.get(server.url + "/health").headers["x-request-id"].startswith("req-")
+
+
+def test_concurrent_clients_with_cancellations(server, reference):
+    """16 clients at once, 4 of them hanging up after two chunks: the others get what one fresh
+    session answers alone, and nothing is left running."""
+    questions = [f"Name one fact about the number {i}." for i in range(16)]
+    expected = [fresh_chat(reference["smollm2"], [{"role": "user", "content": q}], max_tokens=24,
+                           temperature=0)[0] for q in questions]
+    got: list[str | None] = [None] * 16
+    errors: list[BaseException] = []
+    client = server.client()
+
+    def ask(i: int) -> None:
+        try:
+            stream = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": questions[i]}],
+                                                    max_tokens=24 if i < 12 else 2000, temperature=0, stream=True)
+            text = ""
+            for n, chunk in enumerate(stream):
+                text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+                if i >= 12 and n == 2:
+                    stream.close()
+                    break
+            got[i] = text
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert got[:12] == expected[:12]
+    assert all(expected[i].startswith(got[i]) for i in range(12, 16))
+    deadline = time.monotonic() + 10  # a cancelled generation leaves at its next step
+    while metric(server, "pocketlm_running_sequences", model="smollm2") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(server, "pocketlm_running_sequences", model="smollm2") == 0
+    assert metric(server, "pocketlm_kv_cache_bytes", model="smollm2") == 0
+
+
+def test_disconnect_cancels_a_non_streamed_request(server):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": "smollm2", "messages": QUESTION, "max_tokens": 1000, "temperature": 1.0,
+            "frequency_penalty": -2}
+    before = metric(server, "pocketlm_generated_tokens_total", model="smollm2")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", headers=auth, json=body, timeout=1.0)
+    deadline = time.monotonic() + 10
+    while metric(server, "pocketlm_running_sequences", model="smollm2") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(server, "pocketlm_running_sequences", model="smollm2") == 0
+    # it stopped early: far fewer than the 1000 tokens it asked for
+    assert metric(server, "pocketlm_generated_tokens_total", model="smollm2") - before < 600
+
+
+def test_metrics_format(server):
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    for family in ("pocketlm_requests_total", "pocketlm_queue_depth", "pocketlm_running_sequences",
+                   "pocketlm_kv_cache_bytes", "pocketlm_prompt_tokens_total", "pocketlm_generated_tokens_total",
+                   "pocketlm_time_to_first_token_seconds", "pocketlm_decode_tokens_per_second"):
+        assert f"# TYPE {family} " in text
+    assert metric(server, "pocketlm_requests_total", route="/v1/chat/completions", status="200") >= 1
+    assert metric(server, "pocketlm_time_to_first_token_seconds_count", model="smollm2") >= 1
+    count = metric(server, "pocketlm_time_to_first_token_seconds_count", model="smollm2")
+    assert metric(server, 'pocketlm_time_to_first_token_seconds_bucket', model="smollm2", le="+Inf") == count
