@@ -410,16 +410,19 @@ class Engine:
         return self._scheduler
 
     def submit(self, prompt: str | list[int], *, session=None, max_tokens: int | None = None,
-               stop: str | list[str] = (), add_special_tokens: bool = True, **sampling):
+               stop: str | list[str] = (), add_special_tokens: bool = True, response_format: dict | None = None,
+               regex: str | None = None, grammar: str | None = None, **sampling):
         """Queues a generation and returns its `Request` at once: iterate it (or `async for`) for the
         text pieces, `cancel()` it, read `finish_reason` and `stats` when done. Runs batched with
         every other generation on this engine. `session`: continue that session (it is busy until
         the request finishes); default a new one. Sampling: temperature, top_k, top_p, min_p,
         repetition_penalty, frequency_penalty, presence_penalty, seed (the model's defaults for those
-        not given). Errors in the request (InvalidInputError, ContextOverflowError) and QueueFullError
-        raise here."""
+        not given). response_format / regex / grammar constrain the output (Session.generate).
+        Errors in the request (InvalidInputError, ContextOverflowError) and QueueFullError raise here."""
+        from pocketlm.constrain import make_constraint
         from pocketlm.generation import Generation
 
+        constraint = make_constraint(self, response_format, regex, grammar)
         if session is None:
             session = self.create_session()
             release = None
@@ -428,7 +431,7 @@ class Engine:
             release = session._leave
         try:
             gen = Generation(session, prompt, max_tokens=max_tokens, stop=stop,
-                             add_special_tokens=add_special_tokens, **sampling)
+                             add_special_tokens=add_special_tokens, constraint=constraint, **sampling)
             session.last_stats = gen.stats
             return self.scheduler.submit(gen, on_done=release)
         except BaseException:

@@ -41,6 +41,11 @@ class InvalidInputError(PocketLMError, ValueError):
     Unicode, an empty prompt where a token is needed, a parameter out of range."""
 
 
+class ConstraintError(InvalidInputError):
+    """A response_format, regex or grammar that cannot constrain a generation (malformed, or beyond
+    what llguidance supports), or a constraint that failed while generating."""
+
+
 class NonFiniteError(PocketLMError, ArithmeticError):
     """The model produced NaN or infinite logits (broken weights or metadata): no token can be
     chosen from them."""

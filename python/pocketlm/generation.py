@@ -29,7 +29,7 @@ class Generation:
     """The continuation of one prompt on one session. Not thread-safe: one driver runs it."""
 
     def __init__(self, session, prompt: str | Sequence[int], max_tokens: int | None = None,
-                 stop: str | Sequence[str] = (), add_special_tokens: bool = True, **sampling):
+                 stop: str | Sequence[str] = (), add_special_tokens: bool = True, constraint=None, **sampling):
         from pocketlm.session import GenerationStats
 
         self.t_start = time.perf_counter()
@@ -64,7 +64,9 @@ class Generation:
         self._pending = ""   # text held back: it may still grow into a stop string
         self._t_decode = 0.0
         spec = getattr(engine, "speculator", None)
-        self.spec = Speculation(engine.draft_max) if spec is not None and session.logits_mode == "last" else None
+        self.constraint = constraint  # pocketlm.constrain.Constraint: masks the logits, takes each token
+        self.spec = Speculation(engine.draft_max) if (spec is not None and session.logits_mode == "last"
+                                                      and constraint is None) else None
 
     def _prompt_ids(self, prompt, add_special_tokens: bool) -> list[int]:
         session = self.session
@@ -108,6 +110,8 @@ class Generation:
         completes (possibly none) and sets `feed` to [token], or `done` with the finish reason."""
         session = self.session
         recent = session._tokens[-self.params.repeat_last_n:] if self.params.repeat_last_n else session._tokens
+        if self.constraint is not None:
+            logits = self.constraint.apply(logits)
         token = self._sampler.sample(logits, recent)
         return self._emit([token], session.position)
 
@@ -151,6 +155,8 @@ class Generation:
             if token in self._eos:
                 done = self._finish("stop", pieces)
             else:
+                if self.constraint is not None:
+                    self.constraint.accept(token)
                 self.token_ids.append(token)
                 self._pending += self._stream.push(token)
                 emit, hit_stop = split_stop(self._pending, self.stops) if self.stops else (self._pending, False)
@@ -160,6 +166,8 @@ class Generation:
                 if hit_stop:
                     self._pending = ""
                     done = self._finish("stop", pieces, flush=False)
+                elif self.constraint is not None and self.constraint.finished:
+                    done = self._finish("stop", pieces)  # the grammar is complete
                 elif stats.generated_tokens >= self.max_tokens:
                     done = self._finish("length", pieces)  # the last token is not fed back
                 elif position + j >= session.max_context:

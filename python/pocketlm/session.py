@@ -322,7 +322,8 @@ class Session:
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float | None = None,
                  frequency_penalty: float | None = None, presence_penalty: float | None = None,
-                 seed: int | None = None, stop: str | Sequence[str] = (), add_special_tokens: bool = True
+                 seed: int | None = None, stop: str | Sequence[str] = (), add_special_tokens: bool = True,
+                 response_format: dict | None = None, regex: str | None = None, grammar: str | None = None
                  ) -> Iterator[str]:
         """Streams the continuation of `prompt` (text or token ids) as text pieces.
 
@@ -332,14 +333,22 @@ class Session:
         An empty text prompt starts from BOS where the model has one. Stats land in
         `last_stats`. The session is busy until the generator ends or is closed.
 
+        Constrained decoding (`pocketlm.constrain`, needs llguidance): response_format (OpenAI's:
+        {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}), regex, or
+        grammar (Lark or GBNF): the output always matches it; it ends when the grammar is complete.
+
         Runs on the engine's scheduler: generations of other sessions running at the same time
         (from other threads, or `engine.submit`) share its executor steps, each row at its own
         position in its own cache, so they decode together at the cost of about one. Closing the
         generator early cancels the rest.
         """
+        from pocketlm.constrain import make_constraint
+
+        constraint = make_constraint(self.engine, response_format, regex, grammar)
         self._enter("generate")
         try:
             gen = Generation(self, prompt, max_tokens=max_tokens, stop=stop, add_special_tokens=add_special_tokens,
+                             constraint=constraint,
                              temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                              presence_penalty=presence_penalty, seed=seed)

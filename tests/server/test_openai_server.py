@@ -12,7 +12,7 @@ import httpx2 as httpx  # the HTTP client the openai package itself uses
 import openai
 import pytest
 
-from conftest import API_KEY
+from live_server import API_KEY
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -122,6 +122,39 @@ def test_seed_temperature_and_penalties(server, reference):
     assert r.choices[0].message.content == expected
 
 
+def test_structured_outputs_validate(server):
+    """response_format json_schema (strict) and json_object: every answer parses, and validates."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schemas = [
+        {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                          "population": {"type": "integer", "minimum": 0, "maximum": 10**8},
+                                          "country": {"enum": ["France", "Germany", "Spain"]}},
+         "required": ["city", "population", "country"], "additionalProperties": False},
+        {"type": "object", "properties": {"people": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
+            "type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                             "height_m": {"type": "number", "minimum": 0.5, "maximum": 2.5},
+                                             "address": {"type": "object", "properties": {
+                                                 "street": {"type": "string", "maxLength": 20},
+                                                 "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                                                 "required": ["street", "zip"], "additionalProperties": False}},
+            "required": ["name", "height_m", "address"], "additionalProperties": False}}},
+         "required": ["people"], "additionalProperties": False},
+    ]
+    client = server.client()
+    for i, schema in enumerate(schemas):
+        r = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Answer in JSON."}], max_tokens=300,
+            temperature=1.0, seed=i, n=2,
+            response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema, "strict": True}})
+        for choice in r.choices:
+            assert choice.finish_reason == "stop"
+            jsonschema.validate(json.loads(choice.message.content), schema)
+    ask = [{"role": "user", "content": "Describe a cat as a JSON object with a name and an age."}]
+    chunks = client.chat.completions.create(model="smollm2", messages=ask, max_tokens=200, temperature=0, stream=True,
+                                            response_format={"type": "json_object"})
+    assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), dict)
+
+
 def _status(e: openai.APIStatusError) -> tuple[int, dict]:
     return e.status_code, e.response.json()["error"]
 
@@ -151,7 +184,10 @@ def test_errors(server):
              (dict(messages=[]), "messages"),
              (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
               "messages[0].content[0].type"),
-             (dict(messages=QUESTION, response_format={"type": "json_object"}), "response_format")]
+             (dict(messages=QUESTION, response_format={"type": "json_schema",
+                                                       "json_schema": {"name": "x", "schema": {"$ref": "#/nope"}}}),
+              "response_format"),
+             (dict(messages=QUESTION, response_format={"type": "yaml"}), "response_format")]
     for fields, param in cases:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="smollm2", **fields)

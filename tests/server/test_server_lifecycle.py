@@ -7,7 +7,7 @@ import time
 import openai
 import pytest
 
-from conftest import LiveServer
+from live_server import LiveServer
 
 
 def test_queue_full_then_sigterm(smollm2_gguf):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pocketlm.errors import ChatTemplateError, ContextOverflowError, InvalidInputError, QueueFullError
+from pocketlm.errors import ChatTemplateError, ConstraintError, ContextOverflowError, InvalidInputError, QueueFullError
 from pocketlm.server.errors import APIError
 
 RETRY_AFTER_SECONDS = 1  # what a client told the queue is full waits before trying again
@@ -64,7 +64,8 @@ class ServedModel:
             raise APIError(400, "the prompt is empty and the model has no BOS token to start from", param="prompt")
         return ids
 
-    def submit(self, ids: list[int], *, max_tokens: int | None, stop: list[str], **sampling):
+    def submit(self, ids: list[int], *, max_tokens: int | None, stop: list[str], response_format: dict | None = None,
+               grammar: str | None = None, **sampling):
         """Queues a generation on the engine's scheduler; its Request. Failures as APIError."""
         engine = self.engine
         if len(ids) >= engine.max_context:
@@ -75,7 +76,10 @@ class ServedModel:
         if max_tokens is None:  # up to the end of the context, as OpenAI and llama-server
             max_tokens = engine.max_context - len(ids)
         try:
-            return engine.submit(ids, max_tokens=max_tokens, stop=stop, add_special_tokens=False, **sampling)
+            return engine.submit(ids, max_tokens=max_tokens, stop=stop, add_special_tokens=False,
+                                 response_format=response_format, grammar=grammar, **sampling)
+        except ConstraintError as e:
+            raise APIError(400, str(e), param="grammar" if grammar is not None else "response_format") from None
         except ContextOverflowError as e:
             raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
         except QueueFullError as e:

@@ -66,6 +66,7 @@ class _Sampling(_Body):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0)
+    grammar: str | None = None  # Lark or GBNF, as llama-server's `grammar`
 
 
 class ChatCompletionRequest(_Sampling):
@@ -132,15 +133,16 @@ def _message_dict(i: int, m: ChatMessage) -> dict[str, Any]:
     return out
 
 
-def _submit_all(model, prompts: list[list[int]], body: _Sampling, max_tokens: int | None) -> list:
-    """One Request per (prompt, choice), in that order; on a failure, those already queued are cancelled."""
+def _submit_all(model, prompts: list[list[int]], body: _Sampling, max_tokens: int | None, **constraint) -> list:
+    """One Request per (prompt, choice), in that order; on a failure, those already queued are cancelled.
+    Runs in a worker thread: a constraint's first use builds the grammar's view of the vocabulary."""
     stops, sampling = _stops(body.stop), _sampling(body)
     requests = []
     try:
         for ids in prompts:
             for choice in range(body.n):
                 requests.append(model.submit(ids, max_tokens=max_tokens, stop=stops, seed=_seed(body, choice),
-                                             **sampling))
+                                             **constraint, **sampling))
     except BaseException:
         for r in requests:
             r.cancel()
@@ -322,8 +324,6 @@ async def get_model(model_id: str, http: Request) -> dict:
 async def chat_completions(body: ChatCompletionRequest, http: Request):
     state = _state(http)
     model = state.models.get(body.model)
-    if body.response_format is not None and body.response_format.get("type", "text") != "text":
-        raise _unsupported("response_format", f"response_format of type {body.response_format.get('type')!r}")
     if body.tools and body.tool_choice != "none":
         raise _unsupported("tools", "tool calling")
     if body.logprobs:
@@ -331,7 +331,8 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
     ids = await asyncio.to_thread(model.chat_prompt, messages)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    requests = _submit_all(model, [ids], body, max_tokens)
+    constraint = {"response_format": body.response_format} if body.grammar is None else {"grammar": body.grammar}
+    requests = await asyncio.to_thread(_submit_all, model, [ids], body, max_tokens, **constraint)
     cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     head = {"id": cid, "created": created, "model": model.id, "system_fingerprint": state.fingerprint}
 
@@ -396,7 +397,7 @@ async def completions(body: CompletionRequest, http: Request):
     if body.logprobs:
         raise _unsupported("logprobs", "logprobs")
     prompts, texts_in = await asyncio.to_thread(_completion_prompts, model, body.prompt)
-    requests = _submit_all(model, prompts, body, body.max_tokens)
+    requests = await asyncio.to_thread(_submit_all, model, prompts, body, body.max_tokens, grammar=body.grammar)
     cid, created = "cmpl-" + secrets.token_hex(12), int(time.time())
     head = {"id": cid, "created": created, "model": model.id, "system_fingerprint": state.fingerprint}
 
