@@ -155,6 +155,61 @@ def test_structured_outputs_validate(server):
     assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), dict)
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"]}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "description": "Add two integers",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"]}}}
+
+
+def test_tool_calls(server):
+    """tool_choice "required" and a named function give calls whose arguments validate against the
+    tool's schema (stream and not); the call and the tool's result go back through the template."""
+    from pocketlm.tools import closed_objects
+
+    jsonschema = pytest.importorskip("jsonschema")
+    client = server.client()
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model="smollm2", messages=ask, tools=[WEATHER, ADD], tool_choice="required",
+                                       temperature=1.0, seed=4, max_tokens=200)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_")
+    schema = {"get_weather": WEATHER, "add": ADD}[call.function.name]["function"]["parameters"]
+    jsonschema.validate(json.loads(call.function.arguments), closed_objects(schema))
+    chunks = list(client.chat.completions.create(
+        model="smollm2", messages=ask, tools=[WEATHER, ADD], tool_choice={"type": "function", "function": {"name": "add"}},
+        temperature=1.0, seed=5, max_tokens=200, stream=True))
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [tc.function.name for tc in calls] == ["add"] and chunks[-1].choices[0].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(calls[0].function.arguments), closed_objects(ADD["function"]["parameters"]))
+    # the round trip: the call and the result are in the next prompt, and the model answers
+    history = ask + [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18, "sky": "clear"}'}]
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    prompt = httpx.post(server.url + "/apply-template", headers=auth,
+                        json={"model": "smollm2", "messages": history, "tools": [WEATHER, ADD]}).json()["prompt"]
+    assert '<tool_response>\n{"temperature": 18, "sky": "clear"}\n</tool_response>' in prompt
+    assert f'"name": "{call.function.name}", "arguments": {call.function.arguments}' in prompt
+    assert '"name": "get_weather", "description": "The current weather in a city"' in prompt  # the tools, described
+    r = client.chat.completions.create(model="smollm2", messages=history, tools=[WEATHER, ADD], temperature=0,
+                                       max_tokens=30)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # bad tool requests
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="smollm2", messages=ask, tools=[WEATHER],
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert _status(e.value)[1]["param"] == "tool_choice"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="smollm2", messages=ask, tools=[{"type": "function", "function": {}}])
+    assert _status(e.value)[1]["param"] == "tools"
+
+
 def _status(e: openai.APIStatusError) -> tuple[int, dict]:
     return e.status_code, e.response.json()["error"]
 

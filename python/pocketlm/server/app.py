@@ -27,7 +27,7 @@ from pocketlm.server.models import ModelRegistry
 
 MAX_BODY_BYTES = 16 << 20   # a request body past this is refused with 413
 PUBLIC_PATHS = ("/health",)  # answered without the API key
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/apply-template")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 log = logging.getLogger("pocketlm.server")

@@ -34,6 +34,9 @@ class ServedModel:
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """The token ids of `messages` rendered with the model's chat template (which writes BOS
         itself where the model wants one, as HF's apply_chat_template)."""
+        return self.engine.tokenizer.encode(self.chat_text(messages, tools), add_special_tokens=False)
+
+    def chat_text(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         engine = self.engine
         try:
             if tools:
@@ -50,7 +53,7 @@ class ServedModel:
                            param="messages") from None
         except InvalidInputError as e:
             raise APIError(400, str(e), param="messages") from None
-        return engine.tokenizer.encode(text, add_special_tokens=False)
+        return text
 
     def text_prompt(self, text: str) -> list[int]:
         try:

@@ -20,7 +20,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, StreamingResponse
 
+from pocketlm.errors import InvalidInputError
 from pocketlm.server.errors import APIError
+from pocketlm.tools import call_grammar, check_tools, parse_tool_calls, prompt_messages, template_syntax
 
 MAX_CHOICES = 16   # n: each choice is one more sequence in the batch
 MAX_STOPS = 4      # as OpenAI
@@ -253,18 +255,24 @@ def _prompt_lengths(prompts: list[list[int]], requests: list) -> list[int]:
 
 def _stream(http: Request, model, prompts: list[list[int]], requests: list, chunk: callable, final: callable,
             usage: callable, include_usage: bool) -> StreamingResponse:
-    """Server-sent events: the chunks `chunk(i, piece)` makes, one `final(i, request)` per choice, then
-    the usage chunk if asked for, then [DONE]. A failure mid-stream is sent as an error event."""
+    """Server-sent events: the chunks `chunk(i, piece)` makes (None: nothing to send yet), one
+    `final(i, request, whole text)` per choice, then the usage chunk if asked for, then [DONE]. A
+    failure mid-stream is sent as an error event."""
     state = _state(http)
     state.track(model.id, requests, _prompt_lengths(prompts, requests))
+
+    texts = [""] * len(requests)
 
     async def events() -> AsyncIterator[str]:
         try:
             async for i, piece in _pieces(requests):
-                yield _sse(chunk(i, piece))
+                texts[i] += piece
+                data = chunk(i, piece)
+                if data is not None:
+                    yield _sse(data)
             _check_running(http, requests)
             for i, r in enumerate(requests):
-                yield _sse(final(i, r))
+                yield _sse(final(i, r, texts[i]))
             if include_usage:
                 yield _sse(usage())
         except APIError as e:
@@ -320,18 +328,81 @@ async def get_model(model_id: str, http: Request) -> dict:
     return _state(http).models.get(model_id).card()
 
 
+def _tool_plan(body: ChatCompletionRequest, model) -> tuple[list[dict] | None, str | None]:
+    """(the tools the reply may call, a grammar forcing one call or None) for the request's tools and
+    tool_choice: "none" offers none, "auto" (the default with tools) lets the model choose, "required"
+    or a named function constrains the reply to a call."""
+    tools, choice = body.tools or None, body.tool_choice
+    if tools is not None:
+        try:
+            tools = check_tools(tools)
+        except InvalidInputError as e:
+            raise APIError(400, str(e), param="tools") from None
+    if choice is None:
+        choice = "auto" if tools else "none"
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        forced = [t for t in tools or [] if t["function"]["name"] == name]
+        if not forced:
+            raise APIError(400, f"tool_choice names the function {name!r}, which is not among the tools",
+                           param="tool_choice")
+    elif choice in ("auto", "none", "required"):
+        forced = tools if choice == "required" else None
+        if choice == "required" and not tools:
+            raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
+    else:
+        raise APIError(400, "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', "
+                            "'function': {'name': ...}}", param="tool_choice")
+    if choice == "none":
+        return None, None
+    if forced and body.response_format is not None and body.response_format.get("type", "text") != "text":
+        raise APIError(400, "a required tool call and a response_format cannot both shape the reply",
+                       param="response_format")
+    grammar = call_grammar(forced, template_syntax(model.engine.chat_template)) if forced else None
+    return tools, grammar
+
+
+def _message(text: str, r, tools: list[dict] | None) -> tuple[dict, str]:
+    """The assistant message for one choice's text, and its finish_reason."""
+    reason = _finish_reason(r)
+    if tools:
+        content, calls = parse_tool_calls(text, tools)
+        if calls:
+            return {"role": "assistant", "content": content, "refusal": None, "tool_calls": calls}, \
+                "tool_calls" if reason == "stop" else reason
+    return {"role": "assistant", "content": text, "refusal": None}, reason
+
+
+def _chat_prompt(body: ChatCompletionRequest, model, tools: list[dict] | None) -> tuple[list[dict], list[dict] | None]:
+    """The messages and the tools the chat template renders."""
+    messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
+    messages, native_tools = prompt_messages(messages, tools, model.engine.chat_template)
+    return messages, tools if native_tools else None
+
+
+@router.post("/apply-template")
+async def apply_template(body: ChatCompletionRequest, http: Request) -> dict:
+    """llama-server's: the prompt text a chat request would run (messages and tools through the template)."""
+    model = _state(http).models.get(body.model)
+    tools, _ = _tool_plan(body, model)
+    messages, template_tools = _chat_prompt(body, model, tools)
+    return {"prompt": await asyncio.to_thread(model.chat_text, messages, template_tools)}
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, http: Request):
     state = _state(http)
     model = state.models.get(body.model)
-    if body.tools and body.tool_choice != "none":
-        raise _unsupported("tools", "tool calling")
     if body.logprobs:
         raise _unsupported("logprobs", "logprobs")
-    messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
-    ids = await asyncio.to_thread(model.chat_prompt, messages)
+    tools, call_grammar_text = _tool_plan(body, model)
+    messages, template_tools = _chat_prompt(body, model, tools)
+    ids = await asyncio.to_thread(model.chat_prompt, messages, template_tools)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    constraint = {"response_format": body.response_format} if body.grammar is None else {"grammar": body.grammar}
+    if call_grammar_text is not None:
+        constraint = {"grammar": call_grammar_text}
+    else:
+        constraint = {"response_format": body.response_format} if body.grammar is None else {"grammar": body.grammar}
     requests = await asyncio.to_thread(_submit_all, model, [ids], body, max_tokens, **constraint)
     cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     head = {"id": cid, "created": created, "model": model.id, "system_fingerprint": state.fingerprint}
@@ -339,7 +410,9 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     if body.stream:
         started: set[int] = set()
 
-        def chunk(i: int, piece: str) -> dict:
+        def chunk(i: int, piece: str) -> dict | None:
+            if tools:  # a reply that may be a call is sent whole, once it is known which it is
+                return None
             delta = {"content": piece}
             if i not in started:
                 started.add(i)
@@ -347,10 +420,16 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
             return {**head, "object": "chat.completion.chunk",
                     "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
 
-        def final(i: int, r) -> dict:
-            delta = {} if i in started else {"role": "assistant", "content": ""}
+        def final(i: int, r, text: str) -> dict:
+            if tools:
+                message, reason = _message(text, r, tools)
+                delta = {k: v for k, v in message.items() if k != "refusal"}
+                if "tool_calls" in delta:
+                    delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(delta["tool_calls"])]
+            else:
+                delta, reason = ({} if i in started else {"role": "assistant", "content": ""}), _finish_reason(r)
             return {**head, "object": "chat.completion.chunk",
-                    "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": _finish_reason(r)}]}
+                    "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}]}
 
         def usage() -> dict:
             return {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage([ids], requests)}
@@ -359,10 +438,11 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
         return _stream(http, model, [ids], requests, chunk, final, usage, include)
 
     texts = await _run_blocking(http, model, [ids], requests)
-    return JSONResponse({**head, "object": "chat.completion", "choices": [
-        {"index": i, "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None,
-         "finish_reason": _finish_reason(r)} for i, (text, r) in enumerate(zip(texts, requests))],
-        "usage": _usage([ids], requests)})
+    choices = []
+    for i, (text, r) in enumerate(zip(texts, requests)):
+        message, reason = _message(text, r, tools)
+        choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": reason})
+    return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": _usage([ids], requests)})
 
 
 def _completion_prompts(model, prompt) -> tuple[list[list[int]], list[str | None]]:
@@ -417,7 +497,7 @@ async def completions(body: CompletionRequest, http: Request):
             return {**head, "object": "text_completion",
                     "choices": [{"index": i, "text": piece, "logprobs": None, "finish_reason": None}]}
 
-        def final(i: int, r) -> dict:
+        def final(i: int, r, _whole: str) -> dict:
             text = "" if i in started else echo(i)
             return {**head, "object": "text_completion",
                     "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": _finish_reason(r)}]}
