@@ -13,7 +13,7 @@
 #   llama_cpp_python-<v>/               the extracted sdist
 #   src -> llama_cpp_python-<v>/vendor/llama.cpp   convert_hf_to_gguf.py, gguf-py/, models/ggml-vocab-*
 #   build/bin/                          llama-bench, llama-batched-bench, llama-perplexity, llama-quantize,
-#                                       llama-completion, llama-speculative
+#                                       llama-completion, llama-speculative, llama-server
 #   build-avx2/bin/                     the same tools built for AVX2 only (LLAMACPP_ISA=avx2)
 #   VERSION                             the pinned llama-cpp-python version that was built
 set -euo pipefail
@@ -34,8 +34,9 @@ case "$ISA" in
                    -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF) ;;
   *) echo "LLAMACPP_ISA must be native or avx2, not '$ISA'" >&2; exit 2 ;;
 esac
-# llama-cli needs the server in this version; llama-completion is the plain prompt -> text tool.
-TARGETS=(llama-bench llama-batched-bench llama-perplexity llama-quantize llama-completion llama-speculative)
+# llama-completion is the plain prompt -> text tool; llama-server the peer of bench/serve_load.py.
+TARGETS=(llama-bench llama-batched-bench llama-perplexity llama-quantize llama-completion llama-speculative
+         llama-server)
 
 mkdir -p "$CACHE/sdist"
 cd "$CACHE"
@@ -78,7 +79,7 @@ else
   start=$(date +%s)
   cmake -S "$real_src" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release "${ISA_FLAGS[@]}" -DBUILD_SHARED_LIBS=OFF \
         -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON \
-        -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+        -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
         $(command -v ninja >/dev/null && echo -G Ninja)
   cmake --build "$BUILD" -j"$JOBS" --target "${TARGETS[@]}"
   echo "$VERSION" > "$BUILD/VERSION"

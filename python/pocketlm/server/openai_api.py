@@ -13,7 +13,6 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -22,6 +21,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from pocketlm.errors import InvalidInputError
 from pocketlm.server.errors import APIError
+from pocketlm.server.streams import run_blocking, state_of, stream_response
 from pocketlm.tools import call_grammar, check_tools, parse_tool_calls, prompt_messages, template_syntax
 
 MAX_CHOICES = 16   # n: each choice is one more sequence in the batch
@@ -166,91 +166,8 @@ def _usage(prompts: list[list[int]], requests: list) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _pieces(requests: list) -> AsyncIterator[tuple[int, str]]:
-    """(choice index, text piece) as the requests produce them; raises the first request error."""
-    if len(requests) == 1:
-        async for piece in requests[0]:
-            yield 0, piece
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, request) -> None:
-        try:
-            async for piece in request:
-                await queue.put((i, piece, None))
-            await queue.put((i, None, None))
-        except Exception as e:  # noqa: BLE001 - handed to the consumer
-            await queue.put((i, None, e))
-
-    tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
-    try:
-        running = len(tasks)
-        while running:
-            i, piece, error = await queue.get()
-            if error is not None:
-                raise error
-            if piece is None:
-                running -= 1
-            else:
-                yield i, piece
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-def _cancel_all(requests: list) -> None:
-    for r in requests:
-        r.cancel()
-
-
-def _generation_error(e: BaseException) -> APIError:
-    return APIError(500, f"the generation failed: {type(e).__name__}: {e}", code="generation_failed")
-
-
-async def _collect(http: Request, requests: list) -> list[str]:
-    """Every choice's whole text; cancels them all if the client goes away first."""
-    texts = [""] * len(requests)
-
-    async def gather() -> None:
-        async for i, piece in _pieces(requests):
-            texts[i] += piece
-
-    async def disconnected() -> None:
-        while (await http.receive())["type"] != "http.disconnect":
-            pass
-
-    work, watch = asyncio.ensure_future(gather()), asyncio.ensure_future(disconnected())
-    try:
-        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if work not in done:
-            raise APIError(499, "the client disconnected")
-        error = work.exception()
-        if error is not None:
-            raise error if isinstance(error, APIError) else _generation_error(error)
-    finally:
-        watch.cancel()
-        work.cancel()
-        _cancel_all(requests)
-    return texts
-
-
-def _state(http: Request):
-    return http.app.state.pocketlm
-
-
-def _check_running(http: Request, requests: list) -> None:
-    """A request cancelled by the server's shutdown (not by its client) ends as 503."""
-    if _state(http).shutting_down and any(r.finish_reason == "cancelled" for r in requests):
-        raise APIError(503, "the server is shutting down", code="shutting_down")
-
-
 def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-def _prompt_lengths(prompts: list[list[int]], requests: list) -> list[int]:
-    per_prompt = len(requests) // len(prompts)
-    return [len(prompts[i // per_prompt]) for i in range(len(requests))]
 
 
 def _stream(http: Request, model, prompts: list[list[int]], requests: list, chunk: callable, final: callable,
@@ -258,61 +175,12 @@ def _stream(http: Request, model, prompts: list[list[int]], requests: list, chun
     """Server-sent events: the chunks `chunk(i, piece)` makes (None: nothing to send yet), one
     `final(i, request, whole text)` per choice, then the usage chunk if asked for, then [DONE]. A
     failure mid-stream is sent as an error event."""
-    state = _state(http)
-    state.track(model.id, requests, _prompt_lengths(prompts, requests))
-
-    texts = [""] * len(requests)
-
-    async def events() -> AsyncIterator[str]:
-        try:
-            async for i, piece in _pieces(requests):
-                texts[i] += piece
-                data = chunk(i, piece)
-                if data is not None:
-                    yield _sse(data)
-            _check_running(http, requests)
-            for i, r in enumerate(requests):
-                yield _sse(final(i, r, texts[i]))
-            if include_usage:
-                yield _sse(usage())
-        except APIError as e:
-            yield _sse(e.body())
-        except Exception as e:  # noqa: BLE001 - a failed generation fails its own stream only
-            yield _sse(_generation_error(e).body())
-        yield "data: [DONE]\n\n"
-
-    def close() -> None:  # however the response ends: sent, failed, or the client gone
-        _cancel_all(requests)
-        state.untrack(requests)
-
-    return _GenerationStream(events(), close, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-class _GenerationStream(StreamingResponse):
-    """A streamed response that runs `close` when it ends, even if its body was never started
-    (a client that disconnected at once)."""
-
-    def __init__(self, content, close, **kwargs):
-        super().__init__(content, **kwargs)
-        self._close = close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._close()
-
-
-async def _run_blocking(http: Request, model, prompts: list[list[int]], requests: list) -> list[str]:
-    state = _state(http)
-    state.track(model.id, requests, _prompt_lengths(prompts, requests))
-    try:
-        texts = await _collect(http, requests)
-    finally:
-        state.untrack(requests)
-    _check_running(http, requests)
-    return texts
+    return stream_response(
+        http, model, prompts, requests, media_type="text/event-stream", end="data: [DONE]\n\n",
+        chunk=lambda i, piece: None if (data := chunk(i, piece)) is None else _sse(data),
+        final=lambda i, r, text: _sse(final(i, r, text)),
+        after=lambda: _sse(usage()) if include_usage else "",
+        error=lambda e: _sse(e.body()))
 
 
 # ---- endpoints ---------------------------------------------------------------------------------------------
@@ -320,12 +188,12 @@ async def _run_blocking(http: Request, model, prompts: list[list[int]], requests
 
 @router.get("/v1/models")
 async def list_models(http: Request) -> dict:
-    return {"object": "list", "data": [m.card() for m in _state(http).models]}
+    return {"object": "list", "data": [m.card() for m in state_of(http).models]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, http: Request) -> dict:
-    return _state(http).models.get(model_id).card()
+    return state_of(http).models.get(model_id).card()
 
 
 def _tool_plan(body: ChatCompletionRequest, model) -> tuple[list[dict] | None, str | None]:
@@ -383,7 +251,7 @@ def _chat_prompt(body: ChatCompletionRequest, model, tools: list[dict] | None) -
 @router.post("/apply-template")
 async def apply_template(body: ChatCompletionRequest, http: Request) -> dict:
     """llama-server's: the prompt text a chat request would run (messages and tools through the template)."""
-    model = _state(http).models.get(body.model)
+    model = state_of(http).models.get(body.model)
     tools, _ = _tool_plan(body, model)
     messages, template_tools = _chat_prompt(body, model, tools)
     return {"prompt": await asyncio.to_thread(model.chat_text, messages, template_tools)}
@@ -391,7 +259,7 @@ async def apply_template(body: ChatCompletionRequest, http: Request) -> dict:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, http: Request):
-    state = _state(http)
+    state = state_of(http)
     model = state.models.get(body.model)
     if body.logprobs:
         raise _unsupported("logprobs", "logprobs")
@@ -437,7 +305,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
         include = bool(body.stream_options and body.stream_options.include_usage)
         return _stream(http, model, [ids], requests, chunk, final, usage, include)
 
-    texts = await _run_blocking(http, model, [ids], requests)
+    texts = await run_blocking(http, model, [ids], requests)
     choices = []
     for i, (text, r) in enumerate(zip(texts, requests)):
         message, reason = _message(text, r, tools)
@@ -470,7 +338,7 @@ def _checked_ids(model, ids: list[int], param: str) -> list[int]:
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, http: Request):
-    state = _state(http)
+    state = state_of(http)
     model = state.models.get(body.model)
     if body.suffix:
         raise _unsupported("suffix", "suffix (fill in the middle)")
@@ -508,7 +376,7 @@ async def completions(body: CompletionRequest, http: Request):
         include = bool(body.stream_options and body.stream_options.include_usage)
         return _stream(http, model, prompts, requests, chunk, final, usage, include)
 
-    texts = await _run_blocking(http, model, prompts, requests)
+    texts = await run_blocking(http, model, prompts, requests)
     return JSONResponse({**head, "object": "text_completion", "choices": [
         {"index": i, "text": echo(i) + text, "logprobs": None, "finish_reason": _finish_reason(r)}
         for i, (text, r) in enumerate(zip(texts, requests))], "usage": _usage(prompts, requests)})
