@@ -27,7 +27,8 @@ from pocketlm.server.models import ModelRegistry
 
 MAX_BODY_BYTES = 16 << 20   # a request body past this is refused with 413
 PUBLIC_PATHS = ("/health",)  # answered without the API key
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/apply-template")
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/apply-template",
+          "/api/chat", "/api/generate", "/api/tags", "/api/show", "/api/ps", "/api/version")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 log = logging.getLogger("pocketlm.server")
@@ -94,7 +95,7 @@ class Gate:
         try:
             response = self._refusal(scope, headers)
             if response is None and scope["method"] in ("POST", "PUT", "PATCH"):
-                receive, response = await self._read_body(receive, headers)
+                receive, response = await self._read_body(receive, scope["path"])
                 # Every body this API takes is JSON: read it so whatever the client labelled it (`curl -d`
                 # says form data), as llama-server and OpenAI do.
                 if "json" not in headers.get("content-type", ""):
@@ -118,17 +119,17 @@ class Gate:
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
                 return APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer KEY' "
                                      "with the key the server was started with", code="invalid_api_key",
-                                headers={"WWW-Authenticate": "Bearer"}).response()
+                                headers={"WWW-Authenticate": "Bearer"}).response(scope["path"])
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return self._too_large()
+            return self._too_large(scope["path"])
         return None
 
-    def _too_large(self):
+    def _too_large(self, path: str):
         return APIError(413, f"the request body is larger than the {self.max_body} bytes allowed",
-                        code="request_too_large").response()
+                        code="request_too_large").response(path)
 
-    async def _read_body(self, receive, headers):
+    async def _read_body(self, receive, path: str):
         """Reads the whole body (at most the limit; a chunked one too) and replays it to the app."""
         chunks, size = [], 0
         while True:
@@ -137,7 +138,7 @@ class Gate:
                 return receive, JSONResponse({}, status_code=499)
             size += len(message.get("body", b""))
             if size > self.max_body:
-                return receive, self._too_large()
+                return receive, self._too_large(path)
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
@@ -173,7 +174,7 @@ def _param(loc: tuple[Any, ...]) -> str | None:
 
 def create_app(models: ModelRegistry, *, api_key: str | None = None, cors_origins: list[str] | None = None,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    from pocketlm.server import openai_api
+    from pocketlm.server import ollama_api, openai_api
 
     state = ServerState(models, api_key)
     app = FastAPI(title="pocketlm", version=__version__, docs_url="/docs", redoc_url=None)
@@ -181,7 +182,7 @@ def create_app(models: ModelRegistry, *, api_key: str | None = None, cors_origin
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
-        return e.response()
+        return e.response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, e: RequestValidationError):
@@ -194,18 +195,19 @@ def create_app(models: ModelRegistry, *, api_key: str | None = None, cors_origin
             message = f"'{param}' is required"
         else:
             message = f"'{param}': {first['msg']}" if param else first["msg"]
-        return APIError(400, message, param=param).response()
+        return APIError(400, message, param=param).response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         message = {404: f"no route {request.method} {request.url.path}",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
-        return APIError(e.status_code, message, headers=dict(e.headers or {})).response()
+        return APIError(e.status_code, message, headers=dict(e.headers or {})).response(request.url.path)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception):
         log.exception("request %s failed", request.scope.get("state", {}).get("request_id"))
-        return APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error").response()
+        return APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error").response(
+            request.url.path)
 
     @app.get("/health")
     async def health() -> dict:
@@ -217,6 +219,7 @@ def create_app(models: ModelRegistry, *, api_key: str | None = None, cors_origin
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.include_router(openai_api.router)
+    app.include_router(ollama_api.router)
     app.add_middleware(Gate, state=state, max_body_bytes=max_body_bytes)
     if cors_origins:  # outside the gate: preflights need no key, and refusals carry the CORS headers
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"],

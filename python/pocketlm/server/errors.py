@@ -27,5 +27,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": TYPES.get(self.status, "invalid_request_error"),
                           "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self, path: str = "") -> JSONResponse:
+        """The response; on Ollama's routes (/api/...) in Ollama's shape, {"error": message}."""
+        body = {"error": self.message} if path.startswith("/api/") else self.body()
+        return JSONResponse(body, status_code=self.status, headers=self.headers)

@@ -101,6 +101,9 @@ class ModelRegistry:
             self.models[m.id] = m
 
     def get(self, model_id: str | None) -> ServedModel:
+        """The model of that id; Ollama's `name:latest` finds `name`."""
+        if isinstance(model_id, str) and model_id not in self.models and model_id.endswith(":latest"):
+            model_id = model_id[:-len(":latest")]
         if model_id is None or model_id not in self.models:
             known = ", ".join(sorted(self.models))
             raise APIError(404, f"The model {model_id!r} does not exist on this server (it serves: {known})",
