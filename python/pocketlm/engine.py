@@ -411,13 +411,15 @@ class Engine:
 
     def submit(self, prompt: str | list[int], *, session=None, max_tokens: int | None = None,
                stop: str | list[str] = (), add_special_tokens: bool = True, response_format: dict | None = None,
-               regex: str | None = None, grammar: str | None = None, **sampling):
+               regex: str | None = None, grammar: str | None = None, logprobs: int | None = None, **sampling):
         """Queues a generation and returns its `Request` at once: iterate it (or `async for`) for the
         text pieces, `cancel()` it, read `finish_reason` and `stats` when done. Runs batched with
         every other generation on this engine. `session`: continue that session (it is busy until
         the request finishes); default a new one. Sampling: temperature, top_k, top_p, min_p,
         repetition_penalty, frequency_penalty, presence_penalty, seed (the model's defaults for those
         not given). response_format / regex / grammar constrain the output (Session.generate).
+        logprobs=k records each generated token's log-probability and the k most likely alternatives'
+        (`Request.logprobs`; the model's distribution, before sampling's changes; 0 <= k <= 20).
         Errors in the request (InvalidInputError, ContextOverflowError) and QueueFullError raise here."""
         from pocketlm.constrain import make_constraint
         from pocketlm.generation import Generation
@@ -431,7 +433,8 @@ class Engine:
             release = session._leave
         try:
             gen = Generation(session, prompt, max_tokens=max_tokens, stop=stop,
-                             add_special_tokens=add_special_tokens, constraint=constraint, **sampling)
+                             add_special_tokens=add_special_tokens, constraint=constraint, logprobs=logprobs,
+                             **sampling)
             session.last_stats = gen.stats
             return self.scheduler.submit(gen, on_done=release)
         except BaseException:

@@ -29,7 +29,8 @@ class Generation:
     """The continuation of one prompt on one session. Not thread-safe: one driver runs it."""
 
     def __init__(self, session, prompt: str | Sequence[int], max_tokens: int | None = None,
-                 stop: str | Sequence[str] = (), add_special_tokens: bool = True, constraint=None, **sampling):
+                 stop: str | Sequence[str] = (), add_special_tokens: bool = True, constraint=None,
+                 logprobs: int | None = None, **sampling):
         from pocketlm.session import GenerationStats
 
         self.t_start = time.perf_counter()
@@ -65,8 +66,17 @@ class Generation:
         self._t_decode = 0.0
         spec = getattr(engine, "speculator", None)
         self.constraint = constraint  # pocketlm.constrain.Constraint: masks the logits, takes each token
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, numbers.Integral)
+                                     or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise InvalidInputError(f"logprobs must be an integer in 0..{MAX_TOP_LOGPROBS} (the alternatives "
+                                    f"to report per token) or None, got {logprobs!r}")
+        self.top_logprobs = None if logprobs is None else int(logprobs)
+        # One entry per generated token (EOS excluded), when asked for: (token, its log-probability,
+        # [(id, log-probability) of the top_logprobs most likely]), from the model's own distribution
+        # (the raw logits, before penalties, temperature and constraints).
+        self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
         self.spec = Speculation(engine.draft_max) if (spec is not None and session.logits_mode == "last"
-                                                      and constraint is None) else None
+                                                      and constraint is None and logprobs is None) else None
 
     def _prompt_ids(self, prompt, add_special_tokens: bool) -> list[int]:
         session = self.session
@@ -110,9 +120,12 @@ class Generation:
         completes (possibly none) and sets `feed` to [token], or `done` with the finish reason."""
         session = self.session
         recent = session._tokens[-self.params.repeat_last_n:] if self.params.repeat_last_n else session._tokens
+        raw = logits
         if self.constraint is not None:
             logits = self.constraint.apply(logits)
         token = self._sampler.sample(logits, recent)
+        if self.top_logprobs is not None and token not in self._eos:
+            self.logprobs.append(log_probabilities(raw, token, self.top_logprobs))
         return self._emit([token], session.position)
 
     @property
@@ -199,6 +212,22 @@ class Generation:
     def _close_stats(self) -> None:
         if self.stats.generated_tokens:
             self.stats.decode_seconds = time.perf_counter() - self._t_decode
+
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
+
+
+def log_probabilities(logits: np.ndarray, token: int, top: int) -> tuple[int, float, list[tuple[int, float]]]:
+    """(token, log p(token), the `top` most likely ids with theirs, most likely first) under softmax(logits)."""
+    x = np.asarray(logits, dtype=np.float32)
+    m = float(x.max())
+    log_z = m + float(np.log(np.exp(x - m, dtype=np.float32).sum(dtype=np.float64)))
+    best: list[tuple[int, float]] = []
+    if top:
+        ids = np.argpartition(-x, top - 1)[:top] if top < x.size else np.arange(x.size)
+        ids = ids[np.argsort(-x[ids], kind="stable")]
+        best = [(int(i), float(x[i]) - log_z) for i in ids]
+    return int(token), float(x[token]) - log_z, best
 
 
 def reusable_prefix(history: list[int], ids: list[int]) -> int:

@@ -92,6 +92,12 @@ class Request:
     def token_ids(self) -> list[int]:
         return list(self.generation.token_ids)
 
+    @property
+    def logprobs(self) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        """With `logprobs=k` at submit: per generated token (token, log-probability, the k most likely
+        (id, log-probability)), so far."""
+        return list(self.generation.logprobs)
+
     def cancel(self) -> None:
         """Stops the request at the next step (its session keeps what was generated so far).
         Idempotent; a finished request stays as it finished."""

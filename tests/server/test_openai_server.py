@@ -93,6 +93,42 @@ def test_completions_on_the_second_model(server, reference):
     assert "".join(c.choices[0].text for c in chunks) == expected
 
 
+def test_logprobs(server, reference):
+    """logprobs / top_logprobs (chat) and logprobs=k (completions) against numpy's log-softmax of the
+    logits a fresh session gives for the same tokens."""
+    import numpy as np
+
+    engine = reference["smollm2"]
+    client = server.client()
+    r = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=8, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    ids = engine.tokenizer.encode(engine.apply_chat_template(QUESTION), add_special_tokens=False)
+    session = engine.create_session()
+    logits = session.prefill(ids)
+    text = ""
+    for entry in content:
+        x = logits.astype(np.float64)
+        ref = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+        best = np.argsort(-ref, kind="stable")[:3]
+        assert [t.token for t in entry.top_logprobs] == [engine.tokenizer.decode([int(i)]) for i in best]
+        np.testing.assert_allclose([t.logprob for t in entry.top_logprobs], ref[best], atol=2e-3)
+        assert entry.token == entry.top_logprobs[0].token and entry.logprob == entry.top_logprobs[0].logprob
+        assert bytes(entry.bytes).decode() == entry.token
+        text += entry.token
+        logits = session.decode(int(best[0]))
+    assert r.choices[0].message.content.startswith(text) or text.startswith(r.choices[0].message.content)
+    chunks = list(client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=8, temperature=0,
+                                                 logprobs=True, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    r = client.completions.create(model="tiny", prompt="hello world", max_tokens=6, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 6 and len(lp.top_logprobs[0]) == 2
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(6)]
+    assert "".join(lp.tokens) == r.choices[0].text
+
+
 def test_stop_and_max_tokens(server, reference):
     expected, _ = fresh_chat(reference["smollm2"], QUESTION, max_tokens=40, temperature=0)
     stop = expected.split()[3]  # a word inside the answer
@@ -242,7 +278,9 @@ def test_errors(server):
              (dict(messages=QUESTION, response_format={"type": "json_schema",
                                                        "json_schema": {"name": "x", "schema": {"$ref": "#/nope"}}}),
               "response_format"),
-             (dict(messages=QUESTION, response_format={"type": "yaml"}), "response_format")]
+             (dict(messages=QUESTION, response_format={"type": "yaml"}), "response_format"),
+             (dict(messages=QUESTION, top_logprobs=2), "top_logprobs"),
+             (dict(messages=QUESTION, logprobs=True, top_logprobs=21), "top_logprobs")]
     for fields, param in cases:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="smollm2", **fields)

@@ -67,8 +67,22 @@ class ServedModel:
             raise APIError(400, "the prompt is empty and the model has no BOS token to start from", param="prompt")
         return ids
 
+    def token_info(self, token_id: int) -> tuple[str, list[int]]:
+        """A token's text and its bytes (a token may hold part of a UTF-8 character: its text then has
+        U+FFFD, its bytes are exact), as OpenAI's logprobs give them."""
+        cache = self.__dict__.setdefault("_token_info", {})
+        if token_id not in cache:
+            try:
+                from pocketlm.constrain import _lltokenizer
+
+                raw = _lltokenizer(self.engine).decode_bytes([token_id])
+            except Exception:  # noqa: BLE001 - without llguidance: the text's own bytes
+                raw = self.engine.tokenizer.decode([token_id]).encode("utf-8", "replace")
+            cache[token_id] = (raw.decode("utf-8", "replace"), list(raw))
+        return cache[token_id]
+
     def submit(self, ids: list[int], *, max_tokens: int | None, stop: list[str], response_format: dict | None = None,
-               grammar: str | None = None, **sampling):
+               grammar: str | None = None, logprobs: int | None = None, **sampling):
         """Queues a generation on the engine's scheduler; its Request. Failures as APIError."""
         engine = self.engine
         if len(ids) >= engine.max_context:
@@ -80,7 +94,7 @@ class ServedModel:
             max_tokens = engine.max_context - len(ids)
         try:
             return engine.submit(ids, max_tokens=max_tokens, stop=stop, add_special_tokens=False,
-                                 response_format=response_format, grammar=grammar, **sampling)
+                                 response_format=response_format, grammar=grammar, logprobs=logprobs, **sampling)
         except ConstraintError as e:
             raise APIError(400, str(e), param="grammar" if grammar is not None else "response_format") from None
         except ContextOverflowError as e:

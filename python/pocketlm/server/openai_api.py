@@ -135,7 +135,8 @@ def _message_dict(i: int, m: ChatMessage) -> dict[str, Any]:
     return out
 
 
-def _submit_all(model, prompts: list[list[int]], body: _Sampling, max_tokens: int | None, **constraint) -> list:
+def _submit_all(model, prompts: list[list[int]], body: _Sampling, max_tokens: int | None, logprobs: int | None = None,
+                **constraint) -> list:
     """One Request per (prompt, choice), in that order; on a failure, those already queued are cancelled.
     Runs in a worker thread: a constraint's first use builds the grammar's view of the vocabulary."""
     stops, sampling = _stops(body.stop), _sampling(body)
@@ -144,7 +145,7 @@ def _submit_all(model, prompts: list[list[int]], body: _Sampling, max_tokens: in
         for ids in prompts:
             for choice in range(body.n):
                 requests.append(model.submit(ids, max_tokens=max_tokens, stop=stops, seed=_seed(body, choice),
-                                             **constraint, **sampling))
+                                             logprobs=logprobs, **constraint, **sampling))
     except BaseException:
         for r in requests:
             r.cancel()
@@ -164,6 +165,47 @@ def _usage(prompts: list[list[int]], requests: list) -> dict[str, int]:
     prompt = sum(len(p) for p in prompts)
     completion = sum(r.stats.generated_tokens for r in requests)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class _LogprobCursor:
+    """Hands out each request's token log-probabilities once, in OpenAI's shapes, as they come."""
+
+    def __init__(self, model, requests: list, enabled: bool):
+        self.model, self.requests, self.enabled = model, requests, enabled
+        self.sent = [0] * len(requests)
+
+    def take(self, i: int) -> list:
+        if not self.enabled:
+            return []
+        entries = self.requests[i].generation.logprobs
+        new = entries[self.sent[i]:len(entries)]
+        self.sent[i] += len(new)
+        return new
+
+    def _item(self, token_id: int, logprob: float) -> dict:
+        text, raw = self.model.token_info(token_id)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    def chat(self, i: int) -> dict | None:
+        """choices[].logprobs of a chat completion (or chunk): the entries not handed out yet."""
+        if not self.enabled:
+            return None
+        return {"content": [{**self._item(t, lp), "top_logprobs": [self._item(a, alp) for a, alp in top]}
+                            for t, lp, top in self.take(i)], "refusal": None}
+
+    def completion(self, i: int, offset: int) -> dict | None:
+        """choices[].logprobs of a text completion: tokens, token_logprobs, top_logprobs, text_offset."""
+        if not self.enabled:
+            return None
+        out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t, lp, top in self.take(i):
+            text = self.model.token_info(t)[0]
+            out["tokens"].append(text)
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append({self.model.token_info(a)[0]: alp for a, alp in top})
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
 
 
 def _sse(data: Any) -> str:
@@ -261,8 +303,9 @@ async def apply_template(body: ChatCompletionRequest, http: Request) -> dict:
 async def chat_completions(body: ChatCompletionRequest, http: Request):
     state = state_of(http)
     model = state.models.get(body.model)
-    if body.logprobs:
-        raise _unsupported("logprobs", "logprobs")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    top = (body.top_logprobs or 0) if body.logprobs else None
     tools, call_grammar_text = _tool_plan(body, model)
     messages, template_tools = _chat_prompt(body, model, tools)
     ids = await asyncio.to_thread(model.chat_prompt, messages, template_tools)
@@ -271,9 +314,10 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
         constraint = {"grammar": call_grammar_text}
     else:
         constraint = {"response_format": body.response_format} if body.grammar is None else {"grammar": body.grammar}
-    requests = await asyncio.to_thread(_submit_all, model, [ids], body, max_tokens, **constraint)
+    requests = await asyncio.to_thread(_submit_all, model, [ids], body, max_tokens, top, **constraint)
     cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     head = {"id": cid, "created": created, "model": model.id, "system_fingerprint": state.fingerprint}
+    lp = _LogprobCursor(model, requests, top is not None)
 
     if body.stream:
         started: set[int] = set()
@@ -286,7 +330,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
                 started.add(i)
                 delta = {"role": "assistant", "content": piece}
             return {**head, "object": "chat.completion.chunk",
-                    "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
+                    "choices": [{"index": i, "delta": delta, "logprobs": lp.chat(i), "finish_reason": None}]}
 
         def final(i: int, r, text: str) -> dict:
             if tools:
@@ -297,7 +341,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
             else:
                 delta, reason = ({} if i in started else {"role": "assistant", "content": ""}), _finish_reason(r)
             return {**head, "object": "chat.completion.chunk",
-                    "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+                    "choices": [{"index": i, "delta": delta, "logprobs": lp.chat(i), "finish_reason": reason}]}
 
         def usage() -> dict:
             return {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage([ids], requests)}
@@ -309,7 +353,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     choices = []
     for i, (text, r) in enumerate(zip(texts, requests)):
         message, reason = _message(text, r, tools)
-        choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": reason})
+        choices.append({"index": i, "message": message, "logprobs": lp.chat(i), "finish_reason": reason})
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": _usage([ids], requests)})
 
 
@@ -342,12 +386,21 @@ async def completions(body: CompletionRequest, http: Request):
     model = state.models.get(body.model)
     if body.suffix:
         raise _unsupported("suffix", "suffix (fill in the middle)")
-    if body.logprobs:
-        raise _unsupported("logprobs", "logprobs")
+    if body.logprobs is not None and body.echo:
+        raise _unsupported("logprobs", "logprobs of echoed prompt tokens")
     prompts, texts_in = await asyncio.to_thread(_completion_prompts, model, body.prompt)
-    requests = await asyncio.to_thread(_submit_all, model, prompts, body, body.max_tokens, grammar=body.grammar)
+    requests = await asyncio.to_thread(_submit_all, model, prompts, body, body.max_tokens, body.logprobs,
+                                       grammar=body.grammar)
     cid, created = "cmpl-" + secrets.token_hex(12), int(time.time())
     head = {"id": cid, "created": created, "model": model.id, "system_fingerprint": state.fingerprint}
+    lp = _LogprobCursor(model, requests, body.logprobs is not None)
+    offsets = [0] * len(requests)  # characters of each choice's text so far (text_offset)
+
+    def logprobs(i: int) -> dict | None:
+        out = lp.completion(i, offsets[i])
+        if out is not None:
+            offsets[i] += sum(len(t) for t in out["tokens"])
+        return out
 
     def echo(i: int) -> str:
         if not body.echo:
@@ -363,12 +416,13 @@ async def completions(body: CompletionRequest, http: Request):
                 started.add(i)
                 piece = echo(i) + piece
             return {**head, "object": "text_completion",
-                    "choices": [{"index": i, "text": piece, "logprobs": None, "finish_reason": None}]}
+                    "choices": [{"index": i, "text": piece, "logprobs": logprobs(i), "finish_reason": None}]}
 
         def final(i: int, r, _whole: str) -> dict:
             text = "" if i in started else echo(i)
             return {**head, "object": "text_completion",
-                    "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": _finish_reason(r)}]}
+                    "choices": [{"index": i, "text": text, "logprobs": logprobs(i),
+                                 "finish_reason": _finish_reason(r)}]}
 
         def usage() -> dict:
             return {**head, "object": "text_completion", "choices": [], "usage": _usage(prompts, requests)}
@@ -378,5 +432,5 @@ async def completions(body: CompletionRequest, http: Request):
 
     texts = await run_blocking(http, model, prompts, requests)
     return JSONResponse({**head, "object": "text_completion", "choices": [
-        {"index": i, "text": echo(i) + text, "logprobs": None, "finish_reason": _finish_reason(r)}
+        {"index": i, "text": echo(i) + text, "logprobs": logprobs(i), "finish_reason": _finish_reason(r)}
         for i, (text, r) in enumerate(zip(texts, requests))], "usage": _usage(prompts, requests)})
