@@ -211,8 +211,25 @@ def load(server: Server, a) -> dict:
     }
 
 
+WARM_TTFT = r"""
+import sys, json
+from pocketlm import Engine
+gguf, threads, ctx, reps, question = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+engine = Engine(gguf, threads=threads, max_context=ctx)
+out = []
+for rep in range(reps + 1):  # the first one warms up
+    session = engine.create_session()
+    for _ in session.chat([{"role": "user", "content": question}], max_tokens=8, temperature=0.7, seed=rep):
+        pass
+    out.append(session.last_stats.ttft_seconds)
+print(json.dumps(out[1:]))
+"""
+
+
 def ttft_compare(gguf: str, a) -> dict:
-    """Server TTFT at concurrency 1 vs `pocketlm run`'s, alternating, medians."""
+    """Server TTFT at concurrency 1 vs `pocketlm run`'s (a fresh process each time, as a user runs it)
+    and vs a warm in-process session's (the same engine, after a warm-up: what the server adds),
+    alternating, medians."""
     import httpx2 as httpx
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")]))
@@ -233,8 +250,12 @@ def ttft_compare(gguf: str, a) -> dict:
                 log(f"rep {rep + 1}: served {served[-1] * 1000:.1f} ms, run {ran[-1] * 1000:.1f} ms")
     finally:
         server.stop()
-    s, r = statistics.median(served), statistics.median(ran)
-    return {"served_ttft_s": s, "run_ttft_s": r, "ratio": s / r, "served": served, "run": ran}
+    out = subprocess.run([sys.executable, "-c", WARM_TTFT, gguf, str(a.t), str(a.c), str(a.reps), question],
+                         capture_output=True, text=True, env=env, check=True)
+    warm = json.loads(out.stdout.strip().splitlines()[-1])
+    s, r, w = statistics.median(served), statistics.median(ran), statistics.median(warm)
+    return {"served_ttft_s": s, "run_ttft_s": r, "warm_ttft_s": w, "ratio": s / r, "ratio_warm": s / w,
+            "served": served, "run": ran, "warm": warm}
 
 
 def main() -> None:
@@ -255,8 +276,9 @@ def main() -> None:
     log(f"CPU: {cpu_name()}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
     if a.ttft:
         res = ttft_compare(gguf, a)
-        print(f"TTFT at concurrency 1: pocketlm serve {res['served_ttft_s'] * 1000:.1f} ms, pocketlm run "
-              f"{res['run_ttft_s'] * 1000:.1f} ms, ratio {res['ratio']:.3f} (medians of {a.reps}, alternating)")
+        print(f"TTFT at concurrency 1 (medians of {a.reps}): pocketlm serve {res['served_ttft_s'] * 1000:.1f} ms; "
+              f"pocketlm run {res['run_ttft_s'] * 1000:.1f} ms (serve / run {res['ratio']:.3f}); a warm in-process "
+              f"session {res['warm_ttft_s'] * 1000:.1f} ms (serve / warm {res['ratio_warm']:.3f})")
     else:
         kinds = ["pocketlm"] + (["llama-server"] if a.peer != "none" else [])
         runs: dict[str, list[dict]] = {k: [] for k in kinds}
