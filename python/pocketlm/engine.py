@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pocketlm import models
 from pocketlm.bundle import read_bundle
-from pocketlm.errors import BundleError, PocketLMError
+from pocketlm.errors import BundleError, InvalidInputError, PocketLMError, UnsupportedModelError
 from pocketlm.ir.graph import Graph
 from pocketlm.ir.lower import lower
 from pocketlm.passes import PIPELINE, run_pipeline
@@ -64,7 +64,7 @@ class CompiledModel:
 
     def __init__(self, bundle, max_context: int, prefill_chunk: int, threads: int,
                  keep_snapshots: bool = False, kernels: str = "", all_logits: bool = False,
-                 activations: str = "int8x2", max_seqs: int = 1):
+                 activations: str = "int8x2", max_seqs: int = 1, hidden_states: bool = False):
         from pocketlm import _core
 
         from pocketlm.dtypes import DType
@@ -72,6 +72,14 @@ class CompiledModel:
         levels_pass = make_activation_levels(activations, {t.name: DType(t.dtype) for t in bundle.tensors})
         read_weight = _weight_reader(bundle)
         g = build_model_graph(bundle, max_positions=max_context, read_weight=read_weight)
+        if hidden_states:  # embeddings: every row's final hidden state instead of its logits
+            from pocketlm.passes.dce import hidden_states_output
+
+            try:
+                g = hidden_states_output(g)
+            except ValueError as e:
+                raise UnsupportedModelError(f"{bundle.path}: no embeddings from this model: {e}") from None
+            all_logits = True
         self.config = dict(bundle.metadata["config"])
         with _metadata_errors(bundle):
             # all_logits (scoring, perplexity): keep the output head on every row.
@@ -330,6 +338,7 @@ class Engine:
                                       kernels=kernels, activations=self.activation_spec, max_seqs=out_rows)
         self._scheduler = None
         self._scoring: CompiledModel | None = None
+        self._hidden: CompiledModel | None = None  # embeddings' program (final hidden states), made on first use
         self._lazy_lock = threading.Lock()  # the scoring program and the scheduler are made on first use, from any thread
         self.chat_template: str | None = meta.get("chat_template")
         self.generation_defaults: dict = dict(meta.get("generation") or {})
@@ -361,8 +370,15 @@ class Engine:
     def compiled_for(self, logits: str) -> CompiledModel:
         if logits == "last":
             return self.compiled
+        if logits == "hidden":
+            with self._lazy_lock:
+                if self._hidden is None:
+                    self._hidden = CompiledModel(self.bundle, self.max_context, self.prefill_chunk, self.threads,
+                                                 kernels=self._kernels, activations=self.activation_spec,
+                                                 hidden_states=True)
+            return self._hidden
         if logits != "all":
-            raise ValueError("logits must be 'last' or 'all'")
+            raise ValueError("logits must be 'last', 'all' or 'hidden'")
         with self._lazy_lock:
             if self._scoring is None:
                 self._scoring = CompiledModel(self.bundle, self.max_context,
@@ -373,7 +389,8 @@ class Engine:
 
     def create_session(self, max_context: int | None = None, logits: str = "last"):
         """A new session. logits="all" makes prefill compute every position's logits, which
-        `Session.score` uses (perplexity, evaluation); generation wants the default "last".
+        `Session.score` uses (perplexity, evaluation); logits="hidden" every position's final hidden
+        state instead (`forward`; what `embed` pools); generation wants the default "last".
         max_context: 1 up to the engine's max_context (None: the engine's)."""
         from pocketlm.session import Session
 
@@ -393,6 +410,46 @@ class Engine:
         """Renders the chat template and streams the assistant's answer."""
         session = self.create_session()
         yield from session.chat(messages, **kwargs)
+
+    POOLINGS = ("mean", "last")
+
+    def embed(self, texts, pooling: str = "mean", normalize: bool = True):
+        """Embeddings of `texts` (a string, a list of strings, or token id lists) as a float32 numpy
+        array [n, hidden_size]: each text's final hidden states (after the final norm, as llama.cpp's
+        embeddings of a decoder model), pooled over its tokens ("mean", or "last": the last token's),
+        then scaled to unit length (normalize=True). A string is tokenized with the model's special
+        tokens (BOS where it adds one). A text longer than max_context raises ContextOverflowError."""
+        import numpy as np
+
+        from pocketlm.errors import ContextOverflowError
+
+        if pooling not in self.POOLINGS:
+            raise InvalidInputError(f"pooling must be one of {', '.join(self.POOLINGS)}, got {pooling!r}")
+        items = [texts] if isinstance(texts, str) else list(texts)
+        if not items:
+            raise InvalidInputError("nothing to embed: give a text or a list of texts")
+        session = self.create_session(logits="hidden")
+        rows = []
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                ids = self.tokenizer.encode(item, add_special_tokens=True)
+                if not ids and self.tokenizer.bos_id is not None:
+                    ids = [self.tokenizer.bos_id]
+            else:
+                ids = [int(t) for t in item]
+            if not ids:
+                raise InvalidInputError(f"text {i} gives no token to embed")
+            if len(ids) > self.max_context:
+                raise ContextOverflowError(f"text {i} is {len(ids)} tokens, more than the context of "
+                                           f"{self.max_context}")
+            session.reset()
+            hidden = session.forward(ids)  # chunked inside; every row
+            v = hidden.mean(axis=0, dtype=np.float64) if pooling == "mean" else hidden[-1].astype(np.float64)
+            if normalize:
+                norm = float(np.linalg.norm(v))
+                v = v / norm if norm > 0 else v
+            rows.append(v.astype(np.float32))
+        return np.stack(rows)
 
     def generate(self, prompt: str | list[int], **kwargs) -> Iterator[str]:
         session = self.create_session()

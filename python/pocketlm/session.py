@@ -280,7 +280,7 @@ class Session:
         self._enter("forward")
         try:
             ids = self._checked(token_ids, "forward")
-            logits = self._run(ids, keep_all=self.logits_mode == "all")
+            logits = self._run(ids, keep_all=self.logits_mode != "last")
             self._last_logits = logits[-1]
             return logits
         finally:
@@ -344,6 +344,9 @@ class Session:
         """
         from pocketlm.constrain import make_constraint
 
+        if self.logits_mode == "hidden":
+            raise ValueError('a session made with logits="hidden" computes hidden states (embeddings); '
+                             "it cannot generate")
         constraint = make_constraint(self.engine, response_format, regex, grammar)
         self._enter("generate")
         try:

@@ -65,6 +65,20 @@ def test_format_schema(client):
     assert isinstance(json.loads(r.response), dict)
 
 
+def test_embed(client, reference):
+    import numpy as np
+
+    texts = ["The cat sat on the mat.", "A dog barked."]
+    r = client.embed(model="smollm2", input=texts)
+    np.testing.assert_allclose(np.array(r.embeddings), reference["smollm2"].embed(texts), atol=1e-6)
+    assert r.prompt_eval_count > 0
+    long = "word " * 1500  # longer than the context: truncated (Ollama's default), or refused
+    assert len(client.embed(model="smollm2", input=long).embeddings[0]) == reference["smollm2"].config["hidden_size"]
+    with pytest.raises(ollama.ResponseError) as e:
+        client.embed(model="smollm2", input=long, truncate=False)
+    assert e.value.status_code == 400
+
+
 def test_listings_and_errors(client):
     names = sorted(m.model for m in client.list().models)
     assert names == ["smollm2:latest", "tiny:latest"]

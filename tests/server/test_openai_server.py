@@ -246,6 +246,38 @@ def test_tool_calls(server):
     assert _status(e.value)[1]["param"] == "tools"
 
 
+def test_embeddings(server, reference):
+    """Both encodings (the client asks for base64 unless told otherwise) against Engine.embed in this process."""
+    import numpy as np
+
+    client = server.client()
+    texts = ["The cat sat on the mat.", "A dog barked.", "Paris is the capital of France."]
+    expected = reference["smollm2"].embed(texts)
+    import base64
+
+    for encoding in (None, "float", "base64"):  # None: the client asks for base64 and decodes it itself
+        kwargs = {"encoding_format": encoding} if encoding else {}
+        r = client.embeddings.create(model="smollm2", input=texts, **kwargs)
+        got = np.array([np.frombuffer(base64.b64decode(d.embedding), "<f4") if encoding == "base64" else d.embedding
+                        for d in r.data], dtype=np.float32)
+        assert [d.index for d in r.data] == [0, 1, 2] and got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+        ids = [reference["smollm2"].tokenizer.encode(t, add_special_tokens=True) for t in texts]
+        assert r.usage.prompt_tokens == sum(map(len, ids))
+    r = client.embeddings.create(model="smollm2", input=ids[0])  # token ids
+    np.testing.assert_allclose(r.data[0].embedding, expected[0], atol=1e-6)
+    # similar texts are closer than unrelated ones
+    r = client.embeddings.create(model="smollm2", input=["I love cats.", "I adore cats.", "Stock prices fell."])
+    a, b, c = (np.array(d.embedding) for d in r.data)
+    assert a @ b > a @ c
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="smollm2", input="x", dimensions=7)
+    assert _status(e.value)[1]["param"] == "dimensions"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="smollm2", input="word " * 1500)
+    assert _status(e.value)[1]["code"] == "context_length_exceeded"
+
+
 def _status(e: openai.APIStatusError) -> tuple[int, dict]:
     return e.status_code, e.response.json()["error"]
 

@@ -233,7 +233,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.draft is not None and len(a.models) > 1:
         raise InvalidInputError("--draft drafts for one model: serve the others from another process")
     api_key = a.api_key if a.api_key is not None else os.environ.get("POCKETLM_API_KEY") or None
-    return serve(a.models, host=a.host, port=a.port, api_key=api_key, cors_origins=a.cors_origin,
+    return serve(a.models, host=a.host, port=a.port, api_key=api_key, cors_origins=a.cors_origin, pooling=a.pooling,
                  threads=a.threads, max_context=a.ctx_size, activations=a.activations, kv_type=a.kv_type,
                  max_batch=a.max_sequences, max_queue=a.max_queue, draft=a.draft, lookup=a.lookup,
                  draft_max=a.draft_max)
@@ -497,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="context of each conversation in tokens (default 4096)")
     sv.add_argument("--max-sequences", type=_checked(int, lambda v: 1 <= v <= 256, "in 1..256"), default=16,
                     help="requests generating at once per model, batched into shared steps (default 16)")
+    sv.add_argument("--pooling", choices=["mean", "last"], default="mean",
+                    help="embeddings: the mean of the tokens' final hidden states, or the last token's (default mean)")
     sv.add_argument("--max-queue", type=_count, default=256,
                     help="requests that may wait behind them before the server answers 503 (default 256)")
     _add_activations(sv, default="auto")

@@ -57,6 +57,27 @@ def last_position_only(g: Graph) -> Graph:
     return out
 
 
+HEAD_WEIGHTS = ("output.weight", "token_embd.weight")  # the output head, its own or tied to the embeddings
+
+
+def hidden_states_output(g: Graph) -> Graph:
+    """The graph's output moved from the logits to the final hidden states (the final norm's output,
+    what the output head reads; llama.cpp's embeddings read the same): for embeddings. The head and
+    what follows it (a final softcap) become dead. Raises ValueError if no head is found."""
+    prod = g.producers()
+    cur = g.outputs[0]
+    while cur in prod:
+        n = g.nodes[prod[cur]]
+        if n.op == "matmul" and len(n.inputs) > 1 and n.inputs[1] in HEAD_WEIGHTS:
+            out = g.copy()
+            out.outputs = (n.inputs[0],)
+            return out
+        if not _row_wise_on_input0(g, n):
+            break
+        cur = n.inputs[0]
+    raise ValueError("the graph's output is not an output head over the hidden states")
+
+
 def eliminate_dead_code(g: Graph) -> Graph:
     live = set(g.outputs)
     keep: list[Node] = []

@@ -30,7 +30,8 @@ from pocketlm.server.models import ModelRegistry
 MAX_BODY_BYTES = 16 << 20   # a request body past this is refused with 413
 PUBLIC_PATHS = ("/health", "/", "/favicon.ico")  # answered without the API key (and /static/: the chat page)
 STATIC = Path(__file__).resolve().parent / "static"
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/apply-template",
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+          "/apply-template", "/api/embed",
           "/api/chat", "/api/generate", "/api/tags", "/api/show", "/api/ps", "/api/version")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pocketlm.errors import ChatTemplateError, ConstraintError, ContextOverflowError, InvalidInputError, QueueFullError
+from pocketlm.errors import (ChatTemplateError, ConstraintError, ContextOverflowError, InvalidInputError, QueueFullError,
+                             UnsupportedModelError)
 from pocketlm.server.errors import APIError
 
 RETRY_AFTER_SECONDS = 1  # what a client told the queue is full waits before trying again
@@ -26,6 +27,7 @@ class ServedModel:
     id: str
     engine: Any  # pocketlm.Engine
     created: int = field(default_factory=lambda: int(time.time()))
+    pooling: str = "mean"  # how embeddings pool the tokens' hidden states (Engine.embed)
 
     def card(self) -> dict:
         """The model as /v1/models lists it."""
@@ -80,6 +82,35 @@ class ServedModel:
                 raw = self.engine.tokenizer.decode([token_id]).encode("utf-8", "replace")
             cache[token_id] = (raw.decode("utf-8", "replace"), list(raw))
         return cache[token_id]
+
+    def embed(self, inputs: list, param: str = "input", truncate: bool = False):
+        """(unit-length embeddings [n, hidden] float32, the tokens they read) of texts or token-id lists.
+        truncate: a text longer than the context keeps its first tokens (else 400)."""
+        engine = self.engine
+        lists = []
+        for i, item in enumerate(inputs):
+            try:
+                ids = engine.tokenizer.encode(item, add_special_tokens=True) if isinstance(item, str) else list(item)
+            except InvalidInputError as e:
+                raise APIError(400, f"{param}[{i}]: {e}", param=param) from None
+            if not isinstance(item, str) and any(not 0 <= t < engine.vocab_size for t in ids):
+                raise APIError(400, f"{param}[{i}] holds a token id outside the vocabulary of {engine.vocab_size}",
+                               param=param)
+            if not ids and engine.tokenizer.bos_id is not None:
+                ids = [engine.tokenizer.bos_id]
+            if not ids:
+                raise APIError(400, f"{param}[{i}] is empty", param=param)
+            if len(ids) > engine.max_context:
+                if not truncate:
+                    raise APIError(400, f"{param}[{i}] is {len(ids)} tokens, more than this server's context of "
+                                        f"{engine.max_context} for {self.id}", param=param,
+                                   code="context_length_exceeded")
+                ids = ids[:engine.max_context]
+            lists.append(ids)
+        try:
+            return engine.embed(lists, pooling=self.pooling), sum(len(x) for x in lists)
+        except UnsupportedModelError as e:
+            raise APIError(400, str(e), param="model") from None
 
     def submit(self, ids: list[int], *, max_tokens: int | None, stop: list[str], response_format: dict | None = None,
                grammar: str | None = None, logprobs: int | None = None, **sampling):

@@ -227,6 +227,29 @@ async def generate(body: GenerateBody, http: Request):
                       extra_final=lambda r: {"context": ids + list(r.token_ids)})
 
 
+class EmbedBody(_Body):
+    model: str
+    input: str | list[str]
+    truncate: bool = True
+    dimensions: int | None = Field(None, ge=1)
+
+
+@router.post("/api/embed")
+async def embed(body: EmbedBody, http: Request):
+    model = state_of(http).models.get(body.model)
+    items = [body.input] if isinstance(body.input, str) else body.input
+    if not items:
+        raise APIError(400, "input is empty", param="input")
+    hidden = model.engine.config["hidden_size"]
+    if body.dimensions is not None and body.dimensions != hidden:
+        raise APIError(400, f"dimensions: {model.id} gives {hidden}-dimensional embeddings", param="dimensions")
+    t0 = time.perf_counter()
+    vectors, n_tokens = await asyncio.to_thread(model.embed, items, "input", body.truncate)
+    return {"model": body.model, "embeddings": [[float(x) for x in v] for v in vectors],
+            "total_duration": int((time.perf_counter() - t0) * 1e9), "load_duration": 0,
+            "prompt_eval_count": n_tokens}
+
+
 # ---- what is loaded --------------------------------------------------------------------------------------
 
 

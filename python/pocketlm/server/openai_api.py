@@ -10,6 +10,7 @@ context. A client that disconnects cancels its generations at the next step."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 import time
@@ -434,3 +435,35 @@ async def completions(body: CompletionRequest, http: Request):
     return JSONResponse({**head, "object": "text_completion", "choices": [
         {"index": i, "text": echo(i) + text, "logprobs": logprobs(i), "finish_reason": _finish_reason(r)}
         for i, (text, r) in enumerate(zip(texts, requests))], "usage": _usage(prompts, requests)})
+
+
+class EmbeddingRequest(_Body):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, http: Request):
+    """Unit-length embeddings of the model's final hidden states, pooled as the server was started
+    (--pooling). base64: the little-endian float32 bytes, as OpenAI sends them."""
+    model = state_of(http).models.get(body.model)
+    items = body.input
+    if isinstance(items, str) or (items and all(isinstance(t, int) for t in items)):
+        items = [items]
+    if not items:
+        raise APIError(400, "input is empty", param="input")
+    hidden = model.engine.config["hidden_size"]
+    if body.dimensions is not None and body.dimensions != hidden:
+        raise APIError(400, f"dimensions: {model.id} gives {hidden}-dimensional embeddings, which this server "
+                            f"does not shorten", param="dimensions")
+    vectors, n_tokens = await asyncio.to_thread(model.embed, items)
+    data = []
+    for i, v in enumerate(vectors):
+        value = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") if body.encoding_format == "base64" \
+            else [float(x) for x in v]
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return JSONResponse({"object": "list", "data": data, "model": model.id,
+                         "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
