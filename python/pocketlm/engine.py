@@ -413,12 +413,13 @@ class Engine:
 
     POOLINGS = ("mean", "last")
 
-    def embed(self, texts, pooling: str = "mean", normalize: bool = True):
+    def embed(self, texts, pooling: str = "mean", normalize: bool = True, stop=None):
         """Embeddings of `texts` (a string, a list of strings, or token id lists) as a float32 numpy
         array [n, hidden_size]: each text's final hidden states (after the final norm, as llama.cpp's
         embeddings of a decoder model), pooled over its tokens ("mean", or "last": the last token's),
         then scaled to unit length (normalize=True). A string is tokenized with the model's special
-        tokens (BOS where it adds one). A text longer than max_context raises ContextOverflowError."""
+        tokens (BOS where it adds one). A text longer than max_context raises ContextOverflowError.
+        stop: a threading.Event checked before each text; once set, embed raises InterruptedError."""
         import numpy as np
 
         from pocketlm.errors import ContextOverflowError
@@ -431,6 +432,8 @@ class Engine:
         session = self.create_session(logits="hidden")
         rows = []
         for i, item in enumerate(items):
+            if stop is not None and stop.is_set():
+                raise InterruptedError(f"embedding stopped after {i} of {len(items)} texts")
             if isinstance(item, str):
                 ids = self.tokenizer.encode(item, add_special_tokens=True)
                 if not ids and self.tokenizer.bos_id is not None:

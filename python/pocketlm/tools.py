@@ -157,6 +157,8 @@ def _as_call(obj: Any, names: set[str]) -> dict | None:
     arguments = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(arguments, str):
         arguments = _arguments_object(arguments)
+    if not isinstance(arguments, dict):  # cut short, or not an object: no call a client could make
+        return None
     return {"id": "call_" + secrets.token_hex(12), "type": "function",
             "function": {"name": obj["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}}
 

@@ -89,6 +89,7 @@ def test_listings_and_errors(client):
     with pytest.raises(ollama.ResponseError) as e:
         client.chat(model="llama3:8b", messages=QUESTION)
     assert e.value.status_code == 404 and "llama3:8b" in e.value.error
-    with pytest.raises(ollama.ResponseError) as e:
-        client.chat(model="smollm2", messages=QUESTION, options={"temperature": -1})
-    assert e.value.status_code == 400
+    for options in ({"temperature": -1}, {"stop": ["a", "b", "c", "d", "e"]}):
+        with pytest.raises(ollama.ResponseError) as e:
+            client.chat(model="smollm2", messages=QUESTION, options=options)
+        assert e.value.status_code == 400

@@ -312,6 +312,9 @@ def test_errors(server):
               "response_format"),
              (dict(messages=QUESTION, response_format={"type": "yaml"}), "response_format"),
              (dict(messages=QUESTION, top_logprobs=2), "top_logprobs"),
+             (dict(messages=QUESTION, stop=["x" * 1001]), "stop"),
+             (dict(messages=QUESTION + [{"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]}]),
+              "messages[1].tool_calls[0]"),
              (dict(messages=QUESTION, logprobs=True, top_logprobs=21), "top_logprobs")]
     for fields, param in cases:
         with pytest.raises(openai.BadRequestError) as e:
@@ -322,11 +325,20 @@ def test_errors(server):
         assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/chat/completions", headers=auth, json={"messages": QUESTION})
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
-    # 400: a prompt longer than the context
+    # 400: a prompt longer than the context (named by the field that holds it); too many generations
     long = [{"role": "user", "content": "word " * 1500}]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="smollm2", messages=long)
-    assert _status(e.value)[1]["code"] == "context_length_exceeded"
+    assert _status(e.value)[1]["code"] == "context_length_exceeded" and _status(e.value)[1]["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="smollm2", prompt="word " * 1500)
+    assert _status(e.value)[1]["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt=["a"] * 17, max_tokens=2)
+    assert _status(e.value)[1]["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="tiny", input=[[1]] * 2049)
+    assert _status(e.value)[1]["param"] == "input"
     # 413: a body over 16 MiB, with a Content-Length and chunked
     big = b'{"model": "smollm2", "messages": [], "x": "' + b"x" * (17 << 20) + b'"}'
     r = httpx.post(server.url + "/v1/chat/completions", headers=auth, content=big)

@@ -51,6 +51,8 @@ def test_llama3_and_mistral():
     '{"name": "add", "parameters": {"a": 1}} and more text',  # JSON then prose: an answer
     '{"city": "Paris", "temperature": 20}',                   # a JSON answer, not a call
     "<tool_call>{not json}</tool_call>",
+    '<tool_call>{"name": "add", "arguments": "{\\"a\\": 1"}</tool_call>',  # arguments cut short
+    '{"name": "add", "arguments": [1, 2]}',                  # arguments that are no object
 ])
 def test_text_that_is_no_call_stays_text(text):
     assert parse_tool_calls(text, TOOLS) == (text, [])

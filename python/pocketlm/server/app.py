@@ -49,6 +49,7 @@ class ServerState:
         self.shutting_down = False
         self.metrics = Metrics()
         self._running: dict = {}  # Request -> (model id, prompt tokens)
+        self.stops: set = set()  # threading.Events of the embedding jobs in flight
 
     def track(self, model_id: str, requests: list, prompt_tokens: list[int]) -> None:
         for r, n in zip(requests, prompt_tokens):
@@ -73,6 +74,8 @@ class ServerState:
         self.shutting_down = True
         for r in list(self._running):
             r.cancel()
+        for stop in list(self.stops):
+            stop.set()
 
 
 class Gate:
@@ -108,7 +111,14 @@ class Gate:
             if response is not None:
                 await response(scope, receive, send_with_id)
             else:
-                await self.app(scope, receive, send_with_id)
+                try:
+                    await self.app(scope, receive, send_with_id)
+                except Exception as e:  # noqa: BLE001 - a bug's 500 still carries the request id
+                    log.exception("request %s failed", rid)
+                    if status[0]:  # the response had started: nothing more can be said
+                        return
+                    await APIError(500, f"internal error: {type(e).__name__}: {e}",
+                                   code="internal_error").response(scope["path"])(scope, receive, send_with_id)
         finally:
             self.state.metrics.request(_route(scope["path"]), status[0] or 499)
             client = scope.get("client") or ("-", 0)

@@ -13,6 +13,11 @@ from pocketlm.errors import (ChatTemplateError, ConstraintError, ContextOverflow
 from pocketlm.server.errors import APIError
 
 RETRY_AFTER_SECONDS = 1  # what a client told the queue is full waits before trying again
+# Embedding requests, as OpenAI bounds them: inputs and tokens per request. They run one at a time per
+# model on its own worker thread; past MAX_EMBED_WAITING waiting, 503.
+MAX_EMBED_INPUTS = 2048
+MAX_EMBED_TOKENS = 300_000
+MAX_EMBED_WAITING = 16
 
 
 def model_id(spec: str | os.PathLike) -> str:
@@ -28,6 +33,12 @@ class ServedModel:
     engine: Any  # pocketlm.Engine
     created: int = field(default_factory=lambda: int(time.time()))
     pooling: str = "mean"  # how embeddings pool the tokens' hidden states (Engine.embed)
+
+    def __post_init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.embedder = ThreadPoolExecutor(1, thread_name_prefix=f"pocketlm-embed-{self.id}")
+        self.embed_waiting = 0  # requests queued on or running in `embedder` (event loop only)
 
     def card(self) -> dict:
         """The model as /v1/models lists it."""
@@ -83,11 +94,15 @@ class ServedModel:
             cache[token_id] = (raw.decode("utf-8", "replace"), list(raw))
         return cache[token_id]
 
-    def embed(self, inputs: list, param: str = "input", truncate: bool = False):
+    def embed(self, inputs: list, param: str = "input", truncate: bool = False, stop=None):
         """(unit-length embeddings [n, hidden] float32, the tokens they read) of texts or token-id lists.
-        truncate: a text longer than the context keeps its first tokens (else 400)."""
+        truncate: a text longer than the context keeps its first tokens (else 400). stop: a
+        threading.Event that ends the work early (the client left, the server stops)."""
         engine = self.engine
-        lists = []
+        if len(inputs) > MAX_EMBED_INPUTS:
+            raise APIError(400, f"{param} holds {len(inputs)} inputs; at most {MAX_EMBED_INPUTS} per request",
+                           param=param)
+        lists, total = [], 0
         for i, item in enumerate(inputs):
             try:
                 ids = engine.tokenizer.encode(item, add_special_tokens=True) if isinstance(item, str) else list(item)
@@ -106,20 +121,25 @@ class ServedModel:
                                         f"{engine.max_context} for {self.id}", param=param,
                                    code="context_length_exceeded")
                 ids = ids[:engine.max_context]
+            total += len(ids)
+            if total > MAX_EMBED_TOKENS:
+                raise APIError(400, f"{param} holds more than {MAX_EMBED_TOKENS} tokens; send fewer per request",
+                               param=param)
             lists.append(ids)
         try:
-            return engine.embed(lists, pooling=self.pooling), sum(len(x) for x in lists)
+            return engine.embed(lists, pooling=self.pooling, stop=stop), total
         except UnsupportedModelError as e:
             raise APIError(400, str(e), param="model") from None
 
     def submit(self, ids: list[int], *, max_tokens: int | None, stop: list[str], response_format: dict | None = None,
-               grammar: str | None = None, logprobs: int | None = None, **sampling):
-        """Queues a generation on the engine's scheduler; its Request. Failures as APIError."""
+               grammar: str | None = None, logprobs: int | None = None, prompt_param: str = "messages", **sampling):
+        """Queues a generation on the engine's scheduler; its Request. Failures as APIError
+        (prompt_param: the request field a prompt too long is named by)."""
         engine = self.engine
         if len(ids) >= engine.max_context:
             raise APIError(400, f"the prompt is {len(ids)} tokens, and this server's context for {self.id} is "
                                 f"{engine.max_context} tokens (one more is needed for the answer); shorten the "
-                                f"messages or start the server with a larger -c", param="messages",
+                                f"{prompt_param} or start the server with a larger -c", param=prompt_param,
                            code="context_length_exceeded")
         if max_tokens is None:  # up to the end of the context, as OpenAI and llama-server
             max_tokens = engine.max_context - len(ids)
@@ -129,7 +149,7 @@ class ServedModel:
         except ConstraintError as e:
             raise APIError(400, str(e), param="grammar" if grammar is not None else "response_format") from None
         except ContextOverflowError as e:
-            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+            raise APIError(400, str(e), param=prompt_param, code="context_length_exceeded") from None
         except QueueFullError as e:
             raise APIError(503, str(e), code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None

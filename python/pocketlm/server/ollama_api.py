@@ -21,12 +21,13 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from pocketlm import __version__
 from pocketlm.errors import InvalidInputError
 from pocketlm.server.errors import APIError
-from pocketlm.server.streams import run_blocking, state_of, stream_response
+from pocketlm.server.openai_api import checked_stops
+from pocketlm.server.streams import run_blocking, run_embedding, state_of, stream_response
 from pocketlm.tools import check_tools, parse_tool_calls, prompt_messages
 
 router = APIRouter()
@@ -102,7 +103,7 @@ def _generation_args(options: Options | None) -> tuple[int | None, list[str], di
     max_tokens = None if o.num_predict is None or o.num_predict < 0 else o.num_predict
     if max_tokens == 0:
         raise APIError(400, "options.num_predict must be positive, or -1 for no limit", param="options.num_predict")
-    stops = [o.stop] if isinstance(o.stop, str) else list(o.stop or [])
+    stops = checked_stops(o.stop, "options.stop")
     seed = None if o.seed is None else o.seed % 2**64
     return max_tokens, stops, {"temperature": o.temperature, "top_k": o.top_k, "top_p": o.top_p, "min_p": o.min_p,
                                "repetition_penalty": o.repeat_penalty, "presence_penalty": o.presence_penalty,
@@ -129,16 +130,18 @@ def _ollama_calls(calls: list[dict]) -> list[dict]:
             for c in calls]
 
 
-def _submit(model, ids: list[int], max_tokens, stops, sampling, response_format):
-    return model.submit(ids, max_tokens=max_tokens, stop=stops, response_format=response_format, **sampling)
+def _submit(model, ids: list[int], max_tokens, stops, sampling, response_format, prompt_param: str):
+    return model.submit(ids, max_tokens=max_tokens, stop=stops, response_format=response_format,
+                        prompt_param=prompt_param, **sampling)
 
 
 async def _run(http: Request, model, ids: list[int], body, key: str, tools: list[dict] | None = None,
-               extra_final: dict | None = None):
+               extra_final=None, prompt_param: str = "messages"):
     """Generates for `ids` and answers in Ollama's shape: `key` is "message" (chat) or "response"."""
     t0 = time.perf_counter()
     max_tokens, stops, sampling = _generation_args(body.options)
-    request = await asyncio.to_thread(_submit, model, ids, max_tokens, stops, sampling, _response_format(body.format))
+    request = await asyncio.to_thread(_submit, model, ids, max_tokens, stops, sampling, _response_format(body.format),
+                                      prompt_param)
 
     def piece(text: str) -> Any:
         return {"role": "assistant", "content": text} if key == "message" else text
@@ -177,6 +180,11 @@ def _message_dict(i: int, m: Message) -> dict[str, Any]:
     if m.images:
         raise APIError(400, f"messages[{i}] has images: these models read text only", param=f"messages[{i}].images")
     out: dict[str, Any] = {"role": m.role, "content": m.content}
+    for j, call in enumerate(m.tool_calls or []):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise APIError(400, f"messages[{i}].tool_calls[{j}] needs a 'function' with a string 'name'",
+                           param=f"messages[{i}].tool_calls[{j}]")
     if m.tool_calls:
         out["tool_calls"] = [{"type": "function", "function": {"name": (c.get("function") or {}).get("name"),
                                                                "arguments": (c.get("function") or {}).get("arguments", {})}}
@@ -196,9 +204,12 @@ async def chat(body: ChatBody, http: Request):
             tools = check_tools(body.tools)
         except InvalidInputError as e:
             raise APIError(400, str(e), param="tools") from None
-    messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
-    messages, native = prompt_messages(messages, tools, model.engine.chat_template)
-    ids = await asyncio.to_thread(model.chat_prompt, messages, tools if native else None)
+    def prepare() -> list[int]:  # off the event loop
+        messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
+        messages, native = prompt_messages(messages, tools, model.engine.chat_template)
+        return model.chat_prompt(messages, tools if native else None)
+
+    ids = await asyncio.to_thread(prepare)
     return await _run(http, model, ids, body, "message", tools=tools)
 
 
@@ -212,18 +223,22 @@ async def generate(body: GenerateBody, http: Request):
     if not body.prompt and not body.context:
         return JSONResponse({"model": body.model, "created_at": _now(), "response": "", "done": True,
                              "done_reason": "load"})
-    if body.raw:
-        ids = await asyncio.to_thread(model.text_prompt, body.prompt) if body.prompt else []
-    else:
-        messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
-            [{"role": "user", "content": body.prompt}]
-        ids = await asyncio.to_thread(model.chat_prompt, messages)
-    if body.context:
-        vocab = model.engine.vocab_size
-        if any(not 0 <= t < vocab for t in body.context):
-            raise APIError(400, f"context holds a token id outside the vocabulary of {vocab}", param="context")
-        ids = list(body.context) + ids
-    return await _run(http, model, ids, body, "response",
+    def prepare() -> list[int]:  # off the event loop
+        if body.raw:
+            ids = model.text_prompt(body.prompt) if body.prompt else []
+        else:
+            messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
+                [{"role": "user", "content": body.prompt}]
+            ids = model.chat_prompt(messages)
+        if body.context:
+            vocab = model.engine.vocab_size
+            if any(not 0 <= t < vocab for t in body.context):
+                raise APIError(400, f"context holds a token id outside the vocabulary of {vocab}", param="context")
+            ids = list(body.context) + ids
+        return ids
+
+    ids = await asyncio.to_thread(prepare)
+    return await _run(http, model, ids, body, "response", prompt_param="prompt",
                       extra_final=lambda r: {"context": ids + list(r.token_ids)})
 
 
@@ -244,10 +259,14 @@ async def embed(body: EmbedBody, http: Request):
     if body.dimensions is not None and body.dimensions != hidden:
         raise APIError(400, f"dimensions: {model.id} gives {hidden}-dimensional embeddings", param="dimensions")
     t0 = time.perf_counter()
-    vectors, n_tokens = await asyncio.to_thread(model.embed, items, "input", body.truncate)
-    return {"model": body.model, "embeddings": [[float(x) for x in v] for v in vectors],
-            "total_duration": int((time.perf_counter() - t0) * 1e9), "load_duration": 0,
-            "prompt_eval_count": n_tokens}
+
+    def work(stop) -> bytes:  # on the model's embedding thread, the response body too
+        vectors, n_tokens = model.embed(items, "input", body.truncate, stop=stop)
+        return json.dumps({"model": body.model, "embeddings": vectors.tolist(),
+                           "total_duration": int((time.perf_counter() - t0) * 1e9), "load_duration": 0,
+                           "prompt_eval_count": n_tokens}).encode()
+
+    return Response(await run_embedding(http, model, work), media_type="application/json")
 
 
 # ---- what is loaded --------------------------------------------------------------------------------------
@@ -279,12 +298,17 @@ def _details(model) -> dict:
 
 
 def _digest(model) -> str:
-    """The bundle's identity: its metadata and tensor index (which carries each tensor's SHA-256)."""
+    """The bundle's identity: its metadata and tensor index (which carries each tensor's SHA-256);
+    computed once per model."""
+    cached = model.__dict__.get("_digest")
+    if cached is not None:
+        return cached
     bundle = model.engine.bundle
     h = hashlib.sha256(bundle.core.metadata_json.encode())
     for t in bundle.tensors:
         h.update(f"{t.name}:{t.dtype}:{t.shape}:{t.offset}:{t.nbytes};".encode())
-    return h.hexdigest()
+    model.__dict__["_digest"] = h.hexdigest()
+    return model.__dict__["_digest"]
 
 
 def _entry(model) -> dict:

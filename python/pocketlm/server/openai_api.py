@@ -18,15 +18,16 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from pocketlm.errors import InvalidInputError
 from pocketlm.server.errors import APIError
-from pocketlm.server.streams import run_blocking, state_of, stream_response
+from pocketlm.server.streams import run_blocking, run_embedding, state_of, stream_response
 from pocketlm.tools import call_grammar, check_tools, parse_tool_calls, prompt_messages, template_syntax
 
 MAX_CHOICES = 16   # n: each choice is one more sequence in the batch
 MAX_STOPS = 4      # as OpenAI
+MAX_STOP_CHARS = 1000  # each stop string is matched against the text held back at every token
 
 router = APIRouter()
 
@@ -93,9 +94,16 @@ class CompletionRequest(_Sampling):
 
 
 def _stops(stop: str | list[str] | None) -> list[str]:
+    return checked_stops(stop, "stop")
+
+
+def checked_stops(stop: str | list[str] | None, param: str) -> list[str]:
+    """The stop strings, at most MAX_STOPS of at most MAX_STOP_CHARS each (both routes)."""
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOPS:
-        raise APIError(400, f"stop takes at most {MAX_STOPS} strings, got {len(stops)}", param="stop")
+        raise APIError(400, f"{param} takes at most {MAX_STOPS} strings, got {len(stops)}", param=param)
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"{param}: a stop string is longer than {MAX_STOP_CHARS} characters", param=param)
     return stops
 
 
@@ -128,6 +136,11 @@ def _message_dict(i: int, m: ChatMessage) -> dict[str, Any]:
         content = m.content
     if content is None and not m.tool_calls:
         raise APIError(400, f"messages[{i}] has no content", param=f"messages[{i}].content")
+    for j, call in enumerate(m.tool_calls or []):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise APIError(400, f"messages[{i}].tool_calls[{j}] needs a 'function' with a string 'name'",
+                           param=f"messages[{i}].tool_calls[{j}]")
     out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
     for key in ("name", "tool_calls", "tool_call_id"):
         value = getattr(m, key)
@@ -141,12 +154,18 @@ def _submit_all(model, prompts: list[list[int]], body: _Sampling, max_tokens: in
     """One Request per (prompt, choice), in that order; on a failure, those already queued are cancelled.
     Runs in a worker thread: a constraint's first use builds the grammar's view of the vocabulary."""
     stops, sampling = _stops(body.stop), _sampling(body)
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise APIError(400, f"{len(prompts)} prompts x n={body.n} make {len(prompts) * body.n} generations; at most "
+                            f"{MAX_CHOICES} per request", param="prompt" if len(prompts) > 1 else "n")
+    if logprobs is not None:
+        model.token_info(0)  # the first use builds the tokenizer view the token texts come from (~0.2 s)
+    prompt_param = "prompt" if isinstance(body, CompletionRequest) else "messages"
     requests = []
     try:
         for ids in prompts:
             for choice in range(body.n):
                 requests.append(model.submit(ids, max_tokens=max_tokens, stop=stops, seed=_seed(body, choice),
-                                             logprobs=logprobs, **constraint, **sampling))
+                                             logprobs=logprobs, prompt_param=prompt_param, **constraint, **sampling))
     except BaseException:
         for r in requests:
             r.cancel()
@@ -295,9 +314,13 @@ def _chat_prompt(body: ChatCompletionRequest, model, tools: list[dict] | None) -
 async def apply_template(body: ChatCompletionRequest, http: Request) -> dict:
     """llama-server's: the prompt text a chat request would run (messages and tools through the template)."""
     model = state_of(http).models.get(body.model)
-    tools, _ = _tool_plan(body, model)
-    messages, template_tools = _chat_prompt(body, model, tools)
-    return {"prompt": await asyncio.to_thread(model.chat_text, messages, template_tools)}
+
+    def render() -> str:
+        tools, _ = _tool_plan(body, model)
+        messages, template_tools = _chat_prompt(body, model, tools)
+        return model.chat_text(messages, template_tools)
+
+    return {"prompt": await asyncio.to_thread(render)}
 
 
 @router.post("/v1/chat/completions")
@@ -307,9 +330,12 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    tools, call_grammar_text = _tool_plan(body, model)
-    messages, template_tools = _chat_prompt(body, model, tools)
-    ids = await asyncio.to_thread(model.chat_prompt, messages, template_tools)
+    def prepare():  # off the event loop: tools and messages may be megabytes of JSON to render
+        tools, grammar = _tool_plan(body, model)
+        messages, template_tools = _chat_prompt(body, model, tools)
+        return tools, grammar, model.chat_prompt(messages, template_tools)
+
+    tools, call_grammar_text, ids = await asyncio.to_thread(prepare)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if call_grammar_text is not None:
         constraint = {"grammar": call_grammar_text}
@@ -459,11 +485,14 @@ async def embeddings(body: EmbeddingRequest, http: Request):
     if body.dimensions is not None and body.dimensions != hidden:
         raise APIError(400, f"dimensions: {model.id} gives {hidden}-dimensional embeddings, which this server "
                             f"does not shorten", param="dimensions")
-    vectors, n_tokens = await asyncio.to_thread(model.embed, items)
-    data = []
-    for i, v in enumerate(vectors):
-        value = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") if body.encoding_format == "base64" \
-            else [float(x) for x in v]
-        data.append({"object": "embedding", "index": i, "embedding": value})
-    return JSONResponse({"object": "list", "data": data, "model": model.id,
-                         "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
+    def work(stop) -> bytes:  # on the model's embedding thread, the response body too
+        vectors, n_tokens = model.embed(items, stop=stop)
+        data = []
+        for i, v in enumerate(vectors):
+            value = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") \
+                if body.encoding_format == "base64" else v.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        return json.dumps({"object": "list", "data": data, "model": model.id,
+                           "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}).encode()
+
+    return Response(await run_embedding(http, model, work), media_type="application/json")

@@ -100,5 +100,6 @@ def serve(specs: list[str], *, host: str = "127.0.0.1", port: int = 8080, api_ke
         sock.close()
         for m in registry:
             m.engine.scheduler.close()
+            m.embedder.shutdown(wait=False, cancel_futures=True)
     print("pocketlm: stopped", file=sys.stderr, flush=True)
     return 130 if signal.SIGINT in server._captured_signals else 0

@@ -64,6 +64,54 @@ def check_running(http: Request, requests: list) -> None:
         raise APIError(503, "the server is shutting down", code="shutting_down")
 
 
+async def run_embedding(http: Request, model, work: Callable):
+    """work(stop event) on the model's embedding thread (one at a time; 503 past MAX_EMBED_WAITING
+    waiting); the event is set when the client disconnects or the server stops, and the work ends at
+    its next text. Returns work's result (build the response body inside it: off the event loop)."""
+    import threading
+
+    from pocketlm.server.models import MAX_EMBED_WAITING, RETRY_AFTER_SECONDS
+
+    state = state_of(http)
+    if state.shutting_down:
+        raise APIError(503, "the server is shutting down", code="shutting_down")
+    if model.embed_waiting >= MAX_EMBED_WAITING:
+        raise APIError(503, f"{MAX_EMBED_WAITING} embedding requests already wait for {model.id}; retry later",
+                       code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    stop = threading.Event()
+    state.stops.add(stop)
+    model.embed_waiting += 1
+    job = asyncio.get_running_loop().run_in_executor(model.embedder, work, stop)
+
+    async def disconnected() -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({job, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if job not in done:
+            stop.set()
+            raise APIError(499, "the client disconnected")
+        try:
+            return job.result()
+        except InterruptedError:
+            raise APIError(503, "the server is shutting down", code="shutting_down") from None
+    finally:
+        watch.cancel()
+        stop.set()  # a job still queued returns at once
+        state.stops.discard(stop)
+        model.embed_waiting -= 1
+
+
+def refuse_if_stopping(http: Request, requests: list) -> None:
+    """Generations submitted while the server began to stop (their submit ran in a worker thread):
+    cancelled, and the request answered 503."""
+    if state_of(http).shutting_down:
+        cancel_all(requests)
+        raise APIError(503, "the server is shutting down", code="shutting_down")
+
+
 def _prompt_lengths(prompts: list[list[int]], requests: list) -> list[int]:
     per_prompt = len(requests) // len(prompts)
     return [len(prompts[i // per_prompt]) for i in range(len(requests))]
@@ -98,6 +146,7 @@ async def _collect(http: Request, requests: list) -> list[str]:
 
 async def run_blocking(http: Request, model, prompts: list[list[int]], requests: list) -> list[str]:
     """The whole text of each request (prompt i's choices follow each other in `requests`)."""
+    refuse_if_stopping(http, requests)
     state = state_of(http)
     state.track(model.id, requests, _prompt_lengths(prompts, requests))
     try:
@@ -115,6 +164,7 @@ def stream_response(http: Request, model, prompts: list[list[int]], requests: li
     """A streamed body: `chunk(i, piece)` for each piece (None: nothing to send yet), `final(i, request,
     whole text)` for each choice once all are done, then `after()`, then `end`; a failure mid-stream is
     sent as `error(APIError)` (then `end`)."""
+    refuse_if_stopping(http, requests)
     state = state_of(http)
     state.track(model.id, requests, _prompt_lengths(prompts, requests))
     texts = [""] * len(requests)

@@ -3,6 +3,7 @@
 const $ = (id) => document.getElementById(id);
 const history = [];           // {role, content} of this conversation
 let controller = null;        // the AbortController of the answer in progress
+let conversation = 0;         // bumped by New chat: an answer of an earlier conversation is not kept
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -41,6 +42,7 @@ function setBusy(busy) {
 }
 
 async function ask(question) {
+  const mine = conversation;
   history.push({ role: "user", content: question });
   bubble("user", question);
   const out = bubble("assistant", "");
@@ -95,7 +97,7 @@ async function ask(question) {
     if (e.name !== "AbortError") {
       out.className = "msg error";
       out.textContent = (text ? text + "\n" : "") + "Error: " + e.message;
-      history.pop();
+      if (mine === conversation) history.pop();
       setBusy(false);
       return;
     }
@@ -104,6 +106,7 @@ async function ask(question) {
     controller = null;
     setBusy(false);
   }
+  if (mine !== conversation) return;  // New chat was pressed meanwhile
   history.push({ role: "assistant", content: text });
   const stats = document.createElement("span");
   stats.className = "stats";
@@ -134,6 +137,7 @@ $("prompt").addEventListener("keydown", (e) => {
 });
 $("stop").addEventListener("click", () => controller && controller.abort());
 $("clear").addEventListener("click", () => {
+  conversation += 1;
   if (controller) controller.abort();
   history.length = 0;
   $("messages").replaceChildren();
