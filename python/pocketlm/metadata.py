@@ -69,10 +69,11 @@ _CONFIG_INTS = {  # key -> (lowest, highest)
     "max_position": (1, MAX_POSITIONS),
 }
 _CONFIG_EPS = ("rms_eps", "norm_eps")
+POOLINGS = ("mean", "cls", "last")  # an embedding model's pooling of its tokens' hidden states
 # Positive floats. All but rope_theta may be null (absent); softcaps may also be 0 (off).
 _CONFIG_POSITIVE = ("rope_theta", "rope_local_theta", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
-_CONFIG_FLAGS = ("tie_embeddings", "attn_bias", "qk_norm", "post_norms", "rope_freq_factors",
-                 "scale_attn_weights", "scale_attn_by_inverse_layer_idx")
+_CONFIG_FLAGS = ("encoder", "normalize", "gelu_exact", "tie_embeddings", "attn_bias", "qk_norm", "post_norms",
+                 "rope_freq_factors", "scale_attn_weights", "scale_attn_by_inverse_layer_idx")
 
 # Generation defaults: the ranges SamplingParams accepts (pocketlm.sampling), as integers where it
 # wants integers.
@@ -339,6 +340,9 @@ def config_problem(cfg: dict, names: Mapping[str, str] | None = None) -> str | N
     for key in _CONFIG_FLAGS:
         if cfg.get(key) is not None and not isinstance(cfg[key], bool):
             return f"{name(key)} must be true, false or null, got {shown(cfg[key])}"
+
+    if cfg.get("pooling") is not None and cfg["pooling"] not in POOLINGS:
+        return f"{name('pooling')} must be one of {', '.join(POOLINGS)} or null, got {shown(cfg['pooling'])}"
 
     n_heads, n_kv, head_dim = cfg.get("n_heads"), cfg.get("n_kv_heads"), cfg.get("head_dim")
     if n_heads is not None and n_kv is not None and n_heads % n_kv:

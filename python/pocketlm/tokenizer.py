@@ -426,6 +426,10 @@ class Tokenizer:
 
         try:
             self._tok = _HFTokenizer.from_str(tokenizer_json)
+            # A saved tokenizer.json may pad and truncate every encoding (sentence-transformers'
+            # pads to 128): pocketlm encodes one text at a time and bounds lengths itself.
+            self._tok.no_padding()
+            self._tok.no_truncation()
             self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
             added = self._tok.get_added_tokens_decoder()
         except BaseException as e:
@@ -475,8 +479,11 @@ class Tokenizer:
         """token string -> id, added tokens included."""
         return self._tok.get_vocab(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
-        """Token ids of `text`. With add_special_tokens, BOS is prepended when the model wants it.
+    def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = True,
+               template: bool = False) -> list[int]:
+        """Token ids of `text`. With add_special_tokens, BOS is prepended when the model wants it;
+        with template too, the tokenizer's own post-processor adds its special tokens instead (an
+        encoder's [CLS] ... [SEP], as transformers and sentence-transformers encode).
 
         parse_special: special (control) tokens written in the text (e.g. "<|im_start|>") are matched whole;
         without it they are tokenized as plain text, as llama.cpp's `parse_special=false`. User-defined
@@ -486,7 +493,7 @@ class Tokenizer:
         try:
             with _panics_as_bundle_errors(f"encoding a text of {len(text)} characters"), self._lock:
                 if parse_special:
-                    ids = self._tok.encode(text, add_special_tokens=False).ids
+                    ids = self._tok.encode(text, add_special_tokens=add_special_tokens and template).ids
                 else:  # the flag is the engine's state: no other encode may see it set (the lock)
                     self._tok.encode_special_tokens = True
                     try:
@@ -496,7 +503,7 @@ class Tokenizer:
         except TypeError:  # "TextInputSequence must be str": tokenizers cannot take lone surrogates
             _check_text(text)
             raise
-        if add_special_tokens and self.add_bos:
+        if add_special_tokens and self.add_bos and not template:
             ids.insert(0, self.bos_id)
         return ids
 

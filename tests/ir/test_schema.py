@@ -14,8 +14,8 @@ from pocketlm.planner import plan_memory
 
 def test_attention_params_are_named_with_defaults():
     s = SCHEMA["attention"]
-    assert [p.name for p in s.ints] == ["layer", "n_heads", "n_kv_heads", "head_dim", "window"]
-    assert [p.default for p in s.ints] == [None, None, None, None, 0]
+    assert [p.name for p in s.ints] == ["layer", "n_heads", "n_kv_heads", "head_dim", "window", "causal"]
+    assert [p.default for p in s.ints] == [None, None, None, None, 0, 1]
     assert [(p.name, p.default) for p in s.floats] == [("scale", None), ("softcap", 0.0)]
 
 
@@ -41,7 +41,7 @@ def test_lowering_lays_out_params_by_name_and_pads_optional_inputs():
     g.outputs = (o,)
     _, ops, _ = lower(g, plan_memory(g, 4))
     assert ops[1][1][2] == -1  # matmul's absent bias
-    assert ops[2][3:] == ([0, 1, 1, 16, 0], [0.25, 0.0])
+    assert ops[2][3:] == ([0, 1, 1, 16, 0, 1], [0.25, 0.0])
 
 
 def test_parser_refuses_a_required_param_after_an_optional_one():

@@ -191,6 +191,7 @@ void Step::attention(const OpDesc& op) {
   const int layer = (int)param(op, a::layer);
   const int64_t hq = param(op, a::n_heads), hkv = param(op, a::n_kv_heads), dh = param(op, a::head_dim);
   const int64_t window = param(op, a::window);
+  const bool causal = param(op, a::causal) != 0;
   const float scale = param(op, a::scale);
   const float softcap = param(op, a::softcap);
   const float* q = f32(op.inputs[0]);
@@ -234,8 +235,14 @@ void Step::attention(const OpDesc& op) {
   // several rows (speculative decoding) gets exactly the output a step of one gives it.
   const int nt = pool.n_threads();
   const int64_t pairs = (int64_t)n_rows * hkv;
+  // Not causal (an encoder): a row sees its sequence's positions up to the last row of the step.
+  int64_t seq_end[kMaxStepSeqs];
+  if (!causal) {
+    for (int i = 0; i < n_seqs; ++i) seq_end[i] = 0;
+    for (int64_t t = 0; t < n_rows; ++t) seq_end[row_seq[t]] = std::max(seq_end[row_seq[t]], row_pos[t] + 1);
+  }
   auto bounds = [&](int64_t t) {  // positions [lo, hi) of row t
-    const int64_t hi = row_pos[t] + 1;
+    const int64_t hi = causal ? row_pos[t] + 1 : seq_end[row_seq[t]];
     return std::pair<int64_t, int64_t>{window > 0 ? std::max<int64_t>(0, hi - window) : 0, hi};
   };
   auto first_chunk = [&](int64_t t) { return bounds(t).first / kAttnChunk; };
@@ -425,13 +432,19 @@ void Step::gelu(const OpDesc& op) {
   const float* x = f32(op.inputs[0]);
   float* y = f32(op.outputs[0]);
   const int64_t d = tensor(op.inputs[0]).cols;
+  const bool exact = param(op, params::gelu::exact) != 0;
   const float k = 0.7978845608028654f;  // sqrt(2/pi)
+  const float inv_sqrt2 = 0.7071067811865476f;
   for_rows(rows(op.inputs[0]), [&](int64_t t) {
     const float* xr = x + t * d;
     float* yr = y + t * d;
-    for (int64_t i = 0; i < d; ++i) {
-      const float v = xr[i];
-      yr[i] = 0.5f * v * (1.f + std::tanh(k * (v + 0.044715f * v * v * v)));
+    if (exact) {
+      for (int64_t i = 0; i < d; ++i) yr[i] = 0.5f * xr[i] * (1.f + std::erf(xr[i] * inv_sqrt2));
+    } else {
+      for (int64_t i = 0; i < d; ++i) {
+        const float v = xr[i];
+        yr[i] = 0.5f * v * (1.f + std::tanh(k * (v + 0.044715f * v * v * v)));
+      }
     }
   });
 }

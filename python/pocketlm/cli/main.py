@@ -497,8 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="context of each conversation in tokens (default 4096)")
     sv.add_argument("--max-sequences", type=_checked(int, lambda v: 1 <= v <= 256, "in 1..256"), default=16,
                     help="requests generating at once per model, batched into shared steps (default 16)")
-    sv.add_argument("--pooling", choices=["mean", "last"], default="mean",
-                    help="embeddings: the mean of the tokens' final hidden states, or the last token's (default mean)")
+    sv.add_argument("--pooling", choices=["mean", "last", "cls"], default=None,
+                    help="embeddings: pool the tokens' final hidden states by their mean, the last token's or the "
+                         "first's (default: an embedding model's own, mean for the others)")
     sv.add_argument("--max-queue", type=_count, default=256,
                     help="requests that may wait behind them before the server answers 503 (default 256)")
     _add_activations(sv, default="auto")

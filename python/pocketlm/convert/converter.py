@@ -125,7 +125,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = 
     quant: None keeps a GGUF's types (bit-exact where pocketlm has them) and means "f16" for
     Hugging Face checkpoints; or one of "f32", "f16", "int8", "int4" (see docs/quant.md).
     group_size: int4 groups of 32 (default), 64 or 128 weights; int8 has one scale per output row
-    by default, or per group of 32 weights with group_size=32 (Q8_0 blocks, as llama.cpp's Q8_0).
+    by default (per group of 32 for an embedding model), or per group of 32 weights with
+    group_size=32 (Q8_0 blocks, as llama.cpp's Q8_0).
     symmetric=False (a per-group minimum) applies to int4. If `out` is a folder, the bundle is
     named after the source. Never leaves a partial file behind.
     """
@@ -138,6 +139,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = 
         print(f"reading {src.name} ...", file=sys.stderr, flush=True)
     model = read_source(src)
     mode = quant if quant not in (None, "keep") else ("keep" if model.source_format == "gguf" else "f16")
+    if mode == "int8" and group_size is None and model.config.get("encoder"):
+        # Embedding models take Q8_0 blocks (a scale per 32 weights), as llama.cpp quantizes them: on
+        # all-MiniLM-L6-v2 one scale per row gave cosine 0.9985 to the f32 vectors, Q8_0 0.9996.
+        group_size = 32
     recipe = Recipe(mode, group_size, symmetric)
 
     out = Path(out)

@@ -163,6 +163,8 @@ def _special_tokens(config: dict, gen_cfg: dict, tok_cfg: dict, tokenizer: dict,
     for v in (*_as_id_list(gen_cfg.get("eos_token_id")), *_as_id_list(config.get("eos_token_id")), lookup("eos_token")):
         if v is not None and v not in eos:
             eos.append(int(v))
+    if not eos and lookup("sep_token") is not None:  # an encoder (BERT): its separator ends a text
+        eos.append(lookup("sep_token"))
     pad = lookup("pad_token")
     if pad is None:
         pad = next((v for v in (gen_cfg.get("pad_token_id"), config.get("pad_token_id")) if v is not None), None)
@@ -176,6 +178,38 @@ def _special_tokens(config: dict, gen_cfg: dict, tok_cfg: dict, tokenizer: dict,
         # tokenizer.json's post-processor already adds BOS when the model wants it.
         "add_bos": False,
     }
+
+
+_POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+                  "pooling_mode_lasttoken": "last"}
+
+
+def _sentence_transformers(folder: Path, origin: str) -> dict:
+    """The pooling and normalisation a sentence-transformers folder declares (modules.json), as config
+    entries; {} for a folder without modules.json."""
+    modules = _optional_json(folder / "modules.json")
+    if not modules:
+        return {}
+    if not isinstance(modules, list):
+        raise BundleError(f"{origin}/modules.json: not a JSON array")
+    out: dict = {"normalize": False}
+    for m in modules:
+        kind = m.get("type", "") if isinstance(m, dict) else ""
+        if kind.endswith(".Normalize"):
+            out["normalize"] = True
+        elif kind.endswith(".Pooling"):
+            path = m.get("path")
+            if not isinstance(path, str) or ".." in Path(path).parts or Path(path).is_absolute():
+                raise BundleError(f"{origin}/modules.json: bad Pooling path {shown(path)}")
+            pooling = _optional_json(folder / path / "config.json")
+            modes = [mode for key, mode in _POOLING_MODES.items() if pooling.get(key)]
+            other = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v and k not in _POOLING_MODES]
+            if len(modes) != 1 or other:
+                chosen = sorted(k for k, v in pooling.items() if k.startswith("pooling_mode_") and v)
+                raise UnsupportedModelError(f"{origin}: sentence-transformers pooling {shown(chosen)} is not "
+                                            "supported (one of mean, cls, lasttoken is)")
+            out["pooling"] = modes[0]
+    return out
 
 
 def _generation(gen_cfg: dict, origin: str) -> dict:
@@ -240,6 +274,8 @@ def read_hf(folder: Path) -> SourceModel:
         raise BundleError(f"{origin}/config.json: does not describe a valid {arch} model "
                           f"({type(e).__name__}: {shown(str(e))})") from None
     check_config_ranges(cfg, tensor_dims, f"{origin}/config.json", _source_names(config))
+    if cfg.get("encoder"):
+        cfg.update(_sentence_transformers(folder, origin))
 
     tok_path = folder / "tokenizer.json"
     if not tok_path.is_file():

@@ -27,10 +27,10 @@ from __future__ import annotations
 from types import ModuleType
 
 from pocketlm.errors import UnsupportedModelError, shown
-from pocketlm.models import gemma, gemma2, gemma3, gpt2, llama, phi3, qwen2, qwen3
+from pocketlm.models import bert, gemma, gemma2, gemma3, gpt2, llama, phi3, qwen2, qwen3
 
 REGISTRY: dict[str, ModuleType] = {m.ARCH: m for m in (llama, qwen2, gpt2, phi3, qwen3, gemma, gemma2,
-                                                        gemma3)}
+                                                        gemma3, bert)}
 
 # Hugging Face `model_type` / `architectures` values -> registry key.
 HF_MODEL_TYPES = {
@@ -43,6 +43,7 @@ HF_MODEL_TYPES = {
     "gemma": "gemma",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
+    "bert": "bert",
 }
 
 

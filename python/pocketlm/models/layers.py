@@ -39,9 +39,10 @@ def pos_embed(g: Graph, x: str, table: str) -> str:
     return g.emit("pos_embed", [x, table], [(rows, cols)], "x")[0]
 
 
-def gelu(g: Graph, x: str) -> str:
-    """GELU, tanh approximation (HF "gelu_new" / "gelu_pytorch_tanh")."""
-    return g.emit("gelu", [x], [g.shape(x)], "act")[0]
+def gelu(g: Graph, x: str, exact: bool = False) -> str:
+    """GELU: the tanh approximation (HF "gelu_new" / "gelu_pytorch_tanh"), or with exact=True the erf
+    form (HF "gelu", BERT)."""
+    return g.emit("gelu", [x], [g.shape(x)], "act", **({"exact": 1} if exact else {}))[0]
 
 
 def linear(g: Graph, x: str, weight: str, bias: str | None = None, hint: str = "y") -> str:
@@ -90,9 +91,11 @@ def rope(g: Graph, x: str, table: str, n_heads: int, head_dim: int, rope_dim: in
 
 def attention(g: Graph, q: str, k: str, v: str, *, layer: int, n_heads: int, n_kv_heads: int,
               head_dim: int, scale: float, window: int | None = None,
-              softcap: float | None = None) -> str:
+              softcap: float | None = None, causal: bool = True) -> str:
     """Causal attention with a KV cache; grouped-query when n_kv_heads < n_heads.
 
+    causal=False (encoders): every row sees every position of its sequence up to the step's last
+    row, so a text must run in one step (Engine gives encoders a chunk of their whole context).
     window: each row sees only the last `window` positions, itself included (sliding-window
     layers; their KV cache keeps only those). softcap: scores become cap * tanh(scores / cap)
     before the softmax (Gemma 2).
@@ -110,6 +113,8 @@ def attention(g: Graph, q: str, k: str, v: str, *, layer: int, n_heads: int, n_k
         extra["window"] = int(window)
     if softcap:
         extra["softcap"] = float(softcap)
+    if not causal:
+        extra["causal"] = 0
     return g.emit("attention", [q, k, v], [(rows, n_heads * head_dim)], "attn",
                   layer=layer, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
                   scale=float(scale), **extra)[0]

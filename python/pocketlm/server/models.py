@@ -32,7 +32,7 @@ class ServedModel:
     id: str
     engine: Any  # pocketlm.Engine
     created: int = field(default_factory=lambda: int(time.time()))
-    pooling: str = "mean"  # how embeddings pool the tokens' hidden states (Engine.embed)
+    pooling: str | None = None  # how embeddings pool the tokens' hidden states (None: the model's own, Engine.embed)
 
     def __post_init__(self):
         from concurrent.futures import ThreadPoolExecutor
@@ -105,7 +105,8 @@ class ServedModel:
         lists, total = [], 0
         for i, item in enumerate(inputs):
             try:
-                ids = engine.tokenizer.encode(item, add_special_tokens=True) if isinstance(item, str) else list(item)
+                ids = engine.tokenizer.encode(item, add_special_tokens=True, template=engine.is_encoder) \
+                    if isinstance(item, str) else list(item)
             except InvalidInputError as e:
                 raise APIError(400, f"{param}[{i}]: {e}", param=param) from None
             if not isinstance(item, str) and any(not 0 <= t < engine.vocab_size for t in ids):

@@ -27,7 +27,7 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def load_models(specs: list[str], pooling: str = "mean", **engine_kwargs) -> ModelRegistry:
+def load_models(specs: list[str], pooling: str | None = None, **engine_kwargs) -> ModelRegistry:
     from pocketlm.engine import Engine
 
     served = []
@@ -39,7 +39,7 @@ def load_models(specs: list[str], pooling: str = "mean", **engine_kwargs) -> Mod
 
 
 def serve(specs: list[str], *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
-          cors_origins: list[str] | None = None, pooling: str = "mean", **engine_kwargs) -> int:
+          cors_origins: list[str] | None = None, pooling: str | None = None, **engine_kwargs) -> int:
     """Serves the models until a stop signal; returns the exit status (0 after SIGTERM, 130 after Ctrl-C).
     Prints `pocketlm: listening on http://HOST:PORT` on standard error once it accepts connections
     (with the port the system chose for port 0)."""
