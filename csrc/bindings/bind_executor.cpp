@@ -192,6 +192,26 @@ void bind_executor(nb::module_& m) {
           "Copies the KV entries of positions [0, n_positions) from another State of the same shape.")
       .def_prop_ro("kv_type", [](const StateHandle& s) { return std::string(s.state.kv_type()); })
       .def(
+          "kv_export",
+          [](const StateHandle& s, int64_t n_positions) {
+            const int64_t n = s.state.kv_used_bytes(n_positions);
+            uint8_t* buf = new uint8_t[(size_t)n];
+            nb::capsule owner(buf, [](void* p) noexcept { delete[] static_cast<uint8_t*>(p); });
+            {
+              nb::gil_scoped_release release;
+              s.state.kv_export(n_positions, buf, n);
+            }
+            return nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(buf, {(size_t)n}, owner);
+          },
+          nb::arg("n_positions"), "The KV slots of positions [0, n_positions), packed (a uint8 array; session files).")
+      .def(
+          "kv_import",
+          [](StateHandle& s, int64_t n_positions, nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig> data) {
+            nb::gil_scoped_release release;
+            s.state.kv_import(n_positions, data.data(), (int64_t)data.shape(0));
+          },
+          nb::arg("n_positions"), nb::arg("data"), "Restores what kv_export gave (the same State shape).")
+      .def(
           "run",
           [](StateHandle& s, TokenArray tokens, int pos, std::optional<OutArray> out) -> nb::object {
             int n = (int)tokens.shape(0);

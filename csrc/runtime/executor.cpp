@@ -151,6 +151,22 @@ void State::copy_kv_from(const State& other, int64_t n_positions) {
   s.kv.copy_from(o.kv, n_positions);
 }
 
+void State::kv_export(int64_t n_positions, uint8_t* out, int64_t bytes) const {
+  if (bytes != kv_used_bytes(n_positions))  // checks n_positions too
+    throw std::invalid_argument("the KV of " + std::to_string(n_positions) + " positions is " +
+                                std::to_string(kv_used_bytes(n_positions)) + " bytes, not " + std::to_string(bytes));
+  std::lock_guard<std::mutex> lock(impl_->run_mutex);
+  impl_->kv.pack(n_positions, out);
+}
+
+void State::kv_import(int64_t n_positions, const uint8_t* in, int64_t bytes) {
+  if (bytes != kv_used_bytes(n_positions))
+    throw std::invalid_argument("the KV of " + std::to_string(n_positions) + " positions is " +
+                                std::to_string(kv_used_bytes(n_positions)) + " bytes, not " + std::to_string(bytes));
+  std::lock_guard<std::mutex> lock(impl_->run_mutex);
+  impl_->kv.unpack(n_positions, in);
+}
+
 void State::run(const int32_t* tokens, int n_tokens, int pos, float* out) {
   const SeqInput one{this, tokens, n_tokens, pos};
   run_batch(*impl_->p.owner, &one, 1, out);

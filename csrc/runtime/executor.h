@@ -186,6 +186,11 @@ class State {
   // have the same KV shape (layers, KV heads, head_dim), KV type, capacities and max_context
   // (std::invalid_argument otherwise). Waits for a run() on either State to finish.
   void copy_kv_from(const State& other, int64_t n_positions);
+  // The KV slots of positions [0, n_positions) packed into `out` (kv_used_bytes(n_positions) bytes:
+  // KVCache::pack's layout), and back. `bytes` must be exactly that size (std::invalid_argument
+  // otherwise). Each waits for a run() on this State to finish.
+  void kv_export(int64_t n_positions, uint8_t* out, int64_t bytes) const;
+  void kv_import(int64_t n_positions, const uint8_t* in, int64_t bytes);
   struct Impl;
  private:
   friend void run_batch(const Program&, const SeqInput*, int, float*);

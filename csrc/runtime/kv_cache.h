@@ -124,7 +124,28 @@ class KVCache {
     }
   }
 
+  // The slots positions [0, n_positions) occupy, packed: per layer K then V, per KV head its used
+  // slots (head_dim values each), as they are stored (f16 or f32). `out`/`in` hold exactly the
+  // State's kv_used_bytes(n_positions) (the caller checks). For session files.
+  void pack(int64_t n_positions, uint8_t* out) const { transfer(n_positions, out, true); }
+  void unpack(int64_t n_positions, const uint8_t* in) { transfer(n_positions, const_cast<uint8_t*>(in), false); }
+
  private:
+  void transfer(int64_t n_positions, uint8_t* packed, bool to_packed) const {
+    const size_t head_row = (size_t)head_dim_ * elem_bytes_;
+    for (int l = 0; l < n_layers_; ++l) {
+      const size_t cap = (size_t)capacity_[l], used = (size_t)used_slots(l, n_positions);
+      for (bool values : {false, true}) {
+        uint8_t* block = values ? v(l) : k(l);
+        for (size_t h = 0; h < (size_t)n_kv_heads_; ++h, packed += used * head_row) {
+          uint8_t* slots = block + h * cap * head_row;
+          if (to_packed) std::memcpy(packed, slots, used * head_row);
+          else std::memcpy(slots, packed, used * head_row);
+        }
+      }
+    }
+  }
+
   // Start of each layer's K (in values), and the total at the end.
   static std::vector<size_t> layer_offsets(const std::vector<int64_t>& cap, size_t row_elems) {
     std::vector<size_t> off(cap.size() + 1, 0);

@@ -11,6 +11,7 @@ from pocketlm.errors import (
     NonFiniteError,
     PocketLMError,
     QueueFullError,
+    SessionFileError,
     StorageError,
     UnsupportedModelError,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "NonFiniteError",
     "PocketLMError",
     "QueueFullError",
+    "SessionFileError",
     "Request",
     "Session",
     "StorageError",

@@ -404,6 +404,14 @@ class Engine:
 
         return Session(self, self.max_context if max_context is None else max_context, logits=logits)
 
+    def load_session(self, path):
+        """A Session restored from a file `Session.save` wrote for this model (same bundle, KV type and
+        context shape): its tokens and KV cache, read back, not recomputed. SessionFileError if the
+        file does not match or is damaged."""
+        from pocketlm import session_file
+
+        return session_file.load(self, path)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         from pocketlm.chat import default_chat_template, render_chat
 

@@ -46,6 +46,11 @@ class ConstraintError(InvalidInputError):
     what llguidance supports), or a constraint that failed while generating."""
 
 
+class SessionFileError(PocketLMError, ValueError):
+    """A session file that cannot be loaded: not one, truncated or corrupt (a checksum), or saved from
+    another model, KV type or context shape."""
+
+
 class NonFiniteError(PocketLMError, ArithmeticError):
     """The model produced NaN or infinite logits (broken weights or metadata): no token can be
     chosen from them."""

@@ -81,6 +81,7 @@ class Session:
         self._tokens: list[int] = []
         self._last_logits: np.ndarray | None = None
         self.last_stats = GenerationStats()
+        self._last_generation = None  # the Generation of the last generate(): last_text_ids
         self._busy = threading.Lock()
         self._busy_with = ""
 
@@ -150,6 +151,29 @@ class Session:
             twin._tokens = list(self._tokens)
             twin._last_logits = None if self._last_logits is None else self._last_logits.copy()
             return twin
+        finally:
+            self._leave()
+
+    @property
+    def last_text_ids(self) -> list[int]:
+        """The token ids of the last generate()'s whole text: its prompt and what it generated (EOS
+        excluded). The session holds all but the last generated token (it was never fed back);
+        prefill what is missing to continue after it."""
+        gen = self._last_generation
+        return [] if gen is None else list(gen.ids) + list(gen.token_ids)
+
+    def save(self, path, extra: dict | None = None) -> None:
+        """Writes the session (its tokens and KV cache, as stored) to `path`, atomically: a later
+        `engine.load_session(path)` continues it exactly, without running the model again
+        (pocketlm.session_file; docs/format.md). extra: a JSON-able dict saved with it, given back
+        as the loaded session's `saved_extra`."""
+        from pocketlm import session_file
+
+        if self.logits_mode != "last":
+            raise ValueError('only sessions made with logits="last" (generation) are saved')
+        self._enter("save")
+        try:
+            session_file.save(self, path, extra)
         finally:
             self._leave()
 
@@ -356,6 +380,7 @@ class Session:
                              repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                              presence_penalty=presence_penalty, seed=seed)
             self.last_stats = gen.stats
+            self._last_generation = gen
             if self.logits_mode == "all":  # a program the scheduler does not run: one call at a time
                 yield from self._drive(gen)
                 return

@@ -194,21 +194,48 @@ def cmd_run(a: argparse.Namespace) -> int:
             print("pocketlm run: give a prompt with -p, -f FILE or on standard input", file=sys.stderr)
             return 2
     engine = _load(a)
-    session = engine.create_session()
+    session, messages = _open_session(engine, a.session)
     kwargs = _sampling_kwargs(a)
+    reply = []
     if a.chat:
-        pieces = session.chat([{"role": "user", "content": prompt}], **kwargs)
+        messages.append({"role": "user", "content": prompt})
+        pieces = session.chat(messages, **kwargs)
     else:
         if not a.no_echo:
             sys.stdout.write(prompt)
             sys.stdout.flush()
-        pieces = session.generate(prompt, **kwargs)
+        # a resumed session continues its text: the prompt follows what it holds
+        ids = session.tokens + engine.tokenizer.encode(prompt, add_special_tokens=not session.tokens)
+        pieces = session.generate(ids, **kwargs) if session.tokens else session.generate(prompt, **kwargs)
     for piece in pieces:
+        reply.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     print(_stats_line(session.last_stats), file=sys.stderr)
+    if a.session:
+        if a.chat:
+            messages.append({"role": "assistant", "content": "".join(reply)})
+        else:  # the session holds the text but its last token: feed it, so that the next run follows it
+            full = session.last_text_ids
+            if full[:len(session.tokens)] == session.tokens and len(full) > len(session.tokens):
+                session.prefill(full[len(session.tokens):])
+        session.save(a.session, extra={"messages": messages})
     return 0
+
+
+def _open_session(engine, path: str | None) -> tuple:
+    """(the session, its chat messages): resumed from `path` when that file exists (--session),
+    else new."""
+    if path is None or not os.path.exists(path):
+        return engine.create_session(), []
+    session = engine.load_session(path)
+    messages = session.saved_extra.get("messages", [])
+    if not (isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                               and isinstance(m.get("content"), str) for m in messages)):
+        raise InvalidInputError(f"{path}: the saved conversation's messages are malformed")
+    print(f"pocketlm: resumed {path}: {len(session.tokens)} tokens, {len(messages)} messages", file=sys.stderr)
+    return session, messages
 
 
 def _input_lines(interactive: bool) -> Iterator[str]:
@@ -242,11 +269,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def cmd_chat(a: argparse.Namespace) -> int:
     _check_text_args(a)
     engine = _load(a)
-    session = engine.create_session()
-    messages: list[dict] = []
-    if a.system:
+    session, messages = _open_session(engine, a.session)
+    if a.system and not messages:
         messages.append({"role": "system", "content": a.system})
     kwargs = _sampling_kwargs(a)
+
+    def save() -> None:
+        if a.session:
+            session.save(a.session, extra={"messages": messages})
 
     def answer(text: str) -> None:
         messages.append({"role": "user", "content": text})
@@ -257,6 +287,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
+        save()  # after every answer: a crash or a kill loses nothing said
         if a.verbose:
             print(_stats_line(session.last_stats), file=sys.stderr)
 
@@ -280,8 +311,9 @@ def cmd_chat(a: argparse.Namespace) -> int:
         if text in ("/exit", "/quit", "/bye"):
             return 0
         if text == "/reset":
-            del messages[1 if a.system else 0:]
+            del messages[1 if messages and messages[0]["role"] == "system" else 0:]
             session.reset()
+            save()
             continue
         try:
             answer(text)
@@ -469,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-f", "--file", default=None, help="read the prompt from a file")
     r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     r.add_argument("--no-echo", action="store_true", help="do not print the prompt before the completion")
+    r.add_argument("--session", default=None, metavar="FILE",
+                   help="continue the session saved in FILE (if it exists) and save it there afterwards")
     _add_sampling_args(r, 128)
     r.set_defaults(func=cmd_run)
 
@@ -477,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("-p", "--prompt", default=None, help="ask one question, print the answer and exit")
     ch.add_argument("-s", "--system", default=None, help="system prompt")
     ch.add_argument("-v", "--verbose", action="store_true", help="print speed after each answer")
+    ch.add_argument("--session", default=None, metavar="FILE",
+                    help="resume the conversation saved in FILE (if it exists); it is saved there after each answer")
     _add_sampling_args(ch, 512)
     ch.set_defaults(func=cmd_chat)
 
