@@ -35,6 +35,7 @@ DEFAULT_PREFILL_CHUNK = 256
 DEFAULT_MAX_BATCH = 16   # sequences per step (Engine(max_batch=...)); the executor takes up to 256
 MAX_BATCH = 256
 DEFAULT_MAX_QUEUE = 256  # requests waiting for a place in the batch
+DEFAULT_PREFIX_CACHE_MB = 256  # the shared prefix cache's KV budget (Engine(prefix_cache_mb=...))
 MAX_THREADS = 64  # the executor's thread pool takes 1..64 (csrc/runtime/threadpool.h)
 KV_TYPES = ("f16", "f32")  # the KV cache's element type (Engine(kv_type=...), --kv-type)
 
@@ -249,7 +250,7 @@ class Engine:
                  activations: str = "auto", kv_type: str = "f16", max_batch: int = DEFAULT_MAX_BATCH,
                  max_queue: int = DEFAULT_MAX_QUEUE, kv_budget: int | None = None,
                  draft: str | os.PathLike | Engine | None = None, draft_max: int | None = None,
-                 lookup: bool = False):
+                 lookup: bool = False, prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB):
         """Loads a .plm (or a .gguf, converted once into the cache, or a known model name).
 
         threads: worker threads, 1..64 (default: physical cores). max_context: tokens per session
@@ -276,6 +277,10 @@ class Engine:
         next tokens, which this model checks in one step; lookup: guess by n-gram lookup in the
         prompt and the text so far instead (no second model). draft_max: guesses per step, at most
         (default 16; each sequence adapts below it).
+
+        prefix_cache_mb: the budget of the shared prefix cache (`pocketlm.prefix_cache`): a generation
+        starting on an empty session reuses the KV of the longest prompt prefix another generation
+        computed, and prefills only the rest; 0 turns it off.
         """
         t0 = time.perf_counter()
         self.path = resolve_model_path(path)
@@ -362,6 +367,13 @@ class Engine:
                 draft, threads=self.threads, max_context=self.max_context, kernels=kernels,
                 activations=activations, kv_type=kv_type, max_batch=self.max_batch)
             self.speculator = DraftModel(self, draft_engine)
+        if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, int) or prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be an integer >= 0, got {prefix_cache_mb!r}")
+        self.prefix_cache = None
+        if prefix_cache_mb and not self.is_encoder:
+            from pocketlm.prefix_cache import PrefixCache
+
+            self.prefix_cache = PrefixCache(prefix_cache_mb << 20)
         self.load_seconds = time.perf_counter() - t0
 
     @property

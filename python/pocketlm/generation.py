@@ -105,6 +105,10 @@ class Generation:
         if self.done:
             return
         ids = self.ids
+        cache = getattr(session.engine, "prefix_cache", None)
+        self._from_empty = not session._tokens
+        if cache is not None and self._from_empty:  # an empty session: another's prompt may start alike
+            cache.adopt(session, ids)
         history = session._tokens
         common = reusable_prefix(history, ids)
         new = ids[common:]
@@ -124,6 +128,10 @@ class Generation:
         session = self.session
         recent = session._tokens[-self.params.repeat_last_n:] if self.params.repeat_last_n else session._tokens
         raw = logits
+        if self.stats.generated_tokens == 0:  # the prompt is in: keep it for sessions that start alike
+            cache = getattr(session.engine, "prefix_cache", None)
+            if cache is not None and self.stats.prompt_tokens and getattr(self, "_from_empty", False):
+                cache.insert(session)  # (a conversation going on in its own session is not copied each turn)
         if self.constraint is not None:
             logits = self.constraint.apply(logits)
         token = self._sampler.sample(logits, recent)
