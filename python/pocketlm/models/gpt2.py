@@ -152,10 +152,7 @@ def gguf_tensors(name: str, shape: tuple[int, ...], cfg: dict, load_f32) -> list
 
 
 def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Canonical name -> shape: exactly the weights `build` declares."""
-    g = Graph()
-    build(g, cfg, max_positions=1)
-    return {name: w.shape for name, w in g.weights.items()}
+    return L.declared_shapes(build, cfg)
 
 
 def build(g: Graph, cfg: dict, max_positions: int) -> None:

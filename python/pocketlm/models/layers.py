@@ -158,3 +158,11 @@ def _expect(g: Graph, vec: str, n: int) -> None:
     _, cols = g.shape(vec)
     if cols != n:
         raise ValueError(f"{vec} has {cols} elements, expected {n}")
+
+
+def declared_shapes(build, cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape of exactly the weights a model's `build` declares (for the modules
+    whose tensors are not the llama family's: their `tensor_shapes`)."""
+    g = Graph()
+    build(g, cfg, max_positions=1)
+    return {name: w.shape for name, w in g.weights.items()}
