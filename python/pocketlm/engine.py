@@ -424,7 +424,9 @@ class Engine:
 
         return session_file.load(self, path)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """The prompt text of `messages` (and `tools`, HF's convention) through the model's template."""
         from pocketlm.chat import default_chat_template, render_chat
 
         tok = self.tokenizer
@@ -432,7 +434,7 @@ class Engine:
         eos = tok.id_to_token(tok.eos_ids[0]) if tok.eos_ids else ""
         return render_chat(self.chat_template or default_chat_template, messages,
                            add_generation_prompt=add_generation_prompt, bos_token=bos or "",
-                           eos_token=eos or "")
+                           eos_token=eos or "", tools=tools or None)
 
     def chat(self, messages: list[dict], **kwargs) -> Iterator[str]:
         """Renders the chat template and streams the assistant's answer."""
@@ -440,6 +442,14 @@ class Engine:
         yield from session.chat(messages, **kwargs)
 
     POOLINGS = ("mean", "last", "cls")
+
+    def embedding_ids(self, text: str) -> list[int]:
+        """The token ids `embed` reads for a text: with the model's special tokens (BOS where it adds
+        one; an encoder's [CLS] ... [SEP]); an empty text is BOS alone where the model has one."""
+        ids = self.tokenizer.encode(text, add_special_tokens=True, template=self.is_encoder)
+        if not ids and self.tokenizer.bos_id is not None:
+            ids = [self.tokenizer.bos_id]
+        return ids
 
     def embed(self, texts, pooling: str | None = None, normalize: bool | None = None, stop=None):
         """Embeddings of `texts` (a string, a list of strings, or token id lists) as a float32 numpy
@@ -469,12 +479,7 @@ class Engine:
         for i, item in enumerate(items):
             if stop is not None and stop.is_set():
                 raise InterruptedError(f"embedding stopped after {i} of {len(items)} texts")
-            if isinstance(item, str):
-                ids = self.tokenizer.encode(item, add_special_tokens=True, template=self.is_encoder)
-                if not ids and self.tokenizer.bos_id is not None:
-                    ids = [self.tokenizer.bos_id]
-            else:
-                ids = [int(t) for t in item]
+            ids = self.embedding_ids(item) if isinstance(item, str) else [int(t) for t in item]
             if not ids:
                 raise InvalidInputError(f"text {i} gives no token to embed")
             if len(ids) > self.max_context:

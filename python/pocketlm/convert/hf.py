@@ -163,8 +163,9 @@ def _special_tokens(config: dict, gen_cfg: dict, tok_cfg: dict, tokenizer: dict,
     for v in (*_as_id_list(gen_cfg.get("eos_token_id")), *_as_id_list(config.get("eos_token_id")), lookup("eos_token")):
         if v is not None and v not in eos:
             eos.append(int(v))
-    if not eos and lookup("sep_token") is not None:  # an encoder (BERT): its separator ends a text
-        eos.append(lookup("sep_token"))
+    sep = None if eos else lookup("sep_token")
+    if sep is not None:  # an encoder (BERT): its separator ends a text
+        eos.append(sep)
     pad = lookup("pad_token")
     if pad is None:
         pad = next((v for v in (gen_cfg.get("pad_token_id"), config.get("pad_token_id")) if v is not None), None)

@@ -50,17 +50,8 @@ class ServedModel:
         return self.engine.tokenizer.encode(self.chat_text(messages, tools), add_special_tokens=False)
 
     def chat_text(self, messages: list[dict], tools: list[dict] | None = None) -> str:
-        engine = self.engine
         try:
-            if tools:
-                from pocketlm.chat import default_chat_template, render_chat
-
-                tok = engine.tokenizer
-                text = render_chat(engine.chat_template or default_chat_template, messages, tools=tools,
-                                   bos_token=tok.id_to_token(tok.bos_id) if tok.bos_id is not None else "",
-                                   eos_token=tok.id_to_token(tok.eos_ids[0]) if tok.eos_ids else "")
-            else:
-                text = engine.apply_chat_template(messages, add_generation_prompt=True)
+            text = self.engine.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
         except ChatTemplateError as e:
             raise APIError(400, f"the model's chat template cannot render these messages: {e}",
                            param="messages") from None
@@ -105,14 +96,13 @@ class ServedModel:
         lists, total = [], 0
         for i, item in enumerate(inputs):
             try:
-                ids = engine.tokenizer.encode(item, add_special_tokens=True, template=engine.is_encoder) \
-                    if isinstance(item, str) else list(item)
+                ids = engine.embedding_ids(item) if isinstance(item, str) else list(item)
             except InvalidInputError as e:
                 raise APIError(400, f"{param}[{i}]: {e}", param=param) from None
             if not isinstance(item, str) and any(not 0 <= t < engine.vocab_size for t in ids):
                 raise APIError(400, f"{param}[{i}] holds a token id outside the vocabulary of {engine.vocab_size}",
                                param=param)
-            if not ids and engine.tokenizer.bos_id is not None:
+            if not ids and engine.tokenizer.bos_id is not None:  # an empty id list: BOS, as an empty text
                 ids = [engine.tokenizer.bos_id]
             if not ids:
                 raise APIError(400, f"{param}[{i}] is empty", param=param)

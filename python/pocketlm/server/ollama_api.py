@@ -11,7 +11,6 @@ server's to set), `format` is "json" or a JSON schema (constrained decoding). Er
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import math
 import os
@@ -26,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from pocketlm import __version__
 from pocketlm.errors import InvalidInputError
 from pocketlm.server.errors import APIError
-from pocketlm.server.openai_api import checked_stops
+from pocketlm.server.openai_api import check_tool_calls, checked_stops
 from pocketlm.server.streams import run_blocking, run_embedding, state_of, stream_response
 from pocketlm.tools import check_tools, parse_tool_calls, prompt_messages
 
@@ -180,11 +179,7 @@ def _message_dict(i: int, m: Message) -> dict[str, Any]:
     if m.images:
         raise APIError(400, f"messages[{i}] has images: these models read text only", param=f"messages[{i}].images")
     out: dict[str, Any] = {"role": m.role, "content": m.content}
-    for j, call in enumerate(m.tool_calls or []):
-        fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise APIError(400, f"messages[{i}].tool_calls[{j}] needs a 'function' with a string 'name'",
-                           param=f"messages[{i}].tool_calls[{j}]")
+    check_tool_calls(i, m.tool_calls)
     if m.tool_calls:
         out["tool_calls"] = [{"type": "function", "function": {"name": (c.get("function") or {}).get("name"),
                                                                "arguments": (c.get("function") or {}).get("arguments", {})}}
@@ -298,17 +293,10 @@ def _details(model) -> dict:
 
 
 def _digest(model) -> str:
-    """The bundle's identity: its metadata and tensor index (which carries each tensor's SHA-256);
-    computed once per model."""
-    cached = model.__dict__.get("_digest")
-    if cached is not None:
-        return cached
-    bundle = model.engine.bundle
-    h = hashlib.sha256(bundle.core.metadata_json.encode())
-    for t in bundle.tensors:
-        h.update(f"{t.name}:{t.dtype}:{t.shape}:{t.offset}:{t.nbytes};".encode())
-    model.__dict__["_digest"] = h.hexdigest()
-    return model.__dict__["_digest"]
+    """The bundle's identity, as session files bind to it (computed once per engine)."""
+    from pocketlm.session_file import bundle_digest
+
+    return bundle_digest(model.engine)
 
 
 def _entry(model) -> dict:

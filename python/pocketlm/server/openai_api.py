@@ -123,6 +123,15 @@ def _unsupported(param: str, what: str) -> APIError:
     return APIError(400, f"{what} is not supported by this server yet", param=param, code="unsupported_parameter")
 
 
+def check_tool_calls(i: int, calls: list | None) -> None:
+    """messages[i].tool_calls (both APIs): each a dict with a 'function' holding a string 'name'."""
+    for j, call in enumerate(calls or []):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise APIError(400, f"messages[{i}].tool_calls[{j}] needs a 'function' with a string 'name'",
+                           param=f"messages[{i}].tool_calls[{j}]")
+
+
 def _message_dict(i: int, m: ChatMessage) -> dict[str, Any]:
     if isinstance(m.content, list):
         texts = []
@@ -136,11 +145,7 @@ def _message_dict(i: int, m: ChatMessage) -> dict[str, Any]:
         content = m.content
     if content is None and not m.tool_calls:
         raise APIError(400, f"messages[{i}] has no content", param=f"messages[{i}].content")
-    for j, call in enumerate(m.tool_calls or []):
-        fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise APIError(400, f"messages[{i}].tool_calls[{j}] needs a 'function' with a string 'name'",
-                           param=f"messages[{i}].tool_calls[{j}]")
+    check_tool_calls(i, m.tool_calls)
     out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
     for key in ("name", "tool_calls", "tool_call_id"):
         value = getattr(m, key)

@@ -82,7 +82,21 @@ async def run_embedding(http: Request, model, work: Callable):
     state.stops.add(stop)
     model.embed_waiting += 1
     job = asyncio.get_running_loop().run_in_executor(model.embedder, work, stop)
+    try:
+        if not await _before_disconnect(http, job):
+            raise APIError(499, "the client disconnected")
+        try:
+            return job.result()
+        except InterruptedError:
+            raise APIError(503, "the server is shutting down", code="shutting_down") from None
+    finally:
+        stop.set()  # a job still queued returns at once
+        state.stops.discard(stop)
+        model.embed_waiting -= 1
 
+
+async def _before_disconnect(http: Request, job: asyncio.Future) -> bool:
+    """Waits for `job` or for the client to disconnect, whichever comes first; True if the job ended."""
     async def disconnected() -> None:
         while (await http.receive())["type"] != "http.disconnect":
             pass
@@ -90,18 +104,9 @@ async def run_embedding(http: Request, model, work: Callable):
     watch = asyncio.ensure_future(disconnected())
     try:
         done, _ = await asyncio.wait({job, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if job not in done:
-            stop.set()
-            raise APIError(499, "the client disconnected")
-        try:
-            return job.result()
-        except InterruptedError:
-            raise APIError(503, "the server is shutting down", code="shutting_down") from None
+        return job in done
     finally:
         watch.cancel()
-        stop.set()  # a job still queued returns at once
-        state.stops.discard(stop)
-        model.embed_waiting -= 1
 
 
 def refuse_if_stopping(http: Request, requests: list) -> None:
@@ -125,20 +130,14 @@ async def _collect(http: Request, requests: list) -> list[str]:
         async for i, piece in pieces(requests):
             texts[i] += piece
 
-    async def disconnected() -> None:
-        while (await http.receive())["type"] != "http.disconnect":
-            pass
-
-    work, watch = asyncio.ensure_future(gather()), asyncio.ensure_future(disconnected())
+    work = asyncio.ensure_future(gather())
     try:
-        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if work not in done:
+        if not await _before_disconnect(http, work):
             raise APIError(499, "the client disconnected")
         error = work.exception()
         if error is not None:
             raise error if isinstance(error, APIError) else generation_error(error)
     finally:
-        watch.cancel()
         work.cancel()
         cancel_all(requests)
     return texts
