@@ -163,7 +163,9 @@ void bind_executor(nb::module_& m) {
       .def_prop_ro("activations", [](const plm::Program& p) { return std::string(p.activations()); })
       .def_prop_ro("output_cols", &plm::Program::output_cols)
       .def_prop_ro("layer_windows", &plm::Program::layer_windows,
-                   "per KV layer: its attention window (0 = full attention, -1 = no attention op)");
+                   "per KV layer: its attention window (0 = full attention, -1 = no attention op)")
+      .def_prop_ro("shift_unsupported", [](const plm::Program& p) { return p.shift_unsupported(); },
+                   "Why State.kv_shift cannot move this program's KV cache ('' when it can).");
 
   nb::class_<StateHandle>(m, "State", "One session's KV cache for a Program (the arena, scratch and thread pool are the Program's, shared).")
       .def(
@@ -211,6 +213,15 @@ void bind_executor(nb::module_& m) {
             s.state.kv_import(n_positions, data.data(), (int64_t)data.shape(0));
           },
           nb::arg("n_positions"), nb::arg("data"), "Restores what kv_export gave (the same State shape).")
+      .def(
+          "kv_shift",
+          [](StateHandle& s, int64_t keep, int64_t n_discard, int64_t n_positions, int64_t end) {
+            nb::gil_scoped_release release;
+            s.state.kv_shift(keep, n_discard, n_positions, end);
+          },
+          nb::arg("keep"), nb::arg("n_discard"), nb::arg("n_positions"), nb::arg("end"),
+          "Context shift: drops positions [keep, keep + n_discard) and moves the rest down, keys re-rotated "
+          "(executor.h).")
       .def(
           "run",
           [](StateHandle& s, TokenArray tokens, int pos, std::optional<OutArray> out) -> nb::object {

@@ -5,10 +5,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "runtime/backend.h"
 #include "runtime/checked.h"
@@ -165,6 +167,87 @@ void State::kv_import(int64_t n_positions, const uint8_t* in, int64_t bytes) {
                                 std::to_string(kv_used_bytes(n_positions)) + " bytes, not " + std::to_string(bytes));
   std::lock_guard<std::mutex> lock(impl_->run_mutex);
   impl_->kv.unpack(n_positions, in);
+}
+
+namespace {
+
+// Rotates `row` (one KV head's key, head_dim values) from position `from` to position `to` of a rope
+// table ([positions][rope_dim]: cos then sin of each pair's angle, NeoX pairing: i with i + half).
+// The key was stored as R(from) k; it becomes R(to) k = R(to) R(from)^-1 (stored). Read from the
+// table, so a table with any scaling (a magnitude factor too, as YaRN's) is inverted exactly.
+void rerotate(float* row, const float* table, int64_t rope_dim, int64_t from, int64_t to) {
+  const int64_t half = rope_dim / 2;
+  const float *cf = table + from * rope_dim, *sf = cf + half;
+  const float *ct = table + to * rope_dim, *st = ct + half;
+  for (int64_t i = 0; i < half; ++i) {
+    const double inv = 1.0 / ((double)cf[i] * cf[i] + (double)sf[i] * sf[i]);
+    const double c = ((double)ct[i] * cf[i] + (double)st[i] * sf[i]) * inv;  // cos(to - from)
+    const double s = ((double)st[i] * cf[i] - (double)ct[i] * sf[i]) * inv;  // sin(to - from)
+    const double a = row[i], b = row[i + half];
+    row[i] = (float)(a * c - b * s);
+    row[i + half] = (float)(b * c + a * s);
+  }
+}
+
+}  // namespace
+
+void State::kv_shift(int64_t keep, int64_t n_discard, int64_t n_positions, int64_t end) {
+  Impl& s = *impl_;
+  const Program::Impl& p = s.p;
+  if (!p.shift_unsupported.empty()) throw UnsupportedError("cannot shift the KV cache: " + p.shift_unsupported);
+  if (keep < 0 || n_discard < 1 || n_positions > s.max_context || keep > n_positions - n_discard ||
+      end < n_positions || end > s.max_context)
+    throw std::invalid_argument("kv_shift: need 0 <= keep, 1 <= n_discard, keep + n_discard <= n_positions <= end "
+                                "<= max_context (" + std::to_string(s.max_context) + "); got keep " +
+                                std::to_string(keep) + ", n_discard " + std::to_string(n_discard) + ", n_positions " +
+                                std::to_string(n_positions) + ", end " + std::to_string(end));
+  std::lock_guard<std::mutex> lock(s.run_mutex);
+  KVCache& kv = s.kv;
+  const int64_t dh = kv.head_dim(), d = n_discard;
+  const size_t eb = kv.elem_bytes(), rb = (size_t)dh * eb;  // bytes of one head's row
+  std::vector<float> row((size_t)dh);
+  std::vector<uint8_t> ring;  // a wrapped ring's head block, copied before its rows move
+  for (int l = 0; l < kv.n_layers(); ++l) {
+    if (p.layer_window[(size_t)l] < 0) continue;  // no attention: nothing cached
+    const int64_t cap = kv.capacity(l), lo = std::max<int64_t>(0, end - cap);
+    const Program::Impl::KeyRope& rope = p.layer_rope[(size_t)l];
+    const float* table = p.tensors[(size_t)rope.table].f32;
+    // Moved positions: [first, n_positions) -> minus d. A cache that has not wrapped (slot = position)
+    // moves them in place, in one memmove per head; a wrapped ring through a copy of its block.
+    const int64_t first = std::max(lo, keep + d);
+    if (first >= n_positions) continue;
+    const bool wrapped = end > cap;
+    for (bool values : {false, true}) {
+      uint8_t* block = values ? kv.v(l) : kv.k(l);
+      for (int64_t h = 0; h < kv.n_kv_heads(); ++h) {
+        uint8_t* head = block + (size_t)(h * cap) * rb;
+        if (!wrapped) {
+          std::memmove(head + (size_t)(first - d) * rb, head + (size_t)first * rb, (size_t)(n_positions - first) * rb);
+        } else {
+          ring.assign(head, head + (size_t)cap * rb);
+          for (int64_t q = first; q < n_positions; ++q)
+            std::memcpy(head + (size_t)((q - d) % cap) * rb, ring.data() + (size_t)(q % cap) * rb, rb);
+        }
+        if (values) continue;
+        for (int64_t q = first; q < n_positions; ++q) {  // keys: rotate to the new positions
+          uint8_t* slot = head + (size_t)((q - d) % cap) * rb;
+          if (kv.f16()) {
+            const fp16_t* x = reinterpret_cast<const fp16_t*>(slot);
+            for (int64_t i = 0; i < dh; ++i) row[(size_t)i] = fp16_to_fp32(x[i]);
+          } else {
+            std::memcpy(row.data(), slot, rb);
+          }
+          rerotate(row.data(), table, rope.rope_dim, q, q - d);
+          if (kv.f16()) {
+            fp16_t* y = reinterpret_cast<fp16_t*>(slot);
+            for (int64_t i = 0; i < dh; ++i) y[i] = fp32_to_fp16(row[(size_t)i]);
+          } else {
+            std::memcpy(slot, row.data(), rb);
+          }
+        }
+      }
+    }
+  }
 }
 
 void State::run(const int32_t* tokens, int n_tokens, int pos, float* out) {

@@ -147,6 +147,9 @@ class Program {
   int64_t output_cols() const;
   // Per KV layer: its attention window (0 = full attention, -1 = the layer has no attention op).
   const std::vector<int64_t>& layer_windows() const;
+  // Why State::kv_shift cannot move this program's KV cache ("" when it can): a layer whose keys
+  // are not rotated by a rope op (learned positions, GPT-2), or an encoder.
+  const std::string& shift_unsupported() const;
   // Rows of the output of a step of n_rows rows with n_out output rows (ROWS_T, ROWS_S or fixed).
   int64_t output_rows(int n_rows, int n_out = 1) const;
   struct Impl;
@@ -191,6 +194,16 @@ class State {
   // otherwise). Each waits for a run() on this State to finish.
   void kv_export(int64_t n_positions, uint8_t* out, int64_t bytes) const;
   void kv_import(int64_t n_positions, const uint8_t* in, int64_t bytes);
+  // Context shift: drops positions [keep, keep + n_discard) and moves [keep + n_discard, n_positions)
+  // down by n_discard, so that the cache holds the same keys and values as if those tokens had run at
+  // their new positions: each moved key is rotated from its old position's rope angles to its new
+  // one's (with the table its rope op used: R(new) R(old)^-1, any scaling included), values are
+  // copied. Positions [0, keep) stay. A sliding-window ring holds the positions
+  // [max(0, end - capacity), n_positions) (`end`: the highest position written + 1, >= n_positions,
+  // as kv_cache.py tracks it); each moves to its new slot (position % capacity) or is dropped.
+  // Afterwards the cache holds n_positions - n_discard positions. UnsupportedError when the program
+  // cannot (Program::shift_unsupported()); std::invalid_argument for bad positions. Waits for a run().
+  void kv_shift(int64_t keep, int64_t n_discard, int64_t n_positions, int64_t end);
   struct Impl;
  private:
   friend void run_batch(const Program&, const SeqInput*, int, float*);

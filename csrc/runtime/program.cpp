@@ -389,6 +389,24 @@ void Program::Impl::validate_op(size_t index) {
                std::to_string(layer_window[layer]) + ", this one has " + std::to_string(window));
       layer_window[layer] = window;
       has_attention = true;
+      if (causal) {  // where its keys come from, for State::kv_shift
+        const int w = last_writer[(size_t)in[1]];
+        KeyRope rope;
+        if (w >= 0 && ops[(size_t)w].code == OpCode::rope && param(ops[(size_t)w], params::rope::n_heads) == hkv &&
+            param(ops[(size_t)w], params::rope::head_dim) == dh)
+          rope = {ops[(size_t)w].inputs[1], param(ops[(size_t)w], params::rope::rope_dim)};
+        if (rope.table < 0 && shift_unsupported.empty())
+          shift_unsupported = "the keys of layer " + std::to_string(layer) +
+                              " carry no rotary position (a model with learned or no positions): its KV cache "
+                              "cannot be moved to other positions";
+        else if (seen_rope_[layer] && (layer_rope[layer].table != rope.table || layer_rope[layer].rope_dim != rope.rope_dim)
+                 && shift_unsupported.empty())
+          shift_unsupported = "layer " + std::to_string(layer) + " has attention ops with differently rotated keys";
+        layer_rope[layer] = rope;
+        seen_rope_[layer] = true;
+      } else if (shift_unsupported.empty()) {
+        shift_unsupported = "an encoder (attention that is not causal) has no context to shift";
+      }
       break;
     }
     case OpCode::layer_norm: {
@@ -516,6 +534,8 @@ Program::Program(std::shared_ptr<Bundle> bundle, std::vector<TensorDesc> tensors
   p.owner = this;
   p.kv = kv;
   p.layer_window.assign((size_t)kv.n_layers, -1);
+  p.layer_rope.assign((size_t)kv.n_layers, {});
+  p.seen_rope_.assign((size_t)kv.n_layers, false);
   p.n_threads = n_threads;
 
   p.tensors.resize(p.descs.size());
@@ -525,7 +545,15 @@ Program::Program(std::shared_ptr<Bundle> bundle, std::vector<TensorDesc> tensors
     n_token_tensors += p.tensors[i].kind == TensorKind::TOKENS;
   }
   if (n_token_tensors > 1) throw std::invalid_argument("more than one tokens tensor");
-  for (size_t i = 0; i < p.ops.size(); ++i) p.validate_op(i);
+  p.last_writer.assign(p.descs.size(), -1);
+  for (size_t i = 0; i < p.ops.size(); ++i) {
+    p.validate_op(i);
+    for (int t : p.ops[i].outputs)
+      if (t >= 0) p.last_writer[(size_t)t] = (int)i;
+  }
+  p.last_writer = {};
+  p.seen_rope_ = {};
+  if (!p.has_attention && p.shift_unsupported.empty()) p.shift_unsupported = "the program has no attention";
   p.backend->prepare();
 
   if (output_tensor < 0 || output_tensor >= (int)p.tensors.size() ||
@@ -548,6 +576,7 @@ const char* Program::activations() const { return impl_->options.activations.c_s
 int64_t Program::output_cols() const { return impl_->tensors[impl_->output].cols; }
 const std::vector<int64_t>& Program::layer_windows() const { return impl_->layer_window; }
 int Program::max_seqs() const { return impl_->max_seqs; }
+const std::string& Program::shift_unsupported() const { return impl_->shift_unsupported; }
 int64_t Program::output_rows(int n_rows, int n_out) const {
   return impl_->rows_at(impl_->tensors[impl_->output], n_rows, n_out);
 }

@@ -68,6 +68,16 @@ struct Program::Impl {
   // Found while validating.
   bool has_attention = false;
   std::vector<int64_t> layer_window; // per KV layer: the attention window, 0 = full, -1 = unused
+  // Per KV layer: how its cached keys were rotated (the rope op that made its attention's k input),
+  // which State::kv_shift needs to move them to other positions. table < 0: no rope.
+  struct KeyRope {
+    int table = -1;         // the rope table (a CONST tensor)
+    int64_t rope_dim = 0;
+  };
+  std::vector<KeyRope> layer_rope;
+  std::string shift_unsupported;     // why kv_shift cannot run ("" = it can)
+  std::vector<int> last_writer;      // while validating: per tensor, the op that last wrote it
+  std::vector<bool> seen_rope_;      // while validating: per KV layer, whether layer_rope is set
   int64_t vocab = std::numeric_limits<int64_t>::max();           // smallest embedding table
   int64_t rope_positions = std::numeric_limits<int64_t>::max();  // smallest rope table
   int64_t embed_positions = std::numeric_limits<int64_t>::max(); // smallest pos_embed table

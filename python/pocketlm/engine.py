@@ -407,14 +407,23 @@ class Engine:
                                               activations=self.activation_spec)
         return self._scoring
 
-    def create_session(self, max_context: int | None = None, logits: str = "last"):
+    def create_session(self, max_context: int | None = None, logits: str = "last", on_overflow: str = "error",
+                       keep: int = 4, discard: int | None = None):
         """A new session. logits="all" makes prefill compute every position's logits, which
         `Session.score` uses (perplexity, evaluation); logits="hidden" every position's final hidden
         state instead (`forward`; what `embed` pools); generation wants the default "last".
-        max_context: 1 up to the engine's max_context (None: the engine's)."""
+        max_context: 1 up to the engine's max_context (None: the engine's).
+
+        on_overflow: what a full context does. "error" (default): a prompt that does not fit raises
+        ContextOverflowError, a generation ends with finish_reason "context". "shift": the first `keep`
+        tokens stay (attention sinks; a chat keeps its system prompt), the oldest after them are
+        evicted (`discard` at a time; None: half of them, as llama.cpp) and the rest move down, their
+        cached keys re-rotated, so decoding goes on in bounded memory (models with rotary positions;
+        UnsupportedModelError for others, such as GPT-2)."""
         from pocketlm.session import Session
 
-        return Session(self, self.max_context if max_context is None else max_context, logits=logits)
+        return Session(self, self.max_context if max_context is None else max_context, logits=logits,
+                       on_overflow=on_overflow, keep=keep, discard=discard)
 
     def load_session(self, path):
         """A Session restored from a file `Session.save` wrote for this model (same bundle, KV type and
@@ -435,6 +444,30 @@ class Engine:
         return render_chat(self.chat_template or default_chat_template, messages,
                            add_generation_prompt=add_generation_prompt, bos_token=bos or "",
                            eos_token=eos or "", tools=tools or None)
+
+    @property
+    def can_shift(self) -> bool:
+        """Whether sessions may shift their context (on_overflow="shift"): decoders with rotary positions."""
+        return not self.is_encoder and not self.compiled.program.shift_unsupported
+
+    def chat_keep(self, messages: list[dict], tools: list[dict] | None = None, max_context: int | None = None) -> int:
+        """The tokens a shifting chat session keeps (create_session(on_overflow="shift", keep=...)): what
+        the chat template writes before the first user turn's text, the system prompt (and tools) with it,
+        at least 4 (attention sinks) and at most half the context."""
+        from pocketlm.errors import ChatTemplateError
+
+        limit = (max_context or self.max_context) // 2
+        head = [m for m in messages[:1] if m.get("role") == "system"]
+        try:
+            a, b = (self.tokenizer.encode(self.apply_chat_template(head + [{"role": "user", "content": t}],
+                                                                   add_generation_prompt=False, tools=tools),
+                                          add_special_tokens=False) for t in ("A", "B"))
+        except (ChatTemplateError, InvalidInputError):
+            a = b = []
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return max(min(4, limit), min(n, limit))
 
     def chat(self, messages: list[dict], **kwargs) -> Iterator[str]:
         """Renders the chat template and streams the assistant's answer."""
@@ -512,7 +545,8 @@ class Engine:
 
     def submit(self, prompt: str | list[int], *, session=None, max_tokens: int | None = None,
                stop: str | list[str] = (), add_special_tokens: bool = True, response_format: dict | None = None,
-               regex: str | None = None, grammar: str | None = None, logprobs: int | None = None, **sampling):
+               regex: str | None = None, grammar: str | None = None, logprobs: int | None = None,
+               on_overflow: str = "error", keep: int = 4, **sampling):
         """Queues a generation and returns its `Request` at once: iterate it (or `async for`) for the
         text pieces, `cancel()` it, read `finish_reason` and `stats` when done. Runs batched with
         every other generation on this engine. `session`: continue that session (it is busy until
@@ -521,13 +555,14 @@ class Engine:
         not given). response_format / regex / grammar constrain the output (Session.generate).
         logprobs=k records each generated token's log-probability and the k most likely alternatives'
         (`Request.logprobs`; the model's distribution, before sampling's changes; 0 <= k <= 20).
+        on_overflow, keep: for the new session (create_session), when `session` is not given.
         Errors in the request (InvalidInputError, ContextOverflowError) and QueueFullError raise here."""
         from pocketlm.constrain import make_constraint
         from pocketlm.generation import Generation
 
         constraint = make_constraint(self, response_format, regex, grammar)
         if session is None:
-            session = self.create_session()
+            session = self.create_session(on_overflow=on_overflow, keep=keep)
             release = None
         else:
             session._enter("submit")

@@ -110,14 +110,27 @@ class Generation:
         if cache is not None and self._from_empty:  # an empty session: another's prompt may start alike
             cache.adopt(session, ids)
         history = session._tokens
-        common = reusable_prefix(history, ids)
-        new = ids[common:]
-        if common + len(new) > session.max_context:
+        common, at, forget = session._reusable(ids)
+        new = ids[at:]
+        k, limit = session.keep, session.max_context
+        if common + len(new) > limit and session.on_overflow != "shift":
             raise ContextOverflowError(
                 f"the prompt needs {common + len(new)} tokens of context but the session has "
-                f"{session.max_context}; shorten it or raise max_context")
-        if common < len(history):
+                f"{limit}; shorten it or raise max_context")
+        if common + len(new) > limit and min(common, k) + len(new) > limit:
+            # Even a shift of everything after the kept tokens leaves no room: the prompt's middle
+            # never enters the cache, as if a shift had evicted it (the last half of the room is fed).
+            common = min(common, k)
+            tail = max(1, (limit - k) // 2)
             session._rewind(common)
+            session._evicted[:] = ids[k:len(ids) - tail]
+            new = ids[common:k] + ids[len(ids) - tail:]
+        else:
+            if common < len(history):
+                session._rewind(common)
+            if forget:
+                session._evicted.clear()
+            session._make_room(len(new), "prompt tokens")  # a shifting session evicts its oldest if need be
         self.stats.reused_tokens = session.cached_tokens  # a rewind past a sliding window's ring replays the rest
         self.stats.prompt_tokens = session.position - session.cached_tokens + len(new)
         self.feed = session._feed_after(np.asarray(new, dtype=np.int32))
@@ -194,12 +207,13 @@ class Generation:
                     done = self._finish("stop", pieces)  # the grammar is complete
                 elif stats.generated_tokens >= self.max_tokens:
                     done = self._finish("length", pieces)  # the last token is not fed back
-                elif position + j >= session.max_context:
+                elif position + j >= session.max_context and session.on_overflow != "shift":
                     done = self._finish("context", pieces)
             if done is not None:
                 if session.position > position + j:  # kept guesses past this one were fed: not any more
                     session._rewind(position + j)
                 return done
+        session._make_room(1)  # a full context shifts (or the check above has finished)
         self.feed = np.array([tokens[-1]], dtype=np.int32)
         return pieces
 

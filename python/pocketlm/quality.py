@@ -189,6 +189,47 @@ def perplexity(engine, tokens: Sequence[int], ctx: int, chunks: int | None = Non
     return _result(acc, len(windows), ctx)
 
 
+@dataclass
+class StreamingResult(PerplexityResult):
+    window: int = 0      # positions after the kept ones the cache held (0: all, no shift)
+    keep: int = 0        # first tokens never evicted (attention sinks)
+    evicted: int = 0     # tokens shifts evicted
+
+
+def streaming_perplexity(engine, tokens: Sequence[int], window: int | None = None, keep: int = 4,
+                         progress: ProgressFn | None = None) -> StreamingResult:
+    """Perplexity of `tokens` read as one stream, every token after the first scored, with the KV cache
+    bounded to keep + window positions (StreamingLLM's evaluation): once it is full, each token evicts the
+    oldest after the first `keep` (a context shift of one, on_overflow="shift") and sees the kept ones and
+    the last `window`. window None (or >= the tokens): the whole stream stays in the cache (full context).
+    The engine's max_context must hold keep + window (or all the tokens)."""
+    ids = np.asarray(tokens, dtype=np.int32)
+    n = ids.size
+    if n < 2:
+        raise ValueError("streaming perplexity needs at least 2 tokens")
+    bounded = window is not None and keep + window < n
+    size = keep + window if bounded else n
+    if size > engine.max_context:
+        raise ValueError(f"a cache of {size} positions exceeds the engine's max_context of {engine.max_context}")
+    session = engine.create_session(max_context=size, logits="all",
+                                    **({"on_overflow": "shift", "keep": keep, "discard": 1} if bounded else {}))
+    chunk = session.chunk_tokens
+    acc = _MeanAccumulator()
+    done = 0
+    while done < n - 1:  # the logits after token i score token i + 1
+        room = size - session.position
+        m = min(chunk, room if room > 0 else 1, n - 1 - done)
+        logits = session.forward(ids[done:done + m])
+        logp = _log_softmax(logits)
+        acc.add(-logp[np.arange(m), ids[done + 1:done + 1 + m]])
+        done += m
+        if progress is not None:
+            progress(done, n - 1, float(np.exp(acc.mean)))
+    r = _result(acc, 1, size)
+    return StreamingResult(**asdict(r), window=window if bounded else 0, keep=keep if bounded else 0,
+                           evicted=session.evicted_tokens)
+
+
 def _window_complete(w: int, scored: int, ctx: int) -> bool:
     return scored == (w + 1) * (ctx - 1 - ctx // 2)
 
@@ -385,14 +426,14 @@ def format_kld_report(res: KLDivergenceResult) -> str:
     return "\n".join(lines)
 
 
-def stderr_progress(label: str = "perplexity") -> ProgressFn:
-    """Progress on standard error: one updating line on a terminal, a line per window otherwise."""
+def stderr_progress(label: str = "perplexity", unit: str = "window") -> ProgressFn:
+    """Progress on standard error: one updating line on a terminal, a line per call otherwise."""
     tty = sys.stderr.isatty()
 
     def report(done: int, total: int, ppl: float) -> None:
         start = "\r" if tty else ""
         end = "\n" if not tty or done == total else ""
-        print(f"{start}{label}: window {done}/{total}, running PPL {ppl:.4f}", end=end, file=sys.stderr,
+        print(f"{start}{label}: {unit} {done}/{total}, running PPL {ppl:.4f}", end=end, file=sys.stderr,
               flush=True)
 
     return report

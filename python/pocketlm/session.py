@@ -5,6 +5,12 @@ generator yielding text pieces as tokens arrive. A session remembers the tokens
 it has processed; a new prompt that starts with them reuses the cached prefix
 (multi-turn chat re-renders the whole conversation but only prefills the new turn).
 
+A session that fills its context either refuses more (on_overflow="error", ContextOverflowError) or
+shifts (on_overflow="shift"): the first `keep` tokens stay (attention sinks, a system prompt), the
+oldest after them leave the cache and the rest move down, their keys re-rotated to their new
+positions (StreamingLLM's scheme; `_core.State.kv_shift`), so it goes on in bounded memory. The
+tokens it evicted are remembered (`history`), so a re-rendered conversation still finds its place.
+
 A session is used by one thread at a time: every call that changes its state
 holds a lock (a `generate` for as long as its generator runs), and a second
 caller gets ConcurrentUseError instead of silently interleaved tokens. Sessions of
@@ -26,6 +32,7 @@ from pocketlm.errors import (
     ContextOverflowError,
     InvalidInputError,
     NonFiniteError,
+    UnsupportedModelError,
 )
 from pocketlm.generation import Generation
 from pocketlm.kv_cache import KVCache
@@ -59,7 +66,8 @@ class GenerationStats:
 
 
 class Session:
-    def __init__(self, engine, max_context: int, logits: str = "last"):
+    def __init__(self, engine, max_context: int, logits: str = "last", on_overflow: str = "error",
+                 keep: int = 4, discard: int | None = None):
         from pocketlm import _core
 
         if isinstance(max_context, bool) or not isinstance(max_context, numbers.Integral):
@@ -71,9 +79,25 @@ class Session:
                 f"a session's max_context of {max_context} exceeds the engine's max_context of "
                 f"{engine.max_context}; load the engine with a larger max_context (at most the model's "
                 f"trained context)")
+        if on_overflow not in ("error", "shift"):
+            raise InvalidInputError(f'on_overflow must be "error" or "shift", got {on_overflow!r}')
+        for name, value, low in (("keep", keep, 0), ("discard", discard, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                      or value < low):
+                raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}")
+        if keep is None or (on_overflow == "shift" and keep >= max_context):
+            raise InvalidInputError(f"keep ({keep}) must be below the session's max_context ({max_context}): "
+                                    "a shift needs room after the kept tokens")
         self.engine = engine
         self.max_context = int(max_context)
         compiled = engine.compiled_for(logits)
+        why = compiled.program.shift_unsupported
+        if on_overflow == "shift" and why:
+            raise UnsupportedModelError(f"on_overflow='shift' is not possible with {engine.path.name}: {why}")
+        self.on_overflow = on_overflow
+        self.keep = int(keep)          # tokens a shift never evicts
+        self.discard = None if discard is None else int(discard)  # tokens a shift evicts (None: half)
+        self._evicted: list[int] = []  # tokens shifts evicted, in order: they stood at index `keep`
         self.logits_mode = logits
         self._chunk = compiled.program.max_tokens  # rows per executor call
         self._state = _core.State(compiled.program, self.max_context, engine.kv_type)
@@ -113,7 +137,20 @@ class Session:
 
     @property
     def tokens(self) -> list[int]:
+        """The tokens the KV cache holds, in order (the model sees these): after a shift, the kept
+        ones then the most recent."""
         return list(self._tokens)
+
+    @property
+    def history(self) -> list[int]:
+        """Every token of the conversation, the ones shifts evicted included (`tokens` without a shift)."""
+        k = self.keep
+        return self._tokens[:k] + self._evicted + self._tokens[k:] if self._evicted else list(self._tokens)
+
+    @property
+    def evicted_tokens(self) -> int:
+        """How many tokens context shifts have evicted from this conversation."""
+        return len(self._evicted)
 
     @property
     def kv_bytes(self) -> int:
@@ -146,9 +183,11 @@ class Session:
         forks. Raises ConcurrentUseError while the session is busy (a generator still running)."""
         self._enter("clone")
         try:
-            twin = Session(self.engine, self.max_context, logits=self.logits_mode)
+            twin = Session(self.engine, self.max_context, logits=self.logits_mode, on_overflow=self.on_overflow,
+                           keep=self.keep, discard=self.discard)
             twin.kv_cache.copy_from(self.kv_cache)
             twin._tokens = list(self._tokens)
+            twin._evicted = list(self._evicted)
             twin._last_logits = None if self._last_logits is None else self._last_logits.copy()
             return twin
         finally:
@@ -186,6 +225,7 @@ class Session:
 
     def _reset(self) -> None:
         self._tokens.clear()
+        self._evicted.clear()
         self._last_logits = None
         self.kv_cache.clear()
 
@@ -208,7 +248,69 @@ class Session:
         position = int(position)
         self.kv_cache.trim(position)  # past what a ring holds: empties it, the kept tokens are fed again
         del self._tokens[position:]
+        if position < self.keep:
+            self._evicted.clear()  # what was evicted followed tokens that are gone now
         self._last_logits = None
+
+    # ---- context shift -----------------------------------------------------
+    def shift(self, n: int) -> None:
+        """Evicts the n oldest tokens after the first `keep`: the rest move down, so n more fit. The
+        cached keys move to their new positions (re-rotated), nothing runs the model again. A
+        session with on_overflow="shift" calls this itself when its context is full."""
+        self._enter("shift")
+        try:
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= self.position - self.keep:
+                raise InvalidInputError(f"cannot shift {n!r} tokens: the session holds {self.position - self.keep} "
+                                        f"after the {self.keep} it keeps")
+            why = self._state_shift_unsupported()
+            if why:
+                raise UnsupportedModelError(f"cannot shift {self.engine.path.name}'s KV cache: {why}")
+            self._shift(int(n))
+        finally:
+            self._leave()
+
+    def _state_shift_unsupported(self) -> str:
+        return self.engine.compiled_for(self.logits_mode).program.shift_unsupported
+
+    def _shift(self, n: int) -> None:
+        k, kv = self.keep, self.kv_cache
+        if kv.valid >= k + n:
+            kv.shift(k, n)
+        else:  # a rewind left some of them out of the cache: they are fed again, after the shift
+            kv.trim(min(kv.valid, k))
+        self._evicted.extend(self._tokens[k:k + n])
+        del self._tokens[k:k + n]
+
+    def _make_room(self, n_new: int, what: str = "tokens") -> None:
+        """Shifts, if the session shifts, so that n_new more tokens fit; ContextOverflowError if they
+        cannot (more than the context holds after the kept tokens), the session unchanged."""
+        need = self.position + n_new - self.max_context
+        if need <= 0:
+            return
+        room = self.position - self.keep  # tokens a shift may evict
+        if self.on_overflow != "shift" or need > room:
+            after = f" after the {self.keep} it keeps" if self.on_overflow == "shift" else ""
+            raise ContextOverflowError(
+                f"{n_new} {what} at position {self.position} exceed the context of {self.max_context} "
+                f"tokens{after}; shorten the prompt, reset the session or raise max_context")
+        n = max(need, self.discard if self.discard is not None else room // 2)  # llama.cpp evicts half
+        self._shift(min(n, room))
+
+    def _reusable(self, ids: list[int]) -> tuple[int, int, bool]:
+        """How a prompt `ids` continues this session: (cached tokens to keep, tokens of `ids` they
+        stand for, whether the evicted tokens are dropped from the history). `ids` may continue the
+        tokens the cache holds, or the whole history (a re-rendered conversation after a shift)."""
+        from pocketlm.generation import reusable_prefix
+
+        tokens = self._tokens
+        if not self._evicted or (len(ids) > len(tokens) and ids[:len(tokens)] == tokens):
+            c = reusable_prefix(tokens, ids)
+            return c, c, False
+        k, e = self.keep, len(self._evicted)
+        c = reusable_prefix(self.history, ids)
+        if c >= k + e:  # past the evicted ones: the cache holds the rest
+            return c - e, c, False
+        return min(c, k), min(c, k), True  # it parts before them: only kept tokens can stay
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         """Feeds tokens (in chunks of the engine's prefill size); returns the last position's logits."""
@@ -227,10 +329,7 @@ class Session:
     def _checked(self, token_ids: Sequence[int], what: str) -> np.ndarray:
         """token_ids as int32, after checking they are valid ids and fit in the context."""
         ids = self._token_array(token_ids, what)
-        if self.position + ids.size > self.max_context:
-            raise ContextOverflowError(
-                f"{ids.size} tokens at position {self.position} exceed the context of {self.max_context} "
-                f"tokens; shorten the prompt, reset the session or raise max_context")
+        self._make_room(ids.size)
         return ids
 
     def _token_array(self, token_ids: Sequence[int], what: str) -> np.ndarray:
@@ -411,5 +510,18 @@ class Session:
         text = self.engine.apply_chat_template(messages, add_generation_prompt=True)
         # The template writes BOS itself where the model wants one (as HF's apply_chat_template).
         ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
+        if self._evicted and self._reusable(ids)[2]:
+            # The tokens of the conversation so far part from the history before the last evicted one
+            # (a reply re-tokenizes differently, a template trims it): continue its text instead.
+            ids = self._text_continuation(text) or ids
         yield from self.generate(ids, **kwargs)
+
+    def _text_continuation(self, text: str) -> list[int] | None:
+        """The session's tokens followed by the tokens of what `text` adds to the text of its history
+        (as llama.cpp's interactive chat adds each turn), or None if `text` does not extend it."""
+        tok = self.engine.tokenizer
+        seen = tok.decode(self.history, skip_special_tokens=False)
+        if len(text) <= len(seen) or not text.startswith(seen):
+            return None
+        return self._tokens + tok.encode(text[len(seen):], add_special_tokens=False)
 

@@ -10,7 +10,8 @@ model (`Session.save`, `Engine.load_session`; docs/format.md, "Session files").
 The header binds the file to what can read it back: the bundle (`bundle`: the SHA-256 of its
 metadata and tensor index, which holds every tensor's hash and the tokenizer), the KV type and
 shape (`kv_type`, `n_layers`, `n_kv_heads`, `head_dim`, `kv_capacities`, `max_context`), and holds
-the session: `tokens` (its history), `valid` and `end` (pocketlm.kv_cache.KVCache), and `extra`, an
+the session: `tokens` (what its cache holds), `valid`, `end` and `floors` (pocketlm.kv_cache.KVCache), its
+context shift (`on_overflow`, `keep`, `discard`, and `evicted`: the tokens shifts evicted), and `extra`, an
 object the application saves with it (`pocketlm chat` keeps the conversation's messages there). A file that does
 not match the engine, is truncated or corrupted gives SessionFileError; nothing is half-loaded.
 Files are written atomically (pocketlm.bundle.atomic).
@@ -61,7 +62,9 @@ def save(session, path: str | os.PathLike, extra: dict | None = None) -> None:
     payload = state.kv_export(cache.end)
     header = {"format": VERSION, "written_by": f"pocketlm {__version__}", "bundle": bundle_digest(session.engine),
               **_shape(session.engine, state), "tokens": [int(t) for t in session._tokens],
-              "valid": int(cache.valid), "end": int(cache.end), "kv_bytes": int(payload.size),
+              "valid": int(cache.valid), "end": int(cache.end), "floors": [int(f) for f in cache.floors],
+              "on_overflow": session.on_overflow, "keep": session.keep, "discard": session.discard,
+              "evicted": [int(t) for t in session._evicted], "kv_bytes": int(payload.size),
               "extra": extra if extra is not None else {}}
     head = json.dumps(header, separators=(",", ":")).encode()
     try:
@@ -122,27 +125,40 @@ def load(engine, path: str | os.PathLike):
     if not isinstance(max_context, int) or not 1 <= max_context <= engine.max_context:
         raise SessionFileError(f"{path}: saved with a context of {max_context} tokens, more than this engine's "
                                f"{engine.max_context}")
-    session = engine.create_session(max_context=max_context)
+    shift = {"on_overflow": header.get("on_overflow", "error"), "keep": header.get("keep", 4),
+             "discard": header.get("discard")}
+    try:
+        session = engine.create_session(max_context=max_context, **shift)
+    except (ValueError, TypeError) as e:  # InvalidInputError, UnsupportedModelError
+        raise SessionFileError(f"{path}: its context shift settings are not usable here: {e}") from None
     expected = _shape(engine, session._state)
     for key, value in expected.items():
         if header.get(key) != value:
             raise SessionFileError(f"{path}: {key} is {header.get(key)}, this engine's session has {value} "
                                    "(another prefill chunk or context)")
     tokens, valid, end = header.get("tokens"), header.get("valid"), header.get("end")
+    evicted = header.get("evicted", [])
+    floors = header.get("floors", [0] * len(session.kv_cache.rings))
     vocab = engine.vocab_size
-    if not (isinstance(tokens, list) and all(isinstance(t, int) and 0 <= t < vocab for t in tokens)
-            and isinstance(valid, int) and isinstance(end, int) and 0 <= valid <= len(tokens) <= max_context
-            and valid <= end <= max_context):
+
+    def ids(x) -> bool:
+        return isinstance(x, list) and all(type(t) is int and 0 <= t < vocab for t in x)
+
+    if not (ids(tokens) and ids(evicted) and isinstance(valid, int) and isinstance(end, int)
+            and 0 <= valid <= len(tokens) <= max_context and valid <= end <= max_context
+            and (not evicted or len(tokens) >= session.keep)
+            and isinstance(floors, list) and len(floors) == len(session.kv_cache.rings)
+            and all(type(f) is int and 0 <= f <= end for f in floors)):
         raise SessionFileError(f"{path}: the header's tokens or positions are inconsistent (corrupt file)")
     if payload.size != session._state.kv_used_bytes(end):
         raise SessionFileError(f"{path}: {payload.size} KV bytes for {end} positions; expected "
                                f"{session._state.kv_used_bytes(end)}")
-    session._state.kv_import(end, payload)
     extra = header.get("extra", {})
     if not isinstance(extra, dict):
         raise SessionFileError(f"{path}: the header's extra is not an object (corrupt file)")
     session._state.kv_import(end, payload)
     session._tokens[:] = tokens
-    session.kv_cache.valid, session.kv_cache.end = valid, end
+    session._evicted[:] = evicted
+    session.kv_cache.valid, session.kv_cache.end, session.kv_cache.floors = valid, end, floors
     session.saved_extra = extra
     return session

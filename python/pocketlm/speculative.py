@@ -252,7 +252,10 @@ class DraftModel:
             return entry[1]
         for k in [k for k, (ref, _) in self._sessions.items() if ref() is None]:
             del self._sessions[k]
-        ds = self.engine.create_session(max_context=min(target_session.max_context, self.engine.max_context))
+        shifts = target_session.on_overflow == "shift" and self.engine.can_shift
+        ds = self.engine.create_session(max_context=min(target_session.max_context, self.engine.max_context),
+                                        on_overflow="shift" if shifts else "error",
+                                        keep=min(target_session.keep, target_session.max_context - 1))
         self._sessions[key] = (weakref.ref(target_session), ds)
         return ds
 
@@ -275,6 +278,14 @@ class DraftModel:
             if len(tokens) > limit:  # the draft's context is full: no guesses
                 gen.spec.drafts, gen.spec.q = [], []
                 continue
+            evicted = gen.session._evicted
+            if len(evicted) != len(ds._evicted):  # the target shifted: shift alike, or start over
+                n = len(evicted) - len(ds._evicted)
+                if n > 0 and ds.on_overflow == "shift" and ds.keep == gen.session.keep \
+                        and ds.position >= ds.keep + n and ds._evicted + ds._tokens[ds.keep:ds.keep + n] == evicted:
+                    ds._shift(n)
+                else:
+                    ds._reset()
             common = reusable_prefix(ds._tokens, tokens)
             if common < len(ds._tokens):
                 ds._rewind(common)

@@ -45,3 +45,24 @@ def test_run_continues_the_text(smollm2_gguf, tmp_path):
         engine.tokenizer.encode(" Then", add_special_tokens=False)
     g2 = "".join(engine.create_session().generate(ids, temperature=0, max_tokens=8))
     assert out1.rstrip("\n") == g1 and out2.rstrip("\n") == g2
+
+
+def test_chat_outlives_its_context(smollm2_gguf):
+    """A conversation longer than `-c` goes on: the context shifts (the system prompt kept), chat says so
+    on standard error, and answers as an in-process session that shifts alike."""
+    system, questions = "You are a poet.", ["Write a poem about the sea.", "Now one about the moon.", "And the sun?"]
+    r = subprocess.run([sys.executable, "-m", "pocketlm", "chat", "smollm2", "-c", "160", "--system", system,
+                        "--temp", "0", "-n", "60", "-t", "2"], input="\n".join(questions) + "\n", capture_output=True,
+                       text=True, env=child_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "the context of 160 tokens is full" in r.stderr
+    engine = Engine("smollm2", threads=2, max_context=160)
+    messages = [{"role": "system", "content": system}]
+    s = engine.create_session(on_overflow="shift", keep=engine.chat_keep(messages))
+    answers = []
+    for q in questions:
+        messages.append({"role": "user", "content": q})
+        answers.append("".join(s.chat(messages, temperature=0, max_tokens=60)))
+        messages.append({"role": "assistant", "content": answers[-1]})
+    assert s.evicted_tokens > 0 and s.tokens[:s.keep] == s.history[:s.keep]
+    assert r.stdout.split("\n")[:len("\n".join(answers).split("\n"))] == "\n".join(answers).split("\n")

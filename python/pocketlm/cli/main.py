@@ -224,11 +224,15 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
-def _open_session(engine, path: str | None) -> tuple:
+def _open_session(engine, path: str | None, system: str | None = None, shift: bool = False) -> tuple:
     """(the session, its chat messages): resumed from `path` when that file exists (--session),
-    else new."""
+    else new (with the `system` message, if any). shift: a new session shifts its context when it is
+    full, keeping the system prompt (chat), where the model allows."""
     if path is None or not os.path.exists(path):
-        return engine.create_session(), []
+        messages = [{"role": "system", "content": system}] if system else []
+        if shift and engine.can_shift:
+            return engine.create_session(on_overflow="shift", keep=engine.chat_keep(messages)), messages
+        return engine.create_session(), messages
     session = engine.load_session(path)
     messages = session.saved_extra.get("messages", [])
     if not (isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
@@ -269,7 +273,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def cmd_chat(a: argparse.Namespace) -> int:
     _check_text_args(a)
     engine = _load(a)
-    session, messages = _open_session(engine, a.session)
+    session, messages = _open_session(engine, a.session, system=a.system, shift=True)
     if a.system and not messages:
         messages.append({"role": "system", "content": a.system})
     kwargs = _sampling_kwargs(a)
@@ -281,11 +285,16 @@ def cmd_chat(a: argparse.Namespace) -> int:
     def answer(text: str) -> None:
         messages.append({"role": "user", "content": text})
         reply = []
+        evicted = session.evicted_tokens
         for piece in session.chat(messages, **kwargs):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        if session.evicted_tokens > evicted:
+            print(f"pocketlm: the context of {session.max_context} tokens is full: the oldest "
+                  f"{session.evicted_tokens - evicted} tokens after the first {session.keep} were dropped",
+                  file=sys.stderr)
         messages.append({"role": "assistant", "content": "".join(reply)})
         save()  # after every answer: a crash or a kill loses nothing said
         if a.verbose:
@@ -440,7 +449,32 @@ def cmd_perplexity(a: argparse.Namespace) -> int:
                 report(done, total, ppl)
 
         report = quality.stderr_progress()
-        if reference is None:
+        if a.streaming:
+            if reference is not None or a.kl_divergence_base:
+                raise ValueError("--streaming does not combine with the KL divergence options")
+            if len(tokens) < ctx:
+                raise ValueError(f"the text has {len(tokens)} tokens; a stream of -c {ctx} needs that many")
+            if a.window is not None and a.keep + a.window > ctx:
+                raise ValueError(f"--keep {a.keep} + --window {a.window} exceed the stream's -c {ctx} tokens")
+            if not a.json:
+                bound = (f"after the first {a.keep} and the last {a.window} (a context shift per token)"
+                         if a.window is not None else "after all before it")
+                print(f"perplexity: a stream of {ctx} tokens, each scored {bound}", file=sys.stderr)
+            stream_report = quality.stderr_progress("streaming perplexity", unit="tokens")
+
+            def stream_progress(done: int, total: int, ppl: float) -> None:
+                if done == total or done // 256 != (done - 1) // 256:  # a line every 256 tokens at most
+                    stream_report(done, total, ppl)
+
+            result = quality.streaming_perplexity(engine, tokens[:ctx], window=a.window, keep=a.keep,
+                                                  progress=None if a.quiet else stream_progress)
+            if a.json:
+                print(json.dumps(result.to_json()))
+            else:
+                evicted = f", {result.evicted} tokens evicted" if result.window else ""
+                print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_se:.5f} ({result.tokens} tokens"
+                      f"{evicted})")
+        elif reference is None:
             if len(tokens) < 2 * ctx:
                 raise ValueError(f"the text has {len(tokens)} tokens; perplexity with a context of {ctx} needs "
                                  f"at least {2 * ctx}")
@@ -602,6 +636,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compare with the reference saved in FILE: KL divergence, top-1 agreement, both PPLs")
     pp.add_argument("--kl-top-k", type=_positive, default=64,
                     help="log-probabilities kept per position in the reference (default 64; >= vocab: exact)")
+    pp.add_argument("--streaming", action="store_true",
+                    help="read the text's first -c tokens as one stream, scoring every token (StreamingLLM's "
+                         "evaluation); with --window the cache holds only --keep + --window positions and each "
+                         "token past them shifts the context")
+    pp.add_argument("--window", type=_positive, default=None,
+                    help="--streaming: the positions after the kept ones the cache holds (default: all)")
+    pp.add_argument("--keep", type=_count, default=4,
+                    help="--streaming --window: first tokens never evicted, the attention sinks (default 4)")
     pp.add_argument("-q", "--quiet", action="store_true", help="no progress on standard error")
     pp.set_defaults(func=cmd_perplexity)
     return p

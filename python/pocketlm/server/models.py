@@ -44,6 +44,15 @@ class ServedModel:
         """The model as /v1/models lists it."""
         return {"id": self.id, "object": "model", "created": self.created, "owned_by": "pocketlm"}
 
+    @property
+    def shifts(self) -> bool:
+        """Whether answers that outgrow the context shift it (models with rotary positions)."""
+        return self.engine.can_shift
+
+    def chat_keep(self, messages: list[dict], tools: list[dict] | None = None) -> int:
+        """Tokens a chat's context shift keeps: its system prompt (Engine.chat_keep)."""
+        return self.engine.chat_keep(messages, tools) if self.shifts else 4
+
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """The token ids of `messages` rendered with the model's chat template (which writes BOS
         itself where the model wants one, as HF's apply_chat_template)."""
@@ -123,9 +132,12 @@ class ServedModel:
             raise APIError(400, str(e), param="model") from None
 
     def submit(self, ids: list[int], *, max_tokens: int | None, stop: list[str], response_format: dict | None = None,
-               grammar: str | None = None, logprobs: int | None = None, prompt_param: str = "messages", **sampling):
+               grammar: str | None = None, logprobs: int | None = None, prompt_param: str = "messages",
+               keep: int = 4, **sampling):
         """Queues a generation on the engine's scheduler; its Request. Failures as APIError
-        (prompt_param: the request field a prompt too long is named by)."""
+        (prompt_param: the request field a prompt too long is named by). A prompt must fit the context;
+        an answer longer than what is left of it shifts the context (its first `keep` tokens stay: the
+        system prompt of a chat, Engine.chat_keep) up to max_tokens."""
         engine = self.engine
         if len(ids) >= engine.max_context:
             raise APIError(400, f"the prompt is {len(ids)} tokens, and this server's context for {self.id} is "
@@ -135,8 +147,10 @@ class ServedModel:
         if max_tokens is None:  # up to the end of the context, as OpenAI and llama-server
             max_tokens = engine.max_context - len(ids)
         try:
+            shift = {"on_overflow": "shift", "keep": min(keep, len(ids))} if self.shifts else {}
             return engine.submit(ids, max_tokens=max_tokens, stop=stop, add_special_tokens=False,
-                                 response_format=response_format, grammar=grammar, logprobs=logprobs, **sampling)
+                                 response_format=response_format, grammar=grammar, logprobs=logprobs, **shift,
+                                 **sampling)
         except ConstraintError as e:
             raise APIError(400, str(e), param="grammar" if grammar is not None else "response_format") from None
         except ContextOverflowError as e:

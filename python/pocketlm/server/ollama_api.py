@@ -129,18 +129,18 @@ def _ollama_calls(calls: list[dict]) -> list[dict]:
             for c in calls]
 
 
-def _submit(model, ids: list[int], max_tokens, stops, sampling, response_format, prompt_param: str):
+def _submit(model, ids: list[int], max_tokens, stops, sampling, response_format, prompt_param: str, keep: int):
     return model.submit(ids, max_tokens=max_tokens, stop=stops, response_format=response_format,
-                        prompt_param=prompt_param, **sampling)
+                        prompt_param=prompt_param, keep=keep, **sampling)
 
 
 async def _run(http: Request, model, ids: list[int], body, key: str, tools: list[dict] | None = None,
-               extra_final=None, prompt_param: str = "messages"):
+               extra_final=None, prompt_param: str = "messages", keep: int = 4):
     """Generates for `ids` and answers in Ollama's shape: `key` is "message" (chat) or "response"."""
     t0 = time.perf_counter()
     max_tokens, stops, sampling = _generation_args(body.options)
     request = await asyncio.to_thread(_submit, model, ids, max_tokens, stops, sampling, _response_format(body.format),
-                                      prompt_param)
+                                      prompt_param, keep)
 
     def piece(text: str) -> Any:
         return {"role": "assistant", "content": text} if key == "message" else text
@@ -199,13 +199,14 @@ async def chat(body: ChatBody, http: Request):
             tools = check_tools(body.tools)
         except InvalidInputError as e:
             raise APIError(400, str(e), param="tools") from None
-    def prepare() -> list[int]:  # off the event loop
+    def prepare() -> tuple[list[int], int]:  # off the event loop
         messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
         messages, native = prompt_messages(messages, tools, model.engine.chat_template)
-        return model.chat_prompt(messages, tools if native else None)
+        return (model.chat_prompt(messages, tools if native else None),
+                model.chat_keep(messages, tools if native else None))
 
-    ids = await asyncio.to_thread(prepare)
-    return await _run(http, model, ids, body, "message", tools=tools)
+    ids, keep = await asyncio.to_thread(prepare)
+    return await _run(http, model, ids, body, "message", tools=tools, keep=keep)
 
 
 @router.post("/api/generate")

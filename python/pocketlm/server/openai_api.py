@@ -155,7 +155,7 @@ def _message_dict(i: int, m: ChatMessage) -> dict[str, Any]:
 
 
 def _submit_all(model, prompts: list[list[int]], body: _Sampling, max_tokens: int | None, logprobs: int | None = None,
-                **constraint) -> list:
+                keep: int = 4, **constraint) -> list:
     """One Request per (prompt, choice), in that order; on a failure, those already queued are cancelled.
     Runs in a worker thread: a constraint's first use builds the grammar's view of the vocabulary."""
     stops, sampling = _stops(body.stop), _sampling(body)
@@ -170,7 +170,8 @@ def _submit_all(model, prompts: list[list[int]], body: _Sampling, max_tokens: in
         for ids in prompts:
             for choice in range(body.n):
                 requests.append(model.submit(ids, max_tokens=max_tokens, stop=stops, seed=_seed(body, choice),
-                                             logprobs=logprobs, prompt_param=prompt_param, **constraint, **sampling))
+                                             logprobs=logprobs, prompt_param=prompt_param, keep=keep, **constraint,
+                                             **sampling))
     except BaseException:
         for r in requests:
             r.cancel()
@@ -338,15 +339,15 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     def prepare():  # off the event loop: tools and messages may be megabytes of JSON to render
         tools, grammar = _tool_plan(body, model)
         messages, template_tools = _chat_prompt(body, model, tools)
-        return tools, grammar, model.chat_prompt(messages, template_tools)
+        return tools, grammar, model.chat_prompt(messages, template_tools), model.chat_keep(messages, template_tools)
 
-    tools, call_grammar_text, ids = await asyncio.to_thread(prepare)
+    tools, call_grammar_text, ids, keep = await asyncio.to_thread(prepare)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if call_grammar_text is not None:
         constraint = {"grammar": call_grammar_text}
     else:
         constraint = {"response_format": body.response_format} if body.grammar is None else {"grammar": body.grammar}
-    requests = await asyncio.to_thread(_submit_all, model, [ids], body, max_tokens, top, **constraint)
+    requests = await asyncio.to_thread(_submit_all, model, [ids], body, max_tokens, top, keep, **constraint)
     cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     head = {"id": cid, "created": created, "model": model.id, "system_fingerprint": state.fingerprint}
     lp = _LogprobCursor(model, requests, top is not None)
