@@ -145,9 +145,9 @@ def windowed_configs(window: int) -> dict[str, dict]:
 WINDOWED_ARCHS = tuple(sorted(windowed_configs(8)))
 
 
-def make_windowed_bundle(folder: Path, arch: str, window: int) -> Path:
-    """A tiny random `arch` (one of WINDOWED_ARCHS) with sliding window `window`, converted to an f32
-    bundle at folder / "f32.plm"; returns its path."""
+def make_windowed_bundle(folder: Path, arch: str, window: int, **overrides) -> Path:
+    """A tiny random `arch` (one of WINDOWED_ARCHS) with sliding window `window` (and config `overrides`),
+    converted to an f32 bundle at folder / "f32.plm"; returns its path."""
     import torch
     import transformers
     from pocketlm.convert import convert
@@ -160,7 +160,7 @@ def make_windowed_bundle(folder: Path, arch: str, window: int) -> Path:
                "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM)}
     config_cls, model_cls = classes[arch]
     torch.manual_seed(len(arch))
-    model = model_cls(config_cls(**{**WINDOWED_TINY, **windowed_configs(window)[arch]})).eval()
+    model = model_cls(config_cls(**{**WINDOWED_TINY, **windowed_configs(window)[arch], **overrides})).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

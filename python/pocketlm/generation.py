@@ -60,6 +60,7 @@ class Generation:
         self.stats = GenerationStats(finish_reason="length")
         self.token_ids: list[int] = []   # generated so far (EOS excluded)
         self.feed: np.ndarray | None = None  # tokens the session must run next (from session.cached_tokens)
+        self.unfed: int | None = None  # once done: the last sampled token, if not EOS (never fed back)
         self.done = self.max_tokens == 0
         tok = engine.tokenizer
         self._sampler = Sampler(self.params, vocab_size=engine.vocab_size)
@@ -120,10 +121,12 @@ class Generation:
         if common + len(new) > limit and min(common, k) + len(new) > limit:
             # Even a shift of everything after the kept tokens leaves no room: the prompt's middle
             # never enters the cache, as if a shift had evicted it (the last half of the room is fed).
+            # (ids that continue the cached tokens follow the tokens evicted before.)
+            before = session._evicted if session._evicted and not forget and at == common else []
             common = min(common, k)
             tail = max(1, (limit - k) // 2)
             session._rewind(common)
-            session._evicted[:] = ids[k:len(ids) - tail]
+            session._evicted[:] = before + ids[k:len(ids) - tail]
             new = ids[common:k] + ids[len(ids) - tail:]
         else:
             if common < len(history):
@@ -143,7 +146,8 @@ class Generation:
         raw = logits
         if self.stats.generated_tokens == 0:  # the prompt is in: keep it for sessions that start alike
             cache = getattr(session.engine, "prefix_cache", None)
-            if cache is not None and self.stats.prompt_tokens and getattr(self, "_from_empty", False):
+            if cache is not None and self.stats.prompt_tokens and getattr(self, "_from_empty", False) \
+                    and not session._evicted:  # (a shifted cache's KV saw tokens its entry would not name)
                 cache.insert(session)  # (a conversation going on in its own session is not copied each turn)
         if self.constraint is not None:
             logits = self.constraint.apply(logits)
@@ -212,9 +216,11 @@ class Generation:
             if done is not None:
                 if session.position > position + j:  # kept guesses past this one were fed: not any more
                     session._rewind(position + j)
+                self.unfed = None if token in self._eos else token
                 return done
         session._make_room(1)  # a full context shifts (or the check above has finished)
-        self.feed = np.array([tokens[-1]], dtype=np.int32)
+        # (after a rewind or shift that emptied a ring's cache, the kept tokens are fed first)
+        self.feed = session._feed_after(np.array([tokens[-1]], dtype=np.int32))
         return pieces
 
     def cancel(self, reason: str = "cancelled") -> None:

@@ -1,6 +1,6 @@
 """One sequence's KV cache: the executor's storage (a `_core.State`, C++) and what it holds.
 
-The storage is per layer K and V, `[kv_head][slot][head_dim]`, f16 or f32 (csrc/runtime/kv_cache.h);
+The storage is per layer K and V, `[kv_head][slot][head_dim]`, f16, f32 or Q8_0 blocks (csrc/runtime/kv_cache.h);
 a full-attention layer has a slot per position, a sliding-window layer a ring of `window + step
 rows - 1` slots (position p in slot p % capacity). This object knows which positions are in it:
 
@@ -74,6 +74,8 @@ class KVCache:
         self.floors = floors
         self.valid -= n
         self.end = self.valid  # what a trim left above valid is not moved
+        if not self.can_trim(self.valid):  # a ring lacks what the next step's window reads (the session
+            self.clear()                   # avoids this, Session._make_room): fed again from position 0
 
     def copy_from(self, other: KVCache) -> None:
         """Holds what `other` holds: every position it wrote since it was last emptied (`end`, not

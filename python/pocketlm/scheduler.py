@@ -225,6 +225,8 @@ class Scheduler:
         session = generation.session
         if session._chunk != self.max_rows or session.logits_mode != "last":
             raise InvalidInputError("the scheduler runs sessions of the engine's generation program only")
+        with self._lock:  # refused before start() changes the session (a rewind, a context shift)
+            self._refuse_locked()
         generation.start()
         kv_need = self._kv_need(generation)
         if self.kv_budget is not None and kv_need > self.kv_budget:
@@ -237,11 +239,7 @@ class Scheduler:
             self._finish([(request, None)])
             return request
         with self._lock:
-            if self._closed:
-                raise RuntimeError("the engine's scheduler is closed")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(f"the engine's queue is full ({self.max_queue} requests wait for "
-                                     f"{self.max_batch} running ones); retry later")
+            self._refuse_locked()
             self._waiting.append((request, kv_need))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="pocketlm-scheduler", daemon=True)
@@ -250,6 +248,13 @@ class Scheduler:
             if self._sync_waiters == 0 and not attach:
                 self._bg_cond.notify()
         return request
+
+    def _refuse_locked(self) -> None:
+        if self._closed:
+            raise RuntimeError("the engine's scheduler is closed")
+        if len(self._waiting) >= self.max_queue:
+            raise QueueFullError(f"the engine's queue is full ({self.max_queue} requests wait for "
+                                 f"{self.max_batch} running ones); retry later")
 
     def _kv_need(self, gen) -> int:
         if self.kv_budget is None:

@@ -194,6 +194,14 @@ class Session:
             self._leave()
 
     @property
+    def unfed_tokens(self) -> list[int]:
+        """The token of the last generate() the session has not run: its last sampled token, unless that
+        was EOS (a generation that stops at max_tokens or a stop string never feeds it back). Prefill it
+        to continue after the generated text; [] when there is none."""
+        gen = self._last_generation
+        return [] if gen is None or gen.unfed is None else [gen.unfed]
+
+    @property
     def last_text_ids(self) -> list[int]:
         """The token ids of the last generate()'s whole text: its prompt and what it generated (EOS
         excluded). The session holds all but the last generated token (it was never fed back);
@@ -248,7 +256,7 @@ class Session:
         position = int(position)
         self.kv_cache.trim(position)  # past what a ring holds: empties it, the kept tokens are fed again
         del self._tokens[position:]
-        if position < self.keep:
+        if position < self.keep or position == 0:
             self._evicted.clear()  # what was evicted followed tokens that are gone now
         self._last_logits = None
 
@@ -293,8 +301,13 @@ class Session:
             raise ContextOverflowError(
                 f"{n_new} {what} at position {self.position} exceed the context of {self.max_context} "
                 f"tokens{after}; shorten the prompt, reset the session or raise max_context")
-        n = max(need, self.discard if self.discard is not None else room // 2)  # llama.cpp evicts half
-        self._shift(min(n, room))
+        n = min(max(need, self.discard if self.discard is not None else room // 2), room)  # llama.cpp evicts half
+        # A sliding window must not reach down into the kept tokens after the shift: its ring no longer
+        # holds them. Evict less where that is enough (else the cache is fed again, KVCache.shift).
+        windows = [w for _, w in self.kv_cache.rings]
+        if windows:
+            n = max(need, min(n, self.position - max(windows) + 1 - self.keep))
+        self._shift(n)
 
     def _reusable(self, ids: list[int]) -> tuple[int, int, bool]:
         """How a prompt `ids` continues this session: (cached tokens to keep, tokens of `ids` they
@@ -303,8 +316,8 @@ class Session:
         from pocketlm.generation import reusable_prefix
 
         tokens = self._tokens
-        if not self._evicted or (len(ids) > len(tokens) and ids[:len(tokens)] == tokens):
-            c = reusable_prefix(tokens, ids)
+        if not self._evicted or ids[:len(tokens)] == tokens or tokens[:len(ids)] == ids:
+            c = reusable_prefix(tokens, ids)  # ids continue (or are a prefix of) the cached tokens
             return c, c, False
         k, e = self.keep, len(self._evicted)
         c = reusable_prefix(self.history, ids)

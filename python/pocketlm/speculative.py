@@ -253,9 +253,9 @@ class DraftModel:
         for k in [k for k, (ref, _) in self._sessions.items() if ref() is None]:
             del self._sessions[k]
         shifts = target_session.on_overflow == "shift" and self.engine.can_shift
-        ds = self.engine.create_session(max_context=min(target_session.max_context, self.engine.max_context),
-                                        on_overflow="shift" if shifts else "error",
-                                        keep=min(target_session.keep, target_session.max_context - 1))
+        context = min(target_session.max_context, self.engine.max_context)
+        ds = self.engine.create_session(max_context=context, on_overflow="shift" if shifts else "error",
+                                        keep=min(target_session.keep, context - 1))
         self._sessions[key] = (weakref.ref(target_session), ds)
         return ds
 

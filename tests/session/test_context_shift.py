@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pocketlm import ContextOverflowError, Engine, UnsupportedModelError
-from testutil import make_f32_bundle
+from testutil import make_f32_bundle, make_windowed_bundle
 
 DENSE = ("llama", "qwen2", "phi3", "gemma")
 RINGED = ("mistral", "gemma2", "gemma3")
@@ -30,6 +30,8 @@ def bundles(tmp_path_factory, windowed_bundle):
     made["gpt2"] = make_f32_bundle(tmp_path_factory.mktemp("gpt2"), "gpt2", seed=3)
     for arch in RINGED:
         made[arch] = windowed_bundle(arch, 8)
+    for arch in ("mistral", "gemma2"):  # one sliding-window layer
+        made[arch, 1] = make_windowed_bundle(tmp_path_factory.mktemp(arch + "1"), arch, 8, num_hidden_layers=1)
     return made
 
 
@@ -100,6 +102,25 @@ def test_one_layer_model_next_logits_equal_a_fresh_session(bundles, arch):
     assert s.evicted_tokens > 0
 
 
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+@pytest.mark.parametrize("discard", [1, 30, None])
+def test_one_ring_layer_next_logits_equal_a_fresh_session(bundles, arch, discard):
+    """A sliding window after a shift reads the moved positions (and never the kept ones its ring has
+    dropped): decode shifts of every size, and a prompt that needs more room than the window leaves
+    (the cache is then fed again), each answer as a fresh session fed the tokens the cache holds."""
+    engine = Engine(bundles[arch, 1], threads=2, kv_type="f32", max_context=40, prefill_chunk=4)
+    rng = np.random.default_rng(16)
+    tokens = rng.integers(3, 300, 80).tolist()
+    s = engine.create_session(on_overflow="shift", keep=4, discard=discard)
+    s.prefill(tokens[:36])
+    for t in tokens[36:60]:
+        logits = s.decode(t)
+        np.testing.assert_allclose(logits, engine.create_session().prefill(s.tokens), rtol=1e-4, atol=1e-4)
+    logits = s.prefill(tokens[60:80] + tokens[:14])  # 34 at once: more than a window-safe shift frees
+    np.testing.assert_allclose(logits, engine.create_session().prefill(s.tokens), rtol=1e-4, atol=1e-4)
+    assert s.evicted_tokens > 0
+
+
 def test_f16_cache_shifts_close_to_f32(bundles):
     rng = np.random.default_rng(13)
     tokens = rng.integers(3, 300, 60).tolist()
@@ -137,6 +158,12 @@ def test_speculative_draft_follows_the_shift(bundles):
         outs.append("".join(s.generate([5, 6, 7, 8, 9], max_tokens=120, temperature=0)))
         assert s.evicted_tokens > 0
     assert outs[0] == outs[1]  # the same tokens, shift for shift
+    # the draft's session shifted alike (it did not start over), and its guesses were taken
+    s = target.create_session(on_overflow="shift", keep=4)
+    list(s.generate([5, 6, 7, 8, 9], max_tokens=120, temperature=0))
+    drafts = target.speculator._session_for(s)
+    assert drafts.evicted_tokens > 0 and drafts.history[:len(drafts.tokens)] == s.history[:len(drafts.tokens)]
+    assert s.last_stats.accepted_tokens > 0
 
 
 def test_a_rerendered_conversation_continues_after_a_shift(bundles):
