@@ -267,6 +267,40 @@ nb::ndarray<nb::numpy, float> weighted_sum(const std::string& variant, In2<float
   return arr;
 }
 
+// The Q8_0 KV cache's kernels: rows [n, row_bytes] of Q8_0 blocks (pocketlm.quant's layout).
+// scores_q8_0: s [G, n] (zero outside [p0, p1)) of queries q [G, dh]; weighted_sum_q8_0: out + w @ rows.
+nb::ndarray<nb::numpy, float> scores_q8_0(const std::string& variant, In2<uint8_t> rows, In2<float> q, int p0,
+                                          int p1) {
+  const KernelTable& kt = table(variant);
+  const size_t n = rows.shape(0), rb = rows.shape(1), G = q.shape(0), dh = q.shape(1);
+  if (G == 0 || dh == 0 || dh % 32 || rb != dh / 32 * 34 || p0 < 0 || p0 > p1 || (size_t)p1 > n)
+    throw nb::value_error("scores_q8_0: need rows [n, dh/32*34], q [G, dh] (dh % 32 == 0), 0 <= p0 <= p1 <= n");
+  float* s;
+  auto arr = new_array<float>({G, n}, &s);
+  std::memset(s, 0, G * n * sizeof(float));
+  {
+    nb::gil_scoped_release unlock;
+    kt.scores_q8_0(rows.data(), rb, q.data(), dh, (int)G, s, n, p0, p1, (int)dh);
+  }
+  return arr;
+}
+
+nb::ndarray<nb::numpy, float> weighted_sum_q8_0(const std::string& variant, In2<float> w, In2<uint8_t> rows,
+                                                In2<float> out) {
+  const KernelTable& kt = table(variant);
+  const size_t G = w.shape(0), n = w.shape(1), rb = rows.shape(1), dh = out.shape(1);
+  if (rows.shape(0) != n || out.shape(0) != G || G == 0 || dh == 0 || dh % 32 || rb != dh / 32 * 34)
+    throw nb::value_error("weighted_sum_q8_0: need w [G, n], rows [n, dh/32*34], out [G, dh] (dh % 32 == 0)");
+  float* y;
+  auto arr = new_array<float>({G, dh}, &y);
+  std::memcpy(y, out.data(), G * dh * sizeof(float));
+  {
+    nb::gil_scoped_release unlock;
+    kt.weighted_sum_q8_0(w.data(), n, (int)G, rows.data(), rb, (int)n, y, dh, (int)dh);
+  }
+  return arr;
+}
+
 nb::ndarray<nb::numpy, uint16_t> to_f16(const std::string& variant, In1<float> x) {
   const KernelTable& kt = table(variant);
   uint16_t* y;
@@ -366,6 +400,8 @@ void bind_kernels(nb::module_& m) {
   k.def("rms_norm", &rms_norm, nb::arg("variant"), nb::arg("x"), nb::arg("w"), nb::arg("eps"));
   k.def("max", &max_of, nb::arg("variant"), nb::arg("s"));
   k.def("to_f16", &to_f16, nb::arg("variant"), nb::arg("x"));
+  k.def("scores_q8_0", &scores_q8_0, nb::arg("variant"), nb::arg("rows"), nb::arg("q"), nb::arg("p0"), nb::arg("p1"));
+  k.def("weighted_sum_q8_0", &weighted_sum_q8_0, nb::arg("variant"), nb::arg("w"), nb::arg("rows"), nb::arg("out"));
   k.def("weighted_sum_f16", &weighted_sum<uint16_t>, nb::arg("variant"), nb::arg("w"), nb::arg("rows"), nb::arg("out"));
   k.def("exp_sum", &exp_sum, nb::arg("variant"), nb::arg("s"), nb::arg("m"), nb::arg("scale"));
   k.def("silu_mul", [](const std::string& v, In1<float> g, In1<float> u) { return binary(v, g, u, true); },

@@ -97,6 +97,14 @@ struct KernelTable {
   void (*to_f16)(const float* x, fp16_t* y, int n);
   void (*weighted_sum_f16)(const float* w, size_t ldw, int G, const fp16_t* rows, size_t ldr, int n,
                            float* out, size_t ldo, int dh);
+  // The Q8_0 KV cache (runtime/kv_cache.h): rows of dh / 32 blocks {f16 d; int8 q[32]}, ldr bytes apart
+  // (dh % 32 == 0). Attention's scores against float queries (no activation quantization):
+  // s[g*lds + p] = sum_i q[g*ldq + i] * d_b(p) q_b(p)[i] for p in [p0, p1), g < G; and its P.V:
+  // out[g*ldo + i] += sum_{p < n} w[g*ldw + p] * row_p[i], each row decoded once for all G.
+  void (*scores_q8_0)(const uint8_t* rows, size_t ldr, const float* q, size_t ldq, int G, float* s, size_t lds,
+                      int p0, int p1, int dh);
+  void (*weighted_sum_q8_0)(const float* w, size_t ldw, int G, const uint8_t* rows, size_t ldr, int n,
+                            float* out, size_t ldo, int dh);
 };
 
 // weighted_sum from an axpy, for variants without a blocked one.

@@ -47,7 +47,7 @@ class Backend {
   virtual WorkspaceBytes workspace_bytes(int max_context) const = 0;
   // Makes, or grows for a larger max_context, the workspace. Under the Program's step mutex.
   virtual void reserve(int max_context, const WorkspaceBytes& bytes) = 0;
-  virtual KVCache allocate_kv(const KVConfig& kv, std::vector<int64_t> capacities, bool f16) const = 0;
+  virtual KVCache allocate_kv(const KVConfig& kv, std::vector<int64_t> capacities, KVType type) const = 0;
   // One forward pass over `rows`; writes the output tensor's rows to out.
   virtual void run(const StepRows& rows, float* out) = 0;
 };

@@ -52,12 +52,17 @@ struct StateSizes {
   int64_t kv = 0;
 };
 
-StateSizes state_sizes(const Program::Impl& p, int max_context, bool kv_f16) {
+StateSizes state_sizes(const Program::Impl& p, int max_context, KVType kv_type) {
   StateSizes z;
   z.kv_capacities = layer_kv_capacities(p, max_context);
   z.workspace = p.backend->workspace_bytes(max_context);
-  const int64_t row = checked_product({2, p.kv.n_kv_heads, p.kv.head_dim, kv_f16 ? 2 : 4}, "KV row bytes");
-  for (int64_t c : z.kv_capacities) z.kv = checked_add(z.kv, checked_mul(c, row, "KV cache bytes"), "KV cache bytes");
+  checked_mul(p.kv.head_dim, 4, "KV row bytes");  // kv_row_bytes below cannot overflow
+  for (size_t l = 0; l < z.kv_capacities.size(); ++l) {
+    const int64_t rows = (int64_t)(kv_row_bytes(kv_key_type(kv_type, (int)l), p.kv.head_dim) +
+                                   kv_row_bytes(kv_type, p.kv.head_dim));
+    const int64_t row = checked_mul(p.kv.n_kv_heads, rows, "KV row bytes");
+    z.kv = checked_add(z.kv, checked_mul(z.kv_capacities[l], row, "KV cache bytes"), "KV cache bytes");
+  }
   int64_t total = 0;
   for (int64_t b : {z.workspace.arena, z.workspace.scratch, z.kv}) total = checked_add(total, b, "session bytes");
   return z;
@@ -71,17 +76,21 @@ struct State::Impl {
   KVCache kv;
   std::mutex run_mutex;  // one step or copy_kv_from() at a time per State
 
-  Impl(const Program::Impl& program, int max_context_, bool kv_f16, const StateSizes& z)
+  Impl(const Program::Impl& program, int max_context_, KVType kv_type, const StateSizes& z)
       : p(program),
         max_context(max_context_),
-        kv(program.backend->allocate_kv(program.kv, z.kv_capacities, kv_f16)) {}
+        kv(program.backend->allocate_kv(program.kv, z.kv_capacities, kv_type)) {}
 };
 
 State::State(const Program& program, int max_context, const std::string& kv_type) {
   const Program::Impl& p = *program.impl();
   if (max_context < 1) throw std::invalid_argument("max_context must be >= 1");
-  if (kv_type != "f16" && kv_type != "f32")
-    throw std::invalid_argument("kv_type must be 'f16' or 'f32', got '" + kv_type + "'");
+  if (kv_type != "f16" && kv_type != "f32" && kv_type != "q8_0")
+    throw std::invalid_argument("kv_type must be 'f16', 'f32' or 'q8_0', got '" + kv_type + "'");
+  const KVType type = kv_type == "f32" ? KVType::F32 : kv_type == "f16" ? KVType::F16 : KVType::Q8_0;
+  if (type == KVType::Q8_0 && p.kv.head_dim % 32 != 0)
+    throw UnsupportedError("kv_type 'q8_0' needs a head_dim that is a multiple of 32 (its blocks), this model's is " +
+                           std::to_string(p.kv.head_dim) + ": use 'f16'");
   if (max_context > p.rope_positions)
     throw ContextOverflowError("max_context " + std::to_string(max_context) +
                                " exceeds the " + std::to_string(p.rope_positions) +
@@ -90,13 +99,13 @@ State::State(const Program& program, int max_context, const std::string& kv_type
     throw ContextOverflowError("max_context " + std::to_string(max_context) +
                                " exceeds the " + std::to_string(p.embed_positions) +
                                " positions of the model's position embeddings");
-  const StateSizes sizes = state_sizes(p, max_context, kv_type == "f16");  // throws on overflow
+  const StateSizes sizes = state_sizes(p, max_context, type);  // throws on overflow
   try {
     {
       std::lock_guard<std::mutex> lock(p.step_mutex);  // no State mutex is held here
       p.backend->reserve(max_context, sizes.workspace);
     }
-    impl_ = std::make_unique<Impl>(p, max_context, kv_type == "f16", sizes);
+    impl_ = std::make_unique<Impl>(p, max_context, type, sizes);
   } catch (const std::bad_alloc&) {  // the OS refused the reservation (address space, overcommit)
     throw ReserveError("cannot reserve memory for a session of max_context " + std::to_string(max_context) +
                        ": KV cache " + std::to_string(sizes.kv) + " bytes (" + kv_type +
@@ -110,7 +119,7 @@ State::~State() = default;
 int State::max_context() const { return impl_->max_context; }
 std::vector<int64_t> State::kv_capacities() const { return impl_->kv.capacities(); }
 int64_t State::kv_bytes() const { return (int64_t)impl_->kv.bytes(); }
-const char* State::kv_type() const { return impl_->kv.f16() ? "f16" : "f32"; }
+const char* State::kv_type() const { return kv_type_name(impl_->kv.type()); }
 
 int64_t State::kv_used_bytes(int64_t n_positions) const {
   const KVCache& kv = impl_->kv;
@@ -120,8 +129,7 @@ int64_t State::kv_used_bytes(int64_t n_positions) const {
   int64_t total = 0;
   for (int l = 0; l < kv.n_layers(); ++l)
     total = checked_add(total,
-                        checked_product({2, kv.used_slots(l, n_positions), kv.n_kv_heads(), kv.head_dim(),
-                                         (int64_t)kv.elem_bytes()}, "KV bytes"),
+                        checked_product({kv.used_slots(l, n_positions), (int64_t)kv.position_bytes(l)}, "KV bytes"),
                         "KV bytes");
   return total;
 }
@@ -138,7 +146,7 @@ void State::copy_kv_from(const State& other, int64_t n_positions) {
   std::string why;
   if (dst.n_layers() != src.n_layers() || dst.n_kv_heads() != src.n_kv_heads() || dst.head_dim() != src.head_dim())
     why = "KV shapes differ (" + shape(src) + " into " + shape(dst) + ")";
-  else if (dst.elem_bytes() != src.elem_bytes())
+  else if (dst.type() != src.type())
     why = std::string("KV types differ (") + other.kv_type() + " into " + kv_type() + ")";
   else if (s.max_context != o.max_context)
     why = "max_context differs (" + std::to_string(o.max_context) + " into " + std::to_string(s.max_context) + ")";
@@ -204,7 +212,6 @@ void State::kv_shift(int64_t keep, int64_t n_discard, int64_t n_positions, int64
   std::lock_guard<std::mutex> lock(s.run_mutex);
   KVCache& kv = s.kv;
   const int64_t dh = kv.head_dim(), d = n_discard;
-  const size_t eb = kv.elem_bytes(), rb = (size_t)dh * eb;  // bytes of one head's row
   std::vector<float> row((size_t)dh);
   std::vector<uint8_t> ring;  // a wrapped ring's head block, copied before its rows move
   for (int l = 0; l < kv.n_layers(); ++l) {
@@ -219,6 +226,7 @@ void State::kv_shift(int64_t keep, int64_t n_discard, int64_t n_positions, int64
     const bool wrapped = end > cap;
     for (bool values : {false, true}) {
       uint8_t* block = values ? kv.v(l) : kv.k(l);
+      const size_t rb = values ? kv.value_row_bytes() : kv.key_row_bytes(l);  // bytes of one head's row
       for (int64_t h = 0; h < kv.n_kv_heads(); ++h) {
         uint8_t* head = block + (size_t)(h * cap) * rb;
         if (!wrapped) {
@@ -231,19 +239,9 @@ void State::kv_shift(int64_t keep, int64_t n_discard, int64_t n_positions, int64
         if (values) continue;
         for (int64_t q = first; q < n_positions; ++q) {  // keys: rotate to the new positions
           uint8_t* slot = head + (size_t)((q - d) % cap) * rb;
-          if (kv.f16()) {
-            const fp16_t* x = reinterpret_cast<const fp16_t*>(slot);
-            for (int64_t i = 0; i < dh; ++i) row[(size_t)i] = fp16_to_fp32(x[i]);
-          } else {
-            std::memcpy(row.data(), slot, rb);
-          }
+          kv.load_key(l, slot, row.data());
           rerotate(row.data(), table, rope.rope_dim, q, q - d);
-          if (kv.f16()) {
-            fp16_t* y = reinterpret_cast<fp16_t*>(slot);
-            for (int64_t i = 0; i < dh; ++i) y[i] = fp32_to_fp16(row[(size_t)i]);
-          } else {
-            std::memcpy(slot, row.data(), rb);
-          }
+          kv.store_key(l, row.data(), slot);
         }
       }
     }

@@ -37,7 +37,7 @@ MAX_BATCH = 256
 DEFAULT_MAX_QUEUE = 256  # requests waiting for a place in the batch
 DEFAULT_PREFIX_CACHE_MB = 256  # the shared prefix cache's KV budget (Engine(prefix_cache_mb=...))
 MAX_THREADS = 64  # the executor's thread pool takes 1..64 (csrc/runtime/threadpool.h)
-KV_TYPES = ("f16", "f32")  # the KV cache's element type (Engine(kv_type=...), --kv-type)
+KV_TYPES = ("f16", "f32", "q8_0")  # the KV cache's element type (Engine(kv_type=...), --kv-type)
 
 
 def physical_cores() -> int:
@@ -262,8 +262,8 @@ class Engine:
         (two levels everywhere: int8 plus an int8 residual, ~15-bit, float-quality answers), "int8"
         (one level, fastest, as llama.cpp), or per site, e.g. "int8,ffn_down=int8x2"
         (pocketlm.passes.precision; docs/quant.md). kv_type: the KV cache's element type, "f16" (default,
-        as llama.cpp: half the memory, ~1e-3 relative error in the cached keys and values) or
-        "f32" (exact).
+        as llama.cpp: half the memory, ~1e-3 relative error in the cached keys and values), "f32"
+        (exact) or "q8_0" (GGUF's Q8_0 blocks of 32, 0.53x of f16's bytes; head_dim a multiple of 32).
 
         Generations run on one scheduler per engine (`pocketlm.scheduler`), which batches those of
         concurrent sessions into shared steps: max_batch: sequences decoded together, 1..256 (at
@@ -296,6 +296,9 @@ class Engine:
             raise ValueError("max_context must be at least 1")
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
+        if kv_type == "q8_0" and int(self.config.get("head_dim") or 0) % 32:
+            raise UnsupportedModelError(f"kv_type 'q8_0' needs a head_dim that is a multiple of 32 (its blocks); "
+                                        f"{self.path.name}'s is {self.config.get('head_dim')}: use 'f16'")
         self.kv_type = kv_type
         trained = int(self.config.get("max_position") or max_context)
         self.max_context = min(int(max_context), trained)

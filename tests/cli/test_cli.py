@@ -120,7 +120,7 @@ def test_context_overflow_is_a_clear_error(model):
     (["bench", "-r", "0"], "argument -r/--reps: invalid value '0': must be at least 1"),
     (["bench", "-p", "0"], "argument -p/--n-prompt: invalid value '0': must be at least 1"),
     (["bench", "-n", "-1"], "argument -n/--n-gen: invalid value '-1': must be 0 or more"),
-    (["run", "--kv-type", "q8_0"], "argument --kv-type: invalid choice: 'q8_0'"),
+    (["run", "--kv-type", "q4_1"], "argument --kv-type: invalid choice: 'q4_1'"),
     (["bench", "--kv-type", "bf16"], "argument --kv-type: invalid choice: 'bf16'"),
     (["perplexity", "--kv-type", "f8"], "argument --kv-type: invalid choice: 'f8'"),
 ])
@@ -150,8 +150,8 @@ def test_kv_type_option_reaches_the_engine(model):
         r = cli("run", model, "-p", prompt, "-n", 8, "--temp", 0, "-c", 128, "--kv-type", kv)
         assert r.stdout == prompt + expected + "\n"
     assert Engine(model, max_context=32).kv_type == "f16"  # the default, as llama.cpp's
-    with pytest.raises(ValueError, match="kv_type must be one of f16, f32, got 'q8_0'"):
-        Engine(model, max_context=32, kv_type="q8_0")
+    with pytest.raises(ValueError, match="kv_type must be one of f16, f32, q8_0, got 'q4_1'"):
+        Engine(model, max_context=32, kv_type="q4_1")
 
 
 def test_engine_rejects_zero_threads_instead_of_defaulting(model):

@@ -138,3 +138,29 @@ def test_f16_kv_helpers(variant):
         want = out.astype(np.float64) + w.astype(np.float64) @ rows.astype(np.float64)
         scale = np.abs(out) + np.abs(w) @ np.abs(rows.astype(np.float32))
         assert np.all(np.abs(got - want) <= 1e-6 * scale), (variant, G, n, dh)
+
+
+@pytest.mark.parametrize("variant", variants())
+def test_q8_0_kv_helpers(variant):
+    """The Q8_0 KV cache's attention kernels against float64 numpy over the dequantized rows (pocketlm.quant's
+    Q8_0, the layout the cache stores): scores for a range of positions, and P.V."""
+    rng = np.random.default_rng(4)
+    for G, n, dh in [(1, 1, 32), (3, 5, 64), (7, 33, 128), (6, 17, 64), (2, 9, 96), (14, 70, 64), (1, 3, 256),
+                     (2, 5, 288)]:
+        x = (rng.standard_normal((n, dh)) * rng.choice([0.01, 1.0, 30.0], (n, 1))).astype(np.float32)
+        x[0, :32] = 0.0  # an all-zero block
+        rows = quantize(x, DType.Q8_0).reshape(n, dh // 32 * 34)
+        deq = dequantize(rows.reshape(-1), DType.Q8_0, (n, dh)).astype(np.float64)
+        q = rng.standard_normal((G, dh)).astype(np.float32)
+        p0, p1 = n // 3, n
+        got = kernels.scores_q8_0(variant, rows, q, p0, p1)
+        want = q.astype(np.float64) @ deq.T
+        scale = np.abs(q.astype(np.float64)) @ np.abs(deq.T)
+        assert np.all(got[:, :p0] == 0), variant
+        assert np.all(np.abs(got[:, p0:p1] - want[:, p0:p1]) <= 1e-5 * scale[:, p0:p1] + 1e-30), (variant, G, n, dh)
+        w = rng.random((G, n), dtype=np.float32)
+        out = rng.standard_normal((G, dh)).astype(np.float32)
+        got = kernels.weighted_sum_q8_0(variant, w, rows, out)
+        want = out.astype(np.float64) + w.astype(np.float64) @ deq
+        scale = np.abs(out) + np.abs(w.astype(np.float64)) @ np.abs(deq)
+        assert np.all(np.abs(got - want) <= 1e-6 * scale + 1e-30), (variant, G, n, dh)

@@ -259,6 +259,94 @@ def test_attention_long_context_decode(n_heads, n_kv_heads):
         np.testing.assert_allclose(np.concatenate(outs), ref[:pos], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim", [(4, 1, 64), (6, 3, 32), (2, 2, 128)])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_attention_q8_0_cache(n_heads, n_kv_heads, head_dim, layer):
+    """A Q8_0 KV cache: attention equals the float64 reference over the cache's values dequantized
+    (each head's row quantized as pocketlm.quant's Q8_0; keys turned by the Hadamard transform first,
+    and back; the first layer's keys f16), in prefill chunks and deep decode steps; and the cache holds
+    exactly those bytes."""
+    from pocketlm import _core
+    from pocketlm.dtypes import DType
+    from pocketlm.quant import dequantize, quantize
+
+    total, scale = 300, 1.0 / np.sqrt(head_dim)
+    q = rand(total, n_heads * head_dim)
+    k = rand(total, n_kv_heads * head_dim) * 3
+    v = rand(total, n_kv_heads * head_dim)
+    qkv = np.concatenate([q, k, v], axis=1)
+    nq, nk = q.shape[1], k.shape[1]
+    b = ProgramBuilder(max_tokens=64)
+    e, _ = b.weight(qkv)
+    rows = b.arena(qkv.shape[1])
+    b.op("embed", [e, b.tokens()], [rows])
+    eye = np.eye(qkv.shape[1], dtype=np.float32)
+    qa, ka, va, o = b.arena(nq), b.arena(nk), b.arena(nk), b.arena(nq)
+    wq, _ = b.weight(eye[:nq])
+    wk, _ = b.weight(eye[nq:nq + nk])
+    wv, _ = b.weight(eye[nq + nk:])
+    b.op("matmul_multi", [rows, wq, -1, wk, -1, wv, -1], [qa, ka, va])
+    b.op("attention", [qa, ka, va], [o], iparams=[layer, n_heads, n_kv_heads, head_dim], fparams=[scale])
+
+    # keys are stored Hadamard-rotated: H k, H the normalized Sylvester Hadamard matrix (symmetric)
+    hadamard = np.array([[1.0]])
+    while hadamard.shape[0] < head_dim:
+        hadamard = np.block([[hadamard, hadamard], [hadamard, -hadamard]])
+    hadamard /= np.sqrt(head_dim)
+    rb = head_dim // 32 * 34
+    krb = 2 * head_dim if layer == 0 else rb  # the first layer's keys are f16
+    for n_threads in (1, 2):
+        state = _core.State(b.program(o, kv=(2, n_kv_heads, head_dim), n_threads=n_threads), total, "q8_0")
+        assert state.kv_type == "q8_0"
+        assert state.kv_used_bytes(total) == total * n_kv_heads * (2 * head_dim + rb + rb + rb)
+        pos, outs = 0, []
+        for chunk in [64] * 4 + [1] * 8 + [10, 1, 1]:
+            outs.append(state.run(np.arange(pos, pos + chunk, dtype=np.int32), pos))
+            pos += chunk
+        # the cache, per layer K then V, per head its rows ([head][position]), dequantized; keys turned back
+        raw = state.kv_export(pos)
+        start = 0 if layer == 0 else n_kv_heads * pos * (2 * head_dim + rb)
+        k_raw = raw[start:start + n_kv_heads * pos * krb].reshape(n_kv_heads, pos, krb)
+        v_raw = raw[start + k_raw.size:start + k_raw.size + n_kv_heads * pos * rb].reshape(n_kv_heads, pos, rb)
+        if layer == 0:
+            k_vals = k_raw.reshape(-1).view(np.float16).astype(np.float64).reshape(n_kv_heads, pos, head_dim)
+            k_vals = k_vals.transpose(1, 0, 2) @ hadamard  # (turned below, as the Q8_0 keys)
+        else:
+            k_vals = dequantize(k_raw.reshape(-1), DType.Q8_0, (n_kv_heads * pos, head_dim)).astype(np.float64) \
+                .reshape(n_kv_heads, pos, head_dim).transpose(1, 0, 2)
+        values = [k_vals, dequantize(v_raw.reshape(-1), DType.Q8_0, (n_kv_heads * pos, head_dim))
+                  .astype(np.float64).reshape(n_kv_heads, pos, head_dim).transpose(1, 0, 2)]
+        packed = [k_raw, v_raw]
+        k_deq = (values[0] @ hadamard).reshape(pos, -1)  # H^T = H
+        v_deq = values[1].reshape(pos, -1)
+        ref = attention(q[:pos], k_deq, v_deq, 0, n_heads, n_kv_heads, head_dim, scale)
+        np.testing.assert_allclose(np.concatenate(outs), ref, rtol=1e-4, atol=1e-5)
+        # ... which are H k and v, each to within half a quantization step of its block
+        for got, want in ((values[0], k[:pos].reshape(pos, n_kv_heads, head_dim) @ hadamard),
+                          (values[1], v[:pos].reshape(pos, n_kv_heads, head_dim)))[layer == 0:]:
+            blocks = want.reshape(-1, 32)
+            step = np.abs(blocks).max(axis=1, keepdims=True) / 127
+            assert np.all(np.abs(got.reshape(-1, 32) - blocks) <= 0.502 * step + 1e-6)
+        # V is stored exactly as pocketlm.quant quantizes it
+        v_want = quantize(v[:pos].reshape(-1, head_dim), DType.Q8_0).reshape(pos, n_kv_heads, rb).transpose(1, 0, 2)
+        np.testing.assert_array_equal(packed[1], v_want)
+        if layer == 0:  # f16 keys: the keys rounded to half
+            np.testing.assert_array_equal(k_raw.reshape(-1).view(np.float16).reshape(n_kv_heads, pos, head_dim),
+                                          k[:pos].reshape(pos, n_kv_heads, head_dim).transpose(1, 0, 2).astype(np.float16))
+
+
+def test_q8_0_cache_needs_whole_blocks():
+    from pocketlm import _core
+
+    b = ProgramBuilder(max_tokens=4)
+    x = b.arena(48)
+    e, _ = b.weight(rand(10, 48))
+    b.op("embed", [e, b.tokens()], [x])
+    prog = b.program(x, kv=(1, 1, 16))  # a KV cache of head_dim 16
+    with pytest.raises(Exception, match="multiple of 32"):
+        _core.State(prog, 8, "q8_0")
+
+
 # ---- GPT-2 ops: layer_norm, pos_embed, gelu ---------------------------------------------------
 
 

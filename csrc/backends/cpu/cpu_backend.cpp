@@ -145,8 +145,8 @@ void CpuBackend::reserve(int max_context, const WorkspaceBytes& bytes) {
   }
 }
 
-KVCache CpuBackend::allocate_kv(const KVConfig& kv, std::vector<int64_t> capacities, bool f16) const {
-  return KVCache(kv.n_layers, kv.n_kv_heads, kv.head_dim, std::move(capacities), f16 ? sizeof(fp16_t) : sizeof(float));
+KVCache CpuBackend::allocate_kv(const KVConfig& kv, std::vector<int64_t> capacities, KVType type) const {
+  return KVCache(kv.n_layers, kv.n_kv_heads, kv.head_dim, std::move(capacities), type);
 }
 
 void CpuBackend::run(const StepRows& rows, float* out) {

@@ -53,7 +53,7 @@ class CpuBackend final : public Backend {
   void prepare() override;
   WorkspaceBytes workspace_bytes(int max_context) const override;
   void reserve(int max_context, const WorkspaceBytes& bytes) override;
-  KVCache allocate_kv(const KVConfig& kv, std::vector<int64_t> capacities, bool f16) const override;
+  KVCache allocate_kv(const KVConfig& kv, std::vector<int64_t> capacities, KVType type) const override;
   void run(const StepRows& rows, float* out) override;
 
  private:

@@ -202,17 +202,29 @@ void Step::attention(const OpDesc& op) {
   // Append this step's rows first: a row attends to the rows before it in this step too. Each
   // row goes to its own sequence's cache, where each KV head is its own [capacity, head_dim]
   // block (kv_cache.h).
+  thread_local std::vector<float> key_row;  // a key being rotated for a Q8_0 cache
   for (int64_t t = 0; t < n_rows; ++t) {
     const KVCache& kv = *seqs[row_seq[t]].kv;
     const int64_t cap = kv.capacity(layer), slot = row_pos[t] % cap;
-    const size_t eb = kv.elem_bytes();
     for (bool values : {false, true}) {
       uint8_t* cache = values ? kv.v(layer) : kv.k(layer);
+      const KVType type = values ? kv.value_type() : kv.key_type(layer);
+      const size_t rb = values ? kv.value_row_bytes() : kv.key_row_bytes(layer);
       const float* x = (values ? v : k) + t * kv_cols;
       for (int64_t h = 0; h < hkv; ++h) {
-        uint8_t* dst = cache + (size_t)((h * cap + slot) * dh) * eb;
-        if (kv.f16()) kt.to_f16(x + h * dh, reinterpret_cast<fp16_t*>(dst), (int)dh);
-        else std::memcpy(dst, x + h * dh, (size_t)dh * sizeof(float));
+        uint8_t* dst = cache + (size_t)(h * cap + slot) * rb;
+        switch (type) {
+          case KVType::F16: kt.to_f16(x + h * dh, reinterpret_cast<fp16_t*>(dst), (int)dh); break;
+          case KVType::F32: std::memcpy(dst, x + h * dh, (size_t)dh * sizeof(float)); break;
+          case KVType::Q8_0:
+            if (values) {
+              kv.store_value(x + h * dh, dst);
+            } else {  // keys Hadamard-rotated (kv_cache.h)
+              key_row.assign(x + h * dh, x + (h + 1) * dh);
+              kv.store_key(layer, key_row.data(), dst);
+            }
+            break;
+        }
       }
     }
   }
@@ -261,22 +273,31 @@ void Step::attention(const OpDesc& op) {
   // Partial of (row t, KV head kvh, chunk j) into dst[g * slot ..] for the group's query heads.
   auto partial = [&](int64_t t, int64_t kvh, int64_t j, int thread_id, float* dst) {
     const KVCache& kv = *seqs[row_seq[t]].kv;
-    const int64_t cap = kv.capacity(layer), head_elems = cap * dh;
-    const size_t eb = kv.elem_bytes();
-    const bool kv_f16 = kv.f16();
+    const int64_t cap = kv.capacity(layer);
+    const size_t krb = kv.key_row_bytes(layer), vrb = kv.value_row_bytes();
+    const KVType k_type = kv.key_type(layer), v_type = kv.value_type();
     const auto [lo, hi] = bounds(t);
     const int64_t p0 = std::max(lo, j * kAttnChunk), p1 = std::min(hi, (j + 1) * kAttnChunk);
     const float* qg = q + t * q_cols + kvh * group * dh;  // this group's query heads
-    const uint8_t* vh = kv.v(layer) + (size_t)(kvh * head_elems) * eb;
+    const uint8_t* kh = kv.k(layer) + (size_t)(kvh * cap) * krb;
+    const uint8_t* vh = kv.v(layer) + (size_t)(kvh * cap) * vrb;
     float* s = scores_all + (int64_t)thread_id * group * stride;  // [group][stride]
     // q . k for the group's heads and the slots of [p0, p1) in one call per run: the K
-    // cache of this head is a contiguous f16/f32 [capacity, head_dim] matrix.
-    const DType kv_dtype = kv_f16 ? DType::F16 : DType::F32;
-    const kernels::WeightView keys{kv_dtype, cap, dh, kv.k(layer) + (size_t)(kvh * head_elems) * eb,
-                                   (size_t)dh * eb, nullptr};
-    for_slots(cap, p0, p1, [&](int64_t s0, int64_t s1) {
-      kt.matmul[(int)kv_dtype](keys, qg, (size_t)dh, nullptr, (int)group, s, (size_t)stride, (int)s0, (int)s1);
-    });
+    // cache of this head is a contiguous [capacity, head_dim] matrix (f16, f32 or Q8_0 rows).
+    if (k_type == KVType::Q8_0) {  // its keys are H k: the queries turn alike, H q
+      thread_local std::vector<float> qrot;
+      qrot.assign(qg, qg + group * dh);
+      kv_hadamard(qrot.data(), group * dh, kv_hadamard_block(dh));
+      for_slots(cap, p0, p1, [&](int64_t s0, int64_t s1) {
+        kt.scores_q8_0(kh, krb, qrot.data(), (size_t)dh, (int)group, s, (size_t)stride, (int)s0, (int)s1, (int)dh);
+      });
+    } else {
+      const DType kv_dtype = k_type == KVType::F16 ? DType::F16 : DType::F32;
+      const kernels::WeightView keys{kv_dtype, cap, dh, kh, krb, nullptr};
+      for_slots(cap, p0, p1, [&](int64_t s0, int64_t s1) {
+        kt.matmul[(int)kv_dtype](keys, qg, (size_t)dh, nullptr, (int)group, s, (size_t)stride, (int)s0, (int)s1);
+      });
+    }
     for (int64_t g = 0; g < group; ++g) {
       float* sg = s + g * stride;
       float m = -std::numeric_limits<float>::infinity();
@@ -294,13 +315,21 @@ void Step::attention(const OpDesc& op) {
     }
     // Weighted sum of V rows, each row read once for the whole group.
     for_slots(cap, p0, p1, [&](int64_t s0, int64_t s1) {
-      const uint8_t* rows = vh + (size_t)(s0 * dh) * eb;
-      if (kv_f16)
-        kt.weighted_sum_f16(s + s0, (size_t)stride, (int)group, reinterpret_cast<const fp16_t*>(rows),
-                            (size_t)dh, (int)(s1 - s0), dst + 2, (size_t)slot, (int)dh);
-      else
-        kt.weighted_sum(s + s0, (size_t)stride, (int)group, reinterpret_cast<const float*>(rows),
-                        (size_t)dh, (int)(s1 - s0), dst + 2, (size_t)slot, (int)dh);
+      const uint8_t* rows = vh + (size_t)s0 * vrb;
+      switch (v_type) {
+        case KVType::F16:
+          kt.weighted_sum_f16(s + s0, (size_t)stride, (int)group, reinterpret_cast<const fp16_t*>(rows),
+                              (size_t)dh, (int)(s1 - s0), dst + 2, (size_t)slot, (int)dh);
+          break;
+        case KVType::F32:
+          kt.weighted_sum(s + s0, (size_t)stride, (int)group, reinterpret_cast<const float*>(rows),
+                          (size_t)dh, (int)(s1 - s0), dst + 2, (size_t)slot, (int)dh);
+          break;
+        case KVType::Q8_0:
+          kt.weighted_sum_q8_0(s + s0, (size_t)stride, (int)group, rows, vrb, (int)(s1 - s0), dst + 2, (size_t)slot,
+                               (int)dh);
+          break;
+      }
     });
   };
   // Output of (row t, KV head kvh) from its n partials at src (chunk order): rescaled to their max.

@@ -355,6 +355,41 @@ void weighted_sum_f16_neon(const float* w, size_t ldw, int G, const fp16_t* rows
     for (int g = 0; g < G; ++g) axpy_neon(w[g * ldw + p], x, out + g * ldo, dh);
   }
 }
+// The Q8_0 KV cache: a row of dh / 32 blocks {f16 d; int8 q[32]} decoded into x (d * q as floats).
+inline void q8_0_decode_row_neon(const uint8_t* r, float* x, int dh) {
+  for (int b = 0; b < dh / 32; ++b, r += 34, x += 32) {
+    fp16_t h;
+    std::memcpy(&h, r, 2);
+    const float d = fp16_to_fp32(h);
+    for (int c = 0; c < 32; c += 8) {
+      const int16x8_t v = vmovl_s8(vld1_s8(reinterpret_cast<const int8_t*>(r + 2 + c)));
+      vst1q_f32(x + c, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(v))), d));
+      vst1q_f32(x + c + 4, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(v))), d));
+    }
+  }
+}
+// Scores of G float queries against Q8_0 key rows: each row decoded once, then G dot products.
+void scores_q8_0_neon(const uint8_t* rows, size_t ldr, const float* q, size_t ldq, int G, float* s, size_t lds,
+                      int p0, int p1, int dh) {
+  constexpr int kMaxDh = 512;
+  if (dh > kMaxDh) return ref_kernels().scores_q8_0(rows, ldr, q, ldq, G, s, lds, p0, p1, dh);
+  float x[kMaxDh];
+  for (int p = p0; p < p1; ++p) {
+    q8_0_decode_row_neon(rows + (size_t)p * ldr, x, dh);
+    for (int g = 0; g < G; ++g) s[(size_t)g * lds + p] = dot_neon(x, q + (size_t)g * ldq, dh);
+  }
+}
+// P.V over Q8_0 rows: each row decoded once, then one axpy per weight row.
+void weighted_sum_q8_0_neon(const float* w, size_t ldw, int G, const uint8_t* rows, size_t ldr, int n, float* out,
+                            size_t ldo, int dh) {
+  constexpr int kMaxDh = 512;
+  if (dh > kMaxDh) return ref_kernels().weighted_sum_q8_0(w, ldw, G, rows, ldr, n, out, ldo, dh);
+  float x[kMaxDh];
+  for (int p = 0; p < n; ++p) {
+    q8_0_decode_row_neon(rows + (size_t)p * ldr, x, dh);
+    for (int g = 0; g < G; ++g) axpy_neon(w[g * ldw + p], x, out + g * ldo, dh);
+  }
+}
 void scale_neon(float a, float* y, int n) {
   int i = 0;
   for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vmulq_n_f32(vld1q_f32(y + i), a));
@@ -441,6 +476,8 @@ const KernelTable* neon_kernel_table() {
       ref_kernels().exp_sum,
       to_f16_neon,
       weighted_sum_f16_neon,
+      scores_q8_0_neon,
+      weighted_sum_q8_0_neon,
   };
   return &table;
 }

@@ -518,6 +518,37 @@ void weighted_sum_f16_ref(const float* w, size_t ldw, int G, const fp16_t* rows,
     for (int p = 0; p < n; ++p)
       for (int i = 0; i < dh; ++i) out[g * ldo + i] += w[g * ldw + p] * fp16_to_fp32(rows[(size_t)p * ldr + i]);
 }
+// Q8_0 KV rows: block b of a row is {f16 d; int8 q[32]} at byte 34 b.
+inline float q8_0_scale(const uint8_t* block) {
+  fp16_t h;
+  std::memcpy(&h, block, 2);
+  return fp16_to_fp32(h);
+}
+void scores_q8_0_ref(const uint8_t* rows, size_t ldr, const float* q, size_t ldq, int G, float* s, size_t lds,
+                     int p0, int p1, int dh) {
+  for (int g = 0; g < G; ++g)
+    for (int p = p0; p < p1; ++p) {
+      const uint8_t* r = rows + (size_t)p * ldr;
+      float sum = 0.f;
+      for (int b = 0; b < dh / 32; ++b, r += 34) {
+        float part = 0.f;  // within a block: the integer values times the float query
+        for (int i = 0; i < 32; ++i) part += q[g * ldq + b * 32 + i] * (float)(int8_t)r[2 + i];
+        sum += q8_0_scale(r) * part;
+      }
+      s[g * lds + p] = sum;
+    }
+}
+void weighted_sum_q8_0_ref(const float* w, size_t ldw, int G, const uint8_t* rows, size_t ldr, int n,
+                           float* out, size_t ldo, int dh) {
+  for (int g = 0; g < G; ++g)
+    for (int p = 0; p < n; ++p) {
+      const uint8_t* r = rows + (size_t)p * ldr;
+      for (int b = 0; b < dh / 32; ++b, r += 34) {
+        const float a = w[g * ldw + p] * q8_0_scale(r);
+        for (int i = 0; i < 32; ++i) out[g * ldo + b * 32 + i] += a * (float)(int8_t)r[2 + i];
+      }
+    }
+}
 void to_f16_ref(const float* x, fp16_t* y, int n) {
   for (int i = 0; i < n; ++i) y[i] = fp32_to_fp16(x[i]);
 }
@@ -616,6 +647,8 @@ const KernelTable& ref_kernels() {
       exp_sum_ref,
       to_f16_ref,
       weighted_sum_f16_ref,
+      scores_q8_0_ref,
+      weighted_sum_q8_0_ref,
   };
   return table;
 }

@@ -796,6 +796,68 @@ void weighted_sum_f16_avx2(const float* w, size_t ldw, int G, const fp16_t* rows
   }
 }
 
+// The Q8_0 KV cache: 8 values of a block {f16 d; int8 q[32]} as floats d * q.
+inline __m256 q8_0_load8(const uint8_t* q, __m256 d) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
+  return _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)));
+}
+
+constexpr int kQ8MaxDh = 256;  // head_dim the stack tiles below hold; larger goes to the reference
+
+// Scores of G float queries against Q8_0 key rows: rows are decoded 4 at a time into a float tile
+// (once for all G), then 4 dot products per query run from L1 and one 4-way reduction stores them.
+void scores_q8_0_avx2(const uint8_t* rows, size_t ldr, const float* q, size_t ldq, int G, float* s, size_t lds,
+                      int p0, int p1, int dh) {
+  if (dh > kQ8MaxDh) return ref_kernels().scores_q8_0(rows, ldr, q, ldq, G, s, lds, p0, p1, dh);
+  alignas(32) float tile[4][kQ8MaxDh];
+  for (int p = p0; p < p1; p += 4) {
+    const int np = std::min(4, p1 - p);
+    for (int r = 0; r < 4; ++r) {
+      const uint8_t* row = rows + (size_t)(p + std::min(r, np - 1)) * ldr;  // a short tile repeats its last row
+      for (int b = 0; b < dh / 32; ++b, row += 34) {
+        const __m256 d = _mm256_set1_ps(f16_scalar(row));
+        for (int c = 0; c < 4; ++c) _mm256_store_ps(tile[r] + b * 32 + c * 8, q8_0_load8(row + 2 + c * 8, d));
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      const float* qg = q + (size_t)g * ldq;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int i = 0; i < dh; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(qg + i);
+        a0 = _mm256_fmadd_ps(_mm256_load_ps(tile[0] + i), qv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_load_ps(tile[1] + i), qv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_load_ps(tile[2] + i), qv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_load_ps(tile[3] + i), qv, a3);
+      }
+      // [sum a0, sum a1, sum a2, sum a3]
+      const __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
+      const __m256 h = _mm256_hadd_ps(h01, h23);
+      const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+      alignas(16) float out[4];
+      _mm_store_ps(out, sums);
+      for (int r = 0; r < np; ++r) s[(size_t)g * lds + p + r] = out[r];
+    }
+  }
+}
+
+// P.V over Q8_0 rows: each 8-value piece of a row is decoded once for all G weight rows.
+void weighted_sum_q8_0_avx2(const float* w, size_t ldw, int G, const uint8_t* rows, size_t ldr, int n,
+                            float* out, size_t ldo, int dh) {
+  for (int p = 0; p < n; ++p) {
+    const uint8_t* r = rows + (size_t)p * ldr;
+    for (int b = 0; b < dh / 32; ++b, r += 34) {
+      const __m256 d = _mm256_set1_ps(f16_scalar(r));
+      for (int c = 0; c < 4; ++c) {
+        const __m256 x = q8_0_load8(r + 2 + c * 8, d);
+        for (int g = 0; g < G; ++g) {
+          float* o = out + g * ldo + b * 32 + c * 8;
+          _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(w[g * ldw + p]), x, _mm256_loadu_ps(o)));
+        }
+      }
+    }
+  }
+}
+
 float max_avx2(const float* s, int n) {
   float m = -std::numeric_limits<float>::infinity();
   int i = 0;
@@ -918,6 +980,8 @@ const KernelTable* PLM_AVX2_TABLE() {
       exp_sum_avx2,
       to_f16_avx2,
       weighted_sum_f16_avx2,
+      scores_q8_0_avx2,
+      weighted_sum_q8_0_avx2,
   };
   return &table;
 }

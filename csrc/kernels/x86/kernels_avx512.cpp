@@ -880,6 +880,99 @@ void weighted_sum_avx512(const float* w, size_t ldw, int G, const Row* rows, siz
   }
 }
 
+// The Q8_0 KV cache: the 16 values at q of a block whose scale is d, as floats d * q.
+inline __m512 q8_0_load16(const uint8_t* q, __m512 d, __mmask16 m) {
+  return _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q))));
+}
+inline float q8_0_scale(const uint8_t* block) {
+  uint16_t h;
+  std::memcpy(&h, block, 2);
+  return _cvtsh_ss(h);
+}
+
+constexpr int kQ8MaxDh = 256;  // head_dim the stack tiles below hold; larger goes to the reference
+
+// Scores of G float queries against Q8_0 key rows: rows are decoded 4 at a time into a float tile
+// (once for all G), then 4 dot products per query run from L1 and one 4-way reduction stores them.
+void scores_q8_0_avx512(const uint8_t* rows, size_t ldr, const float* q, size_t ldq, int G, float* s, size_t lds,
+                        int p0, int p1, int dh) {
+  if (dh > kQ8MaxDh || dh % 16) return ref_kernels().scores_q8_0(rows, ldr, q, ldq, G, s, lds, p0, p1, dh);
+  alignas(64) float tile[4][kQ8MaxDh];
+  for (int p = p0; p < p1; p += 4) {
+    const int np = std::min(4, p1 - p);
+    for (int r = 0; r < 4; ++r) {
+      const uint8_t* row = rows + (size_t)(p + std::min(r, np - 1)) * ldr;  // a short tile repeats its last row
+      for (int b = 0; b < dh / 32; ++b, row += 34) {
+        const __m512 d = _mm512_set1_ps(q8_0_scale(row));
+        _mm512_store_ps(tile[r] + b * 32, q8_0_load16(row + 2, d, 0xffff));
+        _mm512_store_ps(tile[r] + b * 32 + 16, q8_0_load16(row + 18, d, 0xffff));
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      const float* qg = q + (size_t)g * ldq;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int i = 0; i < dh; i += 16) {
+        const __m512 qv = _mm512_loadu_ps(qg + i);
+        a0 = _mm512_fmadd_ps(_mm512_load_ps(tile[0] + i), qv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_load_ps(tile[1] + i), qv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_load_ps(tile[2] + i), qv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_load_ps(tile[3] + i), qv, a3);
+      }
+      auto half = [](__m512 v) {
+        return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+      };
+      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(half(a0), half(a1)), _mm256_hadd_ps(half(a2), half(a3)));
+      alignas(16) float out[4];
+      _mm_store_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+      for (int r = 0; r < np; ++r) s[(size_t)g * lds + p + r] = out[r];
+    }
+  }
+}
+
+// P.V over Q8_0 rows, blocked as weighted_sum_avx512: up to 6 weight rows x 64 outputs (two blocks)
+// in 24 accumulators, each 64-value slice of a row decoded once per block of weight rows.
+void weighted_sum_q8_0_avx512(const float* w, size_t ldw, int G, const uint8_t* rows, size_t ldr, int n,
+                              float* out, size_t ldo, int dh) {
+  constexpr int kG = 6, kV = 4;
+  for (int i0 = 0; i0 < dh; i0 += 16 * kV) {
+    __mmask16 m[kV];
+    for (int v = 0; v < kV; ++v) m[v] = tail_mask(std::clamp(dh - i0 - 16 * v, 0, 16));
+    const bool second = dh - i0 > 32;  // the slice's second block exists
+    for (int g0 = 0; g0 < G; g0 += kG) {
+      const int ng = std::min(kG, G - g0);
+      __m512 acc[kG][kV];
+#pragma GCC unroll 6
+      for (int g = 0; g < kG; ++g)
+#pragma GCC unroll 4
+        for (int v = 0; v < kV; ++v)
+          acc[g][v] = g < ng ? _mm512_maskz_loadu_ps(m[v], out + (g0 + g) * ldo + i0 + 16 * v) : _mm512_setzero_ps();
+      for (int p = 0; p < n; ++p) {
+        const uint8_t* b0 = rows + (size_t)p * ldr + (size_t)(i0 / 32) * 34;
+        const __m512 d0 = _mm512_set1_ps(q8_0_scale(b0));
+        const __m512 d1 = second ? _mm512_set1_ps(q8_0_scale(b0 + 34)) : _mm512_setzero_ps();
+        __m512 x[kV];
+        x[0] = q8_0_load16(b0 + 2, d0, m[0]);
+        x[1] = q8_0_load16(b0 + 18, d0, m[1]);
+        x[2] = q8_0_load16(b0 + 36, d1, m[2]);
+        x[3] = q8_0_load16(b0 + 52, d1, m[3]);
+#pragma GCC unroll 6
+        for (int g = 0; g < kG; ++g) {
+          if (g < ng) {
+            const __m512 a = _mm512_set1_ps(w[(g0 + g) * ldw + p]);
+#pragma GCC unroll 4
+            for (int v = 0; v < kV; ++v) acc[g][v] = _mm512_fmadd_ps(a, x[v], acc[g][v]);
+          }
+        }
+      }
+#pragma GCC unroll 6
+      for (int g = 0; g < kG; ++g)
+#pragma GCC unroll 4
+        for (int v = 0; v < kV; ++v)
+          if (g < ng) _mm512_mask_storeu_ps(out + (g0 + g) * ldo + i0 + 16 * v, m[v], acc[g][v]);
+    }
+  }
+}
+
 void to_f16_avx512(const float* x, fp16_t* y, int n) {
   for (int i = 0; i < n; i += 16) {
     const __mmask16 m = tail_mask(std::min(16, n - i));
@@ -1050,6 +1143,8 @@ const KernelTable* avx512_kernel_table() {
       exp_sum_avx512,
       to_f16_avx512,
       weighted_sum_avx512<fp16_t>,
+      scores_q8_0_avx512,
+      weighted_sum_q8_0_avx512,
   };
   return &table;
 }

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pocketlm.errors import InvalidInputError, PocketLMError
 
 MAX_THREADS = 64  # as pocketlm.engine.MAX_THREADS, without importing the engine for --help
-KV_TYPES = ("f16", "f32")  # as pocketlm.engine.KV_TYPES
+KV_TYPES = ("f16", "f32", "q8_0")  # as pocketlm.engine.KV_TYPES
 
 
 def _checked(convert, ok, what: str):
@@ -82,7 +82,8 @@ def _add_activations(p: argparse.ArgumentParser, default: str | None) -> None:
 
 def _add_kv_type(p: argparse.ArgumentParser, default: str | None = "f16") -> None:
     p.add_argument("--kv-type", choices=list(KV_TYPES), default=default,
-                   help="KV cache element type: f16 (default, as llama.cpp: half the memory) or f32 (exact)")
+                   help="KV cache element type: f16 (default, as llama.cpp: half the memory), f32 (exact) or q8_0 "
+                        "(0.53x of f16's memory)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, default_n: int) -> None:
@@ -216,10 +217,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.session:
         if a.chat:
             messages.append({"role": "assistant", "content": "".join(reply)})
-        else:  # the session holds the text but its last token: feed it, so that the next run follows it
-            full = session.last_text_ids
-            if full[:len(session.tokens)] == session.tokens and len(full) > len(session.tokens):
-                session.prefill(full[len(session.tokens):])
+        elif session.unfed_tokens and (session.position < session.max_context or session.on_overflow == "shift"):
+            session.prefill(session.unfed_tokens)  # the text's last token: so that the next run follows it
         session.save(a.session, extra={"messages": messages})
     return 0
 
