@@ -214,6 +214,29 @@ void bind_executor(nb::module_& m) {
           },
           nb::arg("n_positions"), nb::arg("data"), "Restores what kv_export gave (the same State shape).")
       .def(
+          "kv_range_bytes", [](const StateHandle& s, int64_t p0, int64_t p1) { return s.state.kv_range_bytes(p0, p1); },
+          nb::arg("p0"), nb::arg("p1"), "Bytes of the KV of positions [p0, p1) (kv_export_range).")
+      .def(
+          "kv_export_range",
+          [](const StateHandle& s, int64_t p0, int64_t p1) {
+            const int64_t n = s.state.kv_range_bytes(p0, p1);
+            uint8_t* buf = new uint8_t[(size_t)n];
+            nb::capsule owner(buf, [](void* p) noexcept { delete[] static_cast<uint8_t*>(p); });
+            {
+              nb::gil_scoped_release release;
+              s.state.kv_export_range(p0, p1, buf, n);
+            }
+            return nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(buf, {(size_t)n}, owner);
+          },
+          nb::arg("p0"), nb::arg("p1"), "The KV of positions [p0, p1) packed (no ring may have wrapped past them).")
+      .def(
+          "kv_import_range",
+          [](StateHandle& s, int64_t p0, int64_t p1, nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig> data) {
+            nb::gil_scoped_release release;
+            s.state.kv_import_range(p0, p1, data.data(), (int64_t)data.shape(0));
+          },
+          nb::arg("p0"), nb::arg("p1"), nb::arg("data"), "Restores what kv_export_range gave at those positions.")
+      .def(
           "kv_shift",
           [](StateHandle& s, int64_t keep, int64_t n_discard, int64_t n_positions, int64_t end) {
             nb::gil_scoped_release release;

@@ -169,6 +169,37 @@ void State::kv_export(int64_t n_positions, uint8_t* out, int64_t bytes) const {
   impl_->kv.pack(n_positions, out);
 }
 
+int64_t State::kv_range_bytes(int64_t p0, int64_t p1) const {
+  const KVCache& kv = impl_->kv;
+  if (p0 < 0 || p1 < p0 || p1 > impl_->max_context)
+    throw std::invalid_argument("KV range [" + std::to_string(p0) + ", " + std::to_string(p1) + ") outside 0.." +
+                                std::to_string(impl_->max_context) + " (max_context)");
+  int64_t per_position = 0;
+  for (int l = 0; l < kv.n_layers(); ++l) {
+    if (kv.capacity(l) < p1)
+      throw std::invalid_argument("layer " + std::to_string(l) + " keeps a ring of " + std::to_string(kv.capacity(l)) +
+                                  " positions: its positions up to " + std::to_string(p1) + " are not all held");
+    per_position = checked_add(per_position, (int64_t)kv.position_bytes(l), "KV bytes");
+  }
+  return checked_mul(p1 - p0, per_position, "KV bytes");
+}
+
+void State::kv_export_range(int64_t p0, int64_t p1, uint8_t* out, int64_t bytes) const {
+  if (bytes != kv_range_bytes(p0, p1))
+    throw std::invalid_argument("the KV of positions [" + std::to_string(p0) + ", " + std::to_string(p1) + ") is " +
+                                std::to_string(kv_range_bytes(p0, p1)) + " bytes, not " + std::to_string(bytes));
+  std::lock_guard<std::mutex> lock(impl_->run_mutex);
+  impl_->kv.pack_range(p0, p1, out);
+}
+
+void State::kv_import_range(int64_t p0, int64_t p1, const uint8_t* in, int64_t bytes) {
+  if (bytes != kv_range_bytes(p0, p1))
+    throw std::invalid_argument("the KV of positions [" + std::to_string(p0) + ", " + std::to_string(p1) + ") is " +
+                                std::to_string(kv_range_bytes(p0, p1)) + " bytes, not " + std::to_string(bytes));
+  std::lock_guard<std::mutex> lock(impl_->run_mutex);
+  impl_->kv.unpack_range(p0, p1, in);
+}
+
 void State::kv_import(int64_t n_positions, const uint8_t* in, int64_t bytes) {
   if (bytes != kv_used_bytes(n_positions))
     throw std::invalid_argument("the KV of " + std::to_string(n_positions) + " positions is " +

@@ -194,6 +194,12 @@ class State {
   // otherwise). Each waits for a run() on this State to finish.
   void kv_export(int64_t n_positions, uint8_t* out, int64_t bytes) const;
   void kv_import(int64_t n_positions, const uint8_t* in, int64_t bytes);
+  // The KV of positions [p0, p1) alone, packed the same way (per layer K then V, per KV head its rows),
+  // kv_range_bytes(p0, p1) bytes; every layer must hold a slot per position up to p1 (no ring wrap:
+  // std::invalid_argument otherwise, and for a bad range or size). Each waits for a run().
+  int64_t kv_range_bytes(int64_t p0, int64_t p1) const;
+  void kv_export_range(int64_t p0, int64_t p1, uint8_t* out, int64_t bytes) const;
+  void kv_import_range(int64_t p0, int64_t p1, const uint8_t* in, int64_t bytes);
   // Context shift: drops positions [keep, keep + n_discard) and moves [keep + n_discard, n_positions)
   // down by n_discard, so that the cache holds the same keys and values as if those tokens had run at
   // their new positions: each moved key is rotated from its old position's rope angles to its new

@@ -225,6 +225,14 @@ class KVCache {
   void pack(int64_t n_positions, uint8_t* out) const { transfer(n_positions, out, true); }
   void unpack(int64_t n_positions, const uint8_t* in) { transfer(n_positions, const_cast<uint8_t*>(in), false); }
 
+  // Positions [p0, p1) of a cache whose every layer holds a slot per position up to p1 (the caller
+  // checks), packed as pack() packs [0, n): per layer K then V, per KV head rows p0..p1-1. The prefix
+  // cache's blocks (pocketlm.prefix_cache).
+  void pack_range(int64_t p0, int64_t p1, uint8_t* out) const { transfer_range(p0, p1, out, true); }
+  void unpack_range(int64_t p0, int64_t p1, const uint8_t* in) {
+    transfer_range(p0, p1, const_cast<uint8_t*>(in), false);
+  }
+
  private:
   static void load_row(KVType t, const uint8_t* row, float* x, int64_t n) {
     if (t == KVType::F32) std::memcpy(x, row, (size_t)n * 4);
@@ -249,6 +257,22 @@ class KVCache {
           uint8_t* slots = block + h * cap * rb;
           if (to_packed) std::memcpy(packed, slots, used * rb);
           else std::memcpy(slots, packed, used * rb);
+        }
+      }
+    }
+  }
+
+  void transfer_range(int64_t p0, int64_t p1, uint8_t* packed, bool to_packed) const {
+    const size_t n = (size_t)(p1 - p0);
+    for (int l = 0; l < n_layers_; ++l) {
+      const size_t cap = (size_t)capacity_[l];
+      for (bool values : {false, true}) {
+        const size_t rb = values ? value_row_bytes() : key_row_bytes(l);
+        uint8_t* block = values ? v(l) : k(l);
+        for (size_t h = 0; h < (size_t)n_kv_heads_; ++h, packed += n * rb) {
+          uint8_t* slots = block + (h * cap + (size_t)p0) * rb;
+          if (to_packed) std::memcpy(packed, slots, n * rb);
+          else std::memcpy(slots, packed, n * rb);
         }
       }
     }
