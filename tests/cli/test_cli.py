@@ -68,6 +68,14 @@ def test_run_greedy_matches_python_api_and_prints_stats(model):
     stats = r.stderr.strip().splitlines()[-1]
     for key in ("prompt", "prefill", "decode", "ttft", "peak RSS"):
         assert key in stats
+    stopped = engine.create_session()
+    list(stopped.generate(prompt, max_tokens=12, temperature=0))
+    if stopped.last_stats.finish_reason == "length":  # not at EOS: run says why
+        assert "[stopped after 12 tokens: the -n limit]" in r.stderr
+    r = cli("run", model, "-p", prompt, "-n", 500, "--temp", 0, "-t", 2, "-c", 16)
+    small = Engine(model, threads=1, max_context=16).create_session()
+    list(small.generate(prompt, max_tokens=500, temperature=0))
+    assert ("[stopped: the context of 16 tokens is full (-c)]" in r.stderr) == (small.last_stats.finish_reason == "context")
 
 
 def test_run_reads_prompt_from_stdin(model):

@@ -6,7 +6,6 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Iterator
 
 from pocketlm.errors import InvalidInputError, PocketLMError
 
@@ -213,7 +212,12 @@ def cmd_run(a: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    print(_stats_line(session.last_stats), file=sys.stderr)
+    stats = session.last_stats
+    if stats.finish_reason == "length":  # not at EOS: say why
+        print(f"[stopped after {stats.generated_tokens} tokens: the -n limit]", file=sys.stderr)
+    elif stats.finish_reason == "context":
+        print(f"[stopped: the context of {session.max_context} tokens is full (-c)]", file=sys.stderr)
+    print(_stats_line(stats), file=sys.stderr)
     if a.session:
         if a.chat:
             messages.append({"role": "assistant", "content": "".join(reply)})
@@ -241,22 +245,6 @@ def _open_session(engine, path: str | None, system: str | None = None, shift: bo
     return session, messages
 
 
-def _input_lines(interactive: bool) -> Iterator[str]:
-    """Lines of standard input: through input() (line editing) at a terminal, else read as bytes and
-    decoded strictly, so that invalid UTF-8 is an error naming the line."""
-    n = 0
-    while True:
-        n += 1
-        if interactive:
-            line = input("> ")
-            yield _text_arg(line, f"line {n} of standard input")
-        else:
-            raw = sys.stdin.buffer.readline()
-            if not raw:
-                raise EOFError
-            yield _utf8(raw, f"line {n} of standard input").rstrip("\r\n")
-
-
 def cmd_serve(a: argparse.Namespace) -> int:
     from pocketlm.server.run import serve
 
@@ -270,64 +258,25 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
+    from pocketlm.cli.chat_repl import ChatREPL, LineReader
+
     _check_text_args(a)
     engine = _load(a)
     session, messages = _open_session(engine, a.session, system=a.system, shift=True)
     if a.system and not messages:
         messages.append({"role": "system", "content": a.system})
-    kwargs = _sampling_kwargs(a)
-
-    def save() -> None:
-        if a.session:
-            session.save(a.session, extra={"messages": messages})
-
-    def answer(text: str) -> None:
-        messages.append({"role": "user", "content": text})
-        reply = []
-        evicted = session.evicted_tokens
-        for piece in session.chat(messages, **kwargs):
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        if session.evicted_tokens > evicted:
-            print(f"pocketlm: the context of {session.max_context} tokens is full: the oldest "
-                  f"{session.evicted_tokens - evicted} tokens after the first {session.keep} were dropped",
-                  file=sys.stderr)
-        messages.append({"role": "assistant", "content": "".join(reply)})
-        save()  # after every answer: a crash or a kill loses nothing said
-        if a.verbose:
-            print(_stats_line(session.last_stats), file=sys.stderr)
-
+    parsers = {"temperature": _temperature, "top_k": _count, "top_p": _top_p, "min_p": _min_p,
+               "repeat_penalty": _penalty, "frequency_penalty": _signed_penalty, "presence_penalty": _signed_penalty,
+               "seed": int, "max_tokens": _count}
+    repl = ChatREPL(engine, session, messages, _sampling_kwargs(a), a.session, a.verbose, parsers, _stats_line)
     if a.prompt is not None:  # one question, one answer: scripts and the README's first command
-        answer(a.prompt)
+        repl.answer(a.prompt)
         return 0
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"pocketlm chat: {engine.path.name} ({engine.kernel_name}, {engine.threads} threads). "
-              "/reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
-    lines = _input_lines(interactive)
-    while True:
-        try:
-            line = next(lines)
-        except (EOFError, KeyboardInterrupt, StopIteration):
-            print(file=sys.stderr)
-            return 0
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit", "/bye"):
-            return 0
-        if text == "/reset":
-            del messages[1 if messages and messages[0]["role"] == "system" else 0:]
-            session.reset()
-            save()
-            continue
-        try:
-            answer(text)
-        except KeyboardInterrupt:
-            print("\n[interrupted]", file=sys.stderr)
-            messages.pop()
+        print(f"pocketlm chat: {engine.path.name} ({engine.kernel_name}, {engine.threads} threads, context "
+              f"{session.max_context}). /help for commands, Ctrl-D or /bye to exit.", file=sys.stderr)
+    return repl.run(LineReader(interactive, _utf8, _text_arg))
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:

@@ -1,0 +1,111 @@
+"""`pocketlm chat` at a terminal, driven through a pseudo-terminal (pexpect): line editing and history
+(across runs), multi-line input, slash commands, Ctrl-C during an answer and at the prompt, and a
+conversation longer than the context. What the model was sent is read back from the saved session
+(/save), the conversation's messages as the chat kept them."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from pocketlm import Engine
+from testutil import child_env, make_f32_bundle
+
+pexpect = pytest.importorskip("pexpect")
+
+LEFT, UP = "\x1b[D", "\x1b[A"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_f32_bundle(tmp_path_factory.mktemp("repl"), "qwen2", seed=7)
+
+
+def spawn(model, *args, history, **env):
+    child = pexpect.spawn(sys.executable, ["-m", "pocketlm", "chat", str(model), "-t", "2", "--temp", "0", *args],
+                          env=child_env(POCKETLM_HISTORY=str(history), TERM="xterm", **env), encoding="utf-8",
+                          timeout=120, dimensions=(40, 200))
+    child.expect_exact(">>> ")
+    return child
+
+
+def turn(child, text: str) -> None:
+    child.send(text + "\r")
+    child.expect_exact(">>> ")
+
+
+def saved_messages(tiny, path) -> list[dict]:
+    return Engine(tiny, threads=1, max_context=256).load_session(path).saved_extra["messages"]
+
+
+def test_editing_history_blocks_and_commands(tiny, tmp_path):
+    history = tmp_path / "history"
+    child = spawn(tiny, "-n", "6", history=history)
+    turn(child, "helo" + LEFT + "l")          # the cursor moved left: "hello", not "helo^[[Dl"
+    turn(child, UP)                            # the previous line again
+    child.send('"""\r')                         # a block of lines is one turn
+    child.expect_exact("... ")
+    child.send("line one\r")
+    child.expect_exact("... ")
+    turn(child, 'line two"""')
+    child.send("first \\\r")                    # a trailing backslash goes on
+    child.expect_exact("... ")
+    turn(child, "second")
+    turn(child, "/set temperature 0.5")
+    assert "[temperature = 0.5]" in child.before
+    turn(child, "/set nonsense 1")
+    assert "pocketlm: error: /set: unknown option 'nonsense'" in child.before
+    turn(child, "/set top_p 7")
+    assert "pocketlm: error: /set top_p" in child.before
+    turn(child, "/frobnicate")
+    assert "unknown command '/frobnicate'" in child.before
+    turn(child, "/help")
+    assert "/system TEXT" in child.before
+    turn(child, "/stats")
+    assert "[context: " in child.before
+    turn(child, f"/save {tmp_path / 'a.plms'}")
+    users = [m["content"] for m in saved_messages(tiny, tmp_path / "a.plms") if m["role"] == "user"]
+    assert users == ["hello", "hello", "line one\nline two", "first \nsecond"]
+    turn(child, "/system be brief")
+    turn(child, "/clear")
+    turn(child, f"/save {tmp_path / 'b.plms'}")
+    assert saved_messages(tiny, tmp_path / "b.plms") == [{"role": "system", "content": "be brief"}]
+    child.sendcontrol("c")                      # at the prompt: the chat goes on
+    child.expect_exact("Ctrl-D or /bye to exit")
+    child.expect_exact(">>> ")
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert "hello" in history.read_text().splitlines()
+    # the history outlives the process
+    child = spawn(tiny, "-n", "4", history=history)
+    child.send(UP * 3 + "\r")  # three lines back: /clear, /system be brief, /save ... -> the /system line
+    child.expect_exact(">>> ")
+    turn(child, f"/save {tmp_path / 'c.plms'}")
+    child.send("/bye\r")
+    child.expect(pexpect.EOF)
+    assert saved_messages(tiny, tmp_path / "c.plms")[0] == {"role": "system", "content": "be brief"}
+
+
+def test_ctrl_c_stops_an_answer_and_the_context_shifts(smollm2_gguf, tmp_path):
+    child = spawn("smollm2", "-n", "2000", "-c", "256", history=tmp_path / "h")
+    child.send("Write a very long story about a dragon.\r")
+    child.expect_exact("dragon.\r\n")  # (the terminal's echo)
+    child.expect(r"\w+ \w+ \w+ \w+")  # the answer is under way
+    child.sendcontrol("c")
+    child.expect_exact("[answer stopped]")
+    child.expect_exact(">>> ")
+    turn(child, "/set max_tokens 120")
+    for q in ("Tell me about the sea.", "And the moon?", "And the sun?"):
+        turn(child, q)
+        if "is full" in child.before:
+            break
+    assert "[the context of 256 tokens is full" in child.before
+    turn(child, f"/save {tmp_path / 's.plms'}")
+    messages = Engine("smollm2", threads=1, max_context=256).load_session(tmp_path / "s.plms").saved_extra["messages"]
+    assert messages[0]["content"] == "Write a very long story about a dragon."
+    assert messages[1]["role"] == "assistant" and messages[1]["content"]  # the answer as far as it went
+    child.send("/bye\r")
+    child.expect(pexpect.EOF)
