@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 
 from pocketlm.errors import InvalidInputError, PocketLMError
 
@@ -176,6 +177,12 @@ def cmd_convert(a: argparse.Namespace) -> int:
     from pocketlm.convert import convert
 
     quant = None if a.quant in (None, "keep") else a.quant
+    if a.output is not None:
+        if not str(a.output).endswith(".plm"):
+            raise InvalidInputError(f"-o {a.output}: a bundle's name ends with .plm (it is not a {Path(a.output).suffix or 'plain'} file)")
+        parent = Path(a.output).resolve().parent
+        if not parent.is_dir():
+            raise InvalidInputError(f"-o {a.output}: the directory {parent} does not exist")
     out = convert(a.src, a.output, quant=quant, group_size=a.group_size, symmetric=not a.asym,
                   progress=not a.quiet)
     print(out)
@@ -191,8 +198,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         elif not sys.stdin.isatty():
             prompt = _universal_newlines(_utf8(sys.stdin.buffer.read(), "standard input"))
         else:
-            print("pocketlm run: give a prompt with -p, -f FILE or on standard input", file=sys.stderr)
-            return 2
+            raise UsageError("give a prompt with -p, -f FILE or on standard input")
     engine = _load(a)
     session, messages = _open_session(engine, a.session)
     kwargs = _sampling_kwargs(a)
@@ -345,9 +351,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
         if (a.draft or a.lookup) and (a.batch or a.plot):
             raise ValueError("--draft/--lookup measure speculative decoding alone (no --batch, no --plot)")
         result = run_bench(cfg, quiet=a.quiet)
-    except (RuntimeError, ValueError) as e:
-        print(f"pocketlm bench: {e}", file=sys.stderr)
-        return 2
+    except RuntimeError as e:  # a measuring child failed: its message says why
+        raise InvalidInputError(str(e)) from None
     if a.json == "-":
         print(json.dumps(result, indent=2))
     else:
@@ -368,11 +373,9 @@ def cmd_perplexity(a: argparse.Namespace) -> int:
     from pocketlm.engine import Engine
 
     if a.kl_divergence and a.kl_divergence_base:
-        print("pocketlm perplexity: --kl-divergence-base and --kl-divergence exclude each other", file=sys.stderr)
-        return 2
+        raise UsageError("--kl-divergence-base and --kl-divergence exclude each other")
     if a.file is None and not a.kl_divergence:
-        print("pocketlm perplexity: give the text with -f FILE", file=sys.stderr)
-        return 2
+        raise UsageError("give the text with -f FILE")
     try:
         reference = quality.load_kld_reference(a.kl_divergence) if a.kl_divergence else None
         ctx = int(reference.meta["ctx"]) if reference is not None else a.ctx_size
@@ -449,12 +452,8 @@ def cmd_perplexity(a: argparse.Namespace) -> int:
                 print(json.dumps({**kld.ppl.to_json(), "kl_divergence": kld.to_json()}))
             else:
                 print("\n" + quality.format_kld_report(kld))
-    except quality.TokenMismatchError as e:
-        print(f"pocketlm perplexity: {e}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as e:
-        print(f"pocketlm perplexity: {e}", file=sys.stderr)
-        return 1
+    except quality.TokenMismatchError as e:  # (pocketlm: error: ..., status 1, as every bad file or value)
+        raise InvalidInputError(str(e)) from None
     return 0
 
 
@@ -597,10 +596,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class UsageError(Exception):
+    """A command line that cannot work (missing or conflicting options): `pocketlm CMD: error: ...`, status 2,
+    as argparse reports its own."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except UsageError as e:
+        print(f"pocketlm {args.func.__name__.removeprefix('cmd_')}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # before OSError, of which it is one: `pocketlm run ... | head`
