@@ -250,7 +250,8 @@ class Engine:
                  activations: str = "auto", kv_type: str = "f16", max_batch: int = DEFAULT_MAX_BATCH,
                  max_queue: int = DEFAULT_MAX_QUEUE, kv_budget: int | None = None,
                  draft: str | os.PathLike | Engine | None = None, draft_max: int | None = None,
-                 lookup: bool = False, prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB):
+                 lookup: bool = False, prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB,
+                 chat_template: str | None = None):
         """Loads a .plm (or a .gguf, converted once into the cache, or a known model name).
 
         threads: worker threads, 1..64 (default: physical cores). max_context: tokens per session
@@ -357,6 +358,13 @@ class Engine:
         self._hidden: CompiledModel | None = None  # embeddings' program (final hidden states), made on first use
         self._lazy_lock = threading.Lock()  # the scoring program and the scheduler are made on first use, from any thread
         self.chat_template: str | None = meta.get("chat_template")
+        if chat_template is not None:  # the caller's template instead of the bundle's (--chat-template FILE)
+            from pocketlm.chat import render_chat
+
+            if not isinstance(chat_template, str) or not chat_template.strip():
+                raise InvalidInputError("chat_template must be the text of a Jinja chat template")
+            render_chat(chat_template, [{"role": "user", "content": "x"}], add_generation_prompt=True)  # fails now
+            self.chat_template = chat_template
         self.generation_defaults: dict = dict(meta.get("generation") or {})
         self.speculator = None
         if lookup:

@@ -189,3 +189,35 @@ def test_value_errors_reach_the_user_as_one_line(model, monkeypatch, capsys):
     monkeypatch.setattr(pocketlm.engine, "Engine", engine)
     assert main(["run", str(model), "-p", "x"]) == 1
     assert capsys.readouterr().err == "pocketlm: error: something the user can fix\n"
+
+
+def test_tokenize_json_and_chat_template(model, tmp_path):
+    import json
+
+    from pocketlm.engine import Engine
+
+    engine = Engine(model, threads=1, max_context=128)
+    tok = engine.tokenizer
+    r = cli("tokenize", model, "The quick brown fox", "--show-count")
+    ids = tok.encode("The quick brown fox")
+    assert r.stdout.splitlines() == [f"{i:6d} -> {tok.decode([i])!r}" for i in ids] + [f"Total number of tokens: {len(ids)}"]
+    r = cli("tokenize", model, "hi <|im_end|>", "--ids", "--no-bos", "--parse-special")
+    assert json.loads(r.stdout) == tok.encode("hi <|im_end|>", add_special_tokens=False, parse_special=True)
+    # run --json: one object, the text the Python API gives
+    expected = "".join(engine.generate("The quick brown", max_tokens=8, temperature=0))
+    out = json.loads(cli("run", model, "-p", "The quick brown", "-n", 8, "--temp", 0, "-c", 128, "--json").stdout)
+    assert out["text"] == expected and out["finish_reason"] in ("stop", "length")
+    assert out["stats"]["generated_tokens"] <= 8 and out["stats"]["decode_tok_s"] >= 0
+    # --chat-template FILE: the run answers as an engine given that template
+    template = ("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                "{% if add_generation_prompt %}[assistant] {% endif %}")
+    (tmp_path / "t.jinja").write_text(template, encoding="utf-8")
+    custom = Engine(model, threads=1, max_context=128, chat_template=template)
+    assert custom.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi\n[assistant] "
+    s = custom.create_session()
+    want = "".join(s.chat([{"role": "user", "content": "hi"}], max_tokens=6, temperature=0))
+    r = cli("run", model, "-p", "hi", "--chat", "-n", 6, "--temp", 0, "-c", 128, "--chat-template", tmp_path / "t.jinja")
+    assert r.stdout == want + "\n"
+    (tmp_path / "bad.jinja").write_text("{% for %}", encoding="utf-8")
+    r = cli("run", model, "-p", "hi", "--chat", "--chat-template", tmp_path / "bad.jinja", check=False)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("pocketlm: error: ")

@@ -1,4 +1,4 @@
-"""`pocketlm` command line: convert | run | chat | serve | inspect | bench | perplexity."""
+"""`pocketlm` command line: convert | run | chat | serve | inspect | bench | tokenize | perplexity."""
 
 from __future__ import annotations
 
@@ -49,6 +49,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     _add_activations(p, default="auto")
     _add_kv_type(p)
     _add_speculative(p)
+    _add_chat_template(p)
+
+
+def _add_chat_template(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template to use instead of the model's (as transformers' chat_template)")
 
 
 def _add_speculative(p: argparse.ArgumentParser) -> None:
@@ -170,7 +176,13 @@ def _load(a: argparse.Namespace):
     from pocketlm.engine import Engine
 
     return Engine(a.model, threads=a.threads, max_context=a.ctx_size, activations=a.activations, kv_type=a.kv_type,
-                  draft=a.draft, lookup=a.lookup, draft_max=a.draft_max)
+                  draft=a.draft, lookup=a.lookup, draft_max=a.draft_max, chat_template=_chat_template(a))
+
+
+def _chat_template(a: argparse.Namespace) -> str | None:
+    """The text of --chat-template FILE, if given."""
+    path = getattr(a, "chat_template", None)
+    return None if path is None else _read_text_file(path)
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
@@ -207,7 +219,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": prompt})
         pieces = session.chat(messages, **kwargs)
     else:
-        if not a.no_echo:
+        if not a.no_echo and not a.json:
             sys.stdout.write(prompt)
             sys.stdout.flush()
         # a resumed session continues its text: the prompt follows what it holds
@@ -215,15 +227,28 @@ def cmd_run(a: argparse.Namespace) -> int:
         pieces = session.generate(ids, **kwargs) if session.tokens else session.generate(prompt, **kwargs)
     for piece in pieces:
         reply.append(piece)
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        if not a.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
     stats = session.last_stats
-    if stats.finish_reason == "length":  # not at EOS: say why
+    if a.json:
+        import dataclasses
+        import json
+
+        print(json.dumps({"text": "".join(reply), "finish_reason": stats.finish_reason,
+                          "stats": {**dataclasses.asdict(stats), "prefill_tok_s": stats.prefill_tok_s,
+                                    "decode_tok_s": stats.decode_tok_s, "peak_rss_mb": _peak_rss_mb()}},
+                         ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    if a.json:
+        pass
+    elif stats.finish_reason == "length":  # not at EOS: say why
         print(f"[stopped after {stats.generated_tokens} tokens: the -n limit]", file=sys.stderr)
     elif stats.finish_reason == "context":
         print(f"[stopped: the context of {session.max_context} tokens is full (-c)]", file=sys.stderr)
-    print(_stats_line(stats), file=sys.stderr)
+    if not a.json:
+        print(_stats_line(stats), file=sys.stderr)
     if a.session:
         if a.chat:
             messages.append({"role": "assistant", "content": "".join(reply)})
@@ -260,7 +285,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return serve(a.models, host=a.host, port=a.port, api_key=api_key, cors_origins=a.cors_origin, pooling=a.pooling,
                  threads=a.threads, max_context=a.ctx_size, activations=a.activations, kv_type=a.kv_type,
                  max_batch=a.max_sequences, max_queue=a.max_queue, draft=a.draft, lookup=a.lookup,
-                 draft_max=a.draft_max)
+                 draft_max=a.draft_max, chat_template=_chat_template(a))
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
@@ -283,6 +308,25 @@ def cmd_chat(a: argparse.Namespace) -> int:
         print(f"pocketlm chat: {engine.path.name} ({engine.kernel_name}, {engine.threads} threads, context "
               f"{session.max_context}). /help for commands, Ctrl-D or /bye to exit.", file=sys.stderr)
     return repl.run(LineReader(interactive, _utf8, _text_arg))
+
+
+def cmd_tokenize(a: argparse.Namespace) -> int:
+    """The token ids of a text and their pieces, as llama.cpp's llama-tokenize prints them."""
+    from pocketlm.engine import Engine
+
+    text = _read_text_file(a.file) if a.file else _text_arg(a.text, "the text")
+    if text is None:
+        raise UsageError("give the text as an argument or with -f FILE")
+    tok = Engine(a.model, threads=1, max_context=64, prefix_cache_mb=0).tokenizer
+    ids = tok.encode(text, add_special_tokens=not a.no_bos, parse_special=a.parse_special)
+    if a.ids:
+        print(ids)
+        return 0
+    for i in ids:
+        print(f"{i:6d} -> {tok.decode([i])!r}")
+    if a.show_count:
+        print(f"Total number of tokens: {len(ids)}")
+    return 0
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
@@ -482,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-f", "--file", default=None, help="read the prompt from a file")
     r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     r.add_argument("--no-echo", action="store_true", help="do not print the prompt before the completion")
+    r.add_argument("--json", action="store_true",
+                   help="print one JSON object at the end: the text, why it stopped and the stats")
     r.add_argument("--session", default=None, metavar="FILE",
                    help="continue the session saved in FILE (if it exists) and save it there afterwards")
     _add_sampling_args(r, 128)
@@ -521,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests that may wait behind them before the server answers 503 (default 256)")
     _add_activations(sv, default="auto")
     _add_kv_type(sv)
+    _add_chat_template(sv)
     _add_speculative(sv)
     sv.set_defaults(func=cmd_serve)
 
@@ -564,6 +611,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --draft/--lookup: the prompts, one per paragraph (default: a built-in set)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress on standard error")
     b.set_defaults(func=cmd_bench)
+
+    tk = sub.add_parser("tokenize", help="the token ids and pieces of a text (like llama-tokenize)")
+    tk.add_argument("model", nargs="?", default="smollm2", help="a .plm, a .gguf or a known model name")
+    tk.add_argument("text", nargs="?", default=None, help="the text (or -f FILE)")
+    tk.add_argument("-f", "--file", default=None, help="read the text from a file")
+    tk.add_argument("--ids", action="store_true", help="print only the ids, as a list")
+    tk.add_argument("--no-bos", action="store_true", help="without the special tokens the model adds (BOS)")
+    tk.add_argument("--parse-special", action="store_true", help="read special-token spellings as those tokens")
+    tk.add_argument("--show-count", action="store_true", help="print the number of tokens at the end")
+    tk.set_defaults(func=cmd_tokenize)
 
     pp = sub.add_parser("perplexity", help="perplexity and KL divergence over a text (like llama-perplexity)")
     pp.add_argument("model", nargs="?", default="smollm2", help="a .plm, a .gguf or a known model name")
