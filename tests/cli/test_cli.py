@@ -221,3 +221,20 @@ def test_tokenize_json_and_chat_template(model, tmp_path):
     (tmp_path / "bad.jinja").write_text("{% for %}", encoding="utf-8")
     r = cli("run", model, "-p", "hi", "--chat", "--chat-template", tmp_path / "bad.jinja", check=False)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("pocketlm: error: ")
+
+
+def test_a_hugging_face_folder_is_a_model_reference(model, tmp_path, monkeypatch):
+    """run and inspect take the checkpoint folder itself: converted once into the cache (f16), then reused."""
+    from pocketlm.convert.cache import cached_path
+    from pocketlm.engine import Engine
+
+    folder = model.parent / "hf"
+    monkeypatch.setenv("POCKETLM_CACHE", str(tmp_path / "cache"))  # (the children inherit it)
+    r = cli("run", folder, "-p", "The quick", "-n", 6, "--temp", 0, "-c", 64)
+    bundle = cached_path(folder)
+    assert bundle.exists()
+    expected = "".join(Engine(bundle, threads=1, max_context=64).generate("The quick", max_tokens=6, temperature=0))
+    assert r.stdout == "The quick" + expected + "\n"
+    mtime = bundle.stat().st_mtime_ns
+    r = cli("inspect", folder)
+    assert r.returncode == 0 and bundle.stat().st_mtime_ns == mtime  # not converted again

@@ -304,6 +304,7 @@ RUN_CASES = {"block_count 2^32-1", "offset 2^64-32 wraps", "misaligned offset", 
 def test_cli(files, case, tmp_path):
     _, exc, words = CASES[case]
     env = {**os.environ, "POCKETLM_CACHE": str(tmp_path / "cache")}
+    (tmp_path / "out").mkdir()  # (convert refuses a directory that does not exist)
     commands = [("convert", files[case], "-o", tmp_path / "out" / "model.plm")]
     if case in RUN_CASES:
         commands.append(("run", files[case], "-p", "hi", "-n", "1"))

