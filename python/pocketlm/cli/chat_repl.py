@@ -114,6 +114,15 @@ def read_turn(reader: LineReader) -> str:
     return "\n".join(parts)
 
 
+def saved_messages(session, path: str) -> list[dict]:
+    """The conversation a session file keeps in its extra (`pocketlm chat --session`), checked."""
+    messages = session.saved_extra.get("messages", [])
+    if not (isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                               and isinstance(m.get("content"), str) for m in messages)):
+        raise InvalidInputError(f"{path}: the saved conversation's messages are malformed")
+    return messages
+
+
 class ChatREPL:
     """The conversation of `pocketlm chat`: `messages` (with the system prompt first, if any) on
     `session`, sampling options `sampling` (Session.generate's names), saved to `save_path` after each
@@ -149,6 +158,11 @@ class ChatREPL:
                 sys.stdout.flush()
         except KeyboardInterrupt:
             interrupted = True
+        except BaseException:  # the turn failed (a template, a setting): it never happened
+            if not reply:
+                self.messages.pop()
+                raise
+            interrupted = True  # (an answer under way that failed: kept as far as it went)
         finally:
             pieces.close()  # (cancels the rest of an interrupted answer)
         sys.stdout.write("\n")
@@ -247,10 +261,7 @@ class ChatREPL:
 
     def load(self, path: str) -> None:
         session = self.engine.load_session(path)
-        messages = session.saved_extra.get("messages", [])
-        if not (isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                   for m in messages)):
-            raise InvalidInputError(f"{path}: the saved conversation's messages are malformed")
+        messages = saved_messages(session, path)
         self.session, self.messages[:] = session, messages
         self.note(f"[loaded {len(messages)} messages and {session.position} tokens from {path}]")
 
@@ -270,12 +281,14 @@ class ChatREPL:
                 if not text:
                     continue
                 try:
-                    if text.startswith("/"):
+                    if text.startswith("/") and "\n" not in text:  # (a block that starts with / is text)
                         if not self.command(text):
                             return 0
                     else:
                         self.answer(text)
-                except PocketLMError as e:  # a bad command or file: said, and the chat goes on
+                except (PocketLMError, ValueError, OSError) as e:  # a bad command, value or file: said, and
+                    if isinstance(e, OSError) and e.filename is not None and e.strerror:  # the chat goes on
+                        e = f"{e.filename}: {e.strerror}"
                     print(f"pocketlm: error: {e}", file=sys.stderr)
         finally:
             reader.save_history()

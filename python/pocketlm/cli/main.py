@@ -36,6 +36,7 @@ _top_p = _checked(float, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)")
 _min_p = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)")
 _penalty = _checked(float, lambda v: 0 < v < math.inf, "a number > 0 (1 = off)")
 _signed_penalty = _checked(float, lambda v: -2 <= v <= 2, "in [-2, 2] (0 = off)")
+_seed = _checked(int, lambda v: v >= -1, "an integer >= 0 (-1: a random one)")
 
 THREADS_HELP = f"threads, 1..{MAX_THREADS} (default: physical cores)"
 
@@ -104,7 +105,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, default_n: int) -> None:
                    help="in [-2, 2]: minus this per repeat of a token among the last 64 (0 = off)")
     p.add_argument("--presence-penalty", type=_signed_penalty, default=None,
                    help="in [-2, 2]: minus this once for a token among the last 64 (0 = off)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_seed, default=None, help="the sampler's seed (-1 or none: a random one)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
@@ -268,11 +269,10 @@ def _open_session(engine, path: str | None, system: str | None = None, shift: bo
         if shift and engine.can_shift:
             return engine.create_session(on_overflow="shift", keep=engine.chat_keep(messages)), messages
         return engine.create_session(), messages
+    from pocketlm.cli.chat_repl import saved_messages
+
     session = engine.load_session(path)
-    messages = session.saved_extra.get("messages", [])
-    if not (isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                               and isinstance(m.get("content"), str) for m in messages)):
-        raise InvalidInputError(f"{path}: the saved conversation's messages are malformed")
+    messages = saved_messages(session, path)
     print(f"pocketlm: resumed {path}: {len(session.tokens)} tokens, {len(messages)} messages", file=sys.stderr)
     return session, messages
 
@@ -299,7 +299,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
         messages.append({"role": "system", "content": a.system})
     parsers = {"temperature": _temperature, "top_k": _count, "top_p": _top_p, "min_p": _min_p,
                "repeat_penalty": _penalty, "frequency_penalty": _signed_penalty, "presence_penalty": _signed_penalty,
-               "seed": int, "max_tokens": _count}
+               "seed": _seed, "max_tokens": _count}
     repl = ChatREPL(engine, session, messages, _sampling_kwargs(a), a.session, a.verbose, parsers, _stats_line)
     if a.prompt is not None:  # one question, one answer: scripts and the README's first command
         repl.answer(a.prompt)
@@ -315,6 +315,12 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
     """The token ids of a text and their pieces, as llama.cpp's llama-tokenize prints them."""
     from pocketlm.engine import Engine
 
+    if a.file is None and a.text is None and a.model_or_text is not None:
+        a.model, a.text = "smollm2", a.model_or_text  # one argument: the text, for the default model
+    elif a.model_or_text is not None:
+        a.model = a.model_or_text
+    if a.file is not None and a.text is not None:
+        raise UsageError("give the text as an argument or with -f FILE, not both")
     text = _read_text_file(a.file) if a.file else _text_arg(a.text, "the text")
     if text is None:
         raise UsageError("give the text as an argument or with -f FILE")
@@ -339,12 +345,16 @@ def cmd_list(a: argparse.Namespace) -> int:
     rows = []
     for p in sorted(cache_dir().glob("*.plm")) if cache_dir().is_dir() else []:
         try:
+            size = f"{p.stat().st_size / 1e6:.1f} MB"
+        except OSError:  # removed meanwhile
+            continue
+        try:
             prov = read_bundle(p).metadata.get("provenance") or {}
             source = f"{prov.get('source', '?')} ({prov.get('source_format', '?')})"
             created = str(prov.get("created", ""))[:19].replace("T", " ")
         except (PocketLMError, OSError, ValueError):
             source, created = "(unreadable: pocketlm rm removes it)", ""
-        rows.append((p.name, f"{p.stat().st_size / 1e6:.1f} MB", source, created))
+        rows.append((p.name, size, source, created))
     print(f"cached bundles in {cache_dir()}:" if rows else f"no cached bundles in {cache_dir()}")
     if rows:
         widths = [max(len(r[i]) for r in rows + [("NAME", "SIZE", "SOURCE", "CREATED")]) for i in range(4)]
@@ -431,7 +441,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     try:
         if a.plot and a.batch:
-            raise ValueError("--plot draws the single-stream measurement, not --batch")
+            raise UsageError("--plot draws the single-stream measurement, not --batch")
         if a.plot:
             require_matplotlib()  # fail before minutes of measuring, not after
         cfg = BenchConfig(model=a.model, n_prompt=a.n_prompt, n_gen=a.n_gen, depth=a.depth, reps=a.reps,
@@ -440,7 +450,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
                           load_probe=not a.no_load, batch=a.batch or (), draft=a.draft or "", lookup=a.lookup,
                           draft_max=a.draft_max, prompts=a.prompts or "")
         if (a.draft or a.lookup) and (a.batch or a.plot):
-            raise ValueError("--draft/--lookup measure speculative decoding alone (no --batch, no --plot)")
+            raise UsageError("--draft/--lookup measure speculative decoding alone (no --batch, no --plot)")
         result = run_bench(cfg, quiet=a.quiet)
     except RuntimeError as e:  # a measuring child failed: its message says why
         raise InvalidInputError(str(e)) from None
@@ -666,8 +676,10 @@ def build_parser() -> argparse.ArgumentParser:
     rm.set_defaults(func=cmd_rm)
 
     tk = sub.add_parser("tokenize", help="the token ids and pieces of a text (like llama-tokenize)")
-    tk.add_argument("model", nargs="?", default="smollm2", help="a .plm, a .gguf or a known model name")
+    tk.add_argument("model_or_text", nargs="?", default=None, metavar="MODEL",
+                    help="a .plm, a .gguf, a folder or a known name (default smollm2; alone, it is the text)")
     tk.add_argument("text", nargs="?", default=None, help="the text (or -f FILE)")
+    tk.set_defaults(model="smollm2")
     tk.add_argument("-f", "--file", default=None, help="read the text from a file")
     tk.add_argument("--ids", action="store_true", help="print only the ids, as a list")
     tk.add_argument("--no-bos", action="store_true", help="without the special tokens the model adds (BOS)")

@@ -2,9 +2,12 @@
 
 Bundles live in $POCKETLM_CACHE (default ~/.cache/pocketlm/bundles), named
 `<source stem>-<source id>-<state>.plm`. The source id hashes the source's absolute path; the
-state hashes its content (for a folder: config.json and the safetensors files; each file's size and
-17 samples of 64 KiB spread over it, first and last bytes included: about a megabyte read, whatever
-the model's size) and the pocketlm and converter versions. So editing or replacing the source, or
+state hashes its content (for a folder: config.json, the safetensors files and the tokenizer and
+generation files the converter reads; each file's size, its first 8 MiB whole (a GGUF's header and
+metadata, the tokenizer included, are there) and 16 samples of 64 KiB spread over the rest, its end
+included: at most about 9 MB read per file, whatever the model's size) and the pocketlm and converter
+versions. An edit that keeps a file's size and falls between the samples of its tensor data is not
+seen (a fast hash, not a full one: `convert` hashes everything into the bundle's provenance). So editing or replacing the source, or
 upgrading pocketlm, converts again, while a copy or a move of a source already converted finds its
 bundle under the other name (any bundle of the same state serves). A new conversion deletes the
 bundles it supersedes (same source id, other state, or the older `<stem>-<16 hex>.plm` naming): the
@@ -36,8 +39,12 @@ def source_id(src: Path) -> str:
     return hashlib.sha256(f"pocketlm source\n{src.resolve()}\n".encode()).hexdigest()[:8]
 
 
-SAMPLE_BYTES = 1 << 16   # bytes of each sample of a source file
-SAMPLES = 17             # samples per file: its start, its end, and 15 between
+HEAD_BYTES = 8 << 20     # the start of each source file, hashed whole
+SAMPLE_BYTES = 1 << 16   # bytes of each later sample
+SAMPLES = 16             # samples after the head, the last at the file's end
+# the small files of a Hugging Face folder the converter reads besides config.json and the weights
+FOLDER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                "chat_template.jinja", "chat_template.json", "tokenizer.model", "modules.json")
 
 
 def content_state(src: Path) -> str:
@@ -46,14 +53,16 @@ def content_state(src: Path) -> str:
     if not src.exists():
         raise BundleError(f"{src}: no such file or folder")
     folder = is_hf_folder(src)
-    files = source_files(src) if folder else [src]
+    files = source_files(src) + [src / n for n in FOLDER_FILES if (src / n).is_file()] if folder else [src]
     h = hashlib.sha256(f"pocketlm {__version__} converter {CONVERTER_VERSION}\n".encode())
     for f in files:
         size = f.stat().st_size
         h.update(f"{f.relative_to(src) if folder else ''}\0{size}\n".encode())
         with open(f, "rb") as fh:
-            for i in range(SAMPLES):
-                fh.seek(max(0, (size - SAMPLE_BYTES) * i // (SAMPLES - 1)))
+            h.update(fh.read(HEAD_BYTES))
+            rest = size - HEAD_BYTES
+            for i in range(1, SAMPLES + 1) if rest > 0 else ():
+                fh.seek(HEAD_BYTES + max(0, rest - SAMPLE_BYTES) * i // SAMPLES)
                 h.update(fh.read(SAMPLE_BYTES))
     return h.hexdigest()[:12]
 
