@@ -164,3 +164,23 @@ def matmul(x: np.ndarray, w_seen: np.ndarray, dtype: DType = DType.F32) -> np.nd
 
 def max_rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+
+
+def attention_program(q, k, v, n_heads, n_kv_heads, head_dim, max_tokens, iparams, fparams, n_threads,
+                      n_layers=1):
+    """q|k|v rows fed by token id (row i for token i), split with identity matmuls, into one attention op
+    (iparams: its layer, heads, head_dim, ...)."""
+    qkv = np.concatenate([q, k, v], axis=1)
+    nq, nk = q.shape[1], k.shape[1]
+    b = ProgramBuilder(max_tokens=max_tokens)
+    e, _ = b.weight(qkv)
+    rows = b.arena(qkv.shape[1])
+    b.op("embed", [e, b.tokens()], [rows])
+    eye = np.eye(qkv.shape[1], dtype=np.float32)
+    qa, ka, va, o = b.arena(nq), b.arena(nk), b.arena(nk), b.arena(nq)
+    wq, _ = b.weight(eye[:nq])
+    wk, _ = b.weight(eye[nq:nq + nk])
+    wv, _ = b.weight(eye[nq + nk:])
+    b.op("matmul_multi", [rows, wq, -1, wk, -1, wv, -1], [qa, ka, va])
+    b.op("attention", [qa, ka, va], [o], iparams=iparams, fparams=fparams)
+    return b.program(o, kv=(n_layers, n_kv_heads, head_dim), n_threads=n_threads)

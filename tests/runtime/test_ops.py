@@ -7,6 +7,7 @@ import pytest
 from runtime_helpers import (
     ProgramBuilder,
     attention,
+    attention_program,
     matmul,
     max_rel_err,
     rms_norm,
@@ -180,24 +181,8 @@ def test_attention_chunked(n_heads, n_kv_heads, head_dim, n_threads):
     q = rand(total, n_heads * head_dim)
     k = rand(total, n_kv_heads * head_dim)
     v = rand(total, n_kv_heads * head_dim)
-    qkv = np.concatenate([q, k, v], axis=1)
-    b = ProgramBuilder(max_tokens=4)
-    e, _ = b.weight(qkv)  # token i -> row i of q|k|v
-    tok = b.tokens()
-    rows = b.arena(qkv.shape[1])
-    b.op("embed", [e, tok], [rows])
-    # Split the embedded row into q, k, v with identity matmuls.
-    eye = np.eye(qkv.shape[1], dtype=np.float32)
-    qa, ka, va = b.arena(q.shape[1]), b.arena(k.shape[1]), b.arena(v.shape[1])
-    nq, nk = q.shape[1], k.shape[1]
-    wq, _ = b.weight(eye[:nq])
-    wk, _ = b.weight(eye[nq:nq + nk])
-    wv, _ = b.weight(eye[nq + nk:])
-    b.op("matmul_multi", [rows, wq, -1, wk, -1, wv, -1], [qa, ka, va])
-    o = b.arena(nq)
-    b.op("attention", [qa, ka, va], [o], iparams=[1, n_heads, n_kv_heads, head_dim],
-         fparams=[scale])
-    prog = b.program(o, kv=(2, n_kv_heads, head_dim), n_threads=n_threads)
+    prog = attention_program(q, k, v, n_heads, n_kv_heads, head_dim, 4, [1, n_heads, n_kv_heads, head_dim],
+                             [scale], n_threads, n_layers=2)
     state = _core.State(prog, 16)
     outs, pos = [], 0
     for chunk in (4, 3, 1):
@@ -235,23 +220,11 @@ def test_attention_long_context_decode(n_heads, n_kv_heads):
     q = rand(total, n_heads * head_dim)
     k = rand(total, n_kv_heads * head_dim)
     v = rand(total, n_kv_heads * head_dim)
-    qkv = np.concatenate([q, k, v], axis=1)
-    nq, nk = q.shape[1], k.shape[1]
-    b = ProgramBuilder(max_tokens=128)
-    e, _ = b.weight(qkv)
-    rows = b.arena(qkv.shape[1])
-    b.op("embed", [e, b.tokens()], [rows])
-    eye = np.eye(qkv.shape[1], dtype=np.float32)
-    qa, ka, va, o = b.arena(nq), b.arena(nk), b.arena(nk), b.arena(nq)
-    wq, _ = b.weight(eye[:nq])
-    wk, _ = b.weight(eye[nq:nq + nk])
-    wv, _ = b.weight(eye[nq + nk:])
-    b.op("matmul_multi", [rows, wq, -1, wk, -1, wv, -1], [qa, ka, va])
-    b.op("attention", [qa, ka, va], [o], iparams=[0, n_heads, n_kv_heads, head_dim],
-         fparams=[scale])
     ref = attention(q, k, v, 0, n_heads, n_kv_heads, head_dim, scale)
     for n_threads in (1, 2):
-        state = _core.State(b.program(o, kv=(1, n_kv_heads, head_dim), n_threads=n_threads), total)
+        prog = attention_program(q, k, v, n_heads, n_kv_heads, head_dim, 128, [0, n_heads, n_kv_heads, head_dim],
+                                 [scale], n_threads)
+        state = _core.State(prog, total)
         pos, outs = 0, []
         for chunk in [128] * 4 + [1] * 8 + [10, 1, 1]:
             outs.append(state.run(np.arange(pos, pos + chunk, dtype=np.int32), pos))
@@ -274,19 +247,6 @@ def test_attention_q8_0_cache(n_heads, n_kv_heads, head_dim, layer):
     q = rand(total, n_heads * head_dim)
     k = rand(total, n_kv_heads * head_dim) * 3
     v = rand(total, n_kv_heads * head_dim)
-    qkv = np.concatenate([q, k, v], axis=1)
-    nq, nk = q.shape[1], k.shape[1]
-    b = ProgramBuilder(max_tokens=64)
-    e, _ = b.weight(qkv)
-    rows = b.arena(qkv.shape[1])
-    b.op("embed", [e, b.tokens()], [rows])
-    eye = np.eye(qkv.shape[1], dtype=np.float32)
-    qa, ka, va, o = b.arena(nq), b.arena(nk), b.arena(nk), b.arena(nq)
-    wq, _ = b.weight(eye[:nq])
-    wk, _ = b.weight(eye[nq:nq + nk])
-    wv, _ = b.weight(eye[nq + nk:])
-    b.op("matmul_multi", [rows, wq, -1, wk, -1, wv, -1], [qa, ka, va])
-    b.op("attention", [qa, ka, va], [o], iparams=[layer, n_heads, n_kv_heads, head_dim], fparams=[scale])
 
     # keys are stored Hadamard-rotated: H k, H the normalized Sylvester Hadamard matrix (symmetric)
     hadamard = np.array([[1.0]])
@@ -296,7 +256,9 @@ def test_attention_q8_0_cache(n_heads, n_kv_heads, head_dim, layer):
     rb = head_dim // 32 * 34
     krb = 2 * head_dim if layer == 0 else rb  # the first layer's keys are f16
     for n_threads in (1, 2):
-        state = _core.State(b.program(o, kv=(2, n_kv_heads, head_dim), n_threads=n_threads), total, "q8_0")
+        prog = attention_program(q, k, v, n_heads, n_kv_heads, head_dim, 64, [layer, n_heads, n_kv_heads, head_dim],
+                                 [scale], n_threads, n_layers=2)
+        state = _core.State(prog, total, "q8_0")
         assert state.kv_type == "q8_0"
         assert state.kv_used_bytes(total) == total * n_kv_heads * (2 * head_dim + rb + rb + rb)
         pos, outs = 0, []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from runtime_helpers import ProgramBuilder, matmul, max_rel_err, rms_norm
+from runtime_helpers import ProgramBuilder, attention_program, matmul, max_rel_err, rms_norm
 
 from pocketlm.dtypes import DType
 
@@ -127,25 +127,6 @@ def attention_ref(q, k, v, n_heads, n_kv_heads, head_dim, scale, window=0, softc
         p = np.exp(s - s.max(1, keepdims=True))
         out[:, h] = (p / p.sum(1, keepdims=True)) @ vh[:, h // group]
     return out.reshape(t, -1).astype(np.float32)
-
-
-def attention_program(q, k, v, n_heads, n_kv_heads, head_dim, max_tokens, iparams, fparams, n_threads,
-                      n_layers=1):
-    """q|k|v rows fed by token id, split with identity matmuls, into one attention op (layer 0)."""
-    qkv = np.concatenate([q, k, v], axis=1)
-    nq, nk = q.shape[1], k.shape[1]
-    b = ProgramBuilder(max_tokens=max_tokens)
-    e, _ = b.weight(qkv)
-    rows = b.arena(qkv.shape[1])
-    b.op("embed", [e, b.tokens()], [rows])
-    eye = np.eye(qkv.shape[1], dtype=np.float32)
-    qa, ka, va, o = b.arena(nq), b.arena(nk), b.arena(nk), b.arena(nq)
-    wq, _ = b.weight(eye[:nq])
-    wk, _ = b.weight(eye[nq:nq + nk])
-    wv, _ = b.weight(eye[nq + nk:])
-    b.op("matmul_multi", [rows, wq, -1, wk, -1, wv, -1], [qa, ka, va])
-    b.op("attention", [qa, ka, va], [o], iparams=iparams, fparams=fparams)
-    return b.program(o, kv=(n_layers, n_kv_heads, head_dim), n_threads=n_threads)
 
 
 @pytest.mark.parametrize("window", [1, 5, 16, 100])
