@@ -840,11 +840,12 @@ void axpy_avx512(float a, const float* x, float* y, int n) {
 inline __m512 load_row(const float* r, __mmask16 m) { return _mm512_maskz_loadu_ps(m, r); }
 inline __m512 load_row(const fp16_t* r, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, r)); }
 
-// Up to 6 weight rows x 64 outputs in 24 accumulators; each 64-value slice of a row (f32, or
-// f16 from the KV cache) is loaded once per block of weight rows.
-template <class Row>
-void weighted_sum_avx512(const float* w, size_t ldw, int G, const Row* rows, size_t ldr, int n, float* out,
-                         size_t ldo, int dh) {
+// P.V: up to 6 weight rows x 64 outputs in 24 accumulators; each 64-value slice of a row is loaded
+// (and converted) once per block of weight rows. load(p, i0, m, x) puts values i0.. of row p into
+// x[0..3] (16 each, lanes off in m zero).
+template <class Load>
+__attribute__((always_inline)) inline void weighted_sum_blocked(const float* w, size_t ldw, int G, int n, float* out, size_t ldo, int dh,
+                                 Load&& load) {
   constexpr int kG = 6, kV = 4;  // weight rows, zmm per row slice
   for (int i0 = 0; i0 < dh; i0 += 16 * kV) {
     __mmask16 m[kV];
@@ -858,10 +859,8 @@ void weighted_sum_avx512(const float* w, size_t ldw, int G, const Row* rows, siz
         for (int v = 0; v < kV; ++v)
           acc[g][v] = g < ng ? _mm512_maskz_loadu_ps(m[v], out + (g0 + g) * ldo + i0 + 16 * v) : _mm512_setzero_ps();
       for (int p = 0; p < n; ++p) {
-        const Row* r = rows + (size_t)p * ldr + i0;
         __m512 x[kV];
-#pragma GCC unroll 4
-        for (int v = 0; v < kV; ++v) x[v] = load_row(r + 16 * v, m[v]);
+        load(p, i0, m, x);
 #pragma GCC unroll 6
         for (int g = 0; g < kG; ++g) {
           if (g < ng) {
@@ -878,6 +877,18 @@ void weighted_sum_avx512(const float* w, size_t ldw, int G, const Row* rows, siz
           if (g < ng) _mm512_mask_storeu_ps(out + (g0 + g) * ldo + i0 + 16 * v, m[v], acc[g][v]);
     }
   }
+}
+
+// P.V over f32 rows, or f16 rows of the KV cache.
+template <class Row>
+void weighted_sum_avx512(const float* w, size_t ldw, int G, const Row* rows, size_t ldr, int n, float* out,
+                         size_t ldo, int dh) {
+  weighted_sum_blocked(w, ldw, G, n, out, ldo, dh, [&](int p, int i0, const __mmask16* m, __m512* x)
+                                                         __attribute__((always_inline)) {
+    const Row* r = rows + (size_t)p * ldr + i0;
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) x[v] = load_row(r + 16 * v, m[v]);
+  });
 }
 
 // The Q8_0 KV cache: the 16 values at q of a block whose scale is d, as floats d * q.
@@ -929,48 +940,20 @@ void scores_q8_0_avx512(const uint8_t* rows, size_t ldr, const float* q, size_t 
   }
 }
 
-// P.V over Q8_0 rows, blocked as weighted_sum_avx512: up to 6 weight rows x 64 outputs (two blocks)
-// in 24 accumulators, each 64-value slice of a row decoded once per block of weight rows.
+// P.V over Q8_0 rows, blocked as weighted_sum_avx512: a 64-value slice is two blocks.
 void weighted_sum_q8_0_avx512(const float* w, size_t ldw, int G, const uint8_t* rows, size_t ldr, int n,
                               float* out, size_t ldo, int dh) {
-  constexpr int kG = 6, kV = 4;
-  for (int i0 = 0; i0 < dh; i0 += 16 * kV) {
-    __mmask16 m[kV];
-    for (int v = 0; v < kV; ++v) m[v] = tail_mask(std::clamp(dh - i0 - 16 * v, 0, 16));
-    const bool second = dh - i0 > 32;  // the slice's second block exists
-    for (int g0 = 0; g0 < G; g0 += kG) {
-      const int ng = std::min(kG, G - g0);
-      __m512 acc[kG][kV];
-#pragma GCC unroll 6
-      for (int g = 0; g < kG; ++g)
-#pragma GCC unroll 4
-        for (int v = 0; v < kV; ++v)
-          acc[g][v] = g < ng ? _mm512_maskz_loadu_ps(m[v], out + (g0 + g) * ldo + i0 + 16 * v) : _mm512_setzero_ps();
-      for (int p = 0; p < n; ++p) {
-        const uint8_t* b0 = rows + (size_t)p * ldr + (size_t)(i0 / 32) * 34;
-        const __m512 d0 = _mm512_set1_ps(q8_0_scale(b0));
-        const __m512 d1 = second ? _mm512_set1_ps(q8_0_scale(b0 + 34)) : _mm512_setzero_ps();
-        __m512 x[kV];
-        x[0] = q8_0_load16(b0 + 2, d0, m[0]);
-        x[1] = q8_0_load16(b0 + 18, d0, m[1]);
-        x[2] = q8_0_load16(b0 + 36, d1, m[2]);
-        x[3] = q8_0_load16(b0 + 52, d1, m[3]);
-#pragma GCC unroll 6
-        for (int g = 0; g < kG; ++g) {
-          if (g < ng) {
-            const __m512 a = _mm512_set1_ps(w[(g0 + g) * ldw + p]);
-#pragma GCC unroll 4
-            for (int v = 0; v < kV; ++v) acc[g][v] = _mm512_fmadd_ps(a, x[v], acc[g][v]);
-          }
-        }
-      }
-#pragma GCC unroll 6
-      for (int g = 0; g < kG; ++g)
-#pragma GCC unroll 4
-        for (int v = 0; v < kV; ++v)
-          if (g < ng) _mm512_mask_storeu_ps(out + (g0 + g) * ldo + i0 + 16 * v, m[v], acc[g][v]);
-    }
-  }
+  weighted_sum_blocked(w, ldw, G, n, out, ldo, dh, [&](int p, int i0, const __mmask16* m, __m512* x)
+                                                         __attribute__((always_inline)) {
+    const uint8_t* b0 = rows + (size_t)p * ldr + (size_t)(i0 / 32) * 34;
+    const __m512 d0 = _mm512_set1_ps(q8_0_scale(b0));
+    // (the slice's second block exists only if dh goes on past it: its loads are masked off otherwise)
+    const __m512 d1 = dh - i0 > 32 ? _mm512_set1_ps(q8_0_scale(b0 + 34)) : _mm512_setzero_ps();
+    x[0] = q8_0_load16(b0 + 2, d0, m[0]);
+    x[1] = q8_0_load16(b0 + 18, d0, m[1]);
+    x[2] = q8_0_load16(b0 + 36, d1, m[2]);
+    x[3] = q8_0_load16(b0 + 52, d1, m[3]);
+  });
 }
 
 void to_f16_avx512(const float* x, fp16_t* y, int n) {
