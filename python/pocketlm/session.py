@@ -94,6 +94,7 @@ class Session:
         why = compiled.program.shift_unsupported
         if on_overflow == "shift" and why:
             raise UnsupportedModelError(f"on_overflow='shift' is not possible with {engine.path.name}: {why}")
+        self._shift_unsupported = why  # why this program's cache cannot shift ("" when it can)
         self.on_overflow = on_overflow
         self.keep = int(keep)          # tokens a shift never evicts
         self.discard = None if discard is None else int(discard)  # tokens a shift evicts (None: half)
@@ -270,15 +271,12 @@ class Session:
             if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= self.position - self.keep:
                 raise InvalidInputError(f"cannot shift {n!r} tokens: the session holds {self.position - self.keep} "
                                         f"after the {self.keep} it keeps")
-            why = self._state_shift_unsupported()
-            if why:
-                raise UnsupportedModelError(f"cannot shift {self.engine.path.name}'s KV cache: {why}")
+            if self._shift_unsupported:
+                raise UnsupportedModelError(f"cannot shift {self.engine.path.name}'s KV cache: "
+                                            f"{self._shift_unsupported}")
             self._shift(int(n))
         finally:
             self._leave()
-
-    def _state_shift_unsupported(self) -> str:
-        return self.engine.compiled_for(self.logits_mode).program.shift_unsupported
 
     def _shift(self, n: int) -> None:
         k, kv = self.keep, self.kv_cache
