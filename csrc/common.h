@@ -270,4 +270,27 @@ inline void x16_gather_row(DType t, const uint8_t* data, int64_t cols, int64_t n
   }
 }
 
+// Row n of an x16 matrix written from the base type's row-major bytes `row` (I8: the codes only):
+// the interleaving itself, one row at a time (the converter's; x16_gather_row undoes it).
+inline void x16_scatter_row(DType t, const uint8_t* row, int64_t cols, int64_t n, uint8_t* data) {
+  const X16Block lay = x16_block(t);
+  const size_t bb = (size_t)traits(t).block_bytes;
+  const size_t rb = row_bytes(t, cols), g = (size_t)(n / kX16Rows), i = (size_t)(n % kX16Rows);
+  uint8_t* group = data + g * kX16Rows * rb;
+  const int64_t be = traits(t).block_elems;
+  for (int64_t b = 0; b < cols / be; ++b) {
+    uint8_t* rec = group + (size_t)b * kX16Rows * bb;
+    const uint8_t* o = row + (size_t)b * bb;
+    size_t code = bb;
+    for (int f = 0; f < lay.n_fields; ++f) {
+      const size_t size = (size_t)lay.field_bytes[f];
+      std::memcpy(rec + size * i, o, size);
+      o += size;
+      rec += kX16Rows * size;
+      code -= size;
+    }
+    for (size_t u = 0; u < code / 4; ++u) std::memcpy(rec + 64 * u + 4 * i, o + 4 * u, 4);
+  }
+}
+
 }  // namespace plm

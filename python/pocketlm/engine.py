@@ -136,12 +136,13 @@ def load_tokenizer(bundle) -> Tokenizer:
         raise BundleError(f"{bundle.path}: {e}") from e
 
 
-def check_loadable(path: str | os.PathLike) -> None:
+def check_loadable(path: str | os.PathLike) -> Tokenizer:
     """Runs the loader's checks on a bundle file without running the model: the reader's (header,
     checksums, metadata schema and bounds), the model's graph against the tensors, the RoPE
     tables, the tokenizer. Works without the C++ extension (then the file's structure is read in
     Python). The converter runs it on the finished temporary file (write_bundle's `check`), so
-    that it never writes a bundle Engine would refuse. Raises BundleError / UnsupportedModelError."""
+    that it never writes a bundle Engine would refuse. Returns the tokenizer it built (the converter
+    calibrates with it). Raises BundleError / UnsupportedModelError."""
     from pocketlm.bundle import open_for_checks
 
     bundle = open_for_checks(path)
@@ -149,7 +150,7 @@ def check_loadable(path: str | os.PathLike) -> None:
     readable = hasattr(bundle.core, "tensor_bytes")  # tensor data only through the C++ reader
     trained = meta["config"].get("max_position") or 1
     build_model_graph(bundle, max_positions=trained, read_weight=_weight_reader(bundle) if readable else None)
-    load_tokenizer(bundle)
+    return load_tokenizer(bundle)
 
 
 def _model_metadata(bundle, *sections: str) -> dict:

@@ -168,16 +168,12 @@ def _x16_args(raw, base: DType, shape):
 def interleave(raw: np.ndarray, base: DType, shape) -> np.ndarray:
     """Bytes of a [rows, cols] tensor of row-major type `base` (Q8_0, Q4_* of any group, I8, Q5_0,
     Q5_1) in its x16 form: each group of 16 rows as one run of block records (header fields, then
-    code bytes in 4-byte units, row 0 first). Same size; I8's row scales stay at the end."""
-    buf, fields, code, g, nb, bb, n = _x16_args(raw, DType(base), shape)
-    blocks = buf[:n].reshape(g, X16_ROWS, nb, bb)
-    parts, off = [], 0
-    for size in fields:  # each field: [g, nb, 16 rows, size]
-        parts.append(blocks[..., off:off + size].transpose(0, 2, 1, 3).reshape(g, nb, -1))
-        off += size
-    codes = blocks[..., off:].reshape(g, X16_ROWS, nb, code // 4, 4).transpose(0, 2, 3, 1, 4)
-    rec = np.concatenate([*parts, codes.reshape(g, nb, -1)], axis=2)
-    return np.concatenate([rec.reshape(-1), buf[n:]])
+    code bytes in 4-byte units, row 0 first). Same size; I8's row scales stay at the end. (The copy
+    loop is C++: csrc/common.h x16_scatter_row; `deinterleave` below is its numpy inverse.)"""
+    from pocketlm import _core
+
+    buf, *_ = _x16_args(raw, DType(base), shape)
+    return _core.interleave_x16(np.ascontiguousarray(buf), int(X16_OF[DType(base)]), int(shape[0]), int(shape[1]))
 
 
 def deinterleave(raw: np.ndarray, base: DType, shape) -> np.ndarray:

@@ -8,6 +8,7 @@ only once an optional check, the loader's, accepts it): atomic.py.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -111,13 +112,18 @@ def _as_byte_view(obj: Any, spec: TensorSpec, expected: int) -> memoryview:
     return view
 
 
-def _stream(f, view: memoryview, hashes, done: int, total: int, progress) -> int:
-    """Writes `view` in chunks, feeding every hasher; returns the new bytes-done count."""
+def _stream(f, view: memoryview, hashes, done: int, total: int, progress, pool) -> int:
+    """Writes `view` in chunks, feeding every hasher; returns the new bytes-done count. Each chunk's
+    hashes run on `pool`'s threads while it is written (hashlib and the write release the GIL): on a
+    491 MB bundle the two hashes and the write took 0.7 s + 0.8 s one after the other."""
     for start in range(0, view.nbytes, _WRITE_CHUNK):
         chunk = view[start : start + _WRITE_CHUNK]
-        f.write(chunk)
-        for h in hashes:
-            h.update(chunk)
+        hashing = [pool.submit(h.update, chunk) for h in hashes]
+        try:
+            f.write(chunk)
+        finally:
+            for h in hashing:
+                h.result()  # each hasher sees its chunks in order: one at a time
         done += chunk.nbytes
         if progress is not None:
             progress(done, total)
@@ -174,7 +180,7 @@ def write_bundle(
 def _write_file(path: str, tmp: str, planned: Sequence[_Planned], meta: bytes, data_bytes: int, progress) -> None:
     index_bytes = 4 + sum(IndexEntry.packed_bytes(len(t.name), len(t.shape)) for t in planned)
     meta_offset, index_offset, data_offset = section_offsets(len(meta), index_bytes)
-    with Sink(path, tmp) as f:
+    with Sink(path, tmp) as f, concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="pocketlm-hash") as pool:
         # Data first (its hashes go into the index), then header, metadata, index, padding.
         f.seek(data_offset)
         data_sha = hashlib.sha256()
@@ -191,7 +197,7 @@ def _write_file(path: str, tmp: str, planned: Sequence[_Planned], meta: bytes, d
             tensor_sha = hashlib.sha256()
             # The loaded bytes are referenced only inside _stream: freed before the next load.
             done = _stream(f, _as_byte_view(t.spec.load(), t.spec, t.nbytes), (tensor_sha, data_sha),
-                           done, data_bytes, progress)
+                           done, data_bytes, progress, pool)
             entries.append(IndexEntry(t.name, int(t.dtype), list(t.shape), t.offset, t.nbytes, tensor_sha.digest()))
 
         index = pack_index(entries)

@@ -7,6 +7,7 @@ bundle.write_bundle (atomic, streaming).
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import os
 import sys
@@ -30,6 +31,10 @@ from pocketlm.metadata import metadata_problem
 CONVERTER_VERSION = 6  # 2: SentencePiece space prefix follows the GGUF flag (llama.cpp parity); 3: compact tokenizer.json;
 # 4: 2-D Q8_0/Q4_0/Q4_1/I8 weights in their row-interleaved x16 forms; 5: Q5_0/Q5_1 too; 6: Q4 groups 64/128
 QUANT_CHOICES = (None, "keep", "f32", "f16", "int8", "int4")
+# Threads encoding tensors (each holds one tensor's float32 copy and its encoding). On 2 cores a
+# 1.1B-parameter bf16 checkpoint to int4 took 12.1-12.3 s with one, 10.0-10.1 s with two, 9.8-10.5
+# with four (bench/convert_speed.py's llama-1b-shape, in-process).
+ENCODE_THREADS = 4
 
 
 def read_source(src: Path) -> SourceModel:
@@ -159,28 +164,42 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = 
         raise BundleError(f"{model.source_name}: bad metadata: {problem}")
 
     bar = ProgressBar(f"converting {model.source_name}", len(planned)) if progress else None
+    workers = min(ENCODE_THREADS, os.cpu_count() or 1)
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="pocketlm-encode")
+    encoding: dict[int, concurrent.futures.Future] = {}
 
-    def loader(i: int, t: SourceTensor, dtype: DType):
+    def loader(i: int):
         def load():
+            # Tensors are encoded on `workers` threads, up to `workers` ahead of the one being
+            # written (numpy and the file reads release the GIL); written in order, one at a time.
             if bar is not None:
                 bar.tensor_started(i)
-            return _encode(t, dtype)
+            for j in range(i, min(i + workers + 1, len(planned))):
+                if j not in encoding:
+                    encoding[j] = pool.submit(_encode, *planned[j])
+            return encoding.pop(i).result()
         return load
 
     from pocketlm.engine import check_loadable  # the loader's checks, run before the final rename
 
-    specs = [TensorSpec(t.name, dtype, tuple(t.shape), loader(i, t, dtype)) for i, (t, dtype) in enumerate(planned)]
+    specs = [TensorSpec(t.name, dtype, tuple(t.shape), loader(i)) for i, (t, dtype) in enumerate(planned)]
+    checked = {}
+
+    def check(tmp: str) -> None:
+        checked["tokenizer"] = check_loadable(tmp)
+
     try:
-        write_bundle(out, metadata, specs, progress=bar.bytes_written if bar is not None else None,
-                     check=check_loadable)
+        write_bundle(out, metadata, specs, progress=bar.bytes_written if bar is not None else None, check=check)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after a failure: the encodes still running
+        encoding.clear()
         if bar is not None:
             bar.finish()
-    _calibrate(out, progress)
+    _calibrate(out, progress, checked["tokenizer"])
     return out
 
 
-def _calibrate(path: Path, progress: bool) -> None:
+def _calibrate(path: Path, progress: bool, tokenizer) -> None:
     """Calibrates the activation precision of "auto" for the new bundle (pocketlm.calibration,
     cached per bundle), so that its first load does not wait for it. Only bundles with integer
     weights have anything to calibrate. A failure here is reported and leaves the bundle as written
@@ -192,13 +211,13 @@ def _calibrate(path: Path, progress: bool) -> None:
         return
     try:
         from pocketlm.calibration import cached, resolve_auto
-        from pocketlm.engine import load_tokenizer, physical_cores
+        from pocketlm.engine import physical_cores
 
         if cached(path) is not None:
             return
         if progress:
             print("calibrating activation precision ...", file=sys.stderr, flush=True)
-        spec, _ = resolve_auto(bundle, load_tokenizer(bundle), physical_cores())
+        spec, _ = resolve_auto(bundle, tokenizer, physical_cores())
         if progress:
             print(f"activations (auto): {spec.removeprefix('auto:')} where weights have under 6 bits",
                   file=sys.stderr, flush=True)

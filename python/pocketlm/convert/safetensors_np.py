@@ -77,7 +77,9 @@ class SafetensorsFile:
         start, end = e["data_offsets"]
         raw = self._map[self._data_start + start : self._data_start + end].view(_NP_DTYPES[dt])
         if dt == "BF16":  # bf16 is the top half of an f32
-            out = (raw.astype(np.uint32) << 16).view(np.float32)
+            out = raw.astype(np.uint32)
+            out <<= 16  # in place: a second 4-byte copy of a 1B model's tensors cost ~1 s
+            out = out.view(np.float32)
         else:
             out = raw.astype(np.float32)
         return out.reshape(self.shape(name))
