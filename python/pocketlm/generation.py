@@ -46,7 +46,12 @@ class Generation:
         self.ids = self._prompt_ids(prompt, add_special_tokens)
         defaults = engine.generation_defaults
         params = {k: defaults[k] for k in SAMPLING_NAMES if defaults.get(k) is not None}
-        params.update({k: v for k, v in sampling.items() if v is not None})
+        given = {k: v for k, v in sampling.items() if v is not None}
+        params.update(given)
+        if params.get("temperature") == 0 and "repetition_penalty" not in given:
+            # Greedy decoding is the model's argmax (what transformers and llama.cpp give at
+            # temperature 0 without a penalty); the model's default penalty is for sampling.
+            params.pop("repetition_penalty", None)
         self.params = SamplingParams(**params)
         if max_tokens is None:
             max_tokens = int(defaults.get("max_tokens") or 512)

@@ -219,7 +219,7 @@ def test_metadata(hf_models, hf_bundles):
     assert st["bos_id"] == ids["<|im_start|>"] and ids["<|im_end|>"] in st["eos_ids"]
     assert st["add_bos"] is False
     assert m["generation"] == {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
-                               "repetition_penalty": 1.0, "max_tokens": 512}
+                               "repetition_penalty": 1.1, "max_tokens": 512}
     p = m["provenance"]
     h = hashlib.sha256()
     for f in [folder / "config.json", folder / "model.safetensors"]:
@@ -358,3 +358,18 @@ def test_rows_not_multiple_of_16_keep_the_row_major_type(tmp_path, mode, group_s
         err = np.abs(got - ref).max() / ref.std()  # prefill; then decode (one-token matvecs)
         print(f"\n{mode} g{group_size} sym={symmetric}: max err / std {err:.2e}")
         assert err < 0.01, err
+
+
+@pytest.mark.parametrize("settings,penalty", [
+    ({}, 1.1),                                        # no sampling settings: the measured default
+    ({"temperature": 0.6, "top_p": 0.9}, 1.0),        # tuned without a penalty: none
+    ({"temperature": 0.6, "repetition_penalty": 1.05}, 1.05),
+])
+def test_default_repetition_penalty_only_where_the_source_gives_no_sampling_settings(hf_models, tmp_path,
+                                                                                     settings, penalty):
+    src = tmp_path / "ckpt"
+    shutil.copytree(hf_models["llama"][0], src)
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "bos_token_id": 1, **settings}))
+    g = read_bundle(convert(src, tmp_path / "out.plm", quant="f16", progress=False)).metadata["generation"]
+    assert g["repetition_penalty"] == penalty
+    assert g["temperature"] == settings.get("temperature", 0.7)

@@ -122,3 +122,38 @@ def test_score_matches_step_by_step_logprobs(engine):
     assert np.abs(got - np.array(ref)).max() < 1e-4
     with pytest.raises(ValueError, match="logits"):
         engine.create_session().score(ids)
+
+
+def penalized_greedy_ids(engine, ids, n, penalty, last_n=64):
+    """Argmax after transformers' RepetitionPenaltyLogitsProcessor over the last `last_n` tokens
+    (prompt included, as llama.cpp's penalty window)."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    proc = RepetitionPenaltyLogitsProcessor(penalty)
+    s = engine.create_session()
+    logits = s.prefill(ids)
+    seen, out = list(ids), []
+    for _ in range(n):
+        window = torch.tensor([seen[-last_n:]])
+        t = int(proc(window, torch.from_numpy(np.array(logits, np.float32))[None])[0].argmax())
+        out.append(t)
+        seen.append(t)
+        logits = s.decode(t)
+    return out
+
+
+def test_the_default_repetition_penalty_is_for_sampling(engine):
+    """The checkpoint gives no sampling settings, so the bundle carries the measured default penalty
+    (1.1). Greedy decoding (temperature 0) stays the model's argmax unless a penalty is asked for;
+    asked for, it is transformers' penalty before the argmax."""
+    assert engine.generation_defaults["repetition_penalty"] == 1.1
+    ids = engine.tokenizer.encode("the the the the the")
+    plain = greedy_ids(engine, ids, 24)
+    penalized = penalized_greedy_ids(engine, ids, 24, 1.1)
+    assert plain != penalized  # the prompt is one the penalty changes
+    s = engine.create_session()
+    list(s.generate(ids, max_tokens=24, temperature=0))
+    assert s.last_text_ids[-24:] == plain
+    list(s.generate(ids, max_tokens=24, temperature=0, repetition_penalty=1.1))
+    assert s.last_text_ids[-24:] == penalized

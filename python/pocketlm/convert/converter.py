@@ -28,8 +28,9 @@ from pocketlm.errors import BundleError, ConversionError, shown
 from pocketlm.metadata import metadata_problem
 
 # Bump when the converter's output for the same input changes (invalidates the GGUF cache).
-CONVERTER_VERSION = 6  # 2: SentencePiece space prefix follows the GGUF flag (llama.cpp parity); 3: compact tokenizer.json;
-# 4: 2-D Q8_0/Q4_0/Q4_1/I8 weights in their row-interleaved x16 forms; 5: Q5_0/Q5_1 too; 6: Q4 groups 64/128
+CONVERTER_VERSION = 7  # 2: SentencePiece space prefix follows the GGUF flag (llama.cpp parity); 3: compact tokenizer.json;
+# 4: 2-D Q8_0/Q4_0/Q4_1/I8 weights in their row-interleaved x16 forms; 5: Q5_0/Q5_1 too; 6: Q4 groups 64/128;
+# 7: a default repetition penalty of 1.1 where the source gives no sampling settings
 QUANT_CHOICES = (None, "keep", "f32", "f16", "int8", "int4")
 # Threads encoding tensors (each holds one tensor's float32 copy and its encoding). On 2 cores a
 # 1.1B-parameter bf16 checkpoint to int4 took 12.1-12.3 s with one, 10.0-10.1 s with two, 9.8-10.5

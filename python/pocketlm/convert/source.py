@@ -15,14 +15,18 @@ from pocketlm.dtypes import DType
 from pocketlm.errors import BundleError, ConversionError, shown
 
 # Sampling defaults when the source does not say (docs/quant.md, "Metadata").
+# Sampling defaults for a source that gives none (bench/sampling_loops.py, docs/quant.md): with
+# llama.cpp's temperature, top-k, top-p and min-p alone, a third of SmolLM2's answers loop; a mild
+# repetition penalty over the last 64 tokens (Ollama's default) cuts that to under a tenth.
 DEFAULT_GENERATION = {
     "temperature": 0.7,
     "top_k": 40,
     "top_p": 0.95,
     "min_p": 0.05,
-    "repetition_penalty": 1.0,
+    "repetition_penalty": 1.1,
     "max_tokens": 512,
 }
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 @dataclass
 class SourceTensor:
@@ -137,11 +141,14 @@ def check_config_ranges(cfg: dict, tensor_dims: list[tuple[int, ...]], origin: s
 
 def generation_defaults(found: Mapping[str, tuple[str, object]], origin: str) -> dict:
     """The bundle's sampling defaults: DEFAULT_GENERATION, with the values the source gives
-    (canonical key -> (the source's key, value)). A value the sampler would refuse is left out
+    (canonical key -> (the source's key, value)); a source that gives any sampling setting but no
+    repetition penalty gets none (1.0, as transformers and llama.cpp read it). A value the sampler would refuse is left out
     with a one-line warning on stderr rather than refused: the model is usable without it, and
     llama.cpp ignores such values too. (The loader still refuses one in a bundle: the converter
     never writes it, so it would be tampering.)"""
     out = dict(DEFAULT_GENERATION)
+    if any(found.get(k, (None, None))[1] is not None for k in SAMPLING_KEYS):
+        out["repetition_penalty"] = 1.0  # a source tuned for sampling without a penalty wants none
     for key, (source_key, value) in found.items():
         if value is None:
             continue
