@@ -128,3 +128,20 @@ def test_a_failed_turn_never_happened(tiny, tmp_path):
     assert "[seed = -1]" in r.stderr and "pocketlm: error: /set seed" in r.stderr
     messages = Engine(tiny, threads=1, max_context=256).load_session(tmp_path / "s.plms").saved_extra["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "hello"
+
+
+@pytest.mark.parametrize("script,sent", [('"""line one\nline two', "line one\nline two"),   # no closing quotes
+                                         ("first \\\nsecond \\", "first \nsecond")])     # nor continuation
+def test_input_that_ends_inside_a_turn_sends_it(tiny, tmp_path, script, sent):
+    """Piped input that ends inside a \"\"\" block or after a trailing backslash is still a turn (it was
+    dropped): the template reports the message it was given."""
+    import subprocess
+
+    (tmp_path / "t.jinja").write_text("{% if 'second' in messages[-1].content or 'two' in messages[-1].content %}"
+                                      "{{ raise_exception('got[' + messages[-1].content + ']') }}{% endif %}<a>",
+                                      encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "pocketlm", "chat", str(tiny), "-t", "2", "-n", "4",
+                        "--chat-template", str(tmp_path / "t.jinja")], input=script, capture_output=True, text=True,
+                       env=child_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "got[" + sent.replace("\n", "\\n") + "]" in r.stderr, r.stderr  # the error shows the repr

@@ -72,3 +72,8 @@ def test_convert_refuses_a_wrong_output(smollm2_gguf, tmp_path):
     assert ".plm" in line and not (tmp_path / "x.gguf").exists()
     line = one_error_line(cli("convert", smollm2_gguf, "-o", tmp_path / "no" / "such" / "x.plm"))
     assert "does not exist" in line and not (tmp_path / "no").exists()
+    # an existing folder is a place, not a name: the bundle is named after the source there
+    r = cli("convert", smollm2_gguf, "-o", tmp_path, "-q")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / (smollm2_gguf.stem + ".plm")
+    assert r.stdout.strip() == str(out) and out.is_file()

@@ -101,7 +101,12 @@ def read_turn(reader: LineReader) -> str:
             return text.rstrip()[:-3]
         parts = [text] if text else []
         while True:
-            more = reader.read(MORE)
+            try:
+                more = reader.read(MORE)
+            except EOFError:  # the input ended inside the block: it is the last turn
+                if not "".join(parts).strip():
+                    raise
+                return "\n".join(parts).strip("\n")
             if more.rstrip().endswith('"""'):
                 parts.append(more.rstrip()[:-3])
                 return "\n".join(parts).strip("\n")
@@ -109,7 +114,11 @@ def read_turn(reader: LineReader) -> str:
     parts = []
     while line.endswith("\\"):
         parts.append(line[:-1])
-        line = reader.read(MORE)
+        try:
+            line = reader.read(MORE)
+        except EOFError:  # a continuation the input never gave
+            line = ""
+            break
     parts.append(line)
     return "\n".join(parts)
 

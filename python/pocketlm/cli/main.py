@@ -191,7 +191,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
     from pocketlm.convert import convert
 
     quant = None if a.quant in (None, "keep") else a.quant
-    if a.output is not None:
+    if a.output is not None and not Path(a.output).is_dir():  # a folder: the bundle is named after the source
         if not str(a.output).endswith(".plm"):
             raise InvalidInputError(f"-o {a.output}: a bundle's name ends with .plm (it is not a {Path(a.output).suffix or 'plain'} file)")
         parent = Path(a.output).resolve().parent
@@ -567,7 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="convert a Hugging Face folder or a GGUF file into a .plm bundle")
     c.add_argument("src", help="Hugging Face checkpoint folder or .gguf file")
-    c.add_argument("-o", "--output", required=True, help="output .plm path")
+    c.add_argument("-o", "--output", required=True, help="output .plm path, or an existing folder (the bundle is "
+                   "named after the source)")
     c.add_argument("--quant", choices=["f32", "f16", "int8", "int4", "keep"], default=None,
                    help="weight type (default: keep the GGUF's types; f16 for Hugging Face checkpoints)")
     c.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128],
