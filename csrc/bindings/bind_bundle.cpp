@@ -85,7 +85,9 @@ void bind_bundle(nb::module_& m) {
           throw nb::value_error(("interleave_x16: dtype " + std::to_string(dtype) + " is not an x16 type").c_str());
         const plm::DType t = (plm::DType)dtype;
         const int64_t be = plm::traits(t).block_elems;
-        if (rows <= 0 || cols <= 0 || rows % plm::kX16Rows != 0 || cols % be != 0)
+        // Bounded so that no size below overflows (a bundle tensor's dimensions are far smaller).
+        if (rows <= 0 || cols <= 0 || rows > (int64_t(1) << 31) || cols > (int64_t(1) << 31) ||
+            rows % plm::kX16Rows != 0 || cols % be != 0)
           throw nb::value_error(("interleave_x16: shape (" + std::to_string(rows) + ", " + std::to_string(cols) +
                                  ") is not whole groups of 16 rows and blocks of " + std::to_string(be))
                                     .c_str());

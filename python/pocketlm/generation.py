@@ -48,10 +48,11 @@ class Generation:
         params = {k: defaults[k] for k in SAMPLING_NAMES if defaults.get(k) is not None}
         given = {k: v for k, v in sampling.items() if v is not None}
         params.update(given)
-        if params.get("temperature") == 0 and "repetition_penalty" not in given:
-            # Greedy decoding is the model's argmax (what transformers and llama.cpp give at
-            # temperature 0 without a penalty); the model's default penalty is for sampling.
-            params.pop("repetition_penalty", None)
+        greedy_penalty = defaults.get("greedy_repetition_penalty")
+        if params.get("temperature") == 0 and "repetition_penalty" not in given and greedy_penalty is not None:
+            # pocketlm's own default penalty is for sampling: greedy decoding stays the model's
+            # argmax (a checkpoint's own penalty has no such entry and applies, as in transformers).
+            params["repetition_penalty"] = greedy_penalty
         self.params = SamplingParams(**params)
         if max_tokens is None:
             max_tokens = int(defaults.get("max_tokens") or 512)

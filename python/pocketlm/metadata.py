@@ -83,6 +83,7 @@ _GENERATION = {  # key -> (integer?, lowest, highest, lowest excluded?)
     "top_p": (False, 0.0, 1.0, True),
     "min_p": (False, 0.0, 1.0, False),
     "repetition_penalty": (False, 0.0, 1e6, True),
+    "greedy_repetition_penalty": (False, 0.0, 1e6, True),  # at temperature 0, where it differs
     "repeat_last_n": (True, -1, MAX_INT32, False),
     "max_tokens": (True, 1, MAX_INT32, False),
     "seed": (True, 0, 2**64 - 1, False),

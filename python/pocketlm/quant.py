@@ -168,12 +168,27 @@ def _x16_args(raw, base: DType, shape):
 def interleave(raw: np.ndarray, base: DType, shape) -> np.ndarray:
     """Bytes of a [rows, cols] tensor of row-major type `base` (Q8_0, Q4_* of any group, I8, Q5_0,
     Q5_1) in its x16 form: each group of 16 rows as one run of block records (header fields, then
-    code bytes in 4-byte units, row 0 first). Same size; I8's row scales stay at the end. (The copy
-    loop is C++: csrc/common.h x16_scatter_row; `deinterleave` below is its numpy inverse.)"""
-    from pocketlm import _core
-
+    code bytes in 4-byte units, row 0 first). Same size; I8's row scales stay at the end. One C++
+    pass of copies (csrc/common.h x16_scatter_row) where the extension is built, else numpy."""
     buf, *_ = _x16_args(raw, DType(base), shape)
-    return _core.interleave_x16(np.ascontiguousarray(buf), int(X16_OF[DType(base)]), int(shape[0]), int(shape[1]))
+    try:
+        from pocketlm._core import interleave_x16
+    except ImportError:  # the converter runs without the extension (bundle/reader.py)
+        return interleave_numpy(raw, base, shape)
+    return interleave_x16(np.ascontiguousarray(buf), int(X16_OF[DType(base)]), int(shape[0]), int(shape[1]))
+
+
+def interleave_numpy(raw: np.ndarray, base: DType, shape) -> np.ndarray:
+    """`interleave` in numpy transposes (4x slower than the C++ pass; the tests compare the two)."""
+    buf, fields, code, g, nb, bb, n = _x16_args(raw, DType(base), shape)
+    blocks = buf[:n].reshape(g, X16_ROWS, nb, bb)
+    parts, off = [], 0
+    for size in fields:  # each field: [g, nb, 16 rows, size]
+        parts.append(blocks[..., off:off + size].transpose(0, 2, 1, 3).reshape(g, nb, -1))
+        off += size
+    codes = blocks[..., off:].reshape(g, X16_ROWS, nb, code // 4, 4).transpose(0, 2, 3, 1, 4)
+    rec = np.concatenate([*parts, codes.reshape(g, nb, -1)], axis=2)
+    return np.concatenate([rec.reshape(-1), buf[n:]])
 
 
 def deinterleave(raw: np.ndarray, base: DType, shape) -> np.ndarray:

@@ -219,7 +219,7 @@ def test_metadata(hf_models, hf_bundles):
     assert st["bos_id"] == ids["<|im_start|>"] and ids["<|im_end|>"] in st["eos_ids"]
     assert st["add_bos"] is False
     assert m["generation"] == {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
-                               "repetition_penalty": 1.1, "max_tokens": 512}
+                               "repetition_penalty": 1.1, "greedy_repetition_penalty": 1.0, "max_tokens": 512}
     p = m["provenance"]
     h = hashlib.sha256()
     for f in [folder / "config.json", folder / "model.safetensors"]:
@@ -276,6 +276,7 @@ def test_x16_interleave_round_trips_and_matches_the_documented_layout(base):
         assert packed.dtype == np.uint8 and packed.size == raw.size == tensor_nbytes(x16, (rows, cols))
         assert not np.array_equal(packed, raw)
         assert quant.deinterleave(packed, base, (rows, cols)).tobytes() == raw.tobytes()
+        assert quant.interleave_numpy(raw, base, (rows, cols)).tobytes() == packed.tobytes()  # C++ vs numpy
         assert quant.quantize(x, x16).tobytes() == packed.tobytes()
         np.testing.assert_array_equal(quant.dequantize(packed, x16, (rows, cols)),
                                       quant.dequantize(raw, base, (rows, cols)))
@@ -298,6 +299,11 @@ def test_x16_interleave_round_trips_and_matches_the_documented_layout(base):
         assert packed[rows * nb * bb:].size == (4 * rows if base == DType.I8 else 0)
     with pytest.raises(ValueError, match="16"):  # whole groups of 16 rows only
         quant.interleave(quant.quantize(np.ones((24, 128), np.float32), base), base, (24, 128))
+    from pocketlm import _core
+
+    for rows, cols in [(16, 1 << 60), (1 << 14, 1 << 54), (1 << 40, 32)]:  # sizes that wrap a size_t
+        with pytest.raises(ValueError):
+            _core.interleave_x16(np.zeros(64, np.uint8), int(x16), rows, cols)
 
 
 @pytest.mark.parametrize("mode,group_size,symmetric", [("int8", None, True), ("int8", 32, True),
@@ -360,16 +366,17 @@ def test_rows_not_multiple_of_16_keep_the_row_major_type(tmp_path, mode, group_s
         assert err < 0.01, err
 
 
-@pytest.mark.parametrize("settings,penalty", [
-    ({}, 1.1),                                        # no sampling settings: the measured default
-    ({"temperature": 0.6, "top_p": 0.9}, 1.0),        # tuned without a penalty: none
-    ({"temperature": 0.6, "repetition_penalty": 1.05}, 1.05),
+@pytest.mark.parametrize("settings,penalty,greedy", [
+    ({}, 1.1, 1.0),                                        # no sampling settings: the measured default, sampling only
+    ({"top_k": -5}, 1.1, 1.0),                             # one refused (a warning) is none given
+    ({"temperature": 0.6, "top_p": 0.9}, 1.0, None),       # tuned without a penalty: none
+    ({"temperature": 0.6, "repetition_penalty": 1.05}, 1.05, None),  # the checkpoint's, greedy too
 ])
 def test_default_repetition_penalty_only_where_the_source_gives_no_sampling_settings(hf_models, tmp_path,
-                                                                                     settings, penalty):
+                                                                                     settings, penalty, greedy):
     src = tmp_path / "ckpt"
     shutil.copytree(hf_models["llama"][0], src)
     (src / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "bos_token_id": 1, **settings}))
     g = read_bundle(convert(src, tmp_path / "out.plm", quant="f16", progress=False)).metadata["generation"]
-    assert g["repetition_penalty"] == penalty
-    assert g["temperature"] == settings.get("temperature", 0.7)
+    assert g["repetition_penalty"] == penalty and g.get("greedy_repetition_penalty") == greedy
+    assert g["temperature"] == settings.get("temperature", 0.7) and g["top_k"] == 40

@@ -143,11 +143,15 @@ def penalized_greedy_ids(engine, ids, n, penalty, last_n=64):
     return out
 
 
-def test_the_default_repetition_penalty_is_for_sampling(engine):
+def test_the_default_repetition_penalty_is_for_sampling(engine, tmp_path):
     """The checkpoint gives no sampling settings, so the bundle carries the measured default penalty
-    (1.1). Greedy decoding (temperature 0) stays the model's argmax unless a penalty is asked for;
-    asked for, it is transformers' penalty before the argmax."""
-    assert engine.generation_defaults["repetition_penalty"] == 1.1
+    (1.1) for sampling. Greedy decoding (temperature 0) stays the model's argmax unless a penalty
+    is asked for; asked for, it is transformers' penalty before the argmax. A checkpoint's own
+    penalty applies to greedy decoding too, as transformers applies it."""
+    import json
+
+    g = engine.generation_defaults
+    assert g["repetition_penalty"] == 1.1 and g["greedy_repetition_penalty"] == 1.0
     ids = engine.tokenizer.encode("the the the the the")
     plain = greedy_ids(engine, ids, 24)
     penalized = penalized_greedy_ids(engine, ids, 24, 1.1)
@@ -156,4 +160,12 @@ def test_the_default_repetition_penalty_is_for_sampling(engine):
     list(s.generate(ids, max_tokens=24, temperature=0))
     assert s.last_text_ids[-24:] == plain
     list(s.generate(ids, max_tokens=24, temperature=0, repetition_penalty=1.1))
+    assert s.last_text_ids[-24:] == penalized
+    make_hf_model(tmp_path / "hf", "qwen2", seed=11)  # the same model, with a penalty of its own
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.1}))
+    own = Engine(convert(tmp_path / "hf", tmp_path / "own.plm", quant="f32", progress=False), threads=2,
+                 max_context=96, prefill_chunk=16)
+    assert "greedy_repetition_penalty" not in own.generation_defaults
+    s = own.create_session()
+    list(s.generate(ids, max_tokens=24, temperature=0))
     assert s.last_text_ids[-24:] == penalized

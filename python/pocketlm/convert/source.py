@@ -14,7 +14,6 @@ from pocketlm import metadata
 from pocketlm.dtypes import DType
 from pocketlm.errors import BundleError, ConversionError, shown
 
-# Sampling defaults when the source does not say (docs/quant.md, "Metadata").
 # Sampling defaults for a source that gives none (bench/sampling_loops.py, docs/quant.md): with
 # llama.cpp's temperature, top-k, top-p and min-p alone, a third of SmolLM2's answers loop; a mild
 # repetition penalty over the last 64 tokens (Ollama's default) cuts that to under a tenth.
@@ -141,14 +140,18 @@ def check_config_ranges(cfg: dict, tensor_dims: list[tuple[int, ...]], origin: s
 
 def generation_defaults(found: Mapping[str, tuple[str, object]], origin: str) -> dict:
     """The bundle's sampling defaults: DEFAULT_GENERATION, with the values the source gives
-    (canonical key -> (the source's key, value)); a source that gives any sampling setting but no
-    repetition penalty gets none (1.0, as transformers and llama.cpp read it). A value the sampler would refuse is left out
+    (canonical key -> (the source's key, value)). A value the sampler would refuse is left out
     with a one-line warning on stderr rather than refused: the model is usable without it, and
     llama.cpp ignores such values too. (The loader still refuses one in a bundle: the converter
-    never writes it, so it would be tampering.)"""
+    never writes it, so it would be tampering.)
+
+    The repetition penalty: the source's, for sampled and greedy decoding alike (as transformers
+    applies a generation_config's); none (1.0) for a source that gives other sampling settings
+    but no penalty (its authors tuned sampling without one); for a source that gives no sampling
+    settings, DEFAULT_GENERATION's, for sampling only: `greedy_repetition_penalty` 1.0 keeps
+    temperature 0 the model's argmax (pocketlm.generation)."""
     out = dict(DEFAULT_GENERATION)
-    if any(found.get(k, (None, None))[1] is not None for k in SAMPLING_KEYS):
-        out["repetition_penalty"] = 1.0  # a source tuned for sampling without a penalty wants none
+    given = {}
     for key, (source_key, value) in found.items():
         if value is None:
             continue
@@ -157,5 +160,10 @@ def generation_defaults(found: Mapping[str, tuple[str, object]], origin: str) ->
             default = f"the default ({out[key]})" if key in out else "no default"
             print(f"pocketlm: warning: {origin}: {problem}; ignored, {default} is used", file=sys.stderr)
             continue
-        out[key] = value
+        given[key] = value
+    if not any(k in given for k in SAMPLING_KEYS):
+        out["greedy_repetition_penalty"] = 1.0
+    elif "repetition_penalty" not in given:
+        out["repetition_penalty"] = 1.0
+    out.update(given)
     return out
