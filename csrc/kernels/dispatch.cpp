@@ -2,6 +2,9 @@
 // translation unit compiled with its own ISA flags; nothing from those files is
 // called unless CPUID says the CPU has the features.
 #include <cstdlib>
+#if defined(PLM_ARM)
+#include <sys/auxv.h>
+#endif
 
 #include "kernels/kernels.h"
 
@@ -15,7 +18,8 @@ const KernelTable* avxvnni_evex_kernel_table();  // the same with EVEX vpdpbusd 
 const KernelTable* avx512_kernel_table();
 #endif
 #if defined(PLM_ARM)
-const KernelTable* neon_kernel_table();
+const KernelTable* neon_kernel_table();     // kernels_neon.cpp at PLM_NEON_LEVEL 0
+const KernelTable* dotprod_kernel_table();  // the same at level 1 (+dotprod)
 #endif
 
 namespace {
@@ -43,6 +47,12 @@ bool cpu_has_avx512() {
 }
 #endif
 
+#if defined(PLM_ARM)
+// The kernel's HWCAP bits (asm/hwcap.h), spelled out for older headers.
+constexpr unsigned long kHwcapAsimdDp = 1UL << 20;  // SDOT/UDOT (ARMv8.2 dotprod)
+bool cpu_has_dotprod() { return getauxval(AT_HWCAP) & kHwcapAsimdDp; }
+#endif
+
 // Usable variants on this CPU, best last.
 std::vector<const KernelTable*> usable_tables() {
   std::vector<const KernelTable*> v{&ref_kernels()};
@@ -55,6 +65,7 @@ std::vector<const KernelTable*> usable_tables() {
 #endif
 #if defined(PLM_ARM)
   if (neon_kernel_table()) v.push_back(neon_kernel_table());
+  if (cpu_has_dotprod() && dotprod_kernel_table()) v.push_back(dotprod_kernel_table());
 #endif
   return v;
 }
@@ -80,7 +91,7 @@ std::vector<std::string> available_kernels() {
 
 const KernelTable& best_kernels() {
   static const KernelTable* chosen = [] {
-    // PLM_KERNELS=ref|avx2|avxvnni|avxvnni-evex|avx512|neon forces a variant; an unusable one is ignored.
+    // PLM_KERNELS=ref|avx2|avxvnni|avxvnni-evex|avx512|neon|dotprod forces a variant; an unusable one is ignored.
     if (const char* env = std::getenv("PLM_KERNELS"))
       if (const KernelTable* t = kernels_by_name(env)) return t;
     return tables().back();

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 core = pytest.importorskip("pocketlm._core")
-kernels = core.kernels
+REMOTE = os.environ.get("PLM_TEST_KERNELS")  # the server's command line, if any
+if REMOTE:  # another CPU's kernels, through a server (scripts/test-arm.sh)
+    from remote import RemoteKernels
+
+    kernels = RemoteKernels(os.environ["PLM_TEST_KERNELS"])
+else:
+    kernels = core.kernels
 
 
 def round_away(v: np.ndarray) -> np.ndarray:

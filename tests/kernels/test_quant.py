@@ -146,7 +146,7 @@ def test_random_blocks_bit_identical_to_gguf(dtype):
     gguf = pytest.importorskip("gguf")
     from gguf import quants
 
-    from pocketlm import _core
+    from kernelutil import kernels
 
     rng = np.random.default_rng(int(dtype) + 40)
     rows, cols = 24, 768
@@ -155,9 +155,9 @@ def test_random_blocks_bit_identical_to_gguf(dtype):
     ours = dequantize(raw, dtype, (rows, cols))
     np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32))
     row_bytes = raw.size // rows
-    for v in _core.kernels.available():
+    for v in kernels.available():
         for r in (0, 5, rows - 1):
-            got = _core.kernels.dequant_row(int(dtype), raw[r * row_bytes:(r + 1) * row_bytes], cols, v)
+            got = kernels.dequant_row(int(dtype), raw[r * row_bytes:(r + 1) * row_bytes], cols, v)
             np.testing.assert_array_equal(got.view(np.uint32), theirs[r].view(np.uint32), err_msg=f"{v} row {r}")
 
 

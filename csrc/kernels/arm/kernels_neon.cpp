@@ -1,17 +1,35 @@
-// NEON kernels (baseline AArch64 only: no dotprod / i8mm / fp16 arithmetic, so
-// they run on every ARMv8-A core). Kept deliberately simple: one weight row x one
-// token at a time. Integer dot products use vmull_s8 / vmlal_s8 (each s16 lane
-// holds two products, |sum| <= 2*128*127 < 2^15) and vpadalq_s16 into s32, so
-// every 32-block sum is exact. matmul2 (two-level activations) reuses each weight
-// block's registers for both dot products. GGUF 5-bit and K-quant blocks are decoded to
-// signed int8 codes (offset removed: q-16, q-32; Q4_K/Q5_K codes 0..31 as they are) one
-// 32-run at a time and go through the same dot product; K-quant scales are decoded once
-// per super-block. Activation quantization (both levels), rms_norm, silu_mul, dequant_row
-// and the softmax steps (max, exp_sum) reuse the scalar reference (identical results by
-// construction).
+// NEON kernels, built once per ARM feature level (PLM_NEON_LEVEL, set by CMake's one-line wrappers
+// with the matching -march):
+//   0  "neon"     ARMv8.0-A: every AArch64 core. Integer dot products use vmull_s8 / vmlal_s8 (each
+//                 s16 lane holds two products, |sum| <= 2*128*127 < 2^15: activations are clamped to
+//                 +-127) and vpadalq_s16 into s32, so every 32-block sum is exact.
+//   1  "dotprod"  ARMv8.2-A +dotprod (SDOT; every recent phone core): the same dot products with
+//                 vdotq_s32, and the x16 weight types read in place (x16_dot below): one SDOT by
+//                 element multiplies 4 rows' 4 codes by 4 activations, so the 64-byte units of the
+//                 x16 layout feed 16 rows per 4 SDOTs, with no gather.
+// Otherwise one weight row x one token at a time. matmul2 (two-level activations) reuses each
+// weight block's registers for both dot products. GGUF 5-bit and K-quant blocks are decoded to
+// signed int8 codes (offset removed: q-16, q-32; Q4_K/Q5_K codes 0..31 as they are) one 32-run at a
+// time and go through the same dot product; K-quant scales are decoded once per super-block.
+// Activation quantization (both levels), rms_norm, silu_mul, dequant_row and the softmax steps
+// (max, exp_sum) reuse the scalar reference (identical results by construction).
+#ifndef PLM_NEON_LEVEL
+#define PLM_NEON_LEVEL 0
+#endif
+#if PLM_NEON_LEVEL == 0
+#define PLM_NEON_TABLE neon_kernel_table
+#define PLM_NEON_NAME "neon"
+#elif PLM_NEON_LEVEL == 1
+#define PLM_NEON_TABLE dotprod_kernel_table
+#define PLM_NEON_NAME "dotprod"
+#else
+#error "unknown PLM_NEON_LEVEL"
+#endif
 #if defined(__aarch64__) && defined(__ARM_NEON)
 #include <arm_neon.h>
 #endif
+
+#include <algorithm>
 
 #include "kernels/kernels.h"
 #include "kernels/prefetch.h"
@@ -26,6 +44,11 @@ namespace {
 constexpr int kPrefetchRows = 1;
 
 // sum_j w[j] * a[j] over 32 signed bytes held as two 16-byte halves each.
+#if PLM_NEON_LEVEL >= 1
+inline int32_t idot32(int8x16_t w0, int8x16_t w1, const int8_t* a) {
+  return vaddvq_s32(vdotq_s32(vdotq_s32(vdupq_n_s32(0), w0, vld1q_s8(a)), w1, vld1q_s8(a + 16)));
+}
+#else
 inline int32_t idot32(int8x16_t w0, int8x16_t w1, const int8_t* a) {
   const int8x16_t a0 = vld1q_s8(a), a1 = vld1q_s8(a + 16);
   int16x8_t p0 = vmull_s8(vget_low_s8(w0), vget_low_s8(a0));
@@ -36,6 +59,7 @@ inline int32_t idot32(int8x16_t w0, int8x16_t w1, const int8_t* a) {
   acc = vpadalq_s16(acc, p1);
   return vaddvq_s32(acc);
 }
+#endif
 
 float row_dot_q8_0(const uint8_t* row, const BlockQ8A* xq, int64_t K, Prefetch pf) {
   const BlockQ8_0* w = reinterpret_cast<const BlockQ8_0*>(row);
@@ -401,11 +425,118 @@ void add_neon(const float* a, const float* b, float* y, int n) {
   for (; i < n; ++i) y[i] = a[i] + b[i];
 }
 
+#if PLM_NEON_LEVEL >= 1
+// ---- x16 weights read in place (csrc/common.h "x16 interleaving") ----
+// A record holds one 32-block of 16 rows: each header field for the 16 rows, then the codes in
+// 64-byte units, unit u = 4 bytes of each row (row i at 4i). vdotq_laneq_s32(acc, unit quarter r,
+// act, lane) adds to rows 4r..4r+3 their 4 codes times the 4 activations in `lane`: 4 SDOTs per
+// unit for 16 rows, all exact in int32, then one float multiply-add per row and block.
+enum class X16Kind { Q8_0, Q4_0, Q4_1, I8 };
+
+template <X16Kind K>
+constexpr int x16_header_bytes() {  // per row
+  return K == X16Kind::I8 ? 0 : K == X16Kind::Q4_1 ? 4 : 2;
+}
+
+// The 16 rows' int32 dots with one level of activations `q` (32 int8) over one record's codes.
+template <X16Kind K>
+inline void x16_idot(const uint8_t* codes, const int8_t* q, int32x4_t acc[4]) {
+  for (int r = 0; r < 4; ++r) acc[r] = vdupq_n_s32(0);
+  if constexpr (K == X16Kind::Q8_0 || K == X16Kind::I8) {
+    for (int h = 0; h < 2; ++h) {  // activations 16h..16h+15 = units 4h..4h+3
+      const int8x16_t a = vld1q_s8(q + 16 * h);
+      const int8_t* u = reinterpret_cast<const int8_t*>(codes) + 256 * h;
+      for (int r = 0; r < 4; ++r) {
+        acc[r] = vdotq_laneq_s32(acc[r], vld1q_s8(u + 16 * r), a, 0);
+        acc[r] = vdotq_laneq_s32(acc[r], vld1q_s8(u + 64 + 16 * r), a, 1);
+        acc[r] = vdotq_laneq_s32(acc[r], vld1q_s8(u + 128 + 16 * r), a, 2);
+        acc[r] = vdotq_laneq_s32(acc[r], vld1q_s8(u + 192 + 16 * r), a, 3);
+      }
+    }
+  } else {  // Q4: unit u's low nibbles are elements 4u..4u+3, its high nibbles 16+4u..16+4u+3
+    const int8x16_t lo_a = vld1q_s8(q), hi_a = vld1q_s8(q + 16);
+    const uint8x16_t mask = vdupq_n_u8(0x0f);
+    const int8x16_t off = vdupq_n_s8(K == X16Kind::Q4_0 ? 8 : 0);
+    for (int r = 0; r < 4; ++r) {
+      int8x16_t lo[4], hi[4];
+      for (int u = 0; u < 4; ++u) {
+        const uint8x16_t v = vld1q_u8(codes + 64 * u + 16 * r);
+        lo[u] = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, mask)), off);
+        hi[u] = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), off);
+      }
+      acc[r] = vdotq_laneq_s32(acc[r], lo[0], lo_a, 0);
+      acc[r] = vdotq_laneq_s32(acc[r], lo[1], lo_a, 1);
+      acc[r] = vdotq_laneq_s32(acc[r], lo[2], lo_a, 2);
+      acc[r] = vdotq_laneq_s32(acc[r], lo[3], lo_a, 3);
+      acc[r] = vdotq_laneq_s32(acc[r], hi[0], hi_a, 0);
+      acc[r] = vdotq_laneq_s32(acc[r], hi[1], hi_a, 1);
+      acc[r] = vdotq_laneq_s32(acc[r], hi[2], hi_a, 2);
+      acc[r] = vdotq_laneq_s32(acc[r], hi[3], hi_a, 3);
+    }
+  }
+}
+
+inline float32x4_t f16x4(const uint8_t* p) { return vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p))); }
+
+// y[t][16 rows of group g] for one token: sum over blocks of d_w * (d_a idot + d2_a idot2) (+ m_w s_a).
+template <X16Kind K, class Act>
+inline void x16_group_token(const uint8_t* group, int64_t nb, const Act* xa, float out[16]) {
+  constexpr int hb = x16_header_bytes<K>();
+  constexpr size_t rec_bytes = 16 * (hb + (K == X16Kind::Q4_0 || K == X16Kind::Q4_1 ? 16 : 32));
+  float32x4_t sum[4] = {vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0)};
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* rec = group + (size_t)b * rec_bytes;
+    if (b + 2 < nb) __builtin_prefetch(rec + 2 * rec_bytes);
+    const Act& a = xa[b];
+    int32x4_t acc[4];
+    x16_idot<K>(rec + 16 * hb, a.qs, acc);
+    float32x4_t v[4];
+    for (int r = 0; r < 4; ++r) v[r] = vmulq_n_f32(vcvtq_f32_s32(acc[r]), a.d);
+    if constexpr (std::is_same_v<Act, BlockQ8A2>) {
+      int32x4_t acc2[4];
+      x16_idot<K>(rec + 16 * hb, a.qs2, acc2);
+      for (int r = 0; r < 4; ++r) v[r] = vfmaq_n_f32(v[r], vcvtq_f32_s32(acc2[r]), a.d2);
+    }
+    for (int r = 0; r < 4; ++r) {
+      if constexpr (K == X16Kind::I8) {
+        sum[r] = vaddq_f32(sum[r], v[r]);
+      } else {
+        sum[r] = vfmaq_f32(sum[r], f16x4(rec + 8 * r), v[r]);  // d of rows 4r..4r+3
+        if constexpr (K == X16Kind::Q4_1) sum[r] = vfmaq_n_f32(sum[r], f16x4(rec + 32 + 8 * r), act_sum(a));
+      }
+    }
+  }
+  for (int r = 0; r < 4; ++r) vst1q_f32(out + 4 * r, sum[r]);
+}
+
+template <X16Kind K, class Act>
+void matmul_x16_t(const WeightView& w, const float*, size_t, const Act* xq, int T, float* y, size_t ldy, int n0,
+                  int n1) {
+  const int64_t nb = w.cols / 32;
+  const size_t group_bytes = (size_t)kX16Rows * row_bytes(w.dtype, w.cols);
+  float out[16];
+  for (int g = n0 / kX16Rows; g * kX16Rows < n1; ++g) {
+    const uint8_t* group = w.data + (size_t)g * group_bytes;
+    const int lo = std::max(n0 - g * kX16Rows, 0), hi = std::min(n1 - g * kX16Rows, kX16Rows);
+    for (int t = 0; t < T; ++t) {
+      x16_group_token<K, Act>(group, nb, xq + (size_t)t * nb, out);
+      for (int i = lo; i < hi; ++i) {
+        const int n = g * kX16Rows + i;
+        y[(size_t)t * ldy + n] = K == X16Kind::I8 ? out[i] * w.row_scales[n] : out[i];
+      }
+    }
+  }
+}
+#define PLM_X16(kind, act) matmul_x16_t<X16Kind::kind, act>
+#else
+#define PLM_X16(kind, act) matmul_x16_gather<act, PLM_NEON_TABLE>
+#endif
+
 }  // namespace
 
-const KernelTable* neon_kernel_table() {
+const KernelTable* PLM_NEON_TABLE() {
   static const KernelTable table = {
-      "neon",
+      PLM_NEON_NAME,
       {
           matmul_float<row_dot_f32>,
           matmul_float<row_dot_f16>,
@@ -423,16 +554,16 @@ const KernelTable* neon_kernel_table() {
           matmul_quant<row_dot_qk<BlockQ8A, true>>,    // Q5_K
           matmul_quant<row_dot_q6_k<BlockQ8A>>,        // Q6_K
           matmul_float<row_dot_bf16>,                  // BF16
-          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // Q8_0_X16
-          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // Q4_0_X16
-          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // Q4_1_X16
-          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // I8_X16
-          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // Q5_0_X16
-          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // Q5_1_X16
-          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // Q4_0_G64_X16
-          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // Q4_0_G128_X16
-          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // Q4_1_G64_X16
-          matmul_x16_gather<BlockQ8A, neon_kernel_table>,    // Q4_1_G128_X16
+          PLM_X16(Q8_0, BlockQ8A),    // Q8_0_X16
+          PLM_X16(Q4_0, BlockQ8A),    // Q4_0_X16
+          PLM_X16(Q4_1, BlockQ8A),    // Q4_1_X16
+          PLM_X16(I8, BlockQ8A),    // I8_X16
+          matmul_x16_gather<BlockQ8A, PLM_NEON_TABLE>,    // Q5_0_X16
+          matmul_x16_gather<BlockQ8A, PLM_NEON_TABLE>,    // Q5_1_X16
+          matmul_x16_gather<BlockQ8A, PLM_NEON_TABLE>,    // Q4_0_G64_X16
+          matmul_x16_gather<BlockQ8A, PLM_NEON_TABLE>,    // Q4_0_G128_X16
+          matmul_x16_gather<BlockQ8A, PLM_NEON_TABLE>,    // Q4_1_G64_X16
+          matmul_x16_gather<BlockQ8A, PLM_NEON_TABLE>,    // Q4_1_G128_X16
       },
       ref_kernels().quantize_act,
       ref_kernels().dequant_row,
@@ -459,16 +590,16 @@ const KernelTable* neon_kernel_table() {
           matmul2_quant<row_dot_qk<BlockQ8A2, true>>,   // Q5_K
           matmul2_quant<row_dot_q6_k<BlockQ8A2>>,       // Q6_K
           matmul2_float<matmul_float<row_dot_bf16>>,    // BF16
-          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // Q8_0_X16
-          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // Q4_0_X16
-          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // Q4_1_X16
-          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // I8_X16
-          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // Q5_0_X16
-          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // Q5_1_X16
-          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // Q4_0_G64_X16
-          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // Q4_0_G128_X16
-          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // Q4_1_G64_X16
-          matmul_x16_gather<BlockQ8A2, neon_kernel_table>,   // Q4_1_G128_X16
+          PLM_X16(Q8_0, BlockQ8A2),   // Q8_0_X16
+          PLM_X16(Q4_0, BlockQ8A2),   // Q4_0_X16
+          PLM_X16(Q4_1, BlockQ8A2),   // Q4_1_X16
+          PLM_X16(I8, BlockQ8A2),   // I8_X16
+          matmul_x16_gather<BlockQ8A2, PLM_NEON_TABLE>,   // Q5_0_X16
+          matmul_x16_gather<BlockQ8A2, PLM_NEON_TABLE>,   // Q5_1_X16
+          matmul_x16_gather<BlockQ8A2, PLM_NEON_TABLE>,   // Q4_0_G64_X16
+          matmul_x16_gather<BlockQ8A2, PLM_NEON_TABLE>,   // Q4_0_G128_X16
+          matmul_x16_gather<BlockQ8A2, PLM_NEON_TABLE>,   // Q4_1_G64_X16
+          matmul_x16_gather<BlockQ8A2, PLM_NEON_TABLE>,   // Q4_1_G128_X16
       },
       ref_kernels().quantize_act2,
       weighted_sum_by_axpy<axpy_neon>,
@@ -484,7 +615,7 @@ const KernelTable* neon_kernel_table() {
 
 #else  // not AArch64 NEON: the variant is not offered
 
-const KernelTable* neon_kernel_table() { return nullptr; }
+const KernelTable* PLM_NEON_TABLE() { return nullptr; }
 
 #endif
 

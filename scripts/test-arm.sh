@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The ARM kernels, tested on this x86 machine under emulation: cross-compiles the kernel tests'
+# server (tests/kernels/kernel_server.cpp with the scalar reference and every NEON level) for
+# aarch64, statically, and runs tests/kernels against it under qemu-aarch64 once per emulated CPU:
+#   cortex-a53  ARMv8.0: ref, neon
+#   cortex-a76  ARMv8.2 + dotprod: ref, neon, dotprod
+#   max         every feature QEMU has: ref, neon, dotprod
+# (tests/kernels/test_arm_dispatch.py checks that each CPU offers exactly those). Needs Debian's
+# qemu-user-static and g++-aarch64-linux-gnu (installed here when run as root). Builds into
+# $POCKETLM_CACHE/arm (default ~/.cache/pocketlm/arm). Extra arguments go to pytest.
+# Usage: scripts/test-arm.sh [-k expr]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="$(cd "${POCKETLM_VENV:-.venv}" && pwd)"
+OUT="${POCKETLM_CACHE:-$HOME/.cache/pocketlm}/arm"
+CXX=aarch64-linux-gnu-g++
+if ! command -v "$CXX" >/dev/null || ! command -v qemu-aarch64-static >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -q --no-install-recommends qemu-user-static g++-aarch64-linux-gnu >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 &&
+        apt-get install -y -q --no-install-recommends qemu-user-static g++-aarch64-linux-gnu >/dev/null 2>&1; }; }
+  fi
+  if ! command -v "$CXX" >/dev/null || ! command -v qemu-aarch64-static >/dev/null; then
+    echo "scripts/test-arm.sh: needs qemu-user-static and g++-aarch64-linux-gnu (Debian packages)" >&2
+    exit 1
+  fi
+fi
+mkdir -p "$OUT"
+FLAGS=(-O2 -std=c++17 -Icsrc -DPLM_ARM=1 -Wall -Wextra -Wno-unused-parameter)
+SOURCES=(tests/kernels/kernel_server.cpp csrc/kernels/ref/kernels_ref.cpp csrc/kernels/arm/kernels_neon.cpp
+         csrc/kernels/dispatch.cpp csrc/kernels/kernels.h csrc/common.h)
+stamp="$(cat "${SOURCES[@]}" scripts/test-arm.sh | sha256sum | cut -c1-16)"
+if [ ! -x "$OUT/kernel_server-$stamp" ]; then
+  echo "building the aarch64 kernel server ..." >&2
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  $CXX "${FLAGS[@]}" -c csrc/kernels/arm/kernels_neon.cpp -o "$tmp/neon.o" &
+  $CXX "${FLAGS[@]}" -DPLM_NEON_LEVEL=1 -march=armv8.2-a+dotprod -c csrc/kernels/arm/kernels_neon.cpp \
+    -o "$tmp/dotprod.o" &
+  $CXX "${FLAGS[@]}" -c csrc/kernels/ref/kernels_ref.cpp -o "$tmp/ref.o" &
+  $CXX "${FLAGS[@]}" -c csrc/kernels/dispatch.cpp -o "$tmp/dispatch.o" &
+  $CXX "${FLAGS[@]}" -c tests/kernels/kernel_server.cpp -o "$tmp/server.o" &
+  wait
+  $CXX -static "$tmp"/*.o -o "$tmp/kernel_server"
+  rm -f "$OUT"/kernel_server-*
+  mv "$tmp/kernel_server" "$OUT/kernel_server-$stamp"
+fi
+cd tests
+status=0
+for cpu in cortex-a53 cortex-a76 max; do
+  echo "== tests/kernels on aarch64 ($cpu, qemu-aarch64) ==" >&2
+  PLM_TEST_KERNELS="qemu-aarch64-static -cpu $cpu $OUT/kernel_server-$stamp" PLM_TEST_ARM_CPU="$cpu" \
+    "$VENV/bin/python" -m pytest -q -p no:cacheprovider kernels "$@" || status=1
+done
+exit $status
