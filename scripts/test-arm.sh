@@ -4,7 +4,7 @@
 # aarch64, statically, and runs tests/kernels against it under qemu-aarch64 once per emulated CPU:
 #   cortex-a53  ARMv8.0: ref, neon
 #   cortex-a76  ARMv8.2 + dotprod: ref, neon, dotprod
-#   max         every feature QEMU has: ref, neon, dotprod
+#   max         every feature QEMU has: ref, neon, dotprod, i8mm
 # (tests/kernels/test_arm_dispatch.py checks that each CPU offers exactly those). Needs Debian's
 # qemu-user-static and g++-aarch64-linux-gnu (installed here when run as root). Builds into
 # $POCKETLM_CACHE/arm (default ~/.cache/pocketlm/arm). Extra arguments go to pytest.
@@ -38,6 +38,8 @@ if [ ! -x "$OUT/kernel_server-$stamp" ]; then
   $CXX "${FLAGS[@]}" -c csrc/kernels/arm/kernels_neon.cpp -o "$tmp/neon.o" &
   $CXX "${FLAGS[@]}" -DPLM_NEON_LEVEL=1 -march=armv8.2-a+dotprod -c csrc/kernels/arm/kernels_neon.cpp \
     -o "$tmp/dotprod.o" &
+  $CXX "${FLAGS[@]}" -DPLM_NEON_LEVEL=2 -march=armv8.6-a+i8mm -c csrc/kernels/arm/kernels_neon.cpp \
+    -o "$tmp/i8mm.o" &
   $CXX "${FLAGS[@]}" -c csrc/kernels/ref/kernels_ref.cpp -o "$tmp/ref.o" &
   $CXX "${FLAGS[@]}" -c csrc/kernels/dispatch.cpp -o "$tmp/dispatch.o" &
   $CXX "${FLAGS[@]}" -c tests/kernels/kernel_server.cpp -o "$tmp/server.o" &

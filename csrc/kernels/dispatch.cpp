@@ -20,6 +20,7 @@ const KernelTable* avx512_kernel_table();
 #if defined(PLM_ARM)
 const KernelTable* neon_kernel_table();     // kernels_neon.cpp at PLM_NEON_LEVEL 0
 const KernelTable* dotprod_kernel_table();  // the same at level 1 (+dotprod)
+const KernelTable* i8mm_kernel_table();     // the same at level 2 (+i8mm)
 #endif
 
 namespace {
@@ -50,7 +51,9 @@ bool cpu_has_avx512() {
 #if defined(PLM_ARM)
 // The kernel's HWCAP bits (asm/hwcap.h), spelled out for older headers.
 constexpr unsigned long kHwcapAsimdDp = 1UL << 20;  // SDOT/UDOT (ARMv8.2 dotprod)
+constexpr unsigned long kHwcap2I8mm = 1UL << 13;    // SMMLA (ARMv8.6 i8mm)
 bool cpu_has_dotprod() { return getauxval(AT_HWCAP) & kHwcapAsimdDp; }
+bool cpu_has_i8mm() { return cpu_has_dotprod() && (getauxval(AT_HWCAP2) & kHwcap2I8mm); }
 #endif
 
 // Usable variants on this CPU, best last.
@@ -66,6 +69,7 @@ std::vector<const KernelTable*> usable_tables() {
 #if defined(PLM_ARM)
   if (neon_kernel_table()) v.push_back(neon_kernel_table());
   if (cpu_has_dotprod() && dotprod_kernel_table()) v.push_back(dotprod_kernel_table());
+  if (cpu_has_i8mm() && i8mm_kernel_table()) v.push_back(i8mm_kernel_table());
 #endif
   return v;
 }
@@ -91,7 +95,7 @@ std::vector<std::string> available_kernels() {
 
 const KernelTable& best_kernels() {
   static const KernelTable* chosen = [] {
-    // PLM_KERNELS=ref|avx2|avxvnni|avxvnni-evex|avx512|neon|dotprod forces a variant; an unusable one is ignored.
+    // PLM_KERNELS=ref|avx2|avxvnni|avxvnni-evex|avx512|neon|dotprod|i8mm forces a variant; an unusable one is ignored.
     if (const char* env = std::getenv("PLM_KERNELS"))
       if (const KernelTable* t = kernels_by_name(env)) return t;
     return tables().back();

@@ -14,7 +14,7 @@ from kernelutil import REMOTE, kernels
 
 ARM_CPU = os.environ.get("PLM_TEST_ARM_CPU")
 EXPECTED = {"cortex-a53": ["ref", "neon"], "cortex-a76": ["ref", "neon", "dotprod"],
-            "max": ["ref", "neon", "dotprod"]}
+            "max": ["ref", "neon", "dotprod", "i8mm"]}
 REPO = Path(__file__).resolve().parents[2]
 
 

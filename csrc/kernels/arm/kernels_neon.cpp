@@ -7,6 +7,9 @@
 //                 vdotq_s32, and the x16 weight types read in place (x16_dot below): one SDOT by
 //                 element multiplies 4 rows' 4 codes by 4 activations, so the 64-byte units of the
 //                 x16 layout feed 16 rows per 4 SDOTs, with no gather.
+//   2  "i8mm"     ARMv8.6-A +i8mm (SMMLA): as dotprod, and two tokens at a time through the x16 types
+//                 with SMMLA (x16_pair below): a 2x8 by 8x2 int8 product per instruction, half the
+//                 instructions of SDOT for the same 16 rows x 2 tokens (prefill, verify steps).
 // Otherwise one weight row x one token at a time. matmul2 (two-level activations) reuses each
 // weight block's registers for both dot products. GGUF 5-bit and K-quant blocks are decoded to
 // signed int8 codes (offset removed: q-16, q-32; Q4_K/Q5_K codes 0..31 as they are) one 32-run at a
@@ -22,6 +25,9 @@
 #elif PLM_NEON_LEVEL == 1
 #define PLM_NEON_TABLE dotprod_kernel_table
 #define PLM_NEON_NAME "dotprod"
+#elif PLM_NEON_LEVEL == 2
+#define PLM_NEON_TABLE i8mm_kernel_table
+#define PLM_NEON_NAME "i8mm"
 #else
 #error "unknown PLM_NEON_LEVEL"
 #endif
@@ -509,6 +515,90 @@ inline void x16_group_token(const uint8_t* group, int64_t nb, const Act* xa, flo
   for (int r = 0; r < 4; ++r) vst1q_f32(out + 4 * r, sum[r]);
 }
 
+#if PLM_NEON_LEVEL >= 2
+// The 16 rows x 2 tokens int32 dots of one record with one activation level: acc[k] holds the 2x2
+// tile [row a t0, row a t1, row b t0, row b t1] of rows (a, b) = (2k, 2k+1). SMMLA multiplies a 2x8
+// (two rows' 8 codes) by an 8x2 (two tokens' 8 activations): zipping the 4-byte lanes of units u
+// and u+1 of rows 4r..4r+3 gives rows (4r, 4r+1) and (4r+2, 4r+3) their 8 codes 4u..4u+7.
+template <X16Kind K>
+inline void x16_pair_idot(const uint8_t* codes, const int8_t* q0, const int8_t* q1, int32x4_t acc[8]) {
+  for (int k = 0; k < 8; ++k) acc[k] = vdupq_n_s32(0);
+  auto tile = [&](int8x16_t wu, int8x16_t wv, int8x16_t a, int r) {
+    const int32x4_t u = vreinterpretq_s32_s8(wu), v = vreinterpretq_s32_s8(wv);
+    acc[2 * r] = vmmlaq_s32(acc[2 * r], vreinterpretq_s8_s32(vzip1q_s32(u, v)), a);
+    acc[2 * r + 1] = vmmlaq_s32(acc[2 * r + 1], vreinterpretq_s8_s32(vzip2q_s32(u, v)), a);
+  };
+  if constexpr (K == X16Kind::Q8_0 || K == X16Kind::I8) {
+    const int8_t* c = reinterpret_cast<const int8_t*>(codes);
+    for (int u = 0; u < 8; u += 2) {  // activations 4u..4u+7 of both tokens
+      const int8x16_t a = vcombine_s8(vld1_s8(q0 + 4 * u), vld1_s8(q1 + 4 * u));
+      for (int r = 0; r < 4; ++r) tile(vld1q_s8(c + 64 * u + 16 * r), vld1q_s8(c + 64 * (u + 1) + 16 * r), a, r);
+    }
+  } else {  // Q4: low nibbles of units u, u+1 are elements 4u..4u+7; high nibbles 16+4u..16+4u+7
+    const uint8x16_t mask = vdupq_n_u8(0x0f);
+    const int8x16_t off = vdupq_n_s8(K == X16Kind::Q4_0 ? 8 : 0);
+    for (int u = 0; u < 4; u += 2) {
+      const int8x16_t alo = vcombine_s8(vld1_s8(q0 + 4 * u), vld1_s8(q1 + 4 * u));
+      const int8x16_t ahi = vcombine_s8(vld1_s8(q0 + 16 + 4 * u), vld1_s8(q1 + 16 + 4 * u));
+      for (int r = 0; r < 4; ++r) {
+        const uint8x16_t v0 = vld1q_u8(codes + 64 * u + 16 * r), v1 = vld1q_u8(codes + 64 * (u + 1) + 16 * r);
+        tile(vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v0, mask)), off),
+             vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v1, mask)), off), alo, r);
+        tile(vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v0, 4)), off),
+             vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v1, 4)), off), ahi, r);
+      }
+    }
+  }
+}
+
+// [x[2k], x[2k], x[2k+1], x[2k+1]] for the tiles' rows, from 4 rows' values v (rows 4r..4r+3).
+inline float32x4_t rows_of_tile(float32x4_t v, int half) {
+  return half == 0 ? vzip1q_f32(v, v) : vzip2q_f32(v, v);
+}
+
+// y of 16 rows x tokens (t0, t0+1): as x16_group_token, two tokens per SMMLA.
+template <X16Kind K, class Act>
+inline void x16_group_pair(const uint8_t* group, int64_t nb, const Act* x0, const Act* x1, float out[2][16]) {
+  constexpr int hb = x16_header_bytes<K>();
+  constexpr size_t rec_bytes = 16 * (hb + (K == X16Kind::Q4_0 || K == X16Kind::Q4_1 ? 16 : 32));
+  float32x4_t sum[8];
+  for (int k = 0; k < 8; ++k) sum[k] = vdupq_n_f32(0);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* rec = group + (size_t)b * rec_bytes;
+    if (b + 2 < nb) __builtin_prefetch(rec + 2 * rec_bytes);
+    const Act &a0 = x0[b], &a1 = x1[b];
+    const float32x4_t da = {a0.d, a1.d, a0.d, a1.d};  // per tile lane: the token's scale
+    int32x4_t acc[8];
+    x16_pair_idot<K>(rec + 16 * hb, a0.qs, a1.qs, acc);
+    float32x4_t v[8];
+    for (int k = 0; k < 8; ++k) v[k] = vmulq_f32(vcvtq_f32_s32(acc[k]), da);
+    if constexpr (std::is_same_v<Act, BlockQ8A2>) {
+      const float32x4_t da2 = {a0.d2, a1.d2, a0.d2, a1.d2};
+      x16_pair_idot<K>(rec + 16 * hb, a0.qs2, a1.qs2, acc);
+      for (int k = 0; k < 8; ++k) v[k] = vfmaq_f32(v[k], vcvtq_f32_s32(acc[k]), da2);
+    }
+    for (int r = 0; r < 4; ++r) {
+      for (int half = 0; half < 2; ++half) {
+        const int k = 2 * r + half;
+        if constexpr (K == X16Kind::I8) {
+          sum[k] = vaddq_f32(sum[k], v[k]);
+        } else {
+          sum[k] = vfmaq_f32(sum[k], rows_of_tile(f16x4(rec + 8 * r), half), v[k]);
+          if constexpr (K == X16Kind::Q4_1) {
+            const float32x4_t sa = {act_sum(a0), act_sum(a1), act_sum(a0), act_sum(a1)};
+            sum[k] = vfmaq_f32(sum[k], rows_of_tile(f16x4(rec + 32 + 8 * r), half), sa);
+          }
+        }
+      }
+    }
+  }
+  for (int k = 0; k < 8; ++k) {  // tile k: rows 2k, 2k+1
+    out[0][2 * k] = vgetq_lane_f32(sum[k], 0), out[1][2 * k] = vgetq_lane_f32(sum[k], 1);
+    out[0][2 * k + 1] = vgetq_lane_f32(sum[k], 2), out[1][2 * k + 1] = vgetq_lane_f32(sum[k], 3);
+  }
+}
+#endif
+
 template <X16Kind K, class Act>
 void matmul_x16_t(const WeightView& w, const float*, size_t, const Act* xq, int T, float* y, size_t ldy, int n0,
                   int n1) {
@@ -518,7 +608,19 @@ void matmul_x16_t(const WeightView& w, const float*, size_t, const Act* xq, int 
   for (int g = n0 / kX16Rows; g * kX16Rows < n1; ++g) {
     const uint8_t* group = w.data + (size_t)g * group_bytes;
     const int lo = std::max(n0 - g * kX16Rows, 0), hi = std::min(n1 - g * kX16Rows, kX16Rows);
-    for (int t = 0; t < T; ++t) {
+    int t = 0;
+#if PLM_NEON_LEVEL >= 2
+    for (; t + 2 <= T; t += 2) {
+      float pair[2][16];
+      x16_group_pair<K, Act>(group, nb, xq + (size_t)t * nb, xq + (size_t)(t + 1) * nb, pair);
+      for (int j = 0; j < 2; ++j)
+        for (int i = lo; i < hi; ++i) {
+          const int n = g * kX16Rows + i;
+          y[(size_t)(t + j) * ldy + n] = K == X16Kind::I8 ? pair[j][i] * w.row_scales[n] : pair[j][i];
+        }
+    }
+#endif
+    for (; t < T; ++t) {
       x16_group_token<K, Act>(group, nb, xq + (size_t)t * nb, out);
       for (int i = lo; i < hi; ++i) {
         const int n = g * kX16Rows + i;

@@ -647,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-d", "--depth", type=_count, default=0, help="tokens already in the context")
     b.add_argument("-r", "--reps", type=_positive, default=5, help="repetitions (after one untimed warm-up)")
     b.add_argument("-t", "--threads", type=_threads, default=None, help=THREADS_HELP)
-    b.add_argument("--kernels", default="", help="force a kernel variant (ref, avx2, avxvnni, avx512; neon, dotprod on ARM)")
+    b.add_argument("--kernels", default="", help="force a kernel variant (ref, avx2, avxvnni, avx512; neon, dotprod, i8mm on ARM)")
     _add_activations(b, default=None)
     _add_kv_type(b, default=None)
     b.add_argument("--seed", type=int, default=42, help="seed of the random token ids")
