@@ -8,7 +8,12 @@
 # (tests/kernels/test_arm_dispatch.py checks that each CPU offers exactly those). Needs Debian's
 # qemu-user-static and g++-aarch64-linux-gnu (installed here when run as root). Builds into
 # $POCKETLM_CACHE/arm (default ~/.cache/pocketlm/arm). Extra arguments go to pytest.
-# Usage: scripts/test-arm.sh [-k expr]
+#
+# --e2e instead runs pocketlm itself on aarch64 (tests/arm/test_aarch64.py: tiny models and the real
+# SmolLM2 answer against this machine's build, every ARM variant forced in turn): an arm64 Debian
+# root extracted by mmdebstrap (python3, numpy, jinja2; no package scripts run), the tokenizers wheel
+# for aarch64 from PyPI, and the extension cross-compiled by CMake against that root's Python.
+# Usage: scripts/test-arm.sh [--e2e] [-k expr]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="$(cd "${POCKETLM_VENV:-.venv}" && pwd)"
@@ -26,7 +31,43 @@ if ! command -v "$CXX" >/dev/null || ! command -v qemu-aarch64-static >/dev/null
     exit 1
   fi
 fi
+E2E=0
+if [ "${1:-}" = "--e2e" ]; then E2E=1; shift; fi
 mkdir -p "$OUT"
+if [ "$E2E" = 1 ]; then
+  ROOT="$OUT/rootfs"
+  if [ ! -x "$ROOT/usr/bin/python3" ]; then
+    command -v mmdebstrap >/dev/null || apt-get install -y -q --no-install-recommends mmdebstrap >/dev/null 2>&1 ||
+      { echo "scripts/test-arm.sh: --e2e needs mmdebstrap (a Debian package)" >&2; exit 1; }
+    echo "extracting an arm64 Debian root with python3, numpy and jinja2 ..." >&2
+    rm -rf "$ROOT" "$ROOT.tar"
+    mmdebstrap --quiet --variant=extract --arch=arm64 --include=python3,python3-numpy,python3-jinja2,python3-dev \
+      bookworm "$ROOT.tar"
+    mkdir -p "$ROOT.tmp" && tar -C "$ROOT.tmp" -xf "$ROOT.tar" && rm "$ROOT.tar"
+    # what update-alternatives would have linked (package scripts do not run in an extract)
+    ln -sf blas/libblas.so.3 "$ROOT.tmp/usr/lib/aarch64-linux-gnu/libblas.so.3"
+    ln -sf lapack/liblapack.so.3 "$ROOT.tmp/usr/lib/aarch64-linux-gnu/liblapack.so.3"
+    mv "$ROOT.tmp" "$ROOT"
+  fi
+  PKG="$OUT/pkg"
+  if ! ls "$OUT"/wheels/tokenizers-*aarch64*.whl >/dev/null 2>&1; then
+    "$VENV/bin/python" -m pip download -q --platform manylinux2014_aarch64 --python-version 3.11 \
+      --only-binary=:all: --no-deps "tokenizers>=0.19" -d "$OUT/wheels"
+  fi
+  echo "building pocketlm for aarch64 ..." >&2
+  cmake -S . -B "$OUT/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_SYSTEM_NAME=Linux \
+    -DCMAKE_SYSTEM_PROCESSOR=aarch64 -DCMAKE_CXX_COMPILER="$CXX" -DPython_EXECUTABLE="$VENV/bin/python" \
+    -DPython_INCLUDE_DIR="$ROOT/usr/include/python3.11" "-DCMAKE_CXX_FLAGS=-idirafter $ROOT/usr/include" >/dev/null
+  cmake --build "$OUT/build" -j2 >/dev/null
+  rm -rf "$PKG" && mkdir -p "$PKG"
+  cp -r python/pocketlm "$PKG/" && rm -f "$PKG"/pocketlm/_core*.so
+  cp "$OUT"/build/_core*.so "$PKG/pocketlm/_core.cpython-311-aarch64-linux-gnu.so"
+  cp csrc/runtime/ops.def "$PKG/pocketlm/ir/"
+  (cd "$PKG" && "$VENV/bin/python" -m zipfile -e "$OUT"/wheels/tokenizers-*aarch64*.whl .)
+  cd tests
+  PLM_ARM_PYTHON="qemu-aarch64-static -cpu max -L $ROOT $ROOT/usr/bin/python3" PLM_ARM_PKG="$PKG" \
+    exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider arm "$@"
+fi
 FLAGS=(-O2 -std=c++17 -Icsrc -DPLM_ARM=1 -Wall -Wextra -Wno-unused-parameter)
 SOURCES=(tests/kernels/kernel_server.cpp csrc/kernels/ref/kernels_ref.cpp csrc/kernels/arm/kernels_neon.cpp
          csrc/kernels/dispatch.cpp csrc/kernels/kernels.h csrc/common.h)

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <numeric>
 
 #if defined(__SSE2__)
@@ -65,7 +66,7 @@ bool top_k_ids(const float* x, int64_t n, int k, std::vector<int32_t>& out) {
   }
   sorted = maxima;
   const size_t at = sorted.size() - (size_t)k;
-  std::nth_element(sorted.begin(), sorted.begin() + (ptrdiff_t)at, sorted.end());
+  std::nth_element(sorted.begin(), sorted.begin() + (std::ptrdiff_t)at, sorted.end());
   const float bound = sorted[at];
   out.clear();
   for (int64_t b = 0; b < n_blocks; ++b) {

@@ -467,10 +467,15 @@ def _check_regex_input(name: str, text: str) -> None:
 
 
 def _guard_filter(name: str, func: Any) -> Any:
-    signature = inspect.signature(func)
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # a C function without a text signature (markupsafe 2.1.2's escape)
+        if name in _ARG_CHECKED:  # its arguments are checked by name: never unchecked
+            raise
+        signature = None
     passes = getattr(func, "jinja_pass_arg", None) is not None
     # jinja2's async variants pass the eval context to a function whose signature does not name it.
-    first = next(iter(signature.parameters), "")
+    first = next(iter(signature.parameters), "") if signature is not None else ""
     skip = 1 if passes and first not in ("environment", "env", "eval_ctx", "context") else 0
     value_at = 1 if passes else 0
 

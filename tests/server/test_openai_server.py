@@ -418,8 +418,10 @@ def test_concurrent_clients_with_cancellations(server, reference):
 
 def test_disconnect_cancels_a_non_streamed_request(server):
     auth = {"Authorization": f"Bearer {API_KEY}"}
+    # a frequency penalty of -2 and no repetition penalty (the model's default 1.1 would fight it):
+    # an answer that repeats itself rather than ends before the client gives up
     body = {"model": "smollm2", "messages": QUESTION, "max_tokens": 1000, "temperature": 1.0,
-            "frequency_penalty": -2}
+            "frequency_penalty": -2, "repeat_penalty": 1.0}
     before = metric(server, "pocketlm_generated_tokens_total", model="smollm2")
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/chat/completions", headers=auth, json=body, timeout=1.0)

@@ -251,3 +251,19 @@ def test_hostile_bundle_template_through_engine_and_cli(tiny_model, monkeypatch,
     assert r.returncode == 1 and last.startswith("pocketlm: error: ") and message in last, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert time.perf_counter() - t0 < chat_sandbox.MAX_RENDER_SECONDS + 15  # start-up, model load, render
+
+
+def test_a_filter_without_a_signature_still_renders():
+    """markupsafe 2.1.2 (Debian bookworm's python3-markupsafe) builds `escape` in C without a text
+    signature, so inspect.signature refuses it: the sandbox guarded every filter with it and no
+    template compiled there. Such a filter is wrapped without one (min stands for it: no signature
+    either); a filter whose arguments are checked by name cannot go unchecked."""
+    import inspect
+
+    from pocketlm import chat_sandbox
+
+    with pytest.raises(ValueError):
+        inspect.signature(min)
+    assert chat_sandbox._guard_filter("escape", min)([3, 1, 2]) == 1
+    with pytest.raises(ValueError):
+        chat_sandbox._guard_filter("center", min)

@@ -1,0 +1,77 @@
+"""Instructions an aarch64 matmul executes, per kernel variant, counted under QEMU (speed cannot be
+measured under emulation; executed instructions are the proxy issue 16 asks for). QEMU runs the
+kernel tests' server (scripts/test-arm.sh builds it) with one instruction per translation block and
+logs every block it executes (`-singlestep -d exec,nochain`): the log's lines are the
+instructions. Each figure is a run with the call made twice minus a run with it made once, so
+start-up and the protocol cancel out (reading the weights from the pipe stays in: a copy, ~1 % of
+the quantized matmuls here).
+
+    python bench/arm_insn.py [--server ~/.cache/pocketlm/arm/kernel_server-*] [--rows 4864 --cols 896]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
+sys.path.insert(0, str(REPO / "tests" / "kernels"))
+
+from remote import RemoteKernels  # noqa: E402
+
+from pocketlm.dtypes import DType  # noqa: E402
+from pocketlm.quant import quantize  # noqa: E402
+
+
+def count(server: str, calls: int, variant: str, dtype: DType, raw, rows: int, cols: int, x) -> int:
+    with tempfile.TemporaryDirectory() as d:
+        log = Path(d) / "exec.log"
+        k = RemoteKernels(f"qemu-aarch64-static -cpu max -singlestep -d exec,nochain -D {log} {server}")
+        try:
+            for _ in range(calls):
+                k.matmul(variant, int(dtype), raw, rows, cols, x)
+        finally:
+            k.close()
+        with open(log, "rb") as f:
+            return sum(chunk.count(b"\nTrace ") for chunk in iter(lambda: f.read(1 << 24), b""))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default = sorted(glob.glob(os.path.expanduser("~/.cache/pocketlm/arm/kernel_server-*")))
+    ap.add_argument("--server", default=default[-1] if default else None)
+    ap.add_argument("--rows", type=int, default=4864)
+    ap.add_argument("--cols", type=int, default=896)
+    ap.add_argument("--tokens", default="1,8")
+    ap.add_argument("--types", default="q4_0_x16,q8_0_x16")
+    a = ap.parse_args()
+    if not a.server:
+        sys.exit("no kernel server: run scripts/test-arm.sh first")
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((a.rows, a.cols)).astype(np.float32)
+    print(f"# executed aarch64 instructions per matmul call, [{a.rows} x {a.cols}] weights (qemu -cpu max)")
+    print("| type | tokens | neon | dotprod | i8mm |")
+    print("|---|---:|---:|---:|---:|")
+    for label in a.types.split(","):
+        dtype = DType.from_label(label)
+        raw = quantize(w, dtype)
+        for T in (int(t) for t in a.tokens.split(",")):
+            x = rng.standard_normal((T, a.cols)).astype(np.float32)
+            cells = []
+            for variant in ("neon", "dotprod", "i8mm"):
+                n = count(a.server, 2, variant, dtype, raw, a.rows, a.cols, x) - \
+                    count(a.server, 1, variant, dtype, raw, a.rows, a.cols, x)
+                cells.append(f"{n / 1e6:.2f} M")
+            print(f"| {label} | {T} | {' | '.join(cells)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
