@@ -3,8 +3,9 @@ measured under emulation; executed instructions are the proxy issue 16 asks for)
 kernel tests' server (scripts/test-arm.sh builds it) with one instruction per translation block and
 logs every block it executes (`-singlestep -d exec,nochain`): the log's lines are the
 instructions. Each figure is a run with the call made twice minus a run with it made once, so
-start-up and the protocol cancel out (reading the weights from the pipe stays in: a copy, ~1 % of
-the quantized matmuls here).
+start-up and the protocol cancel out. What stays in besides the kernel: the copy of the weights off
+the pipe (~1 % here) and the call's activation quantization (the reference's, the same on every
+variant).
 
     python bench/arm_insn.py [--server ~/.cache/pocketlm/arm/kernel_server-*] [--rows 4864 --cols 896]
 """

@@ -18,6 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="$(cd "${POCKETLM_VENV:-.venv}" && pwd)"
 OUT="${POCKETLM_CACHE:-$HOME/.cache/pocketlm}/arm"
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
 CXX=aarch64-linux-gnu-g++
 if ! command -v "$CXX" >/dev/null || ! command -v qemu-aarch64-static >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -33,14 +34,13 @@ if ! command -v "$CXX" >/dev/null || ! command -v qemu-aarch64-static >/dev/null
 fi
 E2E=0
 if [ "${1:-}" = "--e2e" ]; then E2E=1; shift; fi
-mkdir -p "$OUT"
 if [ "$E2E" = 1 ]; then
   ROOT="$OUT/rootfs"
   if [ ! -x "$ROOT/usr/bin/python3" ]; then
     command -v mmdebstrap >/dev/null || apt-get install -y -q --no-install-recommends mmdebstrap >/dev/null 2>&1 ||
       { echo "scripts/test-arm.sh: --e2e needs mmdebstrap (a Debian package)" >&2; exit 1; }
     echo "extracting an arm64 Debian root with python3, numpy and jinja2 ..." >&2
-    rm -rf "$ROOT" "$ROOT.tar"
+    rm -rf "$ROOT" "$ROOT.tar" "$ROOT.tmp"
     mmdebstrap --quiet --variant=extract --arch=arm64 --include=python3,python3-numpy,python3-jinja2,python3-dev \
       bookworm "$ROOT.tar"
     mkdir -p "$ROOT.tmp" && tar -C "$ROOT.tmp" -xf "$ROOT.tar" && rm "$ROOT.tar"
@@ -50,9 +50,11 @@ if [ "$E2E" = 1 ]; then
     mv "$ROOT.tmp" "$ROOT"
   fi
   PKG="$OUT/pkg"
-  if ! ls "$OUT"/wheels/tokenizers-*aarch64*.whl >/dev/null 2>&1; then
+  TOKENIZERS="$("$VENV/bin/python" -c 'import tokenizers; print(tokenizers.__version__)')"
+  if ! ls "$OUT"/wheels/tokenizers-"$TOKENIZERS"-*aarch64*.whl >/dev/null 2>&1; then
     "$VENV/bin/python" -m pip download -q --platform manylinux2014_aarch64 --python-version 3.11 \
-      --only-binary=:all: --no-deps "tokenizers>=0.19" -d "$OUT/wheels"
+      --only-binary=:all: --no-deps "tokenizers==$TOKENIZERS" \
+      -d "$OUT/wheels"
   fi
   echo "building pocketlm for aarch64 ..." >&2
   cmake -S . -B "$OUT/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_SYSTEM_NAME=Linux \
@@ -63,28 +65,30 @@ if [ "$E2E" = 1 ]; then
   cp -r python/pocketlm "$PKG/" && rm -f "$PKG"/pocketlm/_core*.so
   cp "$OUT"/build/_core*.so "$PKG/pocketlm/_core.cpython-311-aarch64-linux-gnu.so"
   cp csrc/runtime/ops.def "$PKG/pocketlm/ir/"
-  (cd "$PKG" && "$VENV/bin/python" -m zipfile -e "$OUT"/wheels/tokenizers-*aarch64*.whl .)
+  (cd "$PKG" && "$VENV/bin/python" -m zipfile -e "$OUT"/wheels/tokenizers-"$TOKENIZERS"-*aarch64*.whl .)
   cd tests
-  PLM_ARM_PYTHON="qemu-aarch64-static -cpu max -L $ROOT $ROOT/usr/bin/python3" PLM_ARM_PKG="$PKG" \
+  PLM_ARM_PYTHON="qemu-aarch64-static -cpu max -L $(printf %q "$ROOT") $(printf %q "$ROOT/usr/bin/python3")" \
+    PLM_ARM_PKG="$PKG" \
     exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider arm "$@"
 fi
 FLAGS=(-O2 -std=c++17 -Icsrc -DPLM_ARM=1 -Wall -Wextra -Wno-unused-parameter)
-SOURCES=(tests/kernels/kernel_server.cpp csrc/kernels/ref/kernels_ref.cpp csrc/kernels/arm/kernels_neon.cpp
-         csrc/kernels/dispatch.cpp csrc/kernels/kernels.h csrc/common.h)
-stamp="$(cat "${SOURCES[@]}" scripts/test-arm.sh | sha256sum | cut -c1-16)"
+# everything the server is built from, and the compiler: a change to any rebuilds it
+stamp="$({ cat tests/kernels/kernel_server.cpp csrc/common.h scripts/test-arm.sh; find csrc/kernels -type f | sort |
+           xargs cat; $CXX --version; } | sha256sum | cut -c1-16)"
 if [ ! -x "$OUT/kernel_server-$stamp" ]; then
   echo "building the aarch64 kernel server ..." >&2
   tmp="$(mktemp -d)"
   trap 'rm -rf "$tmp"' EXIT
-  $CXX "${FLAGS[@]}" -c csrc/kernels/arm/kernels_neon.cpp -o "$tmp/neon.o" &
+  pids=()
+  $CXX "${FLAGS[@]}" -c csrc/kernels/arm/kernels_neon.cpp -o "$tmp/neon.o" & pids+=($!)
   $CXX "${FLAGS[@]}" -DPLM_NEON_LEVEL=1 -march=armv8.2-a+dotprod -c csrc/kernels/arm/kernels_neon.cpp \
-    -o "$tmp/dotprod.o" &
-  $CXX "${FLAGS[@]}" -DPLM_NEON_LEVEL=2 -march=armv8.6-a+i8mm -c csrc/kernels/arm/kernels_neon.cpp \
-    -o "$tmp/i8mm.o" &
-  $CXX "${FLAGS[@]}" -c csrc/kernels/ref/kernels_ref.cpp -o "$tmp/ref.o" &
-  $CXX "${FLAGS[@]}" -c csrc/kernels/dispatch.cpp -o "$tmp/dispatch.o" &
-  $CXX "${FLAGS[@]}" -c tests/kernels/kernel_server.cpp -o "$tmp/server.o" &
-  wait
+    -o "$tmp/dotprod.o" & pids+=($!)
+  $CXX "${FLAGS[@]}" -DPLM_NEON_LEVEL=2 -march=armv8.2-a+dotprod+i8mm -c csrc/kernels/arm/kernels_neon.cpp \
+    -o "$tmp/i8mm.o" & pids+=($!)
+  $CXX "${FLAGS[@]}" -c csrc/kernels/ref/kernels_ref.cpp -o "$tmp/ref.o" & pids+=($!)
+  $CXX "${FLAGS[@]}" -c csrc/kernels/dispatch.cpp -o "$tmp/dispatch.o" & pids+=($!)
+  $CXX "${FLAGS[@]}" -c tests/kernels/kernel_server.cpp -o "$tmp/server.o" & pids+=($!)
+  for pid in "${pids[@]}"; do wait "$pid"; done  # set -e: a failed compile stops here
   $CXX -static "$tmp"/*.o -o "$tmp/kernel_server"
   rm -f "$OUT"/kernel_server-*
   mv "$tmp/kernel_server" "$OUT/kernel_server-$stamp"
@@ -93,7 +97,7 @@ cd tests
 status=0
 for cpu in cortex-a53 cortex-a76 max; do
   echo "== tests/kernels on aarch64 ($cpu, qemu-aarch64) ==" >&2
-  PLM_TEST_KERNELS="qemu-aarch64-static -cpu $cpu $OUT/kernel_server-$stamp" PLM_TEST_ARM_CPU="$cpu" \
+  PLM_TEST_KERNELS="qemu-aarch64-static -cpu $cpu $(printf %q "$OUT/kernel_server-$stamp")" PLM_TEST_ARM_CPU="$cpu" \
     "$VENV/bin/python" -m pytest -q -p no:cacheprovider kernels "$@" || status=1
 done
 exit $status

@@ -2,8 +2,10 @@
 // translation unit compiled with its own ISA flags; nothing from those files is
 // called unless CPUID says the CPU has the features.
 #include <cstdlib>
-#if defined(PLM_ARM)
+#if defined(PLM_ARM) && defined(__linux__)
 #include <sys/auxv.h>
+#elif defined(PLM_ARM) && defined(__APPLE__)
+#include <sys/sysctl.h>
 #endif
 
 #include "kernels/kernels.h"
@@ -49,11 +51,24 @@ bool cpu_has_avx512() {
 #endif
 
 #if defined(PLM_ARM)
+#if defined(__linux__)
 // The kernel's HWCAP bits (asm/hwcap.h), spelled out for older headers.
 constexpr unsigned long kHwcapAsimdDp = 1UL << 20;  // SDOT/UDOT (ARMv8.2 dotprod)
 constexpr unsigned long kHwcap2I8mm = 1UL << 13;    // SMMLA (ARMv8.6 i8mm)
 bool cpu_has_dotprod() { return getauxval(AT_HWCAP) & kHwcapAsimdDp; }
 bool cpu_has_i8mm() { return cpu_has_dotprod() && (getauxval(AT_HWCAP2) & kHwcap2I8mm); }
+#elif defined(__APPLE__)
+bool sysctl_flag(const char* name) {
+  int v = 0;
+  size_t size = sizeof v;
+  return sysctlbyname(name, &v, &size, nullptr, 0) == 0 && v != 0;
+}
+bool cpu_has_dotprod() { return sysctl_flag("hw.optional.arm.FEAT_DotProd"); }
+bool cpu_has_i8mm() { return cpu_has_dotprod() && sysctl_flag("hw.optional.arm.FEAT_I8MM"); }
+#else  // no way to ask here: the baseline only
+bool cpu_has_dotprod() { return false; }
+bool cpu_has_i8mm() { return false; }
+#endif
 #endif
 
 // Usable variants on this CPU, best last.

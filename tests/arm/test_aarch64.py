@@ -63,4 +63,4 @@ def test_smollm2_answers_as_here(smollm2_gguf):
     want = s.last_text_ids[-s.last_stats.generated_tokens:]
     for variant in ("neon", "i8mm"):
         got = on_arm({"bundle": str(bundle), "chat": messages, "n": 12, "kv_type": "f16", "kernels": variant})
-        assert got["ids"] == want, variant
+        assert got["kernels"] == variant and got["ids"] == want, variant

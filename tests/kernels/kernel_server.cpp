@@ -68,8 +68,9 @@ Arg read_arg() {
       size_t n = 1;
       for (int d = 0; d < nd; ++d) {
         a.a.shape.push_back(read_pod<int64_t>());
-        if (a.a.shape.back() < 0 || a.a.shape.back() > (int64_t(1) << 32)) throw std::runtime_error("bad shape");
+        if (a.a.shape.back() < 0 || a.a.shape.back() > (int64_t(1) << 31)) throw std::runtime_error("bad shape");
         n *= (size_t)a.a.shape.back();
+        if (n > (size_t(1) << 31)) throw std::runtime_error("array too large");  // no product can wrap
       }
       a.a.bytes.resize(n * elem_size(a.a.code));
       read_exact(a.a.bytes.data(), a.a.bytes.size());
@@ -123,6 +124,15 @@ Array new_array(char code, std::vector<int64_t> shape) {
 
 [[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
 
+const Arg& arg(const std::vector<Arg>& args, size_t i, char tag) {
+  if (i >= args.size() || args[i].tag != tag)
+    fail("argument " + std::to_string(i) + " must be of kind " + std::string(1, tag));
+  return args[i];
+}
+int64_t I(const std::vector<Arg>& args, size_t i) { return arg(args, i, 'I').i; }
+double F(const std::vector<Arg>& args, size_t i) { return arg(args, i, 'F').f; }
+const std::string& S(const std::vector<Arg>& args, size_t i) { return arg(args, i, 'S').s; }
+
 const KernelTable& table(const std::string& variant) {
   const KernelTable* t = kernels_by_name(variant);
   if (!t) fail("kernel variant not available on this CPU: " + variant);
@@ -143,12 +153,12 @@ const Array& array_arg(const std::vector<Arg>& args, size_t i, char code, int nd
 template <class Act, bool Two>
 void matmul(const std::vector<Arg>& args, Reply& r) {
   const char* op = Two ? "matmul2" : "matmul";
-  const KernelTable& kt = table(args.at(0).s);
-  const DType dt = check_dtype(args.at(1).i);
+  const KernelTable& kt = table(S(args, 0));
+  const DType dt = check_dtype(I(args, 1));
   const Array& weight = array_arg(args, 2, 'b', 1);
-  const int64_t rows = args.at(3).i, cols = args.at(4).i;
+  const int64_t rows = I(args, 3), cols = I(args, 4);
   const Array& x = array_arg(args, 5, 'f', 2);
-  int64_t n0 = args.at(6).i, n1 = args.at(7).i;
+  int64_t n0 = I(args, 6), n1 = I(args, 7);
   const bool have = Two ? (kt.matmul2[(int)dt] && kt.quantize_act2) : kt.matmul[(int)dt] != nullptr;
   if (!have) fail(std::string(op) + ": " + traits(dt).name + " not implemented by variant " + kt.name);
   const auto& tr = traits(dt);
@@ -187,7 +197,7 @@ void matmul(const std::vector<Arg>& args, Reply& r) {
 template <bool Two>
 void quantize(const std::vector<Arg>& args, Reply& r) {
   const char* op = Two ? "quantize_act2" : "quantize_act";
-  const KernelTable& kt = table(args.at(0).s);
+  const KernelTable& kt = table(S(args, 0));
   const Array& x = array_arg(args, 1, 'f', 1);
   const size_t K = x.dim(0);
   if (Two && !kt.quantize_act2) fail(std::string(op) + ": not implemented by variant " + kt.name);
@@ -222,7 +232,7 @@ void same_len(size_t a, size_t b, const char* op) {
 
 // out (G x dh) + w (G x n) @ rows (n x dh): f32 rows, f16 rows (as u16 bits) or Q8_0 rows (bytes).
 void weighted_sum(const std::vector<Arg>& args, Reply& r, char kind) {
-  const KernelTable& kt = table(args.at(0).s);
+  const KernelTable& kt = table(S(args, 0));
   const Array& w = array_arg(args, 1, 'f', 2);
   const Array& rows = array_arg(args, 2, kind == 'q' ? 'b' : kind, 2);
   const Array& out = array_arg(args, 3, 'f', 2);
@@ -252,10 +262,10 @@ void serve(const std::string& op, const std::vector<Arg>& args, Reply& r) {
   if (op == "weighted_sum_f16") return weighted_sum(args, r, 'h');
   if (op == "weighted_sum_q8_0") return weighted_sum(args, r, 'q');
   if (op == "dequant_row") {  // (dtype, raw, cols, variant)
-    const KernelTable& kt = table(args.at(3).s);
-    const DType dt = check_dtype(args.at(0).i);
+    const KernelTable& kt = table(S(args, 3));
+    const DType dt = check_dtype(I(args, 0));
     const Array& raw = array_arg(args, 1, 'b', 1);
-    const int64_t cols = args.at(2).i;
+    const int64_t cols = I(args, 2);
     if (cols <= 0 || cols % traits(dt).block_elems)
       fail("dequant_row: cols must be a positive multiple of the block size");
     if (is_x16(dt)) fail("dequant_row: x16 types have no row-major rows");
@@ -264,13 +274,13 @@ void serve(const std::string& op, const std::vector<Arg>& args, Reply& r) {
     kt.dequant_row(dt, raw.as<uint8_t>(), y.as<float>(), cols);
     return r.array(y);
   }
-  const KernelTable& kt = table(args.at(0).s);
+  const KernelTable& kt = table(S(args, 0));
   if (op == "rms_norm") {  // (variant, x, w, eps)
     const Array &x = array_arg(args, 1, 'f', 1), &w = array_arg(args, 2, 'f', 1);
     same_len(x.dim(0), w.dim(0), "rms_norm");
     if (x.dim(0) == 0) fail("rms_norm: empty input");
     Array y = new_array('f', {(int64_t)x.dim(0)});
-    kt.rms_norm(x.as<float>(), w.as<float>(), y.as<float>(), (int)x.dim(0), (float)args.at(3).f);
+    kt.rms_norm(x.as<float>(), w.as<float>(), y.as<float>(), (int)x.dim(0), (float)F(args, 3));
     return r.array(y);
   }
   if (op == "silu_mul" || op == "add") {
@@ -287,7 +297,7 @@ void serve(const std::string& op, const std::vector<Arg>& args, Reply& r) {
   }
   if (op == "scores_q8_0") {  // (variant, rows, q, p0, p1)
     const Array &rows = array_arg(args, 1, 'b', 2), &q = array_arg(args, 2, 'f', 2);
-    const int64_t p0 = args.at(3).i, p1 = args.at(4).i;
+    const int64_t p0 = I(args, 3), p1 = I(args, 4);
     const size_t n = rows.dim(0), rb = rows.dim(1), G = q.dim(0), dh = q.dim(1);
     if (G == 0 || dh == 0 || dh % 32 || rb != dh / 32 * 34 || p0 < 0 || p0 > p1 || (size_t)p1 > n)
       fail("scores_q8_0: need rows [n, dh/32*34], q [G, dh] (dh % 32 == 0), 0 <= p0 <= p1 <= n");
@@ -304,7 +314,7 @@ void serve(const std::string& op, const std::vector<Arg>& args, Reply& r) {
   if (op == "max") return r.real(kt.max(array_arg(args, 1, 'f', 1).as<float>(), (int)args.at(1).a.dim(0)));
   if (op == "exp_sum") {  // (variant, s, m, scale) -> (exp values, sum)
     Array y = array_arg(args, 1, 'f', 1);
-    const float sum = kt.exp_sum(y.as<float>(), (int)y.dim(0), (float)args.at(2).f, (float)args.at(3).f);
+    const float sum = kt.exp_sum(y.as<float>(), (int)y.dim(0), (float)F(args, 2), (float)F(args, 3));
     r.array(y);
     return r.real(sum);
   }
@@ -312,12 +322,12 @@ void serve(const std::string& op, const std::vector<Arg>& args, Reply& r) {
     const Array& x = array_arg(args, 2, 'f', 1);
     Array y = array_arg(args, 3, 'f', 1);
     same_len(x.dim(0), y.dim(0), "axpy");
-    kt.axpy((float)args.at(1).f, x.as<float>(), y.as<float>(), (int)x.dim(0));
+    kt.axpy((float)F(args, 1), x.as<float>(), y.as<float>(), (int)x.dim(0));
     return r.array(y);
   }
   if (op == "scale") {  // (variant, a, y) -> a y
     Array y = array_arg(args, 2, 'f', 1);
-    kt.scale((float)args.at(1).f, y.as<float>(), (int)y.dim(0));
+    kt.scale((float)F(args, 1), y.as<float>(), (int)y.dim(0));
     return r.array(y);
   }
   fail("unknown op " + op);
@@ -333,8 +343,8 @@ int main() {
       op = read_str();
       const uint32_t n = read_pod<uint32_t>();
       for (uint32_t i = 0; i < n; ++i) args.push_back(read_arg());
-    } catch (const std::runtime_error&) {
-      return 0;  // the tests closed the pipe
+    } catch (const std::exception&) {
+      return 0;  // the tests closed the pipe (or sent what no test sends: the server stops)
     }
     Reply r;
     uint8_t status = 0;
