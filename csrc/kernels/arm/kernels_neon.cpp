@@ -496,7 +496,57 @@ void add_neon(const float* a, const float* b, float* y, int n) {
 // 64-byte units, unit u = 4 bytes of each row (row i at 4i). vdotq_laneq_s32(acc, unit quarter r,
 // act, lane) adds to rows 4r..4r+3 their 4 codes times the 4 activations in `lane`: 4 SDOTs per
 // unit for 16 rows, all exact in int32, then one float multiply-add per row and block.
-enum class X16Kind { Q8_0, Q4_0, Q4_1, I8 };
+enum class X16Kind { Q8_0, Q4_0, Q4_1, I8, Q4_0_G64, Q4_0_G128, Q4_1_G64, Q4_1_G128 };
+
+// The Q4 types of groups of 64 and 128: a record is one G-block of 16 rows (d, and m for Q4_1,
+// per row, then G/2 code bytes per row in G/8 units). Each 32-element sub-block j is 16 code bytes
+// laid out as a group-32 block's (byte k: element 32j + k low, 32j + 16 + k high), i.e. units
+// 4j..4j+3: the group-32 dots apply to it with activation block j, one activation scale each.
+template <X16Kind K>
+constexpr int x16_group() {
+  return K == X16Kind::Q4_0_G64 || K == X16Kind::Q4_1_G64 ? 64 : K == X16Kind::Q4_0_G128 || K == X16Kind::Q4_1_G128 ? 128 : 32;
+}
+template <X16Kind K>
+constexpr bool x16_asym() {
+  return K == X16Kind::Q4_1 || K == X16Kind::Q4_1_G64 || K == X16Kind::Q4_1_G128;
+}
+
+template <X16Kind K>
+inline void x16_idot(const uint8_t* codes, const int8_t* q, int32x4_t acc[4]);
+inline float32x4_t f16x4(const uint8_t* p);
+
+// y of 16 rows for one token, G-blocks of 64 or 128 (xa: the token's cols/32 activation blocks).
+template <int G, bool Asym, class Act>
+inline void x16_group_token_g(const uint8_t* group, int64_t n_blocks, const Act* xa, float out[16]) {
+  constexpr int hb = Asym ? 4 : 2;
+  constexpr size_t rec_bytes = 16 * (hb + G / 2);
+  float32x4_t sum[4] = {vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0)};
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const uint8_t* rec = group + (size_t)b * rec_bytes;
+    if (b + 1 < n_blocks) __builtin_prefetch(rec + rec_bytes);
+    const uint8_t* codes = rec + 16 * hb;
+    float32x4_t v[4] = {vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0)};
+    float sa = 0.0f;
+    for (int j = 0; j < G / 32; ++j) {
+      const Act& a = xa[b * (G / 32) + j];
+      constexpr X16Kind K32 = Asym ? X16Kind::Q4_1 : X16Kind::Q4_0;
+      const uint8_t* units = codes + 256 * j;  // units 4j..4j+3
+      int32x4_t acc[4];
+      x16_idot<K32>(units, a.qs, acc);
+      for (int r = 0; r < 4; ++r) v[r] = vfmaq_n_f32(v[r], vcvtq_f32_s32(acc[r]), a.d);
+      if constexpr (std::is_same_v<Act, BlockQ8A2>) {
+        x16_idot<K32>(units, a.qs2, acc);
+        for (int r = 0; r < 4; ++r) v[r] = vfmaq_n_f32(v[r], vcvtq_f32_s32(acc[r]), a.d2);
+      }
+      sa += act_sum(a);
+    }
+    for (int r = 0; r < 4; ++r) {
+      sum[r] = vfmaq_f32(sum[r], f16x4(rec + 8 * r), v[r]);
+      if constexpr (Asym) sum[r] = vfmaq_n_f32(sum[r], f16x4(rec + 32 + 8 * r), sa);
+    }
+  }
+  for (int r = 0; r < 4; ++r) vst1q_f32(out + 4 * r, sum[r]);
+}
 
 template <X16Kind K>
 constexpr int x16_header_bytes() {  // per row
@@ -546,6 +596,9 @@ inline float32x4_t f16x4(const uint8_t* p) { return vcvt_f32_f16(vreinterpret_f1
 // y[t][16 rows of group g] for one token: sum over blocks of d_w * (d_a idot + d2_a idot2) (+ m_w s_a).
 template <X16Kind K, class Act>
 inline void x16_group_token(const uint8_t* group, int64_t nb, const Act* xa, float out[16]) {
+  if constexpr (x16_group<K>() > 32) {
+    return x16_group_token_g<x16_group<K>(), x16_asym<K>(), Act>(group, nb * 32 / x16_group<K>(), xa, out);
+  } else {
   constexpr int hb = x16_header_bytes<K>();
   constexpr size_t rec_bytes = 16 * (hb + (K == X16Kind::Q4_0 || K == X16Kind::Q4_1 ? 16 : 32));
   float32x4_t sum[4] = {vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0)};
@@ -572,6 +625,7 @@ inline void x16_group_token(const uint8_t* group, int64_t nb, const Act* xa, flo
     }
   }
   for (int r = 0; r < 4; ++r) vst1q_f32(out + 4 * r, sum[r]);
+  }
 }
 
 #if PLM_NEON_LEVEL >= 2
@@ -669,7 +723,7 @@ void matmul_x16_t(const WeightView& w, const float*, size_t, const Act* xq, int 
     const int lo = std::max(n0 - g * kX16Rows, 0), hi = std::min(n1 - g * kX16Rows, kX16Rows);
     int t = 0;
 #if PLM_NEON_LEVEL >= 2
-    for (; t + 2 <= T; t += 2) {
+    for (; x16_group<K>() == 32 && t + 2 <= T; t += 2) {
       float pair[2][16];
       x16_group_pair<K, Act>(group, nb, xq + (size_t)t * nb, xq + (size_t)(t + 1) * nb, pair);
       for (int j = 0; j < 2; ++j)
@@ -721,10 +775,10 @@ const KernelTable* PLM_NEON_TABLE() {
           PLM_X16(I8, BlockQ8A),    // I8_X16
           matmul_x16_gather<BlockQ8A, PLM_NEON_TABLE>,    // Q5_0_X16
           matmul_x16_gather<BlockQ8A, PLM_NEON_TABLE>,    // Q5_1_X16
-          matmul_x16_gather<BlockQ8A, PLM_NEON_TABLE>,    // Q4_0_G64_X16
-          matmul_x16_gather<BlockQ8A, PLM_NEON_TABLE>,    // Q4_0_G128_X16
-          matmul_x16_gather<BlockQ8A, PLM_NEON_TABLE>,    // Q4_1_G64_X16
-          matmul_x16_gather<BlockQ8A, PLM_NEON_TABLE>,    // Q4_1_G128_X16
+          PLM_X16(Q4_0_G64, BlockQ8A),    // Q4_0_G64_X16
+          PLM_X16(Q4_0_G128, BlockQ8A),    // Q4_0_G128_X16
+          PLM_X16(Q4_1_G64, BlockQ8A),    // Q4_1_G64_X16
+          PLM_X16(Q4_1_G128, BlockQ8A),    // Q4_1_G128_X16
       },
       ref_kernels().quantize_act,
       ref_kernels().dequant_row,
@@ -757,10 +811,10 @@ const KernelTable* PLM_NEON_TABLE() {
           PLM_X16(I8, BlockQ8A2),   // I8_X16
           matmul_x16_gather<BlockQ8A2, PLM_NEON_TABLE>,   // Q5_0_X16
           matmul_x16_gather<BlockQ8A2, PLM_NEON_TABLE>,   // Q5_1_X16
-          matmul_x16_gather<BlockQ8A2, PLM_NEON_TABLE>,   // Q4_0_G64_X16
-          matmul_x16_gather<BlockQ8A2, PLM_NEON_TABLE>,   // Q4_0_G128_X16
-          matmul_x16_gather<BlockQ8A2, PLM_NEON_TABLE>,   // Q4_1_G64_X16
-          matmul_x16_gather<BlockQ8A2, PLM_NEON_TABLE>,   // Q4_1_G128_X16
+          PLM_X16(Q4_0_G64, BlockQ8A2),   // Q4_0_G64_X16
+          PLM_X16(Q4_0_G128, BlockQ8A2),   // Q4_0_G128_X16
+          PLM_X16(Q4_1_G64, BlockQ8A2),   // Q4_1_G64_X16
+          PLM_X16(Q4_1_G128, BlockQ8A2),   // Q4_1_G128_X16
       },
       ref_kernels().quantize_act2,
       weighted_sum_by_axpy<axpy_neon>,
