@@ -512,66 +512,39 @@ constexpr bool x16_asym() {
 }
 
 template <X16Kind K>
-inline void x16_idot(const uint8_t* codes, const int8_t* q, int32x4_t acc[4]);
-inline float32x4_t f16x4(const uint8_t* p);
-
-// y of 16 rows for one token, G-blocks of 64 or 128 (xa: the token's cols/32 activation blocks).
-template <int G, bool Asym, class Act>
-inline void x16_group_token_g(const uint8_t* group, int64_t n_blocks, const Act* xa, float out[16]) {
-  constexpr int hb = Asym ? 4 : 2;
-  constexpr size_t rec_bytes = 16 * (hb + G / 2);
-  float32x4_t sum[4] = {vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0)};
-  for (int64_t b = 0; b < n_blocks; ++b) {
-    const uint8_t* rec = group + (size_t)b * rec_bytes;
-    if (b + 1 < n_blocks) __builtin_prefetch(rec + rec_bytes);
-    const uint8_t* codes = rec + 16 * hb;
-    float32x4_t v[4] = {vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0)};
-    float sa = 0.0f;
-    for (int j = 0; j < G / 32; ++j) {
-      const Act& a = xa[b * (G / 32) + j];
-      constexpr X16Kind K32 = Asym ? X16Kind::Q4_1 : X16Kind::Q4_0;
-      const uint8_t* units = codes + 256 * j;  // units 4j..4j+3
-      int32x4_t acc[4];
-      x16_idot<K32>(units, a.qs, acc);
-      for (int r = 0; r < 4; ++r) v[r] = vfmaq_n_f32(v[r], vcvtq_f32_s32(acc[r]), a.d);
-      if constexpr (std::is_same_v<Act, BlockQ8A2>) {
-        x16_idot<K32>(units, a.qs2, acc);
-        for (int r = 0; r < 4; ++r) v[r] = vfmaq_n_f32(v[r], vcvtq_f32_s32(acc[r]), a.d2);
-      }
-      sa += act_sum(a);
-    }
-    for (int r = 0; r < 4; ++r) {
-      sum[r] = vfmaq_f32(sum[r], f16x4(rec + 8 * r), v[r]);
-      if constexpr (Asym) sum[r] = vfmaq_n_f32(sum[r], f16x4(rec + 32 + 8 * r), sa);
-    }
-  }
-  for (int r = 0; r < 4; ++r) vst1q_f32(out + 4 * r, sum[r]);
+constexpr bool x16_q4() {
+  return K != X16Kind::Q8_0 && K != X16Kind::I8;
 }
-
 template <X16Kind K>
 constexpr int x16_header_bytes() {  // per row
-  return K == X16Kind::I8 ? 0 : K == X16Kind::Q4_1 ? 4 : 2;
+  return K == X16Kind::I8 ? 0 : x16_asym<K>() ? 4 : 2;
 }
 
-// The 16 rows' int32 dots with one level of activations `q` (32 int8) over one record's codes.
-template <X16Kind K>
-inline void x16_idot(const uint8_t* codes, const int8_t* q, int32x4_t acc[4]) {
-  for (int r = 0; r < 4; ++r) acc[r] = vdupq_n_s32(0);
-  if constexpr (K == X16Kind::Q8_0 || K == X16Kind::I8) {
+// acc[t][r] (rows 4r..4r+3, token t) += the int32 dots of one 32-element sub-block's codes (4 units
+// of a Q4 type, 8 of Q8_0/I8) with each token's 32 activations q[t]. Each weight register is loaded
+// (and, for Q4, unpacked) once for the NT tokens; SDOT by element takes its lane as a constant,
+// hence the unrolled lanes.
+template <X16Kind K, int NT>
+inline void x16_idot(const uint8_t* codes, const int8_t* const q[NT], int32x4_t acc[NT][4]) {
+#define PLM_SDOT_LANE(w, a, lane) \
+  for (int t = 0; t < NT; ++t) acc[t][r] = vdotq_laneq_s32(acc[t][r], (w), (a)[t], lane)
+  if constexpr (!x16_q4<K>()) {
     for (int h = 0; h < 2; ++h) {  // activations 16h..16h+15 = units 4h..4h+3
-      const int8x16_t a = vld1q_s8(q + 16 * h);
+      int8x16_t a[NT];
+      for (int t = 0; t < NT; ++t) a[t] = vld1q_s8(q[t] + 16 * h);
       const int8_t* u = reinterpret_cast<const int8_t*>(codes) + 256 * h;
       for (int r = 0; r < 4; ++r) {
-        acc[r] = vdotq_laneq_s32(acc[r], vld1q_s8(u + 16 * r), a, 0);
-        acc[r] = vdotq_laneq_s32(acc[r], vld1q_s8(u + 64 + 16 * r), a, 1);
-        acc[r] = vdotq_laneq_s32(acc[r], vld1q_s8(u + 128 + 16 * r), a, 2);
-        acc[r] = vdotq_laneq_s32(acc[r], vld1q_s8(u + 192 + 16 * r), a, 3);
+        PLM_SDOT_LANE(vld1q_s8(u + 16 * r), a, 0);
+        PLM_SDOT_LANE(vld1q_s8(u + 64 + 16 * r), a, 1);
+        PLM_SDOT_LANE(vld1q_s8(u + 128 + 16 * r), a, 2);
+        PLM_SDOT_LANE(vld1q_s8(u + 192 + 16 * r), a, 3);
       }
     }
   } else {  // Q4: unit u's low nibbles are elements 4u..4u+3, its high nibbles 16+4u..16+4u+3
-    const int8x16_t lo_a = vld1q_s8(q), hi_a = vld1q_s8(q + 16);
+    int8x16_t lo_a[NT], hi_a[NT];
+    for (int t = 0; t < NT; ++t) lo_a[t] = vld1q_s8(q[t]), hi_a[t] = vld1q_s8(q[t] + 16);
     const uint8x16_t mask = vdupq_n_u8(0x0f);
-    const int8x16_t off = vdupq_n_s8(K == X16Kind::Q4_0 ? 8 : 0);
+    const int8x16_t off = vdupq_n_s8(x16_asym<K>() ? 0 : 8);
     for (int r = 0; r < 4; ++r) {
       int8x16_t lo[4], hi[4];
       for (int u = 0; u < 4; ++u) {
@@ -579,53 +552,77 @@ inline void x16_idot(const uint8_t* codes, const int8_t* q, int32x4_t acc[4]) {
         lo[u] = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, mask)), off);
         hi[u] = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), off);
       }
-      acc[r] = vdotq_laneq_s32(acc[r], lo[0], lo_a, 0);
-      acc[r] = vdotq_laneq_s32(acc[r], lo[1], lo_a, 1);
-      acc[r] = vdotq_laneq_s32(acc[r], lo[2], lo_a, 2);
-      acc[r] = vdotq_laneq_s32(acc[r], lo[3], lo_a, 3);
-      acc[r] = vdotq_laneq_s32(acc[r], hi[0], hi_a, 0);
-      acc[r] = vdotq_laneq_s32(acc[r], hi[1], hi_a, 1);
-      acc[r] = vdotq_laneq_s32(acc[r], hi[2], hi_a, 2);
-      acc[r] = vdotq_laneq_s32(acc[r], hi[3], hi_a, 3);
+      PLM_SDOT_LANE(lo[0], lo_a, 0);
+      PLM_SDOT_LANE(lo[1], lo_a, 1);
+      PLM_SDOT_LANE(lo[2], lo_a, 2);
+      PLM_SDOT_LANE(lo[3], lo_a, 3);
+      PLM_SDOT_LANE(hi[0], hi_a, 0);
+      PLM_SDOT_LANE(hi[1], hi_a, 1);
+      PLM_SDOT_LANE(hi[2], hi_a, 2);
+      PLM_SDOT_LANE(hi[3], hi_a, 3);
     }
   }
+#undef PLM_SDOT_LANE
 }
 
 inline float32x4_t f16x4(const uint8_t* p) { return vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p))); }
 
-// y[t][16 rows of group g] for one token: sum over blocks of d_w * (d_a idot + d2_a idot2) (+ m_w s_a).
-template <X16Kind K, class Act>
-inline void x16_group_token(const uint8_t* group, int64_t nb, const Act* xa, float out[16]) {
-  if constexpr (x16_group<K>() > 32) {
-    return x16_group_token_g<x16_group<K>(), x16_asym<K>(), Act>(group, nb * 32 / x16_group<K>(), xa, out);
-  } else {
-  constexpr int hb = x16_header_bytes<K>();
-  constexpr size_t rec_bytes = 16 * (hb + (K == X16Kind::Q4_0 || K == X16Kind::Q4_1 ? 16 : 32));
-  float32x4_t sum[4] = {vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0)};
-  for (int64_t b = 0; b < nb; ++b) {
+// y of the 16 rows of one group for NT tokens (xa[t]: token t's cols/32 activation blocks): over the
+// records (one G-block of 16 rows each), d_w * the sum over its 32-element sub-blocks of
+// (d_a idot + d2_a idot2) (+ m_w s_a for Q4_1). Sub-block j of a Q4 record is its units 4j..4j+3.
+template <X16Kind K, class Act, int NT>
+inline void x16_group_tokens(const uint8_t* group, int64_t n_act, const Act* const xa[NT], float out[NT][16]) {
+  constexpr int G = x16_group<K>(), S = G / 32, hb = x16_header_bytes<K>();
+  constexpr size_t rec_bytes = 16 * (hb + (x16_q4<K>() ? G / 2 : 32));
+  float32x4_t sum[NT][4];
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < 4; ++r) sum[t][r] = vdupq_n_f32(0);
+  const int64_t n_rec = n_act / S;
+  for (int64_t b = 0; b < n_rec; ++b) {
     const uint8_t* rec = group + (size_t)b * rec_bytes;
-    if (b + 2 < nb) __builtin_prefetch(rec + 2 * rec_bytes);
-    const Act& a = xa[b];
-    int32x4_t acc[4];
-    x16_idot<K>(rec + 16 * hb, a.qs, acc);
-    float32x4_t v[4];
-    for (int r = 0; r < 4; ++r) v[r] = vmulq_n_f32(vcvtq_f32_s32(acc[r]), a.d);
-    if constexpr (std::is_same_v<Act, BlockQ8A2>) {
-      int32x4_t acc2[4];
-      x16_idot<K>(rec + 16 * hb, a.qs2, acc2);
-      for (int r = 0; r < 4; ++r) v[r] = vfmaq_n_f32(v[r], vcvtq_f32_s32(acc2[r]), a.d2);
+    if (b + 2 < n_rec) __builtin_prefetch(rec + 2 * rec_bytes);
+    float32x4_t v[NT][4];
+    float sa[NT] = {};
+    for (int t = 0; t < NT; ++t)
+      for (int r = 0; r < 4; ++r) v[t][r] = vdupq_n_f32(0);
+    for (int j = 0; j < S; ++j) {
+      const int8_t* q[NT];
+      int32x4_t acc[NT][4];
+      for (int t = 0; t < NT; ++t) {
+        q[t] = xa[t][b * S + j].qs;
+        for (int r = 0; r < 4; ++r) acc[t][r] = vdupq_n_s32(0);
+      }
+      x16_idot<K, NT>(rec + 16 * hb + 256 * j, q, acc);
+      for (int t = 0; t < NT; ++t) {
+        const Act& a = xa[t][b * S + j];
+        for (int r = 0; r < 4; ++r) v[t][r] = vfmaq_n_f32(v[t][r], vcvtq_f32_s32(acc[t][r]), a.d);
+        sa[t] += act_sum(a);
+      }
+      if constexpr (std::is_same_v<Act, BlockQ8A2>) {
+        for (int t = 0; t < NT; ++t) {
+          q[t] = xa[t][b * S + j].qs2;
+          for (int r = 0; r < 4; ++r) acc[t][r] = vdupq_n_s32(0);
+        }
+        x16_idot<K, NT>(rec + 16 * hb + 256 * j, q, acc);
+        for (int t = 0; t < NT; ++t)
+          for (int r = 0; r < 4; ++r) v[t][r] = vfmaq_n_f32(v[t][r], vcvtq_f32_s32(acc[t][r]), xa[t][b * S + j].d2);
+      }
     }
     for (int r = 0; r < 4; ++r) {
       if constexpr (K == X16Kind::I8) {
-        sum[r] = vaddq_f32(sum[r], v[r]);
+        for (int t = 0; t < NT; ++t) sum[t][r] = vaddq_f32(sum[t][r], v[t][r]);
       } else {
-        sum[r] = vfmaq_f32(sum[r], f16x4(rec + 8 * r), v[r]);  // d of rows 4r..4r+3
-        if constexpr (K == X16Kind::Q4_1) sum[r] = vfmaq_n_f32(sum[r], f16x4(rec + 32 + 8 * r), act_sum(a));
+        const float32x4_t dw = f16x4(rec + 8 * r);  // d of rows 4r..4r+3
+        for (int t = 0; t < NT; ++t) sum[t][r] = vfmaq_f32(sum[t][r], dw, v[t][r]);
+        if constexpr (x16_asym<K>()) {
+          const float32x4_t mw = f16x4(rec + 32 + 8 * r);
+          for (int t = 0; t < NT; ++t) sum[t][r] = vfmaq_n_f32(sum[t][r], mw, sa[t]);
+        }
       }
     }
   }
-  for (int r = 0; r < 4; ++r) vst1q_f32(out + 4 * r, sum[r]);
-  }
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < 4; ++r) vst1q_f32(out[t] + 4 * r, sum[t][r]);
 }
 
 #if PLM_NEON_LEVEL >= 2
@@ -669,7 +666,7 @@ inline float32x4_t rows_of_tile(float32x4_t v, int half) {
   return half == 0 ? vzip1q_f32(v, v) : vzip2q_f32(v, v);
 }
 
-// y of 16 rows x tokens (t0, t0+1): as x16_group_token, two tokens per SMMLA.
+// y of 16 rows x tokens (t0, t0+1): as x16_group_tokens, two tokens per SMMLA.
 template <X16Kind K, class Act>
 inline void x16_group_pair(const uint8_t* group, int64_t nb, const Act* x0, const Act* x1, float out[2][16]) {
   constexpr int hb = x16_header_bytes<K>();
@@ -712,6 +709,16 @@ inline void x16_group_pair(const uint8_t* group, int64_t nb, const Act* x0, cons
 }
 #endif
 
+// Tokens per pass over a group's weights (dotprod; i8mm takes group-32 types in SMMLA pairs). Each
+// token holds 4 int32 and 8 float accumulators per 16 rows. Executed instructions for 8 tokens of
+// [512 x 512] (bench/arm_insn.py): Q4_0 1.41 M one token at a time, 1.01 M two at a time (the nibbles
+// unpacked once for both), 1.63 M four (registers spill); Q8_0, with nothing to unpack, 0.92 M one at
+// a time, 0.97 M two.
+template <X16Kind K>
+constexpr int x16_tokens() {
+  return x16_q4<K>() ? 2 : 1;
+}
+
 template <X16Kind K, class Act>
 void matmul_x16_t(const WeightView& w, const float*, size_t, const Act* xq, int T, float* y, size_t ldy, int n0,
                   int n1) {
@@ -733,8 +740,22 @@ void matmul_x16_t(const WeightView& w, const float*, size_t, const Act* xq, int 
         }
     }
 #endif
+    for (; t + x16_tokens<K>() <= T; t += x16_tokens<K>()) {  // several tokens per weight load (prefill, verify)
+      float several[x16_tokens<K>()][16];
+      const Act* xa[x16_tokens<K>()];
+      for (int j = 0; j < x16_tokens<K>(); ++j) xa[j] = xq + (size_t)(t + j) * nb;
+      x16_group_tokens<K, Act, x16_tokens<K>()>(group, nb, xa, several);
+      for (int j = 0; j < x16_tokens<K>(); ++j)
+        for (int i = lo; i < hi; ++i) {
+          const int n = g * kX16Rows + i;
+          y[(size_t)(t + j) * ldy + n] = K == X16Kind::I8 ? several[j][i] * w.row_scales[n] : several[j][i];
+        }
+    }
     for (; t < T; ++t) {
-      x16_group_token<K, Act>(group, nb, xq + (size_t)t * nb, out);
+      const Act* xa[1] = {xq + (size_t)t * nb};
+      float one[1][16];
+      x16_group_tokens<K, Act, 1>(group, nb, xa, one);
+      std::memcpy(out, one[0], sizeof out);
       for (int i = lo; i < hi; ++i) {
         const int n = g * kX16Rows + i;
         y[(size_t)t * ldy + n] = K == X16Kind::I8 ? out[i] * w.row_scales[n] : out[i];
