@@ -8,6 +8,10 @@ the pipe (~1 % here) and the call's activation quantization (the reference's, th
 variant).
 
     python bench/arm_insn.py [--server ~/.cache/pocketlm/arm/kernel_server-*] [--rows 4864 --cols 896]
+
+The x86 column is the same server built for this machine (`--x86`, with the CMake build's per-file
+flags) counted by valgrind's callgrind (Ir), AVX2 variant: valgrind runs no AVX-512, so the
+AVX-512 kernels are not counted.
 """
 
 from __future__ import annotations
@@ -45,6 +49,51 @@ def count(server: str, calls: int, variant: str, dtype: DType, raw, rows: int, c
             return sum(chunk.count(b"\nTrace ") for chunk in iter(lambda: f.read(1 << 24), b""))
 
 
+X86_FLAGS = ["-O3", "-std=c++17", f"-I{REPO / 'csrc'}", "-DPLM_X86=1", "-fno-math-errno"]
+AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+AVX512 = AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]
+
+
+def build_x86_server(out: Path) -> Path:
+    """tests/kernels/kernel_server.cpp with the x86 kernels, each file with its CMake flags."""
+    out.mkdir(parents=True, exist_ok=True)
+    k = REPO / "csrc" / "kernels"
+    units = [(REPO / "tests" / "kernels" / "kernel_server.cpp", []), (k / "ref" / "kernels_ref.cpp", []),
+             (k / "dispatch.cpp", [])]
+    for name in ("kernels_avx2", "gemm_avx2", "x16_avx2"):
+        units.append((k / "x86" / f"{name}.cpp", AVX2))
+        for vnni, flags in ((1, AVX2 + ["-mavxvnni"]), (2, AVX2 + ["-mavx512f", "-mavx512vl", "-mavx512vnni"])):
+            wrapper = out / f"vnni{vnni}_{name}.cpp"
+            wrapper.write_text(f'#define PLM_AVX2_VNNI {vnni}\n#include "kernels/x86/{name}.cpp"\n')
+            units.append((wrapper, flags))
+    for name in ("kernels_avx512", "gemm_avx512", "x16_avx512"):
+        units.append((k / "x86" / f"{name}.cpp", AVX512))
+    procs, objects = [], []
+    for i, (src, flags) in enumerate(units):
+        obj = out / f"{i}.o"
+        objects.append(str(obj))
+        procs.append(subprocess.Popen(["g++", *X86_FLAGS, *flags, "-c", str(src), "-o", str(obj)]))
+    if any(p.wait() for p in procs):
+        sys.exit("building the x86 kernel server failed")
+    subprocess.run(["g++", *objects, "-o", str(out / "kernel_server"), "-lpthread"], check=True)
+    return out / "kernel_server"
+
+
+def count_x86(server: Path, calls: int, variant: str, dtype: DType, raw, rows: int, cols: int, x) -> int:
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "callgrind.out"
+        k = RemoteKernels(f"valgrind -q --tool=callgrind --callgrind-out-file={out} {server}")
+        try:
+            for _ in range(calls):
+                k.matmul(variant, int(dtype), raw, rows, cols, x)
+        finally:
+            k.close()
+        for line in out.read_text().splitlines():
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    raise RuntimeError("no totals in callgrind's output")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = sorted(glob.glob(os.path.expanduser("~/.cache/pocketlm/arm/kernel_server-*")))
@@ -53,14 +102,16 @@ def main() -> None:
     ap.add_argument("--cols", type=int, default=896)
     ap.add_argument("--tokens", default="1,8")
     ap.add_argument("--types", default="q4_0_x16,q8_0_x16")
+    ap.add_argument("--x86", action="store_true", help="add this machine's AVX2 kernels, counted by callgrind")
     a = ap.parse_args()
     if not a.server:
         sys.exit("no kernel server: run scripts/test-arm.sh first")
     rng = np.random.default_rng(0)
     w = rng.standard_normal((a.rows, a.cols)).astype(np.float32)
     print(f"# executed aarch64 instructions per matmul call, [{a.rows} x {a.cols}] weights (qemu -cpu max)")
-    print("| type | tokens | neon | dotprod | i8mm |")
-    print("|---|---:|---:|---:|---:|")
+    x86 = build_x86_server(Path(tempfile.mkdtemp())) if a.x86 else None
+    print("| type | tokens | neon | dotprod | i8mm |" + (" x86 avx2 |" if x86 else ""))
+    print("|---|---:|---:|---:|---:|" + ("---:|" if x86 else ""))
     for label in a.types.split(","):
         dtype = DType.from_label(label)
         raw = quantize(w, dtype)
@@ -70,6 +121,10 @@ def main() -> None:
             for variant in ("neon", "dotprod", "i8mm"):
                 n = count(a.server, 2, variant, dtype, raw, a.rows, a.cols, x) - \
                     count(a.server, 1, variant, dtype, raw, a.rows, a.cols, x)
+                cells.append(f"{n / 1e6:.2f} M")
+            if x86:
+                n = count_x86(x86, 2, "avx2", dtype, raw, a.rows, a.cols, x) - \
+                    count_x86(x86, 1, "avx2", dtype, raw, a.rows, a.cols, x)
                 cells.append(f"{n / 1e6:.2f} M")
             print(f"| {label} | {T} | {' | '.join(cells)} |", flush=True)
 
