@@ -4,7 +4,7 @@
 //                 s16 lane holds two products, |sum| <= 2*128*127 < 2^15: activations are clamped to
 //                 +-127) and vpadalq_s16 into s32, so every 32-block sum is exact.
 //   1  "dotprod"  ARMv8.2-A +dotprod (SDOT; every recent phone core): the same dot products with
-//                 vdotq_s32, and the x16 weight types read in place (x16_dot below): one SDOT by
+//                 vdotq_s32, and every x16 weight type read in place (x16_idot below): one SDOT by
 //                 element multiplies 4 rows' 4 codes by 4 activations, so the 64-byte units of the
 //                 x16 layout feed 16 rows per 4 SDOTs, with no gather.
 //   2  "i8mm"     ARMv8.6-A +i8mm (SMMLA): as dotprod, and two tokens at a time through the x16 types
@@ -496,7 +496,7 @@ void add_neon(const float* a, const float* b, float* y, int n) {
 // 64-byte units, unit u = 4 bytes of each row (row i at 4i). vdotq_laneq_s32(acc, unit quarter r,
 // act, lane) adds to rows 4r..4r+3 their 4 codes times the 4 activations in `lane`: 4 SDOTs per
 // unit for 16 rows, all exact in int32, then one float multiply-add per row and block.
-enum class X16Kind { Q8_0, Q4_0, Q4_1, I8, Q4_0_G64, Q4_0_G128, Q4_1_G64, Q4_1_G128 };
+enum class X16Kind { Q8_0, Q4_0, Q4_1, I8, Q4_0_G64, Q4_0_G128, Q4_1_G64, Q4_1_G128, Q5_0, Q5_1 };
 
 // The Q4 types of groups of 64 and 128: a record is one G-block of 16 rows (d, and m for Q4_1,
 // per row, then G/2 code bytes per row in G/8 units). Each 32-element sub-block j is 16 code bytes
@@ -508,7 +508,7 @@ constexpr int x16_group() {
 }
 template <X16Kind K>
 constexpr bool x16_asym() {
-  return K == X16Kind::Q4_1 || K == X16Kind::Q4_1_G64 || K == X16Kind::Q4_1_G128;
+  return K == X16Kind::Q4_1 || K == X16Kind::Q4_1_G64 || K == X16Kind::Q4_1_G128 || K == X16Kind::Q5_1;
 }
 
 template <X16Kind K>
@@ -517,7 +517,22 @@ constexpr bool x16_q4() {
 }
 template <X16Kind K>
 constexpr int x16_header_bytes() {  // per row
-  return K == X16Kind::I8 ? 0 : x16_asym<K>() ? 4 : 2;
+  return K == X16Kind::I8 ? 0 : K == X16Kind::Q5_0 ? 6 : K == X16Kind::Q5_1 ? 8 : x16_asym<K>() ? 4 : 2;
+}
+// Q5_0/Q5_1: the header's last field is qh (4 bytes per row: bit e = the fifth bit of element e),
+// after d (and m); the codes are nibbles as Q4's, each widened by its fifth bit.
+template <X16Kind K>
+constexpr bool x16_q5() {
+  return K == X16Kind::Q5_0 || K == X16Kind::Q5_1;
+}
+
+// Byte k of each 32-bit lane of `bits` (4 rows' qh, shifted so that the wanted bits are 0..3):
+// 0x10 if bit k is set, else 0.
+inline uint8x16_t x16_fifth_bits(uint32x4_t bits) {
+  static const uint8_t kSpread[16] = {0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12};
+  static const uint8_t kBit[16] = {1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8};
+  const uint8x16_t b = vqtbl1q_u8(vreinterpretq_u8_u32(bits), vld1q_u8(kSpread));
+  return vandq_u8(vtstq_u8(b, vld1q_u8(kBit)), vdupq_n_u8(0x10));
 }
 
 // acc[t][r] (rows 4r..4r+3, token t) += the int32 dots of one 32-element sub-block's codes (4 units
@@ -525,7 +540,8 @@ constexpr int x16_header_bytes() {  // per row
 // (and, for Q4, unpacked) once for the NT tokens; SDOT by element takes its lane as a constant,
 // hence the unrolled lanes.
 template <X16Kind K, int NT>
-inline void x16_idot(const uint8_t* codes, const int8_t* const q[NT], int32x4_t acc[NT][4]) {
+inline void x16_idot(const uint8_t* codes, const int8_t* const q[NT], int32x4_t acc[NT][4],
+                     const uint8_t* qh = nullptr) {
 #define PLM_SDOT_LANE(w, a, lane) \
   for (int t = 0; t < NT; ++t) acc[t][r] = vdotq_laneq_s32(acc[t][r], (w), (a)[t], lane)
   if constexpr (!x16_q4<K>()) {
@@ -544,13 +560,20 @@ inline void x16_idot(const uint8_t* codes, const int8_t* const q[NT], int32x4_t 
     int8x16_t lo_a[NT], hi_a[NT];
     for (int t = 0; t < NT; ++t) lo_a[t] = vld1q_s8(q[t]), hi_a[t] = vld1q_s8(q[t] + 16);
     const uint8x16_t mask = vdupq_n_u8(0x0f);
-    const int8x16_t off = vdupq_n_s8(x16_asym<K>() ? 0 : 8);
+    const int8x16_t off = vdupq_n_s8(x16_asym<K>() ? 0 : x16_q5<K>() ? 16 : 8);
     for (int r = 0; r < 4; ++r) {
       int8x16_t lo[4], hi[4];
+      uint32x4_t h = vdupq_n_u32(0);
+      if constexpr (x16_q5<K>()) h = vreinterpretq_u32_u8(vld1q_u8(qh + 16 * r));  // rows 4r..4r+3
       for (int u = 0; u < 4; ++u) {
         const uint8x16_t v = vld1q_u8(codes + 64 * u + 16 * r);
-        lo[u] = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, mask)), off);
-        hi[u] = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), off);
+        uint8x16_t l = vandq_u8(v, mask), m = vshrq_n_u8(v, 4);
+        if constexpr (x16_q5<K>()) {  // elements 4u..4u+3 and 16+4u..16+4u+3
+          l = vorrq_u8(l, x16_fifth_bits(vshlq_u32(h, vdupq_n_s32(-4 * u))));
+          m = vorrq_u8(m, x16_fifth_bits(vshlq_u32(h, vdupq_n_s32(-16 - 4 * u))));
+        }
+        lo[u] = vsubq_s8(vreinterpretq_s8_u8(l), off);
+        hi[u] = vsubq_s8(vreinterpretq_s8_u8(m), off);
       }
       PLM_SDOT_LANE(lo[0], lo_a, 0);
       PLM_SDOT_LANE(lo[1], lo_a, 1);
@@ -592,7 +615,7 @@ inline void x16_group_tokens(const uint8_t* group, int64_t n_act, const Act* con
         q[t] = xa[t][b * S + j].qs;
         for (int r = 0; r < 4; ++r) acc[t][r] = vdupq_n_s32(0);
       }
-      x16_idot<K, NT>(rec + 16 * hb + 256 * j, q, acc);
+      x16_idot<K, NT>(rec + 16 * hb + 256 * j, q, acc, x16_q5<K>() ? rec + 16 * (hb - 4) : nullptr);
       for (int t = 0; t < NT; ++t) {
         const Act& a = xa[t][b * S + j];
         for (int r = 0; r < 4; ++r) v[t][r] = vfmaq_n_f32(v[t][r], vcvtq_f32_s32(acc[t][r]), a.d);
@@ -603,7 +626,7 @@ inline void x16_group_tokens(const uint8_t* group, int64_t n_act, const Act* con
           q[t] = xa[t][b * S + j].qs2;
           for (int r = 0; r < 4; ++r) acc[t][r] = vdupq_n_s32(0);
         }
-        x16_idot<K, NT>(rec + 16 * hb + 256 * j, q, acc);
+        x16_idot<K, NT>(rec + 16 * hb + 256 * j, q, acc, x16_q5<K>() ? rec + 16 * (hb - 4) : nullptr);
         for (int t = 0; t < NT; ++t)
           for (int r = 0; r < 4; ++r) v[t][r] = vfmaq_n_f32(v[t][r], vcvtq_f32_s32(acc[t][r]), xa[t][b * S + j].d2);
       }
@@ -730,7 +753,7 @@ void matmul_x16_t(const WeightView& w, const float*, size_t, const Act* xq, int 
     const int lo = std::max(n0 - g * kX16Rows, 0), hi = std::min(n1 - g * kX16Rows, kX16Rows);
     int t = 0;
 #if PLM_NEON_LEVEL >= 2
-    for (; x16_group<K>() == 32 && t + 2 <= T; t += 2) {
+    for (; x16_group<K>() == 32 && !x16_q5<K>() && t + 2 <= T; t += 2) {
       float pair[2][16];
       x16_group_pair<K, Act>(group, nb, xq + (size_t)t * nb, xq + (size_t)(t + 1) * nb, pair);
       for (int j = 0; j < 2; ++j)
@@ -794,8 +817,8 @@ const KernelTable* PLM_NEON_TABLE() {
           PLM_X16(Q4_0, BlockQ8A),    // Q4_0_X16
           PLM_X16(Q4_1, BlockQ8A),    // Q4_1_X16
           PLM_X16(I8, BlockQ8A),    // I8_X16
-          matmul_x16_gather<BlockQ8A, PLM_NEON_TABLE>,    // Q5_0_X16
-          matmul_x16_gather<BlockQ8A, PLM_NEON_TABLE>,    // Q5_1_X16
+          PLM_X16(Q5_0, BlockQ8A),    // Q5_0_X16
+          PLM_X16(Q5_1, BlockQ8A),    // Q5_1_X16
           PLM_X16(Q4_0_G64, BlockQ8A),    // Q4_0_G64_X16
           PLM_X16(Q4_0_G128, BlockQ8A),    // Q4_0_G128_X16
           PLM_X16(Q4_1_G64, BlockQ8A),    // Q4_1_G64_X16
@@ -830,8 +853,8 @@ const KernelTable* PLM_NEON_TABLE() {
           PLM_X16(Q4_0, BlockQ8A2),   // Q4_0_X16
           PLM_X16(Q4_1, BlockQ8A2),   // Q4_1_X16
           PLM_X16(I8, BlockQ8A2),   // I8_X16
-          matmul_x16_gather<BlockQ8A2, PLM_NEON_TABLE>,   // Q5_0_X16
-          matmul_x16_gather<BlockQ8A2, PLM_NEON_TABLE>,   // Q5_1_X16
+          PLM_X16(Q5_0, BlockQ8A2),   // Q5_0_X16
+          PLM_X16(Q5_1, BlockQ8A2),   // Q5_1_X16
           PLM_X16(Q4_0_G64, BlockQ8A2),   // Q4_0_G64_X16
           PLM_X16(Q4_0_G128, BlockQ8A2),   // Q4_0_G128_X16
           PLM_X16(Q4_1_G64, BlockQ8A2),   // Q4_1_G64_X16
