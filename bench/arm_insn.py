@@ -36,17 +36,39 @@ from pocketlm.dtypes import DType  # noqa: E402
 from pocketlm.quant import quantize  # noqa: E402
 
 
-def count(server: str, calls: int, variant: str, dtype: DType, raw, rows: int, cols: int, x) -> int:
+def run_calls(command: str, calls: int, variant: str, dtype: DType, raw, rows: int, cols: int, x) -> None:
+    """The server under `command` makes the matmul call `calls` times, then exits."""
+    k = RemoteKernels(command)
+    try:
+        for _ in range(calls):
+            k.matmul(variant, int(dtype), raw, rows, cols, x)
+    finally:
+        k.close()
+
+
+def count_arm(server, calls: int, *call) -> int:
+    """aarch64 instructions executed: QEMU logs one line per instruction with -singlestep -d exec."""
     with tempfile.TemporaryDirectory() as d:
         log = Path(d) / "exec.log"
-        k = RemoteKernels(f"qemu-aarch64-static -cpu max -singlestep -d exec,nochain -D {log} {server}")
-        try:
-            for _ in range(calls):
-                k.matmul(variant, int(dtype), raw, rows, cols, x)
-        finally:
-            k.close()
+        run_calls(f"qemu-aarch64-static -cpu max -singlestep -d exec,nochain -D {log} {server}", calls, *call)
         with open(log, "rb") as f:
             return sum(chunk.count(b"\nTrace ") for chunk in iter(lambda: f.read(1 << 24), b""))
+
+
+def count_x86(server, calls: int, *call) -> int:
+    """x86 instructions executed: callgrind's total Ir."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "callgrind.out"
+        run_calls(f"valgrind -q --tool=callgrind --callgrind-out-file={out} {server}", calls, *call)
+        for line in out.read_text().splitlines():
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    raise RuntimeError("no totals in callgrind's output")
+
+
+def per_call(counter, server, *call) -> int:
+    """One call's instructions: a run making it twice minus a run making it once."""
+    return counter(server, 2, *call) - counter(server, 1, *call)
 
 
 X86_FLAGS = ["-O3", "-std=c++17", f"-I{REPO / 'csrc'}", "-DPLM_X86=1", "-fno-math-errno"]
@@ -79,21 +101,6 @@ def build_x86_server(out: Path) -> Path:
     return out / "kernel_server"
 
 
-def count_x86(server: Path, calls: int, variant: str, dtype: DType, raw, rows: int, cols: int, x) -> int:
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "callgrind.out"
-        k = RemoteKernels(f"valgrind -q --tool=callgrind --callgrind-out-file={out} {server}")
-        try:
-            for _ in range(calls):
-                k.matmul(variant, int(dtype), raw, rows, cols, x)
-        finally:
-            k.close()
-        for line in out.read_text().splitlines():
-            if line.startswith(("summary:", "totals:")):
-                return int(line.split()[1])
-    raise RuntimeError("no totals in callgrind's output")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = sorted(glob.glob(os.path.expanduser("~/.cache/pocketlm/arm/kernel_server-*")))
@@ -118,13 +125,10 @@ def main() -> None:
         for T in (int(t) for t in a.tokens.split(",")):
             x = rng.standard_normal((T, a.cols)).astype(np.float32)
             cells = []
-            for variant in ("neon", "dotprod", "i8mm"):
-                n = count(a.server, 2, variant, dtype, raw, a.rows, a.cols, x) - \
-                    count(a.server, 1, variant, dtype, raw, a.rows, a.cols, x)
-                cells.append(f"{n / 1e6:.2f} M")
-            if x86:
-                n = count_x86(x86, 2, "avx2", dtype, raw, a.rows, a.cols, x) - \
-                    count_x86(x86, 1, "avx2", dtype, raw, a.rows, a.cols, x)
+            runs = [(count_arm, a.server, v) for v in ("neon", "dotprod", "i8mm")]
+            runs += [(count_x86, x86, "avx2")] if x86 else []
+            for counter, server, variant in runs:
+                n = per_call(counter, server, variant, dtype, raw, a.rows, a.cols, x)
                 cells.append(f"{n / 1e6:.2f} M")
             print(f"| {label} | {T} | {' | '.join(cells)} |", flush=True)
 
