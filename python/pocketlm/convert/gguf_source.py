@@ -16,7 +16,6 @@ the way in:
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from pathlib import Path
 
@@ -25,7 +24,8 @@ import numpy as np
 from pocketlm import models
 from pocketlm.convert.gguf_file import (ARRAY, BOOL, FLOAT_TYPES, INTEGER_TYPES, MAGIC, STRING, GGUFFile,
                                         TensorInfo)
-from pocketlm.convert.source import SourceModel, SourceTensor, check_config_ranges, check_tensors, generation_defaults
+from pocketlm.convert.source import (SourceModel, SourceTensor, check_config_ranges, check_tensors, generation_defaults,
+                                     sha256_files)
 from pocketlm.dtypes import DType
 from pocketlm.errors import BundleError, ConversionError, UnsupportedModelError, shown
 from pocketlm.metadata import MAX_POSITIONS
@@ -108,16 +108,6 @@ def is_gguf_file(path: Path) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
-def _sha256_file(path: Path, cancelled: threading.Event | None = None) -> str | None:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            if cancelled is not None and cancelled.is_set():
-                return None
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class _BackgroundHash:
     """The file's SHA-256 on a daemon thread, while the metadata and vocabulary are parsed (reads and
     hashlib release the GIL: on a 0.5B model's 491 MB it hid ~0.3 s of ~1.4 s). cancel() stops it
@@ -132,7 +122,7 @@ class _BackgroundHash:
 
     def _run(self, path: Path) -> None:
         try:
-            self._value = _sha256_file(path, self._cancelled)
+            self._value = sha256_files([path], self._cancelled)
         except BaseException as e:  # noqa: BLE001 - re-raised by result()
             self._error = e
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -10,7 +9,8 @@ import numpy as np
 
 from pocketlm import models
 from pocketlm.convert.safetensors_np import SafetensorsFile
-from pocketlm.convert.source import SourceModel, SourceTensor, check_config_ranges, check_tensors, generation_defaults
+from pocketlm.convert.source import (SourceModel, SourceTensor, check_config_ranges, check_tensors, generation_defaults,
+                                     sha256_files)
 from pocketlm.errors import BundleError, ConversionError, UnsupportedModelError, shown
 from pocketlm.tokenizer import compact_tokenizer_json
 
@@ -95,15 +95,6 @@ def safetensors_files(folder: Path) -> list[Path]:
 def source_files(folder: Path) -> list[Path]:
     """The files whose content identifies the checkpoint (hashed into provenance and the cache key)."""
     return [folder / "config.json", *safetensors_files(folder)]
-
-
-def _sha256_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def _token_ids(tokenizer: dict) -> dict[str, int]:
@@ -331,5 +322,5 @@ def read_hf(folder: Path) -> SourceModel:
         generation=_generation(gen_cfg, origin),
         source_format="hf",
         source_name=origin,
-        source_sha256=_sha256_files([folder / "config.json", *files]),
+        source_sha256=sha256_files([folder / "config.json", *files]),
     )

@@ -4,6 +4,7 @@ the bundle's metadata needs. Readers (hf.py, gguf_source.py) fill it; converter.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -136,6 +137,19 @@ def check_config_ranges(cfg: dict, tensor_dims: list[tuple[int, ...]], origin: s
         if cfg.get(key, 0) > largest:
             raise BundleError(f"{origin}: {names.get(key, 'config.' + key)} is {cfg[key]}; it must be at most "
                               f"{largest} (the largest tensor dimension)")
+
+
+def sha256_files(paths, cancelled=None) -> str | None:
+    """The SHA-256 of the files' bytes one after another (a source's provenance hash); None if
+    `cancelled` (a threading.Event) is set before the end."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                if cancelled is not None and cancelled.is_set():
+                    return None
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def generation_defaults(found: Mapping[str, tuple[str, object]], origin: str) -> dict:
