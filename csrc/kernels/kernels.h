@@ -46,6 +46,10 @@ struct WeightView {
   // GEMM, whose sums run in another order): what a step that verifies drafted tokens needs, so
   // that each verified token gets the logits decoding it alone would give.
   bool row_invariant = false;
+  // Attention's KV cache rows (one head's keys): short rows read once per step, which the float
+  // kernels prefetch kKvRowsAhead rows ahead (kv_prefetch.h); weights are streams the hardware
+  // prefetchers follow.
+  bool kv_rows = false;
 };
 
 // y[t*ldy + n] = sum_k W[n,k] * x[t,k]  for t in [0,T), n in [n0,n1).

@@ -293,7 +293,8 @@ void Step::attention(const OpDesc& op) {
       });
     } else {
       const DType kv_dtype = k_type == KVType::F16 ? DType::F16 : DType::F32;
-      const kernels::WeightView keys{kv_dtype, cap, dh, kh, krb, nullptr};
+      kernels::WeightView keys{kv_dtype, cap, dh, kh, krb, nullptr};
+      keys.kv_rows = true;
       for_slots(cap, p0, p1, [&](int64_t s0, int64_t s1) {
         kt.matmul[(int)kv_dtype](keys, qg, (size_t)dh, nullptr, (int)group, s, (size_t)stride, (int)s0, (int)s1);
       });

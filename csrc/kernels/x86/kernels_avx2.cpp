@@ -683,9 +683,8 @@ void matmul_float(const WeightView& w, const float* x, size_t ldx, const BlockQ8
       for (; n + 4 <= c1; n += 4) {
         const uint8_t* rows[4];
         for (int i = 0; i < 4; ++i) rows[i] = w.data + (size_t)(n + i) * w.row_stride;
-        // Short rows (attention's keys) are prefetched (kv_prefetch.h); long ones are streams the
-        // hardware follows.
-        if (t0 == 0 && w.row_stride <= 256) prefetch_span(rows[0] + kKvRowsAhead * w.row_stride, 4 * w.row_stride);
+        if (t0 == 0 && w.kv_rows)  // attention's keys (kv_prefetch.h)
+          for (int i = 0; i < 4; ++i) prefetch_kv_row(w.data, w.row_stride, n + i, n1, 0, w.row_stride);
         if (rt == 2) ftile<W, 4, 2>(rows, xt, ldx, K, yt + n, ldy);
         else ftile<W, 4, 1>(rows, xt, ldx, K, yt + n, ldy);
       }
@@ -785,7 +784,7 @@ void weighted_sum_f16_avx2(const float* w, size_t ldw, int G, const fp16_t* rows
                            float* out, size_t ldo, int dh) {
   for (int p = 0; p < n; ++p) {
     const fp16_t* r = rows + (size_t)p * ldr;
-    prefetch_span(r + kKvRowsAhead * ldr, sizeof(fp16_t) * (size_t)dh);  // kv_prefetch.h
+    prefetch_kv_row(rows, sizeof(fp16_t) * ldr, p, n, 0, sizeof(fp16_t) * dh);  // kv_prefetch.h
     int i = 0;
     for (; i + 8 <= dh; i += 8) {
       const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + i)));
@@ -817,7 +816,7 @@ void scores_q8_0_avx2(const uint8_t* rows, size_t ldr, const float* q, size_t ld
   alignas(32) float tile[4][kQ8MaxDh];
   for (int p = p0; p < p1; p += 4) {
     const int np = std::min(4, p1 - p);
-    prefetch_span(rows + (size_t)(p + kKvRowsAhead) * ldr, 4 * ldr);  // kv_prefetch.h
+    for (int r = 0; r < 4; ++r) prefetch_kv_row(rows, ldr, p + r, p1, 0, ldr);  // kv_prefetch.h
     for (int r = 0; r < 4; ++r) {
       const uint8_t* row = rows + (size_t)(p + std::min(r, np - 1)) * ldr;  // a short tile repeats its last row
       for (int b = 0; b < dh / 32; ++b, row += 34) {
@@ -851,7 +850,7 @@ void weighted_sum_q8_0_avx2(const float* w, size_t ldw, int G, const uint8_t* ro
                             float* out, size_t ldo, int dh) {
   for (int p = 0; p < n; ++p) {
     const uint8_t* r = rows + (size_t)p * ldr;
-    prefetch_span(r + kKvRowsAhead * ldr, 34 * (size_t)(dh / 32));  // kv_prefetch.h
+    prefetch_kv_row(rows, ldr, p, n, 0, 34 * (size_t)(dh / 32));  // kv_prefetch.h
     for (int b = 0; b < dh / 32; ++b, r += 34) {
       const __m256 d = _mm256_set1_ps(f16_scalar(r));
       for (int c = 0; c < 4; ++c) {

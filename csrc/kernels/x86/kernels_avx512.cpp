@@ -297,7 +297,7 @@ inline __m512 sum4_lanes(__m512 a, __m512 b, __m512 c, __m512 d) {
 // The 16 horizontal sums of 4 groups of 4 vectors in one vector: 128-bit lane g holds the sums
 // of group g's vectors in order. 45 instructions, against 16 reduce_add_ps of about 8 each: a
 // decode step's attention scores (4 key rows x 4 query heads of head_dim 64 per tile) spent
-// more on reductions than on products.
+// more on reductions than on products. Its sums run in another order than reduce_add_ps.
 inline __m512 sum4x4(__m512 a0, __m512 b0, __m512 c0, __m512 d0, __m512 a1, __m512 b1, __m512 c1, __m512 d1,
                      __m512 a2, __m512 b2, __m512 c2, __m512 d2, __m512 a3, __m512 b3, __m512 c3, __m512 d3) {
   const __m512 v0 = sum4_lanes(a0, b0, c0, d0), v1 = sum4_lanes(a1, b1, c1, d1);
@@ -641,26 +641,10 @@ inline void ktile(const uint8_t* const* rows, const PackedK* pk, int nsb, float*
       }
     }
   }
-  if constexpr (RN == 4) {
-    // The 4 x RT sums at once: 128-bit lane t of r holds token t's sums of rows 0..3 (sum4x4).
-    const __m512 z = _mm512_setzero_ps();
-    const __m512 r = sum4x4(acc[0][0], acc[1][0], acc[2][0], acc[3][0],
-                            RT > 1 ? acc[0][RT > 1 ? 1 : 0] : z, RT > 1 ? acc[1][RT > 1 ? 1 : 0] : z,
-                            RT > 1 ? acc[2][RT > 1 ? 1 : 0] : z, RT > 1 ? acc[3][RT > 1 ? 1 : 0] : z,
-                            RT > 2 ? acc[0][RT > 2 ? 2 : 0] : z, RT > 2 ? acc[1][RT > 2 ? 2 : 0] : z,
-                            RT > 2 ? acc[2][RT > 2 ? 2 : 0] : z, RT > 2 ? acc[3][RT > 2 ? 2 : 0] : z,
-                            RT > 3 ? acc[0][RT > 3 ? 3 : 0] : z, RT > 3 ? acc[1][RT > 3 ? 3 : 0] : z,
-                            RT > 3 ? acc[2][RT > 3 ? 3 : 0] : z, RT > 3 ? acc[3][RT > 3 ? 3 : 0] : z);
-    _mm_storeu_ps(y, _mm512_castps512_ps128(r));
-    if constexpr (RT > 1) _mm_storeu_ps(y + ldy, _mm512_extractf32x4_ps(r, 1));
-    if constexpr (RT > 2) _mm_storeu_ps(y + 2 * ldy, _mm512_extractf32x4_ps(r, 2));
-    if constexpr (RT > 3) _mm_storeu_ps(y + 3 * ldy, _mm512_extractf32x4_ps(r, 3));
-  } else {
 #pragma GCC unroll 8
-    for (int n = 0; n < RN; ++n)
+  for (int n = 0; n < RN; ++n)
 #pragma GCC unroll 8
-      for (int t = 0; t < RT; ++t) y[t * ldy + n] = _mm512_reduce_add_ps(acc[n][t]);
-  }
+    for (int t = 0; t < RT; ++t) y[t * ldy + n] = _mm512_reduce_add_ps(acc[n][t]);
 }
 
 template <class KF, int RN, int RT>
@@ -700,26 +684,10 @@ inline void ktile(const uint8_t* const* rows, const PackedK2* pk, int nsb, float
       }
     }
   }
-  if constexpr (RN == 4) {
-    // The 4 x RT sums at once: 128-bit lane t of r holds token t's sums of rows 0..3 (sum4x4).
-    const __m512 z = _mm512_setzero_ps();
-    const __m512 r = sum4x4(acc[0][0], acc[1][0], acc[2][0], acc[3][0],
-                            RT > 1 ? acc[0][RT > 1 ? 1 : 0] : z, RT > 1 ? acc[1][RT > 1 ? 1 : 0] : z,
-                            RT > 1 ? acc[2][RT > 1 ? 1 : 0] : z, RT > 1 ? acc[3][RT > 1 ? 1 : 0] : z,
-                            RT > 2 ? acc[0][RT > 2 ? 2 : 0] : z, RT > 2 ? acc[1][RT > 2 ? 2 : 0] : z,
-                            RT > 2 ? acc[2][RT > 2 ? 2 : 0] : z, RT > 2 ? acc[3][RT > 2 ? 2 : 0] : z,
-                            RT > 3 ? acc[0][RT > 3 ? 3 : 0] : z, RT > 3 ? acc[1][RT > 3 ? 3 : 0] : z,
-                            RT > 3 ? acc[2][RT > 3 ? 3 : 0] : z, RT > 3 ? acc[3][RT > 3 ? 3 : 0] : z);
-    _mm_storeu_ps(y, _mm512_castps512_ps128(r));
-    if constexpr (RT > 1) _mm_storeu_ps(y + ldy, _mm512_extractf32x4_ps(r, 1));
-    if constexpr (RT > 2) _mm_storeu_ps(y + 2 * ldy, _mm512_extractf32x4_ps(r, 2));
-    if constexpr (RT > 3) _mm_storeu_ps(y + 3 * ldy, _mm512_extractf32x4_ps(r, 3));
-  } else {
 #pragma GCC unroll 8
-    for (int n = 0; n < RN; ++n)
+  for (int n = 0; n < RN; ++n)
 #pragma GCC unroll 8
-      for (int t = 0; t < RT; ++t) y[t * ldy + n] = _mm512_reduce_add_ps(acc[n][t]);
-  }
+    for (int t = 0; t < RT; ++t) y[t * ldy + n] = _mm512_reduce_add_ps(acc[n][t]);
 }
 
 template <class KF, int RN, class P>
@@ -793,6 +761,24 @@ inline __m512 load_w_masked(const uint8_t* row, int k, __mmask16 m) {
   else return _mm512_maskz_loadu_ps(m, reinterpret_cast<const float*>(row) + k);
 }
 
+// y[t * ldy + n] = the sum of acc[n][t], for 4 rows and RT tokens, by sum4x4 (128-bit lane t of
+// its result is token t's 4 sums). Only the float tiles use it: their 4-row tiles fall where n0
+// and n1 put them, whatever the token count, so a row's sum order is the same in a step of one
+// token and in a verifying step of several (the K-quant tiles of one token are 8 rows high and
+// keep reduce_add_ps, as their 4-row tiles of several tokens must).
+template <int RT>
+inline void store_sums4(const __m512 (*acc)[RT], float* y, size_t ldy) {
+  static_assert(RT >= 1 && RT <= 4, "tiles of 1 to 4 tokens");
+  const __m512 z = _mm512_setzero_ps();
+  auto col = [&](int n, int t) { return t < RT ? acc[n][t < RT ? t : 0] : z; };
+  const __m512 r = sum4x4(col(0, 0), col(1, 0), col(2, 0), col(3, 0), col(0, 1), col(1, 1), col(2, 1), col(3, 1),
+                          col(0, 2), col(1, 2), col(2, 2), col(3, 2), col(0, 3), col(1, 3), col(2, 3), col(3, 3));
+  _mm_storeu_ps(y, _mm512_castps512_ps128(r));
+  if constexpr (RT > 1) _mm_storeu_ps(y + ldy, _mm512_extractf32x4_ps(r, 1));
+  if constexpr (RT > 2) _mm_storeu_ps(y + 2 * ldy, _mm512_extractf32x4_ps(r, 2));
+  if constexpr (RT > 3) _mm_storeu_ps(y + 3 * ldy, _mm512_extractf32x4_ps(r, 3));
+}
+
 template <WKind W, int RN, int RT>
 inline void ftile(const uint8_t* const* rows, const float* x, size_t ldx, int K, float* y, size_t ldy) {
   __m512 acc[RN][RT];
@@ -825,19 +811,7 @@ inline void ftile(const uint8_t* const* rows, const float* x, size_t ldx, int K,
     }
   }
   if constexpr (RN == 4) {
-    // The 4 x RT sums at once: 128-bit lane t of r holds token t's sums of rows 0..3 (sum4x4).
-    const __m512 z = _mm512_setzero_ps();
-    const __m512 r = sum4x4(acc[0][0], acc[1][0], acc[2][0], acc[3][0],
-                            RT > 1 ? acc[0][RT > 1 ? 1 : 0] : z, RT > 1 ? acc[1][RT > 1 ? 1 : 0] : z,
-                            RT > 1 ? acc[2][RT > 1 ? 1 : 0] : z, RT > 1 ? acc[3][RT > 1 ? 1 : 0] : z,
-                            RT > 2 ? acc[0][RT > 2 ? 2 : 0] : z, RT > 2 ? acc[1][RT > 2 ? 2 : 0] : z,
-                            RT > 2 ? acc[2][RT > 2 ? 2 : 0] : z, RT > 2 ? acc[3][RT > 2 ? 2 : 0] : z,
-                            RT > 3 ? acc[0][RT > 3 ? 3 : 0] : z, RT > 3 ? acc[1][RT > 3 ? 3 : 0] : z,
-                            RT > 3 ? acc[2][RT > 3 ? 3 : 0] : z, RT > 3 ? acc[3][RT > 3 ? 3 : 0] : z);
-    _mm_storeu_ps(y, _mm512_castps512_ps128(r));
-    if constexpr (RT > 1) _mm_storeu_ps(y + ldy, _mm512_extractf32x4_ps(r, 1));
-    if constexpr (RT > 2) _mm_storeu_ps(y + 2 * ldy, _mm512_extractf32x4_ps(r, 2));
-    if constexpr (RT > 3) _mm_storeu_ps(y + 3 * ldy, _mm512_extractf32x4_ps(r, 3));
+    store_sums4<RT>(acc, y, ldy);
   } else {
 #pragma GCC unroll 8
     for (int n = 0; n < RN; ++n)
@@ -872,9 +846,8 @@ void matmul_float(const WeightView& w, const float* x, size_t ldx, const BlockQ8
       for (; n + 4 <= c1; n += 4) {
         const uint8_t* rows[4];
         for (int i = 0; i < 4; ++i) rows[i] = w.data + (size_t)(n + i) * w.row_stride;
-        // Short rows (attention's keys) are prefetched (kv_prefetch.h); long ones are streams the
-        // hardware follows.
-        if (t0 == 0 && w.row_stride <= 256) prefetch_span(rows[0] + kKvRowsAhead * w.row_stride, 4 * w.row_stride);
+        if (t0 == 0 && w.kv_rows)  // attention's keys (kv_prefetch.h)
+          for (int i = 0; i < 4; ++i) prefetch_kv_row(w.data, w.row_stride, n + i, n1, 0, w.row_stride);
         ftile_rt<W, 4>(rt, rows, xt, ldx, K, yt + n, ldy);
       }
       for (; n < c1; ++n) {
@@ -960,7 +933,7 @@ void weighted_sum_avx512(const float* w, size_t ldw, int G, const Row* rows, siz
   weighted_sum_blocked(w, ldw, G, n, out, ldo, dh, [&](int p, int i0, const __mmask16* m, __m512* x)
                                                          __attribute__((always_inline)) {
     const Row* r = rows + (size_t)p * ldr + i0;
-    prefetch_span(r + kKvRowsAhead * ldr, sizeof(Row) * (size_t)std::min(64, dh - i0));  // kv_prefetch.h
+    prefetch_kv_row(rows, sizeof(Row) * ldr, p, n, sizeof(Row) * i0, sizeof(Row) * std::min(64, dh - i0));
 #pragma GCC unroll 4
     for (int v = 0; v < 4; ++v) x[v] = load_row(r + 16 * v, m[v]);
   });
@@ -986,7 +959,7 @@ void scores_q8_0_avx512(const uint8_t* rows, size_t ldr, const float* q, size_t 
   alignas(64) float tile[4][kQ8MaxDh];
   for (int p = p0; p < p1; p += 4) {
     const int np = std::min(4, p1 - p);
-    prefetch_span(rows + (size_t)(p + kKvRowsAhead) * ldr, 4 * ldr);  // kv_prefetch.h
+    for (int r = 0; r < 4; ++r) prefetch_kv_row(rows, ldr, p + r, p1, 0, ldr);
     for (int r = 0; r < 4; ++r) {
       const uint8_t* row = rows + (size_t)(p + std::min(r, np - 1)) * ldr;  // a short tile repeats its last row
       for (int b = 0; b < dh / 32; ++b, row += 34) {
@@ -1022,7 +995,7 @@ void weighted_sum_q8_0_avx512(const float* w, size_t ldw, int G, const uint8_t* 
   weighted_sum_blocked(w, ldw, G, n, out, ldo, dh, [&](int p, int i0, const __mmask16* m, __m512* x)
                                                          __attribute__((always_inline)) {
     const uint8_t* b0 = rows + (size_t)p * ldr + (size_t)(i0 / 32) * 34;
-    prefetch_span(b0 + kKvRowsAhead * ldr, 34 * (size_t)std::min(2, (dh - i0) / 32));  // kv_prefetch.h
+    prefetch_kv_row(rows, ldr, p, n, (size_t)(i0 / 32) * 34, 34 * (size_t)std::min(2, (dh - i0) / 32));
     const __m512 d0 = _mm512_set1_ps(q8_0_scale(b0));
     // (the slice's second block exists only if dh goes on past it: its loads are masked off otherwise)
     const __m512 d1 = dh - i0 > 32 ? _mm512_set1_ps(q8_0_scale(b0 + 34)) : _mm512_setzero_ps();
