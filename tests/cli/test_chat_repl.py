@@ -5,6 +5,7 @@ conversation longer than the context. What the model was sent is read back from 
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import pytest
@@ -22,10 +23,10 @@ def tiny(tmp_path_factory):
     return make_f32_bundle(tmp_path_factory.mktemp("repl"), "qwen2", seed=7)
 
 
-def spawn(model, *args, history, **env):
+def spawn(model, *args, history, preexec_fn=None, **env):
     child = pexpect.spawn(sys.executable, ["-m", "pocketlm", "chat", str(model), "-t", "2", "--temp", "0", *args],
                           env=child_env(POCKETLM_HISTORY=str(history), TERM="xterm", **env), encoding="utf-8",
-                          timeout=120, dimensions=(40, 200))
+                          timeout=120, dimensions=(40, 200), preexec_fn=preexec_fn)
     child.expect_exact(">>> ")
     return child
 
@@ -145,3 +146,21 @@ def test_input_that_ends_inside_a_turn_sends_it(tiny, tmp_path, script, sent):
                        env=child_env(), timeout=120)
     assert r.returncode == 0, r.stderr
     assert "got[" + sent.replace("\n", "\\n") + "]" in r.stderr, r.stderr  # the error shows the repr
+
+
+def test_ctrl_c_works_when_started_with_sigint_ignored(tiny, tmp_path):
+    """A chat started from a background job inherits SIGINT ignored (and Python then installs no
+    handler): at a terminal it takes Ctrl-C back, at the prompt and during an answer."""
+    child = spawn(tiny, "-n", "100000", history=tmp_path / "h",
+                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    child.sendcontrol("c")
+    child.expect_exact("Ctrl-D or /bye to exit", timeout=30)
+    child.expect_exact(">>> ")
+    child.send("hello\r")
+    child.expect_exact("hello\r\n")  # (the terminal's echo)
+    child.expect(r"\S")  # the answer is under way
+    child.sendcontrol("c")
+    child.expect_exact("[answer stopped]", timeout=30)
+    child.expect_exact(">>> ")
+    child.send("/bye\r")
+    child.expect(pexpect.EOF)

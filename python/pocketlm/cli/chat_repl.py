@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -276,6 +277,11 @@ class ChatREPL:
 
     # ---- the loop -----------------------------------------------------------
     def run(self, reader: LineReader) -> int:
+        if reader.interactive and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+            # Started with SIGINT ignored (from a script's background job, nohup'd, some IDE
+            # consoles: the disposition is inherited): at a terminal, Ctrl-C must still stop an
+            # answer and clear the line, as it does from a shell's foreground.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             while True:
                 try:
