@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,6 +245,40 @@ def test_verified_rows_are_exactly_a_step_of_one(rowmajor_int4):
     s, text = _plain(oracle_engine, p, 40)
     assert text == ref_text and s._tokens == ref_s._tokens
     assert 0 < s.last_stats.accepted_tokens < s.last_stats.draft_tokens
+
+
+@pytest.fixture(scope="module")
+def kquant_llama(tmp_path_factory):
+    """A tiny Llama from a crafted GGUF whose matmuls are K-quants (Q4_K, Q5_K, Q6_K), kept as they
+    are: row-major tiles whose sum order a verifying step must share with a step of one token."""
+    craft = str(Path(__file__).resolve().parents[1] / "convert")  # gguf_craft.py, beside the GGUF tests
+    if craft not in sys.path:
+        sys.path.insert(0, craft)
+    from gguf_craft import write_gguf
+    from pocketlm.convert import convert
+    from testutil import make_hf_model
+
+    root = tmp_path_factory.mktemp("kquant")
+    model = make_hf_model(root / "hf", "llama", seed=9, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    types = {"attn_q.weight": "Q4_K", "attn_k.weight": "Q4_K", "attn_v.weight": "Q6_K", "attn_output.weight": "Q5_K",
+             "ffn_gate.weight": "Q4_K", "ffn_up.weight": "Q4_K", "ffn_down.weight": "Q6_K", "output.weight": "Q6_K"}
+    write_gguf(root / "k.gguf", model, root / "hf", "llama", types)
+    return convert(root / "k.gguf", root / "k.plm", progress=False)
+
+
+def test_verified_kquant_rows_are_exactly_a_step_of_one(kquant_llama):
+    """As above for K-quant weights, whose tiles of several tokens are not the tiles of one."""
+    e = Engine(kquant_llama, threads=2, max_context=600, prefill_chunk=16)
+    program = e.compiled.program
+    ids = np.random.default_rng(4).integers(3, 300, 540).astype(np.int32)
+    for ctx in (5, 530):
+        a, b = e.create_session(), e.create_session()
+        a.prefill(ids[:ctx].tolist())
+        b.prefill(ids[:ctx].tolist())
+        got = _core.run_batch(program, [(a._state, ids[ctx:ctx + 9], ctx, 9)])
+        want = np.stack([_core.run_batch(program, [(b._state, ids[ctx + i:ctx + i + 1], ctx + i)])[0] for i in range(9)])
+        np.testing.assert_array_equal(got, want)
 
 
 def test_run_batch_returns_the_last_rows(bundles):
