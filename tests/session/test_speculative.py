@@ -224,19 +224,25 @@ def rowmajor_int4(tmp_path_factory):
     return convert(folder / "hf", folder / "int4.plm", quant="int4", progress=False)
 
 
-def test_verified_rows_are_exactly_a_step_of_one(rowmajor_int4):
-    """The logits of a token verified among k + 1 rows equal, bit for bit, those of decoding it alone:
-    row-major quantized weights (GEMM from 4 tokens) and attention over several 512-position chunks."""
-    e = Engine(rowmajor_int4, threads=2, max_context=1200, prefill_chunk=16, lookup=True, draft_max=8)
+def _check_verified_rows(e: Engine, ids: np.ndarray, contexts) -> None:
+    """After each context length ctx of ids, the logits of the next 9 tokens verified in one step
+    equal, bit for bit, those of the 9 steps of one token each on a second session."""
     program = e.compiled.program
-    ids = np.random.default_rng(2).integers(3, 300, 1120).astype(np.int32)
-    for ctx in (5, 1100):  # one attention chunk; three
+    for ctx in contexts:
         a, b = e.create_session(), e.create_session()
         a.prefill(ids[:ctx].tolist())
         b.prefill(ids[:ctx].tolist())
         got = _core.run_batch(program, [(a._state, ids[ctx:ctx + 9], ctx, 9)])
         want = np.stack([_core.run_batch(program, [(b._state, ids[ctx + i:ctx + i + 1], ctx + i)])[0] for i in range(9)])
         np.testing.assert_array_equal(got, want)
+
+
+def test_verified_rows_are_exactly_a_step_of_one(rowmajor_int4):
+    """The logits of a token verified among k + 1 rows equal, bit for bit, those of decoding it alone:
+    row-major quantized weights (GEMM from 4 tokens) and attention over several 512-position chunks."""
+    e = Engine(rowmajor_int4, threads=2, max_context=1200, prefill_chunk=16, lookup=True, draft_max=8)
+    ids = np.random.default_rng(2).integers(3, 300, 1120).astype(np.int32)
+    _check_verified_rows(e, ids, (5, 1100))  # one attention chunk; three
     plain = Engine(rowmajor_int4, threads=2, max_context=400, prefill_chunk=16)
     oracle_engine = Engine(rowmajor_int4, threads=2, max_context=400, prefill_chunk=16, lookup=True, draft_max=8)
     p = ids[:150].tolist()
@@ -270,15 +276,7 @@ def kquant_llama(tmp_path_factory):
 def test_verified_kquant_rows_are_exactly_a_step_of_one(kquant_llama):
     """As above for K-quant weights, whose tiles of several tokens are not the tiles of one."""
     e = Engine(kquant_llama, threads=2, max_context=600, prefill_chunk=16)
-    program = e.compiled.program
-    ids = np.random.default_rng(4).integers(3, 300, 540).astype(np.int32)
-    for ctx in (5, 530):
-        a, b = e.create_session(), e.create_session()
-        a.prefill(ids[:ctx].tolist())
-        b.prefill(ids[:ctx].tolist())
-        got = _core.run_batch(program, [(a._state, ids[ctx:ctx + 9], ctx, 9)])
-        want = np.stack([_core.run_batch(program, [(b._state, ids[ctx + i:ctx + i + 1], ctx + i)])[0] for i in range(9)])
-        np.testing.assert_array_equal(got, want)
+    _check_verified_rows(e, np.random.default_rng(4).integers(3, 300, 540).astype(np.int32), (5, 530))
 
 
 def test_run_batch_returns_the_last_rows(bundles):

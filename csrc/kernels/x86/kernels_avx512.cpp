@@ -286,28 +286,6 @@ struct I8Format {  // the per-row scale is applied after the reduction
 
 // ---------------------------------------------------------------- quantized matmul
 
-// Lane j of each 128-bit lane of the result: the sum over that 128-bit lane of a, b, c, d for
-// j = 0, 1, 2, 3 (two unpacks and a shuffle per pair: 9 instructions for 4 vectors).
-inline __m512 sum4_lanes(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a0+a2 b0+b2 a1+a3 b1+b3
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  return _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
-}
-
-// The 16 horizontal sums of 4 groups of 4 vectors in one vector: 128-bit lane g holds the sums
-// of group g's vectors in order. 45 instructions, against 16 reduce_add_ps of about 8 each: a
-// decode step's attention scores (4 key rows x 4 query heads of head_dim 64 per tile) spent
-// more on reductions than on products. Its sums run in another order than reduce_add_ps.
-inline __m512 sum4x4(__m512 a0, __m512 b0, __m512 c0, __m512 d0, __m512 a1, __m512 b1, __m512 c1, __m512 d1,
-                     __m512 a2, __m512 b2, __m512 c2, __m512 d2, __m512 a3, __m512 b3, __m512 c3, __m512 d3) {
-  const __m512 v0 = sum4_lanes(a0, b0, c0, d0), v1 = sum4_lanes(a1, b1, c1, d1);
-  const __m512 v2 = sum4_lanes(a2, b2, c2, d2), v3 = sum4_lanes(a3, b3, c3, d3);
-  // Sum the four 128-bit lanes of each v_g into lane g.
-  const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x44), _mm512_shuffle_f32x4(v0, v1, 0xEE));
-  const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(v2, v3, 0x44), _mm512_shuffle_f32x4(v2, v3, 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88), _mm512_shuffle_f32x4(x01, x23, 0xDD));
-}
-
 constexpr int kTokTile = 4;
 constexpr size_t kChunkBytes = 256 * 1024;  // weight rows kept hot while all token tiles pass
 
@@ -759,6 +737,28 @@ inline __m512 load_w_masked(const uint8_t* row, int k, __mmask16 m) {
   if constexpr (W == WKind::F16) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, row + 2 * k));
   else if constexpr (W == WKind::BF16) return bf16_to_ps(_mm256_maskz_loadu_epi16(m, row + 2 * k));
   else return _mm512_maskz_loadu_ps(m, reinterpret_cast<const float*>(row) + k);
+}
+
+// Lane j of each 128-bit lane of the result: the sum over that 128-bit lane of a, b, c, d for
+// j = 0, 1, 2, 3 (two unpacks and a shuffle per pair: 9 instructions for 4 vectors).
+inline __m512 sum4_lanes(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a0+a2 b0+b2 a1+a3 b1+b3
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  return _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+}
+
+// The 16 horizontal sums of 4 groups of 4 vectors in one vector: 128-bit lane g holds the sums
+// of group g's vectors in order. 45 instructions, against 16 reduce_add_ps of about 8 each: a
+// decode step's attention scores (4 key rows x 4 query heads of head_dim 64 per tile) spent
+// more on reductions than on products. Its sums run in another order than reduce_add_ps.
+inline __m512 sum4x4(__m512 a0, __m512 b0, __m512 c0, __m512 d0, __m512 a1, __m512 b1, __m512 c1, __m512 d1,
+                     __m512 a2, __m512 b2, __m512 c2, __m512 d2, __m512 a3, __m512 b3, __m512 c3, __m512 d3) {
+  const __m512 v0 = sum4_lanes(a0, b0, c0, d0), v1 = sum4_lanes(a1, b1, c1, d1);
+  const __m512 v2 = sum4_lanes(a2, b2, c2, d2), v3 = sum4_lanes(a3, b3, c3, d3);
+  // Sum the four 128-bit lanes of each v_g into lane g.
+  const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x44), _mm512_shuffle_f32x4(v0, v1, 0xEE));
+  const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(v2, v3, 0x44), _mm512_shuffle_f32x4(v2, v3, 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88), _mm512_shuffle_f32x4(x01, x23, 0xDD));
 }
 
 // y[t * ldy + n] = the sum of acc[n][t], for 4 rows and RT tokens, by sum4x4 (128-bit lane t of
