@@ -37,7 +37,19 @@ def test_convert_shows_progress_and_writes_bundle(tmp_path):
     r = cli("convert", tmp_path / "hf", "-o", tmp_path / "q.plm", "--quant", "int4", "--group-size", "64")
     assert "100%" in r.stderr or "tensors" in r.stderr
     r = cli("inspect", tmp_path / "q.plm")
-    assert "q4_0_g64" in r.stdout and "qwen2" in r.stdout
+    assert "q4_0_g64" in r.stdout and "qwen2" in r.stdout and "q8_0" in r.stdout  # the embeddings / head
+
+
+def test_convert_head_int4(tmp_path):
+    """--head int4: the embeddings and head take the linears' 4-bit type (no q8_0 left); refused
+    clearly where it means nothing, before anything is written."""
+    make_hf_model(tmp_path / "hf", "qwen2", seed=4)
+    cli("convert", tmp_path / "hf", "-o", tmp_path / "q.plm", "--quant", "int4", "--group-size", "64", "--head", "int4")
+    r = cli("inspect", tmp_path / "q.plm")
+    assert "q4_0_g64" in r.stdout and "q8_0" not in r.stdout and "head" in r.stdout
+    r = cli("convert", tmp_path / "hf", "-o", tmp_path / "f.plm", "--head", "int4", check=False)
+    assert r.returncode == 1 and "--head int4 applies to --quant int4 and int8" in r.stderr
+    assert not (tmp_path / "f.plm").exists()
 
 
 def test_inspect_verify_and_graph(model):

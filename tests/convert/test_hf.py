@@ -113,6 +113,9 @@ def test_int8_rejects_other_groups_and_asym(hf_models, tmp_path):
         convert(folder, tmp_path / "a.plm", quant="int8", group_size=64, progress=False)
     with pytest.raises(ValueError, match="symmetric"):
         convert(folder, tmp_path / "b.plm", quant="int8", symmetric=False, progress=False)
+    for quant_, head in [("f16", "int4"), ("f32", "int8"), (None, "int4"), ("int4", "int2")]:
+        with pytest.raises(ValueError, match="head"):
+            convert(folder, tmp_path / "c.plm", quant=quant_, head=head, progress=False)
     assert not list(tmp_path.iterdir())
 
 def _q4_bound(want: np.ndarray, group: int, symmetric: bool) -> np.ndarray:
@@ -306,13 +309,15 @@ def test_x16_interleave_round_trips_and_matches_the_documented_layout(base):
             _core.interleave_x16(np.zeros(64, np.uint8), int(x16), rows, cols)
 
 
-@pytest.mark.parametrize("mode,group_size,symmetric", [("int8", None, True), ("int8", 32, True),
-                                                       ("int4", 32, True), ("int4", 32, False)])
-def test_rows_not_multiple_of_16_keep_the_row_major_type(tmp_path, mode, group_size, symmetric):
+@pytest.mark.parametrize("mode,group_size,symmetric,head", [
+    ("int8", None, True, None), ("int8", 32, True, None), ("int4", 32, True, None), ("int4", 32, False, None),
+    ("int4", 32, False, "int4"), ("int8", None, True, "int4"), ("int4", 32, True, "int8")])
+def test_rows_not_multiple_of_16_keep_the_row_major_type(tmp_path, mode, group_size, symmetric, head):
     """One KV head of 24 and an ffn of 72: attn_k/attn_v [24, 96] and ffn_gate/ffn_up [72, 96]
     cannot be cut into groups of 16 rows and keep the row-major base type (ffn_down [96, 72] is
     F16: 72 is not whole 32-blocks); the others are x16. Bytes as quantize() gives them, and the
-    model runs with both layouts mixed."""
+    model runs with both layouts mixed. head="int4": the embeddings and the head 4-bit too (the
+    linears' group and symmetry in int4 mode, Q4_0 in int8 mode), gathered and multiplied as such."""
     from testutil import make_hf_model
 
     from pocketlm.engine import Engine
@@ -320,17 +325,21 @@ def test_rows_not_multiple_of_16_keep_the_row_major_type(tmp_path, mode, group_s
     model = make_hf_model(tmp_path / "hf", "llama", hidden_size=96, intermediate_size=72,
                           num_attention_heads=4, num_key_value_heads=1)
     out = convert(tmp_path / "hf", tmp_path / "m.plm", quant=mode, group_size=group_size, symmetric=symmetric,
-                  progress=False)
+                  progress=False, head=head)
     b = read_bundle(out)
+    q4 = {True: DType.Q4_0, False: DType.Q4_1}  # group 32: the model is 96 wide
     linear = {"int8": DType.I8 if group_size is None else DType.Q8_0,
-              "int4": DType.Q4_0 if symmetric else DType.Q4_1}[mode]
+              "int4": q4[symmetric]}[mode]
+    head_type = q4[symmetric] if head == "int4" else \
+        DType.Q8_0 if mode == "int4" else linear
+    assert b.metadata["quantization"]["head"] == (head or "int8")
     kinds = {True: [], False: []}
     for name, want in _weights_2d(hf_state(model)).items():
         info = b.info(name)
         if want.shape[1] % 32:
             assert name.endswith("ffn_down.weight") and info.dtype == DType.F16, name
             continue
-        base = DType.Q8_0 if mode == "int4" and name in ("token_embd.weight", "output.weight") else linear
+        base = head_type if name in ("token_embd.weight", "output.weight") else linear
         assert_type(info, base)
         kinds[info.dtype.x16].append(name.split(".")[-2])
         np.testing.assert_array_equal(row_major(b, name), quant.quantize(want, base), err_msg=name)
@@ -340,8 +349,8 @@ def test_rows_not_multiple_of_16_keep_the_row_major_type(tmp_path, mode, group_s
     assert sorted(set(kinds[True])) == ["attn_output", "attn_q", "output", "token_embd"]
     labels = b.metadata["quantization"]["types"]
     n_x16 = 2 * 2 + 2  # 2 layers x (attn_q, attn_output), token_embd, output
-    if mode == "int4":  # the embeddings and the head are Q8_0 there
-        assert labels[X16_OF[linear].label] == n_x16 - 2 and labels["q8_0_x16"] == 2
+    if head_type != linear:  # the embeddings and the head (Q8_0 in int4 mode by default)
+        assert labels[X16_OF[linear].label] == n_x16 - 2 and labels[X16_OF[head_type].label] == 2
     else:
         assert labels[X16_OF[linear].label] == n_x16
     assert labels[linear.label] == 2 * 4 and labels["f16"] == 2  # (k, v, gate, up), ffn_down
@@ -362,7 +371,7 @@ def test_rows_not_multiple_of_16_keep_the_row_major_type(tmp_path, mode, group_s
     s = engine.create_session()
     for got in (engine.create_session().prefill(ids), (s.prefill(ids[:-1]), s.decode(ids[-1]))[1]):
         err = np.abs(got - ref).max() / ref.std()  # prefill; then decode (one-token matvecs)
-        print(f"\n{mode} g{group_size} sym={symmetric}: max err / std {err:.2e}")
+        print(f"\n{mode} g{group_size} sym={symmetric} head={head}: max err / std {err:.2e}")
         assert err < 0.01, err
 
 

@@ -197,8 +197,11 @@ def cmd_convert(a: argparse.Namespace) -> int:
         parent = Path(a.output).resolve().parent
         if not parent.is_dir():
             raise InvalidInputError(f"-o {a.output}: the directory {parent} does not exist")
+    if a.head is not None and quant not in ("int4", "int8"):
+        raise InvalidInputError(f"--head {a.head} applies to --quant int4 and int8 (the other types keep "
+                                "the head as the rest)")
     out = convert(a.src, a.output, quant=quant, group_size=a.group_size, symmetric=not a.asym,
-                  progress=not a.quiet)
+                  progress=not a.quiet, head=a.head)
     print(out)
     return 0
 
@@ -575,6 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights per scale: int4 32 (default), 64 or 128; int8 one scale per output row "
                         "(default) or 32 (Q8_0 blocks, as llama.cpp's Q8_0)")
     c.add_argument("--asym", action="store_true", help="int4 with a per-group minimum (asymmetric)")
+    c.add_argument("--head", choices=["int8", "int4"], default=None,
+                   help="the output head and token embeddings: int8 (default, Q8_0 blocks in int4 mode) or "
+                        "int4 (4-bit like the other weights: a smaller file and faster decoding for some "
+                        "accuracy, docs/quant.md)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 

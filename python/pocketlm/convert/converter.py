@@ -125,7 +125,7 @@ def _metadata(model: SourceModel, recipe: Recipe, planned, fallback: list[str], 
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = None, group_size: int | None = None,
-            symmetric: bool = True, progress: bool = True) -> Path:
+            symmetric: bool = True, progress: bool = True, head: str | None = None) -> Path:
     """Converts a Hugging Face folder or a .gguf file into a .plm bundle at `out`; returns its path.
 
     quant: None keeps a GGUF's types (bit-exact where pocketlm has them) and means "f16" for
@@ -133,7 +133,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = 
     group_size: int4 groups of 32 (default), 64 or 128 weights; int8 has one scale per output row
     by default (per group of 32 for an embedding model), or per group of 32 weights with
     group_size=32 (Q8_0 blocks, as llama.cpp's Q8_0).
-    symmetric=False (a per-group minimum) applies to int4. If `out` is a folder, the bundle is
+    symmetric=False (a per-group minimum) applies to int4. head: "int8" (default) keeps the token
+    embeddings and the output head in Q8_0 blocks in int4 mode; "int4" makes them 4-bit too (int4
+    and int8 modes), fewer bytes per decoded token for some accuracy (docs/quant.md). If `out` is a folder, the bundle is
     named after the source. Never leaves a partial file behind.
     """
     if quant not in QUANT_CHOICES:
@@ -149,7 +151,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = 
         # Embedding models take Q8_0 blocks (a scale per 32 weights), as llama.cpp quantizes them: on
         # all-MiniLM-L6-v2 one scale per row gave cosine 0.9985 to the f32 vectors, Q8_0 0.9996.
         group_size = 32
-    recipe = Recipe(mode, group_size, symmetric)
+    if head is not None and mode not in ("int4", "int8"):
+        raise ValueError(f"head={head!r} applies to int4 and int8 conversions (quant={quant!r})")
+    recipe = Recipe(mode, group_size, symmetric, head)
 
     out = Path(out)
     if out.is_dir():

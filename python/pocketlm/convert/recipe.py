@@ -7,6 +7,9 @@
                                             with group_size=32, Q8_0 (one f16 scale per 32 weights)
   int4                                      linear weights Q4_0/Q4_1 at the chosen group size;
                                             token_embd and output Q8_0 (most error-sensitive)
+  head="int4" (int4 or int8 mode)           token_embd and output 4-bit as well (Q4_0/Q4_1, the
+                                            linears' group size; 32 in int8 mode): the head is
+                                            ~40 % of a small model's bytes per decoded token
   keep (quant=None, GGUF)                   the source type when pocketlm stores it bit-exactly,
                                             else the source's fallback (see gguf_source.py)
 
@@ -25,6 +28,7 @@ QUANT_K_MULTIPLE = 32
 MODES = ("f32", "f16", "int8", "int4", "keep")
 GROUP_SIZES = (32, 64, 128)
 INT8_GROUP_SIZES = (None, 32)  # None: one scale per row
+HEAD_TYPES = ("int8", "int4")
 
 _Q4 = {
     (True, 32): DType.Q4_0, (True, 64): DType.Q4_0_G64, (True, 128): DType.Q4_0_G128,
@@ -39,10 +43,18 @@ class Recipe:
     mode: str
     group_size: int | None = None  # int4: 32 when None; int8: None = per row, or 32
     symmetric: bool = True
+    head: str | None = None  # int4/int8 modes: "int8" (default) or "int4" for token_embd and output
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown quantization mode {self.mode!r} (choose from {', '.join(MODES)})")
+        if self.head is not None:
+            if self.head not in HEAD_TYPES:
+                raise ValueError(f"head must be one of {', '.join(HEAD_TYPES)}, got {self.head!r}")
+            if self.mode not in ("int4", "int8"):
+                raise ValueError(f"a head type applies to int4 and int8 conversions, not to {self.mode!r}")
+        elif self.mode in ("int4", "int8"):
+            object.__setattr__(self, "head", "int8")
         if self.mode == "int8":
             if self.group_size not in INT8_GROUP_SIZES:
                 raise ValueError(f"int8 group_size must be None (one scale per row) or 32, got {self.group_size!r}")
@@ -62,6 +74,8 @@ class Recipe:
             return keep
         if self.mode == "f16":
             return DType.F16
+        if name in HIGH_PRECISION and self.head == "int4":
+            return _Q4[(self.symmetric, self.group_size if self.mode == "int4" else 32)]
         if self.mode == "int8":
             return DType.I8 if self.group_size is None else DType.Q8_0
         if name in HIGH_PRECISION:
@@ -77,9 +91,9 @@ class Recipe:
 
     def describe(self) -> dict:
         if self.mode == "int4":
-            return {"mode": "int4", "group_size": self.group_size, "symmetric": self.symmetric}
+            return {"mode": "int4", "group_size": self.group_size, "symmetric": self.symmetric, "head": self.head}
         if self.mode == "int8":  # group_size None: one scale per row; no zero point
-            return {"mode": "int8", "group_size": self.group_size, "symmetric": True}
+            return {"mode": "int8", "group_size": self.group_size, "symmetric": True, "head": self.head}
         return {"mode": self.mode, "group_size": None, "symmetric": None}
 
 
