@@ -1,11 +1,10 @@
 // Single-thread throughput of matmul vs matmul2 (not part of the build or tests).
-// Build and run from the repo root (x86):
-//   g++ -std=c++17 -O3 -DPLM_X86=1 -Icsrc -c csrc/kernels/ref/kernels_ref.cpp -o /tmp/b_ref.o
-//   g++ -std=c++17 -O3 -DPLM_X86=1 -Icsrc -c csrc/kernels/dispatch.cpp -o /tmp/b_disp.o
-//   g++ -std=c++17 -O3 -DPLM_X86=1 -Icsrc -mavx2 -mfma -mf16c -c csrc/kernels/x86/kernels_avx2.cpp -o /tmp/b_avx2.o
-//   g++ -std=c++17 -O3 -DPLM_X86=1 -Icsrc -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq \
-//       -mavx512vnni -c csrc/kernels/x86/kernels_avx512.cpp -o /tmp/b_avx512.o
-//   g++ -std=c++17 -O3 -DPLM_X86=1 -Icsrc bench/kernels/bench_matmul2.cpp /tmp/b_*.o -o /tmp/bench_matmul2
+// Build and run from the repo root (x86), linking the kernel objects of a CMake build (each
+// compiled with its own -m flags there):
+//   cmake -S . -B /tmp/kb -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$PWD/.venv/bin/python && ninja -C /tmp/kb
+//   O=/tmp/kb/CMakeFiles/_core.dir
+//   g++ -std=c++17 -O3 -DPLM_X86=1 -Icsrc bench/kernels/bench_matmul2.cpp $O/csrc/kernels/x86/*.o \
+//       $O/csrc/kernels/ref/kernels_ref.cpp.o $O/csrc/kernels/dispatch.cpp.o $O/avx2_vnni*/*.o -pthread -o /tmp/bench_matmul2
 //   /tmp/bench_matmul2 [variant] [N] [K]
 // Timings: alternating rounds, best round of each. T=1 reports GB/s of weight bytes, both with one matrix (cache-resident: "hot") and
 // rotating over copies larger than the L3 ("cold"); T=64 reports GFLOP/s (2*N*K*T).
