@@ -86,7 +86,10 @@ enum class DType : uint32_t {
   Q4_0_G128_X16 = 23,
   Q4_1_G64_X16 = 24,
   Q4_1_G128_X16 = 25,
-  COUNT = 26,
+  // 2:4-sparse 4-bit weights (two kept in every four columns), rows % 16 == 0, cols % 64 == 0:
+  // records of 16 rows x 64 columns, 384 bytes, 3.0 bits per weight (layout below).
+  Q4_0_24_X16 = 26,
+  COUNT = 27,
 };
 constexpr int kNumDTypes = (int)DType::COUNT;
 
@@ -194,6 +197,7 @@ inline constexpr DTypeTraits kDTypeTraits[kNumDTypes] = {
   {"q4_0_g128_x16", 128, 66, true},
   {"q4_1_g64_x16", 64, 36, true},
   {"q4_1_g128_x16", 128, 68, true},
+  {"q4_0_24_x16", 64, 24, true},  // per row: 64 columns in 24 bytes
 };
 inline const DTypeTraits& traits(DType t) { return kDTypeTraits[(int)t]; }
 inline bool dtype_valid(uint32_t t) { return t < (uint32_t)DType::COUNT; }
@@ -216,6 +220,9 @@ constexpr DType x16_base(DType t) {
     default: return t;
   }
 }
+// Types stored in records of 16 rows (rows % 16 == 0): the x16 ones and the 2:4-sparse one.
+inline bool needs_16_rows(DType t) { return is_x16(t) || t == DType::Q4_0_24_X16; }
+
 // The types that carry one f32 scale per row after the codes.
 inline bool has_row_scales(DType t) { return t == DType::I8 || t == DType::I8_X16; }
 
@@ -290,6 +297,72 @@ inline void x16_scatter_row(DType t, const uint8_t* row, int64_t cols, int64_t n
       code -= size;
     }
     for (size_t u = 0; u < code / 4; ++u) std::memcpy(rec + 64 * u + 4 * i, o + 4 * u, 4);
+  }
+}
+
+// ---- Q4_0_24_X16: 2:4-sparse 4-bit weights ----
+// Each run of four columns (a group) keeps two weights. A row's 64-column block holds its 32 kept
+// values as Q4_0 codes with one f16 scale (x = d * (q - 8), the pruned weights 0), and a 3-bit
+// pattern code per group: code c keeps columns kSparse24Pairs[c] of the group (codes 6 and 7 are
+// invalid; the reader refuses them). Value 2g is group g's first kept column, value 2g + 1 its
+// second. The tensor is records of 16 rows x 64 columns (group of rows r16, block b at byte
+// 384 * (r16 * cols / 64 + b)), each:
+//   [0, 32)     d of rows 0..15 (f16)
+//   [32, 288)   the 16 code bytes of each row as 4-byte units: unit u (0..3) of row i at 32 + 64u + 4i
+//               holds bytes 4u..4u+3; value j (< 16) is the low nibble of byte j, value 16 + j its
+//               high nibble (Q4_0's order)
+//   [288, 384)  pattern codes, 24 bytes per unit u at 288 + 24u: row i's 12 bits at bit 12i
+//               (little-endian), the codes of groups 2u, 2u + 1, 8 + 2u, 9 + 2u at bits 0, 3, 6, 9
+//               (the groups of unit u's low-nibble values 4u..4u+3 and high-nibble ones 16+4u..19+4u)
+// So a 64-byte vector of unit u holds the codes of 4 values of each of the 16 rows, as Q4_0_X16's do.
+constexpr int kSparse24Pairs[8][2] = {{0, 1}, {0, 2}, {0, 3}, {1, 2}, {1, 3}, {2, 3}, {0, 1}, {0, 1}};
+constexpr size_t kSparse24Record = 384;
+
+// The pattern code of group g (0..15) of row i (0..15) in a record.
+inline int sparse24_code(const uint8_t* rec, int i, int g) {
+  const int u = (g % 8) / 2, k = (g >= 8 ? 2 : 0) + g % 2;
+  const int bit = 12 * i + 3 * k;
+  const uint8_t* p = rec + 288 + 24 * u;
+  const uint32_t v = (uint32_t)p[bit / 8] | (uint32_t)p[bit / 8 + 1] << 8;  // bit % 8 + 3 <= 10 < 16
+  return (int)(v >> (bit % 8) & 7);
+}
+
+// The first invalid pattern code of a Q4_0_24_X16 tensor (its byte offset), or -1 when all are valid.
+inline int64_t sparse24_bad_pattern(const uint8_t* data, int64_t rows, int64_t cols) {
+  const size_t records = (size_t)(rows / 16) * (size_t)(cols / 64);
+  for (size_t r = 0; r < records; ++r) {
+    const uint8_t* pat = data + r * kSparse24Record + 288;
+    for (int t = 0; t < 96; t += 3) {  // 3 bytes = 8 codes; a code c >= 6 has bits 1 and 2 set
+      const uint32_t v = (uint32_t)pat[t] | (uint32_t)pat[t + 1] << 8 | (uint32_t)pat[t + 2] << 16;
+      if ((v >> 1) & (v >> 2) & 0x249249u) return (int64_t)(r * kSparse24Record + 288 + t);
+    }
+  }
+  return -1;
+}
+
+// Row n of a Q4_0_24_X16 matrix as dense Q4_0 row-major bytes (cols / 32 blocks of 18 bytes; each
+// 64-column block's scale in both of its Q4_0 blocks, the pruned columns code 8): what the
+// reference kernels, embedding lookups and the variants without their own kernel read.
+inline void sparse24_gather_row(const uint8_t* data, int64_t cols, int64_t n, uint8_t* out) {
+  const int64_t nb = cols / 64;
+  const int i = (int)(n % 16);
+  const uint8_t* rec = data + (size_t)(n / 16) * (size_t)nb * kSparse24Record;
+  for (int64_t b = 0; b < nb; ++b, rec += kSparse24Record) {
+    uint8_t q[64];
+    std::memset(q, 8, sizeof q);
+    for (int g = 0; g < 16; ++g) {
+      const int v0 = 2 * g, v1 = 2 * g + 1;  // value v: byte v % 16 (unit v % 16 / 4), nibble v / 16
+      const uint8_t* c0 = rec + 32 + 64 * ((v0 % 16) / 4) + 4 * i + v0 % 4;
+      const uint8_t* c1 = rec + 32 + 64 * ((v1 % 16) / 4) + 4 * i + v1 % 4;
+      const int* pr = kSparse24Pairs[sparse24_code(rec, i, g)];
+      q[4 * g + pr[0]] = (uint8_t)(v0 < 16 ? *c0 & 15 : *c0 >> 4);
+      q[4 * g + pr[1]] = (uint8_t)(v1 < 16 ? *c1 & 15 : *c1 >> 4);
+    }
+    for (int h = 0; h < 2; ++h) {
+      uint8_t* blk = out + (size_t)(2 * b + h) * 18;
+      std::memcpy(blk, rec + 2 * i, 2);
+      for (int j = 0; j < 16; ++j) blk[2 + j] = (uint8_t)(q[32 * h + j] | q[32 * h + 16 + j] << 4);
+    }
   }
 }
 

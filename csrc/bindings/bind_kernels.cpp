@@ -63,7 +63,7 @@ void check_weight(const char* op, DType dt, const In1<uint8_t>& weight, int64_t 
   if (rows <= 0 || cols <= 0 || rows > (1 << 30) || cols > (1 << 30)) fail("rows and cols must be positive");
   if (cols % tr.block_elems) fail("cols must be a multiple of the block size");
   if (tr.quantized && cols % 32) fail("quantized types need cols % 32 == 0");
-  if (is_x16(dt) && rows % kX16Rows) fail("x16 types need rows % 16 == 0");
+  if (needs_16_rows(dt) && rows % kX16Rows) fail("x16 and 2:4 types need rows % 16 == 0");
   if (weight.shape(0) != tensor_bytes(dt, rows, cols))
     fail("weight has the wrong number of bytes for dtype and shape");
   if ((int64_t)x.shape(1) != cols) fail("x must be [T, cols]");
@@ -198,7 +198,7 @@ nb::ndarray<nb::numpy, float> dequant_row(int dtype_id, In1<uint8_t> raw, int64_
   const DType dt = check_dtype(dtype_id);
   if (cols <= 0 || cols % traits(dt).block_elems)
     throw nb::value_error("dequant_row: cols must be a positive multiple of the block size");
-  if (is_x16(dt)) throw nb::value_error("dequant_row: x16 types have no row-major rows");
+  if (needs_16_rows(dt)) throw nb::value_error("dequant_row: x16 and 2:4 types have no row-major rows");
   if (raw.shape(0) < row_bytes(dt, cols)) throw nb::value_error("dequant_row: raw is too short");
   float* out;
   auto arr = new_array<float>({(size_t)cols}, &out);

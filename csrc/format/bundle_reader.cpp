@@ -296,7 +296,7 @@ std::shared_ptr<Bundle> Bundle::open(const std::string& path) {
     uint64_t row_bytes = 0, expected = 0;
     bool ok = checked_mul(cols / (uint64_t)tr.block_elems, (uint64_t)tr.block_bytes, &row_bytes) &&
               checked_mul(rows, row_bytes, &expected);
-    if (is_x16(t.dtype) && (rows % kX16Rows != 0 || ndim != 2))
+    if (needs_16_rows(t.dtype) && (rows % kX16Rows != 0 || ndim != 2))
       fail(path, where + ": " + tr.name + " needs a 2-D shape with rows a multiple of 16, got " +
                      std::to_string(rows) + " rows");
     if (ok && has_row_scales(t.dtype)) {
@@ -317,6 +317,11 @@ std::shared_ptr<Bundle> Bundle::open(const std::string& path) {
       fail(path, where + ": bytes [" + std::to_string(t.offset) + ", +" + std::to_string(t.nbytes) +
                      ") lie outside the data section (" + std::to_string(data.bytes) + " bytes)");
     t.data = base + data.offset + t.offset;
+    if (t.dtype == DType::Q4_0_24_X16) {  // a pattern code past the six 2:4 patterns
+      const int64_t bad = sparse24_bad_pattern(t.data, t.rows, t.cols);
+      if (bad >= 0)
+        fail(path, where + ": invalid 2:4 pattern code at byte " + std::to_string(bad) + " of the tensor");
+    }
     b->tensors_.push_back(std::move(t));
   }
   if (cur.remaining() != 0)

@@ -34,6 +34,8 @@ class DType(enum.IntEnum):
     Q4_0_G128_X16 = 23
     Q4_1_G64_X16 = 24
     Q4_1_G128_X16 = 25
+    # 2:4-sparse 4-bit (two of every four columns kept), in records of 16 rows x 64 columns
+    Q4_0_24_X16 = 26
 
     @property
     def label(self) -> str:
@@ -60,6 +62,11 @@ class DType(enum.IntEnum):
     def base(self) -> "DType":
         """The row-major type an x16 type interleaves (itself for the others)."""
         return X16_BASE.get(self, self)
+
+    @property
+    def sparse(self) -> bool:
+        """A sparse type (only the kept weights stored, with their positions)."""
+        return self == DType.Q4_0_24_X16
 
     @classmethod
     def from_label(cls, label: str) -> "DType":
@@ -97,6 +104,7 @@ _TRAITS = {
     DType.Q4_0_G128_X16: (128, 66),
     DType.Q4_1_G64_X16: (64, 36),
     DType.Q4_1_G128_X16: (128, 68),
+    DType.Q4_0_24_X16: (64, 24),  # per row: 64 columns in 24 bytes (384 per record of 16 rows)
 }
 
 X16_ROWS = 16
@@ -116,7 +124,7 @@ def tensor_nbytes(dtype: DType, shape: tuple[int, ...]) -> int:
     be = dtype.block_elems
     if cols % be:
         raise ValueError(f"{dtype.label} needs the last dimension to be a multiple of {be}, got {cols}")
-    if dtype.x16 and (len(shape) != 2 or rows % X16_ROWS):
+    if (dtype.x16 or dtype.sparse) and (len(shape) != 2 or rows % X16_ROWS):
         raise ValueError(f"{dtype.label} needs a 2-D shape with rows a multiple of {X16_ROWS}, got {tuple(shape)}")
     nbytes = rows * (cols // be) * dtype.block_bytes
     if dtype in (DType.I8, DType.I8_X16):

@@ -204,6 +204,78 @@ def deinterleave(raw: np.ndarray, base: DType, shape) -> np.ndarray:
     return np.concatenate([blocks.reshape(-1), buf[n:]])
 
 
+# ---- Q4_0_24_X16: 2:4-sparse 4-bit (layout: csrc/common.h) ----
+SPARSE24_PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
+_PAIR_CODE = {pair: c for c, pair in enumerate(SPARSE24_PAIRS)}
+
+
+def is_2_of_4(x: np.ndarray) -> bool:
+    """Every run of four columns of the 2-D x has at most two non-zero values."""
+    rows, cols = x.shape
+    return cols % 4 == 0 and bool(np.all(np.count_nonzero(x.reshape(rows, cols // 4, 4), axis=2) <= 2))
+
+
+def _sparse24_pick(g: np.ndarray) -> np.ndarray:
+    """[..., 4] groups with at most two non-zeros -> the two kept columns [..., 2] (the non-zeros, then
+    the lowest zero columns), ascending."""
+    order = np.argsort(g == 0, axis=-1, kind="stable")[..., :2]  # non-zeros first, by column
+    return np.sort(order, axis=-1)
+
+
+def _quantize_sparse24(x: np.ndarray) -> np.ndarray:
+    rows, cols = x.shape
+    tensor_nbytes(DType.Q4_0_24_X16, (rows, cols))
+    if cols % 64:
+        raise ValueError(f"q4_0_24_x16 needs the last dimension to be a multiple of 64, got {cols}")
+    if not is_2_of_4(x):
+        raise ValueError("q4_0_24_x16 needs at most two non-zero values in every four columns (2:4)")
+    nb = cols // 64
+    groups = np.asarray(x, np.float32).reshape(rows, nb, 16, 4)
+    kept = _sparse24_pick(groups)                                    # [rows, nb, 16, 2]
+    values = np.take_along_axis(groups, kept, axis=-1).reshape(rows * nb, 32)
+    codes = np.full(kept.shape[:-1], -1, np.int64)
+    for c, (a, b) in enumerate(SPARSE24_PAIRS):
+        codes[(kept[..., 0] == a) & (kept[..., 1] == b)] = c
+    q4 = _quantize_q4_0(values, 32).reshape(rows // 16, 16, nb, 18)  # [r16, i, b, {d, qs[16]}]
+    codes = codes.reshape(rows // 16, 16, nb, 16)                     # [r16, i, b, g]
+    out = np.zeros((rows // 16, nb, 384), np.uint8)
+    out[:, :, :32] = q4[..., :2].transpose(0, 2, 1, 3).reshape(rows // 16, nb, 32)
+    qs = q4[..., 2:].transpose(0, 2, 1, 3).reshape(rows // 16, nb, 16, 4, 4)  # [r16, b, i, u, 4]
+    out[:, :, 32:288] = qs.transpose(0, 1, 3, 2, 4).reshape(rows // 16, nb, 256)
+    # unit u, row i: 12 bits at 12 i = codes of groups 2u, 2u+1, 8+2u, 9+2u at bits 0, 3, 6, 9
+    for u in range(4):
+        bits = np.zeros((rows // 16, nb, 16), np.uint64)
+        for k, grp in enumerate((2 * u, 2 * u + 1, 8 + 2 * u, 9 + 2 * u)):
+            bits |= codes[..., grp].transpose(0, 2, 1).astype(np.uint64) << np.uint64(3 * k)
+        word = np.zeros((rows // 16, nb, 24 * 8), np.uint8)  # the unit's 192 bits, one per byte
+        for i in range(16):
+            for t in range(12):
+                word[:, :, 12 * i + t] = ((bits[:, :, i] >> np.uint64(t)) & np.uint64(1)).astype(np.uint8)
+        out[:, :, 288 + 24 * u:288 + 24 * (u + 1)] = np.packbits(word, axis=-1, bitorder="little")
+    return out.reshape(-1)
+
+
+def _dequantize_sparse24(raw: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    nb = cols // 64
+    rec = np.asarray(raw).reshape(-1).view(np.uint8).reshape(rows // 16, nb, 384)
+    d = rec[:, :, :32].copy().view("<f2").astype(np.float32)                   # [r16, b, i]
+    qs = rec[:, :, 32:288].reshape(rows // 16, nb, 4, 16, 4).transpose(0, 1, 3, 2, 4)  # [r16, b, i, u, 4]
+    qs = qs.reshape(rows // 16, nb, 16, 16)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float32)      # [r16, b, i, 32 values]
+    vals = d[..., None] * (q - 8)
+    bits = np.unpackbits(rec[:, :, 288:], axis=-1, bitorder="little").reshape(rows // 16, nb, 4, 16, 12)
+    out = np.zeros((rows // 16, nb, 16, 16, 4), np.float32)                   # [r16, b, i, g, col]
+    weights3 = np.array([1, 2, 4])
+    pairs = np.array(SPARSE24_PAIRS + ((0, 1), (0, 1)))
+    for u in range(4):
+        for k, grp in enumerate((2 * u, 2 * u + 1, 8 + 2 * u, 9 + 2 * u)):
+            code = (bits[:, :, u, :, 3 * k:3 * k + 3] * weights3).sum(-1)   # [r16, b, i]
+            a, b = pairs[code, 0], pairs[code, 1]
+            np.put_along_axis(out[:, :, :, grp], a[..., None], vals[:, :, :, 2 * grp, None], axis=-1)
+            np.put_along_axis(out[:, :, :, grp], b[..., None], vals[:, :, :, 2 * grp + 1, None], axis=-1)
+    return out.reshape(rows // 16, nb, 16, 64).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
 def quantize(x: np.ndarray, dtype: DType) -> np.ndarray:
     """Quantize a 2-D [rows, cols] float tensor; returns its .plm bytes as a 1-D uint8 array."""
     dtype = DType(dtype)
@@ -213,6 +285,8 @@ def quantize(x: np.ndarray, dtype: DType) -> np.ndarray:
     if dtype.x16:
         tensor_nbytes(dtype, x.shape)
         return interleave(quantize(x, dtype.base), dtype.base, x.shape)
+    if dtype == DType.Q4_0_24_X16:
+        return _quantize_sparse24(x)
     if dtype in KEEP_ONLY:
         raise ValueError(f"pocketlm does not quantize to {dtype.label}: K-quant tensors are only copied "
                          "from GGUF files (convert with --quant keep)")
@@ -272,6 +346,8 @@ def dequantize(raw, dtype: DType, shape) -> np.ndarray:
     rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
     if dtype.x16:
         return dequantize(deinterleave(buf, dtype.base, shape), dtype.base, shape)
+    if dtype == DType.Q4_0_24_X16:
+        return _dequantize_sparse24(buf, rows, cols).reshape(shape)
     if dtype == DType.F32:
         return buf.view("<f4").astype(np.float32).reshape(shape)
     if dtype == DType.F16:
@@ -399,6 +475,10 @@ def first_nonfinite(raw, dtype: DType, shape) -> int | None:
     if dtype.x16:
         raise ValueError(f"first_nonfinite reads row-major types; de-interleave {dtype.label} first")
     buf = np.asarray(raw).reshape(-1).view(np.uint8)
+    if dtype == DType.Q4_0_24_X16:  # the record (16 rows x 64 columns) whose f16 scales hold one
+        d = buf.reshape(-1, 384)[:, :32].reshape(-1, 16, 2)
+        hits = np.flatnonzero(((d[:, :, 1] & 0x7C) == 0x7C).any(axis=1))
+        return int(hits[0]) if hits.size else None
     if dtype in (DType.F32, DType.F16, DType.BF16, DType.I8):
         if dtype == DType.I8:  # the row scales after the codes
             rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1

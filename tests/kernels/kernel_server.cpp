@@ -166,7 +166,7 @@ void matmul(const std::vector<Arg>& args, Reply& r) {
   if (rows <= 0 || cols <= 0 || rows > (1 << 30) || cols > (1 << 30)) bad("rows and cols must be positive");
   if (cols % tr.block_elems) bad("cols must be a multiple of the block size");
   if (tr.quantized && cols % 32) bad("quantized types need cols % 32 == 0");
-  if (is_x16(dt) && rows % kX16Rows) bad("x16 types need rows % 16 == 0");
+  if (needs_16_rows(dt) && rows % kX16Rows) bad("x16 and 2:4 types need rows % 16 == 0");
   if (weight.dim(0) != tensor_bytes(dt, rows, cols)) bad("weight has the wrong number of bytes for dtype and shape");
   if ((int64_t)x.dim(1) != cols) bad("x must be [T, cols]");
   if (x.dim(0) == 0) bad("x must have at least one row");
@@ -268,7 +268,7 @@ void serve(const std::string& op, const std::vector<Arg>& args, Reply& r) {
     const int64_t cols = I(args, 2);
     if (cols <= 0 || cols % traits(dt).block_elems)
       fail("dequant_row: cols must be a positive multiple of the block size");
-    if (is_x16(dt)) fail("dequant_row: x16 types have no row-major rows");
+    if (needs_16_rows(dt)) fail("dequant_row: x16 and 2:4 types have no row-major rows");
     if (raw.dim(0) < row_bytes(dt, cols)) fail("dequant_row: raw is too short");
     Array y = new_array('f', {cols});
     kt.dequant_row(dt, raw.as<uint8_t>(), y.as<float>(), cols);

@@ -86,6 +86,12 @@ def make_matmul_case(dtype, T, K, N, seed):
     w[0, : min(K, 32)] = 0  # a zero block
     x = rng.standard_normal((T, K)).astype(np.float32)
     x[-1, : min(K, 32)] *= 100  # a block with a large scale
+    if dtype.sparse:  # 2:4: the two smallest of every four go, and some groups keep fewer
+        g = w.reshape(N, K // 4, 4)
+        drop = np.argsort(np.abs(g), axis=-1)[..., :2]
+        np.put_along_axis(g, drop, 0.0, axis=-1)
+        g[rng.random(g.shape[:2]) < 0.1] = 0.0
+        w = g.reshape(N, K)
     raw = random_blocks(dtype, N, K, rng) if dtype in KEEP_ONLY else quantize(w, dtype)
     return raw, dequantize(raw, dtype, (N, K)), x
 
@@ -113,7 +119,7 @@ def x16_rows(n: int) -> int:
 def matmul_shapes_for(dtype):
     if not dtype.quantized:
         return MATMUL_SHAPES + FLOAT_MATMUL_SHAPES
-    if dtype.x16:  # groups of 16 rows: the same T and K with N rounded up (16, 32, 80 rows)
+    if dtype.x16 or dtype.sparse:  # groups of 16 rows: the same T and K with N rounded up (16, 32, 80 rows)
         return [(T, K, x16_rows(N)) for T, K, N in MATMUL_SHAPES if K % dtype.block_elems == 0]
     return [s for s in MATMUL_SHAPES if s[1] % dtype.block_elems == 0]  # K-quants: K % 256 == 0
 
@@ -133,7 +139,7 @@ def check_row_ranges(fn: str, variant: str, dtype) -> None:
     for i, (T, K, N, n0, n1) in enumerate(MATMUL_RANGE_CASES):
         if K % dtype.block_elems:
             continue
-        if dtype.x16:  # same ranges, in a matrix of whole 16-row groups
+        if dtype.x16 or dtype.sparse:  # same ranges, in a matrix of whole 16-row groups
             N = x16_rows(N)
         raw, wd, x = make_matmul_case(dtype, T, K, N, 300 + i)
         want = getattr(kernels, fn)("ref", int(dtype), raw, N, K, x)

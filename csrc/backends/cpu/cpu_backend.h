@@ -49,6 +49,7 @@ class CpuBackend final : public Backend {
   CpuBackend(const Program::Impl& program, const BackendOptions& options);
   const char* name() const override { return "cpu"; }
   const char* variant() const override { return kt_->name; }
+  bool sparse24_native() const override { return kt_->sparse24_native && kt_->sparse24_native(); }
   std::string supports(OpCode op, const std::vector<const Tensor*>& inputs) const override;
   void prepare() override;
   WorkspaceBytes workspace_bytes(int max_context) const override;

@@ -52,7 +52,14 @@ void Step::weight_row(const kernels::WeightView& w, int64_t r, float* out) const
   const int64_t d = w.cols;
   const uint8_t* row = w.data + (size_t)r * w.row_stride;
   DType dt = w.dtype;
-  if (is_x16(dt)) {  // gathered back into row-major bytes first
+  if (dt == DType::Q4_0_24_X16) {  // expanded into a dense Q4_0 row first
+    thread_local std::vector<uint8_t> dense;
+    const size_t rb = row_bytes(DType::Q4_0, d);
+    if (dense.size() < rb) dense.resize(rb);
+    sparse24_gather_row(w.data, d, r, dense.data());
+    row = dense.data();
+    dt = DType::Q4_0;
+  } else if (is_x16(dt)) {  // gathered back into row-major bytes first
     thread_local std::vector<uint8_t> gathered;  // grows once per thread
     if (gathered.size() < w.row_stride) gathered.resize(w.row_stride);
     x16_gather_row(dt, w.data, d, r, gathered.data());

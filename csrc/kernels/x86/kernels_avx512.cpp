@@ -32,6 +32,7 @@
 #include "kernels/kernels.h"
 #include "kernels/kv_prefetch.h"
 #include "kernels/x86/gemm_avx512.h"
+#include "kernels/x86/sparse_avx512.h"
 #include "kernels/x86/x16_avx512.h"
 
 namespace plm::kernels {
@@ -1133,6 +1134,7 @@ const KernelTable* avx512_kernel_table() {
           avx512::matmul_x16,                    // Q4_0_G128_X16
           avx512::matmul_x16,                    // Q4_1_G64_X16
           avx512::matmul_x16,                    // Q4_1_G128_X16
+          avx512::matmul_sparse24,               // Q4_0_24_X16
       },
       quantize_act_avx512,
       ref_kernels().dequant_row,
@@ -1169,6 +1171,7 @@ const KernelTable* avx512_kernel_table() {
           avx512::matmul2_x16,                              // Q4_0_G128_X16
           avx512::matmul2_x16,                              // Q4_1_G64_X16
           avx512::matmul2_x16,                              // Q4_1_G128_X16
+          matmul_sparse24_expand<BlockQ8A2, avx512_kernel_table>,  // Q4_0_24_X16
       },
       quantize_act2_avx512,
       weighted_sum_avx512<float>,
@@ -1178,6 +1181,7 @@ const KernelTable* avx512_kernel_table() {
       weighted_sum_avx512<fp16_t>,
       scores_q8_0_avx512,
       weighted_sum_q8_0_avx512,
+      avx512::sparse24_native,
   };
   return &table;
 }

@@ -1,0 +1,219 @@
+// Q4_0_24_X16 (2:4-sparse 4-bit weights, layout in common.h) for AVX-512 VNNI + VBMI.
+//
+// One token (decode, and each row of a verifying step): per record of 16 rows x 64 columns, each
+// 64-byte unit of codes holds 4 kept values of each row (a dword per row). The columns they sit at
+// come from the pattern codes: vpmultishiftqb pulls each value's 3-bit code out of its row's
+// 12 bits, vpermb looks up the column in the group (kSparse24Pairs), and vpermb gathers the token's
+// activation at that column for every byte. vpdpbusd then sums code x activation per row, and
+// ones x activation gives the sum of the kept activations for the codes' -8. Decode reads 3.0
+// bits per weight where dense Q4_0 reads 4.5. Several tokens (prefill) expand the rows into dense
+// Q4_0 and take the Q4_0 GEMM (matmul_sparse24_expand); so does a CPU without VBMI.
+#include <immintrin.h>
+
+// GCC 12 sees the undefined pass-through operand of the vpermb / vpmultishiftqb intrinsics as
+// "maybe uninitialized": a false positive.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include "kernels/kernels.h"
+#include "kernels/x86/sparse_avx512.h"
+
+namespace plm::kernels {
+const KernelTable* avx512_kernel_table();
+}
+
+namespace plm::kernels::avx512 {
+namespace {
+
+struct Consts {
+  __m512i spread, ctrl_lo, ctrl_hi, pick, lut, base_lo[4], base_hi[4];
+};
+
+Consts make_consts() {
+  alignas(64) uint8_t spread[64], cl[64], ch[64], pick[64], lut[64], bl[4][64], bh[4][64];
+  for (int n = 0; n < 64; ++n) {
+    const int q = n / 8, t = n % 8;
+    spread[n] = (uint8_t)(t < 3 ? 3 * q + t : 0);  // qword q <- the 24 bits of rows 2q, 2q + 1
+    const int r = (n % 8) / 4, j = n % 4;          // byte n: row 2q + r, its value j of the unit
+    cl[n] = (uint8_t)(12 * r + 3 * (j / 2));       // groups 2u, 2u + 1
+    ch[n] = (uint8_t)(12 * r + 3 * (2 + j / 2));   // groups 8 + 2u, 9 + 2u
+    pick[n] = (uint8_t)(8 * (j % 2));              // a group's first or second kept column
+    for (int u = 0; u < 4; ++u) {
+      bl[u][n] = (uint8_t)(8 * u + 4 * (j / 2));
+      bh[u][n] = (uint8_t)(32 + 8 * u + 4 * (j / 2));
+    }
+    lut[n] = 0;
+  }
+  for (int c = 0; c < 8; ++c) {
+    lut[c] = (uint8_t)kSparse24Pairs[c][0];
+    lut[8 + c] = (uint8_t)kSparse24Pairs[c][1];
+  }
+  Consts k;
+  k.spread = _mm512_load_si512(spread);
+  k.ctrl_lo = _mm512_load_si512(cl);
+  k.ctrl_hi = _mm512_load_si512(ch);
+  k.pick = _mm512_load_si512(pick);
+  k.lut = _mm512_load_si512(lut);
+  for (int u = 0; u < 4; ++u) {
+    k.base_lo[u] = _mm512_load_si512(bl[u]);
+    k.base_hi[u] = _mm512_load_si512(bh[u]);
+  }
+  return k;
+}
+
+// Records prefetched ahead in decode: the hardware prefetchers alone left one thread at 27 GB/s on a
+// cold [4864 x 896] matrix, 24 records (9 KB) ahead at 36 (bench/kernels/sparse24_proto.cpp,
+// Zen 5: 2, 4, 8, 16, 24, 32, 48 tried). Bounded to the tensor: integer addresses, compared first.
+constexpr uintptr_t kPrefetchAhead = 24 * kSparse24Record;
+
+// The 16 rows of one record group (rows 16 g16 .. 16 g16 + 15) for one token; `end`: the tensor's end.
+inline __m512 group_rows(const uint8_t* rec, int nb, const BlockQ8A* xq, const Consts& k, uintptr_t end) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1), seven = _mm512_set1_epi8(7);
+  __m512 facc = _mm512_setzero_ps();
+  for (int b = 0; b < nb; ++b, rec += kSparse24Record) {
+    const uintptr_t pf = (uintptr_t)rec + kPrefetchAhead;
+    if (pf < end)
+      for (int l = 0; l < 6; ++l) _mm_prefetch((const char*)(pf + 64 * (uintptr_t)l), _MM_HINT_T0);
+    const BlockQ8A& x0 = xq[2 * b];
+    const BlockQ8A& x1 = xq[2 * b + 1];
+    const __m512i xv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)x0.qs)),
+                                          _mm256_loadu_si256((const __m256i*)x1.qs), 1);
+    __m512i alo = _mm512_setzero_si512(), ahi = alo, slo = alo, shi = alo;
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      const __m512i w = _mm512_loadu_si512(rec + 32 + 64 * u);
+      const __m512i wlo = _mm512_and_si512(w, m4);
+      const __m512i whi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
+      const __m512i p =
+          _mm512_permutexvar_epi8(k.spread, _mm512_maskz_loadu_epi8(0xFFFFFFull, rec + 288 + 24 * u));
+      // (code & 7) | pick: the lookup index of each byte's kept column
+      const __m512i clo = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(k.ctrl_lo, p), seven, k.pick, 0xEA);
+      const __m512i chi = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(k.ctrl_hi, p), seven, k.pick, 0xEA);
+      const __m512i ilo = _mm512_add_epi8(_mm512_permutexvar_epi8(clo, k.lut), k.base_lo[u]);
+      const __m512i ihi = _mm512_add_epi8(_mm512_permutexvar_epi8(chi, k.lut), k.base_hi[u]);
+      const __m512i plo = _mm512_permutexvar_epi8(ilo, xv), phi = _mm512_permutexvar_epi8(ihi, xv);
+      alo = _mm512_dpbusd_epi32(alo, wlo, plo);
+      ahi = _mm512_dpbusd_epi32(ahi, whi, phi);
+      slo = _mm512_dpbusd_epi32(slo, ones, plo);
+      shi = _mm512_dpbusd_epi32(shi, ones, phi);
+    }
+    const __m512i rlo = _mm512_sub_epi32(alo, _mm512_slli_epi32(slo, 3));  // sum (q - 8) x, exact
+    const __m512i rhi = _mm512_sub_epi32(ahi, _mm512_slli_epi32(shi, 3));
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)rec));
+    const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(rlo), _mm512_set1_ps(x0.d),
+                                     _mm512_mul_ps(_mm512_cvtepi32_ps(rhi), _mm512_set1_ps(x1.d)));
+    facc = _mm512_fmadd_ps(dw, v, facc);
+  }
+  return facc;
+}
+
+// Rows 16 g .. 16 g + 15 for RT tokens (prefill): each unit's columns are decoded once and serve
+// every token of the tile. The activations are made unsigned (x + 128, one xor per block and token)
+// and the codes signed (q - 8), so a token costs two vpermb and two vpdpbusd a unit; the 128 (q - 8)
+// it adds is a sum of the weights alone, taken once per unit for all tokens.
+template <int RT>
+void group_rows_tile(const uint8_t* rec, int nb, const BlockQ8A* xq, int kb, const Consts& k, float* y,
+                     size_t ldy, int lo, int hi) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1), seven = _mm512_set1_epi8(7);
+  const __m512i eight = _mm512_set1_epi8(8), flip = _mm512_set1_epi8((char)0x80);
+  // (Tiles of 8 tokens, their sums kept in y to free registers, ran at half this speed: spills.)
+  const __mmask16 m = (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+  __m512 facc[RT];
+  for (int t = 0; t < RT; ++t) facc[t] = _mm512_setzero_ps();
+  for (int b = 0; b < nb; ++b, rec += kSparse24Record) {
+    __m512i xv[RT], alo[RT], ahi[RT];
+#pragma GCC unroll 4
+    for (int t = 0; t < RT; ++t) {
+      const BlockQ8A* xt = xq + (size_t)t * kb + 2 * b;
+      xv[t] = _mm512_xor_si512(flip, _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)xt[0].qs)),
+                                                         _mm256_loadu_si256((const __m256i*)xt[1].qs), 1));
+      alo[t] = ahi[t] = _mm512_setzero_si512();
+    }
+    __m512i clo = _mm512_setzero_si512(), chi = clo;  // sum of the signed codes, per row and half
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      const __m512i w = _mm512_loadu_si512(rec + 32 + 64 * u);
+      const __m512i wlo = _mm512_sub_epi8(_mm512_and_si512(w, m4), eight);
+      const __m512i whi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(w, 4), m4), eight);
+      const __m512i p =
+          _mm512_permutexvar_epi8(k.spread, _mm512_maskz_loadu_epi8(0xFFFFFFull, rec + 288 + 24 * u));
+      const __m512i ilo = _mm512_add_epi8(
+          _mm512_permutexvar_epi8(
+              _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(k.ctrl_lo, p), seven, k.pick, 0xEA), k.lut),
+          k.base_lo[u]);
+      const __m512i ihi = _mm512_add_epi8(
+          _mm512_permutexvar_epi8(
+              _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(k.ctrl_hi, p), seven, k.pick, 0xEA), k.lut),
+          k.base_hi[u]);
+      clo = _mm512_dpbusd_epi32(clo, ones, wlo);
+      chi = _mm512_dpbusd_epi32(chi, ones, whi);
+#pragma GCC unroll 4
+      for (int t = 0; t < RT; ++t) {
+        alo[t] = _mm512_dpbusd_epi32(alo[t], _mm512_permutexvar_epi8(ilo, xv[t]), wlo);
+        ahi[t] = _mm512_dpbusd_epi32(ahi[t], _mm512_permutexvar_epi8(ihi, xv[t]), whi);
+      }
+    }
+    const __m512i clo128 = _mm512_slli_epi32(clo, 7), chi128 = _mm512_slli_epi32(chi, 7);
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)rec));
+#pragma GCC unroll 4
+    for (int t = 0; t < RT; ++t) {
+      const BlockQ8A* xt = xq + (size_t)t * kb + 2 * b;
+      const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(alo[t], clo128)), _mm512_set1_ps(xt[0].d),
+                                       _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ahi[t], chi128)),
+                                                     _mm512_set1_ps(xt[1].d)));
+      facc[t] = _mm512_fmadd_ps(dw, v, facc[t]);
+    }
+  }
+  for (int t = 0; t < RT; ++t) _mm512_mask_storeu_ps(y + (size_t)t * ldy, m, facc[t]);
+}
+
+bool has_vbmi() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vbmi") != 0;
+  }();
+  return yes;
+}
+
+}  // namespace
+
+bool sparse24_native() { return has_vbmi(); }
+
+void matmul_sparse24(const WeightView& w, const float* x, size_t ldx, const BlockQ8A* xq, int T, float* y,
+                     size_t ldy, int n0, int n1) {
+  if (!has_vbmi()) {  // dense Q4_0 kernels on expanded rows
+    matmul_sparse24_expand<BlockQ8A, avx512_kernel_table>(w, x, ldx, xq, T, y, ldy, n0, n1);
+    return;
+  }
+  static const Consts k = make_consts();
+  const int nb = (int)(w.cols / 64), kb = (int)(w.cols / 32);
+  const size_t group_bytes = (size_t)nb * kSparse24Record;
+  if (T > 1 && !w.row_invariant) {  // prefill: tiles of 4 tokens over each group of 16 rows
+    for (int g = n0 / 16; g * 16 < n1; ++g) {
+      const int lo = std::max(n0, g * 16) - g * 16, hi = std::min(n1, g * 16 + 16) - g * 16;
+      const uint8_t* rec = w.data + (size_t)g * group_bytes;
+      int t = 0;
+      for (; t + 4 <= T; t += 4)
+        group_rows_tile<4>(rec, nb, xq + (size_t)t * kb, kb, k, y + (size_t)t * ldy + g * 16, ldy, lo, hi);
+      for (; t < T; ++t)
+        group_rows_tile<1>(rec, nb, xq + (size_t)t * kb, kb, k, y + (size_t)t * ldy + g * 16, ldy, lo, hi);
+    }
+    return;
+  }
+  const uintptr_t end = (uintptr_t)w.data + (uintptr_t)(w.rows / 16) * group_bytes;
+  for (int t = 0; t < T; ++t) {  // a verifying step: each token exactly as a step of one
+    const BlockQ8A* xt = xq + (size_t)t * kb;
+    float* yt = y + (size_t)t * ldy;
+    for (int g = n0 / 16; g * 16 < n1; ++g) {
+      const __m512 r = group_rows(w.data + (size_t)g * group_bytes, nb, xt, k, end);
+      const int lo = std::max(n0, g * 16), hi = std::min(n1, g * 16 + 16);
+      if (lo == g * 16 && hi == g * 16 + 16) {
+        _mm512_storeu_ps(yt + g * 16, r);
+      } else {
+        const __mmask16 m = (__mmask16)(((1u << (hi - g * 16)) - 1u) & ~((1u << (lo - g * 16)) - 1u));
+        _mm512_mask_storeu_ps(yt + g * 16, m, r);
+      }
+    }
+  }
+}
+
+}  // namespace plm::kernels::avx512

@@ -1,0 +1,156 @@
+"""Q4_0_24_X16, the 2:4-sparse 4-bit type: its encoding against an independent reading of the layout
+in csrc/common.h, every variant's matmul against the dense Q4_0 kernel on the same weights with
+their zeros, and hostile pattern codes refused by the bundle reader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kernelutil import REMOTE, kernels, make_matmul_case, simd_variants, variants
+
+from pocketlm.dtypes import DType
+from pocketlm.quant import SPARSE24_PAIRS, dequantize, is_2_of_4, quantize
+
+S24 = DType.Q4_0_24_X16
+
+
+def _pruned(rng, rows, cols):
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    g = w.reshape(rows, cols // 4, 4)
+    np.put_along_axis(g, np.argsort(np.abs(g), axis=-1)[..., :2], 0.0, axis=-1)
+    g[rng.random(g.shape[:2]) < 0.1, :] = 0.0      # groups with no weight
+    one = rng.random(g.shape[:2]) < 0.1            # groups with one
+    g[one, 0] = 0.0
+    return w
+
+
+def _read_layout(raw: np.ndarray, rows: int, cols: int):
+    """The doc's layout read byte by byte: (d [rows, cols/64], q [rows, cols/64, 32], code [rows, cols/64, 16])."""
+    nb = cols // 64
+    d = np.zeros((rows, nb), np.float32)
+    q = np.zeros((rows, nb, 32), np.int64)
+    code = np.zeros((rows, nb, 16), np.int64)
+    for n in range(rows):
+        for b in range(nb):
+            rec = raw[((n // 16) * nb + b) * 384:][:384]
+            i = n % 16
+            d[n, b] = rec[2 * i:2 * i + 2].copy().view("<f2")[0]
+            for j in range(16):
+                byte = rec[32 + 64 * (j // 4) + 4 * i + j % 4]
+                q[n, b, j], q[n, b, 16 + j] = byte & 15, byte >> 4
+            for g in range(16):
+                u, k = (g % 8) // 2, (2 if g >= 8 else 0) + g % 2
+                bit = 288 * 8 + 24 * 8 * u + 12 * i + 3 * k
+                code[n, b, g] = sum(((rec[(bit + t) // 8] >> ((bit + t) % 8)) & 1) << t for t in range(3))
+    return d, q, code
+
+
+def _dense_q4_0(d, q, code) -> np.ndarray:
+    """The same weights as dense Q4_0 bytes (each 64-column scale in both of its 32-blocks, pruned
+    columns code 8), GGUF's nibble order."""
+    rows, nb, _ = q.shape
+    full = np.full((rows, nb, 64), 8, np.int64)
+    for g in range(16):
+        pairs = np.array(SPARSE24_PAIRS)[code[:, :, g]]
+        np.put_along_axis(full[:, :, 4 * g:4 * g + 4], pairs[..., :1], q[:, :, 2 * g, None], axis=-1)
+        np.put_along_axis(full[:, :, 4 * g:4 * g + 4], pairs[..., 1:], q[:, :, 2 * g + 1, None], axis=-1)
+    blocks = full.reshape(rows, nb * 2, 32)
+    out = np.zeros((rows, nb * 2, 18), np.uint8)
+    out[:, :, :2] = np.repeat(d, 2, axis=1).astype("<f2")[..., None].view(np.uint8)
+    out[:, :, 2:] = (blocks[:, :, :16] | blocks[:, :, 16:] << 4).astype(np.uint8)
+    return out.reshape(-1)
+
+
+def test_encoding_follows_the_documented_layout():
+    rng = np.random.default_rng(0)
+    w = _pruned(rng, 32, 192)
+    raw = quantize(w, S24)
+    assert raw.size == 32 * 192 // 64 * 24
+    d, q, code = _read_layout(raw, 32, 192)
+    assert code.max() < 6
+    # the kept columns hold the non-zeros, and are the values Q4_0 quantizes (d = v / -8)
+    for n in range(32):
+        for b in range(3):
+            vals = []
+            for g in range(16):
+                a, c = SPARSE24_PAIRS[code[n, b, g]]
+                grp = w[n, 64 * b + 4 * g:64 * b + 4 * g + 4]
+                assert set(np.flatnonzero(grp)) <= {a, c}
+                vals += [grp[a], grp[c]]
+            vals = np.array(vals, np.float32)
+            want = quantize(vals[None, :], DType.Q4_0)
+            assert want[:2].view("<f2")[0] == np.float16(d[n, b])
+            np.testing.assert_array_equal(dequantize(want, DType.Q4_0, (1, 32))[0], d[n, b] * (q[n, b] - 8))
+    # dequantize places them back, zeros elsewhere
+    wd = dequantize(raw, S24, w.shape)
+    assert np.all(wd[w == 0] == 0)
+    np.testing.assert_array_equal(wd, dequantize(_dense_q4_0(d, q, code), DType.Q4_0, w.shape))
+
+
+def test_refuses_what_is_not_2_of_4():
+    w = np.zeros((16, 64), np.float32)
+    w[3, 4:7] = 1.0  # three in one group
+    assert not is_2_of_4(w)
+    with pytest.raises(ValueError, match="2:4"):
+        quantize(w, S24)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        quantize(np.zeros((8, 64), np.float32), S24)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        quantize(np.zeros((16, 96), np.float32), S24)
+
+
+@pytest.mark.parametrize("variant", variants())
+def test_matches_the_dense_q4_0_kernel_on_the_same_weights(variant):
+    """Each variant's sparse matmul (one and two activation levels, decode and prefill token counts,
+    row ranges off the 16-row grid) against its own dense Q4_0 kernel on the weights with zeros."""
+    for i, (T, K, N, n0, n1) in enumerate([(1, 64, 16, 0, 16), (1, 896, 48, 0, 48), (1, 1536, 32, 5, 27),
+                                           (3, 576, 32, 0, 32), (17, 320, 48, 16, 47), (64, 256, 64, 1, 63),
+                                           (4, 4864, 16, 0, 16)]):
+        rng = np.random.default_rng(10 + i)
+        raw = quantize(_pruned(rng, N, K), S24)
+        dense = _dense_q4_0(*_read_layout(raw, N, K))
+        x = rng.standard_normal((T, K)).astype(np.float32)
+        x[-1, :32] *= 100
+        wd = dequantize(raw, S24, (N, K))
+        scale = np.abs(x) @ (np.abs(wd) + 8 * np.abs(wd).max()).T  # the -8 offset's cancellation
+        for fn in ("matmul", "matmul2"):
+            want = getattr(kernels, fn)(variant, int(DType.Q4_0), dense, N, K, x, n0, n1)
+            got = getattr(kernels, fn)(variant, int(S24), raw, N, K, x, n0, n1)
+            assert not got[:, :n0].any() and not got[:, n1:].any()
+            assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-30), (fn, variant, T, K, N, n0, n1)
+
+
+@pytest.mark.skipif(bool(REMOTE), reason="reads a bundle on this machine")
+def test_reader_refuses_invalid_pattern_codes(tmp_path):
+    from pocketlm.bundle import TensorSpec, read_bundle, write_bundle
+    from pocketlm.errors import BundleError
+
+    rng = np.random.default_rng(5)
+    raw = quantize(_pruned(rng, 32, 128), S24)
+    write_bundle(tmp_path / "ok.plm", {}, [TensorSpec("w", S24, (32, 128), lambda: raw)])
+    assert read_bundle(tmp_path / "ok.plm").info("w").dtype == S24
+    for byte, value in [(288, 0b110), (384 + 288 + 95, 0xFF), (288 + 24 * 3, 0x38)]:
+        bad = raw.copy()
+        bad[byte] |= value  # some 3-bit code becomes 6 or 7
+        write_bundle(tmp_path / "bad.plm", {}, [TensorSpec("w", S24, (32, 128), lambda b=bad: b)])
+        with pytest.raises(BundleError, match="invalid 2:4 pattern code"):
+            read_bundle(tmp_path / "bad.plm")
+
+
+@pytest.mark.parametrize("variant", simd_variants())
+def test_any_pattern_bytes_are_safe(variant):
+    """Pattern codes 6 and 7 never reach a kernel through a bundle, but kernels called directly
+    with them must not read outside the weights or the activations: they act as pattern 0."""
+    rng = np.random.default_rng(6)
+    raw = quantize(_pruned(rng, 16, 128), S24)
+    raw[288:384] = 0xFF
+    raw[384 + 288:] = 0xFF
+    x = rng.standard_normal((1, 128)).astype(np.float32)
+    want = kernels.matmul("ref", int(S24), raw, 16, 128, x)
+    got = kernels.matmul(variant, int(S24), raw, 16, 128, x)
+    assert np.all(np.isfinite(got)) and np.allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+def test_case_helper_prunes_for_the_sparse_type():
+    raw, wd, x = make_matmul_case(S24, 1, 128, 16, 0)
+    assert is_2_of_4(wd) and raw.size == 16 * 128 // 64 * 24
