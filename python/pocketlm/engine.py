@@ -65,7 +65,8 @@ class CompiledModel:
 
     def __init__(self, bundle, max_context: int, prefill_chunk: int, threads: int,
                  keep_snapshots: bool = False, kernels: str = "", all_logits: bool = False,
-                 activations: str = "int8x2", max_seqs: int = 1, hidden_states: bool = False):
+                 activations: str = "int8x2", max_seqs: int = 1, hidden_states: bool = False,
+                 tap: str | None = None):
         from pocketlm import _core
 
         from pocketlm.dtypes import DType
@@ -80,6 +81,12 @@ class CompiledModel:
                 g = hidden_states_output(g)
             except ValueError as e:
                 raise UnsupportedModelError(f"{bundle.path}: no embeddings from this model: {e}") from None
+            all_logits = True
+        self.tap_weights: tuple[str, ...] = ()
+        if tap is not None:  # pruning (prune.input_norms): every row of the input of tap's matmul
+            from pocketlm.passes.dce import matmul_input_output
+
+            g, self.tap_weights = matmul_input_output(g, tap)
             all_logits = True
         self.config = dict(bundle.metadata["config"])
         with _metadata_errors(bundle):

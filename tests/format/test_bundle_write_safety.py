@@ -191,9 +191,9 @@ SLOW_CONVERT = """
 import sys, time
 from pocketlm.convert import converter
 encode = converter._encode
-def slow(t, dtype):
+def slow(t, dtype, *rest):
     time.sleep(0.3)
-    return encode(t, dtype)
+    return encode(t, dtype, *rest)
 converter._encode = slow
 converter.convert(sys.argv[1], sys.argv[2], quant="f32", progress=False)
 """

@@ -86,6 +86,8 @@ def describe(bundle: Bundle | str | os.PathLike, show_tensors: bool = True) -> s
     field("architecture", meta.get("architecture", "-"))
     block("config", meta.get("config"))
     field("quantization", _pairs(meta.get("quantization")))
+    if "pruning" in meta:
+        field("pruning", _pairs(meta.get("pruning")))
     tok = meta.get("tokenizer")
     if isinstance(tok, dict):
         vocab = _vocab_size(tok)

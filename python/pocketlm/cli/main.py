@@ -200,8 +200,16 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if a.head is not None and quant not in ("int4", "int8"):
         raise InvalidInputError(f"--head {a.head} applies to --quant int4 and int8 (the other types keep "
                                 "the head as the rest)")
-    out = convert(a.src, a.output, quant=quant, group_size=a.group_size, symmetric=not a.asym,
-                  progress=not a.quiet, head=a.head)
+    if a.prune is None and (a.prune_method is not None or a.calibration is not None):
+        raise InvalidInputError("--prune-method and --calibration go with --prune (2:4, 50%, ...)")
+    try:
+        out = convert(a.src, a.output, quant=quant, group_size=a.group_size, symmetric=not a.asym,
+                      progress=not a.quiet, head=a.head, prune=a.prune, prune_method=a.prune_method or "wanda",
+                      calibration=a.calibration, sparse=a.sparse)
+    except ValueError as e:
+        if a.prune is None:
+            raise
+        raise InvalidInputError(str(e)) from None
     print(out)
     return 0
 
@@ -582,6 +590,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the output head and token embeddings: int8 (default, Q8_0 blocks in int4 mode) or "
                         "int4 (4-bit like the other weights: a smaller file and faster decoding for some "
                         "accuracy, docs/quant.md)")
+    c.add_argument("--prune", default=None, metavar="N:M|P%",
+                   help="set the lowest-scoring weights of the blocks' linear layers to zero: 2:4 (two of every "
+                        "four inputs kept) or a share of each row, e.g. 50%% (docs/quant.md)")
+    c.add_argument("--prune-method", choices=["wanda", "magnitude"], default=None,
+                   help="scores for --prune: wanda (default: |W| x the input's norm over --calibration text) or "
+                        "magnitude (|W|)")
+    c.add_argument("--calibration", default=None, metavar="FILE",
+                   help="text (UTF-8) whose first 2048 tokens the unpruned model runs for wanda's input norms")
+    c.add_argument("--sparse", choices=["auto", "off"], default="auto",
+                   help="auto (default): int4 block weights that are 2:4 (two non-zeros in every four, from "
+                        "--prune 2:4 or pruned at the source) stored 2:4-sparse, 3.0 bits per weight; off: dense")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 

@@ -57,12 +57,13 @@ def _rows_cols(shape) -> tuple[int, int]:
     return int(np.prod(shape[:-1], dtype=np.int64)), int(shape[-1])
 
 
-def _encode(t: SourceTensor, dtype: DType) -> np.ndarray:
+def _encode(t: SourceTensor, dtype: DType, pruner=None) -> np.ndarray:
     """The tensor's bytes as `dtype`: copied when the source already stores it so, else encoded.
     Refuses a NaN or an infinity in the source (copied bytes included: their values, or their
-    blocks' f16 scales and minimums) and one that encoding makes (a value past the f16 range)."""
+    blocks' f16 scales and minimums) and one that encoding makes (a value past the f16 range).
+    pruner(name, w2d) -> w2d: the weights with the pruned ones zeroed, before quantization."""
     base, shape = dtype.base, _rows_cols(t.shape)
-    if t.native == base and t.load_native is not None:
+    if pruner is None and t.native == base and t.load_native is not None:
         raw = t.load_native()
         where = quant.first_nonfinite(raw, base, shape)
         if where is not None:
@@ -72,6 +73,8 @@ def _encode(t: SourceTensor, dtype: DType) -> np.ndarray:
         x = t.load_f32()
         if not np.all(np.isfinite(x)):
             raise BundleError(f"tensor {shown(t.name)} contains NaN or infinite values")
+        if pruner is not None:
+            x = pruner(t.name, x.reshape(shape))
         with np.errstate(over="ignore"):  # an overflow to infinity is refused just below, by name
             raw = quant.quantize(x.reshape(shape), base)
         if quant.first_nonfinite(raw, base, shape) is not None:
@@ -81,14 +84,38 @@ def _encode(t: SourceTensor, dtype: DType) -> np.ndarray:
     return quant.interleave(raw, base, shape) if dtype.x16 else raw
 
 
-def plan(model: SourceModel, recipe: Recipe) -> tuple[list[tuple[SourceTensor, DType]], list[str], list[str]]:
-    """[(tensor, type)] in canonical order, names that fell back to F16, names requantized in keep mode."""
+def _sparse_eligible(t: SourceTensor, recipe: Recipe) -> bool:
+    """A tensor the 2:4-sparse 4-bit type may hold: a block linear weight in int4 mode (symmetric,
+    groups of 32), rows a multiple of 16 and rows of a multiple of 64 columns."""
+    from pocketlm.prune import prunable
+
+    return (recipe.sparse == "auto" and recipe.mode == "int4" and recipe.symmetric and recipe.group_size == 32
+            and prunable(t.name) and len(t.shape) == 2 and t.shape[0] % 16 == 0 and t.shape[1] % 64 == 0)
+
+
+def plan(model: SourceModel, recipe: Recipe, prune_spec=None) -> tuple[list[tuple[SourceTensor, DType]], list[str], list[str]]:
+    """[(tensor, type)] in canonical order, names that fell back to F16, names requantized in keep mode.
+    With sparse="auto" (int4), a block linear weight that is or will be 2:4 (pruned here with a
+    2:4 pattern, or already so in the source: at most two non-zeros in every four columns, at
+    least a quarter of its weights zero) is stored as Q4_0_24_X16."""
+    from pocketlm.quant import is_2_of_4
+
     order = {name: i for i, name in enumerate(expected_shapes(model.config, model.architecture))}
     planned, fallback, requantized = [], [], []
+    two_of_four = prune_spec is not None and (prune_spec.n, prune_spec.m) == (2, 4)
     for t in sorted(model.tensors, key=lambda t: order[t.name]):
         keep = None
         if recipe.mode == "keep":
             keep = t.native if t.native is not None else model.keep_fallback[t.name]
+        if _sparse_eligible(t, recipe):
+            if two_of_four:
+                planned.append((t, DType.Q4_0_24_X16))
+                continue
+            if prune_spec is None:
+                w = t.load_f32().reshape(t.shape)
+                if np.count_nonzero(w) <= 0.75 * w.size and is_2_of_4(w):  # pruned at the source
+                    planned.append((t, DType.Q4_0_24_X16))
+                    continue
         dtype, fell_back = recipe.choose(t.name, t.shape, keep)
         if fell_back:
             fallback.append(t.name)
@@ -124,8 +151,60 @@ def _metadata(model: SourceModel, recipe: Recipe, planned, fallback: list[str], 
     }
 
 
+def _pruner(src: Path, out: Path, spec, planned, calibration: Path | None, quant: str, progress: bool,
+            threads: int | None):
+    """(pruner(name, w) for _encode, the bundle's "pruning" record). For wanda, the input norms of
+    every pruned weight come from the same conversion without pruning, written to a temporary
+    bundle beside `out` (f32 or int8) and run over the calibration text (pocketlm.prune.input_norms)."""
+    import hashlib
+    import tempfile
+
+    from pocketlm import prune as pruning
+    from pocketlm.bundle import read_bundle
+    from pocketlm.engine import load_tokenizer
+
+    names = [t.name for t, dtype in planned if pruning.prunable(t.name) and len(t.shape) == 2]
+    if not names:
+        raise ValueError("this model has no block linear weights to prune")
+    if spec.m:
+        odd = [n for n in names if dict((t.name, t.shape) for t, _ in planned)[n][-1] % spec.m]
+        if odd:
+            raise ValueError(f"--prune {spec.label}: {odd[0]} has rows of a length not a multiple of {spec.m}")
+    record = {**spec.describe(), "tensors": len(names)}
+    norms: dict = {}
+    if spec.method == "wanda":
+        text = calibration.read_bytes()
+        record["calibration"] = {"file": calibration.name, "sha256": hashlib.sha256(text).hexdigest()}
+        with tempfile.TemporaryDirectory(prefix=".pocketlm-prune-", dir=out.parent) as tmp:
+            # the dense model: f32 for an f32 output (so its masks are exactly transformers' own), else
+            # int8 (near-float: KL divergence ~0.0015 on Qwen2.5-0.5B) for speed; f16 weights would cost
+            # several times the minutes for norms within ~1e-3 of these
+            dense = convert(src, Path(tmp) / "dense.plm", quant="f32" if quant == "f32" else "int8", progress=progress)
+            tokens = np.asarray(load_tokenizer(read_bundle(dense)).encode(text.decode("utf-8", errors="replace")),
+                                dtype=np.int32)[:pruning.CALIBRATION_TOKENS]
+            if tokens.size < 16:
+                raise ValueError(f"{calibration.name}: {tokens.size} tokens; wanda needs a calibration text of "
+                                 "at least 16 tokens (a few thousand is usual)")
+            record["calibration"]["tokens"] = int(tokens.size)
+            bar = ProgressBar("wanda: input norms", len(names)) if progress else None
+            norms = pruning.input_norms(dense, tokens, names, threads=threads or min(4, os.cpu_count() or 1),
+                                        progress=(lambda i, name: bar.tensor_started(i)) if bar else None)
+            if bar is not None:
+                bar.finish()
+    wanted = set(names)
+
+    def pruner(name: str, w: np.ndarray) -> np.ndarray:
+        if name not in wanted:
+            return w
+        return pruning.prune(w, spec, norms.get(name))
+
+    return pruner, record
+
+
 def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = None, group_size: int | None = None,
-            symmetric: bool = True, progress: bool = True, head: str | None = None) -> Path:
+            symmetric: bool = True, progress: bool = True, head: str | None = None, prune: str | None = None,
+            prune_method: str = "wanda", calibration: str | os.PathLike | None = None,
+            threads: int | None = None, sparse: str = "auto") -> Path:
     """Converts a Hugging Face folder or a .gguf file into a .plm bundle at `out`; returns its path.
 
     quant: None keeps a GGUF's types (bit-exact where pocketlm has them) and means "f16" for
@@ -137,6 +216,14 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = 
     embeddings and the output head in Q8_0 blocks in int4 mode; "int4" makes them 4-bit too (int4
     and int8 modes), fewer bytes per decoded token for some accuracy (docs/quant.md). If `out` is a folder, the bundle is
     named after the source. Never leaves a partial file behind.
+
+    prune: "2:4" (N:M) or "50%" sets the lowest-scoring weights of the blocks' linear layers to zero
+    before quantization (pocketlm.prune); prune_method "wanda" (|W| x input norm, the norms from
+    running the unpruned model over the text file `calibration`) or "magnitude" (|W|). Needs an
+    explicit quant of f32, f16, int8 or symmetric int4 (types that store an exact zero).
+    sparse: "auto" (default) stores int4 block linear weights that are 2:4 (pruned so here, or in
+    the source) as the 2:4-sparse type Q4_0_24_X16 (3.0 bits per weight instead of 4.5); "off"
+    keeps them dense.
     """
     if quant not in QUANT_CHOICES:
         raise ValueError(f"quant must be one of f32, f16, int8, int4 or None, got {quant!r}")
@@ -153,15 +240,35 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = 
         group_size = 32
     if head is not None and mode not in ("int4", "int8"):
         raise ValueError(f"head={head!r} applies to int4 and int8 conversions (quant={quant!r})")
-    recipe = Recipe(mode, group_size, symmetric, head)
+    recipe = Recipe(mode, group_size, symmetric, head, sparse)
+    spec = None
+    if prune is not None:
+        from pocketlm import prune as pruning
+
+        spec = pruning.parse_prune(prune, prune_method)
+        if quant in (None, "keep") or not symmetric:
+            raise ValueError("pruning needs --quant f32, f16, int8 or int4 (symmetric): the weights are "
+                             "re-encoded, in a type that stores an exact zero")
+        if spec.method == "wanda" and calibration is None:
+            raise ValueError("wanda pruning needs a calibration text (--calibration FILE): its scores weigh "
+                             "each weight by its input's size over that text")
+        if spec.method == "magnitude" and calibration is not None:
+            raise ValueError("magnitude pruning uses no calibration text (drop --calibration, or use wanda)")
+        if calibration is not None:
+            calibration = Path(calibration)
+            if not calibration.is_file():
+                raise ValueError(f"{calibration}: no such calibration file")
 
     out = Path(out)
     if out.is_dir():
         out = out / f"{src.stem if src.is_file() else src.resolve().name}.plm"
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    planned, fallback, requantized = plan(model, recipe)
+    planned, fallback, requantized = plan(model, recipe, spec)
     metadata = _metadata(model, recipe, planned, fallback, requantized)
+    pruner = None
+    if spec is not None:
+        pruner, metadata["pruning"] = _pruner(src, out, spec, planned, calibration, quant, progress, threads)
     # The reader's own metadata check, before any tensor is written: a value the loader would refuse
     # fails here in milliseconds (check_loadable, on the finished file, stays as the last net).
     problem = metadata_problem(metadata)
@@ -181,7 +288,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = 
                 bar.tensor_started(i)
             for j in range(i, min(i + workers + 1, len(planned))):
                 if j not in encoding:
-                    encoding[j] = pool.submit(_encode, *planned[j])
+                    encoding[j] = pool.submit(_encode, *planned[j], pruner)
             return encoding.pop(i).result()
         return load
 

@@ -92,3 +92,19 @@ def eliminate_dead_code(g: Graph) -> Graph:
     out.consts = {k: v for k, v in g.consts.items() if k in used}
     out.weights = {k: v for k, v in g.weights.items() if k in used}
     return out
+
+
+def matmul_input_output(g: Graph, weight: str) -> tuple[Graph, tuple[str, ...]]:
+    """The graph's output moved to the input of the matmul that reads `weight` (what pruning's
+    Wanda scores need: a linear layer's input over calibration text); everything past it becomes
+    dead. Returns the graph and the weights of every matmul reading that same input (q, k and v
+    share theirs). ValueError if no matmul reads `weight`."""
+    for n in g.nodes:
+        if n.op == "matmul" and len(n.inputs) > 1 and n.inputs[1] == weight:
+            src = n.inputs[0]
+            shared = tuple(m.inputs[1] for m in g.nodes if m.op == "matmul" and len(m.inputs) > 1
+                           and m.inputs[0] == src)
+            out = g.copy()
+            out.outputs = (src,)
+            return out, shared
+    raise ValueError(f"no matmul reads {weight}")
