@@ -183,6 +183,15 @@ def test_pruned_bundle_matches_transformers_with_the_same_zeros(tmp_path, prune,
         sparse = {t.name for t in b.tensors if t.dtype == DType.Q4_0_24_X16}
         assert sparse == {n for n in pruned if pruning.prunable(n) and b.info(n).shape[1] % 64 == 0}
         assert len(sparse) == 12
+        # every kernel variant: those without a sparse kernel run the weights expanded at load
+        from pocketlm import _core
+
+        want = Engine(out, threads=1, max_context=64, kv_type="f32", activations="int8x2",
+                      kernels="ref").create_session().prefill(ids)
+        for variant in _core.kernels.available():
+            got = Engine(out, threads=2, max_context=64, kv_type="f32", activations="int8x2",
+                         kernels=variant).create_session().prefill(ids)
+            assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), variant
 
 
 def test_refusals_leave_nothing_behind(tmp_path):
