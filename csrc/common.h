@@ -323,7 +323,8 @@ inline int sparse24_code(const uint8_t* rec, int i, int g) {
   const int u = (g % 8) / 2, k = (g >= 8 ? 2 : 0) + g % 2;
   const int bit = 12 * i + 3 * k;
   const uint8_t* p = rec + 288 + 24 * u;
-  const uint32_t v = (uint32_t)p[bit / 8] | (uint32_t)p[bit / 8 + 1] << 8;  // bit % 8 + 3 <= 10 < 16
+  uint32_t v = p[bit / 8];
+  if (bit % 8 > 5) v |= (uint32_t)p[bit / 8 + 1] << 8;  // the code runs into the next byte (never the last)
   return (int)(v >> (bit % 8) & 7);
 }
 

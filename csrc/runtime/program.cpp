@@ -97,10 +97,11 @@ void Program::Impl::resolve_tensor(size_t id) {
         // No sparse kernel here (AVX2, NEON, ref, or AVX-512 without VBMI): dense Q4_0_X16 once,
         // rather than every row expanded at every step. Same values, 1.5x the bytes.
         const size_t dense = tensor_bytes(DType::Q4_0_X16, t.rows, t.cols);
-        void* mem = std::aligned_alloc(64, (dense + 63) / 64 * 64);
+        std::unique_ptr<uint8_t, void (*)(void*)> mem(static_cast<uint8_t*>(std::aligned_alloc(64, (dense + 63) / 64 * 64)),
+                                                      std::free);
         if (!mem) throw std::bad_alloc();
-        expanded.emplace_back(static_cast<uint8_t*>(mem), std::free);
-        uint8_t* out = expanded.back().get();
+        uint8_t* out = mem.get();
+        expanded.push_back(std::move(mem));
         const size_t rb = row_bytes(DType::Q4_0, t.cols);
         std::vector<uint8_t> row(rb);
         for (int64_t n = 0; n < t.rows; ++n) {

@@ -131,8 +131,9 @@ def input_norms(bundle_path, tokens: np.ndarray, names: list[str], threads: int 
     from pocketlm.passes.dce import matmul_input_output
 
     bundle = read_bundle(bundle_path)
-    chunk = min(CALIBRATION_CHUNK, int(len(tokens)))
-    windows = [tokens[i:i + chunk] for i in range(0, len(tokens) - chunk + 1, chunk)] or [tokens]
+    trained = int(bundle.metadata.get("config", {}).get("max_position") or CALIBRATION_CHUNK)
+    chunk = max(1, min(CALIBRATION_CHUNK, int(len(tokens)), trained))
+    windows = [tokens[i:i + chunk] for i in range(0, len(tokens), chunk)]  # the last one may be shorter
     out: dict[str, np.ndarray] = {}
     wanted = set(names)
     done = 0

@@ -469,7 +469,8 @@ _F16_FIELDS = {DType.Q8_0: (0,), DType.Q4_0: (0,), DType.Q4_0_G64: (0,), DType.Q
 def first_nonfinite(raw, dtype: DType, shape) -> int | None:
     """Where the row-major bytes `raw` of a `dtype` tensor of `shape` hold a NaN or an infinity,
     or None: the element index for F32/F16/BF16, the block index for block types (a block whose
-    f16 scale or minimum is not finite), the row index for I8 (its f32 scale). Vectorised, in
+    f16 scale or minimum is not finite), the row index for I8 (its f32 scale), the record index
+    (16 rows x 64 columns) for Q4_0_24_X16. Vectorised, in
     chunks: a fraction of the cost of writing the tensor."""
     dtype = DType(dtype)
     if dtype.x16:

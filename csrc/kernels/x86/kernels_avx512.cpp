@@ -36,6 +36,7 @@
 #include "kernels/x86/x16_avx512.h"
 
 namespace plm::kernels {
+const KernelTable* avx512_kernel_table();
 namespace {
 
 inline __mmask16 tail_mask(int n) { return (__mmask16)((1u << n) - 1u); }  // n in [0, 16]
@@ -1102,6 +1103,18 @@ void silu_mul_avx512(const float* g, const float* u, float* y, int n) {
   }
 }
 
+// Q4_0_24_X16: the VBMI kernel where the CPU has VBMI, else dense Q4_0 rows (a Program expands the
+// weights at load then, so this fallback serves direct kernel calls). Kept in this file, built
+// without VBMI, so that no VBMI instruction is reachable on a CPU without it.
+template <class Act>
+void matmul_sparse24(const WeightView& w, const float* x, size_t ldx, const Act* xq, int T, float* y, size_t ldy,
+                     int n0, int n1) {
+  if (avx512::sparse24_native())
+    avx512::matmul_sparse24_vbmi<Act>(w, xq, T, y, ldy, n0, n1);
+  else
+    matmul_sparse24_expand<Act, avx512_kernel_table>(w, x, ldx, xq, T, y, ldy, n0, n1);
+}
+
 }  // namespace
 
 const KernelTable* avx512_kernel_table() {
@@ -1134,7 +1147,7 @@ const KernelTable* avx512_kernel_table() {
           avx512::matmul_x16,                    // Q4_0_G128_X16
           avx512::matmul_x16,                    // Q4_1_G64_X16
           avx512::matmul_x16,                    // Q4_1_G128_X16
-          avx512::matmul_sparse24,               // Q4_0_24_X16
+          matmul_sparse24<BlockQ8A>,             // Q4_0_24_X16
       },
       quantize_act_avx512,
       ref_kernels().dequant_row,
@@ -1171,7 +1184,7 @@ const KernelTable* avx512_kernel_table() {
           avx512::matmul2_x16,                              // Q4_0_G128_X16
           avx512::matmul2_x16,                              // Q4_1_G64_X16
           avx512::matmul2_x16,                              // Q4_1_G128_X16
-          matmul_sparse24_expand<BlockQ8A2, avx512_kernel_table>,  // Q4_0_24_X16
+          matmul_sparse24<BlockQ8A2>,                       // Q4_0_24_X16
       },
       quantize_act2_avx512,
       weighted_sum_avx512<float>,

@@ -6,20 +6,18 @@
 // 12 bits, vpermb looks up the column in the group (kSparse24Pairs), and vpermb gathers the token's
 // activation at that column for every byte. vpdpbusd then sums code x activation per row, and
 // ones x activation gives the sum of the kept activations for the codes' -8. Decode reads 3.0
-// bits per weight where dense Q4_0 reads 4.5. Several tokens (prefill) expand the rows into dense
-// Q4_0 and take the Q4_0 GEMM (matmul_sparse24_expand); so does a CPU without VBMI.
+// bits per weight where dense Q4_0 reads 4.5. Prefill runs tiles of 4 tokens per group of 16 rows,
+// each unit's columns decoded once for the tile. A CPU without VBMI never enters this file: the
+// table's entry (kernels_avx512.cpp) sends it to matmul_sparse24_expand instead.
 #include <immintrin.h>
 
 // GCC 12 sees the undefined pass-through operand of the vpermb / vpmultishiftqb intrinsics as
 // "maybe uninitialized": a false positive.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-#include "kernels/kernels.h"
-#include "kernels/x86/sparse_avx512.h"
+#include <type_traits>
 
-namespace plm::kernels {
-const KernelTable* avx512_kernel_table();
-}
+#include "kernels/x86/sparse_avx512.h"
 
 namespace plm::kernels::avx512 {
 namespace {
@@ -65,19 +63,55 @@ Consts make_consts() {
 // Zen 5: 2, 4, 8, 16, 24, 32, 48 tried). Bounded to the tensor: integer addresses, compared first.
 constexpr uintptr_t kPrefetchAhead = 24 * kSparse24Record;
 
-// The 16 rows of one record group (rows 16 g16 .. 16 g16 + 15) for one token; `end`: the tensor's end.
-inline __m512 group_rows(const uint8_t* rec, int nb, const BlockQ8A* xq, const Consts& k, uintptr_t end) {
+// Activations of 64 columns (two blocks) as one vector: level 1, or level 2 (BlockQ8A2's residual).
+template <class Act, bool Level2>
+inline __m512i columns(const Act& x0, const Act& x1) {
+  const int8_t* a = x0.qs;
+  const int8_t* b = x1.qs;
+  if constexpr (Level2) a = x0.qs2, b = x1.qs2;
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)a)),
+                            _mm256_loadu_si256((const __m256i*)b), 1);
+}
+
+// sum over the kept columns of (q - 8) x, per row, for the low- and high-nibble values: the
+// code x activation sums minus 8 x the kept activations' sums, exact in int32.
+struct Sums {
+  __m512i alo, ahi, slo, shi;
+  void zero() { alo = ahi = slo = shi = _mm512_setzero_si512(); }
+  void add(__m512i wlo, __m512i whi, __m512i plo, __m512i phi, __m512i ones) {
+    alo = _mm512_dpbusd_epi32(alo, wlo, plo);
+    ahi = _mm512_dpbusd_epi32(ahi, whi, phi);
+    slo = _mm512_dpbusd_epi32(slo, ones, plo);
+    shi = _mm512_dpbusd_epi32(shi, ones, phi);
+  }
+  // (low-nibble sums) * da + (high-nibble sums) * db
+  __m512 scaled(float da, float db) const {
+    const __m512i rlo = _mm512_sub_epi32(alo, _mm512_slli_epi32(slo, 3));
+    const __m512i rhi = _mm512_sub_epi32(ahi, _mm512_slli_epi32(shi, 3));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(rlo), _mm512_set1_ps(da),
+                           _mm512_mul_ps(_mm512_cvtepi32_ps(rhi), _mm512_set1_ps(db)));
+  }
+};
+
+// The 16 rows of one record group (rows 16 g16 .. 16 g16 + 15) for one token; `end`: the tensor's
+// end. Two-level activations (BlockQ8A2) add the residual's dot products with the same columns.
+template <class Act>
+inline __m512 group_rows(const uint8_t* rec, int nb, const Act* xq, const Consts& k, uintptr_t end) {
+  constexpr bool kTwo = std::is_same_v<Act, BlockQ8A2>;
   const __m512i m4 = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1), seven = _mm512_set1_epi8(7);
   __m512 facc = _mm512_setzero_ps();
   for (int b = 0; b < nb; ++b, rec += kSparse24Record) {
     const uintptr_t pf = (uintptr_t)rec + kPrefetchAhead;
     if (pf < end)
       for (int l = 0; l < 6; ++l) _mm_prefetch((const char*)(pf + 64 * (uintptr_t)l), _MM_HINT_T0);
-    const BlockQ8A& x0 = xq[2 * b];
-    const BlockQ8A& x1 = xq[2 * b + 1];
-    const __m512i xv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)x0.qs)),
-                                          _mm256_loadu_si256((const __m256i*)x1.qs), 1);
-    __m512i alo = _mm512_setzero_si512(), ahi = alo, slo = alo, shi = alo;
+    const Act& x0 = xq[2 * b];
+    const Act& x1 = xq[2 * b + 1];
+    const __m512i xv = columns<Act, false>(x0, x1);
+    __m512i xv2 = _mm512_setzero_si512();
+    if constexpr (kTwo) xv2 = columns<Act, true>(x0, x1);
+    Sums s1, s2;
+    s1.zero();
+    if constexpr (kTwo) s2.zero();
 #pragma GCC unroll 4
     for (int u = 0; u < 4; ++u) {
       const __m512i w = _mm512_loadu_si512(rec + 32 + 64 * u);
@@ -90,18 +124,12 @@ inline __m512 group_rows(const uint8_t* rec, int nb, const BlockQ8A* xq, const C
       const __m512i chi = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(k.ctrl_hi, p), seven, k.pick, 0xEA);
       const __m512i ilo = _mm512_add_epi8(_mm512_permutexvar_epi8(clo, k.lut), k.base_lo[u]);
       const __m512i ihi = _mm512_add_epi8(_mm512_permutexvar_epi8(chi, k.lut), k.base_hi[u]);
-      const __m512i plo = _mm512_permutexvar_epi8(ilo, xv), phi = _mm512_permutexvar_epi8(ihi, xv);
-      alo = _mm512_dpbusd_epi32(alo, wlo, plo);
-      ahi = _mm512_dpbusd_epi32(ahi, whi, phi);
-      slo = _mm512_dpbusd_epi32(slo, ones, plo);
-      shi = _mm512_dpbusd_epi32(shi, ones, phi);
+      s1.add(wlo, whi, _mm512_permutexvar_epi8(ilo, xv), _mm512_permutexvar_epi8(ihi, xv), ones);
+      if constexpr (kTwo) s2.add(wlo, whi, _mm512_permutexvar_epi8(ilo, xv2), _mm512_permutexvar_epi8(ihi, xv2), ones);
     }
-    const __m512i rlo = _mm512_sub_epi32(alo, _mm512_slli_epi32(slo, 3));  // sum (q - 8) x, exact
-    const __m512i rhi = _mm512_sub_epi32(ahi, _mm512_slli_epi32(shi, 3));
-    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)rec));
-    const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(rlo), _mm512_set1_ps(x0.d),
-                                     _mm512_mul_ps(_mm512_cvtepi32_ps(rhi), _mm512_set1_ps(x1.d)));
-    facc = _mm512_fmadd_ps(dw, v, facc);
+    __m512 v = s1.scaled(x0.d, x1.d);
+    if constexpr (kTwo) v = _mm512_add_ps(v, s2.scaled(x0.d2, x1.d2));
+    facc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)rec)), v, facc);
   }
   return facc;
 }
@@ -178,42 +206,42 @@ bool has_vbmi() {
 
 bool sparse24_native() { return has_vbmi(); }
 
-void matmul_sparse24(const WeightView& w, const float* x, size_t ldx, const BlockQ8A* xq, int T, float* y,
-                     size_t ldy, int n0, int n1) {
-  if (!has_vbmi()) {  // dense Q4_0 kernels on expanded rows
-    matmul_sparse24_expand<BlockQ8A, avx512_kernel_table>(w, x, ldx, xq, T, y, ldy, n0, n1);
-    return;
-  }
+// Called only where sparse24_native() holds (kernels_avx512.cpp dispatches): this file is compiled
+// with VBMI and must not run elsewhere, nor define code other files could link instead of theirs.
+template <class Act>
+void matmul_sparse24_vbmi(const WeightView& w, const Act* xq, int T, float* y, size_t ldy, int n0, int n1) {
   static const Consts k = make_consts();
   const int nb = (int)(w.cols / 64), kb = (int)(w.cols / 32);
   const size_t group_bytes = (size_t)nb * kSparse24Record;
-  if (T > 1 && !w.row_invariant) {  // prefill: tiles of 4 tokens over each group of 16 rows
-    for (int g = n0 / 16; g * 16 < n1; ++g) {
-      const int lo = std::max(n0, g * 16) - g * 16, hi = std::min(n1, g * 16 + 16) - g * 16;
-      const uint8_t* rec = w.data + (size_t)g * group_bytes;
-      int t = 0;
-      for (; t + 4 <= T; t += 4)
-        group_rows_tile<4>(rec, nb, xq + (size_t)t * kb, kb, k, y + (size_t)t * ldy + g * 16, ldy, lo, hi);
-      for (; t < T; ++t)
-        group_rows_tile<1>(rec, nb, xq + (size_t)t * kb, kb, k, y + (size_t)t * ldy + g * 16, ldy, lo, hi);
+  if constexpr (std::is_same_v<Act, BlockQ8A>) {
+    if (T > 1 && !w.row_invariant) {  // prefill: tiles of 4 tokens over each group of 16 rows
+      for (int g = n0 / 16; g * 16 < n1; ++g) {
+        const int lo = (n0 > g * 16 ? n0 : g * 16) - g * 16, hi = (n1 < g * 16 + 16 ? n1 : g * 16 + 16) - g * 16;
+        const uint8_t* rec = w.data + (size_t)g * group_bytes;
+        int t = 0;
+        for (; t + 4 <= T; t += 4)
+          group_rows_tile<4>(rec, nb, xq + (size_t)t * kb, kb, k, y + (size_t)t * ldy + g * 16, ldy, lo, hi);
+        for (; t < T; ++t)
+          group_rows_tile<1>(rec, nb, xq + (size_t)t * kb, kb, k, y + (size_t)t * ldy + g * 16, ldy, lo, hi);
+      }
+      return;
     }
-    return;
   }
+  // Decode, a verifying step (each token exactly as a step of one), and two-level activations.
   const uintptr_t end = (uintptr_t)w.data + (uintptr_t)(w.rows / 16) * group_bytes;
-  for (int t = 0; t < T; ++t) {  // a verifying step: each token exactly as a step of one
-    const BlockQ8A* xt = xq + (size_t)t * kb;
+  for (int t = 0; t < T; ++t) {
+    const Act* xt = xq + (size_t)t * kb;
     float* yt = y + (size_t)t * ldy;
     for (int g = n0 / 16; g * 16 < n1; ++g) {
-      const __m512 r = group_rows(w.data + (size_t)g * group_bytes, nb, xt, k, end);
-      const int lo = std::max(n0, g * 16), hi = std::min(n1, g * 16 + 16);
-      if (lo == g * 16 && hi == g * 16 + 16) {
-        _mm512_storeu_ps(yt + g * 16, r);
-      } else {
-        const __mmask16 m = (__mmask16)(((1u << (hi - g * 16)) - 1u) & ~((1u << (lo - g * 16)) - 1u));
-        _mm512_mask_storeu_ps(yt + g * 16, m, r);
-      }
+      const __m512 r = group_rows<Act>(w.data + (size_t)g * group_bytes, nb, xt, k, end);
+      const int lo = n0 > g * 16 ? n0 : g * 16, hi = n1 < g * 16 + 16 ? n1 : g * 16 + 16;
+      const __mmask16 m = (__mmask16)(((1u << (hi - g * 16)) - 1u) & ~((1u << (lo - g * 16)) - 1u));
+      _mm512_mask_storeu_ps(yt + g * 16, m, r);
     }
   }
 }
+
+template void matmul_sparse24_vbmi<BlockQ8A>(const WeightView&, const BlockQ8A*, int, float*, size_t, int, int);
+template void matmul_sparse24_vbmi<BlockQ8A2>(const WeightView&, const BlockQ8A2*, int, float*, size_t, int, int);
 
 }  // namespace plm::kernels::avx512

@@ -4,9 +4,10 @@
 
 namespace plm::kernels::avx512 {
 
-// MatmulFn for Q4_0_24_X16, any token count and row range.
-void matmul_sparse24(const WeightView& w, const float* x, size_t ldx, const BlockQ8A* xq, int T, float* y,
-                     size_t ldy, int n0, int n1);
+// Q4_0_24_X16 matmuls with VBMI (sparse_avx512.cpp, compiled with -mavx512vbmi): call only where
+// sparse24_native() is true. Any token count and row range.
+template <class Act>
+void matmul_sparse24_vbmi(const WeightView& w, const Act* xq, int T, float* y, size_t ldy, int n0, int n1);
 
 // True where the CPU has AVX-512 VBMI (vpermb, vpmultishiftqb), which matmul_sparse24's own kernel needs.
 bool sparse24_native();

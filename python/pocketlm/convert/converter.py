@@ -63,7 +63,7 @@ def _encode(t: SourceTensor, dtype: DType, pruner=None) -> np.ndarray:
     blocks' f16 scales and minimums) and one that encoding makes (a value past the f16 range).
     pruner(name, w2d) -> w2d: the weights with the pruned ones zeroed, before quantization."""
     base, shape = dtype.base, _rows_cols(t.shape)
-    if pruner is None and t.native == base and t.load_native is not None:
+    if (pruner is None or not pruner.applies(t.name)) and t.native == base and t.load_native is not None:
         raw = t.load_native()
         where = quant.first_nonfinite(raw, base, shape)
         if where is not None:
@@ -96,8 +96,8 @@ def _sparse_eligible(t: SourceTensor, recipe: Recipe) -> bool:
 def plan(model: SourceModel, recipe: Recipe, prune_spec=None) -> tuple[list[tuple[SourceTensor, DType]], list[str], list[str]]:
     """[(tensor, type)] in canonical order, names that fell back to F16, names requantized in keep mode.
     With sparse="auto" (int4), a block linear weight that is or will be 2:4 (pruned here with a
-    2:4 pattern, or already so in the source: at most two non-zeros in every four columns, at
-    least a quarter of its weights zero) is stored as Q4_0_24_X16."""
+    2:4 pattern, or already so in a Hugging Face source: at most two non-zeros in every four
+    columns, at least a quarter of its weights zero) is stored as Q4_0_24_X16."""
     from pocketlm.quant import is_2_of_4
 
     order = {name: i for i, name in enumerate(expected_shapes(model.config, model.architecture))}
@@ -111,7 +111,9 @@ def plan(model: SourceModel, recipe: Recipe, prune_spec=None) -> tuple[list[tupl
             if two_of_four:
                 planned.append((t, DType.Q4_0_24_X16))
                 continue
-            if prune_spec is None:
+            if prune_spec is None and model.source_format == "hf":
+                # published 2:4 checkpoints are Hugging Face folders; reading a GGUF's every block
+                # weight once more to look would slow every int4 conversion of one
                 w = t.load_f32().reshape(t.shape)
                 if np.count_nonzero(w) <= 0.75 * w.size and is_2_of_4(w):  # pruned at the source
                     planned.append((t, DType.Q4_0_24_X16))
@@ -179,7 +181,8 @@ def _pruner(src: Path, out: Path, spec, planned, calibration: Path | None, quant
             # the dense model: f32 for an f32 output (so its masks are exactly transformers' own), else
             # int8 (near-float: KL divergence ~0.0015 on Qwen2.5-0.5B) for speed; f16 weights would cost
             # several times the minutes for norms within ~1e-3 of these
-            dense = convert(src, Path(tmp) / "dense.plm", quant="f32" if quant == "f32" else "int8", progress=progress)
+            dense = convert(src, Path(tmp) / "dense.plm", quant="f32" if quant == "f32" else "int8", progress=progress,
+                            calibrate=False)
             tokens = np.asarray(load_tokenizer(read_bundle(dense)).encode(text.decode("utf-8", errors="replace")),
                                 dtype=np.int32)[:pruning.CALIBRATION_TOKENS]
             if tokens.size < 16:
@@ -198,13 +201,14 @@ def _pruner(src: Path, out: Path, spec, planned, calibration: Path | None, quant
             return w
         return pruning.prune(w, spec, norms.get(name))
 
+    pruner.applies = wanted.__contains__  # the others keep _encode's bit-exact copy where there is one
     return pruner, record
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = None, group_size: int | None = None,
             symmetric: bool = True, progress: bool = True, head: str | None = None, prune: str | None = None,
             prune_method: str = "wanda", calibration: str | os.PathLike | None = None,
-            threads: int | None = None, sparse: str = "auto") -> Path:
+            threads: int | None = None, sparse: str = "auto", calibrate: bool = True) -> Path:
     """Converts a Hugging Face folder or a .gguf file into a .plm bundle at `out`; returns its path.
 
     quant: None keeps a GGUF's types (bit-exact where pocketlm has them) and means "f16" for
@@ -307,7 +311,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = 
         encoding.clear()
         if bar is not None:
             bar.finish()
-    _calibrate(out, progress, checked["tokenizer"])
+    if calibrate:  # (not for _pruner's temporary bundle: nothing would use its entry)
+        _calibrate(out, progress, checked["tokenizer"])
     return out
 
 
