@@ -233,3 +233,49 @@ def test_cli_prune_and_inspect(tmp_path):
     assert r.returncode == 1 and "--calibration" in r.stderr and not (tmp_path / "q.plm").exists()
     r = cli("convert", tmp_path / "hf", "-o", tmp_path / "q.plm", "--quant", "f16", "--prune-method", "wanda", "-q")
     assert r.returncode == 1 and "go with --prune" in r.stderr
+
+
+def test_a_checkpoint_pruned_2_4_at_the_source_is_stored_sparse(tmp_path):
+    """A Hugging Face checkpoint whose block weights are already 2:4 (as published pruned models
+    are) converts with --quant int4 to the 2:4-sparse type without --prune, runs as transformers
+    does with the bundle's weights; --sparse off keeps it dense, with the same values."""
+    import torch
+
+    from pocketlm.engine import Engine
+    from pocketlm.models import llama
+
+    model = make_hf_model(tmp_path / "dense", "llama", seed=8, **TINY)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            canon = llama.hf_weight_name(name)
+            if canon is not None and pruning.prunable(canon):
+                p.copy_(torch.from_numpy(pruning.prune(p.numpy(), pruning.PruneSpec(n=2, m=4, method="magnitude"))))
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    for f in (tmp_path / "dense").iterdir():
+        if f.name.startswith("tokenizer"):
+            (tmp_path / "hf" / f.name).write_bytes(f.read_bytes())
+    sparse = read_bundle(convert(tmp_path / "hf", tmp_path / "s.plm", quant="int4", progress=False))
+    dense = read_bundle(convert(tmp_path / "hf", tmp_path / "d.plm", quant="int4", sparse="off", progress=False))
+    assert "pruning" not in sparse.metadata
+    s_types = {t.name: t.dtype for t in sparse.tensors}
+    assert sum(d == DType.Q4_0_24_X16 for d in s_types.values()) == 12  # all but the 96-wide ffn_down
+    assert DType.Q4_0_24_X16 not in {t.dtype for t in dense.tensors}
+    source = {llama.hf_weight_name(k): v.numpy() for k, v in model.state_dict().items()
+              if llama.hf_weight_name(k) is not None}
+    for name, dt in s_types.items():
+        if dt == DType.Q4_0_24_X16:  # the source's zeros stay exact, its kept weights quantized as q4_0
+            got = quant.dequantize(np.asarray(sparse.tensor(name)), dt, sparse.info(name).shape)
+            np.testing.assert_array_equal(np.asarray(sparse.tensor(name)), quant.quantize(source[name], dt))
+            assert np.all(got[source[name] == 0] == 0)
+    ids = np.random.default_rng(9).integers(3, 256, size=20).tolist()
+    with torch.no_grad():
+        for hf_name, p in model.state_dict().items():
+            canon = llama.hf_weight_name(hf_name)
+            if canon is not None:
+                info = sparse.info(canon)
+                raw = row_major(sparse, canon) if info.dtype.x16 else np.asarray(sparse.tensor(canon))
+                val = quant.dequantize(raw, info.dtype.base, info.shape) if info.dtype.quantized else bundle_f32(sparse, canon)
+                p.copy_(torch.from_numpy(val.reshape(p.shape)))
+        ref = model(torch.tensor([ids])).logits[0, -1].float().numpy()
+    got = Engine(tmp_path / "s.plm", threads=2, max_context=64, kv_type="f32", activations="int8x2").create_session().prefill(ids)
+    assert np.abs(got - ref).max() / ref.std() < 0.01
