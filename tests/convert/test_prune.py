@@ -229,6 +229,13 @@ def test_cli_prune_and_inspect(tmp_path):
     assert r.returncode == 0, r.stderr
     r = cli("inspect", tmp_path / "p.plm")
     assert "pruning" in r.stdout and "pattern=2:4" in r.stdout and "method=magnitude" in r.stdout
+    assert "2:4 (50 %)" not in r.stdout  # f16: dense storage
+    r = cli("convert", tmp_path / "hf", "-o", tmp_path / "s.plm", "--quant", "int4", "--prune", "2:4",
+            "--prune-method", "magnitude", "-q")
+    assert r.returncode == 0, r.stderr
+    r = cli("inspect", tmp_path / "s.plm")
+    row = next(line for line in r.stdout.splitlines() if line.strip().startswith("blk.0.attn_q.weight"))
+    assert "q4_0_24_x16" in row and "2:4 (50 %)" in row and "sparsity" in r.stdout
     r = cli("convert", tmp_path / "hf", "-o", tmp_path / "q.plm", "--quant", "f16", "--prune", "2:4", "-q")
     assert r.returncode == 1 and "--calibration" in r.stderr and not (tmp_path / "q.plm").exists()
     r = cli("convert", tmp_path / "hf", "-o", tmp_path / "q.plm", "--quant", "f16", "--prune-method", "wanda", "-q")

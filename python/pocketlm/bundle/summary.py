@@ -103,9 +103,11 @@ def describe(bundle: Bundle | str | os.PathLike, show_tensors: bool = True) -> s
     tensors = bundle.tensors
     if show_tensors and tensors:
         lines += ["", f"tensors ({len(tensors)})"]
-        rows = [["name", "type", "shape", "size"]]
+        sparse = any(t.dtype.sparse for t in tensors)  # a column for the sparse types' pattern, if any
+        rows = [["name", "type", "shape", "size"] + (["sparsity"] if sparse else [])]
         rows += [
             [t.name, t.dtype.label, " x ".join(str(d) for d in t.shape), _human_bytes(t.nbytes)]
+            + (["2:4 (50 %)" if t.dtype.sparse else "-"] if sparse else [])
             for t in tensors
         ]
         lines += _table(rows, right={3})
