@@ -206,7 +206,6 @@ def deinterleave(raw: np.ndarray, base: DType, shape) -> np.ndarray:
 
 # ---- Q4_0_24_X16: 2:4-sparse 4-bit (layout: csrc/common.h) ----
 SPARSE24_PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
-_PAIR_CODE = {pair: c for c, pair in enumerate(SPARSE24_PAIRS)}
 
 
 def is_2_of_4(x: np.ndarray) -> bool:
@@ -244,14 +243,13 @@ def _quantize_sparse24(x: np.ndarray) -> np.ndarray:
     out[:, :, 32:288] = qs.transpose(0, 1, 3, 2, 4).reshape(rows // 16, nb, 256)
     # unit u, row i: 12 bits at 12 i = codes of groups 2u, 2u+1, 8+2u, 9+2u at bits 0, 3, 6, 9
     for u in range(4):
-        bits = np.zeros((rows // 16, nb, 16), np.uint64)
+        bits = np.zeros((rows // 16, nb, 16), "<u2")
         for k, grp in enumerate((2 * u, 2 * u + 1, 8 + 2 * u, 9 + 2 * u)):
-            bits |= codes[..., grp].transpose(0, 2, 1).astype(np.uint64) << np.uint64(3 * k)
-        word = np.zeros((rows // 16, nb, 24 * 8), np.uint8)  # the unit's 192 bits, one per byte
-        for i in range(16):
-            for t in range(12):
-                word[:, :, 12 * i + t] = ((bits[:, :, i] >> np.uint64(t)) & np.uint64(1)).astype(np.uint8)
-        out[:, :, 288 + 24 * u:288 + 24 * (u + 1)] = np.packbits(word, axis=-1, bitorder="little")
+            bits |= (codes[..., grp].transpose(0, 2, 1) << (3 * k)).astype("<u2")
+        # each row's 12 bits, one per byte (little-endian), then the 16 rows' back to back: 192 bits
+        word = np.unpackbits(bits[..., None].view(np.uint8), axis=-1, bitorder="little")[..., :12]
+        out[:, :, 288 + 24 * u:288 + 24 * (u + 1)] = np.packbits(word.reshape(rows // 16, nb, 192), axis=-1,
+                                                                 bitorder="little")
     return out.reshape(-1)
 
 

@@ -76,6 +76,26 @@ inline __m512i columns(const Act& x0, const Act& x1) {
                             _mm256_loadu_si256((const __m256i*)b), 1);
 }
 
+// Unit u of a record: its 4 values of each of the 16 rows as bytes (codes 0..15: low nibbles in
+// *lo, high in *hi) and the columns they sit at (0..31 for the low-nibble values, 32..63 for the
+// high ones: byte indices into columns()'s vector), from the unit's 3-bit pattern codes.
+inline void unit_values(const uint8_t* rec, int u, const Consts& k, __m512i* lo, __m512i* hi, __m512i* ilo,
+                        __m512i* ihi) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F), seven = _mm512_set1_epi8(7);
+  const __m512i w = _mm512_loadu_si512(rec + 32 + 64 * u);
+  *lo = _mm512_and_si512(w, m4);
+  *hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
+  const __m512i p = _mm512_permutexvar_epi8(k.spread, _mm512_maskz_loadu_epi8(0xFFFFFFull, rec + 288 + 24 * u));
+  // (code & 7) | pick: the lookup index of each byte's kept column
+  const __m512i clo = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(k.ctrl_lo, p), seven, k.pick, 0xEA);
+  const __m512i chi = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(k.ctrl_hi, p), seven, k.pick, 0xEA);
+  *ilo = _mm512_add_epi8(_mm512_permutexvar_epi8(clo, k.lut), k.base_lo[u]);
+  *ihi = _mm512_add_epi8(_mm512_permutexvar_epi8(chi, k.lut), k.base_hi[u]);
+}
+
+// The lanes (rows of a 16-row group) from lo to hi - 1.
+inline __mmask16 row_mask(int lo, int hi) { return (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u)); }
+
 // sum over the kept columns of (q - 8) x, per row, for the low- and high-nibble values: the
 // code x activation sums minus 8 x the kept activations' sums, exact in int32.
 struct Sums {
@@ -101,7 +121,7 @@ struct Sums {
 template <class Act>
 inline __m512 group_rows(const uint8_t* rec, int nb, const Act* xq, const Consts& k, uintptr_t end) {
   constexpr bool kTwo = std::is_same_v<Act, BlockQ8A2>;
-  const __m512i m4 = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1), seven = _mm512_set1_epi8(7);
+  const __m512i ones = _mm512_set1_epi8(1);
   __m512 facc = _mm512_setzero_ps();
   for (int b = 0; b < nb; ++b, rec += kSparse24Record) {
     const uintptr_t pf = (uintptr_t)rec + kPrefetchAhead;
@@ -117,16 +137,8 @@ inline __m512 group_rows(const uint8_t* rec, int nb, const Act* xq, const Consts
     if constexpr (kTwo) s2.zero();
 #pragma GCC unroll 4
     for (int u = 0; u < 4; ++u) {
-      const __m512i w = _mm512_loadu_si512(rec + 32 + 64 * u);
-      const __m512i wlo = _mm512_and_si512(w, m4);
-      const __m512i whi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
-      const __m512i p =
-          _mm512_permutexvar_epi8(k.spread, _mm512_maskz_loadu_epi8(0xFFFFFFull, rec + 288 + 24 * u));
-      // (code & 7) | pick: the lookup index of each byte's kept column
-      const __m512i clo = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(k.ctrl_lo, p), seven, k.pick, 0xEA);
-      const __m512i chi = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(k.ctrl_hi, p), seven, k.pick, 0xEA);
-      const __m512i ilo = _mm512_add_epi8(_mm512_permutexvar_epi8(clo, k.lut), k.base_lo[u]);
-      const __m512i ihi = _mm512_add_epi8(_mm512_permutexvar_epi8(chi, k.lut), k.base_hi[u]);
+      __m512i wlo, whi, ilo, ihi;
+      unit_values(rec, u, k, &wlo, &whi, &ilo, &ihi);
       s1.add(wlo, whi, _mm512_permutexvar_epi8(ilo, xv), _mm512_permutexvar_epi8(ihi, xv), ones);
       if constexpr (kTwo) s2.add(wlo, whi, _mm512_permutexvar_epi8(ilo, xv2), _mm512_permutexvar_epi8(ihi, xv2), ones);
     }
@@ -144,9 +156,8 @@ inline __m512 group_rows(const uint8_t* rec, int nb, const Act* xq, const Consts
 template <int RT>
 void group_rows_tile(const uint8_t* rec, int nb, const BlockQ8A* xq, int kb, const Consts& k, float* y,
                      size_t ldy, int lo, int hi) {
-  const __m512i m4 = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1), seven = _mm512_set1_epi8(7);
-  const __m512i eight = _mm512_set1_epi8(8), flip = _mm512_set1_epi8((char)0x80);
-  const __mmask16 m = (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+  const __m512i ones = _mm512_set1_epi8(1), eight = _mm512_set1_epi8(8), flip = _mm512_set1_epi8((char)0x80);
+  const __mmask16 m = row_mask(lo, hi);
   __m512 facc[RT];
   for (int t = 0; t < RT; ++t) facc[t] = _mm512_setzero_ps();
   for (int b = 0; b < nb; ++b, rec += kSparse24Record) {
@@ -161,19 +172,10 @@ void group_rows_tile(const uint8_t* rec, int nb, const BlockQ8A* xq, int kb, con
     __m512i clo = _mm512_setzero_si512(), chi = clo;  // sum of the signed codes, per row and half
 #pragma GCC unroll 4
     for (int u = 0; u < 4; ++u) {
-      const __m512i w = _mm512_loadu_si512(rec + 32 + 64 * u);
-      const __m512i wlo = _mm512_sub_epi8(_mm512_and_si512(w, m4), eight);
-      const __m512i whi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(w, 4), m4), eight);
-      const __m512i p =
-          _mm512_permutexvar_epi8(k.spread, _mm512_maskz_loadu_epi8(0xFFFFFFull, rec + 288 + 24 * u));
-      const __m512i ilo = _mm512_add_epi8(
-          _mm512_permutexvar_epi8(
-              _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(k.ctrl_lo, p), seven, k.pick, 0xEA), k.lut),
-          k.base_lo[u]);
-      const __m512i ihi = _mm512_add_epi8(
-          _mm512_permutexvar_epi8(
-              _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(k.ctrl_hi, p), seven, k.pick, 0xEA), k.lut),
-          k.base_hi[u]);
+      __m512i wlo, whi, ilo, ihi;
+      unit_values(rec, u, k, &wlo, &whi, &ilo, &ihi);
+      wlo = _mm512_sub_epi8(wlo, eight);  // signed codes q - 8
+      whi = _mm512_sub_epi8(whi, eight);
       clo = _mm512_dpbusd_epi32(clo, ones, wlo);
       chi = _mm512_dpbusd_epi32(chi, ones, whi);
 #pragma GCC unroll 4
@@ -236,9 +238,8 @@ void matmul_sparse24_vbmi(const WeightView& w, const Act* xq, int T, float* y, s
     float* yt = y + (size_t)t * ldy;
     for (int g = n0 / 16; g * 16 < n1; ++g) {
       const __m512 r = group_rows<Act>(w.data + (size_t)g * group_bytes, nb, xt, k, end);
-      const int lo = n0 > g * 16 ? n0 : g * 16, hi = n1 < g * 16 + 16 ? n1 : g * 16 + 16;
-      const __mmask16 m = (__mmask16)(((1u << (hi - g * 16)) - 1u) & ~((1u << (lo - g * 16)) - 1u));
-      _mm512_mask_storeu_ps(yt + g * 16, m, r);
+      const int lo = (n0 > g * 16 ? n0 : g * 16) - g * 16, hi = (n1 < g * 16 + 16 ? n1 : g * 16 + 16) - g * 16;
+      _mm512_mask_storeu_ps(yt + g * 16, row_mask(lo, hi), r);
     }
   }
 }

@@ -97,7 +97,7 @@ def plan(model: SourceModel, recipe: Recipe, prune_spec=None) -> tuple[list[tupl
     """[(tensor, type)] in canonical order, names that fell back to F16, names requantized in keep mode.
     With sparse="auto" (int4), a block linear weight that is or will be 2:4 (pruned here with a
     2:4 pattern, or already so in a Hugging Face source: at most two non-zeros in every four
-    columns, at least a quarter of its weights zero) is stored as Q4_0_24_X16."""
+    columns) is stored as Q4_0_24_X16."""
     from pocketlm.quant import is_2_of_4
 
     order = {name: i for i, name in enumerate(expected_shapes(model.config, model.architecture))}
@@ -114,8 +114,7 @@ def plan(model: SourceModel, recipe: Recipe, prune_spec=None) -> tuple[list[tupl
             if prune_spec is None and model.source_format == "hf":
                 # published 2:4 checkpoints are Hugging Face folders; reading a GGUF's every block
                 # weight once more to look would slow every int4 conversion of one
-                w = t.load_f32().reshape(t.shape)
-                if np.count_nonzero(w) <= 0.75 * w.size and is_2_of_4(w):  # pruned at the source
+                if is_2_of_4(t.load_f32().reshape(t.shape)):  # pruned at the source
                     planned.append((t, DType.Q4_0_24_X16))
                     continue
         dtype, fell_back = recipe.choose(t.name, t.shape, keep)
@@ -169,7 +168,8 @@ def _pruner(src: Path, out: Path, spec, planned, calibration: Path | None, quant
     if not names:
         raise ValueError("this model has no block linear weights to prune")
     if spec.m:
-        odd = [n for n in names if dict((t.name, t.shape) for t, _ in planned)[n][-1] % spec.m]
+        shapes = {t.name: t.shape for t, _ in planned}
+        odd = [n for n in names if shapes[n][-1] % spec.m]
         if odd:
             raise ValueError(f"--prune {spec.label}: {odd[0]} has rows of a length not a multiple of {spec.m}")
     record = {**spec.describe(), "tensors": len(names)}
