@@ -81,12 +81,14 @@ def test_chat_page(browser, server, reference):
 
     # Stop: a long answer, stopped once text streams in; the server cancels it. Sampled at
     # temperature 1, SmolLM2 at ~400 tok/s may end its story before the click: then it asks again.
+    # Watched every 20 ms (WebDriverWait's default, 0.5 s, is ~200 tokens: a short story's whole length).
+    fast = WebDriverWait(browser, 60, poll_frequency=0.02)
     browser.find_element(By.ID, "temperature").clear()
     browser.find_element(By.ID, "temperature").send_keys("1")
     for n in range(2, 6):
         prompt.send_keys("Write a very long story about a dragon and a knight, with many chapters.")
         browser.find_element(By.ID, "send").click()
-        wait.until(lambda d: len(answers(d)) == n and len(answers(d)[n - 1].text) > 20)
+        fast.until(lambda d: len(answers(d)) == n and len(answers(d)[n - 1].text) > 20)
         if running(server) >= 1:
             browser.find_element(By.ID, "stop").click()
             answer = wait.until(lambda d: finished(d, n))
