@@ -6,29 +6,46 @@
 // 12 bits, vpermb looks up the column in the group (kSparse24Pairs), and vpermb gathers the token's
 // activation at that column for every byte. vpdpbusd then sums code x activation per row, and
 // ones x activation gives the sum of the kept activations for the codes' -8. Decode reads 3.0
-// bits per weight where dense Q4_0 reads 4.5. Prefill runs tiles of 4 tokens per group of 16 rows,
-// each unit's columns decoded once for the tile. A CPU without VBMI never enters this file: the
+// bits per weight where dense Q4_0 reads 4.5. A short prefill runs tiles of 4 tokens per group of 16
+// rows, each unit's columns decoded once for the tile; a longer one expands each group of rows into
+// dense Q4_0_X16 records (vpermi2b places each kept value at its column) and runs the dense GEMM
+// on them, which does more per cycle than the tiles though it multiplies the zeros. A CPU without VBMI never enters this file: the
 // table's entry (kernels_avx512.cpp) sends it to matmul_sparse24_expand instead.
 #include <immintrin.h>
 
 // GCC 12 sees the undefined pass-through operand of the vpermb / vpmultishiftqb intrinsics as
 // "maybe uninitialized": a false positive.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include <type_traits>
 
 #include "kernels/x86/sparse_avx512.h"
+#include "kernels/x86/x16_avx512.h"
+
+#include <vector>
 
 namespace plm::kernels::avx512 {
 namespace {
 
 struct Consts {
   __m512i spread, ctrl_lo, ctrl_hi, pick, lut, base_lo[4], base_hi[4];
+  // expand_record's: 4 x the code of pattern slot s of each byte's row (plus two bits below it),
+  // (code, column) -> the byte of the row's unit holding the value kept there (0x40: none) for even
+  // and odd slots, and each byte's row offset
+  __m512i ctrl_slot[4], kept[2], row_base;
 };
 
 Consts make_consts() {
-  alignas(64) uint8_t spread[64], cl[64], ch[64], pick[64], lut[64], bl[4][64], bh[4][64];
+  alignas(64) uint8_t spread[64], cl[64], ch[64], pick[64], lut[64], bl[4][64], bh[4][64], cs[4][64], kept[2][64],
+      rb[64];
   for (int n = 0; n < 64; ++n) {
+    // bits 12 r + 3 s - 2 ..: the code shifted left by 2 (slot 0 of row 0 wraps round the qword)
+    for (int s = 0; s < 4; ++s) cs[s][n] = (uint8_t)((12 * ((n % 8) / 4) + 3 * s + 62) % 64);
+    rb[n] = (uint8_t)(n & ~3);
+    const int c = (n / 4) % 8, col = n % 4;  // kept: index (c << 2) | col
+    for (int par = 0; par < 2; ++par)
+      kept[par][n] = (uint8_t)(kSparse24Pairs[c][0] == col ? 2 * par : kSparse24Pairs[c][1] == col ? 2 * par + 1 : 0x40);
     const int q = n / 8, t = n % 8;
     spread[n] = (uint8_t)(t < 3 ? 3 * q + t : 0);  // qword q <- the 24 bits of rows 2q, 2q + 1
     const int r = (n % 8) / 4, j = n % 4;          // byte n: row 2q + r, its value j of the unit
@@ -54,7 +71,10 @@ Consts make_consts() {
   for (int u = 0; u < 4; ++u) {
     k.base_lo[u] = _mm512_load_si512(bl[u]);
     k.base_hi[u] = _mm512_load_si512(bh[u]);
+    k.ctrl_slot[u] = _mm512_load_si512(cs[u]);
   }
+  for (int par = 0; par < 2; ++par) k.kept[par] = _mm512_load_si512(kept[par]);
+  k.row_base = _mm512_load_si512(rb);
   return k;
 }
 
@@ -65,6 +85,11 @@ constexpr uintptr_t kPrefetchAhead = 24 * kSparse24Record;
 // Tokens per prefill tile. Measured on the Qwen shape's pp256 (Zen 5): 3 tokens 1,030 tok/s, 4
 // 1,100-1,190, 6 450 and 8 650 (their sums spill out of the 32 registers).
 constexpr int kTile = 4;
+// Tokens from which prefill expands each group of rows into dense Q4_0_X16 and runs the dense GEMM
+// instead of the tiles (one thread, [4864 x 896], Zen 5; time of the dense Q4_0_X16 kernel over
+// the sparse one): tiles 0.83x at 8, 16 and 32 tokens; expanded 0.66x at 8, 0.77x at 16, 0.90x
+// at 32, 0.96x at 256, 1.00x at 1024 (the expansion, ~60 cycles a record, is paid once per call).
+constexpr int kExpandTokens = 24;
 
 // Activations of 64 columns (two blocks) as one vector: level 1, or level 2 (BlockQ8A2's residual).
 template <class Act, bool Level2>
@@ -198,6 +223,43 @@ void group_rows_tile(const uint8_t* rec, int nb, const BlockQ8A* xq, int kb, con
   for (int t = 0; t < RT; ++t) _mm512_mask_storeu_ps(y + (size_t)t * ldy, m, facc[t]);
 }
 
+// One record (16 rows x 64 columns) as the two dense Q4_0_X16 records of its columns (out: 576
+// bytes), the pruned columns code 8: what prefill multiplies with the dense GEMM, which does more
+// per byte than the tile above. Dense record h's unit v = 2a + p holds, per row, the columns of
+// groups 8h + v (low nibbles) and 8h + 4 + v (high): the values of sparse unit a (low) and 2 + a
+// (high), nibble h, whose pattern codes sit in slot 2h + p of the same units (layout in common.h).
+inline void expand_record(const uint8_t* rec, uint8_t* out, const Consts& k) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F), code4 = _mm512_set1_epi8(0x1C), eight = _mm512_set1_epi8(8),
+                col = _mm512_set1_epi32(0x03020100);
+  const __m256i d = _mm256_loadu_si256((const __m256i*)rec);
+  _mm256_storeu_si256((__m256i*)out, d);
+  _mm256_storeu_si256((__m256i*)(out + 288), d);
+  __m512i w[4], p[4];
+  for (int u = 0; u < 4; ++u) {
+    w[u] = _mm512_loadu_si512(rec + 32 + 64 * u);
+    p[u] = _mm512_permutexvar_epi8(k.spread, _mm512_maskz_loadu_epi8(0xFFFFFFull, rec + 288 + 24 * u));
+  }
+  // Sparse unit u's nibble h placed at the columns of pattern slot s (byte j of a row: column j of the group).
+  auto placed = [&](int u, int h, int s) {
+    const __m512i nib = h ? _mm512_and_si512(_mm512_srli_epi16(w[u], 4), m4) : _mm512_and_si512(w[u], m4);
+    // (code << 2) | column, the byte holding that column's value, and the value (or 8 from the
+    // second table, where bit 6 of the index is set)
+    const __m512i key = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(k.ctrl_slot[s], p[u]), code4, col, 0xEA);
+    const __m512i at = _mm512_add_epi8(_mm512_permutexvar_epi8(key, k.kept[s % 2]), k.row_base);
+    return _mm512_permutex2var_epi8(nib, at, eight);
+  };
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 2
+    for (int a = 0; a < 2; ++a)
+#pragma GCC unroll 2
+      for (int par = 0; par < 2; ++par) {
+        const int s = 2 * h + par;
+        const __m512i v = _mm512_or_si512(placed(a, h, s), _mm512_slli_epi16(placed(2 + a, h, s), 4));
+        _mm512_storeu_si512(out + 288 * h + 32 + 64 * (2 * a + par), v);
+      }
+}
+
 bool has_vbmi() {
   static const bool yes = [] {
     __builtin_cpu_init();
@@ -217,6 +279,20 @@ void matmul_sparse24_vbmi(const WeightView& w, const Act* xq, int T, float* y, s
   static const Consts k = make_consts();
   const int nb = (int)(w.cols / 64), kb = (int)(w.cols / 32);
   const size_t group_bytes = (size_t)nb * kSparse24Record;
+  if (T >= kExpandTokens && !w.row_invariant) {  // prefill: each group of 16 rows through the dense GEMM
+    thread_local std::vector<uint8_t> dense;
+    const size_t dense_bytes = (size_t)nb * 2 * 288;
+    if (dense.size() < dense_bytes) dense.resize(dense_bytes);
+    for (int g = n0 / 16; g * 16 < n1; ++g) {
+      const int lo = (n0 > g * 16 ? n0 : g * 16) - g * 16, hi = (n1 < g * 16 + 16 ? n1 : g * 16 + 16) - g * 16;
+      const uint8_t* rec = w.data + (size_t)g * group_bytes;
+      for (int b = 0; b < nb; ++b) expand_record(rec + (size_t)b * kSparse24Record, dense.data() + (size_t)b * 576, k);
+      const WeightView dv{DType::Q4_0_X16, 16, w.cols, dense.data(), row_bytes(DType::Q4_0_X16, w.cols), nullptr};
+      if constexpr (std::is_same_v<Act, BlockQ8A>) matmul_x16(dv, nullptr, 0, xq, T, y + g * 16, ldy, lo, hi);
+      else matmul2_x16(dv, nullptr, 0, xq, T, y + g * 16, ldy, lo, hi);
+    }
+    return;
+  }
   if constexpr (std::is_same_v<Act, BlockQ8A>) {
     if (T > 1 && !w.row_invariant) {  // prefill: tiles of 4 tokens over each group of 16 rows
       for (int g = n0 / 16; g * 16 < n1; ++g) {
