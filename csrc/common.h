@@ -89,7 +89,10 @@ enum class DType : uint32_t {
   // 2:4-sparse 4-bit weights (two kept in every four columns), rows % 16 == 0, cols % 64 == 0:
   // records of 16 rows x 64 columns, 384 bytes, 3.0 bits per weight (layout below).
   Q4_0_24_X16 = 26,
-  COUNT = 27,
+  // 2:4-sparse int8 (the int8 mode's per-row scale): records of 16 rows x 64 columns, 608 bytes,
+  // then [rows] f32 scales as I8; 4.75 bits per weight (layout below).
+  I8_24_X16 = 27,
+  COUNT = 28,
 };
 constexpr int kNumDTypes = (int)DType::COUNT;
 
@@ -198,6 +201,7 @@ inline constexpr DTypeTraits kDTypeTraits[kNumDTypes] = {
   {"q4_1_g64_x16", 64, 36, true},
   {"q4_1_g128_x16", 128, 68, true},
   {"q4_0_24_x16", 64, 24, true},  // per row: 64 columns in 24 bytes
+  {"i8_24_x16", 64, 38, true},    // per row: 64 columns in 38 bytes, + its f32 scale
 };
 inline const DTypeTraits& traits(DType t) { return kDTypeTraits[(int)t]; }
 inline bool dtype_valid(uint32_t t) { return t < (uint32_t)DType::COUNT; }
@@ -220,11 +224,13 @@ constexpr DType x16_base(DType t) {
     default: return t;
   }
 }
-// Types stored in records of 16 rows (rows % 16 == 0): the x16 ones and the 2:4-sparse one.
-inline bool needs_16_rows(DType t) { return is_x16(t) || t == DType::Q4_0_24_X16; }
+// The 2:4-sparse types (layout below).
+inline bool is_sparse24(DType t) { return t == DType::Q4_0_24_X16 || t == DType::I8_24_X16; }
+// Types stored in records of 16 rows (rows % 16 == 0): the x16 ones and the 2:4-sparse ones.
+inline bool needs_16_rows(DType t) { return is_x16(t) || is_sparse24(t); }
 
 // The types that carry one f32 scale per row after the codes.
-inline bool has_row_scales(DType t) { return t == DType::I8 || t == DType::I8_X16; }
+inline bool has_row_scales(DType t) { return t == DType::I8 || t == DType::I8_X16 || t == DType::I8_24_X16; }
 
 // Bytes of one row of `cols` elements (cols must be a multiple of block_elems).
 inline size_t row_bytes(DType t, int64_t cols) {
@@ -300,7 +306,7 @@ inline void x16_scatter_row(DType t, const uint8_t* row, int64_t cols, int64_t n
   }
 }
 
-// ---- Q4_0_24_X16: 2:4-sparse 4-bit weights ----
+// ---- The 2:4-sparse types: Q4_0_24_X16 (4-bit) and I8_24_X16 (int8) ----
 // Each run of four columns (a group) keeps two weights. A row's 64-column block holds its 32 kept
 // values as Q4_0 codes with one f16 scale (x = d * (q - 8), the pruned weights 0), and a 3-bit
 // pattern code per group: code c keeps columns kSparse24Pairs[c] of the group (codes 6 and 7 are
@@ -315,49 +321,74 @@ inline void x16_scatter_row(DType t, const uint8_t* row, int64_t cols, int64_t n
 //               (little-endian), the codes of groups 2u, 2u + 1, 8 + 2u, 9 + 2u at bits 0, 3, 6, 9
 //               (the groups of unit u's low-nibble values 4u..4u+3 and high-nibble ones 16+4u..19+4u)
 // So a 64-byte vector of unit u holds the codes of 4 values of each of the 16 rows, as Q4_0_X16's do.
+//
+// I8_24_X16 keeps the same groups, values and pattern codes with int8 values and the int8 mode's
+// per-row scale (x = s[row] * q, the pruned weights 0). Records of 16 rows x 64 columns (group of
+// rows r16, block b at byte 608 * (r16 * cols / 64 + b)), then the [rows] f32 scales, each record:
+//   [0, 512)    the 32 values of each row as 4-byte units: unit u (0..7) of row i at 64u + 4i holds
+//               values 4u..4u+3 (int8), so unit u covers groups 2u, 2u + 1 (columns 8u..8u+7)
+//   [512, 608)  pattern codes exactly as Q4_0_24_X16's [288, 384)
 constexpr int kSparse24Pairs[8][2] = {{0, 1}, {0, 2}, {0, 3}, {1, 2}, {1, 3}, {2, 3}, {0, 1}, {0, 1}};
-constexpr size_t kSparse24Record = 384;
+constexpr size_t kSparse24Record = 384;     // Q4_0_24_X16
+constexpr size_t kSparse24I8Record = 608;   // I8_24_X16
+inline size_t sparse24_record(DType t) { return t == DType::I8_24_X16 ? kSparse24I8Record : kSparse24Record; }
+// Where a record's pattern codes start.
+inline size_t sparse24_patterns(DType t) { return t == DType::I8_24_X16 ? 512 : 288; }
+// The dense row-major type a sparse type's rows expand into (sparse24_gather_row).
+inline DType sparse24_dense(DType t) { return t == DType::I8_24_X16 ? DType::I8 : DType::Q4_0; }
 
-// The pattern code of group g (0..15) of row i (0..15) in a record.
-inline int sparse24_code(const uint8_t* rec, int i, int g) {
+// The pattern code of group g (0..15) of row i (0..15), from a record's pattern codes `pat`.
+inline int sparse24_code(const uint8_t* pat, int i, int g) {
   const int u = (g % 8) / 2, k = (g >= 8 ? 2 : 0) + g % 2;
   const int bit = 12 * i + 3 * k;
-  const uint8_t* p = rec + 288 + 24 * u;
+  const uint8_t* p = pat + 24 * u;
   uint32_t v = p[bit / 8];
   if (bit % 8 > 5) v |= (uint32_t)p[bit / 8 + 1] << 8;  // the code runs into the next byte (never the last)
   return (int)(v >> (bit % 8) & 7);
 }
 
-// The first invalid pattern code of a Q4_0_24_X16 tensor (its byte offset), or -1 when all are valid.
-inline int64_t sparse24_bad_pattern(const uint8_t* data, int64_t rows, int64_t cols) {
-  const size_t records = (size_t)(rows / 16) * (size_t)(cols / 64);
+// The first invalid pattern code of a 2:4-sparse tensor (its byte offset), or -1 when all are valid.
+inline int64_t sparse24_bad_pattern(DType t, const uint8_t* data, int64_t rows, int64_t cols) {
+  const size_t records = (size_t)(rows / 16) * (size_t)(cols / 64), rb = sparse24_record(t), po = sparse24_patterns(t);
   for (size_t r = 0; r < records; ++r) {
-    const uint8_t* pat = data + r * kSparse24Record + 288;
-    for (int t = 0; t < 96; t += 3) {  // 3 bytes = 8 codes; a code c >= 6 has bits 1 and 2 set
-      const uint32_t v = (uint32_t)pat[t] | (uint32_t)pat[t + 1] << 8 | (uint32_t)pat[t + 2] << 16;
-      if ((v >> 1) & (v >> 2) & 0x249249u) return (int64_t)(r * kSparse24Record + 288 + t);
+    const uint8_t* pat = data + r * rb + po;
+    for (int k = 0; k < 96; k += 3) {  // 3 bytes = 8 codes; a code c >= 6 has bits 1 and 2 set
+      const uint32_t v = (uint32_t)pat[k] | (uint32_t)pat[k + 1] << 8 | (uint32_t)pat[k + 2] << 16;
+      if ((v >> 1) & (v >> 2) & 0x249249u) return (int64_t)(r * rb + po + k);
     }
   }
   return -1;
 }
 
-// Row n of a Q4_0_24_X16 matrix as dense Q4_0 row-major bytes (cols / 32 blocks of 18 bytes; each
-// 64-column block's scale in both of its Q4_0 blocks, the pruned columns code 8): what the
-// reference kernels, embedding lookups and the variants without their own kernel read.
-inline void sparse24_gather_row(const uint8_t* data, int64_t cols, int64_t n, uint8_t* out) {
+// Row n of a 2:4-sparse matrix as dense row-major bytes of sparse24_dense(t): Q4_0 (cols / 32
+// blocks of 18 bytes; each 64-column block's scale in both of its Q4_0 blocks, the pruned columns
+// code 8) or I8 (cols codes, the pruned ones 0; the row's scale stays in the tensor's scales):
+// what the reference kernels, embedding lookups and the variants without their own kernel read.
+inline void sparse24_gather_row(DType t, const uint8_t* data, int64_t cols, int64_t n, uint8_t* out) {
   const int64_t nb = cols / 64;
   const int i = (int)(n % 16);
-  const uint8_t* rec = data + (size_t)(n / 16) * (size_t)nb * kSparse24Record;
-  for (int64_t b = 0; b < nb; ++b, rec += kSparse24Record) {
+  const bool i8 = t == DType::I8_24_X16;
+  const size_t rb = sparse24_record(t);
+  const uint8_t* rec = data + (size_t)(n / 16) * (size_t)nb * rb;
+  for (int64_t b = 0; b < nb; ++b, rec += rb) {
+    const uint8_t* pat = rec + sparse24_patterns(t);
     uint8_t q[64];
-    std::memset(q, 8, sizeof q);
+    std::memset(q, i8 ? 0 : 8, sizeof q);
     for (int g = 0; g < 16; ++g) {
-      const int v0 = 2 * g, v1 = 2 * g + 1;  // value v: byte v % 16 (unit v % 16 / 4), nibble v / 16
-      const uint8_t* c0 = rec + 32 + 64 * ((v0 % 16) / 4) + 4 * i + v0 % 4;
-      const uint8_t* c1 = rec + 32 + 64 * ((v1 % 16) / 4) + 4 * i + v1 % 4;
-      const int* pr = kSparse24Pairs[sparse24_code(rec, i, g)];
-      q[4 * g + pr[0]] = (uint8_t)(v0 < 16 ? *c0 & 15 : *c0 >> 4);
-      q[4 * g + pr[1]] = (uint8_t)(v1 < 16 ? *c1 & 15 : *c1 >> 4);
+      const int* pr = kSparse24Pairs[sparse24_code(pat, i, g)];
+      for (int k = 0; k < 2; ++k) {
+        const int v = 2 * g + k;
+        if (i8) {  // value v: unit v / 4, byte v % 4
+          q[4 * g + pr[k]] = rec[64 * (v / 4) + 4 * i + v % 4];
+        } else {   // value v: byte v % 16 (unit v % 16 / 4), nibble v / 16
+          const uint8_t c = rec[32 + 64 * ((v % 16) / 4) + 4 * i + v % 4];
+          q[4 * g + pr[k]] = (uint8_t)(v < 16 ? c & 15 : c >> 4);
+        }
+      }
+    }
+    if (i8) {
+      std::memcpy(out + 64 * b, q, 64);
+      continue;
     }
     for (int h = 0; h < 2; ++h) {
       uint8_t* blk = out + (size_t)(2 * b + h) * 18;

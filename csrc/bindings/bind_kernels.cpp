@@ -70,7 +70,7 @@ void check_weight(const char* op, DType dt, const In1<uint8_t>& weight, int64_t 
   if (x.shape(0) == 0) fail("x must have at least one row");
 
   out.w = WeightView{dt, rows, cols, weight.data(), row_bytes(dt, cols), nullptr};
-  if (has_row_scales(dt)) out.w.row_scales = reinterpret_cast<const float*>(weight.data() + rows * cols);
+  if (has_row_scales(dt)) out.w.row_scales = reinterpret_cast<const float*>(weight.data() + rows * row_bytes(dt, cols));
   if (has_row_scales(dt) && reinterpret_cast<uintptr_t>(out.w.row_scales) % alignof(float)) {
     out.scales_copy.reset(new float[rows]);
     std::memcpy(out.scales_copy.get(), out.w.row_scales, rows * sizeof(float));

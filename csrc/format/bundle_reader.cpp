@@ -317,8 +317,8 @@ std::shared_ptr<Bundle> Bundle::open(const std::string& path) {
       fail(path, where + ": bytes [" + std::to_string(t.offset) + ", +" + std::to_string(t.nbytes) +
                      ") lie outside the data section (" + std::to_string(data.bytes) + " bytes)");
     t.data = base + data.offset + t.offset;
-    if (t.dtype == DType::Q4_0_24_X16) {  // a pattern code past the six 2:4 patterns
-      const int64_t bad = sparse24_bad_pattern(t.data, t.rows, t.cols);
+    if (is_sparse24(t.dtype)) {  // a pattern code past the six 2:4 patterns
+      const int64_t bad = sparse24_bad_pattern(t.dtype, t.data, t.rows, t.cols);
       if (bad >= 0)
         fail(path, where + ": invalid 2:4 pattern code at byte " + std::to_string(bad) + " of the tensor");
     }

@@ -110,7 +110,7 @@ struct KernelTable {
                       int p0, int p1, int dh);
   void (*weighted_sum_q8_0)(const float* w, size_t ldw, int G, const uint8_t* rows, size_t ldr, int n,
                             float* out, size_t ldo, int dh);
-  // Whether this variant reads Q4_0_24_X16 (2:4-sparse) weights with its own kernel on this CPU
+  // Whether this variant reads the 2:4-sparse weights with its own kernels on this CPU
   // (nullptr: no). Without one, a Program expands them into dense Q4_0_X16 when it loads them: its
   // matmul through matmul_sparse24_expand would expand every row at every step.
   bool (*sparse24_native)() = nullptr;
@@ -150,25 +150,27 @@ void matmul_x16_gather(const WeightView& w, const float* x, size_t ldx, const Ac
   }
 }
 
-// Q4_0_24_X16 (2:4-sparse, common.h) through a variant's own row-major Q4_0 kernel: up to 16 rows
-// at a time are expanded into dense Q4_0 rows (the pruned columns code 8, i.e. 0) and multiplied for
-// all T tokens at once (so prefill keeps the variant's Q4_0 GEMM). Correct for every variant, T and
-// row range; a variant's own sparse kernel is what reads fewer bytes than dense Q4_0 at the same speed.
+// The 2:4-sparse types (common.h) through a variant's own row-major kernel of the dense type they
+// expand into (Q4_0, or I8 for I8_24_X16): up to 16 rows at a time are expanded into dense rows
+// (the pruned columns 0) and multiplied for all T tokens at once (so prefill keeps the variant's
+// GEMM). Correct for every variant, T and row range; a variant's own sparse kernel is what reads
+// fewer bytes than the dense type at the same speed.
 template <class Act, const KernelTable* (*Table)()>
 void matmul_sparse24_expand(const WeightView& w, const float* x, size_t ldx, const Act* xq, int T, float* y,
                             size_t ldy, int n0, int n1) {
   const KernelTable& kt = *Table();
+  const DType base = sparse24_dense(w.dtype);
   const auto kernel = [&] {
-    if constexpr (std::is_same_v<Act, BlockQ8A2>) return kt.matmul2[(int)DType::Q4_0];
-    else return kt.matmul[(int)DType::Q4_0];
+    if constexpr (std::is_same_v<Act, BlockQ8A2>) return kt.matmul2[(int)base];
+    else return kt.matmul[(int)base];
   }();
-  const size_t rb = row_bytes(DType::Q4_0, w.cols);
+  const size_t rb = row_bytes(base, w.cols);
   thread_local std::vector<uint8_t> rows;
   if (rows.size() < 16 * rb) rows.resize(16 * rb);
   for (int n = n0; n < n1;) {
     const int m = std::min(n1 - n, 16 - n % 16);  // to the end of n's group of 16 rows
-    for (int r = 0; r < m; ++r) sparse24_gather_row(w.data, w.cols, n + r, rows.data() + (size_t)r * rb);
-    WeightView dense{DType::Q4_0, m, w.cols, rows.data(), rb, nullptr};
+    for (int r = 0; r < m; ++r) sparse24_gather_row(w.dtype, w.data, w.cols, n + r, rows.data() + (size_t)r * rb);
+    WeightView dense{base, m, w.cols, rows.data(), rb, w.row_scales ? w.row_scales + n : nullptr};
     dense.row_invariant = w.row_invariant;
     kernel(dense, x, ldx, xq, T, y + n, ldy, 0, m);
     n += m;

@@ -38,8 +38,8 @@ class Backend {
   virtual ~Backend() = default;
   virtual const char* name() const = 0;     // "cpu"
   virtual const char* variant() const = 0;  // the kernels it runs ("avx512", "ref", ...)
-  // Whether it runs Q4_0_24_X16 (2:4-sparse) weights as they are; if not, the Program expands them
-  // into dense Q4_0_X16 at load.
+  // Whether it runs the 2:4-sparse weights as they are; if not, the Program expands them
+  // into dense Q4_0_X16 / I8_X16 at load.
   virtual bool sparse24_native() const = 0;
   // "" when it can run `op` on these inputs (kind, dtype, shape; nullptr for an absent one), else
   // why not: the message of an UnsupportedError.

@@ -93,22 +93,26 @@ void Program::Impl::resolve_tensor(size_t id) {
         fail(std::string(traits(dtype).name) + " [" + std::to_string(t.rows) + ", " +
              std::to_string(t.cols) + "] takes " + std::to_string(need) + " bytes, got " +
              std::to_string(nbytes));
-      if (dtype == DType::Q4_0_24_X16 && !backend->sparse24_native()) {
-        // No sparse kernel here (AVX2, NEON, ref, or AVX-512 without VBMI): dense Q4_0_X16 once,
-        // rather than every row expanded at every step. Same values, 1.5x the bytes.
-        const size_t dense = tensor_bytes(DType::Q4_0_X16, t.rows, t.cols);
+      if (is_sparse24(dtype) && !backend->sparse24_native()) {
+        // No sparse kernel here (AVX2, NEON, ref, or AVX-512 without VBMI): dense Q4_0_X16 /
+        // I8_X16 once, rather than every row expanded at every step. Same values, 1.5x / 1.7x the bytes.
+        const DType base = sparse24_dense(dtype), to = base == DType::I8 ? DType::I8_X16 : DType::Q4_0_X16;
+        const size_t dense = tensor_bytes(to, t.rows, t.cols);
         std::unique_ptr<uint8_t, void (*)(void*)> mem(static_cast<uint8_t*>(std::aligned_alloc(64, (dense + 63) / 64 * 64)),
                                                       std::free);
         if (!mem) throw std::bad_alloc();
         uint8_t* out = mem.get();
         expanded.push_back(std::move(mem));
-        const size_t rb = row_bytes(DType::Q4_0, t.cols);
+        const size_t rb = row_bytes(base, t.cols);
         std::vector<uint8_t> row(rb);
         for (int64_t n = 0; n < t.rows; ++n) {
-          sparse24_gather_row(data, t.cols, n, row.data());
-          x16_scatter_row(DType::Q4_0_X16, row.data(), t.cols, n, out);
+          sparse24_gather_row(dtype, data, t.cols, n, row.data());
+          x16_scatter_row(to, row.data(), t.cols, n, out);
         }
-        dtype = DType::Q4_0_X16;
+        if (has_row_scales(dtype))  // after the codes in both
+          std::memcpy(out + (size_t)t.rows * row_bytes(to, t.cols), data + (size_t)t.rows * row_bytes(dtype, t.cols),
+                      (size_t)t.rows * sizeof(float));
+        dtype = to;
         data = out;
       }
       t.weight.dtype = dtype;
@@ -117,7 +121,7 @@ void Program::Impl::resolve_tensor(size_t id) {
       t.weight.data = data;
       t.weight.row_stride = row_bytes(dtype, t.cols);
       t.weight.row_scales =
-          has_row_scales(dtype) ? reinterpret_cast<const float*>(data + (size_t)t.rows * t.cols)
+          has_row_scales(dtype) ? reinterpret_cast<const float*>(data + (size_t)t.rows * row_bytes(dtype, t.cols))
                                 : nullptr;
       if (dtype == DType::F32) t.f32 = reinterpret_cast<const float*>(data);
       break;

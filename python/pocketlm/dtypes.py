@@ -36,6 +36,8 @@ class DType(enum.IntEnum):
     Q4_1_G128_X16 = 25
     # 2:4-sparse 4-bit (two of every four columns kept), in records of 16 rows x 64 columns
     Q4_0_24_X16 = 26
+    # 2:4-sparse int8 with the int8 mode's per-row scale (records of 16 rows x 64 columns, then the row scales)
+    I8_24_X16 = 27
 
     @property
     def label(self) -> str:
@@ -66,7 +68,7 @@ class DType(enum.IntEnum):
     @property
     def sparse(self) -> bool:
         """A sparse type (only the kept weights stored, with their positions)."""
-        return self == DType.Q4_0_24_X16
+        return self in (DType.Q4_0_24_X16, DType.I8_24_X16)
 
     @classmethod
     def from_label(cls, label: str) -> "DType":
@@ -105,6 +107,7 @@ _TRAITS = {
     DType.Q4_1_G64_X16: (64, 36),
     DType.Q4_1_G128_X16: (128, 68),
     DType.Q4_0_24_X16: (64, 24),  # per row: 64 columns in 24 bytes (384 per record of 16 rows)
+    DType.I8_24_X16: (64, 38),    # per row: 64 columns in 38 bytes (608 per record), + its f32 scale
 }
 
 X16_ROWS = 16
@@ -127,6 +130,6 @@ def tensor_nbytes(dtype: DType, shape: tuple[int, ...]) -> int:
     if (dtype.x16 or dtype.sparse) and (len(shape) != 2 or rows % X16_ROWS):
         raise ValueError(f"{dtype.label} needs a 2-D shape with rows a multiple of {X16_ROWS}, got {tuple(shape)}")
     nbytes = rows * (cols // be) * dtype.block_bytes
-    if dtype in (DType.I8, DType.I8_X16):
+    if dtype in (DType.I8, DType.I8_X16, DType.I8_24_X16):
         nbytes += rows * 4
     return nbytes

@@ -204,8 +204,10 @@ def deinterleave(raw: np.ndarray, base: DType, shape) -> np.ndarray:
     return np.concatenate([blocks.reshape(-1), buf[n:]])
 
 
-# ---- Q4_0_24_X16: 2:4-sparse 4-bit (layout: csrc/common.h) ----
+# ---- The 2:4-sparse types Q4_0_24_X16 and I8_24_X16 (layouts: csrc/common.h) ----
 SPARSE24_PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
+# Bytes of a record (16 rows x 64 columns) and where its pattern codes start.
+_SPARSE24_RECORD = {DType.Q4_0_24_X16: (384, 288), DType.I8_24_X16: (608, 512)}
 
 
 def is_2_of_4(x: np.ndarray) -> bool:
@@ -221,48 +223,61 @@ def _sparse24_pick(g: np.ndarray) -> np.ndarray:
     return np.sort(order, axis=-1)
 
 
-def _quantize_sparse24(x: np.ndarray) -> np.ndarray:
+def _quantize_sparse24(x: np.ndarray, dtype: DType) -> np.ndarray:
     rows, cols = x.shape
-    tensor_nbytes(DType.Q4_0_24_X16, (rows, cols))
-    if cols % 64:
-        raise ValueError(f"q4_0_24_x16 needs the last dimension to be a multiple of 64, got {cols}")
+    tensor_nbytes(dtype, (rows, cols))
     if not is_2_of_4(x):
-        raise ValueError("q4_0_24_x16 needs at most two non-zero values in every four columns (2:4)")
-    nb = cols // 64
+        raise ValueError(f"{dtype.label} needs at most two non-zero values in every four columns (2:4)")
+    nb, r16 = cols // 64, rows // 16
+    record, pat = _SPARSE24_RECORD[dtype]
     groups = np.asarray(x, np.float32).reshape(rows, nb, 16, 4)
     kept = _sparse24_pick(groups)                                    # [rows, nb, 16, 2]
-    values = np.take_along_axis(groups, kept, axis=-1).reshape(rows * nb, 32)
+    values = np.take_along_axis(groups, kept, axis=-1).reshape(rows, nb, 32)
     codes = np.full(kept.shape[:-1], -1, np.int64)
     for c, (a, b) in enumerate(SPARSE24_PAIRS):
         codes[(kept[..., 0] == a) & (kept[..., 1] == b)] = c
-    q4 = _quantize_q4_0(values, 32).reshape(rows // 16, 16, nb, 18)  # [r16, i, b, {d, qs[16]}]
-    codes = codes.reshape(rows // 16, 16, nb, 16)                     # [r16, i, b, g]
-    out = np.zeros((rows // 16, nb, 384), np.uint8)
-    out[:, :, :32] = q4[..., :2].transpose(0, 2, 1, 3).reshape(rows // 16, nb, 32)
-    qs = q4[..., 2:].transpose(0, 2, 1, 3).reshape(rows // 16, nb, 16, 4, 4)  # [r16, b, i, u, 4]
-    out[:, :, 32:288] = qs.transpose(0, 1, 3, 2, 4).reshape(rows // 16, nb, 256)
+    out = np.zeros((r16, nb, record), np.uint8)
+    if dtype == DType.Q4_0_24_X16:
+        q4 = _quantize_q4_0(values.reshape(rows * nb, 32), 32).reshape(r16, 16, nb, 18)  # [r16, i, b, {d, qs[16]}]
+        out[:, :, :32] = q4[..., :2].transpose(0, 2, 1, 3).reshape(r16, nb, 32)
+        qs = q4[..., 2:].transpose(0, 2, 1, 3).reshape(r16, nb, 16, 4, 4)  # [r16, b, i, u, 4]
+        out[:, :, 32:288] = qs.transpose(0, 1, 3, 2, 4).reshape(r16, nb, 256)
+        scales = None
+    else:  # the int8 mode's per-row scale over the kept values (the row's largest magnitudes)
+        scales = (np.max(np.abs(values), axis=(1, 2)) / np.float32(127.0)).astype("<f4")
+        q = np.clip(np.rint(values * _safe_inverse(scales)[:, None, None]), -127, 127).astype(np.int8)
+        q = q.reshape(r16, 16, nb, 8, 4).transpose(0, 2, 3, 1, 4)    # [r16, b, u, i, 4]
+        out[:, :, :512] = q.reshape(r16, nb, 512).view(np.uint8)
+    codes = codes.reshape(r16, 16, nb, 16)                            # [r16, i, b, g]
     # unit u, row i: 12 bits at 12 i = codes of groups 2u, 2u+1, 8+2u, 9+2u at bits 0, 3, 6, 9
     for u in range(4):
-        bits = np.zeros((rows // 16, nb, 16), "<u2")
+        bits = np.zeros((r16, nb, 16), "<u2")
         for k, grp in enumerate((2 * u, 2 * u + 1, 8 + 2 * u, 9 + 2 * u)):
             bits |= (codes[..., grp].transpose(0, 2, 1) << (3 * k)).astype("<u2")
         # each row's 12 bits, one per byte (little-endian), then the 16 rows' back to back: 192 bits
         word = np.unpackbits(bits[..., None].view(np.uint8), axis=-1, bitorder="little")[..., :12]
-        out[:, :, 288 + 24 * u:288 + 24 * (u + 1)] = np.packbits(word.reshape(rows // 16, nb, 192), axis=-1,
-                                                                 bitorder="little")
-    return out.reshape(-1)
+        out[:, :, pat + 24 * u:pat + 24 * (u + 1)] = np.packbits(word.reshape(r16, nb, 192), axis=-1, bitorder="little")
+    out = out.reshape(-1)
+    return out if scales is None else np.concatenate([out, scales.view(np.uint8)])
 
 
-def _dequantize_sparse24(raw: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    nb = cols // 64
-    rec = np.asarray(raw).reshape(-1).view(np.uint8).reshape(rows // 16, nb, 384)
-    d = rec[:, :, :32].copy().view("<f2").astype(np.float32)                   # [r16, b, i]
-    qs = rec[:, :, 32:288].reshape(rows // 16, nb, 4, 16, 4).transpose(0, 1, 3, 2, 4)  # [r16, b, i, u, 4]
-    qs = qs.reshape(rows // 16, nb, 16, 16)
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float32)      # [r16, b, i, 32 values]
-    vals = d[..., None] * (q - 8)
-    bits = np.unpackbits(rec[:, :, 288:], axis=-1, bitorder="little").reshape(rows // 16, nb, 4, 16, 12)
-    out = np.zeros((rows // 16, nb, 16, 16, 4), np.float32)                   # [r16, b, i, g, col]
+def _dequantize_sparse24(raw: np.ndarray, dtype: DType, rows: int, cols: int) -> np.ndarray:
+    nb, r16 = cols // 64, rows // 16
+    record, pat = _SPARSE24_RECORD[dtype]
+    buf = np.asarray(raw).reshape(-1).view(np.uint8)
+    rec = buf[:r16 * nb * record].reshape(r16, nb, record)
+    if dtype == DType.Q4_0_24_X16:
+        d = rec[:, :, :32].copy().view("<f2").astype(np.float32)                    # [r16, b, i]
+        qs = rec[:, :, 32:288].reshape(r16, nb, 4, 16, 4).transpose(0, 1, 3, 2, 4)  # [r16, b, i, u, 4]
+        qs = qs.reshape(r16, nb, 16, 16)
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float32)       # [r16, b, i, 32 values]
+        vals = d[..., None] * (q - 8)
+    else:
+        s = buf[r16 * nb * record:].copy().view("<f4").reshape(r16, 1, 16, 1)       # per row
+        q = rec[:, :, :512].reshape(r16, nb, 8, 16, 4).transpose(0, 1, 3, 2, 4).reshape(r16, nb, 16, 32)
+        vals = s * q.view(np.int8).astype(np.float32)
+    bits = np.unpackbits(rec[:, :, pat:], axis=-1, bitorder="little").reshape(r16, nb, 4, 16, 12)
+    out = np.zeros((r16, nb, 16, 16, 4), np.float32)                                # [r16, b, i, g, col]
     weights3 = np.array([1, 2, 4])
     pairs = np.array(SPARSE24_PAIRS + ((0, 1), (0, 1)))
     for u in range(4):
@@ -271,7 +286,7 @@ def _dequantize_sparse24(raw: np.ndarray, rows: int, cols: int) -> np.ndarray:
             a, b = pairs[code, 0], pairs[code, 1]
             np.put_along_axis(out[:, :, :, grp], a[..., None], vals[:, :, :, 2 * grp, None], axis=-1)
             np.put_along_axis(out[:, :, :, grp], b[..., None], vals[:, :, :, 2 * grp + 1, None], axis=-1)
-    return out.reshape(rows // 16, nb, 16, 64).transpose(0, 2, 1, 3).reshape(rows, cols)
+    return out.reshape(r16, nb, 16, 64).transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
 def quantize(x: np.ndarray, dtype: DType) -> np.ndarray:
@@ -283,8 +298,8 @@ def quantize(x: np.ndarray, dtype: DType) -> np.ndarray:
     if dtype.x16:
         tensor_nbytes(dtype, x.shape)
         return interleave(quantize(x, dtype.base), dtype.base, x.shape)
-    if dtype == DType.Q4_0_24_X16:
-        return _quantize_sparse24(x)
+    if dtype.sparse:
+        return _quantize_sparse24(x, dtype)
     if dtype in KEEP_ONLY:
         raise ValueError(f"pocketlm does not quantize to {dtype.label}: K-quant tensors are only copied "
                          "from GGUF files (convert with --quant keep)")
@@ -344,8 +359,8 @@ def dequantize(raw, dtype: DType, shape) -> np.ndarray:
     rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
     if dtype.x16:
         return dequantize(deinterleave(buf, dtype.base, shape), dtype.base, shape)
-    if dtype == DType.Q4_0_24_X16:
-        return _dequantize_sparse24(buf, rows, cols).reshape(shape)
+    if dtype.sparse:
+        return _dequantize_sparse24(buf, dtype, rows, cols).reshape(shape)
     if dtype == DType.F32:
         return buf.view("<f4").astype(np.float32).reshape(shape)
     if dtype == DType.F16:
@@ -467,9 +482,9 @@ _F16_FIELDS = {DType.Q8_0: (0,), DType.Q4_0: (0,), DType.Q4_0_G64: (0,), DType.Q
 def first_nonfinite(raw, dtype: DType, shape) -> int | None:
     """Where the row-major bytes `raw` of a `dtype` tensor of `shape` hold a NaN or an infinity,
     or None: the element index for F32/F16/BF16, the block index for block types (a block whose
-    f16 scale or minimum is not finite), the row index for I8 (its f32 scale), the record index
-    (16 rows x 64 columns) for Q4_0_24_X16. Vectorised, in
-    chunks: a fraction of the cost of writing the tensor."""
+    f16 scale or minimum is not finite), the row index for I8 and I8_24_X16 (its f32 scale), the
+    record index (16 rows x 64 columns) for Q4_0_24_X16. Vectorised, in chunks: a fraction of the
+    cost of writing the tensor."""
     dtype = DType(dtype)
     if dtype.x16:
         raise ValueError(f"first_nonfinite reads row-major types; de-interleave {dtype.label} first")
@@ -478,8 +493,8 @@ def first_nonfinite(raw, dtype: DType, shape) -> int | None:
         d = buf.reshape(-1, 384)[:, :32].reshape(-1, 16, 2)
         hits = np.flatnonzero(((d[:, :, 1] & 0x7C) == 0x7C).any(axis=1))
         return int(hits[0]) if hits.size else None
-    if dtype in (DType.F32, DType.F16, DType.BF16, DType.I8):
-        if dtype == DType.I8:  # the row scales after the codes
+    if dtype in (DType.F32, DType.F16, DType.BF16, DType.I8, DType.I8_24_X16):
+        if dtype in (DType.I8, DType.I8_24_X16):  # the row scales after the codes
             rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
             words, exp_mask = buf[buf.size - 4 * rows:].view("<u4"), 0x7F800000
         else:

@@ -116,7 +116,7 @@ def test_input_norms_match_transformers(tmp_path):
 
 @pytest.mark.parametrize("prune,method,quant_", [("2:4", "wanda", "f32"), ("50%", "wanda", "f32"),
                                                   ("50%", "magnitude", "f32"), ("2:4", "magnitude", "int4"),
-                                                  ("60%", "magnitude", "int8")])
+                                                  ("2:4", "magnitude", "int8"), ("60%", "magnitude", "int8")])
 def test_pruned_bundle_matches_transformers_with_the_same_zeros(tmp_path, prune, method, quant_):
     """The bundle's block weights are the source's with exactly the reference masks applied (Wanda's
     norms from transformers' activations over the calibration tokens), embeddings, head and norms
@@ -183,8 +183,9 @@ def test_pruned_bundle_matches_transformers_with_the_same_zeros(tmp_path, prune,
         s = engine.create_session()
         for got in (engine.create_session().prefill(ids), (s.prefill(ids[:-1]), s.decode(ids[-1]))[1]):
             assert np.abs(got - ref).max() / ref.std() < 0.01
-    if quant_ == "int4" and spec.m == 4:  # 2:4 in int4: the sparse type wherever the shape allows it
-        sparse = {t.name for t in b.tensors if t.dtype == DType.Q4_0_24_X16}
+    if spec.m == 4 and quant_ != "f32":  # 2:4 in int4 / int8: the sparse type wherever the shape allows it
+        sparse_type = DType.Q4_0_24_X16 if quant_ == "int4" else DType.I8_24_X16
+        sparse = {t.name for t in b.tensors if t.dtype == sparse_type}
         assert sparse == {n for n in pruned if pruning.prunable(n) and b.info(n).shape[1] % 64 == 0}
         assert len(sparse) == 12
         # every kernel variant: those without a sparse kernel run the weights expanded at load

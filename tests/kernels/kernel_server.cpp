@@ -176,7 +176,7 @@ void matmul(const std::vector<Arg>& args, Reply& r) {
   WeightView w{dt, rows, cols, weight.as<uint8_t>(), row_bytes(dt, cols), nullptr};
   if (has_row_scales(dt)) {
     scales.resize(rows);
-    std::memcpy(scales.data(), weight.as<uint8_t>() + rows * cols, rows * sizeof(float));
+    std::memcpy(scales.data(), weight.as<uint8_t>() + rows * row_bytes(dt, cols), rows * sizeof(float));
     w.row_scales = scales.data();
   }
   const int T = (int)x.dim(0);

@@ -1,6 +1,7 @@
-"""Q4_0_24_X16, the 2:4-sparse 4-bit type: its encoding against an independent reading of the layout
-in csrc/common.h, every variant's matmul against the dense Q4_0 kernel on the same weights with
-their zeros, and hostile pattern codes refused by the bundle reader."""
+"""The 2:4-sparse types Q4_0_24_X16 (4-bit) and I8_24_X16 (int8, per-row scales): their encodings
+against an independent reading of the layouts in csrc/common.h, every variant's matmul against the
+dense Q4_0 / I8 kernel on the same weights with their zeros, and hostile pattern codes refused by
+the bundle reader."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pocketlm.dtypes import DType
 from pocketlm.quant import SPARSE24_PAIRS, dequantize, is_2_of_4, quantize
 
 S24 = DType.Q4_0_24_X16
+I24 = DType.I8_24_X16
 
 
 def _pruned(rng, rows, cols):
@@ -45,16 +47,54 @@ def _read_layout(raw: np.ndarray, rows: int, cols: int):
     return d, q, code
 
 
-def _dense_q4_0(d, q, code) -> np.ndarray:
-    """The same weights as dense Q4_0 bytes (each 64-column scale in both of its 32-blocks, pruned
-    columns code 8), GGUF's nibble order."""
+def _read_layout_i8(raw: np.ndarray, rows: int, cols: int):
+    """I8_24_X16 read byte by byte: (s [rows], q [rows, cols/64, 32], code [rows, cols/64, 16])."""
+    nb = cols // 64
+    s = raw[(rows // 16) * nb * 608:].copy().view("<f4")
+    q = np.zeros((rows, nb, 32), np.int64)
+    code = np.zeros((rows, nb, 16), np.int64)
+    for n in range(rows):
+        for b in range(nb):
+            rec = raw[((n // 16) * nb + b) * 608:][:608]
+            i = n % 16
+            for v in range(32):
+                q[n, b, v] = rec[64 * (v // 4) + 4 * i + v % 4:][:1].view(np.int8)[0]
+            for g in range(16):
+                u, k = (g % 8) // 2, (2 if g >= 8 else 0) + g % 2
+                bit = 512 * 8 + 24 * 8 * u + 12 * i + 3 * k
+                code[n, b, g] = sum(((rec[(bit + t) // 8] >> ((bit + t) % 8)) & 1) << t for t in range(3))
+    return s, q, code
+
+
+def _place(q, code, fill) -> np.ndarray:
+    """Values q [rows, nb, 32] at the columns their pattern codes say: [rows, nb * 64], `fill` elsewhere."""
     rows, nb, _ = q.shape
-    full = np.full((rows, nb, 64), 8, np.int64)
+    full = np.full((rows, nb, 64), fill, np.int64)
     for g in range(16):
         pairs = np.array(SPARSE24_PAIRS)[code[:, :, g]]
         np.put_along_axis(full[:, :, 4 * g:4 * g + 4], pairs[..., :1], q[:, :, 2 * g, None], axis=-1)
         np.put_along_axis(full[:, :, 4 * g:4 * g + 4], pairs[..., 1:], q[:, :, 2 * g + 1, None], axis=-1)
-    blocks = full.reshape(rows, nb * 2, 32)
+    return full.reshape(rows, nb * 64)
+
+
+def _dense_i8(s, q, code) -> np.ndarray:
+    """The same weights as dense I8 bytes (the codes, the pruned ones 0, then the row scales)."""
+    return np.concatenate([_place(q, code, 0).astype(np.int8).reshape(-1).view(np.uint8),
+                           s.astype("<f4").view(np.uint8)])
+
+
+def _dense(raw, dtype, rows, cols) -> tuple[DType, np.ndarray]:
+    """(dense type, its bytes) holding the same weights as the sparse `raw`, from the documented layout."""
+    if dtype == S24:
+        return DType.Q4_0, _dense_q4_0(*_read_layout(raw, rows, cols))
+    return DType.I8, _dense_i8(*_read_layout_i8(raw, rows, cols))
+
+
+def _dense_q4_0(d, q, code) -> np.ndarray:
+    """The same weights as dense Q4_0 bytes (each 64-column scale in both of its 32-blocks, pruned
+    columns code 8), GGUF's nibble order."""
+    rows, nb, _ = q.shape
+    blocks = _place(q, code, 8).reshape(rows, nb * 2, 32)
     out = np.zeros((rows, nb * 2, 18), np.uint8)
     out[:, :, :2] = np.repeat(d, 2, axis=1).astype("<f2")[..., None].view(np.uint8)
     out[:, :, 2:] = (blocks[:, :, :16] | blocks[:, :, 16:] << 4).astype(np.uint8)
@@ -87,68 +127,97 @@ def test_encoding_follows_the_documented_layout():
     np.testing.assert_array_equal(wd, dequantize(_dense_q4_0(d, q, code), DType.Q4_0, w.shape))
 
 
+def test_i8_encoding_follows_the_documented_layout():
+    rng = np.random.default_rng(1)
+    w = _pruned(rng, 32, 192)
+    raw = quantize(w, I24)
+    assert raw.size == 32 * 192 // 64 * 38 + 32 * 4
+    s, q, code = _read_layout_i8(raw, 32, 192)
+    assert code.max() < 6
+    # one scale per row, over the kept values: the int8 mode's (I8) scale of the pruned row
+    want = quantize(w, DType.I8)
+    np.testing.assert_array_equal(s, want[32 * 192:].view("<f4"))
+    np.testing.assert_array_equal(_place(q, code, 0).reshape(32, 192), want[:32 * 192].view(np.int8).reshape(32, 192))
+    for n in range(32):
+        for b in range(3):
+            for g in range(16):
+                a, c = SPARSE24_PAIRS[code[n, b, g]]
+                assert set(np.flatnonzero(w[n, 64 * b + 4 * g:64 * b + 4 * g + 4])) <= {a, c}
+    wd = dequantize(raw, I24, w.shape)
+    assert np.all(wd[w == 0] == 0)
+    np.testing.assert_array_equal(wd, dequantize(want, DType.I8, w.shape))
+
+
 def test_refuses_what_is_not_2_of_4():
     w = np.zeros((16, 64), np.float32)
     w[3, 4:7] = 1.0  # three in one group
     assert not is_2_of_4(w)
     with pytest.raises(ValueError, match="2:4"):
         quantize(w, S24)
+    with pytest.raises(ValueError, match="2:4"):
+        quantize(w, I24)
     with pytest.raises(ValueError, match="multiple of 16"):
         quantize(np.zeros((8, 64), np.float32), S24)
     with pytest.raises(ValueError, match="multiple of 64"):
         quantize(np.zeros((16, 96), np.float32), S24)
 
 
+@pytest.mark.parametrize("dtype", [S24, I24], ids=lambda d: d.label)
 @pytest.mark.parametrize("variant", variants())
-def test_matches_the_dense_q4_0_kernel_on_the_same_weights(variant):
+def test_matches_the_dense_kernel_on_the_same_weights(variant, dtype):
     """Each variant's sparse matmul (one and two activation levels, decode and prefill token counts,
-    row ranges off the 16-row grid) against its own dense Q4_0 kernel on the weights with zeros."""
+    row ranges off the 16-row grid) against its own dense Q4_0 / I8 kernel on the weights with zeros."""
     for i, (T, K, N, n0, n1) in enumerate([(1, 64, 16, 0, 16), (1, 896, 48, 0, 48), (1, 1536, 32, 5, 27),
                                            (3, 576, 32, 0, 32), (17, 320, 48, 16, 47), (64, 256, 64, 1, 63),
                                            (4, 4864, 16, 0, 16)]):
         rng = np.random.default_rng(10 + i)
-        raw = quantize(_pruned(rng, N, K), S24)
-        dense = _dense_q4_0(*_read_layout(raw, N, K))
+        raw = quantize(_pruned(rng, N, K), dtype)
+        base, dense = _dense(raw, dtype, N, K)
         x = rng.standard_normal((T, K)).astype(np.float32)
         x[-1, :32] *= 100
-        wd = dequantize(raw, S24, (N, K))
-        scale = np.abs(x) @ (np.abs(wd) + 8 * np.abs(wd).max()).T  # the -8 offset's cancellation
+        wd = dequantize(raw, dtype, (N, K))
+        scale = np.abs(x) @ (np.abs(wd) + 8 * np.abs(wd).max()).T  # the offsets' (-8, +128) cancellation
         for fn in ("matmul", "matmul2"):
-            want = getattr(kernels, fn)(variant, int(DType.Q4_0), dense, N, K, x, n0, n1)
-            got = getattr(kernels, fn)(variant, int(S24), raw, N, K, x, n0, n1)
+            want = getattr(kernels, fn)(variant, int(base), dense, N, K, x, n0, n1)
+            got = getattr(kernels, fn)(variant, int(dtype), raw, N, K, x, n0, n1)
             assert not got[:, :n0].any() and not got[:, n1:].any()
-            assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-30), (fn, variant, T, K, N, n0, n1)
+            assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-30), (fn, variant, dtype, T, K, N, n0, n1)
 
 
 @pytest.mark.skipif(bool(REMOTE), reason="reads a bundle on this machine")
-def test_reader_refuses_invalid_pattern_codes(tmp_path):
+@pytest.mark.parametrize("dtype", [S24, I24], ids=lambda d: d.label)
+def test_reader_refuses_invalid_pattern_codes(tmp_path, dtype):
     from pocketlm.bundle import TensorSpec, read_bundle, write_bundle
     from pocketlm.errors import BundleError
 
     rng = np.random.default_rng(5)
-    raw = quantize(_pruned(rng, 32, 128), S24)
-    write_bundle(tmp_path / "ok.plm", {}, [TensorSpec("w", S24, (32, 128), lambda: raw)])
-    assert read_bundle(tmp_path / "ok.plm").info("w").dtype == S24
-    for byte, value in [(288, 0b110), (384 + 288 + 95, 0xFF), (288 + 24 * 3, 0x38)]:
+    raw = quantize(_pruned(rng, 32, 128), dtype)
+    write_bundle(tmp_path / "ok.plm", {}, [TensorSpec("w", dtype, (32, 128), lambda: raw)])
+    assert read_bundle(tmp_path / "ok.plm").info("w").dtype == dtype
+    rec, pat = (384, 288) if dtype == S24 else (608, 512)
+    for byte, value in [(pat, 0b110), (rec + pat + 95, 0xFF), (pat + 24 * 3, 0x38)]:
         bad = raw.copy()
         bad[byte] |= value  # some 3-bit code becomes 6 or 7
-        write_bundle(tmp_path / "bad.plm", {}, [TensorSpec("w", S24, (32, 128), lambda b=bad: b)])
+        write_bundle(tmp_path / "bad.plm", {}, [TensorSpec("w", dtype, (32, 128), lambda b=bad: b)])
         with pytest.raises(BundleError, match="invalid 2:4 pattern code"):
             read_bundle(tmp_path / "bad.plm")
 
 
+@pytest.mark.parametrize("dtype", [S24, I24], ids=lambda d: d.label)
 @pytest.mark.parametrize("variant", simd_variants())
-def test_any_pattern_bytes_are_safe(variant):
+def test_any_pattern_bytes_are_safe(variant, dtype):
     """Pattern codes 6 and 7 never reach a kernel through a bundle, but kernels called directly
     with them must not read outside the weights or the activations: they act as pattern 0."""
     rng = np.random.default_rng(6)
-    raw = quantize(_pruned(rng, 16, 128), S24)
-    raw[288:384] = 0xFF
-    raw[384 + 288:] = 0xFF
-    x = rng.standard_normal((1, 128)).astype(np.float32)
-    want = kernels.matmul("ref", int(S24), raw, 16, 128, x)
-    got = kernels.matmul(variant, int(S24), raw, 16, 128, x)
-    assert np.all(np.isfinite(got)) and np.allclose(got, want, rtol=1e-4, atol=1e-3)
+    raw = quantize(_pruned(rng, 16, 128), dtype)
+    rec, pat = (384, 288) if dtype == S24 else (608, 512)
+    raw[pat:rec] = 0xFF
+    raw[rec + pat:2 * rec] = 0xFF
+    for T in (1, 2, 40):  # decode, and both prefill paths
+        x = rng.standard_normal((T, 128)).astype(np.float32)
+        want = kernels.matmul("ref", int(dtype), raw, 16, 128, x)
+        got = kernels.matmul(variant, int(dtype), raw, 16, 128, x)
+        assert np.all(np.isfinite(got)) and np.allclose(got, want, rtol=1e-4, atol=1e-3)
 
 
 def test_case_helper_prunes_for_the_sparse_type():

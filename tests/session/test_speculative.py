@@ -384,10 +384,10 @@ def test_threads_speculating_at_once(bundles):
     assert got == want
 
 
-@pytest.mark.parametrize("activations", ["int8", "int8x2"])
-def test_verified_rows_of_2_4_sparse_weights_are_exactly_a_step_of_one(tmp_path_factory, activations):
-    """2:4-sparse int4 weights (q4_0_24_x16, pruned at conversion): a verifying step of 9 rows gives
-    each row the logits of a one-token step, bit for bit, with one and two activation levels."""
+@pytest.mark.parametrize("quant,activations", [("int4", "int8"), ("int4", "int8x2"), ("int8", "int8x2")])
+def test_verified_rows_of_2_4_sparse_weights_are_exactly_a_step_of_one(tmp_path_factory, quant, activations):
+    """2:4-sparse weights (q4_0_24_x16 and i8_24_x16, pruned at conversion): a verifying step of 9
+    rows gives each row the logits of a one-token step, bit for bit, with one and two activation levels."""
     from pocketlm.convert import convert
     from pocketlm.dtypes import DType
     from testutil import make_hf_model
@@ -395,11 +395,12 @@ def test_verified_rows_of_2_4_sparse_weights_are_exactly_a_step_of_one(tmp_path_
     folder = tmp_path_factory.mktemp("sparse24")
     make_hf_model(folder / "hf", "llama", seed=6, hidden_size=128, intermediate_size=192,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    out = convert(folder / "hf", folder / "s.plm", quant="int4", prune="2:4", prune_method="magnitude",
+    out = convert(folder / "hf", folder / "s.plm", quant=quant, prune="2:4", prune_method="magnitude",
                   progress=False)
     from pocketlm.bundle import read_bundle
 
-    assert sum(t.dtype == DType.Q4_0_24_X16 for t in read_bundle(out).tensors) > 0
+    sparse = DType.Q4_0_24_X16 if quant == "int4" else DType.I8_24_X16
+    assert sum(t.dtype == sparse for t in read_bundle(out).tensors) > 0
     e = Engine(out, threads=2, max_context=700, prefill_chunk=16, activations=activations)
     ids = np.random.default_rng(3).integers(3, 300, 640).astype(np.int32)
     _check_verified_rows(e, ids, (5, 600))

@@ -52,13 +52,13 @@ void Step::weight_row(const kernels::WeightView& w, int64_t r, float* out) const
   const int64_t d = w.cols;
   const uint8_t* row = w.data + (size_t)r * w.row_stride;
   DType dt = w.dtype;
-  if (dt == DType::Q4_0_24_X16) {  // expanded into a dense Q4_0 row first
+  if (is_sparse24(dt)) {  // expanded into a dense Q4_0 / I8 row first
     thread_local std::vector<uint8_t> dense;
-    const size_t rb = row_bytes(DType::Q4_0, d);
+    const size_t rb = row_bytes(sparse24_dense(dt), d);
     if (dense.size() < rb) dense.resize(rb);
-    sparse24_gather_row(w.data, d, r, dense.data());
+    sparse24_gather_row(dt, w.data, d, r, dense.data());
     row = dense.data();
-    dt = DType::Q4_0;
+    dt = sparse24_dense(dt);
   } else if (is_x16(dt)) {  // gathered back into row-major bytes first
     thread_local std::vector<uint8_t> gathered;  // grows once per thread
     if (gathered.size() < w.row_stride) gathered.resize(w.row_stride);

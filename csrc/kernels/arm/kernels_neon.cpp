@@ -824,6 +824,7 @@ const KernelTable* PLM_NEON_TABLE() {
           PLM_X16(Q4_1_G64, BlockQ8A),    // Q4_1_G64_X16
           PLM_X16(Q4_1_G128, BlockQ8A),    // Q4_1_G128_X16
           matmul_sparse24_expand<BlockQ8A, PLM_NEON_TABLE>,  // Q4_0_24_X16
+          matmul_sparse24_expand<BlockQ8A, PLM_NEON_TABLE>,  // I8_24_X16
       },
       ref_kernels().quantize_act,
       ref_kernels().dequant_row,
@@ -861,6 +862,7 @@ const KernelTable* PLM_NEON_TABLE() {
           PLM_X16(Q4_1_G64, BlockQ8A2),   // Q4_1_G64_X16
           PLM_X16(Q4_1_G128, BlockQ8A2),   // Q4_1_G128_X16
           matmul_sparse24_expand<BlockQ8A2, PLM_NEON_TABLE>,  // Q4_0_24_X16
+          matmul_sparse24_expand<BlockQ8A2, PLM_NEON_TABLE>,  // I8_24_X16
       },
       ref_kernels().quantize_act2,
       weighted_sum_by_axpy<axpy_neon>,

@@ -944,6 +944,7 @@ const KernelTable* PLM_AVX2_TABLE() {
           PLM_AVX2_NS::matmul_x16,               // Q4_1_G64_X16
           PLM_AVX2_NS::matmul_x16,               // Q4_1_G128_X16
           matmul_sparse24_expand<BlockQ8A, PLM_AVX2_TABLE>,  // Q4_0_24_X16
+          matmul_sparse24_expand<BlockQ8A, PLM_AVX2_TABLE>,  // I8_24_X16
       },
       quantize_act_avx2,
       ref_kernels().dequant_row,
@@ -981,6 +982,7 @@ const KernelTable* PLM_AVX2_TABLE() {
           PLM_AVX2_NS::matmul2_x16,                         // Q4_1_G64_X16
           PLM_AVX2_NS::matmul2_x16,                         // Q4_1_G128_X16
           matmul_sparse24_expand<BlockQ8A2, PLM_AVX2_TABLE>,  // Q4_0_24_X16
+          matmul_sparse24_expand<BlockQ8A2, PLM_AVX2_TABLE>,  // I8_24_X16
       },
       quantize_act2_avx2,
       weighted_sum_by_axpy<axpy_avx2>,

@@ -1103,7 +1103,7 @@ void silu_mul_avx512(const float* g, const float* u, float* y, int n) {
   }
 }
 
-// Q4_0_24_X16: the VBMI kernel where the CPU has VBMI, else dense Q4_0 rows (a Program expands the
+// The 2:4-sparse types: the VBMI kernels where the CPU has VBMI, else dense rows (a Program expands the
 // weights at load then, so this fallback serves direct kernel calls). Kept in this file, built
 // without VBMI, so that no VBMI instruction is reachable on a CPU without it.
 template <class Act>
@@ -1148,6 +1148,7 @@ const KernelTable* avx512_kernel_table() {
           avx512::matmul_x16,                    // Q4_1_G64_X16
           avx512::matmul_x16,                    // Q4_1_G128_X16
           matmul_sparse24<BlockQ8A>,             // Q4_0_24_X16
+          matmul_sparse24<BlockQ8A>,             // I8_24_X16
       },
       quantize_act_avx512,
       ref_kernels().dequant_row,
@@ -1185,6 +1186,7 @@ const KernelTable* avx512_kernel_table() {
           avx512::matmul2_x16,                              // Q4_1_G64_X16
           avx512::matmul2_x16,                              // Q4_1_G128_X16
           matmul_sparse24<BlockQ8A2>,                       // Q4_0_24_X16
+          matmul_sparse24<BlockQ8A2>,                       // I8_24_X16
       },
       quantize_act2_avx512,
       weighted_sum_avx512<float>,

@@ -1,16 +1,20 @@
-// Q4_0_24_X16 (2:4-sparse 4-bit weights, layout in common.h) for AVX-512 VNNI + VBMI.
+// The 2:4-sparse types (layouts in common.h) for AVX-512 VNNI + VBMI.
 //
-// One token (decode, and each row of a verifying step): per record of 16 rows x 64 columns, each
-// 64-byte unit of codes holds 4 kept values of each row (a dword per row). The columns they sit at
-// come from the pattern codes: vpmultishiftqb pulls each value's 3-bit code out of its row's
-// 12 bits, vpermb looks up the column in the group (kSparse24Pairs), and vpermb gathers the token's
-// activation at that column for every byte. vpdpbusd then sums code x activation per row, and
-// ones x activation gives the sum of the kept activations for the codes' -8. Decode reads 3.0
-// bits per weight where dense Q4_0 reads 4.5. A short prefill runs tiles of 4 tokens per group of 16
-// rows, each unit's columns decoded once for the tile; a longer one expands each group of rows into
-// dense Q4_0_X16 records (vpermi2b places each kept value at its column) and runs the dense GEMM
-// on them, which does more per cycle than the tiles though it multiplies the zeros. A CPU without VBMI never enters this file: the
-// table's entry (kernels_avx512.cpp) sends it to matmul_sparse24_expand instead.
+// Q4_0_24_X16, one token (decode, and each row of a verifying step): per record of 16 rows x 64
+// columns, each 64-byte unit of codes holds 4 kept values of each row (a dword per row). The
+// columns they sit at come from the pattern codes: vpmultishiftqb pulls each value's 3-bit code out
+// of its row's 12 bits, vpermb looks up the column in the group (kSparse24Pairs), and vpermb
+// gathers the token's activation at that column for every byte. vpdpbusd then sums code x
+// activation per row, and ones x activation gives the sum of the kept activations for the codes'
+// -8. Decode reads 3.0 bits per weight where dense Q4_0 reads 4.5. A short prefill runs tiles of 4
+// tokens per group of 16 rows, each unit's columns decoded once for the tile; a longer one expands
+// each group of rows into dense Q4_0_X16 records (vpermi2b places each kept value at its column)
+// and runs the dense GEMM on them, which does more per cycle than the tiles though it multiplies
+// the zeros.
+//
+// I8_24_X16 decodes the same way with signed values (4.75 bits per weight where dense I8 reads 8)
+// and expands into dense I8_X16 records for any prefill. A CPU without VBMI never enters this
+// file: the table's entry (kernels_avx512.cpp) sends it to matmul_sparse24_expand instead.
 #include <immintrin.h>
 
 // GCC 12 sees the undefined pass-through operand of the vpermb / vpmultishiftqb intrinsics as
@@ -82,6 +86,9 @@ Consts make_consts() {
 // cold [4864 x 896] matrix, 24 records (9 KB) ahead at 36 (bench/kernels/sparse24_proto.cpp,
 // Zen 5: 2, 4, 8, 16, 24, 32, 48 tried). Bounded to the tensor: integer addresses, compared first.
 constexpr uintptr_t kPrefetchAhead = 24 * kSparse24Record;
+// I8_24_X16: 8 records (4.9 KB); one thread, cold [4864 x 896], two-level activations: 4 records
+// 29.8 GB/s, 8 31.6-33.4, 12 30.4, 16 32.3, 32 31.5 (Zen 5).
+constexpr uintptr_t kPrefetchAheadI8 = 8 * kSparse24I8Record;
 // Tokens per prefill tile. Measured on the Qwen shape's pp256 (Zen 5): 3 tokens 1,030 tok/s, 4
 // 1,100-1,190, 6 450 and 8 650 (their sums spill out of the 32 registers).
 constexpr int kTile = 4;
@@ -223,14 +230,23 @@ void group_rows_tile(const uint8_t* rec, int nb, const BlockQ8A* xq, int kb, con
   for (int t = 0; t < RT; ++t) _mm512_mask_storeu_ps(y + (size_t)t * ldy, m, facc[t]);
 }
 
+// For expand_record: the vpermi2b indices that place a unit's values (bytes 4i..4i+3 of row i: two
+// of pattern slot s's group, at 4i + 2 (s % 2) and + 1) at the group's columns: each byte's
+// (code << 2) | column looks up the byte holding that column's value, or 0x40 (the second table's
+// byte 0) where the column was pruned. p: the unit's pattern codes, spread.
+inline __m512i placing(__m512i p, int s, const Consts& k) {
+  const __m512i key = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(k.ctrl_slot[s], p), _mm512_set1_epi8(0x1C),
+                                                _mm512_set1_epi32(0x03020100), 0xEA);
+  return _mm512_add_epi8(_mm512_permutexvar_epi8(key, k.kept[s % 2]), k.row_base);
+}
+
 // One record (16 rows x 64 columns) as the two dense Q4_0_X16 records of its columns (out: 576
 // bytes), the pruned columns code 8: what prefill multiplies with the dense GEMM, which does more
 // per byte than the tile above. Dense record h's unit v = 2a + p holds, per row, the columns of
 // groups 8h + v (low nibbles) and 8h + 4 + v (high): the values of sparse unit a (low) and 2 + a
 // (high), nibble h, whose pattern codes sit in slot 2h + p of the same units (layout in common.h).
 inline void expand_record(const uint8_t* rec, uint8_t* out, const Consts& k) {
-  const __m512i m4 = _mm512_set1_epi8(0x0F), code4 = _mm512_set1_epi8(0x1C), eight = _mm512_set1_epi8(8),
-                col = _mm512_set1_epi32(0x03020100);
+  const __m512i m4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
   const __m256i d = _mm256_loadu_si256((const __m256i*)rec);
   _mm256_storeu_si256((__m256i*)out, d);
   _mm256_storeu_si256((__m256i*)(out + 288), d);
@@ -242,11 +258,7 @@ inline void expand_record(const uint8_t* rec, uint8_t* out, const Consts& k) {
   // Sparse unit u's nibble h placed at the columns of pattern slot s (byte j of a row: column j of the group).
   auto placed = [&](int u, int h, int s) {
     const __m512i nib = h ? _mm512_and_si512(_mm512_srli_epi16(w[u], 4), m4) : _mm512_and_si512(w[u], m4);
-    // (code << 2) | column, the byte holding that column's value, and the value (or 8 from the
-    // second table, where bit 6 of the index is set)
-    const __m512i key = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(k.ctrl_slot[s], p[u]), code4, col, 0xEA);
-    const __m512i at = _mm512_add_epi8(_mm512_permutexvar_epi8(key, k.kept[s % 2]), k.row_base);
-    return _mm512_permutex2var_epi8(nib, at, eight);
+    return _mm512_permutex2var_epi8(nib, placing(p[u], s, k), eight);
   };
 #pragma GCC unroll 2
   for (int h = 0; h < 2; ++h)
@@ -258,6 +270,73 @@ inline void expand_record(const uint8_t* rec, uint8_t* out, const Consts& k) {
         const __m512i v = _mm512_or_si512(placed(a, h, s), _mm512_slli_epi16(placed(2 + a, h, s), 4));
         _mm512_storeu_si512(out + 288 * h + 32 + 64 * (2 * a + par), v);
       }
+}
+
+// One I8_24_X16 record as the two dense I8_X16 records of its columns (out: 1024 bytes), the pruned
+// columns 0. Dense record h's unit v holds, per row, the columns of group 8h + v: values of sparse
+// unit 4h + v / 2, pattern slot 2h + v % 2 of pattern unit v / 2 (layout in common.h).
+inline void expand_record_i8(const uint8_t* rec, uint8_t* out, const Consts& k) {
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i p[4];
+  for (int u = 0; u < 4; ++u)
+    p[u] = _mm512_permutexvar_epi8(k.spread, _mm512_maskz_loadu_epi8(0xFFFFFFull, rec + 512 + 24 * u));
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; ++v) {
+      const __m512i w = _mm512_loadu_si512(rec + 64 * (4 * h + v / 2));
+      _mm512_storeu_si512(out + 512 * h + 64 * v, _mm512_permutex2var_epi8(w, placing(p[v / 2], 2 * h + v % 2, k), zero));
+    }
+}
+
+// I8_24_X16: the 16 rows of one record group for one token, before the row scales. Value unit u
+// (columns 8u..8u+7) takes the columns of pattern unit u % 4's slots 0, 1 (u < 4) or 2, 3, as
+// unit_values' low- and high-nibble values do. vpdpbusd wants unsigned x signed: the activations
+// go in as x + 128 and 128 x the kept weights' sum (ones x codes, shared by both levels) comes off.
+template <class Act>
+inline __m512 group_rows_i8(const uint8_t* rec, int nb, const Act* xq, const Consts& k, uintptr_t end) {
+  constexpr bool kTwo = std::is_same_v<Act, BlockQ8A2>;
+  const __m512i ones = _mm512_set1_epi8(1), seven = _mm512_set1_epi8(7), flip = _mm512_set1_epi8((char)0x80);
+  __m512 facc = _mm512_setzero_ps();
+  for (int b = 0; b < nb; ++b, rec += kSparse24I8Record) {
+    const uintptr_t pf = (uintptr_t)rec + kPrefetchAheadI8;
+    if (pf < end)
+      for (int l = 0; l < 10; ++l) _mm_prefetch((const char*)(pf + 64 * (uintptr_t)l), _MM_HINT_T0);
+    const Act& x0 = xq[2 * b];
+    const Act& x1 = xq[2 * b + 1];
+    const __m512i xv = _mm512_xor_si512(columns<Act, false>(x0, x1), flip);
+    __m512i xv2 = _mm512_setzero_si512();
+    if constexpr (kTwo) xv2 = _mm512_xor_si512(columns<Act, true>(x0, x1), flip);
+    __m512i a[2], a2[2], c[2];  // per half (columns 0..31, 32..63): level 1, level 2, the codes' sum
+    for (int h = 0; h < 2; ++h) a[h] = a2[h] = c[h] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      const __m512i p = _mm512_permutexvar_epi8(k.spread, _mm512_maskz_loadu_epi8(0xFFFFFFull, rec + 512 + 24 * u));
+      const __m512i idx[2] = {
+          _mm512_add_epi8(_mm512_permutexvar_epi8(
+                              _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(k.ctrl_lo, p), seven, k.pick, 0xEA), k.lut),
+                          k.base_lo[u]),
+          _mm512_add_epi8(_mm512_permutexvar_epi8(
+                              _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(k.ctrl_hi, p), seven, k.pick, 0xEA), k.lut),
+                          k.base_hi[u])};
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m512i w = _mm512_loadu_si512(rec + 64 * (4 * h + u));
+        a[h] = _mm512_dpbusd_epi32(a[h], _mm512_permutexvar_epi8(idx[h], xv), w);
+        if constexpr (kTwo) a2[h] = _mm512_dpbusd_epi32(a2[h], _mm512_permutexvar_epi8(idx[h], xv2), w);
+        c[h] = _mm512_dpbusd_epi32(c[h], ones, w);
+      }
+    }
+    const __m512i c0 = _mm512_slli_epi32(c[0], 7), c1 = _mm512_slli_epi32(c[1], 7);
+    __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[0], c0)), _mm512_set1_ps(x0.d),
+                               _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[1], c1)), _mm512_set1_ps(x1.d)));
+    if constexpr (kTwo) {
+      v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a2[0], c0)), _mm512_set1_ps(x0.d2), v);
+      v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a2[1], c1)), _mm512_set1_ps(x1.d2), v);
+    }
+    facc = _mm512_add_ps(facc, v);
+  }
+  return facc;
 }
 
 bool has_vbmi() {
@@ -277,26 +356,39 @@ bool sparse24_native() { return has_vbmi(); }
 template <class Act>
 void matmul_sparse24_vbmi(const WeightView& w, const Act* xq, int T, float* y, size_t ldy, int n0, int n1) {
   static const Consts k = make_consts();
+  const bool i8 = w.dtype == DType::I8_24_X16;
   const int nb = (int)(w.cols / 64), kb = (int)(w.cols / 32);
-  const size_t group_bytes = (size_t)nb * kSparse24Record;
-  if (T >= kExpandTokens && !w.row_invariant) {  // prefill: each group of 16 rows through the dense GEMM
+  const size_t group_bytes = (size_t)nb * sparse24_record(w.dtype);
+  auto rows_of = [&](int g, int* lo, int* hi) {  // group g's rows in [n0, n1), as lanes
+    *lo = (n0 > g * 16 ? n0 : g * 16) - g * 16;
+    *hi = (n1 < g * 16 + 16 ? n1 : g * 16 + 16) - g * 16;
+  };
+  // Prefill: each group of 16 rows expanded into dense records and through the dense GEMM. The int8
+  // type has no tiles of its own: from 2 tokens (it expands as cheaply: a vpermi2b per 64 bytes).
+  if (T >= (i8 ? 2 : kExpandTokens) && !w.row_invariant) {
+    const DType to = i8 ? DType::I8_X16 : DType::Q4_0_X16;
     thread_local std::vector<uint8_t> dense;
-    const size_t dense_bytes = (size_t)nb * 2 * 288;
+    const size_t dense_bytes = (size_t)16 * row_bytes(to, w.cols);
     if (dense.size() < dense_bytes) dense.resize(dense_bytes);
     for (int g = n0 / 16; g * 16 < n1; ++g) {
-      const int lo = (n0 > g * 16 ? n0 : g * 16) - g * 16, hi = (n1 < g * 16 + 16 ? n1 : g * 16 + 16) - g * 16;
+      int lo, hi;
+      rows_of(g, &lo, &hi);
       const uint8_t* rec = w.data + (size_t)g * group_bytes;
-      for (int b = 0; b < nb; ++b) expand_record(rec + (size_t)b * kSparse24Record, dense.data() + (size_t)b * 576, k);
-      const WeightView dv{DType::Q4_0_X16, 16, w.cols, dense.data(), row_bytes(DType::Q4_0_X16, w.cols), nullptr};
+      for (int b = 0; b < nb; ++b) {
+        if (i8) expand_record_i8(rec + (size_t)b * kSparse24I8Record, dense.data() + (size_t)b * 1024, k);
+        else expand_record(rec + (size_t)b * kSparse24Record, dense.data() + (size_t)b * 576, k);
+      }
+      const WeightView dv{to, 16, w.cols, dense.data(), row_bytes(to, w.cols), i8 ? w.row_scales + g * 16 : nullptr};
       if constexpr (std::is_same_v<Act, BlockQ8A>) matmul_x16(dv, nullptr, 0, xq, T, y + g * 16, ldy, lo, hi);
       else matmul2_x16(dv, nullptr, 0, xq, T, y + g * 16, ldy, lo, hi);
     }
     return;
   }
   if constexpr (std::is_same_v<Act, BlockQ8A>) {
-    if (T > 1 && !w.row_invariant) {  // prefill: tiles of 4 tokens over each group of 16 rows
+    if (T > 1 && !w.row_invariant && !i8) {  // a short prefill: tiles of 4 tokens over each group of 16 rows
       for (int g = n0 / 16; g * 16 < n1; ++g) {
-        const int lo = (n0 > g * 16 ? n0 : g * 16) - g * 16, hi = (n1 < g * 16 + 16 ? n1 : g * 16 + 16) - g * 16;
+        int lo, hi;
+        rows_of(g, &lo, &hi);
         const uint8_t* rec = w.data + (size_t)g * group_bytes;
         int t = 0;
         for (; t + kTile <= T; t += kTile)
@@ -313,9 +405,16 @@ void matmul_sparse24_vbmi(const WeightView& w, const Act* xq, int T, float* y, s
     const Act* xt = xq + (size_t)t * kb;
     float* yt = y + (size_t)t * ldy;
     for (int g = n0 / 16; g * 16 < n1; ++g) {
-      const __m512 r = group_rows<Act>(w.data + (size_t)g * group_bytes, nb, xt, k, end);
-      const int lo = (n0 > g * 16 ? n0 : g * 16) - g * 16, hi = (n1 < g * 16 + 16 ? n1 : g * 16 + 16) - g * 16;
-      _mm512_mask_storeu_ps(yt + g * 16, row_mask(lo, hi), r);
+      int lo, hi;
+      rows_of(g, &lo, &hi);
+      const __mmask16 m = row_mask(lo, hi);
+      const uint8_t* rec = w.data + (size_t)g * group_bytes;
+      if (i8) {
+        const __m512 r = group_rows_i8<Act>(rec, nb, xt, k, end);
+        _mm512_mask_storeu_ps(yt + g * 16, m, _mm512_mul_ps(r, _mm512_maskz_loadu_ps(m, w.row_scales + g * 16)));
+      } else {
+        _mm512_mask_storeu_ps(yt + g * 16, m, group_rows<Act>(rec, nb, xt, k, end));
+      }
     }
   }
 }

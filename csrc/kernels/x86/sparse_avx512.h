@@ -1,10 +1,10 @@
-// Q4_0_24_X16 (2:4-sparse 4-bit weights, common.h) for AVX-512 VNNI; uses VBMI where the CPU has it.
+// The 2:4-sparse types (Q4_0_24_X16, I8_24_X16; common.h) for AVX-512 VNNI; uses VBMI where the CPU has it.
 #pragma once
 #include "kernels/kernels.h"
 
 namespace plm::kernels::avx512 {
 
-// Q4_0_24_X16 matmuls with VBMI (sparse_avx512.cpp, compiled with -mavx512vbmi): call only where
+// 2:4-sparse matmuls with VBMI (sparse_avx512.cpp, compiled with -mavx512vbmi): call only where
 // sparse24_native() is true. Any token count and row range.
 template <class Act>
 void matmul_sparse24_vbmi(const WeightView& w, const Act* xq, int T, float* y, size_t ldy, int n0, int n1);

@@ -599,8 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", default=None, metavar="FILE",
                    help="text (UTF-8) whose first 2048 tokens the unpruned model runs for wanda's input norms")
     c.add_argument("--sparse", choices=["auto", "off"], default="auto",
-                   help="auto (default): int4 block weights that are 2:4 (two non-zeros in every four, from "
-                        "--prune 2:4 or pruned at the source) stored 2:4-sparse, 3.0 bits per weight; off: dense")
+                   help="auto (default): block weights that are 2:4 (two non-zeros in every four, from "
+                        "--prune 2:4 or pruned at the source) stored 2:4-sparse: int4 3.0 bits per weight, "
+                        "int8 4.75; off: dense")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 

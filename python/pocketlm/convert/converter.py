@@ -84,20 +84,27 @@ def _encode(t: SourceTensor, dtype: DType, pruner=None) -> np.ndarray:
     return quant.interleave(raw, base, shape) if dtype.x16 else raw
 
 
-def _sparse_eligible(t: SourceTensor, recipe: Recipe) -> bool:
-    """A tensor the 2:4-sparse 4-bit type may hold: a block linear weight in int4 mode (symmetric,
-    groups of 32), rows a multiple of 16 and rows of a multiple of 64 columns."""
+def _sparse_type(t: SourceTensor, recipe: Recipe) -> DType | None:
+    """The 2:4-sparse type a tensor may be stored as, or None: a block linear weight (rows a
+    multiple of 16, rows of a multiple of 64 columns) in int4 mode, symmetric groups of 32
+    (Q4_0_24_X16), or in int8 mode with one scale per row (I8_24_X16)."""
     from pocketlm.prune import prunable
 
-    return (recipe.sparse == "auto" and recipe.mode == "int4" and recipe.symmetric and recipe.group_size == 32
-            and prunable(t.name) and len(t.shape) == 2 and t.shape[0] % 16 == 0 and t.shape[1] % 64 == 0)
+    if recipe.sparse != "auto" or not (prunable(t.name) and len(t.shape) == 2 and t.shape[0] % 16 == 0
+                                       and t.shape[1] % 64 == 0):
+        return None
+    if recipe.mode == "int4" and recipe.symmetric and recipe.group_size == 32:
+        return DType.Q4_0_24_X16
+    if recipe.mode == "int8" and recipe.group_size is None:
+        return DType.I8_24_X16
+    return None
 
 
 def plan(model: SourceModel, recipe: Recipe, prune_spec=None) -> tuple[list[tuple[SourceTensor, DType]], list[str], list[str]]:
     """[(tensor, type)] in canonical order, names that fell back to F16, names requantized in keep mode.
-    With sparse="auto" (int4), a block linear weight that is or will be 2:4 (pruned here with a
-    2:4 pattern, or already so in a Hugging Face source: at most two non-zeros in every four
-    columns) is stored as Q4_0_24_X16."""
+    With sparse="auto" (int4, or int8 with row scales), a block linear weight that is or will be 2:4
+    (pruned here with a 2:4 pattern, or already so in a Hugging Face source: at most two non-zeros in
+    every four columns) is stored as Q4_0_24_X16 or I8_24_X16."""
     from pocketlm.quant import is_2_of_4
 
     order = {name: i for i, name in enumerate(expected_shapes(model.config, model.architecture))}
@@ -107,15 +114,16 @@ def plan(model: SourceModel, recipe: Recipe, prune_spec=None) -> tuple[list[tupl
         keep = None
         if recipe.mode == "keep":
             keep = t.native if t.native is not None else model.keep_fallback[t.name]
-        if _sparse_eligible(t, recipe):
+        sparse = _sparse_type(t, recipe)
+        if sparse is not None:
             if two_of_four:
-                planned.append((t, DType.Q4_0_24_X16))
+                planned.append((t, sparse))
                 continue
             if prune_spec is None and model.source_format == "hf":
                 # published 2:4 checkpoints are Hugging Face folders; reading a GGUF's every block
                 # weight once more to look would slow every int4 conversion of one
                 if is_2_of_4(t.load_f32().reshape(t.shape)):  # pruned at the source
-                    planned.append((t, DType.Q4_0_24_X16))
+                    planned.append((t, sparse))
                     continue
         dtype, fell_back = recipe.choose(t.name, t.shape, keep)
         if fell_back:
@@ -225,9 +233,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = 
     before quantization (pocketlm.prune); prune_method "wanda" (|W| x input norm, the norms from
     running the unpruned model over the text file `calibration`) or "magnitude" (|W|). Needs an
     explicit quant of f32, f16, int8 or symmetric int4 (types that store an exact zero).
-    sparse: "auto" (default) stores int4 block linear weights that are 2:4 (pruned so here, or in
-    the source) as the 2:4-sparse type Q4_0_24_X16 (3.0 bits per weight instead of 4.5); "off"
-    keeps them dense.
+    sparse: "auto" (default) stores block linear weights that are 2:4 (pruned so here, or in the
+    source) as a 2:4-sparse type: Q4_0_24_X16 in int4 mode (3.0 bits per weight instead of 4.5),
+    I8_24_X16 in int8 mode with row scales (4.75 instead of 8); "off" keeps them dense.
     """
     if quant not in QUANT_CHOICES:
         raise ValueError(f"quant must be one of f32, f16, int8, int4 or None, got {quant!r}")

@@ -7,9 +7,10 @@
                                             with group_size=32, Q8_0 (one f16 scale per 32 weights)
   int4                                      linear weights Q4_0/Q4_1 at the chosen group size;
                                             token_embd and output Q8_0 (most error-sensitive)
-  sparse="auto" (int4, g32, symmetric)      block linear weights with at most two non-zeros in every
-                                            four columns (pruned 2:4 at conversion or in the source):
-                                            Q4_0_24_X16, 2:4-sparse 4-bit (3.0 bits per weight)
+  sparse="auto" (int4 g32 symmetric, or     block linear weights with at most two non-zeros in every
+  int8 with row scales)                     four columns (pruned 2:4 at conversion or in the source):
+                                            Q4_0_24_X16, 2:4-sparse 4-bit (3.0 bits per weight), or
+                                            I8_24_X16, 2:4-sparse int8 (4.75 bits per weight)
   head="int4" (int4 or int8 mode)           token_embd and output 4-bit as well (Q4_0/Q4_1, the
                                             linears' group size; 32 in int8 mode): the head is
                                             ~40 % of a small model's bytes per decoded token
@@ -47,7 +48,7 @@ class Recipe:
     group_size: int | None = None  # int4: 32 when None; int8: None = per row, or 32
     symmetric: bool = True
     head: str | None = None  # int4/int8 modes: "int8" (default) or "int4" for token_embd and output
-    sparse: str = "auto"     # "auto": 2:4 block linear weights as Q4_0_24_X16 in int4 mode; "off": dense
+    sparse: str = "auto"     # "auto": 2:4 block linear weights as Q4_0_24_X16 / I8_24_X16; "off": dense
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -100,7 +101,8 @@ class Recipe:
             return {"mode": "int4", "group_size": self.group_size, "symmetric": self.symmetric, "head": self.head,
                     "sparse": self.sparse}
         if self.mode == "int8":  # group_size None: one scale per row; no zero point
-            return {"mode": "int8", "group_size": self.group_size, "symmetric": True, "head": self.head}
+            return {"mode": "int8", "group_size": self.group_size, "symmetric": True, "head": self.head,
+                    "sparse": self.sparse}
         return {"mode": self.mode, "group_size": None, "symmetric": None}
 
 
