@@ -1,5 +1,5 @@
 """pocketlm itself on aarch64, under qemu-aarch64 (scripts/test-arm.sh --e2e builds the extension for
-aarch64 and an arm64 Debian Python to run it): tiny models of three weight formats, and the real
+aarch64 and an arm64 Debian Python to run it): tiny models of five weight formats, and the real
 SmolLM2 answer, give token for token what this machine's own build gives, with every ARM kernel
 variant forced in turn (the emulated CPU, -cpu max, has them all)."""
 
@@ -35,10 +35,14 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("arm")
     make_hf_model(d / "hf", "qwen2", seed=5, hidden_size=128, intermediate_size=256, num_attention_heads=4,
                   num_key_value_heads=2)
-    return {q: convert(d / "hf", d / f"{q}.plm", quant=q, progress=False) for q in ("f32", "int8", "int4")}
+    out = {q: convert(d / "hf", d / f"{q}.plm", quant=q, progress=False) for q in ("f32", "int8", "int4")}
+    for q in ("int8", "int4"):  # 2:4-sparse: read in place by dotprod and i8mm, expanded at load by neon and ref
+        out[f"{q}-2:4"] = convert(d / "hf", d / f"{q}-24.plm", quant=q, prune="2:4", prune_method="magnitude",
+                                  progress=False)
+    return out
 
 
-@pytest.mark.parametrize("quant", ["f32", "int8", "int4"])
+@pytest.mark.parametrize("quant", ["f32", "int8", "int4", "int8-2:4", "int4-2:4"])
 @pytest.mark.parametrize("kv_type", ["f32", "f16"])
 def test_tiny_model_same_tokens_as_here(tiny, quant, kv_type):
     engine = Engine(tiny[quant], threads=2, max_context=128, kv_type=kv_type)

@@ -46,6 +46,8 @@
 namespace plm::kernels {
 
 #if defined(__aarch64__) && defined(__ARM_NEON)
+const KernelTable* PLM_NEON_TABLE();  // this level's table (end of file), for the fallbacks that call back into it
+
 namespace {
 
 // Decode rows prefetch the row kPrefetchRows further on, a share per 32-element run
@@ -787,8 +789,139 @@ void matmul_x16_t(const WeightView& w, const float*, size_t, const Act* xq, int 
   }
 }
 #define PLM_X16(kind, act) matmul_x16_t<X16Kind::kind, act>
+
+// ---- 2:4-sparse weights read in place (Q4_0_24_X16, I8_24_X16; layouts in common.h) ----
+// A 16-byte slice of a unit holds 4 values of rows 4r..4r+3. Their columns come from the pattern
+// codes: one TBL gathers the two pattern bytes of each (row, slot) code into a u16 lane, USHL by
+// minus its bit offset and AND 7 leave the code, a TBL spreads each code to its row's values, and a
+// TBL looks up the kept column of the group (kSparse24Pairs), plus the group's base column. A TBL of
+// the 64 activations of the record's columns then gathers each value's activation, and SDOT
+// multiplies: 16 values (32 weights) per SDOT and five TBLs, where dense Q4_0 reads 4.5 bits per
+// weight and this 3.0 (I8_24_X16: 4.75 where I8 reads 8). One token at a time (decode, verifying
+// steps); prefill expands the rows into dense ones (matmul_sparse24_expand).
+struct S24Neon {
+  uint8x16_t gather[4][2];  // [slice r][half h]: pattern byte indices of each (row, slot 2h + k) code, as u16 lanes
+  int16x8_t shift[4][2];    // minus each code's bit offset within its u16 lane
+  uint8x16_t spread, pick, lut, base[4][2];  // base[unit][half]: the columns of each value's group
+};
+
+S24Neon make_s24() {
+  S24Neon k;
+  uint8_t g[16], sp[16], pk[16], lut[16], bs[16];
+  int16_t sh[8];
+  for (int r = 0; r < 4; ++r)
+    for (int h = 0; h < 2; ++h) {
+      for (int lane = 0; lane < 8; ++lane) {  // lane: row 4r + lane / 2, slot 2h + lane % 2
+        const int bit = 12 * (4 * r + lane / 2) + 3 * (2 * h + lane % 2);
+        g[2 * lane] = (uint8_t)(bit / 8);
+        g[2 * lane + 1] = (uint8_t)(bit / 8 + 1 < 24 ? bit / 8 + 1 : 0xFF);  // past the 24 bytes: 0
+        sh[lane] = (int16_t)-(bit % 8);
+      }
+      k.gather[r][h] = vld1q_u8(g);
+      k.shift[r][h] = vld1q_s16(sh);
+    }
+  for (int b = 0; b < 16; ++b) {  // byte b of a slice: row 4r + b / 4, value b % 4 (slot b % 4 / 2)
+    sp[b] = (uint8_t)(2 * (2 * (b / 4) + (b % 4) / 2));
+    pk[b] = (uint8_t)(8 * (b % 2));
+    lut[b] = (uint8_t)kSparse24Pairs[b % 8][b / 8];
+  }
+  k.spread = vld1q_u8(sp);
+  k.pick = vld1q_u8(pk);
+  k.lut = vld1q_u8(lut);
+  for (int u = 0; u < 4; ++u)
+    for (int h = 0; h < 2; ++h) {
+      for (int b = 0; b < 16; ++b) bs[b] = (uint8_t)(32 * h + 8 * u + 4 * ((b % 4) / 2));
+      k.base[u][h] = vld1q_u8(bs);
+    }
+  return k;
+}
+
+// The columns (0..63) of a slice's 16 values: slice r of a unit whose codes are slots 2h, 2h + 1 of
+// pattern unit u (`pat`: its 24 bytes, then zeros).
+inline uint8x16_t s24_columns(const uint8x16x2_t& pat, int u, int r, int h, const S24Neon& k) {
+  const uint16x8_t w = vreinterpretq_u16_u8(vqtbl2q_u8(pat, k.gather[r][h]));
+  const uint8x16_t code = vandq_u8(vreinterpretq_u8_u16(vshlq_u16(w, k.shift[r][h])), vdupq_n_u8(7));
+  return vaddq_u8(vqtbl1q_u8(k.lut, vorrq_u8(vqtbl1q_u8(code, k.spread), k.pick)), k.base[u][h]);
+}
+
+// The 16 rows of one record group for one token (I8_24_X16: before the row scales).
+template <class Act, bool I8>
+void s24_group(const uint8_t* rec, int64_t nb, const Act* xq, const S24Neon& k, float out[16]) {
+  constexpr bool kTwo = std::is_same_v<Act, BlockQ8A2>;
+  constexpr size_t kRec = I8 ? kSparse24I8Record : kSparse24Record, kPat = I8 ? 512 : 288;
+  float32x4_t sum[4];
+  for (int r = 0; r < 4; ++r) sum[r] = vdupq_n_f32(0);
+  for (int64_t b = 0; b < nb; ++b, rec += kRec) {
+    if (b + 2 < nb) __builtin_prefetch(rec + 2 * kRec);
+    const Act &x0 = xq[2 * b], &x1 = xq[2 * b + 1];
+    const int8x16x4_t xa = {{vld1q_s8(x0.qs), vld1q_s8(x0.qs + 16), vld1q_s8(x1.qs), vld1q_s8(x1.qs + 16)}};
+    int8x16x4_t xa2 = xa;
+    if constexpr (kTwo) xa2 = {{vld1q_s8(x0.qs2), vld1q_s8(x0.qs2 + 16), vld1q_s8(x1.qs2), vld1q_s8(x1.qs2 + 16)}};
+    int32x4_t acc[2][4], acc2[2][4];  // [half: columns 0..31, 32..63][slice]
+    for (int h = 0; h < 2; ++h)
+      for (int r = 0; r < 4; ++r) acc[h][r] = acc2[h][r] = vdupq_n_s32(0);
+    for (int u = 0; u < 4; ++u) {
+      const uint8_t* p = rec + kPat + 24 * u;
+      const uint8x16x2_t pat = {{vld1q_u8(p), vcombine_u8(vld1_u8(p + 16), vdup_n_u8(0))}};
+      for (int r = 0; r < 4; ++r) {
+        int8x16_t w[2];
+        if constexpr (I8) {
+          w[0] = vld1q_s8(reinterpret_cast<const int8_t*>(rec) + 64 * u + 16 * r);
+          w[1] = vld1q_s8(reinterpret_cast<const int8_t*>(rec) + 64 * (4 + u) + 16 * r);
+        } else {  // signed codes q - 8
+          const uint8x16_t c = vld1q_u8(rec + 32 + 64 * u + 16 * r);
+          w[0] = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(c, vdupq_n_u8(0x0F))), vdupq_n_s8(8));
+          w[1] = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(c, 4)), vdupq_n_s8(8));
+        }
+        for (int h = 0; h < 2; ++h) {
+          const uint8x16_t cols = s24_columns(pat, u, r, h, k);
+          acc[h][r] = vdotq_s32(acc[h][r], w[h], vqtbl4q_s8(xa, cols));
+          if constexpr (kTwo) acc2[h][r] = vdotq_s32(acc2[h][r], w[h], vqtbl4q_s8(xa2, cols));
+        }
+      }
+    }
+    for (int r = 0; r < 4; ++r) {
+      float32x4_t v = vfmaq_n_f32(vmulq_n_f32(vcvtq_f32_s32(acc[0][r]), x0.d), vcvtq_f32_s32(acc[1][r]), x1.d);
+      if constexpr (kTwo) {
+        v = vfmaq_n_f32(v, vcvtq_f32_s32(acc2[0][r]), x0.d2);
+        v = vfmaq_n_f32(v, vcvtq_f32_s32(acc2[1][r]), x1.d2);
+      }
+      sum[r] = I8 ? vaddq_f32(sum[r], v) : vfmaq_f32(sum[r], f16x4(rec + 8 * r), v);
+    }
+  }
+  for (int r = 0; r < 4; ++r) vst1q_f32(out + 4 * r, sum[r]);
+}
+
+template <class Act>
+void matmul_sparse24_neon(const WeightView& w, const float* x, size_t ldx, const Act* xq, int T, float* y,
+                          size_t ldy, int n0, int n1) {
+  if (T > 1 && !w.row_invariant) {  // prefill: dense rows through the GEMM
+    matmul_sparse24_expand<Act, PLM_NEON_TABLE>(w, x, ldx, xq, T, y, ldy, n0, n1);
+    return;
+  }
+  static const S24Neon k = make_s24();
+  const bool i8 = w.dtype == DType::I8_24_X16;
+  const int64_t nb = w.cols / 64, kb = w.cols / 32;
+  const size_t group_bytes = (size_t)nb * sparse24_record(w.dtype);
+  float out[16];
+  for (int t = 0; t < T; ++t)
+    for (int g = n0 / 16; g * 16 < n1; ++g) {
+      const uint8_t* rec = w.data + (size_t)g * group_bytes;
+      if (i8) s24_group<Act, true>(rec, nb, xq + (size_t)t * kb, k, out);
+      else s24_group<Act, false>(rec, nb, xq + (size_t)t * kb, k, out);
+      for (int i = std::max(n0 - g * 16, 0); i < std::min(n1 - g * 16, 16); ++i) {
+        const int n = g * 16 + i;
+        y[(size_t)t * ldy + n] = i8 ? out[i] * w.row_scales[n] : out[i];
+      }
+    }
+}
+bool sparse24_in_place() { return true; }
+#define PLM_SPARSE24(act) matmul_sparse24_neon<act>
+#define PLM_SPARSE24_NATIVE sparse24_in_place
 #else
 #define PLM_X16(kind, act) matmul_x16_gather<act, PLM_NEON_TABLE>
+#define PLM_SPARSE24(act) matmul_sparse24_expand<act, PLM_NEON_TABLE>
+#define PLM_SPARSE24_NATIVE nullptr
 #endif
 
 }  // namespace
@@ -823,8 +956,8 @@ const KernelTable* PLM_NEON_TABLE() {
           PLM_X16(Q4_0_G128, BlockQ8A),    // Q4_0_G128_X16
           PLM_X16(Q4_1_G64, BlockQ8A),    // Q4_1_G64_X16
           PLM_X16(Q4_1_G128, BlockQ8A),    // Q4_1_G128_X16
-          matmul_sparse24_expand<BlockQ8A, PLM_NEON_TABLE>,  // Q4_0_24_X16
-          matmul_sparse24_expand<BlockQ8A, PLM_NEON_TABLE>,  // I8_24_X16
+          PLM_SPARSE24(BlockQ8A),  // Q4_0_24_X16
+          PLM_SPARSE24(BlockQ8A),  // I8_24_X16
       },
       ref_kernels().quantize_act,
       ref_kernels().dequant_row,
@@ -861,8 +994,8 @@ const KernelTable* PLM_NEON_TABLE() {
           PLM_X16(Q4_0_G128, BlockQ8A2),   // Q4_0_G128_X16
           PLM_X16(Q4_1_G64, BlockQ8A2),   // Q4_1_G64_X16
           PLM_X16(Q4_1_G128, BlockQ8A2),   // Q4_1_G128_X16
-          matmul_sparse24_expand<BlockQ8A2, PLM_NEON_TABLE>,  // Q4_0_24_X16
-          matmul_sparse24_expand<BlockQ8A2, PLM_NEON_TABLE>,  // I8_24_X16
+          PLM_SPARSE24(BlockQ8A2),  // Q4_0_24_X16
+          PLM_SPARSE24(BlockQ8A2),  // I8_24_X16
       },
       ref_kernels().quantize_act2,
       weighted_sum_by_axpy<axpy_neon>,
@@ -872,6 +1005,7 @@ const KernelTable* PLM_NEON_TABLE() {
       weighted_sum_f16_neon,
       scores_q8_0_neon,
       weighted_sum_q8_0_neon,
+      PLM_SPARSE24_NATIVE,
   };
   return &table;
 }
