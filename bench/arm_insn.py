@@ -82,7 +82,7 @@ def build_x86_server(out: Path) -> Path:
     k = REPO / "csrc" / "kernels"
     units = [(REPO / "tests" / "kernels" / "kernel_server.cpp", []), (k / "ref" / "kernels_ref.cpp", []),
              (k / "dispatch.cpp", [])]
-    for name in ("kernels_avx2", "gemm_avx2", "x16_avx2"):
+    for name in ("kernels_avx2", "gemm_avx2", "x16_avx2", "sparse_avx2"):
         units.append((k / "x86" / f"{name}.cpp", AVX2))
         for vnni, flags in ((1, AVX2 + ["-mavxvnni"]), (2, AVX2 + ["-mavx512f", "-mavx512vl", "-mavx512vnni"])):
             wrapper = out / f"vnni{vnni}_{name}.cpp"
@@ -90,6 +90,7 @@ def build_x86_server(out: Path) -> Path:
             units.append((wrapper, flags))
     for name in ("kernels_avx512", "gemm_avx512", "x16_avx512"):
         units.append((k / "x86" / f"{name}.cpp", AVX512))
+    units.append((k / "x86" / "sparse_avx512.cpp", AVX512 + ["-mavx512vbmi"]))
     procs, objects = [], []
     for i, (src, flags) in enumerate(units):
         obj = out / f"{i}.o"
@@ -121,7 +122,12 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|" + ("---:|" if x86 else ""))
     for label in a.types.split(","):
         dtype = DType.from_label(label)
-        raw = quantize(w, dtype)
+        if dtype.sparse:  # 2:4 by magnitude
+            g = w.copy().reshape(a.rows, a.cols // 4, 4)
+            np.put_along_axis(g, np.argsort(np.abs(g), axis=-1)[..., :2], 0.0, axis=-1)
+            raw = quantize(g.reshape(a.rows, a.cols), dtype)
+        else:
+            raw = quantize(w, dtype)
         for T in (int(t) for t in a.tokens.split(",")):
             x = rng.standard_normal((T, a.cols)).astype(np.float32)
             cells = []

@@ -2,7 +2,7 @@
 // States share) and one session's KV cache.
 //
 //   Program(bundle, tensors, ops, arena_bytes, max_tokens, kv, output, n_threads, kernels="",
-//           activations="int8x2", max_seqs=1)
+//           activations="int8x2", max_seqs=1, sparse_layout="auto")
 //     bundle   : _core.Bundle (or pocketlm.bundle.Bundle), or None when every weight is inline
 //     tensors  : list of dicts, one per tensor id:
 //                {"kind": "weight", "name": str, "rows", "cols"}        (bundle tensor;
@@ -120,7 +120,8 @@ void bind_executor(nb::module_& m) {
           "__init__",
           [](plm::Program* self, nb::object bundle, nb::list tensors, nb::list ops,
              int64_t arena_bytes, int max_tokens, std::tuple<int, int, int> kv, int output,
-             int n_threads, const std::string& kernels, const std::string& activations, int max_seqs) {
+             int n_threads, const std::string& kernels, const std::string& activations, int max_seqs,
+             const std::string& sparse_layout) {
             std::shared_ptr<plm::Bundle> b;
             if (!bundle.is_none()) {
               // pocketlm.bundle.Bundle wraps the _core.Bundle as .core
@@ -150,17 +151,19 @@ void bind_executor(nb::module_& m) {
             plm::KVConfig kvc{std::get<0>(kv), std::get<1>(kv), std::get<2>(kv)};
             new (self) plm::Program(std::move(b), std::move(descs), std::move(op_descs),
                                     arena_bytes, max_tokens, kvc, output, n_threads, kernels,
-                                    activations, max_seqs);
+                                    activations, max_seqs, sparse_layout);
           },
           nb::arg("bundle").none(), nb::arg("tensors"), nb::arg("ops"), nb::arg("arena_bytes"),
           nb::arg("max_tokens"), nb::arg("kv"), nb::arg("output"), nb::arg("n_threads"),
-          nb::arg("kernels") = "", nb::arg("activations") = "int8x2", nb::arg("max_seqs") = 1)
+          nb::arg("kernels") = "", nb::arg("activations") = "int8x2", nb::arg("max_seqs") = 1,
+          nb::arg("sparse_layout") = "auto")
       .def_prop_ro("max_tokens", &plm::Program::max_tokens)
       .def_prop_ro("max_seqs", &plm::Program::max_seqs)
       .def_prop_ro("n_threads", &plm::Program::n_threads)
       .def_prop_ro("arena_bytes", &plm::Program::arena_bytes)
       .def_prop_ro("kernel_name", [](const plm::Program& p) { return std::string(p.kernel_name()); })
       .def_prop_ro("activations", [](const plm::Program& p) { return std::string(p.activations()); })
+      .def_prop_ro("sparse_expanded", &plm::Program::sparse_expanded)
       .def_prop_ro("output_cols", &plm::Program::output_cols)
       .def_prop_ro("layer_windows", &plm::Program::layer_windows,
                    "per KV layer: its attention window (0 = full attention, -1 = no attention op)")

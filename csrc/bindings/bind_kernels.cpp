@@ -362,6 +362,15 @@ nb::ndarray<nb::numpy, float> scale(const std::string& variant, float a, In1<flo
 void bind_kernels(nb::module_& m) {
   nb::module_ k = m.def_submodule("kernels", "Kernel variants, exposed for tests and benchmarks.");
   k.def("available", &available_kernels, "Kernel variants usable on this CPU, 'ref' first.");
+  k.def(
+      "sparse24",
+      [](const std::string& variant) {
+        const KernelTable& kt = table(variant);
+        return kt.sparse24 ? kt.sparse24() : (int)kSparse24None;
+      },
+      nb::arg("variant"),
+      "How a variant reads the 2:4-sparse types on this CPU: 0 none (rows expanded per call), 1 in place "
+      "but slower than dense, 2 in place and faster (KernelTable::sparse24).");
   k.def("best", [] { return std::string(best_kernels().name); },
         "The variant the runtime uses (CPUID, or PLM_KERNELS).");
   k.def("matmul", &matmul, nb::arg("variant"), nb::arg("dtype"), nb::arg("weight"), nb::arg("rows"),

@@ -76,6 +76,13 @@ void matmul2_float(const WeightView& w, const float* x, size_t ldx, const BlockQ
   F(w, x, ldx, nullptr, T, y, ldy, n0, n1);
 }
 
+// KernelTable::sparse24: a variant's 2:4-sparse kernels on this CPU.
+enum Sparse24Kernel : int {
+  kSparse24None = 0,    // none: the matmul entries expand the rows at every call (the reference's way)
+  kSparse24Slower = 1,  // in place, but slower than the dense kernel on the expanded weights (measured)
+  kSparse24Faster = 2,  // in place and faster: fewer bytes at the dense kernel's rate
+};
+
 struct KernelTable {
   const char* name;                          // "ref", "avx2", "avxvnni", "avxvnni-evex", "avx512", "neon"
   MatmulFn matmul[kNumDTypes];               // indexed by DType
@@ -110,10 +117,12 @@ struct KernelTable {
                       int p0, int p1, int dh);
   void (*weighted_sum_q8_0)(const float* w, size_t ldw, int G, const uint8_t* rows, size_t ldr, int n,
                             float* out, size_t ldo, int dh);
-  // Whether this variant reads the 2:4-sparse weights with its own kernels on this CPU
-  // (nullptr: no). Without one, a Program expands them into dense Q4_0_X16 when it loads them: its
-  // matmul through matmul_sparse24_expand would expand every row at every step.
-  bool (*sparse24_native)() = nullptr;
+  // How this variant reads the 2:4-sparse weights on this CPU (nullptr: kSparse24None). A Program
+  // expands them into dense x16 weights when it loads them unless it keeps them in place (the
+  // bundle's bytes, mmapped): where the kernel is kSparse24Faster, or on request where it is
+  // kSparse24Slower; never where there is none (matmul_sparse24_expand would expand every row at
+  // every step).
+  int (*sparse24)() = nullptr;
 };
 
 // weighted_sum from an axpy, for variants without a blocked one.

@@ -31,6 +31,10 @@ struct BackendOptions {
   std::string kernels;      // a variant name, "" = the best for this machine
   std::string activations;  // how quantized matmuls see their inputs: "int8" or "int8x2"
   int n_threads = 1;
+  // 2:4-sparse weights: "auto" (in place where this CPU's kernel is faster than dense, else expanded
+  // into dense x16 weights at load), "in-place" (wherever a kernel reads them: the least memory),
+  // "dense" (always expanded)
+  std::string sparse_layout = "auto";
 };
 
 class Backend {
@@ -38,9 +42,9 @@ class Backend {
   virtual ~Backend() = default;
   virtual const char* name() const = 0;     // "cpu"
   virtual const char* variant() const = 0;  // the kernels it runs ("avx512", "ref", ...)
-  // Whether it runs the 2:4-sparse weights as they are; if not, the Program expands them
-  // into dense Q4_0_X16 / I8_X16 at load.
-  virtual bool sparse24_native() const = 0;
+  // Whether it runs the 2:4-sparse weights as they are (options.sparse_layout and its kernels); if
+  // not, the Program expands them into dense Q4_0_X16 / I8_X16 at load.
+  virtual bool sparse_in_place() const = 0;
   // "" when it can run `op` on these inputs (kind, dtype, shape; nullptr for an absent one), else
   // why not: the message of an UnsupportedError.
   virtual std::string supports(OpCode op, const std::vector<const Tensor*>& inputs) const = 0;

@@ -131,12 +131,14 @@ class Program {
   Program(std::shared_ptr<Bundle> bundle, std::vector<TensorDesc> tensors,
           std::vector<OpDesc> ops, int64_t arena_bytes, int max_tokens, KVConfig kv,
           int output_tensor, int n_threads, const std::string& kernels = "",
-          const std::string& activations = "int8x2", int max_seqs = 1);
+          const std::string& activations = "int8x2", int max_seqs = 1,
+          const std::string& sparse_layout = "auto");
   // activations: how matmuls with quantized weights see their input rows. "int8": one int8
   // level per block of 32 (kernels::BlockQ8A, fastest). "int8x2": a second int8 level holds
   // the residual (kernels::BlockQ8A2, ~15-bit precision), which keeps outlier-heavy models
   // (SmolLM2) on their float answers for one extra integer dot product per block.
   // kernels: a variant name for kernels::kernels_by_name ("" = best_kernels()).
+  // sparse_layout: the 2:4-sparse weights kept in place or expanded at load (BackendOptions).
   ~Program();
   int max_tokens() const;   // rows per step, over all its sequences
   int max_seqs() const;     // sequences per step (1..min(max_tokens, 256))
@@ -144,6 +146,7 @@ class Program {
   int64_t arena_bytes() const;
   const char* kernel_name() const;
   const char* activations() const;
+  int sparse_expanded() const;  // 2:4-sparse weight tensors expanded into dense ones at load
   int64_t output_cols() const;
   // Per KV layer: its attention window (0 = full attention, -1 = the layer has no attention op).
   const std::vector<int64_t>& layer_windows() const;

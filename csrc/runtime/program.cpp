@@ -93,9 +93,10 @@ void Program::Impl::resolve_tensor(size_t id) {
         fail(std::string(traits(dtype).name) + " [" + std::to_string(t.rows) + ", " +
              std::to_string(t.cols) + "] takes " + std::to_string(need) + " bytes, got " +
              std::to_string(nbytes));
-      if (is_sparse24(dtype) && !backend->sparse24_native()) {
-        // No sparse kernel here (AVX2, NEON, ref, or AVX-512 without VBMI): dense Q4_0_X16 /
-        // I8_X16 once, rather than every row expanded at every step. Same values, 1.5x / 1.7x the bytes.
+      if (is_sparse24(dtype) && !backend->sparse_in_place()) {
+        // No sparse kernel here, or one slower than dense (BackendOptions::sparse_layout): dense
+        // Q4_0_X16 / I8_X16 once, rather than every row expanded at every step. Same values, 1.5x /
+        // 1.7x the bytes.
         const DType base = sparse24_dense(dtype), to = base == DType::I8 ? DType::I8_X16 : DType::Q4_0_X16;
         const size_t dense = tensor_bytes(to, t.rows, t.cols);
         std::unique_ptr<uint8_t, void (*)(void*)> mem(static_cast<uint8_t*>(std::aligned_alloc(64, (dense + 63) / 64 * 64)),
@@ -528,10 +529,10 @@ void Program::Impl::validate_op(size_t index) {
 Program::Program(std::shared_ptr<Bundle> bundle, std::vector<TensorDesc> tensors,
                  std::vector<OpDesc> ops, int64_t arena_bytes, int max_tokens, KVConfig kv,
                  int output_tensor, int n_threads, const std::string& kernels,
-                 const std::string& activations, int max_seqs)
+                 const std::string& activations, int max_seqs, const std::string& sparse_layout)
     : impl_(std::make_unique<Impl>()) {
   Impl& p = *impl_;
-  p.options = BackendOptions{kernels, activations, n_threads};
+  p.options = BackendOptions{kernels, activations, n_threads, sparse_layout};
   p.backend = make_backend(p, p.options);  // checks kernels and activations
   if (max_tokens < 1) throw std::invalid_argument("max_tokens must be >= 1");
   if (max_seqs < 1 || max_seqs > std::min(max_tokens, kMaxStepSeqs))
@@ -596,6 +597,7 @@ int Program::n_threads() const { return impl_->n_threads; }
 int64_t Program::arena_bytes() const { return impl_->arena_bytes; }
 const char* Program::kernel_name() const { return impl_->backend->variant(); }
 const char* Program::activations() const { return impl_->options.activations.c_str(); }
+int Program::sparse_expanded() const { return (int)impl_->expanded.size(); }
 int64_t Program::output_cols() const { return impl_->tensors[impl_->output].cols; }
 const std::vector<int64_t>& Program::layer_windows() const { return impl_->layer_window; }
 int Program::max_seqs() const { return impl_->max_seqs; }

@@ -32,6 +32,7 @@ from pocketlm.speculative import DEFAULT_DRAFT_MAX
 from pocketlm.tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 256
+SPARSE_LAYOUTS = ("auto", "in-place", "dense")  # Engine(sparse_layout=...): 2:4-sparse weights kept or expanded
 DEFAULT_MAX_BATCH = 16   # sequences per step (Engine(max_batch=...)); the executor takes up to 256
 MAX_BATCH = 256
 DEFAULT_MAX_QUEUE = 256  # requests waiting for a place in the batch
@@ -66,7 +67,7 @@ class CompiledModel:
     def __init__(self, bundle, max_context: int, prefill_chunk: int, threads: int,
                  keep_snapshots: bool = False, kernels: str = "", all_logits: bool = False,
                  activations: str = "int8x2", max_seqs: int = 1, hidden_states: bool = False,
-                 tap: str | None = None):
+                 tap: str | None = None, sparse_layout: str = "auto"):
         from pocketlm import _core
 
         from pocketlm.dtypes import DType
@@ -105,7 +106,8 @@ class CompiledModel:
             # refuses came from the bundle's metadata.
             self.program = _core.Program(bundle.core, tensors, ops, self.plan.arena_bytes, prefill_chunk,
                                          kv_shape, output, threads,
-                                         kernels, "int8x2", max_seqs)  # every matmul says its levels
+                                         kernels, "int8x2", max_seqs,  # every matmul says its levels
+                                         sparse_layout)
 
 
 def build_model_graph(bundle, max_positions: int, read_weight=None) -> Graph:
@@ -260,7 +262,7 @@ class Engine:
                  max_queue: int = DEFAULT_MAX_QUEUE, kv_budget: int | None = None,
                  draft: str | os.PathLike | Engine | None = None, draft_max: int | None = None,
                  lookup: bool = False, prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, sparse_layout: str = "auto"):
         """Loads a .plm (or a .gguf, converted once into the cache, or a known model name).
 
         threads: worker threads, 1..64 (default: physical cores). max_context: tokens per session
@@ -291,6 +293,12 @@ class Engine:
         prefix_cache_mb: the budget of the shared prefix cache (`pocketlm.prefix_cache`): a generation
         starting on an empty session reuses the KV of the longest prompt prefix another generation
         computed, and prefills only the rest; 0 turns it off.
+
+        sparse_layout: 2:4-sparse weights (docs/quant.md) "auto" (default: read in place where this
+        CPU's sparse kernel is faster than the dense one, AVX-512 VBMI; expanded into dense weights at
+        load elsewhere, dense speed at 1.5x / 1.7x their memory), "in-place" (read in place wherever a
+        kernel does: the bundle's bytes only, mmapped, slower than dense on AVX2 and, likely, NEON)
+        or "dense" (always expanded).
         """
         t0 = time.perf_counter()
         self.path = resolve_model_path(path)
@@ -344,6 +352,9 @@ class Engine:
         self.max_queue = int(max_queue)
         self.kv_budget = kv_budget
         self._kernels = kernels
+        if sparse_layout not in SPARSE_LAYOUTS:
+            raise ValueError(f"sparse_layout must be one of {', '.join(SPARSE_LAYOUTS)}, got {sparse_layout!r}")
+        self.sparse_layout = sparse_layout
         self.activations = activations
         self.tokenizer = load_tokenizer(self.bundle)
         self.calibration: dict | None = None
@@ -361,7 +372,8 @@ class Engine:
         # An encoder's graph outputs every row's hidden state already: its one program serves embed().
         self.compiled = CompiledModel(self.bundle, self.max_context, self.prefill_chunk, self.threads,
                                       kernels=kernels, activations=self.activation_spec,
-                                      max_seqs=1 if self.is_encoder else out_rows, all_logits=self.is_encoder)
+                                      max_seqs=1 if self.is_encoder else out_rows, all_logits=self.is_encoder,
+                                      sparse_layout=sparse_layout)
         self._scheduler = None
         self._scoring: CompiledModel | None = None
         self._hidden: CompiledModel | None = None  # embeddings' program (final hidden states), made on first use
@@ -385,7 +397,7 @@ class Engine:
 
             draft_engine = draft if isinstance(draft, Engine) else Engine(
                 draft, threads=self.threads, max_context=self.max_context, kernels=kernels,
-                activations=activations, kv_type=kv_type, max_batch=self.max_batch)
+                activations=activations, kv_type=kv_type, max_batch=self.max_batch, sparse_layout=sparse_layout)
             self.speculator = DraftModel(self, draft_engine)
         if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, int) or prefix_cache_mb < 0:
             raise ValueError(f"prefix_cache_mb must be an integer >= 0, got {prefix_cache_mb!r}")
@@ -399,6 +411,11 @@ class Engine:
     @property
     def kernel_name(self) -> str:
         return self.compiled.program.kernel_name
+
+    @property
+    def sparse_expanded(self) -> int:
+        """2:4-sparse weight tensors this engine expanded into dense ones at load (sparse_layout)."""
+        return self.compiled.program.sparse_expanded
 
     @property
     def vocab_size(self) -> int:
@@ -415,7 +432,7 @@ class Engine:
                 if self._hidden is None:
                     self._hidden = CompiledModel(self.bundle, self.max_context, self.prefill_chunk, self.threads,
                                                  kernels=self._kernels, activations=self.activation_spec,
-                                                 hidden_states=True)
+                                                 hidden_states=True, sparse_layout=self.sparse_layout)
             return self._hidden
         if logits != "all":
             raise ValueError("logits must be 'last', 'all' or 'hidden'")
@@ -424,7 +441,7 @@ class Engine:
                 self._scoring = CompiledModel(self.bundle, self.max_context,
                                               min(self.SCORING_CHUNK, self.prefill_chunk), self.threads,
                                               kernels=self._kernels, all_logits=True,
-                                              activations=self.activation_spec)
+                                              activations=self.activation_spec, sparse_layout=self.sparse_layout)
         return self._scoring
 
     def create_session(self, max_context: int | None = None, logits: str = "last", on_overflow: str = "error",

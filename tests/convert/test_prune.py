@@ -188,15 +188,23 @@ def test_pruned_bundle_matches_transformers_with_the_same_zeros(tmp_path, prune,
         sparse = {t.name for t in b.tensors if t.dtype == sparse_type}
         assert sparse == {n for n in pruned if pruning.prunable(n) and b.info(n).shape[1] % 64 == 0}
         assert len(sparse) == 12
-        # every kernel variant: those without a sparse kernel run the weights expanded at load
+        # every kernel variant and layout: in place where the variant has a sparse kernel and the
+        # layout asks for it ("auto": where it is the faster one), else expanded at load
         from pocketlm import _core
 
         want = Engine(out, threads=1, max_context=64, kv_type="f32", activations="int8x2",
                       kernels="ref").create_session().prefill(ids)
         for variant in _core.kernels.available():
-            got = Engine(out, threads=2, max_context=64, kv_type="f32", activations="int8x2",
-                         kernels=variant).create_session().prefill(ids)
-            assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), variant
+            for layout in ("auto", "in-place", "dense"):
+                e = Engine(out, threads=2, max_context=64, kv_type="f32", activations="int8x2", kernels=variant,
+                           sparse_layout=layout)
+                got = e.create_session().prefill(ids)
+                assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), (variant, layout)
+                kernel = _core.kernels.sparse24(variant)  # 0 none, 1 in place but slower, 2 faster than dense
+                in_place = {"auto": kernel == 2, "in-place": kernel > 0, "dense": False}[layout]
+                assert e.sparse_expanded == (0 if in_place else 12), (variant, layout)
+        with pytest.raises(ValueError, match="sparse_layout"):
+            Engine(out, sparse_layout="sparse")
 
 
 def test_refusals_leave_nothing_behind(tmp_path):

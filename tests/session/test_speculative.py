@@ -384,10 +384,13 @@ def test_threads_speculating_at_once(bundles):
     assert got == want
 
 
-@pytest.mark.parametrize("quant,activations", [("int4", "int8"), ("int4", "int8x2"), ("int8", "int8x2")])
-def test_verified_rows_of_2_4_sparse_weights_are_exactly_a_step_of_one(tmp_path_factory, quant, activations):
-    """2:4-sparse weights (q4_0_24_x16 and i8_24_x16, pruned at conversion): a verifying step of 9
-    rows gives each row the logits of a one-token step, bit for bit, with one and two activation levels."""
+@pytest.mark.parametrize("quant,activations,kernels", [("int4", "int8", ""), ("int4", "int8x2", ""),
+                                                      ("int8", "int8x2", ""), ("int4", "int8x2", "avx2"),
+                                                      ("int8", "int8", "avx2")])
+def test_verified_rows_of_2_4_sparse_weights_are_exactly_a_step_of_one(tmp_path_factory, quant, activations, kernels):
+    """2:4-sparse weights (q4_0_24_x16 and i8_24_x16, pruned at conversion) read in place: a verifying
+    step of 9 rows gives each row the logits of a one-token step, bit for bit, with one and two
+    activation levels, with the best kernels and with AVX2's (x86)."""
     from pocketlm.convert import convert
     from pocketlm.dtypes import DType
     from testutil import make_hf_model
@@ -401,6 +404,10 @@ def test_verified_rows_of_2_4_sparse_weights_are_exactly_a_step_of_one(tmp_path_
 
     sparse = DType.Q4_0_24_X16 if quant == "int4" else DType.I8_24_X16
     assert sum(t.dtype == sparse for t in read_bundle(out).tensors) > 0
-    e = Engine(out, threads=2, max_context=700, prefill_chunk=16, activations=activations)
+    if kernels and kernels not in _core.kernels.available():
+        pytest.skip(f"no {kernels} kernels on this CPU")
+    e = Engine(out, threads=2, max_context=700, prefill_chunk=16, activations=activations, kernels=kernels,
+               sparse_layout="in-place")
+    assert e.sparse_expanded == 0 or _core.kernels.sparse24(e.kernel_name) == 0
     ids = np.random.default_rng(3).integers(3, 300, 640).astype(np.int32)
     _check_verified_rows(e, ids, (5, 600))

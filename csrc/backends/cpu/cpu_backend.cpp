@@ -21,6 +21,11 @@ CpuBackend::CpuBackend(const Program::Impl& program, const BackendOptions& optio
     kt_ = kernels::kernels_by_name(options.kernels);
     if (!kt_) throw UnsupportedError("kernels '" + options.kernels + "' are not available on this CPU");
   }
+  const int sparse = kt_->sparse24 ? kt_->sparse24() : kernels::kSparse24None;
+  if (options.sparse_layout == "auto") sparse_in_place_ = sparse == kernels::kSparse24Faster;
+  else if (options.sparse_layout == "in-place") sparse_in_place_ = sparse != kernels::kSparse24None;
+  else if (options.sparse_layout == "dense") sparse_in_place_ = false;
+  else throw std::invalid_argument("sparse_layout must be 'auto', 'in-place' or 'dense', got '" + options.sparse_layout + "'");
 }
 
 std::string CpuBackend::supports(OpCode op, const std::vector<const Tensor*>& inputs) const {

@@ -1109,7 +1109,7 @@ void silu_mul_avx512(const float* g, const float* u, float* y, int n) {
 template <class Act>
 void matmul_sparse24(const WeightView& w, const float* x, size_t ldx, const Act* xq, int T, float* y, size_t ldy,
                      int n0, int n1) {
-  if (avx512::sparse24_native())
+  if (avx512::sparse24_kernel() == kSparse24Faster)
     avx512::matmul_sparse24_vbmi<Act>(w, xq, T, y, ldy, n0, n1);
   else
     matmul_sparse24_expand<Act, avx512_kernel_table>(w, x, ldx, xq, T, y, ldy, n0, n1);
@@ -1196,7 +1196,7 @@ const KernelTable* avx512_kernel_table() {
       weighted_sum_avx512<fp16_t>,
       scores_q8_0_avx512,
       weighted_sum_q8_0_avx512,
-      avx512::sparse24_native,
+      avx512::sparse24_kernel,
   };
   return &table;
 }

@@ -349,9 +349,9 @@ bool has_vbmi() {
 
 }  // namespace
 
-bool sparse24_native() { return has_vbmi(); }
+int sparse24_kernel() { return has_vbmi() ? kSparse24Faster : kSparse24None; }
 
-// Called only where sparse24_native() holds (kernels_avx512.cpp dispatches): this file is compiled
+// Called only where sparse24_kernel() is kSparse24Faster (kernels_avx512.cpp dispatches): this file is compiled
 // with VBMI and must not run elsewhere, nor define code other files could link instead of theirs.
 template <class Act>
 void matmul_sparse24_vbmi(const WeightView& w, const Act* xq, int T, float* y, size_t ldy, int n0, int n1) {

@@ -5,11 +5,12 @@
 namespace plm::kernels::avx512 {
 
 // 2:4-sparse matmuls with VBMI (sparse_avx512.cpp, compiled with -mavx512vbmi): call only where
-// sparse24_native() is true. Any token count and row range.
+// sparse24_kernel() is kSparse24Faster. Any token count and row range.
 template <class Act>
 void matmul_sparse24_vbmi(const WeightView& w, const Act* xq, int T, float* y, size_t ldy, int n0, int n1);
 
-// True where the CPU has AVX-512 VBMI (vpermb, vpmultishiftqb), which matmul_sparse24's own kernel needs.
-bool sparse24_native();
+// KernelTable::sparse24: kSparse24Faster where the CPU has AVX-512 VBMI (vpermb, vpmultishiftqb), which
+// matmul_sparse24's own kernel needs, else kSparse24None.
+int sparse24_kernel();
 
 }  // namespace plm::kernels::avx512

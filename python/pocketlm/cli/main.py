@@ -50,8 +50,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx-size", type=_positive, default=4096, help="context size in tokens (default 4096)")
     _add_activations(p, default="auto")
     _add_kv_type(p)
+    _add_sparse_layout(p)
     _add_speculative(p)
     _add_chat_template(p)
+
+
+def _add_sparse_layout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sparse-layout", choices=["auto", "in-place", "dense"], default="auto",
+                   help="2:4-sparse weights: auto (default: read in place where this CPU's sparse kernel is faster "
+                        "than dense, else expanded into dense weights at load), in-place (the least memory) or dense")
 
 
 def _add_chat_template(p: argparse.ArgumentParser) -> None:
@@ -178,7 +185,8 @@ def _load(a: argparse.Namespace):
     from pocketlm.engine import Engine
 
     return Engine(a.model, threads=a.threads, max_context=a.ctx_size, activations=a.activations, kv_type=a.kv_type,
-                  draft=a.draft, lookup=a.lookup, draft_max=a.draft_max, chat_template=_chat_template(a))
+                  draft=a.draft, lookup=a.lookup, draft_max=a.draft_max, chat_template=_chat_template(a),
+                  sparse_layout=a.sparse_layout)
 
 
 def _chat_template(a: argparse.Namespace) -> str | None:
@@ -297,7 +305,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return serve(a.models, host=a.host, port=a.port, api_key=api_key, cors_origins=a.cors_origin, pooling=a.pooling,
                  threads=a.threads, max_context=a.ctx_size, activations=a.activations, kv_type=a.kv_type,
                  max_batch=a.max_sequences, max_queue=a.max_queue, draft=a.draft, lookup=a.lookup,
-                 draft_max=a.draft_max, chat_template=_chat_template(a))
+                 draft_max=a.draft_max, chat_template=_chat_template(a), sparse_layout=a.sparse_layout)
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
@@ -652,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests that may wait behind them before the server answers 503 (default 256)")
     _add_activations(sv, default="auto")
     _add_kv_type(sv)
+    _add_sparse_layout(sv)
     _add_chat_template(sv)
     _add_speculative(sv)
     sv.set_defaults(func=cmd_serve)
