@@ -90,7 +90,8 @@ def _store(path, entry: dict) -> None:
         pass  # a read-only cache: calibrate again next time
 
 
-def _logprobs(bundle, tokens: np.ndarray, spec: str, threads: int) -> np.ndarray:
+def _logprobs(bundle, tokens: np.ndarray, spec: str, threads: int, kernels: str = "",
+              sparse_layout: str = "auto") -> np.ndarray:
     """Log-softmax of the model's logits at every position, float32 with the normalizer summed in
     float64: within 4e-6 of a float64 log-softmax on Qwen2.5's 152k vocabulary (the budget is 2e-4),
     and 0.03 s instead of 0.06-0.46 s per run there."""
@@ -98,7 +99,8 @@ def _logprobs(bundle, tokens: np.ndarray, spec: str, threads: int) -> np.ndarray
     from pocketlm.engine import CompiledModel
 
     n = int(tokens.size)
-    cm = CompiledModel(bundle, n, n, threads, all_logits=True, activations=spec)
+    cm = CompiledModel(bundle, n, n, threads, all_logits=True, activations=spec, kernels=kernels,
+                       sparse_layout=sparse_layout)
     state = _core.State(cm.program, n, "f32")
     x = state.run(tokens, 0)
     x -= x.max(axis=1, keepdims=True)
@@ -113,12 +115,12 @@ def _kld(ref: np.ndarray, p: np.ndarray, other: np.ndarray) -> float:
     return v if np.isfinite(v) else float("inf")
 
 
-def calibrate(bundle, tokenizer, threads: int) -> dict:
+def calibrate(bundle, tokenizer, threads: int, kernels: str = "", sparse_layout: str = "auto") -> dict:
     """Runs the procedure of the module doc on a loaded bundle; returns the cache entry (not stored)."""
     ids = tokenizer.encode(TEXT, add_special_tokens=True)[:MAX_TOKENS]
     vocab = int(bundle.metadata["config"]["vocab_size"])
     tokens = np.asarray([i for i in ids if 0 <= i < vocab] or [0], dtype=np.int32)
-    run = lambda spec: _logprobs(bundle, tokens, spec, threads)  # noqa: E731
+    run = lambda spec: _logprobs(bundle, tokens, spec, threads, kernels, sparse_layout)  # noqa: E731
     with np.errstate(all="ignore"):
         ref = run("int8x2")
         if not np.isfinite(ref).all():  # a broken model: keep two levels (generation reports the NaN)
@@ -149,11 +151,11 @@ def _choose(ref: np.ndarray, run, n_tokens: int) -> dict:
     return entry
 
 
-def resolve_auto(bundle, tokenizer, threads: int) -> tuple[str, dict]:
+def resolve_auto(bundle, tokenizer, threads: int, kernels: str = "", sparse_layout: str = "auto") -> tuple[str, dict]:
     """(the spec "auto" stands for on this bundle, the calibration entry), calibrating and caching
-    it if needed."""
+    it if needed (with the engine's kernels and sparse layout: the programs it runs are its own)."""
     entry = cached(bundle.path)
     if entry is None:
-        entry = calibrate(bundle, tokenizer, threads)
+        entry = calibrate(bundle, tokenizer, threads, kernels, sparse_layout)
         _store(bundle.path, entry)
     return "auto:" + auto_spec(entry["two_level"]), entry

@@ -363,7 +363,8 @@ class Engine:
         elif activations == "auto":  # resolved per model: pocketlm.calibration
             from pocketlm.calibration import resolve_auto
 
-            self.activation_spec, self.calibration = resolve_auto(self.bundle, self.tokenizer, self.threads)
+            self.activation_spec, self.calibration = resolve_auto(self.bundle, self.tokenizer, self.threads,
+                                                                  kernels, self.sparse_layout)
         else:
             from pocketlm.passes.precision import parse
 
