@@ -90,7 +90,7 @@ def build_x86_server(out: Path) -> Path:
             units.append((wrapper, flags))
     for name in ("kernels_avx512", "gemm_avx512", "x16_avx512"):
         units.append((k / "x86" / f"{name}.cpp", AVX512))
-    units.append((k / "x86" / "sparse_avx512.cpp", AVX512 + ["-mavx512vbmi"]))
+    units.append((k / "x86" / "sparse_avx512.cpp", AVX512 + ["-mavx512vbmi", "-mavx512vbmi2"]))
     procs, objects = [], []
     for i, (src, flags) in enumerate(units):
         obj = out / f"{i}.o"

@@ -92,7 +92,10 @@ enum class DType : uint32_t {
   // 2:4-sparse int8 (the int8 mode's per-row scale): records of 16 rows x 64 columns, 608 bytes,
   // then [rows] f32 scales as I8; 4.75 bits per weight (layout below).
   I8_24_X16 = 27,
-  COUNT = 28,
+  // Unstructured-sparse int8 (a bitmask per 64 columns, the stored values packed, the int8 mode's
+  // per-row scale), with row pointers: bytes vary with the stored values (layout below).
+  I8_BITMASK = 28,
+  COUNT = 29,
 };
 constexpr int kNumDTypes = (int)DType::COUNT;
 
@@ -202,6 +205,7 @@ inline constexpr DTypeTraits kDTypeTraits[kNumDTypes] = {
   {"q4_1_g128_x16", 128, 68, true},
   {"q4_0_24_x16", 64, 24, true},  // per row: 64 columns in 24 bytes
   {"i8_24_x16", 64, 38, true},    // per row: 64 columns in 38 bytes, + its f32 scale
+  {"i8_bitmask", 64, 0, true},    // variable: bitmask_bytes() checks a tensor's layout
 };
 inline const DTypeTraits& traits(DType t) { return kDTypeTraits[(int)t]; }
 inline bool dtype_valid(uint32_t t) { return t < (uint32_t)DType::COUNT; }
@@ -230,7 +234,11 @@ inline bool is_sparse24(DType t) { return t == DType::Q4_0_24_X16 || t == DType:
 inline bool needs_16_rows(DType t) { return is_x16(t) || is_sparse24(t); }
 
 // The types that carry one f32 scale per row after the codes.
-inline bool has_row_scales(DType t) { return t == DType::I8 || t == DType::I8_X16 || t == DType::I8_24_X16; }
+inline bool has_row_scales(DType t) {
+  return t == DType::I8 || t == DType::I8_X16 || t == DType::I8_24_X16 || t == DType::I8_BITMASK;
+}
+// Types whose bytes depend on the values, not only on the shape (tensor_bytes does not apply).
+inline bool is_variable(DType t) { return t == DType::I8_BITMASK; }
 
 // Bytes of one row of `cols` elements (cols must be a multiple of block_elems).
 inline size_t row_bytes(DType t, int64_t cols) {
@@ -395,6 +403,75 @@ inline void sparse24_gather_row(DType t, const uint8_t* data, int64_t cols, int6
       std::memcpy(blk, rec + 2 * i, 2);
       for (int j = 0; j < 16; ++j) blk[2 + j] = (uint8_t)(q[32 * h + j] | q[32 * h + 16 + j] << 4);
     }
+  }
+}
+
+// ---- I8_BITMASK: unstructured-sparse int8 with row pointers ----
+// For weights with many zeros in no pattern (pruned 50 % and more). A 2-D [rows, cols] tensor,
+// cols % 64 == 0, nb = cols / 64 blocks per row:
+//   [0, 8 (rows + 1))   u64 row_start[rows + 1] (little-endian): each row's byte offset in the row
+//                       area; row_start[0] = 0, non-decreasing, row_start[rows] = the area's bytes
+//   row area            each row: u64 mask[nb] (bit j of mask b: column 64b + j is stored), then its
+//                       stored values in column order as int8 (popcount of its masks, together)
+//   f32 scale[rows]     x = scale[row] * q; unstored columns are 0
+// A row range is read alone through its row pointers; rows follow each other, one stream.
+constexpr size_t kBitmaskPointer = 8;
+
+// The tensor's bytes if `data` [nbytes] holds a valid I8_BITMASK [rows, cols], else -1, with *why.
+// Reads every row pointer and mask once (bounds-checked): what the reader runs at load.
+inline int64_t bitmask_check(const uint8_t* data, uint64_t nbytes, int64_t rows, int64_t cols, std::string* why) {
+  auto fail = [&](std::string m) {
+    if (why) *why = std::move(m);
+    return (int64_t)-1;
+  };
+  if (rows < 1 || cols < 64 || cols % 64) return fail("needs cols a multiple of 64");
+  const uint64_t nb = (uint64_t)cols / 64;
+  const uint64_t table = kBitmaskPointer * ((uint64_t)rows + 1), scales = 4 * (uint64_t)rows;
+  if (nbytes < table + scales) return fail("too small for its row pointers and scales");
+  const uint64_t area = nbytes - table - scales;
+  uint64_t prev = 0;
+  for (int64_t r = 0; r <= rows; ++r) {
+    uint64_t at;
+    std::memcpy(&at, data + kBitmaskPointer * (uint64_t)r, 8);
+    if ((r == 0 && at != 0) || at < prev || at > area || (r == rows && at != area))
+      return fail("row pointer " + std::to_string(r) + " (" + std::to_string(at) + ") out of order or out of range");
+    if (r > 0) {  // row r - 1: its masks, then exactly their popcount of values
+      const uint64_t len = at - prev;
+      if (len < 8 * nb) return fail("row " + std::to_string(r - 1) + " is shorter than its masks");
+      const uint8_t* row = data + table + prev;
+      uint64_t stored = 0;
+      for (uint64_t b = 0; b < nb; ++b) {
+        uint64_t m;
+        std::memcpy(&m, row + 8 * b, 8);
+        stored += (uint64_t)__builtin_popcountll(m);
+      }
+      if (len != 8 * nb + stored)
+        return fail("row " + std::to_string(r - 1) + " holds " + std::to_string(len - 8 * nb) + " value bytes, its masks say " +
+                    std::to_string(stored));
+    }
+    prev = at;
+  }
+  return (int64_t)nbytes;
+}
+// Row n's start (its masks) in a checked I8_BITMASK tensor, and the tensor's row scales.
+inline const uint8_t* bitmask_row(const uint8_t* data, int64_t rows, int64_t n) {
+  uint64_t at;
+  std::memcpy(&at, data + kBitmaskPointer * (uint64_t)n, 8);
+  return data + kBitmaskPointer * ((uint64_t)rows + 1) + at;
+}
+inline const float* bitmask_scales(const uint8_t* data, uint64_t nbytes, int64_t rows) {
+  return reinterpret_cast<const float*>(data + nbytes - 4 * (uint64_t)rows);
+}
+// Row n as dense I8 codes (cols bytes, the unstored columns 0).
+inline void bitmask_gather_row(const uint8_t* data, int64_t rows, int64_t cols, int64_t n, uint8_t* out) {
+  const uint8_t* row = bitmask_row(data, rows, n);
+  const int64_t nb = cols / 64;
+  const uint8_t* v = row + 8 * nb;
+  std::memset(out, 0, (size_t)cols);
+  for (int64_t b = 0; b < nb; ++b) {
+    uint64_t m;
+    std::memcpy(&m, row + 8 * b, 8);
+    for (; m; m &= m - 1) out[64 * b + __builtin_ctzll(m)] = *v++;  // the set bits, lowest first
   }
 }
 

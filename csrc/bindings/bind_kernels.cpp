@@ -64,13 +64,19 @@ void check_weight(const char* op, DType dt, const In1<uint8_t>& weight, int64_t 
   if (cols % tr.block_elems) fail("cols must be a multiple of the block size");
   if (tr.quantized && cols % 32) fail("quantized types need cols % 32 == 0");
   if (needs_16_rows(dt) && rows % kX16Rows) fail("x16 and 2:4 types need rows % 16 == 0");
-  if (weight.shape(0) != tensor_bytes(dt, rows, cols))
+  if (is_variable(dt)) {
+    std::string why;
+    if (bitmask_check(weight.data(), weight.shape(0), rows, cols, &why) < 0) fail(("bad i8_bitmask weight: " + why).c_str());
+  } else if (weight.shape(0) != tensor_bytes(dt, rows, cols)) {
     fail("weight has the wrong number of bytes for dtype and shape");
+  }
   if ((int64_t)x.shape(1) != cols) fail("x must be [T, cols]");
   if (x.shape(0) == 0) fail("x must have at least one row");
 
   out.w = WeightView{dt, rows, cols, weight.data(), row_bytes(dt, cols), nullptr};
-  if (has_row_scales(dt)) out.w.row_scales = reinterpret_cast<const float*>(weight.data() + rows * row_bytes(dt, cols));
+  if (has_row_scales(dt))
+    out.w.row_scales = is_variable(dt) ? bitmask_scales(weight.data(), weight.shape(0), rows)
+                                       : reinterpret_cast<const float*>(weight.data() + rows * row_bytes(dt, cols));
   if (has_row_scales(dt) && reinterpret_cast<uintptr_t>(out.w.row_scales) % alignof(float)) {
     out.scales_copy.reset(new float[rows]);
     std::memcpy(out.scales_copy.get(), out.w.row_scales, rows * sizeof(float));
@@ -198,7 +204,8 @@ nb::ndarray<nb::numpy, float> dequant_row(int dtype_id, In1<uint8_t> raw, int64_
   const DType dt = check_dtype(dtype_id);
   if (cols <= 0 || cols % traits(dt).block_elems)
     throw nb::value_error("dequant_row: cols must be a positive multiple of the block size");
-  if (needs_16_rows(dt)) throw nb::value_error("dequant_row: x16 and 2:4 types have no row-major rows");
+  if (needs_16_rows(dt) || is_variable(dt))
+    throw nb::value_error("dequant_row: x16, 2:4 and bitmask types have no row-major rows");
   if (raw.shape(0) < row_bytes(dt, cols)) throw nb::value_error("dequant_row: raw is too short");
   float* out;
   auto arr = new_array<float>({(size_t)cols}, &out);
@@ -371,6 +378,13 @@ void bind_kernels(nb::module_& m) {
       nb::arg("variant"),
       "How a variant reads the 2:4-sparse types on this CPU: 0 none (rows expanded per call), 1 in place "
       "but slower than dense, 2 in place and faster (KernelTable::sparse24).");
+  k.def(
+      "bitmask",
+      [](const std::string& variant) {
+        const KernelTable& kt = table(variant);
+        return kt.bitmask ? kt.bitmask() : (int)kSparse24None;
+      },
+      nb::arg("variant"), "The same for i8_bitmask (KernelTable::bitmask).");
   k.def("best", [] { return std::string(best_kernels().name); },
         "The variant the runtime uses (CPUID, or PLM_KERNELS).");
   k.def("matmul", &matmul, nb::arg("variant"), nb::arg("dtype"), nb::arg("weight"), nb::arg("rows"),

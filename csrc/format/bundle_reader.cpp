@@ -299,6 +299,7 @@ std::shared_ptr<Bundle> Bundle::open(const std::string& path) {
     if (needs_16_rows(t.dtype) && (rows % kX16Rows != 0 || ndim != 2))
       fail(path, where + ": " + tr.name + " needs a 2-D shape with rows a multiple of 16, got " +
                      std::to_string(rows) + " rows");
+    if (is_variable(t.dtype) && ndim != 2) fail(path, where + ": " + tr.name + " needs a 2-D shape");
     if (ok && has_row_scales(t.dtype)) {
       uint64_t scales = 0;
       ok = checked_mul(rows, sizeof(float), &scales) && checked_add(expected, scales, &expected);
@@ -310,7 +311,7 @@ std::shared_ptr<Bundle> Bundle::open(const std::string& path) {
     if (!cur.read(t.sha256.data(), 32)) short_read("sha256");
     if (t.offset % kTensorAlign != 0)
       fail(path, where + ": offset " + std::to_string(t.offset) + " is not a multiple of 64");
-    if (t.nbytes != expected)
+    if (t.nbytes != expected && !is_variable(t.dtype))  // a variable type's layout is checked below
       fail(path, where + ": nbytes " + std::to_string(t.nbytes) + " does not match " + tr.name +
                      " shape (expected " + std::to_string(expected) + ")");
     if (t.offset > data.bytes || t.nbytes > data.bytes - t.offset)
@@ -321,6 +322,10 @@ std::shared_ptr<Bundle> Bundle::open(const std::string& path) {
       const int64_t bad = sparse24_bad_pattern(t.dtype, t.data, t.rows, t.cols);
       if (bad >= 0)
         fail(path, where + ": invalid 2:4 pattern code at byte " + std::to_string(bad) + " of the tensor");
+    }
+    if (t.dtype == DType::I8_BITMASK) {  // row pointers in order and in range, each row its masks' values
+      std::string why;
+      if (bitmask_check(t.data, t.nbytes, t.rows, t.cols, &why) < 0) fail(path, where + ": bad i8_bitmask tensor: " + why);
     }
     b->tensors_.push_back(std::move(t));
   }

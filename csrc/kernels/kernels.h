@@ -123,6 +123,8 @@ struct KernelTable {
   // kSparse24Slower; never where there is none (matmul_sparse24_expand would expand every row at
   // every step).
   int (*sparse24)() = nullptr;
+  // The same for I8_BITMASK (unstructured-sparse int8, common.h).
+  int (*bitmask)() = nullptr;
 };
 
 // weighted_sum from an axpy, for variants without a blocked one.
@@ -180,6 +182,29 @@ void matmul_sparse24_expand(const WeightView& w, const float* x, size_t ldx, con
     const int m = std::min(n1 - n, 16 - n % 16);  // to the end of n's group of 16 rows
     for (int r = 0; r < m; ++r) sparse24_gather_row(w.dtype, w.data, w.cols, n + r, rows.data() + (size_t)r * rb);
     WeightView dense{base, m, w.cols, rows.data(), rb, w.row_scales ? w.row_scales + n : nullptr};
+    dense.row_invariant = w.row_invariant;
+    kernel(dense, x, ldx, xq, T, y + n, ldy, 0, m);
+    n += m;
+  }
+}
+
+// I8_BITMASK (unstructured-sparse int8, common.h) through a variant's own I8 kernel: up to 16 rows at
+// a time expanded into dense I8 rows (the unstored columns 0) and multiplied for all T tokens.
+template <class Act, const KernelTable* (*Table)()>
+void matmul_bitmask_expand(const WeightView& w, const float* x, size_t ldx, const Act* xq, int T, float* y,
+                           size_t ldy, int n0, int n1) {
+  const KernelTable& kt = *Table();
+  const auto kernel = [&] {
+    if constexpr (std::is_same_v<Act, BlockQ8A2>) return kt.matmul2[(int)DType::I8];
+    else return kt.matmul[(int)DType::I8];
+  }();
+  const size_t rb = (size_t)w.cols;
+  thread_local std::vector<uint8_t> rows;
+  if (rows.size() < 16 * rb) rows.resize(16 * rb);
+  for (int n = n0; n < n1;) {
+    const int m = std::min(n1 - n, 16);
+    for (int r = 0; r < m; ++r) bitmask_gather_row(w.data, w.rows, w.cols, n + r, rows.data() + (size_t)r * rb);
+    WeightView dense{DType::I8, m, w.cols, rows.data(), rb, w.row_scales + n};
     dense.row_invariant = w.row_invariant;
     kernel(dense, x, ldx, xq, T, y + n, ldy, 0, m);
     n += m;

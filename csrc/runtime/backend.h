@@ -42,9 +42,9 @@ class Backend {
   virtual ~Backend() = default;
   virtual const char* name() const = 0;     // "cpu"
   virtual const char* variant() const = 0;  // the kernels it runs ("avx512", "ref", ...)
-  // Whether it runs the 2:4-sparse weights as they are (options.sparse_layout and its kernels); if
-  // not, the Program expands them into dense Q4_0_X16 / I8_X16 at load.
-  virtual bool sparse_in_place() const = 0;
+  // Whether it runs sparse weights of type `t` (2:4 or bitmask) as they are (options.sparse_layout
+  // and its kernels); if not, the Program expands them into dense Q4_0_X16 / I8_X16 / I8 at load.
+  virtual bool sparse_in_place(DType t) const = 0;
   // "" when it can run `op` on these inputs (kind, dtype, shape; nullptr for an absent one), else
   // why not: the message of an UnsupportedError.
   virtual std::string supports(OpCode op, const std::vector<const Tensor*>& inputs) const = 0;

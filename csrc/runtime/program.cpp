@@ -85,15 +85,46 @@ void Program::Impl::resolve_tensor(size_t id) {
       if (needs_16_rows(dtype) && t.rows % kX16Rows != 0)
         throw UnsupportedError(t.label + ": " + traits(dtype).name + " needs rows % 16 == 0, got " +
                                std::to_string(t.rows));
-      // rows x row bytes (+ row scales) in checked arithmetic before tensor_bytes forms it
-      checked_add(checked_mul(t.rows, (int64_t)row_bytes(dtype, t.cols), t.label + " bytes"),
-                  checked_mul(t.rows, (int64_t)sizeof(float), t.label + " bytes"), t.label + " bytes");
-      size_t need = tensor_bytes(dtype, t.rows, t.cols);
-      if (nbytes != need)
-        fail(std::string(traits(dtype).name) + " [" + std::to_string(t.rows) + ", " +
-             std::to_string(t.cols) + "] takes " + std::to_string(need) + " bytes, got " +
-             std::to_string(nbytes));
-      if (is_sparse24(dtype) && !backend->sparse_in_place()) {
+      if (is_variable(dtype)) {  // the bundle reader checked a bundle's layout; inline bytes are checked here
+        std::string why;
+        if (d.inline_dtype >= 0 && bitmask_check(data, nbytes, t.rows, t.cols, &why) < 0)
+          fail(std::string(traits(dtype).name) + ": " + why);
+      } else {
+        // rows x row bytes (+ row scales) in checked arithmetic before tensor_bytes forms it
+        checked_add(checked_mul(t.rows, (int64_t)row_bytes(dtype, t.cols), t.label + " bytes"),
+                    checked_mul(t.rows, (int64_t)sizeof(float), t.label + " bytes"), t.label + " bytes");
+        size_t need = tensor_bytes(dtype, t.rows, t.cols);
+        if (nbytes != need)
+          fail(std::string(traits(dtype).name) + " [" + std::to_string(t.rows) + ", " +
+               std::to_string(t.cols) + "] takes " + std::to_string(need) + " bytes, got " +
+               std::to_string(nbytes));
+      }
+      const float* row_scales = nullptr;
+      if (dtype == DType::I8_BITMASK) row_scales = bitmask_scales(data, nbytes, t.rows);
+      if (dtype == DType::I8_BITMASK && !backend->sparse_in_place(dtype)) {
+        // No bitmask kernel here, or one slower than dense: dense I8 (I8_X16 when rows % 16 == 0) once.
+        const DType to = t.rows % kX16Rows == 0 ? DType::I8_X16 : DType::I8;
+        const size_t dense = tensor_bytes(to, t.rows, t.cols);
+        std::unique_ptr<uint8_t, void (*)(void*)> mem(static_cast<uint8_t*>(std::aligned_alloc(64, (dense + 63) / 64 * 64)),
+                                                      std::free);
+        if (!mem) throw std::bad_alloc();
+        uint8_t* out = mem.get();
+        expanded.push_back(std::move(mem));
+        std::vector<uint8_t> row((size_t)t.cols);
+        for (int64_t n = 0; n < t.rows; ++n) {
+          if (to == DType::I8) {
+            bitmask_gather_row(data, t.rows, t.cols, n, out + (size_t)n * t.cols);
+          } else {
+            bitmask_gather_row(data, t.rows, t.cols, n, row.data());
+            x16_scatter_row(to, row.data(), t.cols, n, out);
+          }
+        }
+        std::memcpy(out + (size_t)t.rows * t.cols, row_scales, (size_t)t.rows * sizeof(float));
+        dtype = to;
+        data = out;
+        row_scales = nullptr;
+      }
+      if (is_sparse24(dtype) && !backend->sparse_in_place(dtype)) {
         // No sparse kernel here, or one slower than dense (BackendOptions::sparse_layout): dense
         // Q4_0_X16 / I8_X16 once, rather than every row expanded at every step. Same values, 1.5x /
         // 1.7x the bytes.
@@ -120,10 +151,11 @@ void Program::Impl::resolve_tensor(size_t id) {
       t.weight.rows = t.rows;
       t.weight.cols = t.cols;
       t.weight.data = data;
-      t.weight.row_stride = row_bytes(dtype, t.cols);
+      t.weight.row_stride = row_bytes(dtype, t.cols);  // 0 for I8_BITMASK: its rows are found by pointer
       t.weight.row_scales =
-          has_row_scales(dtype) ? reinterpret_cast<const float*>(data + (size_t)t.rows * row_bytes(dtype, t.cols))
-                                : nullptr;
+          row_scales ? row_scales
+          : has_row_scales(dtype) ? reinterpret_cast<const float*>(data + (size_t)t.rows * row_bytes(dtype, t.cols))
+                                  : nullptr;
       if (dtype == DType::F32) t.f32 = reinterpret_cast<const float*>(data);
       break;
     }

@@ -38,6 +38,9 @@ class DType(enum.IntEnum):
     Q4_0_24_X16 = 26
     # 2:4-sparse int8 with the int8 mode's per-row scale (records of 16 rows x 64 columns, then the row scales)
     I8_24_X16 = 27
+    # unstructured-sparse int8: a bitmask per 64 columns, the stored values packed, row pointers and
+    # the per-row scale (bytes depend on the values: csrc/common.h)
+    I8_BITMASK = 28
 
     @property
     def label(self) -> str:
@@ -69,6 +72,16 @@ class DType(enum.IntEnum):
     def sparse(self) -> bool:
         """A sparse type (only the kept weights stored, with their positions)."""
         return self in (DType.Q4_0_24_X16, DType.I8_24_X16)
+
+    @property
+    def bitmask(self) -> bool:
+        """The unstructured-sparse type (a bitmask of stored columns per 64, row pointers)."""
+        return self == DType.I8_BITMASK
+
+    @property
+    def variable(self) -> bool:
+        """A type whose bytes depend on the values, not only on the shape (tensor_nbytes refuses it)."""
+        return self == DType.I8_BITMASK
 
     @classmethod
     def from_label(cls, label: str) -> "DType":
@@ -108,6 +121,7 @@ _TRAITS = {
     DType.Q4_1_G128_X16: (128, 68),
     DType.Q4_0_24_X16: (64, 24),  # per row: 64 columns in 24 bytes (384 per record of 16 rows)
     DType.I8_24_X16: (64, 38),    # per row: 64 columns in 38 bytes (608 per record), + its f32 scale
+    DType.I8_BITMASK: (64, 0),    # variable: bitmask_nbytes
 }
 
 X16_ROWS = 16
@@ -120,6 +134,8 @@ X16_OF = {base: x for x, base in X16_BASE.items()}
 
 def tensor_nbytes(dtype: DType, shape: tuple[int, ...]) -> int:
     """Bytes of a tensor of `shape` stored as `dtype` (rows = prod(shape[:-1]))."""
+    if dtype.variable:
+        raise ValueError(f"{dtype.label} tensors take bytes that depend on their values (pocketlm.quant.quantize)")
     cols = int(shape[-1])
     rows = 1
     for d in shape[:-1]:

@@ -289,6 +289,75 @@ def _dequantize_sparse24(raw: np.ndarray, dtype: DType, rows: int, cols: int) ->
     return out.reshape(r16, nb, 16, 64).transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
+# ---- I8_BITMASK: unstructured-sparse int8 (layout: csrc/common.h) ----
+BITMASK_MIN_ZEROS = 0.5  # the share of zeros from which a tensor is stored as I8_BITMASK (convert)
+
+
+def bitmask_nbytes(x: np.ndarray) -> int:
+    """Bytes of the 2-D x as I8_BITMASK: row pointers, per row its masks and non-zero values, row scales."""
+    rows, cols = x.shape
+    if cols % 64:
+        raise ValueError(f"i8_bitmask needs the last dimension to be a multiple of 64, got {cols}")
+    return 8 * (rows + 1) + rows * (cols // 64) * 8 + int(np.count_nonzero(x)) + 4 * rows
+
+
+def _quantize_bitmask(x: np.ndarray) -> np.ndarray:
+    rows, cols = x.shape
+    nbytes = bitmask_nbytes(x)
+    nb = cols // 64
+    x = np.asarray(x, np.float32)
+    scales = (np.max(np.abs(x), axis=1) / np.float32(127.0)).astype("<f4")  # I8's scale
+    q = np.clip(np.rint(x * _safe_inverse(scales)[:, None]), -127, 127).astype(np.int8)
+    stored = x != 0  # the non-zeros are stored (even those that round to 0): bytes known from x alone
+    counts = stored.sum(axis=1)
+    lengths = 8 * nb + counts
+    out = np.empty(nbytes, np.uint8)
+    starts = np.zeros(rows + 1, np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    out[:8 * (rows + 1)] = starts.astype("<u8").view(np.uint8)
+    masks = np.packbits(stored.reshape(rows, nb, 64), axis=-1, bitorder="little").reshape(rows, nb * 8)
+    area = out[8 * (rows + 1):nbytes - 4 * rows]
+    # each row: its masks at its start, then its stored values in column order
+    mask_at = starts[:-1, None] + np.arange(8 * nb)[None, :]
+    area[mask_at.reshape(-1)] = masks.reshape(-1)
+    value_at = (starts[:-1] + 8 * nb)[:, None] + np.cumsum(stored, axis=1) - 1
+    area[value_at[stored]] = q[stored].view(np.uint8)
+    out[nbytes - 4 * rows:] = scales.view(np.uint8)
+    return out
+
+
+def check_bitmask(buf: np.ndarray, rows: int, cols: int) -> None:
+    """ValueError unless buf holds a valid I8_BITMASK [rows, cols] (csrc/common.h bitmask_check)."""
+    nb = cols // 64
+    if cols % 64 or buf.size < 8 * (rows + 1) + 4 * rows:
+        raise ValueError(f"i8_bitmask [{rows}, {cols}]: too small ({buf.size} bytes) or cols not a multiple of 64")
+    raw_starts = buf[:8 * (rows + 1)].copy().view("<u8")
+    area = buf.size - 8 * (rows + 1) - 4 * rows
+    if raw_starts[0] != 0 or raw_starts[-1] != area or np.any(raw_starts > area):
+        raise ValueError(f"i8_bitmask [{rows}, {cols}]: row pointers out of order or out of range")
+    starts = raw_starts.astype(np.int64)
+    if np.any(np.diff(starts) < 8 * nb):
+        raise ValueError(f"i8_bitmask [{rows}, {cols}]: row pointers out of order or out of range")
+    body = buf[8 * (rows + 1):8 * (rows + 1) + area]
+    masks = body[(starts[:-1, None] + np.arange(8 * nb)[None, :]).reshape(-1)]
+    stored = np.unpackbits(masks.reshape(rows, 8 * nb), axis=-1).sum(axis=1)
+    if np.any(np.diff(starts) != 8 * nb + stored):
+        raise ValueError(f"i8_bitmask [{rows}, {cols}]: a row's values do not match its masks")
+
+
+def _dequantize_bitmask(buf: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    nb = cols // 64
+    starts = buf[:8 * (rows + 1)].copy().view("<u8").astype(np.int64)  # checked: < 2^63
+    area = buf[8 * (rows + 1):buf.size - 4 * rows]
+    scales = buf[buf.size - 4 * rows:].copy().view("<f4")
+    masks = area[(starts[:-1, None] + np.arange(8 * nb)[None, :]).reshape(-1)].reshape(rows, nb, 8)
+    stored = np.unpackbits(masks, axis=-1, bitorder="little").reshape(rows, cols).astype(bool)
+    value_at = (starts[:-1] + 8 * nb)[:, None] + np.cumsum(stored, axis=1) - 1
+    q = np.zeros((rows, cols), np.float32)
+    q[stored] = area[value_at[stored]].view(np.int8)
+    return q * scales[:, None]
+
+
 def quantize(x: np.ndarray, dtype: DType) -> np.ndarray:
     """Quantize a 2-D [rows, cols] float tensor; returns its .plm bytes as a 1-D uint8 array."""
     dtype = DType(dtype)
@@ -300,6 +369,8 @@ def quantize(x: np.ndarray, dtype: DType) -> np.ndarray:
         return interleave(quantize(x, dtype.base), dtype.base, x.shape)
     if dtype.sparse:
         return _quantize_sparse24(x, dtype)
+    if dtype.bitmask:
+        return _quantize_bitmask(x)
     if dtype in KEEP_ONLY:
         raise ValueError(f"pocketlm does not quantize to {dtype.label}: K-quant tensors are only copied "
                          "from GGUF files (convert with --quant keep)")
@@ -352,11 +423,14 @@ def dequantize(raw, dtype: DType, shape) -> np.ndarray:
     shape = tuple(int(s) for s in shape)
     buf = np.frombuffer(raw, dtype=np.uint8) if not isinstance(raw, np.ndarray) else raw.reshape(-1)
     buf = buf.view(np.uint8)
+    cols = shape[-1]
+    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    if dtype.bitmask:
+        check_bitmask(buf, rows, cols)
+        return _dequantize_bitmask(buf, rows, cols).reshape(shape)
     nbytes = tensor_nbytes(dtype, shape)
     if buf.size != nbytes:
         raise ValueError(f"{dtype.label} tensor of shape {shape} needs {nbytes} bytes, got {buf.size}")
-    cols = shape[-1]
-    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
     if dtype.x16:
         return dequantize(deinterleave(buf, dtype.base, shape), dtype.base, shape)
     if dtype.sparse:
@@ -493,8 +567,8 @@ def first_nonfinite(raw, dtype: DType, shape) -> int | None:
         d = buf.reshape(-1, 384)[:, :32].reshape(-1, 16, 2)
         hits = np.flatnonzero(((d[:, :, 1] & 0x7C) == 0x7C).any(axis=1))
         return int(hits[0]) if hits.size else None
-    if dtype in (DType.F32, DType.F16, DType.BF16, DType.I8, DType.I8_24_X16):
-        if dtype in (DType.I8, DType.I8_24_X16):  # the row scales after the codes
+    if dtype in (DType.F32, DType.F16, DType.BF16, DType.I8, DType.I8_24_X16, DType.I8_BITMASK):
+        if dtype in (DType.I8, DType.I8_24_X16, DType.I8_BITMASK):  # the row scales after the codes
             rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
             words, exp_mask = buf[buf.size - 4 * rows:].view("<u4"), 0x7F800000
         else:

@@ -183,8 +183,9 @@ def test_pruned_bundle_matches_transformers_with_the_same_zeros(tmp_path, prune,
         s = engine.create_session()
         for got in (engine.create_session().prefill(ids), (s.prefill(ids[:-1]), s.decode(ids[-1]))[1]):
             assert np.abs(got - ref).max() / ref.std() < 0.01
-    if spec.m == 4 and quant_ != "f32":  # 2:4 in int4 / int8: the sparse type wherever the shape allows it
-        sparse_type = DType.Q4_0_24_X16 if quant_ == "int4" else DType.I8_24_X16
+    if quant_ != "f32" and (spec.m == 4 or (spec.m == 0 and quant_ == "int8")):
+        # 2:4 in int4 / int8, or >= 50 % in int8: the sparse type wherever the shape allows it
+        sparse_type = {"int4": DType.Q4_0_24_X16, "int8": DType.I8_24_X16}[quant_] if spec.m else DType.I8_BITMASK
         sparse = {t.name for t in b.tensors if t.dtype == sparse_type}
         assert sparse == {n for n in pruned if pruning.prunable(n) and b.info(n).shape[1] % 64 == 0}
         assert len(sparse) == 12
@@ -200,7 +201,8 @@ def test_pruned_bundle_matches_transformers_with_the_same_zeros(tmp_path, prune,
                            sparse_layout=layout)
                 got = e.create_session().prefill(ids)
                 assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), (variant, layout)
-                kernel = _core.kernels.sparse24(variant)  # 0 none, 1 in place but slower, 2 faster than dense
+                # 0 none, 1 in place but slower, 2 faster than dense
+                kernel = (_core.kernels.bitmask if sparse_type == DType.I8_BITMASK else _core.kernels.sparse24)(variant)
                 in_place = {"auto": kernel == 2, "in-place": kernel > 0, "dense": False}[layout]
                 assert e.sparse_expanded == (0 if in_place else 12), (variant, layout)
         with pytest.raises(ValueError, match="sparse_layout"):
@@ -295,3 +297,58 @@ def test_a_checkpoint_pruned_2_4_at_the_source_is_stored_sparse(tmp_path):
         ref = model(torch.tensor([ids])).logits[0, -1].float().numpy()
     got = Engine(tmp_path / "s.plm", threads=2, max_context=64, kv_type="f32", activations="int8x2").create_session().prefill(ids)
     assert np.abs(got - ref).max() / ref.std() < 0.01
+
+
+def test_a_checkpoint_half_zeros_at_the_source_is_stored_bitmask(tmp_path):
+    """A Hugging Face checkpoint whose block weights are 60 % zeros in no pattern converts with
+    --quant int8 to i8_bitmask without --prune (--sparse off: dense i8), with the source's zeros
+    and the int8 mode's codes, and runs as transformers does with the bundle's weights; int4 has
+    no unstructured type and stays dense."""
+    import torch
+
+    from pocketlm.engine import Engine
+    from pocketlm.models import llama
+
+    model = make_hf_model(tmp_path / "dense", "llama", seed=9, **TINY)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            canon = llama.hf_weight_name(name)
+            if canon is not None and pruning.prunable(canon):
+                p.copy_(torch.from_numpy(pruning.prune(p.numpy(), pruning.PruneSpec(fraction=0.6, method="magnitude"))))
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    for f in (tmp_path / "dense").iterdir():
+        if f.name.startswith("tokenizer"):
+            (tmp_path / "hf" / f.name).write_bytes(f.read_bytes())
+    sparse = read_bundle(convert(tmp_path / "hf", tmp_path / "s.plm", quant="int8", progress=False))
+    dense = read_bundle(convert(tmp_path / "hf", tmp_path / "d.plm", quant="int8", sparse="off", progress=False))
+    int4 = read_bundle(convert(tmp_path / "hf", tmp_path / "q.plm", quant="int4", progress=False))
+    source = {llama.hf_weight_name(k): v.numpy() for k, v in model.state_dict().items()
+              if llama.hf_weight_name(k) is not None}
+    stored = {t.name for t in sparse.tensors if t.dtype == DType.I8_BITMASK}
+    assert stored == {n for n in source if pruning.prunable(n) and source[n].shape[1] % 64 == 0} and len(stored) == 12
+    assert DType.I8_BITMASK not in {t.dtype for t in dense.tensors} | {t.dtype for t in int4.tensors}
+    for name in stored:
+        raw = np.asarray(sparse.tensor(name))
+        np.testing.assert_array_equal(raw, quant.quantize(source[name], DType.I8_BITMASK))
+        want = quant.dequantize(row_major(dense, name), DType.I8, source[name].shape)
+        np.testing.assert_array_equal(quant.dequantize(raw, DType.I8_BITMASK, source[name].shape), want)
+    ids = np.random.default_rng(10).integers(3, 256, size=20).tolist()
+    with torch.no_grad():
+        for hf_name, p in model.state_dict().items():
+            canon = llama.hf_weight_name(hf_name)
+            if canon is not None:
+                info = sparse.info(canon)
+                raw = row_major(sparse, canon) if info.dtype.x16 else np.asarray(sparse.tensor(canon))
+                val = quant.dequantize(raw, info.dtype.base, info.shape) if info.dtype.quantized else bundle_f32(sparse, canon)
+                p.copy_(torch.from_numpy(val.reshape(p.shape)))
+        ref = model(torch.tensor([ids])).logits[0, -1].float().numpy()
+    for layout in ("auto", "dense"):
+        e = Engine(tmp_path / "s.plm", threads=2, max_context=64, kv_type="f32", activations="int8x2",
+                   sparse_layout=layout)
+        got = e.create_session().prefill(ids)
+        assert np.abs(got - ref).max() / ref.std() < 0.01, layout
+    r = subprocess.run([sys.executable, "-m", "pocketlm", "inspect", str(tmp_path / "s.plm")], capture_output=True,
+                       text=True, timeout=300)
+    row = next(line for line in r.stdout.splitlines() if line.strip().startswith("blk.0.attn_q.weight"))
+    zeros = 100 * (1 - np.count_nonzero(source["blk.0.attn_q.weight"]) / source["blk.0.attn_q.weight"].size)
+    assert "i8_bitmask" in row and f"{zeros:.1f} %" in row, row

@@ -167,7 +167,9 @@ void matmul(const std::vector<Arg>& args, Reply& r) {
   if (cols % tr.block_elems) bad("cols must be a multiple of the block size");
   if (tr.quantized && cols % 32) bad("quantized types need cols % 32 == 0");
   if (needs_16_rows(dt) && rows % kX16Rows) bad("x16 and 2:4 types need rows % 16 == 0");
-  if (weight.dim(0) != tensor_bytes(dt, rows, cols)) bad("weight has the wrong number of bytes for dtype and shape");
+  if (is_variable(dt) ? bitmask_check(weight.as<uint8_t>(), weight.dim(0), rows, cols, nullptr) < 0
+                      : weight.dim(0) != tensor_bytes(dt, rows, cols))
+    bad("weight has the wrong number of bytes for dtype and shape");
   if ((int64_t)x.dim(1) != cols) bad("x must be [T, cols]");
   if (x.dim(0) == 0) bad("x must have at least one row");
   if (n1 < 0) n1 = rows;
@@ -176,7 +178,9 @@ void matmul(const std::vector<Arg>& args, Reply& r) {
   WeightView w{dt, rows, cols, weight.as<uint8_t>(), row_bytes(dt, cols), nullptr};
   if (has_row_scales(dt)) {
     scales.resize(rows);
-    std::memcpy(scales.data(), weight.as<uint8_t>() + rows * row_bytes(dt, cols), rows * sizeof(float));
+    const uint8_t* at = is_variable(dt) ? reinterpret_cast<const uint8_t*>(bitmask_scales(weight.as<uint8_t>(), weight.dim(0), rows))
+                                        : weight.as<uint8_t>() + rows * row_bytes(dt, cols);
+    std::memcpy(scales.data(), at, rows * sizeof(float));
     w.row_scales = scales.data();
   }
   const int T = (int)x.dim(0);
@@ -268,7 +272,7 @@ void serve(const std::string& op, const std::vector<Arg>& args, Reply& r) {
     const int64_t cols = I(args, 2);
     if (cols <= 0 || cols % traits(dt).block_elems)
       fail("dequant_row: cols must be a positive multiple of the block size");
-    if (needs_16_rows(dt)) fail("dequant_row: x16 and 2:4 types have no row-major rows");
+    if (needs_16_rows(dt) || is_variable(dt)) fail("dequant_row: x16, 2:4 and bitmask types have no row-major rows");
     if (raw.dim(0) < row_bytes(dt, cols)) fail("dequant_row: raw is too short");
     Array y = new_array('f', {cols});
     kt.dequant_row(dt, raw.as<uint8_t>(), y.as<float>(), cols);

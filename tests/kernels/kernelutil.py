@@ -92,6 +92,10 @@ def make_matmul_case(dtype, T, K, N, seed):
         np.put_along_axis(g, drop, 0.0, axis=-1)
         g[rng.random(g.shape[:2]) < 0.1] = 0.0
         w = g.reshape(N, K)
+    if dtype.bitmask:  # unstructured: about 60 % zeros, some rows and blocks empty or full
+        w[rng.random(w.shape) < 0.6] = 0.0
+        w[N // 2] = 0.0
+        w[-1, -64:] = rng.standard_normal(64)
     raw = random_blocks(dtype, N, K, rng) if dtype in KEEP_ONLY else quantize(w, dtype)
     return raw, dequantize(raw, dtype, (N, K)), x
 

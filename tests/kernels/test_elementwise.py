@@ -58,7 +58,8 @@ def test_silu_extremes(variant):
 
 
 @pytest.mark.parametrize("variant", variants())
-@pytest.mark.parametrize("dtype", [t for t in DType if not t.x16 and not t.sparse], ids=lambda t: t.label)
+@pytest.mark.parametrize("dtype", [t for t in DType if not t.x16 and not t.sparse and not t.bitmask],
+                         ids=lambda t: t.label)
 def test_dequant_row(variant, dtype):
     rng = np.random.default_rng(3)
     w = rng.standard_normal((2, 256)).astype(np.float32)
@@ -86,12 +87,12 @@ def test_dispatch():
     assert kernels.best() in avail
 
 
-@pytest.mark.parametrize("dtype", [t for t in DType if t.x16 or t.sparse], ids=lambda t: t.label)
+@pytest.mark.parametrize("dtype", [t for t in DType if t.x16 or t.sparse or t.bitmask], ids=lambda t: t.label)
 def test_dequant_row_refuses_x16(dtype):
-    """x16 matrices have no row-major rows to point at (the executor gathers them, tested end to
-    end through tied embeddings)."""
+    """x16, 2:4 and bitmask matrices have no row-major rows to point at (the executor gathers
+    them, tested end to end through tied embeddings)."""
     w = np.ones((16, 128), np.float32)
-    if dtype.sparse:
+    if dtype.sparse or dtype.bitmask:
         w[:, 1::2] = 0  # 2:4
     raw = quantize(w, dtype)
     with pytest.raises(ValueError, match="x16"):

@@ -10,7 +10,7 @@ from pocketlm.quant import KEEP_ONLY, dequantize, quantize
 
 Q4_0_FAMILY = (DType.Q4_0, DType.Q4_0_G64, DType.Q4_0_G128)
 Q4_1_FAMILY = (DType.Q4_1, DType.Q4_1_G64, DType.Q4_1_G128)
-QUANTIZABLE = [t for t in DType if t not in KEEP_ONLY and not t.sparse]  # sparse: test_sparse.py
+QUANTIZABLE = [t for t in DType if t not in KEEP_ONLY and not t.sparse and not t.bitmask]  # test_sparse.py
 # Types whose layout is GGUF's: dequantize must give gguf's values bit for bit.
 GGUF_LAYOUT = [DType.Q8_0, DType.Q4_0, DType.Q4_1, DType.Q5_0, DType.Q5_1, DType.Q4_K, DType.Q5_K, DType.Q6_K,
                DType.BF16, DType.F16]

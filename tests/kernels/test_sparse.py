@@ -223,3 +223,107 @@ def test_any_pattern_bytes_are_safe(variant, dtype):
 def test_case_helper_prunes_for_the_sparse_type():
     raw, wd, x = make_matmul_case(S24, 1, 128, 16, 0)
     assert is_2_of_4(wd) and raw.size == 16 * 128 // 64 * 24
+
+
+# ---- I8_BITMASK: unstructured-sparse int8 ----
+BM = DType.I8_BITMASK
+
+
+def _unstructured(rng, rows, cols, zeros=0.6):
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    w[rng.random(w.shape) < zeros] = 0.0
+    w[rows // 2] = 0.0                          # a row with nothing stored
+    w[0, :64] = rng.standard_normal(64) + 3.0   # a block with everything stored
+    return w
+
+
+def _read_bitmask(raw: np.ndarray, rows: int, cols: int):
+    """The doc's layout read field by field: (row pointers, masks [rows, nb], values per row, scales)."""
+    nb = cols // 64
+    starts = [int.from_bytes(bytes(raw[8 * r:8 * r + 8]), "little") for r in range(rows + 1)]
+    area = 8 * (rows + 1)
+    masks = np.zeros((rows, nb), np.uint64)
+    values = []
+    for r in range(rows):
+        row = raw[area + starts[r]:area + starts[r + 1]]
+        for b in range(nb):
+            masks[r, b] = int.from_bytes(bytes(row[8 * b:8 * b + 8]), "little")
+        values.append(row[8 * nb:].view(np.int8).astype(np.int64))
+    scales = raw[raw.size - 4 * rows:].copy().view("<f4")
+    return starts, masks, values, scales
+
+
+def test_bitmask_encoding_follows_the_documented_layout():
+    rng = np.random.default_rng(11)
+    w = _unstructured(rng, 7, 192)
+    raw = quantize(w, BM)
+    starts, masks, values, scales = _read_bitmask(raw, 7, 192)
+    assert starts[0] == 0 and starts[-1] == raw.size - 8 * 8 - 4 * 7
+    dense_i8 = quantize(w, DType.I8)  # the int8 mode's codes and row scales
+    np.testing.assert_array_equal(scales, dense_i8[7 * 192:].view("<f4"))
+    codes = dense_i8[:7 * 192].view(np.int8).reshape(7, 192)
+    for r in range(7):
+        bits = np.array([(int(masks[r, j // 64]) >> (j % 64)) & 1 for j in range(192)], bool)
+        np.testing.assert_array_equal(bits, w[r] != 0)  # the non-zeros are stored, in column order
+        np.testing.assert_array_equal(values[r], codes[r][bits])
+        assert starts[r + 1] - starts[r] == 8 * 3 + bits.sum()
+    np.testing.assert_array_equal(dequantize(raw, BM, w.shape), dequantize(dense_i8, DType.I8, w.shape))
+    assert starts[4] - starts[3] == 8 * 3  # the empty row: masks only
+
+
+@pytest.mark.parametrize("variant", variants())
+def test_bitmask_matches_the_dense_i8_kernel_on_the_same_weights(variant):
+    for i, (T, K, N, n0, n1) in enumerate([(1, 64, 5, 0, 5), (1, 896, 48, 3, 41), (2, 320, 17, 0, 17),
+                                           (17, 576, 33, 1, 32), (64, 256, 16, 0, 16), (3, 1536, 9, 8, 9)]):
+        rng = np.random.default_rng(40 + i)
+        w = _unstructured(rng, N, K)
+        raw, dense = quantize(w, BM), quantize(w, DType.I8)
+        x = rng.standard_normal((T, K)).astype(np.float32)
+        x[-1, :32] *= 100
+        wd = dequantize(raw, BM, (N, K))
+        scale = np.abs(x) @ (np.abs(wd) + 128 * np.abs(wd).max()).T  # the +128 offset's cancellation
+        for fn in ("matmul", "matmul2"):
+            want = getattr(kernels, fn)(variant, int(DType.I8), dense, N, K, x, n0, n1)
+            got = getattr(kernels, fn)(variant, int(BM), raw, N, K, x, n0, n1)
+            assert not got[:, :n0].any() and not got[:, n1:].any()
+            assert np.all(np.abs(got - want) <= 1e-6 * scale + 1e-30), (fn, variant, T, K, N, n0, n1)
+
+
+def _bad_bitmasks(raw: np.ndarray, rows: int):
+    """(what is wrong, bytes): row pointers out of range or order, a row whose values do not match its masks."""
+    area = raw.size - 8 * (rows + 1) - 4 * rows
+    def with_pointer(r, v):
+        bad = raw.copy()
+        bad[8 * r:8 * r + 8] = np.frombuffer(int(v).to_bytes(8, "little"), np.uint8)
+        return bad
+    first = int.from_bytes(bytes(raw[8:16]), "little")
+    yield "pointer past the end", with_pointer(2, area + 1)
+    yield "huge pointer", with_pointer(1, 2 ** 63 + 5)
+    yield "pointers out of order", with_pointer(1, first + 3)
+    yield "first pointer not 0", with_pointer(0, 1)
+    yield "last pointer short", with_pointer(rows, area - 1)
+    bad = raw.copy()
+    bad[8 * (rows + 1)] ^= 0x01  # row 0's first mask gains or loses a bit: its values no longer match
+    yield "mask and values disagree", bad
+    yield "truncated", raw[:-1].copy()
+
+
+def test_bitmask_hostile_tensors_are_refused(tmp_path):
+    from pocketlm.bundle import TensorSpec, read_bundle, write_bundle
+    from pocketlm.errors import BundleError
+
+    rng = np.random.default_rng(12)
+    w = _unstructured(rng, 6, 128)
+    raw = quantize(w, BM)
+    write_bundle(tmp_path / "ok.plm", {}, [TensorSpec("w", BM, (6, 128), lambda: raw)])
+    assert read_bundle(tmp_path / "ok.plm").info("w").dtype == BM
+    x = rng.standard_normal((1, 128)).astype(np.float32)
+    for what, bad in _bad_bitmasks(raw, 6):
+        if not REMOTE:
+            write_bundle(tmp_path / "bad.plm", {}, [TensorSpec("w", BM, (6, 128), lambda b=bad: b)])
+            with pytest.raises(BundleError, match="bad i8_bitmask tensor"):
+                read_bundle(tmp_path / "bad.plm")
+        with pytest.raises(ValueError):
+            kernels.matmul("ref", int(BM), bad, 6, 128, x)
+        with pytest.raises(ValueError):
+            dequantize(bad, BM, (6, 128))

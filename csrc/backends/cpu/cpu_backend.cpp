@@ -21,11 +21,15 @@ CpuBackend::CpuBackend(const Program::Impl& program, const BackendOptions& optio
     kt_ = kernels::kernels_by_name(options.kernels);
     if (!kt_) throw UnsupportedError("kernels '" + options.kernels + "' are not available on this CPU");
   }
-  const int sparse = kt_->sparse24 ? kt_->sparse24() : kernels::kSparse24None;
-  if (options.sparse_layout == "auto") sparse_in_place_ = sparse == kernels::kSparse24Faster;
-  else if (options.sparse_layout == "in-place") sparse_in_place_ = sparse != kernels::kSparse24None;
-  else if (options.sparse_layout == "dense") sparse_in_place_ = false;
-  else throw std::invalid_argument("sparse_layout must be 'auto', 'in-place' or 'dense', got '" + options.sparse_layout + "'");
+  auto keep = [&](int (*kernel)()) {
+    const int k = kernel ? kernel() : kernels::kSparse24None;
+    if (options.sparse_layout == "auto") return k == kernels::kSparse24Faster;
+    if (options.sparse_layout == "in-place") return k != kernels::kSparse24None;
+    if (options.sparse_layout == "dense") return false;
+    throw std::invalid_argument("sparse_layout must be 'auto', 'in-place' or 'dense', got '" + options.sparse_layout + "'");
+  };
+  sparse_in_place_ = keep(kt_->sparse24);
+  bitmask_in_place_ = keep(kt_->bitmask);
 }
 
 std::string CpuBackend::supports(OpCode op, const std::vector<const Tensor*>& inputs) const {

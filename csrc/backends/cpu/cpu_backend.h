@@ -49,7 +49,7 @@ class CpuBackend final : public Backend {
   CpuBackend(const Program::Impl& program, const BackendOptions& options);
   const char* name() const override { return "cpu"; }
   const char* variant() const override { return kt_->name; }
-  bool sparse_in_place() const override { return sparse_in_place_; }
+  bool sparse_in_place(DType t) const override { return t == DType::I8_BITMASK ? bitmask_in_place_ : sparse_in_place_; }
   std::string supports(OpCode op, const std::vector<const Tensor*>& inputs) const override;
   void prepare() override;
   WorkspaceBytes workspace_bytes(int max_context) const override;
@@ -58,7 +58,7 @@ class CpuBackend final : public Backend {
   void run(const StepRows& rows, float* out) override;
 
  private:
-  bool sparse_in_place_ = false;
+  bool sparse_in_place_ = false, bitmask_in_place_ = false;
   // Bytes of each scratch buffer for a State of max_context (checked arithmetic).
   struct Scratch {
     int64_t act_q = 0, up = 0, scores = 0, partials = 0, pos_rows = 0;

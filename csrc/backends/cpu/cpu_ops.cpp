@@ -52,7 +52,13 @@ void Step::weight_row(const kernels::WeightView& w, int64_t r, float* out) const
   const int64_t d = w.cols;
   const uint8_t* row = w.data + (size_t)r * w.row_stride;
   DType dt = w.dtype;
-  if (is_sparse24(dt)) {  // expanded into a dense Q4_0 / I8 row first
+  if (dt == DType::I8_BITMASK) {  // expanded into a dense I8 row first (its scale stays in row_scales)
+    thread_local std::vector<uint8_t> dense;
+    if (dense.size() < (size_t)d) dense.resize((size_t)d);
+    bitmask_gather_row(w.data, w.rows, d, r, dense.data());
+    row = dense.data();
+    dt = DType::I8;
+  } else if (is_sparse24(dt)) {  // expanded into a dense Q4_0 / I8 row first
     thread_local std::vector<uint8_t> dense;
     const size_t rb = row_bytes(sparse24_dense(dt), d);
     if (dense.size() < rb) dense.resize(rb);

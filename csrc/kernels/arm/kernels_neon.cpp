@@ -961,6 +961,7 @@ const KernelTable* PLM_NEON_TABLE() {
           PLM_X16(Q4_1_G128, BlockQ8A),    // Q4_1_G128_X16
           PLM_SPARSE24(BlockQ8A),  // Q4_0_24_X16
           PLM_SPARSE24(BlockQ8A),  // I8_24_X16
+          matmul_bitmask_expand<BlockQ8A, PLM_NEON_TABLE>,  // I8_BITMASK
       },
       ref_kernels().quantize_act,
       ref_kernels().dequant_row,
@@ -999,6 +1000,7 @@ const KernelTable* PLM_NEON_TABLE() {
           PLM_X16(Q4_1_G128, BlockQ8A2),   // Q4_1_G128_X16
           PLM_SPARSE24(BlockQ8A2),  // Q4_0_24_X16
           PLM_SPARSE24(BlockQ8A2),  // I8_24_X16
+          matmul_bitmask_expand<BlockQ8A2, PLM_NEON_TABLE>,  // I8_BITMASK
       },
       ref_kernels().quantize_act2,
       weighted_sum_by_axpy<axpy_neon>,

@@ -1115,6 +1115,35 @@ void matmul_sparse24(const WeightView& w, const float* x, size_t ldx, const Act*
     matmul_sparse24_expand<Act, avx512_kernel_table>(w, x, ldx, xq, T, y, ldy, n0, n1);
 }
 
+// I8_BITMASK: the VBMI2 kernel for one token (and verifying steps) where the CPU has VBMI2; prefill
+// expands 16 rows at a time (vpexpandb) into dense I8 rows for the I8 kernel. Without VBMI2 a
+// Program expands the weights at load; direct calls go through matmul_bitmask_expand.
+template <class Act>
+void matmul_bitmask(const WeightView& w, const float* x, size_t ldx, const Act* xq, int T, float* y, size_t ldy,
+                    int n0, int n1) {
+  if (avx512::bitmask_kernel() == kSparse24None) {
+    matmul_bitmask_expand<Act, avx512_kernel_table>(w, x, ldx, xq, T, y, ldy, n0, n1);
+    return;
+  }
+  if (T == 1 || w.row_invariant) {
+    avx512::matmul_bitmask_vbmi2<Act>(w, xq, T, y, ldy, n0, n1);
+    return;
+  }
+  const KernelTable& kt = *avx512_kernel_table();
+  const auto kernel = [&] {
+    if constexpr (std::is_same_v<Act, BlockQ8A2>) return kt.matmul2[(int)DType::I8];
+    else return kt.matmul[(int)DType::I8];
+  }();
+  thread_local std::vector<uint8_t> rows;
+  if (rows.size() < 16 * (size_t)w.cols) rows.resize(16 * (size_t)w.cols);
+  for (int n = n0; n < n1; n += 16) {
+    const int m = std::min(n1 - n, 16);
+    avx512::bitmask_rows_vbmi2(w, n, m, rows.data());
+    const WeightView dense{DType::I8, m, w.cols, rows.data(), (size_t)w.cols, w.row_scales + n};
+    kernel(dense, x, ldx, xq, T, y + n, ldy, 0, m);
+  }
+}
+
 }  // namespace
 
 const KernelTable* avx512_kernel_table() {
@@ -1149,6 +1178,7 @@ const KernelTable* avx512_kernel_table() {
           avx512::matmul_x16,                    // Q4_1_G128_X16
           matmul_sparse24<BlockQ8A>,             // Q4_0_24_X16
           matmul_sparse24<BlockQ8A>,             // I8_24_X16
+          matmul_bitmask<BlockQ8A>,  // I8_BITMASK
       },
       quantize_act_avx512,
       ref_kernels().dequant_row,
@@ -1187,6 +1217,7 @@ const KernelTable* avx512_kernel_table() {
           avx512::matmul2_x16,                              // Q4_1_G128_X16
           matmul_sparse24<BlockQ8A2>,                       // Q4_0_24_X16
           matmul_sparse24<BlockQ8A2>,                       // I8_24_X16
+          matmul_bitmask<BlockQ8A2>,  // I8_BITMASK
       },
       quantize_act2_avx512,
       weighted_sum_avx512<float>,
@@ -1197,6 +1228,7 @@ const KernelTable* avx512_kernel_table() {
       scores_q8_0_avx512,
       weighted_sum_q8_0_avx512,
       avx512::sparse24_kernel,
+      avx512::bitmask_kernel,
   };
   return &table;
 }

@@ -27,10 +27,26 @@
 #include "kernels/x86/sparse_avx512.h"
 #include "kernels/x86/x16_avx512.h"
 
-#include <vector>
 
 namespace plm::kernels::avx512 {
 namespace {
+
+// Per-thread scratch that grows. Plain new[] rather than std::vector: this file is compiled with
+// VBMI, and a std::vector member instantiated here could be the copy the linker keeps for every
+// other file (see matmul_sparse24_vbmi).
+struct Scratch {
+  uint8_t* p = nullptr;
+  size_t n = 0;
+  ~Scratch() { delete[] p; }
+  uint8_t* get(size_t need) {
+    if (need > n) {
+      delete[] p;
+      p = new uint8_t[need];
+      n = need;
+    }
+    return p;
+  }
+};
 
 struct Consts {
   __m512i spread, ctrl_lo, ctrl_hi, pick, lut, base_lo[4], base_hi[4];
@@ -365,20 +381,21 @@ void matmul_sparse24_vbmi(const WeightView& w, const Act* xq, int T, float* y, s
   };
   // Prefill: each group of 16 rows expanded into dense records and through the dense GEMM. The int8
   // type has no tiles of its own: from 2 tokens (it expands as cheaply: a vpermi2b per 64 bytes).
-  if (T >= (i8 ? 2 : kExpandTokens) && !w.row_invariant) {
+  // Two-level activations have no tiles either: they expand from 2 tokens too.
+  const bool tiles = !i8 && std::is_same_v<Act, BlockQ8A>;
+  if (T >= (tiles ? kExpandTokens : 2) && !w.row_invariant) {
     const DType to = i8 ? DType::I8_X16 : DType::Q4_0_X16;
-    thread_local std::vector<uint8_t> dense;
-    const size_t dense_bytes = (size_t)16 * row_bytes(to, w.cols);
-    if (dense.size() < dense_bytes) dense.resize(dense_bytes);
+    thread_local Scratch scratch;
+    uint8_t* const dense = scratch.get((size_t)16 * row_bytes(to, w.cols));
     for (int g = n0 / 16; g * 16 < n1; ++g) {
       int lo, hi;
       rows_of(g, &lo, &hi);
       const uint8_t* rec = w.data + (size_t)g * group_bytes;
       for (int b = 0; b < nb; ++b) {
-        if (i8) expand_record_i8(rec + (size_t)b * kSparse24I8Record, dense.data() + (size_t)b * 1024, k);
-        else expand_record(rec + (size_t)b * kSparse24Record, dense.data() + (size_t)b * 576, k);
+        if (i8) expand_record_i8(rec + (size_t)b * kSparse24I8Record, dense + (size_t)b * 1024, k);
+        else expand_record(rec + (size_t)b * kSparse24Record, dense + (size_t)b * 576, k);
       }
-      const WeightView dv{to, 16, w.cols, dense.data(), row_bytes(to, w.cols), i8 ? w.row_scales + g * 16 : nullptr};
+      const WeightView dv{to, 16, w.cols, dense, row_bytes(to, w.cols), i8 ? w.row_scales + g * 16 : nullptr};
       if constexpr (std::is_same_v<Act, BlockQ8A>) matmul_x16(dv, nullptr, 0, xq, T, y + g * 16, ldy, lo, hi);
       else matmul2_x16(dv, nullptr, 0, xq, T, y + g * 16, ldy, lo, hi);
     }
@@ -418,6 +435,100 @@ void matmul_sparse24_vbmi(const WeightView& w, const Act* xq, int T, float* y, s
     }
   }
 }
+
+bool has_vbmi2() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vbmi2") != 0;
+  }();
+  return yes;
+}
+
+// In place but slower than the dense kernel on the expanded weights: ~12 cycles per row and block
+// of 64 columns, where the dense kernel streams them at the bus's rate (Qwen shape int8 pruned 50 %,
+// Zen 5, 2 threads: decode 0.55x the dense int8 bundle). So "auto" expands, "in-place" keeps the bytes.
+int bitmask_kernel() { return has_vbmi2() ? kSparse24Slower : kSparse24None; }
+
+// The first k (0..64) bytes of a 64-byte load: a masked load reads no byte past them (no fault at
+// the tensor's end). vpexpandb then spreads them over the mask's columns. (vpexpandb's memory
+// form reads only the k bytes itself, but on Zen 4/5 it is microcoded: ~8x slower here.)
+inline __mmask64 low_bytes(int k) { return k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << k) - 1); }
+
+// I8_BITMASK, one token at a time: per row and block of 64 columns, a masked load takes the stored
+// values (popcount of the mask) and vpexpandb puts them at their columns, zeros elsewhere; vpdpbusd multiplies them by the
+// token's activations as x + 128 (flipped once per token), and 128 x the codes' sum comes off. The
+// 16 int32 lanes (4 columns each: lanes 0-7 the first 32-block, 8-15 the second) take their
+// activation scales and add into a float vector, summed once per row.
+template <class Act>
+void matmul_bitmask_vbmi2(const WeightView& w, const Act* xq, int T, float* y, size_t ldy, int n0, int n1) {
+  constexpr bool kTwo = std::is_same_v<Act, BlockQ8A2>;
+  const int nb = (int)(w.cols / 64), kb = (int)(w.cols / 32);
+  const __m512i ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8((char)0x80);
+  // per block: the activations + 128 (then the residual's), and their scales per int32 lane
+  thread_local Scratch scratch;
+  uint8_t* const buf = scratch.get((size_t)nb * (kTwo ? 2 : 1) * 128 + 64);
+  __m512i* const xs = reinterpret_cast<__m512i*>(((uintptr_t)buf + 63) & ~(uintptr_t)63);
+  __m512* const ds = reinterpret_cast<__m512*>(xs + (size_t)nb * (kTwo ? 2 : 1));
+  for (int t = 0; t < T; ++t) {
+    const Act* xt = xq + (size_t)t * kb;
+    for (int b = 0; b < nb; ++b) {
+      const Act &x0 = xt[2 * b], &x1 = xt[2 * b + 1];
+      xs[b] = _mm512_xor_si512(columns<Act, false>(x0, x1), flip);
+      ds[b] = _mm512_insertf32x8(_mm512_set1_ps(x0.d), _mm256_set1_ps(x1.d), 1);
+      if constexpr (kTwo) {
+        xs[nb + b] = _mm512_xor_si512(columns<Act, true>(x0, x1), flip);
+        ds[nb + b] = _mm512_insertf32x8(_mm512_set1_ps(x0.d2), _mm256_set1_ps(x1.d2), 1);
+      }
+    }
+    for (int n = n0; n < n1; ++n) {
+      const uint8_t* row = bitmask_row(w.data, w.rows, n);
+      const uint8_t* v = row + 8 * (size_t)nb;
+      // float sums per block parity and level (registers, unrolled by hand: indexed by b & 1
+      // they went through the stack): a block's FMAs do not wait on the previous block's
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a20 = a0, a21 = a0;
+      auto block = [&](int b, __m512& acc, __m512& acc2) {
+        uint64_t m;
+        std::memcpy(&m, row + 8 * (size_t)b, 8);
+        const int k = __builtin_popcountll(m);
+        const __m512i wv = _mm512_maskz_expand_epi8(m, _mm512_maskz_loadu_epi8(low_bytes(k), v));
+        v += k;
+        const __m512i c = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, wv), 7);
+        const __m512i s = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xs[b], wv), c);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), ds[b], acc);
+        if constexpr (kTwo) {
+          const __m512i s2 = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xs[nb + b], wv), c);
+          acc2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s2), ds[nb + b], acc2);
+        }
+      };
+      int b = 0;
+      for (; b + 2 <= nb; b += 2) {
+        block(b, a0, a20);
+        block(b + 1, a1, a21);
+      }
+      if (b < nb) block(b, a0, a20);
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a20, a21));
+      y[(size_t)t * ldy + n] = _mm512_reduce_add_ps(sum) * w.row_scales[n];
+    }
+  }
+}
+
+void bitmask_rows_vbmi2(const WeightView& w, int n, int m, uint8_t* out) {
+  const int nb = (int)(w.cols / 64);
+  for (int r = 0; r < m; ++r) {
+    const uint8_t* row = bitmask_row(w.data, w.rows, n + r);
+    const uint8_t* v = row + 8 * (size_t)nb;
+    for (int b = 0; b < nb; ++b, out += 64) {
+      uint64_t mask;
+      std::memcpy(&mask, row + 8 * (size_t)b, 8);
+      const int k = __builtin_popcountll(mask);
+      _mm512_storeu_si512(out, _mm512_maskz_expand_epi8(mask, _mm512_maskz_loadu_epi8(low_bytes(k), v)));
+      v += k;
+    }
+  }
+}
+
+template void matmul_bitmask_vbmi2<BlockQ8A>(const WeightView&, const BlockQ8A*, int, float*, size_t, int, int);
+template void matmul_bitmask_vbmi2<BlockQ8A2>(const WeightView&, const BlockQ8A2*, int, float*, size_t, int, int);
 
 template void matmul_sparse24_vbmi<BlockQ8A>(const WeightView&, const BlockQ8A*, int, float*, size_t, int, int);
 template void matmul_sparse24_vbmi<BlockQ8A2>(const WeightView&, const BlockQ8A2*, int, float*, size_t, int, int);

@@ -12,6 +12,17 @@ from pocketlm.dtypes import DType
 from pocketlm.metadata import MetadataError, parse_json_bounded
 
 
+def _bitmask_stored(bundle, t) -> int:
+    """The values an I8_BITMASK tensor stores: its row pointers say where each row's masks are."""
+    import numpy as np
+
+    raw = np.asarray(bundle.tensor(t.name)).reshape(-1).view(np.uint8)
+    rows, nb = t.shape[0], t.shape[1] // 64
+    starts = raw[:8 * (rows + 1)].copy().view("<u8").astype(np.int64)[:-1]
+    masks = raw[8 * (rows + 1):][(starts[:, None] + np.arange(8 * nb)[None, :]).reshape(-1)]
+    return int(np.unpackbits(masks).sum())
+
+
 def _human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -103,11 +114,19 @@ def describe(bundle: Bundle | str | os.PathLike, show_tensors: bool = True) -> s
     tensors = bundle.tensors
     if show_tensors and tensors:
         lines += ["", f"tensors ({len(tensors)})"]
-        sparse = any(t.dtype.sparse for t in tensors)  # a column for the sparse types' pattern, if any
+        sparse = any(t.dtype.sparse or t.dtype.bitmask for t in tensors)  # a sparsity column, if any
+
+        def sparsity(t) -> str:
+            if t.dtype.sparse:
+                return "2:4 (50 %)"
+            if t.dtype.bitmask:  # the share of columns the masks leave out
+                return f"{100 * (1 - _bitmask_stored(bundle, t) / t.n_elements):.1f} %"
+            return "-"
+
         rows = [["name", "type", "shape", "size"] + (["sparsity"] if sparse else [])]
         rows += [
             [t.name, t.dtype.label, " x ".join(str(d) for d in t.shape), _human_bytes(t.nbytes)]
-            + (["2:4 (50 %)" if t.dtype.sparse else "-"] if sparse else [])
+            + ([sparsity(t)] if sparse else [])
             for t in tensors
         ]
         lines += _table(rows, right={3})

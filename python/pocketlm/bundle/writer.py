@@ -31,9 +31,9 @@ _WRITE_CHUNK = 16 << 20  # bytes written (and reported to `progress`) per step
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-    """One tensor to write. `load()` returns its stored bytes (exactly `nbytes` of them) as
-    bytes, bytearray, a numpy array or any other buffer; it is called once, when the tensor is
-    written."""
+    """One tensor to write. `load()` returns its stored bytes (exactly `nbytes` of them; for a type
+    whose bytes depend on its values, DType.variable, as many as it takes) as bytes, bytearray, a
+    numpy array or any other buffer; it is called once, when the tensor is written."""
 
     name: str
     dtype: DType
@@ -41,8 +41,10 @@ class TensorSpec:
     load: Callable[[], Any]
 
     @property
-    def nbytes(self) -> int:
-        return tensor_nbytes(DType(self.dtype), tuple(self.shape))
+    def nbytes(self) -> int | None:
+        """The stored bytes, or None for a variable type (known once loaded)."""
+        dtype = DType(self.dtype)
+        return None if dtype.variable else tensor_nbytes(dtype, tuple(self.shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +52,10 @@ class _Planned:
     name: bytes  # UTF-8
     dtype: DType
     shape: tuple[int, ...]
-    offset: int  # from data_offset
-    nbytes: int
+    offset: int  # from data_offset, as planned (a variable tensor moves the ones after it)
+    nbytes: int | None  # None: a variable type's, known once loaded
     spec: TensorSpec
+    estimate: int  # bytes for the progress total (a variable type's at most)
 
 
 def _plan_tensors(tensors: Sequence[TensorSpec]) -> tuple[list[_Planned], int]:
@@ -80,17 +83,22 @@ def _plan_tensors(tensors: Sequence[TensorSpec]) -> tuple[list[_Planned], int]:
         if not 1 <= len(shape) <= MAX_DIMS or any(d < 1 for d in shape):
             raise ValueError(f"tensor {spec.name!r}: shape {shape} must have 1..{MAX_DIMS} dims, each >= 1")
         try:
-            nbytes = tensor_nbytes(dtype, shape)
+            if dtype.variable:  # i8_bitmask at most: every value stored
+                if len(shape) != 2 or shape[1] % 64:
+                    raise ValueError(f"{dtype.label} needs a 2-D shape with a multiple of 64 columns, got {shape}")
+                nbytes, estimate = None, 8 * (shape[0] + 1) + shape[0] * shape[1] * 9 // 8 + 4 * shape[0]
+            else:
+                nbytes = estimate = tensor_nbytes(dtype, shape)
         except ValueError as e:
             raise ValueError(f"tensor {spec.name!r}: {e}") from None
         pos = align_up(pos, TENSOR_ALIGN)
-        planned.append(_Planned(name, dtype, shape, pos, nbytes, spec))
-        pos += nbytes
+        planned.append(_Planned(name, dtype, shape, pos, nbytes, spec, estimate))
+        pos += estimate
     return planned, pos
 
 
-def _as_byte_view(obj: Any, spec: TensorSpec, expected: int) -> memoryview:
-    """A flat uint8 view of what `load()` returned, checked to be `expected` bytes long."""
+def _as_byte_view(obj: Any, spec: TensorSpec, expected: int | None) -> memoryview:
+    """A flat uint8 view of what `load()` returned, checked to be `expected` bytes long (None: any)."""
     if isinstance(obj, np.ndarray):
         if obj.dtype.hasobject:
             raise TypeError(f"tensor {spec.name!r}: load() returned an object array, expected raw bytes")
@@ -104,7 +112,7 @@ def _as_byte_view(obj: Any, spec: TensorSpec, expected: int) -> memoryview:
     if not view.c_contiguous:
         view = memoryview(view.tobytes())
     view = view.cast("B")
-    if view.nbytes != expected:
+    if expected is not None and view.nbytes != expected:
         raise ValueError(
             f"tensor {spec.name!r}: load() returned {view.nbytes} bytes, expected {expected} "
             f"for {DType(spec.dtype).label} {tuple(spec.shape)}"
@@ -189,16 +197,22 @@ def _write_file(path: str, tmp: str, planned: Sequence[_Planned], meta: bytes, d
         if progress is not None:
             progress(0, data_bytes)
         for t in planned:
-            pad = bytes(t.offset - done)
+            offset = align_up(done, TENSOR_ALIGN)  # as planned, until a variable tensor came out shorter
+            pad = bytes(offset - done)
             if pad:
                 f.write(pad)
                 data_sha.update(pad)
                 done += len(pad)
             tensor_sha = hashlib.sha256()
             # The loaded bytes are referenced only inside _stream: freed before the next load.
-            done = _stream(f, _as_byte_view(t.spec.load(), t.spec, t.nbytes), (tensor_sha, data_sha),
-                           done, data_bytes, progress, pool)
-            entries.append(IndexEntry(t.name, int(t.dtype), list(t.shape), t.offset, t.nbytes, tensor_sha.digest()))
+            view = _as_byte_view(t.spec.load(), t.spec, t.nbytes)
+            nbytes = view.nbytes
+            done = _stream(f, view, (tensor_sha, data_sha), done, max(data_bytes, done + nbytes), progress, pool)
+            del view
+            entries.append(IndexEntry(t.name, int(t.dtype), list(t.shape), offset, nbytes, tensor_sha.digest()))
+        if progress is not None and done != data_bytes:  # a variable tensor took less than estimated
+            progress(done, done)
+        data_bytes = done
 
         index = pack_index(entries)
         assert len(index) == index_bytes

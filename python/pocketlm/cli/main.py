@@ -609,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sparse", choices=["auto", "off"], default="auto",
                    help="auto (default): block weights that are 2:4 (two non-zeros in every four, from "
                         "--prune 2:4 or pruned at the source) stored 2:4-sparse: int4 3.0 bits per weight, "
-                        "int8 4.75; off: dense")
+                        "int8 4.75; int8 weights at least half zeros otherwise (--prune 50%% or more, or at "
+                        "the source) stored with a bitmask and their non-zeros; off: dense")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 

@@ -84,47 +84,57 @@ def _encode(t: SourceTensor, dtype: DType, pruner=None) -> np.ndarray:
     return quant.interleave(raw, base, shape) if dtype.x16 else raw
 
 
-def _sparse_type(t: SourceTensor, recipe: Recipe) -> DType | None:
-    """The 2:4-sparse type a tensor may be stored as, or None: a block linear weight (rows a
-    multiple of 16, rows of a multiple of 64 columns) in int4 mode, symmetric groups of 32
-    (Q4_0_24_X16), or in int8 mode with one scale per row (I8_24_X16)."""
+def _sparse_types(t: SourceTensor, recipe: Recipe) -> tuple[DType | None, DType | None]:
+    """(the 2:4-sparse type, the unstructured-sparse type) a tensor may be stored as, each or None.
+    A block linear weight with rows of a multiple of 64 columns: 2:4 in int4 mode, symmetric groups
+    of 32 (Q4_0_24_X16), or in int8 mode with one scale per row (I8_24_X16), rows a multiple of 16;
+    unstructured (I8_BITMASK) in int8 mode with one scale per row."""
     from pocketlm.prune import prunable
 
-    if recipe.sparse != "auto" or not (prunable(t.name) and len(t.shape) == 2 and t.shape[0] % 16 == 0
-                                       and t.shape[1] % 64 == 0):
-        return None
+    if recipe.sparse != "auto" or not (prunable(t.name) and len(t.shape) == 2 and t.shape[1] % 64 == 0):
+        return None, None
+    rows16 = t.shape[0] % 16 == 0
     if recipe.mode == "int4" and recipe.symmetric and recipe.group_size == 32:
-        return DType.Q4_0_24_X16
+        return (DType.Q4_0_24_X16 if rows16 else None), None
     if recipe.mode == "int8" and recipe.group_size is None:
-        return DType.I8_24_X16
-    return None
+        return (DType.I8_24_X16 if rows16 else None), DType.I8_BITMASK
+    return None, None
 
 
 def plan(model: SourceModel, recipe: Recipe, prune_spec=None) -> tuple[list[tuple[SourceTensor, DType]], list[str], list[str]]:
     """[(tensor, type)] in canonical order, names that fell back to F16, names requantized in keep mode.
     With sparse="auto" (int4, or int8 with row scales), a block linear weight that is or will be 2:4
     (pruned here with a 2:4 pattern, or already so in a Hugging Face source: at most two non-zeros in
-    every four columns) is stored as Q4_0_24_X16 or I8_24_X16."""
-    from pocketlm.quant import is_2_of_4
+    every four columns) is stored as Q4_0_24_X16 or I8_24_X16; in int8 mode, one that is or will be
+    at least half zeros otherwise (pruned here by a share of 50 % or more, or so in a Hugging Face
+    source) as I8_BITMASK."""
+    from pocketlm.quant import BITMASK_MIN_ZEROS, is_2_of_4
 
     order = {name: i for i, name in enumerate(expected_shapes(model.config, model.architecture))}
     planned, fallback, requantized = [], [], []
     two_of_four = prune_spec is not None and (prune_spec.n, prune_spec.m) == (2, 4)
+    half_or_more = prune_spec is not None and prune_spec.m == 0 and prune_spec.sparsity >= BITMASK_MIN_ZEROS
     for t in sorted(model.tensors, key=lambda t: order[t.name]):
         keep = None
         if recipe.mode == "keep":
             keep = t.native if t.native is not None else model.keep_fallback[t.name]
-        sparse = _sparse_type(t, recipe)
-        if sparse is not None:
-            if two_of_four:
+        sparse, bitmask = _sparse_types(t, recipe)
+        if sparse is not None and two_of_four:
+            planned.append((t, sparse))
+            continue
+        if bitmask is not None and half_or_more:
+            planned.append((t, bitmask))
+            continue
+        if (sparse or bitmask) is not None and prune_spec is None and model.source_format == "hf":
+            # published pruned checkpoints are Hugging Face folders; reading a GGUF's every block
+            # weight once more to look would slow every conversion of one
+            w = t.load_f32().reshape(t.shape)  # pruned at the source?
+            if sparse is not None and is_2_of_4(w):
                 planned.append((t, sparse))
                 continue
-            if prune_spec is None and model.source_format == "hf":
-                # published 2:4 checkpoints are Hugging Face folders; reading a GGUF's every block
-                # weight once more to look would slow every int4 conversion of one
-                if is_2_of_4(t.load_f32().reshape(t.shape)):  # pruned at the source
-                    planned.append((t, sparse))
-                    continue
+            if bitmask is not None and np.count_nonzero(w) <= (1 - BITMASK_MIN_ZEROS) * w.size:
+                planned.append((t, bitmask))
+                continue
         dtype, fell_back = recipe.choose(t.name, t.shape, keep)
         if fell_back:
             fallback.append(t.name)
@@ -235,7 +245,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str | None = 
     explicit quant of f32, f16, int8 or symmetric int4 (types that store an exact zero).
     sparse: "auto" (default) stores block linear weights that are 2:4 (pruned so here, or in the
     source) as a 2:4-sparse type: Q4_0_24_X16 in int4 mode (3.0 bits per weight instead of 4.5),
-    I8_24_X16 in int8 mode with row scales (4.75 instead of 8); "off" keeps them dense.
+    I8_24_X16 in int8 mode with row scales (4.75 instead of 8); in int8 mode, those at least half
+    zeros otherwise (pruned 50 % or more here, or in the source) as I8_BITMASK (a bitmask per 64
+    columns and the non-zeros: 5 bits per weight at 50 %); "off" keeps them dense.
     """
     if quant not in QUANT_CHOICES:
         raise ValueError(f"quant must be one of f32, f16, int8, int4 or None, got {quant!r}")

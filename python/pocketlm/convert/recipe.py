@@ -10,7 +10,8 @@
   sparse="auto" (int4 g32 symmetric, or     block linear weights with at most two non-zeros in every
   int8 with row scales)                     four columns (pruned 2:4 at conversion or in the source):
                                             Q4_0_24_X16, 2:4-sparse 4-bit (3.0 bits per weight), or
-                                            I8_24_X16, 2:4-sparse int8 (4.75 bits per weight)
+                                            I8_24_X16, 2:4-sparse int8 (4.75 bits per weight); in
+                                            int8, half zeros or more otherwise: I8_BITMASK
   head="int4" (int4 or int8 mode)           token_embd and output 4-bit as well (Q4_0/Q4_1, the
                                             linears' group size; 32 in int8 mode): the head is
                                             ~40 % of a small model's bytes per decoded token

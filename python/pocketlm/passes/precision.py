@@ -31,7 +31,8 @@ SITES = ("attn_qkv", "attn_output", "ffn_up", "ffn_down", "output")
 MATMUL_OPS = ("matmul", "matmul_multi", "matmul_swiglu", "matmul_geglu")
 
 # Weight types of 6 bits or more: "auto" gives their matmuls two levels.
-WIDE_WEIGHTS = frozenset({DType.Q6_K, DType.Q8_0, DType.Q8_0_X16, DType.I8, DType.I8_X16, DType.I8_24_X16})
+WIDE_WEIGHTS = frozenset({DType.Q6_K, DType.Q8_0, DType.Q8_0_X16, DType.I8, DType.I8_X16, DType.I8_24_X16,
+                          DType.I8_BITMASK})
 
 _ROLE_OF = {"attn_q": "attn_qkv", "attn_k": "attn_qkv", "attn_v": "attn_qkv", "attn_qkv": "attn_qkv",
             "attn_output": "attn_output", "ffn_gate": "ffn_up", "ffn_up": "ffn_up", "ffn_down": "ffn_down",
