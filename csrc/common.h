@@ -205,7 +205,7 @@ inline constexpr DTypeTraits kDTypeTraits[kNumDTypes] = {
   {"q4_1_g128_x16", 128, 68, true},
   {"q4_0_24_x16", 64, 24, true},  // per row: 64 columns in 24 bytes
   {"i8_24_x16", 64, 38, true},    // per row: 64 columns in 38 bytes, + its f32 scale
-  {"i8_bitmask", 64, 0, true},    // variable: bitmask_bytes() checks a tensor's layout
+  {"i8_bitmask", 64, 0, true},    // variable: bitmask_check() checks a tensor's layout
 };
 inline const DTypeTraits& traits(DType t) { return kDTypeTraits[(int)t]; }
 inline bool dtype_valid(uint32_t t) { return t < (uint32_t)DType::COUNT; }
@@ -411,9 +411,9 @@ inline void sparse24_gather_row(DType t, const uint8_t* data, int64_t cols, int6
 // cols % 64 == 0, nb = cols / 64 blocks per row:
 //   [0, 8 (rows + 1))   u64 row_start[rows + 1] (little-endian): each row's byte offset in the row
 //                       area; row_start[0] = 0, non-decreasing, row_start[rows] = the area's bytes
+//   f32 scale[rows]     x = scale[row] * q; unstored columns are 0 (before the rows: 4-byte aligned)
 //   row area            each row: u64 mask[nb] (bit j of mask b: column 64b + j is stored), then its
 //                       stored values in column order as int8 (popcount of its masks, together)
-//   f32 scale[rows]     x = scale[row] * q; unstored columns are 0
 // A row range is read alone through its row pointers; rows follow each other, one stream.
 constexpr size_t kBitmaskPointer = 8;
 
@@ -424,7 +424,9 @@ inline int64_t bitmask_check(const uint8_t* data, uint64_t nbytes, int64_t rows,
     if (why) *why = std::move(m);
     return (int64_t)-1;
   };
-  if (rows < 1 || cols < 64 || cols % 64) return fail("needs cols a multiple of 64");
+  if (rows < 1 || cols < 64 || cols % 64) return fail("needs at least one row and cols a multiple of 64");
+  // a row takes at least 8 + 4 bytes (pointer, scale): bounds rows before any product is formed
+  if ((uint64_t)rows > nbytes / 12) return fail("too small for its row pointers and scales");
   const uint64_t nb = (uint64_t)cols / 64;
   const uint64_t table = kBitmaskPointer * ((uint64_t)rows + 1), scales = 4 * (uint64_t)rows;
   if (nbytes < table + scales) return fail("too small for its row pointers and scales");
@@ -438,7 +440,7 @@ inline int64_t bitmask_check(const uint8_t* data, uint64_t nbytes, int64_t rows,
     if (r > 0) {  // row r - 1: its masks, then exactly their popcount of values
       const uint64_t len = at - prev;
       if (len < 8 * nb) return fail("row " + std::to_string(r - 1) + " is shorter than its masks");
-      const uint8_t* row = data + table + prev;
+      const uint8_t* row = data + table + scales + prev;
       uint64_t stored = 0;
       for (uint64_t b = 0; b < nb; ++b) {
         uint64_t m;
@@ -457,10 +459,10 @@ inline int64_t bitmask_check(const uint8_t* data, uint64_t nbytes, int64_t rows,
 inline const uint8_t* bitmask_row(const uint8_t* data, int64_t rows, int64_t n) {
   uint64_t at;
   std::memcpy(&at, data + kBitmaskPointer * (uint64_t)n, 8);
-  return data + kBitmaskPointer * ((uint64_t)rows + 1) + at;
+  return data + (kBitmaskPointer + 4) * (uint64_t)rows + kBitmaskPointer + at;
 }
-inline const float* bitmask_scales(const uint8_t* data, uint64_t nbytes, int64_t rows) {
-  return reinterpret_cast<const float*>(data + nbytes - 4 * (uint64_t)rows);
+inline const float* bitmask_scales(const uint8_t* data, int64_t rows) {
+  return reinterpret_cast<const float*>(data + kBitmaskPointer * ((uint64_t)rows + 1));
 }
 // Row n as dense I8 codes (cols bytes, the unstored columns 0).
 inline void bitmask_gather_row(const uint8_t* data, int64_t rows, int64_t cols, int64_t n, uint8_t* out) {

@@ -75,7 +75,7 @@ void check_weight(const char* op, DType dt, const In1<uint8_t>& weight, int64_t 
 
   out.w = WeightView{dt, rows, cols, weight.data(), row_bytes(dt, cols), nullptr};
   if (has_row_scales(dt))
-    out.w.row_scales = is_variable(dt) ? bitmask_scales(weight.data(), weight.shape(0), rows)
+    out.w.row_scales = is_variable(dt) ? bitmask_scales(weight.data(), rows)
                                        : reinterpret_cast<const float*>(weight.data() + rows * row_bytes(dt, cols));
   if (has_row_scales(dt) && reinterpret_cast<uintptr_t>(out.w.row_scales) % alignof(float)) {
     out.scales_copy.reset(new float[rows]);

@@ -127,6 +127,25 @@ struct KernelTable {
   int (*bitmask)() = nullptr;
 };
 
+// Per-thread scratch bytes that grow. Each file gets its own copy (an unnamed namespace): the files
+// are compiled with different CPU flags, and a std::vector<uint8_t> member instantiated in an
+// AVX-512 file could be the one the linker keeps for every file, AVX2-only CPUs included.
+namespace {
+struct ScratchBytes {
+  uint8_t* p = nullptr;
+  size_t n = 0;
+  ~ScratchBytes() { delete[] p; }
+  uint8_t* get(size_t need) {
+    if (need > n) {
+      delete[] p;
+      p = new uint8_t[need];
+      n = need;
+    }
+    return p;
+  }
+};
+}  // namespace
+
 // weighted_sum from an axpy, for variants without a blocked one.
 template <void (*Axpy)(float, const float*, float*, int)>
 void weighted_sum_by_axpy(const float* w, size_t ldw, int G, const float* rows, size_t ldr, int n,
@@ -152,11 +171,11 @@ void matmul_x16_gather(const WeightView& w, const float* x, size_t ldx, const Ac
     else return kt.matmul[(int)base];
   }();
   const size_t rb = row_bytes(w.dtype, w.cols);
-  thread_local std::vector<uint8_t> row;
-  if (row.size() < rb) row.resize(rb);
+  thread_local ScratchBytes scratch;
+  uint8_t* const row = scratch.get(rb);
   for (int n = n0; n < n1; ++n) {
-    x16_gather_row(w.dtype, w.data, w.cols, n, row.data());
-    const WeightView one{base, 1, w.cols, row.data(), rb, w.row_scales ? w.row_scales + n : nullptr};
+    x16_gather_row(w.dtype, w.data, w.cols, n, row);
+    const WeightView one{base, 1, w.cols, row, rb, w.row_scales ? w.row_scales + n : nullptr};
     kernel(one, x, ldx, xq, T, y + n, ldy, 0, 1);
   }
 }
@@ -176,12 +195,12 @@ void matmul_sparse24_expand(const WeightView& w, const float* x, size_t ldx, con
     else return kt.matmul[(int)base];
   }();
   const size_t rb = row_bytes(base, w.cols);
-  thread_local std::vector<uint8_t> rows;
-  if (rows.size() < 16 * rb) rows.resize(16 * rb);
+  thread_local ScratchBytes scratch;
+  uint8_t* const rows = scratch.get(16 * rb);
   for (int n = n0; n < n1;) {
     const int m = std::min(n1 - n, 16 - n % 16);  // to the end of n's group of 16 rows
-    for (int r = 0; r < m; ++r) sparse24_gather_row(w.dtype, w.data, w.cols, n + r, rows.data() + (size_t)r * rb);
-    WeightView dense{base, m, w.cols, rows.data(), rb, w.row_scales ? w.row_scales + n : nullptr};
+    for (int r = 0; r < m; ++r) sparse24_gather_row(w.dtype, w.data, w.cols, n + r, rows + (size_t)r * rb);
+    WeightView dense{base, m, w.cols, rows, rb, w.row_scales ? w.row_scales + n : nullptr};
     dense.row_invariant = w.row_invariant;
     kernel(dense, x, ldx, xq, T, y + n, ldy, 0, m);
     n += m;
@@ -199,12 +218,12 @@ void matmul_bitmask_expand(const WeightView& w, const float* x, size_t ldx, cons
     else return kt.matmul[(int)DType::I8];
   }();
   const size_t rb = (size_t)w.cols;
-  thread_local std::vector<uint8_t> rows;
-  if (rows.size() < 16 * rb) rows.resize(16 * rb);
+  thread_local ScratchBytes scratch;
+  uint8_t* const rows = scratch.get(16 * rb);
   for (int n = n0; n < n1;) {
     const int m = std::min(n1 - n, 16);
-    for (int r = 0; r < m; ++r) bitmask_gather_row(w.data, w.rows, w.cols, n + r, rows.data() + (size_t)r * rb);
-    WeightView dense{DType::I8, m, w.cols, rows.data(), rb, w.row_scales + n};
+    for (int r = 0; r < m; ++r) bitmask_gather_row(w.data, w.rows, w.cols, n + r, rows + (size_t)r * rb);
+    WeightView dense{DType::I8, m, w.cols, rows, rb, w.row_scales + n};
     dense.row_invariant = w.row_invariant;
     kernel(dense, x, ldx, xq, T, y + n, ldy, 0, m);
     n += m;

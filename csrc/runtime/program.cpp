@@ -100,7 +100,7 @@ void Program::Impl::resolve_tensor(size_t id) {
                std::to_string(nbytes));
       }
       const float* row_scales = nullptr;
-      if (dtype == DType::I8_BITMASK) row_scales = bitmask_scales(data, nbytes, t.rows);
+      if (dtype == DType::I8_BITMASK) row_scales = bitmask_scales(data, t.rows);
       if (dtype == DType::I8_BITMASK && !backend->sparse_in_place(dtype)) {
         // No bitmask kernel here, or one slower than dense: dense I8 (I8_X16 when rows % 16 == 0) once.
         const DType to = t.rows % kX16Rows == 0 ? DType::I8_X16 : DType::I8;

@@ -56,7 +56,7 @@ struct Program::Impl {
   BackendOptions options;
   std::unique_ptr<Backend> backend;
   std::vector<TensorDesc> descs;     // owns CONST and inline WEIGHT bytes
-  // 2:4-sparse weights expanded into dense Q4_0_X16 / I8_X16 at load (Backend::sparse_in_place; 64-byte aligned)
+  // Sparse weights expanded into dense Q4_0_X16 / I8_X16 / I8 at load (Backend::sparse_in_place; 64-byte aligned)
   std::vector<std::unique_ptr<uint8_t, void (*)(void*)>> expanded;
   std::vector<Tensor> tensors;
   std::vector<OpDesc> ops;           // validated; every op holds all its params (defaults filled)

@@ -32,7 +32,7 @@ from pocketlm.speculative import DEFAULT_DRAFT_MAX
 from pocketlm.tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 256
-SPARSE_LAYOUTS = ("auto", "in-place", "dense")  # Engine(sparse_layout=...): 2:4-sparse weights kept or expanded
+SPARSE_LAYOUTS = ("auto", "in-place", "dense")  # Engine(sparse_layout=...): sparse weights kept or expanded
 DEFAULT_MAX_BATCH = 16   # sequences per step (Engine(max_batch=...)); the executor takes up to 256
 MAX_BATCH = 256
 DEFAULT_MAX_QUEUE = 256  # requests waiting for a place in the batch
@@ -294,11 +294,11 @@ class Engine:
         starting on an empty session reuses the KV of the longest prompt prefix another generation
         computed, and prefills only the rest; 0 turns it off.
 
-        sparse_layout: 2:4-sparse weights (docs/quant.md) "auto" (default: read in place where this
-        CPU's sparse kernel is faster than the dense one, AVX-512 VBMI; expanded into dense weights at
-        load elsewhere, dense speed at 1.5x / 1.7x their memory), "in-place" (read in place wherever a
-        kernel does: the bundle's bytes only, mmapped, slower than dense on AVX2 and, likely, NEON)
-        or "dense" (always expanded).
+        sparse_layout: sparse weights (2:4 and bitmask, docs/quant.md) "auto" (default: read in place
+        where this CPU's sparse kernel is faster than the dense one, 2:4 on AVX-512 VBMI; expanded into
+        dense weights at load elsewhere, dense speed at dense memory), "in-place" (read in place
+        wherever a kernel does: the bundle's bytes only, mmapped, slower than dense on AVX2, NEON and
+        for bitmask weights) or "dense" (always expanded).
         """
         t0 = time.perf_counter()
         self.path = resolve_model_path(path)
@@ -415,7 +415,7 @@ class Engine:
 
     @property
     def sparse_expanded(self) -> int:
-        """2:4-sparse weight tensors this engine expanded into dense ones at load (sparse_layout)."""
+        """Sparse weight tensors (2:4 and bitmask) this engine expanded into dense ones at load (sparse_layout)."""
         return self.compiled.program.sparse_expanded
 
     @property

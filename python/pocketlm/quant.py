@@ -294,7 +294,7 @@ BITMASK_MIN_ZEROS = 0.5  # the share of zeros from which a tensor is stored as I
 
 
 def bitmask_nbytes(x: np.ndarray) -> int:
-    """Bytes of the 2-D x as I8_BITMASK: row pointers, per row its masks and non-zero values, row scales."""
+    """Bytes of the 2-D x as I8_BITMASK: row pointers, row scales, per row its masks and non-zero values."""
     rows, cols = x.shape
     if cols % 64:
         raise ValueError(f"i8_bitmask needs the last dimension to be a multiple of 64, got {cols}")
@@ -315,14 +315,14 @@ def _quantize_bitmask(x: np.ndarray) -> np.ndarray:
     starts = np.zeros(rows + 1, np.int64)
     np.cumsum(lengths, out=starts[1:])
     out[:8 * (rows + 1)] = starts.astype("<u8").view(np.uint8)
+    out[8 * (rows + 1):12 * rows + 8] = scales.view(np.uint8)
     masks = np.packbits(stored.reshape(rows, nb, 64), axis=-1, bitorder="little").reshape(rows, nb * 8)
-    area = out[8 * (rows + 1):nbytes - 4 * rows]
+    area = out[12 * rows + 8:]
     # each row: its masks at its start, then its stored values in column order
     mask_at = starts[:-1, None] + np.arange(8 * nb)[None, :]
     area[mask_at.reshape(-1)] = masks.reshape(-1)
     value_at = (starts[:-1] + 8 * nb)[:, None] + np.cumsum(stored, axis=1) - 1
     area[value_at[stored]] = q[stored].view(np.uint8)
-    out[nbytes - 4 * rows:] = scales.view(np.uint8)
     return out
 
 
@@ -332,13 +332,13 @@ def check_bitmask(buf: np.ndarray, rows: int, cols: int) -> None:
     if cols % 64 or buf.size < 8 * (rows + 1) + 4 * rows:
         raise ValueError(f"i8_bitmask [{rows}, {cols}]: too small ({buf.size} bytes) or cols not a multiple of 64")
     raw_starts = buf[:8 * (rows + 1)].copy().view("<u8")
-    area = buf.size - 8 * (rows + 1) - 4 * rows
+    area = buf.size - 12 * rows - 8
     if raw_starts[0] != 0 or raw_starts[-1] != area or np.any(raw_starts > area):
         raise ValueError(f"i8_bitmask [{rows}, {cols}]: row pointers out of order or out of range")
     starts = raw_starts.astype(np.int64)
     if np.any(np.diff(starts) < 8 * nb):
         raise ValueError(f"i8_bitmask [{rows}, {cols}]: row pointers out of order or out of range")
-    body = buf[8 * (rows + 1):8 * (rows + 1) + area]
+    body = buf[12 * rows + 8:]
     masks = body[(starts[:-1, None] + np.arange(8 * nb)[None, :]).reshape(-1)]
     stored = np.unpackbits(masks.reshape(rows, 8 * nb), axis=-1).sum(axis=1)
     if np.any(np.diff(starts) != 8 * nb + stored):
@@ -348,8 +348,8 @@ def check_bitmask(buf: np.ndarray, rows: int, cols: int) -> None:
 def _dequantize_bitmask(buf: np.ndarray, rows: int, cols: int) -> np.ndarray:
     nb = cols // 64
     starts = buf[:8 * (rows + 1)].copy().view("<u8").astype(np.int64)  # checked: < 2^63
-    area = buf[8 * (rows + 1):buf.size - 4 * rows]
-    scales = buf[buf.size - 4 * rows:].copy().view("<f4")
+    scales = buf[8 * (rows + 1):12 * rows + 8].copy().view("<f4")
+    area = buf[12 * rows + 8:]
     masks = area[(starts[:-1, None] + np.arange(8 * nb)[None, :]).reshape(-1)].reshape(rows, nb, 8)
     stored = np.unpackbits(masks, axis=-1, bitorder="little").reshape(rows, cols).astype(bool)
     value_at = (starts[:-1] + 8 * nb)[:, None] + np.cumsum(stored, axis=1) - 1
@@ -568,9 +568,11 @@ def first_nonfinite(raw, dtype: DType, shape) -> int | None:
         hits = np.flatnonzero(((d[:, :, 1] & 0x7C) == 0x7C).any(axis=1))
         return int(hits[0]) if hits.size else None
     if dtype in (DType.F32, DType.F16, DType.BF16, DType.I8, DType.I8_24_X16, DType.I8_BITMASK):
-        if dtype in (DType.I8, DType.I8_24_X16, DType.I8_BITMASK):  # the row scales after the codes
-            rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+        rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+        if dtype in (DType.I8, DType.I8_24_X16):  # the row scales after the codes
             words, exp_mask = buf[buf.size - 4 * rows:].view("<u4"), 0x7F800000
+        elif dtype == DType.I8_BITMASK:  # the row scales after the row pointers
+            words, exp_mask = buf[8 * (rows + 1):12 * rows + 8].view("<u4"), 0x7F800000
         else:
             words = buf.view("<u4" if dtype == DType.F32 else "<u2")
             exp_mask = {DType.F32: 0x7F800000, DType.F16: 0x7C00, DType.BF16: 0x7F80}[dtype]

@@ -201,6 +201,10 @@ def test_pruned_bundle_matches_transformers_with_the_same_zeros(tmp_path, prune,
                            sparse_layout=layout)
                 got = e.create_session().prefill(ids)
                 assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), (variant, layout)
+                s = e.create_session()  # and one-token steps (decode kernels, in place or not)
+                s.prefill(ids[:-1])
+                got = s.decode(ids[-1])
+                assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), (variant, layout, "decode")
                 # 0 none, 1 in place but slower, 2 faster than dense
                 kernel = (_core.kernels.bitmask if sparse_type == DType.I8_BITMASK else _core.kernels.sparse24)(variant)
                 in_place = {"auto": kernel == 2, "in-place": kernel > 0, "dense": False}[layout]

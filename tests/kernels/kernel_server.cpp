@@ -178,7 +178,7 @@ void matmul(const std::vector<Arg>& args, Reply& r) {
   WeightView w{dt, rows, cols, weight.as<uint8_t>(), row_bytes(dt, cols), nullptr};
   if (has_row_scales(dt)) {
     scales.resize(rows);
-    const uint8_t* at = is_variable(dt) ? reinterpret_cast<const uint8_t*>(bitmask_scales(weight.as<uint8_t>(), weight.dim(0), rows))
+    const uint8_t* at = is_variable(dt) ? reinterpret_cast<const uint8_t*>(bitmask_scales(weight.as<uint8_t>(), rows))
                                         : weight.as<uint8_t>() + rows * row_bytes(dt, cols);
     std::memcpy(scales.data(), at, rows * sizeof(float));
     w.row_scales = scales.data();

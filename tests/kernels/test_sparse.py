@@ -241,7 +241,8 @@ def _read_bitmask(raw: np.ndarray, rows: int, cols: int):
     """The doc's layout read field by field: (row pointers, masks [rows, nb], values per row, scales)."""
     nb = cols // 64
     starts = [int.from_bytes(bytes(raw[8 * r:8 * r + 8]), "little") for r in range(rows + 1)]
-    area = 8 * (rows + 1)
+    scales = raw[8 * (rows + 1):8 * (rows + 1) + 4 * rows].copy().view("<f4")
+    area = 8 * (rows + 1) + 4 * rows
     masks = np.zeros((rows, nb), np.uint64)
     values = []
     for r in range(rows):
@@ -249,7 +250,6 @@ def _read_bitmask(raw: np.ndarray, rows: int, cols: int):
         for b in range(nb):
             masks[r, b] = int.from_bytes(bytes(row[8 * b:8 * b + 8]), "little")
         values.append(row[8 * nb:].view(np.int8).astype(np.int64))
-    scales = raw[raw.size - 4 * rows:].copy().view("<f4")
     return starts, masks, values, scales
 
 
@@ -292,6 +292,7 @@ def test_bitmask_matches_the_dense_i8_kernel_on_the_same_weights(variant):
 def _bad_bitmasks(raw: np.ndarray, rows: int):
     """(what is wrong, bytes): row pointers out of range or order, a row whose values do not match its masks."""
     area = raw.size - 8 * (rows + 1) - 4 * rows
+    starts = [int.from_bytes(bytes(raw[8 * r:8 * r + 8]), "little") for r in range(rows + 1)]
     def with_pointer(r, v):
         bad = raw.copy()
         bad[8 * r:8 * r + 8] = np.frombuffer(int(v).to_bytes(8, "little"), np.uint8)
@@ -299,11 +300,12 @@ def _bad_bitmasks(raw: np.ndarray, rows: int):
     first = int.from_bytes(bytes(raw[8:16]), "little")
     yield "pointer past the end", with_pointer(2, area + 1)
     yield "huge pointer", with_pointer(1, 2 ** 63 + 5)
-    yield "pointers out of order", with_pointer(1, first + 3)
+    yield "a row one byte longer than its masks say", with_pointer(1, first + 1)
+    yield "pointers out of order", with_pointer(2, starts[1] - 1)
     yield "first pointer not 0", with_pointer(0, 1)
     yield "last pointer short", with_pointer(rows, area - 1)
     bad = raw.copy()
-    bad[8 * (rows + 1)] ^= 0x01  # row 0's first mask gains or loses a bit: its values no longer match
+    bad[8 * (rows + 1) + 4 * rows] ^= 0x01  # row 0's first mask gains or loses a bit: its values no longer match
     yield "mask and values disagree", bad
     yield "truncated", raw[:-1].copy()
 
@@ -327,3 +329,10 @@ def test_bitmask_hostile_tensors_are_refused(tmp_path):
             kernels.matmul("ref", int(BM), bad, 6, 128, x)
         with pytest.raises(ValueError):
             dequantize(bad, BM, (6, 128))
+    if not REMOTE:  # rows so many that 8 (rows + 1) + 4 rows wraps round 2^64: refused, not followed
+        rows = (2 ** 64 - 4) // 12
+        tiny = np.zeros(64, np.uint8)
+        tiny[8:16] = np.frombuffer((9).to_bytes(8, "little"), np.uint8)
+        write_bundle(tmp_path / "huge.plm", {}, [TensorSpec("w", BM, (rows, 64), lambda: tiny)])
+        with pytest.raises(BundleError, match="bad i8_bitmask tensor|too small|overflow"):
+            read_bundle(tmp_path / "huge.plm")

@@ -1134,12 +1134,12 @@ void matmul_bitmask(const WeightView& w, const float* x, size_t ldx, const Act* 
     if constexpr (std::is_same_v<Act, BlockQ8A2>) return kt.matmul2[(int)DType::I8];
     else return kt.matmul[(int)DType::I8];
   }();
-  thread_local std::vector<uint8_t> rows;
-  if (rows.size() < 16 * (size_t)w.cols) rows.resize(16 * (size_t)w.cols);
+  thread_local ScratchBytes scratch;
+  uint8_t* const rows = scratch.get(16 * (size_t)w.cols);
   for (int n = n0; n < n1; n += 16) {
     const int m = std::min(n1 - n, 16);
-    avx512::bitmask_rows_vbmi2(w, n, m, rows.data());
-    const WeightView dense{DType::I8, m, w.cols, rows.data(), (size_t)w.cols, w.row_scales + n};
+    avx512::bitmask_rows_vbmi2(w, n, m, rows);
+    const WeightView dense{DType::I8, m, w.cols, rows, (size_t)w.cols, w.row_scales + n};
     kernel(dense, x, ldx, xq, T, y + n, ldy, 0, m);
   }
 }

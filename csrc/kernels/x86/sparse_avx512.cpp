@@ -363,9 +363,18 @@ bool has_vbmi() {
   return yes;
 }
 
+bool has_vbmi2() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vbmi2") != 0;
+  }();
+  return yes;
+}
+
 }  // namespace
 
-int sparse24_kernel() { return has_vbmi() ? kSparse24Faster : kSparse24None; }
+// This file is compiled with VBMI2 as well (the bitmask kernel): both must be there to enter it.
+int sparse24_kernel() { return has_vbmi() && has_vbmi2() ? kSparse24Faster : kSparse24None; }
 
 // Called only where sparse24_kernel() is kSparse24Faster (kernels_avx512.cpp dispatches): this file is compiled
 // with VBMI and must not run elsewhere, nor define code other files could link instead of theirs.
@@ -436,13 +445,6 @@ void matmul_sparse24_vbmi(const WeightView& w, const Act* xq, int T, float* y, s
   }
 }
 
-bool has_vbmi2() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512vbmi2") != 0;
-  }();
-  return yes;
-}
 
 // In place but slower than the dense kernel on the expanded weights: ~12 cycles per row and block
 // of 64 columns, where the dense kernel streams them at the bus's rate (Qwen shape int8 pruned 50 %,

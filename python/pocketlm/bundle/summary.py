@@ -19,7 +19,7 @@ def _bitmask_stored(bundle, t) -> int:
     raw = np.asarray(bundle.tensor(t.name)).reshape(-1).view(np.uint8)
     rows, nb = t.shape[0], t.shape[1] // 64
     starts = raw[:8 * (rows + 1)].copy().view("<u8").astype(np.int64)[:-1]
-    masks = raw[8 * (rows + 1):][(starts[:, None] + np.arange(8 * nb)[None, :]).reshape(-1)]
+    masks = raw[12 * rows + 8:][(starts[:, None] + np.arange(8 * nb)[None, :]).reshape(-1)]
     return int(np.unpackbits(masks).sum())
 
 
