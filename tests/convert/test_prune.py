@@ -356,3 +356,18 @@ def test_a_checkpoint_half_zeros_at_the_source_is_stored_bitmask(tmp_path):
     row = next(line for line in r.stdout.splitlines() if line.strip().startswith("blk.0.attn_q.weight"))
     zeros = 100 * (1 - np.count_nonzero(source["blk.0.attn_q.weight"]) / source["blk.0.attn_q.weight"].size)
     assert "i8_bitmask" in row and f"{zeros:.1f} %" in row, row
+
+
+def test_other_patterns_of_half_zeros_are_stored_bitmask_in_int8(tmp_path):
+    """--prune 1:4 (75 % zeros) in int8: no 2:4 type holds it, the bitmask type does; int4 stays dense."""
+    make_hf_model(tmp_path / "hf", "llama", seed=5, **TINY)
+    b = read_bundle(convert(tmp_path / "hf", tmp_path / "q.plm", quant="int8", prune="1:4", prune_method="magnitude",
+                            progress=False))
+    stored = {t.name for t in b.tensors if t.dtype == DType.I8_BITMASK}
+    assert stored == {t.name for t in b.tensors if pruning.prunable(t.name) and t.shape[1] % 64 == 0} and len(stored) == 12
+    for name in stored:  # one kept of every four
+        w = quant.dequantize(np.asarray(b.tensor(name)), DType.I8_BITMASK, b.info(name).shape)
+        assert np.all(np.count_nonzero(w.reshape(w.shape[0], -1, 4), axis=-1) <= 1)
+    b4 = read_bundle(convert(tmp_path / "hf", tmp_path / "q4.plm", quant="int4", prune="1:4", prune_method="magnitude",
+                             progress=False))
+    assert not any(t.dtype.sparse or t.dtype.bitmask for t in b4.tensors)

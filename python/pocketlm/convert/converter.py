@@ -106,14 +106,15 @@ def plan(model: SourceModel, recipe: Recipe, prune_spec=None) -> tuple[list[tupl
     With sparse="auto" (int4, or int8 with row scales), a block linear weight that is or will be 2:4
     (pruned here with a 2:4 pattern, or already so in a Hugging Face source: at most two non-zeros in
     every four columns) is stored as Q4_0_24_X16 or I8_24_X16; in int8 mode, one that is or will be
-    at least half zeros otherwise (pruned here by a share of 50 % or more, or so in a Hugging Face
+    at least half zeros otherwise (pruned here to 50 % or more in any pattern, or so in a Hugging Face
     source) as I8_BITMASK."""
     from pocketlm.quant import BITMASK_MIN_ZEROS, is_2_of_4
 
     order = {name: i for i, name in enumerate(expected_shapes(model.config, model.architecture))}
     planned, fallback, requantized = [], [], []
     two_of_four = prune_spec is not None and (prune_spec.n, prune_spec.m) == (2, 4)
-    half_or_more = prune_spec is not None and prune_spec.m == 0 and prune_spec.sparsity >= BITMASK_MIN_ZEROS
+    # any pattern that zeroes half or more (50 %+, 1:4, 4:8, 2:4 where the 2:4 type cannot take the shape)
+    half_or_more = prune_spec is not None and prune_spec.sparsity >= BITMASK_MIN_ZEROS
     for t in sorted(model.tensors, key=lambda t: order[t.name]):
         keep = None
         if recipe.mode == "keep":
