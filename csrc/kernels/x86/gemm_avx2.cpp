@@ -372,13 +372,13 @@ void gemm_impl(const WeightView& w, const Block* xq, int T, float* y, size_t ldy
   thread_local std::vector<WB> scratch;
   if (scratch.size() < (size_t)nruns) scratch.resize((size_t)nruns);
   WB* wb = scratch.data();
-  thread_local std::vector<int32_t> bias_scratch;
+  thread_local ScratchBytes bias_scratch;  // not a std::vector<int32_t>: kernels.h ScratchBytes
   const int32_t* bias = nullptr;
   if constexpr (P::kHalves) {
     const size_t n = (size_t)T * nruns * (kTwo ? 4 : 2);
-    if (bias_scratch.size() < n) bias_scratch.resize(n);
-    half_bias(xq, T, nruns, bias_scratch.data());
-    bias = bias_scratch.data();
+    int32_t* const out = reinterpret_cast<int32_t*>(bias_scratch.get(n * sizeof(int32_t)));
+    half_bias(xq, T, nruns, out);
+    bias = out;
   }
   for (int g = n0; g < n1; g += kRows) {
     const int valid = std::min(kRows, n1 - g);

@@ -399,11 +399,10 @@ void matmul_impl(const WeightView& w, const Block* xq, int T_, float* y, size_t 
   const size_t group_bytes = (size_t)(nruns / F::kRuns) * F::kRecord;
   const int16_t* a16 = nullptr;
   if constexpr (kWords<T, Block>) {
-    thread_local std::vector<int16_t> words;  // grows once to the largest T * K, as the scratch below
-    const size_t n = (size_t)T_ * nruns * 32;
-    if (words.size() < n) words.resize(n);
-    act_words(xq, (size_t)T_ * nruns, words.data());
-    a16 = words.data();
+    thread_local ScratchBytes words;  // grows once to the largest T * K, as the scratch below (kernels.h)
+    int16_t* const out = reinterpret_cast<int16_t*>(words.get((size_t)T_ * nruns * 32 * sizeof(int16_t)));
+    act_words(xq, (size_t)T_ * nruns, out);
+    a16 = out;
   }
   Packed* packed = nullptr;
   if constexpr (Tiles<T, Block>::kPack) {
