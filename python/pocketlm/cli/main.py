@@ -1,4 +1,5 @@
-"""`pocketlm` command line: convert | run | chat | serve | inspect | bench | tokenize | perplexity | list | rm."""
+"""`pocketlm` command line: convert | run | chat | serve | inspect | sign | verify | bench | tokenize | perplexity |
+list | rm."""
 
 from __future__ import annotations
 
@@ -405,6 +406,22 @@ def cmd_rm(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sign(a: argparse.Namespace) -> int:
+    from pocketlm.signing import sign
+
+    out = sign(a.model, a.key, a.signature)
+    print(f"signed {a.model}: {out}")
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from pocketlm.signing import verify
+
+    v = verify(a.model, a.key, a.signature)  # SignatureError (exit 1) unless valid over these bytes
+    print(f"verified {v.model}: sha256 {v.sha256}, key {v.key_hint[:16]}")
+    return 0
+
+
 def cmd_inspect(a: argparse.Namespace) -> int:
     from pocketlm.bundle import describe, read_bundle
     from pocketlm.engine import resolve_model_path
@@ -665,6 +682,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat_template(sv)
     _add_speculative(sv)
     sv.set_defaults(func=cmd_serve)
+
+    sg = sub.add_parser("sign", help="sign a model file: a detached OpenSSF Model Signing signature (MODEL.sig)")
+    sg.add_argument("model", help="the file to sign (a .plm bundle, or any file)")
+    sg.add_argument("--key", required=True, metavar="PRIVATE.pem", help="a PEM elliptic-curve private key (P-256/384/521)")
+    sg.add_argument("--signature", default=None, metavar="PATH", help="where to write it (default MODEL.sig)")
+    sg.set_defaults(func=cmd_sign)
+
+    vf = sub.add_parser("verify", help="check a model file's signature; exit 0 only if a trusted key signed "
+                                       "exactly these bytes")
+    vf.add_argument("model")
+    vf.add_argument("--key", required=True, action="append", metavar="PUBLIC.pem",
+                    help="a trusted PEM public key, or a folder of them (.pem, .pub); may be repeated")
+    vf.add_argument("--signature", default=None, metavar="PATH", help="the signature (default MODEL.sig)")
+    vf.set_defaults(func=cmd_verify)
 
     i = sub.add_parser("inspect", help="show a bundle's metadata, tensors, graph and memory plan")
     i.add_argument("model")
