@@ -174,9 +174,49 @@ def test_cli_sign_and_verify(tmp_path, model):
     (keys / "other.pem").unlink()
     assert cli("verify", model, "--key", other, "--key", pub).returncode == 0  # any of the given keys
     assert cli("verify", model, "--key", keys).returncode == 1                 # not by a key in the folder
+    r = cli("run", model, "--trusted-keys", keys, "-p", "x")  # the policy refuses before reading the file
+    assert r.returncode == 1 and "not by a trusted key" in r.stderr and "Traceback" not in r.stderr
     model.write_bytes(model.read_bytes()[:-1])
     r = cli("verify", model, "--key", pub)
     assert r.returncode == 1 and "not the signed ones" in r.stderr
     default_signature_path(model).write_bytes(b"[" * 100_000)
     r = cli("verify", model, "--key", pub)  # one line, no traceback
     assert r.returncode == 1 and r.stderr.startswith("pocketlm: error:") and "Traceback" not in r.stderr
+
+
+def test_load_time_policy(tmp_path, monkeypatch):
+    """Engine(trusted_keys=...) and $POCKETLM_TRUSTED_KEYS: a signed bundle loads; an unsigned, a
+    tampered or another key's one is refused before anything is read; a file verified once is not
+    hashed again until it changes."""
+    from pocketlm import signing
+    from pocketlm.engine import Engine
+    from testutil import make_f32_bundle
+
+    monkeypatch.setenv("POCKETLM_CACHE", str(tmp_path / "cache"))
+    model = make_f32_bundle(tmp_path, "llama", seed=3)
+    priv, pub = _keys(tmp_path, "k", ec.SECP256R1())
+    with pytest.raises(SignatureError, match="unsigned"):
+        Engine(model, threads=1, max_context=32, trusted_keys=pub)
+    sign(model, priv)
+    hashed = []
+    real = signing.file_sha256
+    monkeypatch.setattr(signing, "file_sha256", lambda p: hashed.append(p) or real(p))
+    e = Engine(model, threads=1, max_context=32, trusted_keys=pub)
+    assert e.signature.sha256 == real(model) and len(hashed) == 1
+    Engine(model, threads=1, max_context=32, trusted_keys=pub)  # remembered: not hashed again
+    assert len(hashed) == 1
+    monkeypatch.setenv("POCKETLM_TRUSTED_KEYS", str(pub))  # the environment's policy
+    assert Engine(model, threads=1, max_context=32).signature is not None
+    _, other = _keys(tmp_path, "o", ec.SECP256R1())
+    with pytest.raises(SignatureError, match="not by a trusted key"):
+        Engine(model, threads=1, max_context=32, trusted_keys=other)
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 1  # a tampered byte: the identity changes, it is hashed again and refused
+    model.write_bytes(bytes(data))
+    with pytest.raises(SignatureError, match="not the signed ones"):
+        Engine(model, threads=1, max_context=32)
+    monkeypatch.delenv("POCKETLM_TRUSTED_KEYS")
+    from pocketlm.errors import PocketLMError
+
+    with pytest.raises(PocketLMError):  # no policy: the damaged bundle meets the loader's own checks
+        Engine(model, threads=1, max_context=32, verify=True)

@@ -262,7 +262,8 @@ class Engine:
                  max_queue: int = DEFAULT_MAX_QUEUE, kv_budget: int | None = None,
                  draft: str | os.PathLike | Engine | None = None, draft_max: int | None = None,
                  lookup: bool = False, prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB,
-                 chat_template: str | None = None, sparse_layout: str = "auto"):
+                 chat_template: str | None = None, sparse_layout: str = "auto",
+                 trusted_keys: str | os.PathLike | list | None = None):
         """Loads a .plm (or a .gguf, converted once into the cache, or a known model name).
 
         threads: worker threads, 1..64 (default: physical cores). max_context: tokens per session
@@ -294,6 +295,11 @@ class Engine:
         starting on an empty session reuses the KV of the longest prompt prefix another generation
         computed, and prefills only the rest; 0 turns it off.
 
+        trusted_keys: a PEM public key, a folder of them, or a list (default: $POCKETLM_TRUSTED_KEYS):
+        then the model file must carry a valid signature by one of them (MODEL.sig, `pocketlm sign`,
+        docs/security.md), or the engine refuses it with SignatureError before reading any of it.
+        A file verified once and unchanged since is not hashed again (pocketlm.signing.check_trusted).
+
         sparse_layout: sparse weights (2:4 and bitmask, docs/quant.md) "auto" (default: read in place
         where this CPU's sparse kernel is faster than the dense one, 2:4 on AVX-512 VBMI; expanded into
         dense weights at load elsewhere, dense speed at dense memory), "in-place" (read in place
@@ -301,6 +307,15 @@ class Engine:
         for bitmask weights) or "dense" (always expanded).
         """
         t0 = time.perf_counter()
+        from pocketlm.signing import trusted_keys_from_env
+
+        keys = trusted_keys_from_env(trusted_keys)
+        self.signature = None  # what the trusted-keys policy verified, if any
+        if keys is not None:
+            from pocketlm.hub import resolve_alias
+            from pocketlm.signing import check_trusted
+
+            self.signature = check_trusted(resolve_alias(str(path)), keys)  # the file given, before any conversion
         self.path = resolve_model_path(path)
         self.bundle = read_bundle(self.path)
         if verify:
@@ -398,7 +413,8 @@ class Engine:
 
             draft_engine = draft if isinstance(draft, Engine) else Engine(
                 draft, threads=self.threads, max_context=self.max_context, kernels=kernels,
-                activations=activations, kv_type=kv_type, max_batch=self.max_batch, sparse_layout=sparse_layout)
+                activations=activations, kv_type=kv_type, max_batch=self.max_batch, sparse_layout=sparse_layout,
+                trusted_keys=keys)
             self.speculator = DraftModel(self, draft_engine)
         if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, int) or prefix_cache_mb < 0:
             raise ValueError(f"prefix_cache_mb must be an integer >= 0, got {prefix_cache_mb!r}")

@@ -288,3 +288,70 @@ def _is_hex(s: str, n: int) -> bool:
 def shown_type(bundle) -> str:
     v = bundle.get("mediaType") if isinstance(bundle, dict) else None
     return repr(v)[:80]
+
+
+# ---- load-time policy: Engine(trusted_keys=...), --trusted-keys, $POCKETLM_TRUSTED_KEYS ----
+TRUSTED_KEYS_ENV = "POCKETLM_TRUSTED_KEYS"
+_HEAD_BYTES = 4096  # a .plm's header (its metadata, index and data SHA-256s) and a GGUF's start
+
+
+def verified_cache_path() -> Path:
+    """Where verifications are remembered: $POCKETLM_CACHE/verified.json (default ~/.cache/pocketlm)."""
+    return Path(os.environ.get("POCKETLM_CACHE", Path.home() / ".cache" / "pocketlm")).expanduser() / "verified.json"
+
+
+def _identity(model: Path, sig: Path) -> list:
+    """What must not change for a remembered verification to stand: the file's device, inode, size
+    and modification time, the SHA-256 of its first 4 KiB (a bundle's header with its own hashes),
+    and the signature file's bytes."""
+    st = model.stat()
+    with open(model, "rb") as f:
+        head = hashlib.sha256(f.read(_HEAD_BYTES)).hexdigest()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, head, hashlib.sha256(sig.read_bytes()).hexdigest()]
+
+
+def check_trusted(model: str | os.PathLike, trusted_keys, signature: str | os.PathLike | None = None) -> Verified:
+    """The load-time policy: raises SignatureError unless `model` carries a valid signature by one of
+    `trusted_keys` (a key file, a folder of them, or a list). A file verified before, unchanged since
+    (same identity, _identity) and signed by a key still trusted, is not hashed again: its
+    verification is remembered in verified_cache_path()."""
+    from pocketlm.bundle.atomic import Sink, replacing
+
+    model = Path(model)
+    keys = load_public_keys(trusted_keys)
+    if not model.is_file():
+        raise SignatureError(f"{model}: a trusted-keys policy loads signed files only (a .plm or a .gguf "
+                             "with its signature), not a folder or a name")
+    sig = Path(signature) if signature is not None else default_signature_path(model)
+    if not sig.is_file():
+        raise SignatureError(f"{model}: unsigned ({sig} does not exist), refused by the trusted-keys policy")
+    hints = {_pem_hint(k) for k in keys}
+    cache_path = verified_cache_path()
+    name = str(model.resolve())
+    try:
+        cache = json.loads(cache_path.read_text())
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    ident = _identity(model, sig)
+    hit = cache.get(name)
+    if isinstance(hit, dict) and hit.get("identity") == ident and hit.get("key") in hints:
+        return Verified(model, hit["sha256"], hit["key"])
+    v = verify(model, keys, sig)
+    if _identity(model, sig) == ident:  # unchanged while it was hashed: remember it
+        cache[name] = {"identity": ident, "sha256": v.sha256, "key": v.key_hint}
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            with replacing(str(cache_path)) as tmp, Sink(str(cache_path), tmp) as f:
+                f.write(json.dumps(cache, sort_keys=True).encode())
+        except OSError:
+            pass  # a read-only cache: verify again next time
+    return v
+
+
+def trusted_keys_from_env(trusted_keys=None):
+    """The policy's keys: the argument if given, else $POCKETLM_TRUSTED_KEYS (None: no policy)."""
+    if trusted_keys is not None:
+        return trusted_keys
+    return os.environ.get(TRUSTED_KEYS_ENV) or None

@@ -52,8 +52,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     _add_activations(p, default="auto")
     _add_kv_type(p)
     _add_sparse_layout(p)
+    _add_trusted_keys(p)
     _add_speculative(p)
     _add_chat_template(p)
+
+
+def _add_trusted_keys(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trusted-keys", default=None, metavar="KEYS",
+                   help="load only models signed by one of these PEM public keys (a file or a folder; default "
+                        "$POCKETLM_TRUSTED_KEYS): MODEL.sig, `pocketlm sign`")
 
 
 def _add_sparse_layout(p: argparse.ArgumentParser) -> None:
@@ -187,7 +194,7 @@ def _load(a: argparse.Namespace):
 
     return Engine(a.model, threads=a.threads, max_context=a.ctx_size, activations=a.activations, kv_type=a.kv_type,
                   draft=a.draft, lookup=a.lookup, draft_max=a.draft_max, chat_template=_chat_template(a),
-                  sparse_layout=a.sparse_layout)
+                  sparse_layout=a.sparse_layout, trusted_keys=a.trusted_keys)
 
 
 def _chat_template(a: argparse.Namespace) -> str | None:
@@ -306,7 +313,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return serve(a.models, host=a.host, port=a.port, api_key=api_key, cors_origins=a.cors_origin, pooling=a.pooling,
                  threads=a.threads, max_context=a.ctx_size, activations=a.activations, kv_type=a.kv_type,
                  max_batch=a.max_sequences, max_queue=a.max_queue, draft=a.draft, lookup=a.lookup,
-                 draft_max=a.draft_max, chat_template=_chat_template(a), sparse_layout=a.sparse_layout)
+                 draft_max=a.draft_max, chat_template=_chat_template(a), sparse_layout=a.sparse_layout,
+                 trusted_keys=a.trusted_keys)
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
@@ -679,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_activations(sv, default="auto")
     _add_kv_type(sv)
     _add_sparse_layout(sv)
+    _add_trusted_keys(sv)
     _add_chat_template(sv)
     _add_speculative(sv)
     sv.set_defaults(func=cmd_serve)
