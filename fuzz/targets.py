@@ -163,7 +163,7 @@ def from_recipe(kind: str, recipe: dict, seeds: Path) -> bytes:
 
 def corpus_input(kind: str, path: Path, seeds: Path) -> bytes:
     """A corpus file's input: a recipe applied to its seed, or the file's bytes (chat inputs, crashers)."""
-    if kind != "chat" and path.suffix == ".json":
+    if kind in ("bundle", "gguf") and path.suffix == ".json":
         return from_recipe(kind, json.loads(path.read_text()), seeds)
     return path.read_bytes()
 
@@ -465,6 +465,97 @@ def mutate_chat(data: bytes, max_size: int, seed: int) -> bytes:
     return out if len(out) <= max_size else atheris.Mutate(data, max_size)
 
 
+# -- signature: a detached model signature (pocketlm.signing) -------------------------------------
+# A fixed model file and a fixed trusted key (derived from a constant: the committed corpus's
+# signatures verify in every run).
+_SIG_MODEL = bytes(range(256)) * 64
+
+
+def _sig_key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.derive_private_key(0x5EED_F00D_2026, ec.SECP256R1())
+
+
+def _sig_files() -> tuple[Path, Path]:
+    model = _TMP / "signed.plm"
+    if not model.exists():
+        model.write_bytes(_SIG_MODEL)
+    return model, _TMP / "signed.plm.sig"
+
+
+def check_signature(data: bytes) -> str:
+    """'verified' or 'refused: <error>' for `data` as the signature of a fixed file by the trusted key;
+    any exception other than a PocketLMError propagates."""
+    from pocketlm.errors import PocketLMError
+    from pocketlm.signing import verify
+
+    model, sig = _sig_files()
+    sig.write_bytes(data)
+    try:
+        verify(model, [_sig_key().public_key()], sig)
+    except PocketLMError as e:
+        return f"refused: {e}"
+    return "verified"
+
+
+def _resign_statement(bundle: dict, statement: object) -> dict:
+    """The bundle with `statement` as its payload, signed again by the trusted key (so the statement's
+    own checks are reached)."""
+    import base64
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from pocketlm.signing import pae
+
+    payload = json.dumps(statement).encode()
+    sig = _sig_key().sign(pae(payload), ec.ECDSA(hashes.SHA256()))
+    env = dict(bundle.get("dsseEnvelope") or {}) if isinstance(bundle.get("dsseEnvelope"), dict) else {}
+    env["payload"] = base64.b64encode(payload).decode()
+    env["signatures"] = [{"sig": base64.b64encode(sig).decode(), "keyid": ""}]
+    return {**bundle, "dsseEnvelope": env}
+
+
+def mutate_signature(data: bytes, max_size: int, seed: int) -> bytes:
+    """Edits the bundle JSON (mutate_json), or its statement and signs it again with the trusted key;
+    sometimes leaves a plain byte-level mutation."""
+    import base64
+
+    rng = random.Random(seed)
+    try:
+        bundle = json.loads(data)
+    except (ValueError, RecursionError):
+        bundle = None
+    if not isinstance(bundle, dict) or rng.random() < 0.15:
+        import atheris
+
+        return atheris.Mutate(data, max_size)
+    if rng.random() < 0.5:
+        try:
+            statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+        except (KeyError, TypeError, ValueError):
+            statement = {}
+        out = _resign_statement(bundle, mutate_json(statement, rng))
+    else:
+        out = mutate_json(bundle, rng)
+    return _dump_json(out)[:max_size]
+
+
+def signature_seed() -> bytes:
+    """A valid signature of the fixed file by the trusted key, as pocketlm.signing.sign writes it."""
+    from cryptography.hazmat.primitives import serialization
+
+    from pocketlm.signing import sign
+
+    model, sig = _sig_files()
+    key = _TMP / "trusted.pem"
+    key.write_bytes(_sig_key().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))
+    sign(model, key, sig)
+    return sig.read_bytes()
+
+
 def _safe(mutator):
     """A mutator that fails (its own bug, not pocketlm's) falls back to libFuzzer's byte mutation."""
     def mutate(data: bytes, max_size: int, seed: int) -> bytes:
@@ -482,4 +573,5 @@ TARGETS = {
     "bundle": (check_bundle, _safe(mutate_bundle)),
     "gguf": (check_gguf, _safe(mutate_gguf)),
     "chat": (check_chat, _safe(mutate_chat)),
+    "signature": (check_signature, _safe(mutate_signature)),
 }

@@ -1,6 +1,7 @@
 """The committed fuzz corpus (fuzz/corpus/), replayed through the same oracles the fuzzers use
 (fuzz/targets.py): a .plm through read_bundle, describe, Engine and one token; a .gguf through
-convert and then the bundle it wrote; a chat template through render_chat within its time limit.
+convert and then the bundle it wrote; a chat template through render_chat within its time limit; a
+signature through pocketlm.signing.verify.
 Each input must pass or be refused with a PocketLMError; the seeds must go all the way through.
 Bundle and GGUF inputs are recipes (JSON edits of a generated tiny model, fuzz/make_seeds.py), so no
 model file is committed. Crashers found by scripts/fuzz.sh join the corpus once fixed."""
@@ -19,7 +20,8 @@ import make_seeds  # noqa: E402
 import plm_layout  # noqa: E402
 import targets  # noqa: E402
 
-RECIPES = [(kind, path) for kind in ("bundle", "gguf", "chat") for path in sorted((FUZZ / "corpus" / kind).iterdir())]
+RECIPES = [(kind, path) for kind in ("bundle", "gguf", "chat", "signature")
+           for path in sorted((FUZZ / "corpus" / kind).iterdir())]
 SEEDS = [(kind, name) for kind, names in targets.SEEDS.items() for name in names]
 
 
@@ -39,15 +41,15 @@ def test_corpus_input(seeds, kind, path):
     check, _ = targets.TARGETS[kind]
     outcome = check(targets.corpus_input(kind, path, seeds))  # anything but a PocketLMError fails the test
     if path.name.startswith("seed-"):
-        assert outcome.startswith("rendered"), outcome
+        assert outcome.startswith(("rendered", "verified")), outcome
     else:
-        assert outcome.startswith(("generated", "rendered", "refused: ", "converted, then refused: ")), outcome
+        assert outcome.startswith(("generated", "rendered", "verified", "refused: ", "converted, then refused: ")), outcome
 
 
 def test_corpus_is_small_and_has_no_model_files():
     assert sum(p.stat().st_size for _, p in RECIPES) < 1 << 20
     assert {p.suffix for _, p in RECIPES} == {".json"}
-    assert {k for k, _ in RECIPES} == {"bundle", "gguf", "chat"}
+    assert {k for k, _ in RECIPES} == {"bundle", "gguf", "chat", "signature"}
 
 
 def test_resigned_edit_reaches_the_structural_checks(seeds, tmp_path):
