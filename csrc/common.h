@@ -342,8 +342,6 @@ constexpr size_t kSparse24I8Record = 608;   // I8_24_X16
 inline size_t sparse24_record(DType t) { return t == DType::I8_24_X16 ? kSparse24I8Record : kSparse24Record; }
 // Where a record's pattern codes start.
 inline size_t sparse24_patterns(DType t) { return t == DType::I8_24_X16 ? 512 : 288; }
-// The dense row-major type a sparse type's rows expand into (sparse24_gather_row).
-inline DType sparse24_dense(DType t) { return t == DType::I8_24_X16 ? DType::I8 : DType::Q4_0; }
 
 // The pattern code of group g (0..15) of row i (0..15), from a record's pattern codes `pat`.
 inline int sparse24_code(const uint8_t* pat, int i, int g) {
@@ -368,7 +366,7 @@ inline int64_t sparse24_bad_pattern(DType t, const uint8_t* data, int64_t rows, 
   return -1;
 }
 
-// Row n of a 2:4-sparse matrix as dense row-major bytes of sparse24_dense(t): Q4_0 (cols / 32
+// Row n of a 2:4-sparse matrix as dense row-major bytes of sparse_dense(t): Q4_0 (cols / 32
 // blocks of 18 bytes; each 64-column block's scale in both of its Q4_0 blocks, the pruned columns
 // code 8) or I8 (cols codes, the pruned ones 0; the row's scale stays in the tensor's scales):
 // what the reference kernels, embedding lookups and the variants without their own kernel read.
@@ -475,6 +473,16 @@ inline void bitmask_gather_row(const uint8_t* data, int64_t rows, int64_t cols, 
     std::memcpy(&m, row + 8 * b, 8);
     for (; m; m &= m - 1) out[64 * b + __builtin_ctzll(m)] = *v++;  // the set bits, lowest first
   }
+}
+
+// ---- Every sparse type (2:4 and bitmask) the same way: what their rows expand into ----
+inline bool is_sparse(DType t) { return is_sparse24(t) || t == DType::I8_BITMASK; }
+// The dense row-major type a sparse type's rows expand into: Q4_0, or I8 (the row scales stay the tensor's).
+inline DType sparse_dense(DType t) { return t == DType::Q4_0_24_X16 ? DType::Q4_0 : DType::I8; }
+// Row n of a sparse [rows, cols] matrix as dense row-major bytes of sparse_dense(t).
+inline void sparse_gather_row(DType t, const uint8_t* data, int64_t rows, int64_t cols, int64_t n, uint8_t* out) {
+  if (t == DType::I8_BITMASK) bitmask_gather_row(data, rows, cols, n, out);
+  else sparse24_gather_row(t, data, cols, n, out);
 }
 
 }  // namespace plm

@@ -120,7 +120,7 @@ struct KernelTable {
   // How this variant reads the 2:4-sparse weights on this CPU (nullptr: kSparse24None). A Program
   // expands them into dense x16 weights when it loads them unless it keeps them in place (the
   // bundle's bytes, mmapped): where the kernel is kSparse24Faster, or on request where it is
-  // kSparse24Slower; never where there is none (matmul_sparse24_expand would expand every row at
+  // kSparse24Slower; never where there is none (matmul_sparse_expand would expand every row at
   // every step).
   int (*sparse24)() = nullptr;
   // The same for I8_BITMASK (unstructured-sparse int8, common.h).
@@ -180,16 +180,16 @@ void matmul_x16_gather(const WeightView& w, const float* x, size_t ldx, const Ac
   }
 }
 
-// The 2:4-sparse types (common.h) through a variant's own row-major kernel of the dense type they
-// expand into (Q4_0, or I8 for I8_24_X16): up to 16 rows at a time are expanded into dense rows
-// (the pruned columns 0) and multiplied for all T tokens at once (so prefill keeps the variant's
-// GEMM). Correct for every variant, T and row range; a variant's own sparse kernel is what reads
-// fewer bytes than the dense type at the same speed.
+// The sparse types (2:4 and bitmask, common.h) through a variant's own row-major kernel of the dense
+// type they expand into (Q4_0, or I8): up to 16 rows at a time are expanded into dense rows (the
+// pruned columns 0) and multiplied for all T tokens at once (so prefill keeps the variant's GEMM).
+// Correct for every variant, T and row range: the reference's way, and the fallback of variants
+// without their own sparse kernel; a variant's own kernel is what reads fewer bytes.
 template <class Act, const KernelTable* (*Table)()>
-void matmul_sparse24_expand(const WeightView& w, const float* x, size_t ldx, const Act* xq, int T, float* y,
-                            size_t ldy, int n0, int n1) {
+void matmul_sparse_expand(const WeightView& w, const float* x, size_t ldx, const Act* xq, int T, float* y,
+                          size_t ldy, int n0, int n1) {
   const KernelTable& kt = *Table();
-  const DType base = sparse24_dense(w.dtype);
+  const DType base = sparse_dense(w.dtype);
   const auto kernel = [&] {
     if constexpr (std::is_same_v<Act, BlockQ8A2>) return kt.matmul2[(int)base];
     else return kt.matmul[(int)base];
@@ -199,31 +199,8 @@ void matmul_sparse24_expand(const WeightView& w, const float* x, size_t ldx, con
   uint8_t* const rows = scratch.get(16 * rb);
   for (int n = n0; n < n1;) {
     const int m = std::min(n1 - n, 16 - n % 16);  // to the end of n's group of 16 rows
-    for (int r = 0; r < m; ++r) sparse24_gather_row(w.dtype, w.data, w.cols, n + r, rows + (size_t)r * rb);
+    for (int r = 0; r < m; ++r) sparse_gather_row(w.dtype, w.data, w.rows, w.cols, n + r, rows + (size_t)r * rb);
     WeightView dense{base, m, w.cols, rows, rb, w.row_scales ? w.row_scales + n : nullptr};
-    dense.row_invariant = w.row_invariant;
-    kernel(dense, x, ldx, xq, T, y + n, ldy, 0, m);
-    n += m;
-  }
-}
-
-// I8_BITMASK (unstructured-sparse int8, common.h) through a variant's own I8 kernel: up to 16 rows at
-// a time expanded into dense I8 rows (the unstored columns 0) and multiplied for all T tokens.
-template <class Act, const KernelTable* (*Table)()>
-void matmul_bitmask_expand(const WeightView& w, const float* x, size_t ldx, const Act* xq, int T, float* y,
-                           size_t ldy, int n0, int n1) {
-  const KernelTable& kt = *Table();
-  const auto kernel = [&] {
-    if constexpr (std::is_same_v<Act, BlockQ8A2>) return kt.matmul2[(int)DType::I8];
-    else return kt.matmul[(int)DType::I8];
-  }();
-  const size_t rb = (size_t)w.cols;
-  thread_local ScratchBytes scratch;
-  uint8_t* const rows = scratch.get(16 * rb);
-  for (int n = n0; n < n1;) {
-    const int m = std::min(n1 - n, 16);
-    for (int r = 0; r < m; ++r) bitmask_gather_row(w.data, w.rows, w.cols, n + r, rows + (size_t)r * rb);
-    WeightView dense{DType::I8, m, w.cols, rows, rb, w.row_scales + n};
     dense.row_invariant = w.row_invariant;
     kernel(dense, x, ldx, xq, T, y + n, ldy, 0, m);
     n += m;

@@ -118,35 +118,14 @@ void Program::Impl::resolve_tensor(size_t id) {
       }
       const float* row_scales = nullptr;
       if (dtype == DType::I8_BITMASK) row_scales = bitmask_scales(data, t.rows);
-      if (dtype == DType::I8_BITMASK && !backend->sparse_in_place(dtype)) {
-        // No bitmask kernel here, or one slower than dense: dense I8 (I8_X16 when rows % 16 == 0) once.
-        const DType to = t.rows % kX16Rows == 0 ? DType::I8_X16 : DType::I8;
-        const size_t dense = tensor_bytes(to, t.rows, t.cols);
-        std::unique_ptr<uint8_t, void (*)(void*)> mem(static_cast<uint8_t*>(std::aligned_alloc(64, (dense + 63) / 64 * 64)),
-                                                      std::free);
-        if (!mem) throw std::bad_alloc();
-        uint8_t* out = mem.get();
-        expanded.push_back(std::move(mem));
-        std::vector<uint8_t> row((size_t)t.cols);
-        for (int64_t n = 0; n < t.rows; ++n) {
-          if (to == DType::I8) {
-            bitmask_gather_row(data, t.rows, t.cols, n, out + (size_t)n * t.cols);
-          } else {
-            bitmask_gather_row(data, t.rows, t.cols, n, row.data());
-            x16_scatter_row(to, row.data(), t.cols, n, out);
-          }
-        }
-        std::memcpy(out + (size_t)t.rows * t.cols, row_scales, (size_t)t.rows * sizeof(float));
-        if (d.inline_dtype < 0) release_pages(data, nbytes);
-        dtype = to;
-        data = out;
-        row_scales = nullptr;
-      }
-      if (is_sparse24(dtype) && !backend->sparse_in_place(dtype)) {
+      else if (has_row_scales(dtype)) row_scales = reinterpret_cast<const float*>(data + (size_t)t.rows * row_bytes(dtype, t.cols));
+      if (is_sparse(dtype) && !backend->sparse_in_place(dtype)) {
         // No sparse kernel here, or one slower than dense (BackendOptions::sparse_layout): dense
-        // Q4_0_X16 / I8_X16 once, rather than every row expanded at every step. Same values, 1.5x /
+        // Q4_0_X16 / I8_X16 (I8 for a bitmask tensor whose rows are not whole groups of 16) once,
+        // rather than every row expanded at every step; the bundle's pages are dropped. 2:4: 1.5x /
         // 1.7x the bytes.
-        const DType base = sparse24_dense(dtype), to = base == DType::I8 ? DType::I8_X16 : DType::Q4_0_X16;
+        const DType base = sparse_dense(dtype);
+        const DType to = base == DType::Q4_0 ? DType::Q4_0_X16 : t.rows % kX16Rows == 0 ? DType::I8_X16 : DType::I8;
         const size_t dense = tensor_bytes(to, t.rows, t.cols);
         std::unique_ptr<uint8_t, void (*)(void*)> mem(static_cast<uint8_t*>(std::aligned_alloc(64, (dense + 63) / 64 * 64)),
                                                       std::free);
@@ -156,12 +135,18 @@ void Program::Impl::resolve_tensor(size_t id) {
         const size_t rb = row_bytes(base, t.cols);
         std::vector<uint8_t> row(rb);
         for (int64_t n = 0; n < t.rows; ++n) {
-          sparse24_gather_row(dtype, data, t.cols, n, row.data());
-          x16_scatter_row(to, row.data(), t.cols, n, out);
+          if (to == base) {  // row-major I8: straight into place
+            sparse_gather_row(dtype, data, t.rows, t.cols, n, out + (size_t)n * rb);
+          } else {
+            sparse_gather_row(dtype, data, t.rows, t.cols, n, row.data());
+            x16_scatter_row(to, row.data(), t.cols, n, out);
+          }
         }
-        if (has_row_scales(dtype))  // after the codes in both
-          std::memcpy(out + (size_t)t.rows * row_bytes(to, t.cols), data + (size_t)t.rows * row_bytes(dtype, t.cols),
-                      (size_t)t.rows * sizeof(float));
+        if (row_scales) {  // after the codes in the dense types
+          float* scales = reinterpret_cast<float*>(out + (size_t)t.rows * row_bytes(to, t.cols));
+          std::memcpy(scales, row_scales, (size_t)t.rows * sizeof(float));
+          row_scales = scales;
+        }
         if (d.inline_dtype < 0) release_pages(data, nbytes);
         dtype = to;
         data = out;
@@ -171,10 +156,7 @@ void Program::Impl::resolve_tensor(size_t id) {
       t.weight.cols = t.cols;
       t.weight.data = data;
       t.weight.row_stride = row_bytes(dtype, t.cols);  // 0 for I8_BITMASK: its rows are found by pointer
-      t.weight.row_scales =
-          row_scales ? row_scales
-          : has_row_scales(dtype) ? reinterpret_cast<const float*>(data + (size_t)t.rows * row_bytes(dtype, t.cols))
-                                  : nullptr;
+      t.weight.row_scales = row_scales;
       if (dtype == DType::F32) t.f32 = reinterpret_cast<const float*>(data);
       break;
     }

@@ -52,19 +52,13 @@ void Step::weight_row(const kernels::WeightView& w, int64_t r, float* out) const
   const int64_t d = w.cols;
   const uint8_t* row = w.data + (size_t)r * w.row_stride;
   DType dt = w.dtype;
-  if (dt == DType::I8_BITMASK) {  // expanded into a dense I8 row first (its scale stays in row_scales)
+  if (is_sparse(dt)) {  // expanded into a dense Q4_0 / I8 row first (an I8 row's scale stays in row_scales)
     thread_local std::vector<uint8_t> dense;
-    if (dense.size() < (size_t)d) dense.resize((size_t)d);
-    bitmask_gather_row(w.data, w.rows, d, r, dense.data());
-    row = dense.data();
-    dt = DType::I8;
-  } else if (is_sparse24(dt)) {  // expanded into a dense Q4_0 / I8 row first
-    thread_local std::vector<uint8_t> dense;
-    const size_t rb = row_bytes(sparse24_dense(dt), d);
+    const size_t rb = row_bytes(sparse_dense(dt), d);
     if (dense.size() < rb) dense.resize(rb);
-    sparse24_gather_row(dt, w.data, d, r, dense.data());
+    sparse_gather_row(dt, w.data, w.rows, d, r, dense.data());
     row = dense.data();
-    dt = sparse24_dense(dt);
+    dt = sparse_dense(dt);
   } else if (is_x16(dt)) {  // gathered back into row-major bytes first
     thread_local std::vector<uint8_t> gathered;  // grows once per thread
     if (gathered.size() < w.row_stride) gathered.resize(w.row_stride);

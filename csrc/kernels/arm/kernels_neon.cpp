@@ -798,7 +798,7 @@ void matmul_x16_t(const WeightView& w, const float*, size_t, const Act* xq, int 
 // the 64 activations of the record's columns then gathers each value's activation, and SDOT
 // multiplies: 16 values (32 weights) per SDOT and five TBLs, where dense Q4_0 reads 4.5 bits per
 // weight and this 3.0 (I8_24_X16: 4.75 where I8 reads 8). One token at a time (decode, verifying
-// steps); prefill expands the rows into dense ones (matmul_sparse24_expand).
+// steps); prefill expands the rows into dense ones (matmul_sparse_expand).
 struct S24Neon {
   uint8x16_t gather[4][2];  // [slice r][half h]: pattern byte indices of each (row, slot 2h + k) code, as u16 lanes
   int16x8_t shift[4][2];    // minus each code's bit offset within its u16 lane
@@ -896,7 +896,7 @@ template <class Act>
 void matmul_sparse24_neon(const WeightView& w, const float* x, size_t ldx, const Act* xq, int T, float* y,
                           size_t ldy, int n0, int n1) {
   if (T > 1 && !w.row_invariant) {  // prefill: dense rows through the GEMM
-    matmul_sparse24_expand<Act, PLM_NEON_TABLE>(w, x, ldx, xq, T, y, ldy, n0, n1);
+    matmul_sparse_expand<Act, PLM_NEON_TABLE>(w, x, ldx, xq, T, y, ldy, n0, n1);
     return;
   }
   static const S24Neon k = make_s24();
@@ -923,7 +923,7 @@ int sparse24_in_place() { return kSparse24Slower; }
 #define PLM_SPARSE24_NATIVE sparse24_in_place
 #else
 #define PLM_X16(kind, act) matmul_x16_gather<act, PLM_NEON_TABLE>
-#define PLM_SPARSE24(act) matmul_sparse24_expand<act, PLM_NEON_TABLE>
+#define PLM_SPARSE24(act) matmul_sparse_expand<act, PLM_NEON_TABLE>
 #define PLM_SPARSE24_NATIVE nullptr
 #endif
 
@@ -961,7 +961,7 @@ const KernelTable* PLM_NEON_TABLE() {
           PLM_X16(Q4_1_G128, BlockQ8A),    // Q4_1_G128_X16
           PLM_SPARSE24(BlockQ8A),  // Q4_0_24_X16
           PLM_SPARSE24(BlockQ8A),  // I8_24_X16
-          matmul_bitmask_expand<BlockQ8A, PLM_NEON_TABLE>,  // I8_BITMASK
+          matmul_sparse_expand<BlockQ8A, PLM_NEON_TABLE>,  // I8_BITMASK
       },
       ref_kernels().quantize_act,
       ref_kernels().dequant_row,
@@ -1000,7 +1000,7 @@ const KernelTable* PLM_NEON_TABLE() {
           PLM_X16(Q4_1_G128, BlockQ8A2),   // Q4_1_G128_X16
           PLM_SPARSE24(BlockQ8A2),  // Q4_0_24_X16
           PLM_SPARSE24(BlockQ8A2),  // I8_24_X16
-          matmul_bitmask_expand<BlockQ8A2, PLM_NEON_TABLE>,  // I8_BITMASK
+          matmul_sparse_expand<BlockQ8A2, PLM_NEON_TABLE>,  // I8_BITMASK
       },
       ref_kernels().quantize_act2,
       weighted_sum_by_axpy<axpy_neon>,

@@ -604,9 +604,9 @@ const KernelTable& ref_kernels() {
           matmul_x16_gather<BlockQ8A, ref_kernel_table>,     // Q4_0_G128_X16
           matmul_x16_gather<BlockQ8A, ref_kernel_table>,     // Q4_1_G64_X16
           matmul_x16_gather<BlockQ8A, ref_kernel_table>,     // Q4_1_G128_X16
-          matmul_sparse24_expand<BlockQ8A, ref_kernel_table>,  // Q4_0_24_X16
-          matmul_sparse24_expand<BlockQ8A, ref_kernel_table>,  // I8_24_X16
-          matmul_bitmask_expand<BlockQ8A, ref_kernel_table>,  // I8_BITMASK
+          matmul_sparse_expand<BlockQ8A, ref_kernel_table>,  // Q4_0_24_X16
+          matmul_sparse_expand<BlockQ8A, ref_kernel_table>,  // I8_24_X16
+          matmul_sparse_expand<BlockQ8A, ref_kernel_table>,  // I8_BITMASK
       },
       quantize_act_ref,
       dequant_row_ref,
@@ -643,9 +643,9 @@ const KernelTable& ref_kernels() {
           matmul_x16_gather<BlockQ8A2, ref_kernel_table>,    // Q4_0_G128_X16
           matmul_x16_gather<BlockQ8A2, ref_kernel_table>,    // Q4_1_G64_X16
           matmul_x16_gather<BlockQ8A2, ref_kernel_table>,    // Q4_1_G128_X16
-          matmul_sparse24_expand<BlockQ8A2, ref_kernel_table>,  // Q4_0_24_X16
-          matmul_sparse24_expand<BlockQ8A2, ref_kernel_table>,  // I8_24_X16
-          matmul_bitmask_expand<BlockQ8A2, ref_kernel_table>,  // I8_BITMASK
+          matmul_sparse_expand<BlockQ8A2, ref_kernel_table>,  // Q4_0_24_X16
+          matmul_sparse_expand<BlockQ8A2, ref_kernel_table>,  // I8_24_X16
+          matmul_sparse_expand<BlockQ8A2, ref_kernel_table>,  // I8_BITMASK
       },
       quantize_act2_ref,
       weighted_sum_ref,

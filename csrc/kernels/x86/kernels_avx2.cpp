@@ -946,7 +946,7 @@ const KernelTable* PLM_AVX2_TABLE() {
           PLM_AVX2_NS::matmul_x16,               // Q4_1_G128_X16
           PLM_AVX2_NS::matmul_sparse24<BlockQ8A>,  // Q4_0_24_X16
           PLM_AVX2_NS::matmul_sparse24<BlockQ8A>,  // I8_24_X16
-          matmul_bitmask_expand<BlockQ8A, PLM_AVX2_TABLE>,  // I8_BITMASK
+          matmul_sparse_expand<BlockQ8A, PLM_AVX2_TABLE>,  // I8_BITMASK
       },
       quantize_act_avx2,
       ref_kernels().dequant_row,
@@ -985,7 +985,7 @@ const KernelTable* PLM_AVX2_TABLE() {
           PLM_AVX2_NS::matmul2_x16,                         // Q4_1_G128_X16
           PLM_AVX2_NS::matmul_sparse24<BlockQ8A2>,  // Q4_0_24_X16
           PLM_AVX2_NS::matmul_sparse24<BlockQ8A2>,  // I8_24_X16
-          matmul_bitmask_expand<BlockQ8A2, PLM_AVX2_TABLE>,  // I8_BITMASK
+          matmul_sparse_expand<BlockQ8A2, PLM_AVX2_TABLE>,  // I8_BITMASK
       },
       quantize_act2_avx2,
       weighted_sum_by_axpy<axpy_avx2>,

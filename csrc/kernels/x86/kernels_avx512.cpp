@@ -1112,17 +1112,17 @@ void matmul_sparse24(const WeightView& w, const float* x, size_t ldx, const Act*
   if (avx512::sparse24_kernel() == kSparse24Faster)
     avx512::matmul_sparse24_vbmi<Act>(w, xq, T, y, ldy, n0, n1);
   else
-    matmul_sparse24_expand<Act, avx512_kernel_table>(w, x, ldx, xq, T, y, ldy, n0, n1);
+    matmul_sparse_expand<Act, avx512_kernel_table>(w, x, ldx, xq, T, y, ldy, n0, n1);
 }
 
 // I8_BITMASK: the VBMI2 kernel for one token (and verifying steps) where the CPU has VBMI2; prefill
 // expands 16 rows at a time (vpexpandb) into dense I8 rows for the I8 kernel. Without VBMI2 a
-// Program expands the weights at load; direct calls go through matmul_bitmask_expand.
+// Program expands the weights at load; direct calls go through matmul_sparse_expand.
 template <class Act>
 void matmul_bitmask(const WeightView& w, const float* x, size_t ldx, const Act* xq, int T, float* y, size_t ldy,
                     int n0, int n1) {
   if (avx512::bitmask_kernel() == kSparse24None) {
-    matmul_bitmask_expand<Act, avx512_kernel_table>(w, x, ldx, xq, T, y, ldy, n0, n1);
+    matmul_sparse_expand<Act, avx512_kernel_table>(w, x, ldx, xq, T, y, ldy, n0, n1);
     return;
   }
   if (T == 1 || w.row_invariant) {

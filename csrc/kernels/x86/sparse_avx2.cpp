@@ -1,6 +1,6 @@
 // The 2:4-sparse types (Q4_0_24_X16, I8_24_X16; layouts in common.h) with AVX2 + FMA + F16C, and
 // AVX-VNNI (dot_avx2.h: one source, a namespace per variant): one token at a time (decode, and each
-// token of a verifying step); prefill expands the rows into dense ones (matmul_sparse24_expand).
+// token of a verifying step); prefill expands the rows into dense ones (matmul_sparse_expand).
 //
 // A 16-row record is two halves of 8 rows, one row per dword lane: the first 32 bytes of each
 // 64-byte unit are rows 0-7. The 4 values of a row in unit u sit in two groups whose columns all lie
@@ -165,7 +165,7 @@ template <class Act>
 void matmul_sparse24(const WeightView& w, const float* x, size_t ldx, const Act* xq, int T, float* y, size_t ldy,
                      int n0, int n1) {
   if (T > 1 && !w.row_invariant) {  // prefill: dense rows through the GEMM
-    matmul_sparse24_expand<Act, PLM_AVX2_TABLE>(w, x, ldx, xq, T, y, ldy, n0, n1);
+    matmul_sparse_expand<Act, PLM_AVX2_TABLE>(w, x, ldx, xq, T, y, ldy, n0, n1);
     return;
   }
   static const Consts k = make_consts();

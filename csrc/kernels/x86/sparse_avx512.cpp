@@ -14,7 +14,7 @@
 //
 // I8_24_X16 decodes the same way with signed values (4.75 bits per weight where dense I8 reads 8)
 // and expands into dense I8_X16 records for any prefill. A CPU without VBMI never enters this
-// file: the table's entry (kernels_avx512.cpp) sends it to matmul_sparse24_expand instead.
+// file: the table's entry (kernels_avx512.cpp) sends it to matmul_sparse_expand instead.
 #include <immintrin.h>
 
 // GCC 12 sees the undefined pass-through operand of the vpermb / vpmultishiftqb intrinsics as
@@ -30,23 +30,6 @@
 
 namespace plm::kernels::avx512 {
 namespace {
-
-// Per-thread scratch that grows. Plain new[] rather than std::vector: this file is compiled with
-// VBMI, and a std::vector member instantiated here could be the copy the linker keeps for every
-// other file (see matmul_sparse24_vbmi).
-struct Scratch {
-  uint8_t* p = nullptr;
-  size_t n = 0;
-  ~Scratch() { delete[] p; }
-  uint8_t* get(size_t need) {
-    if (need > n) {
-      delete[] p;
-      p = new uint8_t[need];
-      n = need;
-    }
-    return p;
-  }
-};
 
 struct Consts {
   __m512i spread, ctrl_lo, ctrl_hi, pick, lut, base_lo[4], base_hi[4];
@@ -394,7 +377,7 @@ void matmul_sparse24_vbmi(const WeightView& w, const Act* xq, int T, float* y, s
   const bool tiles = !i8 && std::is_same_v<Act, BlockQ8A>;
   if (T >= (tiles ? kExpandTokens : 2) && !w.row_invariant) {
     const DType to = i8 ? DType::I8_X16 : DType::Q4_0_X16;
-    thread_local Scratch scratch;
+    thread_local ScratchBytes scratch;  // kernels.h: no std::vector code compiled with VBMI
     uint8_t* const dense = scratch.get((size_t)16 * row_bytes(to, w.cols));
     for (int g = n0 / 16; g * 16 < n1; ++g) {
       int lo, hi;
@@ -467,7 +450,7 @@ void matmul_bitmask_vbmi2(const WeightView& w, const Act* xq, int T, float* y, s
   const int nb = (int)(w.cols / 64), kb = (int)(w.cols / 32);
   const __m512i ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8((char)0x80);
   // per block: the activations + 128 (then the residual's), and their scales per int32 lane
-  thread_local Scratch scratch;
+  thread_local ScratchBytes scratch;  // kernels.h: no std::vector code compiled with VBMI
   uint8_t* const buf = scratch.get((size_t)nb * (kTwo ? 2 : 1) * 128 + 64);
   __m512i* const xs = reinterpret_cast<__m512i*>(((uintptr_t)buf + 63) & ~(uintptr_t)63);
   __m512* const ds = reinterpret_cast<__m512*>(xs + (size_t)nb * (kTwo ? 2 : 1));
