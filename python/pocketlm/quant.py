@@ -326,8 +326,9 @@ def _quantize_bitmask(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def check_bitmask(buf: np.ndarray, rows: int, cols: int) -> None:
-    """ValueError unless buf holds a valid I8_BITMASK [rows, cols] (csrc/common.h bitmask_check)."""
+def check_bitmask(buf: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """The values each row stores [rows], or ValueError unless buf holds a valid I8_BITMASK [rows, cols]
+    (csrc/common.h bitmask_check)."""
     nb = cols // 64
     if cols % 64 or buf.size < 8 * (rows + 1) + 4 * rows:
         raise ValueError(f"i8_bitmask [{rows}, {cols}]: too small ({buf.size} bytes) or cols not a multiple of 64")
@@ -343,6 +344,7 @@ def check_bitmask(buf: np.ndarray, rows: int, cols: int) -> None:
     stored = np.unpackbits(masks.reshape(rows, 8 * nb), axis=-1).sum(axis=1)
     if np.any(np.diff(starts) != 8 * nb + stored):
         raise ValueError(f"i8_bitmask [{rows}, {cols}]: a row's values do not match its masks")
+    return stored
 
 
 def _dequantize_bitmask(buf: np.ndarray, rows: int, cols: int) -> np.ndarray:

@@ -160,9 +160,17 @@ class Verified:
     key_hint: str      # sha256 of the signing key's PEM public key
 
 
+def _usable_public_key(key, where):
+    """`key`, if the format can verify with it (an EC public key on P-256/384/521); else SignatureError."""
+    _, _, ec = _crypto()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in SUPPORTED_CURVES:
+        raise SignatureError(f"{where}: not a P-256, P-384 or P-521 elliptic-curve public key")
+    return key
+
+
 def load_public_keys(keys: str | os.PathLike | list) -> list:
     """PEM public keys from a file, a directory of .pem/.pub files, or a list of those."""
-    _, serialization, ec = _crypto()
+    _, serialization, _ = _crypto()
     paths: list[Path] = []
     for k in keys if isinstance(keys, (list, tuple)) else [keys]:
         p = Path(k)
@@ -178,9 +186,7 @@ def load_public_keys(keys: str | os.PathLike | list) -> list:
             key = serialization.load_pem_public_key(p.read_bytes())
         except _bad_key_errors() as e:
             raise SignatureError(f"{p}: not a usable PEM public key ({e})") from None
-        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in SUPPORTED_CURVES:
-            raise SignatureError(f"{p}: not a P-256, P-384 or P-521 elliptic-curve public key")
-        out.append(key)
+        out.append(_usable_public_key(key, p))
     if not out:
         raise InvalidInputError(f"{keys}: no public keys (.pem or .pub files)")
     return out
@@ -203,10 +209,7 @@ def verify(model: str | os.PathLike, public_keys, signature: str | os.PathLike |
     model = Path(model)
     sig_path = Path(signature) if signature is not None else default_signature_path(model)
     if isinstance(public_keys, (list, tuple)) and public_keys and all(hasattr(k, "public_bytes") for k in public_keys):
-        keys = list(public_keys)  # loaded already
-        for k in keys:
-            if not isinstance(k, ec.EllipticCurvePublicKey) or k.curve.name not in SUPPORTED_CURVES:
-                raise SignatureError(f"{type(k).__name__}: not a P-256, P-384 or P-521 elliptic-curve public key")
+        keys = [_usable_public_key(k, type(k).__name__) for k in public_keys]  # loaded already
     else:
         keys = load_public_keys(public_keys)
     where = str(sig_path)

@@ -257,25 +257,51 @@ def test_cli_prune_and_inspect(tmp_path):
     assert r.returncode == 1 and "go with --prune" in r.stderr
 
 
-def test_a_checkpoint_pruned_2_4_at_the_source_is_stored_sparse(tmp_path):
-    """A Hugging Face checkpoint whose block weights are already 2:4 (as published pruned models
-    are) converts with --quant int4 to the 2:4-sparse type without --prune, runs as transformers
-    does with the bundle's weights; --sparse off keeps it dense, with the same values."""
+def _pruned_at_source(tmp_path, seed: int, spec):
+    """A tiny llama whose block weights are pruned by `spec`, saved as a Hugging Face folder tmp_path / "hf"
+    with its tokenizer (as published pruned checkpoints are); returns the transformers model."""
     import torch
 
-    from pocketlm.engine import Engine
     from pocketlm.models import llama
 
-    model = make_hf_model(tmp_path / "dense", "llama", seed=8, **TINY)
+    model = make_hf_model(tmp_path / "dense", "llama", seed=seed, **TINY)
     with torch.no_grad():
         for name, p in model.named_parameters():
             canon = llama.hf_weight_name(name)
             if canon is not None and pruning.prunable(canon):
-                p.copy_(torch.from_numpy(pruning.prune(p.numpy(), pruning.PruneSpec(n=2, m=4, method="magnitude"))))
+                p.copy_(torch.from_numpy(pruning.prune(p.numpy(), spec)))
     model.save_pretrained(tmp_path / "hf", safe_serialization=True)
     for f in (tmp_path / "dense").iterdir():
         if f.name.startswith("tokenizer"):
             (tmp_path / "hf" / f.name).write_bytes(f.read_bytes())
+    return model
+
+
+def _logits_with_bundle_weights(model, bundle, ids):
+    """transformers' last logits for `ids` with every weight as `bundle` holds it (dequantized)."""
+    import torch
+
+    from pocketlm.models import llama
+
+    with torch.no_grad():
+        for hf_name, p in model.state_dict().items():
+            canon = llama.hf_weight_name(hf_name)
+            if canon is not None:
+                info = bundle.info(canon)
+                raw = row_major(bundle, canon) if info.dtype.x16 else np.asarray(bundle.tensor(canon))
+                val = quant.dequantize(raw, info.dtype.base, info.shape) if info.dtype.quantized else bundle_f32(bundle, canon)
+                p.copy_(torch.from_numpy(val.reshape(p.shape)))
+        return model(torch.tensor([ids])).logits[0, -1].float().numpy()
+
+
+def test_a_checkpoint_pruned_2_4_at_the_source_is_stored_sparse(tmp_path):
+    """A Hugging Face checkpoint whose block weights are already 2:4 (as published pruned models
+    are) converts with --quant int4 to the 2:4-sparse type without --prune, runs as transformers
+    does with the bundle's weights; --sparse off keeps it dense, with the same values."""
+    from pocketlm.engine import Engine
+    from pocketlm.models import llama
+
+    model = _pruned_at_source(tmp_path, 8, pruning.PruneSpec(n=2, m=4, method="magnitude"))
     sparse = read_bundle(convert(tmp_path / "hf", tmp_path / "s.plm", quant="int4", progress=False))
     dense = read_bundle(convert(tmp_path / "hf", tmp_path / "d.plm", quant="int4", sparse="off", progress=False))
     assert "pruning" not in sparse.metadata
@@ -290,15 +316,7 @@ def test_a_checkpoint_pruned_2_4_at_the_source_is_stored_sparse(tmp_path):
             np.testing.assert_array_equal(np.asarray(sparse.tensor(name)), quant.quantize(source[name], dt))
             assert np.all(got[source[name] == 0] == 0)
     ids = np.random.default_rng(9).integers(3, 256, size=20).tolist()
-    with torch.no_grad():
-        for hf_name, p in model.state_dict().items():
-            canon = llama.hf_weight_name(hf_name)
-            if canon is not None:
-                info = sparse.info(canon)
-                raw = row_major(sparse, canon) if info.dtype.x16 else np.asarray(sparse.tensor(canon))
-                val = quant.dequantize(raw, info.dtype.base, info.shape) if info.dtype.quantized else bundle_f32(sparse, canon)
-                p.copy_(torch.from_numpy(val.reshape(p.shape)))
-        ref = model(torch.tensor([ids])).logits[0, -1].float().numpy()
+    ref = _logits_with_bundle_weights(model, sparse, ids)
     got = Engine(tmp_path / "s.plm", threads=2, max_context=64, kv_type="f32", activations="int8x2").create_session().prefill(ids)
     assert np.abs(got - ref).max() / ref.std() < 0.01
 
@@ -308,21 +326,10 @@ def test_a_checkpoint_half_zeros_at_the_source_is_stored_bitmask(tmp_path):
     --quant int8 to i8_bitmask without --prune (--sparse off: dense i8), with the source's zeros
     and the int8 mode's codes, and runs as transformers does with the bundle's weights; int4 has
     no unstructured type and stays dense."""
-    import torch
-
     from pocketlm.engine import Engine
     from pocketlm.models import llama
 
-    model = make_hf_model(tmp_path / "dense", "llama", seed=9, **TINY)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            canon = llama.hf_weight_name(name)
-            if canon is not None and pruning.prunable(canon):
-                p.copy_(torch.from_numpy(pruning.prune(p.numpy(), pruning.PruneSpec(fraction=0.6, method="magnitude"))))
-    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    for f in (tmp_path / "dense").iterdir():
-        if f.name.startswith("tokenizer"):
-            (tmp_path / "hf" / f.name).write_bytes(f.read_bytes())
+    model = _pruned_at_source(tmp_path, 9, pruning.PruneSpec(fraction=0.6, method="magnitude"))
     sparse = read_bundle(convert(tmp_path / "hf", tmp_path / "s.plm", quant="int8", progress=False))
     dense = read_bundle(convert(tmp_path / "hf", tmp_path / "d.plm", quant="int8", sparse="off", progress=False))
     int4 = read_bundle(convert(tmp_path / "hf", tmp_path / "q.plm", quant="int4", progress=False))
@@ -337,15 +344,7 @@ def test_a_checkpoint_half_zeros_at_the_source_is_stored_bitmask(tmp_path):
         want = quant.dequantize(row_major(dense, name), DType.I8, source[name].shape)
         np.testing.assert_array_equal(quant.dequantize(raw, DType.I8_BITMASK, source[name].shape), want)
     ids = np.random.default_rng(10).integers(3, 256, size=20).tolist()
-    with torch.no_grad():
-        for hf_name, p in model.state_dict().items():
-            canon = llama.hf_weight_name(hf_name)
-            if canon is not None:
-                info = sparse.info(canon)
-                raw = row_major(sparse, canon) if info.dtype.x16 else np.asarray(sparse.tensor(canon))
-                val = quant.dequantize(raw, info.dtype.base, info.shape) if info.dtype.quantized else bundle_f32(sparse, canon)
-                p.copy_(torch.from_numpy(val.reshape(p.shape)))
-        ref = model(torch.tensor([ids])).logits[0, -1].float().numpy()
+    ref = _logits_with_bundle_weights(model, sparse, ids)
     for layout in ("auto", "dense"):
         e = Engine(tmp_path / "s.plm", threads=2, max_context=64, kv_type="f32", activations="int8x2",
                    sparse_layout=layout)

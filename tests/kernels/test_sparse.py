@@ -26,6 +26,16 @@ def _pruned(rng, rows, cols):
     return w
 
 
+def _pattern_codes(rec: np.ndarray, pat: int, i: int) -> list[int]:
+    """Row i's 16 pattern codes from a record whose codes start at byte `pat`, bit by bit as the doc says."""
+    codes = []
+    for g in range(16):
+        u, k = (g % 8) // 2, (2 if g >= 8 else 0) + g % 2
+        bit = pat * 8 + 24 * 8 * u + 12 * i + 3 * k
+        codes.append(sum(((rec[(bit + t) // 8] >> ((bit + t) % 8)) & 1) << t for t in range(3)))
+    return codes
+
+
 def _read_layout(raw: np.ndarray, rows: int, cols: int):
     """The doc's layout read byte by byte: (d [rows, cols/64], q [rows, cols/64, 32], code [rows, cols/64, 16])."""
     nb = cols // 64
@@ -40,10 +50,7 @@ def _read_layout(raw: np.ndarray, rows: int, cols: int):
             for j in range(16):
                 byte = rec[32 + 64 * (j // 4) + 4 * i + j % 4]
                 q[n, b, j], q[n, b, 16 + j] = byte & 15, byte >> 4
-            for g in range(16):
-                u, k = (g % 8) // 2, (2 if g >= 8 else 0) + g % 2
-                bit = 288 * 8 + 24 * 8 * u + 12 * i + 3 * k
-                code[n, b, g] = sum(((rec[(bit + t) // 8] >> ((bit + t) % 8)) & 1) << t for t in range(3))
+            code[n, b] = _pattern_codes(rec, 288, i)
     return d, q, code
 
 
@@ -59,10 +66,7 @@ def _read_layout_i8(raw: np.ndarray, rows: int, cols: int):
             i = n % 16
             for v in range(32):
                 q[n, b, v] = rec[64 * (v // 4) + 4 * i + v % 4:][:1].view(np.int8)[0]
-            for g in range(16):
-                u, k = (g % 8) // 2, (2 if g >= 8 else 0) + g % 2
-                bit = 512 * 8 + 24 * 8 * u + 12 * i + 3 * k
-                code[n, b, g] = sum(((rec[(bit + t) // 8] >> ((bit + t) % 8)) & 1) << t for t in range(3))
+            code[n, b] = _pattern_codes(rec, 512, i)
     return s, q, code
 
 

@@ -13,14 +13,12 @@ from pocketlm.metadata import MetadataError, parse_json_bounded
 
 
 def _bitmask_stored(bundle, t) -> int:
-    """The values an I8_BITMASK tensor stores: its row pointers say where each row's masks are."""
+    """The values an I8_BITMASK tensor stores (its masks' bits, pocketlm.quant.check_bitmask)."""
     import numpy as np
 
-    raw = np.asarray(bundle.tensor(t.name)).reshape(-1).view(np.uint8)
-    rows, nb = t.shape[0], t.shape[1] // 64
-    starts = raw[:8 * (rows + 1)].copy().view("<u8").astype(np.int64)[:-1]
-    masks = raw[12 * rows + 8:][(starts[:, None] + np.arange(8 * nb)[None, :]).reshape(-1)]
-    return int(np.unpackbits(masks).sum())
+    from pocketlm.quant import check_bitmask
+
+    return int(check_bitmask(np.asarray(bundle.tensor(t.name)).reshape(-1).view(np.uint8), *t.shape).sum())
 
 
 def _human_bytes(n: int) -> str:
