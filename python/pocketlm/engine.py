@@ -256,7 +256,7 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
 
 
 class Engine:
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, max_context: int = 4096,
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, max_context: int | None = None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, verify: bool = False, kernels: str = "",
                  activations: str = "auto", kv_type: str = "f16", max_batch: int = DEFAULT_MAX_BATCH,
                  max_queue: int = DEFAULT_MAX_QUEUE, kv_budget: int | None = None,
@@ -264,10 +264,13 @@ class Engine:
                  lookup: bool = False, prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB,
                  chat_template: str | None = None, sparse_layout: str = "auto",
                  trusted_keys: str | os.PathLike | list | None = None):
-        """Loads a .plm (or a .gguf, converted once into the cache, or a known model name).
+        """Loads a .plm (or a .gguf, converted once into the cache, a model of the local store by its
+        reference, e.g. "mymodel" or "localhost:5000/ns/model:tag", or a known model name). A store
+        entry's package (Plmfile: sampling parameters, system prompt, chat template, context) applies
+        unless the arguments say otherwise (docs/store.md).
 
         threads: worker threads, 1..64 (default: physical cores). max_context: tokens per session
-        (capped at the model's trained context). prefill_chunk: tokens per executor call
+        (default: the store package's context, else 4096; capped at the model's trained context). prefill_chunk: tokens per executor call
         during prefill. verify: hash every tensor before use. kernels: force a CPU kernel
         variant ("ref", "avx2", "avx512", "neon"; default: the best this CPU supports).
         activations: how integer matmuls quantize their inputs: "auto" (default: two-level int8 where
@@ -309,14 +312,18 @@ class Engine:
         t0 = time.perf_counter()
         from pocketlm.signing import trusted_keys_from_env
 
+        from pocketlm.hub import resolve_model
+
         keys = trusted_keys_from_env(trusted_keys)
+        given, entry = resolve_model(str(path))
+        self.store_entry = entry  # the local store's entry it came from, if any (pocketlm.store)
         self.signature = None  # what the trusted-keys policy verified, if any
         if keys is not None:
-            from pocketlm.hub import resolve_alias
-            from pocketlm.signing import check_trusted
+            from pocketlm.signing import check_trusted_any
 
-            self.signature = check_trusted(resolve_alias(str(path)), keys)  # the file given, before any conversion
-        self.path = resolve_model_path(path)
+            # the file given, before any conversion; a store entry's attached signatures
+            self.signature = check_trusted_any(given, keys, entry.signatures if entry is not None else None)
+        self.path = resolve_model_path(given)
         self.bundle = read_bundle(self.path)
         if verify:
             problems = self.bundle.verify()
@@ -325,6 +332,8 @@ class Engine:
         meta = _model_metadata(self.bundle, "architecture", "config", "tokenizer")
         self.metadata: dict = meta
         self.config: dict = dict(meta["config"])
+        if max_context is None:
+            max_context = entry.context if entry is not None and entry.context else 4096
         if max_context < 1:
             raise ValueError("max_context must be at least 1")
         if kv_type not in KV_TYPES:
@@ -395,6 +404,8 @@ class Engine:
         self._hidden: CompiledModel | None = None  # embeddings' program (final hidden states), made on first use
         self._lazy_lock = threading.Lock()  # the scoring program and the scheduler are made on first use, from any thread
         self.chat_template: str | None = meta.get("chat_template")
+        if chat_template is None and entry is not None and entry.template is not None:
+            chat_template = entry.template  # the package's TEMPLATE
         if chat_template is not None:  # the caller's template instead of the bundle's (--chat-template FILE)
             from pocketlm.chat import render_chat
 
@@ -403,6 +414,12 @@ class Engine:
             render_chat(chat_template, [{"role": "user", "content": "x"}], add_generation_prompt=True)  # fails now
             self.chat_template = chat_template
         self.generation_defaults: dict = dict(meta.get("generation") or {})
+        self.system_prompt: str | None = None  # used when a conversation has no system message
+        self.default_stop: list[str] = []     # stop strings when a request gives none
+        if entry is not None:
+            self.generation_defaults.update({k: v for k, v in entry.params.items() if k != "stop"})
+            self.default_stop = list(entry.params.get("stop") or [])
+            self.system_prompt = entry.system
         self.speculator = None
         if lookup:
             from pocketlm.speculative import PromptLookup
@@ -489,9 +506,12 @@ class Engine:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None) -> str:
-        """The prompt text of `messages` (and `tools`, HF's convention) through the model's template."""
+        """The prompt text of `messages` (and `tools`, HF's convention) through the model's template;
+        a store package's system prompt goes first when the messages have none (as Ollama's SYSTEM)."""
         from pocketlm.chat import default_chat_template, render_chat
 
+        if self.system_prompt and not (messages and messages[0].get("role") == "system"):
+            messages = [{"role": "system", "content": self.system_prompt}] + list(messages)  # the package's SYSTEM
         tok = self.tokenizer
         bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
         eos = tok.id_to_token(tok.eos_ids[0]) if tok.eos_ids else ""

@@ -1,4 +1,6 @@
-"""Model names that resolve to files shipped inside PyPI packages (all offline)."""
+"""What a model argument names: a file or folder, an entry of the local model store (pocketlm.store:
+`mymodel`, `localhost:5000/ns/model:tag`), or a name of a model shipped inside a PyPI package (all
+offline), in that order."""
 
 from __future__ import annotations
 
@@ -15,7 +17,32 @@ KNOWN_MODELS = {
 DEFAULT_MODEL = "smollm2"
 
 
+def resolve_model(model: str):
+    """(the file to load, the store entry it comes from or None)."""
+    if not Path(model).expanduser().exists():
+        entry = store_entry(model)
+        if entry is not None:
+            return entry.path, entry
+    return resolve_alias(model), None
+
+
+def store_entry(model: str):
+    """The store's entry named `model`, or None (no store yet, not a reference, or not in it)."""
+    from pocketlm.store import NotInStoreError, Store, looks_like_reference, store_dir
+
+    if not looks_like_reference(model) or not (store_dir() / "index.json").is_file():
+        return None
+    try:
+        return Store().entry(model)
+    except NotInStoreError:
+        return None
+
+
 def resolve_alias(model: str) -> Path:
+    if not Path(model).expanduser().exists():
+        entry = store_entry(model)
+        if entry is not None:
+            return entry.path
     key = model.lower()
     if key in KNOWN_MODELS and not Path(model).exists():
         package, filename, requirement = KNOWN_MODELS[key]
@@ -29,5 +56,6 @@ def resolve_alias(model: str) -> Path:
         return path
     path = Path(model).expanduser()
     if not path.exists():
-        raise BundleError(f"{model}: no such file (known model names: {', '.join(sorted(KNOWN_MODELS))})")
+        raise BundleError(f"{model}: no such file, nor a model in the store (pocketlm list; pocketlm pull REF), "
+                          f"nor a known model name ({', '.join(sorted(KNOWN_MODELS))})")
     return path

