@@ -16,6 +16,7 @@ with atheris.instrument_imports(include=["pocketlm", "jinja2"]):
     import pocketlm.convert  # noqa: F401
     import pocketlm.engine  # noqa: F401
     import pocketlm.signing  # noqa: F401
+    import pocketlm.store  # noqa: F401
 
 import targets  # noqa: E402
 

@@ -569,9 +569,94 @@ def _safe(mutator):
     return mutate
 
 
+# ---- store manifests: an OCI layout folder pulled into a store, then its entry read ----
+# The input is JSON: {"manifest": <the manifest, as JSON>, "blobs": [<text of each blob>]}. Each
+# descriptor (config, layers, subject) with "blob": i and no "digest"/"size" gets the digest and size
+# of blobs[i] filled in when the layout is written, so a mutation that drops them reaches the checks
+# behind the digests; one that keeps them tests the digests themselves.
+def _fill(desc: object, blobs: list) -> object:
+    import hashlib
+
+    if isinstance(desc, dict) and isinstance(desc.get("blob"), int) and 0 <= desc["blob"] < len(blobs):
+        data = str(blobs[desc["blob"]]).encode("utf-8", "surrogatepass")
+        desc = {k: v for k, v in desc.items() if k != "blob"}
+        desc.setdefault("digest", "sha256:" + hashlib.sha256(data).hexdigest())
+        desc.setdefault("size", len(data))
+    return desc
+
+
+def check_manifest(data: bytes) -> str:
+    """'pulled' or 'refused: <error>': `data` (see above) as a model in an OCI layout, pulled into a
+    fresh store and its entry read (config, parameters, system prompt, template, license)."""
+    import hashlib
+    import shutil
+
+    from pocketlm.errors import PocketLMError
+    from pocketlm.store import Store, pull
+
+    root = _TMP / "layout"
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(_TMP / "store", ignore_errors=True)
+    (root / "blobs" / "sha256").mkdir(parents=True)
+    (root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("manifest"), dict) and isinstance(doc.get("blobs"), list):
+        blobs = doc["blobs"][:16]
+        for b in blobs:
+            raw = str(b).encode("utf-8", "surrogatepass")  # the bytes of whatever string the input holds
+            (root / "blobs" / "sha256" / hashlib.sha256(raw).hexdigest()).write_bytes(raw)
+        m = dict(doc["manifest"])
+        for key in ("config", "subject"):
+            if key in m:
+                m[key] = _fill(m[key], blobs)
+        if isinstance(m.get("layers"), list):
+            m["layers"] = [_fill(x, blobs) for x in m["layers"]]
+        manifest = json.dumps(m).encode()
+    else:
+        manifest = data
+    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    (root / "blobs" / "sha256" / digest[7:]).write_bytes(manifest)
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": len(manifest),
+         "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}))
+    try:
+        store = Store(_TMP / "store")
+        pull(f"oci:{root}:v1", store=store, name="fuzz:v1")
+        store.entry("fuzz:v1")
+    except PocketLMError as e:
+        return f"refused: {e}"
+    return "pulled"
+
+
+def mutate_manifest(data: bytes, max_size: int, seed: int) -> bytes:
+    """mutate_json on the input; half the time the descriptors' digests and sizes are dropped after,
+    so they are filled in again from the (maybe mutated) blobs."""
+    rng = random.Random(seed)
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict) or rng.random() < 0.15:
+        import atheris
+
+        return atheris.Mutate(data, max_size)
+    doc = mutate_json(doc, rng)
+    m = doc.get("manifest") if isinstance(doc, dict) else None
+    if isinstance(m, dict) and rng.random() < 0.5:
+        for d in [m.get("config"), m.get("subject")] + (m.get("layers") if isinstance(m.get("layers"), list) else []):
+            if isinstance(d, dict) and "blob" in d:
+                d.pop("digest", None)
+                d.pop("size", None)
+    return _dump_json(doc)[:max_size]
+
+
 TARGETS = {
     "bundle": (check_bundle, _safe(mutate_bundle)),
     "gguf": (check_gguf, _safe(mutate_gguf)),
     "chat": (check_chat, _safe(mutate_chat)),
     "signature": (check_signature, _safe(mutate_signature)),
+    "manifest": (check_manifest, _safe(mutate_manifest)),
 }
