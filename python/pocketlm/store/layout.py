@@ -16,6 +16,7 @@ import ctypes
 import fcntl
 import hashlib
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,9 +159,16 @@ class Layout:
         partial file stays for the next attempt to continue. Two processes receiving the same blob
         take turns (a lock on the partial file)."""
         partial = self.root / "ingest" / hex_of(digest)
-        try:
-            f = open(partial, "ab+", buffering=0)
+        try:  # never through a symbolic link a hostile layout folder planted: only our own regular file
+            fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                os.close(fd)
+                raise StorageError(f"{partial}: not a plain file (refused)")
+            f = open(fd, "ab+", buffering=0)
         except OSError as e:
+            if isinstance(e, StorageError):
+                raise
             raise storage_error(str(partial), e) from e
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
@@ -351,7 +359,7 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
 
 def _read_only(path: Path) -> None:
     try:
-        os.chmod(path, 0o444)
+        os.chmod(path, 0o444, follow_symlinks=False)
     except OSError:
         pass
 

@@ -208,7 +208,7 @@ class Store(Layout):
             e.params = check_params(texts[PARAMS], ref)
         ctx = m.annotations.get(CONTEXT_ANNOTATION)
         if ctx is not None:
-            if not ctx.isdigit() or not 1 <= int(ctx) <= 1 << 24:
+            if not (ctx.isascii() and ctx.isdigit()) or not 1 <= int(ctx) <= 1 << 24:
                 raise ManifestError(f"{ref}: {CONTEXT_ANNOTATION} must be a positive integer, got {ctx[:40]!r}")
             e.context = int(ctx)
         return e
@@ -277,8 +277,8 @@ def check_params(text: str, ref: str) -> dict:
     """A package's params.json: sampling defaults by pocketlm's names (generation.*), plus "stop"."""
     try:
         doc = json.loads(text)
-    except ValueError:
-        raise ManifestError(f"{ref}: params.json is not JSON") from None
+    except (ValueError, RecursionError):
+        raise ManifestError(f"{ref}: params.json is not JSON (or nested too deep)") from None
     if not isinstance(doc, dict):
         raise ManifestError(f"{ref}: params.json must be an object")
     out = {}

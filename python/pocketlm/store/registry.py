@@ -119,7 +119,9 @@ class Registry:
                 if hasattr(body, "seek"):
                     body.seek(0)
                 conn.request(method, target, body=body, headers={"User-Agent": USER_AGENT, **headers})
-                return conn.getresponse()
+                resp = conn.getresponse()
+                resp._pocketlm_conn = conn  # _drain closes it when it cuts a response off
+                return resp
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
                 self._drop(u.scheme, u.netloc)
                 if attempt:
@@ -143,7 +145,9 @@ class Registry:
         authed = False
         for _ in range(8):
             u = urllib.parse.urlsplit(url)
-            own = u.netloc == self.host
+            if self.scheme == "https" and u.scheme != "https":
+                raise RegistryError(f"{self.host}: refused a redirect from HTTPS to {u.scheme}://{u.netloc}")
+            own = u.netloc == self.host and u.scheme == self.scheme
             h = dict(headers)
             if own and scope in self._auth:
                 h["Authorization"] = self._auth[scope]
@@ -172,8 +176,11 @@ class Registry:
         detail = ""
         try:
             errors = json.loads(data).get("errors") or []
-            detail = "; ".join(f"{e.get('code', '')}: {e.get('message', '')}" for e in errors[:3] if isinstance(e, dict))
-        except (ValueError, AttributeError):
+            if not isinstance(errors, list):
+                raise ValueError("errors is not a list")
+            detail = "; ".join(f"{str(e.get('code', ''))[:100]}: {str(e.get('message', ''))[:300]}"
+                               for e in errors[:3] if isinstance(e, dict))
+        except (ValueError, AttributeError, TypeError, RecursionError):
             detail = data[:200].decode(errors="replace").strip()
         path = urllib.parse.urlsplit(url).path
         hint = {401: " (credentials: $POCKETLM_REGISTRY_USERNAME/PASSWORD or ~/.docker/config.json)",
@@ -199,8 +206,9 @@ class Registry:
         query["scope"] = params.get("scope") or scope
         url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)
         u = urllib.parse.urlsplit(url)
-        if u.scheme not in ("http", "https"):
-            raise RegistryError(f"{self.host}: token realm {shown(realm)} is not an http(s) URL", 401)
+        if u.scheme not in ("http", "https") or (self.scheme == "https" and u.scheme != "https"):
+            raise RegistryError(f"{self.host}: token realm {shown(realm)} is not an https URL (credentials are "
+                                "sent to it; plain http only with --plain-http)", 401)
         h = {"Accept": "application/json"}
         if self.credentials:
             h["Authorization"] = "Basic " + base64.b64encode(
@@ -213,7 +221,7 @@ class Registry:
         try:
             doc = json.loads(data)
             token = doc.get("token") or doc.get("access_token")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             token = None
         if not isinstance(token, str) or not token or len(token) > 1 << 16:
             raise RegistryError(f"{self.host}: the token service {u.netloc} answered without a token", 401)
@@ -399,9 +407,19 @@ def _scope(repo: str, actions: str) -> str:
     return f"repository:{repo}:{actions}"
 
 
+DRAIN_LIMIT = 1 << 16
+
+
 def _drain(resp: http.client.HTTPResponse) -> None:
+    """Reads what is left of a response, at most DRAIN_LIMIT bytes: a longer one is cut off by
+    closing its connection (a hostile registry cannot make the client buffer it)."""
     try:
-        resp.read()
+        rest = resp.read(DRAIN_LIMIT + 1)
+        if len(rest) > DRAIN_LIMIT or not resp.isclosed():
+            resp.close()
+            conn = getattr(resp, "_pocketlm_conn", None)
+            if conn is not None:
+                conn.close()  # reopened by the next request
     except (OSError, http.client.HTTPException):
         pass
 
