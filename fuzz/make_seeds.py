@@ -1,7 +1,8 @@
 """Generates the fuzzers' binary seeds: `python fuzz/make_seeds.py [DIR]` (default
 ~/.cache/pocketlm/fuzz/seeds) writes DIR/bundle/seed-llama-{f32,int4}.plm and DIR/gguf/seed-llama.gguf
-(a tiny random llama, made with transformers and the test helpers) and, next to them, the input of
-every recipe in fuzz/corpus/{bundle,gguf}/*.json. Model files stay out of git: the committed corpus
+(a tiny random llama, made with transformers and the test helpers), DIR/session/seed-llama-f32.plms (a
+short conversation with the f32 one, saved) and, next to them, the input of every recipe in
+fuzz/corpus/{bundle,gguf,session}/*.json. Model files stay out of git: the committed corpus
 is the chat inputs and these recipes. scripts/fuzz.sh and tests/fuzz/test_corpus_replay.py call it."""
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def ensure_seeds(out: Path) -> Path:
             sys.path.insert(0, p)
     import targets
 
-    wanted = [targets.seed_path(out, kind, name) for kind, names in targets.SEEDS.items() for name in names]
+    wanted = [targets.seed_path(out, kind, name) for kind, names in targets.SEEDS.items() for name in names
+              if kind != "session"]
     if not all(p.exists() for p in wanted):
         from gguf_craft import write_gguf
         from testutil import make_hf_model
@@ -40,6 +42,9 @@ def ensure_seeds(out: Path) -> Path:
                 convert(hf, targets.seed_path(out, "bundle", f"llama-{quant}"), quant=quant, progress=False)
             write_gguf(targets.seed_path(out, "gguf", "llama"), model, hf, "llama",
                        {"attn_v.weight": "Q8_0", "ffn_up.weight": "Q4_0"})
+    if not targets.seed_path(out, "session", "llama-f32").exists():
+        targets.make_session_seed(out)
+    targets.SEEDS_DIR = out
     for kind in targets.SEEDS:
         for recipe in sorted((HERE / "corpus" / kind).glob("*.json")):
             data = targets.corpus_input(kind, recipe, out)

@@ -103,8 +103,9 @@ def check_gguf(data: bytes) -> str:
 #   gguf:   {"seed": "llama", "kv": {"llama.block_count": 4294967295}, "counts": {"tensors": 1},
 #            "tensors": {"token_embd.weight": {"offset": 32, "type": 99, "dims": [1, 2]}}}
 
-SEEDS = {"bundle": ("llama-f32", "llama-int4"), "gguf": ("llama",)}
-_SUFFIX = {"bundle": ".plm", "gguf": ".gguf"}
+SEEDS = {"bundle": ("llama-f32", "llama-int4"), "gguf": ("llama",), "session": ("llama-f32",)}
+_SUFFIX = {"bundle": ".plm", "gguf": ".gguf", "session": ".plms"}
+SEEDS_DIR = Path(os.environ.get("POCKETLM_FUZZ_SEEDS", Path.home() / ".cache" / "pocketlm" / "fuzz" / "seeds"))
 _HEADER_FIELDS = {"version": (8, "<I"), "header_size": (12, "<I"), "file_bytes": (16, "<Q"), "meta_offset": (24, "<Q"),
                   "meta_bytes": (32, "<Q"), "index_offset": (40, "<Q"), "index_bytes": (48, "<Q"),
                   "data_offset": (56, "<Q"), "data_bytes": (64, "<Q")}
@@ -163,6 +164,18 @@ def from_recipe(kind: str, recipe: dict, seeds: Path) -> bytes:
 
 def corpus_input(kind: str, path: Path, seeds: Path) -> bytes:
     """A corpus file's input: a recipe applied to its seed, or the file's bytes (chat inputs, crashers)."""
+    if kind == "session" and path.suffix == ".json":
+        recipe = json.loads(path.read_text())
+        header, kv = split_session(seed_path(seeds, "session", recipe["seed"]).read_bytes())
+        for p, value in recipe.get("header", {}).items():
+            parent, key = _walk(header, p)
+            parent[key] = value
+        for p in recipe.get("delete", []):
+            parent, key = _walk(header, p)
+            del parent[key]
+        if "kv_bytes" in recipe:
+            kv = kv[:recipe["kv_bytes"]] + bytes(max(0, recipe["kv_bytes"] - len(kv)))
+        return join_session(header, kv, recipe.get("kv_bytes_field"))
     if kind in ("bundle", "gguf") and path.suffix == ".json":
         return from_recipe(kind, json.loads(path.read_text()), seeds)
     return path.read_bytes()
@@ -569,6 +582,95 @@ def _safe(mutator):
     return mutate
 
 
+# ---- session files: Engine.load_session of a file, then a token from the session it gives ----
+def split_session(data: bytes) -> tuple[dict, bytes]:
+    """(header, KV bytes) of a well-formed session file (the mutator's and the recipes' starting point)."""
+    from pocketlm.session_file import _FIXED
+
+    _, _, n = _FIXED.unpack_from(data)
+    header = json.loads(data[_FIXED.size:_FIXED.size + n])
+    return header, data[_FIXED.size + n + 32:-32]
+
+
+def join_session(header: object, kv: bytes, kv_bytes_field: object = None) -> bytes:
+    """A session file of this header and KV bytes with both checksums right (kv_bytes set to the KV's
+    length unless the caller says otherwise), as a hostile author would write it."""
+    import hashlib
+
+    from pocketlm.session_file import _FIXED, MAGIC, VERSION
+
+    if isinstance(header, dict):
+        header = dict(header)
+        header["kv_bytes"] = len(kv) if kv_bytes_field is None else kv_bytes_field
+    head = _dump_json(header)
+    return (_FIXED.pack(MAGIC, VERSION, len(head)) + head + hashlib.sha256(head).digest() + kv +
+            hashlib.sha256(kv).digest())
+
+
+_SESSION_ENGINE = []
+
+
+def _session_engine():
+    if not _SESSION_ENGINE:
+        from pocketlm.engine import Engine
+
+        _SESSION_ENGINE.append(Engine(seed_path(SEEDS_DIR, "bundle", "llama-f32"), threads=1, max_context=64))
+    return _SESSION_ENGINE[0]
+
+
+def make_session_seed(seeds: Path) -> None:
+    """seeds/session/seed-llama-f32.plms: a 5-token conversation with the f32 seed bundle, saved."""
+    from pocketlm.engine import Engine
+
+    engine = Engine(seed_path(seeds, "bundle", "llama-f32"), threads=1, max_context=64)
+    session = engine.create_session()
+    "".join(session.generate("hello world", max_tokens=3, temperature=0))
+    (seeds / "session").mkdir(parents=True, exist_ok=True)
+    session.save(seed_path(seeds, "session", "llama-f32"), extra={"messages": [{"role": "user", "content": "hi"}]})
+
+
+def check_session(data: bytes) -> str:
+    """'generated' or 'refused: <error>': `data` as a session file of the f32 seed bundle, loaded and
+    then continued by one token."""
+    from pocketlm.errors import PocketLMError
+
+    path = _TMP / "fuzz.plms"
+    path.write_bytes(data)
+    try:
+        session = _session_engine().load_session(path)
+        "".join(session.generate(" more", max_tokens=1, temperature=0))
+    except PocketLMError as e:
+        return f"refused: {e}"
+    return "generated"
+
+
+def mutate_session(data: bytes, max_size: int, seed: int) -> bytes:
+    """Edits the header JSON (mutate_json) and writes the file again with right checksums; sometimes
+    cuts or extends the KV bytes (kv_bytes following them, or not); sometimes a byte-level mutation."""
+    rng = random.Random(seed)
+    try:
+        header, kv = split_session(data)
+    except Exception:  # not a well-formed file (a byte-level mutant): mutate it as bytes
+        header = None
+    if not isinstance(header, dict) or rng.random() < 0.1:
+        import atheris
+
+        return atheris.Mutate(data, max_size)
+    r = rng.random()
+    if r < 0.6:
+        header = mutate_json(header, rng)
+        return join_session(header, kv)[:max_size]
+    if r < 0.8:
+        cut = rng.choice([0, 1, len(kv) // 2, max(0, len(kv) - 1), len(kv) + 4, len(kv) * 2])
+        kv = kv[:cut] + bytes(max(0, cut - len(kv)))
+        return join_session(header, kv, None if rng.random() < 0.5 else rng.choice(INTERESTING_INTS))[:max_size]
+    kv = bytearray(kv)
+    for _ in range(rng.randint(1, 8)):
+        if kv:
+            kv[rng.randrange(len(kv))] = rng.randrange(256)
+    return join_session(header, bytes(kv))[:max_size]
+
+
 # ---- store manifests: an OCI layout folder pulled into a store, then its entry read ----
 # The input is JSON: {"manifest": <the manifest, as JSON>, "blobs": [<text of each blob>]}. Each
 # descriptor (config, layers, subject) with "blob": i and no "digest"/"size" gets the digest and size
@@ -659,4 +761,5 @@ TARGETS = {
     "chat": (check_chat, _safe(mutate_chat)),
     "signature": (check_signature, _safe(mutate_signature)),
     "manifest": (check_manifest, _safe(mutate_manifest)),
+    "session": (check_session, _safe(mutate_session)),
 }

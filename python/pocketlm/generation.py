@@ -59,8 +59,8 @@ class Generation:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
             raise InvalidInputError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
         self.max_tokens = int(max_tokens)
-        if stop is None:
-            stop = engine.default_stop  # a store package's PARAMETER stop
+        if not stop:
+            stop = engine.default_stop  # a store package's PARAMETER stop, when the request names none
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         if not all(isinstance(s, str) for s in stops):
             raise InvalidInputError(f"stop must be a string or a list of strings, got {stop!r}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from pocketlm.errors import BundleError
+from pocketlm.errors import BundleError, PocketLMError
 
 # name -> (python package, file inside it, pip requirement)
 KNOWN_MODELS = {
@@ -33,9 +33,15 @@ def store_entry(model: str):
     if not looks_like_reference(model) or not (store_dir() / "index.json").is_file():
         return None
     try:
-        return Store().entry(model)
+        store = Store()
+        store.lookup(model)
     except NotInStoreError:
         return None
+    except (PocketLMError, OSError):  # a damaged store: a known name still works; else say what is wrong
+        if model.lower() in KNOWN_MODELS:
+            return None
+        raise
+    return store.entry(model)
 
 
 def resolve_alias(model: str) -> Path:

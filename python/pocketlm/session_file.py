@@ -123,8 +123,8 @@ def load(engine, path: str | os.PathLike):
                                f"(Engine(..., kv_type={header.get('kv_type')!r}) reads it)")
     max_context = header.get("max_context")
     if not isinstance(max_context, int) or not 1 <= max_context <= engine.max_context:
-        raise SessionFileError(f"{path}: saved with a context of {max_context} tokens, more than this engine's "
-                               f"{engine.max_context}")
+        raise SessionFileError(f"{path}: saved with a context of {max_context} tokens; this engine reads sessions "
+                               f"of 1 to {engine.max_context}")
     shift = {"on_overflow": header.get("on_overflow", "error"), "keep": header.get("keep", 4),
              "discard": header.get("discard")}
     try:

@@ -1,7 +1,8 @@
 """The committed fuzz corpus (fuzz/corpus/), replayed through the same oracles the fuzzers use
 (fuzz/targets.py): a .plm through read_bundle, describe, Engine and one token; a .gguf through
 convert and then the bundle it wrote; a chat template through render_chat within its time limit; a
-signature through pocketlm.signing.verify; a model in an OCI layout through pull and the store.
+signature through pocketlm.signing.verify; a model in an OCI layout through pull and the store; a session
+file through Engine.load_session and one more token.
 Each input must pass or be refused with a PocketLMError; the seeds must go all the way through.
 Bundle and GGUF inputs are recipes (JSON edits of a generated tiny model, fuzz/make_seeds.py), so no
 model file is committed. Crashers found by scripts/fuzz.sh join the corpus once fixed."""
@@ -20,7 +21,7 @@ import make_seeds  # noqa: E402
 import plm_layout  # noqa: E402
 import targets  # noqa: E402
 
-RECIPES = [(kind, path) for kind in ("bundle", "gguf", "chat", "signature", "manifest")
+RECIPES = [(kind, path) for kind in ("bundle", "gguf", "chat", "signature", "manifest", "session")
            for path in sorted((FUZZ / "corpus" / kind).iterdir())]
 SEEDS = [(kind, name) for kind, names in targets.SEEDS.items() for name in names]
 
@@ -50,7 +51,7 @@ def test_corpus_input(seeds, kind, path):
 def test_corpus_is_small_and_has_no_model_files():
     assert sum(p.stat().st_size for _, p in RECIPES) < 1 << 20
     assert {p.suffix for _, p in RECIPES} == {".json"}
-    assert {k for k, _ in RECIPES} == {"bundle", "gguf", "chat", "signature", "manifest"}
+    assert {k for k, _ in RECIPES} == {"bundle", "gguf", "chat", "signature", "manifest", "session"}
 
 
 def test_resigned_edit_reaches_the_structural_checks(seeds, tmp_path):

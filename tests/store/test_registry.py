@@ -254,7 +254,9 @@ def test_oci_layout_round_trip(store, bundle, tmp_path):
 
 
 def test_cli_pull_push_list_show_rm(store, bundle, registry, tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    from testutil import child_env
+
+    env = child_env()
 
     def cli(*args, ok=True):
         p = subprocess.run([sys.executable, "-m", "pocketlm", *args], capture_output=True, text=True, env=env,
@@ -285,3 +287,41 @@ def test_cli_pull_push_list_show_rm(store, bundle, registry, tmp_path):
                                                                                      temperature=0)) + "\n"
     bad = cli("pull", f"{registry.host}/cli/missing:1", "--plain-http", ok=False).stderr
     assert "pocketlm: error:" in bad and "Traceback" not in bad
+
+
+def test_pull_by_tag_and_digest_is_named_by_the_tag(store, bundle, registry):
+    from pocketlm.store import pull, push
+
+    ref = f"{registry.host}/models/pinned:v1"
+    _, digest = store.add_model(ref, bundle)
+    push(ref, plain_http=True)
+    store.remove(ref)
+    r = pull(f"{ref}@{digest}", plain_http=True)
+    assert r.ref == ref and store.entry(ref).digest == digest
+    assert store.entry(f"{registry.host}/models/pinned@{digest}").digest == digest
+    from pocketlm.store import NotInStoreError
+
+    with pytest.raises(NotInStoreError):  # a digest names an entry only within its own repository
+        store.entry(f"{registry.host}/models/other@{digest}")
+
+
+def test_a_broken_referrer_does_not_stop_a_pull(store, bundle, registry, tmp_path):
+    """The fallback referrers tag lists a signature whose manifest is gone: the model still comes
+    (without it), and a trusted-keys policy then refuses it as unsigned."""
+    from pocketlm.signing import SignatureError, sign
+    from pocketlm.store import Registry as Client, pull, push
+
+    priv, pub = _keys(tmp_path)
+    sign(bundle, priv)
+    ref = f"{registry.host}/models/broken-sig:v1"
+    _, digest = store.add_model(ref, bundle, signature=(bundle.parent / (bundle.name + ".sig")).read_bytes())
+    (sig_digest,) = push(ref, plain_http=True).signatures
+    store.remove(ref)
+    c = Client(registry.host, plain_http=True)
+    resp = c.request("DELETE", f"/v2/models/broken-sig/manifests/{sig_digest}", "repository:models/broken-sig:delete",
+                     ok=(202,))
+    resp.read()
+    assert pull(ref, plain_http=True).signatures == []
+    store.remove(ref)
+    with pytest.raises(SignatureError, match="unsigned"):
+        pull(ref, plain_http=True, trusted_keys=pub)

@@ -158,3 +158,72 @@ def test_create_converts_a_source_with_quant(store, tmp_path):
     for t in ref.tensors:
         assert bytes(ours.tensor(t.name)) == bytes(ref.tensor(t.name))
     assert not [p for p in (store.root / "ingest").iterdir() if not p.name.startswith(".")]
+
+
+def test_push_into_a_layout_does_not_follow_planted_links(store, bundle, tmp_path):
+    """A hostile oci: folder with a symbolic link where the bundle's partial file goes: refused, and
+    the link's target is untouched."""
+    from pocketlm.store import push
+
+    store.add_model("m:v1", bundle)
+    out = tmp_path / "hostile"
+    (out / "blobs" / "sha256").mkdir(parents=True)
+    (out / "ingest").mkdir()
+    (out / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (out / "index.json").write_text('{"schemaVersion":2,"manifests":[]}')
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / "ingest" / hashlib.sha256(bundle.read_bytes()).hexdigest()).symlink_to(victim)
+    with pytest.raises(PocketLMError, match="not a plain file|Too many levels|symbolic"):
+        push("m:v1", f"oci:{out}:v1")
+    assert victim.read_text() == "precious" and oct(victim.stat().st_mode)[-3:] != "444"
+
+
+def test_rm_removes_a_damaged_entry_and_frees_its_blobs(store, bundle):
+    _, digest = store.add_model("m:v1", bundle)
+    store.add_model("n:v1", bundle, system="other")
+    m = json.loads(store.read_blob(digest, 1 << 20))
+    store.blob_path(m["layers"][0]["digest"]).unlink()  # its bundle is gone: it cannot run
+    with pytest.raises(PocketLMError, match="missing"):
+        store.entry("m:v1")
+    store.remove("m:v1")
+    with pytest.raises(PocketLMError):
+        store.lookup("m:v1")
+    path = store.blob_path(digest)
+    assert not path.exists()
+
+
+def test_package_stop_and_system_apply_when_the_request_has_none(store, bundle):
+    from pocketlm import Engine
+
+    store.add_model("p:v1", bundle, params={"stop": ["zzz-never"]}, system="S")
+    e = Engine("p:v1", threads=1, max_context=64)
+    from pocketlm.generation import Generation
+
+    assert Generation(e.create_session(), "a b", max_tokens=1).stops == ["zzz-never"]
+    assert Generation(e.create_session(), "a b", max_tokens=1, stop=["q"]).stops == ["q"]
+    assert e.apply_chat_template([{"role": "system", "content": "mine"}, {"role": "user", "content": "x"}]) == \
+        Engine(bundle, threads=1, max_context=64).apply_chat_template(
+            [{"role": "system", "content": "mine"}, {"role": "user", "content": "x"}])
+
+
+def test_plmfile_tabs_crlf_and_unicode_line_separators():
+    from pocketlm.store.plmfile import parse_plmfile
+
+    p = parse_plmfile("FROM\tm.plm\r\nPARAMETER\ttemperature\t0.5\r\nSYSTEM a\u2028b\n")
+    assert p.source == "m.plm" and p.params == {"temperature": 0.5} and p.system == "a\u2028b"
+
+
+def test_oci_folder_whose_name_has_a_colon(store, bundle, tmp_path):
+    from pocketlm.store import pull, push
+
+    store.add_model("m:v1", bundle)
+    folder = tmp_path / "models:2024"
+    folder.mkdir()
+    push("m:v1", f"oci:{folder}:v1")
+    r = pull(f"oci:{folder}:v1", name="copy:v1")
+    assert store.entry("copy:v1").digest == r.digest
+    push("m:v1", f"oci:{tmp_path / 'new'}:x")  # a folder that does not exist yet: DIR:TAG
+    assert json.loads((tmp_path / "new" / "index.json").read_text())["manifests"][0]["annotations"] == \
+        {"org.opencontainers.image.ref.name": "x"}
+    assert pull(f"oci:{folder}", name="again:v1").digest == r.digest  # the existing folder, its one manifest

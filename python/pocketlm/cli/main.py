@@ -702,8 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                     help="let web pages from this origin call the API (repeatable; '*' for any)")
     sv.add_argument("-t", "--threads", type=_threads, default=None, help=THREADS_HELP)
-    sv.add_argument("-c", "--ctx-size", type=_positive, default=4096,
-                    help="context of each conversation in tokens (default 4096)")
+    sv.add_argument("-c", "--ctx-size", type=_positive, default=None,
+                    help="context of each conversation in tokens (default: a store model's num_ctx, else 4096)")
     sv.add_argument("--max-sequences", type=_checked(int, lambda v: 1 <= v <= 256, "in 1..256"), default=16,
                     help="requests generating at once per model, batched into shared steps (default 16)")
     sv.add_argument("--pooling", choices=["mean", "last", "cls"], default=None,

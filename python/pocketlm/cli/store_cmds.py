@@ -72,19 +72,22 @@ def cmd_push(a: argparse.Namespace) -> int:
 
 
 def cmd_tag(a: argparse.Namespace) -> int:
-    from pocketlm.hub import store_entry
     from pocketlm.store import Store
 
-    store = Store()
-    if store_entry(a.src) is not None and not Path(a.src).expanduser().exists():
-        print(f"tagged {store.tag(a.src, a.dst)}")
+    if in_store(a.src):
+        print(f"tagged {Store().tag(a.src, a.dst)}")
         return 0
+    store = Store()
     from pocketlm.engine import resolve_model_path
     from pocketlm.signing import default_signature_path
 
     path = resolve_model_path(a.src)  # a file, a GGUF or HF folder (converted once), a known name
     sig = default_signature_path(path)
-    ref, digest = store.add_model(a.dst, path, signature=sig.read_bytes() if sig.is_file() else None)
+    from pocketlm.hub import resolve_alias
+
+    source = resolve_alias(a.src)  # the layer is titled by the source's name, not the cache's
+    title = (source.stem if source.is_file() else source.resolve().name) + ".plm"
+    ref, digest = store.add_model(a.dst, path, signature=sig.read_bytes() if sig.is_file() else None, title=title)
     print(f"tagged {ref} ({digest[:19]}) from {path}")
     return 0
 
@@ -165,11 +168,23 @@ def list_store() -> list[str]:
         "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
 
 
+def in_store(ref: str) -> bool:
+    """Whether the store names `ref` (damaged or not: rm must remove a damaged entry too)."""
+    from pocketlm.store import NotInStoreError, Store, looks_like_reference, store_dir
+
+    if Path(ref).expanduser().exists() or not looks_like_reference(ref) or not (store_dir() / "index.json").is_file():
+        return False
+    try:
+        Store().lookup(ref)
+    except NotInStoreError:
+        return False
+    return True
+
+
 def rm_from_store(ref: str) -> bool:
-    from pocketlm.hub import store_entry
     from pocketlm.store import Store
 
-    if store_entry(ref) is None:
+    if not in_store(ref):
         return False
     print(f"removed {Store().remove(ref)}")
     return True
@@ -177,19 +192,18 @@ def rm_from_store(ref: str) -> bool:
 
 def sign_store_entry(model: str, key: str, password=None) -> bool:
     """`pocketlm sign REF`: signs a store entry's bundle and attaches the signature to its manifest."""
-    from pocketlm.hub import store_entry
-    from pocketlm.signing import sign_bytes
-    from pocketlm.store import Store
+    from pocketlm.signing import file_sha256, sign_bytes
+    from pocketlm.store import DigestMismatchError, Store
     from pocketlm.store.manifest import MANIFEST, Descriptor
 
-    if Path(model).expanduser().exists():
-        return False
-    entry = store_entry(model)
-    if entry is None:
+    if not in_store(model):
         return False
     store = Store()
+    entry = store.entry(model)
     _, d = store.lookup(model)
     weight = entry.manifest.layer("application/vnd.cncf.model.weight.v1.raw")
+    if "sha256:" + file_sha256(entry.path) != weight.digest:  # sign only the bytes the manifest names
+        raise DigestMismatchError(f"{entry.ref}: its bundle {entry.path} changed on disk; pull or create it again")
     data = sign_bytes(entry.path, key, name=weight.title or "model.plm")
     store.add_signature(Descriptor(MANIFEST, d.digest, d.size), data, (weight.title or "model.plm") + ".sig")
     print(f"signed {entry.ref}: the signature is attached to it in the store (pushed with it)")

@@ -12,13 +12,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pocketlm.errors import InvalidInputError, StorageError
+from pocketlm.errors import InvalidInputError, PocketLMError, StorageError
 from pocketlm.store.layout import Layout
 from pocketlm.store.local import SUBJECT_ANNOTATION, Store
-from pocketlm.store.manifest import (DOCKER_MANIFEST, INDEX, MANIFEST, MAX_MANIFEST_BYTES, MODEL_ARTIFACT,
+from pocketlm.store.manifest import (DOCKER_MANIFEST, INDEX, MANIFEST, MAX_MANIFEST_BYTES, MAX_SMALL_LAYER, MODEL_ARTIFACT,
                                      MODEL_CONFIG, REF_NAME, SIGNATURE, WEIGHT, Descriptor, ManifestError,
                                      parse_manifest)
-from pocketlm.store.reference import DEFAULT_TAG, Reference, parse_reference
+from pocketlm.store.reference import DEFAULT_TAG, Reference, is_digest, parse_reference
 from pocketlm.store.registry import Registry, RegistryError
 
 OCI_PREFIX = "oci:"
@@ -163,9 +163,13 @@ def open_target(text: str, plain_http: bool = False, insecure: bool = False, cre
     """The remote `text` names, and the reference in it (a tag, a digest, or None)."""
     if text.startswith(OCI_PREFIX):
         folder, tag = text[len(OCI_PREFIX):], None
-        head, sep, tail = folder.rpartition(":")
-        if sep and _LAYOUT_TAG.match(tail) and "/" not in tail:
-            folder, tag = head, tail
+        head, at, digest = folder.rpartition("@")
+        if at and is_digest(digest):
+            folder, tag = head, digest
+        elif not Path(folder).is_dir():  # DIR:TAG, unless the whole of it is an existing folder
+            head, sep, tail = folder.rpartition(":")
+            if sep and _LAYOUT_TAG.match(tail) and "/" not in tail:
+                folder, tag = head, tail
         if not folder:
             raise InvalidInputError(f"{text}: an OCI layout is oci:DIR[:TAG]")
         return LayoutTarget(folder, tag, create), tag
@@ -191,8 +195,9 @@ def pull(src: str, store: Store | None = None, name: str | None = None, plain_ht
             base = re.sub(r"[^a-z0-9._-]+", "-", Path(src[len(OCI_PREFIX):].rsplit(":", 1)[0] if reference else
                                                   src[len(OCI_PREFIX):]).resolve().name.lower()).strip("-._") or "model"
             name = f"{base}:{reference or DEFAULT_TAG}"
-        else:
-            name = str(target.ref)
+        else:  # by tag (pinned by a digest too: checked, then named by the tag), or by digest alone
+            r = target.ref
+            name = str(r.with_tag(r.tag)) if r.tag and r.digest else str(r)
     local = parse_reference(name)
     try:
         with store.transfer_lock():
@@ -213,13 +218,23 @@ def pull(src: str, store: Store | None = None, name: str | None = None, plain_ht
             if stored != digest:
                 raise ManifestError(f"{target.where}: manifest digest mismatch")
             desc = Descriptor(MANIFEST, digest, len(data), {}, m.artifact_type)
-            for sd in target.referrers(digest):
-                sdata, sdigest = target.get_manifest(sd.digest)
-                sm = parse_manifest(sdata)
-                if sm.subject is None or sm.subject.digest != digest:
+            try:
+                referrers = target.referrers(digest)
+            except PocketLMError:  # no way to list them: no signatures (a trusted-keys policy then refuses)
+                referrers = []
+            for sd in referrers[:16]:
+                try:  # one broken or deleted signature does not stop the pull; the policy decides below
+                    sdata, sdigest = target.get_manifest(sd.digest)
+                    sm = parse_manifest(sdata)
+                    if sm.subject is None or sm.subject.digest != digest:
+                        continue
+                    blobs = [sm.config] + list(sm.layers)
+                    if any(d.size > MAX_SMALL_LAYER for d in blobs):
+                        continue
+                    for d in blobs:
+                        target.fetch_blob(d, store, None)
+                except PocketLMError:
                     continue
-                for d in [sm.config] + list(sm.layers):
-                    target.fetch_blob(d, store, None)
                 store.add_bytes(sdata)
                 store.add_untagged(Descriptor(MANIFEST, sdigest, len(sdata), {SUBJECT_ANNOTATION: digest}, SIGNATURE))
                 result.signatures.append(sdigest)

@@ -25,6 +25,7 @@ from pocketlm.errors import PocketLMError, StorageError
 from pocketlm.store.manifest import REF_NAME, Descriptor, ManifestError, index_json, parse_index
 from pocketlm.store.reference import is_digest
 
+MAX_INDEX_BYTES = 64 << 20  # index.json: ~200,000 entries
 LAYOUT_FILE = b'{"imageLayoutVersion":"1.0.0"}'
 CHUNK = 1 << 20
 
@@ -111,6 +112,11 @@ class Layout:
         """Copies a file in (hashing as it copies); returns (digest, size). A copy, not a link: the
         blob stays what it was when the file changes. move: `src` is a temporary file on this
         filesystem, hashed and renamed in."""
+        src_path = Path(src)
+        if src_path.parent.resolve() == (self.root / "blobs" / "sha256").resolve() and not move:
+            digest = "sha256:" + src_path.name  # a blob of this layout already (create FROM a store entry)
+            if self.has_blob(digest):
+                return digest, src_path.stat().st_size
         if move:
             digest, size = sha256_file(src)
             if self.has_blob(digest, size):
@@ -159,6 +165,9 @@ class Layout:
         partial file stays for the next attempt to continue. Two processes receiving the same blob
         take turns (a lock on the partial file)."""
         partial = self.root / "ingest" / hex_of(digest)
+        if self.has_blob(digest, size):
+            yield None
+            return
         try:  # never through a symbolic link a hostile layout folder planted: only our own regular file
             fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
             st = os.fstat(fd)
@@ -212,7 +221,10 @@ class Layout:
 
     def index(self) -> list[Descriptor]:
         try:
-            data = (self.root / "index.json").read_bytes()
+            with open(self.root / "index.json", "rb") as f:
+                data = f.read(MAX_INDEX_BYTES + 1)
+            if len(data) > MAX_INDEX_BYTES:
+                raise ManifestError(f"{self.root / 'index.json'} is larger than {MAX_INDEX_BYTES} bytes")
         except FileNotFoundError:
             return []
         except OSError as e:

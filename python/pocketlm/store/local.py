@@ -73,9 +73,10 @@ class Store(Layout):
 
     def lookup(self, ref: str | Reference) -> tuple[Reference, Descriptor]:
         r = parse_reference(ref) if isinstance(ref, str) else ref
-        if r.digest:
+        if r.digest:  # a name of this repository that holds this digest
             for d in self.index():
-                if d.digest == r.digest and not d.artifact_type == SIGNATURE:
+                name = d.annotations.get(REF_NAME)
+                if d.digest == r.digest and name is not None and _repository(name) == r.repository:
                     return r, d
         else:
             d = self.tagged(str(r))
@@ -103,7 +104,8 @@ class Store(Layout):
         with self.locked():
             index = self.index()
             keep = [x for x in index if not (x.annotations.get(REF_NAME) == str(r) or
-                                              (r.digest and x.digest == r.digest and REF_NAME in x.annotations))]
+                                              (r.digest and x.digest == r.digest and REF_NAME in x.annotations
+                                               and _repository(x.annotations[REF_NAME]) == r.repository))]
             self.write_index(keep)
         self.gc()
         return str(r)
@@ -122,6 +124,10 @@ class Store(Layout):
     def add_signature(self, subject: Descriptor, signature: bytes, title: str) -> str:
         """Stores a signature file as an artifact attached to the manifest `subject`; returns its
         manifest's digest."""
+        with self.transfer_lock():
+            return self._add_signature(subject, signature, title)
+
+    def _add_signature(self, subject: Descriptor, signature: bytes, title: str) -> str:
         config = Descriptor(EMPTY, self.add_bytes(b"{}"), 2)
         layer = Descriptor(SIGNATURE, self.add_bytes(signature), len(signature), {TITLE: title})
         data = manifest_json(config, [layer], SIGNATURE, {CREATED: _now()},
@@ -146,6 +152,13 @@ class Store(Layout):
         """Stores a .plm bundle (copied in; moved if `move`, a temporary file on the store's
         filesystem) with what a package adds, under `ref`; returns (the reference, the manifest's
         digest). `signature`: the bundle's detached signature, attached."""
+        with self.transfer_lock():
+            return self._add_model(ref, bundle, params=params, system=system, template=template,
+                                   license_text=license_text, context=context, title=title, progress=progress,
+                                   signature=signature, move=move)
+
+    def _add_model(self, ref, bundle, *, params, system, template, license_text, context, title, progress,
+                   signature, move) -> tuple[str, str]:
         from pocketlm.bundle import read_bundle
 
         r = parse_reference(ref)
@@ -239,18 +252,28 @@ class Store(Layout):
                     live.add(d.digest)
                     try:
                         m = self.manifest(d.digest)
-                    except (ManifestError, StorageError):
+                    except PocketLMError:  # damaged (changed on disk, missing): its blobs go
                         continue
                     live.add(m.config.digest)
                     live.update(x.digest for x in m.layers)
                 removed = []
                 for p in (self.root / "blobs" / "sha256").iterdir():
+                    if p.name.startswith("."):  # a write in progress (.HEX.tmp-PID)
+                        continue
                     if "sha256:" + p.name not in live:
                         try:
                             p.unlink()
                             removed.append("sha256:" + p.name)
                         except OSError:
                             pass
+                for p in (self.root / "ingest").iterdir():  # empty partials, and those of blobs now here
+                    try:
+                        if p.name.startswith("."):
+                            continue
+                        if p.stat().st_size == 0 or self.has_blob("sha256:" + p.name):
+                            p.unlink()
+                    except (OSError, PocketLMError):
+                        pass
                 return removed
         finally:
             os.close(fd)
@@ -258,6 +281,13 @@ class Store(Layout):
     def transfer_lock(self):
         """Held (shared) while a transfer adds blobs not yet named, so gc leaves them."""
         return _SharedLock(self.root / ".transfer")
+
+
+def _repository(name: str) -> str:
+    """The repository of a stored name ("host/ns/m:tag" or "m@sha256:..." -> "host/ns/m", "m")."""
+    name = name.split("@", 1)[0]
+    head, sep, tail = name.rpartition(":")
+    return head if sep and "/" not in tail else name
 
 
 class _SharedLock:
@@ -296,7 +326,7 @@ def check_params(text: str, ref: str) -> dict:
     return out
 
 
-PARAMETER_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "repeat_last_n", "max_tokens", "seed")
+PARAMETER_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_tokens", "seed")
 
 
 def model_config(meta: dict, diff_ids: list[str], name: str, license_text: str | None, n_params: int) -> bytes:

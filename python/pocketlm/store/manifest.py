@@ -96,6 +96,10 @@ class Manifest:
 def _str(v, what: str, limit: int = 4096) -> str:
     if not isinstance(v, str) or len(v) > limit:
         raise ManifestError(f"{what} must be a string of at most {limit} characters, got {shown(v)}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape: not text, cannot be stored
+        raise ManifestError(f"{what} is not valid Unicode (a lone surrogate)") from None
     return v
 
 

@@ -1,19 +1,22 @@
 '''Plmfile: a model package recipe, as Ollama's Modelfile (`pocketlm create NAME -f Plmfile`).
 
-    # comments and blank lines are ignored; instructions are case-insensitive
-    FROM ./qwen2.5-0.5b-instruct-q4_k_m.gguf   # a .gguf, a Hugging Face folder, a .plm, a store
-                                               # reference or a known model name (paths are relative
-                                               # to the Plmfile's folder)
-    QUANT int4                                 # convert a GGUF / HF source to f32|f16|int8|int4|keep
-    PARAMETER temperature 0.2                  # sampling defaults, Ollama's names or pocketlm's
-    PARAMETER num_ctx 8192                     # the context the model runs with
-    PARAMETER stop "<|im_end|>"                # repeatable
-    SYSTEM """You answer in one sentence."""   # the system prompt when a conversation has none
-    TEMPLATE """{% for m in messages %}..."""  # a Jinja chat template (transformers' convention,
-                                               # not Ollama's Go templates)
-    LICENSE """Apache-2.0"""                   # the license text (an SPDX id is recorded as one)
+    # A comment is a line starting with #; blank lines are ignored; instructions are case-insensitive.
+    # FROM: a .gguf, a Hugging Face folder, a .plm, a store reference or a known model name
+    # (paths relative to the Plmfile's folder).
+    FROM ./qwen2.5-0.5b-instruct-q4_k_m.gguf
+    # QUANT: convert a GGUF / Hugging Face source to f32, f16, int8, int4 or keep
+    QUANT int4
+    # PARAMETER: sampling defaults, by Ollama's names or pocketlm's; num_ctx the context; stop repeatable
+    PARAMETER temperature 0.2
+    PARAMETER num_ctx 8192
+    PARAMETER stop "<|im_end|>"
+    # SYSTEM: the system prompt when a conversation has none
+    SYSTEM """You answer in one sentence."""
+    # TEMPLATE: a Jinja chat template (transformers' convention, not Ollama's Go templates)
+    TEMPLATE """{% for m in messages %}..."""
+    LICENSE """Apache-2.0"""
 
-Values run to the end of the line, or between triple quotes over several lines; a double-quoted
+Values run to the end of the line (a # there is part of the value), or between triple quotes over several lines; a double-quoted
 value takes JSON escapes. The package is a store entry: its bundle plus small layers for the rest
 (pocketlm.store.manifest); FROM a store reference inherits that entry's parameters, system prompt,
 template and license, which the Plmfile's own lines override.
@@ -33,9 +36,9 @@ from pocketlm.metadata import generation_problem
 # Ollama's parameter names -> pocketlm's (generation.*), and the ones that are pocketlm's already
 PARAMETER_NAMES = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
                    "repeat_penalty": "repetition_penalty", "repetition_penalty": "repetition_penalty",
-                   "repeat_last_n": "repeat_last_n", "seed": "seed", "num_predict": "max_tokens",
+                   "seed": "seed", "num_predict": "max_tokens",
                    "max_tokens": "max_tokens", "num_ctx": "num_ctx", "stop": "stop"}
-_INTEGERS = {"top_k", "repeat_last_n", "seed", "max_tokens", "num_ctx"}
+_INTEGERS = {"top_k", "seed", "max_tokens", "num_ctx"}
 QUANTS = ("f32", "f16", "int8", "int4", "keep")
 MAX_PLMFILE = 1 << 20
 
@@ -91,7 +94,7 @@ def _value(text: str, lines: list[str], i: int, where: str) -> tuple[str, int]:
 def parse_plmfile(text: str, folder: str | os.PathLike = ".") -> Plmfile:
     if len(text) > MAX_PLMFILE:
         raise PlmfileError(f"a Plmfile is at most {MAX_PLMFILE} bytes")
-    lines = text.splitlines()
+    lines = text.replace("\r\n", "\n").split("\n")  # only newlines end lines (not U+2028 and the like)
     out: Plmfile | None = None
     pending: list[tuple[str, str, str]] = []
     seen: set[str] = set()
@@ -103,8 +106,8 @@ def parse_plmfile(text: str, folder: str | os.PathLike = ".") -> Plmfile:
         if not stripped or stripped.startswith("#"):
             i += 1
             continue
-        word, _, rest = stripped.partition(" ")
-        word = word.upper()
+        parts = stripped.split(None, 1)
+        word, rest = parts[0].upper(), (parts[1] if len(parts) > 1 else "")
         if word not in ("FROM", "QUANT", "PARAMETER", "SYSTEM", "TEMPLATE", "LICENSE"):
             raise PlmfileError(f"{where}: unknown instruction {word[:40]!r} (FROM, QUANT, PARAMETER, SYSTEM, "
                                "TEMPLATE, LICENSE; ADAPTER and MESSAGE are not supported)")
@@ -112,7 +115,8 @@ def parse_plmfile(text: str, folder: str | os.PathLike = ".") -> Plmfile:
             raise PlmfileError(f"{where}: a second {word}")
         seen.add(word)
         if word == "PARAMETER":
-            name, _, value_text = rest.strip().partition(" ")
+            parts = rest.split(None, 1)
+            name, value_text = (parts[0], parts[1]) if len(parts) > 1 else (rest.strip(), "")
             value, i = _value(value_text, lines, i, where)
             pending.append((where, name, value))
         else:

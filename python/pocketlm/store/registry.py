@@ -343,10 +343,10 @@ class Registry:
                 part.write(memoryview(buf)[:n])
                 if progress:
                     progress(n)
-        except (OSError, http.client.HTTPException) as e:
-            if isinstance(e, PocketLMError):
+        except BaseException as e:
+            self.close()  # the response was not read to its end: no connection is reused after it
+            if isinstance(e, PocketLMError) or not isinstance(e, (OSError, http.client.HTTPException)):
                 raise
-            self._drop(*urllib.parse.urlsplit(f"{self.scheme}://{self.host}")[:2])
             raise RegistryError(f"{self.host}: connection lost after {part.have} of {desc.size} bytes of "
                                 f"{desc.digest} ({e})") from None
         if part.have < desc.size:
