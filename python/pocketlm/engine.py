@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pocketlm import models
-from pocketlm.bundle import read_bundle
 from pocketlm.errors import BundleError, InvalidInputError, PocketLMError, UnsupportedModelError
 from pocketlm.ir.graph import Graph
 from pocketlm.ir.lower import lower
@@ -263,7 +262,7 @@ class Engine:
                  draft: str | os.PathLike | Engine | None = None, draft_max: int | None = None,
                  lookup: bool = False, prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB,
                  chat_template: str | None = None, sparse_layout: str = "auto",
-                 trusted_keys: str | os.PathLike | list | None = None):
+                 trusted_keys: str | os.PathLike | list | None = None, decryption_key: str | bytes | None = None):
         """Loads a .plm (or a .gguf, converted once into the cache, a model of the local store by its
         reference, e.g. "mymodel" or "localhost:5000/ns/model:tag", or a known model name). A store
         entry's package (Plmfile: sampling parameters, system prompt, chat template, context) applies
@@ -303,6 +302,10 @@ class Engine:
         docs/security.md), or the engine refuses it with SignatureError before reading any of it.
         A file verified once and unchanged since is not hashed again (pocketlm.signing.check_trusted).
 
+        decryption_key: for a bundle sealed with `pocketlm encrypt` (AES-256-GCM): a key provider,
+        "env:VAR", "file:PATH" or "keyring:SERVICE/USER", or the 32 key bytes (default:
+        $POCKETLM_DECRYPTION_KEY). The bundle is decrypted into memory (pocketlm.encryption).
+
         sparse_layout: sparse weights (2:4 and bitmask, docs/quant.md) "auto" (default: read in place
         where this CPU's sparse kernel is faster than the dense one, 2:4 on AVX-512 VBMI; expanded into
         dense weights at load elsewhere, dense speed at dense memory), "in-place" (read in place
@@ -324,7 +327,9 @@ class Engine:
             # the file given, before any conversion; a store entry's attached signatures
             self.signature = check_trusted_any(given, keys, entry.signatures if entry is not None else None)
         self.path = resolve_model_path(given)
-        self.bundle = read_bundle(self.path)
+        from pocketlm.encryption import open_bundle
+
+        self.bundle = open_bundle(self.path, decryption_key)  # read_bundle, decrypting a sealed one first
         if verify:
             problems = self.bundle.verify()
             if problems:
@@ -431,7 +436,7 @@ class Engine:
             draft_engine = draft if isinstance(draft, Engine) else Engine(
                 draft, threads=self.threads, max_context=self.max_context, kernels=kernels,
                 activations=activations, kv_type=kv_type, max_batch=self.max_batch, sparse_layout=sparse_layout,
-                trusted_keys=keys)
+                trusted_keys=keys, decryption_key=decryption_key)
             self.speculator = DraftModel(self, draft_engine)
         if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, int) or prefix_cache_mb < 0:
             raise ValueError(f"prefix_cache_mb must be an integer >= 0, got {prefix_cache_mb!r}")

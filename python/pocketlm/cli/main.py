@@ -1,5 +1,5 @@
-"""`pocketlm` command line: convert | run | chat | serve | inspect | sign | verify | bench | tokenize | perplexity |
-list | rm, and the model store's pull | push | show | tag | create (cli/store_cmds.py)."""
+"""`pocketlm` command line: convert | run | chat | serve | inspect | sign | verify | encrypt | bench | tokenize |
+perplexity | list | rm, and the model store's pull | push | show | tag | create (cli/store_cmds.py)."""
 
 from __future__ import annotations
 
@@ -54,8 +54,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     _add_kv_type(p)
     _add_sparse_layout(p)
     _add_trusted_keys(p)
+    _add_decryption_key(p)
     _add_speculative(p)
     _add_chat_template(p)
+
+
+def _add_decryption_key(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decryption-key", default=None, metavar="PROVIDER",
+                   help="the key of an encrypted bundle (pocketlm encrypt): env:VAR, file:PATH or keyring:SERVICE/USER "
+                        "(default $POCKETLM_DECRYPTION_KEY)")
 
 
 def _add_trusted_keys(p: argparse.ArgumentParser) -> None:
@@ -195,7 +202,7 @@ def _load(a: argparse.Namespace):
 
     return Engine(a.model, threads=a.threads, max_context=a.ctx_size, activations=a.activations, kv_type=a.kv_type,
                   draft=a.draft, lookup=a.lookup, draft_max=a.draft_max, chat_template=_chat_template(a),
-                  sparse_layout=a.sparse_layout, trusted_keys=a.trusted_keys)
+                  sparse_layout=a.sparse_layout, trusted_keys=a.trusted_keys, decryption_key=a.decryption_key)
 
 
 def _chat_template(a: argparse.Namespace) -> str | None:
@@ -315,7 +322,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                  threads=a.threads, max_context=a.ctx_size, activations=a.activations, kv_type=a.kv_type,
                  max_batch=a.max_sequences, max_queue=a.max_queue, draft=a.draft, lookup=a.lookup,
                  draft_max=a.draft_max, chat_template=_chat_template(a), sparse_layout=a.sparse_layout,
-                 trusted_keys=a.trusted_keys)
+                 trusted_keys=a.trusted_keys, decryption_key=a.decryption_key)
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
@@ -431,6 +438,20 @@ def cmd_sign(a: argparse.Namespace) -> int:
         return 0
     out = sign(a.model, a.key, a.signature)
     print(f"signed {a.model}: {out}")
+    return 0
+
+
+def cmd_encrypt(a: argparse.Namespace) -> int:
+    from pocketlm.encryption import encrypt, new_key_file
+
+    key = a.key
+    if a.new_key:
+        key = f"file:{new_key_file(a.new_key)}"
+        print(f"wrote a new key to {a.new_key} (keep it apart from the model: whoever has it can read the model)")
+    if key is None:
+        raise UsageError("give --key PROVIDER (env:VAR, file:PATH, keyring:SERVICE/USER) or --new-key FILE")
+    out = encrypt(a.model, a.output or f"{a.model}.enc", key)
+    print(f"encrypted {a.model}: {out} (AES-256-GCM; run it with --decryption-key)")
     return 0
 
 
@@ -715,6 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kv_type(sv)
     _add_sparse_layout(sv)
     _add_trusted_keys(sv)
+    _add_decryption_key(sv)
     _add_chat_template(sv)
     _add_speculative(sv)
     sv.set_defaults(func=cmd_serve)
@@ -725,6 +747,13 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--key", required=True, metavar="PRIVATE.pem", help="a PEM elliptic-curve private key (P-256/384/521)")
     sg.add_argument("--signature", default=None, metavar="PATH", help="where to write it (default MODEL.sig)")
     sg.set_defaults(func=cmd_sign)
+
+    en = sub.add_parser("encrypt", help="seal a bundle with AES-256-GCM (encryption at rest, docs/security.md)")
+    en.add_argument("model", help="the .plm bundle")
+    en.add_argument("-o", "--output", default=None, help="the sealed file (default MODEL.enc)")
+    en.add_argument("--key", default=None, metavar="PROVIDER", help="env:VAR, file:PATH or keyring:SERVICE/USER")
+    en.add_argument("--new-key", default=None, metavar="FILE", help="make a new random key in FILE (mode 0600) and use it")
+    en.set_defaults(func=cmd_encrypt)
 
     vf = sub.add_parser("verify", help="check a model file's signature; exit 0 only if a trusted key signed "
                                        "exactly these bytes")

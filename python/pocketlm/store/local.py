@@ -164,10 +164,16 @@ class Store(Layout):
         r = parse_reference(ref)
         if r.digest:
             raise InvalidInputError(f"{ref}: name a model to create by a tag, not a digest")
-        opened = read_bundle(bundle)  # a bundle that does not open is refused before it is stored
-        meta = opened.metadata
-        n_params = sum(math.prod(t.shape) for t in opened.tensors)
-        del opened
+        from pocketlm.encryption import is_encrypted, read_header
+
+        if is_encrypted(bundle):  # sealed: its metadata is secret too; the header is checked
+            read_header(bundle)
+            meta, n_params = {"quantization": {}, "architecture": ""}, 0
+        else:
+            opened = read_bundle(bundle)  # a bundle that does not open is refused before it is stored
+            meta = opened.metadata
+            n_params = sum(math.prod(t.shape) for t in opened.tensors)
+            del opened
         digest, size = self.add_file(bundle, progress, move=move)
         name = title or Path(bundle).name
         if not name.endswith(".plm"):
