@@ -325,3 +325,4 @@ def test_a_broken_referrer_does_not_stop_a_pull(store, bundle, registry, tmp_pat
     store.remove(ref)
     with pytest.raises(SignatureError, match="unsigned"):
         pull(ref, plain_http=True, trusted_keys=pub)
+

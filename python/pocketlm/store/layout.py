@@ -25,6 +25,7 @@ from pocketlm.errors import PocketLMError, StorageError
 from pocketlm.store.manifest import REF_NAME, Descriptor, ManifestError, index_json, parse_index
 from pocketlm.store.reference import is_digest
 
+WRITE_PIECE = 64 << 10
 MAX_INDEX_BYTES = 64 << 20  # index.json: ~200,000 entries
 LAYOUT_FILE = b'{"imageLayoutVersion":"1.0.0"}'
 CHUNK = 1 << 20
@@ -310,10 +311,11 @@ class Partial:
 
     def write(self, view) -> None:
         """Appends `view`, a piece of the buffer next_buffer() last returned."""
-        try:
+        try:  # in 64 KiB writes: 1 MiB ones made the first pull after a push ~2x slower here, the
+            # kernel's page-cache copy (copy_folio_from_iter_atomic) taking 1.0-1.3 s instead of ~0.1
             done = 0
             while done < len(view):
-                done += self.f.write(view[done:])
+                done += self.f.write(view[done:done + WRITE_PIECE])
         except OSError as e:
             raise storage_error(self.name, e) from e
         self._hash(view)
