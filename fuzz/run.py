@@ -15,8 +15,17 @@ with atheris.instrument_imports(include=["pocketlm", "jinja2"]):
     import pocketlm.chat_sandbox  # noqa: F401
     import pocketlm.convert  # noqa: F401
     import pocketlm.engine  # noqa: F401
+    import pocketlm.generation  # noqa: F401
+    import pocketlm.kv_cache  # noqa: F401
+    import pocketlm.scheduler  # noqa: F401
+    import pocketlm.session  # noqa: F401
+    import pocketlm.session_file  # noqa: F401
     import pocketlm.signing  # noqa: F401
     import pocketlm.store  # noqa: F401
+    import pocketlm.store.plmfile  # noqa: F401
+    import pocketlm.server.app  # noqa: F401
+    import pocketlm.server.ollama_api  # noqa: F401
+    import pocketlm.server.openai_api  # noqa: F401
 
 import targets  # noqa: E402
 

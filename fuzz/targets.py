@@ -671,6 +671,77 @@ def mutate_session(data: bytes, max_size: int, seed: int) -> bytes:
     return join_session(header, bytes(kv))[:max_size]
 
 
+# ---- server requests: a JSON body to one of the server's POST routes, through the ASGI app ----
+# The input is JSON {"route": one of SERVER_ROUTES, "body": <the request body, any JSON>}, or raw
+# bytes sent as the body of /v1/chat/completions. Any answer is fine but a 500 (an unhandled error:
+# the server's catch-all turns it into an OpenAI-shaped 500, the fuzzer's finding) or one that is not
+# JSON (or an event stream) on an error.
+SERVER_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/apply-template", "/api/chat",
+                 "/api/generate", "/api/embed", "/api/show")
+_SERVER = []
+
+
+class ServerFinding(Exception):
+    """The server answered 500 or a malformed error: a bug (the fuzzer reports this exception)."""
+
+
+def _server_client():
+    if not _SERVER:
+        from starlette.testclient import TestClient
+
+        from pocketlm.engine import Engine
+        from pocketlm.server.app import create_app
+        from pocketlm.server.models import ModelRegistry, ServedModel
+
+        engine = Engine(seed_path(SEEDS_DIR, "bundle", "llama-f32"), threads=1, max_context=64, max_queue=4)
+        app = create_app(ModelRegistry([ServedModel("tiny", engine)]))
+        _SERVER.append(TestClient(app, raise_server_exceptions=False))
+    return _SERVER[0]
+
+
+def check_server(data: bytes) -> str:
+    """'<status>' of the request `data` describes; raises ServerFinding on a 500 or a malformed error."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        doc = None
+    if isinstance(doc, dict) and doc.get("route") in SERVER_ROUTES and "body" in doc:
+        route = doc["route"]
+        try:
+            body = json.dumps(doc["body"]).encode()
+        except (ValueError, RecursionError):
+            body = b"{"
+    else:
+        route, body = SERVER_ROUTES[0], data
+    r = _server_client().post(route, content=body, headers={"Content-Type": "application/json"})
+    if r.status_code >= 500 and r.status_code != 503:  # 503: a full queue, by design
+        raise ServerFinding(f"{route}: HTTP {r.status_code}: {r.text[:500]}")
+    if r.status_code >= 400:
+        try:
+            json.loads(r.content)
+        except ValueError:
+            raise ServerFinding(f"{route}: HTTP {r.status_code} with a body that is not JSON: {r.text[:200]!r}") from None
+    return str(r.status_code)
+
+
+def mutate_server(data: bytes, max_size: int, seed: int) -> bytes:
+    """mutate_json on the request (its route, or any value in its body); sometimes a byte mutation."""
+    rng = random.Random(seed)
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict) or rng.random() < 0.1:
+        import atheris
+
+        return atheris.Mutate(data, max_size)
+    if rng.random() < 0.05:
+        doc["route"] = rng.choice(SERVER_ROUTES)
+    else:
+        doc = mutate_json(doc, rng)
+    return _dump_json(doc)[:max_size]
+
+
 # ---- store manifests: an OCI layout folder pulled into a store, then its entry read ----
 # The input is JSON: {"manifest": <the manifest, as JSON>, "blobs": [<text of each blob>]}. Each
 # descriptor (config, layers, subject) with "blob": i and no "digest"/"size" gets the digest and size
@@ -762,4 +833,5 @@ TARGETS = {
     "signature": (check_signature, _safe(mutate_signature)),
     "manifest": (check_manifest, _safe(mutate_manifest)),
     "session": (check_session, _safe(mutate_session)),
+    "server": (check_server, _safe(mutate_server)),
 }
