@@ -319,6 +319,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise InvalidInputError("--draft drafts for one model: serve the others from another process")
     api_key = a.api_key if a.api_key is not None else os.environ.get("POCKETLM_API_KEY") or None
     return serve(a.models, host=a.host, port=a.port, api_key=api_key, cors_origins=a.cors_origin, pooling=a.pooling,
+                 max_tokens_limit=a.max_tokens_limit,
                  threads=a.threads, max_context=a.ctx_size, activations=a.activations, kv_type=a.kv_type,
                  max_batch=a.max_sequences, max_queue=a.max_queue, draft=a.draft, lookup=a.lookup,
                  draft_max=a.draft_max, chat_template=_chat_template(a), sparse_layout=a.sparse_layout,
@@ -730,6 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--pooling", choices=["mean", "last", "cls"], default=None,
                     help="embeddings: pool the tokens' final hidden states by their mean, the last token's or the "
                          "first's (default: an embedding model's own, mean for the others)")
+    sv.add_argument("--max-tokens-limit", type=_positive, default=None, metavar="N",
+                    help="the most tokens one request may ask for (default: 4 x the context; an answer past the "
+                         "context shifts it)")
     sv.add_argument("--max-queue", type=_count, default=256,
                     help="requests that may wait behind them before the server answers 503 (default 256)")
     _add_activations(sv, default="auto")

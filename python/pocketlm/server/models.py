@@ -27,12 +27,18 @@ def model_id(spec: str | os.PathLike) -> str:
     return path.stem if path.suffix.lower() in (".plm", ".gguf") else text
 
 
+MAX_TOKENS_PER_CONTEXT = 4  # the default answer limit: four contexts' worth (a shifting answer's longest)
+
+
 @dataclass
 class ServedModel:
     id: str
     engine: Any  # pocketlm.Engine
     created: int = field(default_factory=lambda: int(time.time()))
     pooling: str | None = None  # how embeddings pool the tokens' hidden states (None: the model's own, Engine.embed)
+    # the most tokens one answer may ask for (answers past the context shift it, so without a bound one
+    # request could hold a sequence for 2^32 tokens); None: MAX_TOKENS_PER_CONTEXT x the context
+    max_tokens_limit: int | None = None
 
     def __post_init__(self):
         from concurrent.futures import ThreadPoolExecutor
@@ -146,6 +152,10 @@ class ServedModel:
                            code="context_length_exceeded")
         if max_tokens is None:  # up to the end of the context, as OpenAI and llama-server
             max_tokens = engine.max_context - len(ids)
+        limit = self.max_tokens_limit or MAX_TOKENS_PER_CONTEXT * engine.max_context
+        if max_tokens > limit:
+            raise APIError(400, f"max_tokens is {max_tokens}; this server answers at most {limit} tokens per request "
+                                f"for {self.id} (serve --max-tokens-limit)", param="max_tokens")
         try:
             shift = {"on_overflow": "shift", "keep": min(keep, len(ids))} if self.shifts else {}
             return engine.submit(ids, max_tokens=max_tokens, stop=stop, add_special_tokens=False,

@@ -27,19 +27,21 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def load_models(specs: list[str], pooling: str | None = None, **engine_kwargs) -> ModelRegistry:
+def load_models(specs: list[str], pooling: str | None = None, max_tokens_limit: int | None = None,
+                **engine_kwargs) -> ModelRegistry:
     from pocketlm.engine import Engine
 
     served = []
     for spec in specs:
         print(f"pocketlm: loading {spec} ...", file=sys.stderr, flush=True)
         engine = Engine(spec, **engine_kwargs)
-        served.append(ServedModel(model_id(spec), engine, pooling=pooling))
+        served.append(ServedModel(model_id(spec), engine, pooling=pooling, max_tokens_limit=max_tokens_limit))
     return ModelRegistry(served)
 
 
 def serve(specs: list[str], *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
-          cors_origins: list[str] | None = None, pooling: str | None = None, **engine_kwargs) -> int:
+          cors_origins: list[str] | None = None, pooling: str | None = None, max_tokens_limit: int | None = None,
+          **engine_kwargs) -> int:
     """Serves the models until a stop signal; returns the exit status (0 after SIGTERM, 130 after Ctrl-C).
     Prints `pocketlm: listening on http://HOST:PORT` on standard error once it accepts connections
     (with the port the system chose for port 0)."""
@@ -50,7 +52,7 @@ def serve(specs: list[str], *, host: str = "127.0.0.1", port: int = 8080, api_ke
                           "(FastAPI and uvicorn)") from None
     from pocketlm.server.app import create_app
 
-    registry = load_models(specs, pooling=pooling, **engine_kwargs)
+    registry = load_models(specs, pooling=pooling, max_tokens_limit=max_tokens_limit, **engine_kwargs)
     app = create_app(registry, api_key=api_key, cors_origins=cors_origins)
     state = app.state.pocketlm
     handler = logging.StreamHandler(sys.stderr)
