@@ -636,8 +636,9 @@ def check_session(data: bytes) -> str:
 
     path = _TMP / "fuzz.plms"
     path.write_bytes(data)
+    engine = _session_engine()  # outside the try: a missing seed bundle is the harness's error, not a refusal
     try:
-        session = _session_engine().load_session(path)
+        session = engine.load_session(path)
         "".join(session.generate(" more", max_tokens=1, temperature=0))
     except PocketLMError as e:
         return f"refused: {e}"
@@ -657,6 +658,17 @@ def mutate_session(data: bytes, max_size: int, seed: int) -> bytes:
 
         return atheris.Mutate(data, max_size)
     r = rng.random()
+    if r < 0.05:  # the whole header replaced: another type, or nested past any recursion limit
+        deep = rng.randint(900, 5000)
+        return join_session(rng.choice([_interesting(rng, header), "[" * deep + "]" * deep, [header]]), kv)[:max_size]
+    if r < 0.15 and isinstance(header.get("end"), int) and header["end"] > 0:
+        # another `end` with the KV bytes resized to match it (per position: the seed's bytes / its end),
+        # so that the KV import and the positions' checks behind the size check are reached
+        per = len(kv) // header["end"]
+        end = rng.choice([0, 1, header["end"] - 1, header["end"] + 1, 63, 64, 65, 1000])
+        header = dict(header, end=end, valid=min(end, header.get("valid", end)) if rng.random() < 0.5 else end)
+        kv = (kv * (end // max(1, header.get("end", 1)) + 2))[:per * end]
+        return join_session(header, kv)[:max_size]
     if r < 0.6:
         header = mutate_json(header, rng)
         return join_session(header, kv)[:max_size]

@@ -143,3 +143,29 @@ def test_cli_encrypt_run_and_sign(bundle, tmp_path):
               str(tmp_path / "pub.pem"), "--decryption-key", f"file:{tmp_path / 'key'}").stdout
     assert out == "a b c" + _text(bundle) + "\n"
     assert not os.path.exists(tmp_path / "m.plm")
+
+
+def test_review_edges(bundle, tmp_path, monkeypatch):
+    """A passphrase is not a key, a key put where a provider goes is never echoed, an explicit key
+    refuses a plain bundle swapped in, a FIFO does not hang the check, and the calibration cache of a
+    sealed bundle is not named by its plaintext."""
+    from pocketlm import Engine
+    from pocketlm.calibration import bundle_key, cache_dir
+    from pocketlm.encryption import is_encrypted, key_from_provider
+
+    monkeypatch.setenv("PASS", "my-company-model-password-2026!!")  # 32 printable characters
+    with pytest.raises(PocketLMError, match="not a 256-bit key"):
+        key_from_provider("env:PASS")
+    with pytest.raises(PocketLMError) as e:
+        key_from_provider(KEY.hex())
+    assert KEY.hex() not in str(e.value)
+    with pytest.raises(DecryptionError, match="not encrypted"):
+        Engine(bundle, threads=1, max_context=64, decryption_key=KEY)
+    fifo = tmp_path / "fifo.plm"
+    os.mkfifo(fifo)
+    assert not is_encrypted(fifo)
+    monkeypatch.setenv("POCKETLM_CALIBRATION_DIR", str(tmp_path / "calib"))
+    sealed = encrypt(bundle, tmp_path / "m.enc", KEY)
+    Engine(sealed, threads=1, max_context=64, decryption_key=KEY, activations="auto")
+    names = {p.stem for p in cache_dir().glob("*.json")}
+    assert bundle_key(bundle) not in names

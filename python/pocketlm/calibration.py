@@ -60,16 +60,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("POCKETLM_CACHE", Path.home() / ".cache" / "pocketlm")).expanduser() / "calibration"
 
 
-def bundle_key(path: str | os.PathLike) -> str:
+def bundle_key(path: str | os.PathLike, secret: bytes | None = None) -> str:
+    """The cache name of a bundle: its header's SHA-256, or an HMAC of it under `secret` (a decrypted
+    bundle's, pocketlm.encryption: the name then says nothing about the plaintext)."""
+    import hmac
+
     from pocketlm.bundle.layout import HEADER_BYTES
 
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read(HEADER_BYTES)).hexdigest()[:32]
+        head = f.read(HEADER_BYTES)
+    if secret is not None:
+        return hmac.new(secret, head, hashlib.sha256).hexdigest()[:32]
+    return hashlib.sha256(head).hexdigest()[:32]
 
 
-def cached(path: str | os.PathLike) -> dict | None:
+def cached(path: str | os.PathLike, secret: bytes | None = None) -> dict | None:
     try:
-        entry = json.loads((cache_dir() / f"{bundle_key(path)}.json").read_text())
+        entry = json.loads((cache_dir() / f"{bundle_key(path, secret)}.json").read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(entry, dict) or entry.get("version") != VERSION or \
@@ -78,14 +85,14 @@ def cached(path: str | os.PathLike) -> dict | None:
     return entry
 
 
-def _store(path, entry: dict) -> None:
+def _store(path, entry: dict, secret: bytes | None = None) -> None:
     d = cache_dir()
     try:
         d.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
         with os.fdopen(fd, "w") as f:
             json.dump(entry, f, indent=1)
-        os.replace(tmp, d / f"{bundle_key(path)}.json")
+        os.replace(tmp, d / f"{bundle_key(path, secret)}.json")
     except OSError:
         pass  # a read-only cache: calibrate again next time
 
@@ -154,8 +161,9 @@ def _choose(ref: np.ndarray, run, n_tokens: int) -> dict:
 def resolve_auto(bundle, tokenizer, threads: int, kernels: str = "", sparse_layout: str = "auto") -> tuple[str, dict]:
     """(the spec "auto" stands for on this bundle, the calibration entry), calibrating and caching
     it if needed (with the engine's kernels and sparse layout: the programs it runs are its own)."""
-    entry = cached(bundle.path)
+    secret = getattr(bundle, "cache_secret", None)
+    entry = cached(bundle.path, secret)
     if entry is None:
         entry = calibrate(bundle, tokenizer, threads, kernels, sparse_layout)
-        _store(bundle.path, entry)
+        _store(bundle.path, entry, secret)
     return "auto:" + auto_spec(entry["two_level"]), entry

@@ -32,6 +32,7 @@ import hashlib
 import json
 import mmap
 import os
+import stat
 import struct
 import weakref
 from pathlib import Path
@@ -51,26 +52,37 @@ class DecryptionError(PocketLMError, ValueError):
 
 
 def is_encrypted(path: str | os.PathLike) -> bool:
+    """Whether `path` is a regular file that starts as a sealed bundle (never blocks on a FIFO)."""
     try:
-        with open(path, "rb") as f:
-            return f.read(8) == MAGIC
-    except (IsADirectoryError, OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
         return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        return os.pread(fd, 8, 0) == MAGIC
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _aesgcm():
+    """(AESGCM, InvalidTag) from `cryptography`, or DecryptionError saying how to install it."""
     try:
+        from cryptography.exceptions import InvalidTag
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     except ImportError:
         raise DecryptionError("encrypted bundles need the `cryptography` package: pip install 'pocketlm[sign]'") \
             from None
-    return AESGCM
+    return AESGCM, InvalidTag
 
 
-def parse_key(text: bytes | str, where: str) -> bytes:
-    """32 key bytes from raw bytes, 64 hex digits or base64 text (whitespace around it ignored)."""
+def parse_key(text: bytes | str, where: str, raw_ok: bool = False) -> bytes:
+    """32 key bytes from 64 hex digits or base64 of 32 bytes (whitespace around them ignored), or, from a
+    key file (raw_ok), 32 raw bytes that are not printable text (a passphrase is not a key)."""
     raw = text.encode() if isinstance(text, str) else bytes(text)
-    if len(raw) == 32 and not raw.strip().isalnum():
+    if raw_ok and len(raw) == 32 and not all(32 <= b < 127 or b in (9, 10, 13) for b in raw):
         return raw
     s = raw.strip()
     if len(s) == 64:
@@ -84,8 +96,6 @@ def parse_key(text: bytes | str, where: str) -> bytes:
             return key
     except (binascii.Error, ValueError):
         pass
-    if len(raw) == 32:
-        return raw
     raise InvalidInputError(f"{where}: not a 256-bit key (32 raw bytes, 64 hex digits or base64 of 32 bytes)")
 
 
@@ -96,8 +106,9 @@ def key_from_provider(spec: str | bytes) -> bytes:
             raise InvalidInputError("a key given as bytes must be 32 bytes (AES-256)")
         return bytes(spec)
     kind, sep, rest = str(spec).partition(":")
-    if not sep or not rest:
-        raise InvalidInputError(f"key provider {str(spec)[:80]!r}: use env:VAR, file:PATH or keyring:SERVICE/USER")
+    if not sep or not rest:  # (never echoed: it may be the key itself, put where a provider goes)
+        raise InvalidInputError("a key provider is env:VAR, file:PATH or keyring:SERVICE/USER (the value given is "
+                                "none of these; if it is the key itself, put it in a variable and give env:VAR)")
     if kind == "env":
         value = os.environ.get(rest)
         if not value:
@@ -105,7 +116,7 @@ def key_from_provider(spec: str | bytes) -> bytes:
         return parse_key(value, f"${rest}")
     if kind == "file":
         try:
-            return parse_key(Path(rest).expanduser().read_bytes()[:4096], rest)
+            return parse_key(Path(rest).expanduser().read_bytes()[:4096], rest, raw_ok=True)
         except OSError as e:
             raise DecryptionError(f"key provider file:{rest}: cannot read it: {e.strerror or e}") from None
     if kind == "keyring":
@@ -123,7 +134,8 @@ def key_from_provider(spec: str | bytes) -> bytes:
         if not value:
             raise DecryptionError(f"key provider keyring:{rest}: no such entry in the keyring")
         return parse_key(value, f"keyring:{rest}")
-    raise InvalidInputError(f"key provider {kind!r}: use env:VAR, file:PATH or keyring:SERVICE/USER")
+    raise InvalidInputError("a key provider is env:VAR, file:PATH or keyring:SERVICE/USER (the value given starts "
+                            "with none of these)")
 
 
 def key_id(key: bytes) -> str:
@@ -153,7 +165,7 @@ def encrypt(src: str | os.PathLike, out: str | os.PathLike, key: str | bytes, ch
     from pocketlm.bundle import read_bundle
     from pocketlm.bundle.atomic import Sink, replacing
 
-    aes = _aesgcm()(key := key_from_provider(key))
+    aes = _aesgcm()[0](key := key_from_provider(key))
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
         raise InvalidInputError(f"{out}: encrypting in place would destroy the bundle; name another file")
@@ -207,11 +219,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict, bytes, int]:
 
 def open_decrypted(path: str | os.PathLike, key: str | bytes) -> tuple[int, str]:
     """Decrypts `path` into an anonymous memory file; returns (its descriptor, a path that opens it:
-    /proc/self/fd/N). The caller closes the descriptor once the bundle is mapped. DecryptionError on
+    /proc/self/fd/N). The caller keeps the descriptor open while anything may open that path (open_bundle:
+    as long as the bundle). DecryptionError on
     a wrong key or any changed byte (nothing of the plaintext is then kept)."""
-    from cryptography.exceptions import InvalidTag
-
-    aes_class = _aesgcm()
+    aes_class, InvalidTag = _aesgcm()
     key = key_from_provider(key)
     h, head, offset = read_header(path)
     if h["key_id"] != key_id(key):
@@ -226,7 +237,10 @@ def open_decrypted(path: str | os.PathLike, key: str | bytes) -> tuple[int, str]
         raise DecryptionError(f"{path}: {actual} bytes where its header says {expected} (truncated or extended)")
     if not hasattr(os, "memfd_create"):
         raise DecryptionError("encrypted bundles open into anonymous memory (memfd), which this OS lacks")
-    fd = os.memfd_create("pocketlm-decrypted", os.MFD_CLOEXEC)
+    try:
+        fd = os.memfd_create("pocketlm-decrypted", os.MFD_CLOEXEC)
+    except OSError as e:
+        raise DecryptionError(f"{path}: no memory file to decrypt into: {e.strerror or e}") from None
     try:
         os.ftruncate(fd, size)
         # Each chunk is copied into a shared mapping of the memory file (2.5x faster than os.write here).
@@ -247,6 +261,9 @@ def open_decrypted(path: str | os.PathLike, key: str | bytes) -> tuple[int, str]
         finally:
             if out is not None:
                 out.close()
+    except OSError as e:
+        os.close(fd)
+        raise DecryptionError(f"{path}: cannot decrypt into memory ({size} bytes): {e.strerror or e}") from None
     except BaseException:
         os.close(fd)
         raise
@@ -265,6 +282,9 @@ def open_bundle(path: str | os.PathLike, decryption_key=None):
     from pocketlm.bundle import read_bundle
 
     if not is_encrypted(path):
+        if decryption_key is not None:  # the caller expects a sealed file: a plain one swapped in is refused
+            raise DecryptionError(f"{path}: not encrypted, but a decryption key was given (a sealed bundle was "
+                                  "expected; $POCKETLM_DECRYPTION_KEY alone does not refuse plain bundles)")
         return read_bundle(path)
     spec = key_from_env(decryption_key)
     if spec is None:
@@ -282,4 +302,7 @@ def open_bundle(path: str | os.PathLike, decryption_key=None):
     # The descriptor stays open as long as the bundle: its path (/proc/self/fd/N) is read again by
     # what keys caches on a bundle's header (calibration), and must not name a reused descriptor.
     weakref.finalize(bundle, os.close, fd)
+    # Caches named by the plaintext's header (calibration) would tell anyone holding a candidate
+    # plaintext that this device has the model: their names are keyed by a secret derived from the key.
+    bundle.cache_secret = hashlib.sha256(b"pocketlm cache names\0" + key_from_provider(spec)).digest()
     return bundle

@@ -55,7 +55,7 @@ def _shape(engine, state) -> dict:
 
 
 def save(session, path: str | os.PathLike, extra: dict | None = None) -> None:
-    from pocketlm.bundle.atomic import replacing, storage_error
+    from pocketlm.bundle.atomic import Sink, replacing, storage_error
 
     path = os.fspath(path)
     state, cache = session._state, session.kv_cache
@@ -68,7 +68,7 @@ def save(session, path: str | os.PathLike, extra: dict | None = None) -> None:
               "extra": extra if extra is not None else {}}
     head = json.dumps(header, separators=(",", ":")).encode()
     try:
-        with replacing(path) as tmp, open(tmp, "wb") as f:
+        with replacing(path) as tmp, Sink._open_new(tmp) as f:
             f.write(_FIXED.pack(MAGIC, VERSION, len(head)))
             f.write(head)
             f.write(hashlib.sha256(head).digest())
@@ -98,11 +98,13 @@ def read(path: str | os.PathLike) -> tuple[dict, np.ndarray]:
         raise SessionFileError(f"{path}: the header's checksum does not match (corrupt file)")
     try:
         header = json.loads(head)
-    except ValueError:
-        raise SessionFileError(f"{path}: the header is not JSON (corrupt file)") from None
+    except (ValueError, RecursionError):
+        raise SessionFileError(f"{path}: the header is not JSON (or nested too deep: a corrupt file)") from None
+    if not isinstance(header, dict):
+        raise SessionFileError(f"{path}: the header is not a JSON object (corrupt file)")
     start = _FIXED.size + n + 32
     size = header.get("kv_bytes")
-    if not isinstance(size, int) or size < 0 or len(data) != start + size + 32:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or len(data) != start + size + 32:
         raise SessionFileError(f"{path}: truncated or corrupt: {len(data)} bytes, the header says "
                                f"{start + (size if isinstance(size, int) else 0) + 32}")
     payload = np.frombuffer(data, dtype=np.uint8, count=size, offset=start)

@@ -72,3 +72,18 @@ def test_damaged_and_mismatched_files(bundles, tmp_path):
     # the good file still loads after all that
     assert engine.load_session(path).tokens == s.tokens
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_header_that_is_not_an_object_or_too_deep(tmp_path):
+    """A checksummed header that is a JSON array, or nested past the recursion limit: SessionFileError."""
+    import hashlib
+
+    from pocketlm.errors import SessionFileError
+    from pocketlm.session_file import _FIXED, MAGIC, VERSION, read
+
+    for head in (b"[1,2]", b"[" * 5000 + b"]" * 5000, b'{"kv_bytes": true}'):
+        p = tmp_path / "s.plms"
+        p.write_bytes(_FIXED.pack(MAGIC, VERSION, len(head)) + head + hashlib.sha256(head).digest() +
+                      b"\0" + hashlib.sha256(b"\0").digest())
+        with pytest.raises(SessionFileError):
+            read(p)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from registries import REGISTRY, Registry
+from registries import Registry, need_registry
 
 
 @pytest.fixture
@@ -25,12 +25,6 @@ def bundle(tmp_path_factory) -> Path:
     from testutil import make_f32_bundle
 
     return make_f32_bundle(tmp_path_factory.mktemp("bundle"), "llama", seed=5)
-
-
-def need_registry():
-    if REGISTRY is None:
-        pytest.skip("needs Debian's docker-registry (the CNCF distribution registry): apt-get install docker-registry "
-                    "(scripts/test.sh installs it as root)")
 
 
 @pytest.fixture(scope="session")

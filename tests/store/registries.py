@@ -22,6 +22,14 @@ from pathlib import Path
 REGISTRY = shutil.which("docker-registry")
 
 
+def need_registry():
+    import pytest
+
+    if REGISTRY is None:
+        pytest.skip("needs Debian's docker-registry (the CNCF distribution registry): apt-get install docker-registry "
+                    "(scripts/test.sh installs it as root)")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -227,4 +235,4 @@ class CuttingProxy:
         self.sock.close()
 
 
-__all__ = ["REGISTRY", "Registry", "TokenService", "CuttingProxy", "self_signed", "htpasswd", "urllib"]
+__all__ = ["REGISTRY", "Registry", "TokenService", "CuttingProxy", "self_signed", "htpasswd", "need_registry", "urllib"]

@@ -16,8 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from conftest import need_registry
-from registries import CuttingProxy, Registry, TokenService, htpasswd, self_signed
+from registries import CuttingProxy, Registry, TokenService, htpasswd, need_registry, self_signed
 
 
 def _sha256(path: Path) -> str:

@@ -227,3 +227,27 @@ def test_oci_folder_whose_name_has_a_colon(store, bundle, tmp_path):
     assert json.loads((tmp_path / "new" / "index.json").read_text())["manifests"][0]["annotations"] == \
         {"org.opencontainers.image.ref.name": "x"}
     assert pull(f"oci:{folder}", name="again:v1").digest == r.digest  # the existing folder, its one manifest
+
+
+def test_layout_writes_never_follow_planted_links(tmp_path):
+    """index.json and small blobs are written through temporary files; a link planted where one goes
+    is replaced, its target untouched."""
+    import os
+
+    from pocketlm.store import Layout
+    from pocketlm.store.manifest import MANIFEST, Descriptor
+
+    layout = Layout(tmp_path / "oci")
+    victim = tmp_path / "victim"
+    os.symlink(victim, tmp_path / "oci" / f".index.json.tmp-{os.getpid()}")
+    layout.set_tag("x", Descriptor(MANIFEST, "sha256:" + "0" * 64, 2, {}, None))
+    assert not victim.exists() and not (tmp_path / "oci" / "index.json").is_symlink()
+
+
+def test_name_tag_and_digest_must_agree(store, bundle):
+    _, a = store.add_model("m:latest", bundle, system="a")
+    _, b = store.add_model("m:v1", bundle, system="b")
+    with pytest.raises(PocketLMError):
+        store.remove(f"m:v1@{a}")  # m:v1 is b: nothing is removed
+    assert [r for r, _ in store.entries()] == ["m:latest", "m:v1"]
+    assert store.entry(f"m:v1@{b}").system == "b"

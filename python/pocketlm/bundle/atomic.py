@@ -40,7 +40,7 @@ def _is_stale(file: str, pid: int) -> bool:
     if pid != os.getpid():
         return not _pid_alive(pid)
     try:
-        return os.stat(file).st_mtime < _PROCESS_STARTED
+        return os.lstat(file).st_mtime < _PROCESS_STARTED  # the entry itself: a planted link counts too
     except OSError:
         return False
 
@@ -121,7 +121,18 @@ class Sink:
 
     def __init__(self, path: str, tmp: str):
         self.path = path
-        self.f = self._do(open, tmp, "wb")
+        self.f = self._do(self._open_new, tmp)
+
+    @staticmethod
+    def _open_new(tmp: str):
+        """A new file at `tmp`, never through a symbolic link (a folder someone else can write, such as an
+        oci: layout, may hold one where the temporary file goes)."""
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        return os.fdopen(fd, "wb")
 
     def _do(self, fn, *args):
         try:

@@ -112,11 +112,14 @@ def cmd_show(a: argparse.Namespace) -> int:
                           "layers": [d.to_json() for d in e.manifest.layers],
                           "signatures": [str(p) for p in e.signatures]}, indent=2))
         return 0
-    meta = read_bundle(e.path).metadata
+    from pocketlm.encryption import is_encrypted
+
+    sealed = is_encrypted(e.path)
+    meta = {} if sealed else read_bundle(e.path).metadata
     cfg = e.config.get("config") or {}
     print(f"  {e.ref}")
     print(f"    digest         {e.digest}")
-    print(f"    architecture   {meta.get('architecture', '?')}")
+    print(f"    architecture   {'encrypted (its metadata is sealed)' if sealed else meta.get('architecture', '?')}")
     for key, label in (("paramSize", "parameters"), ("precision", "precision"), ("quantization", "quantization")):
         if cfg.get(key):
             print(f"    {label:<14} {cfg[key]}")

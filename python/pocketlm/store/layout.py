@@ -117,7 +117,11 @@ class Layout:
         if src_path.parent.resolve() == (self.root / "blobs" / "sha256").resolve() and not move:
             digest = "sha256:" + src_path.name  # a blob of this layout already (create FROM a store entry)
             if self.has_blob(digest):
-                return digest, src_path.stat().st_size
+                actual, size = sha256_file(src_path)  # shared by a new manifest: only if intact
+                if actual != digest:
+                    raise DigestMismatchError(f"{src_path}: its bytes no longer match its digest (changed on disk); "
+                                              "pull or create the model it belongs to again")
+                return digest, size
         if move:
             digest, size = sha256_file(src)
             if self.has_blob(digest, size):
@@ -373,9 +377,15 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
 
 def _read_only(path: Path) -> None:
     try:
-        os.chmod(path, 0o444, follow_symlinks=False)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fchmod(fd, 0o444)
     except OSError:
         pass
+    finally:
+        os.close(fd)
 
 
 def _unlink(path: Path) -> None:

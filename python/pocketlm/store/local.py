@@ -73,6 +73,12 @@ class Store(Layout):
 
     def lookup(self, ref: str | Reference) -> tuple[Reference, Descriptor]:
         r = parse_reference(ref) if isinstance(ref, str) else ref
+        if r.digest and r.tag:  # name:tag@digest: that name, which must hold that digest
+            d = self.tagged(str(r.with_tag(r.tag)))
+            if d is not None and d.digest == r.digest:
+                return r.with_tag(r.tag), d
+            raise NotInStoreError(f"{r}: not in the model store {self.root}" +
+                                  (f" ({r.with_tag(r.tag)} is {d.digest[:19]})" if d is not None else ""))
         if r.digest:  # a name of this repository that holds this digest
             for d in self.index():
                 name = d.annotations.get(REF_NAME)

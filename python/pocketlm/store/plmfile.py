@@ -245,6 +245,6 @@ def _source_path(spec: Plmfile) -> Path:
 def _is_plm(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
-            return f.read(8) == b"POCKETLM"
+            return f.read(8) in (b"POCKETLM", b"PLMENC1\0")  # a bundle, or one sealed by pocketlm encrypt
     except (IsADirectoryError, OSError):
         return False

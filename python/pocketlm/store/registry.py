@@ -421,5 +421,8 @@ def _drain(resp: http.client.HTTPResponse) -> None:
             if conn is not None:
                 conn.close()  # reopened by the next request
     except (OSError, http.client.HTTPException):
-        pass
+        resp.close()
+        conn = getattr(resp, "_pocketlm_conn", None)
+        if conn is not None:
+            conn.close()
 
