@@ -23,6 +23,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.staticfiles import StaticFiles
 
 from pocketlm import __version__
+from pocketlm.errors import InvalidInputError
 from pocketlm.server.errors import APIError
 from pocketlm.server.metrics import Metrics
 from pocketlm.server.models import ModelRegistry
@@ -219,6 +220,10 @@ def create_app(models: ModelRegistry, *, api_key: str | None = None, cors_origin
         message = {404: f"no route {request.method} {request.url.path}",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
         return APIError(e.status_code, message, headers=dict(e.headers or {})).response(request.url.path)
+
+    @app.exception_handler(InvalidInputError)
+    async def invalid_input(request: Request, e: InvalidInputError):  # a value of the request pocketlm refused
+        return APIError(400, str(e)).response(request.url.path)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception):

@@ -57,12 +57,19 @@ class ServedModel:
 
     def chat_keep(self, messages: list[dict], tools: list[dict] | None = None) -> int:
         """Tokens a chat's context shift keeps: its system prompt (Engine.chat_keep)."""
-        return self.engine.chat_keep(messages, tools) if self.shifts else 4
+        try:
+            return self.engine.chat_keep(messages, tools) if self.shifts else 4
+        except InvalidInputError as e:
+            raise APIError(400, str(e), param="messages") from None
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """The token ids of `messages` rendered with the model's chat template (which writes BOS
         itself where the model wants one, as HF's apply_chat_template)."""
-        return self.engine.tokenizer.encode(self.chat_text(messages, tools), add_special_tokens=False)
+        text = self.chat_text(messages, tools)
+        try:  # text the tokenizer refuses (a lone surrogate from a JSON \ud800 escape) is the request's fault
+            return self.engine.tokenizer.encode(text, add_special_tokens=False)
+        except InvalidInputError as e:
+            raise APIError(400, str(e), param="messages") from None
 
     def chat_text(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         try:

@@ -324,7 +324,13 @@ async def apply_template(body: ChatCompletionRequest, http: Request) -> dict:
     def render() -> str:
         tools, _ = _tool_plan(body, model)
         messages, template_tools = _chat_prompt(body, model, tools)
-        return model.chat_text(messages, template_tools)
+        text = model.chat_text(messages, template_tools)
+        try:  # the answer must be UTF-8: a lone surrogate from a JSON \ud800 escape in the request is its fault
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"the messages are not valid Unicode (a lone surrogate at character {e.start} of "
+                                "the rendered prompt)", param="messages") from None
+        return text
 
     return {"prompt": await asyncio.to_thread(render)}
 

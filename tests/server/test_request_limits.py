@@ -41,3 +41,21 @@ def test_an_operator_limit(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     assert client.post("/v1/completions", json={"model": "tiny", "prompt": "a b", "max_tokens": 256,
                                                 "temperature": 0}).status_code == 200
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}),
+    ("/apply-template", {"messages": [{"role": "user", "content": "a\udfff"}]}),
+    ("/api/chat", {"messages": [{"role": "user", "content": "\ud800"}], "stream": False}),
+    ("/v1/completions", {"prompt": "\ud800"}),
+    ("/v1/embeddings", {"input": "\ud800"}),
+])
+def test_lone_surrogates_are_the_requests_fault(client, route, body):
+    """A JSON \\ud800 escape decodes to a lone surrogate, which no tokenizer or UTF-8 answer can carry:
+    400, not the 500 the server fuzzer found (/v1/chat/completions and /apply-template gave 500)."""
+    import json
+
+    r = client.post(route, content=json.dumps({"model": "tiny", **body}), headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]  # OpenAI's {"error": {"message": ...}}, Ollama's {"error": "..."}
+    assert "Unicode" in (error["message"] if isinstance(error, dict) else error)
