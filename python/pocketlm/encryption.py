@@ -153,6 +153,8 @@ def new_key_file(path: str | os.PathLike) -> Path:
         raise StorageError(f"cannot write {path}: {e.strerror or e}") from None
     with os.fdopen(fd, "w") as f:
         f.write(os.urandom(32).hex() + "\n")
+        f.flush()
+        os.fsync(f.fileno())  # on disk before anything is sealed with it
     return path
 
 

@@ -445,13 +445,19 @@ def cmd_sign(a: argparse.Namespace) -> int:
 def cmd_encrypt(a: argparse.Namespace) -> int:
     from pocketlm.encryption import encrypt, new_key_file
 
+    if (a.key is None) == (a.new_key is None):
+        raise UsageError("give --key PROVIDER (env:VAR, file:PATH, keyring:SERVICE/USER) or --new-key FILE (one)")
     key = a.key
     if a.new_key:
         key = f"file:{new_key_file(a.new_key)}"
+    try:
+        out = encrypt(a.model, a.output or f"{a.model}.enc", key)
+    except BaseException:
+        if a.new_key:  # a key that sealed nothing is not kept
+            Path(a.new_key).unlink(missing_ok=True)
+        raise
+    if a.new_key:
         print(f"wrote a new key to {a.new_key} (keep it apart from the model: whoever has it can read the model)")
-    if key is None:
-        raise UsageError("give --key PROVIDER (env:VAR, file:PATH, keyring:SERVICE/USER) or --new-key FILE")
-    out = encrypt(a.model, a.output or f"{a.model}.enc", key)
     print(f"encrypted {a.model}: {out} (AES-256-GCM; run it with --decryption-key)")
     return 0
 
