@@ -168,6 +168,10 @@ def _model_metadata(bundle, *sections: str) -> dict:
     missing = [s for s in sections if meta.get(s) is None]
     if missing:
         raise BundleError(f"{bundle.path}: metadata has no {', '.join(missing)}: not a model bundle")
+    if "config" in sections and not isinstance(meta["config"].get("vocab_size"), int):
+        # every converter writes it; the runtime sizes logits, calibration and sampling by it (a bundle
+        # without it reached calibration's KeyError: the bundle fuzzer's finding)
+        raise BundleError(f"{bundle.path}: config has no vocab_size: not a model bundle")
     return meta
 
 
