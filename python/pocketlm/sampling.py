@@ -27,6 +27,10 @@ import numpy as np
 from pocketlm.errors import InvalidInputError, NonFiniteError
 
 
+TINY = 1e-30  # the smallest temperature / top_p the float32 sampler gets (float32 normals reach 1.2e-38)
+MIN_PENALTY = 1e-6  # logits divided by less overflow float32
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 0.7  # 0 = greedy
@@ -65,6 +69,14 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise InvalidInputError(f"SamplingParams: {message}")
+        # The sampler works in float32: what underflows there must not reach it as 0 (a temperature
+        # of 1e-300 made a request fail with "needs temperature > 0": the server fuzzer's finding).
+        if self.temperature < TINY:
+            self.temperature = 0.0  # as good as greedy: the top token's weight dwarfs every other
+        self.top_p = max(self.top_p, TINY)  # a nucleus that small keeps the top token, as TINY does
+        if self.repetition_penalty < MIN_PENALTY:
+            raise InvalidInputError(f"SamplingParams: repetition_penalty must be >= {MIN_PENALTY}, got "
+                                    f"{self.repetition_penalty!r}")
         if self.seed is not None:
             if not is_int(self.seed):
                 raise InvalidInputError(f"SamplingParams: seed must be an integer, got {self.seed!r}")

@@ -285,3 +285,22 @@ def test_sampling_params_refuse_non_numbers_and_nan(bad):
 
     with pytest.raises(InvalidInputError, match="SamplingParams"):
         SamplingParams(**bad)
+
+
+def test_values_below_float32_do_not_reach_the_sampler():
+    """The C++ sampler works in float32: a temperature or top_p of 1e-300 became 0 there and failed
+    ("needs temperature > 0", found by the server fuzzer). Now such a temperature samples as greedy
+    does and such a top_p keeps the top token, both compared with the greedy argmax of the same
+    logits; a penalty that would overflow is refused."""
+    import numpy as np
+
+    from pocketlm.errors import InvalidInputError
+    from pocketlm.sampling import Sampler, SamplingParams
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        logits = rng.normal(size=97).astype(np.float32)
+        for params in (SamplingParams(temperature=1e-300, seed=1), SamplingParams(temperature=0.8, top_p=1e-300, seed=1)):
+            assert Sampler(params, 97).sample(logits) == int(np.argmax(logits))
+    with pytest.raises(InvalidInputError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=1e-300)
