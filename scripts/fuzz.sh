@@ -40,7 +40,7 @@ case "$target" in
       "$@" "$work/corpus" "$seeds"
     ;;
   reader)
-    CXX="${CXX:-clang++}"
+    CXX="${CXX:-$(command -v clang++ || command -v clang++-14 || echo clang++)}"  # Debian: clang-14, libclang-rt-14-dev
     bin="$work/bundle_reader_fuzzer"
     sources=(fuzz/bundle_reader_fuzzer.cpp csrc/format/bundle_reader.cpp csrc/format/sha256.cpp)
     if [ ! -x "$bin" ] || [ -n "$(find "${sources[@]}" csrc/format/*.h csrc/common.h -newer "$bin")" ]; then
