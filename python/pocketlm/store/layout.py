@@ -127,12 +127,7 @@ class Layout:
             if self.has_blob(digest, size):
                 _unlink(Path(src))
             else:
-                final = self.blob_path(digest)
-                try:
-                    os.replace(src, final)
-                except OSError as e:
-                    raise storage_error(str(final), e) from e
-                _read_only(final)
+                self._name_blob(src, digest)
             return digest, size
         remove_stale_temporaries(self.root / "ingest" / "copy")  # of killed copies
         tmp = self.root / "ingest" / f".copy.tmp-{os.getpid()}"
@@ -151,15 +146,19 @@ class Layout:
                 out.sync()
             digest = "sha256:" + h.hexdigest()
             if not self.has_blob(digest, size):
-                final = self.blob_path(digest)
-                try:
-                    os.replace(tmp, final)
-                except OSError as e:
-                    raise storage_error(str(final), e) from e
-                _read_only(final)
+                self._name_blob(tmp, digest)
             return digest, size
         finally:
             _unlink(tmp)
+
+    def _name_blob(self, verified: str | os.PathLike, digest: str) -> None:
+        """Renames a file whose bytes were checked against `digest` to its blob name, read-only."""
+        final = self.blob_path(digest)
+        try:
+            os.replace(verified, final)
+        except OSError as e:
+            raise storage_error(str(final), e) from e
+        _read_only(final)
 
     @contextlib.contextmanager
     def ingest(self, digest: str, size: int) -> Iterator[Partial | None]:
@@ -202,12 +201,7 @@ class Layout:
                 p.restart()  # wrong bytes: the next attempt starts over
                 raise DigestMismatchError(f"blob {digest}: received {p.have} bytes hashing to {actual}, expected "
                                           f"{size} bytes (a corrupt or tampered transfer; nothing was stored)")
-            final = self.blob_path(digest)
-            try:
-                os.replace(partial, final)
-            except OSError as e:
-                raise storage_error(str(final), e) from e
-            _read_only(final)
+            self._name_blob(partial, digest)
         finally:
             f.close()
 
