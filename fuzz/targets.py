@@ -530,20 +530,31 @@ def _resign_statement(bundle: dict, statement: object) -> dict:
     return {**bundle, "dsseEnvelope": env}
 
 
+def _json_object(data: bytes) -> dict | None:
+    """`data` as a JSON object, or None (a byte-level mutant that no longer parses as one)."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _byte_mutation(data: bytes, max_size: int) -> bytes:
+    """libFuzzer's own byte-level mutation (what the JSON mutators fall back to)."""
+    import atheris
+
+    return atheris.Mutate(data, max_size)
+
+
 def mutate_signature(data: bytes, max_size: int, seed: int) -> bytes:
     """Edits the bundle JSON (mutate_json), or its statement and signs it again with the trusted key;
     sometimes leaves a plain byte-level mutation."""
     import base64
 
     rng = random.Random(seed)
-    try:
-        bundle = json.loads(data)
-    except (ValueError, RecursionError):
-        bundle = None
-    if not isinstance(bundle, dict) or rng.random() < 0.15:
-        import atheris
-
-        return atheris.Mutate(data, max_size)
+    bundle = _json_object(data)
+    if bundle is None or rng.random() < 0.15:
+        return _byte_mutation(data, max_size)
     if rng.random() < 0.5:
         try:
             statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
@@ -739,14 +750,9 @@ def check_server(data: bytes) -> str:
 def mutate_server(data: bytes, max_size: int, seed: int) -> bytes:
     """mutate_json on the request (its route, or any value in its body); sometimes a byte mutation."""
     rng = random.Random(seed)
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError):
-        doc = None
-    if not isinstance(doc, dict) or rng.random() < 0.1:
-        import atheris
-
-        return atheris.Mutate(data, max_size)
+    doc = _json_object(data)
+    if doc is None or rng.random() < 0.1:
+        return _byte_mutation(data, max_size)
     if rng.random() < 0.05:
         doc["route"] = rng.choice(SERVER_ROUTES)
     else:
@@ -820,14 +826,9 @@ def mutate_manifest(data: bytes, max_size: int, seed: int) -> bytes:
     """mutate_json on the input; half the time the descriptors' digests and sizes are dropped after,
     so they are filled in again from the (maybe mutated) blobs."""
     rng = random.Random(seed)
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError):
-        doc = None
-    if not isinstance(doc, dict) or rng.random() < 0.15:
-        import atheris
-
-        return atheris.Mutate(data, max_size)
+    doc = _json_object(data)
+    if doc is None or rng.random() < 0.15:
+        return _byte_mutation(data, max_size)
     doc = mutate_json(doc, rng)
     m = doc.get("manifest") if isinstance(doc, dict) else None
     if isinstance(m, dict) and rng.random() < 0.5:
