@@ -125,7 +125,23 @@ def convert_to_cache(src: str | os.PathLike, progress: bool = True) -> Path:
     target = cached_path(src)
     if _looks_complete(target):
         return target
-    out = convert(src, target, quant=None, progress=progress)
+    # Several processes may want the same model at once (Ray actors starting on one node, two
+    # servers): one converts, under an exclusive lock beside the target, the others wait and take
+    # its bundle (the converter writes a temporary file and renames it, so none sees half of one).
+    # The lock file goes when the conversion ends (a waiter that then finds no bundle, after a
+    # failure, tries itself), so a failed conversion leaves nothing in the cache.
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.with_name(target.name + ".lock")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            if _looks_complete(target):
+                return target
+            out = convert(src, target, quant=None, progress=progress)
+        finally:
+            lock_path.unlink(missing_ok=True)
     for old in superseded(src, target):
         try:
             old.unlink()
