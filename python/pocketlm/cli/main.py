@@ -1,4 +1,4 @@
-"""`pocketlm` command line: convert | run | chat | serve | inspect | sign | verify | encrypt | bench | tokenize |
+"""`pocketlm` command line: convert | run | chat | serve | batch | inspect | sign | verify | encrypt | bench | tokenize |
 perplexity | list | rm, and the model store's pull | push | show | tag | create (cli/store_cmds.py)."""
 
 from __future__ import annotations
@@ -57,6 +57,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     _add_decryption_key(p)
     _add_speculative(p)
     _add_chat_template(p)
+
+
+def _add_registry_access(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plain-http", action="store_true",
+                   help="with --ray and a registry reference: each node pulls it over HTTP (a local registry)")
+    p.add_argument("--insecure", action="store_true",
+                   help="with --ray and a registry reference: do not verify the registry's TLS certificate")
 
 
 def _add_decryption_key(p: argparse.ArgumentParser) -> None:
@@ -312,18 +319,77 @@ def _open_session(engine, path: str | None, system: str | None = None, shift: bo
     return session, messages
 
 
+def _autoscale(text: str) -> str:
+    low, sep, high = text.partition(":")
+    if not (sep and low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high)):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be MIN:MAX with 1 <= MIN <= MAX")
+    return text
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from pocketlm.server.run import serve
 
     if a.draft is not None and len(a.models) > 1:
         raise InvalidInputError("--draft drafts for one model: serve the others from another process")
     api_key = a.api_key if a.api_key is not None else os.environ.get("POCKETLM_API_KEY") or None
+    if a.ray is None and (a.replicas is not None or a.autoscale is not None):
+        raise UsageError("--replicas and --autoscale run replicas on Ray: add --ray")
+    if a.ray is not None:
+        from pocketlm.ray.data import import_ray
+
+        import_ray()
+        if a.draft is not None or a.lookup:
+            raise UsageError("--draft and --lookup are not available with --ray yet")
+        from pocketlm.ray.serve import deploy, free_port
+
+        return deploy(a.models, address=None if a.ray == "local" else a.ray, host=a.host,
+                      port=a.port or free_port(a.host), replicas=a.replicas or 1, autoscale=a.autoscale,
+                      chat_template=_chat_template(a),
+                      api_key=api_key, cors_origins=a.cors_origin, pooling=a.pooling,
+                      max_tokens_limit=a.max_tokens_limit, threads=a.threads or 1, ctx_size=a.ctx_size,
+                      activations=a.activations, kv_type=a.kv_type, max_sequences=a.max_sequences,
+                      max_queue=a.max_queue, sparse_layout=a.sparse_layout, trusted_keys=a.trusted_keys,
+                      decryption_key=a.decryption_key, plain_http=a.plain_http, insecure=a.insecure)
     return serve(a.models, host=a.host, port=a.port, api_key=api_key, cors_origins=a.cors_origin, pooling=a.pooling,
                  max_tokens_limit=a.max_tokens_limit,
                  threads=a.threads, max_context=a.ctx_size, activations=a.activations, kv_type=a.kv_type,
                  max_batch=a.max_sequences, max_queue=a.max_queue, draft=a.draft, lookup=a.lookup,
                  draft_max=a.draft_max, chat_template=_chat_template(a), sparse_layout=a.sparse_layout,
                  trusted_keys=a.trusted_keys, decryption_key=a.decryption_key)
+
+
+def cmd_batch(a: argparse.Namespace) -> int:
+    from pocketlm import batch
+
+    defaults = _sampling_kwargs(a)
+    if not defaults["stop"]:
+        del defaults["stop"]
+    batch_size = a.batch_size or 16
+    engine_kwargs = dict(max_context=a.ctx_size, activations=a.activations, kv_type=a.kv_type,
+                         max_batch=min(batch_size, 256), chat_template=_chat_template(a),
+                         trusted_keys=a.trusted_keys, decryption_key=a.decryption_key)
+    if not Path(a.input).is_file():
+        raise InvalidInputError(f"{a.input}: no such file")
+    if a.ray is not None:
+        from pocketlm.ray.data import run_batch_on_ray
+
+        registry = {k: True for k in ("plain_http", "insecure") if getattr(a, k)}
+        if registry:
+            engine_kwargs["registry"] = registry
+
+        summary = run_batch_on_ray(a.input, a.output, a.model, address=None if a.ray == "local" else a.ray,
+                                   replicas=a.replicas, threads=a.threads or 1, batch_size=batch_size,
+                                   embed=a.embed, resume=a.resume, defaults=defaults, progress=not a.quiet,
+                                   engine_kwargs=engine_kwargs)
+    else:
+        if a.replicas != 1:
+            raise UsageError("--replicas runs engines on Ray: add --ray")
+        summary = batch.run_batch(a.input, a.output, a.model, embed=a.embed, resume=a.resume, defaults=defaults,
+                                  progress=not a.quiet, threads=a.threads, **engine_kwargs)
+    skipped = f", {summary['skipped']} done before" if summary["skipped"] else ""
+    print(f"pocketlm: {summary['rows']} rows{skipped}, {summary['failed']} failed, "
+          f"{summary['generated_tokens']} tokens in {summary['seconds']:.1f} s -> {a.output}", file=sys.stderr)
+    return 0
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
@@ -749,7 +815,51 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decryption_key(sv)
     _add_chat_template(sv)
     _add_speculative(sv)
+    sv.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                    help="serve on Ray Serve: a cluster's ADDRESS, 'auto', or nothing (a local Ray); needs "
+                         "pocketlm[ray] (docs/scale.md)")
+    _add_registry_access(sv)
+    rg = sv.add_mutually_exclusive_group()
+    rg.add_argument("--replicas", type=_positive, default=None, metavar="N",
+                    help="with --ray: engine replicas (default 1), spread over the cluster's nodes")
+    rg.add_argument("--autoscale", type=_autoscale, default=None, metavar="MIN:MAX",
+                    help="with --ray: between MIN and MAX replicas, by load")
     sv.set_defaults(func=cmd_serve)
+
+    bt = sub.add_parser("batch", help="answer every row of a JSONL or Parquet file (in this process, or on Ray)",
+                        description="Reads INPUT (JSONL or Parquet: rows with an id and messages or prompt, and "
+                                    "optionally their own max_tokens, temperature, seed, response_format, ...) "
+                                    "and writes OUTPUT (JSONL or Parquet, by extension): id, generated_text, "
+                                    "finish_reason, num_input_tokens, num_generated_tokens, or error for a row "
+                                    "that failed. docs/scale.md.")
+    bt.add_argument("input", metavar="INPUT", help="a .jsonl or .parquet file")
+    bt.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="a .jsonl or .parquet file")
+    bt.add_argument("-m", "--model", default="smollm2",
+                    help="a .plm, .gguf, Hugging Face folder, store reference or known name (default smollm2)")
+    bt.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                    help="run on Ray Data: a cluster's ADDRESS, 'auto' (the cluster this machine is in) or "
+                         "nothing (a local Ray); needs pocketlm[ray]")
+    bt.add_argument("--replicas", type=_positive, default=1, metavar="N",
+                    help="with --ray: engines (Ray actors, one engine each, -t CPUs each; default 1)")
+    bt.add_argument("-t", "--threads", type=_threads, default=None,
+                    help=f"threads per engine, 1..{MAX_THREADS} (default: physical cores; with --ray, 1)")
+    bt.add_argument("-c", "--ctx-size", type=_positive, default=None,
+                    help="context per row in tokens (default: a store model's num_ctx, else 4096)")
+    bt.add_argument("--batch-size", type=_positive, default=None, metavar="B",
+                    help="rows generating together on an engine (default 16); with --ray, also the rows of "
+                         "one Ray batch")
+    bt.add_argument("--embed", action="store_true", help="rows carry 'input'; write its 'embedding'")
+    bt.add_argument("--resume", action="store_true",
+                    help="skip the ids OUTPUT (or the journal OUTPUT.partial of a killed job) holds already")
+    bt.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    _add_registry_access(bt)
+    _add_activations(bt, default="auto")
+    _add_kv_type(bt)
+    _add_trusted_keys(bt)
+    _add_decryption_key(bt)
+    _add_chat_template(bt)
+    _add_sampling_args(bt, 256)
+    bt.set_defaults(func=cmd_batch)
 
     sg = sub.add_parser("sign", help="sign a model file: a detached OpenSSF Model Signing signature (MODEL.sig); "
                                      "a store model: attached to it (pushed with it)")

@@ -187,10 +187,15 @@ def _finish_reason(request) -> str:
     return "length" if reason in ("length", "context") else "stop" if reason == "stop" else reason or "stop"
 
 
-def _usage(prompts: list[list[int]], requests: list) -> dict[str, int]:
+def _usage(prompts: list[list[int]], requests: list) -> dict:
+    """OpenAI's usage, with `prompt_tokens_details.cached_tokens`: the prompt tokens whose KV came
+    from the prefix cache (pocketlm.prefix_cache), not computed (per prompt: its choices' average)."""
     prompt = sum(len(p) for p in prompts)
     completion = sum(r.stats.generated_tokens for r in requests)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    choices = max(1, len(requests) // max(1, len(prompts)))
+    cached = min(prompt, sum(r.stats.reused_tokens for r in requests) // choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class _LogprobCursor:

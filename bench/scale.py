@@ -1,0 +1,235 @@
+"""The scale-out targets (docs/scale.md, docs/performance.md "Scale-out on Ray"): SmolLM2-135M, 64
+chat prompts x 64 tokens.
+
+    python bench/scale.py replicas [--runs 3]   # 2-node simulated cluster, 2 CPUs a node: 1 vs 2 one-thread replicas
+    python bench/scale.py overhead [--runs 3]   # pocketlm batch vs pocketlm batch --ray, one node, equal threads
+    python bench/scale.py serve [--seconds 120] [--kill-at 40]  # 16 streaming clients vs serve --ray --replicas 2
+
+`replicas` and `overhead` alternate the configurations in one run and print each run and the
+medians; the timed part is the job (the cluster is up, as on a real cluster; Ray's start is
+reported apart). `serve` starts `pocketlm serve --ray --replicas 2` (a local Ray), runs 16 clients
+that stream chat answers back to back, kills one replica's process at --kill-at seconds (0: never)
+and prints the errors and the tokens/s per 5 s window, and how long after the kill the rate was
+back to 90 % of its rate before."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = 64
+TOKENS = 64
+TOPICS = ["the sea", "a lighthouse", "bread", "winter", "a violin", "the moon", "trains", "a garden"]
+
+
+def prompts(n: int = PROMPTS) -> list[dict]:
+    return [{"id": i, "messages": [{"role": "user", "content": f"Write a short story about {TOPICS[i % 8]} "
+                                                              f"and the number {i}."}],
+             "max_tokens": TOKENS, "temperature": 0} for i in range(n)]
+
+
+def write_input(folder: Path) -> Path:
+    path = folder / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in prompts()))
+    return path
+
+
+def tokens_of(output: Path) -> int:
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert all(r["error"] is None for r in rows), [r["error"] for r in rows if r["error"]][:3]
+    return sum(r["num_generated_tokens"] for r in rows)
+
+
+def cmd_replicas(a) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pocketlm.ray.data import run_batch_on_ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    t0 = time.perf_counter()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, logging_level="warning")
+    print(f"two-node cluster up in {time.perf_counter() - t0:.1f} s")
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    with tempfile.TemporaryDirectory() as d:
+        src = write_input(Path(d))
+        for run in range(a.runs):
+            for replicas in ((1, 2) if run % 2 == 0 else (2, 1)):
+                out = Path(d) / f"out{replicas}.jsonl"
+                t = time.perf_counter()
+                run_batch_on_ray(src, out, a.model, address=cluster.address, replicas=replicas, threads=1,
+                                 batch_size=a.batch_size, progress=False, engine_kwargs={"max_context": 512})
+                dt = time.perf_counter() - t
+                n = tokens_of(out)
+                out.unlink()
+                rates[replicas].append(n / dt)
+                print(f"run {run + 1}: {replicas} replica(s) x 1 thread: {n} tokens in {dt:.2f} s = {n / dt:.1f} tok/s")
+    one, two = statistics.median(rates[1]), statistics.median(rates[2])
+    print(f"median: 1 replica {one:.1f} tok/s, 2 replicas {two:.1f} tok/s: {two / one:.2f}x (target >= 1.6x)")
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def cmd_overhead(a) -> None:
+    from pocketlm.batch import run_batch
+    from pocketlm.engine import Engine
+    from pocketlm.ray.data import init_ray, run_batch_on_ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    t = time.perf_counter()
+    init_ray(None)
+    print(f"local Ray started in {time.perf_counter() - t:.1f} s (not in the times below)")
+    times: dict[str, list[float]] = {"local": [], "ray": []}
+    tokens = {}
+    with tempfile.TemporaryDirectory() as d:
+        src = write_input(Path(d))
+        for run in range(a.runs):
+            for kind in (("local", "ray") if run % 2 == 0 else ("ray", "local")):
+                out = Path(d) / f"{kind}.jsonl"
+                t = time.perf_counter()
+                if kind == "local":  # the whole job, engine load included, as the Ray job's actor loads one
+                    engine = Engine(a.model, threads=a.threads, max_context=512, max_batch=a.batch_size)
+                    run_batch(src, out, engine=engine, progress=False)
+                    engine.scheduler.close()
+                    del engine
+                else:
+                    run_batch_on_ray(src, out, a.model, replicas=1, threads=a.threads, batch_size=a.batch_size,
+                                     progress=False, engine_kwargs={"max_context": 512, "max_batch": a.batch_size})
+                dt = time.perf_counter() - t
+                tokens[kind] = tokens_of(out)
+                out.unlink()
+                times[kind].append(dt)
+                print(f"run {run + 1}: {kind:5s} {tokens[kind]} tokens in {dt:.2f} s = {tokens[kind] / dt:.1f} tok/s")
+    local, on_ray = statistics.median(times["local"]), statistics.median(times["ray"])
+    print(f"median: batch {local:.2f} s, batch --ray {on_ray:.2f} s: --ray reaches "
+          f"{local / on_ray:.2f}x of the tokens/s without Ray (target >= 0.85x); "
+          f"Ray's overhead {(on_ray - local) / PROMPTS * 1000:.1f} ms a row")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _replica_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "ServeReplica:pocketlm:pocketlm-replica" in line]
+
+
+def cmd_serve(a) -> None:
+    import openai
+
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, "-m", "pocketlm", "serve", a.model, "--ray", "--replicas", "2", "-t", "1",
+                             "-c", "1024", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while "listening on" not in Path(log.name).read_text():
+            if proc.poll() is not None:
+                sys.exit(Path(log.name).read_text())
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120, max_retries=0)
+        start = time.monotonic()
+        stop_at = start + a.seconds
+        events: list[tuple[float, int]] = []  # (time, 1) per token received
+        results: list[tuple[float, float, str]] = []  # (start, end, "ok" | error text)
+        lock = threading.Lock()
+
+        def client_loop(c: int) -> None:
+            i = 0
+            while time.monotonic() < stop_at:
+                t = time.monotonic()
+                try:
+                    stream = client.chat.completions.create(
+                        model=a.model, max_tokens=TOKENS, temperature=0, stream=True,
+                        messages=[{"role": "user", "content": f"Story {c}-{i} about {TOPICS[(c + i) % 8]}."}])
+                    for chunk in stream:
+                        if chunk.choices and chunk.choices[0].delta.content:
+                            with lock:
+                                events.append((time.monotonic(), 1))
+                    outcome = "ok"
+                except openai.APIError as e:
+                    outcome = f"{type(e).__name__}: {e}"
+                with lock:
+                    results.append((t, time.monotonic(), outcome))
+                i += 1
+
+        threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(16)]
+        for t in threads:
+            t.start()
+        killed_at = None
+        if a.kill_at:
+            time.sleep(max(0.0, start + a.kill_at - time.monotonic()))
+            pids = _replica_pids()
+            os.kill(pids[0], signal.SIGKILL)
+            killed_at = time.monotonic()
+            print(f"killed replica pid {pids[0]} at {killed_at - start:.1f} s")
+        for t in threads:
+            t.join(a.seconds + 180)
+        hung = sum(t.is_alive() for t in threads)
+        errors = [r for r in results if r[2] != "ok"]
+        print(f"{len(results)} requests, {len(errors)} errors, {hung} clients hung")
+        for r in errors[:5]:
+            print(f"  error at {r[0] - start:.1f}-{r[1] - start:.1f} s: {r[2][:160]}")
+        if killed_at is not None:
+            in_flight = [r for r in results if r[0] <= killed_at <= r[1]]
+            print(f"requests in flight at the kill: {len(in_flight)} (all replicas); failed: {len(errors)}, "
+                  f"all of them in flight at the kill: {all(r[0] <= killed_at <= r[1] for r in errors)}")
+        window = 5.0
+        bins: dict[int, int] = {}
+        for t, n in events:
+            bins[int((t - start) // window)] = bins.get(int((t - start) // window), 0) + n
+        rates = [bins.get(b, 0) / window for b in range(int(a.seconds // window))]
+        print("tokens/s per 5 s window: " + " ".join(f"{r:.0f}" for r in rates))
+        if killed_at is not None:
+            k = int((killed_at - start) // window)
+            before = statistics.median(rates[1:k]) if k > 1 else rates[0]
+            back = next((b for b in range(k + 1, len(rates)) if rates[b] >= 0.9 * before), None)
+            after = "never" if back is None else f"{(back * window) - (killed_at - start):.0f}-" \
+                                                 f"{(back + 1) * window - (killed_at - start):.0f} s"
+            print(f"rate before the kill {before:.0f} tok/s; back to 90 % of it: {after} after the kill")
+        else:
+            print(f"median rate {statistics.median(rates[1:]):.0f} tok/s")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        t = time.monotonic()
+        status = proc.wait(120)
+        print(f"serve exited {status} {time.monotonic() - t:.1f} s after SIGTERM; replicas left: {_replica_pids()}")
+        os.unlink(log.name)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    for name in ("replicas", "overhead"):
+        s = sub.add_parser(name)
+        s.add_argument("--runs", type=int, default=3)
+        s.add_argument("--batch-size", type=int, default=16)
+        s.add_argument("--model", default="smollm2")
+        s.add_argument("--threads", type=int, default=2)
+    s = sub.add_parser("serve")
+    s.add_argument("--seconds", type=float, default=120)
+    s.add_argument("--kill-at", type=float, default=0)
+    s.add_argument("--model", default="smollm2")
+    a = p.parse_args()
+    {"replicas": cmd_replicas, "overhead": cmd_overhead, "serve": cmd_serve}[a.what](a)
+
+
+if __name__ == "__main__":
+    main()

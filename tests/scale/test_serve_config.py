@@ -1,0 +1,87 @@
+"""The Serve application without a cluster: the example config file validates against Ray Serve's
+own schema and builds (through Ray's builder call) into the two deployments it names; the routing
+key and the prefix-affinity choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray.serve", reason="Ray is the optional extra pocketlm[ray] (scripts/test.sh installs it)")
+yaml = pytest.importorskip("yaml")
+
+CONFIG = Path(__file__).resolve().parents[2] / "docs" / "examples" / "pocketlm-serve.yaml"
+
+
+def test_example_config_validates_and_builds():
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.build_app import build_app
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(CONFIG.read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    app = schema.applications[0]
+    built = build_app(call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args),
+                      name=app.name)
+    deployments = {d.name: d for d in built.deployments}
+    assert built.ingress_deployment_name == "pocketlm-ingress"
+    replica = deployments["pocketlm-replica"]
+    assert replica.num_replicas == 2 and replica.ray_actor_options["num_cpus"] == 1
+    router = replica._deployment_config.request_router_config
+    assert router.request_router_class.endswith("PrefixAffinityRouter")
+    assert router.request_router_kwargs == {"imbalance": 4}
+    assert deployments["pocketlm-ingress"].ray_actor_options["num_cpus"] == 0
+
+
+def test_autoscale_argument():
+    from ray.serve._private.build_app import build_app
+
+    from pocketlm.ray.serve import build_app as pocketlm_app
+
+    built = build_app(pocketlm_app({"model": "smollm2", "autoscale": "1:3", "threads": "2"}), name="x")
+    replica = next(d for d in built.deployments if d.name == "pocketlm-replica")
+    scaling = replica._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (1, 3)
+    assert replica.ray_actor_options["num_cpus"] == 2
+
+
+def test_routing_key_blocks():
+    import json
+
+    from pocketlm.ray.serve import BLOCK_CHARS, routing_key
+
+    system = {"role": "system", "content": "s" * (2 * BLOCK_CHARS)}
+    first = json.dumps({"model": "m", "messages": [system, {"role": "user", "content": "hi"}]}).encode()
+    second = json.dumps({"model": "m", "messages": [system, {"role": "user", "content": "hi"},
+                                                    {"role": "assistant", "content": "hello"},
+                                                    {"role": "user", "content": "more"}]}).encode()
+    k1, k2 = routing_key("/v1/chat/completions", first), routing_key("/v1/chat/completions", second)
+    assert k1[:2] == k2[:2] and k1[-1] != k2[-1]  # the shared blocks, then each its own whole text
+    other_model = json.dumps({"model": "n", "messages": [system]}).encode()
+    assert routing_key("/v1/chat/completions", other_model)[0] != k1[0]
+    assert routing_key("/v1/completions", b'{"prompt": "abc"}') and routing_key("/x", b"not json") == []
+    assert routing_key("/v1/embeddings", b'{"input": "abc"}') == []
+
+
+def test_affinity_prefers_the_replica_that_answered_the_prefix():
+    import collections
+
+    from pocketlm.ray.serve import PrefixAffinityRouter
+
+    router = PrefixAffinityRouter.__new__(PrefixAffinityRouter)  # the policy alone, without Serve's machinery
+    router.initialize_state(imbalance=4, memory=3)
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=f"r{i}")) for i in range(4)]
+    # a new prefix: rendezvous hashing, the same choice whatever the candidates' order
+    chosen = router.preferred(replicas, ["a"])
+    assert router.preferred(list(reversed(replicas)), ["a"]) is chosen
+    picks = collections.Counter(router.preferred(replicas, [f"k{i}"]).replica_id.unique_id for i in range(400))
+    assert len(picks) == 4 and min(picks.values()) > 60  # spread over all replicas
+    # a prefix answered before: its replica, by the longest block it knows
+    router.on_request_routed(SimpleNamespace(kwargs={"routing_key": ["x", "y"]}), replicas[2].replica_id, None)
+    assert router.preferred(replicas, ["x", "y", "z"]) is replicas[2]
+    assert router.preferred(replicas[:2] + replicas[3:], ["x", "y", "z"]) is not replicas[2]  # gone: hashed
+    router.on_request_routed(SimpleNamespace(kwargs={"routing_key": ["p", "q"]}), replicas[1].replica_id, None)
+    assert len(router._owner) == 3 and "x" not in router._owner  # least recently used forgotten
