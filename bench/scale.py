@@ -39,9 +39,9 @@ def prompts(n: int = PROMPTS) -> list[dict]:
              "max_tokens": TOKENS, "temperature": 0} for i in range(n)]
 
 
-def write_input(folder: Path) -> Path:
+def write_input(folder: Path, n: int = PROMPTS) -> Path:
     path = folder / "prompts.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in prompts()))
+    path.write_text("".join(json.dumps(r) + "\n" for r in prompts(n)))
     return path
 
 
@@ -65,21 +65,28 @@ def cmd_replicas(a) -> None:
     ray.init(address=cluster.address, log_to_driver=False, logging_level="warning")
     print(f"two-node cluster up in {time.perf_counter() - t0:.1f} s")
     rates: dict[int, list[float]] = {1: [], 2: []}
+    engine_rates: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as d:
-        src = write_input(Path(d))
+        src = write_input(Path(d), a.prompts)
         for run in range(a.runs):
             for replicas in ((1, 2) if run % 2 == 0 else (2, 1)):
                 out = Path(d) / f"out{replicas}.jsonl"
                 t = time.perf_counter()
-                run_batch_on_ray(src, out, a.model, address=cluster.address, replicas=replicas, threads=1,
-                                 batch_size=a.batch_size, progress=False, engine_kwargs={"max_context": 512})
+                summary = run_batch_on_ray(src, out, a.model, address=cluster.address, replicas=replicas, threads=1,
+                                           batch_size=a.batch_size, progress=False,
+                                           engine_kwargs={"max_context": 512})
                 dt = time.perf_counter() - t
                 n = tokens_of(out)
                 out.unlink()
+                start = summary["startup_seconds"]
                 rates[replicas].append(n / dt)
-                print(f"run {run + 1}: {replicas} replica(s) x 1 thread: {n} tokens in {dt:.2f} s = {n / dt:.1f} tok/s")
+                engine_rates[replicas].append(n / (dt - start))
+                print(f"run {run + 1}: {replicas} replica(s) x 1 thread: {n} tokens in {dt:.2f} s = {n / dt:.1f} tok/s; "
+                      f"Ray's start-up {start:.2f} s, then {n / (dt - start):.1f} tok/s")
     one, two = statistics.median(rates[1]), statistics.median(rates[2])
-    print(f"median: 1 replica {one:.1f} tok/s, 2 replicas {two:.1f} tok/s: {two / one:.2f}x (target >= 1.6x)")
+    e1, e2 = statistics.median(engine_rates[1]), statistics.median(engine_rates[2])
+    print(f"median, whole job: 1 replica {one:.1f} tok/s, 2 replicas {two:.1f} tok/s: {two / one:.2f}x (target >= 1.6x)")
+    print(f"median, engines loaded to last row: 1 replica {e1:.1f} tok/s, 2 replicas {e2:.1f} tok/s: {e2 / e1:.2f}x")
     ray.shutdown()
     cluster.shutdown()
 
@@ -94,30 +101,40 @@ def cmd_overhead(a) -> None:
     init_ray(None)
     print(f"local Ray started in {time.perf_counter() - t:.1f} s (not in the times below)")
     times: dict[str, list[float]] = {"local": [], "ray": []}
+    start: dict[str, list[float]] = {"local": [], "ray": []}  # engine load; Ray's start-up (actor + engine)
     tokens = {}
     with tempfile.TemporaryDirectory() as d:
-        src = write_input(Path(d))
+        src = write_input(Path(d), a.prompts)
         for run in range(a.runs):
             for kind in (("local", "ray") if run % 2 == 0 else ("ray", "local")):
                 out = Path(d) / f"{kind}.jsonl"
                 t = time.perf_counter()
                 if kind == "local":  # the whole job, engine load included, as the Ray job's actor loads one
                     engine = Engine(a.model, threads=a.threads, max_context=512, max_batch=a.batch_size)
+                    start[kind].append(time.perf_counter() - t)
                     run_batch(src, out, engine=engine, progress=False)
                     engine.scheduler.close()
                     del engine
                 else:
-                    run_batch_on_ray(src, out, a.model, replicas=1, threads=a.threads, batch_size=a.batch_size,
-                                     progress=False, engine_kwargs={"max_context": 512, "max_batch": a.batch_size})
+                    summary = run_batch_on_ray(src, out, a.model, replicas=1, threads=a.threads,
+                                               batch_size=a.batch_size, progress=False,
+                                               engine_kwargs={"max_context": 512, "max_batch": a.batch_size})
+                    start[kind].append(summary["startup_seconds"])
                 dt = time.perf_counter() - t
                 tokens[kind] = tokens_of(out)
                 out.unlink()
                 times[kind].append(dt)
-                print(f"run {run + 1}: {kind:5s} {tokens[kind]} tokens in {dt:.2f} s = {tokens[kind] / dt:.1f} tok/s")
+                print(f"run {run + 1}: {kind:5s} {tokens[kind]} tokens in {dt:.2f} s = {tokens[kind] / dt:.1f} tok/s "
+                      f"(start-up {start[kind][-1]:.2f} s)")
     local, on_ray = statistics.median(times["local"]), statistics.median(times["ray"])
-    print(f"median: batch {local:.2f} s, batch --ray {on_ray:.2f} s: --ray reaches "
-          f"{local / on_ray:.2f}x of the tokens/s without Ray (target >= 0.85x); "
-          f"Ray's overhead {(on_ray - local) / PROMPTS * 1000:.1f} ms a row")
+    s_local, s_ray = statistics.median(start["local"]), statistics.median(start["ray"])
+    rows = a.prompts
+    print(f"median, whole job: batch {local:.2f} s, batch --ray {on_ray:.2f} s: --ray reaches "
+          f"{local / on_ray:.2f}x of the tokens/s without Ray (target >= 0.85x)")
+    print(f"start-up: engine load {s_local:.2f} s without Ray; Ray's {s_ray:.2f} s (actor process, imports, engine); "
+          f"after it: {(local - s_local) / (on_ray - s_ray):.2f}x, Ray's overhead "
+          f"{((on_ray - s_ray) - (local - s_local)) / rows * 1000:.1f} ms a row; whole job: "
+          f"{(on_ray - local) / rows * 1000:.1f} ms a row")
 
 
 def _free_port() -> int:
@@ -223,6 +240,7 @@ def main() -> None:
         s.add_argument("--batch-size", type=int, default=16)
         s.add_argument("--model", default="smollm2")
         s.add_argument("--threads", type=int, default=2)
+        s.add_argument("--prompts", type=int, default=PROMPTS)
     s = sub.add_parser("serve")
     s.add_argument("--seconds", type=float, default=120)
     s.add_argument("--kill-at", type=float, default=0)

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pocketlm.errors import InvalidInputError, PocketLMError
+from pocketlm.errors import InvalidInputError, PocketLMError, QueueFullError
 
 GENERATE_COLUMNS = ("id", "generated_text", "finish_reason", "num_input_tokens", "num_generated_tokens", "error")
 EMBED_COLUMNS = ("id", "embedding", "num_input_tokens", "error")
@@ -49,6 +49,10 @@ MAX_ROW_TOKENS = 1 << 20  # max_tokens above this is refused (answers past the c
 
 class RowError(PocketLMError):
     """What is wrong with one row: it becomes that row's `error`."""
+
+
+class IncompleteJobError(PocketLMError):
+    """The job ended with rows unanswered; their answers so far are in the journal (--resume)."""
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -79,6 +83,10 @@ def read_rows(path: str | os.PathLike) -> Iterator[dict | RowError]:
         return
     with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
+            if number == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
+                if line.lstrip().startswith(b"[") and _json_array(line):
+                    raise InvalidInputError(f"{path} holds a JSON array: give JSON Lines, one object per line")
             if not line.strip():
                 continue
             try:
@@ -91,6 +99,16 @@ def read_rows(path: str | os.PathLike) -> Iterator[dict | RowError]:
                 continue
             yield row if isinstance(row, dict) else RowError(f"line {number} is a JSON {type(row).__name__}, "
                                                              "not an object")
+
+
+def _json_array(line: bytes) -> bool:
+    """Whether a first line is a JSON array's start ("[" alone, pretty-printed) or a one-line array of
+    objects, rather than one bad row."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return True
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
 def _read_parquet(path) -> Iterator[dict | RowError]:
@@ -106,34 +124,71 @@ def _read_parquet(path) -> Iterator[dict | RowError]:
                 column = column.view(pa.binary() if pa.types.is_string(column.type) else pa.large_binary())
                 columns[name] = ("text", column.to_pylist())
             else:
-                columns[name] = ("value", column.to_pylist())
+                try:
+                    columns[name] = ("value", column.to_pylist())
+                except (UnicodeDecodeError, ValueError, OverflowError):  # nested or dictionary strings: per value
+                    columns[name] = ("each", column)
         for i in range(batch.num_rows):
             row, bad = {}, None
             for name, (kind, values) in columns.items():
-                value = values[i]
+                if kind == "each":
+                    try:
+                        value = values[i].as_py()
+                    except (UnicodeDecodeError, ValueError, OverflowError) as e:
+                        value, bad = None, bad or RowError(f"column {name!r} cannot be read: {e}")
+                else:
+                    value = values[i]
                 if kind == "text" and value is not None:
                     try:
                         value = value.decode("utf-8")
                     except UnicodeDecodeError as e:
-                        bad = bad or RowError(f"column {name!r} is not UTF-8 (byte {e.start})")
+                        value, bad = None, bad or RowError(f"column {name!r} is not UTF-8 (byte {e.start})")
                 row[name] = value
             if bad is not None:
-                bad.row_id = row.get("id")
+                bad.row_id = _valid_id(row.get("id"))
                 yield bad
             else:
                 yield row
 
 
+MAX_ID_CHARS = 1024
+
+
+def _unicode_ok(text: str) -> bool:
+    """False for a string holding a lone surrogate (JSON allows "\\ud800"; UTF-8 cannot hold it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _valid_id(value) -> Any:
+    """An id as OUTPUT can carry it: a string (valid Unicode, at most 1024 characters) or an integer
+    that fits 64 bits; anything else is no id."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if -2**63 <= value < 2**63 else None
+    if isinstance(value, str):
+        return value if len(value) <= MAX_ID_CHARS and _unicode_ok(value) else None
+    return None
+
+
 def row_id(row: dict | RowError) -> Any:
-    """A row's id as given (None when it has none or could not be read)."""
+    """A row's id as given (None when it has none, an unusable one, or could not be read)."""
     if isinstance(row, RowError):
-        return getattr(row, "row_id", None)
-    value = row.get("id")
-    return value if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+        return _valid_id(getattr(row, "row_id", None))
+    return _valid_id(row.get("id"))
 
 
 # ---- one row -------------------------------------------------------------------------------------
+MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")
+
+
 def _check_messages(messages) -> list[dict]:
+    """The messages with the keys a chat template reads (role, content, name, tool_calls,
+    tool_call_id), each JSON; other keys are dropped."""
     if not isinstance(messages, list) or not messages:
         raise RowError("'messages' must be a non-empty list of {role, content} objects")
     out = []
@@ -141,8 +196,23 @@ def _check_messages(messages) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or \
                 not isinstance(m.get("content", ""), (str, type(None))):
             raise RowError(f"messages[{i}] must be an object with a string 'role' and a string 'content'")
-        out.append({k: v for k, v in m.items() if v is not None})
+        kept = {k: m[k] for k in MESSAGE_KEYS if m.get(k) is not None}
+        for k in ("name", "tool_call_id"):
+            if k in kept and not isinstance(kept[k], str):
+                raise RowError(f"messages[{i}].{k} must be a string")
+        _check_json(kept, f"messages[{i}]")
+        out.append(kept)
     return out
+
+
+def _check_json(value, what: str) -> None:
+    """Raises RowError unless `value` is plain JSON: strings of valid Unicode, finite numbers."""
+    try:
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RowError(f"{what} holds text that is not valid Unicode (a lone surrogate)") from None
+    except (TypeError, ValueError, RecursionError) as e:
+        raise RowError(f"{what} is not plain JSON ({type(e).__name__})") from None
 
 
 def _number_ok(name: str, value) -> bool:
@@ -151,6 +221,13 @@ def _number_ok(name: str, value) -> bool:
     if isinstance(value, float) and not math.isfinite(value):
         return False
     return isinstance(value, SAMPLING_FIELDS[name])
+
+
+def _integral(value):
+    """6.0 as 6 (pandas and Arrow write integer columns with nulls as floats)."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
 
 
 def row_sampling(row: dict, defaults: dict) -> dict:
@@ -166,11 +243,17 @@ def row_sampling(row: dict, defaults: dict) -> dict:
             if name not in source or source[name] is None:
                 continue
             value = source[name]
+            if isinstance(value, float) and math.isnan(value):
+                continue  # a missing value of a numeric column
+            if SAMPLING_FIELDS[name] == (int,):
+                value = _integral(value)
             if not _number_ok(name, value):
                 raise RowError(f"'{name}' must be {' or '.join(t.__name__ for t in SAMPLING_FIELDS[name])}, "
                                f"got {type(value).__name__} {str(value)[:40]!r}")
             if name == "stop" and isinstance(value, list) and not all(isinstance(s, str) for s in value):
                 raise RowError("'stop' must be a string or a list of strings")
+            if name in ("stop", "response_format"):
+                _check_json(value, f"'{name}'")
             out[name] = value
     if "max_tokens" in out and not 0 <= out["max_tokens"] <= MAX_ROW_TOKENS:
         raise RowError(f"'max_tokens' must be in [0, {MAX_ROW_TOKENS}], got {out['max_tokens']}")
@@ -187,10 +270,11 @@ def make_job(row: dict | RowError, defaults: dict, embed: bool = False) -> dict:
         raise row
     rid = row_id(row)
     if rid is None:
-        raise RowError("the row has no 'id' (a string or an integer)")
+        raise RowError("the row has no usable 'id' (a string of at most 1024 characters, or a 64-bit integer)")
     if embed:
         if not isinstance(row.get("input"), str):
             raise RowError("an embedding row needs 'input', a string")
+        _check_json(row["input"], "'input'")
         return {"id": rid, "input": row["input"]}
     job = {"id": rid, "sampling": row_sampling(row, defaults)}
     if row.get("messages") is not None:
@@ -200,6 +284,7 @@ def make_job(row: dict | RowError, defaults: dict, embed: bool = False) -> dict:
             raise RowError(f"'prompt' must be a string, got {type(row['prompt']).__name__}")
         if not row["prompt"]:
             raise RowError("'prompt' is empty")
+        _check_json(row["prompt"], "'prompt'")
         job["prompt"] = row["prompt"]
     else:
         raise RowError("the row has neither 'messages' nor 'prompt'")
@@ -222,7 +307,8 @@ class Worker:
     def __init__(self, engine, embed: bool = False, window: int | None = None):
         self.engine = engine
         self.embed = embed
-        self.window = max(1, window or 2 * engine.max_batch)
+        # in flight: a full batch and as many queued behind it, within the engine's queue
+        self.window = max(1, min(window or 2 * engine.max_batch, engine.max_batch + engine.max_queue))
         self.columns = EMBED_COLUMNS if embed else GENERATE_COLUMNS
 
     def _submit(self, job: dict):
@@ -259,6 +345,7 @@ class Worker:
         from collections import deque
 
         pending: deque = deque()  # (key, output row) or (key, id, request, prompt tokens), in input order
+        in_flight = 0
         for key, job in items:
             if isinstance(job, RowError):
                 pending.append((key, failed_row(getattr(job, "row_id", None), job, self.columns)))
@@ -268,13 +355,30 @@ class Worker:
                 except Exception as e:  # noqa: BLE001 - this row's error
                     pending.append((key, failed_row(job["id"], e, self.columns)))
             else:
-                while len(pending) >= self.window:
-                    yield self._settle(pending.popleft())
-                try:
-                    request, n_input = self._submit(job)
-                    pending.append((key, job["id"], request, n_input))
-                except Exception as e:  # noqa: BLE001 - this row's error
-                    pending.append((key, failed_row(job["id"], e, self.columns)))
+                while in_flight >= self.window:
+                    item = pending.popleft()
+                    in_flight -= len(item) == 4
+                    yield self._settle(item)
+                while True:
+                    try:
+                        request, n_input = self._submit(job)
+                        pending.append((key, job["id"], request, n_input))
+                        in_flight += 1
+                    except QueueFullError:
+                        # the engine's queue is shared (other batches on this engine): make room, try again
+                        if not any(len(item) == 4 for item in pending):
+                            time.sleep(0.05)
+                            continue
+                        while pending:
+                            item = pending.popleft()
+                            in_flight -= len(item) == 4
+                            yield self._settle(item)
+                            if len(item) == 4:
+                                break
+                        continue
+                    except Exception as e:  # noqa: BLE001 - this row's error
+                        pending.append((key, failed_row(job["id"], e, self.columns)))
+                    break
             while pending and len(pending[0]) == 2:
                 yield pending.popleft()
         while pending:
@@ -367,7 +471,7 @@ def finish_output(output: Path, columns: tuple[str, ...]) -> int:
             pa = _pyarrow()
             try:
                 table = pa.Table.from_pylist(rows)
-            except (pa.ArrowInvalid, pa.ArrowTypeError):  # ids of mixed types: as strings
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # ids of mixed types: as strings
                 table = pa.Table.from_pylist([{**r, "id": None if r["id"] is None else str(r["id"])} for r in rows])
             pa.parquet.write_table(table, tmp)
         else:
@@ -377,6 +481,11 @@ def finish_output(output: Path, columns: tuple[str, ...]) -> int:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, output)
+        directory = os.open(output.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename is on disk before the journal goes
+        finally:
+            os.close(directory)
     finally:
         tmp.unlink(missing_ok=True)
     journal.unlink()
@@ -431,9 +540,17 @@ class Progress:
 
 # ---- the job -------------------------------------------------------------------------------------
 class Plan:
-    """What a job has to do: the input's rows by row number, and which are done already (resume)."""
+    """What a job has to do: the input's rows by row number, and which are done already (resume).
+
+    Resumption matches by id and occurrence: the k-th done row with an id is the answer of the k-th
+    input row with that id (ids should be unique; repeated ones are still each answered once). Rows
+    done before whose id is no longer in INPUT are kept, after the others; done rows without an id
+    (they failed) are answered again. A Parquet OUTPUT holds ids of mixed types as strings, so
+    against one, ids compare as text."""
 
     def __init__(self, input_path, output: Path, resume: bool):
+        if Path(input_path).resolve() == output.resolve():
+            raise InvalidInputError(f"{output}: OUTPUT must not be INPUT")
         self.rows: list[dict | RowError] = list(read_rows(input_path))
         journal = journal_path(output)
         if journal.exists() and not resume:
@@ -445,23 +562,53 @@ class Plan:
                 done += _read_output(output)
             if journal.exists():
                 done += _read_journal(journal)
-        first_row: dict = {}
+        key = (lambda rid: json.dumps(str(rid))) if input_format(output) == "parquet" else _key
+        positions: dict[str, list[int]] = {}
         for i, row in enumerate(self.rows):
-            first_row.setdefault(_key(row_id(row)), i)
+            rid = row_id(row)
+            if rid is not None:
+                positions.setdefault(key(rid), []).append(i)
+        used: dict[str, int] = {}
+        answered: set[int] = set()
         self.keep: list[dict] = []
-        kept: set = set()
-        for row in done:  # each done id once, at its input position (rows of ids no longer in INPUT: at the end)
-            k = _key(row.get("id"))
-            if row.get("id") is None or k in kept:
+        for row in done:
+            rid = row.get("id") if isinstance(row, dict) else None
+            if rid is None:
                 continue
-            kept.add(k)
-            self.keep.append({**row, "_row": first_row.get(k, len(self.rows) + len(self.keep))})
-        self.todo = [(i, row) for i, row in enumerate(self.rows)
-                     if row_id(row) is None or _key(row_id(row)) not in kept]
+            k = key(rid)
+            n = used[k] = used.get(k, 0) + 1
+            where = positions.get(k, [])
+            at = where[n - 1] if n <= len(where) else len(self.rows) + len(self.keep)
+            answered.add(at)
+            self.keep.append({**row, "_row": at})
+        self.todo = [(i, row) for i, row in enumerate(self.rows) if i not in answered]
 
 
 def _key(rid) -> str:
     return json.dumps(rid)  # 1 and "1" are different ids
+
+
+class JobLock:
+    """One job per OUTPUT at a time: an exclusive lock on OUTPUT.partial.lock for the job's life (a
+    second `--resume` of a job still running is refused, not interleaved)."""
+
+    def __init__(self, output: Path):
+        import fcntl
+
+        self.path = Path(str(journal_path(output)) + ".lock")
+        self.file = open(self.path, "a")
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise InvalidInputError(f"another job is writing {output} (it holds {self.path})") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+        self.file.close()
 
 
 def run_batch(input_path, output, model=None, *, engine=None, embed: bool = False, resume: bool = False,
@@ -471,11 +618,16 @@ def run_batch(input_path, output, model=None, *, engine=None, embed: bool = Fals
     failed, skipped, generated tokens, seconds)."""
     output = Path(output)
     input_format(output)
-    plan = Plan(input_path, output, resume)
-    if engine is None:
-        from pocketlm.engine import Engine
+    with JobLock(output):
+        plan = Plan(input_path, output, resume)
+        if engine is None:
+            from pocketlm.engine import Engine
 
-        engine = Engine(model, **engine_kwargs)
+            engine = Engine(model, **engine_kwargs)
+        return _run_plan(plan, output, engine, embed, defaults, progress, window)
+
+
+def _run_plan(plan: Plan, output: Path, engine, embed, defaults, progress, window) -> dict:
     worker = Worker(engine, embed=embed, window=window)
     journal = Journal(output, plan.keep)
     bar = Progress(len(plan.todo)) if progress else None

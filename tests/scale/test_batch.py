@@ -51,7 +51,7 @@ def _write_jsonl(path, rows):
 
 
 def _read_jsonl(path) -> list[dict]:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
@@ -104,7 +104,7 @@ def test_bad_rows_get_an_error_and_the_rest_are_answered(engine, tmp_path):
         assert text in by_id[rid]["error"], by_id[rid]
         assert by_id[rid]["generated_text"] is None
     anonymous = [r["error"] for r in out if r["id"] is None]
-    assert any("no 'id'" in e for e in anonymous)
+    assert any("no usable 'id'" in e for e in anonymous)
     assert any("line 9 is not UTF-8" in e for e in anonymous)
     assert any("line 10 is not JSON" in e for e in anonymous)
 
@@ -190,3 +190,102 @@ def test_cli_errors(tmp_path):
                        env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "--ray" in r.stderr
     assert not os.path.exists(tmp_path / "o.jsonl")
+
+
+def test_hostile_values_fail_their_row_only(engine, tmp_path):
+    """Values that broke whole jobs in review: a lone surrogate (in an id, a prompt, a message), a
+    message field that is not JSON, ids that do not fit, pandas' floats for integers, a BOM."""
+    from pocketlm.batch import run_batch
+
+    lines = ['{"id": "ok1", "prompt": "The capital of France is", "max_tokens": 4.0}',
+             '{"id": "\\ud800", "prompt": "a"}',
+             '{"id": "sur", "prompt": "caf\\udce9"}',
+             '{"id": "msg", "messages": [{"role": "user", "content": "x\\ud83d"}]}',
+             '{"id": 36893488147419103232, "prompt": "big id"}',
+             '{"id": "nan", "prompt": "a", "temperature": NaN}',
+             '{"id": "ok2", "messages": [{"role": "user", "content": "Hi", "extra": {"a": 1}}], "max_tokens": 3}']
+    (tmp_path / "in.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    run_batch(tmp_path / "in.jsonl", tmp_path / "out.jsonl", engine=engine, progress=False,
+              defaults={"temperature": 0})
+    out = _read_jsonl(tmp_path / "out.jsonl")
+    assert len(out) == len(lines)
+    assert out[0]["id"] == "ok1" and out[0]["generated_text"] == _alone(engine, {"prompt": "The capital of France is",
+                                                                                "max_tokens": 4})
+    assert out[1]["id"] is None and "no usable 'id'" in out[1]["error"]
+    assert "not valid Unicode" in out[2]["error"] and "not valid Unicode" in out[3]["error"]
+    assert out[4]["id"] is None and out[4]["error"]
+    assert out[5]["id"] == "nan" and out[5]["generated_text"] is not None  # NaN: a missing value, the default
+    assert out[6]["generated_text"] == _alone(engine, {"messages": [{"role": "user", "content": "Hi"}],
+                                                       "max_tokens": 3})
+
+
+def test_parquet_nested_column_not_utf8_fails_its_row(engine, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from pocketlm.batch import run_batch
+
+    content = pa.array([b"Hi", b"\xff bad"], pa.binary()).view(pa.string())
+    message = pa.StructArray.from_arrays([pa.array(["user", "user"]), content], names=["role", "content"])
+    messages = pa.ListArray.from_arrays(pa.array([0, 1, 2], pa.int32()), message)
+    pq.write_table(pa.table({"id": ["a", "b"], "messages": messages, "max_tokens": [3, 3]}), tmp_path / "in.parquet")
+    run_batch(tmp_path / "in.parquet", tmp_path / "out.jsonl", engine=engine, progress=False,
+              defaults={"temperature": 0})
+    out = _read_jsonl(tmp_path / "out.jsonl")
+    assert out[0]["generated_text"] == _alone(engine, {"messages": [{"role": "user", "content": "Hi"}],
+                                                       "max_tokens": 3})
+    assert out[1]["id"] == "b" and "column 'messages' cannot be read" in out[1]["error"]
+
+
+def test_resume_with_repeated_ids_answers_each_once(engine, tmp_path):
+    from pocketlm.batch import Plan, run_batch
+
+    rows = [{"id": "x", "prompt": "One", "max_tokens": 2}, {"id": "x", "prompt": "Two", "max_tokens": 2},
+            {"id": 1, "prompt": "Three", "max_tokens": 2}, {"id": "1", "prompt": "Four", "max_tokens": 2}]
+    _write_jsonl(tmp_path / "in.jsonl", rows)
+    for output in ("out.jsonl", "out.parquet"):
+        if output.endswith("parquet"):
+            pytest.importorskip("pyarrow")
+        run_batch(tmp_path / "in.jsonl", tmp_path / output, engine=engine, progress=False, defaults={"temperature": 0})
+        plan = Plan(tmp_path / "in.jsonl", tmp_path / output, resume=True)
+        assert plan.todo == [] and len(plan.keep) == 4, output  # nothing to redo, nothing dropped
+        again = run_batch(tmp_path / "in.jsonl", tmp_path / output, engine=engine, progress=False, resume=True)
+        assert again["skipped"] == 4
+
+
+def test_small_engine_queue_and_one_job_per_output(smollm2_gguf, tmp_path):
+    from pocketlm import Engine
+    from pocketlm.batch import JobLock, run_batch
+    from pocketlm.errors import InvalidInputError
+
+    engine = Engine("smollm2", threads=2, max_context=256, max_batch=2, max_queue=1)
+    rows = [{"id": i, "prompt": f"Number {i} is", "max_tokens": 3} for i in range(8)]
+    _write_jsonl(tmp_path / "in.jsonl", rows)
+    run_batch(tmp_path / "in.jsonl", tmp_path / "out.jsonl", engine=engine, progress=False, window=16,
+              defaults={"temperature": 0})
+    assert all(r["error"] is None for r in _read_jsonl(tmp_path / "out.jsonl"))
+    with JobLock(tmp_path / "out.jsonl"):
+        with pytest.raises(InvalidInputError, match="another job"):
+            run_batch(tmp_path / "in.jsonl", tmp_path / "out.jsonl", engine=engine, progress=False)
+    with pytest.raises(InvalidInputError, match="must not be INPUT"):
+        run_batch(tmp_path / "in.jsonl", tmp_path / "in.jsonl", engine=engine, progress=False)
+    (tmp_path / "array.jsonl").write_text('[{"id": 1, "prompt": "a"}]\n')
+    with pytest.raises(InvalidInputError, match="JSON array"):
+        run_batch(tmp_path / "array.jsonl", tmp_path / "o2.jsonl", engine=engine, progress=False)
+
+
+def test_ray_flag_gives_back_a_swallowed_argument():
+    import argparse
+
+    from pocketlm.cli.main import _ray_address
+
+    a = argparse.Namespace(ray="smollm2", models=["smollm2"])
+    _ray_address(a, "models")
+    assert a.ray == "local" and a.models == ["smollm2"]
+    a = argparse.Namespace(ray="in.jsonl", input=None)
+    _ray_address(a, "input")
+    assert a.ray == "local" and a.input == "in.jsonl"
+    for address in ("auto", "local", "ray://head:10001", "10.0.0.5:6379"):
+        a = argparse.Namespace(ray=address, input="x.jsonl")
+        _ray_address(a, "input")
+        assert a.ray == address

@@ -67,7 +67,7 @@ def _write_jsonl(path, rows):
 
 
 def _read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line) for line in path.read_text().split("\n") if line]
 
 
 def test_batch_on_two_nodes_equals_each_prompt_alone(cluster, reference, tmp_path):

@@ -64,6 +64,9 @@ def test_routing_key_blocks():
     assert routing_key("/v1/chat/completions", other_model)[0] != k1[0]
     assert routing_key("/v1/completions", b'{"prompt": "abc"}') and routing_key("/x", b"not json") == []
     assert routing_key("/v1/embeddings", b'{"input": "abc"}') == []
+    assert routing_key("/v1/chat/completions", b'{"model": null, "prompt": "abc"}')  # no model: still a key
+    deep = b'{"messages": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    assert routing_key("/v1/chat/completions", deep) == []  # hostile: routed anywhere, refused by the app
 
 
 def test_affinity_prefers_the_replica_that_answered_the_prefix():
@@ -80,8 +83,49 @@ def test_affinity_prefers_the_replica_that_answered_the_prefix():
     picks = collections.Counter(router.preferred(replicas, [f"k{i}"]).replica_id.unique_id for i in range(400))
     assert len(picks) == 4 and min(picks.values()) > 60  # spread over all replicas
     # a prefix answered before: its replica, by the longest block it knows
-    router.on_request_routed(SimpleNamespace(kwargs={"routing_key": ["x", "y"]}), replicas[2].replica_id, None)
+    ids = iter(range(1000))
+
+    def routed(key, replica):
+        request = SimpleNamespace(kwargs={"routing_key": key}, metadata=SimpleNamespace(internal_request_id=next(ids)))
+        router.on_request_routed(request, replica.replica_id, None)
+        return request.metadata.internal_request_id
+
+    first = routed(["x", "y"], replicas[2])
     assert router.preferred(replicas, ["x", "y", "z"]) is replicas[2]
     assert router.preferred(replicas[:2] + replicas[3:], ["x", "y", "z"]) is not replicas[2]  # gone: hashed
-    router.on_request_routed(SimpleNamespace(kwargs={"routing_key": ["p", "q"]}), replicas[1].replica_id, None)
+    routed(["p", "q"], replicas[1])
     assert len(router._owner) == 3 and "x" not in router._owner  # least recently used forgotten
+
+
+def test_affinity_gives_way_to_the_least_loaded():
+    import asyncio
+
+    from pocketlm.ray.serve import PrefixAffinityRouter
+
+    router = PrefixAffinityRouter.__new__(PrefixAffinityRouter)
+    router.initialize_state(imbalance=4)
+    router._replica_queue_len_cache = SimpleNamespace(get=lambda replica_id: None)  # nothing probed yet
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=f"r{i}")) for i in range(2)]
+    key = ["shared-system-prompt"]
+    pending = SimpleNamespace(kwargs={"routing_key": key})
+    best = asyncio.run(router.choose_replicas(replicas, pending))[0][0]
+    sent = []
+    for i in range(5):
+        request = SimpleNamespace(kwargs={"routing_key": key}, metadata=SimpleNamespace(internal_request_id=i))
+        router.on_request_routed(request, best.replica_id, None)
+        sent.append(i)
+    ranks = asyncio.run(router.choose_replicas(replicas, pending))
+    assert ranks == [replicas]  # 5 in flight there, 0 on the other: the least loaded of all
+    for i in sent[:3]:
+        router.on_request_completed(best.replica_id, i)
+    ranks = asyncio.run(router.choose_replicas(replicas, pending))
+    assert ranks[0] == [best]  # back under the bound: affinity again
+
+
+def test_flags_from_serve_run_strings():
+    from pocketlm.ray.serve import _bool
+
+    assert _bool({"insecure": "false"}, "insecure") is False and _bool({"insecure": "true"}, "insecure") is True
+    assert _bool({}, "plain_http") is False and _bool({"plain_http": True}, "plain_http") is True
+    with pytest.raises(ValueError):
+        _bool({"insecure": "maybe"}, "insecure")

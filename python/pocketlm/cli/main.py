@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -332,6 +333,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.draft is not None and len(a.models) > 1:
         raise InvalidInputError("--draft drafts for one model: serve the others from another process")
     api_key = a.api_key if a.api_key is not None else os.environ.get("POCKETLM_API_KEY") or None
+    _ray_address(a, "models")
     if a.ray is None and (a.replicas is not None or a.autoscale is not None):
         raise UsageError("--replicas and --autoscale run replicas on Ray: add --ray")
     if a.ray is not None:
@@ -358,9 +360,31 @@ def cmd_serve(a: argparse.Namespace) -> int:
                  trusted_keys=a.trusted_keys, decryption_key=a.decryption_key)
 
 
+_RAY_ADDRESS = re.compile(r"(auto|local|ray://\S+|\S+:\d+)")
+
+
+def _ray_address(a: argparse.Namespace, positional: str) -> None:
+    """`--ray` takes an optional ADDRESS: a word after it that is no address (`--ray model`, `--ray
+    in.jsonl`) is the positional argument it swallowed; give it back."""
+    if a.ray is None or _RAY_ADDRESS.fullmatch(a.ray):
+        return
+    value, a.ray = a.ray, "local"
+    current = getattr(a, positional)
+    if isinstance(current, list):
+        setattr(a, positional, [value] if current == ["smollm2"] else [value, *current])
+    elif current is None:
+        setattr(a, positional, value)
+    else:
+        raise UsageError(f"--ray {value}: not a Ray address (auto, local, ray://HOST:PORT or HOST:PORT)")
+
+
 def cmd_batch(a: argparse.Namespace) -> int:
     from pocketlm import batch
 
+    _ray_address(a, "input")
+    if a.input is None:
+        raise UsageError("give INPUT, a .jsonl or .parquet file")
+    _check_text_args(a)
     defaults = _sampling_kwargs(a)
     if not defaults["stop"]:
         del defaults["stop"]
@@ -832,7 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and writes OUTPUT (JSONL or Parquet, by extension): id, generated_text, "
                                     "finish_reason, num_input_tokens, num_generated_tokens, or error for a row "
                                     "that failed. docs/scale.md.")
-    bt.add_argument("input", metavar="INPUT", help="a .jsonl or .parquet file")
+    bt.add_argument("input", metavar="INPUT", nargs="?", help="a .jsonl or .parquet file")
     bt.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="a .jsonl or .parquet file")
     bt.add_argument("-m", "--model", default="smollm2",
                     help="a .plm, .gguf, Hugging Face folder, store reference or known name (default smollm2)")

@@ -50,12 +50,12 @@ def import_ray():
     return ray
 
 
-def resolve_on_node(model: str, plain_http: bool = False, insecure: bool = False) -> str:
+def resolve_on_node(model: str, plain_http: bool = False, insecure: bool = False, trusted_keys=None) -> str:
     """The model as this node loads it: a path or a known name as is; a registry reference
     (`host[:port]/ns/name:tag`) not yet in this node's store is pulled into it first (once: the
     store's transfer lock serializes the actors of a node, and a second finds the blobs there),
-    every blob checked against its digest and, where $POCKETLM_TRUSTED_KEYS is set, the signature
-    verified before the name exists (pocketlm.store.pull)."""
+    every blob checked against its digest and, under a trusted-keys policy (the job's, else this
+    node's $POCKETLM_TRUSTED_KEYS), the signature verified before the name exists (pocketlm.store.pull)."""
     from pocketlm.hub import store_entry
     from pocketlm.store.reference import looks_like_reference, parse_reference
 
@@ -66,7 +66,7 @@ def resolve_on_node(model: str, plain_http: bool = False, insecure: bool = False
     from pocketlm.signing import trusted_keys_from_env
     from pocketlm.store import pull
 
-    pull(model, plain_http=plain_http, insecure=insecure, trusted_keys=trusted_keys_from_env(None))
+    pull(model, plain_http=plain_http, insecure=insecure, trusted_keys=trusted_keys_from_env(trusted_keys))
     return model
 
 
@@ -75,7 +75,8 @@ def _engine(model: str, threads: int, engine_kwargs: dict | None):
 
     kwargs = dict(engine_kwargs or {})
     registry = kwargs.pop("registry", None) or {}  # {"plain_http": ..., "insecure": ...} for a pull on this node
-    return Engine(resolve_on_node(model, **registry), threads=threads, **kwargs)
+    return Engine(resolve_on_node(model, trusted_keys=kwargs.get("trusted_keys"), **registry), threads=threads,
+                  **kwargs)
 
 
 def _rows(batch) -> list[dict]:
@@ -90,9 +91,11 @@ def _rows(batch) -> list[dict]:
 
 
 def _plain(value):
-    """numpy scalars and arrays (numpy batches) as Python values."""
+    """numpy scalars and arrays (numpy batches) as Python values; NaN (pandas' missing number) as None."""
     if hasattr(value, "tolist"):
-        return value.tolist()
+        value = value.tolist()
+    if isinstance(value, float) and value != value:
+        return None
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -139,12 +142,14 @@ class PocketLMPredictor:
 
 class _JobPredictor:
     """`pocketlm batch --ray`'s actor: rows {_row, _job (JSON, checked on the driver)} -> {_row, _out
-    (the output row as JSON)}. Two batches may run at once on one actor (max_concurrency=2), so that
-    the engine's batch is refilled from the next while the last rows of one finish."""
+    (the output row as JSON)}. Two batches run at once on one actor (two calls, in two threads:
+    the Worker and the engine's scheduler are thread-safe), so that the engine's batch is refilled
+    from the next while the last rows of one finish."""
 
     def __init__(self, model: str, threads: int, engine_kwargs: dict | None, embed: bool, window: int | None):
         self.engine = _engine(model, threads, engine_kwargs)
         self.worker = _batch.Worker(self.engine, embed=embed, window=window)
+        self.ready = time.time()  # when this actor's engine was loaded (the job's start-up, reported)
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -152,12 +157,13 @@ class _JobPredictor:
         keys = batch.column("_row").to_pylist()
         jobs = [json.loads(j) for j in batch.column("_job").to_pylist()]
         outs = [json.dumps(out, ensure_ascii=False) for _, out in self.worker.run(zip(keys, jobs))]
-        return pa.table({"_row": pa.array(keys, pa.int64()), "_out": pa.array(outs, pa.string())})
+        return pa.table({"_row": pa.array(keys, pa.int64()), "_out": pa.array(outs, pa.string()),
+                         "_ready": pa.array([self.ready] * len(keys), pa.float64())})
 
 
 def init_ray(address: str | None, quiet: bool = True):
-    """Connects to the cluster at `address` ('auto': the one this machine belongs to), or starts a
-    local Ray for this process (None). An already initialised Ray is used as it is."""
+    """Connects to the cluster at `address` ('auto': the one this machine belongs to, or $RAY_ADDRESS),
+    or starts a local Ray for this process (None). An already initialised Ray is used as it is."""
     ray = import_ray()
     if quiet:  # pocketlm's progress line tells the job's state; Ray's own logs are in /tmp/ray
         import logging
@@ -172,8 +178,9 @@ def init_ray(address: str | None, quiet: bool = True):
             import logging
 
             kwargs["logging_level"] = logging.WARNING
-        if address is None:
+        if address is None:  # a new local Ray for this process, even where $RAY_ADDRESS names a cluster
             kwargs["include_dashboard"] = False
+            address = "local"
         ray.init(address=address, **kwargs)
     return ray
 
@@ -186,13 +193,25 @@ def run_batch_on_ray(input_path, output, model: str = "smollm2", *, address: str
     actors of `threads` CPUs each (Ray Data's actor pool), on the cluster at `address`."""
     output = Path(output)
     _batch.input_format(output)
-    plan = _batch.Plan(input_path, output, resume)
+    if Path(model).exists():  # a path the driver sees: absolute, for actors with another working directory
+        model = str(Path(model).resolve())
+    with _batch.JobLock(output):
+        plan = _batch.Plan(input_path, output, resume)
+        init_ray(address)  # before the journal: a missing Ray or a wrong address leaves nothing behind
+        return _run_plan_on_ray(plan, output, model, address=address, replicas=replicas, threads=threads,
+                                batch_size=batch_size, embed=embed, defaults=defaults, progress=progress,
+                                engine_kwargs=engine_kwargs, window=window)
+
+
+def _run_plan_on_ray(plan, output: Path, model: str, *, address, replicas, threads, batch_size, embed, defaults,
+                     progress, engine_kwargs, window) -> dict:
     columns = _batch.EMBED_COLUMNS if embed else _batch.GENERATE_COLUMNS
     journal = _batch.Journal(output, plan.keep)
     bar = _batch.Progress(len(plan.todo)) if progress else None
     summary = {"rows": len(plan.rows), "skipped": len(plan.rows) - len(plan.todo), "failed": 0,
                "generated_tokens": 0}
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
+    ready: list[float] = []
 
     def record(key: int, out: dict) -> None:
         if journal.write(key, out):
@@ -209,26 +228,31 @@ def run_batch_on_ray(input_path, output, model: str = "smollm2", *, address: str
             else:
                 items.append({"_row": key, "_job": json.dumps(job, ensure_ascii=False)})
         if items:
-            for key, out in _run_on_ray(items, model, address=address, replicas=replicas, threads=threads,
-                                        batch_size=batch_size, embed=embed, engine_kwargs=engine_kwargs,
-                                        window=window, quiet=progress is not None):
+            for key, out, loaded in _run_on_ray(items, model, address=address, replicas=replicas, threads=threads,
+                                                batch_size=batch_size, embed=embed, engine_kwargs=engine_kwargs,
+                                                window=window):
                 record(key, out)
+                ready.append(loaded)
     finally:
         journal.close()
         if bar is not None:
             bar.finish()
     missing = [key for key, _ in plan.todo if key not in journal.written]
     if missing:  # Ray returned without them: keep the journal for --resume, say so
-        raise RuntimeError(f"{len(missing)} rows got no answer (first: row {missing[0]}); the answers so far are "
+        raise _batch.IncompleteJobError(f"{len(missing)} rows got no answer (first: row {missing[0]}); the answers so far are "
                            f"in {_batch.journal_path(output)}: rerun with --resume")
     summary["seconds"] = time.perf_counter() - t0
+    # Ray's start-up: from the job's start to the first engine loaded in an actor (actor processes,
+    # imports, the model) - paid once per job, whatever its size
+    summary["startup_seconds"] = max(0.0, min(ready) - started) if ready else None
     _batch.finish_output(output, columns)
     return summary
 
 
 def _run_on_ray(items: list[dict], model: str, *, address, replicas: int, threads: int, batch_size: int,
-                embed: bool, engine_kwargs: dict | None, window: int | None, quiet: bool):
-    """(key, output row) of every item, as the actor pool answers them (retried copies included)."""
+                embed: bool, engine_kwargs: dict | None, window: int | None):
+    """(key, output row, when its actor's engine was loaded) of every item, as the actor pool answers
+    them (retried copies included)."""
     ray = init_ray(address)
     import ray.data
 
@@ -240,12 +264,13 @@ def _run_on_ray(items: list[dict], model: str, *, address, replicas: int, thread
         _JobPredictor, batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True,
         fn_constructor_kwargs=dict(model=model, threads=threads, engine_kwargs=engine_kwargs, embed=embed,
                                    window=window),
-        compute=ray.data.ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=4,
-                                           max_concurrent_calls_per_actor=2),
+        compute=ray.data.ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=2,
+                                           max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
         num_cpus=threads)
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-        for key, out in zip(table.column("_row").to_pylist(), table.column("_out").to_pylist()):
-            yield key, json.loads(out)
+        for key, out, loaded in zip(table.column("_row").to_pylist(), table.column("_out").to_pylist(),
+                                    table.column("_ready").to_pylist()):
+            yield key, json.loads(out), loaded
 
 
 # ---- ray.data.llm's shape ------------------------------------------------------------------------
@@ -320,7 +345,8 @@ def _define_processor():
         return Processor(config, [stage], preprocess=preprocess, postprocess=postprocess,
                          preprocess_map_kwargs=preprocess_map_kwargs, postprocess_map_kwargs=postprocess_map_kwargs)
 
-    ProcessorBuilder.register(PocketLMProcessorConfig, build)
+    if PocketLMProcessorConfig.__name__ not in ProcessorBuilder._registry:  # (once, whatever reloads this module)
+        ProcessorBuilder.register(PocketLMProcessorConfig, build)
     return PocketLMProcessorConfig, build
 
 

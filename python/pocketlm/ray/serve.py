@@ -47,11 +47,16 @@ log = logging.getLogger("pocketlm.ray.serve")
 
 def routing_key(path: str, body: bytes) -> list[str]:
     """The hashes of the prompt's block prefixes (see the module's doc); [] when the body has no
-    prompt (a GET, an embedding, a body that is not JSON)."""
+    prompt (a GET, an embedding, a body that is not JSON or not as the API wants: the replica's
+    answer says what is wrong)."""
     try:
-        request = json.loads(body) if body else None
-    except ValueError:
+        return _routing_key(body)
+    except Exception:  # noqa: BLE001 - a hostile body routes anywhere; the app refuses it there
         return []
+
+
+def _routing_key(body: bytes) -> list[str]:
+    request = json.loads(body) if body else None
     if not isinstance(request, dict):
         return []
     parts: list[str] = []
@@ -65,7 +70,8 @@ def routing_key(path: str, body: bytes) -> list[str]:
         parts.append(request["prompt"])
     if not parts:
         return []
-    text = request.get("model", "") + "\x00" + "\x00".join(parts)
+    model = request.get("model")
+    text = (model if isinstance(model, str) else "") + "\x00" + "\x00".join(parts)
     ends = list(range(BLOCK_CHARS, min(len(text), BLOCK_CHARS * MAX_KEY_BLOCKS) + 1, BLOCK_CHARS))
     if not ends or ends[-1] != len(text) and len(text) < BLOCK_CHARS * MAX_KEY_BLOCKS:
         ends.append(len(text))
@@ -79,6 +85,8 @@ class PrefixAffinityRouter(RequestRouter):
         self.imbalance = int(imbalance)
         self.memory = int(memory)
         self._owner: collections.OrderedDict[str, str] = collections.OrderedDict()  # block hash -> replica
+        self._sent: dict[str, int] = {}  # replica -> requests routed there and not completed
+        self._routed: dict[str, str] = {}  # internal request id -> replica
 
     @staticmethod
     def _key(pending_request: PendingRequest | None) -> list[str]:
@@ -102,19 +110,32 @@ class PrefixAffinityRouter(RequestRouter):
         if not key or len(candidate_replicas) < 2:
             return [candidate_replicas]  # the least loaded of all (the base class probes their queues)
         best = self.preferred(candidate_replicas, key)
-        queues = {r.replica_id: self.replica_queue_len_cache.get(r.replica_id) for r in candidate_replicas}
-        known = [q for q in queues.values() if q is not None]
-        mine = queues.get(best.replica_id)
-        if mine is not None and known and mine - min(known) > self.imbalance:
+        # queue lengths: the router's cache (probed replicas, fresh for 10 s) or, where it has none,
+        # the requests this router sent and has not seen end; a replica never probed counts as idle
+        queues = [self._queue(r) for r in candidate_replicas]
+        mine = self._queue(best)
+        if mine - min(queues) > self.imbalance:
             return [candidate_replicas]
         return [[best], [r for r in candidate_replicas if r is not best]]
 
+    def _queue(self, replica: RunningReplica) -> int:
+        cached = self.replica_queue_len_cache.get(replica.replica_id)
+        return cached if cached is not None else self._sent.get(replica.replica_id.unique_id, 0)
+
     def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
+        rid = replica_id.unique_id
+        self._sent[rid] = self._sent.get(rid, 0) + 1
+        self._routed[pending_request.metadata.internal_request_id] = rid
         for block in self._key(pending_request):
             self._owner[block] = replica_id.unique_id
             self._owner.move_to_end(block)
         while len(self._owner) > self.memory:
             self._owner.popitem(last=False)
+
+    def on_request_completed(self, replica_id, internal_request_id: str) -> None:
+        rid = self._routed.pop(internal_request_id, None)
+        if rid is not None and self._sent.get(rid, 0) > 0:
+            self._sent[rid] -= 1
 
 
 # ---- the replica ---------------------------------------------------------------------------------
@@ -122,7 +143,7 @@ class _RayMetrics:
     """The replica's figures as Ray metrics (tagged by model and, by Ray, by replica)."""
 
     def __init__(self):
-        from ray.util import metrics
+        from ray.serve import metrics  # ray.util.metrics with the deployment's and replica's tags
 
         self.requests = metrics.Counter("pocketlm_requests", "HTTP requests answered", tag_keys=("route", "status"))
         self.prompt_tokens = metrics.Counter("pocketlm_prompt_tokens", "prompt tokens", tag_keys=("model",))
@@ -145,7 +166,8 @@ class _RayMetrics:
         def on_generation(model_id: str, prompt_tokens: int, stats) -> None:
             generation(model_id, prompt_tokens, stats)
             tags = {"model": model_id}
-            self.prompt_tokens.inc(max(0, int(prompt_tokens)) or 0, tags=tags)
+            if prompt_tokens > 0:
+                self.prompt_tokens.inc(int(prompt_tokens), tags=tags)
             if stats.generated_tokens:
                 self.generated_tokens.inc(stats.generated_tokens, tags=tags)
             if getattr(stats, "ttft_seconds", None):
@@ -173,8 +195,8 @@ class PocketLMReplica:
 
         engine_kwargs = dict(engine_kwargs)
         registry = engine_kwargs.pop("registry", None) or {}
-        self.registry = load_models([resolve_on_node(m, **registry) for m in models], **server_kwargs,
-                                    **engine_kwargs)
+        self.registry = load_models([resolve_on_node(m, trusted_keys=engine_kwargs.get("trusted_keys"), **registry)
+                                     for m in models], **server_kwargs, **engine_kwargs)
         self.app = create_app(self.registry, **app_kwargs)
         self.state = self.app.state.pocketlm
         self.metrics = _RayMetrics()
@@ -203,6 +225,7 @@ class PocketLMReplica:
 
         self.metrics.sample(self.registry)
         task = asyncio.ensure_future(self.app(scope, receive, send))
+        getter = None
         try:
             while True:
                 getter = asyncio.ensure_future(messages.get())
@@ -218,13 +241,16 @@ class PocketLMReplica:
                 if message["type"] == "http.response.body" and not message.get("more_body", False):
                     return
         finally:
+            if getter is not None and not getter.done():
+                getter.cancel()
             gone.set()  # the caller left (or the response ended): the app sees the client disconnect
-            if not task.done():
-                try:
-                    await asyncio.wait_for(task, 5)
-                except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - a cancelled stream ends as it can
+            try:
+                if not task.done():  # the app ends its generations at the disconnect: give it a moment
+                    await asyncio.wait({task}, timeout=5)
+            finally:
+                if not task.done():
                     task.cancel()
-            self.metrics.sample(self.registry)
+                self.metrics.sample(self.registry)
 
     def __del__(self):
         for m in getattr(self, "registry", ()):
@@ -232,23 +258,55 @@ class PocketLMReplica:
 
 
 # ---- the ingress ---------------------------------------------------------------------------------
-def _error(status: int, message: str, code: str) -> tuple[dict, bytes]:
-    body = json.dumps({"error": {"message": message, "type": "server_error" if status >= 500 else
-                                 "invalid_request_error", "param": None, "code": code}}).encode()
+def _error(path: str, status: int, message: str, code: str, headers=()) -> tuple[dict, bytes]:
+    """An error response in the shape of the route's API: OpenAI's {"error": {...}}, Ollama's
+    {"error": "..."} under /api/."""
+    if path.startswith("/api/"):
+        payload: dict = {"error": message}
+    else:
+        payload = {"error": {"message": message, "type": "server_error" if status >= 500 else
+                             "invalid_request_error", "param": None, "code": code}}
+    body = json.dumps(payload).encode()
     start = {"type": "http.response.start", "status": status,
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                         *headers]}
     return start, body
+
+
+async def _send_error(send, path: str, status: int, message: str, code: str, headers=()) -> None:
+    start, body = _error(path, status, message, code, headers)
+    await send(start)
+    await send({"type": "http.response.body", "body": body})
 
 
 class PocketLMIngress:
     """Reads each request and forwards it to a replica (see the module's doc)."""
 
-    def __init__(self, replica, max_body_bytes: int = MAX_BODY_BYTES):
+    def __init__(self, replica, max_body_bytes: int = MAX_BODY_BYTES, api_key: str | None = None):
         self.replica = replica  # DeploymentHandle of PocketLMReplica
         self.max_body = max_body_bytes
+        self.api_key = api_key  # checked here too, before a body is read (the replica's gate checks it again)
 
     def __serve_build_asgi_app__(self):
         return _ASGI(self)
+
+    def _refused(self, scope) -> tuple[int, str, str, tuple] | None:
+        from pocketlm.server.app import PUBLIC_PATHS
+
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope["path"]
+        if self.api_key is not None and scope["method"] != "OPTIONS" and \
+                not (path in PUBLIC_PATHS or path.startswith("/static/")):
+            import hmac
+
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                return (401, "Incorrect or missing API key: send the header 'Authorization: Bearer KEY' with the "
+                             "key the server was started with", "invalid_api_key", ((b"www-authenticate", b"Bearer"),))
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return 413, f"the request body is larger than the {self.max_body} bytes allowed", "request_too_large", ()
+        return None
 
     async def asgi(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -261,6 +319,15 @@ class PocketLMIngress:
                     return
         if scope["type"] != "http":
             return
+        # Serve keeps the application's route prefix in the path (and says it in root_path): the
+        # replica's app knows its routes without it
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        refused = self._refused({**scope, "path": path})
+        if refused is not None:
+            await _send_error(send, path, *refused)
+            return
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -269,26 +336,27 @@ class PocketLMIngress:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                start, body = _error(413, f"the request body is larger than the {self.max_body} bytes allowed",
-                                     "request_too_large")
-                await send(start)
-                await send({"type": "http.response.body", "body": body})
+                await _send_error(send, path, 413, f"the request body is larger than the {self.max_body} bytes "
+                                  "allowed", "request_too_large")
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        request = {"method": scope["method"], "path": scope["path"], "query_string": scope.get("query_string", b""),
+        request = {"method": scope["method"], "path": path, "query_string": scope.get("query_string", b""),
                    "headers": [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
                    "client": list(scope.get("client") or ("-", 0)), "body": body}
-        key = routing_key(scope["path"], body) if scope["method"] == "POST" else []
+        key = routing_key(path, body) if scope["method"] == "POST" else []
         await self._forward(request, key, receive, send)
 
     async def _forward(self, request: dict, key: list[str], receive, send) -> None:
         from ray.exceptions import RayError
+        from ray.serve.exceptions import BackPressureError, RayServeException
 
+        path = request["path"]
         stream = self.replica.options(stream=True, method_name="handle").remote(request, routing_key=key)
-        started, streaming, finished = False, False, False
+        started = finished = False
+        kind = ""  # the response's content type
 
         async def client_left():
             while True:
@@ -301,25 +369,33 @@ class PocketLMIngress:
             async for message in _until(stream, watcher):
                 if message["type"] == "http.response.start":
                     started = True
-                    streaming = any(k.lower() == b"content-type" and b"text/event-stream" in v
-                                    for k, v in message.get("headers", []))
+                    kind = next((v.decode("latin-1") for k, v in message.get("headers", [])
+                                 if k.lower() == b"content-type"), "")
                 await send(message)
                 if message["type"] == "http.response.body" and not message.get("more_body", False):
                     finished = True
             if not finished and not watcher.done():
                 raise ConnectionError("the replica's response ended early")
-        except (RayError, ConnectionError, asyncio.CancelledError) as e:
-            if watcher.done() or isinstance(e, asyncio.CancelledError) and watcher.done():
-                return  # the client left: nothing to tell it
-            message = f"the replica serving this request failed ({type(e).__name__}); retry the request"
-            log.warning("request %s %s: %s: %s", request["method"], request["path"], type(e).__name__, e)
+        except asyncio.CancelledError:
+            raise  # the proxy cancelled the request (the client left): nothing to answer
+        except (RayError, RayServeException, ConnectionError) as e:
+            if finished or watcher.done():
+                return  # answered already, or the client left: nothing to tell it
+            log.warning("request %s %s: %s: %s", request["method"], path, type(e).__name__, e)
+            if isinstance(e, BackPressureError):
+                status, code, headers = 503, "overloaded", ((b"retry-after", b"1"),)
+                message = "every replica's queue is full; retry later"
+            else:
+                status, code, headers = 502, "replica_failed", ()
+                message = f"the replica serving this request failed ({type(e).__name__}); retry the request"
             if not started:
-                start, body = _error(502, message, "replica_failed")
-                await send(start)
-                await send({"type": "http.response.body", "body": body})
-            elif streaming:
-                event = json.dumps({"error": {"message": message, "type": "server_error", "code": "replica_failed"}})
+                await _send_error(send, path, status, message, code, headers)
+            elif "text/event-stream" in kind:
+                event = json.dumps({"error": {"message": message, "type": "server_error", "code": code}})
                 await send({"type": "http.response.body", "body": f"data: {event}\n\n".encode(), "more_body": False})
+            elif "ndjson" in kind:  # Ollama's streams end with an error line, as the app's own
+                await send({"type": "http.response.body", "body": json.dumps({"error": message}).encode() + b"\n",
+                            "more_body": False})
             else:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
@@ -342,9 +418,12 @@ async def _until(stream, watcher):
     iterator = stream.__aiter__()
     while True:
         nxt = asyncio.ensure_future(iterator.__anext__())
-        await asyncio.wait({nxt, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if not nxt.done():
-            nxt.cancel()
+        try:
+            await asyncio.wait({nxt, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not nxt.done():
+                nxt.cancel()
+        if nxt.cancelled():
             return
         try:
             yield nxt.result()
@@ -356,6 +435,22 @@ async def _until(stream, watcher):
 def _int(args: dict, name: str, default: int | None) -> int | None:
     value = args.get(name, default)
     return None if value is None else int(value)
+
+
+def _bool(args: dict, name: str) -> bool:
+    """A flag from a config file (true/false) or `serve run`'s command line (the strings)."""
+    value = args.get(name, False)
+    if isinstance(value, str):
+        if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no", ""):
+            raise ValueError(f"{name}={value!r}: give true or false")
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value)
+
+
+def _list(value) -> list[str] | None:
+    if value is None:
+        return None
+    return [v for v in value.split(",") if v] if isinstance(value, str) else [str(v) for v in value]
 
 
 def build_app(args: dict | None = None):
@@ -376,22 +471,26 @@ def build_app(args: dict | None = None):
     engine_kwargs = {k: v for k, v in dict(
         threads=threads, max_context=_int(args, "ctx_size", None), max_batch=max_sequences,
         max_queue=_int(args, "max_queue", 256), kv_type=args.get("kv_type", "f16"),
-        activations=args.get("activations", "auto"), trusted_keys=args.get("trusted_keys"),
+        activations=args.get("activations", "auto"),
+        # the policy as the deploying process sees it, given to every replica (worker nodes need not
+        # have this environment): a path must be readable on every node
+        trusted_keys=args.get("trusted_keys") or os.environ.get("POCKETLM_TRUSTED_KEYS") or None,
         decryption_key=args.get("decryption_key"), chat_template=args.get("chat_template"),
         sparse_layout=args.get("sparse_layout"),
-        registry={k: bool(args[k]) for k in ("plain_http", "insecure") if args.get(k)} or None).items()
+        registry={k: True for k in ("plain_http", "insecure") if _bool(args, k)} or None).items()
         if v is not None}
+    api_key = args.get("api_key") or os.environ.get("POCKETLM_API_KEY") or None
     server_kwargs = {k: v for k, v in dict(max_tokens_limit=_int(args, "max_tokens_limit", None),
-                                           pooling=args.get("pooling"),
-                                           api_key=args.get("api_key") or os.environ.get("POCKETLM_API_KEY") or None,
-                                           cors_origins=args.get("cors_origins")).items() if v is not None}
+                                           pooling=args.get("pooling"), api_key=api_key,
+                                           cors_origins=_list(args.get("cors_origins"))).items() if v is not None}
     options: dict[str, Any] = dict(
         name="pocketlm-replica", ray_actor_options={"num_cpus": threads},
         max_ongoing_requests=_int(args, "max_ongoing_requests", 4 * max_sequences),
         request_router_config=RequestRouterConfig(
             request_router_class=PrefixAffinityRouter,
             request_router_kwargs={"imbalance": _int(args, "imbalance", DEFAULT_IMBALANCE)}),
-        health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=5)
+        # a replica stopped (scaled down, redeployed) finishes its answers first, for up to 60 s
+        health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=60)
     autoscale = args.get("autoscale")
     if autoscale:
         low, _, high = str(autoscale).partition(":")
@@ -402,7 +501,7 @@ def build_app(args: dict | None = None):
     replica = serve.deployment(PocketLMReplica).options(**options).bind(models, engine_kwargs, server_kwargs)
     ingress = serve.deployment(serve.ingress()(PocketLMIngress)).options(
         name="pocketlm-ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
-    return ingress.bind(replica)
+    return ingress.bind(replica, api_key=api_key)
 
 
 app = build_app  # `serve run pocketlm.ray:app model=...`: Serve calls an application builder with the arguments
@@ -426,28 +525,40 @@ def deploy(models: list[str], *, address: str | None = None, host: str = "127.0.
     import sys
     import threading
 
-    from pocketlm.ray.data import init_ray
+    from pocketlm.ray.data import import_ray, init_ray
 
+    started_ray = address is None and not import_ray().is_initialized()
     ray = init_ray(address, quiet=True)
-    started_ray = address is None
     stop = threading.Event()
     received: list[int] = []
+    deployed = [False]
 
     def on_signal(sig, frame):
         received.append(sig)
         stop.set()
+        if not deployed[0]:  # still deploying (loading, or waiting for CPUs that never come): give up
+            raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        serve.start(http_options={"host": host, "port": port}, detached=not started_ray)
+        cpus = ray.cluster_resources().get("CPU", 0)
+        need = (int(str(autoscale).partition(":")[0]) if autoscale else replicas or 1) * int(args.get("threads") or 1)
+        if need > cpus:
+            print(f"pocketlm: warning: the replicas ask for {need} CPUs and the cluster has {cpus:g}: Serve waits "
+                  "for a node that has them (Ctrl-C to give up)", file=sys.stderr, flush=True)
+        serve.start(http_options={"host": host, "port": port})
         application = build_app({"model": ",".join(models), "replicas": replicas, "autoscale": autoscale, **args})
-        print(f"pocketlm: deploying {', '.join(models)} on Ray ({'autoscale ' + autoscale if autoscale else f'{replicas} replicas'}) ...",
-              file=sys.stderr, flush=True)
+        what = f"autoscale {autoscale}" if autoscale else f"{replicas} replicas"
+        print(f"pocketlm: deploying {', '.join(models)} on Ray ({what}) ...", file=sys.stderr, flush=True)
         serve.run(application, name="pocketlm", route_prefix="/", blocking=False)
+        deployed[0] = True
         print(f"pocketlm: listening on http://{host}:{port} (models: {', '.join(models)}; Ray Serve)",
               file=sys.stderr, flush=True)
         while not stop.wait(0.5):
             pass
+    except KeyboardInterrupt:
+        if not received:
+            raise
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
