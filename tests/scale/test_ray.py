@@ -192,6 +192,23 @@ def test_processor_has_ray_data_llm_shape(cluster, reference):
     assert got[0]["error"] is None and got[0]["prompt"].startswith("Chapter 1")
 
 
+def _ray_metric(name: str) -> float:
+    """The sum over the cluster's nodes of pocketlm's Ray metric `name` (Ray's Prometheus export)."""
+    import re
+    import urllib.request
+
+    total = 0.0
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if re.match(rf"ray_pocketlm_{name}[{{ ]", line):
+                    total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -224,6 +241,14 @@ def test_serve_on_ray(cluster, reference, tmp_path):
         answer = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=N_TOKENS,
                                                 temperature=0)
         assert answer.choices[0].message.content == expected
+        # the replicas' Ray metrics (each node's Prometheus export) count what the client was told
+        deadline = time.monotonic() + 40
+        while _ray_metric("requests_total") < 1 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert _ray_metric("requests_total") == 1
+        assert _ray_metric("generated_tokens_total") == answer.usage.completion_tokens
+        assert _ray_metric("prompt_tokens_total") == answer.usage.prompt_tokens
+        assert _ray_metric("time_to_first_token_seconds_count") == 1
         stream = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=N_TOKENS,
                                                 temperature=0, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
