@@ -4,6 +4,7 @@ chat prompts x 64 tokens.
     python bench/scale.py replicas [--runs 3]   # 2-node simulated cluster, 2 CPUs a node: 1 vs 2 one-thread replicas
     python bench/scale.py overhead [--runs 3]   # pocketlm batch vs pocketlm batch --ray, one node, equal threads
     python bench/scale.py serve [--seconds 120] [--kill-at 40]  # 16 streaming clients vs serve --ray --replicas 2
+    python bench/scale.py driver [--rows 100000]   # the driver's own work a row: read and check, journal, OUTPUT
 
 `replicas` and `overhead` alternate the configurations in one run and print each run and the
 medians; the timed part is the job (the cluster is up, as on a real cluster; Ray's start is
@@ -231,6 +232,33 @@ def cmd_serve(a) -> None:
         os.unlink(log.name)
 
 
+def cmd_driver(a) -> None:
+    """The driver's work per row, no model: read and check INPUT, journal an answer, write OUTPUT."""
+    from pocketlm import batch
+
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d)
+        with open(folder / "in.jsonl", "w") as f:
+            for r in prompts(a.rows):
+                f.write(json.dumps(r) + "\n")
+        t0 = time.perf_counter()
+        plan = batch.Plan(folder / "in.jsonl", folder / "out.jsonl", False)
+        items = [{"_row": k, "_job": json.dumps(j)} for k, j in batch.jobs(plan.todo, {}, False)]
+        t1 = time.perf_counter()
+        journal = batch.Journal(folder / "out.jsonl", [])
+        answer = {"id": 0, "generated_text": "x" * 300, "finish_reason": "length", "num_input_tokens": 40,
+                  "num_generated_tokens": TOKENS, "error": None}
+        for k in range(len(items)):
+            journal.write(k, json.loads(json.dumps({**answer, "id": k})))  # as an answer comes back from Ray
+        journal.close()
+        t2 = time.perf_counter()
+        batch.finish_output(folder / "out.jsonl", batch.GENERATE_COLUMNS)
+        t3 = time.perf_counter()
+    n = a.rows
+    print(f"{n} rows: read and check {1e6 * (t1 - t0) / n:.1f} us a row, journal {1e6 * (t2 - t1) / n:.1f} us, "
+          f"OUTPUT {1e6 * (t3 - t2) / n:.1f} us: {n / (t3 - t0):.0f} rows/s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -245,8 +273,10 @@ def main() -> None:
     s.add_argument("--seconds", type=float, default=120)
     s.add_argument("--kill-at", type=float, default=0)
     s.add_argument("--model", default="smollm2")
+    s = sub.add_parser("driver")
+    s.add_argument("--rows", type=int, default=100_000)
     a = p.parse_args()
-    {"replicas": cmd_replicas, "overhead": cmd_overhead, "serve": cmd_serve}[a.what](a)
+    {"replicas": cmd_replicas, "overhead": cmd_overhead, "serve": cmd_serve, "driver": cmd_driver}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -282,26 +282,41 @@ def test_serve_on_ray(cluster, reference, tmp_path):
         assert len(replicas) == 2
         outcomes: list = []
 
-        def one(i: int):
+        def one(i: int):  # even clients stream, odd ones wait for whole answers
+            t0 = time.monotonic()
             try:
-                s = client.chat.completions.create(model="smollm2", max_tokens=64, temperature=0, stream=True,
-                                                   messages=[{"role": "user", "content": f"Tell story {i}."}])
-                outcomes.append(("ok", "".join(c.choices[0].delta.content or "" for c in s if c.choices)))
+                messages = [{"role": "user", "content": f"Tell story {i}."}]
+                if i % 2 == 0:
+                    s = client.chat.completions.create(model="smollm2", max_tokens=200, temperature=0, stream=True,
+                                                       messages=messages)
+                    text = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+                else:
+                    text = client.chat.completions.create(model="smollm2", max_tokens=200, temperature=0,
+                                                          messages=messages).choices[0].message.content
+                outcomes.append(("ok", text, t0, time.monotonic(), None))
             except openai.APIError as e:
-                outcomes.append(("error", str(e)))
+                status = getattr(e, "status_code", None)
+                outcomes.append(("error", str(e), t0, time.monotonic(), (status, getattr(e, "code", None))))
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
         time.sleep(1.0)
+        killed_at = time.monotonic()
         os.kill(replicas[0], signal.SIGKILL)
         for t in threads:
             t.join(90)
         assert not any(t.is_alive() for t in threads), "a client hung after its replica died"
         errors = [o for o in outcomes if o[0] == "error"]
-        print(f"requests failed with the killed replica: {len(errors)} of {len(outcomes)}: {errors[:1]}")
-        assert len(outcomes) == 8 and len(errors) < 8, outcomes
-        assert all("replica" in text for _, text in errors), errors
+        print(f"requests failed with the killed replica: {len(errors)} of {len(outcomes)}: "
+              f"{[(e[1][:60], e[4]) for e in errors]}")
+        assert len(outcomes) == 8 and 0 < len(errors) < 8, outcomes
+        for _, text, start, end, (status, code) in errors:
+            assert start <= killed_at <= end  # in flight when the replica died
+            assert "the replica serving this request failed" in text
+            assert status in (None, 502) and code in (None, "replica_failed")  # a stream's error event, or a 502
+        assert any(e[4][0] == 502 and e[4][1] == "replica_failed" for e in errors) or \
+            all(o[4] is None for o in errors)
         # Serve replaces the replica; requests succeed again
         deadline = time.monotonic() + 60
         while len(_our_replicas()) < 2 and time.monotonic() < deadline:

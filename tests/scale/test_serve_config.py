@@ -53,20 +53,26 @@ def test_routing_key_blocks():
 
     from pocketlm.ray.serve import BLOCK_CHARS, routing_key
 
+    def key(messages, model="m"):
+        return routing_key("/v1/chat/completions", json.dumps({"model": model, "messages": messages}).encode())
+
     system = {"role": "system", "content": "s" * (2 * BLOCK_CHARS)}
-    first = json.dumps({"model": "m", "messages": [system, {"role": "user", "content": "hi"}]}).encode()
-    second = json.dumps({"model": "m", "messages": [system, {"role": "user", "content": "hi"},
-                                                    {"role": "assistant", "content": "hello"},
-                                                    {"role": "user", "content": "more"}]}).encode()
-    k1, k2 = routing_key("/v1/chat/completions", first), routing_key("/v1/chat/completions", second)
-    assert k1[:2] == k2[:2] and k1[-1] != k2[-1]  # the shared blocks, then each its own whole text
-    other_model = json.dumps({"model": "n", "messages": [system]}).encode()
-    assert routing_key("/v1/chat/completions", other_model)[0] != k1[0]
+    turn1 = [system, {"role": "user", "content": "hi"}]
+    turn2 = [*turn1, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]
+    k1, k2 = key(turn1), key(turn2)
+    assert k1[0] == k2[0]  # the same first block: the same replica for a new prefix
+    assert k1[-1] in k2 and k2[-1] not in k1  # the next turn starts with the whole of the last one
+    short1 = [{"role": "user", "content": "Hi"}]  # shorter than a block
+    short2 = [*short1, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+    assert key(short1)[-1] in key(short2)
+    assert key(turn1, model="n")[0] != k1[0]
     assert routing_key("/v1/completions", b'{"prompt": "abc"}') and routing_key("/x", b"not json") == []
     assert routing_key("/v1/embeddings", b'{"input": "abc"}') == []
     assert routing_key("/v1/chat/completions", b'{"model": null, "prompt": "abc"}')  # no model: still a key
     deep = b'{"messages": ' + b"[" * 100000 + b"]" * 100000 + b"}"
     assert routing_key("/v1/chat/completions", deep) == []  # hostile: routed anywhere, refused by the app
+    huge = key([{"role": "user", "content": "x" * 100_000}])
+    assert len(huge) <= 2 + 16384 // BLOCK_CHARS  # 16 KiB of text hashed at most
 
 
 def test_affinity_prefers_the_replica_that_answered_the_prefix():
@@ -82,18 +88,17 @@ def test_affinity_prefers_the_replica_that_answered_the_prefix():
     assert router.preferred(list(reversed(replicas)), ["a"]) is chosen
     picks = collections.Counter(router.preferred(replicas, [f"k{i}"]).replica_id.unique_id for i in range(400))
     assert len(picks) == 4 and min(picks.values()) > 60  # spread over all replicas
-    # a prefix answered before: its replica, by the longest block it knows
+    # a prefix answered before: its replica, by the longest prefix it knows (the first hash is the anchor)
     ids = iter(range(1000))
 
     def routed(key, replica):
         request = SimpleNamespace(kwargs={"routing_key": key}, metadata=SimpleNamespace(internal_request_id=next(ids)))
         router.on_request_routed(request, replica.replica_id, None)
-        return request.metadata.internal_request_id
 
-    first = routed(["x", "y"], replicas[2])
-    assert router.preferred(replicas, ["x", "y", "z"]) is replicas[2]
-    assert router.preferred(replicas[:2] + replicas[3:], ["x", "y", "z"]) is not replicas[2]  # gone: hashed
-    routed(["p", "q"], replicas[1])
+    routed(["a", "x", "y"], replicas[2])
+    assert router.preferred(replicas, ["a", "x", "y", "z"]) is replicas[2]
+    assert router.preferred(replicas[:2] + replicas[3:], ["a", "x", "y", "z"]) is not replicas[2]  # gone: hashed
+    routed(["b", "p", "q"], replicas[1])
     assert len(router._owner) == 3 and "x" not in router._owner  # least recently used forgotten
 
 
@@ -106,7 +111,7 @@ def test_affinity_gives_way_to_the_least_loaded():
     router.initialize_state(imbalance=4)
     router._replica_queue_len_cache = SimpleNamespace(get=lambda replica_id: None)  # nothing probed yet
     replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=f"r{i}")) for i in range(2)]
-    key = ["shared-system-prompt"]
+    key = ["anchor", "shared-system-prompt"]
     pending = SimpleNamespace(kwargs={"routing_key": key})
     best = asyncio.run(router.choose_replicas(replicas, pending))[0][0]
     sent = []

@@ -15,11 +15,13 @@ Two deployments (the shape of Ray's own LLM serving):
 
 Routing (`PrefixAffinityRouter`, Serve's custom request router): a request whose prompt starts as an
 earlier one's goes to the replica that answered that one, whose prefix cache holds the shared
-prefix's KV (pocketlm.prefix_cache), unless that replica's queue is `imbalance` requests longer than
-the shortest; a new prefix goes to the replica rendezvous hashing picks for its first block (stable
-across routers, so several ingress replicas agree); and past the imbalance, to the least loaded.
-The key is the chat's messages (or the prompt) as text, cut into blocks of BLOCK_CHARS characters:
-the hashes of every prefix that ends on a block boundary, and of the whole text.
+prefix's KV (pocketlm.prefix_cache), unless that replica's queue is more than `imbalance` requests
+longer than the shortest; a new prefix goes to the replica rendezvous hashing picks for its first
+block (stable across routers, so several ingress replicas agree); and past the imbalance, to the
+least loaded. The key (routing_key) is the model and the chat's messages (or the prompt) as text:
+the hashes of its prefixes that end on a block boundary (BLOCK_CHARS characters), after each message
+(a conversation's next turn starts with the whole of its last one, however short) and at its end,
+within its first 16 KiB; first, the hash of its first block, which rendezvous hashing uses.
 """
 
 from __future__ import annotations
@@ -72,10 +74,22 @@ def _routing_key(body: bytes) -> list[str]:
         return []
     model = request.get("model")
     text = (model if isinstance(model, str) else "") + "\x00" + "\x00".join(parts)
-    ends = list(range(BLOCK_CHARS, min(len(text), BLOCK_CHARS * MAX_KEY_BLOCKS) + 1, BLOCK_CHARS))
-    if not ends or ends[-1] != len(text) and len(text) < BLOCK_CHARS * MAX_KEY_BLOCKS:
-        ends.append(len(text))
-    return [hashlib.blake2b(text[:end].encode("utf-8", "surrogatepass"), digest_size=8).hexdigest() for end in ends]
+    limit = min(len(text), BLOCK_CHARS * MAX_KEY_BLOCKS)
+    # prefixes ending on block boundaries, and after each message (a conversation's next turn starts
+    # with the whole of its last one, however short), and the whole text
+    ends = set(range(BLOCK_CHARS, limit + 1, BLOCK_CHARS))
+    at = len(text) - len("\x00".join(parts)) - 1
+    for part in parts:
+        at += 1 + len(part)
+        if at <= limit:
+            ends.add(at)
+    anchor = min(len(text), BLOCK_CHARS)  # where a new prefix is hashed to a replica: its first block
+    ends.add(anchor)
+
+    def digest(end: int) -> str:
+        return hashlib.blake2b(text[:end].encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+    return [digest(anchor)] + [digest(end) for end in sorted(ends)]
 
 
 class PrefixAffinityRouter(RequestRouter):
@@ -97,7 +111,7 @@ class PrefixAffinityRouter(RequestRouter):
 
     def preferred(self, candidates: list[RunningReplica], key: list[str]) -> RunningReplica:
         by_id = {r.replica_id.unique_id: r for r in candidates}
-        for block in reversed(key):  # the longest prefix a replica answered before
+        for block in reversed(key[1:]):  # the longest prefix a replica answered before
             owner = self._owner.get(block)
             if owner in by_id:
                 return by_id[owner]
@@ -126,7 +140,7 @@ class PrefixAffinityRouter(RequestRouter):
         rid = replica_id.unique_id
         self._sent[rid] = self._sent.get(rid, 0) + 1
         self._routed[pending_request.metadata.internal_request_id] = rid
-        for block in self._key(pending_request):
+        for block in self._key(pending_request)[1:]:
             self._owner[block] = replica_id.unique_id
             self._owner.move_to_end(block)
         while len(self._owner) > self.memory:
@@ -457,7 +471,8 @@ def build_app(args: dict | None = None):
     """The Serve application: `serve run pocketlm.ray:app model=smollm2 replicas=2` (or a config file
     for `serve deploy`, docs/scale.md). Arguments (strings from the command line are fine): model
     (one, or several separated by commas), replicas (default 1) or autoscale "MIN:MAX", threads
-    (per replica, default 1), ctx_size, max_sequences (default 16), max_queue (256),
+    (per replica, default 1), ctx_size, max_sequences (default 16), max_queue (256: per replica's engine,
+    and requests waiting in Serve for a replica),
     max_tokens_limit, kv_type, activations, api_key, imbalance (the router's, default 4),
     max_ongoing_requests (per replica, default 4 x max_sequences), plain_http / insecure (for a
     registry reference each node pulls)."""
@@ -486,6 +501,8 @@ def build_app(args: dict | None = None):
     options: dict[str, Any] = dict(
         name="pocketlm-replica", ray_actor_options={"num_cpus": threads},
         max_ongoing_requests=_int(args, "max_ongoing_requests", 4 * max_sequences),
+        # requests waiting in Serve for a replica with room, per caller; past it, 503 with Retry-After
+        max_queued_requests=_int(args, "max_queue", 256),
         request_router_config=RequestRouterConfig(
             request_router_class=PrefixAffinityRouter,
             request_router_kwargs={"imbalance": _int(args, "imbalance", DEFAULT_IMBALANCE)}),
