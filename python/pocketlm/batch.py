@@ -97,6 +97,9 @@ def read_rows(path: str | os.PathLike) -> Iterator[dict | RowError]:
             except json.JSONDecodeError as e:
                 yield RowError(f"line {number} is not JSON: {e.msg} at column {e.colno}")
                 continue
+            except RecursionError:
+                yield RowError(f"line {number} is nested too deeply")
+                continue
             yield row if isinstance(row, dict) else RowError(f"line {number} is a JSON {type(row).__name__}, "
                                                              "not an object")
 
@@ -106,6 +109,8 @@ def _json_array(line: bytes) -> bool:
     objects, rather than one bad row."""
     try:
         value = json.loads(line)
+    except RecursionError:
+        return False
     except ValueError:
         return True
     return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
@@ -117,7 +122,14 @@ def _read_parquet(path) -> Iterator[dict | RowError]:
     pa = _pyarrow()
     pq = pa.parquet
     f = pq.ParquetFile(path)
-    for batch in f.iter_batches(batch_size=1024):
+    batches = f.iter_batches(batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowInvalid, UnicodeDecodeError) as e:  # Arrow decodes some columns itself (dictionaries)
+            raise InvalidInputError(f"{path} cannot be read: {e}") from None
+        if batch is None:
+            return
         columns = {}
         for name, column in zip(batch.schema.names, batch.columns):
             if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
@@ -311,8 +323,8 @@ class Worker:
         self.window = max(1, min(window or 2 * engine.max_batch, engine.max_batch + engine.max_queue))
         self.columns = EMBED_COLUMNS if embed else GENERATE_COLUMNS
 
-    def _submit(self, job: dict):
-        """The engine's request for a generation job, and its prompt's tokens."""
+    def _prompt(self, job: dict) -> list[int]:
+        """A generation job's prompt as token ids (its chat through the model's template)."""
         engine = self.engine
         if "messages" in job:
             text = engine.apply_chat_template(job["messages"], add_generation_prompt=True)
@@ -322,7 +334,7 @@ class Worker:
         if len(ids) >= engine.max_context:
             raise RowError(f"the prompt is {len(ids)} tokens; the context holds {engine.max_context} "
                            "(prompt and answer)")
-        return engine.submit(ids, **job["sampling"]), len(ids)
+        return ids
 
     def _answer(self, rid, request, n_input: int) -> dict:
         try:
@@ -359,23 +371,32 @@ class Worker:
                     item = pending.popleft()
                     in_flight -= len(item) == 4
                     yield self._settle(item)
-                while True:
+                try:
+                    ids = self._prompt(job)
+                except Exception as e:  # noqa: BLE001 - this row's error
+                    pending.append((key, failed_row(job["id"], e, self.columns)))
+                    ids = None
+                wait = 0.01
+                while ids is not None:
                     try:
-                        request, n_input = self._submit(job)
-                        pending.append((key, job["id"], request, n_input))
+                        request = self.engine.submit(ids, **job["sampling"])
+                        pending.append((key, job["id"], request, len(ids)))
                         in_flight += 1
-                    except QueueFullError:
-                        # the engine's queue is shared (other batches on this engine): make room, try again
-                        if not any(len(item) == 4 for item in pending):
-                            time.sleep(0.05)
+                    except QueueFullError as e:
+                        if self.engine.max_queue == 0:  # an engine that queues nothing: no room will come
+                            pending.append((key, failed_row(job["id"], e, self.columns)))
+                        elif any(len(item) == 4 for item in pending):  # make room: finish our oldest
+                            while pending:
+                                item = pending.popleft()
+                                in_flight -= len(item) == 4
+                                yield self._settle(item)
+                                if len(item) == 4:
+                                    break
                             continue
-                        while pending:
-                            item = pending.popleft()
-                            in_flight -= len(item) == 4
-                            yield self._settle(item)
-                            if len(item) == 4:
-                                break
-                        continue
+                        else:  # the queue is another batch's on this engine: wait for it
+                            time.sleep(wait)
+                            wait = min(2 * wait, 0.5)
+                            continue
                     except Exception as e:  # noqa: BLE001 - this row's error
                         pending.append((key, failed_row(job["id"], e, self.columns)))
                     break
@@ -557,28 +578,35 @@ class Plan:
             raise InvalidInputError(f"{journal} holds the answers of an interrupted job: add --resume to go on "
                                     "with it, or delete it to start again")
         done: list[dict] = []
-        if resume:
-            if output.exists():
-                done += _read_output(output)
+        if resume:  # the journal starts as a copy of what OUTPUT held, so it alone, when there is one
             if journal.exists():
-                done += _read_journal(journal)
+                done = _read_journal(journal)
+            elif output.exists():
+                done = _read_output(output)
         key = (lambda rid: json.dumps(str(rid))) if input_format(output) == "parquet" else _key
         positions: dict[str, list[int]] = {}
         for i, row in enumerate(self.rows):
             rid = row_id(row)
             if rid is not None:
                 positions.setdefault(key(rid), []).append(i)
-        used: dict[str, int] = {}
         answered: set[int] = set()
         self.keep: list[dict] = []
-        for row in done:
+        later: list[tuple[str, dict]] = []
+        for row in done:  # a journal row names its input row: kept there if that row still has its id
             rid = row.get("id") if isinstance(row, dict) else None
             if rid is None:
                 continue
-            k = key(rid)
-            n = used[k] = used.get(k, 0) + 1
-            where = positions.get(k, [])
-            at = where[n - 1] if n <= len(where) else len(self.rows) + len(self.keep)
+            at = row.get("_row")
+            if isinstance(at, int) and not isinstance(at, bool) and 0 <= at < len(self.rows) and \
+                    at not in answered and row_id(self.rows[at]) is not None and key(row_id(self.rows[at])) == key(rid):
+                answered.add(at)
+                self.keep.append({**row, "_row": at})
+            else:
+                later.append((key(rid), row))
+        for k, row in later:  # the others by id: the first input row with that id not answered yet
+            at = next((i for i in positions.get(k, []) if i not in answered), None)
+            if at is None:
+                at = len(self.rows) + len(self.keep)  # an id no longer in INPUT: kept, at the end
             answered.add(at)
             self.keep.append({**row, "_row": at})
         self.todo = [(i, row) for i, row in enumerate(self.rows) if i not in answered]
@@ -596,12 +624,19 @@ class JobLock:
         import fcntl
 
         self.path = Path(str(journal_path(output)) + ".lock")
-        self.file = open(self.path, "a")
-        try:
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            self.file = open(self.path, "a")
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.file.close()
+                raise InvalidInputError(f"another job is writing {output} (it holds {self.path})") from None
+            try:  # the file locked is still the one at the path (a job ending unlinks it)
+                if os.stat(self.path).st_ino == os.fstat(self.file.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             self.file.close()
-            raise InvalidInputError(f"another job is writing {output} (it holds {self.path})") from None
 
     def __enter__(self):
         return self

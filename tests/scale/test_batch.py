@@ -279,13 +279,49 @@ def test_ray_flag_gives_back_a_swallowed_argument():
 
     from pocketlm.cli.main import _ray_address
 
-    a = argparse.Namespace(ray="smollm2", models=["smollm2"])
+    a = argparse.Namespace(ray="smollm2", models=[])
     _ray_address(a, "models")
     assert a.ray == "local" and a.models == ["smollm2"]
+    a = argparse.Namespace(ray="qwen", models=["smollm2"])  # an explicit second model is kept
+    _ray_address(a, "models")
+    assert a.models == ["qwen", "smollm2"]
+    for tagged in ("gemma:2", "registry:5000/ns/model:2", "hf-org/model:q4"):  # model references, not addresses
+        a = argparse.Namespace(ray=tagged, models=[])
+        _ray_address(a, "models")
+        assert a.ray == "local" and a.models == [tagged]
     a = argparse.Namespace(ray="in.jsonl", input=None)
     _ray_address(a, "input")
     assert a.ray == "local" and a.input == "in.jsonl"
-    for address in ("auto", "local", "ray://head:10001", "10.0.0.5:6379"):
+    for address in ("auto", "local", "ray://head:10001", "10.0.0.5:6379", "head-svc:6379", "[::1]:6379"):
         a = argparse.Namespace(ray=address, input="x.jsonl")
         _ray_address(a, "input")
         assert a.ray == address
+
+
+def test_resume_twice_after_output_existed_keeps_each_row_once(engine, tmp_path):
+    """A finished OUTPUT, a row added, a --resume killed (its journal holds OUTPUT's rows and new ones),
+    then --resume again: each row once (a review found OUTPUT's rows kept twice)."""
+    from pocketlm.batch import Journal, Plan, run_batch
+
+    rows = [{"id": "a", "prompt": "One", "max_tokens": 2}, {"id": "b", "prompt": "Two", "max_tokens": 2}]
+    _write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    run_batch(tmp_path / "in.jsonl", out, engine=engine, progress=False, defaults={"temperature": 0})
+    rows.append({"id": "c", "prompt": "Three", "max_tokens": 2})
+    _write_jsonl(tmp_path / "in.jsonl", rows)
+    plan = Plan(tmp_path / "in.jsonl", out, resume=True)
+    Journal(out, plan.keep).close()  # killed before its first new answer: the journal holds OUTPUT's rows
+    run_batch(tmp_path / "in.jsonl", out, engine=engine, progress=False, resume=True, defaults={"temperature": 0})
+    assert [r["id"] for r in _read_jsonl(out)] == ["a", "b", "c"]
+
+
+def test_resume_uses_the_journal_row_numbers(engine, tmp_path):
+    """Repeated ids answered out of order (as Ray returns them): each answer stays with its own row."""
+    from pocketlm.batch import Plan
+
+    rows = [{"id": "a", "prompt": "p0"}, {"id": "a", "prompt": "p1"}, {"id": "a", "prompt": "p2"}]
+    _write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    (tmp_path / "out.jsonl.partial").write_text(json.dumps({"id": "a", "generated_text": "answer to p2", "_row": 2}) + "\n")
+    plan = Plan(tmp_path / "in.jsonl", out, resume=True)
+    assert [r["_row"] for r in plan.keep] == [2] and [i for i, _ in plan.todo] == [0, 1]

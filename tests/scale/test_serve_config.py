@@ -73,6 +73,13 @@ def test_routing_key_blocks():
     assert routing_key("/v1/chat/completions", deep) == []  # hostile: routed anywhere, refused by the app
     huge = key([{"role": "user", "content": "x" * 100_000}])
     assert len(huge) <= 2 + 16384 // BLOCK_CHARS  # 16 KiB of text hashed at most
+    many = key([{"role": "user", "content": ""}] * 5000)
+    assert len(many) <= 2 + 16384 // BLOCK_CHARS + 32  # the last 32 message boundaries at most
+    import hashlib
+
+    text = "m\x00<user>Hi"  # the incremental hashes are the prefixes' own
+    assert key([{"role": "user", "content": "Hi"}], model="m")[-1] == \
+        hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def test_affinity_prefers_the_replica_that_answered_the_prefix():

@@ -330,10 +330,12 @@ def _autoscale(text: str) -> str:
 def cmd_serve(a: argparse.Namespace) -> int:
     from pocketlm.server.run import serve
 
+    a.models = a.models or []
+    _ray_address(a, "models")
+    a.models = a.models or ["smollm2"]
     if a.draft is not None and len(a.models) > 1:
         raise InvalidInputError("--draft drafts for one model: serve the others from another process")
     api_key = a.api_key if a.api_key is not None else os.environ.get("POCKETLM_API_KEY") or None
-    _ray_address(a, "models")
     if a.ray is None and (a.replicas is not None or a.autoscale is not None):
         raise UsageError("--replicas and --autoscale run replicas on Ray: add --ray")
     if a.ray is not None:
@@ -360,18 +362,37 @@ def cmd_serve(a: argparse.Namespace) -> int:
                  trusted_keys=a.trusted_keys, decryption_key=a.decryption_key)
 
 
-_RAY_ADDRESS = re.compile(r"(auto|local|ray://\S+|\S+:\d+)")
+_RAY_ADDRESS = re.compile(r"auto|local|ray://\S+|(?P<host>\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+):(?P<port>\d{1,5})")
+
+
+def _is_ray_address(text: str) -> bool:
+    """auto, local, ray://..., or HOST:PORT with a port of 1024 or more (a model reference's tag may
+    be a small number: gemma:2) that is not a model this machine knows (a file, a store entry, a
+    known name)."""
+    m = _RAY_ADDRESS.fullmatch(text)
+    if m is None:
+        return False
+    if m.group("port") is not None and int(m.group("port")) < 1024:
+        return False
+    if Path(text).exists():
+        return False
+    from pocketlm.hub import KNOWN_MODELS, store_entry
+
+    try:
+        return text.lower() not in KNOWN_MODELS and store_entry(text) is None
+    except (PocketLMError, OSError):
+        return True
 
 
 def _ray_address(a: argparse.Namespace, positional: str) -> None:
     """`--ray` takes an optional ADDRESS: a word after it that is no address (`--ray model`, `--ray
     in.jsonl`) is the positional argument it swallowed; give it back."""
-    if a.ray is None or _RAY_ADDRESS.fullmatch(a.ray):
+    if a.ray is None or _is_ray_address(a.ray):
         return
     value, a.ray = a.ray, "local"
     current = getattr(a, positional)
     if isinstance(current, list):
-        setattr(a, positional, [value] if current == ["smollm2"] else [value, *current])
+        setattr(a, positional, [value, *current])
     elif current is None:
         setattr(a, positional, value)
     else:
@@ -810,7 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs pocketlm[server])",
                         description="Serves the models over HTTP with OpenAI's API (/v1/chat/completions, "
                                     "/v1/completions, /v1/models), batching concurrent requests. docs/server.md.")
-    sv.add_argument("models", nargs="*", default=["smollm2"], metavar="MODEL",
+    sv.add_argument("models", nargs="*", default=None, metavar="MODEL",
                     help="a .plm, a .gguf or a known model name (default: smollm2); its id is its name or file stem")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=_checked(int, lambda v: 0 <= v <= 65535, "in 0..65535"), default=8080,

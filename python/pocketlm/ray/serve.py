@@ -41,6 +41,7 @@ from pocketlm.server.app import MAX_BODY_BYTES
 
 BLOCK_CHARS = 256        # routing-key granularity, in characters of the prompt's text
 MAX_KEY_BLOCKS = 64      # blocks hashed at most (16 KiB of text)
+MAX_KEY_MESSAGES = 32    # message boundaries hashed at most (the last ones)
 ROUTER_MEMORY = 100_000  # prefix blocks a router remembers (least recently used forgotten)
 DEFAULT_IMBALANCE = 4    # queue length over the shortest past which affinity gives way
 
@@ -75,21 +76,23 @@ def _routing_key(body: bytes) -> list[str]:
     model = request.get("model")
     text = (model if isinstance(model, str) else "") + "\x00" + "\x00".join(parts)
     limit = min(len(text), BLOCK_CHARS * MAX_KEY_BLOCKS)
-    # prefixes ending on block boundaries, and after each message (a conversation's next turn starts
-    # with the whole of its last one, however short), and the whole text
+    # prefixes ending on block boundaries, after each message (a conversation's next turn starts with
+    # the whole of its last one, however short; the last MAX_KEY_MESSAGES of them) and at the end
     ends = set(range(BLOCK_CHARS, limit + 1, BLOCK_CHARS))
-    at = len(text) - len("\x00".join(parts)) - 1
+    at, message_ends = len(text) - len("\x00".join(parts)) - 1, []
     for part in parts:
         at += 1 + len(part)
         if at <= limit:
-            ends.add(at)
+            message_ends.append(at)
+    ends.update(message_ends[-MAX_KEY_MESSAGES:])
     anchor = min(len(text), BLOCK_CHARS)  # where a new prefix is hashed to a replica: its first block
     ends.add(anchor)
-
-    def digest(end: int) -> str:
-        return hashlib.blake2b(text[:end].encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
-
-    return [digest(anchor)] + [digest(end) for end in sorted(ends)]
+    digests, h, done = {}, hashlib.blake2b(digest_size=8), 0
+    for end in sorted(ends):  # one pass over the text: each prefix's hash from the last one's state
+        h.update(text[done:end].encode("utf-8", "surrogatepass"))
+        done = end
+        digests[end] = h.copy().hexdigest()
+    return [digests[anchor]] + [digests[end] for end in sorted(ends)]
 
 
 class PrefixAffinityRouter(RequestRouter):
@@ -502,7 +505,7 @@ def build_app(args: dict | None = None):
         name="pocketlm-replica", ray_actor_options={"num_cpus": threads},
         max_ongoing_requests=_int(args, "max_ongoing_requests", 4 * max_sequences),
         # requests waiting in Serve for a replica with room, per caller; past it, 503 with Retry-After
-        max_queued_requests=_int(args, "max_queue", 256),
+        max_queued_requests=max(1, _int(args, "max_queue", 256)),  # (Serve takes -1 or >= 1)
         request_router_config=RequestRouterConfig(
             request_router_class=PrefixAffinityRouter,
             request_router_kwargs={"imbalance": _int(args, "imbalance", DEFAULT_IMBALANCE)}),
@@ -544,16 +547,18 @@ def deploy(models: list[str], *, address: str | None = None, host: str = "127.0.
 
     from pocketlm.ray.data import import_ray, init_ray
 
-    started_ray = address is None and not import_ray().is_initialized()
+    connected_before = import_ray().is_initialized()  # a caller's own Ray: left connected
+    started_ray = address is None and not connected_before
     ray = init_ray(address, quiet=True)
     stop = threading.Event()
     received: list[int] = []
-    deployed = [False]
+    state = {"deploying": True}  # while deploying, a signal interrupts it; after, it only asks to stop
 
     def on_signal(sig, frame):
         received.append(sig)
         stop.set()
-        if not deployed[0]:  # still deploying (loading, or waiting for CPUs that never come): give up
+        if state["deploying"]:  # loading, or waiting for CPUs that never come: give up (once)
+            state["deploying"] = False
             raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -568,7 +573,7 @@ def deploy(models: list[str], *, address: str | None = None, host: str = "127.0.
         what = f"autoscale {autoscale}" if autoscale else f"{replicas} replicas"
         print(f"pocketlm: deploying {', '.join(models)} on Ray ({what}) ...", file=sys.stderr, flush=True)
         serve.run(application, name="pocketlm", route_prefix="/", blocking=False)
-        deployed[0] = True
+        state["deploying"] = False
         print(f"pocketlm: listening on http://{host}:{port} (models: {', '.join(models)}; Ray Serve)",
               file=sys.stderr, flush=True)
         while not stop.wait(0.5):
@@ -577,8 +582,8 @@ def deploy(models: list[str], *, address: str | None = None, host: str = "127.0.
         if not received:
             raise
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        # The teardown runs to its end: more signals are recorded, not raised (the handler stays until after)
+        state["deploying"] = False
         print("pocketlm: stopping", file=sys.stderr, flush=True)
         try:
             if started_ray:
@@ -586,7 +591,10 @@ def deploy(models: list[str], *, address: str | None = None, host: str = "127.0.
             else:
                 serve.delete("pocketlm")
         finally:
-            ray.shutdown()
+            if not connected_before:
+                ray.shutdown()
+            for s, h in previous.items():
+                signal.signal(s, h)
     print("pocketlm: stopped", file=sys.stderr, flush=True)
     return 130 if signal.SIGINT in received else 0
 
