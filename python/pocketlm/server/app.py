@@ -246,8 +246,11 @@ def create_app(models: ModelRegistry, *, api_key: str | None = None, cors_origin
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(state.metrics.render(list(state.models), state.kv_bytes()),
+    async def metrics(request: Request) -> PlainTextResponse:
+        # (the state from the request, not a closure: FastAPI caches its endpoints in module-level
+        # caches, which would keep every app's models alive for the process's life)
+        served = request.app.state.pocketlm
+        return PlainTextResponse(served.metrics.render(list(served.models), served.kv_bytes()),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.include_router(openai_api.router)
