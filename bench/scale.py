@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "scale"))
+from ray_processes import replica_pids  # noqa: E402
 PROMPTS = 64
 TOKENS = 64
 TOPICS = ["the sea", "a lighthouse", "bread", "winter", "a violin", "the moon", "trains", "a garden"]
@@ -138,21 +139,12 @@ def cmd_overhead(a) -> None:
           f"{(on_ray - local) / rows * 1000:.1f} ms a row")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _replica_pids() -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "ServeReplica:pocketlm:pocketlm-replica" in line]
-
-
 def cmd_serve(a) -> None:
     import openai
 
-    port = _free_port()
+    from pocketlm.ray.serve import free_port
+
+    port = free_port("127.0.0.1")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     proc = subprocess.Popen([sys.executable, "-m", "pocketlm", "serve", a.model, "--ray", "--replicas", "2", "-t", "1",
@@ -194,7 +186,7 @@ def cmd_serve(a) -> None:
         killed_at = None
         if a.kill_at:
             time.sleep(max(0.0, start + a.kill_at - time.monotonic()))
-            pids = _replica_pids()
+            pids = replica_pids()
             os.kill(pids[0], signal.SIGKILL)
             killed_at = time.monotonic()
             print(f"killed replica pid {pids[0]} at {killed_at - start:.1f} s")
@@ -228,7 +220,7 @@ def cmd_serve(a) -> None:
         proc.send_signal(signal.SIGTERM)
         t = time.monotonic()
         status = proc.wait(120)
-        print(f"serve exited {status} {time.monotonic() - t:.1f} s after SIGTERM; replicas left: {_replica_pids()}")
+        print(f"serve exited {status} {time.monotonic() - t:.1f} s after SIGTERM; replicas left: {replica_pids()}")
         os.unlink(log.name)
 
 

@@ -662,24 +662,43 @@ def run_batch(input_path, output, model=None, *, engine=None, embed: bool = Fals
         return _run_plan(plan, output, engine, embed, defaults, progress, window)
 
 
+class Recorder:
+    """A job's bookkeeping while it runs, whichever path answers its rows: the journal (each input row
+    once), the progress line and the summary (rows, done before, failed, generated tokens, seconds).
+    Use it as a context manager; `missing()` lists the rows to do that got no answer."""
+
+    def __init__(self, plan: Plan, output: Path, progress: bool):
+        self.plan = plan
+        self.journal = Journal(output, plan.keep)
+        self.bar = Progress(len(plan.todo)) if progress else None
+        self.summary = {"rows": len(plan.rows), "skipped": len(plan.rows) - len(plan.todo), "failed": 0,
+                        "generated_tokens": 0}
+        self.t0 = time.perf_counter()
+
+    def record(self, key: int, out: dict) -> None:
+        if self.journal.write(key, out):
+            self.summary["failed"] += out.get("error") is not None
+            self.summary["generated_tokens"] += out.get("num_generated_tokens") or 0
+            if self.bar is not None:
+                self.bar.row(out)
+
+    def missing(self) -> list[int]:
+        return [key for key, _ in self.plan.todo if key not in self.journal.written]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.journal.close()
+        if self.bar is not None:
+            self.bar.finish()
+        self.summary["seconds"] = time.perf_counter() - self.t0
+
+
 def _run_plan(plan: Plan, output: Path, engine, embed, defaults, progress, window) -> dict:
     worker = Worker(engine, embed=embed, window=window)
-    journal = Journal(output, plan.keep)
-    bar = Progress(len(plan.todo)) if progress else None
-    summary = {"rows": len(plan.rows), "skipped": len(plan.rows) - len(plan.todo), "failed": 0,
-               "generated_tokens": 0}
-    t0 = time.perf_counter()
-    try:
+    with Recorder(plan, output, progress) as recorder:
         for key, out in worker.run(jobs(plan.todo, defaults or {}, embed)):
-            if journal.write(key, out):
-                summary["failed"] += out.get("error") is not None
-                summary["generated_tokens"] += out.get("num_generated_tokens") or 0
-                if bar is not None:
-                    bar.row(out)
-    finally:
-        journal.close()
-        if bar is not None:
-            bar.finish()
-    summary["seconds"] = time.perf_counter() - t0
+            recorder.record(key, out)
     finish_output(output, worker.columns)
-    return summary
+    return recorder.summary

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ray_processes import replica_pids
 from testutil import child_env
 
 ray = pytest.importorskip("ray", reason="Ray is the optional extra pocketlm[ray] (scripts/test.sh installs it)")
@@ -209,23 +209,14 @@ def _ray_metric(name: str) -> float:
     return total
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _our_replicas() -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "ServeReplica:pocketlm:pocketlm-replica" in line]
-
-
 def test_serve_on_ray(cluster, reference, tmp_path):
     openai = pytest.importorskip("openai")
     import ray.data
     from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
-    port = _free_port()
+    from pocketlm.ray.serve import free_port
+
+    port = free_port("127.0.0.1")
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "pocketlm", "serve", "smollm2", "--ray", cluster.address,
                              "--replicas", "2", "-t", "1", "-c", str(CTX), "--port", str(port)],
@@ -278,7 +269,7 @@ def test_serve_on_ray(cluster, reference, tmp_path):
         assert [r["text"] for r in got] == [expected, expected]
 
         # A replica killed under load: only its requests fail, with an OpenAI error; the rest go on
-        replicas = _our_replicas()
+        replicas = replica_pids()
         assert len(replicas) == 2
         outcomes: list = []
 
@@ -319,7 +310,7 @@ def test_serve_on_ray(cluster, reference, tmp_path):
             all(o[4] is None for o in errors)
         # Serve replaces the replica; requests succeed again
         deadline = time.monotonic() + 60
-        while len(_our_replicas()) < 2 and time.monotonic() < deadline:
+        while len(replica_pids()) < 2 and time.monotonic() < deadline:
             time.sleep(0.5)
         answer = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=N_TOKENS,
                                                 temperature=0)
@@ -334,6 +325,6 @@ def test_serve_on_ray(cluster, reference, tmp_path):
         log.close()
     assert status == 0, (tmp_path / "serve.log").read_text()
     deadline = time.monotonic() + 30
-    while _our_replicas() and time.monotonic() < deadline:
+    while replica_pids() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _our_replicas() == [], "replicas of ours are left behind"
+    assert replica_pids() == [], "replicas of ours are left behind"

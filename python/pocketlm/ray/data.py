@@ -70,13 +70,19 @@ def resolve_on_node(model: str, plain_http: bool = False, insecure: bool = False
     return model
 
 
+def node_models(models: list[str], engine_kwargs: dict | None) -> tuple[list[str], dict]:
+    """The models as this node loads them (resolve_on_node, with the job's trusted keys and its
+    `registry` options: {"plain_http": ..., "insecure": ...}), and the engine's options without them."""
+    kwargs = dict(engine_kwargs or {})
+    registry = kwargs.pop("registry", None) or {}
+    return [resolve_on_node(m, trusted_keys=kwargs.get("trusted_keys"), **registry) for m in models], kwargs
+
+
 def _engine(model: str, threads: int, engine_kwargs: dict | None):
     from pocketlm.engine import Engine
 
-    kwargs = dict(engine_kwargs or {})
-    registry = kwargs.pop("registry", None) or {}  # {"plain_http": ..., "insecure": ...} for a pull on this node
-    return Engine(resolve_on_node(model, trusted_keys=kwargs.get("trusted_keys"), **registry), threads=threads,
-                  **kwargs)
+    (model,), kwargs = node_models([model], engine_kwargs)
+    return Engine(model, threads=threads, **kwargs)
 
 
 def _rows(batch) -> list[dict]:
@@ -165,8 +171,9 @@ def init_ray(address: str | None, quiet: bool = True):
     """Connects to the cluster at `address` ('auto': the one this machine belongs to, or $RAY_ADDRESS),
     or starts a local Ray for this process (None). An already initialised Ray is used as it is."""
     ray = import_ray()
+    import logging
+
     if quiet:  # pocketlm's progress line tells the job's state; Ray's own logs are in /tmp/ray
-        import logging
         import warnings
 
         for name in ("ray", "ray.data"):
@@ -175,8 +182,6 @@ def init_ray(address: str | None, quiet: bool = True):
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"log_to_driver": not quiet}
         if quiet:
-            import logging
-
             kwargs["logging_level"] = logging.WARNING
         if address is None:  # a new local Ray for this process, even where $RAY_ADDRESS names a cluster
             kwargs["include_dashboard"] = False
@@ -206,42 +211,26 @@ def run_batch_on_ray(input_path, output, model: str = "smollm2", *, address: str
 def _run_plan_on_ray(plan, output: Path, model: str, *, address, replicas, threads, batch_size, embed, defaults,
                      progress, engine_kwargs, window) -> dict:
     columns = _batch.EMBED_COLUMNS if embed else _batch.GENERATE_COLUMNS
-    journal = _batch.Journal(output, plan.keep)
-    bar = _batch.Progress(len(plan.todo)) if progress else None
-    summary = {"rows": len(plan.rows), "skipped": len(plan.rows) - len(plan.todo), "failed": 0,
-               "generated_tokens": 0}
-    t0, started = time.perf_counter(), time.time()
+    started = time.time()
     ready: list[float] = []
-
-    def record(key: int, out: dict) -> None:
-        if journal.write(key, out):
-            summary["failed"] += out.get("error") is not None
-            summary["generated_tokens"] += out.get("num_generated_tokens") or 0
-            if bar is not None:
-                bar.row(out)
-
-    try:
+    with _batch.Recorder(plan, output, progress) as recorder:
         items = []
         for key, job in _batch.jobs(plan.todo, defaults or {}, embed):
             if isinstance(job, _batch.RowError):  # answered here: nothing to run
-                record(key, _batch.failed_row(getattr(job, "row_id", None), job, columns))
+                recorder.record(key, _batch.failed_row(getattr(job, "row_id", None), job, columns))
             else:
                 items.append({"_row": key, "_job": json.dumps(job, ensure_ascii=False)})
         if items:
             for key, out, loaded in _run_on_ray(items, model, address=address, replicas=replicas, threads=threads,
                                                 batch_size=batch_size, embed=embed, engine_kwargs=engine_kwargs,
                                                 window=window):
-                record(key, out)
+                recorder.record(key, out)
                 ready.append(loaded)
-    finally:
-        journal.close()
-        if bar is not None:
-            bar.finish()
-    missing = [key for key, _ in plan.todo if key not in journal.written]
+    missing = recorder.missing()
     if missing:  # Ray returned without them: keep the journal for --resume, say so
-        raise _batch.IncompleteJobError(f"{len(missing)} rows got no answer (first: row {missing[0]}); the answers so far are "
-                           f"in {_batch.journal_path(output)}: rerun with --resume")
-    summary["seconds"] = time.perf_counter() - t0
+        raise _batch.IncompleteJobError(f"{len(missing)} rows got no answer (first: row {missing[0]}); the answers so "
+                                        f"far are in {_batch.journal_path(output)}: rerun with --resume")
+    summary = recorder.summary
     # Ray's start-up: from the job's start to the first engine loaded in an actor (actor processes,
     # imports, the model) - paid once per job, whatever its size
     summary["startup_seconds"] = max(0.0, min(ready) - started) if ready else None

@@ -208,12 +208,10 @@ class PocketLMReplica:
 
         server_kwargs = dict(server_kwargs)
         app_kwargs = {k: server_kwargs.pop(k) for k in ("api_key", "cors_origins") if k in server_kwargs}
-        from pocketlm.ray.data import resolve_on_node
+        from pocketlm.ray.data import node_models
 
-        engine_kwargs = dict(engine_kwargs)
-        registry = engine_kwargs.pop("registry", None) or {}
-        self.registry = load_models([resolve_on_node(m, trusted_keys=engine_kwargs.get("trusted_keys"), **registry)
-                                     for m in models], **server_kwargs, **engine_kwargs)
+        models, engine_kwargs = node_models(models, engine_kwargs)
+        self.registry = load_models(models, **server_kwargs, **engine_kwargs)
         self.app = create_app(self.registry, **app_kwargs)
         self.state = self.app.state.pocketlm
         self.metrics = _RayMetrics()
