@@ -8,7 +8,10 @@ chat prompts x 64 tokens.
 
 `replicas` and `overhead` alternate the configurations in one run and print each run and the
 medians; the timed part is the job (the cluster is up, as on a real cluster; Ray's start is
-reported apart). `serve` starts `pocketlm serve --ray --replicas 2` (a local Ray), runs 16 clients
+reported apart). Both also run Ray's floor: the same Ray Data job (the same rows, blocks, actor
+pool and CPUs) with an actor that answers every row at once without an engine (`FloorActor`):
+its time is what Ray itself costs a job of these rows (the actor's worker process and imports,
+scheduling, the rows' way there and back), whatever the actor does. `serve` starts `pocketlm serve --ray --replicas 2` (a local Ray), runs 16 clients
 that stream chat answers back to back, kills one replica's process at --kill-at seconds (0: never)
 and prints the errors and the tokens/s per 5 s window, and how long after the kill the rate was
 back to 90 % of its rate before."""
@@ -47,6 +50,49 @@ def write_input(folder: Path, n: int = PROMPTS) -> Path:
     return path
 
 
+class FloorActor:
+    """`batch --ray`'s actor without the engine: every row answered at once with an empty answer.
+    Defined in __main__, so Ray ships it by value: no pocketlm import in the actor."""
+
+    def __init__(self, **_):
+        self.ready = time.time()
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        keys = batch.column("_row").to_pylist()
+        return pa.table({"_row": pa.array(keys, pa.int64()), "_out": pa.array(['{}'] * len(keys), pa.string()),
+                         "_ready": pa.array([self.ready] * len(keys), pa.float64())})
+
+
+def floor_job(src: Path, *, replicas: int, threads: int, batch_size: int, address=None) -> tuple[float, float]:
+    """Ray's floor for the job of `src` (FloorActor in `batch --ray`'s pipeline): (seconds for the
+    whole job, seconds until the first actor was ready)."""
+    from pocketlm import batch as _batch
+    from pocketlm.ray.data import _run_on_ray
+
+    rows = [json.loads(line) for line in src.read_text().splitlines()]
+    items = [{"_row": key, "_job": json.dumps(job)} for key, job in _batch.jobs(enumerate(rows), {}, False)]
+    started = time.time()
+    t = time.perf_counter()
+    answered = list(_run_on_ray(items, "unused", address=address, replicas=replicas, threads=threads,
+                                batch_size=batch_size, embed=False, engine_kwargs=None, window=None,
+                                actor=FloorActor))
+    dt = time.perf_counter() - t
+    assert sorted(key for key, _, _ in answered) == list(range(len(items))), "the floor job lost rows"
+    return dt, min(ready for _, _, ready in answered) - started
+
+
+def compile_package() -> None:
+    """Byte-compile pocketlm as `pip install` does, so that actors do not compile its sources on
+    import (this tree may be used without __pycache__, under PYTHONDONTWRITEBYTECODE)."""
+    import compileall
+
+    import pocketlm
+
+    compileall.compile_dir(str(Path(pocketlm.__file__).parent), quiet=1)
+
+
 def tokens_of(output: Path) -> int:
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert all(r["error"] is None for r in rows), [r["error"] for r in rows if r["error"]][:3]
@@ -66,11 +112,20 @@ def cmd_replicas(a) -> None:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, logging_level="warning")
     print(f"two-node cluster up in {time.perf_counter() - t0:.1f} s")
+    compile_package()
     rates: dict[int, list[float]] = {1: [], 2: []}
     engine_rates: dict[int, list[float]] = {1: [], 2: []}
+    times: dict[int, list[float]] = {1: [], 2: []}
+    floors: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as d:
         src = write_input(Path(d), a.prompts)
         for run in range(a.runs):
+            for replicas in ((1, 2) if run % 2 == 0 else (2, 1)):
+                dt, ready = floor_job(src, replicas=replicas, threads=1, batch_size=a.batch_size,
+                                      address=cluster.address)
+                floors[replicas].append(dt)
+                print(f"run {run + 1}: {replicas} replica(s), Ray's floor (no engine): {dt:.2f} s "
+                      f"(first actor ready at {ready:.2f} s)")
             for replicas in ((1, 2) if run % 2 == 0 else (2, 1)):
                 out = Path(d) / f"out{replicas}.jsonl"
                 t = time.perf_counter()
@@ -82,6 +137,7 @@ def cmd_replicas(a) -> None:
                 out.unlink()
                 start = summary["startup_seconds"]
                 rates[replicas].append(n / dt)
+                times[replicas].append(dt)
                 engine_rates[replicas].append(n / (dt - start))
                 print(f"run {run + 1}: {replicas} replica(s) x 1 thread: {n} tokens in {dt:.2f} s = {n / dt:.1f} tok/s; "
                       f"Ray's start-up {start:.2f} s, then {n / (dt - start):.1f} tok/s")
@@ -89,6 +145,13 @@ def cmd_replicas(a) -> None:
     e1, e2 = statistics.median(engine_rates[1]), statistics.median(engine_rates[2])
     print(f"median, whole job: 1 replica {one:.1f} tok/s, 2 replicas {two:.1f} tok/s: {two / one:.2f}x (target >= 1.6x)")
     print(f"median, engines loaded to last row: 1 replica {e1:.1f} tok/s, 2 replicas {e2:.1f} tok/s: {e2 / e1:.2f}x")
+    t1, t2 = statistics.median(times[1]), statistics.median(times[2])
+    f1, f2 = statistics.median(floors[1]), statistics.median(floors[2])
+    print(f"median, Ray's floor (the same job, actors without an engine): 1 replica {f1:.2f} s, 2 replicas {f2:.2f} s; "
+          f"whole jobs {t1:.2f} s and {t2:.2f} s; without the floor: {t1 - f1:.2f} s vs {t2 - f2:.2f} s = "
+          f"{(t1 - f1) / (t2 - f2):.2f}x")
+    print(f"for 1.6x the 2-replica job may last {t1 / 1.6:.2f} s: {t1 / 1.6 - f2:.2f} s above Ray's floor, for work "
+          f"that took {t1 - f1:.2f} s on one replica")
     ray.shutdown()
     cluster.shutdown()
 
@@ -102,14 +165,22 @@ def cmd_overhead(a) -> None:
     t = time.perf_counter()
     init_ray(None)
     print(f"local Ray started in {time.perf_counter() - t:.1f} s (not in the times below)")
-    times: dict[str, list[float]] = {"local": [], "ray": []}
-    start: dict[str, list[float]] = {"local": [], "ray": []}  # engine load; Ray's start-up (actor + engine)
+    compile_package()
+    times: dict[str, list[float]] = {"local": [], "ray": [], "floor": []}
+    start: dict[str, list[float]] = {"local": [], "ray": [], "floor": []}  # engine load; Ray's start-up
     tokens = {}
     with tempfile.TemporaryDirectory() as d:
         src = write_input(Path(d), a.prompts)
         for run in range(a.runs):
-            for kind in (("local", "ray") if run % 2 == 0 else ("ray", "local")):
+            for kind in (("local", "ray", "floor") if run % 2 == 0 else ("floor", "ray", "local")):
                 out = Path(d) / f"{kind}.jsonl"
+                if kind == "floor":
+                    dt, ready = floor_job(src, replicas=1, threads=a.threads, batch_size=a.batch_size)
+                    times[kind].append(dt)
+                    start[kind].append(ready)
+                    print(f"run {run + 1}: floor {dt:.2f} s: Ray alone, the actor answering without an engine "
+                          f"(ready at {ready:.2f} s)")
+                    continue
                 t = time.perf_counter()
                 if kind == "local":  # the whole job, engine load included, as the Ray job's actor loads one
                     engine = Engine(a.model, threads=a.threads, max_context=512, max_batch=a.batch_size)
@@ -137,6 +208,11 @@ def cmd_overhead(a) -> None:
           f"after it: {(local - s_local) / (on_ray - s_ray):.2f}x, Ray's overhead "
           f"{((on_ray - s_ray) - (local - s_local)) / rows * 1000:.1f} ms a row; whole job: "
           f"{(on_ray - local) / rows * 1000:.1f} ms a row")
+    floor, s_floor = statistics.median(times["floor"]), statistics.median(start["floor"])
+    print(f"Ray's floor: {floor:.2f} s a job, its actor ready at {s_floor:.2f} s. An actor can start no sooner, "
+          f"and its work (engine load and rows) takes at least as long as `batch`'s: batch --ray lasts at least "
+          f"{local + s_floor:.2f} s, so it reaches at most {local / (local + s_floor):.2f}x (0.85x needs the actor "
+          f"ready within {local / 0.85 - local:.2f} s)")
 
 
 def cmd_serve(a) -> None:

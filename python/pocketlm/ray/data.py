@@ -239,9 +239,10 @@ def _run_plan_on_ray(plan, output: Path, model: str, *, address, replicas, threa
 
 
 def _run_on_ray(items: list[dict], model: str, *, address, replicas: int, threads: int, batch_size: int,
-                embed: bool, engine_kwargs: dict | None, window: int | None):
+                embed: bool, engine_kwargs: dict | None, window: int | None, actor=None):
     """(key, output row, when its actor's engine was loaded) of every item, as the actor pool answers
-    them (retried copies included)."""
+    them (retried copies included). `actor`: the actor class (default _JobPredictor; bench/scale.py
+    runs the same pipeline with one that answers without an engine, to measure Ray's own cost)."""
     ray = init_ray(address)
     import ray.data
 
@@ -250,7 +251,7 @@ def _run_on_ray(items: list[dict], model: str, *, address, replicas: int, thread
     context.enable_operator_progress_bars = False
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), math.ceil(len(items) / batch_size))))
     ds = ds.map_batches(
-        _JobPredictor, batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True,
+        actor or _JobPredictor, batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True,
         fn_constructor_kwargs=dict(model=model, threads=threads, engine_kwargs=engine_kwargs, embed=embed,
                                    window=window),
         compute=ray.data.ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=2,
