@@ -83,6 +83,41 @@ def floor_job(src: Path, *, replicas: int, threads: int, batch_size: int, addres
     return dt, min(ready for _, _, ready in answered) - started
 
 
+ENGINE_ALONE = """
+import sys, time
+from pocketlm.batch import run_batch
+from pocketlm.engine import Engine
+engine = Engine(sys.argv[1], threads=1, max_context=512)
+print("ready", flush=True)
+sys.stdin.readline()
+t = time.perf_counter()
+run_batch(sys.argv[2], sys.argv[3], engine=engine, progress=False)
+print(time.perf_counter() - t, flush=True)
+"""
+
+
+def engines_without_ray(folder: Path, model: str, engines: int, n: int) -> float:
+    """The n prompts split over `engines` one-thread engines in as many processes, started together
+    once all are loaded, no Ray on the machine's CPUs: seconds until the last finished. What two
+    engines can reach on this machine without Ray's processes at work beside them."""
+    procs = []
+    per = -(-n // engines)
+    for e in range(engines):
+        part = folder / f"part{e}.jsonl"
+        part.write_text("".join(json.dumps(r) + "\n" for r in prompts(n)[e * per:(e + 1) * per]))
+        procs.append(subprocess.Popen([sys.executable, "-c", ENGINE_ALONE, model, str(part), str(folder / f"out{e}.jsonl")],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    times = [float(p.stdout.readline()) for p in procs]
+    for p in procs:
+        p.wait()
+    return max(times)
+
+
 def compile_package() -> None:
     """Byte-compile pocketlm as `pip install` does, so that actors do not compile its sources on
     import (this tree may be used without __pycache__, under PYTHONDONTWRITEBYTECODE)."""
@@ -113,13 +148,21 @@ def cmd_replicas(a) -> None:
     ray.init(address=cluster.address, log_to_driver=False, logging_level="warning")
     print(f"two-node cluster up in {time.perf_counter() - t0:.1f} s")
     compile_package()
+    alone: dict[int, list[float]] = {1: [], 2: []}
     rates: dict[int, list[float]] = {1: [], 2: []}
     engine_rates: dict[int, list[float]] = {1: [], 2: []}
     times: dict[int, list[float]] = {1: [], 2: []}
     floors: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as d:
         src = write_input(Path(d), a.prompts)
+        # untimed: a driver's first Ray Data job also starts Ray Data's own actors (its stats actor,
+        # autoscaling coordinator...), ~1 s more, once per driver
+        floor_job(src, replicas=1, threads=1, batch_size=a.batch_size, address=cluster.address)
         for run in range(a.runs):
+            for engines in ((1, 2) if run % 2 == 0 else (2, 1)):
+                alone[engines].append(engines_without_ray(Path(d), a.model, engines, a.prompts))
+                print(f"run {run + 1}: {engines} engine(s) x 1 thread without Ray: {alone[engines][-1]:.2f} s "
+                      f"(engines loaded, then all rows)")
             for replicas in ((1, 2) if run % 2 == 0 else (2, 1)):
                 dt, ready = floor_job(src, replicas=replicas, threads=1, batch_size=a.batch_size,
                                       address=cluster.address)
@@ -150,8 +193,12 @@ def cmd_replicas(a) -> None:
     print(f"median, Ray's floor (the same job, actors without an engine): 1 replica {f1:.2f} s, 2 replicas {f2:.2f} s; "
           f"whole jobs {t1:.2f} s and {t2:.2f} s; without the floor: {t1 - f1:.2f} s vs {t2 - f2:.2f} s = "
           f"{(t1 - f1) / (t2 - f2):.2f}x")
-    print(f"for 1.6x the 2-replica job may last {t1 / 1.6:.2f} s: {t1 / 1.6 - f2:.2f} s above Ray's floor, for work "
-          f"that took {t1 - f1:.2f} s on one replica")
+    a1, a2 = statistics.median(alone[1]), statistics.median(alone[2])
+    best = f2 + (t1 - f1) * a2 / a1
+    print(f"median, engines outside Ray (the cluster idle): 1 engine {a1:.2f} s, 2 engines {a2:.2f} s: "
+          f"{a1 / a2:.2f}x. For 1.6x the 2-replica job may last {t1 / 1.6:.2f} s: {t1 / 1.6 - f2:.2f} s above Ray's "
+          f"floor, for work that took {t1 - f1:.2f} s above it on one replica. Were the replicas' work to scale as "
+          f"well as engines without Ray: {best:.2f} s = {t1 / best:.2f}x")
     ray.shutdown()
     cluster.shutdown()
 
@@ -171,6 +218,7 @@ def cmd_overhead(a) -> None:
     tokens = {}
     with tempfile.TemporaryDirectory() as d:
         src = write_input(Path(d), a.prompts)
+        floor_job(src, replicas=1, threads=a.threads, batch_size=a.batch_size)  # untimed, as in cmd_replicas
         for run in range(a.runs):
             for kind in (("local", "ray", "floor") if run % 2 == 0 else ("floor", "ray", "local")):
                 out = Path(d) / f"{kind}.jsonl"
