@@ -11,7 +11,10 @@ medians; the timed part is the job (the cluster is up, as on a real cluster; Ray
 reported apart). Both also run Ray's floor: the same Ray Data job (the same rows, blocks, actor
 pool and CPUs) with an actor that answers every row at once without an engine (`FloorActor`):
 its time is what Ray itself costs a job of these rows (the actor's worker process and imports,
-scheduling, the rows' way there and back), whatever the actor does. `serve` starts `pocketlm serve --ray --replicas 2` (a local Ray), runs 16 clients
+scheduling, the rows' way there and back), whatever the actor does. From it each mode prints an
+estimated ceiling for its target's ratio (docs/scale.md says how); `replicas` also times the same
+prompts on one and two one-thread engines outside Ray. Each configuration starts after a 1 s pause
+(settle()), so that none overlaps the exit of the previous job's actors. `serve` starts `pocketlm serve --ray --replicas 2` (a local Ray), runs 16 clients
 that stream chat answers back to back, kills one replica's process at --kill-at seconds (0: never)
 and prints the errors and the tokens/s per 5 s window, and how long after the kill the rate was
 back to 90 % of its rate before."""
@@ -71,10 +74,10 @@ def floor_job(src: Path, *, replicas: int, threads: int, batch_size: int, addres
     from pocketlm import batch as _batch
     from pocketlm.ray.data import _run_on_ray
 
+    started = time.time()  # where batch --ray starts its clock for startup_seconds (before its rows)
+    t = time.perf_counter()
     rows = [json.loads(line) for line in src.read_text().splitlines()]
     items = [{"_row": key, "_job": json.dumps(job)} for key, job in _batch.jobs(enumerate(rows), {}, False)]
-    started = time.time()
-    t = time.perf_counter()
     answered = list(_run_on_ray(items, "unused", address=address, replicas=replicas, threads=threads,
                                 batch_size=batch_size, embed=False, engine_kwargs=None, window=None,
                                 actor=FloorActor))
@@ -97,25 +100,40 @@ print(time.perf_counter() - t, flush=True)
 
 
 def engines_without_ray(folder: Path, model: str, engines: int, n: int) -> float:
-    """The n prompts split over `engines` one-thread engines in as many processes, started together
-    once all are loaded, no Ray on the machine's CPUs: seconds until the last finished. What two
-    engines can reach on this machine without Ray's processes at work beside them."""
+    """The n prompts split over `engines` one-thread engines in as many processes, outside Ray (the
+    cluster's processes stay up beside them), all loaded before any starts: the longest of their
+    times from the start to their last row. What the engines themselves reach on this machine."""
     procs = []
     per = -(-n // engines)
-    for e in range(engines):
-        part = folder / f"part{e}.jsonl"
-        part.write_text("".join(json.dumps(r) + "\n" for r in prompts(n)[e * per:(e + 1) * per]))
-        procs.append(subprocess.Popen([sys.executable, "-c", ENGINE_ALONE, model, str(part), str(folder / f"out{e}.jsonl")],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
-    for p in procs:
-        assert p.stdout.readline().strip() == "ready"
-    for p in procs:
-        p.stdin.write("go\n")
-        p.stdin.flush()
-    times = [float(p.stdout.readline()) for p in procs]
-    for p in procs:
-        p.wait()
+    try:
+        for e in range(engines):
+            part = folder / f"alone{e}-in.jsonl"
+            part.write_text("".join(json.dumps(r) + "\n" for r in prompts(n)[e * per:(e + 1) * per]))
+            procs.append(subprocess.Popen([sys.executable, "-c", ENGINE_ALONE, model, str(part),
+                                           str(folder / f"alone{e}-out.jsonl")],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        for p in procs:
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError("an engine outside Ray did not load")
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        times = [float(p.stdout.readline()) for p in procs]
+        for p in procs:
+            p.wait()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    if sum(tokens_of(folder / f"alone{e}-out.jsonl") for e in range(engines)) != n * TOKENS:
+        raise RuntimeError("the engines outside Ray did not generate every token")
     return max(times)
+
+
+def settle(seconds: float = 1.0) -> None:
+    """A pause before each measured configuration: the previous one's processes (a Ray job's actors
+    exit after it) are gone before the next starts."""
+    time.sleep(seconds)
 
 
 def compile_package() -> None:
@@ -160,10 +178,12 @@ def cmd_replicas(a) -> None:
         floor_job(src, replicas=1, threads=1, batch_size=a.batch_size, address=cluster.address)
         for run in range(a.runs):
             for engines in ((1, 2) if run % 2 == 0 else (2, 1)):
+                settle()
                 alone[engines].append(engines_without_ray(Path(d), a.model, engines, a.prompts))
-                print(f"run {run + 1}: {engines} engine(s) x 1 thread without Ray: {alone[engines][-1]:.2f} s "
-                      f"(engines loaded, then all rows)")
+                print(f"run {run + 1}: {engines} engine(s) x 1 thread outside Ray: {alone[engines][-1]:.2f} s "
+                      f"(from all loaded to the last row)")
             for replicas in ((1, 2) if run % 2 == 0 else (2, 1)):
+                settle()
                 dt, ready = floor_job(src, replicas=replicas, threads=1, batch_size=a.batch_size,
                                       address=cluster.address)
                 floors[replicas].append(dt)
@@ -171,6 +191,7 @@ def cmd_replicas(a) -> None:
                       f"(first actor ready at {ready:.2f} s)")
             for replicas in ((1, 2) if run % 2 == 0 else (2, 1)):
                 out = Path(d) / f"out{replicas}.jsonl"
+                settle()
                 t = time.perf_counter()
                 summary = run_batch_on_ray(src, out, a.model, address=cluster.address, replicas=replicas, threads=1,
                                            batch_size=a.batch_size, progress=False,
@@ -186,19 +207,24 @@ def cmd_replicas(a) -> None:
                       f"Ray's start-up {start:.2f} s, then {n / (dt - start):.1f} tok/s")
     one, two = statistics.median(rates[1]), statistics.median(rates[2])
     e1, e2 = statistics.median(engine_rates[1]), statistics.median(engine_rates[2])
-    print(f"median, whole job: 1 replica {one:.1f} tok/s, 2 replicas {two:.1f} tok/s: {two / one:.2f}x (target >= 1.6x)")
+    paired = statistics.median(t1 / t2 for t1, t2 in zip(times[1], times[2]))
+    print(f"median, whole job: 1 replica {one:.1f} tok/s, 2 replicas {two:.1f} tok/s: {two / one:.2f}x; median of "
+          f"the runs' own ratios {paired:.2f}x (target >= 1.6x)")
     print(f"median, engines loaded to last row: 1 replica {e1:.1f} tok/s, 2 replicas {e2:.1f} tok/s: {e2 / e1:.2f}x")
     t1, t2 = statistics.median(times[1]), statistics.median(times[2])
     f1, f2 = statistics.median(floors[1]), statistics.median(floors[2])
-    print(f"median, Ray's floor (the same job, actors without an engine): 1 replica {f1:.2f} s, 2 replicas {f2:.2f} s; "
-          f"whole jobs {t1:.2f} s and {t2:.2f} s; without the floor: {t1 - f1:.2f} s vs {t2 - f2:.2f} s = "
-          f"{(t1 - f1) / (t2 - f2):.2f}x")
     a1, a2 = statistics.median(alone[1]), statistics.median(alone[2])
-    best = f2 + (t1 - f1) * a2 / a1
-    print(f"median, engines outside Ray (the cluster idle): 1 engine {a1:.2f} s, 2 engines {a2:.2f} s: "
-          f"{a1 / a2:.2f}x. For 1.6x the 2-replica job may last {t1 / 1.6:.2f} s: {t1 / 1.6 - f2:.2f} s above Ray's "
-          f"floor, for work that took {t1 - f1:.2f} s above it on one replica. Were the replicas' work to scale as "
-          f"well as engines without Ray: {best:.2f} s = {t1 / best:.2f}x")
+    print(f"median, Ray's floor (the same job, actors without an engine): 1 replica {f1:.2f} s, 2 replicas {f2:.2f} s; "
+          f"whole jobs {t1:.2f} s and {t2:.2f} s; above the floor: {t1 - f1:.2f} s vs {t2 - f2:.2f} s = "
+          f"{(t1 - f1) / (t2 - f2):.2f}x; engines outside Ray: 1 engine {a1:.2f} s, 2 engines {a2:.2f} s = "
+          f"{a1 / a2:.2f}x")
+    # were the replicas' work above the floor to scale as two engines outside Ray do, run by run
+    ceilings = [r1 / (g2 + (r1 - g1) * b2 / b1) for r1, g1, g2, b1, b2 in
+                zip(times[1], floors[1], floors[2], alone[1], alone[2])]
+    print(f"estimated ceiling of the whole-job ratio (the 2-replica job = its floor + the 1-replica job's work above "
+          f"its floor, sped up as much as engines outside Ray): {f2 + (t1 - f1) * a2 / a1:.2f} s = "
+          f"{t1 / (f2 + (t1 - f1) * a2 / a1):.2f}x from the medians; run by run "
+          f"{' '.join(f'{c:.2f}' for c in ceilings)}, median {statistics.median(ceilings):.2f}x")
     ray.shutdown()
     cluster.shutdown()
 
@@ -222,6 +248,7 @@ def cmd_overhead(a) -> None:
         for run in range(a.runs):
             for kind in (("local", "ray", "floor") if run % 2 == 0 else ("floor", "ray", "local")):
                 out = Path(d) / f"{kind}.jsonl"
+                settle()
                 if kind == "floor":
                     dt, ready = floor_job(src, replicas=1, threads=a.threads, batch_size=a.batch_size)
                     times[kind].append(dt)
@@ -234,14 +261,15 @@ def cmd_overhead(a) -> None:
                     engine = Engine(a.model, threads=a.threads, max_context=512, max_batch=a.batch_size)
                     start[kind].append(time.perf_counter() - t)
                     run_batch(src, out, engine=engine, progress=False)
-                    engine.scheduler.close()
+                    dt = time.perf_counter() - t  # OUTPUT written; the engine's teardown is not timed,
+                    engine.scheduler.close()      # as the Ray job does not wait for its actor's
                     del engine
                 else:
                     summary = run_batch_on_ray(src, out, a.model, replicas=1, threads=a.threads,
                                                batch_size=a.batch_size, progress=False,
                                                engine_kwargs={"max_context": 512, "max_batch": a.batch_size})
+                    dt = time.perf_counter() - t
                     start[kind].append(summary["startup_seconds"])
-                dt = time.perf_counter() - t
                 tokens[kind] = tokens_of(out)
                 out.unlink()
                 times[kind].append(dt)
@@ -250,16 +278,20 @@ def cmd_overhead(a) -> None:
     local, on_ray = statistics.median(times["local"]), statistics.median(times["ray"])
     s_local, s_ray = statistics.median(start["local"]), statistics.median(start["ray"])
     rows = a.prompts
+    paired = statistics.median(lo / r for lo, r in zip(times["local"], times["ray"]))
     print(f"median, whole job: batch {local:.2f} s, batch --ray {on_ray:.2f} s: --ray reaches "
-          f"{local / on_ray:.2f}x of the tokens/s without Ray (target >= 0.85x)")
+          f"{local / on_ray:.2f}x of the tokens/s without Ray; median of the runs' own ratios {paired:.2f}x "
+          f"(target >= 0.85x)")
     print(f"start-up: engine load {s_local:.2f} s without Ray; Ray's {s_ray:.2f} s (actor process, imports, engine); "
           f"after it: {(local - s_local) / (on_ray - s_ray):.2f}x, Ray's overhead "
           f"{((on_ray - s_ray) - (local - s_local)) / rows * 1000:.1f} ms a row; whole job: "
           f"{(on_ray - local) / rows * 1000:.1f} ms a row")
     floor, s_floor = statistics.median(times["floor"]), statistics.median(start["floor"])
-    print(f"Ray's floor: {floor:.2f} s a job, its actor ready at {s_floor:.2f} s. An actor can start no sooner, "
-          f"and its work (engine load and rows) takes at least as long as `batch`'s: batch --ray lasts at least "
-          f"{local + s_floor:.2f} s, so it reaches at most {local / (local + s_floor):.2f}x (0.85x needs the actor "
+    ceilings = [lo / (lo + f) for lo, f in zip(times["local"], start["floor"])]
+    print(f"Ray's floor: {floor:.2f} s a job, its actor ready at {s_floor:.2f} s. Estimated ceiling, were the actor's "
+          f"work (engine load and rows) to take no longer than `batch`'s and start when the floor's actor is ready: "
+          f"{local + s_floor:.2f} s = {local / (local + s_floor):.2f}x from the medians; run by run "
+          f"{' '.join(f'{c:.2f}' for c in ceilings)}, median {statistics.median(ceilings):.2f}x (0.85x needs the actor "
           f"ready within {local / 0.85 - local:.2f} s)")
 
 
