@@ -131,8 +131,8 @@ def engines_without_ray(folder: Path, model: str, engines: int, n: int) -> float
 
 
 def settle(seconds: float = 1.0) -> None:
-    """A pause before each measured configuration: the previous one's processes (a Ray job's actors
-    exit after it) are gone before the next starts."""
+    """A pause before each measured configuration, so that it does not overlap the exit of the
+    previous one's processes (a Ray job's actors exit after it)."""
     time.sleep(seconds)
 
 
@@ -210,7 +210,7 @@ def cmd_replicas(a) -> None:
     paired = statistics.median(t1 / t2 for t1, t2 in zip(times[1], times[2]))
     print(f"median, whole job: 1 replica {one:.1f} tok/s, 2 replicas {two:.1f} tok/s: {two / one:.2f}x; median of "
           f"the runs' own ratios {paired:.2f}x (target >= 1.6x)")
-    print(f"median, engines loaded to last row: 1 replica {e1:.1f} tok/s, 2 replicas {e2:.1f} tok/s: {e2 / e1:.2f}x")
+    print(f"median, first engine loaded to last row: 1 replica {e1:.1f} tok/s, 2 replicas {e2:.1f} tok/s: {e2 / e1:.2f}x")
     t1, t2 = statistics.median(times[1]), statistics.median(times[2])
     f1, f2 = statistics.median(floors[1]), statistics.median(floors[2])
     a1, a2 = statistics.median(alone[1]), statistics.median(alone[2])
