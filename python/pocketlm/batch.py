@@ -412,7 +412,8 @@ class Worker:
         return key, self._answer(rid, request, n_input)
 
 
-def jobs(todo: Iterable[tuple[int, dict | RowError]], defaults: dict, embed: bool) -> Iterator[tuple[int, dict | RowError]]:
+def jobs(todo: Iterable[tuple[int, dict | RowError]], defaults: dict,
+         embed: bool) -> Iterator[tuple[int, dict | RowError]]:
     """(key, job) for each (key, row), or (key, RowError) carrying the row's id."""
     for key, row in todo:
         try:
@@ -453,17 +454,16 @@ class Journal:
     """OUTPUT's rows while the job runs: appended and flushed one per line, each input row once."""
 
     def __init__(self, output: Path, keep: list[dict]):
+        from pocketlm.bundle.atomic import Sink, replacing
+
         self.path = journal_path(output)
         self.written: set[int] = set()
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:  # what is kept from before, rewritten whole
+        with replacing(str(self.path)) as tmp, Sink(str(self.path), tmp) as f:  # what is kept, rewritten whole
             for row in keep:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
                 if isinstance(row.get("_row"), int):
                     self.written.add(row["_row"])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+            f.sync()
         self.file = open(self.path, "a", encoding="utf-8")
 
     def write(self, key: int, row: dict) -> bool:
@@ -482,12 +482,13 @@ class Journal:
 def finish_output(output: Path, columns: tuple[str, ...]) -> int:
     """Turns the journal into OUTPUT (input order, the columns only) by an atomic rename; removes
     the journal. Returns the rows written."""
+    from pocketlm.bundle.atomic import Sink, replacing
+
     journal = journal_path(output)
     rows = _read_journal(journal)
     rows.sort(key=lambda r: r.get("_row", math.inf))
     rows = [{c: r.get(c) for c in columns} for r in rows]
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
+    with replacing(str(output)) as tmp:  # renamed onto OUTPUT (durably) only once written and synced
         if input_format(output) == "parquet":
             pa = _pyarrow()
             try:
@@ -495,20 +496,13 @@ def finish_output(output: Path, columns: tuple[str, ...]) -> int:
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # ids of mixed types: as strings
                 table = pa.Table.from_pylist([{**r, "id": None if r["id"] is None else str(r["id"])} for r in rows])
             pa.parquet.write_table(table, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         else:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for r in rows:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-        directory = os.open(output.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename is on disk before the journal goes
-        finally:
-            os.close(directory)
-    finally:
-        tmp.unlink(missing_ok=True)
+            with Sink(str(output), tmp) as f:
+                for i in range(0, len(rows), 4096):  # (written in runs of lines, not a call a row)
+                    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[i:i + 4096]).encode())
+                f.sync()
     journal.unlink()
     return len(rows)
 
