@@ -141,3 +141,41 @@ def test_flags_from_serve_run_strings():
     assert _bool({}, "plain_http") is False and _bool({"plain_http": True}, "plain_http") is True
     with pytest.raises(ValueError):
         _bool({"insecure": "maybe"}, "insecure")
+
+
+def _ingress_answer(ingress, path: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, dict, dict]:
+    """One request through the ingress's ASGI app, no replica behind it: (status, headers, JSON body)."""
+    import asyncio
+    import json
+
+    scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "query_string": b"",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()], "client": ("127.0.0.1", 1)}
+    sent, chunks = [], [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(ingress.__serve_build_asgi_app__()(scope, receive, send))
+    start, payload = sent[0], b"".join(m.get("body", b"") for m in sent[1:])
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, json.loads(payload)
+
+
+def test_ingress_refuses_as_the_server_does():
+    """The ingress answers a missing API key and an oversized body itself, before any replica: the
+    status, headers and error shapes `pocketlm serve` gives (OpenAI's; Ollama's under /api/)."""
+    from pocketlm.ray.serve import PocketLMIngress
+
+    ingress = PocketLMIngress(replica=None, max_body_bytes=64, api_key="secret")
+    status, headers, body = _ingress_answer(ingress, "/v1/chat/completions", {})
+    assert status == 401 and headers["www-authenticate"] == "Bearer"
+    assert body["error"]["code"] == "invalid_api_key" and body["error"]["type"] == "invalid_request_error"
+    status, _, body = _ingress_answer(ingress, "/api/chat", {"authorization": "Bearer wrong"})
+    assert status == 401 and isinstance(body["error"], str) and "API key" in body["error"]
+    status, _, body = _ingress_answer(ingress, "/v1/completions", {"authorization": "Bearer secret",
+                                                                    "content-length": "65"})
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    status, _, body = _ingress_answer(ingress, "/v1/completions", {"authorization": "Bearer secret"}, b"x" * 65)
+    assert status == 413 and body["error"]["code"] == "request_too_large"

@@ -37,7 +37,8 @@ from typing import Any
 from ray import serve
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from pocketlm.server.app import MAX_BODY_BYTES
+from pocketlm.server.app import MAX_BODY_BYTES, refusal, too_large
+from pocketlm.server.errors import APIError
 
 BLOCK_CHARS = 256        # routing-key granularity, in characters of the prompt's text
 MAX_KEY_BLOCKS = 64      # blocks hashed at most (16 KiB of text)
@@ -273,27 +274,6 @@ class PocketLMReplica:
 
 
 # ---- the ingress ---------------------------------------------------------------------------------
-def _error(path: str, status: int, message: str, code: str, headers=()) -> tuple[dict, bytes]:
-    """An error response in the shape of the route's API: OpenAI's {"error": {...}}, Ollama's
-    {"error": "..."} under /api/."""
-    if path.startswith("/api/"):
-        payload: dict = {"error": message}
-    else:
-        payload = {"error": {"message": message, "type": "server_error" if status >= 500 else
-                             "invalid_request_error", "param": None, "code": code}}
-    body = json.dumps(payload).encode()
-    start = {"type": "http.response.start", "status": status,
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                         *headers]}
-    return start, body
-
-
-async def _send_error(send, path: str, status: int, message: str, code: str, headers=()) -> None:
-    start, body = _error(path, status, message, code, headers)
-    await send(start)
-    await send({"type": "http.response.body", "body": body})
-
-
 class PocketLMIngress:
     """Reads each request and forwards it to a replica (see the module's doc)."""
 
@@ -304,24 +284,6 @@ class PocketLMIngress:
 
     def __serve_build_asgi_app__(self):
         return _ASGI(self)
-
-    def _refused(self, scope) -> tuple[int, str, str, tuple] | None:
-        from pocketlm.server.app import PUBLIC_PATHS
-
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        path = scope["path"]
-        if self.api_key is not None and scope["method"] != "OPTIONS" and \
-                not (path in PUBLIC_PATHS or path.startswith("/static/")):
-            import hmac
-
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-                return (401, "Incorrect or missing API key: send the header 'Authorization: Bearer KEY' with the "
-                             "key the server was started with", "invalid_api_key", ((b"www-authenticate", b"Bearer"),))
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return 413, f"the request body is larger than the {self.max_body} bytes allowed", "request_too_large", ()
-        return None
 
     async def asgi(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -339,9 +301,10 @@ class PocketLMIngress:
         path, root = scope["path"], scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):] or "/"
-        refused = self._refused({**scope, "path": path})
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refused = refusal(path, scope["method"], headers, self.api_key, self.max_body)
         if refused is not None:
-            await _send_error(send, path, *refused)
+            await refused.response(path)(scope, receive, send)
             return
         chunks, size = [], 0
         while True:
@@ -351,8 +314,7 @@ class PocketLMIngress:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                await _send_error(send, path, 413, f"the request body is larger than the {self.max_body} bytes "
-                                  "allowed", "request_too_large")
+                await too_large(self.max_body).response(path)(scope, receive, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -362,9 +324,9 @@ class PocketLMIngress:
                    "headers": [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
                    "client": list(scope.get("client") or ("-", 0)), "body": body}
         key = routing_key(path, body) if scope["method"] == "POST" else []
-        await self._forward(request, key, receive, send)
+        await self._forward(scope, request, key, receive, send)
 
-    async def _forward(self, request: dict, key: list[str], receive, send) -> None:
+    async def _forward(self, scope, request: dict, key: list[str], receive, send) -> None:
         from ray.exceptions import RayError
         from ray.serve.exceptions import BackPressureError, RayServeException
 
@@ -398,18 +360,18 @@ class PocketLMIngress:
                 return  # answered already, or the client left: nothing to tell it
             log.warning("request %s %s: %s: %s", request["method"], path, type(e).__name__, e)
             if isinstance(e, BackPressureError):
-                status, code, headers = 503, "overloaded", ((b"retry-after", b"1"),)
-                message = "every replica's queue is full; retry later"
+                error = APIError(503, "every replica's queue is full; retry later", code="overloaded",
+                                 headers={"Retry-After": "1"})
             else:
-                status, code, headers = 502, "replica_failed", ()
-                message = f"the replica serving this request failed ({type(e).__name__}); retry the request"
+                error = APIError(502, f"the replica serving this request failed ({type(e).__name__}); retry the "
+                                      "request", code="replica_failed")
             if not started:
-                await _send_error(send, path, status, message, code, headers)
-            elif "text/event-stream" in kind:
-                event = json.dumps({"error": {"message": message, "type": "server_error", "code": code}})
+                await error.response(path)(scope, receive, send)
+            elif "text/event-stream" in kind:  # the error event the app's own streams end with
+                event = json.dumps(error.body())
                 await send({"type": "http.response.body", "body": f"data: {event}\n\n".encode(), "more_body": False})
             elif "ndjson" in kind:  # Ollama's streams end with an error line, as the app's own
-                await send({"type": "http.response.body", "body": json.dumps({"error": message}).encode() + b"\n",
+                await send({"type": "http.response.body", "body": json.dumps({"error": error.message}).encode() + b"\n",
                             "more_body": False})
             else:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})

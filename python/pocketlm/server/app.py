@@ -127,23 +127,11 @@ class Gate:
                      time.perf_counter() - t0, rid)
 
     def _refusal(self, scope, headers: dict[str, str]):
-        key = self.state.api_key
-        public = scope["path"] in PUBLIC_PATHS or scope["path"].startswith("/static/")
-        if key is not None and not public and scope["method"] != "OPTIONS":
-            given = headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-                return APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer KEY' "
-                                     "with the key the server was started with", code="invalid_api_key",
-                                headers={"WWW-Authenticate": "Bearer"}).response(scope["path"])
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return self._too_large(scope["path"])
-        return None
+        error = refusal(scope["path"], scope["method"], headers, self.state.api_key, self.max_body)
+        return None if error is None else error.response(scope["path"])
 
     def _too_large(self, path: str):
-        return APIError(413, f"the request body is larger than the {self.max_body} bytes allowed",
-                        code="request_too_large").response(path)
+        return too_large(self.max_body).response(path)
 
     async def _read_body(self, receive, path: str):
         """Reads the whole body (at most the limit; a chunked one too) and replays it to the app."""
@@ -167,6 +155,27 @@ class Gate:
             return await receive()
 
         return replay, None
+
+
+def refusal(path: str, method: str, headers: dict[str, str], api_key: str | None,
+            max_body: int) -> APIError | None:
+    """Why a request is refused before its body is read: 401 without the API key (the public paths
+    and CORS preflights need none), 413 for a declared body over the limit; None lets it in.
+    `headers` by lower-case name. The gate's check, and Ray Serve's ingress's (pocketlm.ray.serve)."""
+    if api_key is not None and method != "OPTIONS" and not (path in PUBLIC_PATHS or path.startswith("/static/")):
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            return APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer KEY' "
+                                 "with the key the server was started with", code="invalid_api_key",
+                            headers={"WWW-Authenticate": "Bearer"})
+    length = headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > max_body):
+        return too_large(max_body)
+    return None
+
+
+def too_large(max_body: int) -> APIError:
+    return APIError(413, f"the request body is larger than the {max_body} bytes allowed", code="request_too_large")
 
 
 def _route(path: str) -> str:

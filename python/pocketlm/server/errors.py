@@ -11,7 +11,8 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-         405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error", 500: "server_error"}
+         405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error", 500: "server_error",
+         502: "server_error"}
 
 
 class APIError(Exception):
