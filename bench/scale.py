@@ -47,10 +47,13 @@ def prompts(n: int = PROMPTS) -> list[dict]:
              "max_tokens": TOKENS, "temperature": 0} for i in range(n)]
 
 
-def write_input(folder: Path, n: int = PROMPTS) -> Path:
-    path = folder / "prompts.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in prompts(n)))
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def write_input(folder: Path, n: int = PROMPTS) -> Path:
+    return write_rows(folder / "prompts.jsonl", prompts(n))
 
 
 class FloorActor:
@@ -107,8 +110,7 @@ def engines_without_ray(folder: Path, model: str, engines: int, n: int) -> float
     per = -(-n // engines)
     try:
         for e in range(engines):
-            part = folder / f"alone{e}-in.jsonl"
-            part.write_text("".join(json.dumps(r) + "\n" for r in prompts(n)[e * per:(e + 1) * per]))
+            part = write_rows(folder / f"alone{e}-in.jsonl", prompts(n)[e * per:(e + 1) * per])
             procs.append(subprocess.Popen([sys.executable, "-c", ENGINE_ALONE, model, str(part),
                                            str(folder / f"alone{e}-out.jsonl")],
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
@@ -386,11 +388,9 @@ def cmd_driver(a) -> None:
 
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d)
-        with open(folder / "in.jsonl", "w") as f:
-            for r in prompts(a.rows):
-                f.write(json.dumps(r) + "\n")
+        src = write_input(folder, a.rows)
         t0 = time.perf_counter()
-        plan = batch.Plan(folder / "in.jsonl", folder / "out.jsonl", False)
+        plan = batch.Plan(src, folder / "out.jsonl", False)
         items = [{"_row": k, "_job": json.dumps(j)} for k, j in batch.jobs(plan.todo, {}, False)]
         t1 = time.perf_counter()
         journal = batch.Journal(folder / "out.jsonl", [])
