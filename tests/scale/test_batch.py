@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from batch_rows import alone, read_jsonl, write_jsonl
 from testutil import child_env
 
 N_TOKENS = 12
@@ -25,12 +26,7 @@ def engine(smollm2_gguf):
 
 
 def _alone(engine, row: dict) -> str:
-    """The greedy answer of a fresh session to the row alone: the reference."""
-    session = engine.create_session()
-    n = row.get("max_tokens", N_TOKENS)
-    if "messages" in row:
-        return "".join(session.chat(row["messages"], max_tokens=n, temperature=0))
-    return "".join(session.generate(row["prompt"], max_tokens=n, temperature=0))
+    return alone(engine, row, N_TOKENS)
 
 
 def _rows(n: int) -> list[dict]:
@@ -44,25 +40,14 @@ def _rows(n: int) -> list[dict]:
     return rows
 
 
-def _write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-
-
-def _read_jsonl(path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
 def test_rows_equal_their_greedy_answer_alone_in_input_order(engine, tmp_path):
     from pocketlm.batch import run_batch
 
     rows = _rows(10)
-    _write_jsonl(tmp_path / "in.jsonl", rows)
+    write_jsonl(tmp_path / "in.jsonl", rows)
     summary = run_batch(tmp_path / "in.jsonl", tmp_path / "out.jsonl", engine=engine, progress=False,
                         defaults={"max_tokens": N_TOKENS, "temperature": 0}, window=4)
-    out = _read_jsonl(tmp_path / "out.jsonl")
+    out = read_jsonl(tmp_path / "out.jsonl")
     assert [r["id"] for r in out] == [r["id"] for r in rows]
     assert summary["failed"] == 0 and summary["rows"] == len(rows)
     for row, got in zip(rows, out):
@@ -91,7 +76,7 @@ def test_bad_rows_get_an_error_and_the_rest_are_answered(engine, tmp_path):
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     summary = run_batch(tmp_path / "in.jsonl", tmp_path / "out.jsonl", engine=engine, progress=False,
                         defaults={"temperature": 0})
-    out = _read_jsonl(tmp_path / "out.jsonl")
+    out = read_jsonl(tmp_path / "out.jsonl")
     assert len(out) == len(lines) and summary["failed"] == len(lines) - 2
     by_id = {r["id"]: r for r in out if r["id"] is not None}
     assert by_id["good"]["generated_text"] == _alone(engine, good)
@@ -133,9 +118,9 @@ def test_embedding_rows_equal_engine_embed(engine, tmp_path):
     from pocketlm.batch import run_batch
 
     rows = [{"id": 1, "input": "a red apple"}, {"id": 2, "input": 3}, {"id": 3, "input": "the open sea"}]
-    _write_jsonl(tmp_path / "in.jsonl", rows)
+    write_jsonl(tmp_path / "in.jsonl", rows)
     run_batch(tmp_path / "in.jsonl", tmp_path / "out.jsonl", engine=engine, embed=True, progress=False)
-    out = _read_jsonl(tmp_path / "out.jsonl")
+    out = read_jsonl(tmp_path / "out.jsonl")
     reference = engine.embed(["a red apple", "the open sea"])
     np.testing.assert_allclose(out[0]["embedding"], reference[0], rtol=1e-6)
     np.testing.assert_allclose(out[2]["embedding"], reference[1], rtol=1e-6)
@@ -144,7 +129,7 @@ def test_embedding_rows_equal_engine_embed(engine, tmp_path):
 
 def test_killed_job_resumes_with_only_the_missing_rows(engine, smollm2_gguf, tmp_path):
     rows = [{"id": i, "prompt": f"List {i} animals that live in the sea:", "max_tokens": 48} for i in range(24)]
-    _write_jsonl(tmp_path / "in.jsonl", rows)
+    write_jsonl(tmp_path / "in.jsonl", rows)
     out, journal = tmp_path / "out.jsonl", tmp_path / "out.jsonl.partial"
     cmd = [sys.executable, "-m", "pocketlm", "batch", str(tmp_path / "in.jsonl"), "-o", str(out), "-t", "1",
            "-c", "512", "--temp", "0", "--batch-size", "2", "-q"]
@@ -165,7 +150,7 @@ def test_killed_job_resumes_with_only_the_missing_rows(engine, smollm2_gguf, tmp
     resumed = subprocess.run([*cmd, "--resume"], env=child_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{len(done_before)} done before" in resumed.stderr
-    result = _read_jsonl(out)
+    result = read_jsonl(out)
     assert [r["id"] for r in result] == [r["id"] for r in rows]  # each id once, in input order
     assert not journal.exists()
     for row, got in zip(rows, result):
@@ -173,7 +158,7 @@ def test_killed_job_resumes_with_only_the_missing_rows(engine, smollm2_gguf, tmp
     # A finished OUTPUT resumed: nothing left to do
     third = subprocess.run([*cmd, "--resume"], env=child_env(), capture_output=True, text=True, timeout=300)
     assert third.returncode == 0 and f"{len(rows)} done before" in third.stderr
-    assert _read_jsonl(out) == result
+    assert read_jsonl(out) == result
 
 
 def test_cli_errors(tmp_path):
@@ -207,7 +192,7 @@ def test_hostile_values_fail_their_row_only(engine, tmp_path):
     (tmp_path / "in.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
     run_batch(tmp_path / "in.jsonl", tmp_path / "out.jsonl", engine=engine, progress=False,
               defaults={"temperature": 0})
-    out = _read_jsonl(tmp_path / "out.jsonl")
+    out = read_jsonl(tmp_path / "out.jsonl")
     assert len(out) == len(lines)
     assert out[0]["id"] == "ok1" and out[0]["generated_text"] == _alone(engine, {"prompt": "The capital of France is",
                                                                                 "max_tokens": 4})
@@ -231,7 +216,7 @@ def test_parquet_nested_column_not_utf8_fails_its_row(engine, tmp_path):
     pq.write_table(pa.table({"id": ["a", "b"], "messages": messages, "max_tokens": [3, 3]}), tmp_path / "in.parquet")
     run_batch(tmp_path / "in.parquet", tmp_path / "out.jsonl", engine=engine, progress=False,
               defaults={"temperature": 0})
-    out = _read_jsonl(tmp_path / "out.jsonl")
+    out = read_jsonl(tmp_path / "out.jsonl")
     assert out[0]["generated_text"] == _alone(engine, {"messages": [{"role": "user", "content": "Hi"}],
                                                        "max_tokens": 3})
     assert out[1]["id"] == "b" and "column 'messages' cannot be read" in out[1]["error"]
@@ -242,7 +227,7 @@ def test_resume_with_repeated_ids_answers_each_once(engine, tmp_path):
 
     rows = [{"id": "x", "prompt": "One", "max_tokens": 2}, {"id": "x", "prompt": "Two", "max_tokens": 2},
             {"id": 1, "prompt": "Three", "max_tokens": 2}, {"id": "1", "prompt": "Four", "max_tokens": 2}]
-    _write_jsonl(tmp_path / "in.jsonl", rows)
+    write_jsonl(tmp_path / "in.jsonl", rows)
     for output in ("out.jsonl", "out.parquet"):
         if output.endswith("parquet"):
             pytest.importorskip("pyarrow")
@@ -260,10 +245,10 @@ def test_small_engine_queue_and_one_job_per_output(smollm2_gguf, tmp_path):
 
     engine = Engine("smollm2", threads=2, max_context=256, max_batch=2, max_queue=1)
     rows = [{"id": i, "prompt": f"Number {i} is", "max_tokens": 3} for i in range(8)]
-    _write_jsonl(tmp_path / "in.jsonl", rows)
+    write_jsonl(tmp_path / "in.jsonl", rows)
     run_batch(tmp_path / "in.jsonl", tmp_path / "out.jsonl", engine=engine, progress=False, window=16,
               defaults={"temperature": 0})
-    assert all(r["error"] is None for r in _read_jsonl(tmp_path / "out.jsonl"))
+    assert all(r["error"] is None for r in read_jsonl(tmp_path / "out.jsonl"))
     with JobLock(tmp_path / "out.jsonl"):
         with pytest.raises(InvalidInputError, match="another job"):
             run_batch(tmp_path / "in.jsonl", tmp_path / "out.jsonl", engine=engine, progress=False)
@@ -304,15 +289,15 @@ def test_resume_twice_after_output_existed_keeps_each_row_once(engine, tmp_path)
     from pocketlm.batch import Journal, Plan, run_batch
 
     rows = [{"id": "a", "prompt": "One", "max_tokens": 2}, {"id": "b", "prompt": "Two", "max_tokens": 2}]
-    _write_jsonl(tmp_path / "in.jsonl", rows)
+    write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
     run_batch(tmp_path / "in.jsonl", out, engine=engine, progress=False, defaults={"temperature": 0})
     rows.append({"id": "c", "prompt": "Three", "max_tokens": 2})
-    _write_jsonl(tmp_path / "in.jsonl", rows)
+    write_jsonl(tmp_path / "in.jsonl", rows)
     plan = Plan(tmp_path / "in.jsonl", out, resume=True)
     Journal(out, plan.keep).close()  # killed before its first new answer: the journal holds OUTPUT's rows
     run_batch(tmp_path / "in.jsonl", out, engine=engine, progress=False, resume=True, defaults={"temperature": 0})
-    assert [r["id"] for r in _read_jsonl(out)] == ["a", "b", "c"]
+    assert [r["id"] for r in read_jsonl(out)] == ["a", "b", "c"]
 
 
 def test_resume_uses_the_journal_row_numbers(engine, tmp_path):
@@ -320,7 +305,7 @@ def test_resume_uses_the_journal_row_numbers(engine, tmp_path):
     from pocketlm.batch import Plan
 
     rows = [{"id": "a", "prompt": "p0"}, {"id": "a", "prompt": "p1"}, {"id": "a", "prompt": "p2"}]
-    _write_jsonl(tmp_path / "in.jsonl", rows)
+    write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
     (tmp_path / "out.jsonl.partial").write_text(json.dumps({"id": "a", "generated_text": "answer to p2", "_row": 2}) + "\n")
     plan = Plan(tmp_path / "in.jsonl", out, resume=True)

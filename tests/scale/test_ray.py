@@ -5,7 +5,6 @@ replica killed under load and SIGTERM tearing it down."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from batch_rows import alone, read_jsonl, write_jsonl
 from ray_processes import replica_pids
 from testutil import child_env
 
@@ -51,10 +51,7 @@ def reference(smollm2_gguf):
 
 
 def _alone(engine, row: dict) -> str:
-    session = engine.create_session()
-    if "messages" in row:
-        return "".join(session.chat(row["messages"], max_tokens=N_TOKENS, temperature=0))
-    return "".join(session.generate(row["prompt"], max_tokens=N_TOKENS, temperature=0))
+    return alone(engine, row, N_TOKENS)
 
 
 def _rows(n: int) -> list[dict]:
@@ -62,24 +59,16 @@ def _rows(n: int) -> list[dict]:
             if i % 2 else {"id": f"r{i}", "prompt": f"Chapter {i}. The ship left the harbour and"} for i in range(n)]
 
 
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().split("\n") if line]
-
-
 def test_batch_on_two_nodes_equals_each_prompt_alone(cluster, reference, tmp_path):
     from pocketlm.ray.data import run_batch_on_ray
 
     rows = _rows(12) + [{"id": "bad", "prompt": 3}, {"id": "long", "prompt": "word " * 1000}]
-    _write_jsonl(tmp_path / "in.jsonl", rows)
+    write_jsonl(tmp_path / "in.jsonl", rows)
     summary = run_batch_on_ray(tmp_path / "in.jsonl", tmp_path / "out.jsonl", "smollm2", address=cluster.address,
                                replicas=2, threads=1, batch_size=3, progress=False,
                                defaults={"max_tokens": N_TOKENS, "temperature": 0},
                                engine_kwargs={"max_context": CTX})
-    out = _read_jsonl(tmp_path / "out.jsonl")
+    out = read_jsonl(tmp_path / "out.jsonl")
     assert [r["id"] for r in out] == [r["id"] for r in rows]
     assert summary["failed"] == 2
     for row, got in zip(rows[:12], out):
@@ -94,7 +83,7 @@ def test_a_node_lost_mid_job_every_id_once_texts_unchanged(cluster, reference, t
     from pocketlm.ray.data import run_batch_on_ray
 
     rows = [{"id": i, "prompt": f"Story {i}: the old lighthouse keeper"} for i in range(24)]
-    _write_jsonl(tmp_path / "in.jsonl", rows)
+    write_jsonl(tmp_path / "in.jsonl", rows)
     journal = tmp_path / "out.jsonl.partial"
     result: dict = {}
 
@@ -121,7 +110,7 @@ def test_a_node_lost_mid_job_every_id_once_texts_unchanged(cluster, reference, t
     thread.join(240)
     assert not thread.is_alive(), "the job did not finish after the node was replaced"
     assert "error" not in result, result.get("error")
-    out = _read_jsonl(tmp_path / "out.jsonl")
+    out = read_jsonl(tmp_path / "out.jsonl")
     assert [r["id"] for r in out] == [r["id"] for r in rows]  # every id exactly once
     for row, got in zip(rows, out):
         assert got["generated_text"] == _alone(reference, row)
@@ -147,11 +136,11 @@ def test_nodes_pull_a_registry_reference_once(cluster, reference, tmp_path):
         node_store = Store(os.environ["POCKETLM_STORE"])
         assert not any(name == ref for name, _ in node_store.entries())
         rows = _rows(4)
-        _write_jsonl(tmp_path / "in.jsonl", rows)
+        write_jsonl(tmp_path / "in.jsonl", rows)
         run_batch_on_ray(tmp_path / "in.jsonl", tmp_path / "out.jsonl", ref, address=cluster.address, replicas=2,
                          threads=1, batch_size=2, progress=False, defaults={"max_tokens": N_TOKENS, "temperature": 0},
                          engine_kwargs={"max_context": CTX, "registry": {"plain_http": True}})
-        out = _read_jsonl(tmp_path / "out.jsonl")
+        out = read_jsonl(tmp_path / "out.jsonl")
         assert [r["generated_text"] for r in out] == [_alone(reference, r) for r in rows]
         assert any(name == ref for name, _ in node_store.entries())
     finally:
