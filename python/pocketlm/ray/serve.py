@@ -37,7 +37,7 @@ from typing import Any
 from ray import serve
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from pocketlm.server.app import MAX_BODY_BYTES, refusal, too_large
+from pocketlm.server.app import MAX_BODY_BYTES, read_body, refusal
 from pocketlm.server.errors import APIError
 
 BLOCK_CHARS = 256        # routing-key granularity, in characters of the prompt's text
@@ -306,20 +306,13 @@ class PocketLMIngress:
         if refused is not None:
             await refused.response(path)(scope, receive, send)
             return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                await too_large(self.max_body).response(path)(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        try:
+            body = await read_body(receive, self.max_body)
+        except APIError as e:  # past the limit
+            await e.response(path)(scope, receive, send)
+            return
+        if body is None:  # the client left
+            return
         request = {"method": scope["method"], "path": path, "query_string": scope.get("query_string", b""),
                    "headers": [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
                    "client": list(scope.get("client") or ("-", 0)), "body": body}

@@ -130,23 +130,15 @@ class Gate:
         error = refusal(scope["path"], scope["method"], headers, self.state.api_key, self.max_body)
         return None if error is None else error.response(scope["path"])
 
-    def _too_large(self, path: str):
-        return too_large(self.max_body).response(path)
-
     async def _read_body(self, receive, path: str):
         """Reads the whole body (at most the limit; a chunked one too) and replays it to the app."""
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return receive, JSONResponse({}, status_code=499)
-            size += len(message.get("body", b""))
-            if size > self.max_body:
-                return receive, self._too_large(path)
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body, sent = b"".join(chunks), [False]
+        try:
+            body = await read_body(receive, self.max_body)
+        except APIError as e:
+            return receive, e.response(path)
+        if body is None:
+            return receive, JSONResponse({}, status_code=499)
+        sent = [False]
 
         async def replay():
             if not sent[0]:
@@ -172,6 +164,23 @@ def refusal(path: str, method: str, headers: dict[str, str], api_key: str | None
     if length is not None and (not length.isdigit() or int(length) > max_body):
         return too_large(max_body)
     return None
+
+
+async def read_body(receive, max_body: int) -> bytes | None:
+    """A request's whole body (a chunked one too): None if the client disconnected first; past
+    `max_body` bytes, too_large is raised. The gate's reading, and Ray Serve's ingress's."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_body:
+            raise too_large(max_body)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def too_large(max_body: int) -> APIError:
